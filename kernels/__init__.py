@@ -1,0 +1,1 @@
+"""Triton kernels of localsgl (installed as ``localsgl_kernels``)."""

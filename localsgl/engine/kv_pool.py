@@ -1,0 +1,107 @@
+"""Preallocated KV tensors and O(1) slot allocators.
+
+KVPool holds, per layer, K and V of shape [num_slots + 1, num_kv_heads, head_dim].
+Slot 0 is a scratch slot that is never handed out: padded rows of a CUDA-graph
+batch write their KV there.  Slots are token-granular: one slot = one token of
+one layer stack, so a prefix shared by the radix cache costs nothing extra.
+
+ReqToTokenPool is the table [max_reqs, max_context] mapping each running
+request's token positions to KV slots; attention kernels read it directly.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class SlotAllocator:
+    """A stack of free integer ids in a preallocated tensor: alloc/free are O(1) per id."""
+
+    def __init__(self, ids: torch.Tensor):
+        self._stack = ids.clone().to(torch.int64)
+        self.capacity = int(ids.numel())
+        self._top = self.capacity  # number of free ids; free ids are _stack[:_top]
+
+    @property
+    def num_free(self) -> int:
+        return self._top
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Return n ids (int64 CPU tensor), or None if fewer than n are free."""
+        if n > self._top:
+            return None
+        self._top -= n
+        return self._stack[self._top : self._top + n].clone()
+
+    def free(self, ids: torch.Tensor) -> None:
+        n = int(ids.numel())
+        if n == 0:
+            return
+        if self._top + n > self.capacity:
+            raise RuntimeError("double free: more ids returned than were allocated")
+        self._stack[self._top : self._top + n] = ids.reshape(-1).to("cpu", torch.int64)
+        self._top += n
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.num_slots = num_slots
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_slots + 1, num_kv_heads, head_dim)
+        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.allocator = SlotAllocator(torch.arange(1, num_slots + 1))
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def num_free(self) -> int:
+        return self.allocator.num_free
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        return self.allocator.alloc(n)
+
+    def free(self, slots: torch.Tensor) -> None:
+        self.allocator.free(slots)
+
+    def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the new tokens' K and V ([T, Hkv, D]) into their slots."""
+        self.k_buffer[layer][loc] = k.to(self.dtype)
+        self.v_buffer[layer][loc] = v.to(self.dtype)
+
+
+class ReqToTokenPool:
+    def __init__(self, max_reqs: int, max_context: int, device: torch.device | str):
+        self.max_reqs = max_reqs
+        self.max_context = max_context
+        self.table = torch.zeros((max_reqs, max_context), dtype=torch.int32, device=device)
+        self.allocator = SlotAllocator(torch.arange(max_reqs))
+
+    @property
+    def num_free(self) -> int:
+        return self.allocator.num_free
+
+    def alloc(self) -> int | None:
+        ids = self.allocator.alloc(1)
+        return None if ids is None else int(ids[0])
+
+    def free(self, row: int) -> None:
+        self.allocator.free(torch.tensor([row]))
+
+    def write(self, row: int, start: int, slots: torch.Tensor) -> None:
+        n = int(slots.numel())
+        if n:
+            self.table[row, start : start + n] = slots.to(self.table.device, torch.int32)

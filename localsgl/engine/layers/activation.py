@@ -1,0 +1,16 @@
+"""SiLU-and-mul: out = silu(x[..., :I]) * x[..., I:], the gated MLP's activation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels_enabled
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if kernels_enabled(x):
+        from localsgl_kernels.activation import silu_and_mul as k
+
+        return k(x)
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]

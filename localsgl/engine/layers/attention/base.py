@@ -1,0 +1,63 @@
+"""The attention backend interface.
+
+A backend turns (q, k, v) of the new tokens of a ragged batch into attention
+outputs: it first stores k and v into the KV pool at ``batch.out_cache_loc``,
+then lets each new token attend to its request's cached prefix and causally to
+the request's other new tokens.  Backends: ``torch`` (reference, CPU and GPU)
+and ``triton`` (GPU kernels).  The scheduler and runner never branch on which
+one is active; CUDA-graph hooks are optional capabilities.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ...batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    name: str = "base"
+    supports_cuda_graph: bool = False
+
+    @abstractmethod
+    def init_forward(self, batch: ForwardBatch) -> None:
+        """Compute per-step metadata (once per model step, shared by every layer)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        layer: int,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Store k/v of the new tokens, then attend."""
+
+    # --- CUDA graph hooks (decode only); backends that capture override these ---
+    def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def init_forward_for_capture(self, batch: ForwardBatch) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def init_forward_for_replay(self, batch: ForwardBatch) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+def create_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from .torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError("the triton attention backend needs a CUDA device; use --attention-backend torch")
+        from .triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}: choose triton or torch")

@@ -1,0 +1,38 @@
+"""RMSNorm, optionally fused with the residual add: y = x / rms(x) * w, computed in fp32.
+
+On CUDA the fused residual-add + RMSNorm kernel from localsgl_kernels replaces
+the torch composition (one pass over the activations instead of four).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels_enabled
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    var = xf.pow(2).mean(-1, keepdim=True)
+    return (xf * torch.rsqrt(var + eps)).to(x.dtype) * weight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: return norm(x).  With residual: r = x + residual;
+        return (norm(r), r) so the next layer can add onto r."""
+        if kernels_enabled(x):
+            from localsgl_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
+
+            if residual is None:
+                return rmsnorm(x, self.weight, self.eps)
+            return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        if residual is None:
+            return rms_norm_ref(x, self.weight, self.eps)
+        r = x + residual
+        return rms_norm_ref(r, self.weight, self.eps), r

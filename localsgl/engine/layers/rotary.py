@@ -1,0 +1,67 @@
+"""Rotary position embedding (neox / "rotate half" layout, as HF Llama uses).
+
+cos/sin are precomputed in fp32 for every position up to max_positions, with
+Llama-3 frequency scaling or linear scaling applied to the inverse frequencies.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import kernels_enabled
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return inv.float()
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return (inv / float(scaling["factor"])).float()
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv
+        out = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, out).float()
+    raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+class RotaryEmbedding(torch.nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device=None):
+        super().__init__()
+        self.head_dim = head_dim
+        inv = inv_frequencies(head_dim, theta, scaling).to(device)
+        t = torch.arange(max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv)  # [P, D/2]
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [T, Hq, D], k: [T, Hkv, D] -> rotated (new tensors or in place)."""
+        if kernels_enabled(q):
+            from localsgl_kernels.rotary import apply_rotary
+
+            return apply_rotary(q, k, positions, self.cos_sin)
+        return apply_rotary_ref(q, k, positions, self.cos_sin)
+
+
+def apply_rotary_ref(q, k, positions, cos_sin):
+    half = cos_sin.shape[-1] // 2
+    cs = cos_sin[positions]
+    cos = cs[:, None, :half]
+    sin = cs[:, None, half:]
+
+    def rot(x):
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)

@@ -1,0 +1,188 @@
+"""The Llama family: Llama (1/2/3, incl. Llama-3 rope scaling), Mistral, Qwen2/2.5
+(qkv bias), Qwen3 (q/k RMSNorm), SmolLM — one implementation, switched by ModelConfig.
+
+Input is the flat token dimension of a ragged batch (no padding); attention is
+delegated to the batch's backend, which also writes the KV pool.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..batch import ForwardBatch
+from ..layers.activation import silu_and_mul
+from ..layers.linear import Linear, MergedLinear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+from .config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype, device):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size,
+            {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+            bias=cfg.attention_bias,
+            dtype=dtype,
+            device=device,
+        )
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, dtype=dtype, device=device)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype, device=device)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, batch: ForwardBatch):
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q.contiguous())
+            k = self.k_norm(k.contiguous())
+        q, k = rotary(positions, q, k)
+        out = batch.attn_backend.forward(q, k, v, self.layer_id, batch, self.scale)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        if cfg.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"unsupported activation {cfg.hidden_act!r}")
+        i = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": i, "up": i}, dtype=dtype, device=device)
+        self.down_proj = Linear(i, cfg.hidden_size, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype, device):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_id, dtype, device)
+        self.mlp = MLP(cfg, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+
+    def forward(self, x, residual, positions, rotary, batch):
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, max_positions: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device=device
+        )
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Return the final-normed hidden states [T, H]."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.rotary, batch)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, w).float()
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the fused parameters (casting on the fly)."""
+        params = dict(self.named_parameters())
+        seen: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding serves as head
+            is_bias = name.endswith(".bias")
+            for hf, (ours, shard) in _STACKED.items():
+                if f".{hf}." in f".{name}":
+                    target = name.replace(hf, ours)
+                    mod = self.get_submodule(target.rsplit(".", 1)[0])
+                    mod.load_shard(shard, tensor, is_bias=is_bias)
+                    seen.add(f"{target}#{shard}")
+                    break
+            else:
+                if name not in params:
+                    raise KeyError(f"unexpected weight {name!r} in checkpoint")
+                p = params[name]
+                if tuple(p.shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name}: expected {tuple(p.shape)}, got {tuple(tensor.shape)}")
+                p.data.copy_(tensor)
+                seen.add(name)
+        missing = [n for n in self.expected_weight_keys() if n not in seen]
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+    def expected_weight_keys(self) -> list[str]:
+        keys = []
+        for name, _ in self.named_parameters():
+            mod_name = name.rsplit(".", 1)[0]
+            mod = self.get_submodule(mod_name)
+            if isinstance(mod, MergedLinear):
+                keys += [f"{name}#{s}" for s in mod.offsets]
+            else:
+                keys.append(name)
+        return keys
+
+    def init_dummy_weights(self, seed: int = 0) -> None:
+        """Random weights for benchmarks: N(0, 0.02) linears, unit norms."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.data.fill_(1.0)
+            elif name.endswith("bias"):
+                p.data.zero_()
+            else:
+                if p.is_cuda:
+                    p.data.normal_(0.0, 0.02)
+                else:
+                    p.data.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02))
+
+
+# HF projection name -> (our fused module name, shard)
+_STACKED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}

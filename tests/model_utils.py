@@ -1,0 +1,50 @@
+"""Run a model standalone (no scheduler) for parity tests."""
+from __future__ import annotations
+
+import torch
+
+from localsgl.engine.batch import ForwardBatch, ForwardMode
+from localsgl.engine.kv_pool import KVPool, ReqToTokenPool
+from localsgl.engine.layers.attention.base import create_backend
+
+
+def prefill_logits(model, token_ids: list[int], backend: str = "torch", chunks: list[int] | None = None) -> torch.Tensor:
+    """Logits for every position of one prompt, optionally computed in chunks
+    (each chunk attends to the KV written by the previous ones)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    n = len(token_ids)
+    pool = KVPool(n + 8, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype, device)
+    rt = ReqToTokenPool(2, n + 8, device)
+    attn = create_backend(backend, device)
+    row = rt.alloc()
+    slots = pool.alloc(n)
+    rt.write(row, 0, slots)
+    chunks = chunks or [n]
+    outs = []
+    start = 0
+    for c in chunks:
+        ids = torch.tensor(token_ids[start : start + c], device=device)
+        batch = ForwardBatch(
+            mode=ForwardMode.EXTEND,
+            batch_size=1,
+            input_ids=ids,
+            positions=torch.arange(start, start + c, device=device),
+            out_cache_loc=slots[start : start + c].to(device),
+            req_pool_indices=torch.tensor([row], device=device),
+            seq_lens=torch.tensor([start + c], dtype=torch.int32, device=device),
+            prefix_lens=torch.tensor([start], dtype=torch.int32, device=device),
+            extend_lens=torch.tensor([c], dtype=torch.int32, device=device),
+            extend_start_loc=torch.tensor([0], dtype=torch.int32, device=device),
+            seq_lens_cpu=[start + c],
+            prefix_lens_cpu=[start],
+            extend_lens_cpu=[c],
+            req_to_token=rt.table,
+            kv_pool=pool,
+            attn_backend=attn,
+        )
+        attn.init_forward(batch)
+        h = model(ids, batch.positions, batch)
+        outs.append(model.compute_logits(h))
+        start += c
+    return torch.cat(outs)
