@@ -1,0 +1,596 @@
+"""The `localsgl` command line: one small function per command, no engine logic.
+
+stdout carries only answers (or --json output); logs, progress and errors go to stderr.
+Exit codes: 0 ok, 1 runtime error, 2 usage error, 130 interrupted (engine shut down first).
+Set LOCALSGL_DEBUG=1 for tracebacks.
+"""
+import functools
+import importlib
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from enum import IntEnum
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from .config import (
+    DEFAULT_MODEL,
+    ConfigError,
+    debug_enabled,
+    format_size,
+    resolve_engine_kwargs,
+    resolve_settings,
+)
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    RUNTIME = 1
+    USAGE = 2
+    INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called (exit 2)."""
+
+
+app = typer.Typer(
+    name="localsgl",
+    help="Run LLMs locally with an SGLang-class engine inside.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# ----------------------------------------------------------------------------- output helpers
+
+
+def _color_ok(stream) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _paint(text: str, code: str, stream) -> str:
+    return f"\033[{code}m{text}\033[0m" if _color_ok(stream) else text
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _error_line(exc_or_msg) -> None:
+    msg = str(exc_or_msg).strip() or type(exc_or_msg).__name__
+    _err(_paint("error:", "1;31", sys.stderr) + " " + msg)
+
+
+def _interactive() -> bool:
+    """Spinners only when both stdout and stderr are terminals."""
+    try:
+        return sys.stdout.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _usage_error_types() -> tuple[type, ...]:
+    from .engine.params import InvalidRequestError
+
+    types: list[type] = [UsageError, ConfigError, InvalidRequestError]
+    for mod, name in (
+        ("localsgl.engine.plan", "PlanError"),
+        ("localsgl.engine.models.config", "UnsupportedModelError"),
+        ("localsgl.store.resolve", "UnknownModelError"),
+    ):
+        try:
+            types.append(getattr(__import__(mod, fromlist=[name]), name))
+        except Exception:  # module not there yet, or broken: classify by the others
+            pass
+    return tuple(types)
+
+
+def _guard(body: Callable[[], Any]) -> None:
+    """Run a command body, mapping exceptions to one line on stderr and an exit code."""
+    try:
+        body()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _err("interrupted")
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head -1`): stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        raise typer.Exit(ExitCode.OK) from None
+    except Exception as e:  # noqa: BLE001 - every error becomes one clear line
+        if debug_enabled():
+            import traceback
+
+            traceback.print_exc()
+        usage = isinstance(e, _usage_error_types())
+        _error_line(e if usage or isinstance(e, (RuntimeError, OSError)) else f"{type(e).__name__}: {e}")
+        raise typer.Exit(ExitCode.USAGE if usage else ExitCode.RUNTIME) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if debug_enabled() else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level > logging.INFO:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+# ----------------------------------------------------------------------------- shared engine flags
+
+_P = "Engine options"
+ENGINE_OPTIONS: dict[str, Any] = {
+    "model": Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", help="Alias, local HF directory, .gguf file or hub repo id", show_default=DEFAULT_MODEL, rich_help_panel=_P),
+    ],
+    "dtype": Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16 | auto", rich_help_panel=_P)],
+    "max_model_len": Annotated[Optional[int], typer.Option("--max-model-len", help="Context length (tokens)", rich_help_panel=_P)],
+    "kv_memory": Annotated[Optional[str], typer.Option("--kv-memory", help="KV cache size, e.g. 2GiB", rich_help_panel=_P)],
+    "gpu_memory": Annotated[Optional[str], typer.Option("--gpu-memory", help="Cap on GPU memory used, e.g. 8GiB", rich_help_panel=_P)],
+    "max_running": Annotated[Optional[int], typer.Option("--max-running", help="Max concurrently running requests", rich_help_panel=_P)],
+    "chunk_size": Annotated[Optional[int], typer.Option("--chunk-size", help="Prefill chunk (tokens per step)", rich_help_panel=_P)],
+    "attention_backend": Annotated[Optional[str], typer.Option("--attention-backend", help="triton | torch | auto", rich_help_panel=_P)],
+    "disable_cuda_graph": Annotated[Optional[bool], typer.Option("--disable-cuda-graph", help="Run decode eagerly", rich_help_panel=_P)],
+    "disable_overlap": Annotated[Optional[bool], typer.Option("--disable-overlap", help="No CPU/GPU overlap scheduling", rich_help_panel=_P)],
+    "disable_radix_cache": Annotated[Optional[bool], typer.Option("--disable-radix-cache", help="No prefix reuse", rich_help_panel=_P)],
+    "load_format": Annotated[Optional[str], typer.Option("--load-format", help="auto | dummy (random weights)", rich_help_panel=_P)],
+    "device": Annotated[Optional[str], typer.Option("--device", help="cuda | cuda:N | cpu", show_default="cuda if present", rich_help_panel=_P)],
+    "tp": Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel GPUs", rich_help_panel=_P)],
+}
+
+
+def engine_options(func: Callable) -> Callable:
+    """Add the common engine flags to a command; the command receives them as ``flags``
+    (a dict of snake_case names, None where not given on the command line)."""
+    sig = inspect.signature(func)
+    own = [p for p in sig.parameters.values() if p.name != "flags"]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann)
+        for name, ann in ENGINE_OPTIONS.items()
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        flags = {name: kwargs.pop(name, None) for name in ENGINE_OPTIONS}
+        return func(*args, flags=flags, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)
+    annotations = {k: v for k, v in func.__annotations__.items() if k != "flags"}
+    annotations.update(ENGINE_OPTIONS)
+    wrapper.__annotations__ = annotations
+    del wrapper.__wrapped__
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- engine helpers
+
+
+class _Loading:
+    """A spinner on stderr while the model loads, only when stdout and stderr are terminals."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self._status = None
+
+    def __enter__(self):
+        if _interactive():
+            from rich.console import Console
+
+            self._status = Console(stderr=True).status(f"Loading {self.model}…")
+            self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._status is not None:
+            self._status.__exit__(*exc)
+
+
+def _load_engine(kwargs: dict):
+    from .engine.api import Engine
+
+    with _Loading(kwargs.get("model", DEFAULT_MODEL)):
+        return Engine(**kwargs)
+
+
+def _has_chat_template(engine) -> bool:
+    tok = getattr(engine, "tokenizer", None)
+    return tok is not None and bool(getattr(tok, "chat_template", None))
+
+
+def _as_prompt(engine, text: str, system: Optional[str]):
+    """Chat messages when the model has a chat template, else plain text."""
+    if _has_chat_template(engine):
+        messages = [{"role": "system", "content": system}] if system else []
+        return messages + [{"role": "user", "content": text}]
+    return f"{system}\n\n{text}" if system else text
+
+
+def _read_stdin() -> Optional[str]:
+    """Piped stdin's text, or None when stdin is a terminal or absent."""
+    stream = sys.stdin
+    if stream is None:
+        return None
+    try:
+        if stream.closed or stream.isatty():
+            return None
+        return stream.read()
+    except (OSError, ValueError):
+        return None
+
+
+def _gather_prompts(prompt: Optional[str], batch: bool) -> list[str]:
+    piped = _read_stdin()
+    if batch:
+        lines = [ln.strip() for ln in (piped or "").splitlines() if ln.strip()]
+        if lines:
+            return [f"{prompt}\n\n{ln}" if prompt else ln for ln in lines]
+        if prompt:
+            return [prompt]
+        raise UsageError("--batch reads one prompt per line from stdin, and stdin had none")
+    piped = (piped or "").strip("\n").rstrip()
+    if prompt and piped:
+        return [f"{prompt}\n\n{piped}"]
+    if prompt or piped:
+        return [prompt or piped]
+    raise UsageError('no prompt: give one as an argument (localsgl run "...") or pipe it on stdin')
+
+
+def _usage(metrics, completion_fallback: int) -> dict:
+    prompt = getattr(metrics, "prompt_tokens", 0) or 0
+    completion = getattr(metrics, "completion_tokens", 0) or completion_fallback
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "cached_tokens": getattr(metrics, "cached_prompt_tokens", 0) or 0,
+    }
+
+
+def _print_stats(usage: dict, ttft: Optional[float], total: Optional[float], requests: int = 1) -> None:
+    parts = [
+        f"prompt tokens {usage['prompt_tokens']}",
+        f"cached {usage['cached_tokens']}",
+        f"completion tokens {usage['completion_tokens']}",
+    ]
+    if ttft is not None:
+        parts.append(f"TTFT {ttft * 1000:.0f} ms")
+    if total:
+        decode_time = total - (ttft or 0.0)
+        if requests == 1 and decode_time > 0 and usage["completion_tokens"] > 1:
+            parts.append(f"{(usage['completion_tokens'] - 1) / decode_time:.1f} tok/s")
+        else:
+            parts.append(f"{usage['completion_tokens'] / total:.1f} tok/s")
+        parts.append(f"total {total:.2f} s")
+    if requests > 1:
+        parts.insert(0, f"{requests} requests")
+    _err(_paint("stats:", "2", sys.stderr) + " " + ", ".join(parts))
+
+
+def _record(index: int, prompt: str, text: str, finish_reason, usage: dict) -> str:
+    return json.dumps(
+        {"index": index, "prompt": prompt, "text": text, "finish_reason": finish_reason, "usage": usage},
+        ensure_ascii=False,
+    )
+
+
+def _run_single(engine, text: str, system, params, jsonl: bool, stats: bool) -> None:
+    out = sys.stdout
+    chunks: list[str] = []
+    n_tokens = 0
+    finish = None
+    metrics = None
+    t0 = time.perf_counter()
+    t_first = None
+    stream = engine.stream(_as_prompt(engine, text, system), params)
+    try:
+        for delta in stream:
+            if t_first is None and (delta.text or delta.token_ids):
+                t_first = time.perf_counter()
+            n_tokens += len(delta.token_ids)
+            if delta.text:
+                chunks.append(delta.text)
+                if not jsonl:
+                    out.write(delta.text)
+                    out.flush()
+            if delta.finish_reason is not None:
+                finish = delta.finish_reason
+            if delta.metrics is not None:
+                metrics = delta.metrics
+    finally:
+        stream.close()
+    answer = "".join(chunks)
+    usage = _usage(metrics, n_tokens)
+    if jsonl:
+        out.write(_record(0, text, answer, finish, usage) + "\n")
+    elif not answer.endswith("\n"):
+        out.write("\n")
+    out.flush()
+    if stats:
+        ttft = getattr(metrics, "time_to_first_token", None)
+        total = getattr(metrics, "total_time", None)
+        if ttft is None and t_first is not None:
+            ttft = t_first - t0
+        if total is None:
+            total = time.perf_counter() - t0
+        _print_stats(usage, ttft, total)
+
+
+def _run_batch(engine, texts: list[str], system, params, jsonl: bool, stats: bool) -> None:
+    from .engine.params import PromptTooLongError
+
+    ids = [engine.encode_prompt(_as_prompt(engine, t, system)) for t in texts]
+    limit = getattr(engine, "max_model_len", None)
+    for i, p in enumerate(ids):
+        if limit is not None and len(p) >= limit:
+            e = PromptTooLongError(len(p), limit)
+            raise UsageError(f"prompt {i + 1} (line {i + 1} of stdin): {e}")
+    t0 = time.perf_counter()
+    outputs = engine.generate(ids, params)
+    wall = time.perf_counter() - t0
+    out = sys.stdout
+    totals = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cached_tokens": 0}
+    for i, (text, o) in enumerate(zip(texts, outputs)):
+        usage = _usage(o.metrics, len(o.token_ids))
+        for k in totals:
+            totals[k] += usage[k]
+        if jsonl:
+            out.write(_record(i, text, o.text, o.finish_reason, usage) + "\n")
+        else:
+            if i:
+                out.write("\n")
+            out.write(o.text.rstrip("\n") + "\n")
+        out.flush()
+    if stats:
+        ttfts = [o.metrics.time_to_first_token for o in outputs if getattr(o.metrics, "time_to_first_token", None) is not None]
+        _print_stats(totals, (sum(ttfts) / len(ttfts)) if ttfts else None, wall, requests=len(outputs))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"localsgl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress (to stderr)")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit")
+    ] = None,
+) -> None:
+    """Run LLMs locally with an SGLang-class engine inside."""
+    _setup_logging(verbose)
+
+
+@app.command()
+@engine_options
+def run(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; piped stdin is appended after it (or is the prompt)")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message", envvar="LOCALSGL_SYSTEM")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Max tokens to generate", show_default="256", envvar="LOCALSGL_MAX_TOKENS")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy", show_default="1.0", envvar="LOCALSGL_TEMPERATURE")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling, in (0, 1]", envvar="LOCALSGL_TOP_P")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Top-k sampling (-1 = off)", envvar="LOCALSGL_TOP_K")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Min-p sampling, in [0, 1]", envvar="LOCALSGL_MIN_P")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed", envvar="LOCALSGL_SAMPLING_SEED")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable)")] = None,
+    batch: Annotated[bool, typer.Option("--batch", help="Each stdin line is its own prompt; all run concurrently")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON object per answer: index, prompt, text, finish_reason, usage")] = False,
+    stats: Annotated[bool, typer.Option("--stats", help="Token counts, TTFT and tok/s on stderr")] = False,
+    *,
+    flags: dict,
+) -> None:
+    """Answer a prompt (argument or piped stdin) and print the answer to stdout."""
+
+    def body():
+        from .engine.params import SamplingParams
+
+        given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop=stop or None)
+        params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        params.validate()
+        kwargs = resolve_engine_kwargs(flags)
+        prompts = _gather_prompts(prompt, batch)
+        engine = _load_engine(kwargs)
+        with engine:
+            if system and not _has_chat_template(engine):
+                _err("note: this model has no chat template; the system text is prepended to the prompt")
+            if batch:
+                _run_batch(engine, prompts, system, params, jsonl, stats)
+            else:
+                _run_single(engine, prompts[0], system, params, jsonl, stats)
+
+    _guard(body)
+
+
+@app.command()
+@engine_options
+def info(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    *,
+    flags: dict,
+) -> None:
+    """Device, dtype, model and the memory plan, computed without loading the weights."""
+
+    def body():
+        report = _info_report(resolve_engine_kwargs(flags))
+        if json_output:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            _print_info(report)
+
+    _guard(body)
+
+
+def _info_report(kwargs: dict) -> dict:
+    from . import __version__
+    from .engine.models.config import ModelConfig
+    from .engine.plan import default_dtype, detect_device, dtype_name, make_plan
+    from .store.resolve import resolve_model
+
+    dev = detect_device(kwargs.get("device"))
+    dtype = dtype_name(kwargs["dtype"]) if kwargs.get("dtype") else dtype_name(default_dtype(dev))
+    source = resolve_model(kwargs["model"], load_format=kwargs.get("load_format", "auto"))
+    cfg = ModelConfig.from_hf(source.config)
+    plan = make_plan(
+        cfg,
+        dev,
+        dtype,
+        max_model_len=kwargs.get("max_model_len"),
+        kv_memory=kwargs.get("kv_memory"),
+        gpu_memory=kwargs.get("gpu_memory"),
+        max_running=kwargs.get("max_running"),
+        chunk_size=kwargs.get("chunk_size"),
+        cuda_graph=not kwargs.get("disable_cuda_graph", False),
+        tp=kwargs.get("tp", 1),
+    )
+    versions = {"localsgl": __version__, "python": sys.version.split()[0]}
+    for mod in ("torch", "transformers", "triton"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            versions[mod] = None
+    return {
+        "device": {**dev.to_dict(), "torch_device": dev.torch_device},
+        "dtype": dtype,
+        "model": {
+            "name": getattr(source, "name", kwargs["model"]),
+            "kind": getattr(source, "kind", None),
+            "path": str(getattr(source, "path", "")) or None,
+            "architecture": cfg.architecture,
+            "params": cfg.num_params,
+            "layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size,
+            "heads": cfg.num_heads,
+            "kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "weights_bytes": plan.weights_bytes,
+            "kv_bytes_per_token": plan.kv_bytes_per_token,
+        },
+        "plan": plan.to_dict(),
+        "versions": versions,
+    }
+
+
+def _print_info(r: dict) -> None:
+    out = sys.stdout
+    head = lambda s: _paint(s, "1", out)  # noqa: E731
+    d, m, p = r["device"], r["model"], r["plan"]
+    lines = [head("Device")]
+    if d["kind"] == "cuda":
+        lines += [
+            f"  name                {d['name']} ({d['torch_device']}, {d['count']} visible)",
+            f"  memory              {format_size(d['total_memory'])} total, {format_size(d['free_memory'])} free",
+            f"  SMs                 {d['sm_count']}",
+            f"  compute capability  {d['capability']}",
+        ]
+    else:
+        lines += [
+            f"  name                {d['name']}",
+            f"  cores               {d['cores']}",
+            f"  RAM                 {format_size(d['total_memory'])} total, {format_size(d['free_memory'])} available",
+        ]
+    lines.append(f"  bf16                {'yes' if d['bf16'] else 'no'}")
+    lines.append(f"  dtype               {r['dtype']}")
+    lines += [
+        head("Model"),
+        f"  name                {m['name']} ({m['kind']})",
+        f"  path                {m['path']}",
+        f"  architecture        {m['architecture']}: {m['layers']} layers, hidden {m['hidden_size']}, "
+        f"{m['heads']} heads / {m['kv_heads']} KV heads x {m['head_dim']}, vocab {m['vocab_size']}",
+        f"  parameters          {m['params'] / 1e9:.3f} B",
+        f"  weights             {format_size(m['weights_bytes'])} at {r['dtype']}",
+        f"  KV per token        {format_size(m['kv_bytes_per_token'])}",
+        f"  max positions       {m['max_position_embeddings']:,}",
+        head("Memory plan"),
+    ]
+    if p["device"] == "cuda":
+        lines.append(f"  budget              {format_size(p['budget_bytes'])} (margin {format_size(p['safety_margin_bytes'])})")
+        lines.append(f"  activations         {format_size(p['activation_reserve_bytes'])}, CUDA graphs {format_size(p['graph_reserve_bytes'])}")
+    graphs = ", ".join(map(str, p["cuda_graph_bs"])) if p["cuda_graph_bs"] else "none"
+    lines += [
+        f"  KV cache            {p['kv_tokens']:,} tokens ({format_size(p['kv_bytes'])})",
+        f"  max running         {p['max_running']}",
+        f"  max model len       {p['max_model_len']:,}",
+        f"  chunk size          {p['chunk_size']}",
+        f"  graph buckets       {graphs}",
+    ]
+    lines += [f"  note                {n}" for n in p["notes"]]
+    out.write("\n".join(lines) + "\n")
+
+
+@app.command()
+@engine_options
+def serve(
+    host: Annotated[Optional[str], typer.Option("--host", help="Bind address", show_default="127.0.0.1")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port", show_default="8000")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require this bearer token on every route but /health")] = None,
+    *,
+    flags: dict,
+) -> None:
+    """Serve the OpenAI-compatible HTTP API."""
+
+    def body():
+        kwargs = resolve_engine_kwargs(flags)
+        s = resolve_settings({"host": host, "port": port, "api_key": api_key}, ["host", "port", "api_key"])
+        try:
+            serve_app = importlib.import_module("localsgl.server.app").serve
+        except ModuleNotFoundError as e:
+            if e.name in ("localsgl.server", "localsgl.server.app"):
+                raise RuntimeError("the HTTP server is not available in this build (localsgl.server.app is missing)") from None
+            raise
+        serve_app(kwargs, s.get("host", "127.0.0.1"), s.get("port", 8000), s.get("api_key"))
+
+    _guard(body)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@engine_options
+def bench(
+    ctx: typer.Context,
+    kind: Annotated[str, typer.Argument(help="latency | throughput | serving (further options go to the benchmark)")],
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    *,
+    flags: dict,
+) -> None:
+    """Benchmarks: localsgl.bench.main(kind, engine_kwargs, args, json_output) does the work."""
+
+    def body():
+        kwargs = resolve_engine_kwargs(flags)
+        try:
+            bench_mod = importlib.import_module("localsgl.bench")
+        except ModuleNotFoundError as e:
+            if e.name == "localsgl.bench":
+                raise RuntimeError("benchmarks are not available in this build (localsgl.bench is missing)") from None
+            raise
+        rc = bench_mod.main(kind, kwargs, list(ctx.args), json_output=json_output)
+        if rc:
+            raise typer.Exit(int(rc))
+
+    _guard(body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
