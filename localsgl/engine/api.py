@@ -1,10 +1,23 @@
 """The public Python API: Engine, SamplingParams, GenerateOutput.
 
-(Skeleton: signatures are final; bodies land with the engine core.)
+Engine turns prompts (text, token ids or chat messages) into requests for the
+engine thread (EngineCore) and turns its per-token deltas back into
+blocking results, iterators or async iterators.  Tokenization and chat
+templates happen here, in the caller's thread.
 """
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator, Sequence
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from typing import AsyncIterator, Callable, Iterator
+
+import torch
 
 from .params import (  # noqa: F401  (re-exported)
     Choice,
@@ -17,64 +30,352 @@ from .params import (  # noqa: F401  (re-exported)
     TokenLogprob,
     TopLogprob,
 )
+from .request import Request
 
-Prompt = "str | list[int] | list[dict]"  # text, token ids, or chat messages
+log = logging.getLogger("localsgl")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (max_queue); retry later."""
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise InvalidRequestError(f"unknown dtype {dtype!r}: choose float32, bfloat16 or float16", "dtype") from None
+
+
+class _Collector:
+    """Accumulates the deltas of one submitted prompt (n choices) into a GenerateOutput."""
+
+    def __init__(self, n: int):
+        self.texts = [[] for _ in range(n)]
+        self.tokens = [[] for _ in range(n)]
+        self.logprobs: list[list | None] = [None] * n
+        self.finish: list[str | None] = [None] * n
+        self.metrics: list[RequestMetrics | None] = [None] * n
+        self.left = n
+        self.done = threading.Event()
+
+    def __call__(self, d: StreamDelta) -> None:
+        i = d.index
+        self.texts[i].append(d.text)
+        self.tokens[i].extend(d.token_ids)
+        if d.logprobs:
+            if self.logprobs[i] is None:
+                self.logprobs[i] = []
+            self.logprobs[i].extend(d.logprobs)
+        if d.finish_reason is not None and self.finish[i] is None:
+            self.finish[i] = d.finish_reason
+            self.metrics[i] = d.metrics
+            self.left -= 1
+            if self.left == 0:
+                self.done.set()
+
+    def result(self, rid: str, prompt_ids: list[int], want_logprobs: bool) -> GenerateOutput:
+        choices = [
+            Choice(i, "".join(t), toks, f, (lp or []) if want_logprobs else None)
+            for i, (t, toks, f, lp) in enumerate(zip(self.texts, self.tokens, self.finish, self.logprobs))
+        ]
+        m0 = self.metrics[0] or RequestMetrics(prompt_tokens=len(prompt_ids))
+        if len(choices) > 1:  # usage of the whole group
+            m0 = RequestMetrics(
+                prompt_tokens=m0.prompt_tokens,
+                cached_prompt_tokens=m0.cached_prompt_tokens,
+                completion_tokens=sum(len(c.token_ids) for c in choices),
+                time_to_first_token=m0.time_to_first_token,
+                total_time=max((m.total_time or 0.0) for m in self.metrics if m is not None) if any(self.metrics) else None,
+                retractions=sum(m.retractions for m in self.metrics if m is not None),
+            )
+        c0 = choices[0]
+        return GenerateOutput(c0.text, c0.token_ids, c0.finish_reason, c0.logprobs, m0, choices, prompt_ids, rid)
 
 
 class Engine:
     """An in-process inference engine; its loop runs on a background thread.
 
-    Engine(model="smollm2-135m", device=None|"cpu"|"cuda", dtype=None|"float32"|"bfloat16"|"float16",
-           max_model_len=None, kv_memory=None ("2GiB" or bytes), gpu_memory=None, max_running=None,
-           chunk_size=None, attention_backend="auto", disable_cuda_graph=False, disable_overlap=False,
-           disable_radix_cache=False, load_format="auto", schedule_policy="fcfs"|"lpm", seed=0,
-           max_queue=None, tp=1)
-
-    Attributes: tokenizer (transformers tokenizer or None for dummy weights), model_name (str),
-    max_model_len (int), config (ModelConfig), plan (MemoryPlan), device (torch.device), dtype.
+    Flags (snake_case twins of the CLI's): model, device, dtype, max_model_len, kv_memory,
+    gpu_memory, max_running, chunk_size, attention_backend, disable_cuda_graph,
+    disable_overlap, disable_radix_cache, load_format, schedule_policy ("fcfs" | "lpm"),
+    seed, max_queue, tp.
+    Attributes: tokenizer (None for dummy weights), model_name, max_model_len, config, plan, device, dtype.
     """
 
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        device: str | None = None,
+        dtype=None,
+        max_model_len: int | None = None,
+        kv_memory=None,
+        gpu_memory=None,
+        max_running: int | None = None,
+        chunk_size: int | None = None,
+        attention_backend: str = "auto",
+        disable_cuda_graph: bool = False,
+        disable_overlap: bool = False,
+        disable_radix_cache: bool = False,
+        load_format: str = "auto",
+        schedule_policy: str = "fcfs",
+        seed: int = 0,
+        max_queue: int | None = None,
+        tp: int = 1,
+        **unknown,
+    ):
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        if tp != 1:
+            raise InvalidRequestError("tensor parallelism (tp > 1) is not available in this build", "tp")
+        if schedule_policy not in ("fcfs", "lpm"):
+            raise InvalidRequestError("schedule_policy must be fcfs or lpm", "schedule_policy")
+        from ..store.resolve import resolve_model
+        from .core import CoreConfig, EngineCore
+        from .models.config import ModelConfig
+        from .models.loader import load_model
+        from .plan import default_dtype, detect_device, make_plan
+
+        t0 = time.perf_counter()
+        self.source = resolve_model(model, load_format=load_format)
+        self.model_name = self.source.name
+        self.config = ModelConfig.from_hf(self.source.config)
+        self.device_info = detect_device(device)
+        self.device = torch.device(self.device_info.torch_device)
+        self.dtype = parse_dtype(dtype) or default_dtype(self.device_info, self.config)
+        plan_kwargs = dict(
+            max_model_len=max_model_len, kv_memory=kv_memory, gpu_memory=gpu_memory,
+            max_running=max_running, chunk_size=chunk_size,
+        )
+        pre_plan = make_plan(self.config, self.device_info, self.dtype, **plan_kwargs)
+        self.model = load_model(self.source, self.dtype, self.device, load_format, max_positions=pre_plan.max_model_len)
+        free_after = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free_after, _ = torch.cuda.mem_get_info(self.device)
+        self.plan = make_plan(self.config, self.device_info, self.dtype, free_memory_after_weights=free_after, **plan_kwargs)
+        self.max_model_len = self.plan.max_model_len
+        self.tokenizer = self.source.load_tokenizer()
+        eos = list(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.append(int(self.tokenizer.eos_token_id))
+        eos += _generation_config_eos(self.source)
+        self.max_queue = max_queue
+        graphs = None if (disable_cuda_graph or self.device.type != "cuda") else list(self.plan.cuda_graph_bs)
+        self.core = EngineCore(
+            self.model,
+            self.tokenizer,
+            eos,
+            self.device,
+            CoreConfig(
+                kv_tokens=self.plan.kv_tokens,
+                max_running=self.plan.max_running,
+                chunk_size=self.plan.chunk_size,
+                max_model_len=self.plan.max_model_len,
+                attention_backend=attention_backend,
+                disable_radix_cache=disable_radix_cache,
+                cuda_graph_bs=graphs,
+                schedule_policy=schedule_policy,
+                seed=seed,
+            ),
+            overlap=not disable_overlap,
+        )
+        self.load_seconds = time.perf_counter() - t0
+        log.info("engine ready in %.1f s: %s", self.load_seconds, self.plan.describe())
+        self._ids = itertools.count()
+        self._closed = False
+
+    # ------------------------------------------------------------ prompts
+    def encode_prompt(self, prompt) -> list[int]:
+        """Text -> ids (no chat template), chat messages -> templated ids, ids -> ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer (dummy weights): pass token ids", "prompt")
+            return list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            return self.apply_chat_template(list(prompt))
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if t < 0 or t >= self.config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})", "prompt")
+            return ids
+        raise InvalidRequestError("prompt must be text, a list of token ids, or a list of chat messages", "prompt")
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer (dummy weights): pass token ids", "messages")
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", "messages")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content", ""), (str, type(None))):
+                raise InvalidRequestError("each message needs a role and text content", "messages")
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        text = "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in messages) + "\nassistant:"
+        return list(self.tokenizer(text)["input_ids"])
+
+    # ------------------------------------------------------------ submit
+    def submit(self, prompt, params: SamplingParams | None = None, on_delta: Callable[[StreamDelta], None] | None = None,
+               request_id: str | None = None) -> str:
+        """Enqueue a prompt and return its request id; on_delta(StreamDelta) runs on the engine thread.
+        Raises InvalidRequestError / PromptTooLongError / EngineOverloadedError synchronously."""
+        ids = self.encode_prompt(prompt)
+        return self._submit_ids(ids, params, on_delta, request_id)
+
+    def _submit_ids(self, ids, params, on_delta, request_id=None) -> str:
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+        params = params or SamplingParams()
+        params.validate()
+        if params.json_schema is not None or params.regex is not None or params.grammar is not None:
+            raise InvalidRequestError("structured output (json_schema/regex/grammar) is not available yet", "json_schema")
+        if not ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(len(ids), self.max_model_len)
+        if self.max_queue is not None and self.core.scheduler.num_waiting >= self.max_queue:
+            raise EngineOverloadedError(f"{self.core.scheduler.num_waiting} requests waiting (max_queue={self.max_queue})")
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        first = Request(rid, ids, params, 0, on_delta)
+        reqs = [first] + [Request(rid, ids, params, i, on_delta, depends_on=first) for i in range(1, params.n)]
+        self.core.add(reqs)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+
+    # ------------------------------------------------------------ blocking
     def generate(self, prompt, params: SamplingParams | None = None):
-        """prompt: str | list[int] | list[str] | list[list[int]]. One prompt -> GenerateOutput,
-        a list of prompts -> list[GenerateOutput] (in input order; run concurrently)."""
-        raise NotImplementedError
+        """One prompt -> GenerateOutput; a list of prompts (texts or id lists) -> list, in input order,
+        run concurrently."""
+        params = params or SamplingParams()
+        batch = isinstance(prompt, (list, tuple)) and prompt and (
+            isinstance(prompt[0], str) or (isinstance(prompt[0], (list, tuple)) and not isinstance(prompt[0], dict))
+        )
+        prompts = list(prompt) if batch else [prompt]
+        encoded = [self.encode_prompt(p) for p in prompts]
+        collectors = []
+        for ids in encoded:
+            c = _Collector(params.n)
+            rid = self._submit_ids(ids, params, c)
+            collectors.append((rid, ids, c))
+        outs = []
+        try:
+            for rid, ids, c in collectors:
+                while not c.done.wait(0.5):
+                    if self._closed:
+                        raise RuntimeError("engine shut down while generating")
+                outs.append(c.result(rid, ids, params.logprobs))
+        except BaseException:
+            for rid, _, c in collectors:
+                if not c.done.is_set():
+                    self.abort(rid)
+            raise
+        return outs if batch else outs[0]
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> GenerateOutput:
         """Apply the model's chat template (add_generation_prompt) and generate."""
-        raise NotImplementedError
+        params = params or SamplingParams()
+        ids = self.apply_chat_template(messages)
+        c = _Collector(params.n)
+        rid = self._submit_ids(ids, params, c)
+        try:
+            while not c.done.wait(0.5):
+                if self._closed:
+                    raise RuntimeError("engine shut down while generating")
+        except BaseException:
+            self.abort(rid)
+            raise
+        return c.result(rid, ids, params.logprobs)
 
+    # ------------------------------------------------------------ streaming
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
-        """Yield StreamDelta as tokens arrive; prompt may be text, token ids or chat messages
-        (a list of {"role","content"} dicts).  Closing the iterator aborts the request."""
-        raise NotImplementedError
+        """Yield StreamDelta as tokens arrive.  Closing the iterator aborts the request."""
+        params = params or SamplingParams()
+        q: queue.Queue = queue.Queue()
+        rid = self.submit(prompt, params, q.put)
+        left = params.n
+        try:
+            while left:
+                try:
+                    d = q.get(timeout=0.5)
+                except queue.Empty:
+                    if self._closed:
+                        return
+                    continue
+                if d.finish_reason is not None:
+                    left -= 1
+                yield d
+        finally:
+            if left:
+                self.abort(rid)
 
     async def astream(self, prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamDelta]:
         """asyncio version of stream; cancelling the consumer aborts the request."""
-        raise NotImplementedError
-        yield  # pragma: no cover
+        params = params or SamplingParams()
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
 
-    def submit(self, prompt, params: SamplingParams | None = None, on_delta=None) -> str:
-        """Low-level: enqueue and return a request id; on_delta(StreamDelta) is called from the
-        engine thread.  Raises InvalidRequestError / PromptTooLongError synchronously."""
-        raise NotImplementedError
+        def push(d: StreamDelta) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, d)
 
-    def abort(self, request_id: str) -> None:
-        raise NotImplementedError
+        rid = self.submit(prompt, params, push)
+        left = params.n
+        try:
+            while left:
+                d = await q.get()
+                if d.finish_reason is not None:
+                    left -= 1
+                yield d
+        finally:
+            if left:
+                self.abort(rid)
 
-    def encode_prompt(self, prompt) -> list[int]:
-        """Text -> ids (no chat template), chat messages -> templated ids, ids -> ids."""
-        raise NotImplementedError
-
+    # ------------------------------------------------------------ misc
     def stats(self) -> dict:
-        """running, waiting, kv_slots_total, kv_slots_used, cache_hit_tokens, cache_query_tokens,
-        prompt_tokens_total, generation_tokens_total, retractions_total."""
-        raise NotImplementedError
+        return self.core.stats()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self.core.wait_idle(timeout)
 
     def shutdown(self) -> None:
-        raise NotImplementedError
+        if self._closed:
+            return
+        self._closed = True
+        self.core.shutdown()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.shutdown()
+
+    def __del__(self):  # pragma: no cover
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def _generation_config_eos(source) -> list[int]:
+    path = getattr(source, "path", None)
+    if not path or not os.path.isdir(str(path)):
+        return []
+    f = os.path.join(str(path), "generation_config.json")
+    if not os.path.exists(f):
+        return []
+    import json
+
+    try:
+        eos = json.load(open(f)).get("eos_token_id")
+    except Exception:
+        return []
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else [int(e) for e in eos]

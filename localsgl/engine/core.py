@@ -1,0 +1,287 @@
+"""EngineCore: the engine thread.  It owns the scheduler, the runner and every
+request's state; callers talk to it only through a thread-safe inbox, and it
+talks back through each request's on_delta callback.
+
+One iteration: drain the inbox (new requests, aborts) -> schedule -> forward
+-> sample -> append tokens, detokenize, check stops, finish -> callbacks.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from .kv_pool import KVPool, ReqToTokenPool
+from .layers.attention.base import create_backend
+from .params import StreamDelta, TokenLogprob, TopLogprob
+from .radix_cache import RadixCache
+from .request import Request, Status
+from .runner import ModelRunner
+from .sampling import SamplingBatch, sample
+from .scheduler import Scheduler
+
+log = logging.getLogger("localsgl.engine")
+
+
+@dataclass
+class CoreConfig:
+    kv_tokens: int
+    max_running: int
+    chunk_size: int
+    max_model_len: int
+    attention_backend: str = "auto"
+    disable_radix_cache: bool = False
+    cuda_graph_bs: list[int] | None = None
+    schedule_policy: str = "fcfs"
+    seed: int = 0
+
+
+class EngineCore:
+    def __init__(self, model, tokenizer, eos_ids: list[int], device: torch.device, cfg: CoreConfig, overlap: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = sorted(set(eos_ids))
+        self.device = device
+        self.cfg = cfg
+        self.overlap = overlap and device.type == "cuda"
+        mc = model.config
+        self.vocab_size = mc.vocab_size
+        self.kv_pool = KVPool(cfg.kv_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, model.dtype, device)
+        self.req_pool = ReqToTokenPool(cfg.max_running + 1, cfg.max_model_len + 1, device)
+        # row 0 of the table stays reserved (padding rows of CUDA graphs point there)
+        self.req_pool.allocator.alloc(self.req_pool.allocator.num_free)
+        self.req_pool.allocator.free(torch.arange(1, cfg.max_running + 1))
+        self.req_pool.max_reqs = cfg.max_running
+        self.cache = RadixCache(self.kv_pool, disabled=cfg.disable_radix_cache)
+        self.scheduler = Scheduler(
+            self.kv_pool, self.req_pool, self.cache, cfg.max_running, cfg.chunk_size, cfg.max_model_len, cfg.schedule_policy
+        )
+        self.attn = create_backend(cfg.attention_backend, device)
+        self.runner = ModelRunner(model, self.kv_pool, self.req_pool, self.attn, device, cfg.cuda_graph_bs)
+        self.default_generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.inbox: queue.Queue = queue.Queue()
+        self.requests: dict[str, list[Request]] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.steps = 0
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._loop, name="localsgl-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ caller side (any thread)
+    def add(self, reqs: list[Request]) -> None:
+        self._idle.clear()
+        self.inbox.put(("add", reqs))
+
+    def abort(self, rid: str) -> None:
+        self.inbox.put(("abort", rid))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self.inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    # ------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                self._drain(block=not self.scheduler.has_work())
+                if self._stop.is_set():
+                    break
+                self.step()
+            except Exception:  # keep serving: fail what was in flight, not the engine
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                self._fail_running()
+            if not self.scheduler.has_work() and self.inbox.empty():
+                self._idle.set()
+        self._abort_all()
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                kind, payload = self.inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                for r in payload:
+                    self._init_request(r)
+                    self.scheduler.add(r)
+                self.requests.setdefault(payload[0].rid, []).extend(payload)
+            elif kind == "abort":
+                for r in self.requests.get(payload, []):
+                    if not r.finished:
+                        self._finish(r, "abort", emit=True)
+            elif kind == "stop":
+                return
+
+    def _init_request(self, r: Request) -> None:
+        p = r.params
+        if p.seed is not None:
+            r.generator = torch.Generator(device=self.device).manual_seed(p.seed + r.index)
+        if self.tokenizer is not None:
+            from .detokenizer import IncrementalDetokenizer
+
+            r.detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids, skip_special_tokens=p.skip_special_tokens)
+        if p.stop:
+            from .stop import StopStringMatcher
+
+            r.stop_matcher = StopStringMatcher(p.stop)
+        self.prompt_tokens_total += len(r.prompt_ids)
+
+    def step(self) -> None:
+        sb = self.scheduler.schedule()
+        if sb is None:
+            return
+        self.steps += 1
+        logits = self.runner.forward(sb)
+        self.scheduler.commit(sb)
+        rows = [r for r, s in zip(sb.reqs, sb.sample) if s]
+        if not rows:
+            return
+        sbatch = SamplingBatch.build(
+            params=[r.params for r in rows],
+            prompt_ids=[r.prompt_ids for r in rows],
+            output_ids=[r.output_ids for r in rows],
+            generators=[r.generator for r in rows],
+            eos_ids=self.eos_ids,
+            vocab_size=self.vocab_size,
+            device=logits.device,
+            default_generator=self.default_generator,
+        )
+        res = sample(logits, sbatch)
+        lps = getattr(res, "logprobs", None)
+        tops = getattr(res, "top_logprobs", None)
+        for i, (r, tok) in enumerate(zip(rows, res.token_ids)):
+            lp = None
+            if r.params.logprobs and lps is not None:
+                lp = self._make_logprob(tok, lps[i], tops[i] if tops is not None else None)
+            self._append_token(r, int(tok), lp)
+
+    def _token_str(self, tok: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([tok], skip_special_tokens=False)
+
+    def _make_logprob(self, tok, lp, top) -> TokenLogprob:
+        return TokenLogprob(
+            token_id=tok,
+            token=self._token_str(tok),
+            logprob=float(lp),
+            top=[TopLogprob(int(t), self._token_str(int(t)), float(v)) for t, v in (top or [])],
+        )
+
+    def _append_token(self, r: Request, tok: int, lp: TokenLogprob | None) -> None:
+        p = r.params
+        now = time.perf_counter()
+        r.output_ids.append(tok)
+        self.generation_tokens_total += 1
+        n_out = len(r.output_ids)
+        if n_out == 1:
+            r.metrics.time_to_first_token = now - r.arrival
+        if lp is not None and r.logprobs is not None:
+            r.logprobs.append(lp)
+        finish = None
+        hit_stop_token = stop_string = False
+        if n_out >= p.min_tokens:
+            if tok in p.stop_token_ids:
+                finish, r.matched_stop, hit_stop_token = "stop", tok, True
+            elif not p.ignore_eos and tok in self.eos_ids:
+                finish, r.matched_stop, hit_stop_token = "stop", tok, True
+        text = ""
+        if r.detok is not None and not hit_stop_token:
+            text = r.detok.add([tok])
+        if r.stop_matcher is not None and text:
+            text, matched = r.stop_matcher.feed(text)
+            if matched is not None:
+                finish, r.matched_stop, stop_string = "stop", matched, True
+        if finish is None:
+            if p.max_tokens is not None and n_out >= p.max_tokens:
+                finish = "length"
+            elif r.all_len >= self.cfg.max_model_len:
+                finish = "length"
+        if finish is not None and not stop_string:
+            text += self._flush_text(r)
+        r.text_parts.append(text)
+        if finish is not None:
+            self._finish(r, finish, emit=False)
+        self._emit(r, StreamDelta(r.index, text, [tok], finish, [lp] if lp is not None else None,
+                                  r.metrics if finish else None))
+
+    def _flush_text(self, r: Request) -> str:
+        tail = r.detok.flush() if r.detok is not None else ""
+        if r.stop_matcher is not None:
+            if tail:
+                t, matched = r.stop_matcher.feed(tail)
+                if matched is not None:
+                    r.matched_stop = matched
+                    return t
+                tail = t
+            tail += r.stop_matcher.flush()
+        return tail
+
+    def _finish(self, r: Request, reason: str, emit: bool) -> None:
+        self.scheduler.finish(r, reason)
+        r.metrics.completion_tokens = len(r.output_ids)
+        r.metrics.total_time = time.perf_counter() - r.arrival
+        group = self.requests.get(r.rid)
+        if group is not None and all(x.finished for x in group):
+            del self.requests[r.rid]
+        if emit:
+            self._emit(r, StreamDelta(r.index, "", [], reason, None, r.metrics))
+
+    def _emit(self, r: Request, delta: StreamDelta) -> None:
+        if r.on_delta is None:
+            return
+        try:
+            r.on_delta(delta)
+        except Exception:  # a broken consumer must not take the engine down
+            log.warning("on_delta callback of %s failed:\n%s", r.rid, traceback.format_exc())
+
+    def _fail_running(self) -> None:
+        self._finish_all("error")
+
+    def _abort_all(self) -> None:
+        try:
+            self._finish_all("abort")
+        except Exception:  # pragma: no cover
+            log.error("abort at shutdown failed:\n%s", traceback.format_exc())
+
+    def _finish_all(self, reason: str) -> None:
+        for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if not r.finished:
+                self._finish(r, reason, emit=True)
+
+    # ------------------------------------------------------------ introspection
+    def stats(self) -> dict:
+        s = self.scheduler
+        locked = sum(
+            (r.kv_len - r.cached_len) for r in list(s.running)
+        ) + self.cache.protected_size
+        return {
+            "running": s.num_running,
+            "waiting": s.num_waiting,
+            "kv_slots_total": self.kv_pool.num_slots,
+            "kv_slots_used": self.kv_pool.num_slots - self.kv_pool.num_free,
+            "kv_slots_locked": locked,
+            "kv_slots_cached": self.cache.evictable_size + self.cache.protected_size,
+            "cache_hit_tokens": self.cache.hit_tokens,
+            "cache_query_tokens": self.cache.query_tokens,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "retractions_total": s.retractions_total,
+            "steps": self.steps,
+        }

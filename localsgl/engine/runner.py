@@ -1,0 +1,100 @@
+"""ModelRunner: a scheduled batch -> flat tensors -> model forward -> logits of the rows to sample.
+
+Decode-only batches on CUDA replay a CUDA graph captured for the next larger
+batch-size bucket (padded rows write their KV to scratch slot 0); everything
+else runs eagerly.  The runner never decides *what* runs — that is the
+scheduler's job — only how.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .batch import ForwardBatch, ForwardMode
+from .kv_pool import KVPool, ReqToTokenPool
+from .layers.attention.base import AttentionBackend
+from .scheduler import ScheduledBatch
+
+log = logging.getLogger("localsgl.runner")
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model,
+        kv_pool: KVPool,
+        req_pool: ReqToTokenPool,
+        attn_backend: AttentionBackend,
+        device: torch.device,
+        cuda_graph_bs: list[int] | None = None,
+    ):
+        self.model = model
+        self.kv_pool = kv_pool
+        self.req_pool = req_pool
+        self.attn = attn_backend
+        self.device = device
+        self.graphs = None
+        if cuda_graph_bs and device.type == "cuda" and attn_backend.supports_cuda_graph:
+            from .cuda_graph import CudaGraphRunner
+
+            t = time.perf_counter()
+            self.graphs = CudaGraphRunner(self, sorted(cuda_graph_bs))
+            self.graph_capture_seconds = time.perf_counter() - t
+            log.info("captured %d CUDA graphs in %.1f s", len(cuda_graph_bs), self.graph_capture_seconds)
+
+    def _to_device(self, data, dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def build_batch(self, sb: ScheduledBatch) -> ForwardBatch:
+        ids: list[int] = []
+        pos: list[int] = []
+        starts: list[int] = []
+        seq_lens: list[int] = []
+        for r, n, p in zip(sb.reqs, sb.extend_lens, sb.prefix_lens):
+            starts.append(len(ids))
+            if n == 1:
+                ids.append(r.token_at(p))
+                pos.append(p)
+            else:
+                ids.extend(r.all_ids(p + n)[p:])
+                pos.extend(range(p, p + n))
+            seq_lens.append(p + n)
+        i32, i64 = torch.int32, torch.int64
+        b = ForwardBatch(
+            mode=ForwardMode.DECODE if sb.decode_only else ForwardMode.EXTEND,
+            batch_size=len(sb.reqs),
+            input_ids=self._to_device(ids, i64),
+            positions=self._to_device(pos, i64),
+            out_cache_loc=sb.out_slots.to(self.device, non_blocking=True),
+            req_pool_indices=self._to_device([r.req_row for r in sb.reqs], i64),
+            seq_lens=self._to_device(seq_lens, i32),
+            prefix_lens=self._to_device(sb.prefix_lens, i32),
+            extend_lens=self._to_device(sb.extend_lens, i32),
+            extend_start_loc=self._to_device(starts, i32),
+            seq_lens_cpu=seq_lens,
+            prefix_lens_cpu=list(sb.prefix_lens),
+            extend_lens_cpu=list(sb.extend_lens),
+            req_to_token=self.req_pool.table,
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn,
+        )
+        b.extra["sample_index"] = [s + n - 1 for s, n, smp in zip(starts, sb.extend_lens, sb.sample) if smp]
+        return b
+
+    @torch.inference_mode()
+    def forward(self, sb: ScheduledBatch) -> torch.Tensor:
+        """Run one step; return fp32 logits [num_sampled_rows, vocab]."""
+        batch = self.build_batch(sb)
+        if batch.mode == ForwardMode.DECODE and self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.replay(batch)
+        self.attn.init_forward(batch)
+        hidden = self.model(batch.input_ids, batch.positions, batch)
+        idx = batch.extra["sample_index"]
+        if len(idx) != hidden.shape[0]:
+            hidden = hidden[torch.tensor(idx, dtype=torch.long, device=hidden.device)]
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,291 @@
+"""Continuous batching: admit, chunk prefills, decode, retract, finish.
+
+Each step the scheduler (1) gives every decoding request one KV slot —
+evicting unlocked prefixes from the radix cache and, if still short,
+retracting the youngest decodes back to the waiting queue; (2) spends a
+per-step token budget (the chunk size) on prefills: first the request whose
+prompt is half-done, then waiting requests (FCFS, or longest cached prefix
+first); (3) hands the mixed batch to the runner; (4) appends the sampled
+tokens and finishes requests.  Memory pressure never raises: it retracts.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .kv_pool import KVPool, ReqToTokenPool
+from .radix_cache import RadixCache
+from .request import Request, Status
+
+log = logging.getLogger("localsgl.scheduler")
+
+
+@dataclass
+class ScheduledBatch:
+    reqs: list[Request]
+    extend_lens: list[int]
+    prefix_lens: list[int]
+    sample: list[bool]  # row needs a new token after this step
+    out_slots: torch.Tensor  # [sum(extend_lens)] int64 CPU
+    decode_only: bool
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_pool: KVPool,
+        req_pool: ReqToTokenPool,
+        cache: RadixCache,
+        max_running: int,
+        chunk_size: int,
+        max_model_len: int,
+        policy: str = "fcfs",
+    ):
+        self.kv_pool = kv_pool
+        self.req_pool = req_pool
+        self.cache = cache
+        self.max_running = max_running
+        self.chunk_size = chunk_size
+        self.max_model_len = max_model_len
+        self.policy = policy
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admitted (prefilling or decoding)
+        self._seq = 0
+        self.new_token_ratio = 0.5
+        self.retractions_total = 0
+
+    # ------------------------------------------------------------ queue ops
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ------------------------------------------------------------ memory
+    def _available(self) -> int:
+        return self.kv_pool.num_free + self.cache.evictable_size
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        if self.kv_pool.num_free < n:
+            self.cache.evict(n - self.kv_pool.num_free)
+        return self.kv_pool.alloc(n)
+
+    def _reserved_for_decodes(self) -> int:
+        tot = 0
+        for r in self.running:
+            tot += min(r.max_new_remaining(self.max_model_len), 4096)
+        return int(tot * self.new_token_ratio)
+
+    # ------------------------------------------------------------ admit
+    def _admit(self, req: Request) -> bool:
+        """Give req a table row and lock its longest cached prefix."""
+        row = self.req_pool.alloc()
+        if row is None:
+            return False
+        ids = req.all_ids(req.all_len - 1)  # always leave one token to compute
+        slots, node = self.cache.match_prefix(ids)
+        self.cache.lock(node)
+        req.req_row = row
+        req.last_node = node
+        req.cached_len = req.kv_len = int(slots.numel())
+        self.req_pool.write(row, 0, slots)
+        if not req.first_admitted:
+            req.first_admitted = True
+            req.metrics.cached_prompt_tokens = req.kv_len
+            self.cache.record_query(len(req.prompt_ids), req.kv_len)
+        req.status = Status.RUNNING
+        self._seq += 1
+        req.seq_no = self._seq
+        self.running.append(req)
+        return True
+
+    def _row_slots(self, req: Request, start: int, end: int) -> torch.Tensor:
+        return self.req_pool.table[req.req_row, start:end].to("cpu", torch.int64)
+
+    def cache_progress(self, req: Request) -> None:
+        """Hand the computed KV of req to the radix cache (after a prefill chunk)."""
+        if self.cache.disabled or req.kv_len <= req.cached_len:
+            return
+        ids = req.all_ids(req.kv_len)
+        slots = self._row_slots(req, 0, req.kv_len)
+        dup = self.cache.insert(ids, slots)
+        if dup > req.cached_len:
+            self.kv_pool.free(slots[req.cached_len : dup])
+        new_slots, node = self.cache.match_prefix(ids)
+        assert int(new_slots.numel()) == req.kv_len
+        self.req_pool.write(req.req_row, req.cached_len, new_slots[req.cached_len :])
+        self.cache.lock(node)
+        self.cache.unlock(req.last_node)
+        req.last_node = node
+        req.cached_len = req.kv_len
+
+    def release(self, req: Request) -> None:
+        """Give back req's KV (to the cache, or the pool) and its table row."""
+        if req.req_row is None:
+            return
+        if req.pending:  # slots handed out for a step that never committed
+            self.kv_pool.free(self._row_slots(req, req.kv_len, req.kv_len + req.pending))
+            req.pending = 0
+        if self.cache.disabled:
+            self.kv_pool.free(self._row_slots(req, 0, req.kv_len))
+        else:
+            self.cache_progress(req)
+            self.cache.unlock(req.last_node)
+        self.req_pool.free(req.req_row)
+        req.req_row = None
+        req.last_node = None
+        req.kv_len = req.cached_len = 0
+        if req in self.running:
+            self.running.remove(req)
+
+    def retract(self, req: Request) -> None:
+        log.debug("retracting %s", req.rid)
+        self.release(req)
+        req.status = Status.WAITING
+        req.metrics.retractions += 1
+        self.retractions_total += 1
+        self.waiting.appendleft(req)
+        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+
+    def finish(self, req: Request, reason: str) -> None:
+        if req.status == Status.FINISHED:
+            return
+        if req.status == Status.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        self.release(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+
+    # ------------------------------------------------------------ schedule
+    def schedule(self) -> ScheduledBatch | None:
+        self.new_token_ratio = max(0.1, self.new_token_ratio - 0.002)
+        # 1) one slot for every decoding request; retract the youngest when short
+        decodes = [r for r in self.running if r.is_decoding]
+        while decodes and self._available() < len(decodes):
+            victim = max(decodes, key=lambda r: r.seq_no)
+            decodes.remove(victim)
+            self.retract(victim)
+        reqs: list[Request] = []
+        ext: list[int] = []
+        pre: list[int] = []
+        sample: list[bool] = []
+        slot_parts: list[torch.Tensor] = []
+        if decodes:
+            slots = self._alloc(len(decodes))
+            assert slots is not None
+            for r, s in zip(decodes, slots):
+                self.req_pool.write(r.req_row, r.kv_len, s.view(1))
+                r.pending = 1
+                reqs.append(r)
+                ext.append(1)
+                pre.append(r.kv_len)
+                sample.append(True)
+            slot_parts.append(slots)
+
+        # 2) prefills under the token budget
+        budget = self.chunk_size
+        prefilling = [r for r in self.running if not r.is_decoding]
+        candidates = list(prefilling)
+        if self.waiting and len(self.running) < self.max_running:
+            if self.policy == "lpm":
+                self._sort_waiting_by_prefix()
+        for r in candidates:
+            if budget <= 0:
+                break
+            n = self._extend_one(r, budget, reqs, ext, pre, sample, slot_parts, reserve=0)
+            budget -= n
+        reserve = self._reserved_for_decodes()
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            r = self.waiting.popleft()
+            if r.depends_on is not None and not self._dependency_ready(r.depends_on):
+                skipped.append(r)
+                continue
+            need = r.all_len  # conservative: cached prefix tokens are counted as evictable too
+            if self._available() - reserve < need and self.running:
+                self.waiting.appendleft(r)
+                break
+            if not self._admit(r):
+                self.waiting.appendleft(r)
+                break
+            n = self._extend_one(r, budget, reqs, ext, pre, sample, slot_parts, reserve=reserve)
+            if n == 0:  # no memory even for a piece of it: undo admission
+                self.release(r)
+                r.status = Status.WAITING
+                self.waiting.appendleft(r)
+                break
+            budget -= n
+        for r in reversed(skipped):
+            self.waiting.appendleft(r)
+        if not reqs:
+            if self.running:  # stalled for memory: free the youngest; the next step goes on
+                self.retract(max(self.running, key=lambda r: r.seq_no))
+            return None
+        out_slots = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.int64)
+        decode_only = all(e == 1 for e in ext) and all(sample) and len(decodes) == len(reqs)
+        return ScheduledBatch(reqs, ext, pre, sample, out_slots, decode_only)
+
+    @staticmethod
+    def _dependency_ready(dep: Request) -> bool:
+        """n > 1: siblings wait until the first choice's prompt KV is in the cache."""
+        return dep.finished or bool(dep.output_ids)
+
+    def _extend_one(self, r, budget, reqs, ext, pre, sample, slot_parts, reserve) -> int:
+        n = min(r.remaining_tokens, budget)
+        avail = self._available() - reserve
+        if n > avail:
+            n = max(avail, 0)
+        if n <= 0:
+            return 0
+        slots = self._alloc(n)
+        if slots is None:
+            return 0
+        self.req_pool.write(r.req_row, r.kv_len, slots)
+        r.pending = n
+        reqs.append(r)
+        ext.append(n)
+        pre.append(r.kv_len)
+        sample.append(r.kv_len + n == r.all_len)
+        slot_parts.append(slots)
+        return n
+
+    def _sort_waiting_by_prefix(self) -> None:
+        if self.cache.disabled or len(self.waiting) > 256:
+            return
+        scored = []
+        for i, r in enumerate(self.waiting):
+            slots, _ = self.cache.match_prefix(r.all_ids(r.all_len - 1))
+            scored.append((-int(slots.numel()), i, r))
+        scored.sort(key=lambda t: (t[0], t[1]))
+        self.waiting = deque(r for _, _, r in scored)
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """After the forward: advance kv_len; cache finished prefill chunks."""
+        for r, n, s in zip(batch.reqs, batch.extend_lens, batch.sample):
+            r.kv_len += n
+            r.pending = 0
+            if n > 1 or not r.output_ids:  # a prefill chunk: share it at once
+                self.cache_progress(r)
+
+    # ------------------------------------------------------------ checks
+    def check_idle_invariants(self) -> None:
+        """With nothing running: every slot is free or held (unlocked) by the cache."""
+        assert not self.running and not self.waiting
+        assert self.req_pool.num_free == self.req_pool.max_reqs, "request rows leaked"
+        self.cache.check_invariants()
+        assert self.cache.protected_size == 0, "radix nodes still locked"
+        held = self.cache.total_tokens() if not self.cache.disabled else 0
+        assert self.kv_pool.num_free + held == self.kv_pool.num_slots, (
+            f"KV slots leaked: free {self.kv_pool.num_free} + cached {held} != {self.kv_pool.num_slots}"
+        )
