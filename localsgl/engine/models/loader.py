@@ -1,0 +1,48 @@
+"""ModelSource -> a model on the target device with its weights loaded (or random for dummy)."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .config import ModelConfig
+from .registry import model_class
+
+log = logging.getLogger(__name__)
+
+
+def load_model(source, dtype: torch.dtype, device, load_format: str = "auto", max_positions: int | None = None):
+    """Build the model for ``source`` (a localsgl.store.resolve.ModelSource) on ``device``.
+
+    Parameters are allocated uninitialised on the device and filled tensor by tensor
+    from ``source.iter_weights`` — or with random values when ``load_format == "dummy"``
+    or the source is a dummy config. Unsupported architectures raise the registry's
+    UnsupportedModelError."""
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    cfg = ModelConfig.from_hf(source.config)
+    cls = model_class(cfg)
+    with torch.device(device):
+        model = cls(cfg, dtype, device, max_positions=max_positions)
+    dummy = load_format == "dummy" or source.kind == "dummy"
+    if dummy:
+        model.init_dummy_weights()
+    else:
+        model.load_weights(source.iter_weights(dtype, device))
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    log.info(
+        "loaded %s (%s, %.1fM params, %s) on %s in %.2f s%s",
+        source.name,
+        cfg.architecture,
+        cfg.num_params / 1e6,
+        str(dtype).removeprefix("torch."),
+        device,
+        time.perf_counter() - t0,
+        " [dummy weights]" if dummy else "",
+    )
+    return model

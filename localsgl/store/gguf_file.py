@@ -1,0 +1,472 @@
+"""GGUF files (llama.cpp's format): header -> HF-style config, tensors -> HF names + dense weights.
+
+(Named gguf_file, not gguf, so the ``gguf`` package stays importable.)
+
+Config: ``{arch}.*`` metadata keys map to config.json fields; the vocabulary size is
+the token list's length (or the embedding's row count when they differ); embeddings
+are tied when the file has no ``output.weight``; Llama-3 rope scaling, which llama.cpp
+stores only as a ``rope_freqs`` tensor of per-frequency divisors, is recovered by
+matching that tensor against the llama3 formula.
+
+Weights: quantized blocks are dequantized straight to the run dtype/device. The common
+types (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) have torch implementations that run on the target
+device in row chunks (so an 8B Q4_K model dequantizes on the GPU in seconds, and host
+memory never holds a dense copy); every other type goes through
+``gguf.quants.dequantize`` (numpy). Both give bit-identical fp32 values (tested).
+
+llama.cpp's converter permutes the rows of q_proj/k_proj for the ``llama``
+architecture (it wants interleaved rotary pairs; HF uses rotate-half); we undo it,
+as transformers' GGUF loader does. Qwen2/Qwen3 files are not permuted.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# GGUF architecture -> HF architectures entry
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_PERMUTED_ARCHS = {"llama", "mistral"}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_SKIPPED = {"rope_freqs.weight"}  # folded into the config (rope scaling)
+
+
+class GGUFError(ValueError):
+    """A GGUF file we cannot read or do not support."""
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """GGUF tensor name -> HF name; None for tensors that are not weights (rope_freqs)."""
+    if gguf_name in _SKIPPED:
+        return None
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    raise GGUFError(f"unsupported tensor {gguf_name!r} in GGUF file")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class GGUFModel:
+    """One GGUF file's header, tensors and derived HF config."""
+
+    def __init__(self, path: str | os.PathLike):
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(str(self.path), "r")
+        except (ValueError, OSError, IndexError) as e:
+            raise GGUFError(f"{self.path}: not a readable GGUF file: {e}") from None
+        self.fields = self.reader.fields
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.gguf_arch = self.get("general.architecture")
+        if self.gguf_arch is None:
+            raise GGUFError(f"{self.path}: GGUF file has no general.architecture")
+        self._config: dict | None = None
+
+    # metadata ------------------------------------------------------------------
+    def get(self, key: str, default=None):
+        f = self.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except Exception:  # noqa: BLE001 - malformed field: treat as absent
+            return default
+
+    def aget(self, key: str, default=None):
+        """An architecture-scoped key: ``{arch}.{key}``."""
+        return self.get(f"{self.gguf_arch}.{key}", default)
+
+    def array_len(self, key: str) -> int | None:
+        f = self.fields.get(key)
+        return None if f is None else len(f.data)
+
+    @property
+    def name(self) -> str:
+        return self.get("general.name") or self.path.stem
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.get("tokenizer.chat_template")
+
+    @property
+    def config(self) -> dict:
+        if self._config is None:
+            self._config = self._build_config()
+        return self._config
+
+    def _build_config(self) -> dict:
+        arch = self.gguf_arch
+        name = self.get("general.name") or ""
+        hf_arch = GGUF_ARCHITECTURES.get(arch)
+        if hf_arch is None:
+            raise GGUFError(
+                f"{self.path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}"
+            )
+        if arch == "llama" and "mistral" in name.lower():
+            hf_arch = "MistralForCausalLM"  # llama.cpp files Mistral under llama
+
+        def need(key):
+            v = self.aget(key)
+            if v is None:
+                raise GGUFError(f"{self.path}: GGUF metadata lacks {arch}.{key}")
+            return v
+
+        hidden = int(need("embedding_length"))
+        heads = int(need("attention.head_count"))
+        kv_heads = self.aget("attention.head_count_kv", heads)
+        if isinstance(kv_heads, list):  # per-layer list in some files
+            kv_heads = max(kv_heads)
+        head_dim = self.aget("attention.key_length") or self.aget("rope.dimension_count") or hidden // heads
+        ffn = self.aget("feed_forward_length")
+        if ffn is None and "blk.0.ffn_gate.weight" in self.tensors:
+            ffn = int(self.tensors["blk.0.ffn_gate.weight"].shape[1])
+        if isinstance(ffn, list):
+            ffn = max(ffn)
+
+        vocab = self.array_len("tokenizer.ggml.tokens") or self.aget("vocab_size")
+        emb = self.tensors.get("token_embd.weight")
+        if emb is not None:
+            rows = int(emb.shape[1])  # GGUF shapes are [in, out]
+            if vocab != rows:
+                vocab = rows
+        if vocab is None:
+            raise GGUFError(f"{self.path}: cannot tell the vocabulary size")
+
+        theta = float(self.aget("rope.freq_base", 10000.0))
+        cfg: dict = {
+            "architectures": [hf_arch],
+            "model_type": hf_arch.removesuffix("ForCausalLM").lower(),
+            "hidden_size": hidden,
+            "intermediate_size": int(ffn) if ffn is not None else None,
+            "num_hidden_layers": int(need("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(kv_heads),
+            "head_dim": int(head_dim),
+            "vocab_size": int(vocab),
+            "max_position_embeddings": int(self.aget("context_length", 4096)),
+            "rms_norm_eps": float(self.aget("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": theta,
+            "rope_scaling": self._rope_scaling(int(head_dim), theta),
+            "tie_word_embeddings": "output.weight" not in self.tensors,
+            "hidden_act": "silu",
+            "_name_or_path": str(self.path),
+        }
+        if arch == "qwen2" or "blk.0.attn_q.bias" in self.tensors:
+            cfg["attention_bias"] = "blk.0.attn_q.bias" in self.tensors
+        if hf_arch == "MistralForCausalLM":
+            sw = self.aget("attention.sliding_window")
+            cfg["sliding_window"] = int(sw) if sw else None
+        for key, out in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
+            v = self.get(f"tokenizer.ggml.{key}")
+            if v is not None:
+                cfg[out] = int(v)
+        eos = [
+            int(v)
+            for k in ("eos_token_id", "eot_token_id", "eom_token_id")
+            if (v := self.get(f"tokenizer.ggml.{k}")) is not None
+        ]
+        eos = list(dict.fromkeys(eos))
+        if eos:
+            cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+        file_type = self.get("general.file_type")
+        cfg["torch_dtype"] = {0: "float32", 1: "float16", 32: "bfloat16"}.get(file_type)
+        cfg["gguf"] = {
+            "architecture": arch,
+            "file_type": file_type,
+            "tensor_types": sorted({t.tensor_type.name for t in self.reader.tensors}),
+        }
+        self._check_types()
+        return cfg
+
+    def _rope_scaling(self, head_dim: int, theta: float) -> dict | None:
+        kind = self.aget("rope.scaling.type")
+        factor = self.aget("rope.scaling.factor")
+        if kind in (None, "none") and "rope_freqs.weight" in self.tensors:
+            freqs = dequantize_tensor(self.tensors["rope_freqs.weight"], torch.float32, "cpu")
+            return infer_llama3_scaling(freqs, head_dim, theta, self.path)
+        if kind in (None, "none") or factor in (None, 0.0, 1.0):
+            return None
+        rs = {"rope_type": str(kind), "factor": float(factor)}
+        orig = self.aget("rope.scaling.original_context_length")
+        if orig:
+            rs["original_max_position_embeddings"] = int(orig)
+        return rs  # ModelConfig rejects kinds the engine cannot run (e.g. yarn) with a clear error
+
+    def _check_types(self) -> None:
+        bad = sorted({t.tensor_type.name for t in self.reader.tensors if not _can_dequantize(t.tensor_type)})
+        if bad:
+            raise GGUFError(f"{self.path}: unsupported tensor types {', '.join(bad)} (gguf {_gguf_version()})")
+
+    # weights -------------------------------------------------------------------
+    def iter_weights(self, dtype: torch.dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
+        cfg = self.config
+        permute = self.gguf_arch in _PERMUTED_ARCHS
+        heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        for t in self.reader.tensors:
+            name = hf_tensor_name(t.name)
+            if name is None:
+                continue
+            w = dequantize_tensor(t, dtype, device)
+            if permute and (".q_proj." in name or ".k_proj." in name):
+                w = unpermute_qk(w, heads if ".q_proj." in name else kv_heads)
+            yield name, w
+            del w
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (per head: interleaved pairs -> two halves).
+
+    llama.cpp: ``w.reshape(n, 2, d/2, ...).swapaxes(1, 2)`` (d = rows per head);
+    the inverse reads rows as (n, d/2, 2) and swaps back."""
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """What llama.cpp's converter does to q/k rows (for writing test files)."""
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float, orig: int) -> torch.Tensor:
+    """The per-frequency divisors llama.cpp writes as rope_freqs for Llama-3 scaling."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    wavelen = 2 * math.pi / inv
+    low_wl, high_wl = orig / low, orig / high
+    smooth = (orig / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen < high_wl, torch.ones_like(inv), torch.where(wavelen > low_wl, torch.full_like(inv, factor), mid))
+    return out.float()
+
+
+def infer_llama3_scaling(freqs: torch.Tensor, head_dim: int, theta: float, path=None) -> dict | None:
+    freqs = freqs.float().flatten().cpu()
+    if torch.allclose(freqs, torch.ones_like(freqs)):
+        return None
+    factor = float(freqs.max())
+    for orig in (8192, 4096, 16384, 32768, 2048, 65536, 131072):
+        for low in (1.0, 2.0, 0.5, 4.0):
+            for high in (4.0, 8.0, 2.0, 16.0, 32.0):
+                if high <= low:
+                    continue
+                ref = llama3_rope_factors(head_dim, theta, factor, low, high, orig)
+                if ref.shape == freqs.shape and torch.allclose(ref, freqs, rtol=1e-3, atol=1e-4):
+                    return {
+                        "rope_type": "llama3",
+                        "factor": factor,
+                        "low_freq_factor": low,
+                        "high_freq_factor": high,
+                        "original_max_position_embeddings": orig,
+                    }
+    raise GGUFError(f"{path}: rope_freqs tensor does not match Llama-3 rope scaling; cannot run this rope variant")
+
+
+# ----------------------------------------------------------------------------- dequantization
+
+_CHUNK_ELEMS = 1 << 24  # elements per dequantization chunk (64 MiB of fp32)
+
+
+def _gguf_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gguf")
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def _can_dequantize(qtype) -> bool:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if qtype in (Q.F32, Q.F16, Q.BF16) or qtype.name in _TORCH_DEQUANT:
+        return True
+    traits = getattr(quants, "_type_traits", None)
+    return traits is None or qtype in traits
+
+
+def dequantize_tensor(t, dtype: torch.dtype, device) -> torch.Tensor:
+    """A GGUF ReaderTensor -> dense tensor in HF layout [out, in], dtype, on device."""
+    from gguf import GGMLQuantizationType as Q
+
+    shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
+    qtype = t.tensor_type
+    data = t.data
+    device = torch.device(device)
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        arr = np.array(data, copy=True)  # own the memory: the memmap is read-only
+        if qtype == Q.BF16:
+            src = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        else:
+            src = torch.from_numpy(arr)
+        return src.reshape(shape).to(device=device, dtype=dtype)
+    fn = _TORCH_DEQUANT.get(qtype.name)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1)
+    rows = data.reshape(-1, data.shape[-1])  # [rows, bytes per row]
+    row_elems = shape[-1] if len(shape) > 1 else int(np.prod(shape))
+    if rows.shape[0] * row_elems != flat.numel():  # 1-D quantized tensors: one "row"
+        rows = data.reshape(1, -1)
+        row_elems = flat.numel()
+    step = max(1, _CHUNK_ELEMS // max(row_elems, 1))
+    for r0 in range(0, rows.shape[0], step):
+        chunk = np.array(rows[r0 : r0 + step], copy=True)  # small (quantized bytes); the memmap is read-only
+        if fn is not None:
+            blocks = torch.from_numpy(chunk).to(device)
+            vals = fn(blocks.view(-1, _TYPE_SIZE[qtype.name]))
+        else:
+            from gguf.quants import dequantize
+
+            vals = torch.from_numpy(np.ascontiguousarray(dequantize(chunk, qtype))).to(device)
+        n = chunk.shape[0] * row_elems
+        flat[r0 * row_elems : r0 * row_elems + n].copy_(vals.reshape(-1))
+    return out
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[n, 2] uint8 -> [n, 1] float32 (little-endian fp16)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, 16] packed bytes -> [n, 32]: low nibbles first, then high nibbles (ggml order)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _dq_q8_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    q = b[:, 2:].contiguous().view(torch.int8).float()
+    return d * q
+
+
+def _dq_q4_0(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    q = _nibbles(b[:, 2:]).to(torch.int8) - 8
+    return d * q.float()
+
+
+def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
+    d = _f16(b[:, :2])
+    m = _f16(b[:, 2:4])
+    q = _nibbles(b[:, 4:]).float()
+    return d * q + m
+
+
+def _q4k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """12 packed bytes -> 8 six-bit scales and 8 six-bit mins per super-block."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d = _f16(b[:, 0:2])
+    dmin = _f16(b[:, 2:4])
+    sc, mn = _q4k_scales(b[:, 4:16])
+    qs = b[:, 16:144].reshape(n, 4, 1, 32)  # 4 groups of 32 bytes -> 64 values each
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32).float()
+    dl = (d * sc).reshape(n, 8, 1)
+    ml = (dmin * mn).reshape(n, 8, 1)
+    return (dl * q - ml).reshape(n, 256)
+
+
+def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql = b[:, 0:128].reshape(n, 2, 1, 64)
+    qh = b[:, 128:192].reshape(n, 2, 1, 32)
+    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = _f16(b[:, 208:210])
+    lo = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)
+    hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2)  # [n, 2, 4, 32]
+    q = ((lo | (hi << 4)).to(torch.int8) - 32).float().reshape(n, 16, 16)
+    return ((d * scales).reshape(n, 16, 1) * q).reshape(n, 256)
+
+
+_TORCH_DEQUANT = {"Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q4_K": _dq_q4_k, "Q6_K": _dq_q6_k}
+_TYPE_SIZE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+
+
+# ----------------------------------------------------------------------------- caches
+
+_lock = threading.Lock()
+_models: dict[tuple[str, float], GGUFModel] = {}
+_tokenizers: dict[tuple[str, float], object] = {}
+
+
+def _key(path) -> tuple[str, float]:
+    p = Path(path).resolve()
+    try:
+        return str(p), p.stat().st_mtime
+    except OSError:
+        raise GGUFError(f"{path}: no such GGUF file") from None
+
+
+def open_gguf(path) -> GGUFModel:
+    """The parsed file, cached per path within the process (parsing a header with a
+    large vocabulary takes seconds)."""
+    key = _key(path)
+    with _lock:
+        m = _models.get(key)
+    if m is None:
+        m = GGUFModel(key[0])
+        with _lock:
+            _models[key] = m
+    return m
+
+
+def load_tokenizer(path):
+    """The file's tokenizer and chat template, through transformers (cached per path)."""
+    key = _key(path)
+    with _lock:
+        tok = _tokenizers.get(key)
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        p = Path(key[0])
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        with _lock:
+            _tokenizers[key] = tok
+    return tok
