@@ -403,3 +403,55 @@ def test_logprobs_on_fast_path():
     assert res.token_ids == [1]
     assert res.logprobs[0] == pytest.approx(lsm[1].item())
     assert [t for t, _ in res.top_logprobs[0]] == [1, 2]
+
+
+# -- kernel dispatch (a fake module with the documented calling convention) ----------------
+
+
+class FakeKernels:
+    def __init__(self, fail=False):
+        self.fail = fail
+        self.calls = []
+
+    def filtered_sample(self, logits, temperature, top_k, top_p, min_p, noise):
+        self.calls.append("filtered_sample")
+        if self.fail:
+            raise RuntimeError("boom")
+        V = logits.shape[1]
+        assert logits.is_contiguous() and temperature.dim() == 1 and top_k.dtype == torch.int32
+        return filtered_sample_torch(logits, temperature.view(-1, 1), top_k.long(), top_p, min_p, noise, k_max=V)
+
+    def apply_penalties(self, logits, counts, prompt_mask, repetition, frequency, presence):
+        self.calls.append("apply_penalties")
+        if self.fail:
+            raise RuntimeError("boom")
+        assert repetition.dim() == 1 and prompt_mask.dtype == torch.bool
+        out = sampling.apply_penalties_torch(logits, counts, prompt_mask, repetition.view(-1, 1),
+                                             frequency.view(-1, 1), presence.view(-1, 1))
+        logits.copy_(out)  # in place, returns None
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_kernel_dispatch_matches_torch(monkeypatch, fail):
+    g = torch.Generator().manual_seed(21)
+    B, V = 6, 300
+    logits = torch.randn(B, V, generator=g) * 2
+    params = [SP(temperature=0.8, top_k=30, top_p=0.9, seed=1), SP(temperature=0, repetition_penalty=1.4),
+              SP(temperature=1.2, min_p=0.1, frequency_penalty=0.5, seed=2), SP(temperature=0.5, seed=3),
+              SP(temperature=1.0, presence_penalty=1.0, seed=4), SP(top_p=0.3, seed=5)]
+    prompts = [[1, 2, 3]] * B
+    outputs = [[4, 5, 5, 7]] * B
+
+    def go():
+        gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+        b = SamplingBatch.build(params, prompts, outputs, gens, [EOS], V, CPU, torch.Generator().manual_seed(0))
+        return sample(logits, b).token_ids
+
+    ref = go()
+    fake = FakeKernels(fail)
+    monkeypatch.setattr(sampling, "_kernel_mod", fake)
+    monkeypatch.setattr(sampling, "_kernel_checked", True)
+    monkeypatch.setattr(sampling, "_kernels_for", lambda x: sampling._kernels())
+    assert go() == ref
+    assert set(fake.calls) == {"filtered_sample", "apply_penalties"}
+    assert (sampling._kernel_mod is None) == fail  # a failing kernel is dropped

@@ -30,16 +30,29 @@ Logprobs (when a row asks for them) are those of the model's raw distribution,
 Fast path: when every row is greedy with no penalty and no active min_tokens ban, ``sample``
 is one argmax (plus logprobs if asked); ``build`` is one pass over the params.
 
-On CUDA, ``localsgl_kernels.sampling.filtered_sample`` / ``apply_penalties`` are used when they
-exist; the torch code below is the reference they are tested against.
+On CUDA, ``localsgl_kernels.sampling`` is used when it exists, called as
+
+    filtered_sample(logits [n,V] fp32 contiguous, temperature [n] fp32 (> 0), top_k [n] int32
+                    (V = off), top_p [n] fp32 (1 = off), min_p [n] fp32 (0 = off),
+                    noise [n,V] fp32 Exp(1)) -> [n] token ids        (non-greedy rows only)
+    apply_penalties(logits [m,V] fp32 contiguous, counts [m,V] fp32 (output-token counts),
+                    prompt_mask [m,V] bool (prompt tokens), repetition [m], frequency [m],
+                    presence [m] fp32) -> [m,V] or None (in place)   (penalised rows only)
+
+and a kernel that raises is logged once and replaced by the torch path for the process.
+The torch functions below (``filtered_sample_torch``, ``apply_penalties_torch``) are the
+reference those kernels are tested against.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from .params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
 _CANDIDATES = 256  # top-p looks at this many top entries before falling back to a full sort
@@ -61,6 +74,18 @@ def _kernels():
         except Exception:  # ImportError, or triton missing / broken on this machine
             _kernel_mod = None
     return _kernel_mod
+
+
+def _kernels_for(logits: torch.Tensor):
+    return _kernels() if logits.is_cuda else None
+
+
+def _kernel_failed(name: str, err: Exception) -> None:
+    """Log once and use the torch path from now on."""
+    global _kernel_mod
+    _kernel_mod = None
+    logger.warning("localsgl_kernels.sampling.%s failed (%s: %s); using the torch sampler", name,
+                   type(err).__name__, err)
 
 
 @dataclass
@@ -347,13 +372,21 @@ def filtered_sample_torch(
 
 def _penalise(x: torch.Tensor, b: SamplingBatch, kmod) -> torch.Tensor:
     sub = x if b.pen_rows is None else x.index_select(0, b.pen_rows)
+    done = False
     if kmod is not None:
         pm = b.prompt_mask
         if pm is None:
             pm = torch.zeros_like(b.counts, dtype=torch.bool)
-        out = kmod.apply_penalties(sub, b.counts, pm, b.repetition, b.frequency, b.presence)
-        sub = sub if out is None else out  # the kernel may work in place
-    else:
+        try:
+            sub = sub.contiguous()
+            out = kmod.apply_penalties(
+                sub, b.counts, pm, b.repetition.view(-1), b.frequency.view(-1), b.presence.view(-1)
+            )
+            sub = sub if out is None else out  # the kernel may work in place
+            done = True
+        except Exception as e:  # a broken kernel must not take the engine down
+            _kernel_failed("apply_penalties", e)
+    if not done:
         sub = apply_penalties_torch(
             sub,
             b.counts,
@@ -371,9 +404,13 @@ def _penalise(x: torch.Tensor, b: SamplingBatch, kmod) -> torch.Tensor:
 def _sample_rows(x: torch.Tensor, b: SamplingBatch, kmod) -> torch.Tensor:
     q = b.noise()
     if kmod is not None:
-        top_k = b.top_k.to(torch.int32)
-        out = kmod.filtered_sample(x.contiguous(), b.temperature.view(-1), top_k, b.top_p, b.min_p, q)
-        return out.view(-1).long()
+        try:
+            out = kmod.filtered_sample(
+                x.contiguous(), b.temperature.view(-1), b.top_k.to(torch.int32), b.top_p, b.min_p, q
+            )
+            return out.view(-1).long()
+        except Exception as e:
+            _kernel_failed("filtered_sample", e)
     return filtered_sample_torch(
         x,
         b.temperature,
@@ -398,7 +435,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = True)
     if b.fast:
         tokens = logits.argmax(dim=-1)
     else:
-        kmod = _kernels() if (use_kernels and logits.is_cuda) else None
+        kmod = _kernels_for(logits) if use_kernels else None
         x = logits.clone()
         if b.ban_rows is not None:
             x[b.ban_rows, b.ban_ids] = _NEG_INF
