@@ -404,8 +404,8 @@ def create_app(
         except NotImplementedError as e:
             raise bad_request(f"not supported by this engine: {e}", None, "unsupported_parameter")
 
-    async def collect(gen: Generation, request: Request) -> None:
-        """Run a non-streamed generation to the end, aborting it if the client leaves."""
+    async def collect(gen: Generation, request: Request) -> bool:
+        """Run a non-streamed generation to the end; False (and aborted) if the client left."""
         work = asyncio.ensure_future(gen.drain())
         watch = asyncio.ensure_future(wait_for_disconnect(request.receive))
         try:
@@ -414,13 +414,13 @@ def create_app(
             if not watch.done():
                 watch.cancel()
         if work not in done:
-            state.metrics.client_disconnects.inc()
             gen.abort("client")
             work.cancel()
             with contextlib.suppress(BaseException):
                 await work
-            raise asyncio.CancelledError("client disconnected")
+            return False
         work.result()
+        return True
 
     def check_outcome(gen: Generation) -> None:
         reasons = {c.finish_reason for c in gen.choices}
@@ -448,8 +448,11 @@ def create_app(
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         return {"status": "ok"}
 
+    auth_responses = {401: err_responses[401]}
+
     @app.get("/metrics", tags=["server"], response_class=Response,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}})
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"},
+                        **auth_responses})
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -457,12 +460,12 @@ def create_app(
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "localsgl",
                 "root": str(getattr(engine, "model_name", state.model_name)), "max_model_len": state.max_model_len}
 
-    @app.get("/v1/models", response_model=S.ModelList, tags=["openai"])
+    @app.get("/v1/models", response_model=S.ModelList, tags=["openai"], responses=auth_responses)
     async def list_models():
         return JSONResponse({"object": "list", "data": [model_card()]})
 
     @app.get("/v1/models/{model_id:path}", response_model=S.ModelCard, tags=["openai"],
-             responses={404: {"model": S.ErrorResponse}})
+             responses={404: {"model": S.ErrorResponse}, **auth_responses})
     async def get_model(model_id: str):
         if model_id not in state.model_names:
             raise APIError(404, f"The model `{model_id}` does not exist.", INVALID_REQUEST, "model",
@@ -527,9 +530,11 @@ def create_app(
 
         if not req.stream:
             try:
-                await collect(gen, request)
+                completed = await collect(gen, request)
             finally:
                 gen.close()
+            if not completed:
+                return Response(status_code=499)  # nobody is listening any more
             check_outcome(gen)
             choices = []
             for i, c in enumerate(gen.choices):
@@ -635,9 +640,11 @@ def create_app(
 
         if not req.stream:
             try:
-                await collect(gen, request)
+                completed = await collect(gen, request)
             finally:
                 gen.close()
+            if not completed:
+                return Response(status_code=499)  # nobody is listening any more
             check_outcome(gen)
             choices = []
             for i, c in enumerate(gen.choices):
@@ -727,10 +734,16 @@ def create_app(
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        names = sorted(state.model_names)
         for m in S.REQUEST_MODELS:
             js = m.model_json_schema(ref_template="#/components/schemas/{model}", mode="validation")
             for k, v in js.pop("$defs", {}).items():
                 comps.setdefault(k, v)
+            # document which model names this server answers to
+            prop = js.get("properties", {}).get("model")
+            if prop is not None:
+                enum = {"type": "string", "enum": names}
+                js["properties"]["model"] = {"anyOf": [enum, {"type": "null"}]} if "anyOf" in prop else enum
             comps[m.__name__] = js
         if state.api_key:
             schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

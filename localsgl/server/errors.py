@@ -116,7 +116,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         status = exc.status_code
         if status == 404:
-            err = APIError(404, f"Unknown route: {request.method} {request.url.path}", NOT_FOUND, None, "not_found")
+            err = APIError(404, f"Invalid URL ({request.method} {request.url.path})", INVALID_REQUEST, None,
+                           "not_found")
         elif status == 405:
             err = APIError(405, f"Method {request.method} not allowed on {request.url.path}", INVALID_REQUEST,
                            None, "method_not_allowed")

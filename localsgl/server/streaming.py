@@ -132,8 +132,15 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        started = any(r is not None for r in self.rids)
         if self.num_finished < self.num_choices:
             self.abort(self.abort_reason or "client")
+            if started:
+                m = self.state.metrics
+                if self.abort_reason == "client":
+                    m.client_disconnects.inc()
+                m.e2e.observe(time.perf_counter() - self.arrival)
+                m.finished(self.endpoint, "abort")
         self._unpend()
         if self._admitted:
             self._admitted = False
