@@ -561,7 +561,9 @@ def serve(
             if e.name in ("localsgl.server", "localsgl.server.app"):
                 raise RuntimeError("the HTTP server is not available in this build (localsgl.server.app is missing)") from None
             raise
-        serve_app(kwargs, s.get("host", "127.0.0.1"), s.get("port", 8000), s.get("api_key"))
+        rc = serve_app(kwargs, s.get("host", "127.0.0.1"), s.get("port", 8000), s.get("api_key"))
+        if rc:
+            raise typer.Exit(int(rc))
 
     _guard(body)
 
