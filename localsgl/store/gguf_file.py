@@ -281,24 +281,60 @@ def llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float, 
 
 
 def infer_llama3_scaling(freqs: torch.Tensor, head_dim: int, theta: float, path=None) -> dict | None:
-    freqs = freqs.float().flatten().cpu()
+    """Recover Llama-3 rope scaling from llama.cpp's rope_freqs tensor (per-frequency divisors).
+
+    The published parameter sets are tried first. Otherwise the divisors are fitted: in
+    the llama3 formula the smoothing weight s = (orig/wavelen - low)/(high - low) is
+    linear in 1/wavelen and clamped to [0, 1], so only its two ends matter (the
+    wavelengths where s = 0 and s = 1); we report them as low = 1, orig = the s = 0
+    wavelength, high = orig / (the s = 1 wavelength), which gives identical frequencies."""
+    freqs = freqs.double().flatten().cpu()
     if torch.allclose(freqs, torch.ones_like(freqs)):
         return None
     factor = float(freqs.max())
-    for orig in (8192, 4096, 16384, 32768, 2048, 65536, 131072):
-        for low in (1.0, 2.0, 0.5, 4.0):
-            for high in (4.0, 8.0, 2.0, 16.0, 32.0):
-                if high <= low:
-                    continue
-                ref = llama3_rope_factors(head_dim, theta, factor, low, high, orig)
-                if ref.shape == freqs.shape and torch.allclose(ref, freqs, rtol=1e-3, atol=1e-4):
-                    return {
-                        "rope_type": "llama3",
-                        "factor": factor,
-                        "low_freq_factor": low,
-                        "high_freq_factor": high,
-                        "original_max_position_embeddings": orig,
-                    }
+
+    def result(low, high, orig):
+        orig = round(orig) if abs(orig - round(orig)) < 1e-6 * orig else orig
+        high = round(high, 6)
+        ref = llama3_rope_factors(head_dim, theta, factor, low, high, orig).double()
+        if ref.shape == freqs.shape and torch.allclose(ref, freqs, rtol=1e-3, atol=1e-4):
+            return {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": float(low),
+                "high_freq_factor": float(high),
+                "original_max_position_embeddings": orig,
+            }
+        return None
+
+    for orig in (8192, 4096, 16384, 32768):
+        for low, high in ((1.0, 4.0), (1.0, 8.0), (2.0, 8.0), (1.0, 2.0)):
+            if (r := result(low, high, orig)) is not None:
+                return r
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    wavelen = 2 * math.pi / inv
+    if wavelen.shape == freqs.shape and factor > 1.0:
+        tol = 1e-4 * factor
+        ones, full = freqs <= 1.0 + tol, freqs >= factor - tol
+        mid = ~(ones | full)
+        s = (1.0 / freqs - 1.0 / factor) / (1.0 - 1.0 / factor)  # the smoothing weight
+        x = 1.0 / wavelen
+        wl0 = wl1 = None  # wavelengths where s = 0 and s = 1
+        if int(mid.sum()) >= 2:
+            A = torch.stack([x[mid], torch.ones_like(x[mid])], dim=1)
+            a, b = torch.linalg.lstsq(A, s[mid].unsqueeze(1)).solution.flatten().tolist()
+            if a > 0:
+                wl0, wl1 = a / -b if b < 0 else None, a / (1.0 - b)
+        elif int(full.sum()) > 0:
+            wl0 = float(wavelen[full].min())
+            if int(mid.sum()) == 1:  # s = (wl0/w - 1)/(high - 1) through the one point
+                sm, wm = float(s[mid]), float(wavelen[mid])
+                wl1 = wl0 / (1.0 + (wl0 / wm - 1.0) / sm)
+            elif int(ones.sum()) > 0:
+                wl1 = float(wavelen[ones].max())
+        if wl0 and wl1 and wl0 > wl1 > 0:
+            if (r := result(1.0, wl0 / wl1, wl0)) is not None:
+                return r
     raise GGUFError(f"{path}: rope_freqs tensor does not match Llama-3 rope scaling; cannot run this rope variant")
 
 
