@@ -403,6 +403,15 @@ def create_app(
             raise bad_request(str(e), e.param or "prompt", "invalid_value")
         except NotImplementedError as e:
             raise bad_request(f"not supported by this engine: {e}", None, "unsupported_parameter")
+        except RuntimeError as e:
+            if type(e).__name__ == "EngineOverloadedError":
+                state.metrics.rejected.inc()
+                raise APIError(503, f"The engine is overloaded ({e}). Retry later.", SERVER_ERROR, None,
+                               "overloaded", headers={"Retry-After": "1"})
+            if "shut down" in str(e):
+                raise APIError(503, "The server is shutting down.", SERVER_ERROR, None, "shutting_down",
+                               headers={"Retry-After": "5"})
+            raise
 
     async def collect(gen: Generation, request: Request) -> bool:
         """Run a non-streamed generation to the end; False (and aborted) if the client left."""

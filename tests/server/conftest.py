@@ -26,7 +26,7 @@ API_KEY = "test-key-123"
 FAKE_MODEL = "fake-echo"
 REAL_MODEL = "smollm2-135m"
 BODY_LIMIT = 1 << 20
-REAL_ENGINE_KWARGS = {"model": REAL_MODEL, "device": "cpu", "max_model_len": 1024}
+REAL_ENGINE_KWARGS = {"model": REAL_MODEL, "device": "cpu", "max_model_len": 1024, "kv_memory": "1GiB"}
 
 
 class LiveServer:
