@@ -251,6 +251,30 @@ def _gather_prompts(prompt: Optional[str], batch: bool) -> list[str]:
     raise UsageError('no prompt: give one as an argument (localsgl run "...") or pipe it on stdin')
 
 
+def _text_or_file(flag: str, value: str) -> str:
+    """'@path' -> the file's text; anything else is the value itself."""
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {value[1:]}: {e.strerror or e}") from None
+
+
+def _json_schema_arg(value: Optional[str]) -> Optional[dict]:
+    if value is None:
+        return None
+    text = _text_or_file("--json-schema", value)
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--json-schema: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise UsageError("--json-schema: a schema is a JSON object")
+    return schema
+
+
 def _usage(metrics, completion_fallback: int) -> dict:
     prompt = getattr(metrics, "prompt_tokens", 0) or 0
     completion = getattr(metrics, "completion_tokens", 0) or completion_fallback
@@ -395,6 +419,9 @@ def run(
     min_p: Annotated[Optional[float], typer.Option("--min-p", help="Min-p sampling, in [0, 1]", envvar="LOCALSGL_MIN_P")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed", envvar="LOCALSGL_SAMPLING_SEED")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable)")] = None,
+    json_schema: Annotated[Optional[str], typer.Option("--json-schema", help="Constrain the answer to a JSON schema (inline or @FILE)")] = None,
+    regex: Annotated[Optional[str], typer.Option("--regex", help="Constrain the answer to a regular expression")] = None,
+    grammar: Annotated[Optional[str], typer.Option("--grammar", help="Constrain the answer to a grammar (@FILE or inline)")] = None,
     batch: Annotated[bool, typer.Option("--batch", help="Each stdin line is its own prompt; all run concurrently")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON object per answer: index, prompt, text, finish_reason, usage")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Token counts, TTFT and tok/s on stderr")] = False,
@@ -406,7 +433,9 @@ def run(
     def body():
         from .engine.params import SamplingParams
 
-        given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop=stop or None)
+        given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                     stop=stop or None, json_schema=_json_schema_arg(json_schema), regex=regex,
+                     grammar=None if grammar is None else _text_or_file("--grammar", grammar))
         params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
         params.validate()
         kwargs = resolve_engine_kwargs(flags)

@@ -124,6 +124,9 @@ def invoke(args, input=None, env=None):
         (["run", "hi", "--kv-memory", "lots"], None, "--kv-memory"),
         (["run", "hi", "--dtype", "int3"], None, "--dtype"),
         (["run", "--batch"], "\n  \n", "--batch"),
+        (["run", "hi", "--json-schema", "{bad"], None, "--json-schema"),
+        (["run", "hi", "--json-schema", "@/no/such/schema.json"], None, "cannot read"),
+        (["run", "hi", "--regex", "a+", "--grammar", "g"], None, "at most one"),
     ],
 )
 def test_usage_errors_exit_2(args, input, pattern):
@@ -181,6 +184,17 @@ def test_single_prompt_streams_answer_only(fake):
     assert params.temperature == 0 and params.stop == ["X", "Y"]
     assert eng.holder["kwargs"] == {"model": "some-model", "max_running": 3, "disable_radix_cache": True}
     assert eng.shut and eng.closed_streams == 1
+
+
+def test_structured_output_flags_reach_sampling_params(fake, tmp_path):
+    eng = fake()
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    r = invoke(["run", "Q", "--json-schema", f"@{schema}"])
+    assert r.exit_code == 0, r.output
+    assert eng.calls[-1][2].json_schema == {"type": "object", "properties": {"a": {"type": "integer"}}}
+    r = invoke(["run", "Q", "--regex", "[0-9]+"])
+    assert r.exit_code == 0 and eng.calls[-1][2].regex == "[0-9]+"
 
 
 def test_stdin_is_prompt_or_appended(fake):
