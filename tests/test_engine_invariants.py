@@ -75,9 +75,9 @@ def _run_random(core, num_requests: int, seed: int, abort_rate=0.1):
 
 @pytest.mark.parametrize("radix", [True, False])
 def test_random_requests_end_cleanly(radix):
-    core = tiny_core(kv_tokens=192, max_running=12, chunk_size=24, max_model_len=128, disable_radix_cache=not radix)
+    core = tiny_core(kv_tokens=192, max_running=16, chunk_size=32, max_model_len=128, disable_radix_cache=not radix)
     try:
-        finished, expected = _run_random(core, 2000 if radix else 600, seed=1 if radix else 2)
+        finished, expected = _run_random(core, 1400 if radix else 600, seed=1 if radix else 2)
         for rid, n in expected.items():
             assert finished[rid] == set(range(n)), rid
         # checks run on the engine thread's state once it is idle

@@ -1,0 +1,234 @@
+"""`localsgl bench`: latency, throughput and prefix-reuse workloads, each printed with
+its floor on this device (bytes over measured copy bandwidth, FLOPs over measured
+matmul rate) and the ratio measured/floor.  DESIGN.md §5 defines the workloads.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from .engine.api import Engine
+from .engine.params import SamplingParams
+
+
+# ---------------------------------------------------------------- device ceilings
+def measure_ceilings(device: torch.device) -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16/fp32 matmul rate."""
+    if device.type == "cuda":
+        n = 1 << 28  # 256M bf16 = 512 MiB
+        a = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(10):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            b.copy_(a)
+            e.record()
+            e.synchronize()
+            ts.append(s.elapsed_time(e) / 1e3)
+        bw = 2 * n * 2 / statistics.median(ts)
+        del a, b
+        m = 8192
+        x = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+        y = torch.randn(m, m, dtype=torch.bfloat16, device=device)
+        for _ in range(3):
+            x @ y
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(10):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            x @ y
+            e.record()
+            e.synchronize()
+            ts.append(s.elapsed_time(e) / 1e3)
+        flops = 2 * m**3 / statistics.median(ts)
+        del x, y
+        torch.cuda.empty_cache()
+        return {"copy_bw": bw, "matmul_flops": flops, "device_name": torch.cuda.get_device_name(device)}
+    n = 1 << 26
+    a = torch.randn(n)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    bw = 5 * 2 * n * 4 / (time.perf_counter() - t)
+    m = 1024
+    x, y = torch.randn(m, m), torch.randn(m, m)
+    x @ y
+    t = time.perf_counter()
+    for _ in range(5):
+        x @ y
+    flops = 5 * 2 * m**3 / (time.perf_counter() - t)
+    import platform
+
+    return {"copy_bw": bw, "matmul_flops": flops, "device_name": platform.processor() or "cpu"}
+
+
+# ---------------------------------------------------------------- floors
+def weight_bytes(engine: Engine) -> int:
+    return engine.config.streamed_params_per_token * torch.empty((), dtype=engine.dtype).element_size()
+
+
+def kv_bytes_per_token(engine: Engine) -> int:
+    c = engine.config
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=engine.dtype).element_size()
+
+
+def workload_floor(engine: Engine, ceil: dict, reqs: list[tuple[int, int]], cached_prefix: int = 0) -> float:
+    """Seconds no engine can beat for these (input, output) requests on this device.
+
+    FLOPs: 2·params per processed token.  Bytes: the weights once per decode step
+    (steps = longest output when every request fits in one batch, else total
+    output / max_running), plus every context token's KV read once per generated token."""
+    params = engine.config.num_params
+    kvb = kv_bytes_per_token(engine)
+    tokens = sum(i - cached_prefix + o for i, o in reqs)
+    flops = 2 * params * tokens
+    conc = max(1, min(len(reqs), engine.plan.max_running))
+    steps = max(max(o for _, o in reqs), sum(o for _, o in reqs) / conc)
+    kv_read = sum(o * i + o * (o - 1) / 2 for i, o in reqs) * kvb
+    bytes_ = steps * weight_bytes(engine) + kv_read
+    return max(flops / ceil["matmul_flops"], bytes_ / ceil["copy_bw"])
+
+
+def _random_prompts(rng: random.Random, vocab: int, lens: list[int], prefix: list[int] | None = None):
+    return [(prefix or []) + [rng.randrange(100, vocab - 100) for _ in range(n)] for n in lens]
+
+
+def _timed(engine: Engine, prompts, outs: list[int]) -> float:
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    if len(set(outs)) == 1:
+        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=outs[0], ignore_eos=True))
+    else:
+        import threading
+
+        res = [None] * len(prompts)
+
+        def one(i):
+            res[i] = engine.generate(prompts[i], SamplingParams(temperature=0, max_tokens=outs[i], ignore_eos=True))
+
+        th = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        [x.start() for x in th]
+        [x.join() for x in th]
+    sync()
+    return time.perf_counter() - t
+
+
+# ---------------------------------------------------------------- workloads
+def bench_latency(engine: Engine, ceil: dict, a) -> list[dict]:
+    rng = random.Random(a.seed)
+    vocab = engine.config.vocab_size
+    rows = []
+    for bs in a.batch:
+        prompts = _random_prompts(rng, vocab, [a.input_len] * bs)
+        _timed(engine, _random_prompts(rng, vocab, [a.input_len] * bs), [4])  # warm-up
+        engine.core.cache.reset()
+        t_pre = []
+        t_all = []
+        for _ in range(a.runs):
+            engine.core.cache.reset()
+            t_pre.append(_timed(engine, prompts, [1]))
+            engine.core.cache.reset()
+            t_all.append(_timed(engine, prompts, [a.output_len]))
+        pre = statistics.median(t_pre)
+        tot = statistics.median(t_all)
+        dec = max(tot - pre, 1e-9) / max(a.output_len - 1, 1)
+        step_bytes = weight_bytes(engine) + bs * (a.input_len + a.output_len / 2) * kv_bytes_per_token(engine)
+        dec_floor = step_bytes / ceil["copy_bw"]
+        pre_floor = 2 * engine.config.num_params * bs * a.input_len / ceil["matmul_flops"]
+        rows += [
+            {"workload": f"decode bs{bs} ({a.input_len} in/{a.output_len} out)", "measured": dec * 1e3, "unit": "ms/step",
+             "floor": dec_floor * 1e3, "ratio": dec / dec_floor, "tok_s": bs / dec},
+            {"workload": f"prefill bs{bs} x {a.input_len}", "measured": bs * a.input_len / pre, "unit": "tok/s",
+             "floor": bs * a.input_len / pre_floor, "ratio": pre / pre_floor, "tok_s": bs * a.input_len / pre},
+            {"workload": f"total bs{bs} ({a.input_len} in/{a.output_len} out)", "measured": bs * a.output_len / tot,
+             "unit": "decode tok/s", "floor": None, "ratio": None, "tok_s": bs * (a.input_len + a.output_len) / tot},
+        ]
+    return rows
+
+
+def bench_throughput(engine: Engine, ceil: dict, a) -> list[dict]:
+    rng = random.Random(a.seed)
+    vocab = engine.config.vocab_size
+    if a.workload == "mixed":
+        reqs = [(rng.randint(128, 1024), rng.randint(128, 512)) for _ in range(a.num_prompts)]
+    else:
+        reqs = [(a.input_len, a.output_len)] * a.num_prompts
+    prompts = _random_prompts(rng, vocab, [i for i, _ in reqs])
+    _timed(engine, prompts[: min(8, len(prompts))], [4])
+    engine.core.cache.reset()
+    t = _timed(engine, prompts, [o for _, o in reqs])
+    out_tokens = sum(o for _, o in reqs)
+    floor = workload_floor(engine, ceil, reqs)
+    return [{"workload": f"throughput {a.workload} x{len(reqs)}", "measured": out_tokens / t, "unit": "out tok/s",
+             "floor": out_tokens / floor, "ratio": t / floor, "tok_s": sum(i + o for i, o in reqs) / t,
+             "seconds": t, "retractions": engine.stats()["retractions_total"]}]
+
+
+def bench_prefix(engine: Engine, ceil: dict, a) -> list[dict]:
+    rng = random.Random(a.seed)
+    vocab = engine.config.vocab_size
+    shared = _random_prompts(rng, vocab, [a.prefix_len])[0]
+    prompts = _random_prompts(rng, vocab, [a.input_len] * a.num_prompts, prefix=shared)
+    _timed(engine, _random_prompts(rng, vocab, [64] * 4), [4])
+    engine.core.cache.reset()
+    t = _timed(engine, prompts, [a.output_len])
+    out_tokens = a.num_prompts * a.output_len
+    s = engine.stats()
+    return [{"workload": f"prefix reuse {a.num_prompts}x({a.prefix_len}+{a.input_len}) out {a.output_len}",
+             "measured": out_tokens / t, "unit": "out tok/s", "floor": None, "ratio": None,
+             "tok_s": out_tokens / t, "seconds": t, "cache_hit_tokens": s["cache_hit_tokens"]}]
+
+
+def _print(rows: list[dict], ceil: dict, engine: Engine, out=sys.stdout) -> None:
+    print(f"# {ceil['device_name']}  copy {ceil['copy_bw']/1e12:.3f} TB/s  matmul {ceil['matmul_flops']/1e12:.1f} TFLOP/s  "
+          f"model {engine.model_name} {engine.dtype}  weights/step {weight_bytes(engine)/1e9:.2f} GB", file=out)
+    print(f"{'workload':58s} {'measured':>12s} {'unit':>13s} {'floor':>12s} {'x floor':>8s}", file=out)
+    for r in rows:
+        fl = "" if r["floor"] is None else f"{r['floor']:.2f}"
+        ra = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        print(f"{r['workload']:58s} {r['measured']:12.2f} {r['unit']:>13s} {fl:>12s} {ra:>8s}", file=out)
+
+
+def main(kind: str, engine_kwargs: dict, args: list[str], json_output: bool = False) -> int:
+    p = argparse.ArgumentParser(prog=f"localsgl bench {kind}")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--workload", choices=["fixed", "mixed"], default="fixed")
+    p.add_argument("--prefix-len", type=int, default=4096)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(args)
+    if kind not in ("latency", "throughput", "prefix"):
+        print(f"unknown benchmark {kind!r}: choose latency, throughput or prefix "
+              "(serving is not available yet)", file=sys.stderr)
+        return 2
+    engine = Engine(**engine_kwargs)
+    try:
+        ceil = measure_ceilings(engine.device)
+        rows = {"latency": bench_latency, "throughput": bench_throughput, "prefix": bench_prefix}[kind](engine, ceil, a)
+        info = {"device": ceil, "model": engine.model_name, "dtype": str(engine.dtype), "plan": engine.plan.to_dict(),
+                "load_seconds": engine.load_seconds, "rows": rows}
+        if json_output:
+            print(json.dumps(info, default=str))
+        else:
+            _print(rows, ceil, engine)
+            print(f"engine ready in {engine.load_seconds:.1f} s; {engine.plan.describe()}", file=sys.stderr)
+    finally:
+        engine.shutdown()
+    return 0

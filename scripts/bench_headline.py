@@ -1,0 +1,59 @@
+"""Headline GPU benchmarks of issue 3 (Llama-3.1-8B, dummy bf16 weights); prints one table.
+
+Run by scripts/device_check.sh on the device machine; each workload builds its own Engine."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+
+from localsgl import bench
+
+MODEL = dict(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", device="cuda")
+
+QUICK = [
+    ("latency", {}, ["--batch", "1", "--input-len", "256", "--output-len", "256", "--runs", "3"]),
+    ("latency", {}, ["--batch", "1", "--input-len", "2048", "--output-len", "4", "--runs", "3"]),
+    ("latency", {}, ["--batch", "64", "--input-len", "512", "--output-len", "128", "--runs", "2"]),
+]
+FULL = QUICK + [
+    ("throughput", {}, ["--workload", "mixed", "--num-prompts", "1000"]),
+    ("throughput", {}, ["--workload", "fixed", "--num-prompts", "100", "--input-len", "4096", "--output-len", "2048"]),
+    ("prefix", {}, ["--num-prompts", "64", "--prefix-len", "4096", "--input-len", "128", "--output-len", "256"]),
+    ("prefix", {"disable_radix_cache": True}, ["--num-prompts", "64", "--prefix-len", "4096", "--input-len", "128", "--output-len", "256"]),
+    ("latency", {"disable_cuda_graph": True}, ["--batch", "1", "--input-len", "256", "--output-len", "64", "--runs", "2"]),
+]
+
+
+def main():
+    mode = sys.argv[1] if len(sys.argv) > 1 else "full"
+    plan = QUICK if mode == "quick" else FULL
+    table = []
+    for kind, extra, args in plan:
+        buf = io.StringIO()
+        old = sys.stdout
+        sys.stdout = buf
+        t = time.time()
+        try:
+            rc = bench.main(kind, {**MODEL, **extra}, args, json_output=True)
+        except Exception as e:  # keep going: one failure must not hide the other figures
+            sys.stdout = old
+            print(f"FAILED {kind} {extra} {args}: {type(e).__name__}: {e}", flush=True)
+            continue
+        finally:
+            sys.stdout = old
+        info = json.loads(buf.getvalue().strip().splitlines()[-1])
+        print(json.dumps(info), flush=True)
+        for r in info["rows"]:
+            tag = (" " + ",".join(k for k in extra)) if extra else ""
+            table.append((r["workload"] + tag, r["measured"], r["unit"], r["floor"], r["ratio"], info["load_seconds"]))
+        print(f"[{kind} {args} done in {time.time()-t:.0f}s]", flush=True)
+    print()
+    print(f"{'workload':66s} {'measured':>10s} {'unit':>13s} {'floor':>10s} {'x floor':>7s} {'ready s':>7s}")
+    for w, m, u, f, r, l in table:
+        print(f"{w:66s} {m:10.2f} {u:>13s} {'' if f is None else f'{f:.2f}':>10s} {'' if r is None else f'{r:.2f}':>7s} {l:7.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU tests + headline benchmarks on the lent device machine; a short table last.
+# Usage (device tool): bash scripts/device_check.sh [quick|full]   (logs under $OUT when set)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE="${1:-full}"
+OUTDIR="${OUT:-/tmp/localsgl-device}"; mkdir -p "$OUTDIR"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+# make `localsgl_kernels` importable without installing the package
+mkdir -p /tmp/klink && ln -sfn "$PWD/kernels" /tmp/klink/localsgl_kernels
+export PYTHONPATH="$PWD:/tmp/klink:${PYTHONPATH:-}"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+echo "== GPU tests"
+python3 -m pytest -q -x -m gpu tests/gpu tests/kernels -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
+
+echo "== benchmarks"
+python3 scripts/bench_headline.py "$MODE" 2>&1 | tee "$OUTDIR/bench.log"
