@@ -9,25 +9,28 @@ import torch
 _FORCE_TORCH = os.environ.get("LOCALSGL_DISABLE_KERNELS", "") not in ("", "0")
 
 
-def kernels_enabled(x: torch.Tensor) -> bool:
-    """True when the fused Triton kernels should run for this tensor."""
-    return x.is_cuda and not _FORCE_TORCH and _kernels_importable()
+def kernels_enabled(x: torch.Tensor, module: str) -> bool:
+    """True when the fused Triton kernel module ``localsgl_kernels.<module>`` should run for x."""
+    return x.is_cuda and not _FORCE_TORCH and _kernel_importable(module)
 
 
-_IMPORTABLE: bool | None = None
+_IMPORTABLE: dict[str, bool] = {}
 
 
-def _kernels_importable() -> bool:
-    global _IMPORTABLE
-    if _IMPORTABLE is None:
+def _kernel_importable(module: str) -> bool:
+    ok = _IMPORTABLE.get(module)
+    if ok is None:
         try:
-            import localsgl_kernels  # noqa: F401
+            import importlib
+
             import triton  # noqa: F401
 
-            _IMPORTABLE = True
-        except Exception:  # pragma: no cover - triton missing
-            _IMPORTABLE = False
-    return _IMPORTABLE
+            importlib.import_module(f"localsgl_kernels.{module}")
+            ok = True
+        except Exception:  # triton or the kernel missing: torch path
+            ok = False
+        _IMPORTABLE[module] = ok
+    return ok
 
 
 def set_kernels_enabled(enabled: bool) -> None:

@@ -8,7 +8,7 @@ from . import kernels_enabled
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if kernels_enabled(x):
+    if kernels_enabled(x, "activation"):
         from localsgl_kernels.activation import silu_and_mul as k
 
         return k(x)

@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: return norm(x).  With residual: r = x + residual;
         return (norm(r), r) so the next layer can add onto r."""
-        if kernels_enabled(x):
+        if kernels_enabled(x, "rmsnorm"):
             from localsgl_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 
             if residual is None:

@@ -46,7 +46,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hkv, D] -> rotated (new tensors or in place)."""
-        if kernels_enabled(q):
+        if kernels_enabled(q, "rotary"):
             from localsgl_kernels.rotary import apply_rotary
 
             return apply_rotary(q, k, positions, self.cos_sin)

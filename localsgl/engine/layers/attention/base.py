@@ -49,7 +49,16 @@ class AttentionBackend(ABC):
 
 def create_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "torch"
+        if device.type == "cuda":
+            try:
+                from .triton_backend import TritonAttentionBackend  # noqa: F401
+
+                name = "triton"
+            except ImportError as e:  # triton missing: stay correct, if slower
+                import logging
+
+                logging.getLogger("localsgl").warning("triton attention unavailable (%s); using torch", e)
     if name == "torch":
         from .torch_backend import TorchAttentionBackend
 
