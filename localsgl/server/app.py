@@ -395,12 +395,13 @@ def create_app(
         gen.admit()
         return gen
 
-    async def submit(gen: Generation, prompts: list[list[int]]) -> None:
+    async def submit(gen: Generation, prompts: list[list[int]], param_alias: dict | None = None) -> None:
         gen.set_prompts(prompts)
         try:
             await gen.start()
         except InvalidRequestError as e:
-            raise bad_request(str(e), e.param or "prompt", "invalid_value")
+            param = e.param or "prompt"
+            raise bad_request(str(e), (param_alias or {}).get(param, param), "invalid_value")
         except NotImplementedError as e:
             raise bad_request(f"not supported by this engine: {e}", None, "unsupported_parameter")
         except RuntimeError as e:
@@ -528,7 +529,7 @@ def create_app(
         try:
             ids = await encode(messages, "messages")
             params.max_tokens = check_lengths(ids, max_tokens, explicit, "messages")
-            await submit(gen, [ids])
+            await submit(gen, [ids], _format_alias(req))
         except BaseException:
             gen.close()
             raise
@@ -635,7 +636,7 @@ def create_app(
             if req.echo:
                 for rp, ids in zip(raw_prompts, prompts):
                     echo_texts.append(rp if isinstance(rp, str) else await _decode(ids))
-            await submit(gen, prompts)
+            await submit(gen, prompts, _format_alias(req))
         except BaseException:
             gen.close()
             raise
@@ -765,6 +766,15 @@ def create_app(
 
     app.openapi = custom_openapi
     return app
+
+
+def _format_alias(req) -> dict:
+    """Engine errors name SamplingParams fields; name the request field the user sent."""
+    if req.response_format is not None:
+        return {"json_schema": "response_format"}
+    if req.regex is None and req.grammar is None:
+        return {"json_schema": "response_format"}
+    return {"json_schema": "regex" if req.regex is not None else "grammar"}
 
 
 def _finite(x: float) -> float:
@@ -920,10 +930,12 @@ def serve(
 
         def banner(bound_port: int) -> None:
             shown = f"[{host}]" if ":" in host else host
+            plan = _plan_summary(engine)
+            if "max_model_len" not in plan:
+                plan += f", max_model_len {state.max_model_len}"
             print(
-                f"localsgl serve: http://{shown}:{bound_port}/v1 model={state.model_name} "
-                f"max_model_len={state.max_model_len} {_plan_summary(engine)}"
-                f"{' auth=bearer' if api_key else ''}",
+                f"localsgl serve: http://{shown}:{bound_port}/v1 model={state.model_name} | {plan} | "
+                f"{'API key required' if api_key else 'no API key'}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -84,7 +84,10 @@ class Generation:
         loop, q = self.loop, self.queue
 
         def on_delta(delta: StreamDelta) -> None:  # engine thread
-            loop.call_soon_threadsafe(q.put_nowait, (prompt_idx, delta))
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (prompt_idx, delta))
+            except RuntimeError:  # the event loop is gone (server stopped): nobody to tell
+                pass
 
         return on_delta
 

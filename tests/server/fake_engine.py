@@ -56,7 +56,7 @@ class FakeTokenizer:
 class FakePlan:
     kv_tokens: int
 
-    def summary(self) -> str:
+    def describe(self) -> str:
         return f"kv={self.kv_tokens} tokens (fake)"
 
 

@@ -130,6 +130,21 @@ def test_bad_input(server, case):
         assert c.get("/health").status_code == 200
 
 
+def test_oversized_chunked_body(server):
+    """No Content-Length (chunked upload): the limit is enforced while reading."""
+    def chunks():
+        yield b'{"model": "x", "messages": [{"role": "user", "content": "'
+        for _ in range(BODY_LIMIT // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}]}'
+
+    with server.client() as c:
+        r = c.post(CHAT, content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413, r.text[:300]
+        assert r.json()["error"]["code"] == "request_too_large"
+        assert c.get("/health").status_code == 200
+
+
 def test_wrong_method_and_auth_errors(server):
     with server.client() as c:
         r = c.get(CHAT)
