@@ -349,6 +349,13 @@ class Engine:
             return
         self._closed = True
         self.core.shutdown()
+        self.core.release()
+        self.model = None
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def __enter__(self):
         return self

@@ -90,6 +90,15 @@ class EngineCore:
         self.inbox.put(("stop", None))
         self._thread.join(timeout)
 
+    def release(self) -> None:
+        """Drop the model, the KV pool and the graphs so their memory can go back."""
+        self.runner.graphs = None
+        self.runner.model = None
+        self.model = None
+        self.kv_pool.k_buffer.clear()
+        self.kv_pool.v_buffer.clear()
+        self.req_pool.table = None
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 

@@ -52,13 +52,13 @@ def create_backend(name: str, device: torch.device) -> AttentionBackend:
         name = "torch"
         if device.type == "cuda":
             try:
-                from .triton_backend import TritonAttentionBackend  # noqa: F401
+                import triton  # noqa: F401
 
                 name = "triton"
             except ImportError as e:  # triton missing: stay correct, if slower
                 import logging
 
-                logging.getLogger("localsgl").warning("triton attention unavailable (%s); using torch", e)
+                logging.getLogger("localsgl").warning("triton unavailable (%s); using torch attention", e)
     if name == "torch":
         from .torch_backend import TorchAttentionBackend
 
@@ -66,7 +66,11 @@ def create_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "triton":
         if device.type != "cuda":
             raise ValueError("the triton attention backend needs a CUDA device; use --attention-backend torch")
-        from .triton_backend import TritonAttentionBackend
+        try:
+            from .triton_backend import TritonAttentionBackend
+        except ImportError:  # full Triton backend absent: Triton decode + torch extend
+            from .triton_decode import TritonDecodeAttentionBackend
 
+            return TritonDecodeAttentionBackend()
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}: choose triton or torch")
