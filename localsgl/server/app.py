@@ -78,6 +78,9 @@ class ServerState:
         engine_name = str(getattr(engine, "model_name", None) or "model")
         self.model_name = served_model_name or engine_name
         self.model_names = {self.model_name, engine_name}
+        repo = getattr(getattr(engine, "source", None), "repo_id", None)
+        if isinstance(repo, str) and repo:
+            self.model_names.add(repo)  # clients may name the hub repo instead of the alias
         self.max_model_len = int(engine.max_model_len)
         self.vocab_size = _vocab_size(engine)
         self.created = int(time.time())
@@ -952,8 +955,14 @@ def serve(
             timeout_keep_alive=5,
         )
         server = _make_server_class()(config, state, shutdown_timeout, banner)
-        server.run()
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits this way when it cannot bind
+            if server.started:
+                raise
         if not server.started:
+            print(f"localsgl serve: could not listen on {host}:{port} (see the error above)", file=sys.stderr,
+                  flush=True)
             return 1
     finally:
         if owned:

@@ -81,3 +81,21 @@ def test_openapi_schema_documents_routes():
             assert spec["paths"]["/health"]["get"]["security"] == []
     finally:
         eng.shutdown()
+
+
+def test_port_in_use_exits_1():
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import HERE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, str(HERE / "_launch.py"), json.dumps({"fake": {}, "serve": {"port": port}})],
+                           capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr[-500:]
+    assert "could not listen" in p.stderr
