@@ -40,7 +40,6 @@ from localsgl.engine.params import InvalidRequestError, SamplingParams, TokenLog
 from . import schemas as S
 from .errors import (
     INVALID_REQUEST,
-    NOT_FOUND,
     SERVER_ERROR,
     APIError,
     bad_request,

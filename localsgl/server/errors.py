@@ -19,11 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("localsgl.server")
 
 # OpenAI's error "type" values
-INVALID_REQUEST = "invalid_request_error"
-AUTHENTICATION = "authentication_error"
-NOT_FOUND = "not_found_error"
-SERVER_ERROR = "server_error"
-OVERLOADED = "overloaded_error"
+INVALID_REQUEST = "invalid_request_error"  # 4xx, auth and unknown routes included (as OpenAI)
+SERVER_ERROR = "server_error"  # 5xx: engine failure, overload, shutting down
 
 
 class APIError(Exception):
