@@ -1,0 +1,26 @@
+"""Shared bits of the kernel tests (the interpreter switch lives in conftest.py)."""
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+# dtypes whose tl.dot the interpreter gets right; the GPU covers bf16 too
+DOT_DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.float16]
+ELEM_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, g, dtype=torch.float32, scale=1.0):
+    """Fresh normal draws made on the CPU (same numbers on every device), moved to DEV."""
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+
+
+def tol(dtype) -> float:
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
