@@ -1,0 +1,201 @@
+"""Paged decode attention: split-KV (flash-decoding), GQA-aware, CUDA-graph safe.
+
+Math: for request b with L = seq_lens[b] cached tokens (the new one included) whose KV
+slots are req_to_token[req_pool_indices[b], :L], and query head h of KV group
+g = h // G (G = Hq / Hkv):
+    o[b, h] = softmax(scale · q[b, h] · K[b, g]^T) · V[b, g]            (fp32 accumulation)
+Stage 1 (grid B × Hkv × S): the sequence is cut into at most S chunks of
+    chunk = roundup(max(cdiv(L, S), MIN_CHUNK), BLOCK_N)
+tokens (so short requests use fewer, larger chunks; the effective split count
+cdiv(L, chunk) is computed on the device).  Program (b, g, s) streams its chunk's K/V rows
+once for all G query heads of group g (a [G, D] × [D, BLOCK_N] tensor-core product) and
+writes the chunk's normalised partial output and its log2-sum-exp.  Programs whose chunk is
+empty write nothing.  Stage 2 (grid B × Hq) merges the valid chunks:
+    o = Σ_s 2^(lse_s − M) · o_s / Σ_s 2^(lse_s − M).
+S is a host-side constant per batch size (more splits for small batches so one long
+request still fills the GPU), so a captured CUDA graph keeps a fixed grid; nothing here
+syncs with the host.
+
+Floor: bytes = Σ_b L_b · Hkv · D · 2 · elem (every cached K and V row read once) plus
+B·Hq·D·elem for q and o, over copy bandwidth.  FLOPs (4 · Σ_b L_b · Hq · D) are far below
+the tensor-core rate; the split partials add B·Hq·S·(D+1)·4·2 bytes (small for S ≤ 32).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_stage1(
+    Q, K, V, ReqToToken, ReqIdx, SeqLens, PartO, PartLse,
+    sm_scale_log2,
+    stride_qb, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_r,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    chunk = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_CHUNK)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    start = s * chunk
+    if start < seq_len:
+        end = tl.minimum(start + chunk, seq_len)
+        row = tl.load(ReqIdx + b).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_h = offs_h < G
+        mask_d = offs_d < HEAD_DIM
+        heads = g * G + offs_h
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        table = ReqToToken + row * stride_r
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + offs_n
+            mask_n = pos < end
+            slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
+            k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        lse = m_i + tl.log2(l_i)
+        bb = b.to(tl.int64)
+        tl.store(PartO + bb * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :], out,
+                 mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(PartLse + bb * stride_lb + heads * stride_lh + s, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_stage2(
+    PartO, PartLse, SeqLens, Out,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    chunk = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_CHUNK)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    n_splits = tl.cdiv(seq_len, chunk)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_splits
+    mask_d = offs_d < HEAD_DIM
+    bb = b.to(tl.int64)
+    lse = tl.load(PartLse + bb * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
+    o = tl.load(PartO + bb * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(Out + bb * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+
+
+def block_n_for(head_dim: int, device_type: str) -> int:
+    if device_type != "cuda":
+        return 16  # interpreter: small tiles, few wasted lanes
+    return 64 if head_dim <= 128 else 32
+
+
+def choose_num_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
+    """Split count for a decode step: aim at ~4 programs per SM, at least 4, at most 32 (pow2)."""
+    want = triton.cdiv(4 * num_sms, max(1, batch_size * num_kv_heads))
+    return max(4, min(32, triton.next_power_of_2(want)))
+
+
+def alloc_workspace(batch_size: int, num_heads: int, head_dim: int, num_splits: int, device):
+    """(partial_out [B, Hq, S, D] fp32, partial_lse [B, Hq, S] fp32)."""
+    return (torch.empty((batch_size, num_heads, num_splits, head_dim), dtype=torch.float32, device=device),
+            torch.empty((batch_size, num_heads, num_splits), dtype=torch.float32, device=device))
+
+
+def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
+                     out=None, num_splits: int = 8, workspace=None, min_chunk: int | None = None):
+    """q: [B, Hq, D] (unit last stride); k_cache/v_cache: [slots, Hkv, D];
+    req_to_token: [rows, ctx] int32; req_pool_indices: [B] int; seq_lens: [B] int (>= 1).
+    Returns out [B, Hq, D] (q's dtype).  ``num_splits`` must be a power of two;
+    ``workspace`` (from :func:`alloc_workspace`, batch dim >= B) lets CUDA graphs keep fixed
+    buffers.  No host syncs."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
+    assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
+    G = Hq // Hkv
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    if workspace is None:
+        workspace = alloc_workspace(B, Hq, D, num_splits, q.device)
+    part_o, part_lse = workspace
+    assert part_o.shape[0] >= B and part_o.shape[2] == num_splits
+    BLOCK_H = max(16, triton.next_power_of_2(G))
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_N = block_n_for(D, q.device.type)
+    if min_chunk is None:
+        min_chunk = 2 * BLOCK_N
+    _decode_stage1[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, part_o, part_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1),
+        req_to_token.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk,
+        num_warps=4, num_stages=2,
+    )
+    _decode_stage2[(B, Hq)](
+        part_o, part_lse, seq_lens, out,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk,
+        num_warps=4 if BLOCK_D * num_splits >= 2048 else 2,
+    )
+    return out
+
+
+def decode_attention_ref(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale):
+    """Torch reference (fp64 math, output in q's dtype); loops over requests on the host."""
+    B, Hq, D = q.shape
+    G = Hq // k_cache.shape[1]
+    out = torch.empty_like(q)
+    for b in range(B):
+        n = int(seq_lens[b])
+        slots = req_to_token[int(req_pool_indices[b]), :n].long()
+        k = k_cache[slots].double().repeat_interleave(G, dim=1)  # [n, Hq, D]
+        v = v_cache[slots].double().repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].double(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
+    return out
