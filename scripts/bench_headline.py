@@ -17,9 +17,9 @@ QUICK = [
     ("latency", {}, ["--batch", "1", "--input-len", "2048", "--output-len", "4", "--runs", "3"]),
     ("latency", {}, ["--batch", "64", "--input-len", "512", "--output-len", "128", "--runs", "2"]),
 ]
-FULL = QUICK + [
+FULL = [
     ("throughput", {}, ["--workload", "mixed", "--num-prompts", "1000"]),
-    ("throughput", {}, ["--workload", "fixed", "--num-prompts", "100", "--input-len", "4096", "--output-len", "2048"]),
+    ("throughput", {}, ["--workload", "fixed", "--num-prompts", "64", "--input-len", "4096", "--output-len", "2048"]),
     ("prefix", {}, ["--num-prompts", "64", "--prefix-len", "4096", "--input-len", "128", "--output-len", "256"]),
     ("prefix", {"disable_radix_cache": True}, ["--num-prompts", "64", "--prefix-len", "4096", "--input-len", "128", "--output-len", "256"]),
     ("latency", {"disable_cuda_graph": True}, ["--batch", "1", "--input-len", "256", "--output-len", "64", "--runs", "2"]),
@@ -28,7 +28,7 @@ FULL = QUICK + [
 
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "full"
-    plan = QUICK if mode == "quick" else FULL
+    plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL}[mode]
     table = []
     for kind, extra, args in plan:
         buf = io.StringIO()

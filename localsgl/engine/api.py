@@ -228,7 +228,7 @@ class Engine:
         ids = self.encode_prompt(prompt)
         return self._submit_ids(ids, params, on_delta, request_id)
 
-    def _submit_ids(self, ids, params, on_delta, request_id=None) -> str:
+    def _submit_ids(self, ids, params, on_delta, request_id=None, defer: list | None = None) -> str:
         if self._closed:
             raise RuntimeError("engine is shut down")
         params = params or SamplingParams()
@@ -244,7 +244,10 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         first = Request(rid, ids, params, 0, on_delta)
         reqs = [first] + [Request(rid, ids, params, i, on_delta, depends_on=first) for i in range(1, params.n)]
-        self.core.add(reqs)
+        if defer is not None:  # batch submission: the caller adds them all at once
+            defer.append(reqs)
+        else:
+            self.core.add(reqs)
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -261,10 +264,12 @@ class Engine:
         prompts = list(prompt) if batch else [prompt]
         encoded = [self.encode_prompt(p) for p in prompts]
         collectors = []
+        groups: list = []
         for ids in encoded:
             c = _Collector(params.n)
-            rid = self._submit_ids(ids, params, c)
+            rid = self._submit_ids(ids, params, c, defer=groups)
             collectors.append((rid, ids, c))
+        self.core.add_many(groups)  # one inbox message: the scheduler sees the whole batch
         outs = []
         try:
             for rid, ids, c in collectors:

@@ -80,6 +80,10 @@ class EngineCore:
         self._idle.clear()
         self.inbox.put(("add", reqs))
 
+    def add_many(self, groups: list[list[Request]]) -> None:
+        self._idle.clear()
+        self.inbox.put(("add_many", groups))
+
     def abort(self, rid: str) -> None:
         self.inbox.put(("abort", rid))
 
@@ -125,11 +129,12 @@ class EngineCore:
             except queue.Empty:
                 return
             block = False
-            if kind == "add":
-                for r in payload:
-                    self._init_request(r)
-                    self.scheduler.add(r)
-                self.requests.setdefault(payload[0].rid, []).extend(payload)
+            if kind in ("add", "add_many"):
+                for group in payload if kind == "add_many" else [payload]:
+                    for r in group:
+                        self._init_request(r)
+                        self.scheduler.add(r)
+                    self.requests.setdefault(group[0].rid, []).extend(group)
             elif kind == "abort":
                 for r in self.requests.get(payload, []):
                     if not r.finished:

@@ -1,0 +1,118 @@
+"""The Triton attention backend: paged split-KV decode, extend-with-prefix, CUDA graphs.
+
+Per step, ``init_forward`` picks the kernel once (shared by every layer):
+  * DECODE steps, and EXTEND steps whose requests all append one token: the split-KV
+    decode kernel (kernels/decode_attention.py).  Its split count depends only on the
+    batch size and KV head count, so a captured graph keeps a fixed grid.
+  * other EXTEND steps: the ragged extend kernel (kernels/extend_attention.py) over a work
+    list of (request, token block) items built on the host from ``extend_lens_cpu`` /
+    ``prefix_lens_cpu`` (extend steps run eagerly, never inside a graph).
+Per-step buffers (the decode split workspace, the extend work list) are made by the first
+layer's ``forward`` — that is where the query head count becomes known — and reused by
+the other layers.  Inside a CUDA-graph capture they are allocated from the graph's
+private pool, like every other intermediate, so replays reuse the same addresses.
+
+``forward`` first scatters the new K/V into the pool (kernels/kv_store.py) at
+``batch.out_cache_loc``, then attends; every key, new ones included, is read through
+``req_to_token``.  Padded rows of a replayed graph (seq_len 1, request row 0, slot 0)
+write only KV slot 0 and their own output row.  Nothing here syncs with the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...batch import ForwardBatch, ForwardMode
+from .base import AttentionBackend
+
+
+class _DecodeMeta:
+    __slots__ = ("num_splits", "workspace")
+
+    def __init__(self, num_splits: int):
+        self.num_splits = num_splits
+        self.workspace = None  # (partial_out, partial_lse), made by the first layer
+
+
+class _ExtendMeta:
+    __slots__ = ("tok", "work")
+
+    def __init__(self):
+        self.tok = 0  # tokens per work item the list was built for
+        self.work = None
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+    supports_cuda_graph = True
+
+    def __init__(self, num_sms: int | None = None):
+        from localsgl_kernels import decode_attention as dec
+        from localsgl_kernels import extend_attention as ext
+        from localsgl_kernels.kv_store import store_kv
+
+        self._dec = dec
+        self._ext = ext
+        self._store = store_kv
+        self._num_sms = num_sms
+        self.graph_max_bs = 0
+
+    def _sms(self, device: torch.device) -> int:
+        if self._num_sms is None:
+            if device.type == "cuda":
+                self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+            else:
+                self._num_sms = 4  # interpreter runs (tests): few splits
+        return self._num_sms
+
+    def _decode_meta(self, batch: ForwardBatch) -> _DecodeMeta:
+        pool = batch.kv_pool
+        return _DecodeMeta(self._dec.choose_num_splits(batch.batch_size, pool.num_kv_heads, self._sms(pool.device)))
+
+    # ------------------------------------------------------------------ per step
+    def init_forward(self, batch: ForwardBatch) -> None:
+        if batch.mode == ForwardMode.DECODE or batch.max_extend_len <= 1:
+            batch.attn_meta = self._decode_meta(batch)
+        else:
+            batch.attn_meta = _ExtendMeta()
+
+    def forward(self, q, k, v, layer, batch, scale):
+        pool = batch.kv_pool
+        k_cache = pool.k_buffer[layer]
+        v_cache = pool.v_buffer[layer]
+        self._store(k_cache, v_cache, batch.out_cache_loc, k, v)
+        meta = batch.attn_meta
+        T, hq, d = q.shape
+        if isinstance(meta, _DecodeMeta):
+            ws = meta.workspace
+            if ws is None or ws[0].shape[0] < T or ws[0].shape[1] != hq or ws[0].shape[3] != d:
+                ws = meta.workspace = self._dec.alloc_workspace(T, hq, d, meta.num_splits, q.device)
+            return self._dec.decode_attention(
+                q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, scale,
+                num_splits=meta.num_splits, workspace=ws,
+            )
+        tok = self._ext.tokens_per_block(d, hq // k_cache.shape[1], q.device.type)
+        if meta.work is None or meta.tok != tok:
+            meta.work = self._ext.build_work(batch.extend_lens_cpu, batch.prefix_lens_cpu, tok, q.device)
+            meta.tok = tok
+        return self._ext.extend_attention(
+            q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.prefix_lens, batch.extend_lens,
+            batch.extend_start_loc, scale, meta.work,
+        )
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
+        # Nothing to preallocate: the decode kernels read only the runner's static
+        # tensors (req_to_token, seq_lens, req_pool_indices, out_cache_loc) and their
+        # workspace is a graph-pool intermediate made during capture.
+        self.graph_max_bs = max_bs
+
+    def init_forward_for_capture(self, batch: ForwardBatch) -> None:
+        if batch.mode != ForwardMode.DECODE:
+            raise ValueError("the triton backend captures decode steps only")
+        batch.attn_meta = self._decode_meta(batch)
+
+    def init_forward_for_replay(self, batch: ForwardBatch) -> None:
+        # The captured kernels already hold this bucket's split count and workspace;
+        # replay reads seq_lens etc. from the static tensors the runner refilled.
+        if not isinstance(batch.attn_meta, _DecodeMeta):
+            batch.attn_meta = self._decode_meta(batch)
