@@ -49,6 +49,10 @@ class EngineCore:
         self.device = device
         self.cfg = cfg
         self.overlap = overlap and device.type == "cuda"
+        # GPU sampling kernels stay opt-in until their GPU tests pass (torch path is the reference)
+        import os
+
+        self.gpu_sampling_kernels = os.environ.get("LOCALSGL_GPU_SAMPLING_KERNELS", "0") == "1"
         mc = model.config
         self.vocab_size = mc.vocab_size
         self.kv_pool = KVPool(cfg.kv_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, model.dtype, device)
@@ -176,7 +180,7 @@ class EngineCore:
             device=logits.device,
             default_generator=self.default_generator,
         )
-        res = sample(logits, sbatch)
+        res = sample(logits, sbatch, use_kernels=self.gpu_sampling_kernels)
         lps = getattr(res, "logprobs", None)
         tops = getattr(res, "top_logprobs", None)
         for i, (r, tok) in enumerate(zip(rows, res.token_ids)):

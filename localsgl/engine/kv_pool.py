@@ -105,3 +105,15 @@ class ReqToTokenPool:
         n = int(slots.numel())
         if n:
             self.table[row, start : start + n] = slots.to(self.table.device, torch.int32)
+
+    def write_many(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
+        """One slot per (row, position): a single scatter instead of one copy per request."""
+        if not rows:
+            return
+        dev = self.table.device
+        r = torch.tensor(rows, dtype=torch.long)
+        p = torch.tensor(positions, dtype=torch.long)
+        if dev.type == "cuda":
+            r, p = r.pin_memory().to(dev, non_blocking=True), p.pin_memory().to(dev, non_blocking=True)
+            slots = slots.pin_memory().to(dev, non_blocking=True)
+        self.table[r, p] = slots.to(torch.int32)

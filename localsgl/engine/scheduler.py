@@ -184,8 +184,8 @@ class Scheduler:
         if decodes:
             slots = self._alloc(len(decodes))
             assert slots is not None
-            for r, s in zip(decodes, slots):
-                self.req_pool.write(r.req_row, r.kv_len, s.view(1))
+            self.req_pool.write_many([r.req_row for r in decodes], [r.kv_len for r in decodes], slots)
+            for r in decodes:
                 r.pending = 1
                 reqs.append(r)
                 ext.append(1)

@@ -93,4 +93,4 @@ def test_triton_backend_matches_torch_on_mixed_batches():
     ref = run(TorchAttentionBackend())
     got = run(TritonDecodeAttentionBackend(num_splits=4))
     for a, b in zip(got, ref):
-        assert (a - b).abs().max() < 1e-4
+        assert (a - b).abs().max() < (1e-4 if DEV == "cpu" else 2e-2)  # tf32 dots on GPU

@@ -80,6 +80,9 @@ class TorchAttentionBackend(AttentionBackend):
             kk = k_cache[slots].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
             vv = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
             qq = q[s:e].transpose(0, 1)[None]  # [1, H, ext, D]
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            if mask is not None and batch.prefix_lens_cpu[i] == 0:  # plain causal: flash kernels apply
+                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
+            else:
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
             out[s:e] = o[0].transpose(0, 1)
         return out

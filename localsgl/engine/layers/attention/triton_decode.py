@@ -100,7 +100,10 @@ class TritonDecodeAttentionBackend(TorchAttentionBackend):
                 kk = k_cache[slots].to(q.dtype).transpose(0, 1)[None]
                 vv = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
                 qq = q[s : s + n].transpose(0, 1)[None]
-                o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                if mask is not None and n == slots.numel():  # no cached prefix: plain causal
+                    o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
+                else:
+                    o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
                 out[s : s + n] = o[0].transpose(0, 1)
         return out
 
