@@ -181,8 +181,8 @@ def extend_attention_ref(q, k_cache, v_cache, req_to_token, req_pool_indices, pr
         v = v_cache[slots].double().repeat_interleave(G, dim=1)
         qq = q[s0 : s0 + e].double()
         s = torch.einsum("thd,nhd->htn", qq, k) * scale
-        qpos = torch.arange(p, p + e)[:, None]
-        kpos = torch.arange(p + e)[None, :]
+        qpos = torch.arange(p, p + e, device=q.device)[:, None]
+        kpos = torch.arange(p + e, device=q.device)[None, :]
         s = s.masked_fill(~(kpos <= qpos)[None], float("-inf"))
         out[s0 : s0 + e] = torch.einsum("htn,nhd->thd", s.softmax(-1), v).to(q.dtype)
         s0 += e

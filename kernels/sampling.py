@@ -2,15 +2,15 @@
 penalties.  No sort, no host sync.
 
 filtered_sample (one program per row, the row streamed from L2 a few times):
-    x = logits / temperature, x' = x − max(x)  (so e = exp(x') ∈ (0, 1], p = e / Σe)
-    top-k  (0 < k < V):  keep x' ≥ t_k,  t_k = the k-th largest x' (ties with it stay)
-    top-p  (p < 1):      on the top-k-renormalised distribution keep x' ≥ t_p with
-                         t_p = max{t : Σ_{x' ≥ t, x' ≥ t_k} e ≥ top_p · Σ_{x' ≥ t_k} e}
+    x = logits / temperature (IEEE division), m = max x, e = exp(x − m) ∈ (0, 1], p = e / Σe
+    top-k  (0 < k < V):  keep x ≥ t_k,  t_k = the k-th largest x (ties with it stay)
+    top-p  (p < 1):      on the top-k-renormalised distribution keep x ≥ t_p with
+                         t_p = max{t : Σ_{x ≥ t, x ≥ t_k} e ≥ top_p · Σ_{x ≥ t_k} e}
                          (the smallest set of most probable tokens whose mass reaches top_p)
-    min-p:               keep e ≥ min_p  (⇔ p ≥ min_p · max p)
+    min-p:               keep e ≥ min_p  (⇔ p ≥ min_p · max p); the top token always stays
     token = argmax over kept of e / noise, noise ~ Exp(1)  (the exponential race: token i
     wins with probability p_i / Σ_kept p); temperature == 0 rows: argmax of the logits.
-Thresholds t_k and t_p are found by a multi-way bisection on the *values* of x': each round
+Thresholds t_k and t_p are found by a multi-way bisection on the *values* of x: each round
 evaluates NT thresholds spread over the current bracket [lo, hi) in one pass (counts and
 masses for all NT at once) and keeps the sub-bracket that holds the answer; a search stops
 when its bracket holds a single distinct value (count(lo) − count(hi) ≤ 1) or after
@@ -40,8 +40,14 @@ def _pick(vec, idx, offs):
 
 
 @triton.jit
+def _scaled(row_ptr, cols, V, temp):
+    """x = logits / temperature with IEEE division, so every pass sees bit-identical x."""
+    return tl.math.div_rn(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")), temp)
+
+
+@triton.jit
 def _search_round(row_ptr, V, temp, m, lo, hi, BLOCK: tl.constexpr, NTH: tl.constexpr):
-    """Counts and masses (Σ e, e = exp(x')) of {x' >= t} at NTH thresholds t evenly inside
+    """Counts and masses (Σ e, e = exp(x − m)) of {x >= t} at NTH thresholds t evenly inside
     (lo, hi), in one pass over the row.  Returns (thresholds, counts, masses)."""
     offs_t = tl.arange(0, NTH)
     ts = lo + (hi - lo) * ((offs_t + 1).to(tl.float32) / (NTH + 1))
@@ -49,9 +55,8 @@ def _search_round(row_ptr, V, temp, m, lo, hi, BLOCK: tl.constexpr, NTH: tl.cons
     mass = tl.zeros([NTH], tl.float32)
     offs = tl.arange(0, BLOCK)
     for v0 in range(0, V, BLOCK):
-        cols = v0 + offs
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")) / temp - m
-        e = tl.exp(x)
+        x = _scaled(row_ptr, v0 + offs, V, temp)
+        e = tl.exp(x - m)
         ge = x[None, :] >= ts[:, None]
         cnt += tl.sum(ge.to(tl.int32), 1)
         mass += tl.sum(tl.where(ge, e[None, :], 0.0), 1)
@@ -78,14 +83,13 @@ def _filtered_sample_kernel(
     neg_inf = temp * 0.0 - float("inf")  # fp32 scalars, typed for loop-carried values
     pos_inf = temp * 0.0 + float("inf")
 
-    # pass 1: max, smallest finite value, count of finite values, online sum of exp
+    # pass 1: max m, smallest finite value, count of finite values, online sum of exp(x - m)
     m = neg_inf
     mn = pos_inf
     z = temp * 0.0
     n_fin = k * 0
     for v0 in range(0, V, BLOCK):
-        cols = v0 + offs
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")) / temp
+        x = _scaled(row_ptr, v0 + offs, V, temp)
         fin = x > float("-inf")
         m_new = tl.maximum(m, tl.max(x, 0))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
@@ -93,15 +97,16 @@ def _filtered_sample_kernel(
         m = m_new
         mn = tl.minimum(mn, tl.min(tl.where(fin, x, float("inf")), 0))
         n_fin += tl.sum(fin.to(tl.int32), 0)
+    above = m + tl.maximum(1.0, tl.abs(m) * 1e-3)  # a value no x reaches
 
-    thr = neg_inf  # keep x' >= thr, x' = x - m
+    thr = neg_inf  # keep x >= thr
     if sampled:
         kept_mass = z
         kept_cnt = n_fin
-        # ---- top-k: t_k = max{t : count(x' >= t) >= k}
+        # ---- top-k: t_k = max{t : count(x >= t) >= k}
         if (k > 0) & (k < n_fin):
-            lo = mn - m
-            hi = temp * 0.0 + 1.0
+            lo = mn
+            hi = above
             c_lo = n_fin
             c_hi = k * 0
             s_lo = z
@@ -121,11 +126,11 @@ def _filtered_sample_kernel(
             kept_mass = s_lo
             kept_cnt = c_lo
         # ---- top-p on the top-k-renormalised distribution:
-        #      t_p = max{t >= t_k : mass(x' >= t) >= top_p * kept_mass}
+        #      t_p = max{t >= t_k : mass(x >= t) >= top_p * kept_mass}
         if top_p < 1.0:
             target = top_p * kept_mass
-            lo = tl.maximum(thr, mn - m)
-            hi = temp * 0.0 + 1.0
+            lo = tl.maximum(thr, mn)
+            hi = above
             c_lo = kept_cnt
             c_hi = k * 0
             rounds = 0
@@ -141,17 +146,18 @@ def _filtered_sample_kernel(
                 rounds += 1
             thr = tl.maximum(thr, lo)
 
-    # final pass: argmax over kept of e / noise (greedy rows: of x').  The top token
-    # (x' == 0) always stays, as in the reference.
+    # final pass: argmax over kept of e / noise (greedy rows: of x).  The top token
+    # (x == m, bit-exact since every pass divides the same way) always stays, as in the
+    # reference.
     best = neg_inf
     best_i = k * 0
     for v0 in range(0, V, BLOCK):
         cols = v0 + offs
         inb = cols < V
-        x = tl.load(row_ptr + cols, mask=inb, other=float("-inf")) / temp - m
-        e = tl.exp(x)
+        x = _scaled(row_ptr, cols, V, temp)
+        e = tl.exp(x - m)
         q = tl.load(noise_ptr + cols, mask=inb, other=1.0)
-        keep = ((x >= thr) & (e >= min_p)) | (x >= 0.0)
+        keep = ((x >= thr) & (e >= min_p)) | (x >= m)
         score = tl.where(keep, e / q, -1.0)
         score = tl.where(sampled, score, x)
         score = tl.where(inb, score, float("-inf"))

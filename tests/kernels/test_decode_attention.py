@@ -51,4 +51,4 @@ def test_split_counts_and_workspace(num_splits):
     for _ in range(2):
         out = decode_attention(q, kc, vc, table, rows, seq, 0.1, num_splits=num_splits, workspace=ws,
                                min_chunk=16)
-        assert rel_err(out, ref) < 1e-5
+        assert rel_err(out, ref) < (1e-5 if not ON_GPU else 2e-3)  # fp32 tl.dot is TF32 on GPUs
