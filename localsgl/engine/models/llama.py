@@ -13,7 +13,7 @@ from torch import nn
 
 from ..batch import ForwardBatch
 from ..layers.activation import silu_and_mul
-from ..layers.linear import Linear, MergedLinear
+from ..layers.linear import Linear, MergedLinear, linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from .config import ModelConfig
@@ -119,7 +119,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w).float()
+        return linear(hidden, w).float()
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
