@@ -12,9 +12,9 @@ filtered_sample (one program per row, the row streamed from L2 a few times):
     wins with probability p_i / Σ_kept p); temperature == 0 rows: argmax of the logits.
 Thresholds t_k and t_p are found by a multi-way bisection on the *values* of x: each round
 evaluates NT thresholds spread over the current bracket [lo, hi) in one pass (counts and
-masses for all NT at once) and keeps the sub-bracket that holds the answer; a search stops
-when its bracket holds a single distinct value (count(lo) − count(hi) ≤ 1) or after
-MAX_ROUNDS rounds.  Typical vocabularies take 3–6 rounds.
+masses for all NT at once, accumulated per lane and reduced once per pass) and keeps the
+sub-bracket that holds the answer; a search stops when its bracket holds a single distinct
+value (count(lo) − count(hi) ≤ 1) or after MAX_ROUNDS rounds.
 Floor: one read of logits and noise (8·B·V bytes) from HBM; the extra rounds re-read the
 row from L2 (1 + 2 + rounds passes of 4·V bytes).
 
@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-NT = 16  # thresholds per bisection round (a power of two)
-MAX_ROUNDS = 10
+NT = 4  # thresholds per bisection round (a power of two): ~2.3 bits per pass
+MAX_ROUNDS = 16
 
 
 @triton.jit
@@ -48,19 +48,20 @@ def _scaled(row_ptr, cols, V, temp):
 @triton.jit
 def _search_round(row_ptr, V, temp, m, lo, hi, BLOCK: tl.constexpr, NTH: tl.constexpr):
     """Counts and masses (Σ e, e = exp(x − m)) of {x >= t} at NTH thresholds t evenly inside
-    (lo, hi), in one pass over the row.  Returns (thresholds, counts, masses)."""
+    (lo, hi), in one pass over the row.  Partial sums stay per lane ([NTH, BLOCK] registers)
+    and are reduced once at the end.  Returns (thresholds, counts, masses)."""
     offs_t = tl.arange(0, NTH)
     ts = lo + (hi - lo) * ((offs_t + 1).to(tl.float32) / (NTH + 1))
-    cnt = tl.zeros([NTH], tl.int32)
-    mass = tl.zeros([NTH], tl.float32)
+    cnt = tl.zeros([NTH, BLOCK], tl.int32)
+    mass = tl.zeros([NTH, BLOCK], tl.float32)
     offs = tl.arange(0, BLOCK)
     for v0 in range(0, V, BLOCK):
         x = _scaled(row_ptr, v0 + offs, V, temp)
         e = tl.exp(x - m)
         ge = x[None, :] >= ts[:, None]
-        cnt += tl.sum(ge.to(tl.int32), 1)
-        mass += tl.sum(tl.where(ge, e[None, :], 0.0), 1)
-    return ts, cnt, mass
+        cnt += ge.to(tl.int32)
+        mass += tl.where(ge, e[None, :], 0.0)
+    return ts, tl.sum(cnt, 1), tl.sum(mass, 1)
 
 
 @triton.jit
@@ -81,22 +82,26 @@ def _filtered_sample_kernel(
     offs = tl.arange(0, BLOCK)
     offs_t = tl.arange(0, NTH)
     neg_inf = temp * 0.0 - float("inf")  # fp32 scalars, typed for loop-carried values
-    pos_inf = temp * 0.0 + float("inf")
 
-    # pass 1: max m, smallest finite value, count of finite values, online sum of exp(x - m)
-    m = neg_inf
-    mn = pos_inf
-    z = temp * 0.0
-    n_fin = k * 0
+    # pass 1 (per lane, reduced once): max m, smallest finite value, count of finite
+    # values, online sum of exp(x - m)
+    m_l = tl.full([BLOCK], float("-inf"), tl.float32)
+    mn_l = tl.full([BLOCK], float("inf"), tl.float32)
+    z_l = tl.zeros([BLOCK], tl.float32)
+    nf_l = tl.zeros([BLOCK], tl.int32)
     for v0 in range(0, V, BLOCK):
         x = _scaled(row_ptr, v0 + offs, V, temp)
         fin = x > float("-inf")
-        m_new = tl.maximum(m, tl.max(x, 0))
+        m_new = tl.maximum(m_l, x)
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        z = z * tl.exp(m - m_safe) + tl.sum(tl.where(fin, tl.exp(x - m_safe), 0.0), 0)
-        m = m_new
-        mn = tl.minimum(mn, tl.min(tl.where(fin, x, float("inf")), 0))
-        n_fin += tl.sum(fin.to(tl.int32), 0)
+        z_l = z_l * tl.exp(m_l - m_safe) + tl.where(fin, tl.exp(x - m_safe), 0.0)
+        m_l = m_new
+        mn_l = tl.minimum(mn_l, tl.where(fin, x, float("inf")))
+        nf_l += fin.to(tl.int32)
+    m = tl.max(m_l, 0)
+    z = tl.sum(tl.where(m_l > float("-inf"), z_l * tl.exp(m_l - m), 0.0), 0)
+    mn = tl.min(mn_l, 0)
+    n_fin = tl.sum(nf_l, 0)
     above = m + tl.maximum(1.0, tl.abs(m) * 1e-3)  # a value no x reaches
 
     thr = neg_inf  # keep x >= thr
@@ -149,8 +154,8 @@ def _filtered_sample_kernel(
     # final pass: argmax over kept of e / noise (greedy rows: of x).  The top token
     # (x == m, bit-exact since every pass divides the same way) always stays, as in the
     # reference.
-    best = neg_inf
-    best_i = k * 0
+    best_l = tl.full([BLOCK], float("-inf"), tl.float32)
+    idx_l = tl.zeros([BLOCK], tl.int32)
     for v0 in range(0, V, BLOCK):
         cols = v0 + offs
         inb = cols < V
@@ -161,11 +166,11 @@ def _filtered_sample_kernel(
         score = tl.where(keep, e / q, -1.0)
         score = tl.where(sampled, score, x)
         score = tl.where(inb, score, float("-inf"))
-        bi = tl.argmax(score, 0, tie_break_left=True)
-        bv = tl.max(score, 0)
-        if bv > best:
-            best = bv
-            best_i = v0 + bi
+        better = score > best_l  # strict: each lane keeps its earliest best
+        best_l = tl.where(better, score, best_l)
+        idx_l = tl.where(better, cols, idx_l)
+    best = tl.max(best_l, 0)
+    best_i = tl.min(tl.where(best_l == best, idx_l, V), 0)  # first index among ties
     tl.store(Out + r, best_i.to(tl.int64))
 
 
@@ -187,7 +192,9 @@ def filtered_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     top_k = top_k.reshape(-1)
     top_p = top_p.reshape(-1).float()
     min_p = min_p.reshape(-1).float()
-    block = 128 if logits.device.type != "cuda" else 1024
+    # 2048 lanes x 8 warps: 8 elements per thread in flight per iteration; the per-lane
+    # accumulators ([NT, BLOCK] counts and masses) then take ~64 registers (no spills, sm_90)
+    block = 128 if logits.device.type != "cuda" else 2048
     block = min(block, max(16, triton.next_power_of_2(V)))
     _filtered_sample_kernel[(B,)](
         logits, temperature, top_k, top_p, min_p, noise, out,
