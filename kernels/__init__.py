@@ -1,1 +1,16 @@
-"""Triton kernels of localsgl (installed as ``localsgl_kernels``)."""
+"""Triton kernels of localsgl (installed as ``localsgl_kernels``).
+
+Each module states its math and its floor (bytes moved / FLOPs) in its docstring and keeps a
+torch reference next to the kernel (or in the layer it replaces):
+
+  rmsnorm            rmsnorm, fused_add_rmsnorm (also [T, heads, D] q/k norm)
+  activation         silu_and_mul
+  rotary             apply_rotary (neox layout, in place on strided q/k views)
+  kv_store           store_kv (scatter new K/V into the paged pool)
+  decode_attention   paged split-KV decode attention (GQA, CUDA-graph safe)
+  extend_attention   ragged extend/prefill attention over a cached prefix (GQA, causal)
+  sampling           filtered_sample (top-k/top-p/min-p exponential race), apply_penalties
+  paged_decode       the first decode kernel (kept for the triton_decode fallback backend)
+
+Tests: tests/kernels (Triton interpreter on CPU, native on GPU) and tests/gpu.
+"""

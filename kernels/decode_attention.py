@@ -124,9 +124,12 @@ def block_n_for(head_dim: int, device_type: str) -> int:
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
-    """Split count for a decode step: aim at ~4 programs per SM, at least 4, at most 32 (pow2)."""
+    """Split count for a decode step: aim at ~4 programs per SM, at least 8, at most 32 (pow2).
+
+    Measured on an H100 (132 SMs), Llama-3-8B heads, L = 4096, bf16: B=1 took 25.0 / 15.4 /
+    11.0 / 10.2 µs at S = 4 / 8 / 16 / 32; B=64 took 384 / 378 / 389 / 407 µs (floor 357)."""
     want = triton.cdiv(4 * num_sms, max(1, batch_size * num_kv_heads))
-    return max(4, min(32, triton.next_power_of_2(want)))
+    return max(8, min(32, triton.next_power_of_2(want)))
 
 
 def alloc_workspace(batch_size: int, num_heads: int, head_dim: int, num_splits: int, device):
