@@ -73,11 +73,12 @@ def _run_random(core, num_requests: int, seed: int, abort_rate=0.1):
     return finished, expected
 
 
-@pytest.mark.parametrize("radix", [True, False])
-def test_random_requests_end_cleanly(radix):
-    core = tiny_core(kv_tokens=192, max_running=16, chunk_size=32, max_model_len=128, disable_radix_cache=not radix)
+@pytest.mark.parametrize("radix,overlap,count", [(True, False, 1000), (False, False, 400), (True, True, 600)])
+def test_random_requests_end_cleanly(radix, overlap, count):
+    core = tiny_core(kv_tokens=192, max_running=16, chunk_size=32, max_model_len=128, disable_radix_cache=not radix,
+                     overlap=overlap)
     try:
-        finished, expected = _run_random(core, 1400 if radix else 600, seed=1 if radix else 2)
+        finished, expected = _run_random(core, count, seed=1 if radix else 2)
         for rid, n in expected.items():
             assert finished[rid] == set(range(n)), rid
         # checks run on the engine thread's state once it is idle
@@ -89,3 +90,39 @@ def test_random_requests_end_cleanly(radix):
         assert core.kv_pool.num_free == core.kv_pool.num_slots
     finally:
         core.shutdown()
+
+
+def test_overlap_gives_identical_outputs():
+    """Overlap scheduling consumes results one step late without changing them."""
+    import random as _r
+
+    from localsgl.engine.params import SamplingParams as SP
+
+    rng = _r.Random(5)
+    prompts = [[rng.randrange(63) for _ in range(rng.randrange(1, 60))] for _ in range(24)]
+    params = [SP(temperature=rng.choice([0.0, 0.9]), seed=i, max_tokens=rng.randrange(1, 30),
+                 ignore_eos=rng.random() < 0.5, stop_token_ids=[7]) for i in range(24)]
+    outs = {}
+    for overlap in (False, True):
+        core = tiny_core(kv_tokens=256, max_running=6, chunk_size=16, max_model_len=128, overlap=overlap)
+        got = {}
+        done = threading.Event()
+
+        def cb_for(i):
+            toks = []
+
+            def cb(d):
+                toks.extend(d.token_ids)
+                if d.finish_reason is not None:
+                    got[i] = (toks, d.finish_reason)
+                    if len(got) == len(prompts):
+                        done.set()
+            return cb
+
+        core.add_many([[Request(f"o{i}", p, sp, 0, cb_for(i))] for i, (p, sp) in enumerate(zip(prompts, params))])
+        assert done.wait(120)
+        assert core.wait_idle(30)
+        core.scheduler.check_idle_invariants()
+        core.shutdown()
+        outs[overlap] = got
+    assert outs[True] == outs[False]

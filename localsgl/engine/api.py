@@ -182,7 +182,7 @@ class Engine:
                 schedule_policy=schedule_policy,
                 seed=seed,
             ),
-            overlap=not disable_overlap,
+            overlap=not disable_overlap and self.device.type == "cuda",
         )
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: %s", self.load_seconds, self.plan.describe())

@@ -48,7 +48,7 @@ class EngineCore:
         self.eos_ids = sorted(set(eos_ids))
         self.device = device
         self.cfg = cfg
-        self.overlap = overlap and device.type == "cuda"
+        self.overlap = overlap
         # GPU sampling kernels stay opt-in until their GPU tests pass (torch path is the reference)
         import os
 
@@ -76,6 +76,7 @@ class EngineCore:
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
+        self.inflight: _Launched | None = None
         self._thread = threading.Thread(target=self._loop, name="localsgl-engine", daemon=True)
         self._thread.start()
 
@@ -115,14 +116,15 @@ class EngineCore:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             try:
-                self._drain(block=not self.scheduler.has_work())
+                self._drain(block=not self.scheduler.has_work() and self.inflight is None)
                 if self._stop.is_set():
                     break
                 self.step()
             except Exception:  # keep serving: fail what was in flight, not the engine
                 log.error("engine step failed:\n%s", traceback.format_exc())
+                self.inflight = None
                 self._fail_running()
-            if not self.scheduler.has_work() and self.inbox.empty():
+            if not self.scheduler.has_work() and self.inbox.empty() and self.inflight is None:
                 self._idle.set()
         self._abort_all()
 
@@ -160,16 +162,45 @@ class EngineCore:
             r.stop_matcher = StopStringMatcher(p.stop)
         self.prompt_tokens_total += len(r.prompt_ids)
 
+    # ------------------------------------------------------------ one step
     def step(self) -> None:
+        """Schedule and launch step N+1, then finish step N's bookkeeping while the GPU works.
+
+        Without overlap (or when a request needs its exact token history, e.g. penalties)
+        each step's tokens are resolved before the next is scheduled.  With overlap the
+        sampled tokens of step N stay on the device: step N+1's inputs read them there
+        (placeholders in output_ids), and detokenization, stop checks and callbacks of
+        step N run after N+1 is launched.  Outputs are the same either way; a request that
+        stops at step N may have computed one extra token, which is dropped."""
+        if self.inflight is not None and self._needs_sync():
+            self._resolve(self.inflight)
+            self.inflight = None
         sb = self.scheduler.schedule()
-        if sb is None:
-            return
+        launched = self._launch(sb) if sb is not None else None
+        if self.inflight is not None:
+            self._resolve(self.inflight)
+            self.inflight = None
+        if launched is not None:
+            if self.overlap and launched.deferred:
+                self.inflight = launched
+            else:
+                self._resolve(launched)
+
+    def _needs_sync(self) -> bool:
+        for r in self.scheduler.running:
+            p = r.params
+            if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+                return True
+        return False
+
+    def _launch(self, sb) -> "_Launched | None":
         self.steps += 1
-        logits = self.runner.forward(sb)
+        prev = self.inflight.tokens if self.inflight is not None else None
+        logits = self.runner.forward(sb, prev_tokens=prev)
         self.scheduler.commit(sb)
         rows = [r for r, s in zip(sb.reqs, sb.sample) if s]
         if not rows:
-            return
+            return None
         sbatch = SamplingBatch.build(
             params=[r.params for r in rows],
             prompt_ids=[r.prompt_ids for r in rows],
@@ -180,14 +211,46 @@ class EngineCore:
             device=logits.device,
             default_generator=self.default_generator,
         )
-        res = sample(logits, sbatch, use_kernels=self.gpu_sampling_kernels)
-        lps = getattr(res, "logprobs", None)
-        tops = getattr(res, "top_logprobs", None)
-        for i, (r, tok) in enumerate(zip(rows, res.token_ids)):
+        deferred = self.overlap and not any(r.params.logprobs for r in rows)
+        res = sample(logits, sbatch, use_kernels=self.gpu_sampling_kernels, defer=deferred)
+        slots = []
+        for j, r in enumerate(rows):
+            slots.append(len(r.output_ids))
+            r.output_ids.append(-(1 + j))  # placeholder: token j of this step's device tensor
+        la = _Launched(rows, slots, res, deferred)
+        if deferred:
+            la.tokens = res.tokens
+            if res.tokens.is_cuda:
+                la.cpu_tokens = torch.empty(res.tokens.shape, dtype=res.tokens.dtype, pin_memory=True)
+                la.cpu_tokens.copy_(res.tokens, non_blocking=True)
+                la.event = torch.cuda.Event()
+                la.event.record()
+            else:
+                la.cpu_tokens = res.tokens
+        return la
+
+    def _resolve(self, la: "_Launched") -> None:
+        if la.deferred:
+            if la.event is not None:
+                la.event.synchronize()
+            toks = la.cpu_tokens.tolist()
+        else:
+            toks = la.result.token_ids
+        lps = la.result.logprobs
+        tops = la.result.top_logprobs
+        for j, (r, idx) in enumerate(zip(la.rows, la.slots)):
+            if r.finished or idx >= len(r.output_ids) or r.output_ids[idx] != -(1 + j):
+                continue  # finished meanwhile: its extra token is dropped
+            tok = int(toks[j])
             lp = None
             if r.params.logprobs and lps is not None:
-                lp = self._make_logprob(tok, lps[i], tops[i] if tops is not None else None)
-            self._append_token(r, int(tok), lp)
+                lp = self._make_logprob(tok, lps[j], tops[j] if tops is not None else None)
+            self._append_token(r, tok, lp, idx)
+
+    def flush_inflight(self) -> None:
+        if self.inflight is not None:
+            self._resolve(self.inflight)
+            self.inflight = None
 
     def _token_str(self, tok: int) -> str:
         if self.tokenizer is None:
@@ -202,12 +265,13 @@ class EngineCore:
             top=[TopLogprob(int(t), self._token_str(int(t)), float(v)) for t, v in (top or [])],
         )
 
-    def _append_token(self, r: Request, tok: int, lp: TokenLogprob | None) -> None:
+    def _append_token(self, r: Request, tok: int, lp: TokenLogprob | None, idx: int) -> None:
+        """Resolve output position idx (a placeholder) to tok: detokenize, check stops, finish."""
         p = r.params
         now = time.perf_counter()
-        r.output_ids.append(tok)
+        r.output_ids[idx] = tok
         self.generation_tokens_total += 1
-        n_out = len(r.output_ids)
+        n_out = idx + 1
         if n_out == 1:
             r.metrics.time_to_first_token = now - r.arrival
         if lp is not None and r.logprobs is not None:
@@ -229,12 +293,13 @@ class EngineCore:
         if finish is None:
             if p.max_tokens is not None and n_out >= p.max_tokens:
                 finish = "length"
-            elif r.all_len >= self.cfg.max_model_len:
+            elif len(r.prompt_ids) + n_out >= self.cfg.max_model_len:
                 finish = "length"
         if finish is not None and not stop_string:
             text += self._flush_text(r)
         r.text_parts.append(text)
         if finish is not None:
+            del r.output_ids[n_out:]  # tokens computed past the stop are dropped
             self._finish(r, finish, emit=False)
         self._emit(r, StreamDelta(r.index, text, [tok], finish, [lp] if lp is not None else None,
                                   r.metrics if finish else None))
@@ -303,3 +368,18 @@ class EngineCore:
             "retractions_total": s.retractions_total,
             "steps": self.steps,
         }
+
+
+class _Launched:
+    """A launched step whose sampled tokens may still be on the device."""
+
+    __slots__ = ("rows", "slots", "result", "deferred", "tokens", "cpu_tokens", "event")
+
+    def __init__(self, rows, slots, result, deferred):
+        self.rows = rows
+        self.slots = slots
+        self.result = result
+        self.deferred = deferred
+        self.tokens = None
+        self.cpu_tokens = None
+        self.event = None

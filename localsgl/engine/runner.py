@@ -50,7 +50,7 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def build_batch(self, sb: ScheduledBatch) -> ForwardBatch:
+    def build_batch(self, sb: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> ForwardBatch:
         ids: list[int] = []
         pos: list[int] = []
         starts: list[int] = []
@@ -83,13 +83,17 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             attn_backend=self.attn,
         )
+        if prev_tokens is not None and ids and min(ids) < 0:
+            # placeholders -(1+j): token j sampled by the step still in flight, read on the device
+            ph = b.input_ids < 0
+            b.input_ids = torch.where(ph, prev_tokens[(-b.input_ids - 1).clamp(min=0)], b.input_ids)
         b.extra["sample_index"] = [s + n - 1 for s, n, smp in zip(starts, sb.extend_lens, sb.sample) if smp]
         return b
 
     @torch.inference_mode()
-    def forward(self, sb: ScheduledBatch) -> torch.Tensor:
+    def forward(self, sb: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; return fp32 logits [num_sampled_rows, vocab]."""
-        batch = self.build_batch(sb)
+        batch = self.build_batch(sb, prev_tokens)
         if batch.mode == ForwardMode.DECODE and self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.replay(batch)
         self.attn.init_forward(batch)

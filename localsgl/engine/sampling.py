@@ -422,7 +422,7 @@ def _sample_rows(x: torch.Tensor, b: SamplingBatch, kmod) -> torch.Tensor:
     )
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = True) -> SampleResult:
+def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = True, defer: bool = False) -> SampleResult:
     """Next token for each of the B rows of ``logits`` [B, V'] (V' >= V; extra columns, e.g. a
     padded LM head, are ignored). Never writes into ``logits``."""
     b = batch
@@ -450,6 +450,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = True)
             tokens[b.greedy_rows] = x.index_select(0, b.greedy_rows).argmax(dim=-1)
             tokens[b.sample_rows] = _sample_rows(x.index_select(0, b.sample_rows), b, kmod)
 
+    if defer and not b.lp_rows:  # overlap scheduling: leave the ids on the device, no sync
+        return SampleResult(token_ids=None, tokens=tokens)
     token_ids = tokens.tolist()
     res = SampleResult(token_ids=token_ids, tokens=tokens)
     if b.lp_rows:

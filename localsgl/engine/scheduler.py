@@ -118,6 +118,8 @@ class Scheduler:
         if self.cache.disabled or req.kv_len <= req.cached_len:
             return
         ids = req.all_ids(req.kv_len)
+        if ids and min(ids[-2:]) < 0:  # never cache a token still being sampled (failed step)
+            return
         slots = self._row_slots(req, 0, req.kv_len)
         dup = self.cache.insert(ids, slots)
         if dup > req.cached_len:
@@ -171,7 +173,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         self.new_token_ratio = max(0.1, self.new_token_ratio - 0.002)
         # 1) one slot for every decoding request; retract the youngest when short
-        decodes = [r for r in self.running if r.is_decoding]
+        # a request whose in-flight token already reaches its limit waits for that token
+        decodes = [r for r in self.running if r.is_decoding and r.max_new_remaining(self.max_model_len) > 0]
         while decodes and self._available() < len(decodes):
             victim = max(decodes, key=lambda r: r.seq_no)
             decodes.remove(victim)
@@ -229,8 +232,9 @@ class Scheduler:
         for r in reversed(skipped):
             self.waiting.appendleft(r)
         if not reqs:
-            if self.running:  # stalled for memory: free the youngest; the next step goes on
-                self.retract(max(self.running, key=lambda r: r.seq_no))
+            stalled = [r for r in self.running if not r.is_decoding or r.max_new_remaining(self.max_model_len) > 0]
+            if stalled:  # stalled for memory: free the youngest; the next step goes on
+                self.retract(max(stalled, key=lambda r: r.seq_no))
             return None
         out_slots = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.int64)
         decode_only = all(e == 1 for e in ext) and all(sample) and len(decodes) == len(reqs)
@@ -275,7 +279,8 @@ class Scheduler:
         for r, n, s in zip(batch.reqs, batch.extend_lens, batch.sample):
             r.kv_len += n
             r.pending = 0
-            if n > 1 or not r.output_ids:  # a prefill chunk: share it at once
+            unresolved = bool(r.output_ids) and r.output_ids[-1] < 0
+            if (n > 1 or not r.output_ids) and not unresolved:  # a prefill chunk: share it at once
                 self.cache_progress(r)
 
     # ------------------------------------------------------------ checks
