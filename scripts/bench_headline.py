@@ -28,7 +28,8 @@ FULL = [
 
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "full"
-    plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL}[mode]
+    main_set = QUICK + [FULL[0], FULL[2], FULL[3]]  # + mixed throughput and the prefix-reuse pair
+    plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set}[mode]
     table = []
     for kind, extra, args in plan:
         buf = io.StringIO()
