@@ -290,8 +290,8 @@ def weights_bytes_for(cfg, dtype: str, tp: int = 1) -> int:
 
 
 def _default_max_running(kv_tokens: int, cap: int) -> int:
-    # room for requests of ~256 tokens on average; never fewer than 1
-    return max(1, min(cap, kv_tokens // 256 if kv_tokens >= 256 else 1))
+    # room for requests of ~32 tokens each at the start; retraction absorbs growth
+    return max(1, min(cap, kv_tokens // 32 if kv_tokens >= 32 else 1))
 
 
 def make_plan(
