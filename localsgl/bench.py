@@ -204,6 +204,10 @@ def _print(rows: list[dict], ceil: dict, engine: Engine, out=sys.stdout) -> None
 
 
 def main(kind: str, engine_kwargs: dict, args: list[str], json_output: bool = False) -> int:
+    if kind == "serving":
+        from .bench_serving import main as serving_main
+
+        return serving_main(engine_kwargs, args, json_output)
     p = argparse.ArgumentParser(prog=f"localsgl bench {kind}")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--input-len", type=int, default=256)
@@ -215,8 +219,7 @@ def main(kind: str, engine_kwargs: dict, args: list[str], json_output: bool = Fa
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(args)
     if kind not in ("latency", "throughput", "prefix"):
-        print(f"unknown benchmark {kind!r}: choose latency, throughput or prefix "
-              "(serving is not available yet)", file=sys.stderr)
+        print(f"unknown benchmark {kind!r}: choose latency, throughput, prefix or serving", file=sys.stderr)
         return 2
     engine = Engine(**engine_kwargs)
     try:

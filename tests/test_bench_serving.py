@@ -1,0 +1,62 @@
+"""`localsgl bench serving` on the CPU: a tiny rate sweep against the embedded server.
+
+One run (through localsgl.bench.main's dispatch) prints the table to stdout and writes
+the per-request records with --output-json; both are checked.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from localsgl import bench, bench_serving
+
+ENGINE = {"model": "smollm2-135m", "device": "cpu", "kv_memory": "256MiB", "max_model_len": 1024}
+
+
+def test_percentile():
+    assert bench_serving.percentile([], 50) is None
+    assert bench_serving.percentile([3.0], 99) == 3.0
+    assert bench_serving.percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert bench_serving.percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+
+
+def test_rejects_non_loopback_url(capsys):
+    assert bench_serving.main({}, ["--url", "http://example.com:8000"], False) == 2
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_serving_sweep_cpu(tmp_path, capsys):
+    out = tmp_path / "serving.json"
+    rc = bench.main("serving", dict(ENGINE), [
+        "--num-prompts", "8", "--input-len", "32", "--output-len", "8", "--request-rate", "inf", "4",
+        "--max-seconds", "60", "--output-json", str(out)], json_output=False)
+    text = capsys.readouterr().out
+    assert rc == 0, text
+
+    lines = text.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["rate"])
+    for col in bench_serving.COLUMNS:
+        assert col in lines[header]
+    table = [ln.split() for ln in lines[header + 1: header + 3]]
+    assert [r[0] for r in table] == ["inf", "4"]
+    for r in table:
+        assert r[1] == "-" and r[2] == "8" and r[3] == "0"  # conc, done, fail
+        # TTFT p50 <= e2e p50, TTFT p99 <= e2e of the slowest request (checked per request below)
+        assert float(r[6]) <= float(r[10])
+    assert "x offline" in text and "offline engine.generate" in text
+
+    info = json.loads(out.read_text())
+    assert info["in_process"] and info["offline"]["output_tokens"] == 8 * 8
+    assert [r["request_rate"] for r in info["rows"]] == ["inf", 4.0]
+    for row in info["rows"]:
+        assert row["completed"] == 8 and row["failed"] == 0 and row["short_outputs"] == 0
+        assert row["output_tokens"] == 8 * 8 and row["ttft_le_e2e"]
+        assert row["itl_ms_p50"] is not None and row["itl_ms_p50"] <= row["itl_ms_p99"]
+        assert math.isfinite(row["vs_offline"]) and row["vs_offline"] > 0
+        assert len(row["requests"]) == 8
+        for q in row["requests"]:
+            assert q["ok"] and q["out_tokens"] == q["want_tokens"] == 8 and q["in_tokens"] == 32
+            assert 0 < q["ttft"] <= q["e2e"]
+    assert info["saturation"]["request_rate"] == "inf"
