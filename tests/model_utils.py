@@ -48,3 +48,15 @@ def prefill_logits(model, token_ids: list[int], backend: str = "torch", chunks: 
         outs.append(model.compute_logits(h))
         start += c
     return torch.cat(outs)
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain greedy decoding with transformers' KV cache, EOS not special (like ignore_eos)."""
+    out = []
+    with torch.no_grad():
+        res = model(torch.tensor([ids], device=model.device), use_cache=True)
+        for _ in range(n):
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+            res = model(torch.tensor([[tok]], device=model.device), past_key_values=res.past_key_values, use_cache=True)
+    return out

@@ -9,6 +9,8 @@ import torch
 
 from localsgl import Engine, SamplingParams
 
+from model_utils import hf_greedy
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about GPUs.",
@@ -34,16 +36,6 @@ def hf_model():
     return m.eval()
 
 
-def _hf_greedy(model, ids, n):
-    """Plain greedy decoding with transformers' KV cache, EOS not special (like ignore_eos)."""
-    out = []
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(n):
-            tok = int(res.logits[0, -1].argmax())
-            out.append(tok)
-            res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
-    return out
 
 
 def test_greedy_matches_transformers(engine, hf_model):
@@ -51,7 +43,7 @@ def test_greedy_matches_transformers(engine, hf_model):
     for prompt in PROMPTS:
         ids = engine.apply_chat_template([{"role": "user", "content": prompt}])
         out = engine.generate(ids, params)
-        ref = _hf_greedy(hf_model, ids, 64)
+        ref = hf_greedy(hf_model, ids, 64)
         assert out.token_ids == ref, f"diverged on {prompt!r}"
         assert len(out.token_ids) == 64 and out.finish_reason == "length"
 

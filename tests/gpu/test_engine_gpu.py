@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from model_utils import prefill_logits  # noqa: E402
+from model_utils import hf_greedy, prefill_logits  # noqa: E402
 
 from localsgl import Engine, SamplingParams  # noqa: E402
 from localsgl.engine.models.loader import load_model  # noqa: E402
@@ -60,15 +60,6 @@ def test_bf16_logits_close_to_fp32_reference(saved, family, backend):
     assert rel < 1e-2, rel
 
 
-def _hf_greedy(model, ids, n):
-    out = []
-    with torch.no_grad():
-        res = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(n):
-            tok = int(res.logits[0, -1].argmax())
-            out.append(tok)
-            res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
-    return out
 
 
 def test_fp32_greedy_matches_transformers(saved):
@@ -77,7 +68,7 @@ def test_fp32_greedy_matches_transformers(saved):
     with Engine(model=d, device="cuda", dtype="float32", attention_backend="torch", kv_memory="64MiB") as e:
         outs = e.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     for p, o in zip(prompts, outs):
-        assert o.token_ids == _hf_greedy(hf, p, 24)
+        assert o.token_ids == hf_greedy(hf, p, 24)
 
 
 def test_graphs_and_overlap_do_not_change_greedy(saved):
