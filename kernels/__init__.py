@@ -10,7 +10,6 @@ torch reference next to the kernel (or in the layer it replaces):
   decode_attention   paged split-KV decode attention (GQA, CUDA-graph safe)
   extend_attention   ragged extend/prefill attention over a cached prefix (GQA, causal)
   sampling           filtered_sample (top-k/top-p/min-p exponential race), apply_penalties
-  paged_decode       the first decode kernel (kept for the triton_decode fallback backend)
 
 Tests: tests/kernels (Triton interpreter on CPU, native on GPU) and tests/gpu.
 """

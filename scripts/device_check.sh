@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
 echo "== GPU tests"
-TESTDIRS="tests/gpu tests/kernels_lead"; [ -d tests/kernels ] && ls tests/kernels/test_*.py >/dev/null 2>&1 && TESTDIRS="$TESTDIRS tests/kernels"
+TESTDIRS="tests/gpu"; [ -d tests/kernels ] && ls tests/kernels/test_*.py >/dev/null 2>&1 && TESTDIRS="$TESTDIRS tests/kernels"
 python3 -m pytest -q $TESTDIRS -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
 
 echo "== benchmarks"

@@ -66,11 +66,7 @@ def create_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "triton":
         if device.type != "cuda":
             raise ValueError("the triton attention backend needs a CUDA device; use --attention-backend torch")
-        try:
-            from .triton_backend import TritonAttentionBackend
-        except ImportError:  # full Triton backend absent: Triton decode + torch extend
-            from .triton_decode import TritonDecodeAttentionBackend
+        from .triton_backend import TritonAttentionBackend
 
-            return TritonDecodeAttentionBackend()
         return TritonAttentionBackend()
     raise ValueError(f"unknown attention backend {name!r}: choose triton or torch")
