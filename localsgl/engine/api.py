@@ -134,6 +134,43 @@ class Engine:
             raise InvalidRequestError("tensor parallelism (tp > 1) is not available in this build", "tp")
         if schedule_policy not in ("fcfs", "lpm"):
             raise InvalidRequestError("schedule_policy must be fcfs or lpm", "schedule_policy")
+        self._ids = itertools.count()
+        self._closed = False
+        opts = dict(
+            model=model, device=device, dtype=dtype, max_model_len=max_model_len, kv_memory=kv_memory,
+            gpu_memory=gpu_memory, max_running=max_running, chunk_size=chunk_size,
+            attention_backend=attention_backend, disable_cuda_graph=disable_cuda_graph,
+            disable_overlap=disable_overlap, disable_radix_cache=disable_radix_cache, load_format=load_format,
+            schedule_policy=schedule_policy, seed=seed, max_queue=max_queue,
+        )
+        # The engine thread loads the model and then runs the loop: on the CPU the thread that
+        # first ran torch's parallel ops keeps the fast intra-op pool (measured: a decode step
+        # from another thread took ~1.5x as long), so loading and stepping share one thread.
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def boot() -> None:
+            try:
+                self._boot(**opts)
+            except BaseException as e:  # surfaced in the caller's thread
+                failure.append(e)
+                ready.set()
+                return
+            ready.set()
+            self.core.run_loop()
+
+        thread = threading.Thread(target=boot, name="localsgl-engine", daemon=True)
+        thread.start()
+        while not ready.wait(0.2):
+            pass
+        if failure:
+            raise failure[0]
+        self.core.attach_thread(thread)
+
+    def _boot(self, model, device, dtype, max_model_len, kv_memory, gpu_memory, max_running, chunk_size,
+              attention_backend, disable_cuda_graph, disable_overlap, disable_radix_cache, load_format,
+              schedule_policy, seed, max_queue) -> None:
+        """Resolve, plan, load and build the core (runs on the engine thread)."""
         from ..store.resolve import resolve_model
         from .core import CoreConfig, EngineCore
         from .models.config import ModelConfig
@@ -183,11 +220,10 @@ class Engine:
                 seed=seed,
             ),
             overlap=not disable_overlap and self.device.type == "cuda",
+            start_thread=False,
         )
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: %s", self.load_seconds, self.plan.describe())
-        self._ids = itertools.count()
-        self._closed = False
 
     # ------------------------------------------------------------ prompts
     def encode_prompt(self, prompt) -> list[int]:

@@ -42,7 +42,8 @@ class CoreConfig:
 
 
 class EngineCore:
-    def __init__(self, model, tokenizer, eos_ids: list[int], device: torch.device, cfg: CoreConfig, overlap: bool = False):
+    def __init__(self, model, tokenizer, eos_ids: list[int], device: torch.device, cfg: CoreConfig, overlap: bool = False,
+                 start_thread: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = sorted(set(eos_ids))
@@ -77,8 +78,14 @@ class EngineCore:
         self._idle = threading.Event()
         self._idle.set()
         self.inflight: _Launched | None = None
-        self._thread = threading.Thread(target=self._loop, name="localsgl-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if start_thread:
+            self.attach_thread(threading.Thread(target=self.run_loop, name="localsgl-engine", daemon=True))
+            self._thread.start()
+
+    def attach_thread(self, thread: threading.Thread) -> None:
+        """The thread that runs run_loop (started here, or the one that built the engine)."""
+        self._thread = thread
 
     # ------------------------------------------------------------ caller side (any thread)
     def add(self, reqs: list[Request]) -> None:
@@ -97,7 +104,8 @@ class EngineCore:
             return
         self._stop.set()
         self.inbox.put(("stop", None))
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def release(self) -> None:
         """Drop the model, the KV pool and the graphs so their memory can go back."""
@@ -112,11 +120,9 @@ class EngineCore:
         return self._idle.wait(timeout)
 
     # ------------------------------------------------------------ engine thread
-    def _loop(self) -> None:
+    def run_loop(self) -> None:
+        """The engine loop; runs until shutdown()."""
         torch.set_grad_enabled(False)
-        # claim the intra-op pool from this thread (measured on 2 CPU cores: a decode step
-        # from a fresh thread ran ~1.5x slower until the thread set its own thread count)
-        torch.set_num_threads(torch.get_num_threads())
         while not self._stop.is_set():
             try:
                 self._drain(block=not self.scheduler.has_work() and self.inflight is None)
