@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -54,24 +57,44 @@ def ours_rate(e, bs, prompt_len, new):
     return bs * (new - 1) / (dt - pre)
 
 
+def measure(side: str, dt: str, new: int, prompt_len: int) -> dict:
+    tdt = getattr(torch, dt)
+    out = {}
+    if side == "ours":
+        e = Engine(model="smollm2-135m", dtype=dt, kv_memory="512MiB")
+        for bs in (1, 32):
+            out[bs] = ours_rate(e, bs, prompt_len, new)
+        e.shutdown()
+    else:
+        m = hf_model(tdt)
+        for bs in (1, 32):
+            out[bs] = hf_rate(m, bs, prompt_len, new)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--side", choices=["ours", "hf"], help="measure one side in this process (internal)")
     a = ap.parse_args()
+    if a.side:
+        print(json.dumps(measure(a.side, a.dtypes[0], a.new, a.prompt_len)))
+        return
+    # each side in its own process: torch's CPU thread pool runs fastest in the thread that
+    # first used it, so two engines in one process would not be measured alike
     rows = []
     for dt in a.dtypes:
-        tdt = getattr(torch, dt)
-        e = Engine(model="smollm2-135m", dtype=dt, kv_memory="512MiB")
-        m = hf_model(tdt)
+        res = {}
+        for side in ("ours", "hf"):
+            cmd = [sys.executable, __file__, "--side", side, "--dtypes", dt, "--new", str(a.new),
+                   "--prompt-len", str(a.prompt_len)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            res[side] = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
         for bs in (1, 32):
-            ours = ours_rate(e, bs, a.prompt_len, a.new)
-            ref = hf_rate(m, bs, a.prompt_len, a.new)
-            rows.append((dt, bs, ours, ref))
-            print(f"{dt} bs{bs}: ours {ours:.1f} tok/s, transformers {ref:.1f} tok/s, x{ours/ref:.2f}", flush=True)
-        e.shutdown()
-        del m
+            rows.append((dt, bs, res["ours"][bs], res["hf"][bs]))
+            print(f"{dt} bs{bs}: ours {res['ours'][bs]:.1f} tok/s, transformers {res['hf'][bs]:.1f} tok/s", flush=True)
     print(f"\n{'dtype':10s} {'batch':>5s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ratio':>6s}")
     for dt, bs, o, r in rows:
         print(f"{dt:10s} {bs:5d} {o:11.1f} {r:9.1f} {o/r:6.2f}")
