@@ -57,11 +57,7 @@ class EngineCore:
         mc = model.config
         self.vocab_size = mc.vocab_size
         self.kv_pool = KVPool(cfg.kv_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, model.dtype, device)
-        self.req_pool = ReqToTokenPool(cfg.max_running + 1, cfg.max_model_len + 1, device)
-        # row 0 of the table stays reserved (padding rows of CUDA graphs point there)
-        self.req_pool.allocator.alloc(self.req_pool.allocator.num_free)
-        self.req_pool.allocator.free(torch.arange(1, cfg.max_running + 1))
-        self.req_pool.max_reqs = cfg.max_running
+        self.req_pool = ReqToTokenPool(cfg.max_running, cfg.max_model_len + 1, device)
         self.cache = RadixCache(self.kv_pool, disabled=cfg.disable_radix_cache)
         self.scheduler = Scheduler(
             self.kv_pool, self.req_pool, self.cache, cfg.max_running, cfg.chunk_size, cfg.max_model_len, cfg.schedule_policy
@@ -132,7 +128,7 @@ class EngineCore:
             except Exception:  # keep serving: fail what was in flight, not the engine
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self.inflight = None
-                self._fail_running()
+                self._finish_all("error")
             if not self.scheduler.has_work() and self.inbox.empty() and self.inflight is None:
                 self._idle.set()
         self._abort_all()
@@ -306,7 +302,6 @@ class EngineCore:
                 finish = "length"
         if finish is not None and not stop_string:
             text += self._flush_text(r)
-        r.text_parts.append(text)
         if finish is not None:
             del r.output_ids[n_out:]  # tokens computed past the stop are dropped
             self._finish(r, finish, emit=False)
@@ -342,9 +337,6 @@ class EngineCore:
             r.on_delta(delta)
         except Exception:  # a broken consumer must not take the engine down
             log.warning("on_delta callback of %s failed:\n%s", r.rid, traceback.format_exc())
-
-    def _fail_running(self) -> None:
-        self._finish_all("error")
 
     def _abort_all(self) -> None:
         try:

@@ -84,11 +84,14 @@ class KVPool:
 
 
 class ReqToTokenPool:
+    """Rows 1..max_reqs are handed out; row 0 stays all-zero (scratch slot 0), so the
+    padded rows of a CUDA-graph batch can point at it."""
+
     def __init__(self, max_reqs: int, max_context: int, device: torch.device | str):
         self.max_reqs = max_reqs
         self.max_context = max_context
-        self.table = torch.zeros((max_reqs, max_context), dtype=torch.int32, device=device)
-        self.allocator = SlotAllocator(torch.arange(max_reqs))
+        self.table = torch.zeros((max_reqs + 1, max_context), dtype=torch.int32, device=device)
+        self.allocator = SlotAllocator(torch.arange(1, max_reqs + 1))
 
     @property
     def num_free(self) -> int:

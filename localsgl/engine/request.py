@@ -55,7 +55,6 @@ class Request:
         self.generator: torch.Generator | None = None
         self.detok = None
         self.stop_matcher = None
-        self.text_parts: list[str] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs else None
         self.finish_reason: str | None = None
         self.matched_stop: str | int | None = None

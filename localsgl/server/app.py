@@ -434,6 +434,17 @@ def create_app(
         work.result()
         return True
 
+    async def finish_non_streamed(gen: Generation, request: Request) -> bool:
+        """Collect a non-streamed generation, close it and raise for engine errors/aborts;
+        False when the client went away first."""
+        try:
+            completed = await collect(gen, request)
+        finally:
+            gen.close()
+        if completed:
+            check_outcome(gen)
+        return completed
+
     def check_outcome(gen: Generation) -> None:
         reasons = {c.finish_reason for c in gen.choices}
         if "error" in reasons:
@@ -541,13 +552,8 @@ def create_app(
         model = state.model_name
 
         if not req.stream:
-            try:
-                completed = await collect(gen, request)
-            finally:
-                gen.close()
-            if not completed:
+            if not await finish_non_streamed(gen, request):
                 return Response(status_code=499)  # nobody is listening any more
-            check_outcome(gen)
             choices = []
             for i, c in enumerate(gen.choices):
                 choices.append({
@@ -651,13 +657,8 @@ def create_app(
             return echo_texts[idx // n] if req.echo else ""
 
         if not req.stream:
-            try:
-                completed = await collect(gen, request)
-            finally:
-                gen.close()
-            if not completed:
+            if not await finish_non_streamed(gen, request):
                 return Response(status_code=499)  # nobody is listening any more
-            check_outcome(gen)
             choices = []
             for i, c in enumerate(gen.choices):
                 prefix = echo_for(i)

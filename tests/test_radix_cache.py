@@ -1,0 +1,66 @@
+"""RadixCache on its own: prefix matching with edge splits, duplicate inserts, locks that
+block eviction, and LRU order."""
+from __future__ import annotations
+
+import torch
+
+from localsgl.engine.kv_pool import KVPool
+from localsgl.engine.radix_cache import RadixCache
+
+
+def _cache(slots=64):
+    pool = KVPool(slots, 1, 1, 4, torch.float32, "cpu")
+    return pool, RadixCache(pool)
+
+
+def _put(pool, cache, tokens):
+    slots = pool.alloc(len(tokens))
+    dup = cache.insert(tokens, slots)
+    pool.free(slots[:dup])  # the caller owns the duplicated prefix's slots
+    return slots
+
+
+def test_match_splits_edges_and_returns_slots():
+    pool, cache = _cache()
+    slots = _put(pool, cache, [1, 2, 3, 4, 5])
+    got, node = cache.match_prefix([1, 2, 3, 9])
+    assert got.tolist() == slots[:3].tolist()
+    assert node.key == (1, 2, 3)  # split at the divergence
+    assert cache.match_prefix([7])[0].numel() == 0
+    cache.check_invariants()
+
+
+def test_duplicate_insert_reports_shared_prefix():
+    pool, cache = _cache()
+    _put(pool, cache, [1, 2, 3, 4])
+    slots = pool.alloc(6)
+    assert cache.insert([1, 2, 3, 4, 5, 6], slots) == 4
+    pool.free(slots[:4])
+    assert cache.total_tokens() == 6
+    assert pool.num_free + cache.total_tokens() == pool.num_slots
+    cache.check_invariants()
+
+
+def test_locked_prefix_survives_eviction_and_lru_goes_first():
+    pool, cache = _cache()
+    _put(pool, cache, [1, 2, 3])
+    _put(pool, cache, [4, 5, 6])
+    _put(pool, cache, [7, 8, 9])
+    cache.match_prefix([7, 8, 9])  # touch: most recently used
+    _, locked = cache.match_prefix([4, 5, 6])
+    cache.lock(locked)
+    assert cache.evict(3) == 3  # [1,2,3] is the LRU unlocked leaf
+    assert cache.match_prefix([1, 2, 3])[0].numel() == 0
+    assert cache.evict(100) == 3  # only [7,8,9] is left to evict
+    assert cache.match_prefix([4, 5, 6])[0].numel() == 3
+    cache.unlock(locked)
+    cache.check_invariants()
+    cache.reset()
+    assert pool.num_free == pool.num_slots
+
+
+def test_disabled_cache_matches_nothing():
+    pool = KVPool(8, 1, 1, 4, torch.float32, "cpu")
+    cache = RadixCache(pool, disabled=True)
+    assert cache.insert([1, 2], pool.alloc(2)) == 0
+    assert cache.match_prefix([1, 2])[0].numel() == 0
