@@ -86,20 +86,30 @@ def kv_bytes_per_token(engine: Engine) -> int:
 
 
 def workload_floor(engine: Engine, ceil: dict, reqs: list[tuple[int, int]], cached_prefix: int = 0) -> float:
-    """Seconds no engine can beat for these (input, output) requests on this device.
+    """Seconds no engine built from matmuls and attention kernels can beat for these
+    (input, output) requests on this device: compute time plus memory time.
 
-    FLOPs: 2·params per processed token.  Bytes: the weights once per decode step
-    (steps = longest output when every request fits in one batch, else total
-    output / max_running), plus every context token's KV read once per generated token."""
-    params = engine.config.num_params
+    Compute: 2 FLOPs per linear-layer parameter per processed token (the LM head only
+    for the tokens that are sampled), over the measured matmul rate.  Memory: the
+    weights once per decode step, plus every context token's KV read once per generated
+    token, over the measured copy bandwidth.  Steps = longest output, or total output /
+    concurrency, where concurrency is bounded by max_running and by how many requests of
+    the mean length the KV pool holds.  The two terms add because GEMMs (compute-bound) and
+    decode attention (bandwidth-bound) run as separate kernels of each step; the issue's
+    reference floors (H100: ~11,000 and ~2,990 out tok/s) follow the same model."""
+    c = engine.config
+    head = c.vocab_size * c.hidden_size
+    body = c.num_params - head * (1 if c.tie_word_embeddings else 2)  # neither embedding nor LM head
     kvb = kv_bytes_per_token(engine)
-    tokens = sum(i - cached_prefix + o for i, o in reqs)
-    flops = 2 * params * tokens
-    conc = max(1, min(len(reqs), engine.plan.max_running))
+    processed = sum(i - cached_prefix + o for i, o in reqs)
+    sampled = sum(o for _, o in reqs)
+    flops = 2 * body * processed + 2 * head * sampled
+    mean_len = sum(i + o for i, o in reqs) / len(reqs)
+    conc = max(1, min(len(reqs), engine.plan.max_running, int(engine.plan.kv_tokens // mean_len)))
     steps = max(max(o for _, o in reqs), sum(o for _, o in reqs) / conc)
     kv_read = sum(o * i + o * (o - 1) / 2 for i, o in reqs) * kvb
     bytes_ = steps * weight_bytes(engine) + kv_read
-    return max(flops / ceil["matmul_flops"], bytes_ / ceil["copy_bw"])
+    return flops / ceil["matmul_flops"] + bytes_ / ceil["copy_bw"]
 
 
 def _random_prompts(rng: random.Random, vocab: int, lens: list[int], prefix: list[int] | None = None):
@@ -107,24 +117,22 @@ def _random_prompts(rng: random.Random, vocab: int, lens: list[int], prefix: lis
 
 
 def _timed(engine: Engine, prompts, outs: list[int]) -> float:
+    if engine.core.profile is not None:  # LOCALSGL_PROFILE_STEPS=1: profile only the last timed run
+        from .engine.step_profile import StepProfile
+
+        engine.core.profile = StepProfile(engine.device)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
     t = time.perf_counter()
-    if len(set(outs)) == 1:
-        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=outs[0], ignore_eos=True))
-    else:
-        import threading
-
-        res = [None] * len(prompts)
-
-        def one(i):
-            res[i] = engine.generate(prompts[i], SamplingParams(temperature=0, max_tokens=outs[i], ignore_eos=True))
-
-        th = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-        [x.start() for x in th]
-        [x.join() for x in th]
+    engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in outs]
+                    if len(outs) == len(prompts) else SamplingParams(temperature=0, max_tokens=outs[0], ignore_eos=True))
     sync()
     return time.perf_counter() - t
+
+
+def _profile(engine: Engine) -> dict:
+    p = engine.core.profile
+    return {"step_profile": p.summary()} if p is not None else {}
 
 
 # ---------------------------------------------------------------- workloads
@@ -155,7 +163,8 @@ def bench_latency(engine: Engine, ceil: dict, a) -> list[dict]:
             {"workload": f"prefill bs{bs} x {a.input_len}", "measured": bs * a.input_len / pre, "unit": "tok/s",
              "floor": bs * a.input_len / pre_floor, "ratio": pre / pre_floor, "tok_s": bs * a.input_len / pre},
             {"workload": f"total bs{bs} ({a.input_len} in/{a.output_len} out)", "measured": bs * a.output_len / tot,
-             "unit": "decode tok/s", "floor": None, "ratio": None, "tok_s": bs * (a.input_len + a.output_len) / tot},
+             "unit": "decode tok/s", "floor": None, "ratio": None, "tok_s": bs * (a.input_len + a.output_len) / tot,
+             **_profile(engine)},
         ]
     return rows
 
@@ -175,7 +184,7 @@ def bench_throughput(engine: Engine, ceil: dict, a) -> list[dict]:
     floor = workload_floor(engine, ceil, reqs)
     return [{"workload": f"throughput {a.workload} x{len(reqs)}", "measured": out_tokens / t, "unit": "out tok/s",
              "floor": out_tokens / floor, "ratio": t / floor, "tok_s": sum(i + o for i, o in reqs) / t,
-             "seconds": t, "retractions": engine.stats()["retractions_total"]}]
+             "seconds": t, "retractions": engine.stats()["retractions_total"], **_profile(engine)}]
 
 
 def bench_prefix(engine: Engine, ceil: dict, a) -> list[dict]:
@@ -190,7 +199,7 @@ def bench_prefix(engine: Engine, ceil: dict, a) -> list[dict]:
     s = engine.stats()
     return [{"workload": f"prefix reuse {a.num_prompts}x({a.prefix_len}+{a.input_len}) out {a.output_len}",
              "measured": out_tokens / t, "unit": "out tok/s", "floor": None, "ratio": None,
-             "tok_s": out_tokens / t, "seconds": t, "cache_hit_tokens": s["cache_hit_tokens"]}]
+             "tok_s": out_tokens / t, "seconds": t, "cache_hit_tokens": s["cache_hit_tokens"], **_profile(engine)}]
 
 
 def _print(rows: list[dict], ceil: dict, engine: Engine, out=sys.stdout) -> None:

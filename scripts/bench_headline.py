@@ -29,7 +29,8 @@ FULL = [
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "full"
     main_set = QUICK + [FULL[0], FULL[2], FULL[3]]  # + mixed throughput and the prefix-reuse pair
-    plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set}[mode]
+    prof_set = [QUICK[0], FULL[0], FULL[2], FULL[3]]  # bs1 decode, mixed throughput, prefix pair
+    plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set, "prof": prof_set, "none": []}[mode]
     table = []
     for kind, extra, args in plan:
         buf = io.StringIO()

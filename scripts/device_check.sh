@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|full]   (logs under $OUT when set)
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all] [tests|notests] [probe] [serving]
+#   (logs under $OUT when set; LOCALSGL_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODE="${1:-full}"
+MODE="${1:-full}"; shift || true
+EXTRA=" $* "
 OUTDIR="${OUT:-/tmp/localsgl-device}"; mkdir -p "$OUTDIR"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -16,9 +18,20 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-echo "== GPU tests"
-TESTDIRS="tests/gpu"; [ -d tests/kernels ] && ls tests/kernels/test_*.py >/dev/null 2>&1 && TESTDIRS="$TESTDIRS tests/kernels"
-python3 -m pytest -q $TESTDIRS -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
+if [[ "$EXTRA" != *" notests "* ]]; then
+  echo "== GPU tests"
+  TESTDIRS="tests/gpu"; [ -d tests/kernels ] && ls tests/kernels/test_*.py >/dev/null 2>&1 && TESTDIRS="$TESTDIRS tests/kernels"
+  python3 -m pytest -q $TESTDIRS -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
+fi
+if [[ "$EXTRA" == *" probe "* ]]; then
+  echo "== probes"
+  python3 scripts/probe_gpu.py shared kernels 2>&1 | tee "$OUTDIR/probe.log"
+fi
+if [[ "$EXTRA" == *" serving "* ]]; then
+  echo "== serving vs offline (issue 4)"
+  python3 -m localsgl.cli bench serving -m llama-3.1-8b --load-format dummy --dtype bfloat16 \
+    --workload mixed --num-prompts 400 --request-rate 16 32 inf 2>&1 | tee "$OUTDIR/serving.log" | tail -20
+fi
 
 echo "== benchmarks"
 python3 scripts/bench_headline.py "$MODE" 2>&1 | tee "$OUTDIR/bench.log"

@@ -290,31 +290,36 @@ class Engine:
         self.core.abort(request_id)
 
     # ------------------------------------------------------------ blocking
-    def generate(self, prompt, params: SamplingParams | None = None):
+    def generate(self, prompt, params: SamplingParams | list[SamplingParams] | None = None):
         """One prompt -> GenerateOutput; a list of prompts (texts or id lists) -> list, in input order,
-        run concurrently."""
-        params = params or SamplingParams()
+        run concurrently.  ``params`` may be a list with one SamplingParams per prompt."""
         batch = isinstance(prompt, (list, tuple)) and prompt and (
             isinstance(prompt[0], str) or (isinstance(prompt[0], (list, tuple)) and not isinstance(prompt[0], dict))
         )
         prompts = list(prompt) if batch else [prompt]
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise InvalidRequestError(f"{len(params)} sampling params for {len(prompts)} prompts", "params")
+            per_prompt = [p or SamplingParams() for p in params]
+        else:
+            per_prompt = [params or SamplingParams()] * len(prompts)
         encoded = [self.encode_prompt(p) for p in prompts]
         collectors = []
         groups: list = []
-        for ids in encoded:
-            c = _Collector(params.n)
-            rid = self._submit_ids(ids, params, c, defer=groups)
-            collectors.append((rid, ids, c))
+        for ids, sp in zip(encoded, per_prompt):
+            c = _Collector(sp.n)
+            rid = self._submit_ids(ids, sp, c, defer=groups)
+            collectors.append((rid, ids, c, sp))
         self.core.add_many(groups)  # one inbox message: the scheduler sees the whole batch
         outs = []
         try:
-            for rid, ids, c in collectors:
+            for rid, ids, c, sp in collectors:
                 while not c.done.wait(0.5):
                     if self._closed:
                         raise RuntimeError("engine shut down while generating")
-                outs.append(c.result(rid, ids, params.logprobs))
+                outs.append(c.result(rid, ids, sp.logprobs))
         except BaseException:
-            for rid, _, c in collectors:
+            for rid, _, c, _ in collectors:
                 if not c.done.is_set():
                     self.abort(rid)
             raise

@@ -54,6 +54,11 @@ class EngineCore:
         import os
 
         self.gpu_sampling_kernels = os.environ.get("LOCALSGL_GPU_SAMPLING_KERNELS", "0") == "1"
+        self.profile = None
+        if os.environ.get("LOCALSGL_PROFILE_STEPS", "0") == "1":
+            from .step_profile import StepProfile
+
+            self.profile = StepProfile(device)
         mc = model.config
         self.vocab_size = mc.vocab_size
         self.kv_pool = KVPool(cfg.kv_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, model.dtype, device)
@@ -177,11 +182,17 @@ class EngineCore:
         (placeholders in output_ids), and detokenization, stop checks and callbacks of
         step N run after N+1 is launched.  Outputs are the same either way; a request that
         stops at step N may have computed one extra token, which is dropped."""
+        prof = self.profile
+        t = prof.tick() if prof else 0.0
         if self.inflight is not None and self._needs_sync():
             self._resolve(self.inflight)
             self.inflight = None
         sb = self.scheduler.schedule()
+        if prof:
+            t = prof.add_host("schedule", t)
         launched = self._launch(sb) if sb is not None else None
+        if prof:
+            t = prof.add_host("launch", t)
         if self.inflight is not None:
             self._resolve(self.inflight)
             self.inflight = None
@@ -190,6 +201,8 @@ class EngineCore:
                 self.inflight = launched
             else:
                 self._resolve(launched)
+        if prof:
+            prof.add_host("resolve", t)
 
     def _needs_sync(self) -> bool:
         for r in self.scheduler.running:
@@ -201,10 +214,14 @@ class EngineCore:
     def _launch(self, sb) -> "_Launched | None":
         self.steps += 1
         prev = self.inflight.tokens if self.inflight is not None else None
+        prof = self.profile
+        ev = prof.start_device() if prof else None
         logits = self.runner.forward(sb, prev_tokens=prev)
         self.scheduler.commit(sb)
         rows = [r for r, s in zip(sb.reqs, sb.sample) if s]
         if not rows:
+            if prof:
+                prof.end_device(self._step_kind(sb), sum(sb.extend_lens), ev)
             return None
         sbatch = SamplingBatch.build(
             params=[r.params for r in rows],
@@ -218,6 +235,8 @@ class EngineCore:
         )
         deferred = self.overlap and not any(r.params.logprobs for r in rows)
         res = sample(logits, sbatch, use_kernels=self.gpu_sampling_kernels, defer=deferred)
+        if prof:
+            prof.end_device(self._step_kind(sb), sum(sb.extend_lens), ev)
         slots = []
         for j, r in enumerate(rows):
             slots.append(len(r.output_ids))
@@ -233,6 +252,11 @@ class EngineCore:
             else:
                 la.cpu_tokens = res.tokens
         return la
+
+    def _step_kind(self, sb) -> str:
+        if sb.decode_only:
+            return "decode_" + self.runner.last_path
+        return "mixed" if any(n == 1 for n in sb.extend_lens) else "prefill"
 
     def _resolve(self, la: "_Launched") -> None:
         if la.deferred:
@@ -368,6 +392,7 @@ class EngineCore:
             "generation_tokens_total": self.generation_tokens_total,
             "retractions_total": s.retractions_total,
             "steps": self.steps,
+            **({"step_profile": self.profile.summary()} if self.profile is not None else {}),
         }
 
 

@@ -36,6 +36,7 @@ class ModelRunner:
         self.attn = attn_backend
         self.device = device
         self.graphs = None
+        self.last_path = "eager"  # how the last step ran: "graph" or "eager" (for profiling)
         if cuda_graph_bs and device.type == "cuda" and attn_backend.supports_cuda_graph:
             from .cuda_graph import CudaGraphRunner
 
@@ -95,7 +96,9 @@ class ModelRunner:
         """Run one step; return fp32 logits [num_sampled_rows, vocab]."""
         batch = self.build_batch(sb, prev_tokens)
         if batch.mode == ForwardMode.DECODE and self.graphs is not None and self.graphs.can_run(batch):
+            self.last_path = "graph"
             return self.graphs.replay(batch)
+        self.last_path = "eager"
         self.attn.init_forward(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         idx = batch.extra["sample_index"]

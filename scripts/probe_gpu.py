@@ -1,0 +1,83 @@
+"""Device probes behind the issue-3 work (not a benchmark): where a decode step's GPU time goes.
+
+  probe_gpu.py kernels   per-kernel GPU time of bs1 and bs64 decode steps (torch.profiler,
+                         Llama-3.1-8B dummy bf16, CUDA graphs on: kernels inside replays)
+  probe_gpu.py shared    split-KV decode kernel, 64 rows x 4,224 tokens: one shared prefix
+                         vs distinct slots (does the L2 catch the shared prefix?)
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+
+def probe_kernels(batches=(1, 64), steps=16):
+    from torch.profiler import ProfilerActivity, profile
+
+    from localsgl import Engine, SamplingParams
+
+    eng = Engine(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", device="cuda")
+    try:
+        for bs in batches:
+            prompts = [[1000 + i + j for j in range(256)] for i in range(bs)]
+            p = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+            eng.generate(prompts, p)
+            eng.core.cache.reset()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                t = time.perf_counter()
+                eng.generate(prompts, p)
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - t
+            print(f"== bs{bs}: {steps} tokens in {wall*1e3:.1f} ms (incl. prefill)")
+            rows = []
+            for e in prof.key_averages():
+                dt = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                if dt > 0:
+                    rows.append((dt, e.count, e.key))
+            rows.sort(reverse=True)
+            tot = sum(r[0] for r in rows)
+            print(f"   total kernel time {tot/1e3:.2f} ms over {sum(r[1] for r in rows)} launches")
+            for dt, n, k in rows[:22]:
+                print(f"   {dt/1e3:9.3f} ms {n:6d}x {dt/max(n,1):8.1f} us  {k[:90]}")
+    finally:
+        eng.shutdown()
+
+
+def probe_shared(B=64, L=4224, Hq=32, Hkv=8, D=128, reps=50):
+    from localsgl_kernels.decode_attention import alloc_workspace, choose_num_splits, decode_attention
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    slots = B * L + 1
+    k = torch.randn(slots, Hkv, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16)
+    seq = torch.full((B,), L, dtype=torch.int32, device=dev)
+    idx = torch.arange(B, device=dev)
+    distinct = (torch.arange(B * L, device=dev, dtype=torch.int32).view(B, L) + 1)
+    shared = distinct.clone()
+    shared[:, :4096] = shared[0, :4096]
+    for S in (choose_num_splits(B, Hkv, sms), 16, 32):
+        ws = alloc_workspace(B, Hq, D, S, dev)
+        for name, table in (("distinct", distinct), ("shared 4096", shared)):
+            for _ in range(3):
+                decode_attention(q, k, v, table, idx, seq, D ** -0.5, num_splits=S, workspace=ws)
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(reps):
+                decode_attention(q, k, v, table, idx, seq, D ** -0.5, num_splits=S, workspace=ws)
+            e1.record()
+            torch.cuda.synchronize()
+            us = e0.elapsed_time(e1) * 1e3 / reps
+            gb = B * L * Hkv * D * 2 * 2 / 1e9
+            print(f"decode B={B} L={L} S={S:2d} {name:12s}: {us:8.1f} us/layer  ({gb/us*1e6/1e3:.2f} TB/s logical)")
+
+
+if __name__ == "__main__":
+    what = sys.argv[1:] or ["shared", "kernels"]
+    for w in what:
+        {"kernels": probe_kernels, "shared": probe_shared}[w]()
