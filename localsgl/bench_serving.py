@@ -14,8 +14,8 @@ Requests carry the prompt as token ids, ``temperature 0``, ``max_tokens`` and th
 ``ignore_eos`` extension, so every request produces exactly its output length; the
 token count comes from the final usage chunk (``stream_options.include_usage``).
 
-Per request: TTFT (send -> first SSE chunk with text), ITL (gaps between successive
-chunks with text; one chunk may carry more than one token when the detokenizer holds
+Per request: TTFT (send -> first SSE chunk with text, or any token chunk: a server
+without a tokenizer streams empty-text chunks), ITL (gaps between successive such chunks; one chunk may carry more than one token when the detokenizer holds
 back an incomplete character), e2e (send -> end of stream).  The timer starts when the
 request is sent, i.e. after it got a ``--max-concurrency`` slot.
 
@@ -115,7 +115,8 @@ async def _one(client, url: str, headers: dict, body: dict, rec: dict) -> None:
                 if obj.get("usage"):
                     usage_tokens = obj["usage"].get("completion_tokens")
                 for ch in obj.get("choices") or ():
-                    if ch.get("text"):
+                    # a chunk with text, or a token chunk of a server without a tokenizer (dummy weights)
+                    if ch.get("text") or ch.get("finish_reason") is None:
                         chunks += 1
                         if last is None:
                             rec["ttft"] = now - t0

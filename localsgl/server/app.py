@@ -90,6 +90,10 @@ class ServerState:
         self.pending = 0  # admitted requests without a first token yet (bounded by max_queue)
         self.inflight: set[Generation] = set()
         self.shutting_down = False
+        self.mailbox = None  # streaming.LoopMailbox of the serving loop, made on first use
+        # dummy weights have no tokenizer: stream one (empty-text) chunk per token anyway,
+        # so clients and `bench serving` still see when tokens arrive
+        self.token_chunks = getattr(engine, "tokenizer", None) is None
 
     def abort_all(self, reason: str) -> int:
         gens = list(self.inflight)
@@ -244,6 +248,9 @@ def create_app(
     max_queue: int | None = DEFAULT_MAX_QUEUE,
     served_model_name: str | None = None,
 ) -> FastAPI:
+    # The engine thread releases the GIL while it waits for the GPU; with the default 5 ms
+    # switch interval a busy event loop can keep it from the next step for that long.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     state = ServerState(
         engine,
         api_key=api_key or None,
@@ -583,7 +590,7 @@ def create_app(
                     yield stream_error(gen, d.finish_reason)
                     return
                 lps = {"content": [_chat_lp(x) for x in d.logprobs]} if (params.logprobs and d.logprobs) else None
-                if d.text or lps:
+                if d.text or lps or (state.token_chunks and d.token_ids):
                     yield chunk(idx, {"content": d.text}, lps)
                 if d.finish_reason is not None:
                     yield chunk(idx, {}, None, d.finish_reason)
@@ -692,7 +699,7 @@ def create_app(
                 if want_lp and d.logprobs:
                     lp = _completion_lp(d.logprobs, offsets[idx])
                     offsets[idx] += sum(len(x.token) for x in d.logprobs)
-                if d.text or lp:
+                if d.text or lp or (state.token_chunks and d.token_ids):
                     yield chunk(idx, d.text, lp)
                 if d.finish_reason is not None:
                     yield chunk(idx, "", None, d.finish_reason)

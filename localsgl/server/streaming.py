@@ -3,8 +3,10 @@
 A ``Generation`` is one HTTP request's engine work: one engine request per prompt
 (each with ``n`` choices).  ``Engine.submit`` runs in a worker thread so tokenizing
 or a busy engine lock never stalls the event loop; the engine calls ``on_delta`` on
-its own thread, which hops onto the loop with ``call_soon_threadsafe`` into one
-asyncio queue.  ``abort()`` is idempotent and is called from every exit path
+its own thread and drops the delta into the loop's ``LoopMailbox``, which wakes the
+loop once per batch of deltas (one engine step emits a delta per running request:
+one ``call_soon_threadsafe`` each would cost a self-pipe write and a GIL hand-off per
+token) and forwards each into its generation's asyncio queue.  ``abort()`` is idempotent and is called from every exit path
 (client disconnect, cancellation, shutdown deadline), so an abandoned request
 frees its KV within one engine step.
 """
@@ -37,6 +39,44 @@ class ChoiceState:
 
 
 _END = object()
+
+
+class LoopMailbox:
+    """Deltas from the engine thread to one event loop, delivered in batches.
+
+    ``post`` (any thread) appends and schedules one ``_deliver`` unless one is already
+    pending; ``_deliver`` (loop thread) clears the flag first and then empties the deque,
+    so an item posted during delivery is either taken by this pass or schedules the next."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        import collections
+
+        self.loop = loop
+        self.items = collections.deque()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        self.items.append((queue, item))
+        if not self.scheduled:
+            self.scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the event loop is gone (server stopped): nobody to tell
+                self.items.clear()
+
+    def _deliver(self) -> None:
+        self.scheduled = False
+        items = self.items
+        while items:
+            q, item = items.popleft()
+            q.put_nowait(item)
+
+
+def mailbox_for(state, loop: asyncio.AbstractEventLoop) -> LoopMailbox:
+    box = getattr(state, "mailbox", None)
+    if box is None or box.loop is not loop:
+        box = state.mailbox = LoopMailbox(loop)
+    return box
 
 
 class Generation:
@@ -81,13 +121,10 @@ class Generation:
             self.state.metrics.pending.dec()
 
     def _make_on_delta(self, prompt_idx: int):
-        loop, q = self.loop, self.queue
+        box, q = mailbox_for(self.state, self.loop), self.queue
 
         def on_delta(delta: StreamDelta) -> None:  # engine thread
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, (prompt_idx, delta))
-            except RuntimeError:  # the event loop is gone (server stopped): nobody to tell
-                pass
+            box.post(q, (prompt_idx, delta))
 
         return on_delta
 
