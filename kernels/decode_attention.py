@@ -16,6 +16,15 @@ S is a host-side constant per batch size (more splits for small batches so one l
 request still fills the GPU), so a captured CUDA graph keeps a fixed grid; nothing here
 syncs with the host.
 
+Shared prefixes (cascade decoding): when rows of the batch share their first Lp cached
+tokens (the same KV slots, from one radix-cache path), reading that prefix once per row
+costs R·Lp rows of K/V for R rows.  With ``groups`` given, a prefix stage (grid
+NG × Hkv × SP) streams the group's prefix once for all R·G query rows of a KV head (an
+[R·G, D] × [D, BLOCK_N] product) and writes per-row partials; stage 1 then covers only
+each row's suffix [start_b, L_b) and stage 2 merges the suffix and prefix partials
+with the same log-sum-exp rule.  Prefix floor: Lp · Hkv · D · 2 · elem per group
+instead of per row.
+
 Floor: bytes = Σ_b L_b · Hkv · D · 2 · elem (every cached K and V row read once) plus
 B·Hq·D·elem for q and o, over copy bandwidth.  FLOPs (4 · Σ_b L_b · Hq · D) are far below
 the tensor-core rate; the split partials add B·Hq·S·(D+1)·4·2 bytes (small for S ≤ 32).
@@ -31,7 +40,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_stage1(
-    Q, K, V, ReqToToken, ReqIdx, SeqLens, PartO, PartLse,
+    Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse,
     sm_scale_log2,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
@@ -40,15 +49,18 @@ def _decode_stage1(
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
-    chunk = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_CHUNK)
+    s0 = 0
+    if HAS_START:  # keys before start_b are covered by the shared-prefix stage
+        s0 = tl.load(Start + b).to(tl.int32)
+    chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
     chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
-    start = s * chunk
+    start = s0 + s * chunk
     if start < seq_len:
         end = tl.minimum(start + chunk, seq_len)
         row = tl.load(ReqIdx + b).to(tl.int64)
@@ -90,19 +102,25 @@ def _decode_stage1(
 
 @triton.jit
 def _decode_stage2(
-    PartO, PartLse, SeqLens, Out,
+    PartO, PartLse, SeqLens, Start, PrefPos, PrefO, PrefLse, Out,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
+    stride_fb, stride_fh, stride_fs,
+    stride_gb, stride_gh,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
-    chunk = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_CHUNK)
+    s0 = 0
+    if HAS_PREFIX:
+        s0 = tl.load(Start + b).to(tl.int32)
+    chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
     chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
-    n_splits = tl.cdiv(seq_len, chunk)
+    n_splits = tl.cdiv(seq_len - s0, chunk)
     offs_s = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < n_splits
@@ -110,11 +128,95 @@ def _decode_stage2(
     bb = b.to(tl.int64)
     lse = tl.load(PartLse + bb * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, 0)
+    if HAS_PREFIX:
+        pos = tl.load(PrefPos + b).to(tl.int32)
+        chunk_p = tl.maximum(tl.cdiv(s0, PREFIX_SPLITS), MIN_CHUNK)
+        chunk_p = tl.cdiv(chunk_p, BLOCK_N) * BLOCK_N
+        offs_p = tl.arange(0, PREFIX_SPLITS)
+        n_p = tl.where(pos >= 0, tl.cdiv(s0, chunk_p), 0)  # rows outside any group have start 0 too
+        mask_p = offs_p < n_p
+        pp = tl.maximum(pos, 0).to(tl.int64)
+        lse_p = tl.load(PrefLse + pp * stride_gb + h * stride_gh + offs_p, mask=mask_p, other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse_p, 0))
     w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
     o = tl.load(PartO + bb * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
                 mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(Out + bb * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+    num = tl.sum(o * w[:, None], 0)
+    den = tl.sum(w, 0)
+    if HAS_PREFIX:
+        w_p = tl.where(mask_p, tl.exp2(lse_p - m), 0.0)
+        o_p = tl.load(PrefO + pp * stride_fb + h * stride_fh + offs_p[:, None] * stride_fs + offs_d[None, :],
+                      mask=mask_p[:, None] & mask_d[None, :], other=0.0)
+        num += tl.sum(o_p * w_p[:, None], 0)
+        den += tl.sum(w_p, 0)
+    tl.store(Out + bb * stride_ob + h * stride_oh + offs_d, (num / den).to(Out.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _prefix_stage(
+    Q, K, V, ReqToToken, ReqIdx, Start, GroupRows, PrefO, PrefLse,
+    sm_scale_log2,
+    stride_qb, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_r,
+    stride_fb, stride_fh, stride_fs,
+    stride_gb, stride_gh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PREFIX_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+):
+    """Program (group i, KV head g, split s): the group's rows x the G query heads of g
+    against one chunk of the shared prefix, which every member reads from the first
+    member's req_to_token row (their slots there are identical)."""
+    gi = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    b0 = tl.load(GroupRows + gi * MAX_ROWS).to(tl.int32)
+    if b0 >= 0:
+        plen = tl.load(Start + b0).to(tl.int32)
+        chunk = tl.maximum(tl.cdiv(plen, PREFIX_SPLITS), MIN_CHUNK)
+        chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+        start = s * chunk
+        if start < plen:
+            end = tl.minimum(start + chunk, plen)
+            table = ReqToToken + tl.load(ReqIdx + b0).to(tl.int64) * stride_r
+            offs_m = tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, BLOCK_D)
+            offs_n = tl.arange(0, BLOCK_N)
+            member = offs_m // G
+            heads = g * G + offs_m % G
+            in_tile = offs_m < MAX_ROWS * G
+            rows = tl.load(GroupRows + gi * MAX_ROWS + member, mask=in_tile, other=-1)
+            valid = in_tile & (rows >= 0)
+            rows64 = tl.maximum(rows, 0).to(tl.int64)
+            mask_d = offs_d < HEAD_DIM
+            q = tl.load(Q + rows64[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                        mask=valid[:, None] & mask_d[None, :], other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                pos = n0 + offs_n
+                mask_n = pos < end
+                slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
+                k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
+                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+                qk = tl.where(mask_n[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
+                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            out = acc / l_i[:, None]
+            lse = m_i + tl.log2(l_i)
+            pp = (gi * MAX_ROWS + member).to(tl.int64)
+            tl.store(PrefO + pp[:, None] * stride_fb + heads[:, None] * stride_fh + s * stride_fs + offs_d[None, :],
+                     out, mask=valid[:, None] & mask_d[None, :])
+            tl.store(PrefLse + pp * stride_gb + heads * stride_gh + s, lse, mask=valid)
 
 
 def block_n_for(head_dim: int, device_type: str) -> int:
@@ -138,13 +240,73 @@ def alloc_workspace(batch_size: int, num_heads: int, head_dim: int, num_splits: 
             torch.empty((batch_size, num_heads, num_splits), dtype=torch.float32, device=device))
 
 
+PREFIX_SPLITS = 16  # chunks per shared prefix: NG x Hkv x 16 programs fill the GPU for a 4k prefix
+
+
+def prefix_group_rows(group_size: int) -> int:
+    """Rows per shared-prefix group: the group's query rows (rows x G heads) fill one 64-row tile."""
+    return max(1, 64 // group_size)
+
+
+class PrefixGroups:
+    """Device tensors of a step's shared-prefix groups (fixed shapes, so graphs can hold them).
+
+    start [B] int32: shared prefix length of each row (0: none); pos [B] int32: the row's
+    index in the prefix partials (group * max_rows + member, -1: none); rows [NG, max_rows]
+    int32: batch rows of each group (-1 pads; a group with rows[i, 0] = -1 is unused)."""
+
+    def __init__(self, start: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor):
+        self.start, self.pos, self.rows = start, pos, rows
+
+    @property
+    def num_groups(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def max_rows(self) -> int:
+        return self.rows.shape[1]
+
+    @staticmethod
+    def host_arrays(batch_size: int, groups: list[tuple[int, list[int]]], num_groups: int, max_rows: int):
+        """Lists -> (start, pos, rows) CPU int32 tensors.  groups: (prefix length, batch rows);
+        at most num_groups groups of at most max_rows rows each (callers split larger ones)."""
+        start = torch.zeros(batch_size, dtype=torch.int32)
+        pos = torch.full((batch_size,), -1, dtype=torch.int32)
+        rows = torch.full((num_groups, max_rows), -1, dtype=torch.int32)
+        assert len(groups) <= num_groups
+        for gi, (plen, members) in enumerate(groups):
+            assert 0 < len(members) <= max_rows and plen > 0
+            for j, b in enumerate(members):
+                start[b] = plen
+                pos[b] = gi * max_rows + j
+                rows[gi, j] = b
+        return start, pos, rows
+
+    @classmethod
+    def build(cls, batch_size, groups, num_groups, max_rows, device) -> "PrefixGroups":
+        start, pos, rows = cls.host_arrays(batch_size, groups, num_groups, max_rows)
+        if torch.device(device).type == "cuda":
+            start, pos, rows = (t.pin_memory().to(device, non_blocking=True) for t in (start, pos, rows))
+        return cls(start, pos, rows)
+
+
+def alloc_prefix_workspace(num_groups: int, max_rows: int, num_heads: int, head_dim: int, device):
+    """(prefix_out [NG*R, Hq, PREFIX_SPLITS, D] fp32, prefix_lse [NG*R, Hq, PREFIX_SPLITS] fp32)."""
+    n = num_groups * max_rows
+    return (torch.empty((n, num_heads, PREFIX_SPLITS, head_dim), dtype=torch.float32, device=device),
+            torch.empty((n, num_heads, PREFIX_SPLITS), dtype=torch.float32, device=device))
+
+
 def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
-                     out=None, num_splits: int = 8, workspace=None, min_chunk: int | None = None):
+                     out=None, num_splits: int = 8, workspace=None, min_chunk: int | None = None,
+                     groups: PrefixGroups | None = None, prefix_workspace=None):
     """q: [B, Hq, D] (unit last stride); k_cache/v_cache: [slots, Hkv, D];
     req_to_token: [rows, ctx] int32; req_pool_indices: [B] int; seq_lens: [B] int (>= 1).
     Returns out [B, Hq, D] (q's dtype).  ``num_splits`` must be a power of two;
     ``workspace`` (from :func:`alloc_workspace`, batch dim >= B) lets CUDA graphs keep fixed
-    buffers.  No host syncs."""
+    buffers.  ``groups`` (:class:`PrefixGroups`): rows whose first ``start`` slots are shared
+    attend to them through the prefix stage (every member's suffix must be >= 1 token;
+    its max_rows must be prefix_group_rows(Hq // Hkv)).  No host syncs."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
@@ -165,8 +327,33 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     BLOCK_N = block_n_for(D, q.device.type)
     if min_chunk is None:
         min_chunk = 2 * BLOCK_N
+    has_prefix = groups is not None
+    if has_prefix:
+        R = groups.max_rows
+        assert R == prefix_group_rows(G), "groups.max_rows must be prefix_group_rows(Hq // Hkv)"
+        if prefix_workspace is None:
+            prefix_workspace = alloc_prefix_workspace(groups.num_groups, R, Hq, D, q.device)
+        pref_o, pref_lse = prefix_workspace
+        assert pref_o.shape[0] >= groups.num_groups * R
+        _prefix_stage[(groups.num_groups, Hkv, PREFIX_SPLITS)](
+            q, k_cache, v_cache, req_to_token, req_pool_indices, groups.start, groups.rows, pref_o, pref_lse,
+            scale * LOG2E,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1),
+            v_cache.stride(0), v_cache.stride(1),
+            req_to_token.stride(0),
+            pref_o.stride(0), pref_o.stride(1), pref_o.stride(2),
+            pref_lse.stride(0), pref_lse.stride(1),
+            G=G, HEAD_DIM=D, MAX_ROWS=R, BLOCK_M=max(16, triton.next_power_of_2(R * G)),
+            BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, PREFIX_SPLITS=PREFIX_SPLITS, MIN_CHUNK=min_chunk,
+            num_warps=4, num_stages=2,
+        )
+        start, pos = groups.start, groups.pos
+    else:
+        start = pos = seq_lens  # unused (HAS_START / HAS_PREFIX off)
+        pref_o, pref_lse = part_o, part_lse
     _decode_stage1[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, part_o, part_lse,
+        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, start, part_o, part_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1),
@@ -175,15 +362,18 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk,
+        NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix,
         num_warps=4, num_stages=2,
     )
     _decode_stage2[(B, Hq)](
-        part_o, part_lse, seq_lens, out,
+        part_o, part_lse, seq_lens, start, pos, pref_o, pref_lse, out,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
+        pref_o.stride(0), pref_o.stride(1), pref_o.stride(2),
+        pref_lse.stride(0), pref_lse.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk,
+        HAS_PREFIX=has_prefix, PREFIX_SPLITS=PREFIX_SPLITS,
         num_warps=4 if BLOCK_D * num_splits >= 2048 else 2,
     )
     return out

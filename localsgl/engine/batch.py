@@ -43,6 +43,9 @@ class ForwardBatch:
     req_to_token: torch.Tensor  # [max_reqs, max_context] int32, device (owned by ReqToTokenPool)
     kv_pool: "KVPool"
     attn_backend: "AttentionBackend"
+    # Decode rows that share a cached prefix (kernels' PrefixGroups), set by the runner when
+    # the backend supports cascade decoding; None: every row attends over its whole context.
+    prefix_groups: Any = None
     # Filled by the backend's init_forward (kernel metadata); opaque to everyone else.
     attn_meta: Any = None
     extra: dict = field(default_factory=dict)

@@ -36,13 +36,28 @@ class CudaGraphRunner:
         self.extend_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.extend_start_loc = torch.arange(n, dtype=torch.int32, device=dev)
         self.attn.init_cuda_graph_state(n, runner.req_pool.table.shape[1])
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.batches: dict[int, ForwardBatch] = {}
+        # cascade (shared-prefix) variants: the same step plus the prefix stage, reading its
+        # groups from these static tensors; captured for every bucket >= 2
+        self.prefix = None
+        if runner.prefix_shape is not None:
+            from localsgl_kernels.decode_attention import PrefixGroups
+
+            ng, rows = runner.prefix_shape
+            self.prefix = PrefixGroups(torch.zeros(n, dtype=torch.int32, device=dev),
+                                       torch.full((n,), -1, dtype=torch.int32, device=dev),
+                                       torch.full((ng, rows), -1, dtype=torch.int32, device=dev))
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.batches: dict[tuple[int, bool], ForwardBatch] = {}
         self.pool = None
         self._capture_all()
 
-    def _static_batch(self, bs: int) -> ForwardBatch:
+    def _static_batch(self, bs: int, cascade: bool) -> ForwardBatch:
+        groups = None
+        if cascade:
+            from localsgl_kernels.decode_attention import PrefixGroups
+
+            groups = PrefixGroups(self.prefix.start[:bs], self.prefix.pos[:bs], self.prefix.rows)
         return ForwardBatch(
             mode=ForwardMode.DECODE,
             batch_size=bs,
@@ -60,13 +75,19 @@ class CudaGraphRunner:
             req_to_token=self.runner.req_pool.table,
             kv_pool=self.runner.kv_pool,
             attn_backend=self.attn,
+            prefix_groups=groups,
         )
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         stream = torch.cuda.Stream(self.device)
-        for bs in reversed(self.batch_sizes):  # largest first: later graphs reuse its memory pool
-            batch = self._static_batch(bs)
+        keys = [(bs, False) for bs in self.batch_sizes]
+        if self.prefix is not None:
+            keys += [(bs, True) for bs in self.batch_sizes if bs >= 2]
+        keys.sort(key=lambda k: (-k[0], k[1]))
+        for key in keys:  # largest first: later graphs reuse its memory pool
+            bs, cascade = key
+            batch = self._static_batch(bs, cascade)
             self.attn.init_forward_for_capture(batch)
 
             def run():
@@ -85,9 +106,9 @@ class CudaGraphRunner:
                 out = run()
             if self.pool is None:
                 self.pool = g.pool()
-            self.graphs[bs] = g
-            self.outputs[bs] = out
-            self.batches[bs] = batch
+            self.graphs[key] = g
+            self.outputs[key] = out
+            self.batches[key] = batch
         torch.cuda.synchronize(self.device)
 
     def can_run(self, batch: ForwardBatch) -> bool:
@@ -107,8 +128,17 @@ class CudaGraphRunner:
         self.out_cache_loc[:bs].copy_(batch.out_cache_loc, non_blocking=True)
         self.req_pool_indices[:bs].copy_(batch.req_pool_indices, non_blocking=True)
         self.seq_lens[:bs].copy_(batch.seq_lens, non_blocking=True)
-        static = self.batches[padded]
+        key = (padded, batch.prefix_groups is not None and (padded, True) in self.graphs)
+        if key[1]:
+            pg = batch.prefix_groups
+            if padded > bs:
+                self.prefix.start[bs:padded].zero_()
+                self.prefix.pos[bs:padded].fill_(-1)
+            self.prefix.start[:bs].copy_(pg.start, non_blocking=True)
+            self.prefix.pos[:bs].copy_(pg.pos, non_blocking=True)
+            self.prefix.rows.copy_(pg.rows, non_blocking=True)
+        static = self.batches[key]
         static.seq_lens_cpu = list(batch.seq_lens_cpu) + [1] * (padded - bs)
         self.attn.init_forward_for_replay(static)
-        self.graphs[padded].replay()
-        return self.outputs[padded][:bs]
+        self.graphs[key].replay()
+        return self.outputs[key][:bs]

@@ -35,6 +35,12 @@ class ModelRunner:
         self.req_pool = req_pool
         self.attn = attn_backend
         self.device = device
+        import os
+
+        self.prefix_shape = None  # (groups, rows per group) of cascade decoding, None: off
+        if os.environ.get("LOCALSGL_DISABLE_CASCADE", "0") != "1":
+            cfg = model.config
+            self.prefix_shape = attn_backend.prefix_group_shape(cfg.num_heads, cfg.num_kv_heads)
         self.graphs = None
         self.last_path = "eager"  # how the last step ran: "graph" or "eager" (for profiling)
         if cuda_graph_bs and device.type == "cuda" and attn_backend.supports_cuda_graph:
@@ -88,6 +94,14 @@ class ModelRunner:
             # placeholders -(1+j): token j sampled by the step still in flight, read on the device
             ph = b.input_ids < 0
             b.input_ids = torch.where(ph, prev_tokens[(-b.input_ids - 1).clamp(min=0)], b.input_ids)
+        if sb.decode_only and self.prefix_shape is not None and len(sb.reqs) >= 2:
+            from .prefix_groups import shared_prefix_groups
+
+            groups = shared_prefix_groups(sb.reqs, *self.prefix_shape)
+            if groups:
+                from localsgl_kernels.decode_attention import PrefixGroups
+
+                b.prefix_groups = PrefixGroups.build(len(sb.reqs), groups, *self.prefix_shape, self.device)
         b.extra["sample_index"] = [s + n - 1 for s, n, smp in zip(starts, sb.extend_lens, sb.sample) if smp]
         return b
 

@@ -84,3 +84,34 @@ def test_graphs_and_overlap_do_not_change_greedy(saved):
     base = results[(False, False)]
     for k, v in results.items():
         assert v == base, k
+
+
+def test_cascade_decode_matches_plain_decode(saved, monkeypatch):
+    """Rows sharing a 600-token cached prefix decode through the shared-prefix stage (checked
+    to have fired) and give the same greedy tokens as plain decode and as transformers."""
+    import localsgl.engine.prefix_groups as pg
+
+    d, hf = saved["llama3"]
+    shared = torch.randint(0, 512, (600,)).tolist()
+    prompts = [shared + torch.randint(0, 512, (n,)).tolist() for n in (1, 5, 17, 40, 3, 9, 64, 2)]
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    fired = []
+    real = pg.shared_prefix_groups
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        fired.append(len(out))
+        return out
+
+    monkeypatch.setattr(pg, "shared_prefix_groups", spy)
+    results = {}
+    for cascade in (True, False):
+        monkeypatch.setenv("LOCALSGL_DISABLE_CASCADE", "0" if cascade else "1")
+        fired.clear()
+        with Engine(model=d, device="cuda", dtype="float32", kv_memory="256MiB") as e:
+            results[cascade] = [o.token_ids for o in e.generate(prompts, p)]
+        if cascade:
+            assert max(fired, default=0) >= 1, "no step used the shared-prefix stage"
+    assert results[True] == results[False]
+    for prompt, toks in zip(prompts[:3], results[True]):
+        assert toks == hf_greedy(hf, prompt, 24)

@@ -52,3 +52,77 @@ def test_split_counts_and_workspace(num_splits):
         out = decode_attention(q, kc, vc, table, rows, seq, 0.1, num_splits=num_splits, workspace=ws,
                                min_chunk=16)
         assert rel_err(out, ref) < (1e-5 if not ON_GPU else 2e-3)  # fp32 tl.dot is TF32 on GPUs
+
+
+def make_shared_case(g, groups_spec, singles, hq, hkv, d, dtype, slots):
+    """Rows in groups share their first plen slots (as radix-cache paths do); each row has its
+    own suffix of 1..suffix_max tokens.  groups_spec: [(plen, members, suffix_max)]; singles:
+    seq lens of rows in no group.  Returns the case plus the group list in batch-row indices."""
+    lens, shared, groups = [], [], []
+    b = 0
+    for plen, members, smax in groups_spec:
+        prefix = (torch.randperm(slots, generator=g)[:plen] + 1).int()
+        rows = []
+        for _ in range(members):
+            lens.append(plen + int(torch.randint(1, smax + 1, (1,), generator=g)))
+            shared.append(prefix)
+            rows.append(b)
+            b += 1
+        groups.append((plen, rows))
+    for n in singles:
+        lens.append(n)
+        shared.append(None)
+        b += 1
+    B = b
+    max_len = max(lens)
+    kc = randn(slots + 1, hkv, d, g=g, dtype=dtype)
+    vc = randn(slots + 1, hkv, d, g=g, dtype=dtype)
+    table = torch.zeros(B + 2, max_len, dtype=torch.int32)
+    rows = torch.randperm(B + 1, generator=g)[:B] + 1
+    for i in range(B):
+        own = (torch.randperm(slots, generator=g)[: lens[i]] + 1).int()
+        if shared[i] is not None:
+            own[: len(shared[i])] = shared[i]
+        table[rows[i], : lens[i]] = own
+    q = randn(B, hq, d, g=g, dtype=dtype)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    return q, kc, vc, table.to(DEV), rows.to(DEV), seq.to(DEV), groups
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(4, 1, 64), (12, 4, 64), (6, 2, 80)])
+def test_shared_prefix_groups(dtype, hq, hkv, d):
+    """Cascade decoding equals plain attention over each row's whole context: groups of
+    several sizes (one full group of max_rows), short and long prefixes (several prefix
+    splits, some empty), rows outside any group, unused group slots, suffixes of 1 token."""
+    from localsgl_kernels.decode_attention import PrefixGroups, prefix_group_rows
+
+    g = gen(7 * hq + d)
+    R = prefix_group_rows(hq // hkv)
+    if ON_GPU:
+        spec, singles, slots = [(4096, R, 300), (700, 3, 1), (33, 2, 50)], [1, 2000, 4500], 200000
+    else:
+        spec, singles, slots = [(150, min(R, 5), 40), (20, 2, 1)], [1, 90], 3000
+        if R <= 5:
+            spec[0] = (150, R, 40)
+    q, kc, vc, table, rows, seq, groups = make_shared_case(g, spec, singles, hq, hkv, d, dtype, slots)
+    B = q.shape[0]
+    ref = decode_attention_ref(q, kc, vc, table, rows, seq, d**-0.5)
+    pg = PrefixGroups.build(B, groups, num_groups=len(groups) + 2, max_rows=R, device=DEV)
+    for splits in (4, 8):
+        out = decode_attention(q, kc, vc, table, rows, seq, d**-0.5, num_splits=splits, groups=pg,
+                               min_chunk=16 if not ON_GPU else None)
+        assert not torch.isnan(out).any()
+        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # the same tensors with no groups (every row attends from 0) agree too
+    plain = decode_attention(q, kc, vc, table, rows, seq, d**-0.5, num_splits=4)
+    assert rel_err(plain, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_prefix_groups_host_arrays():
+    from localsgl_kernels.decode_attention import PrefixGroups
+
+    start, pos, rows = PrefixGroups.host_arrays(6, [(10, [4, 1]), (3, [2])], num_groups=3, max_rows=4)
+    assert start.tolist() == [0, 10, 3, 0, 10, 0]
+    assert pos.tolist() == [-1, 1, 4, -1, 0, -1]
+    assert rows.tolist() == [[4, 1, -1, -1], [2, -1, -1, -1], [-1, -1, -1, -1]]

@@ -20,6 +20,11 @@ class AttentionBackend(ABC):
     name: str = "base"
     supports_cuda_graph: bool = False
 
+    def prefix_group_shape(self, num_heads: int, num_kv_heads: int) -> tuple[int, int] | None:
+        """(max groups, max rows per group) of shared-prefix (cascade) decoding, or None
+        when this backend reads every row's whole context (ForwardBatch.prefix_groups unused)."""
+        return None
+
     @abstractmethod
     def init_forward(self, batch: ForwardBatch) -> None:
         """Compute per-step metadata (once per model step, shared by every layer)."""

@@ -7,6 +7,10 @@ Per step, ``init_forward`` picks the kernel once (shared by every layer):
   * other EXTEND steps: the ragged extend kernel (kernels/extend_attention.py) over a work
     list of (request, token block) items built on the host from ``extend_lens_cpu`` /
     ``prefix_lens_cpu`` (extend steps run eagerly, never inside a graph).
+Decode steps whose rows share a cached prefix (``batch.prefix_groups``, found by the
+runner from the radix paths) run the decode kernel's shared-prefix stage: the prefix is
+read once per group of up to 64 // G rows, not once per row (cascade decoding); graphs
+are captured in both variants.
 Per-step buffers (the decode split workspace, the extend work list) are made by the first
 layer's ``forward`` — that is where the query head count becomes known — and reused by
 the other layers.  Inside a CUDA-graph capture they are allocated from the graph's
@@ -25,12 +29,18 @@ from ...batch import ForwardBatch, ForwardMode
 from .base import AttentionBackend
 
 
+# Shared-prefix groups per decode step (cascade decoding): a fixed count so CUDA graphs keep
+# one grid; 4 groups of up to 64 // G rows cover e.g. 64 requests on one system prompt.
+PREFIX_GROUPS = 4
+
+
 class _DecodeMeta:
-    __slots__ = ("num_splits", "workspace")
+    __slots__ = ("num_splits", "workspace", "prefix_workspace")
 
     def __init__(self, num_splits: int):
         self.num_splits = num_splits
         self.workspace = None  # (partial_out, partial_lse), made by the first layer
+        self.prefix_workspace = None  # the same for shared-prefix partials (cascade steps)
 
 
 class _ExtendMeta:
@@ -55,6 +65,9 @@ class TritonAttentionBackend(AttentionBackend):
         self._store = store_kv
         self._num_sms = num_sms
         self.graph_max_bs = 0
+
+    def prefix_group_shape(self, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+        return PREFIX_GROUPS, self._dec.prefix_group_rows(num_heads // num_kv_heads)
 
     def _sms(self, device: torch.device) -> int:
         if self._num_sms is None:
@@ -86,9 +99,16 @@ class TritonAttentionBackend(AttentionBackend):
             ws = meta.workspace
             if ws is None or ws[0].shape[0] < T or ws[0].shape[1] != hq or ws[0].shape[3] != d:
                 ws = meta.workspace = self._dec.alloc_workspace(T, hq, d, meta.num_splits, q.device)
+            groups = batch.prefix_groups
+            pws = None
+            if groups is not None:
+                pws = meta.prefix_workspace
+                if pws is None:
+                    pws = meta.prefix_workspace = self._dec.alloc_prefix_workspace(
+                        groups.num_groups, groups.max_rows, hq, d, q.device)
             return self._dec.decode_attention(
                 q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, scale,
-                num_splits=meta.num_splits, workspace=ws,
+                num_splits=meta.num_splits, workspace=ws, groups=groups, prefix_workspace=pws,
             )
         tok = self._ext.tokens_per_block(d, hq // k_cache.shape[1], q.device.type)
         if meta.work is None or meta.tok != tok:
