@@ -30,7 +30,9 @@ def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "full"
     main_set = QUICK + [FULL[0], FULL[2], FULL[3]]  # + mixed throughput and the prefix-reuse pair
     prof_set = [QUICK[0], FULL[0], FULL[2], FULL[3]]  # bs1 decode, mixed throughput, prefix pair
-    plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set, "prof": prof_set, "none": []}[mode]
+    prefix_set = [QUICK[0], FULL[2], FULL[3]]
+    plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set, "prof": prof_set, "prefix": prefix_set,
+            "none": []}[mode]
     table = []
     for kind, extra, args in plan:
         buf = io.StringIO()

@@ -25,7 +25,7 @@ if [[ "$EXTRA" != *" notests "* ]]; then
 fi
 if [[ "$EXTRA" == *" probe "* ]]; then
   echo "== probes"
-  python3 scripts/probe_gpu.py shared kernels 2>&1 | tee "$OUTDIR/probe.log"
+  python3 scripts/probe_gpu.py ${PROBES:-shared kernels} 2>&1 | tee "$OUTDIR/probe.log"
 fi
 if [[ "$EXTRA" == *" serving "* ]]; then
   echo "== serving vs offline (issue 4)"

@@ -2,6 +2,8 @@
 
   probe_gpu.py kernels   per-kernel GPU time of bs1 and bs64 decode steps (torch.profiler,
                          Llama-3.1-8B dummy bf16, CUDA graphs on: kernels inside replays)
+  probe_gpu.py mixed     per-kernel GPU time of a few mixed steps: 400 requests decoding
+                         (~800 context) while 10 new 1,000-token prompts are prefilled
   probe_gpu.py shared    split-KV decode kernel, 64 rows x 4,224 tokens: one shared prefix
                          vs distinct slots (does the L2 catch the shared prefix?)
 """
@@ -46,8 +48,53 @@ def probe_kernels(batches=(1, 64), steps=16):
         eng.shutdown()
 
 
+def _kernel_table(prof, top=24):
+    rows = []
+    for e in prof.key_averages():
+        dt = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if dt > 0:
+            rows.append((dt, e.count, e.key))
+    rows.sort(reverse=True)
+    tot = sum(r[0] for r in rows)
+    print(f"   total kernel time {tot/1e3:.2f} ms over {sum(r[1] for r in rows)} launches")
+    for dt, n, k in rows[:top]:
+        print(f"   {dt/1e3:9.3f} ms {n:6d}x {dt/max(n,1):8.1f} us  {k[:90]}")
+
+
+def probe_mixed():
+    import os
+    import threading
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from localsgl import Engine, SamplingParams
+
+    os.environ["LOCALSGL_PROFILE_STEPS"] = "1"
+    eng = Engine(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", device="cuda")
+    try:
+        bg = [[2000 + (i * 7 + j) % 100000 for j in range(800)] for i in range(400)]
+        t = threading.Thread(target=eng.generate, args=(bg, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)))
+        t.start()
+        while eng.stats()["running"] < 400 or eng.stats()["waiting"] > 0:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        from localsgl.engine.step_profile import StepProfile
+
+        eng.core.profile = StepProfile(eng.device)
+        new = [[5000 + (i * 13 + j) % 100000 for j in range(1000)] for i in range(10)]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.generate(new, SamplingParams(temperature=0, max_tokens=1))
+            torch.cuda.synchronize()
+        print("== mixed window:", eng.core.profile.summary())
+        _kernel_table(prof, 30)
+        t.join()
+    finally:
+        eng.shutdown()
+
+
 def probe_shared(B=64, L=4224, Hq=32, Hkv=8, D=128, reps=50):
-    from localsgl_kernels.decode_attention import alloc_workspace, choose_num_splits, decode_attention
+    from localsgl_kernels.decode_attention import (PrefixGroups, alloc_workspace, choose_num_splits,
+                                                   decode_attention, prefix_group_rows)
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -60,16 +107,25 @@ def probe_shared(B=64, L=4224, Hq=32, Hkv=8, D=128, reps=50):
     distinct = (torch.arange(B * L, device=dev, dtype=torch.int32).view(B, L) + 1)
     shared = distinct.clone()
     shared[:, :4096] = shared[0, :4096]
-    for S in (choose_num_splits(B, Hkv, sms), 16, 32):
+    R = prefix_group_rows(Hq // Hkv)
+    pg = PrefixGroups.build(B, [(4096, list(range(i, min(i + R, B)))) for i in range(0, B, R)][:4], 4, R, dev)
+    ref = None
+    for S in (choose_num_splits(B, Hkv, sms), 16):
         ws = alloc_workspace(B, Hq, D, S, dev)
-        for name, table in (("distinct", distinct), ("shared 4096", shared)):
+        for name, table, groups in (("distinct", distinct, None), ("shared 4096", shared, None),
+                                    ("cascade 4096", shared, pg)):
             for _ in range(3):
-                decode_attention(q, k, v, table, idx, seq, D ** -0.5, num_splits=S, workspace=ws)
+                o = decode_attention(q, k, v, table, idx, seq, D ** -0.5, num_splits=S, workspace=ws, groups=groups)
+            if table is shared:
+                if ref is None:
+                    ref = o.float().clone()
+                else:
+                    print(f"   max |diff| vs plain: {(o.float() - ref).abs().max().item():.2e}")
             torch.cuda.synchronize()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             for _ in range(reps):
-                decode_attention(q, k, v, table, idx, seq, D ** -0.5, num_splits=S, workspace=ws)
+                decode_attention(q, k, v, table, idx, seq, D ** -0.5, num_splits=S, workspace=ws, groups=groups)
             e1.record()
             torch.cuda.synchronize()
             us = e0.elapsed_time(e1) * 1e3 / reps
@@ -80,4 +136,4 @@ def probe_shared(B=64, L=4224, Hq=32, Hkv=8, D=128, reps=50):
 if __name__ == "__main__":
     what = sys.argv[1:] or ["shared", "kernels"]
     for w in what:
-        {"kernels": probe_kernels, "shared": probe_shared}[w]()
+        {"kernels": probe_kernels, "shared": probe_shared, "mixed": probe_mixed}[w]()
