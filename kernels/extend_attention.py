@@ -119,11 +119,14 @@ def tokens_per_block(head_dim: int, group: int, device_type: str) -> int:
     return extend_config(head_dim, group, device_type)[0] // group
 
 
-def build_work(extend_lens: list[int], prefix_lens: list[int], tok: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def build_work(extend_lens: list[int], prefix_lens: list[int], tok: int, device,
+               first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Host-side work list: (request index, first new token) per block of ``tok`` new tokens,
-    heaviest (most keys) first.  Returns two int32 device tensors."""
+    heaviest (most keys) first, for requests ``first``.. (rows before it are left to another
+    kernel: their outputs are not written).  Returns two int32 device tensors."""
     items = []
-    for i, (e, p) in enumerate(zip(extend_lens, prefix_lens)):
+    for i in range(first, len(extend_lens)):
+        e, p = extend_lens[i], prefix_lens[i]
         for t0 in range(0, e, tok):
             items.append((p + min(t0 + tok, e), i, t0))
     items.sort(key=lambda x: -x[0])

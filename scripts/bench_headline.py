@@ -26,13 +26,22 @@ FULL = [
 ]
 
 
+CAPS = [  # issue 3: every --gpu-memory cap runs the throughput workload to the end (retraction, no OOM)
+    ("throughput", {"model": "llama-3.2-1b", "gpu_memory": cap}, ["--workload", "mixed", "--num-prompts", "300"])
+    for cap in ("8GiB", "12GiB")
+] + [
+    ("throughput", {"gpu_memory": cap}, ["--workload", "mixed", "--num-prompts", "300"]) for cap in ("24GiB", "40GiB")
+]
+LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--input-len", "4096", "--output-len", "2048"])]
+
+
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "full"
     main_set = QUICK + [FULL[0], FULL[2], FULL[3]]  # + mixed throughput and the prefix-reuse pair
     prof_set = [QUICK[0], FULL[0], FULL[2], FULL[3]]  # bs1 decode, mixed throughput, prefix pair
     prefix_set = [QUICK[0], FULL[2], FULL[3]]
     plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set, "prof": prof_set, "prefix": prefix_set,
-            "none": []}[mode]
+            "tput": [FULL[0]], "caps": CAPS, "tputcaps": [FULL[0]] + CAPS, "long": LONG, "none": []}[mode]
     table = []
     for kind, extra, args in plan:
         buf = io.StringIO()
@@ -50,7 +59,7 @@ def main():
         info = json.loads(buf.getvalue().strip().splitlines()[-1])
         print(json.dumps(info), flush=True)
         for r in info["rows"]:
-            tag = (" " + ",".join(k for k in extra)) if extra else ""
+            tag = (" " + ",".join(f"{k}={v}" for k, v in extra.items())) if extra else ""
             table.append((r["workload"] + tag, r["measured"], r["unit"], r["floor"], r["ratio"], info["load_seconds"]))
         print(f"[{kind} {args} done in {time.time()-t:.0f}s]", flush=True)
     print()

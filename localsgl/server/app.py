@@ -248,9 +248,6 @@ def create_app(
     max_queue: int | None = DEFAULT_MAX_QUEUE,
     served_model_name: str | None = None,
 ) -> FastAPI:
-    # The engine thread releases the GIL while it waits for the GPU; with the default 5 ms
-    # switch interval a busy event loop can keep it from the next step for that long.
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     state = ServerState(
         engine,
         api_key=api_key or None,

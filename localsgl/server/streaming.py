@@ -72,6 +72,25 @@ class LoopMailbox:
             q.put_nowait(item)
 
 
+def _merge_pending(items: list) -> list:
+    """Merge consecutive deltas of the same choice (a token stream may carry several tokens
+    per chunk, as OpenAI's does): under load the loop then writes one SSE event per choice
+    per wake-up instead of one per token.  Nothing is merged past a finished delta."""
+    out: list = []
+    for prompt_idx, d in items:
+        if out:
+            pi, last = out[-1]
+            if pi == prompt_idx and last.index == d.index and last.finish_reason is None:
+                lps = None
+                if last.logprobs is not None or d.logprobs is not None:
+                    lps = (last.logprobs or []) + (d.logprobs or [])
+                out[-1] = (pi, StreamDelta(d.index, last.text + d.text, last.token_ids + d.token_ids,
+                                           d.finish_reason, lps, d.metrics))
+                continue
+        out.append((prompt_idx, d))
+    return out
+
+
 def mailbox_for(state, loop: asyncio.AbstractEventLoop) -> LoopMailbox:
     box = getattr(state, "mailbox", None)
     if box is None or box.loop is not loop:
@@ -191,8 +210,14 @@ class Generation:
     async def deltas(self) -> AsyncIterator[tuple[int, StreamDelta]]:
         """Yield (choice index, delta) until every choice has finished."""
         m = self.state.metrics
+        ready: list = []
         while self.num_finished < self.num_choices:
-            prompt_idx, d = await self.queue.get()
+            if not ready:
+                ready.append(await self.queue.get())
+                while not self.queue.empty():  # fell behind: send what piled up as fewer chunks
+                    ready.append(self.queue.get_nowait())
+                ready = _merge_pending(ready)
+            prompt_idx, d = ready.pop(0)
             idx = prompt_idx * self.n + d.index
             if not (0 <= idx < self.num_choices):
                 continue

@@ -93,6 +93,21 @@ def test_extend_mixed(dtype, hq, hkv, d):
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
+def test_mixed_step_leading_decodes_use_decode_kernel(dtype):
+    """A mixed step as the scheduler builds it: running decodes first (one token each),
+    then prefill chunks (one of them a single last token); the leading decodes go to the
+    split-KV decode kernel, the rest to the extend kernel, into one output."""
+    g = gen(11)
+    hq, hkv, d = 8, 2, 64
+    pool, rp = make_world(g, hkv, d, dtype)
+    be = TritonAttentionBackend()
+    batch = make_batch(g, pool, rp, [40, 7, 130, 0, 25, 60], [1, 1, 1, 33, 1, 9], ForwardMode.EXTEND, be)
+    be.init_forward(batch)
+    assert batch.attn_meta.num_decode == 3
+    assert run_both(batch, hq, d, g, dtype) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
 def test_decode_and_all_ones_extend(dtype):
     g = gen(3)
     hq, hkv, d = 12, 4, 64

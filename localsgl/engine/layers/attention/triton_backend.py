@@ -6,7 +6,10 @@ Per step, ``init_forward`` picks the kernel once (shared by every layer):
     batch size and KV head count, so a captured graph keeps a fixed grid.
   * other EXTEND steps: the ragged extend kernel (kernels/extend_attention.py) over a work
     list of (request, token block) items built on the host from ``extend_lens_cpu`` /
-    ``prefix_lens_cpu`` (extend steps run eagerly, never inside a graph).
+    ``prefix_lens_cpu`` (extend steps run eagerly, never inside a graph).  In a mixed step
+    the leading one-token rows (the scheduler puts running decodes first) go to the decode
+    kernel instead: the extend kernel would fill a whole token block for each of them
+    (measured on an H200: ~2x slower for 400 decode rows of ~1k context).
 Decode steps whose rows share a cached prefix (``batch.prefix_groups``, found by the
 runner from the radix paths) run the decode kernel's shared-prefix stage: the prefix is
 read once per group of up to 64 // G rows, not once per row (cascade decoding); graphs
@@ -44,11 +47,13 @@ class _DecodeMeta:
 
 
 class _ExtendMeta:
-    __slots__ = ("tok", "work")
+    __slots__ = ("tok", "work", "num_decode", "decode")
 
-    def __init__(self):
+    def __init__(self, num_decode: int = 0, decode: "_DecodeMeta | None" = None):
         self.tok = 0  # tokens per work item the list was built for
         self.work = None
+        self.num_decode = num_decode  # leading one-token rows, handled by the decode kernel
+        self.decode = decode
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -86,7 +91,16 @@ class TritonAttentionBackend(AttentionBackend):
         if batch.mode == ForwardMode.DECODE or batch.max_extend_len <= 1:
             batch.attn_meta = self._decode_meta(batch)
         else:
-            batch.attn_meta = _ExtendMeta()
+            n = 0
+            for e in batch.extend_lens_cpu:
+                if e != 1:
+                    break
+                n += 1
+            dec = None
+            if n:
+                pool = batch.kv_pool
+                dec = _DecodeMeta(self._dec.choose_num_splits(n, pool.num_kv_heads, self._sms(pool.device)))
+            batch.attn_meta = _ExtendMeta(n, dec)
 
     def forward(self, q, k, v, layer, batch, scale):
         pool = batch.kv_pool
@@ -111,12 +125,22 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits=meta.num_splits, workspace=ws, groups=groups, prefix_workspace=pws,
             )
         tok = self._ext.tokens_per_block(d, hq // k_cache.shape[1], q.device.type)
+        nd = meta.num_decode
         if meta.work is None or meta.tok != tok:
-            meta.work = self._ext.build_work(batch.extend_lens_cpu, batch.prefix_lens_cpu, tok, q.device)
+            meta.work = self._ext.build_work(batch.extend_lens_cpu, batch.prefix_lens_cpu, tok, q.device, first=nd)
             meta.tok = tok
+        out = torch.empty((T, hq, d), dtype=q.dtype, device=q.device)
+        if nd:  # rows 0..nd-1 hold one token each, at flat rows 0..nd-1
+            dm = meta.decode
+            if dm.workspace is None:
+                dm.workspace = self._dec.alloc_workspace(nd, hq, d, dm.num_splits, q.device)
+            self._dec.decode_attention(
+                q[:nd], k_cache, v_cache, batch.req_to_token, batch.req_pool_indices[:nd], batch.seq_lens[:nd], scale,
+                out=out[:nd], num_splits=dm.num_splits, workspace=dm.workspace,
+            )
         return self._ext.extend_attention(
             q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.prefix_lens, batch.extend_lens,
-            batch.extend_start_loc, scale, meta.work,
+            batch.extend_start_loc, scale, meta.work, out=out,
         )
 
     # ------------------------------------------------------------------ CUDA graphs

@@ -1,0 +1,54 @@
+"""Unit tests of the engine-thread -> event-loop bridge: the coalescing mailbox delivers
+every delta in order (including deltas posted from another thread while a delivery runs),
+and merged deltas keep text, tokens, logprobs and the finish reason."""
+import asyncio
+import threading
+
+from localsgl.engine.params import StreamDelta, TokenLogprob
+from localsgl.server.streaming import LoopMailbox, _merge_pending
+
+
+def test_mailbox_delivers_everything_in_order_from_threads():
+    async def main():
+        loop = asyncio.get_running_loop()
+        box = LoopMailbox(loop)
+        queues = [asyncio.Queue() for _ in range(4)]
+        n = 2000
+
+        def producer():
+            for i in range(n):
+                box.post(queues[i % 4], i)
+
+        th = threading.Thread(target=producer)
+        th.start()
+        got = [[] for _ in range(4)]
+        for k in range(n):
+            q = queues[k % 4]
+            got[k % 4].append(await asyncio.wait_for(q.get(), 10))
+        th.join()
+        return got
+
+    got = asyncio.run(main())
+    for j in range(4):
+        assert got[j] == list(range(j, 2000, 4))
+
+
+def test_merge_pending_joins_same_choice_until_finish():
+    lp = lambda t: TokenLogprob(t, str(t), -0.5, [])  # noqa: E731
+    items = [
+        (0, StreamDelta(0, "a", [1], None, [lp(1)])),
+        (0, StreamDelta(0, "b", [2], None, [lp(2)])),
+        (0, StreamDelta(1, "x", [9])),
+        (0, StreamDelta(1, "y", [8], "stop")),
+        (0, StreamDelta(1, "z", [7])),  # after a finish: never merged into it
+        (1, StreamDelta(1, "p", [5])),
+    ]
+    out = _merge_pending(items)
+    assert [(p, d.index, d.text, d.token_ids, d.finish_reason) for p, d in out] == [
+        (0, 0, "ab", [1, 2], None),
+        (0, 1, "xy", [9, 8], "stop"),
+        (0, 1, "z", [7], None),
+        (1, 1, "p", [5], None),
+    ]
+    assert [x.token_id for x in out[0][1].logprobs] == [1, 2]
+    assert out[1][1].logprobs is None
