@@ -411,7 +411,13 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
         if engine is not None:
             if not a.skip_offline:
                 log(f"offline: engine.generate on {len(lens)} prompts ...")
+                if getattr(engine.core, "profile", None) is not None:
+                    from .engine.step_profile import StepProfile
+
+                    engine.core.profile = StepProfile(engine.device)
                 offline = offline_throughput(engine, lens, outs, a.seed)
+                if getattr(engine.core, "profile", None) is not None:
+                    log(f"  step profile: {json.dumps(engine.core.profile.summary())}")
                 log(f"offline: {offline['output_throughput']:.1f} out tok/s in {offline['seconds']:.2f} s")
             server = EmbeddedServer(engine, api_key=None, max_queue=max(1024, len(lens) + a.warmup + 8))
             server.start()
@@ -444,8 +450,15 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
             for rate in a.request_rate:
                 run_idx += 1
                 prompts = token_prompts(lens, vocab, a.seed + 1000003 * run_idx)
+                prof = getattr(getattr(engine, "core", None), "profile", None)
+                if prof is not None:  # LOCALSGL_PROFILE_STEPS=1: per-run engine step profile
+                    from .engine.step_profile import StepProfile
+
+                    engine.core.profile = StepProfile(engine.device)
                 res = run_client({**base, "prompts": prompts, "outs": outs, "rate": rate,
                                   "concurrency": conc or None, "seed": a.seed + run_idx})
+                if prof is not None:
+                    log(f"  step profile: {json.dumps(engine.core.profile.summary())}")
                 row = summarize(res, {"request_rate": rate, "max_concurrency": conc or None})
                 per_request.append([{k: r[k] for k in ("in_tokens", "want_tokens", "out_tokens", "ttft", "e2e", "ok",
                                                        "error")} for r in res["requests"]])

@@ -30,7 +30,7 @@ fi
 if [[ "$EXTRA" == *" serving "* ]]; then
   echo "== serving vs offline (issue 4)"
   python3 -m localsgl.cli bench serving -m llama-3.1-8b --load-format dummy --dtype bfloat16 \
-    --workload mixed --num-prompts 400 --request-rate 16 32 inf 2>&1 | tee "$OUTDIR/serving.log" | tail -20
+    --workload mixed --num-prompts 400 --request-rate ${SERVING_RATES:-16 32 inf} 2>&1 | tee "$OUTDIR/serving.log" | tail -20
 fi
 
 echo "== benchmarks"

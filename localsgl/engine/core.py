@@ -79,6 +79,7 @@ class EngineCore:
         self._idle = threading.Event()
         self._idle.set()
         self.inflight: _Launched | None = None
+        self._exact_history: set[Request] = set()  # unfinished requests with penalties (no overlap)
         self._thread: threading.Thread | None = None
         if start_thread:
             self.attach_thread(threading.Thread(target=self.run_loop, name="localsgl-engine", daemon=True))
@@ -160,6 +161,8 @@ class EngineCore:
 
     def _init_request(self, r: Request) -> None:
         p = r.params
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            self._exact_history.add(r)  # penalties read every earlier token: resolve before scheduling
         if p.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(p.seed + r.index)
         if self.tokenizer is not None:
@@ -205,11 +208,7 @@ class EngineCore:
             prof.add_host("resolve", t)
 
     def _needs_sync(self) -> bool:
-        for r in self.scheduler.running:
-            p = r.params
-            if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-                return True
-        return False
+        return bool(self._exact_history)
 
     def _launch(self, sb) -> "_Launched | None":
         self.steps += 1
@@ -297,12 +296,11 @@ class EngineCore:
     def _append_token(self, r: Request, tok: int, lp: TokenLogprob | None, idx: int) -> None:
         """Resolve output position idx (a placeholder) to tok: detokenize, check stops, finish."""
         p = r.params
-        now = time.perf_counter()
         r.output_ids[idx] = tok
         self.generation_tokens_total += 1
         n_out = idx + 1
         if n_out == 1:
-            r.metrics.time_to_first_token = now - r.arrival
+            r.metrics.time_to_first_token = time.perf_counter() - r.arrival
         if lp is not None and r.logprobs is not None:
             r.logprobs.append(lp)
         finish = None
@@ -346,6 +344,7 @@ class EngineCore:
 
     def _finish(self, r: Request, reason: str, emit: bool) -> None:
         self.scheduler.finish(r, reason)
+        self._exact_history.discard(r)
         r.metrics.completion_tokens = len(r.output_ids)
         r.metrics.total_time = time.perf_counter() - r.arrival
         group = self.requests.get(r.rid)

@@ -174,7 +174,20 @@ class Scheduler:
         self.new_token_ratio = max(0.1, self.new_token_ratio - 0.002)
         # 1) one slot for every decoding request; retract the youngest when short
         # a request whose in-flight token already reaches its limit waits for that token
-        decodes = [r for r in self.running if r.is_decoding and r.max_new_remaining(self.max_model_len) > 0]
+        # one pass over running: decodes (one token to compute, budget left) and prefills;
+        # inlined Request.is_decoding / max_new_remaining (this runs every step for every row)
+        decodes: list[Request] = []
+        prefilling: list[Request] = []
+        mml = self.max_model_len
+        for r in self.running:
+            n_out = len(r.output_ids)
+            all_len = len(r.prompt_ids) + n_out
+            if n_out and all_len - r.kv_len == 1:
+                mt = r.params.max_tokens
+                if all_len < mml and (mt is None or n_out < mt):
+                    decodes.append(r)
+            else:
+                prefilling.append(r)
         while decodes and self._available() < len(decodes):
             victim = max(decodes, key=lambda r: r.seq_no)
             decodes.remove(victim)
@@ -198,8 +211,7 @@ class Scheduler:
 
         # 2) prefills under the token budget
         budget = self.chunk_size
-        prefilling = [r for r in self.running if not r.is_decoding]
-        candidates = list(prefilling)
+        candidates = prefilling  # retraction above picks decodes only
         if self.waiting and len(self.running) < self.max_running:
             if self.policy == "lpm":
                 self._sort_waiting_by_prefix()
@@ -208,7 +220,7 @@ class Scheduler:
                 break
             n = self._extend_one(r, budget, reqs, ext, pre, sample, slot_parts, reserve=0)
             budget -= n
-        reserve = self._reserved_for_decodes()
+        reserve = self._reserved_for_decodes() if self.waiting and budget > 0 else 0
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             r = self.waiting.popleft()

@@ -18,16 +18,23 @@ class StepProfile:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.host = defaultdict(float)  # phase -> seconds
+        self.cpu = defaultdict(float)  # phase -> CPU seconds of the engine thread (wall minus waits)
+        self._cpu0 = None
         self.kinds = defaultdict(lambda: [0, 0, 0.0])  # kind -> [steps, tokens, device seconds]
         self._pending: list[tuple[str, int, object, object]] = []
         self.t_first = None
         self.t_last = None
 
     def tick(self) -> float:
+        self._cpu0 = time.thread_time()
         return time.perf_counter()
 
     def add_host(self, phase: str, t0: float) -> float:
         t = time.perf_counter()
+        c = time.thread_time()
+        if self._cpu0 is not None:
+            self.cpu[phase] += c - self._cpu0
+        self._cpu0 = c
         self.host[phase] += t - t0
         if self.t_first is None:
             self.t_first = t0
@@ -69,6 +76,7 @@ class StepProfile:
         return {
             "wall_s": round(wall, 3),
             "host_s": {k: round(v, 3) for k, v in sorted(self.host.items())},
+            "cpu_s": {k: round(v, 3) for k, v in sorted(self.cpu.items())},
             "kinds": {k: {"steps": v[0], "tokens": v[1], "device_s": round(v[2], 3),
                           "ms_per_step": round(1e3 * v[2] / max(v[0], 1), 3)} for k, v in sorted(self.kinds.items())},
         }

@@ -48,7 +48,7 @@ from .errors import (
     validation_error_to_api_error,
 )
 from .metrics import ServerMetrics
-from .streaming import SSE_DONE, Generation, SSEResponse, sse, wait_for_disconnect
+from .streaming import SSE_DONE, Generation, SSEResponse, sse, sse_choice, sse_choice_prefix, wait_for_disconnect
 
 log = logging.getLogger("localsgl.server")
 
@@ -575,9 +575,10 @@ def create_app(
         if include_usage:
             base["usage"] = None
 
+        head = sse_choice_prefix(base)
+
         def chunk(idx: int, delta: dict, logprobs=None, finish=None) -> bytes:
-            return sse({**base, "choices": [{"index": idx, "delta": delta, "logprobs": logprobs,
-                                              "finish_reason": finish}]})
+            return sse_choice(head, {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
 
         async def events():
             for i in range(gen.num_choices):
@@ -680,9 +681,10 @@ def create_app(
             base["usage"] = None
         offsets = [len(echo_for(i)) for i in range(gen.num_choices)]
 
+        head = sse_choice_prefix(base)
+
         def chunk(idx: int, text: str, logprobs=None, finish=None) -> bytes:
-            return sse({**base, "choices": [{"index": idx, "text": text, "logprobs": logprobs,
-                                              "finish_reason": finish}]})
+            return sse_choice(head, {"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish})
 
         async def events():
             if req.echo:

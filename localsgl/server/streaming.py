@@ -279,6 +279,19 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def sse_choice_prefix(base: dict) -> bytes:
+    """The constant head of every chunk of one stream, up to its choices list:
+    ``sse_choice(prefix, choice)`` then equals ``sse({**base, "choices": [choice]})`` but
+    serializes only the choice (this runs once per streamed token)."""
+    head = json.dumps(base, ensure_ascii=False, separators=(",", ":"))
+    assert head.endswith("}") and len(head) > 2
+    return b"data: " + head[:-1].encode() + b',"choices":['
+
+
+def sse_choice(prefix: bytes, choice: dict) -> bytes:
+    return prefix + json.dumps(choice, ensure_ascii=False, separators=(",", ":")).encode() + b"]}\n\n"
+
+
 class SSEResponse(StreamingResponse):
     """A streaming response that always runs ``on_close`` (aborting the engine work),
     however the stream ends: finished, client gone, or task cancelled."""

@@ -52,3 +52,16 @@ def test_merge_pending_joins_same_choice_until_finish():
     ]
     assert [x.token_id for x in out[0][1].logprobs] == [1, 2]
     assert out[1][1].logprobs is None
+
+
+def test_sse_choice_equals_full_serialization():
+    import json
+
+    from localsgl.server.streaming import sse, sse_choice, sse_choice_prefix
+
+    for base in ({"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m\u00e9", "usage": None},
+                 {"id": "x"}):
+        choice = {"index": 1, "text": 'a "quoted"\n\u00fc\U0001f600', "logprobs": None, "finish_reason": None}
+        got = sse_choice(sse_choice_prefix(base), choice)
+        assert got == sse({**base, "choices": [choice]})
+        assert json.loads(got[6:].decode()) == {**base, "choices": [choice]}
