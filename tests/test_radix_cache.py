@@ -64,3 +64,26 @@ def test_disabled_cache_matches_nothing():
     cache = RadixCache(pool, disabled=True)
     assert cache.insert([1, 2], pool.alloc(2)) == 0
     assert cache.match_prefix([1, 2])[0].numel() == 0
+
+
+def test_req_to_token_host_mirror_tracks_the_table():
+    """With a separate host mirror (as on a GPU), every write lands in both and the
+    scheduler's reads (slots) come from the mirror and equal the table."""
+    from localsgl.engine.kv_pool import ReqToTokenPool
+
+    g = torch.Generator().manual_seed(0)
+    pool = ReqToTokenPool(6, 50, "cpu")
+    pool.host = pool.table.clone()  # force the mirror path on the CPU
+    for _ in range(200):
+        if torch.rand((), generator=g) < 0.5:
+            row = int(torch.randint(1, 7, (), generator=g))
+            start = int(torch.randint(0, 40, (), generator=g))
+            n = int(torch.randint(0, 50 - start, (), generator=g))
+            pool.write(row, start, torch.randint(0, 10**6, (n,), generator=g))
+        else:
+            rows = torch.randperm(6, generator=g)[:3].add(1).tolist()
+            pos = torch.randint(0, 50, (3,), generator=g).tolist()
+            pool.write_many(rows, pos, torch.randint(0, 10**6, (3,), generator=g))
+        assert torch.equal(pool.host, pool.table)
+    assert pool.slots(3, 5, 20).tolist() == pool.table[3, 5:20].tolist()
+    assert pool.slots(3, 5, 20).dtype == torch.int64

@@ -85,12 +85,19 @@ class KVPool:
 
 class ReqToTokenPool:
     """Rows 1..max_reqs are handed out; row 0 stays all-zero (scratch slot 0), so the
-    padded rows of a CUDA-graph batch can point at it."""
+    padded rows of a CUDA-graph batch can point at it.
+
+    On a GPU the table lives on the device (the attention kernels read it) and a host
+    mirror answers the scheduler's reads (``slots``): reading the device table would wait
+    for the step in flight and undo the overlap of scheduling with GPU work.  Writes go
+    through pinned memory without waiting either."""
 
     def __init__(self, max_reqs: int, max_context: int, device: torch.device | str):
         self.max_reqs = max_reqs
         self.max_context = max_context
         self.table = torch.zeros((max_reqs + 1, max_context), dtype=torch.int32, device=device)
+        self.host = self.table if self.table.device.type == "cpu" else torch.zeros(
+            (max_reqs + 1, max_context), dtype=torch.int32)
         self.allocator = SlotAllocator(torch.arange(1, max_reqs + 1))
 
     @property
@@ -104,19 +111,33 @@ class ReqToTokenPool:
     def free(self, row: int) -> None:
         self.allocator.free(torch.tensor([row]))
 
+    def slots(self, row: int, start: int, end: int) -> torch.Tensor:
+        """KV slots of positions start..end-1 of a row (CPU int64), without touching the device."""
+        return self.host[row, start:end].to(torch.int64)
+
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         n = int(slots.numel())
-        if n:
-            self.table[row, start : start + n] = slots.to(self.table.device, torch.int32)
+        if not n:
+            return
+        s32 = slots.to("cpu", torch.int32)
+        if self.host is not self.table:
+            self.host[row, start : start + n] = s32
+            s32 = self._to_table_device(s32)
+        self.table[row, start : start + n] = s32
+
+    def _to_table_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.table.is_cuda:
+            t = t.pin_memory()
+        return t.to(self.table.device, non_blocking=True)
 
     def write_many(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
         """One slot per (row, position): a single scatter instead of one copy per request."""
         if not rows:
             return
-        dev = self.table.device
         r = torch.tensor(rows, dtype=torch.long)
         p = torch.tensor(positions, dtype=torch.long)
-        if dev.type == "cuda":
-            r, p = r.pin_memory().to(dev, non_blocking=True), p.pin_memory().to(dev, non_blocking=True)
-            slots = slots.pin_memory().to(dev, non_blocking=True)
-        self.table[r, p] = slots.to(torch.int32)
+        s32 = slots.to("cpu", torch.int32)
+        if self.host is not self.table:
+            self.host[r, p] = s32
+            r, p, s32 = self._to_table_device(r), self._to_table_device(p), self._to_table_device(s32)
+        self.table[r, p] = s32

@@ -77,7 +77,8 @@ class ModelRunner:
             batch_size=len(sb.reqs),
             input_ids=self._to_device(ids, i64),
             positions=self._to_device(pos, i64),
-            out_cache_loc=sb.out_slots.to(self.device, non_blocking=True),
+            out_cache_loc=(sb.out_slots.pin_memory() if self.device.type == "cuda" else sb.out_slots).to(
+                self.device, non_blocking=True),
             req_pool_indices=self._to_device([r.req_row for r in sb.reqs], i64),
             seq_lens=self._to_device(seq_lens, i32),
             prefix_lens=self._to_device(sb.prefix_lens, i32),
@@ -117,5 +118,5 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, batch)
         idx = batch.extra["sample_index"]
         if len(idx) != hidden.shape[0]:
-            hidden = hidden[torch.tensor(idx, dtype=torch.long, device=hidden.device)]
+            hidden = hidden[self._to_device(idx, torch.int64)]  # pinned: no wait for the GPU
         return self.model.compute_logits(hidden)

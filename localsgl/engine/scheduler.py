@@ -111,7 +111,7 @@ class Scheduler:
         return True
 
     def _row_slots(self, req: Request, start: int, end: int) -> torch.Tensor:
-        return self.req_pool.table[req.req_row, start:end].to("cpu", torch.int64)
+        return self.req_pool.slots(req.req_row, start, end)
 
     def cache_progress(self, req: Request) -> None:
         """Hand the computed KV of req to the radix cache (after a prefill chunk)."""
