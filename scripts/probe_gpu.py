@@ -34,16 +34,7 @@ def probe_kernels(batches=(1, 64), steps=16):
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - t
             print(f"== bs{bs}: {steps} tokens in {wall*1e3:.1f} ms (incl. prefill)")
-            rows = []
-            for e in prof.key_averages():
-                dt = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-                if dt > 0:
-                    rows.append((dt, e.count, e.key))
-            rows.sort(reverse=True)
-            tot = sum(r[0] for r in rows)
-            print(f"   total kernel time {tot/1e3:.2f} ms over {sum(r[1] for r in rows)} launches")
-            for dt, n, k in rows[:22]:
-                print(f"   {dt/1e3:9.3f} ms {n:6d}x {dt/max(n,1):8.1f} us  {k[:90]}")
+            _kernel_table(prof, 22)
     finally:
         eng.shutdown()
 
