@@ -8,6 +8,7 @@ scheduler's job — only how.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from .batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool, ReqToTokenPool
 from .layers.attention.base import AttentionBackend
+from . import prefix_groups as _prefix_groups
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("localsgl.runner")
@@ -35,8 +37,6 @@ class ModelRunner:
         self.req_pool = req_pool
         self.attn = attn_backend
         self.device = device
-        import os
-
         self.prefix_shape = None  # (groups, rows per group) of cascade decoding, None: off
         if os.environ.get("LOCALSGL_DISABLE_CASCADE", "0") != "1":
             cfg = model.config
@@ -96,9 +96,7 @@ class ModelRunner:
             ph = b.input_ids < 0
             b.input_ids = torch.where(ph, prev_tokens[(-b.input_ids - 1).clamp(min=0)], b.input_ids)
         if sb.decode_only and self.prefix_shape is not None and len(sb.reqs) >= 2:
-            from .prefix_groups import shared_prefix_groups
-
-            groups = shared_prefix_groups(sb.reqs, *self.prefix_shape)
+            groups = _prefix_groups.shared_prefix_groups(sb.reqs, *self.prefix_shape)
             if groups:
                 from localsgl_kernels.decode_attention import PrefixGroups
 
