@@ -63,8 +63,11 @@ class TorchAttentionBackend(AttentionBackend):
         num_kv = k_cache.shape[1]
         gqa = num_heads != num_kv
         if batch.mode == ForwardMode.DECODE:
-            kk = k_cache[meta.slot_index].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-            vv = v_cache[meta.slot_index].to(q.dtype).transpose(1, 2)
+            # index_select, not advanced indexing: ~2x faster gathers on the CPU (measured)
+            B, L = meta.slot_index.shape
+            flat = meta.slot_index.view(-1)
+            kk = k_cache.index_select(0, flat).view(B, L, num_kv, -1).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+            vv = v_cache.index_select(0, flat).view(B, L, num_kv, -1).to(q.dtype).transpose(1, 2)
             qq = q[:, :, None, :]  # [B, H, 1, D]
             out = F.scaled_dot_product_attention(
                 qq, kk, vv, attn_mask=meta.mask.to(q.dtype), scale=scale, enable_gqa=gqa
@@ -77,8 +80,8 @@ class TorchAttentionBackend(AttentionBackend):
         for i, (slots, mask) in enumerate(meta.rows):
             s = starts[i]
             e = s + batch.extend_lens_cpu[i]
-            kk = k_cache[slots].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
-            vv = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
+            kk = k_cache.index_select(0, slots).to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+            vv = v_cache.index_select(0, slots).to(q.dtype).transpose(0, 1)[None]
             qq = q[s:e].transpose(0, 1)[None]  # [1, H, ext, D]
             if mask is not None and batch.prefix_lens_cpu[i] == 0:  # plain causal: flash kernels apply
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa)
