@@ -275,11 +275,6 @@ class EngineCore:
                 lp = self._make_logprob(tok, lps[j], tops[j] if tops is not None else None)
             self._append_token(r, tok, lp, idx)
 
-    def flush_inflight(self) -> None:
-        if self.inflight is not None:
-            self._resolve(self.inflight)
-            self.inflight = None
-
     def _token_str(self, tok: int) -> str:
         if self.tokenizer is None:
             return ""

@@ -80,17 +80,21 @@ class Request:
 
     @property
     def is_decoding(self) -> bool:
-        return self.status == Status.RUNNING and self.remaining_tokens == 1 and bool(self.output_ids)
+        # written out (no property chain): the scheduler asks this of every running row each step
+        n = len(self.output_ids)
+        return n > 0 and self.status is Status.RUNNING and len(self.prompt_ids) + n - self.kv_len == 1
 
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
 
     def max_new_remaining(self, max_model_len: int) -> int:
-        cap = max_model_len - self.all_len
-        if self.params.max_tokens is not None:
-            cap = min(cap, self.params.max_tokens - len(self.output_ids))
-        return max(cap, 0)
+        n = len(self.output_ids)
+        cap = max_model_len - len(self.prompt_ids) - n
+        mt = self.params.max_tokens
+        if mt is not None and mt - n < cap:
+            cap = mt - n
+        return cap if cap > 0 else 0
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"Request({self.rid}#{self.index}, {self.status.value}, kv={self.kv_len}/{self.all_len})"

@@ -174,20 +174,14 @@ class Scheduler:
         self.new_token_ratio = max(0.1, self.new_token_ratio - 0.002)
         # 1) one slot for every decoding request; retract the youngest when short
         # a request whose in-flight token already reaches its limit waits for that token
-        # one pass over running: decodes (one token to compute, budget left) and prefills;
-        # inlined Request.is_decoding / max_new_remaining (this runs every step for every row)
+        # one pass over running: decodes (one token to compute, budget left) and prefills
         decodes: list[Request] = []
         prefilling: list[Request] = []
-        mml = self.max_model_len
         for r in self.running:
-            n_out = len(r.output_ids)
-            all_len = len(r.prompt_ids) + n_out
-            if n_out and all_len - r.kv_len == 1:
-                mt = r.params.max_tokens
-                if all_len < mml and (mt is None or n_out < mt):
-                    decodes.append(r)
-            else:
+            if not r.is_decoding:
                 prefilling.append(r)
+            elif r.max_new_remaining(self.max_model_len) > 0:
+                decodes.append(r)
         while decodes and self._available() < len(decodes):
             victim = max(decodes, key=lambda r: r.seq_no)
             decodes.remove(victim)
