@@ -123,3 +123,20 @@ def test_prompt_too_long(engine):
     with pytest.raises(PromptTooLongError) as ei:
         engine.generate([5] * (engine.max_model_len + 3), SamplingParams(max_tokens=4))
     assert str(engine.max_model_len) in str(ei.value)
+
+
+def test_per_prompt_params(engine):
+    """generate(prompts, [params...]): each prompt keeps its own params; a length mismatch is a
+    usage error raised before anything is submitted."""
+    from localsgl.engine.params import InvalidRequestError
+
+    prompts = [[1, 2, 3, 4], [9, 8, 7], [5, 5, 5, 5, 5]]
+    plist = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 7, 1)]
+    outs = engine.generate(prompts, plist)
+    assert [len(o.token_ids) for o in outs] == [3, 7, 1]
+    for p, sp, o in zip(prompts, plist, outs):
+        assert o.token_ids == engine.generate(p, sp).token_ids
+    before = engine.stats()["prompt_tokens_total"]
+    with pytest.raises(InvalidRequestError):
+        engine.generate(prompts, plist[:2])
+    assert engine.stats()["prompt_tokens_total"] == before
