@@ -32,6 +32,7 @@ CAPS = [  # issue 3: every --gpu-memory cap runs the throughput workload to the 
 ] + [
     ("throughput", {"gpu_memory": cap}, ["--workload", "mixed", "--num-prompts", "300"]) for cap in ("24GiB", "40GiB")
 ]
+BS1 = [QUICK[0], ("latency", {"_fused_decode": False}, QUICK[0][2])]  # fused one-token path on vs off
 LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--input-len", "4096", "--output-len", "2048"])]
 
 
@@ -41,15 +42,20 @@ def main():
     prof_set = [QUICK[0], FULL[0], FULL[2], FULL[3]]  # bs1 decode, mixed throughput, prefix pair
     prefix_set = [QUICK[0], FULL[2], FULL[3]]
     plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set, "prof": prof_set, "prefix": prefix_set,
-            "tput": [FULL[0]], "caps": CAPS, "tputcaps": [FULL[0]] + CAPS, "long": LONG, "none": []}[mode]
+            "tput": [FULL[0]], "caps": CAPS, "tputcaps": [FULL[0]] + CAPS, "long": LONG, "bs1": BS1,
+            "quick+": QUICK + BS1[1:], "none": []}[mode]
     table = []
     for kind, extra, args in plan:
         buf = io.StringIO()
         old = sys.stdout
         sys.stdout = buf
         t = time.time()
+        from localsgl.engine.layers.fused_decode import set_fused_decode
+
+        set_fused_decode(extra.get("_fused_decode", True))
         try:
-            rc = bench.main(kind, {**MODEL, **extra}, args, json_output=True)
+            rc = bench.main(kind, {**MODEL, **{k: v for k, v in extra.items() if not k.startswith("_")}}, args,
+                            json_output=True)
         except Exception as e:  # keep going: one failure must not hide the other figures
             sys.stdout = old
             print(f"FAILED {kind} {extra} {args}: {type(e).__name__}: {e}", flush=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all] [tests|notests] [probe] [serving]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|...] [tests|notests] [probe] [gemvprobe] [serving]
+#   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +22,15 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 if [[ "$EXTRA" != *" notests "* ]]; then
   echo "== GPU tests"
   TESTDIRS="tests/gpu"; [ -d tests/kernels ] && ls tests/kernels/test_*.py >/dev/null 2>&1 && TESTDIRS="$TESTDIRS tests/kernels"
-  python3 -m pytest -q $TESTDIRS -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
+  python3 -m pytest -q ${TESTS:-$TESTDIRS} -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
 fi
 if [[ "$EXTRA" == *" probe "* ]]; then
   echo "== probes"
   python3 scripts/probe_gpu.py ${PROBES:-shared kernels} 2>&1 | tee "$OUTDIR/probe.log"
+fi
+if [[ "$EXTRA" == *" gemvprobe "* ]]; then
+  echo "== batch-1 weight-stream probe"
+  python3 scripts/probe_gemv.py ${GEMV_PROBES:-layers tiles} 2>&1 | tee "$OUTDIR/probe_gemv.log"
 fi
 if [[ "$EXTRA" == *" serving "* ]]; then
   echo "== serving vs offline (issue 4)"

@@ -115,3 +115,36 @@ def test_cascade_decode_matches_plain_decode(saved, monkeypatch):
     assert results[True] == results[False]
     for prompt, toks in zip(prompts[:3], results[True]):
         assert toks == hf_greedy(hf, prompt, 24)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_fused_one_token_decode_matches_transformers(saved, family, monkeypatch):
+    """Batch-1 decodes run the fused one-token forward (checked to have fired, with and
+    without CUDA graphs) and give transformers' greedy tokens in fp32; bf16 greedy tokens
+    with the path on and off agree on the first steps."""
+    import localsgl.engine.layers.fused_decode as fd
+    import localsgl.engine.models.llama as llama
+
+    d, hf = saved[family]
+    calls = []
+    real = fd.forward_one_token
+    monkeypatch.setattr(llama, "forward_one_token", lambda *a: calls.append(1) or real(*a))
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (7, 150)]
+    for graphs in (True, False):
+        calls.clear()
+        with Engine(model=d, device="cuda", dtype="float32", kv_memory="64MiB", disable_cuda_graph=not graphs) as e:
+            outs = [e.generate([pr], p)[0].token_ids for pr in prompts]  # one at a time: batch 1
+        assert calls, "the fused one-token path did not run"
+        for pr, o in zip(prompts, outs):
+            assert o == hf_greedy(hf, pr, 24)
+    res = {}
+    for fused in (True, False):
+        fd.set_fused_decode(fused)
+        try:
+            with Engine(model=d, device="cuda", dtype="bfloat16", kv_memory="64MiB") as e:
+                res[fused] = [e.generate([pr], p)[0].token_ids for pr in prompts]
+        finally:
+            fd.set_fused_decode(True)
+    for a, b in zip(res[True], res[False]):
+        assert a[:4] == b[:4]

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..batch import ForwardBatch
 from ..layers.activation import silu_and_mul
+from ..layers.fused_decode import forward_one_token, use_fused_decode
 from ..layers.linear import Linear, MergedLinear, linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
@@ -110,6 +111,8 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Return the final-normed hidden states [T, H]."""
+        if use_fused_decode(self, input_ids, batch):
+            return forward_one_token(self, input_ids, positions, batch)
         x = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:

@@ -19,6 +19,7 @@ from ...batch import ForwardBatch
 class AttentionBackend(ABC):
     name: str = "base"
     supports_cuda_graph: bool = False
+    supports_prestored_kv: bool = False  # has attend(): K/V of the new tokens already stored
 
     def prefix_group_shape(self, num_heads: int, num_kv_heads: int) -> tuple[int, int] | None:
         """(max groups, max rows per group) of shared-prefix (cascade) decoding, or None
@@ -40,6 +41,11 @@ class AttentionBackend(ABC):
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
         """Store k/v of the new tokens, then attend."""
+
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """Attend when the new tokens' K/V are already in the pool (the fused one-token
+        path wrote them); only backends with ``supports_prestored_kv`` implement it."""
+        raise NotImplementedError(f"the {self.name} backend has no attend()")
 
     # --- CUDA graph hooks (decode only); backends that capture override these ---
     def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:  # pragma: no cover

@@ -59,6 +59,7 @@ class _ExtendMeta:
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graph = True
+    supports_prestored_kv = True
 
     def __init__(self, num_sms: int | None = None):
         from localsgl_kernels import decode_attention as dec
@@ -104,9 +105,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, layer, batch, scale):
         pool = batch.kv_pool
+        self._store(pool.k_buffer[layer], pool.v_buffer[layer], batch.out_cache_loc, k, v)
+        return self.attend(q, layer, batch, scale)
+
+    def attend(self, q, layer, batch, scale):
+        pool = batch.kv_pool
         k_cache = pool.k_buffer[layer]
         v_cache = pool.v_buffer[layer]
-        self._store(k_cache, v_cache, batch.out_cache_loc, k, v)
         meta = batch.attn_meta
         T, hq, d = q.shape
         if isinstance(meta, _DecodeMeta):

@@ -1,0 +1,151 @@
+"""Device probe (not a benchmark): the batch-1 weight streams of Llama-3.1-8B, 32 layers of
+distinct random bf16 weights (so the L2 cannot hold them), each variant replayed in one
+CUDA graph.
+
+  1. cuBLAS (F.linear, M = 1) vs the Triton kernels of kernels/gemv.py over a grid of tiles,
+     per projection: the µs for 32 layers and the TB/s;
+  2. the layer sequence without attention: the unfused chain (9 launches per layer) vs the
+     fused one (4), and fused with cuBLAS for o/down.
+Usage: python scripts/probe_gemv.py [tiles|layers] ...
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+import torch.nn.functional as F
+
+L, H, HQ, HKV, D, I, V = 32, 4096, 32, 8, 128, 14336, 128256
+DT = torch.bfloat16
+
+
+def timed_graph(fn, reps=20):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / reps  # µs per replay
+
+
+def weights():
+    torch.manual_seed(0)
+    mk = lambda n, k: torch.randn(L, n, k, device="cuda", dtype=DT) * 0.02  # noqa: E731
+    return {"qkv": mk((HQ + 2 * HKV) * D, H), "o": mk(H, HQ * D), "gate_up": mk(2 * I, H), "down": mk(H, I),
+            "lm": torch.randn(V, H, device="cuda", dtype=DT) * 0.02}
+
+
+def probe_tiles(W):
+    from localsgl_kernels import gemv as G
+
+    x = torch.randn(1, H, device="cuda", dtype=DT)
+    r = torch.randn(1, H, device="cuda", dtype=DT)
+    nw = torch.ones(H, device="cuda", dtype=DT)
+    xi = torch.randn(1, I, device="cuda", dtype=DT)
+    cs = torch.randn(4096, D, device="cuda")
+    pos = torch.tensor([300], device="cuda")
+    loc = torch.tensor([7], device="cuda")
+    kc = torch.zeros(16, HKV, D, device="cuda", dtype=DT)
+    vc = torch.zeros(16, HKV, D, device="cuda", dtype=DT)
+    res = {}
+
+    def report(name, us, nbytes):
+        print(f"{name:44s} {us:9.1f} us / 32 layers  {nbytes / us / 1e6:6.3f} TB/s", flush=True)
+        return us
+
+    for key in ("qkv", "o", "gate_up", "down"):
+        w = W[key]
+        xin = xi if key == "down" else x
+        nbytes = w.numel() * 2
+        res[(key, "cublas")] = report(f"{key} cublas", timed_graph(lambda: [F.linear(xin, w[i]) for i in range(L)]), nbytes)
+    res[("lm", "cublas")] = report("lm cublas (+ .float())", timed_graph(lambda: F.linear(x, W["lm"]).float(), 20) * L,
+                                   W["lm"].numel() * 2 * L)
+    grid = [G.Config(rr, kk, nw_, st) for rr, kk, nw_, st in itertools.product((2, 4, 8), (256, 512, 1024), (4, 8), (1,))]
+    grid += [G.Config(4, 512, 4, 3), G.Config(8, 256, 4, 3), G.Config(2, 1024, 4, 3), G.Config(1, 1024, 4, 1),
+             G.Config(1, 2048, 8, 1), G.Config(16, 256, 8, 1)]
+    for cfg in grid:
+        try:
+            res[("qkv", cfg)] = report(f"qkv fused {cfg}", timed_graph(lambda: [
+                G.norm_qkv(x, r, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV, config=cfg)
+                for i in range(L)]), W["qkv"].numel() * 2)
+            res[("gate_up", cfg)] = report(f"gate_up fused {cfg}", timed_graph(lambda: [
+                G.norm_gate_up(x, r, nw, 1e-5, W["gate_up"][i], config=cfg) for i in range(L)]), W["gate_up"].numel() * 2)
+            res[("o", cfg)] = report(f"o gemv {cfg}", timed_graph(lambda: [
+                G.gemv(x, W["o"][i], config=cfg) for i in range(L)]), W["o"].numel() * 2)
+            res[("down", cfg)] = report(f"down gemv {cfg}", timed_graph(lambda: [
+                G.gemv(xi, W["down"][i], config=cfg) for i in range(L)]), W["down"].numel() * 2)
+            res[("lm", cfg)] = report(f"lm gemv fp32 out {cfg}", timed_graph(lambda: G.gemv(
+                x, W["lm"], out_dtype=torch.float32, config=cfg)) * L, W["lm"].numel() * 2 * L)
+        except Exception as e:  # a tile that does not compile or fit: skip it
+            print(f"config {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    print("\nbest per projection (us / 32 layers):")
+    for key in ("qkv", "o", "gate_up", "down", "lm"):
+        cands = [(us, c) for (k, c), us in res.items() if k == key and c != "cublas"]
+        if cands:
+            us, c = min(cands, key=lambda t: t[0])
+            print(f"  {key:8s} cublas {res[(key, 'cublas')]:8.1f}   triton best {us:8.1f} {c}")
+
+
+def probe_layers(W):
+    from localsgl_kernels import gemv as G
+    from localsgl_kernels.activation import silu_and_mul
+    from localsgl_kernels.kv_store import store_kv
+    from localsgl_kernels.rmsnorm import fused_add_rmsnorm
+    from localsgl_kernels.rotary import apply_rotary
+
+    x0 = torch.randn(1, H, device="cuda", dtype=DT)
+    nw = torch.ones(H, device="cuda", dtype=DT)
+    cs = torch.randn(4096, D, device="cuda")
+    pos = torch.tensor([300], device="cuda")
+    loc = torch.tensor([7], device="cuda")
+    kc = torch.zeros(16, HKV, D, device="cuda", dtype=DT)
+    vc = torch.zeros(16, HKV, D, device="cuda", dtype=DT)
+    total = sum(W[k].numel() for k in ("qkv", "o", "gate_up", "down")) * 2
+
+    def unfused():
+        x, res = x0, x0.clone()
+        for i in range(L):
+            h, res = fused_add_rmsnorm(x, res, nw, 1e-5)
+            qkv = F.linear(h, W["qkv"][i])
+            q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+            q, k = apply_rotary(q.view(1, HQ, D), k.view(1, HKV, D), pos, cs)
+            store_kv(kc, vc, loc, k, v.view(1, HKV, D))
+            h = F.linear(q.reshape(1, HQ * D), W["o"][i])
+            h, res = fused_add_rmsnorm(h, res, nw, 1e-5)
+            x = F.linear(silu_and_mul(F.linear(h, W["gate_up"][i])), W["down"][i])
+
+    def fused(cublas_od: bool):
+        def run():
+            x, res = x0, x0.clone()
+            for i in range(L):
+                q, res = G.norm_qkv(x, res, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV)
+                o = q.view(1, HQ * D)
+                h = F.linear(o, W["o"][i]) if cublas_od else G.gemv(o, W["o"][i])
+                a, res = G.norm_gate_up(h, res, nw, 1e-5, W["gate_up"][i])
+                x = F.linear(a, W["down"][i]) if cublas_od else G.gemv(a, W["down"][i])
+        return run
+
+    for name, fn in (("unfused (9 launches/layer)", unfused), ("fused (4 launches/layer)", fused(False)),
+                     ("fused qkv+gate_up, cuBLAS o/down", fused(True))):
+        us = timed_graph(fn)
+        print(f"layers {name:36s} {us:9.1f} us / token  {total / us / 1e6:6.3f} TB/s", flush=True)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1:] or ["layers", "tiles"]
+    W = weights()
+    for w in what:
+        {"tiles": probe_tiles, "layers": probe_layers}[w](W)

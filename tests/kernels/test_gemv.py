@@ -1,0 +1,114 @@
+"""The fused one-row GEMV kernels (kernels/gemv.py) against fp64 torch references: the
+norm+qkv+rotary+KV-store stream (with and without residual and bias, GQA heads, rows
+of the KV pool left untouched), norm+gate_up+silu, and the plain GEMV; every tile config
+the launcher may pick is also forced explicitly."""
+import pytest
+import torch
+from kutil import DEV, ELEM_DTYPES, ON_GPU, gen, randn, rel_err, tol
+
+from localsgl.engine.layers.rotary import RotaryEmbedding
+from localsgl_kernels import gemv as G
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 256}
+SHAPES = [(4, 2, 32, 64), (6, 2, 16, 96)] if not ON_GPU else [(32, 8, 128, 4096), (12, 2, 64, 1536)]
+
+
+def _tol(dtype):
+    return 2 * tol(dtype)
+
+
+def _same_sum(r, s_ref):
+    """Exact on the GPU; the interpreter rounds fp32 -> bf16 by truncation: one ulp there."""
+    if ON_GPU or r.dtype != torch.bfloat16:
+        return torch.equal(r, s_ref)
+    return torch.allclose(r.float(), s_ref.float(), rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ELEM_DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,h", SHAPES)
+@pytest.mark.parametrize("has_res,has_bias", [(True, False), (False, True), (True, True)])
+def test_norm_qkv(dtype, hq, hkv, d, h, has_res, has_bias):
+    g = gen(hq * 1000 + h + has_res * 7 + has_bias)
+    n = (hq + 2 * hkv) * d
+    x = randn(1, h, g=g, dtype=dtype)
+    res = randn(1, h, g=g, dtype=dtype) if has_res else None
+    nw = (1 + 0.1 * randn(h, g=g)).to(dtype)
+    w = randn(n, h, g=g, dtype=dtype, scale=h**-0.5)
+    bias = randn(n, g=g, dtype=dtype, scale=0.1) if has_bias else None
+    rope = RotaryEmbedding(d, 300, 500000.0, LLAMA3, device=DEV)
+    pos = torch.tensor([257], device=DEV)
+    loc = torch.tensor([5], device=DEV)
+    kc = randn(9, hkv, d, g=g, dtype=dtype)
+    vc = randn(9, hkv, d, g=g, dtype=dtype)
+    kc0, vc0 = kc.clone(), vc.clone()
+    rq, rk, rv, rr = G.norm_qkv_ref(
+        x.double(), None if res is None else res.double(), nw.double(), 1e-5, w.double(),
+        None if bias is None else bias.double(), rope.cos_sin.double(), pos, hq, hkv)
+    q, r = G.norm_qkv(x, res, nw, 1e-5, w, bias, rope.cos_sin, pos, loc, kc, vc, hq, hkv)
+    assert q.shape == (1, hq, d) and r.shape == (1, h)
+    assert rel_err(q, rq) < _tol(dtype)
+    assert rel_err(kc[5], rk[0]) < _tol(dtype) and rel_err(vc[5], rv[0]) < _tol(dtype)
+    assert _same_sum(r, (x.float() + res.float()).to(dtype) if has_res else x)
+    others = [i for i in range(9) if i != 5]
+    assert torch.equal(kc[others], kc0[others]) and torch.equal(vc[others], vc0[others])
+    if has_res:
+        assert r.data_ptr() != res.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", ELEM_DTYPES)
+@pytest.mark.parametrize("h,i", [(64, 96), (32, 40)] if not ON_GPU else [(4096, 14336), (1536, 8960)])
+def test_norm_gate_up(dtype, h, i):
+    g = gen(h + i)
+    x = randn(1, h, g=g, dtype=dtype)
+    res = randn(1, h, g=g, dtype=dtype)
+    nw = (1 + 0.1 * randn(h, g=g)).to(dtype)
+    w = randn(2 * i, h, g=g, dtype=dtype, scale=h**-0.5)
+    ra, rr = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, w.double())
+    a, r = G.norm_gate_up(x, res, nw, 1e-6, w)
+    assert a.shape == (1, i) and a.dtype == dtype
+    assert rel_err(a, ra) < _tol(dtype)
+    assert _same_sum(r, (x.float() + res.float()).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", ELEM_DTYPES)
+@pytest.mark.parametrize("n,k", [(48, 64), (200, 96)] if not ON_GPU else [(4096, 14336), (128256, 4096), (1536, 256)])
+def test_gemv(dtype, n, k):
+    g = gen(n * k)
+    x = randn(1, k, g=g, dtype=dtype)
+    w = randn(n, k, g=g, dtype=dtype, scale=k**-0.5)
+    ref = x.double() @ w.double().t()
+    y = G.gemv(x, w)
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert rel_err(y, ref) < _tol(dtype)
+    y32 = G.gemv(x, w, out_dtype=torch.float32)
+    assert y32.dtype == torch.float32 and rel_err(y32, ref) < _tol(dtype)
+
+
+@pytest.mark.parametrize("cfg", [G.Config(1, 16), G.Config(2, 32), G.Config(8, 16)])
+def test_forced_configs(cfg):
+    g = gen(3)
+    hq, hkv, d, h = 4, 2, 32, 64
+    x = randn(1, h, g=g)
+    res = randn(1, h, g=g)
+    nw = randn(h, g=g)
+    w = randn((hq + 2 * hkv) * d, h, g=g, scale=0.1)
+    cs = torch.randn(10, d, generator=g).to(DEV)
+    pos, loc = torch.tensor([3], device=DEV), torch.tensor([1], device=DEV)
+    kc = torch.zeros(2, hkv, d, device=DEV)
+    vc = torch.zeros(2, hkv, d, device=DEV)
+    rq, rk, rv, _ = G.norm_qkv_ref(x.double(), res.double(), nw.double(), 1e-6, w.double(), None, cs.double(), pos, hq, hkv)
+    q, _ = G.norm_qkv(x, res, nw, 1e-6, w, None, cs, pos, loc, kc, vc, hq, hkv, config=cfg)
+    assert rel_err(q, rq) < 1e-5 and rel_err(kc[1], rk[0]) < 1e-5 and rel_err(vc[1], rv[0]) < 1e-5
+    wg = randn(2 * 48, h, g=g, scale=0.1)
+    ra, _ = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, wg.double())
+    assert rel_err(G.norm_gate_up(x, res, nw, 1e-6, wg, config=cfg)[0], ra) < 1e-5
+    assert rel_err(G.gemv(x, wg, config=cfg), x.double() @ wg.double().t()) < 1e-5
+
+
+def test_support_checks():
+    dev = "cuda" if ON_GPU else "cpu"
+    assert not G.norm_qkv_supported(32, 8, 128, 4096, 64, dev)  # partial rotary
+    assert G.norm_qkv_supported(32, 8, 128, 4096, 128, dev)
+    assert not G.gemv_supported(4096, 4095, dev)
+    assert G.gemv_supported(128256, 4096, dev)
