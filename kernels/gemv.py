@@ -147,20 +147,26 @@ class Config:
         return f"Config(r={self.block_r}, k={self.block_k}, w={self.num_warps}, s={self.num_stages})"
 
 
-def default_config(rows_per_block: int, K: int, device_type: str) -> Config | None:
-    """The tile for a stream of ``rows_per_block``-divisible rows over K, or None when the
-    shape does not tile evenly (callers then take the unfused path)."""
+# Tiles per stream, from a sweep on an H200 (scripts/probe_gemv.py, Llama-3.1-8B shapes, µs for 32
+# layers; cuBLAS M=1 in brackets): qkv 523 (499, unfused), o 335 (421), gate_up 1908 (1940),
+# down 931 (1039), LM head with fp32 logits 236 per call (256 + a cast).
+_CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
+
+
+def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv") -> Config | None:
+    """The tile for a ``kind`` stream whose row blocks come in multiples of ``rows_per_block``,
+    over K columns; None when the shape does not tile evenly (callers take the unfused path)."""
     if device_type != "cuda":  # interpreter: small tiles
         for bk in (64, 32, 16):
             if K % bk == 0:
                 return Config(min(4, rows_per_block), bk, 4, 1)
         return None
-    bk = 512
+    r, bk, warps, stages = _CUDA_TILES[kind]
     while bk > 64 and K % bk:
         bk //= 2
     if K % bk:
         return None
-    return Config(min(4, rows_per_block), bk, 4, 1)
+    return Config(min(r, rows_per_block), bk, warps, stages)
 
 
 def _check_row(x: torch.Tensor, K: int) -> torch.Tensor:
@@ -173,7 +179,7 @@ def norm_qkv_supported(num_heads: int, num_kv_heads: int, head_dim: int, hidden:
                        device_type: str) -> bool:
     if rotary_dim != head_dim or head_dim % 2:
         return False
-    cfg = default_config(head_dim // 2, hidden, device_type)
+    cfg = default_config(head_dim // 2, hidden, device_type, "qkv")
     return cfg is not None and (head_dim // 2) % cfg.block_r == 0
 
 
@@ -189,7 +195,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     assert N == (num_heads + 2 * num_kv_heads) * D and w_qkv.shape[1] == K and w_qkv.stride(1) == 1
     assert cos_sin.shape[-1] == D and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    cfg = config or default_config(D // 2, K, x.device.type)
+    cfg = config or default_config(D // 2, K, x.device.type, "qkv")
     assert cfg is not None and (D // 2) % cfg.block_r == 0 and K % cfg.block_k == 0
     xr = _check_row(x, K)
     has_res = residual is not None
@@ -212,7 +218,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
 
 
 def norm_gate_up_supported(intermediate: int, hidden: int, device_type: str) -> bool:
-    cfg = default_config(intermediate, hidden, device_type)
+    cfg = default_config(intermediate, hidden, device_type, "gate_up")
     return cfg is not None and intermediate % cfg.block_r == 0
 
 
@@ -222,7 +228,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     K = x.shape[-1]
     I = w_gate_up.shape[0] // 2
     assert w_gate_up.shape == (2 * I, K) and w_gate_up.stride(1) == 1
-    cfg = config or default_config(I, K, x.device.type)
+    cfg = config or default_config(I, K, x.device.type, "gate_up")
     assert cfg is not None and I % cfg.block_r == 0 and K % cfg.block_k == 0
     xr = _check_row(x, K)
     rr = _check_row(residual, K)
@@ -236,16 +242,17 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     return out, r_out.view(1, K)
 
 
-def gemv_supported(out_features: int, in_features: int, device_type: str) -> bool:
-    cfg = default_config(out_features, in_features, device_type)
+def gemv_supported(out_features: int, in_features: int, device_type: str, kind: str = "gemv") -> bool:
+    cfg = default_config(out_features, in_features, device_type, kind)
     return cfg is not None and out_features % (2 * cfg.block_r) == 0
 
 
-def gemv(x, w, out_dtype=None, config: Config | None = None):
-    """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's)."""
+def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv"):
+    """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's).  ``kind`` picks the tile
+    ("gemv" for the layer projections, "lm_head" for the vocabulary-wide one)."""
     N, K = w.shape
     assert w.stride(1) == 1
-    cfg = config or default_config(N, K, x.device.type)
+    cfg = config or default_config(N, K, x.device.type, kind)
     assert cfg is not None and N % (2 * cfg.block_r) == 0 and K % cfg.block_k == 0
     xr = _check_row(x, K)
     out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)

@@ -245,3 +245,37 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, prompt_mask: tor
         BLOCK=block, num_warps=4,
     )
     return logits
+
+
+@triton.jit
+def _argmax_kernel(X, Out, V, stride_x, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    row = X + r * stride_x
+    cols0 = tl.arange(0, BLOCK)
+    best_l = tl.full([BLOCK], float("-inf"), tl.float32)
+    idx_l = tl.zeros([BLOCK], tl.int32)
+    for c0 in range(0, V, BLOCK):
+        cols = c0 + cols0
+        x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        better = x > best_l  # strict: a lane keeps its first maximum
+        best_l = tl.where(better, x, best_l)
+        idx_l = tl.where(better, cols, idx_l)
+    best = tl.max(best_l, 0)
+    best_i = tl.min(tl.where(best_l == best, idx_l, V), 0)  # first index among ties
+    tl.store(Out + r, best_i.to(tl.int64))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy tokens: the first index of each row's maximum, int64 [B] (like torch.argmax for
+    rows without NaN).  One program per row: at batch 1 torch's reduction takes ~27 µs for a
+    128k vocabulary on an H200, this kernel streams the 0.5 MB row in a few."""
+    B, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    if B == 0:
+        return out
+    block = 128 if logits.device.type != "cuda" else 2048
+    block = min(block, max(16, triton.next_power_of_2(V)))
+    _argmax_kernel[(B,)](logits, out, V, logits.stride(0), BLOCK=block, num_warps=8)
+    return out

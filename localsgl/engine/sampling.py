@@ -433,7 +433,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = True,
         logits = logits.float()
 
     if b.fast:
-        tokens = logits.argmax(dim=-1)
+        kmod = _kernels_for(logits) if use_kernels else None
+        tokens = kmod.argmax_rows(logits) if kmod is not None and hasattr(kmod, "argmax_rows") else logits.argmax(dim=-1)
     else:
         kmod = _kernels_for(logits) if use_kernels else None
         x = logits.clone()

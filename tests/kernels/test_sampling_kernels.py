@@ -131,3 +131,18 @@ def test_kept_set_boundaries():
     ref = reference(logits, temp, top_k, top_p, min_p, noise)
     assert not bool((out == first_dropped)[has_dropped].any())
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("B,V", [(1, 1000), (5, 300), (3, 7)] if not ON_GPU else [(1, 128256), (64, 32000), (3, 7)])
+def test_argmax_rows(B, V):
+    """The greedy fast path: first index of the row maximum, exactly torch.argmax."""
+    from localsgl_kernels.sampling import argmax_rows
+
+    g = gen(B * V)
+    logits = torch.randn(B, V, generator=g)
+    logits[0, V // 3] = logits[0, V - 1] = 50.0  # a tie: the first index wins, as in torch
+    if B > 1:
+        logits[1] = -1e30  # an all-equal row
+    assert torch.equal(argmax_rows(logits.to(DEV)).cpu(), logits.argmax(-1))
+    wide = torch.randn(B, V + 5, generator=g).to(DEV)[:, :V]  # a strided view (padded LM head)
+    assert torch.equal(argmax_rows(wide).cpu(), wide.cpu().argmax(-1))

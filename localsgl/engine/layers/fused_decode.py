@@ -70,6 +70,26 @@ def use_fused_decode(model, input_ids: torch.Tensor, batch) -> bool:
     return fused_decode_shapes_ok(model)
 
 
+def logits_one_row(model, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """fp32 logits [1, V] of one row by the LM-head GEMV kernel (no separate cast), or None
+    when the path is off or the shape does not tile (the caller uses F.linear)."""
+    if _DISABLED or hidden.shape[0] != 1 or not (hidden.is_cuda or _FORCE_ON_CPU):
+        return None
+    ok = getattr(model, "_fused_logits_ok", None)
+    if ok is None:
+        ok = _kernel_importable("gemv")
+        if ok:
+            from localsgl_kernels import gemv as G
+
+            ok = G.gemv_supported(weight.shape[0], weight.shape[1], weight.device.type, "lm_head")
+        model._fused_logits_ok = ok
+    if not ok:
+        return None
+    from localsgl_kernels import gemv as G
+
+    return G.gemv(hidden, weight, out_dtype=torch.float32, kind="lm_head")
+
+
 def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
     """The model's forward for one new token; returns the final-normed hidden state [1, H]."""
     from localsgl_kernels import gemv as G

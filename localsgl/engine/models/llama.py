@@ -13,7 +13,7 @@ from torch import nn
 
 from ..batch import ForwardBatch
 from ..layers.activation import silu_and_mul
-from ..layers.fused_decode import forward_one_token, use_fused_decode
+from ..layers.fused_decode import forward_one_token, logits_one_row, use_fused_decode
 from ..layers.linear import Linear, MergedLinear, linear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
@@ -122,7 +122,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, w).float()
+        out = logits_one_row(self, hidden, w)
+        return out if out is not None else linear(hidden, w).float()
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
