@@ -12,6 +12,10 @@ once for all G query heads of group g (a [G, D] × [D, BLOCK_N] tensor-core prod
 writes the chunk's normalised partial output and its log2-sum-exp.  Programs whose chunk is
 empty write nothing.  Stage 2 (grid B × Hq) merges the valid chunks:
     o = Σ_s 2^(lse_s − M) · o_s / Σ_s 2^(lse_s − M).
+Fused merge (small batches, where a launch costs more than the merge): each valid
+program of (b, g) takes a ticket from an atomic counter after writing its partial; the one
+holding the last ticket merges all G heads of the group and re-zeroes the counter, and
+stage 2 is not launched.
 S is a host-side constant per batch size (more splits for small batches so one long
 request still fills the GPU), so a captured CUDA graph keeps a fixed grid; nothing here
 syncs with the host.
@@ -39,8 +43,89 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
+                  stride_kt, stride_kh, stride_vt, stride_vh,
+                  ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax of the query rows q [ROWS, D] over the keys at table[start:end] of KV
+    head g: returns (acc [ROWS, D] unnormalised, running max m (log2 units), sum l)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < HEAD_DIM
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        mask_n = pos < end
+        slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _merge_head(
+    b, h, seq_len, s0, PartO, PartLse, PrefPos, PrefO, PrefLse, Out,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_fb, stride_fh, stride_fs,
+    stride_gb, stride_gh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
+):
+    """o[b, h] from the valid split partials (and the prefix partials): the log-sum-exp rule.
+    Partials are read past L1 (.cg): in the fused merge other programs wrote them just now."""
+    chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    n_splits = tl.cdiv(seq_len - s0, chunk)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_splits
+    mask_d = offs_d < HEAD_DIM
+    bb = b.to(tl.int64)
+    lse = tl.load(PartLse + bb * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"),
+                  cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    if HAS_PREFIX:
+        pos = tl.load(PrefPos + b).to(tl.int32)
+        chunk_p = tl.maximum(tl.cdiv(s0, PREFIX_SPLITS), MIN_CHUNK)
+        chunk_p = tl.cdiv(chunk_p, BLOCK_N) * BLOCK_N
+        offs_p = tl.arange(0, PREFIX_SPLITS)
+        n_p = tl.where(pos >= 0, tl.cdiv(s0, chunk_p), 0)  # rows outside any group have start 0 too
+        mask_p = offs_p < n_p
+        pp = tl.maximum(pos, 0).to(tl.int64)
+        lse_p = tl.load(PrefLse + pp * stride_gb + h * stride_gh + offs_p, mask=mask_p, other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse_p, 0))
+    w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
+    o = tl.load(PartO + bb * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+    num = tl.sum(o * w[:, None], 0)
+    den = tl.sum(w, 0)
+    if HAS_PREFIX:
+        w_p = tl.where(mask_p, tl.exp2(lse_p - m), 0.0)
+        o_p = tl.load(PrefO + pp * stride_fb + h * stride_fh + offs_p[:, None] * stride_fs + offs_d[None, :],
+                      mask=mask_p[:, None] & mask_d[None, :], other=0.0)
+        num += tl.sum(o_p * w_p[:, None], 0)
+        den += tl.sum(w_p, 0)
+    tl.store(Out + bb * stride_ob + h * stride_oh + offs_d, (num / den).to(Out.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
 def _decode_stage1(
     Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse,
+    Counter, PrefPos, PrefO, PrefLse, Out,
     sm_scale_log2,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
@@ -48,8 +133,12 @@ def _decode_stage1(
     stride_r,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
+    stride_fb, stride_fh, stride_fs,
+    stride_gb, stride_gh,
+    stride_ob, stride_oh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -66,38 +155,32 @@ def _decode_stage1(
         row = tl.load(ReqIdx + b).to(tl.int64)
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
         mask_h = offs_h < G
         mask_d = offs_d < HEAD_DIM
         heads = g * G + offs_h
         q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_h[:, None] & mask_d[None, :], other=0.0)
-        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        table = ReqToToken + row * stride_r
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + offs_n
-            mask_n = pos < end
-            slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
-            k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
-            qk = tl.where(mask_n[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        acc, m_i, l_i = _attend_range(q, K, V, ReqToToken + row * stride_r, start, end, g, sm_scale_log2,
+                                      stride_kt, stride_kh, stride_vt, stride_vh,
+                                      BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N)
         out = acc / l_i[:, None]
         lse = m_i + tl.log2(l_i)
         bb = b.to(tl.int64)
         tl.store(PartO + bb * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :], out,
                  mask=mask_h[:, None] & mask_d[None, :])
         tl.store(PartLse + bb * stride_lb + heads * stride_lh + s, lse, mask=mask_h)
+        if FUSED_MERGE:
+            # The last valid split of (b, g) to finish merges all of them (no stage-2 launch):
+            # a CTA barrier orders every thread's partial stores before the acq_rel ticket.
+            tl.debug_barrier()
+            ticket = tl.atomic_add(Counter + b * tl.num_programs(1) + g, 1, sem="acq_rel")
+            if ticket == tl.cdiv(seq_len - s0, chunk) - 1:
+                tl.store(Counter + b * tl.num_programs(1) + g, 0)  # ready for the next launch
+                for i in tl.static_range(G):
+                    _merge_head(b, g * G + i, seq_len, s0, PartO, PartLse, PrefPos, PrefO, PrefLse, Out,
+                                stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                                stride_fb, stride_fh, stride_fs, stride_gb, stride_gh, stride_ob, stride_oh,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, NUM_SPLITS, MIN_CHUNK, HAS_START, PREFIX_SPLITS)
 
 
 @triton.jit
@@ -118,38 +201,10 @@ def _decode_stage2(
     s0 = 0
     if HAS_PREFIX:
         s0 = tl.load(Start + b).to(tl.int32)
-    chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
-    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
-    n_splits = tl.cdiv(seq_len - s0, chunk)
-    offs_s = tl.arange(0, NUM_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < n_splits
-    mask_d = offs_d < HEAD_DIM
-    bb = b.to(tl.int64)
-    lse = tl.load(PartLse + bb * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, 0)
-    if HAS_PREFIX:
-        pos = tl.load(PrefPos + b).to(tl.int32)
-        chunk_p = tl.maximum(tl.cdiv(s0, PREFIX_SPLITS), MIN_CHUNK)
-        chunk_p = tl.cdiv(chunk_p, BLOCK_N) * BLOCK_N
-        offs_p = tl.arange(0, PREFIX_SPLITS)
-        n_p = tl.where(pos >= 0, tl.cdiv(s0, chunk_p), 0)  # rows outside any group have start 0 too
-        mask_p = offs_p < n_p
-        pp = tl.maximum(pos, 0).to(tl.int64)
-        lse_p = tl.load(PrefLse + pp * stride_gb + h * stride_gh + offs_p, mask=mask_p, other=float("-inf"))
-        m = tl.maximum(m, tl.max(lse_p, 0))
-    w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
-    o = tl.load(PartO + bb * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    num = tl.sum(o * w[:, None], 0)
-    den = tl.sum(w, 0)
-    if HAS_PREFIX:
-        w_p = tl.where(mask_p, tl.exp2(lse_p - m), 0.0)
-        o_p = tl.load(PrefO + pp * stride_fb + h * stride_fh + offs_p[:, None] * stride_fs + offs_d[None, :],
-                      mask=mask_p[:, None] & mask_d[None, :], other=0.0)
-        num += tl.sum(o_p * w_p[:, None], 0)
-        den += tl.sum(w_p, 0)
-    tl.store(Out + bb * stride_ob + h * stride_oh + offs_d, (num / den).to(Out.dtype.element_ty), mask=mask_d)
+    _merge_head(b, h, seq_len, s0, PartO, PartLse, PrefPos, PrefO, PrefLse, Out,
+                stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                stride_fb, stride_fh, stride_fs, stride_gb, stride_gh, stride_ob, stride_oh,
+                HEAD_DIM, BLOCK_D, BLOCK_N, NUM_SPLITS, MIN_CHUNK, HAS_PREFIX, PREFIX_SPLITS)
 
 
 @triton.jit
@@ -182,7 +237,6 @@ def _prefix_stage(
             table = ReqToToken + tl.load(ReqIdx + b0).to(tl.int64) * stride_r
             offs_m = tl.arange(0, BLOCK_M)
             offs_d = tl.arange(0, BLOCK_D)
-            offs_n = tl.arange(0, BLOCK_N)
             member = offs_m // G
             heads = g * G + offs_m % G
             in_tile = offs_m < MAX_ROWS * G
@@ -192,25 +246,9 @@ def _prefix_stage(
             mask_d = offs_d < HEAD_DIM
             q = tl.load(Q + rows64[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                         mask=valid[:, None] & mask_d[None, :], other=0.0)
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for n0 in range(start, end, BLOCK_N):
-                pos = n0 + offs_n
-                mask_n = pos < end
-                slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
-                k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
-                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
-                qk = tl.where(mask_n[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
-                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+            acc, m_i, l_i = _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
+                                          stride_kt, stride_kh, stride_vt, stride_vh,
+                                          BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N)
             out = acc / l_i[:, None]
             lse = m_i + tl.log2(l_i)
             pp = (gi * MAX_ROWS + member).to(tl.int64)
@@ -238,6 +276,12 @@ def alloc_workspace(batch_size: int, num_heads: int, head_dim: int, num_splits: 
     """(partial_out [B, Hq, S, D] fp32, partial_lse [B, Hq, S] fp32)."""
     return (torch.empty((batch_size, num_heads, num_splits, head_dim), dtype=torch.float32, device=device),
             torch.empty((batch_size, num_heads, num_splits), dtype=torch.float32, device=device))
+
+
+def alloc_counters(batch_size: int, num_kv_heads: int, device) -> torch.Tensor:
+    """Zeroed split tickets for the fused merge (``decode_attention(counters=...)``); every
+    launch leaves them zero again, so one buffer serves all layers and steps."""
+    return torch.zeros(batch_size * num_kv_heads, dtype=torch.int32, device=device)
 
 
 PREFIX_SPLITS = 16  # chunks per shared prefix: NG x Hkv x 16 programs fill the GPU for a 4k prefix
@@ -299,14 +343,17 @@ def alloc_prefix_workspace(num_groups: int, max_rows: int, num_heads: int, head_
 
 def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
                      out=None, num_splits: int = 8, workspace=None, min_chunk: int | None = None,
-                     groups: PrefixGroups | None = None, prefix_workspace=None):
+                     groups: PrefixGroups | None = None, prefix_workspace=None, counters=None):
     """q: [B, Hq, D] (unit last stride); k_cache/v_cache: [slots, Hkv, D];
     req_to_token: [rows, ctx] int32; req_pool_indices: [B] int; seq_lens: [B] int (>= 1).
     Returns out [B, Hq, D] (q's dtype).  ``num_splits`` must be a power of two;
     ``workspace`` (from :func:`alloc_workspace`, batch dim >= B) lets CUDA graphs keep fixed
     buffers.  ``groups`` (:class:`PrefixGroups`): rows whose first ``start`` slots are shared
     attend to them through the prefix stage (every member's suffix must be >= 1 token;
-    its max_rows must be prefix_group_rows(Hq // Hkv)).  No host syncs."""
+    its max_rows must be prefix_group_rows(Hq // Hkv)).  ``counters`` (int32, >= B·Hkv
+    elements, zero; :func:`alloc_counters`) merges the splits inside stage 1 — the last
+    split of each (row, KV head) to finish does it and re-zeroes its counter — instead of
+    launching stage 2.  No host syncs."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
@@ -352,8 +399,12 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     else:
         start = pos = seq_lens  # unused (HAS_START / HAS_PREFIX off)
         pref_o, pref_lse = part_o, part_lse
+    fused = counters is not None
+    if fused:
+        assert counters.dtype == torch.int32 and counters.numel() >= B * Hkv
     _decode_stage1[(B, Hkv, num_splits)](
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, start, part_o, part_lse,
+        counters if fused else seq_lens, pos, pref_o, pref_lse, out,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1),
@@ -361,10 +412,16 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
+        pref_o.stride(0), pref_o.stride(1), pref_o.stride(2),
+        pref_lse.stride(0), pref_lse.stride(1),
+        out.stride(0), out.stride(1),
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix,
+        FUSED_MERGE=fused, PREFIX_SPLITS=PREFIX_SPLITS,
         num_warps=4, num_stages=2,
     )
+    if fused:
+        return out
     _decode_stage2[(B, Hq)](
         part_o, part_lse, seq_lens, start, pos, pref_o, pref_lse, out,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),

@@ -144,69 +144,8 @@ def probe_layers(W):
         print(f"layers {name:36s} {us:9.1f} us / token  {total / us / 1e6:6.3f} TB/s", flush=True)
 
 
-def probe_prefetch(W, ctx=512):
-    """o_proj after a batch-1 attention over ctx tokens: serial, vs its weights pulled into
-    L2 on a side stream while the attention runs (kernels/l2_prefetch.py)."""
-    from localsgl_kernels import gemv as G
-    from localsgl_kernels.decode_attention import alloc_workspace, choose_num_splits, decode_attention
-    from localsgl_kernels.l2_prefetch import prefetch_to_l2
-
-    q = torch.randn(1, HQ, D, device="cuda", dtype=DT)
-    kc = [torch.randn(ctx + 8, HKV, D, device="cuda", dtype=DT) for _ in range(L)]
-    vc = [torch.randn(ctx + 8, HKV, D, device="cuda", dtype=DT) for _ in range(L)]
-    table = torch.arange(ctx + 8, device="cuda", dtype=torch.int32)[None]
-    idx = torch.zeros(1, device="cuda", dtype=torch.int64)
-    seq = torch.full((1,), ctx, device="cuda", dtype=torch.int64)
-    S = choose_num_splits(1, HKV, torch.cuda.get_device_properties(0).multi_processor_count)
-    ws = alloc_workspace(1, HQ, D, S, "cuda")
-    sink = torch.zeros(1, device="cuda")
-    side = torch.cuda.Stream()
-    wo = W["o"]
-
-    def attn(i):
-        return decode_attention(q, kc[i], vc[i], table, idx, seq, D ** -0.5, num_splits=S, workspace=ws)
-
-    def serial():
-        for i in range(L):
-            G.gemv(attn(i).view(1, HQ * D), wo[i])
-
-    def attn_only():
-        for i in range(L):
-            attn(i)
-
-    def gemv_only():
-        for i in range(L):
-            G.gemv(q.view(1, HQ * D), wo[i])
-
-    def prefetch_serial():
-        for i in range(L):
-            prefetch_to_l2(wo[i], sink)
-            G.gemv(q.view(1, HQ * D), wo[i])
-
-    def overlapped(frac=1.0, programs=264):
-        def run():
-            cur = torch.cuda.current_stream()
-            for i in range(L):
-                side.wait_stream(cur)
-                with torch.cuda.stream(side):
-                    n = int(wo[i].shape[0] * frac)
-                    prefetch_to_l2(wo[i][:n], sink, programs)
-                o = attn(i)
-                cur.wait_stream(side)
-                G.gemv(o.view(1, HQ * D), wo[i])
-        return run
-
-    for name, fn in (("attention only", attn_only), ("o gemv only", gemv_only), ("attention -> o gemv", serial),
-                     ("prefetch -> o gemv (serial)", prefetch_serial),
-                     ("prefetch || attention -> o gemv", overlapped()),
-                     ("prefetch 1/2 || attention -> o gemv", overlapped(0.5)),
-                     ("prefetch (132 progs) || attention -> o", overlapped(1.0, 132)),
-                     ("prefetch (528 progs) || attention -> o", overlapped(1.0, 528))):
-        print(f"prefetch probe {name:40s} {timed_graph(fn):9.1f} us / 32 layers", flush=True)
-
-
 if __name__ == "__main__":
     what = sys.argv[1:] or ["layers", "tiles"]
     W = weights()
     for w in what:
-        {"tiles": probe_tiles, "layers": probe_layers, "prefetch": probe_prefetch}[w](W)
+        {"tiles": probe_tiles, "layers": probe_layers}[w](W)
