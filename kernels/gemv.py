@@ -76,14 +76,6 @@ def _norm_qkv_kernel(
     d = (pid % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_a = head * D + d
     rows_b = rows_a + HALF
-    # the epilogue's scalars are loaded before the stream so their latency hides behind it
-    p = tl.load(Pos).to(tl.int64)
-    slot = tl.load(Loc).to(tl.int64)
-    c = tl.load(CS + p * stride_cs + d)
-    s = tl.load(CS + p * stride_cs + HALF + d)
-    if HAS_BIAS:
-        bias_a = tl.load(Bias + rows_a).to(tl.float32)
-        bias_b = tl.load(Bias + rows_b).to(tl.float32)
     write_res = tl.where(pid == 0, K, 0)
     ya, yb, ss = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, write_res,
                               HAS_RES, True, BLOCK_R, BLOCK_K)
@@ -91,19 +83,24 @@ def _norm_qkv_kernel(
     ya = ya * inv
     yb = yb * inv
     if HAS_BIAS:
-        ya += bias_a
-        yb += bias_b
+        ya += tl.load(Bias + rows_a).to(tl.float32)
+        yb += tl.load(Bias + rows_b).to(tl.float32)
     if head < HQ + HKV:  # q or k: rotate the (d, d + D/2) pairs
+        p = tl.load(Pos).to(tl.int64)
+        c = tl.load(CS + p * stride_cs + d)
+        s = tl.load(CS + p * stride_cs + HALF + d)
         ra = ya * c - yb * s
         rb = yb * c + ya * s
         if head < HQ:
             tl.store(Q + rows_a, ra.to(Q.dtype.element_ty))
             tl.store(Q + rows_b, rb.to(Q.dtype.element_ty))
         else:
+            slot = tl.load(Loc).to(tl.int64)
             base = KC + slot * stride_kct + (head - HQ) * stride_kch
             tl.store(base + d, ra.to(KC.dtype.element_ty))
             tl.store(base + HALF + d, rb.to(KC.dtype.element_ty))
     else:
+        slot = tl.load(Loc).to(tl.int64)
         base = VC + slot * stride_vct + (head - HQ - HKV) * stride_vch
         tl.store(base + d, ya.to(VC.dtype.element_ty))
         tl.store(base + HALF + d, yb.to(VC.dtype.element_ty))

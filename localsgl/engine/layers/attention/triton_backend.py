@@ -23,10 +23,13 @@ private pool, like every other intermediate, so replays reuse the same addresses
 ``batch.out_cache_loc``, then attends (``attend``, which the fused one-token path of
 layers/fused_decode.py calls directly: its qkv kernel already stored K/V); every key, new
 ones included, is read through ``req_to_token``.  Decode batches of up to
-FUSED_MERGE_MAX_BATCH rows merge the KV splits inside stage 1 (one launch per layer).  Padded rows of a replayed graph (seq_len 1, request row 0, slot 0)
+FUSED_MERGE_MAX_BATCH rows merge the KV splits inside stage 1 (one launch per layer).
+Padded rows of a replayed graph (seq_len 1, request row 0, slot 0)
 write only KV slot 0 and their own output row.  Nothing here syncs with the device.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -39,8 +42,8 @@ from .base import AttentionBackend
 PREFIX_GROUPS = 4
 # Batches up to this size merge the KV splits inside stage 1 (one launch per layer, not two):
 # at batch 1 on an H200 the second launch cost ~2.3 µs of a ~9 µs layer attention.
-FUSED_MERGE_MAX_BATCH = 16
-_COUNTER_SLOTS = FUSED_MERGE_MAX_BATCH * 256
+FUSED_MERGE_MAX_BATCH = int(os.environ.get("LOCALSGL_FUSED_MERGE_MAX_BATCH", "16"))
+_COUNTER_SLOTS = 16 * 256
 
 
 class _DecodeMeta:
@@ -100,7 +103,7 @@ class TritonAttentionBackend(AttentionBackend):
         if self._counters is None:
             if pool.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None
-            self._counters = self._dec.alloc_counters(FUSED_MERGE_MAX_BATCH, 256, pool.device)
+            self._counters = self._dec.alloc_counters(16, 256, pool.device)
         return self._counters
 
     def _decode_meta(self, batch: ForwardBatch, rows: int | None = None) -> _DecodeMeta:
