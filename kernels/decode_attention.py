@@ -12,10 +12,6 @@ once for all G query heads of group g (a [G, D] × [D, BLOCK_N] tensor-core prod
 writes the chunk's normalised partial output and its log2-sum-exp.  Programs whose chunk is
 empty write nothing.  Stage 2 (grid B × Hq) merges the valid chunks:
     o = Σ_s 2^(lse_s − M) · o_s / Σ_s 2^(lse_s − M).
-Fused merge (small batches, where a launch costs more than the merge): each valid
-program of (b, g) takes a ticket from an atomic counter after writing its partial; the one
-holding the last ticket merges all G heads of the group and re-zeroes the counter, and
-stage 2 is not launched.
 S is a host-side constant per batch size (more splits for small batches so one long
 request still fills the GPU), so a captured CUDA graph keeps a fixed grid; nothing here
 syncs with the host.
@@ -85,8 +81,7 @@ def _merge_head(
     NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     HAS_PREFIX: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
 ):
-    """o[b, h] from the valid split partials (and the prefix partials): the log-sum-exp rule.
-    Partials are read past L1 (.cg): in the fused merge other programs wrote them just now."""
+    """o[b, h] from the valid split partials (and the prefix partials): the log-sum-exp rule."""
     chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
     chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
     n_splits = tl.cdiv(seq_len - s0, chunk)
@@ -95,8 +90,7 @@ def _merge_head(
     mask_s = offs_s < n_splits
     mask_d = offs_d < HEAD_DIM
     bb = b.to(tl.int64)
-    lse = tl.load(PartLse + bb * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"),
-                  cache_modifier=".cg")
+    lse = tl.load(PartLse + bb * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, 0)
     if HAS_PREFIX:
         pos = tl.load(PrefPos + b).to(tl.int32)
@@ -110,7 +104,7 @@ def _merge_head(
         m = tl.maximum(m, tl.max(lse_p, 0))
     w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
     o = tl.load(PartO + bb * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     num = tl.sum(o * w[:, None], 0)
     den = tl.sum(w, 0)
     if HAS_PREFIX:
@@ -125,7 +119,6 @@ def _merge_head(
 @triton.jit
 def _decode_stage1(
     Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse,
-    Counter, PrefPos, PrefO, PrefLse, Out,
     sm_scale_log2,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
@@ -133,12 +126,8 @@ def _decode_stage1(
     stride_r,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
-    stride_fb, stride_fh, stride_fs,
-    stride_gb, stride_gh,
-    stride_ob, stride_oh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -169,18 +158,6 @@ def _decode_stage1(
         tl.store(PartO + bb * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :], out,
                  mask=mask_h[:, None] & mask_d[None, :])
         tl.store(PartLse + bb * stride_lb + heads * stride_lh + s, lse, mask=mask_h)
-        if FUSED_MERGE:
-            # The last valid split of (b, g) to finish merges all of them (no stage-2 launch):
-            # a CTA barrier orders every thread's partial stores before the acq_rel ticket.
-            tl.debug_barrier()
-            ticket = tl.atomic_add(Counter + b * tl.num_programs(1) + g, 1, sem="acq_rel")
-            if ticket == tl.cdiv(seq_len - s0, chunk) - 1:
-                tl.store(Counter + b * tl.num_programs(1) + g, 0)  # ready for the next launch
-                for i in tl.static_range(G):
-                    _merge_head(b, g * G + i, seq_len, s0, PartO, PartLse, PrefPos, PrefO, PrefLse, Out,
-                                stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                                stride_fb, stride_fh, stride_fs, stride_gb, stride_gh, stride_ob, stride_oh,
-                                HEAD_DIM, BLOCK_D, BLOCK_N, NUM_SPLITS, MIN_CHUNK, HAS_START, PREFIX_SPLITS)
 
 
 @triton.jit
@@ -278,12 +255,6 @@ def alloc_workspace(batch_size: int, num_heads: int, head_dim: int, num_splits: 
             torch.empty((batch_size, num_heads, num_splits), dtype=torch.float32, device=device))
 
 
-def alloc_counters(batch_size: int, num_kv_heads: int, device) -> torch.Tensor:
-    """Zeroed split tickets for the fused merge (``decode_attention(counters=...)``); every
-    launch leaves them zero again, so one buffer serves all layers and steps."""
-    return torch.zeros(batch_size * num_kv_heads, dtype=torch.int32, device=device)
-
-
 PREFIX_SPLITS = 16  # chunks per shared prefix: NG x Hkv x 16 programs fill the GPU for a 4k prefix
 
 
@@ -343,17 +314,14 @@ def alloc_prefix_workspace(num_groups: int, max_rows: int, num_heads: int, head_
 
 def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
                      out=None, num_splits: int = 8, workspace=None, min_chunk: int | None = None,
-                     groups: PrefixGroups | None = None, prefix_workspace=None, counters=None):
+                     groups: PrefixGroups | None = None, prefix_workspace=None):
     """q: [B, Hq, D] (unit last stride); k_cache/v_cache: [slots, Hkv, D];
     req_to_token: [rows, ctx] int32; req_pool_indices: [B] int; seq_lens: [B] int (>= 1).
     Returns out [B, Hq, D] (q's dtype).  ``num_splits`` must be a power of two;
     ``workspace`` (from :func:`alloc_workspace`, batch dim >= B) lets CUDA graphs keep fixed
     buffers.  ``groups`` (:class:`PrefixGroups`): rows whose first ``start`` slots are shared
     attend to them through the prefix stage (every member's suffix must be >= 1 token;
-    its max_rows must be prefix_group_rows(Hq // Hkv)).  ``counters`` (int32, >= B·Hkv
-    elements, zero; :func:`alloc_counters`) merges the splits inside stage 1 — the last
-    split of each (row, KV head) to finish does it and re-zeroes its counter — instead of
-    launching stage 2.  No host syncs."""
+    its max_rows must be prefix_group_rows(Hq // Hkv)).  No host syncs."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
@@ -399,12 +367,8 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     else:
         start = pos = seq_lens  # unused (HAS_START / HAS_PREFIX off)
         pref_o, pref_lse = part_o, part_lse
-    fused = counters is not None
-    if fused:
-        assert counters.dtype == torch.int32 and counters.numel() >= B * Hkv
     _decode_stage1[(B, Hkv, num_splits)](
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, start, part_o, part_lse,
-        counters if fused else seq_lens, pos, pref_o, pref_lse, out,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1),
@@ -412,16 +376,10 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
-        pref_o.stride(0), pref_o.stride(1), pref_o.stride(2),
-        pref_lse.stride(0), pref_lse.stride(1),
-        out.stride(0), out.stride(1),
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix,
-        FUSED_MERGE=fused, PREFIX_SPLITS=PREFIX_SPLITS,
         num_warps=4, num_stages=2,
     )
-    if fused:
-        return out
     _decode_stage2[(B, Hq)](
         part_o, part_lse, seq_lens, start, pos, pref_o, pref_lse, out,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),

@@ -32,8 +32,7 @@ CAPS = [  # issue 3: every --gpu-memory cap runs the throughput workload to the 
 ] + [
     ("throughput", {"gpu_memory": cap}, ["--workload", "mixed", "--num-prompts", "300"]) for cap in ("24GiB", "40GiB")
 ]
-BS1 = [QUICK[0], ("latency", {"_fused_decode": False}, QUICK[0][2]),  # fused one-token path on vs off
-       ("latency", {"_fused_merge_max_batch": 0}, QUICK[0][2])]  # split merge in stage 1 vs stage 2
+BS1 = [QUICK[0], ("latency", {"_fused_decode": False}, QUICK[0][2])]  # fused one-token path on vs off
 LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--input-len", "4096", "--output-len", "2048"])]
 
 
@@ -53,10 +52,7 @@ def main():
         t = time.time()
         from localsgl.engine.layers.fused_decode import set_fused_decode
 
-        import localsgl.engine.layers.attention.triton_backend as tb
-
         set_fused_decode(extra.get("_fused_decode", True))
-        tb.FUSED_MERGE_MAX_BATCH = extra.get("_fused_merge_max_batch", 16)
         try:
             rc = bench.main(kind, {**MODEL, **{k: v for k, v in extra.items() if not k.startswith("_")}}, args,
                             json_output=True)

@@ -22,14 +22,11 @@ private pool, like every other intermediate, so replays reuse the same addresses
 ``forward`` first scatters the new K/V into the pool (kernels/kv_store.py) at
 ``batch.out_cache_loc``, then attends (``attend``, which the fused one-token path of
 layers/fused_decode.py calls directly: its qkv kernel already stored K/V); every key, new
-ones included, is read through ``req_to_token``.  Decode batches of up to
-FUSED_MERGE_MAX_BATCH rows merge the KV splits inside stage 1 (one launch per layer).
-Padded rows of a replayed graph (seq_len 1, request row 0, slot 0)
-write only KV slot 0 and their own output row.  Nothing here syncs with the device.
+ones included, is read through ``req_to_token``.  Padded rows of a replayed graph
+(seq_len 1, request row 0, slot 0) write only KV slot 0 and their own output row.
+Nothing here syncs with the device.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -40,18 +37,13 @@ from .base import AttentionBackend
 # Shared-prefix groups per decode step (cascade decoding): a fixed count so CUDA graphs keep
 # one grid; 4 groups of up to 64 // G rows cover e.g. 64 requests on one system prompt.
 PREFIX_GROUPS = 4
-# Batches up to this size merge the KV splits inside stage 1 (one launch per layer, not two):
-# at batch 1 on an H200 the second launch cost ~2.3 µs of a ~9 µs layer attention.
-FUSED_MERGE_MAX_BATCH = int(os.environ.get("LOCALSGL_FUSED_MERGE_MAX_BATCH", "16"))
-_COUNTER_SLOTS = 16 * 256
 
 
 class _DecodeMeta:
-    __slots__ = ("num_splits", "workspace", "prefix_workspace", "counters")
+    __slots__ = ("num_splits", "workspace", "prefix_workspace")
 
-    def __init__(self, num_splits: int, counters: torch.Tensor | None = None):
+    def __init__(self, num_splits: int):
         self.num_splits = num_splits
-        self.counters = counters  # split tickets of the fused merge (None: stage 2 runs)
         self.workspace = None  # (partial_out, partial_lse), made by the first layer
         self.prefix_workspace = None  # the same for shared-prefix partials (cascade steps)
 
@@ -81,7 +73,6 @@ class TritonAttentionBackend(AttentionBackend):
         self._store = store_kv
         self._num_sms = num_sms
         self.graph_max_bs = 0
-        self._counters: torch.Tensor | None = None
 
     def prefix_group_shape(self, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
         return PREFIX_GROUPS, self._dec.prefix_group_rows(num_heads // num_kv_heads)
@@ -94,23 +85,10 @@ class TritonAttentionBackend(AttentionBackend):
                 self._num_sms = 4  # interpreter runs (tests): few splits
         return self._num_sms
 
-    def _merge_counters(self, rows: int, pool) -> torch.Tensor | None:
-        """The shared split-ticket buffer when ``rows`` decode rows may merge in stage 1.
-        Made on first use outside a graph capture (graphs then keep its address); every
-        launch leaves it zeroed, so one buffer serves all layers, steps and graphs."""
-        if rows > FUSED_MERGE_MAX_BATCH or rows * pool.num_kv_heads > _COUNTER_SLOTS:
-            return None
-        if self._counters is None:
-            if pool.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return None
-            self._counters = self._dec.alloc_counters(16, 256, pool.device)
-        return self._counters
-
     def _decode_meta(self, batch: ForwardBatch, rows: int | None = None) -> _DecodeMeta:
         pool = batch.kv_pool
         n = batch.batch_size if rows is None else rows
-        return _DecodeMeta(self._dec.choose_num_splits(n, pool.num_kv_heads, self._sms(pool.device)),
-                           self._merge_counters(n, pool))
+        return _DecodeMeta(self._dec.choose_num_splits(n, pool.num_kv_heads, self._sms(pool.device)))
 
     # ------------------------------------------------------------------ per step
     def init_forward(self, batch: ForwardBatch) -> None:
@@ -149,7 +127,6 @@ class TritonAttentionBackend(AttentionBackend):
             return self._dec.decode_attention(
                 q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, scale,
                 num_splits=meta.num_splits, workspace=ws, groups=groups, prefix_workspace=pws,
-                counters=meta.counters,
             )
         tok = self._ext.tokens_per_block(d, hq // k_cache.shape[1], q.device.type)
         nd = meta.num_decode
@@ -163,7 +140,7 @@ class TritonAttentionBackend(AttentionBackend):
                 dm.workspace = self._dec.alloc_workspace(nd, hq, d, dm.num_splits, q.device)
             self._dec.decode_attention(
                 q[:nd], k_cache, v_cache, batch.req_to_token, batch.req_pool_indices[:nd], batch.seq_lens[:nd], scale,
-                out=out[:nd], num_splits=dm.num_splits, workspace=dm.workspace, counters=dm.counters,
+                out=out[:nd], num_splits=dm.num_splits, workspace=dm.workspace,
             )
         return self._ext.extend_attention(
             q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.prefix_lens, batch.extend_lens,
