@@ -50,7 +50,36 @@ class RotaryEmbedding(torch.nn.Module):
             from localsgl_kernels.rotary import apply_rotary
 
             return apply_rotary(q, k, positions, self.cos_sin)
-        return apply_rotary_ref(q, k, positions, self.cos_sin)
+        if q.shape[-1] != self.cos_sin.shape[-1]:  # partial rotary width
+            return apply_rotary_ref(q, k, positions, self.cos_sin)
+        cos, sin = self._tables(positions)
+        return _rotate_full(q, cos, sin), _rotate_full(k, cos, sin)
+
+    def begin_forward(self) -> None:
+        """Forget the last step's tables (the model calls this once per forward)."""
+        self._cache = None
+
+    def _tables(self, positions: torch.Tensor):
+        """[T, 1, D] fp32 cos | cos and −sin | sin for these positions, built by the first
+        layer of a forward and reused by the others (they pass the same positions tensor)."""
+        cached = getattr(self, "_cache", None)
+        if cached is not None and cached[0] is positions:
+            return cached[1], cached[2]
+        half = self.cos_sin.shape[-1] // 2
+        cs = self.cos_sin[positions]
+        c, s = cs[:, None, :half], cs[:, None, half:]
+        cos, sin = torch.cat([c, c], dim=-1), torch.cat([-s, s], dim=-1)
+        self._cache = (positions, cos, sin)
+        return cos, sin
+
+
+def _rotate_full(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin (fp32, one rounding): bit-identical in fp32 to
+    apply_rotary_ref (x1·c − x2·s = x1·c + (−x2)·s exactly) with fewer ops."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    out = xf * cos + torch.cat([xf[..., half:], xf[..., :half]], dim=-1) * sin
+    return out.to(x.dtype)
 
 
 def apply_rotary_ref(q, k, positions, cos_sin):

@@ -104,6 +104,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+        self.lm_head_weight_cpu: torch.Tensor | None = None  # set by use_cpu_weight_layout
         self.rotary = RotaryEmbedding(
             cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device=device
         )
@@ -113,6 +114,7 @@ class LlamaForCausalLM(nn.Module):
         """Return the final-normed hidden states [T, H]."""
         if use_fused_decode(self, input_ids, batch):
             return forward_one_token(self, input_ids, positions, batch)
+        self.rotary.begin_forward()
         x = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
@@ -122,6 +124,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head_weight_cpu is not None and not hidden.is_cuda:
+            w = self.lm_head_weight_cpu  # input-major copy of a tied head (use_cpu_weight_layout)
         out = logits_one_row(self, hidden, w)
         return out if out is not None else linear(hidden, w).float()
 

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..layers.linear import use_cpu_weight_layout
 from .config import ModelConfig
 from .registry import model_class
 
@@ -33,6 +34,8 @@ def load_model(source, dtype: torch.dtype, device, load_format: str = "auto", ma
     else:
         model.load_weights(source.iter_weights(dtype, device))
     model.eval()
+    if device.type == "cpu":
+        use_cpu_weight_layout(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     log.info(

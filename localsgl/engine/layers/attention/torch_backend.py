@@ -28,14 +28,20 @@ class TorchAttentionBackend(AttentionBackend):
         if batch.mode == ForwardMode.DECODE:
             max_len = batch.max_seq_len
             rows = batch.req_to_token[batch.req_pool_indices, :max_len].to(torch.int64)  # [B, L]
+            meta.rows = None
+            if min(batch.seq_lens_cpu) == max_len:  # no padding (e.g. batch 1): no mask at all
+                meta.slot_index = rows
+                meta.mask = None
+                batch.attn_meta = meta
+                return
             ar = torch.arange(max_len, device=device)
             valid = ar[None, :] < batch.seq_lens[:, None].to(torch.int64)
             meta.slot_index = torch.where(valid, rows, torch.zeros_like(rows))
-            # additive mask [B, 1, 1, L]
-            meta.mask = torch.zeros(valid.shape, dtype=torch.float32, device=device)
+            # additive mask [B, 1, 1, L] in the pool's dtype (the queries' in every model we
+            # load), made once per step instead of converted in every layer
+            meta.mask = torch.zeros(valid.shape, dtype=batch.kv_pool.dtype, device=device)
             meta.mask.masked_fill_(~valid, float("-inf"))
             meta.mask = meta.mask[:, None, None, :]
-            meta.rows = None
         else:
             meta.rows = []
             for i in range(batch.batch_size):
@@ -69,9 +75,10 @@ class TorchAttentionBackend(AttentionBackend):
             kk = k_cache.index_select(0, flat).view(B, L, num_kv, -1).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
             vv = v_cache.index_select(0, flat).view(B, L, num_kv, -1).to(q.dtype).transpose(1, 2)
             qq = q[:, :, None, :]  # [B, H, 1, D]
-            out = F.scaled_dot_product_attention(
-                qq, kk, vv, attn_mask=meta.mask.to(q.dtype), scale=scale, enable_gqa=gqa
-            )
+            mask = meta.mask
+            if mask is not None and mask.dtype != q.dtype:
+                mask = mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
             return out[:, :, 0, :]
         out = torch.empty_like(q)
         starts = [0]
