@@ -35,10 +35,11 @@ import triton.language as tl
 
 @triton.jit
 def _stream_rows(
-    W, stride_w, rows_a, rows_b, X, R, G, ROut, K, write_res,
+    W, stride_w, rows_a, rows_b, X, R, G, ROut, K, write_res, eps,
     HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """(Σ_k W[a,k]·u[k], Σ_k W[b,k]·u[k], Σ_k s[k]²) with u = s·g (NORM) or s."""
+    """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) with n = rmsnorm(s) (NORM: s·g·inv, inv applied
+    once at the end) or n = s."""
     offs_k = tl.arange(0, BLOCK_K)
     acc_a = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
@@ -59,7 +60,13 @@ def _stream_rows(
             xf = xf * tl.load(G + kk).to(tl.float32)
         acc_a += wa.to(tl.float32) * xf[None, :]
         acc_b += wb.to(tl.float32) * xf[None, :]
-    return tl.sum(acc_a, 1), tl.sum(acc_b, 1), tl.sum(ss, 0)
+    ya = tl.sum(acc_a, 1)
+    yb = tl.sum(acc_b, 1)
+    if NORM:
+        inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+        ya = ya * inv
+        yb = yb * inv
+    return ya, yb
 
 
 @triton.jit
@@ -76,12 +83,8 @@ def _norm_qkv_kernel(
     d = (pid % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_a = head * D + d
     rows_b = rows_a + HALF
-    write_res = tl.where(pid == 0, K, 0)
-    ya, yb, ss = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, write_res,
-                              HAS_RES, True, BLOCK_R, BLOCK_K)
-    inv = tl.rsqrt(ss / K + eps)
-    ya = ya * inv
-    yb = yb * inv
+    ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps,
+                          HAS_RES, True, BLOCK_R, BLOCK_K)
     if HAS_BIAS:
         ya += tl.load(Bias + rows_a).to(tl.float32)
         yb += tl.load(Bias + rows_b).to(tl.float32)
@@ -114,12 +117,8 @@ def _norm_gate_up_kernel(
     pid = tl.program_id(0)
     rows_a = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_b = rows_a + I
-    write_res = tl.where(pid == 0, K, 0)
-    g, u, ss = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, write_res,
-                            HAS_RES, True, BLOCK_R, BLOCK_K)
-    inv = tl.rsqrt(ss / K + eps)
-    g = g * inv
-    u = u * inv
+    g, u = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps,
+                        HAS_RES, True, BLOCK_R, BLOCK_K)
     tl.store(Out + rows_a, (g / (1.0 + tl.exp(-g)) * u).to(Out.dtype.element_ty))
 
 
@@ -128,8 +127,8 @@ def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.cons
     pid = tl.program_id(0)
     rows_a = pid * (2 * BLOCK_R) + tl.arange(0, BLOCK_R)
     rows_b = rows_a + BLOCK_R
-    ya, yb, _ = _stream_rows(W, stride_w, rows_a, rows_b, X, X, X, Out, K, 0,
-                             False, False, BLOCK_R, BLOCK_K)
+    ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, X, X, Out, K, 0, 0.0,
+                          False, False, BLOCK_R, BLOCK_K)
     tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
     tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
 

@@ -166,12 +166,22 @@ def _filtered_sample_kernel(
         score = tl.where(keep, e / q, -1.0)
         score = tl.where(sampled, score, x)
         score = tl.where(inb, score, float("-inf"))
-        better = score > best_l  # strict: each lane keeps its earliest best
-        best_l = tl.where(better, score, best_l)
-        idx_l = tl.where(better, cols, idx_l)
+        best_l, idx_l = _lane_best(score, cols, best_l, idx_l)
+    tl.store(Out + r, _first_argmax(best_l, idx_l, V).to(tl.int64))
+
+
+@triton.jit
+def _lane_best(score, cols, best_l, idx_l):
+    """Per-lane running maximum; strict, so each lane keeps its earliest best."""
+    better = score > best_l
+    return tl.where(better, score, best_l), tl.where(better, cols, idx_l)
+
+
+@triton.jit
+def _first_argmax(best_l, idx_l, V):
+    """The row's argmax from the per-lane bests: the first index among ties."""
     best = tl.max(best_l, 0)
-    best_i = tl.min(tl.where(best_l == best, idx_l, V), 0)  # first index among ties
-    tl.store(Out + r, best_i.to(tl.int64))
+    return tl.min(tl.where(best_l == best, idx_l, V), 0)
 
 
 def filtered_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -257,12 +267,8 @@ def _argmax_kernel(X, Out, V, stride_x, BLOCK: tl.constexpr):
     for c0 in range(0, V, BLOCK):
         cols = c0 + cols0
         x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        better = x > best_l  # strict: a lane keeps its first maximum
-        best_l = tl.where(better, x, best_l)
-        idx_l = tl.where(better, cols, idx_l)
-    best = tl.max(best_l, 0)
-    best_i = tl.min(tl.where(best_l == best, idx_l, V), 0)  # first index among ties
-    tl.store(Out + r, best_i.to(tl.int64))
+        best_l, idx_l = _lane_best(x, cols, best_l, idx_l)
+    tl.store(Out + r, _first_argmax(best_l, idx_l, V).to(tl.int64))
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
