@@ -28,6 +28,8 @@ every program from L2, ~2·K·elem per program against 2·BLOCK_R·K·elem of we
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -134,16 +136,13 @@ def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.cons
 
 
 # ---------------------------------------------------------------------------- configs
-class Config:
+class Config(NamedTuple):
     """Tile of one launch: BLOCK_R rows per half-block, BLOCK_K columns per step."""
 
-    __slots__ = ("block_r", "block_k", "num_warps", "num_stages")
-
-    def __init__(self, block_r: int, block_k: int, num_warps: int = 4, num_stages: int = 1):
-        self.block_r, self.block_k, self.num_warps, self.num_stages = block_r, block_k, num_warps, num_stages
-
-    def __repr__(self) -> str:
-        return f"Config(r={self.block_r}, k={self.block_k}, w={self.num_warps}, s={self.num_stages})"
+    block_r: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
 
 
 # Tiles per stream, from a sweep on an H200 (scripts/probe_gemv.py, Llama-3.1-8B shapes, µs for 32
@@ -269,7 +268,7 @@ def _rms(s, g, eps):
 
 
 def norm_qkv_ref(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, num_heads, num_kv_heads):
-    """fp64-free torch reference: returns (q, k, v [1, H*, D] in x's dtype, r)."""
+    """Torch reference in the inputs' precision (tests pass fp64): (q, k, v [1, H*, D], r)."""
     r = x if residual is None else (x.float() + residual.float()).to(residual.dtype)
     y = _rms(r, norm_w, eps) @ w_qkv.float().t()
     if bias is not None:

@@ -90,3 +90,15 @@ def test_tied_head_copy_gives_same_logits():
     m2 = _tied_model()
     use_cpu_weight_layout(m2, max_head_copy_bytes=0)  # too big to copy: the embedding serves
     assert m2.lm_head_weight_cpu is None and torch.allclose(m2.compute_logits(h), ref, atol=1e-5)
+
+
+def test_loader_applies_the_cpu_layout():
+    """load_model on the CPU leaves every Linear input-major and gives a tied head its copy."""
+    from localsgl.engine.models.loader import load_model
+    from localsgl.store.resolve import resolve_model
+
+    m = load_model(resolve_model("smollm2-135m"), torch.float32, "cpu")
+    lins = [mod for mod in m.modules() if isinstance(mod, Linear)]
+    assert lins and all(mod.weight.stride(0) == 1 for mod in lins)
+    assert m.lm_head is None and m.lm_head_weight_cpu is not None
+    assert torch.equal(m.lm_head_weight_cpu, m.embed_tokens.weight)

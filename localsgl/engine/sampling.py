@@ -62,14 +62,14 @@ _kernel_checked = False
 
 
 def _kernels():
-    """``localsgl_kernels.sampling`` if it exists with both entry points, else None (cached)."""
+    """``localsgl_kernels.sampling`` if it exists with all its entry points, else None (cached)."""
     global _kernel_mod, _kernel_checked
     if not _kernel_checked:
         _kernel_checked = True
         try:
             from localsgl_kernels import sampling as mod  # type: ignore[import-not-found]
 
-            if hasattr(mod, "filtered_sample") and hasattr(mod, "apply_penalties"):
+            if all(hasattr(mod, f) for f in ("filtered_sample", "apply_penalties", "argmax_rows")):
                 _kernel_mod = mod
         except Exception:  # ImportError, or triton missing / broken on this machine
             _kernel_mod = None
@@ -432,11 +432,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = True,
     if logits.dtype != torch.float32:
         logits = logits.float()
 
+    kmod = _kernels_for(logits) if use_kernels else None
     if b.fast:
-        kmod = _kernels_for(logits) if use_kernels else None
-        tokens = kmod.argmax_rows(logits) if kmod is not None and hasattr(kmod, "argmax_rows") else logits.argmax(dim=-1)
+        tokens = kmod.argmax_rows(logits) if kmod is not None else logits.argmax(dim=-1)
     else:
-        kmod = _kernels_for(logits) if use_kernels else None
         x = logits.clone()
         if b.ban_rows is not None:
             x[b.ban_rows, b.ban_ids] = _NEG_INF

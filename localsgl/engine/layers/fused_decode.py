@@ -25,11 +25,15 @@ _DISABLED = os.environ.get("LOCALSGL_DISABLE_FUSED_DECODE", "") not in ("", "0")
 _FORCE_ON_CPU = False  # tests: run the kernels under the Triton interpreter
 
 
-def set_fused_decode(enabled: bool, allow_cpu: bool = False) -> None:
-    """Tests and A/B benchmarks switch the path; ``allow_cpu`` lets the interpreter run it."""
-    global _DISABLED, _FORCE_ON_CPU
+def set_fused_decode(enabled: bool) -> None:
+    """Tests and A/B benchmarks switch the path on or off."""
+    global _DISABLED
     _DISABLED = not enabled
-    _FORCE_ON_CPU = allow_cpu
+
+
+def _one_row_on(t: torch.Tensor) -> bool:
+    """The path may serve this one-row step: enabled, and on CUDA (or the interpreter in tests)."""
+    return not _DISABLED and t.shape[0] == 1 and (t.is_cuda or _FORCE_ON_CPU)
 
 
 def fused_decode_shapes_ok(model) -> bool:
@@ -61,9 +65,7 @@ def _shapes_ok(model) -> bool:
 
 
 def use_fused_decode(model, input_ids: torch.Tensor, batch) -> bool:
-    if _DISABLED or input_ids.shape[0] != 1:
-        return False
-    if not (input_ids.is_cuda or _FORCE_ON_CPU):
+    if not _one_row_on(input_ids):
         return False
     if not getattr(batch.attn_backend, "supports_prestored_kv", False):
         return False
@@ -73,7 +75,7 @@ def use_fused_decode(model, input_ids: torch.Tensor, batch) -> bool:
 def logits_one_row(model, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """fp32 logits [1, V] of one row by the LM-head GEMV kernel (no separate cast), or None
     when the path is off or the shape does not tile (the caller uses F.linear)."""
-    if _DISABLED or hidden.shape[0] != 1 or not (hidden.is_cuda or _FORCE_ON_CPU):
+    if not _one_row_on(hidden):
         return None
     ok = getattr(model, "_fused_logits_ok", None)
     if ok is None:

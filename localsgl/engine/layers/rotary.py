@@ -43,6 +43,7 @@ class RotaryEmbedding(torch.nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv)  # [P, D/2]
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        self._cache = None  # (positions, cos, sin) of the current forward (torch path)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hkv, D] -> rotated (new tensors or in place)."""
@@ -62,7 +63,7 @@ class RotaryEmbedding(torch.nn.Module):
     def _tables(self, positions: torch.Tensor):
         """[T, 1, D] fp32 cos | cos and −sin | sin for these positions, built by the first
         layer of a forward and reused by the others (they pass the same positions tensor)."""
-        cached = getattr(self, "_cache", None)
+        cached = self._cache
         if cached is not None and cached[0] is positions:
             return cached[1], cached[2]
         half = self.cos_sin.shape[-1] // 2
