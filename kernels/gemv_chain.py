@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .gemv import Config, default_config
 
-_SPIN_CAP = tl.constexpr(1 << 26)  # polls before a waiting program gives up (never reached unless a bug)
+_SPIN_CAP = tl.constexpr(1 << 22)  # polls before a waiting program gives up (never reached unless a bug)
 
 
 @triton.jit
