@@ -32,8 +32,7 @@ CAPS = [  # issue 3: every --gpu-memory cap runs the throughput workload to the 
 ] + [
     ("throughput", {"gpu_memory": cap}, ["--workload", "mixed", "--num-prompts", "300"]) for cap in ("24GiB", "40GiB")
 ]
-# fused one-token path: chained layer tails (default), three launches per tail, off
-BS1 = [QUICK[0], ("latency", {"_chain": False}, QUICK[0][2]), ("latency", {"_fused_decode": False}, QUICK[0][2])]
+BS1 = [QUICK[0], ("latency", {"_fused_decode": False}, QUICK[0][2])]  # fused one-token path on vs off
 LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--input-len", "4096", "--output-len", "2048"])]
 
 
@@ -53,7 +52,7 @@ def main():
         t = time.time()
         from localsgl.engine.layers.fused_decode import set_fused_decode
 
-        set_fused_decode(extra.get("_fused_decode", True), chain=extra.get("_chain", True))
+        set_fused_decode(extra.get("_fused_decode", True))
         try:
             rc = bench.main(kind, {**MODEL, **{k: v for k, v in extra.items() if not k.startswith("_")}}, args,
                             json_output=True)

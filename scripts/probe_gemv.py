@@ -5,8 +5,7 @@ CUDA graph.
   1. cuBLAS (F.linear, M = 1) vs the Triton kernels of kernels/gemv.py over a grid of tiles,
      per projection: the µs for 32 layers and the TB/s;
   2. the layer sequence without attention: the unfused chain (9 launches per layer) vs the
-     fused one (4), fused with cuBLAS for o/down, and the one-launch layer tails of
-     kernels/gemv_chain.py.
+     fused one (4), and fused with cuBLAS for o/down.
 Usage: python scripts/probe_gemv.py [tiles|layers] ...
 """
 from __future__ import annotations
@@ -139,19 +138,8 @@ def probe_layers(W):
                 x = F.linear(a, W["down"][i]) if cublas_od else G.gemv(a, W["down"][i])
         return run
 
-    def chained():
-        from localsgl_kernels import gemv_chain as C
-
-        x, res = x0, x0.clone()
-        cnt = torch.zeros((L, 4), dtype=torch.int32, device="cuda")
-        q, res = G.norm_qkv(x, res, nw, 1e-5, W["qkv"][0], None, cs, pos, loc, kc, vc, HQ, HKV)
-        for i in range(L):
-            nxt = (nw, 1e-5, W["qkv"][i + 1], None, cs, pos, loc, kc, vc, HQ, HKV) if i + 1 < L else None
-            q, res = C.layer_tail(q.view(1, HQ * D), res, W["o"][i], nw, 1e-5, W["gate_up"][i], W["down"][i],
-                                  cnt[i], nxt)
-
     for name, fn in (("unfused (9 launches/layer)", unfused), ("fused (4 launches/layer)", fused(False)),
-                     ("fused qkv+gate_up, cuBLAS o/down", fused(True)), ("chained (1 launch/layer)", chained)):
+                     ("fused qkv+gate_up, cuBLAS o/down", fused(True))):
         us = timed_graph(fn)
         print(f"layers {name:36s} {us:9.1f} us / token  {total / us / 1e6:6.3f} TB/s", flush=True)
 

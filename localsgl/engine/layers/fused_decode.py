@@ -22,17 +22,13 @@ import torch
 from . import _kernel_importable
 
 _DISABLED = os.environ.get("LOCALSGL_DISABLE_FUSED_DECODE", "") not in ("", "0")
-_CHAIN = os.environ.get("LOCALSGL_DISABLE_DECODE_CHAIN", "") in ("", "0")
 _FORCE_ON_CPU = False  # tests: run the kernels under the Triton interpreter
 
 
-def set_fused_decode(enabled: bool, chain: bool | None = None) -> None:
-    """Tests and A/B benchmarks switch the path on or off (``chain``: the one-launch layer
-    tail of kernels/gemv_chain.py instead of three launches)."""
-    global _DISABLED, _CHAIN
+def set_fused_decode(enabled: bool) -> None:
+    """Tests and A/B benchmarks switch the path on or off."""
+    global _DISABLED
     _DISABLED = not enabled
-    if chain is not None:
-        _CHAIN = chain
 
 
 def _one_row_on(t: torch.Tensor) -> bool:
@@ -46,20 +42,6 @@ def fused_decode_shapes_ok(model) -> bool:
     if ok is None:
         ok = _shapes_ok(model)
         model._fused_decode_ok = ok
-    return ok
-
-
-def _chain_ok(model) -> bool:
-    ok = getattr(model, "_decode_chain_ok", None)
-    if ok is None:
-        ok = _kernel_importable("gemv_chain")
-        if ok:
-            from localsgl_kernels import gemv_chain as C
-
-            cfg = model.config
-            ok = C.layer_tail_supported(cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size,
-                                        cfg.head_dim, model.embed_tokens.weight.device.type)
-        model._decode_chain_ok = ok
     return ok
 
 
@@ -118,8 +100,6 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
     backend = batch.attn_backend
     cos_sin = model.rotary.cos_sin
     x = model.embed_tokens(input_ids)
-    if _CHAIN and _chain_ok(model):
-        return _forward_chained(model, x, positions, batch)
     residual = None
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -133,39 +113,5 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
         h = G.gemv(o.view(1, attn.q_size), attn.o_proj.weight)
         a, residual = G.norm_gate_up(h, residual, ln2.weight, ln2.eps, mlp.gate_up_proj.weight)
         x = G.gemv(a, mlp.down_proj.weight)
-    x, _ = model.norm(x, residual)
-    return x
-
-
-def _forward_chained(model, x, positions, batch) -> torch.Tensor:
-    """Per layer: attention, then one launch for o_proj … down_proj and the next layer's
-    norm + qkv (kernels/gemv_chain.py); the first layer's qkv is its own launch."""
-    from localsgl_kernels import gemv as G
-    from localsgl_kernels import gemv_chain as C
-
-    pool = batch.kv_pool
-    backend = batch.attn_backend
-    cos_sin = model.rotary.cos_sin
-    layers = model.layers
-    counters = torch.zeros((len(layers), 4), dtype=torch.int32, device=x.device)  # one memset per step
-
-    def qkv_args(layer):
-        attn, ln1 = layer.self_attn, layer.input_layernorm
-        return (ln1.weight, ln1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias, cos_sin, positions,
-                batch.out_cache_loc, pool.k_buffer[attn.layer_id], pool.v_buffer[attn.layer_id],
-                attn.num_heads, attn.num_kv_heads)
-
-    a0 = qkv_args(layers[0])
-    q, residual = G.norm_qkv(x, None, a0[0], a0[1], *a0[2:])
-    for i, layer in enumerate(layers):
-        attn, mlp, ln2 = layer.self_attn, layer.mlp, layer.post_attention_layernorm
-        o = backend.attend(q, attn.layer_id, batch, attn.scale)
-        nxt = qkv_args(layers[i + 1]) if i + 1 < len(layers) else None
-        out, residual = C.layer_tail(o.view(1, attn.q_size), residual, attn.o_proj.weight, ln2.weight, ln2.eps,
-                                     mlp.gate_up_proj.weight, mlp.down_proj.weight, counters[i], nxt)
-        if nxt is not None:
-            q = out
-        else:
-            x = out
     x, _ = model.norm(x, residual)
     return x
