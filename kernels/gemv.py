@@ -23,8 +23,17 @@ Each program owns two blocks of BLOCK_R weight rows ("a" and "b") and streams th
 Program 0 also writes r (the next residual) to a fresh buffer: the others still read
 the old one.
 
-Floor: the weight bytes N·K·elem over copy bandwidth (x, residual and g are re-read by
-every program from L2, ~2·K·elem per program against 2·BLOCK_R·K·elem of weights).
+Two program shapes:
+  * full-K (K ≤ 8192 after rounding up to a power of two): a few persistent programs per SM;
+    each normalises x once, keeps it in registers, and walks its row blocks (grid-stride)
+    with one [BLOCK_R, K] weight tile per block.  x, the residual and g are read once per
+    program, not once per row block.  Measured on an H200 (scripts/probe_gemv.py), 32
+    layers of Llama-3-8B: gate_up 1,800 vs 1,910 µs, o 326 vs 335, qkv rows 484 vs 506.
+  * K-loop (larger K, e.g. down_proj's 14336, and the LM head): one program per row block,
+    streaming BLOCK_K columns per step.
+
+Floor: the weight bytes N·K·elem over copy bandwidth (K-loop: x, residual and g are
+re-read by every program from L2, ~2·K·elem per program against 2·BLOCK_R·K·elem of weights).
 """
 from __future__ import annotations
 
@@ -72,21 +81,40 @@ def _stream_rows(
 
 
 @triton.jit
-def _norm_qkv_kernel(
-    X, R, G, ROut, W, Bias, CS, Pos, Loc, Q, KC, VC,
-    K, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid = tl.program_id(0)
+def _normed_x(X, R, G, ROut, K, write_res, eps,
+              HAS_RES: tl.constexpr, NORM: tl.constexpr, K_PAD: tl.constexpr):
+    """Full-K prologue: (n [K_PAD] fp32 = rmsnorm(s)·g or s, offs, mask), s = x (+ residual);
+    s is written to ROut where offs < write_res (one program does it)."""
+    offs = tl.arange(0, K_PAD)
+    mask = offs < K
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(ROut.dtype.element_ty)
+        tl.store(ROut + offs, x, mask=offs < write_res)
+    n = x.to(tl.float32)
+    if NORM:
+        inv = tl.rsqrt(tl.sum(n * n, 0) / K + eps)
+        n = n * inv * tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    return n, offs, mask
+
+
+@triton.jit
+def _dot_rows(W, stride_w, rows, n, offs, mask):
+    """W[rows, :K] · n over one full-K tile: [BLOCK_R] fp32."""
+    w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + offs[None, :], mask=mask[None, :], other=0.0)
+    return tl.sum(w.to(tl.float32) * n[None, :], 1)
+
+
+@triton.jit
+def _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, stride_kct, stride_kch,
+                  stride_vct, stride_vch, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """Rows (d, d + D/2) of ``head``: + bias; rotary on q and k heads; q stored, k and v
+    written into the KV pool at slot Loc[0] (position and slot are loaded where needed:
+    loading them before the weight stream measured slower)."""
     HALF: tl.constexpr = D // 2
-    PER_HEAD: tl.constexpr = HALF // BLOCK_R
-    head = pid // PER_HEAD
-    d = (pid % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_a = head * D + d
     rows_b = rows_a + HALF
-    ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps,
-                          HAS_RES, True, BLOCK_R, BLOCK_K)
     if HAS_BIAS:
         ya += tl.load(Bias + rows_a).to(tl.float32)
         yb += tl.load(Bias + rows_b).to(tl.float32)
@@ -109,6 +137,67 @@ def _norm_qkv_kernel(
         base = VC + slot * stride_vct + (head - HQ - HKV) * stride_vch
         tl.store(base + d, ya.to(VC.dtype.element_ty))
         tl.store(base + HALF + d, yb.to(VC.dtype.element_ty))
+
+
+@triton.jit
+def _norm_qkv_fullk_kernel(
+    X, R, G, ROut, W, Bias, CS, Pos, Loc, Q, KC, VC,
+    K, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    PER_HEAD: tl.constexpr = D // 2 // BLOCK_R
+    n, offs, mask = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, HAS_RES, True, K_PAD)
+    for blk in range(pid, NB, tl.num_programs(0)):
+        head = blk // PER_HEAD
+        d = (blk % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows_a = head * D + d
+        ya = _dot_rows(W, stride_w, rows_a, n, offs, mask)
+        yb = _dot_rows(W, stride_w, rows_a + D // 2, n, offs, mask)
+        _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, stride_kct, stride_kch,
+                      stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
+
+
+@triton.jit
+def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K, I, NB, eps, stride_w,
+                               BLOCK_R: tl.constexpr, K_PAD: tl.constexpr):
+    pid = tl.program_id(0)
+    n, offs, mask = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, True, True, K_PAD)
+    for blk in range(pid, NB, tl.num_programs(0)):
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        g = _dot_rows(W, stride_w, rows, n, offs, mask)
+        u = _dot_rows(W, stride_w, rows + I, n, offs, mask)
+        tl.store(Out + rows, (g / (1.0 + tl.exp(-g)) * u).to(Out.dtype.element_ty))
+
+
+@triton.jit
+def _gemv_fullk_kernel(X, W, Out, K, NB, stride_w, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr):
+    pid = tl.program_id(0)
+    n, offs, mask = _normed_x(X, X, X, Out, K, 0, 0.0, False, False, K_PAD)
+    for blk in range(pid, NB, tl.num_programs(0)):
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        tl.store(Out + rows, _dot_rows(W, stride_w, rows, n, offs, mask).to(Out.dtype.element_ty))
+
+
+@triton.jit
+def _norm_qkv_kernel(
+    X, R, G, ROut, W, Bias, CS, Pos, Loc, Q, KC, VC,
+    K, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    HALF: tl.constexpr = D // 2
+    PER_HEAD: tl.constexpr = HALF // BLOCK_R
+    head = pid // PER_HEAD
+    d = (pid % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows_a = head * D + d
+    rows_b = rows_a + HALF
+    ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps,
+                          HAS_RES, True, BLOCK_R, BLOCK_K)
+    _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC,
+                  stride_cs, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
 
 
 @triton.jit
@@ -137,23 +226,36 @@ def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.cons
 
 # ---------------------------------------------------------------------------- configs
 class Config(NamedTuple):
-    """Tile of one launch: BLOCK_R rows per half-block, BLOCK_K columns per step."""
+    """Tile of one launch.  K-loop (programs_per_sm == 0): BLOCK_R rows per half-block,
+    BLOCK_K columns per step, one program per row block.  Full-K (programs_per_sm > 0):
+    BLOCK_R rows per block, the whole K per tile (block_k unused), programs_per_sm × SMs
+    programs walking the blocks."""
 
     block_r: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 1
+    programs_per_sm: int = 0
 
 
-# Tiles per stream, from a sweep on an H200 (scripts/probe_gemv.py, Llama-3.1-8B shapes, µs for 32
-# layers; cuBLAS M=1 in brackets): qkv 523 (499, unfused), o 335 (421), gate_up 1908 (1940),
+# K-loop tiles per stream, from a sweep on an H200 (scripts/probe_gemv.py, Llama-3.1-8B shapes, µs for
+# 32 layers; cuBLAS M=1 in brackets): qkv 523 (499, unfused), o 335 (421), gate_up 1908 (1940),
 # down 931 (1039), LM head with fp32 logits 236 per call (256 + a cast).
 _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
+# Full-K tiles (block_r, programs per SM, warps), same probe: gate_up 1,800, o 326, qkv rows 484.
+_CUDA_FULLK = {"qkv": (4, 4, 8), "gate_up": (4, 4, 8), "gemv": (8, 4, 8)}
+FULLK_MAX = 8192  # widest K (rounded up to a power of two) kept in registers
+_INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
 
 
 def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv") -> Config | None:
     """The tile for a ``kind`` stream whose row blocks come in multiples of ``rows_per_block``,
     over K columns; None when the shape does not tile evenly (callers take the unfused path)."""
+    if kind != "lm_head" and triton.next_power_of_2(K) <= FULLK_MAX:
+        if device_type != "cuda":
+            return Config(min(4, rows_per_block), 0, 4, 1, 1)
+        r, per_sm, warps = _CUDA_FULLK[kind]
+        return Config(min(r, rows_per_block), 0, warps, 1, per_sm)
     if device_type != "cuda":  # interpreter: small tiles
         for bk in (64, 32, 16):
             if K % bk == 0:
@@ -165,6 +267,24 @@ def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "g
     if K % bk:
         return None
     return Config(min(r, rows_per_block), bk, warps, stages)
+
+
+_SMS: dict = {}
+
+
+def _programs(cfg: Config, blocks: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return min(blocks, cfg.programs_per_sm * _INTERP_SMS)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return min(blocks, cfg.programs_per_sm * _SMS[key])
+
+
+def _fits(cfg: Config | None, K: int) -> bool:
+    if cfg is None:
+        return False
+    return triton.next_power_of_2(K) <= FULLK_MAX if cfg.programs_per_sm else K % cfg.block_k == 0
 
 
 def _check_row(x: torch.Tensor, K: int) -> torch.Tensor:
@@ -194,7 +314,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     assert cos_sin.shape[-1] == D and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     cfg = config or default_config(D // 2, K, x.device.type, "qkv")
-    assert cfg is not None and (D // 2) % cfg.block_r == 0 and K % cfg.block_k == 0
+    assert _fits(cfg, K) and (D // 2) % cfg.block_r == 0
     xr = _check_row(x, K)
     has_res = residual is not None
     if has_res:
@@ -203,15 +323,18 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     else:
         rr = r_out = xr
     q = torch.empty((1, num_heads, D), dtype=x.dtype, device=x.device)
-    grid = (N // cfg.block_r // 2,)
-    _norm_qkv_kernel[grid](
-        xr, rr, norm_w, r_out, w_qkv, bias if bias is not None else w_qkv, cos_sin, positions, loc, q,
-        k_cache, v_cache,
-        K, eps, w_qkv.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1),
-        HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None,
-        BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    blocks = N // cfg.block_r // 2
+    args = (xr, rr, norm_w, r_out, w_qkv, bias if bias is not None else w_qkv, cos_sin, positions, loc, q,
+            k_cache, v_cache)
+    strides = (w_qkv.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
+               v_cache.stride(0), v_cache.stride(1))
+    meta = dict(HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None,
+                BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.programs_per_sm:
+        _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
+            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), **meta)
+    else:
+        _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **meta)
     return q, r_out.view(1, K)
 
 
@@ -227,22 +350,29 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     I = w_gate_up.shape[0] // 2
     assert w_gate_up.shape == (2 * I, K) and w_gate_up.stride(1) == 1
     cfg = config or default_config(I, K, x.device.type, "gate_up")
-    assert cfg is not None and I % cfg.block_r == 0 and K % cfg.block_k == 0
+    assert _fits(cfg, K) and I % cfg.block_r == 0
     xr = _check_row(x, K)
     rr = _check_row(residual, K)
     r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
     out = torch.empty((1, I), dtype=x.dtype, device=x.device)
-    _norm_gate_up_kernel[(I // cfg.block_r,)](
-        xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
-        HAS_RES=True, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    blocks = I // cfg.block_r
+    meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.programs_per_sm:
+        _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
+            xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
+            K_PAD=triton.next_power_of_2(K), **meta)
+    else:
+        _norm_gate_up_kernel[(blocks,)](
+            xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
+            HAS_RES=True, BLOCK_K=cfg.block_k, **meta)
     return out, r_out.view(1, K)
 
 
 def gemv_supported(out_features: int, in_features: int, device_type: str, kind: str = "gemv") -> bool:
     cfg = default_config(out_features, in_features, device_type, kind)
-    return cfg is not None and out_features % (2 * cfg.block_r) == 0
+    if cfg is None:
+        return False
+    return out_features % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
 
 
 def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv"):
@@ -251,13 +381,16 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
     N, K = w.shape
     assert w.stride(1) == 1
     cfg = config or default_config(N, K, x.device.type, kind)
-    assert cfg is not None and N % (2 * cfg.block_r) == 0 and K % cfg.block_k == 0
+    assert _fits(cfg, K) and N % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
     xr = _check_row(x, K)
     out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
-    _gemv_kernel[(N // (2 * cfg.block_r),)](
-        xr, w, out, K, w.stride(0), BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.programs_per_sm:
+        blocks = N // cfg.block_r
+        _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
+            xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), **meta)
+    else:
+        _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k, **meta)
     return out
 
 

@@ -6,7 +6,7 @@ CUDA graph.
      per projection: the µs for 32 layers and the TB/s;
   2. the layer sequence without attention: the unfused chain (9 launches per layer) vs the
      fused one (4), and fused with cuBLAS for o/down.
-Usage: python scripts/probe_gemv.py [tiles|layers] ...
+Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop]  (kloop: sweep K-loop tiles instead of full-K)
 """
 from __future__ import annotations
 
@@ -73,24 +73,29 @@ def probe_tiles(W):
         res[(key, "cublas")] = report(f"{key} cublas", timed_graph(lambda: [F.linear(xin, w[i]) for i in range(L)]), nbytes)
     res[("lm", "cublas")] = report("lm cublas (+ .float())", timed_graph(lambda: F.linear(x, W["lm"]).float(), 20) * L,
                                    W["lm"].numel() * 2 * L)
-    grid = [G.Config(rr, kk, nw_, st) for rr, kk, nw_, st in itertools.product((2, 4, 8), (256, 512, 1024), (4, 8), (1,))]
-    grid += [G.Config(4, 512, 4, 3), G.Config(8, 256, 4, 3), G.Config(2, 1024, 4, 3), G.Config(1, 1024, 4, 1),
-             G.Config(1, 2048, 8, 1), G.Config(16, 256, 8, 1)]
+    if "kloop" in sys.argv:  # the K-loop sweep of session 3 (bench/RESULTS.md, run K)
+        grid = [G.Config(rr, kk, nw_, st) for rr, kk, nw_, st in itertools.product((2, 4, 8), (256, 512, 1024), (4, 8), (1,))]
+        grid += [G.Config(4, 512, 4, 3), G.Config(8, 256, 4, 3), G.Config(2, 1024, 4, 3), G.Config(1, 1024, 4, 1),
+                 G.Config(1, 2048, 8, 1), G.Config(16, 256, 8, 1)]
+    else:  # full-K tiles: rows per block, programs per SM, warps (down_proj's K does not fit them)
+        grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((2, 4, 8), (4, 8, 16), (8, 16))]
     for cfg in grid:
-        try:
-            res[("qkv", cfg)] = report(f"qkv fused {cfg}", timed_graph(lambda: [
-                G.norm_qkv(x, r, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV, config=cfg)
-                for i in range(L)]), W["qkv"].numel() * 2)
-            res[("gate_up", cfg)] = report(f"gate_up fused {cfg}", timed_graph(lambda: [
-                G.norm_gate_up(x, r, nw, 1e-5, W["gate_up"][i], config=cfg) for i in range(L)]), W["gate_up"].numel() * 2)
-            res[("o", cfg)] = report(f"o gemv {cfg}", timed_graph(lambda: [
-                G.gemv(x, W["o"][i], config=cfg) for i in range(L)]), W["o"].numel() * 2)
-            res[("down", cfg)] = report(f"down gemv {cfg}", timed_graph(lambda: [
-                G.gemv(xi, W["down"][i], config=cfg) for i in range(L)]), W["down"].numel() * 2)
-            res[("lm", cfg)] = report(f"lm gemv fp32 out {cfg}", timed_graph(lambda: G.gemv(
-                x, W["lm"], out_dtype=torch.float32, config=cfg)) * L, W["lm"].numel() * 2 * L)
-        except Exception as e:  # a tile that does not compile or fit: skip it
-            print(f"config {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        runs = {
+            "qkv": (lambda: [G.norm_qkv(x, r, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV, config=cfg)
+                             for i in range(L)], "qkv fused", W["qkv"].numel() * 2, 1),
+            "gate_up": (lambda: [G.norm_gate_up(x, r, nw, 1e-5, W["gate_up"][i], config=cfg) for i in range(L)],
+                        "gate_up fused", W["gate_up"].numel() * 2, 1),
+            "o": (lambda: [G.gemv(x, W["o"][i], config=cfg) for i in range(L)], "o gemv", W["o"].numel() * 2, 1),
+            "down": (lambda: [G.gemv(xi, W["down"][i], config=cfg) for i in range(L)], "down gemv",
+                     W["down"].numel() * 2, 1),
+            "lm": (lambda: G.gemv(x, W["lm"], out_dtype=torch.float32, config=cfg), "lm gemv fp32 out",
+                   W["lm"].numel() * 2 * L, L),
+        }
+        for key, (fn, label, nbytes, scale) in runs.items():
+            try:
+                res[(key, cfg)] = report(f"{label} {tuple(cfg)}", timed_graph(fn) * scale, nbytes)
+            except Exception as e:  # a tile that does not compile, fit or apply to this shape: skip it
+                print(f"{label} {tuple(cfg)} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
     print("\nbest per projection (us / 32 layers):")
     for key in ("qkv", "o", "gate_up", "down", "lm"):
         cands = [(us, c) for (k, c), us in res.items() if k == key and c != "cublas"]
@@ -145,7 +150,7 @@ def probe_layers(W):
 
 
 if __name__ == "__main__":
-    what = sys.argv[1:] or ["layers", "tiles"]
+    what = [a for a in sys.argv[1:] if a != "kloop"] or ["layers", "tiles"]
     W = weights()
     for w in what:
         {"tiles": probe_tiles, "layers": probe_layers}[w](W)

@@ -1,7 +1,7 @@
 """The fused one-row GEMV kernels (kernels/gemv.py) against fp64 torch references: the
 norm+qkv+rotary+KV-store stream (with and without residual and bias, GQA heads, rows
-of the KV pool left untouched), norm+gate_up+silu, and the plain GEMV; every tile config
-the launcher may pick is also forced explicitly."""
+of the KV pool left untouched), norm+gate_up+silu, and the plain GEMV; both program shapes
+(full-K, including a K that is not a power of two, and K-loop) are forced explicitly."""
 import pytest
 import torch
 from kutil import DEV, ELEM_DTYPES, ON_GPU, gen, randn, rel_err, tol
@@ -83,9 +83,12 @@ def test_gemv(dtype, n, k):
     assert rel_err(y, ref) < _tol(dtype)
     y32 = G.gemv(x, w, out_dtype=torch.float32)
     assert y32.dtype == torch.float32 and rel_err(y32, ref) < _tol(dtype)
+    if G.gemv_supported(n, k, DEV.split(":")[0], "lm_head"):  # the K-loop program shape
+        assert rel_err(G.gemv(x, w, out_dtype=torch.float32, kind="lm_head"), ref) < _tol(dtype)
 
 
-@pytest.mark.parametrize("cfg", [G.Config(1, 16), G.Config(2, 32), G.Config(8, 16)])
+@pytest.mark.parametrize("cfg", [G.Config(1, 16), G.Config(2, 32), G.Config(8, 16),  # K-loop
+                                 G.Config(1, 0, 4, 1, 1), G.Config(4, 0, 4, 1, 2), G.Config(8, 0, 2, 1, 3)])  # full-K
 def test_forced_configs(cfg):
     g = gen(3)
     hq, hkv, d, h = 4, 2, 32, 64
@@ -110,5 +113,9 @@ def test_support_checks():
     dev = "cuda" if ON_GPU else "cpu"
     assert not G.norm_qkv_supported(32, 8, 128, 4096, 64, dev)  # partial rotary
     assert G.norm_qkv_supported(32, 8, 128, 4096, 128, dev)
-    assert not G.gemv_supported(4096, 4095, dev)
-    assert G.gemv_supported(128256, 4096, dev)
+    assert G.gemv_supported(4096, 4095, dev)  # full-K: any K up to FULLK_MAX, masked
+    assert not G.gemv_supported(4096, 16383, dev)  # K-loop: K must split into column blocks
+    assert G.gemv_supported(128256, 4096, dev) and G.gemv_supported(128256, 4096, dev, "lm_head")
+    assert G.default_config(8, 4096, dev, "gate_up").programs_per_sm > 0
+    assert G.default_config(8, 14336, dev).programs_per_sm == 0
+    assert G.default_config(8, 4096, dev, "lm_head").programs_per_sm == 0
