@@ -84,9 +84,14 @@ def _stream_rows(
 def _normed_x(X, R, G, ROut, K, write_res, eps,
               HAS_RES: tl.constexpr, NORM: tl.constexpr, K_PAD: tl.constexpr):
     """Full-K prologue: (n [K_PAD] fp32 = rmsnorm(s)·g or s, offs, mask), s = x (+ residual);
-    s is written to ROut where offs < write_res (one program does it)."""
+    s is written to ROut where offs < write_res (one program does it).  When K == K_PAD the
+    mask is a constant true, so the weight tiles load unmasked (vectorised; a runtime mask
+    measured ~15% slower on gate_up)."""
     offs = tl.arange(0, K_PAD)
-    mask = offs < K
+    if K_PAD == K:
+        mask = tl.full([K_PAD], 1, tl.int1)
+    else:
+        mask = offs < K
     x = tl.load(X + offs, mask=mask, other=0.0)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(ROut.dtype.element_ty)
@@ -142,7 +147,7 @@ def _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, str
 @triton.jit
 def _norm_qkv_fullk_kernel(
     X, R, G, ROut, W, Bias, CS, Pos, Loc, Q, KC, VC,
-    K, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
+    K: tl.constexpr, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr,
 ):
@@ -160,7 +165,7 @@ def _norm_qkv_fullk_kernel(
 
 
 @triton.jit
-def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K, I, NB, eps, stride_w,
+def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, eps, stride_w,
                                BLOCK_R: tl.constexpr, K_PAD: tl.constexpr):
     pid = tl.program_id(0)
     n, offs, mask = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, True, True, K_PAD)
@@ -172,7 +177,7 @@ def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K, I, NB, eps, stride_w,
 
 
 @triton.jit
-def _gemv_fullk_kernel(X, W, Out, K, NB, stride_w, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr):
+def _gemv_fullk_kernel(X, W, Out, K: tl.constexpr, NB, stride_w, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr):
     pid = tl.program_id(0)
     n, offs, mask = _normed_x(X, X, X, Out, K, 0, 0.0, False, False, K_PAD)
     for blk in range(pid, NB, tl.num_programs(0)):

@@ -6,7 +6,7 @@ CUDA graph.
      per projection: the µs for 32 layers and the TB/s;
   2. the layer sequence without attention: the unfused chain (9 launches per layer) vs the
      fused one (4), and fused with cuBLAS for o/down.
-Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop]  (kloop: sweep K-loop tiles instead of full-K)
+Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short]  (kloop: sweep K-loop tiles instead of full-K; short: 4 full-K tiles)
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def probe_tiles(W):
         grid += [G.Config(4, 512, 4, 3), G.Config(8, 256, 4, 3), G.Config(2, 1024, 4, 3), G.Config(1, 1024, 4, 1),
                  G.Config(1, 2048, 8, 1), G.Config(16, 256, 8, 1)]
     else:  # full-K tiles: rows per block, programs per SM, warps (down_proj's K does not fit them)
-        grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((2, 4, 8), (4, 8, 16), (8, 16))]
+        grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((2, 4, 8), (4, 8, 16), (8, 16))
+                if "short" not in sys.argv or (nw_ == 8 and per_sm in (4, 16) and rr > 2)]
     for cfg in grid:
         runs = {
             "qkv": (lambda: [G.norm_qkv(x, r, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV, config=cfg)
@@ -150,7 +151,7 @@ def probe_layers(W):
 
 
 if __name__ == "__main__":
-    what = [a for a in sys.argv[1:] if a != "kloop"] or ["layers", "tiles"]
+    what = [a for a in sys.argv[1:] if a not in ("kloop", "short")] or ["layers", "tiles"]
     W = weights()
     for w in what:
         {"tiles": probe_tiles, "layers": probe_layers}[w](W)
