@@ -29,8 +29,8 @@ Two program shapes:
     with one [BLOCK_R, K] weight tile per block.  x, the residual and g are read once per
     program, not once per row block.  Measured on an H200 (scripts/probe_gemv.py), 32
     layers of Llama-3-8B: gate_up 1,800 vs 1,910 µs, o 326 vs 335, qkv rows 484 vs 506.
-  * K-loop (larger K, e.g. down_proj's 14336, and the LM head): one program per row block,
-    streaming BLOCK_K columns per step.
+  * K-loop (larger K, e.g. down_proj's 14336): one program per row block, streaming
+    BLOCK_K columns per step.
 
 Floor: the weight bytes N·K·elem over copy bandwidth (K-loop: x, residual and g are
 re-read by every program from L2, ~2·K·elem per program against 2·BLOCK_R·K·elem of weights).
@@ -247,16 +247,18 @@ class Config(NamedTuple):
 # 32 layers; cuBLAS M=1 in brackets): qkv 523 (499, unfused), o 335 (421), gate_up 1908 (1940),
 # down 931 (1039), LM head with fp32 logits 236 per call (256 + a cast).
 _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
-# Full-K tiles (block_r, programs per SM, warps), same probe: gate_up 1,800, o 326, qkv rows 484.
-_CUDA_FULLK = {"qkv": (4, 4, 8), "gate_up": (4, 4, 8), "gemv": (8, 4, 8)}
-FULLK_MAX = 8192  # widest K (rounded up to a power of two) kept in registers
+# Full-K tiles (block_r, programs per SM, warps), same probe (run T): qkv 503, o 321, gate_up 1,774,
+# LM head 7,450 / 32 = 233 per call.
+_CUDA_FULLK = {"qkv": (8, 16, 8), "gate_up": (4, 16, 8), "gemv": (8, 4, 8), "lm_head": (4, 16, 8)}
+FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
+FULLK_DEFAULT_MAX = 8192  # widest K for which the launcher picks them (down_proj's 14336 streams faster K-looped)
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
 
 
 def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv") -> Config | None:
     """The tile for a ``kind`` stream whose row blocks come in multiples of ``rows_per_block``,
     over K columns; None when the shape does not tile evenly (callers take the unfused path)."""
-    if kind != "lm_head" and triton.next_power_of_2(K) <= FULLK_MAX:
+    if triton.next_power_of_2(K) <= FULLK_DEFAULT_MAX:
         if device_type != "cuda":
             return Config(min(4, rows_per_block), 0, 4, 1, 1)
         r, per_sm, warps = _CUDA_FULLK[kind]

@@ -6,7 +6,7 @@ CUDA graph.
      per projection: the µs for 32 layers and the TB/s;
   2. the layer sequence without attention: the unfused chain (9 launches per layer) vs the
      fused one (4), and fused with cuBLAS for o/down.
-Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short]  (kloop: sweep K-loop tiles instead of full-K; short: 4 full-K tiles)
+Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short]  (kloop: sweep K-loop tiles instead of full-K; short: 6 full-K tiles)
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def probe_tiles(W):
                  G.Config(1, 2048, 8, 1), G.Config(16, 256, 8, 1)]
     else:  # full-K tiles: rows per block, programs per SM, warps (down_proj's K does not fit them)
         grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((2, 4, 8), (4, 8, 16), (8, 16))
-                if "short" not in sys.argv or (nw_ == 8 and per_sm in (4, 16) and rr > 2)]
+                if "short" not in sys.argv or (nw_ == 8 and per_sm in (4, 16))]
     for cfg in grid:
         runs = {
             "qkv": (lambda: [G.norm_qkv(x, r, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV, config=cfg)
