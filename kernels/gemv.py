@@ -81,9 +81,17 @@ def _stream_rows(
 
 
 @triton.jit
-def _normed_x(X, R, G, ROut, K, write_res, eps, offs, mask, HAS_RES: tl.constexpr, NORM: tl.constexpr):
-    """Full-K prologue: n [K_PAD] fp32 = rmsnorm(s)·g (NORM) or s, s = x (+ residual); s is
-    written to ROut where offs < write_res (one program does it)."""
+def _normed_x(X, R, G, ROut, K, write_res, eps,
+              HAS_RES: tl.constexpr, NORM: tl.constexpr, K_PAD: tl.constexpr):
+    """Full-K prologue: (n [K_PAD] fp32 = rmsnorm(s)·g or s, offs, mask), s = x (+ residual);
+    s is written to ROut where offs < write_res (one program does it).  When K == K_PAD the
+    mask is a constant true, so the weight tiles load unmasked (vectorised; a runtime mask
+    measured ~15% slower on gate_up)."""
+    offs = tl.arange(0, K_PAD)
+    if K_PAD == K:
+        mask = tl.full([K_PAD], 1, tl.int1)
+    else:
+        mask = offs < K
     x = tl.load(X + offs, mask=mask, other=0.0)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(ROut.dtype.element_ty)
@@ -92,33 +100,14 @@ def _normed_x(X, R, G, ROut, K, write_res, eps, offs, mask, HAS_RES: tl.constexp
     if NORM:
         inv = tl.rsqrt(tl.sum(n * n, 0) / K + eps)
         n = n * inv * tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    return n
+    return n, offs, mask
 
 
 @triton.jit
-def _rows_ab(blk, I, KIND: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr):
-    """The two row blocks (a, b) of block ``blk``: qkv rows (d, d + D/2) of a head (KIND 2),
-    gate rows and their up rows (KIND 1), or the halves of 2·BLOCK_R rows (KIND 0)."""
-    r = tl.arange(0, BLOCK_R)
-    if KIND == 2:
-        PER_HEAD: tl.constexpr = D // 2 // BLOCK_R
-        a = (blk // PER_HEAD) * D + (blk % PER_HEAD) * BLOCK_R + r
-        b = a + D // 2
-    elif KIND == 1:
-        a = blk * BLOCK_R + r
-        b = a + I
-    else:
-        a = blk * (2 * BLOCK_R) + r
-        b = a + BLOCK_R
-    return a, b
-
-
-@triton.jit
-def _load_rows(W, stride_w, rows, offs, mask, blk, NB):
-    """One full-K weight tile W[rows, :K] of block ``blk`` (nothing is read when blk >= NB)."""
-    ok = (tl.zeros_like(rows) + blk) < NB
-    return tl.load(W + rows.to(tl.int64)[:, None] * stride_w + offs[None, :], mask=ok[:, None] & mask[None, :],
-                   other=0.0)
+def _dot_rows(W, stride_w, rows, n, offs, mask):
+    """W[rows, :K] · n over one full-K tile: [BLOCK_R] fp32."""
+    w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + offs[None, :], mask=mask[None, :], other=0.0)
+    return tl.sum(w.to(tl.float32) * n[None, :], 1)
 
 
 @triton.jit
@@ -156,53 +145,44 @@ def _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, str
 
 
 @triton.jit
-def _fullk_kernel(
-    X, R, G, ROut, W, Out, Bias, CS, Pos, Loc, KC, VC,
-    K: tl.constexpr, NB, I, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
-    KIND: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PREFETCH: tl.constexpr,
+def _norm_qkv_fullk_kernel(
+    X, R, G, ROut, W, Bias, CS, Pos, Loc, Q, KC, VC,
+    K: tl.constexpr, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr,
 ):
-    """Full-K program: n = (norm of) x once, then blocks pid, pid + P, ... (KIND: 0 plain
-    GEMV, 1 gate/up + SiLU·mul, 2 qkv + rotary + KV store, Out = q).  PREFETCH: the first
-    tiles are requested before the prologue and each next block's tiles before the current
-    block's reduction, so the weight stream never waits on the program's own latency."""
     pid = tl.program_id(0)
-    P = tl.num_programs(0)
-    offs = tl.arange(0, K_PAD)
-    if K_PAD == K:  # constant-true mask: the tiles load unmasked and vectorised
-        mask = tl.full([K_PAD], 1, tl.int1)
-    else:
-        mask = offs < K
-    if PREFETCH:
-        ra, rb = _rows_ab(pid, I, KIND, BLOCK_R, D)
-        wa = _load_rows(W, stride_w, ra, offs, mask, pid, NB)
-        wb = _load_rows(W, stride_w, rb, offs, mask, pid, NB)
-    n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, HAS_RES, NORM)
-    for blk in range(pid, NB, P):
-        ra, rb = _rows_ab(blk, I, KIND, BLOCK_R, D)
-        if PREFETCH:
-            na, nb = _rows_ab(blk + P, I, KIND, BLOCK_R, D)
-            wa_next = _load_rows(W, stride_w, na, offs, mask, blk + P, NB)
-            wb_next = _load_rows(W, stride_w, nb, offs, mask, blk + P, NB)
-        else:
-            wa = _load_rows(W, stride_w, ra, offs, mask, blk, NB)
-            wb = _load_rows(W, stride_w, rb, offs, mask, blk, NB)
-        ya = tl.sum(wa.to(tl.float32) * n[None, :], 1)
-        yb = tl.sum(wb.to(tl.float32) * n[None, :], 1)
-        if KIND == 2:
-            PER_HEAD: tl.constexpr = D // 2 // BLOCK_R
-            _qkv_epilogue(ya, yb, blk // PER_HEAD, (blk % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R),
-                          Bias, CS, Pos, Loc, Out, KC, VC, stride_cs, stride_kct, stride_kch,
-                          stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
-        elif KIND == 1:
-            tl.store(Out + ra, (ya / (1.0 + tl.exp(-ya)) * yb).to(Out.dtype.element_ty))
-        else:
-            tl.store(Out + ra, ya.to(Out.dtype.element_ty))
-            tl.store(Out + rb, yb.to(Out.dtype.element_ty))
-        if PREFETCH:
-            wa = wa_next
-            wb = wb_next
+    PER_HEAD: tl.constexpr = D // 2 // BLOCK_R
+    n, offs, mask = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, HAS_RES, True, K_PAD)
+    for blk in range(pid, NB, tl.num_programs(0)):
+        head = blk // PER_HEAD
+        d = (blk % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows_a = head * D + d
+        ya = _dot_rows(W, stride_w, rows_a, n, offs, mask)
+        yb = _dot_rows(W, stride_w, rows_a + D // 2, n, offs, mask)
+        _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, stride_kct, stride_kch,
+                      stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
+
+
+@triton.jit
+def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, eps, stride_w,
+                               BLOCK_R: tl.constexpr, K_PAD: tl.constexpr):
+    pid = tl.program_id(0)
+    n, offs, mask = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, True, True, K_PAD)
+    for blk in range(pid, NB, tl.num_programs(0)):
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        g = _dot_rows(W, stride_w, rows, n, offs, mask)
+        u = _dot_rows(W, stride_w, rows + I, n, offs, mask)
+        tl.store(Out + rows, (g / (1.0 + tl.exp(-g)) * u).to(Out.dtype.element_ty))
+
+
+@triton.jit
+def _gemv_fullk_kernel(X, W, Out, K: tl.constexpr, NB, stride_w, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr):
+    pid = tl.program_id(0)
+    n, offs, mask = _normed_x(X, X, X, Out, K, 0, 0.0, False, False, K_PAD)
+    for blk in range(pid, NB, tl.num_programs(0)):
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        tl.store(Out + rows, _dot_rows(W, stride_w, rows, n, offs, mask).to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -267,9 +247,9 @@ class Config(NamedTuple):
 # 32 layers; cuBLAS M=1 in brackets): qkv 523 (499, unfused), o 335 (421), gate_up 1908 (1940),
 # down 931 (1039), LM head with fp32 logits 236 per call (256 + a cast).
 _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
-# Full-K tiles (rows per half-block, programs per SM, warps), same probe (run T): qkv 503, o 321,
-# gate_up 1,774, LM head 7,450 / 32 = 233 per call.
-_CUDA_FULLK = {"qkv": (8, 16, 8), "gate_up": (4, 16, 8), "gemv": (4, 4, 8), "lm_head": (2, 16, 8)}
+# Full-K tiles (block_r, programs per SM, warps), same probe (run T): qkv 503, o 321, gate_up 1,774,
+# LM head 7,450 / 32 = 233 per call.
+_CUDA_FULLK = {"qkv": (8, 16, 8), "gate_up": (4, 16, 8), "gemv": (8, 4, 8), "lm_head": (4, 16, 8)}
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K for which the launcher picks them (down_proj's 14336 streams faster K-looped)
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
@@ -314,25 +294,6 @@ def _fits(cfg: Config | None, K: int) -> bool:
     return triton.next_power_of_2(K) <= FULLK_MAX if cfg.programs_per_sm else K % cfg.block_k == 0
 
 
-PREFETCH = True  # full-K programs request the next tiles early (probe switch)
-
-
-def _fullk(cfg, blocks, device, x, r, g, r_out, w, out, bias, cos_sin, positions, loc, k_cache, v_cache,
-           K, I, eps, kind, hq, hkv, D, has_res, norm):
-    """Launch _fullk_kernel (unused pointers stand in as w; unused strides are 0)."""
-    qkv = kind == 2
-    _fullk_kernel[(_programs(cfg, blocks, device),)](
-        x, r, g, r_out, w, out, bias if bias is not None else w, cos_sin if qkv else w, positions if qkv else w,
-        loc if qkv else w, k_cache if qkv else w, v_cache if qkv else w,
-        K, blocks, I, eps, w.stride(0),
-        cos_sin.stride(0) if qkv else 0, k_cache.stride(0) if qkv else 0, k_cache.stride(1) if qkv else 0,
-        v_cache.stride(0) if qkv else 0, v_cache.stride(1) if qkv else 0,
-        KIND=kind, HQ=hq, HKV=hkv, D=D, HAS_RES=has_res, NORM=norm, HAS_BIAS=bias is not None,
-        BLOCK_R=cfg.block_r, K_PAD=triton.next_power_of_2(K), PREFETCH=PREFETCH,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-
-
 def _check_row(x: torch.Tensor, K: int) -> torch.Tensor:
     assert x.numel() == K, f"expected one row of {K} elements, got {tuple(x.shape)}"
     return x.reshape(K) if x.is_contiguous() else x.reshape(K).contiguous()
@@ -370,17 +331,17 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
         rr = r_out = xr
     q = torch.empty((1, num_heads, D), dtype=x.dtype, device=x.device)
     blocks = N // cfg.block_r // 2
+    args = (xr, rr, norm_w, r_out, w_qkv, bias if bias is not None else w_qkv, cos_sin, positions, loc, q,
+            k_cache, v_cache)
+    strides = (w_qkv.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
+               v_cache.stride(0), v_cache.stride(1))
+    meta = dict(HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None,
+                BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.programs_per_sm:
-        _fullk(cfg, blocks, x.device, xr, rr, norm_w, r_out, w_qkv, q, bias, cos_sin, positions, loc, k_cache,
-               v_cache, K, 0, eps, 2, num_heads, num_kv_heads, D, has_res, True)
+        _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
+            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), **meta)
     else:
-        _norm_qkv_kernel[(blocks,)](
-            xr, rr, norm_w, r_out, w_qkv, bias if bias is not None else w_qkv, cos_sin, positions, loc, q,
-            k_cache, v_cache, K, eps, w_qkv.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
-            v_cache.stride(0), v_cache.stride(1),
-            HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None,
-            BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **meta)
     return q, r_out.view(1, K)
 
 
@@ -404,8 +365,9 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     blocks = I // cfg.block_r
     meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.programs_per_sm:
-        _fullk(cfg, blocks, x.device, xr, rr, norm_w, r_out, w_gate_up, out, None, None, None, None, None, None,
-               K, I, eps, 1, 1, 1, 2, True, True)
+        _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
+            xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
+            K_PAD=triton.next_power_of_2(K), **meta)
     else:
         _norm_gate_up_kernel[(blocks,)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
@@ -417,7 +379,7 @@ def gemv_supported(out_features: int, in_features: int, device_type: str, kind: 
     cfg = default_config(out_features, in_features, device_type, kind)
     if cfg is None:
         return False
-    return out_features % (2 * cfg.block_r) == 0
+    return out_features % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
 
 
 def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv"):
@@ -426,13 +388,14 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
     N, K = w.shape
     assert w.stride(1) == 1
     cfg = config or default_config(N, K, x.device.type, kind)
-    assert _fits(cfg, K) and N % (2 * cfg.block_r) == 0
+    assert _fits(cfg, K) and N % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
     xr = _check_row(x, K)
     out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
     meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.programs_per_sm:
-        _fullk(cfg, N // (2 * cfg.block_r), x.device, xr, xr, xr, out, w, out, None, None, None, None, None, None,
-               K, 0, 0.0, 0, 1, 1, 2, False, False)
+        blocks = N // cfg.block_r
+        _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
+            xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), **meta)
     else:
         _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k, **meta)
     return out

@@ -148,10 +148,6 @@ def probe_layers(W):
                      ("fused qkv+gate_up, cuBLAS o/down", fused(True))):
         us = timed_graph(fn)
         print(f"layers {name:36s} {us:9.1f} us / token  {total / us / 1e6:6.3f} TB/s", flush=True)
-    G.PREFETCH = False
-    us = timed_graph(fused(False))
-    print(f"layers {'fused, full-K without prefetch':36s} {us:9.1f} us / token  {total / us / 1e6:6.3f} TB/s", flush=True)
-    G.PREFETCH = True
 
 
 if __name__ == "__main__":
