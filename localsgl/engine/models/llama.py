@@ -13,6 +13,7 @@ from torch import nn
 
 from ..batch import ForwardBatch
 from ..layers.activation import silu_and_mul
+from ..layers.cpu_decode import forward_decode as cpu_forward_decode, use_cpu_decode
 from ..layers.fused_decode import forward_one_token, logits_one_row, use_fused_decode
 from ..layers.linear import Linear, MergedLinear, linear
 from ..layers.norm import RMSNorm
@@ -114,6 +115,8 @@ class LlamaForCausalLM(nn.Module):
         """Return the final-normed hidden states [T, H]."""
         if use_fused_decode(self, input_ids, batch):
             return forward_one_token(self, input_ids, positions, batch)
+        if use_cpu_decode(self, input_ids, batch):
+            return cpu_forward_decode(self, input_ids, positions, batch)
         self.rotary.begin_forward()
         x = self.embed_tokens(input_ids)
         residual = None

@@ -1,0 +1,199 @@
+"""The lean CPU decode step: every row of the batch appends one token, the torch attention
+backend serves it, and the model runs as plain torch calls on prepared per-layer tensors.
+
+Why: on a 2-core CPU a SmolLM2-135M fp32 decode step at batch 1 took ~45 ms, of which the
+weight stream (aten::mm over 425 MB of layers + 113 MB LM head) is ~28 ms; the rest was
+~5,600 aten calls per step (~190 per layer) through nn.Module __call__ chains, linear()'s
+dispatch, the norm's decomposition, two cats per rotary, index_put_ stores and gathers.
+Each CPU op costs 2-4 us however little it moves (measured: rms_norm 19 us = 6 ops,
+rotary with cat 15 us vs roll 10 us, index_put_ 4 us vs index_copy_ 2.5 us, SDPA over
+gathered K/V 52 us vs over a narrow view of the pool 37 us).  Per layer this path runs
+    norm (6 ops), qkv mm (+ bias add), [q/k norm (6)], rotary of q and k in one pass (4),
+    K/V store (2 index_copy_), SDPA over a narrow view of the pool when the request's KV
+    slots are one ascending run (checked once per step) or over an index_select gather,
+    o mm, residual add_, norm, gate_up mm, silu·mul_, down mm, residual add_
+about 45 ops instead of ~190.  Every op is the one the layer-by-layer path runs, in the
+same order on the same values, so the logits are the same bits (tests check this).
+
+Used on the CPU for DECODE steps with the torch backend when the model has a full-width
+rotary; ``LOCALSGL_DISABLE_CPU_DECODE=1`` (or :func:`set_cpu_decode`) turns it off.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..batch import ForwardBatch, ForwardMode
+
+_DISABLED = os.environ.get("LOCALSGL_DISABLE_CPU_DECODE", "") not in ("", "0")
+
+
+def set_cpu_decode(enabled: bool) -> None:
+    """Tests and A/B benchmarks switch the path on or off."""
+    global _DISABLED
+    _DISABLED = not enabled
+
+
+class _Layer(NamedTuple):
+    ln1: torch.Tensor
+    w_qkv: torch.Tensor  # [in, out] (a contiguous view when the weights are input-major)
+    b_qkv: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: q_norm's weight per q head, then k_norm's
+    w_o: torch.Tensor
+    ln2: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+class _Plan(NamedTuple):
+    key: tuple
+    layers: list
+    final_norm: torch.Tensor
+    eps: float
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+
+
+def _key(model) -> tuple:
+    """Identifies the weight storage the plan points at (the layout pass or a reload replaces it)."""
+    first, last = model.layers[0], model.layers[-1]
+    return tuple(
+        (w.data_ptr(), w.stride())
+        for w in (first.self_attn.qkv_proj.weight, last.mlp.down_proj.weight, model.norm.weight)
+    )
+
+
+def _build(model) -> _Plan | None:
+    cfg = model.config
+    if model.rotary.cos_sin.shape[-1] != cfg.head_dim:  # partial rotary: the layer path
+        return None
+    dtype = model.dtype
+    layers = []
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        ws = (a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight)
+        if any(w.dim() != 2 or w.dtype != dtype or w.is_cuda for w in ws):
+            return None
+        qk = None
+        if a.q_norm is not None:
+            qk = torch.cat([a.q_norm.weight.expand(cfg.num_heads, -1), a.k_norm.weight.expand(cfg.num_kv_heads, -1)])
+        layers.append(_Layer(
+            layer.input_layernorm.weight, a.qkv_proj.weight.t(), a.qkv_proj.bias, qk, a.o_proj.weight.t(),
+            layer.post_attention_layernorm.weight, m.gate_up_proj.weight.t(), m.down_proj.weight.t(),
+        ))
+    return _Plan(_key(model), layers, model.norm.weight, cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads,
+                 cfg.head_dim, cfg.intermediate_size)
+
+
+def cpu_decode_plan(model) -> _Plan | None:
+    """The model's prepared per-layer tensors, or None when this path does not serve it."""
+    plan = getattr(model, "_cpu_decode_plan", None)
+    if plan is not None and (plan is False or plan.key == _key(model)):
+        return plan or None
+    plan = _build(model)
+    model._cpu_decode_plan = plan if plan is not None else False
+    return plan
+
+
+def use_cpu_decode(model, input_ids: torch.Tensor, batch: ForwardBatch) -> bool:
+    return (
+        not _DISABLED
+        and batch.mode == ForwardMode.DECODE
+        and not input_ids.is_cuda
+        and getattr(batch.attn_backend, "name", None) == "torch"
+        and cpu_decode_plan(model) is not None
+    )
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm_ref's ops in its order (same bits), with the scalar steps in place."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    r = xf.pow(2).mean(-1, keepdim=True)
+    r.add_(eps).rsqrt_()
+    y = xf * r
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.mul_(w) if y.dtype == w.dtype else y * w
+
+
+def _contiguous_run(batch: ForwardBatch) -> int | None:
+    """First KV slot when the batch is one request whose slots are one ascending run, else None."""
+    rows = batch.attn_meta.slot_index  # [B, L] int64, from the backend's init_forward
+    if rows.shape[0] != 1:
+        return None
+    r = rows[0]
+    n = r.shape[0]
+    first = int(r[0])
+    if n > 1 and (int(r[-1]) - first != n - 1 or not bool((r[1:] - r[:-1]).eq(1).all())):
+        return None
+    return first
+
+
+def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """Final-normed hidden states [B, H] of a decode step (the model's forward contract)."""
+    p = cpu_decode_plan(model)
+    B = input_ids.shape[0]
+    Hq, Hkv, D, I, eps = p.num_heads, p.num_kv_heads, p.head_dim, p.intermediate, p.eps
+    nq, nkv = Hq * D, Hkv * D
+    half = D // 2
+    pool = batch.kv_pool
+    meta = batch.attn_meta
+    scale = D**-0.5
+    gqa = Hq != Hkv
+    rotary = model.rotary
+    rotary.begin_forward()
+    cos, sin = rotary._tables(positions)  # [B, 1, D] fp32, as the layer path builds them
+    loc = batch.out_cache_loc
+    L = meta.slot_index.shape[1]
+    start = _contiguous_run(batch)
+    mask = meta.mask
+    if mask is not None and mask.dtype != model.dtype:
+        mask = mask.to(model.dtype)
+    flat = meta.slot_index.view(-1) if start is None else None
+    cast_kv = pool.dtype != model.dtype
+
+    x = F.embedding(input_ids, model.embed_tokens.weight)
+    residual = x
+    h = _rms_norm(x, p.layers[0].ln1, eps)
+    for i, ly in enumerate(p.layers):
+        qkv = torch.mm(h, ly.w_qkv)
+        if ly.b_qkv is not None:
+            qkv.add_(ly.b_qkv)
+        qk = qkv[:, : nq + nkv].view(B, Hq + Hkv, D)
+        if ly.qk_norm is not None:
+            qk = _rms_norm(qk, ly.qk_norm, eps)
+        # rotary on q and k together: x·cos + rotate_half(x)·sin in fp32 (roll == the cat)
+        qf = qk if qk.dtype == torch.float32 else qk.float()
+        rot = qf * cos
+        rot.add_(torch.roll(qf, half, -1).mul_(sin))
+        if rot.dtype != qk.dtype:
+            rot = rot.to(qk.dtype)
+        q = rot[:, :Hq]
+        k = rot[:, Hq:]
+        v = qkv[:, nq + nkv :].view(B, Hkv, D)
+        k_cache, v_cache = pool.k_buffer[i], pool.v_buffer[i]
+        if cast_kv:
+            k, v = k.to(pool.dtype), v.to(pool.dtype)
+        k_cache.index_copy_(0, loc, k)
+        v_cache.index_copy_(0, loc, v)
+        if start is not None:  # one request, slots start..start+L-1: attend over the pool itself
+            kk = k_cache.narrow(0, start, L).transpose(0, 1)[None]  # [1, Hkv, L, D]
+            vv = v_cache.narrow(0, start, L).transpose(0, 1)[None]
+        else:
+            kk = k_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
+            vv = v_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
+        if cast_kv:
+            kk, vv = kk.to(q.dtype), vv.to(q.dtype)
+        attn = F.scaled_dot_product_attention(q[:, :, None, :], kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        residual.add_(torch.mm(attn.reshape(B, nq), ly.w_o))
+        h = _rms_norm(residual, ly.ln2, eps)
+        gu = torch.mm(h, ly.w_gate_up)
+        act = F.silu(gu[:, :I]).mul_(gu[:, I:])
+        residual.add_(torch.mm(act, ly.w_down))
+        h = _rms_norm(residual, p.layers[i + 1].ln1 if i + 1 < len(p.layers) else p.final_norm, eps)
+    return h

@@ -1,0 +1,207 @@
+"""The lean CPU decode step (layers/cpu_decode.py) against the layer-by-layer path: same
+logits (fp32 bitwise with input-major weights, else within a tolerance) for Llama, Qwen2
+(qkv bias) and Qwen3 (q/k norm) configs, batch 1 and padded batches, with contiguous and
+scattered KV slots; and the engine really takes it on CPU decode steps."""
+import sys
+
+import pytest
+import torch
+
+from localsgl.engine.batch import ForwardBatch, ForwardMode
+from localsgl.engine.kv_pool import KVPool, ReqToTokenPool
+from localsgl.engine.layers import cpu_decode
+from localsgl.engine.layers.attention.base import create_backend
+from localsgl.engine.layers.linear import use_cpu_weight_layout
+from localsgl.engine.models.config import ModelConfig
+from localsgl.engine.models.llama import LlamaForCausalLM
+
+sys.path.insert(0, "tests")
+from tiny import tiny_core  # noqa: E402
+
+
+def _model(family: str, dtype=torch.float32, input_major=True, seed=0):
+    cfg = ModelConfig(
+        architecture="LlamaForCausalLM", hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
+        num_kv_heads=2, head_dim=16, vocab_size=80, max_position_embeddings=256, rms_norm_eps=1e-6,
+        attention_bias=family == "qwen2", qk_norm=family == "qwen3", tie_word_embeddings=family == "qwen2",
+    )
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(cfg, dtype, "cpu")
+    for name, p in m.named_parameters():
+        r = torch.randn(p.shape)
+        p.data.copy_(1.0 + 0.1 * r if "norm" in name else r * (0.2 if "embed" not in name else 1.0))
+    if input_major:
+        use_cpu_weight_layout(m)
+    return m
+
+
+def _decode_batch(model, pool, rt, attn, rows, lens, slots_of, new_slots, tokens):
+    """A DECODE batch: request i (row rows[i]) has lens[i] tokens in the pool and appends tokens[i]."""
+    for r, n, s in zip(rows, lens, new_slots):
+        rt.write(r, n, torch.tensor([s]))
+    b = ForwardBatch(
+        mode=ForwardMode.DECODE, batch_size=len(rows), input_ids=torch.tensor(tokens),
+        positions=torch.tensor(lens), out_cache_loc=torch.tensor(new_slots),
+        req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor([n + 1 for n in lens], dtype=torch.int32),
+        prefix_lens=torch.tensor(lens, dtype=torch.int32), extend_lens=torch.ones(len(rows), dtype=torch.int32),
+        extend_start_loc=torch.arange(len(rows), dtype=torch.int32), seq_lens_cpu=[n + 1 for n in lens],
+        prefix_lens_cpu=list(lens), extend_lens_cpu=[1] * len(rows), req_to_token=rt.table, kv_pool=pool,
+        attn_backend=attn,
+    )
+    attn.init_forward(b)
+    return b
+
+
+def _both_paths(model, prompt_lens, contiguous, steps=3, seed=0):
+    """Prefill every request (layer path), then decode ``steps`` tokens with each path from the
+    same pool state; return the list of (lean logits, layer logits, contiguous-run start) per step."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    total = sum(prompt_lens) + steps * len(prompt_lens)
+    pool = KVPool(total + 4, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype, "cpu")
+    rt = ReqToTokenPool(len(prompt_lens) + 1, 64, "cpu")
+    attn = create_backend("torch", torch.device("cpu"))
+    if contiguous:  # request i owns one ascending run, its decode slots included
+        runs, s = [], 1
+        for n in prompt_lens:
+            runs.append(list(range(s, s + n + steps)))
+            s += n + steps
+    else:
+        perm = (torch.randperm(total, generator=g) + 1).tolist()
+        runs, s = [], 0
+        for n in prompt_lens:
+            runs.append(perm[s : s + n + steps])
+            s += n + steps
+    rows = [rt.alloc() for _ in prompt_lens]
+    last = []
+    for r, n, run in zip(rows, prompt_lens, runs):
+        ids = torch.randint(0, cfg.vocab_size, (n,), generator=g)
+        slots = torch.tensor(run[:n])
+        rt.write(r, 0, slots)
+        b = ForwardBatch(
+            mode=ForwardMode.EXTEND, batch_size=1, input_ids=ids, positions=torch.arange(n), out_cache_loc=slots,
+            req_pool_indices=torch.tensor([r]), seq_lens=torch.tensor([n], dtype=torch.int32),
+            prefix_lens=torch.tensor([0], dtype=torch.int32), extend_lens=torch.tensor([n], dtype=torch.int32),
+            extend_start_loc=torch.tensor([0], dtype=torch.int32), seq_lens_cpu=[n], prefix_lens_cpu=[0],
+            extend_lens_cpu=[n], req_to_token=rt.table, kv_pool=pool, attn_backend=attn,
+        )
+        attn.init_forward(b)
+        last.append(int(model.compute_logits(model(ids, b.positions, b))[-1].argmax()))
+    lens = list(prompt_lens)
+    out = []
+    for step in range(steps):
+        b = _decode_batch(model, pool, rt, attn, rows, lens, runs, [run[n] for run, n in zip(runs, lens)], last)
+        saved = [t.clone() for t in pool.k_buffer + pool.v_buffer]
+        try:
+            cpu_decode.set_cpu_decode(False)
+            ref = model.compute_logits(model(b.input_ids, b.positions, b))
+        finally:
+            cpu_decode.set_cpu_decode(True)
+        for t, s in zip(pool.k_buffer + pool.v_buffer, saved):
+            t.copy_(s)
+        assert cpu_decode.use_cpu_decode(model, b.input_ids, b)
+        lean = model.compute_logits(model(b.input_ids, b.positions, b))
+        out.append((lean, ref, cpu_decode._contiguous_run(b)))
+        last = ref.argmax(-1).tolist()
+        lens = [n + 1 for n in lens]
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("prompt_lens,contiguous", [([7], True), ([7], False), ([5, 9, 2, 6], False), ([4, 8, 3], True)])
+def test_fp32_same_bits_as_layer_path(family, prompt_lens, contiguous):
+    m = _model(family)
+    for lean, ref, start in _both_paths(m, prompt_lens, contiguous):
+        assert torch.equal(lean, ref)
+        # batch 1 with one slot run attends over a view of the pool (no gather)
+        assert (start is not None) == (len(prompt_lens) == 1 and contiguous)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_row_major_weights_close(family):
+    m = _model(family, input_major=False)
+    for lean, ref, _ in _both_paths(m, [6, 3], False):
+        torch.testing.assert_close(lean, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("prompt_lens,contiguous", [([7], True), ([5, 9, 2], False)])
+def test_bf16_close_to_layer_path(family, prompt_lens, contiguous):
+    m = _model(family, dtype=torch.bfloat16)
+    for lean, ref, _ in _both_paths(m, prompt_lens, contiguous):
+        torch.testing.assert_close(lean, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_partial_rotary_falls_back():
+    m = _model("llama")
+    m.rotary.cos_sin = m.rotary.cos_sin[:, :8]
+    m._cpu_decode_plan = None
+    assert cpu_decode.cpu_decode_plan(m) is None
+
+
+def test_plan_follows_a_relayout():
+    m = _model("llama", input_major=False)
+    p1 = cpu_decode.cpu_decode_plan(m)
+    use_cpu_weight_layout(m)
+    p2 = cpu_decode.cpu_decode_plan(m)
+    assert p2 is not p1 and p2.layers[0].w_qkv.is_contiguous()
+
+
+def _engine_outputs(prompts, params):
+    import threading
+
+    from localsgl.engine.request import Request
+
+    core = tiny_core(kv_tokens=256, max_running=6, chunk_size=16, max_model_len=128)
+    got, done = {}, threading.Event()
+
+    def cb_for(i):
+        toks = []
+
+        def cb(d):
+            toks.extend(d.token_ids)
+            if d.finish_reason is not None:
+                got[i] = (toks, d.finish_reason)
+                if len(got) == len(prompts):
+                    done.set()
+        return cb
+
+    try:
+        core.add_many([[Request(f"c{i}", p, sp, 0, cb_for(i))] for i, (p, sp) in enumerate(zip(prompts, params))])
+        assert done.wait(120)
+        assert core.wait_idle(30)
+        core.scheduler.check_idle_invariants()
+    finally:
+        core.shutdown()
+    return got
+
+
+def test_engine_decode_steps_take_the_lean_path(monkeypatch):
+    """The engine's CPU decode steps (batch 1 and padded batches) go through the lean path,
+    and the tokens equal those of the layer path."""
+    import random
+
+    import localsgl.engine.models.llama as llama
+    from localsgl.engine.params import SamplingParams as SP
+
+    calls = []
+    real = llama.cpu_forward_decode
+
+    def counting(model, ids, pos, batch):
+        calls.append(batch.batch_size)
+        return real(model, ids, pos, batch)
+
+    monkeypatch.setattr(llama, "cpu_forward_decode", counting)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(63) for _ in range(rng.randrange(1, 40))] for _ in range(10)]
+    params = [SP(temperature=0.0, max_tokens=rng.randrange(2, 20), ignore_eos=True) for _ in prompts]
+    lean = _engine_outputs(prompts, params)
+    assert calls and min(calls) == 1 and max(calls) > 1
+    n = len(calls)
+    cpu_decode.set_cpu_decode(False)
+    try:
+        ref = _engine_outputs(prompts, params)
+    finally:
+        cpu_decode.set_cpu_decode(True)
+    assert len(calls) == n
+    assert lean == ref
