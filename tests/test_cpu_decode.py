@@ -205,3 +205,29 @@ def test_engine_decode_steps_take_the_lean_path(monkeypatch):
         cpu_decode.set_cpu_decode(True)
     assert len(calls) == n
     assert lean == ref
+
+
+def test_lean_rms_norm_bits_equal_reference():
+    """sum(x·x)/n with tensor operands gives rms_norm_ref's exact bits (fp32 and bf16)."""
+    from localsgl.engine.layers.norm import rms_norm_ref
+
+    g = torch.Generator().manual_seed(0)
+    eps = torch.tensor(1e-5)
+    for shape, wshape in (((1, 576), (576,)), ((32, 576), (576,)), ((5, 960), (960,)), ((3, 12, 64), (12, 64))):
+        n = torch.tensor(float(shape[-1]))
+        for scale in (1e-3, 1.0, 1e3):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (torch.randn(shape, generator=g) * scale).to(dtype)
+                w = torch.randn(wshape, generator=g).to(dtype)
+                ref = rms_norm_ref(x, w.expand(shape[1:]) if len(wshape) > 1 else w, 1e-5)
+                assert torch.equal(cpu_decode._rms_norm(x, w, n, eps), ref)
+
+
+def test_slot_allocator_hands_out_ascending_runs():
+    from localsgl.engine.kv_pool import SlotAllocator
+
+    a = SlotAllocator(torch.arange(1, 11))
+    first, nxt = a.alloc(3), a.alloc(1)
+    assert first.tolist() == [1, 2, 3] and nxt.tolist() == [4]
+    a.free(torch.cat([first, nxt]))
+    assert a.alloc(4).tolist() == [1, 2, 3, 4]

@@ -14,10 +14,16 @@ import torch
 
 
 class SlotAllocator:
-    """A stack of free integer ids in a preallocated tensor: alloc/free are O(1) per id."""
+    """A stack of free integer ids in a preallocated tensor: alloc/free are O(1) per id.
+
+    The stack's top holds the smallest free id and ``alloc`` hands ids out in ascending
+    order (``free`` pushes them back reversed, so a freed run comes back as the same run):
+    a request that allocates its prompt and then one slot per decode step owns one
+    ascending run of KV slots, which the CPU decode step attends over as a view of the
+    pool instead of gathering it (layers/cpu_decode.py)."""
 
     def __init__(self, ids: torch.Tensor):
-        self._stack = ids.clone().to(torch.int64)
+        self._stack = ids.flip(0).to(torch.int64)
         self.capacity = int(ids.numel())
         self._top = self.capacity  # number of free ids; free ids are _stack[:_top]
 
@@ -30,7 +36,7 @@ class SlotAllocator:
         if n > self._top:
             return None
         self._top -= n
-        return self._stack[self._top : self._top + n].clone()
+        return self._stack[self._top : self._top + n].flip(0)
 
     def free(self, ids: torch.Tensor) -> None:
         n = int(ids.numel())
@@ -38,7 +44,7 @@ class SlotAllocator:
             return
         if self._top + n > self.capacity:
             raise RuntimeError("double free: more ids returned than were allocated")
-        self._stack[self._top : self._top + n] = ids.reshape(-1).to("cpu", torch.int64)
+        self._stack[self._top : self._top + n] = ids.reshape(-1).to("cpu", torch.int64).flip(0)
         self._top += n
 
 

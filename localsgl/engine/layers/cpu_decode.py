@@ -52,7 +52,9 @@ class _Plan(NamedTuple):
     key: tuple
     layers: list
     final_norm: torch.Tensor
-    eps: float
+    eps: torch.Tensor  # 0-dim fp32
+    n_hidden: torch.Tensor  # 0-dim fp32: the hidden size, the divisor of the norms' mean
+    n_head: torch.Tensor  # 0-dim fp32: head_dim (q/k norm)
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -86,8 +88,10 @@ def _build(model) -> _Plan | None:
             layer.input_layernorm.weight, a.qkv_proj.weight.t(), a.qkv_proj.bias, qk, a.o_proj.weight.t(),
             layer.post_attention_layernorm.weight, m.gate_up_proj.weight.t(), m.down_proj.weight.t(),
         ))
-    return _Plan(_key(model), layers, model.norm.weight, cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads,
-                 cfg.head_dim, cfg.intermediate_size)
+    f32 = dict(dtype=torch.float32)
+    return _Plan(_key(model), layers, model.norm.weight, torch.tensor(cfg.rms_norm_eps, **f32),
+                 torch.tensor(float(cfg.hidden_size), **f32), torch.tensor(float(cfg.head_dim), **f32),
+                 cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
 
 
 def cpu_decode_plan(model) -> _Plan | None:
@@ -110,11 +114,13 @@ def use_cpu_decode(model, input_ids: torch.Tensor, batch: ForwardBatch) -> bool:
     )
 
 
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """rms_norm_ref's ops in its order (same bits), with the scalar steps in place."""
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, n: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """rms_norm_ref's values in the same bits with fewer, cheaper ops: mean(x²) is sum(x·x)/n
+    (what torch's mean computes), and n and eps are 0-dim fp32 tensors (a Python scalar
+    operand costs ~2.5 us of wrapping per op on this CPU, a tensor operand nothing)."""
     xf = x if x.dtype == torch.float32 else x.float()
-    r = xf.pow(2).mean(-1, keepdim=True)
-    r.add_(eps).rsqrt_()
+    r = torch.sum(xf * xf, -1, keepdim=True)
+    r.div_(n).add_(eps).rsqrt_()
     y = xf * r
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
@@ -138,8 +144,8 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
     """Final-normed hidden states [B, H] of a decode step (the model's forward contract)."""
     p = cpu_decode_plan(model)
     B = input_ids.shape[0]
-    Hq, Hkv, D, I, eps = p.num_heads, p.num_kv_heads, p.head_dim, p.intermediate, p.eps
-    nq, nkv = Hq * D, Hkv * D
+    Hq, Hkv, D, I, eps, nh = p.num_heads, p.num_kv_heads, p.head_dim, p.intermediate, p.eps, p.n_hidden
+    Hqk = Hq + Hkv
     half = D // 2
     pool = batch.kv_pool
     meta = batch.attn_meta
@@ -156,44 +162,48 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
         mask = mask.to(model.dtype)
     flat = meta.slot_index.view(-1) if start is None else None
     cast_kv = pool.dtype != model.dtype
+    # views by as_strided (one cheap op each) instead of slice/narrow/transpose chains
+    q_shape, q_stride = (B, Hq, 1, D), (Hqk * D, D, D, 1)  # rotated q as SDPA's [B, H, 1, D]
+    k_shape, k_stride = (B, Hkv, D), (Hqk * D, D, 1)  # rotated k, offset Hq*D
+    kv_view = ((1, Hkv, L, D), (0, D, Hkv * D, 1), start * Hkv * D) if start is not None else None
 
     x = F.embedding(input_ids, model.embed_tokens.weight)
     residual = x
-    h = _rms_norm(x, p.layers[0].ln1, eps)
+    h = _rms_norm(x, p.layers[0].ln1, nh, eps)
     for i, ly in enumerate(p.layers):
         qkv = torch.mm(h, ly.w_qkv)
         if ly.b_qkv is not None:
             qkv.add_(ly.b_qkv)
-        qk = qkv[:, : nq + nkv].view(B, Hq + Hkv, D)
+        heads = qkv.view(B, Hqk + Hkv, D)
+        qk = heads[:, :Hqk]
+        v = heads[:, Hqk:]
         if ly.qk_norm is not None:
-            qk = _rms_norm(qk, ly.qk_norm, eps)
+            qk = _rms_norm(qk, ly.qk_norm, p.n_head, eps)
         # rotary on q and k together: x·cos + rotate_half(x)·sin in fp32 (roll == the cat)
         qf = qk if qk.dtype == torch.float32 else qk.float()
         rot = qf * cos
         rot.add_(torch.roll(qf, half, -1).mul_(sin))
         if rot.dtype != qk.dtype:
             rot = rot.to(qk.dtype)
-        q = rot[:, :Hq]
-        k = rot[:, Hq:]
-        v = qkv[:, nq + nkv :].view(B, Hkv, D)
+        q = rot.as_strided(q_shape, q_stride)
+        k = rot.as_strided(k_shape, k_stride, Hq * D)
         k_cache, v_cache = pool.k_buffer[i], pool.v_buffer[i]
         if cast_kv:
             k, v = k.to(pool.dtype), v.to(pool.dtype)
         k_cache.index_copy_(0, loc, k)
         v_cache.index_copy_(0, loc, v)
-        if start is not None:  # one request, slots start..start+L-1: attend over the pool itself
-            kk = k_cache.narrow(0, start, L).transpose(0, 1)[None]  # [1, Hkv, L, D]
-            vv = v_cache.narrow(0, start, L).transpose(0, 1)[None]
+        if kv_view is not None:  # one request, slots start..start+L-1: attend over the pool itself
+            kk = k_cache.as_strided(*kv_view)  # [1, Hkv, L, D]
+            vv = v_cache.as_strided(*kv_view)
         else:
             kk = k_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
             vv = v_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
         if cast_kv:
             kk, vv = kk.to(q.dtype), vv.to(q.dtype)
-        attn = F.scaled_dot_product_attention(q[:, :, None, :], kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        residual.add_(torch.mm(attn.reshape(B, nq), ly.w_o))
-        h = _rms_norm(residual, ly.ln2, eps)
-        gu = torch.mm(h, ly.w_gate_up)
-        act = F.silu(gu[:, :I]).mul_(gu[:, I:])
-        residual.add_(torch.mm(act, ly.w_down))
-        h = _rms_norm(residual, p.layers[i + 1].ln1 if i + 1 < len(p.layers) else p.final_norm, eps)
+        attn = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        residual.add_(torch.mm(attn.view(B, Hq * D), ly.w_o))
+        h = _rms_norm(residual, ly.ln2, nh, eps)
+        gate, up = torch.mm(h, ly.w_gate_up).view(B, 2, I).unbind(1)
+        residual.add_(torch.mm(F.silu(gate).mul_(up), ly.w_down))
+        h = _rms_norm(residual, p.layers[i + 1].ln1 if i + 1 < len(p.layers) else p.final_norm, nh, eps)
     return h
