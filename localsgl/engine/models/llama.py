@@ -13,7 +13,7 @@ from torch import nn
 
 from ..batch import ForwardBatch
 from ..layers.activation import silu_and_mul
-from ..layers.cpu_decode import forward_decode as cpu_forward_decode, use_cpu_decode
+from ..layers.cpu_decode import forward_decode as cpu_forward_decode, lowp_logits_on_cpu, mm_lowp, use_cpu_decode
 from ..layers.fused_decode import forward_one_token, logits_one_row, use_fused_decode
 from ..layers.linear import Linear, MergedLinear, linear
 from ..layers.norm import RMSNorm
@@ -130,7 +130,11 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head_weight_cpu is not None and not hidden.is_cuda:
             w = self.lm_head_weight_cpu  # input-major copy of a tied head (use_cpu_weight_layout)
         out = logits_one_row(self, hidden, w)
-        return out if out is not None else linear(hidden, w).float()
+        if out is not None:
+            return out
+        if lowp_logits_on_cpu(hidden):  # bf16 rows on the CPU: widen the head's columns, fp32 GEMM
+            return mm_lowp(hidden, w.t()).to(hidden.dtype).float()
+        return linear(hidden, w).float()
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
