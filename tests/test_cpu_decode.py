@@ -16,7 +16,7 @@ from localsgl.engine.models.config import ModelConfig
 from localsgl.engine.models.llama import LlamaForCausalLM
 
 sys.path.insert(0, "tests")
-from tiny import tiny_core  # noqa: E402
+from tiny import run_all, tiny_core  # noqa: E402
 
 
 def _model(family: str, dtype=torch.float32, input_major=True, seed=0):
@@ -150,32 +150,11 @@ def test_plan_follows_a_relayout():
 
 
 def _engine_outputs(prompts, params):
-    import threading
-
-    from localsgl.engine.request import Request
-
     core = tiny_core(kv_tokens=256, max_running=6, chunk_size=16, max_model_len=128)
-    got, done = {}, threading.Event()
-
-    def cb_for(i):
-        toks = []
-
-        def cb(d):
-            toks.extend(d.token_ids)
-            if d.finish_reason is not None:
-                got[i] = (toks, d.finish_reason)
-                if len(got) == len(prompts):
-                    done.set()
-        return cb
-
     try:
-        core.add_many([[Request(f"c{i}", p, sp, 0, cb_for(i))] for i, (p, sp) in enumerate(zip(prompts, params))])
-        assert done.wait(120)
-        assert core.wait_idle(30)
-        core.scheduler.check_idle_invariants()
+        return run_all(core, prompts, params, tag="c")
     finally:
         core.shutdown()
-    return got
 
 
 def test_engine_decode_steps_take_the_lean_path(monkeypatch):

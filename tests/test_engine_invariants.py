@@ -10,7 +10,7 @@ import pytest
 
 from localsgl.engine.params import SamplingParams
 from localsgl.engine.request import Request
-from tiny import tiny_core
+from tiny import run_all, tiny_core
 
 
 def _run_random(core, num_requests: int, seed: int, abort_rate=0.1):
@@ -105,24 +105,7 @@ def test_overlap_gives_identical_outputs():
     outs = {}
     for overlap in (False, True):
         core = tiny_core(kv_tokens=256, max_running=6, chunk_size=16, max_model_len=128, overlap=overlap)
-        got = {}
-        done = threading.Event()
-
-        def cb_for(i):
-            toks = []
-
-            def cb(d):
-                toks.extend(d.token_ids)
-                if d.finish_reason is not None:
-                    got[i] = (toks, d.finish_reason)
-                    if len(got) == len(prompts):
-                        done.set()
-            return cb
-
-        core.add_many([[Request(f"o{i}", p, sp, 0, cb_for(i))] for i, (p, sp) in enumerate(zip(prompts, params))])
-        assert done.wait(120)
-        assert core.wait_idle(30)
-        core.scheduler.check_idle_invariants()
+        got = run_all(core, prompts, params, tag="o")
         core.shutdown()
         outs[overlap] = got
     assert outs[True] == outs[False]

@@ -31,3 +31,30 @@ def tiny_core(kv_tokens=256, max_running=8, chunk_size=32, max_model_len=128, di
                    attention_backend="torch", disable_radix_cache=disable_radix_cache, schedule_policy=policy),
         overlap=overlap,
     )
+
+
+def run_all(core, prompts, params, tag="r", timeout=120.0):
+    """Submit every (prompt, params) pair at once; wait until all finish and the core is idle
+    with its invariants intact.  Returns {index: (token ids, finish reason)}."""
+    import threading
+
+    from localsgl.engine.request import Request
+
+    got, done = {}, threading.Event()
+
+    def cb_for(i):
+        toks = []
+
+        def cb(d):
+            toks.extend(d.token_ids)
+            if d.finish_reason is not None:
+                got[i] = (toks, d.finish_reason)
+                if len(got) == len(prompts):
+                    done.set()
+        return cb
+
+    core.add_many([[Request(f"{tag}{i}", p, sp, 0, cb_for(i))] for i, (p, sp) in enumerate(zip(prompts, params))])
+    assert done.wait(timeout)
+    assert core.wait_idle(30)
+    core.scheduler.check_idle_invariants()
+    return got
