@@ -52,13 +52,18 @@ def _decode_batch(model, pool, rt, attn, rows, lens, slots_of, new_slots, tokens
     return b
 
 
-def _both_paths(model, prompt_lens, contiguous, steps=3, seed=0):
+def _both_paths(model, prompt_lens, contiguous, steps=3, seed=0, shared_storage=False):
     """Prefill every request (layer path), then decode ``steps`` tokens with each path from the
-    same pool state; return the list of (lean logits, layer logits, contiguous-run start) per step."""
+    same pool state; return the list of (lean logits, layer logits, contiguous-run start) per step.
+    ``shared_storage``: every layer's K and V buffer is a view into one tensor (nonzero offsets)."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     total = sum(prompt_lens) + steps * len(prompt_lens)
     pool = KVPool(total + 4, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype, "cpu")
+    if shared_storage:
+        big = torch.zeros((2 * cfg.num_layers + 1, *pool.k_buffer[0].shape), dtype=model.dtype)
+        pool.k_buffer = [big[1 + 2 * i] for i in range(cfg.num_layers)]
+        pool.v_buffer = [big[2 + 2 * i] for i in range(cfg.num_layers)]
     rt = ReqToTokenPool(len(prompt_lens) + 1, 64, "cpu")
     attn = create_backend("torch", torch.device("cpu"))
     if contiguous:  # request i owns one ascending run, its decode slots included
@@ -115,6 +120,27 @@ def test_fp32_same_bits_as_layer_path(family, prompt_lens, contiguous):
         assert torch.equal(lean, ref)
         # batch 1 with one slot run attends over a view of the pool (no gather)
         assert (start is not None) == (len(prompt_lens) == 1 and contiguous)
+
+
+def test_pool_view_respects_buffer_offsets():
+    """The gather-free view of a contiguous run addresses the layer's buffer, wherever it lies
+    in its storage."""
+    for lean, ref, start in _both_paths(_model("llama"), [7], True, shared_storage=True):
+        assert start is not None and torch.equal(lean, ref)
+
+
+def test_mm_lowp_scratch_is_per_thread():
+    """Two engine threads never share the widening scratch buffer."""
+    import threading
+
+    x = torch.randn(4, 8).bfloat16()
+    w = torch.randn(16, 8).bfloat16().t()
+    cpu_decode.mm_lowp(x, w)
+    mine, theirs = cpu_decode._scratch.buf, []
+    t = threading.Thread(target=lambda: (cpu_decode.mm_lowp(x, w), theirs.append(cpu_decode._scratch.buf)))
+    t.start()
+    t.join()
+    assert theirs and theirs[0] is not mine
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

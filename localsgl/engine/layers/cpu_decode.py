@@ -23,6 +23,7 @@ rotary; ``LOCALSGL_DISABLE_CPU_DECODE=1`` (or :func:`set_cpu_decode`) turns it o
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -131,7 +132,7 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, n: torch.Tensor, eps: torch.Tens
 
 _UPCAST_MIN_ROWS = 4  # bf16 rows from which the fp32 route below is faster (measured: B=4 517 vs 704 us)
 _SCRATCH_FLOATS = 2 << 20  # 8 MiB of fp32 weight columns at a time (stays in this CPU's 48 MiB L3)
-_scratch: list[torch.Tensor] = []
+_scratch = threading.local()  # per thread: two engines in one process must not share it
 
 
 def mm_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -144,9 +145,9 @@ def mm_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     0.7 vs 0.5 ms at 4 rows, slower below).  Both accumulate in fp32: the bf16 results
     differ in ~1e-4 of the elements by one bf16 ulp."""
     K, N = w.shape
-    if not _scratch:
-        _scratch.append(torch.empty(_SCRATCH_FLOATS, dtype=torch.float32))
-    buf = _scratch[0]
+    buf = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = torch.empty(_SCRATCH_FLOATS, dtype=torch.float32)
     xf = x.float()
     cols = max(1, min(N, _SCRATCH_FLOATS // K))
     if cols >= N:
@@ -210,7 +211,7 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
     # views by as_strided (one cheap op each) instead of slice/narrow/transpose chains
     q_shape, q_stride = (B, Hq, 1, D), (Hqk * D, D, D, 1)  # rotated q as SDPA's [B, H, 1, D]
     k_shape, k_stride = (B, Hkv, D), (Hqk * D, D, 1)  # rotated k, offset Hq*D
-    kv_view = ((1, Hkv, L, D), (0, D, Hkv * D, 1), start * Hkv * D) if start is not None else None
+    kv_view = ((1, Hkv, L, D), (0, D, Hkv * D, 1)) if start is not None else None
 
     x = F.embedding(input_ids, model.embed_tokens.weight)
     residual = x
@@ -237,8 +238,8 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
         k_cache.index_copy_(0, loc, k)
         v_cache.index_copy_(0, loc, v)
         if kv_view is not None:  # one request, slots start..start+L-1: attend over the pool itself
-            kk = k_cache.as_strided(*kv_view)  # [1, Hkv, L, D]
-            vv = v_cache.as_strided(*kv_view)
+            kk = k_cache.as_strided(*kv_view, k_cache.storage_offset() + start * Hkv * D)  # [1, Hkv, L, D]
+            vv = v_cache.as_strided(*kv_view, v_cache.storage_offset() + start * Hkv * D)
         else:
             kk = k_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
             vv = v_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
