@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, wait_for_predecessor
+
 LOG2E = 1.4426950408889634
 
 
@@ -128,7 +130,9 @@ def _decode_stage1(
     stride_lb, stride_lh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -170,8 +174,9 @@ def _decode_stage2(
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-    HAS_PREFIX: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, PREFIX_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(SeqLens + b).to(tl.int32)
@@ -196,10 +201,12 @@ def _prefix_stage(
     stride_gb, stride_gh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PREFIX_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (group i, KV head g, split s): the group's rows x the G query heads of g
     against one chunk of the shared prefix, which every member reads from the first
     member's req_to_token row (their slots there are identical)."""
+    wait_for_predecessor(PDL)
     gi = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -343,6 +350,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     if min_chunk is None:
         min_chunk = 2 * BLOCK_N
     has_prefix = groups is not None
+    pdl = launch_options(q.device)
     if has_prefix:
         R = groups.max_rows
         assert R == prefix_group_rows(G), "groups.max_rows must be prefix_group_rows(Hq // Hkv)"
@@ -361,7 +369,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
             pref_lse.stride(0), pref_lse.stride(1),
             G=G, HEAD_DIM=D, MAX_ROWS=R, BLOCK_M=max(16, triton.next_power_of_2(R * G)),
             BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, PREFIX_SPLITS=PREFIX_SPLITS, MIN_CHUNK=min_chunk,
-            num_warps=4, num_stages=2,
+            num_warps=4, num_stages=2, **pdl,
         )
         start, pos = groups.start, groups.pos
     else:
@@ -378,7 +386,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         part_lse.stride(0), part_lse.stride(1),
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl,
     )
     _decode_stage2[(B, Hq)](
         part_o, part_lse, seq_lens, start, pos, pref_o, pref_lse, out,
@@ -389,7 +397,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk,
         HAS_PREFIX=has_prefix, PREFIX_SPLITS=PREFIX_SPLITS,
-        num_warps=4 if BLOCK_D * num_splits >= 2048 else 2,
+        num_warps=4 if BLOCK_D * num_splits >= 2048 else 2, **pdl,
     )
     return out
 

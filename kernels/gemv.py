@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, wait_for_predecessor
+
 
 @triton.jit
 def _stream_rows(
@@ -81,17 +83,21 @@ def _stream_rows(
 
 
 @triton.jit
-def _normed_x(X, R, G, ROut, K, write_res, eps,
-              HAS_RES: tl.constexpr, NORM: tl.constexpr, K_PAD: tl.constexpr):
-    """Full-K prologue: (n [K_PAD] fp32 = rmsnorm(s)·g or s, offs, mask), s = x (+ residual);
-    s is written to ROut where offs < write_res (one program does it).  When K == K_PAD the
-    mask is a constant true, so the weight tiles load unmasked (vectorised; a runtime mask
-    measured ~15% slower on gate_up)."""
+def _cols(K, K_PAD: tl.constexpr):
+    """Full-K column offsets and mask.  When K == K_PAD the mask is a constant true, so the
+    weight tiles load unmasked (vectorised; a runtime mask measured ~15% slower on gate_up)."""
     offs = tl.arange(0, K_PAD)
     if K_PAD == K:
         mask = tl.full([K_PAD], 1, tl.int1)
     else:
         mask = offs < K
+    return offs, mask
+
+
+@triton.jit
+def _normed_x(X, R, G, ROut, K, write_res, eps, offs, mask, HAS_RES: tl.constexpr, NORM: tl.constexpr):
+    """Full-K prologue: n [K_PAD] fp32 = rmsnorm(s)·g or s, s = x (+ residual); s is written
+    to ROut where offs < write_res (one program does it)."""
     x = tl.load(X + offs, mask=mask, other=0.0)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(ROut.dtype.element_ty)
@@ -100,13 +106,18 @@ def _normed_x(X, R, G, ROut, K, write_res, eps,
     if NORM:
         inv = tl.rsqrt(tl.sum(n * n, 0) / K + eps)
         n = n * inv * tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    return n, offs, mask
+    return n
 
 
 @triton.jit
-def _dot_rows(W, stride_w, rows, n, offs, mask):
-    """W[rows, :K] · n over one full-K tile: [BLOCK_R] fp32."""
-    w = tl.load(W + rows.to(tl.int64)[:, None] * stride_w + offs[None, :], mask=mask[None, :], other=0.0)
+def _tile(W, stride_w, rows, offs, mask):
+    """One full-K weight tile W[rows, :K]."""
+    return tl.load(W + rows.to(tl.int64)[:, None] * stride_w + offs[None, :], mask=mask[None, :], other=0.0)
+
+
+@triton.jit
+def _dot(w, n):
+    """tile · n: [BLOCK_R] fp32."""
     return tl.sum(w.to(tl.float32) * n[None, :], 1)
 
 
@@ -144,45 +155,73 @@ def _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, str
         tl.store(base + HALF + d, yb.to(VC.dtype.element_ty))
 
 
+# The full-K kernels peel their first row block: its weight tile is loaded before
+# wait_for_predecessor (weights are never written during a step), so with PDL that load
+# overlaps the previous kernel's tail.
+@triton.jit
+def _qkv_rows(blk, PER_HEAD: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    head = blk // PER_HEAD
+    d = (blk % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return head, d, head * D + d
+
+
 @triton.jit
 def _norm_qkv_fullk_kernel(
     X, R, G, ROut, W, Bias, CS, Pos, Loc, Q, KC, VC,
     K: tl.constexpr, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     PER_HEAD: tl.constexpr = D // 2 // BLOCK_R
-    n, offs, mask = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, HAS_RES, True, K_PAD)
-    for blk in range(pid, NB, tl.num_programs(0)):
-        head = blk // PER_HEAD
-        d = (blk % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rows_a = head * D + d
-        ya = _dot_rows(W, stride_w, rows_a, n, offs, mask)
-        yb = _dot_rows(W, stride_w, rows_a + D // 2, n, offs, mask)
+    offs, mask = _cols(K, K_PAD)
+    head, d, rows_a = _qkv_rows(pid, PER_HEAD, D, BLOCK_R)
+    wa = _tile(W, stride_w, rows_a, offs, mask)
+    wb = _tile(W, stride_w, rows_a + D // 2, offs, mask)
+    wait_for_predecessor(PDL)
+    n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, HAS_RES, True)
+    _qkv_epilogue(_dot(wa, n), _dot(wb, n), head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, stride_kct,
+                  stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
+    for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
+        head, d, rows_a = _qkv_rows(blk, PER_HEAD, D, BLOCK_R)
+        ya = _dot(_tile(W, stride_w, rows_a, offs, mask), n)
+        yb = _dot(_tile(W, stride_w, rows_a + D // 2, offs, mask), n)
         _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, stride_kct, stride_kch,
                       stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
 
 
 @triton.jit
 def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, eps, stride_w,
-                               BLOCK_R: tl.constexpr, K_PAD: tl.constexpr):
+                               BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
-    n, offs, mask = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, True, True, K_PAD)
-    for blk in range(pid, NB, tl.num_programs(0)):
+    offs, mask = _cols(K, K_PAD)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    wg = _tile(W, stride_w, rows, offs, mask)
+    wu = _tile(W, stride_w, rows + I, offs, mask)
+    wait_for_predecessor(PDL)
+    n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, True, True)
+    g = _dot(wg, n)
+    tl.store(Out + rows, (g / (1.0 + tl.exp(-g)) * _dot(wu, n)).to(Out.dtype.element_ty))
+    for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        g = _dot_rows(W, stride_w, rows, n, offs, mask)
-        u = _dot_rows(W, stride_w, rows + I, n, offs, mask)
+        g = _dot(_tile(W, stride_w, rows, offs, mask), n)
+        u = _dot(_tile(W, stride_w, rows + I, offs, mask), n)
         tl.store(Out + rows, (g / (1.0 + tl.exp(-g)) * u).to(Out.dtype.element_ty))
 
 
 @triton.jit
-def _gemv_fullk_kernel(X, W, Out, K: tl.constexpr, NB, stride_w, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr):
+def _gemv_fullk_kernel(X, W, Out, K: tl.constexpr, NB, stride_w, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr,
+                       PDL: tl.constexpr):
     pid = tl.program_id(0)
-    n, offs, mask = _normed_x(X, X, X, Out, K, 0, 0.0, False, False, K_PAD)
-    for blk in range(pid, NB, tl.num_programs(0)):
+    offs, mask = _cols(K, K_PAD)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    w = _tile(W, stride_w, rows, offs, mask)
+    wait_for_predecessor(PDL)
+    n = _normed_x(X, X, X, Out, K, 0, 0.0, offs, mask, False, False)
+    tl.store(Out + rows, _dot(w, n).to(Out.dtype.element_ty))
+    for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        tl.store(Out + rows, _dot_rows(W, stride_w, rows, n, offs, mask).to(Out.dtype.element_ty))
+        tl.store(Out + rows, _dot(_tile(W, stride_w, rows, offs, mask), n).to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -190,8 +229,9 @@ def _norm_qkv_kernel(
     X, R, G, ROut, W, Bias, CS, Pos, Loc, Q, KC, VC,
     K, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     PER_HEAD: tl.constexpr = HALF // BLOCK_R
@@ -208,8 +248,9 @@ def _norm_qkv_kernel(
 @triton.jit
 def _norm_gate_up_kernel(
     X, R, G, ROut, W, Out, K, I, eps, stride_w,
-    HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     rows_a = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_b = rows_a + I
@@ -219,7 +260,8 @@ def _norm_gate_up_kernel(
 
 
 @triton.jit
-def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     rows_a = pid * (2 * BLOCK_R) + tl.arange(0, BLOCK_R)
     rows_b = rows_a + BLOCK_R
@@ -336,7 +378,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     strides = (w_qkv.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
                v_cache.stride(0), v_cache.stride(1))
     meta = dict(HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None,
-                BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), **meta)
@@ -363,7 +405,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
     out = torch.empty((1, I), dtype=x.dtype, device=x.device)
     blocks = I // cfg.block_r
-    meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
@@ -391,7 +433,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
     assert _fits(cfg, K) and N % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
     xr = _check_row(x, K)
     out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
-    meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         blocks = N // cfg.block_r
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](

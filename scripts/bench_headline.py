@@ -32,7 +32,8 @@ CAPS = [  # issue 3: every --gpu-memory cap runs the throughput workload to the 
 ] + [
     ("throughput", {"gpu_memory": cap}, ["--workload", "mixed", "--num-prompts", "300"]) for cap in ("24GiB", "40GiB")
 ]
-BS1 = [QUICK[0], ("latency", {"_fused_decode": False}, QUICK[0][2])]  # fused one-token path on vs off
+BS1 = [QUICK[0], ("latency", {"_pdl": False}, QUICK[0][2]),  # programmatic dependent launch on vs off
+       ("latency", {"_fused_decode": False}, QUICK[0][2])]  # fused one-token path on vs off
 LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--input-len", "4096", "--output-len", "2048"])]
 
 
@@ -52,7 +53,10 @@ def main():
         t = time.time()
         from localsgl.engine.layers.fused_decode import set_fused_decode
 
+        from localsgl_kernels import pdl
+
         set_fused_decode(extra.get("_fused_decode", True))
+        pdl.set_enabled(extra.get("_pdl", True))
         try:
             rc = bench.main(kind, {**MODEL, **{k: v for k, v in extra.items() if not k.startswith("_")}}, args,
                             json_output=True)

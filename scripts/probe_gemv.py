@@ -6,7 +6,8 @@ CUDA graph.
      per projection: the µs for 32 layers and the TB/s;
   2. the layer sequence without attention: the unfused chain (9 launches per layer) vs the
      fused one (4), and fused with cuBLAS for o/down.
-Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short]  (kloop: sweep K-loop tiles instead of full-K; short: 6 full-K tiles)
+Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short|resident]  (kloop: sweep K-loop tiles instead of full-K; short: 6 full-K tiles;
+       resident: 1-16 programs per SM, 4 or 8 warps)
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def probe_tiles(W):
     else:  # full-K tiles: rows per block, programs per SM, warps (down_proj's K does not fit them)
         grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((2, 4, 8), (4, 8, 16), (8, 16))
                 if "short" not in sys.argv or (nw_ == 8 and per_sm in (4, 16))]
+        if "resident" in sys.argv:  # fewer resident programs, so a PDL successor finds room to prefetch
+            grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((4, 8), (1, 2, 4, 16), (4, 8))]
     for cfg in grid:
         runs = {
             "qkv": (lambda: [G.norm_qkv(x, r, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV, config=cfg)
@@ -144,14 +147,20 @@ def probe_layers(W):
                 x = F.linear(a, W["down"][i]) if cublas_od else G.gemv(a, W["down"][i])
         return run
 
-    for name, fn in (("unfused (9 launches/layer)", unfused), ("fused (4 launches/layer)", fused(False)),
-                     ("fused qkv+gate_up, cuBLAS o/down", fused(True))):
+    from localsgl_kernels import pdl
+
+    for name, fn, use_pdl in (("unfused (9 launches/layer)", unfused, True),
+                              ("fused (4 launches/layer)", fused(False), True),
+                              ("fused, PDL off", fused(False), False),
+                              ("fused qkv+gate_up, cuBLAS o/down", fused(True), True)):
+        pdl.set_enabled(use_pdl)
         us = timed_graph(fn)
         print(f"layers {name:36s} {us:9.1f} us / token  {total / us / 1e6:6.3f} TB/s", flush=True)
+    pdl.set_enabled(True)
 
 
 if __name__ == "__main__":
-    what = [a for a in sys.argv[1:] if a not in ("kloop", "short")] or ["layers", "tiles"]
+    what = [a for a in sys.argv[1:] if a not in ("kloop", "short", "resident")] or ["layers", "tiles"]
     W = weights()
     for w in what:
         {"tiles": probe_tiles, "layers": probe_layers}[w](W)

@@ -4,6 +4,8 @@
                          Llama-3.1-8B dummy bf16, CUDA graphs on: kernels inside replays)
   probe_gpu.py mixed     per-kernel GPU time of a few mixed steps: 400 requests decoding
                          (~800 context) while 10 new 1,000-token prompts are prefilled
+  probe_gpu.py attn1     batch-1 decode attention of 32 layers in one CUDA graph (distinct
+                         caches), by context length, split count, min chunk and PDL on/off
   probe_gpu.py shared    split-KV decode kernel, 64 rows x 4,224 tokens: one shared prefix
                          vs distinct slots (does the L2 catch the shared prefix?)
 """
@@ -124,7 +126,48 @@ def probe_shared(B=64, L=4224, Hq=32, Hkv=8, D=128, reps=50):
             print(f"decode B={B} L={L} S={S:2d} {name:12s}: {us:8.1f} us/layer  ({gb/us*1e6/1e3:.2f} TB/s logical)")
 
 
+def probe_attn1(L_layers=32, Hq=32, Hkv=8, D=128, reps=50):
+    from localsgl_kernels import pdl
+    from localsgl_kernels.decode_attention import alloc_workspace, decode_attention
+
+    dev = torch.device("cuda")
+    ctx = 4096
+    ks = [torch.randn(ctx + 1, Hkv, D, device=dev, dtype=torch.bfloat16) for _ in range(L_layers)]
+    vs = [torch.randn_like(k) for k in ks]
+    q = torch.randn(1, Hq, D, device=dev, dtype=torch.bfloat16)
+    table = (torch.arange(ctx, device=dev, dtype=torch.int32) + 1).view(1, ctx)
+    idx = torch.zeros(1, dtype=torch.int64, device=dev)
+    for L in (256, 512, 2048):
+        seq = torch.full((1,), L, dtype=torch.int32, device=dev)
+        for S, mc, use_pdl in ((32, 128, True), (32, 128, False), (32, 64, True), (8, 64, True), (16, 64, True),
+                               (4, 64, True)):
+            pdl.set_enabled(use_pdl)
+            ws = alloc_workspace(1, Hq, D, S, dev)
+            out = torch.empty(1, Hq, D, device=dev, dtype=torch.bfloat16)
+
+            def run():
+                for i in range(L_layers):
+                    decode_attention(q, ks[i], vs[i], table, idx, seq, D ** -0.5, out=out, num_splits=S,
+                                     workspace=ws, min_chunk=mc)
+            run()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                run()
+            g.replay()
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(reps):
+                g.replay()
+            e1.record()
+            torch.cuda.synchronize()
+            us = e0.elapsed_time(e1) * 1e3 / reps / L_layers
+            print(f"attn bs1 L={L:5d} S={S:2d} min_chunk={mc:3d} pdl={int(use_pdl)}: {us:6.2f} us/layer", flush=True)
+    pdl.set_enabled(True)
+
+
 if __name__ == "__main__":
     what = sys.argv[1:] or ["shared", "kernels"]
     for w in what:
-        {"kernels": probe_kernels, "shared": probe_shared, "mixed": probe_mixed}[w]()
+        {"kernels": probe_kernels, "shared": probe_shared, "mixed": probe_mixed, "attn1": probe_attn1}[w]()

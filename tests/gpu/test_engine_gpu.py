@@ -148,3 +148,32 @@ def test_fused_one_token_decode_matches_transformers(saved, family, monkeypatch)
             fd.set_fused_decode(True)
     for a, b in zip(res[True], res[False]):
         assert a[:4] == b[:4]
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_pdl_does_not_change_tokens(saved, family):
+    """Programmatic dependent launch only moves launches earlier: bf16 greedy tokens with it
+    on and off are identical, at batch 1 (the fused chain, in CUDA graphs and eagerly) and at
+    batch 4 (split-KV attention)."""
+    from localsgl_kernels import pdl
+
+    if not pdl.enabled(torch.device("cuda")):
+        pytest.skip("PDL needs compute capability 9.0 and a Triton with the launch_pdl option")
+    d, _ = saved[family]
+    p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 90, 300, 33)]
+    res = {}
+    for on in (True, False):
+        pdl.set_enabled(on)
+        try:
+            for graphs in (True, False):
+                with Engine(model=d, device="cuda", dtype="bfloat16", kv_memory="64MiB",
+                            disable_cuda_graph=not graphs) as e:
+                    one = [e.generate([pr], p)[0].token_ids for pr in prompts]
+                    batch = [o.token_ids for o in e.generate(prompts, p)]
+                res[(on, graphs)] = (one, batch)
+        finally:
+            pdl.set_enabled(True)
+    for graphs in (True, False):
+        assert res[(True, graphs)] == res[(False, graphs)]

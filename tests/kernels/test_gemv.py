@@ -120,3 +120,16 @@ def test_support_checks():
     assert G.default_config(8, 4096, dev, "gate_up").programs_per_sm > 0
     assert G.default_config(8, 14336, dev).programs_per_sm == 0
     assert G.default_config(8, 4096, dev, "lm_head").programs_per_sm > 0
+
+
+def test_pdl_is_off_off_hopper():
+    """PDL launch options are never passed on the CPU or under the interpreter (the kernels'
+    ``PDL`` constexpr is False there), and the switch turns them off on any device."""
+    from localsgl_kernels import pdl
+
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    pdl.set_enabled(False)
+    try:
+        assert pdl.launch_options(torch.device("cuda", 0)) == {"PDL": False}
+    finally:
+        pdl.set_enabled(True)

@@ -1,0 +1,81 @@
+"""Programmatic dependent launch (PDL) for the decode chain's kernels (Hopper and newer).
+
+A batch-1 decode step is ~200 short kernels in a row; between two of them the GPU drains
+the first one's tail, then launches and ramps up the second (~1-2 µs each on an H200).
+With PDL a kernel may be launched while its predecessor still runs: its programs become
+resident, issue the loads that do not depend on the predecessor (weights), and block in
+``gdc_wait`` until the predecessor has finished and its writes are visible.
+
+Rules every PDL kernel here follows (they make the chain safe, also inside CUDA graphs):
+  * before ``gdc_wait`` it reads only data no kernel of the step writes (weights) and
+    writes nothing;
+  * every program calls ``gdc_wait`` (so a kernel completes only after its predecessor
+    did, which makes the ordering transitive along the chain);
+  * ``gdc_launch_dependents`` comes right after the wait, so at most one kernel waits
+    ahead of the one running.
+A kernel launched without PDL (torch ops, other kernels) waits for its predecessor as
+usual.  Off below compute capability 9.0 (the instructions do not exist there), under the
+Triton interpreter, where Triton lacks the launch option, and with ``LOCALSGL_DISABLE_PDL=1``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: the kernels never reach these (PDL off)
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+_ENABLED = os.environ.get("LOCALSGL_DISABLE_PDL", "") in ("", "0")
+_SUPPORTED: dict = {}
+
+
+def set_enabled(enabled: bool) -> None:
+    """A/B benchmarks and tests switch PDL on or off (launches after the call)."""
+    global _ENABLED
+    _ENABLED = enabled
+
+
+def _triton_has_launch_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels launched on ``device`` use PDL."""
+    if not _ENABLED or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+        return False
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _SUPPORTED.get(key)
+    if ok is None:
+        ok = torch.cuda.get_device_capability(key)[0] >= 9 and _triton_has_launch_pdl()
+        _SUPPORTED[key] = ok
+    return ok
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for a launch: the kernel's ``PDL`` constexpr, plus Triton's
+    ``launch_pdl`` option when on."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+
+
+@triton.jit
+def wait_for_predecessor(PDL: tl.constexpr):
+    """Block until the previous kernel's writes are visible, then let the next kernel
+    launch (both no-ops without PDL)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
