@@ -347,8 +347,9 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     BLOCK_H = max(16, triton.next_power_of_2(G))
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_N = block_n_for(D, q.device.type)
-    if min_chunk is None:
-        min_chunk = 2 * BLOCK_N
+    if min_chunk is None:  # small batches: more, shorter chunks (bs1 at L = 256 / 2048, H200, 32 layers
+        # in one graph: 5.3 / 8.5 µs per layer with BLOCK_N vs 6.7 / 9.6 with 2·BLOCK_N)
+        min_chunk = BLOCK_N if B <= 8 else 2 * BLOCK_N
     has_prefix = groups is not None
     pdl = launch_options(q.device)
     if has_prefix:

@@ -50,19 +50,27 @@ from .pdl import launch_options, wait_for_predecessor
 def _stream_rows(
     W, stride_w, rows_a, rows_b, X, R, G, ROut, K, write_res, eps,
     HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) with n = rmsnorm(s) (NORM: s·g·inv, inv applied
-    once at the end) or n = s."""
+    once at the end) or n = s.  Waits for the predecessor kernel (PDL) before reading x.
+    PREFETCH: the next BLOCK_K columns of weights are loaded while the current ones are
+    multiplied (the first before the wait)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc_a = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     ss = tl.zeros([BLOCK_K], tl.float32)
     wa_ptr = W + rows_a.to(tl.int64)[:, None] * stride_w + offs_k[None, :]
     wb_ptr = W + rows_b.to(tl.int64)[:, None] * stride_w + offs_k[None, :]
+    if PREFETCH:
+        wa = tl.load(wa_ptr)
+        wb = tl.load(wb_ptr)
+    wait_for_predecessor(PDL)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        wa = tl.load(wa_ptr + k0)
-        wb = tl.load(wb_ptr + k0)
+        if not PREFETCH:
+            wa = tl.load(wa_ptr + k0)
+            wb = tl.load(wb_ptr + k0)
         x = tl.load(X + kk)
         if HAS_RES:
             x = (x.to(tl.float32) + tl.load(R + kk).to(tl.float32)).to(ROut.dtype.element_ty)
@@ -73,6 +81,10 @@ def _stream_rows(
             xf = xf * tl.load(G + kk).to(tl.float32)
         acc_a += wa.to(tl.float32) * xf[None, :]
         acc_b += wb.to(tl.float32) * xf[None, :]
+        if PREFETCH:
+            more = (kk + BLOCK_K < K)[None, :]
+            wa = tl.load(wa_ptr + k0 + BLOCK_K, mask=more, other=0.0)
+            wb = tl.load(wb_ptr + k0 + BLOCK_K, mask=more, other=0.0)
     ya = tl.sum(acc_a, 1)
     yb = tl.sum(acc_b, 1)
     if NORM:
@@ -230,8 +242,8 @@ def _norm_qkv_kernel(
     K, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     PER_HEAD: tl.constexpr = HALF // BLOCK_R
@@ -240,7 +252,7 @@ def _norm_qkv_kernel(
     rows_a = head * D + d
     rows_b = rows_a + HALF
     ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps,
-                          HAS_RES, True, BLOCK_R, BLOCK_K)
+                          HAS_RES, True, BLOCK_R, BLOCK_K, PDL, PREFETCH)
     _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC,
                   stride_cs, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
 
@@ -248,25 +260,24 @@ def _norm_qkv_kernel(
 @triton.jit
 def _norm_gate_up_kernel(
     X, R, G, ROut, W, Out, K, I, eps, stride_w,
-    HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    wait_for_predecessor(PDL)
     pid = tl.program_id(0)
     rows_a = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_b = rows_a + I
     g, u = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps,
-                        HAS_RES, True, BLOCK_R, BLOCK_K)
+                        HAS_RES, True, BLOCK_R, BLOCK_K, PDL, PREFETCH)
     tl.store(Out + rows_a, (g / (1.0 + tl.exp(-g)) * u).to(Out.dtype.element_ty))
 
 
 @triton.jit
-def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    wait_for_predecessor(PDL)
+def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                 PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     rows_a = pid * (2 * BLOCK_R) + tl.arange(0, BLOCK_R)
     rows_b = rows_a + BLOCK_R
     ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, X, X, Out, K, 0, 0.0,
-                          False, False, BLOCK_R, BLOCK_K)
+                          False, False, BLOCK_R, BLOCK_K, PDL, PREFETCH)
     tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
     tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
 
@@ -283,15 +294,17 @@ class Config(NamedTuple):
     num_warps: int = 4
     num_stages: int = 1
     programs_per_sm: int = 0
+    prefetch: bool = False  # K-loop: load the next BLOCK_K columns while multiplying these
 
 
 # K-loop tiles per stream, from a sweep on an H200 (scripts/probe_gemv.py, Llama-3.1-8B shapes, µs for
 # 32 layers; cuBLAS M=1 in brackets): qkv 523 (499, unfused), o 335 (421), gate_up 1908 (1940),
 # down 931 (1039), LM head with fp32 logits 236 per call (256 + a cast).
 _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
-# Full-K tiles (block_r, programs per SM, warps), same probe (run T): qkv 503, o 321, gate_up 1,774,
-# LM head 7,450 / 32 = 233 per call.
-_CUDA_FULLK = {"qkv": (8, 16, 8), "gate_up": (4, 16, 8), "gemv": (8, 4, 8), "lm_head": (4, 16, 8)}
+# Full-K tiles (block_r, programs per SM, warps), same probe with PDL on (session 5, run Y2): qkv 478
+# (8-row tiles: 551), o 315 (8 rows: 360), gate_up 1,746, LM head 7,697 / 32 = 241 per call.  With PDL
+# the smaller tiles win: a successor's programs find registers free to start their first loads.
+_CUDA_FULLK = {"qkv": (4, 4, 8), "gate_up": (4, 16, 8), "gemv": (4, 16, 8), "lm_head": (4, 16, 8)}
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
@@ -383,7 +396,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), **meta)
     else:
-        _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **meta)
+        _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, **meta)
     return q, r_out.view(1, K)
 
 
@@ -413,7 +426,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     else:
         _norm_gate_up_kernel[(blocks,)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
-            HAS_RES=True, BLOCK_K=cfg.block_k, **meta)
+            HAS_RES=True, BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, **meta)
     return out, r_out.view(1, K)
 
 
@@ -439,7 +452,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), **meta)
     else:
-        _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k, **meta)
+        _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, **meta)
     return out
 
 
