@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_options, wait_for_predecessor
+
 NT = 4  # thresholds per bisection round (a power of two): ~2.3 bits per pass
 MAX_ROUNDS = 16
 
@@ -258,29 +260,61 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, prompt_mask: tor
 
 
 @triton.jit
-def _argmax_kernel(X, Out, V, stride_x, BLOCK: tl.constexpr):
+def _argmax_chunk_kernel(X, PartV, PartI, V, stride_x, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    """Program (row r, chunk c): the maximum of X[r, c·CHUNK : (c+1)·CHUNK] and its first index."""
+    wait_for_predecessor(PDL)
     r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
     row = X + r * stride_x
-    cols0 = tl.arange(0, BLOCK)
+    cols0 = c * CHUNK + tl.arange(0, BLOCK)
     best_l = tl.full([BLOCK], float("-inf"), tl.float32)
-    idx_l = tl.zeros([BLOCK], tl.int32)
-    for c0 in range(0, V, BLOCK):
-        cols = c0 + cols0
+    idx_l = cols0  # a chunk of -inf (or a row of them) reports its first column, as torch does
+    for c0 in range(0, CHUNK, BLOCK):
+        cols = cols0 + c0
         x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         best_l, idx_l = _lane_best(x, cols, best_l, idx_l)
-    tl.store(Out + r, _first_argmax(best_l, idx_l, V).to(tl.int64))
+    best = tl.max(best_l, 0)
+    tl.store(PartV + r * C + c, best)
+    tl.store(PartI + r * C + c, tl.min(tl.where(best_l == best, idx_l, V), 0))
+
+
+@triton.jit
+def _argmax_merge_kernel(PartV, PartI, Out, V, C, C_PAD: tl.constexpr, PDL: tl.constexpr):
+    """Row r: the chunk maxima's maximum; among equal ones the smallest index (the first)."""
+    wait_for_predecessor(PDL)
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, C_PAD)
+    m = offs < C
+    v = tl.load(PartV + r * C + offs, mask=m, other=float("-inf"))
+    i = tl.load(PartI + r * C + offs, mask=m, other=V)
+    best = tl.max(v, 0)
+    tl.store(Out + r, tl.min(tl.where(m & (v == best), i, V), 0).to(tl.int64))
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Greedy tokens: the first index of each row's maximum, int64 [B] (like torch.argmax for
-    rows without NaN).  One program per row: at batch 1 torch's reduction takes ~27 µs for a
-    128k vocabulary on an H200, this kernel streams the 0.5 MB row in a few."""
+    rows without NaN).  Split over the vocabulary so a single row fills the GPU: B × C programs
+    each reduce one chunk, then one program per row merges the C partials.  At batch 1 on an
+    H200, 128k vocabulary: torch's reduction 38 µs, one program per row 52 µs."""
     B, V = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out
+    on_gpu = logits.device.type == "cuda"
+    block = min(1024 if on_gpu else 64, max(16, triton.next_power_of_2(V)))
+    chunk = block * (4 if on_gpu else 2)
+    C = triton.cdiv(V, chunk)
+    part_v = torch.empty((B, C), dtype=torch.float32, device=logits.device)
+    part_i = torch.empty((B, C), dtype=torch.int32, device=logits.device)
+    pdl = launch_options(logits.device)
+    _argmax_chunk_kernel[(B, C)](logits, part_v, part_i, V, logits.stride(0), C, CHUNK=chunk, BLOCK=block,
+                                 num_warps=4, **pdl)
+    _argmax_merge_kernel[(B,)](part_v, part_i, out, V, C, C_PAD=max(16, triton.next_power_of_2(C)), num_warps=1,
+                               **pdl)
+    return out
     block = 128 if logits.device.type != "cuda" else 2048
     block = min(block, max(16, triton.next_power_of_2(V)))
     _argmax_kernel[(B,)](logits, out, V, logits.stride(0), BLOCK=block, num_warps=8)
