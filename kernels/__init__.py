@@ -9,7 +9,9 @@ torch reference next to the kernel (or in the layer it replaces):
   kv_store           store_kv (scatter new K/V into the paged pool)
   decode_attention   paged split-KV decode attention (GQA, CUDA-graph safe)
   extend_attention   ragged extend/prefill attention over a cached prefix (GQA, causal)
-  sampling           filtered_sample (top-k/top-p/min-p exponential race), apply_penalties
+  sampling           filtered_sample (top-k/top-p/min-p exponential race), apply_penalties, argmax_rows
+  gemv               one-row GEMVs with the batch-1 decode step's small ops fused in
+  pdl                programmatic dependent launch (Hopper+): launch early, wait for the predecessor
 
 Tests: tests/kernels (Triton interpreter on CPU, native on GPU) and tests/gpu.
 """

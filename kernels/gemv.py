@@ -32,6 +32,11 @@ Two program shapes:
   * K-loop (larger K, e.g. down_proj's 14336): one program per row block, streaming
     BLOCK_K columns per step.
 
+With PDL (kernels/pdl.py, Hopper+) each kernel is launched while its predecessor drains: a
+full-K program loads its first weight tile, then waits for x.  Measured on an H200, the 32-layer
+stack went from 3,550-3,604 to 3,405-3,416 µs, with smaller tiles than without PDL (a successor's
+programs need free registers to start early).
+
 Floor: the weight bytes N·K·elem over copy bandwidth (K-loop: x, residual and g are
 re-read by every program from L2, ~2·K·elem per program against 2·BLOCK_R·K·elem of weights).
 """
