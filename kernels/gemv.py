@@ -139,12 +139,20 @@ def _dot(w, n):
 
 
 @triton.jit
-def _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, stride_kct, stride_kch,
+def _cos_sin(CS, p, stride_cs, head, d, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
+    """cos and sin for rows (d, d + D/2) at position p; zeros for v heads (no load)."""
+    rot = d < tl.where(head < HQ + HKV, HALF, 0)  # one comparison: the interpreter rejects block & scalar masks
+    c = tl.load(CS + p * stride_cs + d, mask=rot, other=0.0)
+    s = tl.load(CS + p * stride_cs + HALF + d, mask=rot, other=0.0)
+    return c, s
+
+
+@triton.jit
+def _qkv_epilogue(ya, yb, head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch,
                   stride_vct, stride_vch, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                   HAS_BIAS: tl.constexpr):
-    """Rows (d, d + D/2) of ``head``: + bias; rotary on q and k heads; q stored, k and v
-    written into the KV pool at slot Loc[0] (position and slot are loaded where needed:
-    loading them before the weight stream measured slower)."""
+    """Rows (d, d + D/2) of ``head``: + bias; rotary on q and k heads (c, s from _cos_sin);
+    q stored, k and v written into the KV pool at ``slot``."""
     HALF: tl.constexpr = D // 2
     rows_a = head * D + d
     rows_b = rows_a + HALF
@@ -152,21 +160,16 @@ def _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, str
         ya += tl.load(Bias + rows_a).to(tl.float32)
         yb += tl.load(Bias + rows_b).to(tl.float32)
     if head < HQ + HKV:  # q or k: rotate the (d, d + D/2) pairs
-        p = tl.load(Pos).to(tl.int64)
-        c = tl.load(CS + p * stride_cs + d)
-        s = tl.load(CS + p * stride_cs + HALF + d)
         ra = ya * c - yb * s
         rb = yb * c + ya * s
         if head < HQ:
             tl.store(Q + rows_a, ra.to(Q.dtype.element_ty))
             tl.store(Q + rows_b, rb.to(Q.dtype.element_ty))
         else:
-            slot = tl.load(Loc).to(tl.int64)
             base = KC + slot * stride_kct + (head - HQ) * stride_kch
             tl.store(base + d, ra.to(KC.dtype.element_ty))
             tl.store(base + HALF + d, rb.to(KC.dtype.element_ty))
     else:
-        slot = tl.load(Loc).to(tl.int64)
         base = VC + slot * stride_vct + (head - HQ - HKV) * stride_vch
         tl.store(base + d, ya.to(VC.dtype.element_ty))
         tl.store(base + HALF + d, yb.to(VC.dtype.element_ty))
@@ -188,23 +191,44 @@ def _norm_qkv_fullk_kernel(
     K: tl.constexpr, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
+    EARLY_ROPE: tl.constexpr,
 ):
+    """EARLY_ROPE: the position and slot are loaded once per program after the wait, and each
+    block's cos/sin are issued with its weight tile, so the rotary loads are off the chain
+    that follows the dot; otherwise all three are loaded after each block's dot."""
     pid = tl.program_id(0)
-    PER_HEAD: tl.constexpr = D // 2 // BLOCK_R
+    HALF: tl.constexpr = D // 2
+    PER_HEAD: tl.constexpr = HALF // BLOCK_R
     offs, mask = _cols(K, K_PAD)
     head, d, rows_a = _qkv_rows(pid, PER_HEAD, D, BLOCK_R)
     wa = _tile(W, stride_w, rows_a, offs, mask)
-    wb = _tile(W, stride_w, rows_a + D // 2, offs, mask)
+    wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
     wait_for_predecessor(PDL)
+    if EARLY_ROPE:
+        p = tl.load(Pos).to(tl.int64)
+        slot = tl.load(Loc).to(tl.int64)
+        c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
     n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, HAS_RES, True)
-    _qkv_epilogue(_dot(wa, n), _dot(wb, n), head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, stride_kct,
-                  stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
+    ya = _dot(wa, n)
+    yb = _dot(wb, n)
+    if not EARLY_ROPE:
+        p = tl.load(Pos).to(tl.int64)
+        slot = tl.load(Loc).to(tl.int64)
+        c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
+    _qkv_epilogue(ya, yb, head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch,
+                  HQ, HKV, D, HAS_BIAS)
     for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
         head, d, rows_a = _qkv_rows(blk, PER_HEAD, D, BLOCK_R)
-        ya = _dot(_tile(W, stride_w, rows_a, offs, mask), n)
-        yb = _dot(_tile(W, stride_w, rows_a + D // 2, offs, mask), n)
-        _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC, stride_cs, stride_kct, stride_kch,
-                      stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
+        wa = _tile(W, stride_w, rows_a, offs, mask)
+        wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
+        if EARLY_ROPE:
+            c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
+        ya = _dot(wa, n)
+        yb = _dot(wb, n)
+        if not EARLY_ROPE:
+            c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
+        _qkv_epilogue(ya, yb, head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct,
+                      stride_vch, HQ, HKV, D, HAS_BIAS)
 
 
 @triton.jit
@@ -258,8 +282,9 @@ def _norm_qkv_kernel(
     rows_b = rows_a + HALF
     ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps,
                           HAS_RES, True, BLOCK_R, BLOCK_K, PDL, PREFETCH)
-    _qkv_epilogue(ya, yb, head, d, Bias, CS, Pos, Loc, Q, KC, VC,
-                  stride_cs, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
+    c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
+    _qkv_epilogue(ya, yb, head, d, c, s, tl.load(Loc).to(tl.int64), Bias, Q, KC, VC,
+                  stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
 
 
 @triton.jit
@@ -300,6 +325,7 @@ class Config(NamedTuple):
     num_stages: int = 1
     programs_per_sm: int = 0
     prefetch: bool = False  # K-loop: load the next BLOCK_K columns while multiplying these
+    early_rope: bool = True  # full-K qkv: issue the rotary loads with each weight tile (see the kernel)
 
 
 # K-loop tiles per stream, from a sweep on an H200 (scripts/probe_gemv.py, Llama-3.1-8B shapes, µs for
@@ -399,7 +425,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
                 BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
-            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), **meta)
+            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), EARLY_ROPE=cfg.early_rope, **meta)
     else:
         _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, **meta)
     return q, r_out.view(1, K)
