@@ -332,10 +332,11 @@ class Config(NamedTuple):
 # 32 layers; cuBLAS M=1 in brackets): qkv 523 (499, unfused), o 335 (421), gate_up 1908 (1940),
 # down 931 (1039), LM head with fp32 logits 236 per call (256 + a cast).
 _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
-# Full-K tiles (block_r, programs per SM, warps), same probe with PDL on (session 5, run Y3): qkv 465
-# (8-row tiles: 551), o 285 (8 rows: 360), gate_up 1,723, LM head 7,524 / 32 = 235 per call.  With PDL
-# the smaller tiles win: a successor's programs find registers free to start their first loads.
-_CUDA_FULLK = {"qkv": (2, 4, 8), "gate_up": (4, 16, 8), "gemv": (4, 2, 16), "lm_head": (4, 16, 8)}
+# Full-K tiles (block_r, programs per SM, warps), same probe with PDL on (session 5, runs Y3/Y7): qkv 465
+# (4 rows, 2/SM, rotary loads early; 8-row tiles: 551), o 285 (8 rows: 360), gate_up 1,723, LM head
+# 7,524 / 32 = 235 per call.  With PDL the smaller tiles win: a successor's programs find registers
+# free to start their first loads.
+_CUDA_FULLK = {"qkv": (4, 2, 8), "gate_up": (4, 16, 8), "gemv": (4, 2, 16), "lm_head": (4, 16, 8)}
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
