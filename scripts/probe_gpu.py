@@ -129,6 +129,7 @@ def probe_shared(B=64, L=4224, Hq=32, Hkv=8, D=128, reps=50):
 def probe_attn1(L_layers=32, Hq=32, Hkv=8, D=128, reps=50):
     from localsgl_kernels import pdl
     from localsgl_kernels.decode_attention import alloc_workspace, decode_attention
+    from probe_gemv import timed_graph  # scripts/ is on sys.path when this file runs
 
     dev = torch.device("cuda")
     ctx = 4096
@@ -149,20 +150,7 @@ def probe_attn1(L_layers=32, Hq=32, Hkv=8, D=128, reps=50):
                 for i in range(L_layers):
                     decode_attention(q, ks[i], vs[i], table, idx, seq, D ** -0.5, out=out, num_splits=S,
                                      workspace=ws, min_chunk=mc)
-            run()
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                run()
-            g.replay()
-            torch.cuda.synchronize()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(reps):
-                g.replay()
-            e1.record()
-            torch.cuda.synchronize()
-            us = e0.elapsed_time(e1) * 1e3 / reps / L_layers
+            us = timed_graph(run, reps) / L_layers
             print(f"attn bs1 L={L:5d} S={S:2d} min_chunk={mc:3d} pdl={int(use_pdl)}: {us:6.2f} us/layer", flush=True)
     pdl.set_enabled(True)
 
