@@ -274,9 +274,8 @@ def _argmax_chunk_kernel(X, PartV, PartI, V, stride_x, C, CHUNK: tl.constexpr, B
         cols = cols0 + c0
         x = tl.load(row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         best_l, idx_l = _lane_best(x, cols, best_l, idx_l)
-    best = tl.max(best_l, 0)
-    tl.store(PartV + r * C + c, best)
-    tl.store(PartI + r * C + c, tl.min(tl.where(best_l == best, idx_l, V), 0))
+    tl.store(PartV + r * C + c, tl.max(best_l, 0))
+    tl.store(PartI + r * C + c, _first_argmax(best_l, idx_l, V))
 
 
 @triton.jit
