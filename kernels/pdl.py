@@ -14,11 +14,13 @@ Rules every PDL kernel here follows (they make the chain safe, also inside CUDA 
   * ``gdc_launch_dependents`` comes right after the wait, so at most one kernel waits
     ahead of the one running.
 A kernel launched without PDL (torch ops, other kernels) waits for its predecessor as
-usual.  Off below compute capability 9.0 (the instructions do not exist there), under the
-Triton interpreter, where Triton lacks the launch option, and with ``LOCALSGL_DISABLE_PDL=1``.
+usual.  Off below compute capability 9.0 (the instructions do not exist there), with a driver
+older than CUDA 12.3, under the Triton interpreter, where Triton lacks the launch option, and
+with ``LOCALSGL_DISABLE_PDL=1``.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -54,6 +56,25 @@ def _triton_has_launch_pdl() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
+def _driver_version() -> int:
+    """The CUDA driver's version (e.g. 12030), 0 when it cannot be read."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        v = ctypes.c_int()
+        return v.value if lib.cuDriverGetVersion(ctypes.byref(v)) == 0 else 0
+    except (OSError, AttributeError):
+        return 0
+
+
+MIN_DRIVER = 12030  # CUDA 12.3: PDL launches can be captured into CUDA graphs
+
+
+def supported(capability_major: int, driver_version: int, triton_has_option: bool) -> bool:
+    """PDL needs the griddepcontrol instructions (sm90+), a driver that captures PDL launches
+    into graphs, and a Triton with the ``launch_pdl`` option."""
+    return capability_major >= 9 and driver_version >= MIN_DRIVER and triton_has_option
+
+
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` use PDL."""
     if not _ENABLED or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
@@ -61,7 +82,7 @@ def enabled(device: torch.device) -> bool:
     key = device.index if device.index is not None else torch.cuda.current_device()
     ok = _SUPPORTED.get(key)
     if ok is None:
-        ok = torch.cuda.get_device_capability(key)[0] >= 9 and _triton_has_launch_pdl()
+        ok = supported(torch.cuda.get_device_capability(key)[0], _driver_version(), _triton_has_launch_pdl())
         _SUPPORTED[key] = ok
     return ok
 

@@ -135,3 +135,15 @@ def test_pdl_is_off_off_hopper():
         assert pdl.launch_options(torch.device("cuda", 0)) == {"PDL": False}
     finally:
         pdl.set_enabled(True)
+
+
+def test_pdl_support_rule():
+    """PDL only with sm90+, a driver that captures it into graphs (CUDA 12.3+) and a Triton
+    with the launch option."""
+    from localsgl_kernels import pdl
+
+    assert pdl.supported(9, 12030, True) and pdl.supported(12, 13000, True)
+    assert not pdl.supported(8, 13000, True)  # Ampere / Ada: no griddepcontrol
+    assert not pdl.supported(9, 12020, True)  # driver too old for PDL in graphs
+    assert not pdl.supported(9, 0, True)  # driver version unreadable
+    assert not pdl.supported(9, 13000, False)  # Triton without launch_pdl
