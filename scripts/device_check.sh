@@ -18,6 +18,7 @@ export PYTHONPATH="$PWD:/tmp/klink:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+python3 -c "import torch; from localsgl_kernels import pdl; print('PDL', pdl.enabled(torch.device('cuda')), 'driver', pdl._driver_version())"
 
 if [[ "$EXTRA" != *" notests "* ]]; then
   echo "== GPU tests"
