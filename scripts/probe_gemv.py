@@ -32,15 +32,20 @@ def timed_graph(fn, reps=20):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    g.replay()
+    return time_calls(g.replay, reps)  # µs per replay
+
+
+def time_calls(fn, reps=20):
+    """µs per call of ``fn`` (after one warm-up call), by CUDA events around ``reps`` calls."""
+    fn()
     torch.cuda.synchronize()
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     for _ in range(reps):
-        g.replay()
+        fn()
     e1.record()
     torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1e3 / reps  # µs per replay
+    return e0.elapsed_time(e1) * 1e3 / reps
 
 
 def weights():

@@ -4,6 +4,8 @@
                          Llama-3.1-8B dummy bf16, CUDA graphs on: kernels inside replays)
   probe_gpu.py mixed     per-kernel GPU time of a few mixed steps: 400 requests decoding
                          (~800 context) while 10 new 1,000-token prompts are prefilled
+  probe_gpu.py replay    the bs1 decode graph replayed alone, and with the greedy argmax, against
+                         the engine's step (the difference: the per-step copies and ops outside the graph)
   probe_gpu.py attn1     batch-1 decode attention of 32 layers in one CUDA graph (distinct
                          caches), by context length, split count, min chunk and PDL on/off
   probe_gpu.py shared    split-KV decode kernel, 64 rows x 4,224 tokens: one shared prefix
@@ -155,7 +157,44 @@ def probe_attn1(L_layers=32, Hq=32, Hkv=8, D=128, reps=50):
     pdl.set_enabled(True)
 
 
+def probe_replay(reps=200):
+    from localsgl import Engine, SamplingParams
+    from localsgl_kernels.sampling import argmax_rows
+    from probe_gemv import time_calls  # scripts/ is on sys.path when this file runs
+
+    eng = Engine(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", device="cuda")
+    try:
+        prompt = [1000 + j for j in range(256)]
+        p = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+        eng.generate([prompt], p)  # leaves the bs1 graph's static inputs at a real step (~383 tokens)
+        runner = eng.core.runner.graphs
+        graph, logits = runner.graphs[(1, False)], runner.outputs[(1, False)]
+
+        def timed(fn):
+            return time_calls(fn, reps)
+
+        t_replay = timed(graph.replay)
+        t_both = timed(lambda: (graph.replay(), argmax_rows(logits)))
+        t_argmax = timed(lambda: argmax_rows(logits))
+        t_torch = timed(lambda: logits.argmax(-1))
+        eng.core.cache.reset()
+        t0 = time.perf_counter()
+        eng.generate([prompt], SamplingParams(temperature=0, max_tokens=257, ignore_eos=True))
+        t1 = time.perf_counter()
+        eng.core.cache.reset()
+        eng.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        t2 = time.perf_counter()
+        step = ((t1 - t0) - (t2 - t1)) / 256 * 1e6
+        print(f"bs1 graph replay alone        {t_replay:8.1f} us")
+        print(f"bs1 graph replay + argmax     {t_both:8.1f} us")
+        print(f"argmax_rows alone             {t_argmax:8.1f} us   (torch argmax {t_torch:.1f} us)")
+        print(f"engine decode step (256 out)  {step:8.1f} us   -> outside the graph and argmax: {step - t_both:.1f} us")
+    finally:
+        eng.shutdown()
+
+
 if __name__ == "__main__":
     what = sys.argv[1:] or ["shared", "kernels"]
     for w in what:
-        {"kernels": probe_kernels, "shared": probe_shared, "mixed": probe_mixed, "attn1": probe_attn1}[w]()
+        {"kernels": probe_kernels, "shared": probe_shared, "mixed": probe_mixed, "attn1": probe_attn1,
+         "replay": probe_replay}[w]()
