@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - older triton: the kernels never reach 
         pass
 
 _ENABLED = os.environ.get("LOCALSGL_DISABLE_PDL", "") in ("", "0")
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")  # read once: launchers call enabled() per launch
 _SUPPORTED: dict = {}
 
 
@@ -77,7 +78,7 @@ def supported(capability_major: int, driver_version: int, triton_has_option: boo
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` use PDL."""
-    if not _ENABLED or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+    if not _ENABLED or _INTERPRETED or device.type != "cuda":
         return False
     key = device.index if device.index is not None else torch.cuda.current_device()
     ok = _SUPPORTED.get(key)
