@@ -54,28 +54,23 @@ from .pdl import launch_options, wait_for_predecessor
 @triton.jit
 def _stream_rows(
     W, stride_w, rows_a, rows_b, X, R, G, ROut, K, write_res, eps,
-    HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) with n = rmsnorm(s) (NORM: s·g·inv, inv applied
     once at the end) or n = s.  Waits for the predecessor kernel (PDL) before reading x.
-    PREFETCH: the next BLOCK_K columns of weights are loaded while the current ones are
-    multiplied (the first before the wait)."""
+    (Loading the next BLOCK_K weight columns while multiplying these measured slower on
+    down_proj: 1,084 vs 903 µs per 32 layers, bench/RESULTS.md run Y3.)"""
     offs_k = tl.arange(0, BLOCK_K)
     acc_a = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     ss = tl.zeros([BLOCK_K], tl.float32)
     wa_ptr = W + rows_a.to(tl.int64)[:, None] * stride_w + offs_k[None, :]
     wb_ptr = W + rows_b.to(tl.int64)[:, None] * stride_w + offs_k[None, :]
-    if PREFETCH:
-        wa = tl.load(wa_ptr)
-        wb = tl.load(wb_ptr)
     wait_for_predecessor(PDL)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        if not PREFETCH:
-            wa = tl.load(wa_ptr + k0)
-            wb = tl.load(wb_ptr + k0)
+        wa = tl.load(wa_ptr + k0)
+        wb = tl.load(wb_ptr + k0)
         x = tl.load(X + kk)
         if HAS_RES:
             x = (x.to(tl.float32) + tl.load(R + kk).to(tl.float32)).to(ROut.dtype.element_ty)
@@ -86,10 +81,6 @@ def _stream_rows(
             xf = xf * tl.load(G + kk).to(tl.float32)
         acc_a += wa.to(tl.float32) * xf[None, :]
         acc_b += wb.to(tl.float32) * xf[None, :]
-        if PREFETCH:
-            more = (kk + BLOCK_K < K)[None, :]
-            wa = tl.load(wa_ptr + k0 + BLOCK_K, mask=more, other=0.0)
-            wb = tl.load(wb_ptr + k0 + BLOCK_K, mask=more, other=0.0)
     ya = tl.sum(acc_a, 1)
     yb = tl.sum(acc_b, 1)
     if NORM:
@@ -136,6 +127,11 @@ def _tile(W, stride_w, rows, offs, mask):
 def _dot(w, n):
     """tile · n: [BLOCK_R] fp32."""
     return tl.sum(w.to(tl.float32) * n[None, :], 1)
+
+
+@triton.jit
+def _silu_mul(g, u):
+    return g / (1.0 + tl.exp(-g)) * u
 
 
 @triton.jit
@@ -191,11 +187,10 @@ def _norm_qkv_fullk_kernel(
     K: tl.constexpr, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
-    EARLY_ROPE: tl.constexpr,
 ):
-    """EARLY_ROPE: the position and slot are loaded once per program after the wait, and each
-    block's cos/sin are issued with its weight tile, so the rotary loads are off the chain
-    that follows the dot; otherwise all three are loaded after each block's dot."""
+    """The position and slot are loaded once per program after the wait, and each block's
+    cos/sin are issued with its weight tile, off the chain that follows the dot (loaded after
+    each dot instead: 509 vs 465 µs per 32 layers with the default tile, run Y7)."""
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     PER_HEAD: tl.constexpr = HALF // BLOCK_R
@@ -204,31 +199,19 @@ def _norm_qkv_fullk_kernel(
     wa = _tile(W, stride_w, rows_a, offs, mask)
     wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
     wait_for_predecessor(PDL)
-    if EARLY_ROPE:
-        p = tl.load(Pos).to(tl.int64)
-        slot = tl.load(Loc).to(tl.int64)
-        c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
+    p = tl.load(Pos).to(tl.int64)
+    slot = tl.load(Loc).to(tl.int64)
+    c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
     n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, HAS_RES, True)
-    ya = _dot(wa, n)
-    yb = _dot(wb, n)
-    if not EARLY_ROPE:
-        p = tl.load(Pos).to(tl.int64)
-        slot = tl.load(Loc).to(tl.int64)
-        c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
-    _qkv_epilogue(ya, yb, head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch,
-                  HQ, HKV, D, HAS_BIAS)
+    _qkv_epilogue(_dot(wa, n), _dot(wb, n), head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch,
+                  stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
     for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
         head, d, rows_a = _qkv_rows(blk, PER_HEAD, D, BLOCK_R)
         wa = _tile(W, stride_w, rows_a, offs, mask)
         wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
-        if EARLY_ROPE:
-            c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
-        ya = _dot(wa, n)
-        yb = _dot(wb, n)
-        if not EARLY_ROPE:
-            c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
-        _qkv_epilogue(ya, yb, head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct,
-                      stride_vch, HQ, HKV, D, HAS_BIAS)
+        c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
+        _qkv_epilogue(_dot(wa, n), _dot(wb, n), head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch,
+                      stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
 
 
 @triton.jit
@@ -241,13 +224,12 @@ def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, ep
     wu = _tile(W, stride_w, rows + I, offs, mask)
     wait_for_predecessor(PDL)
     n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, True, True)
-    g = _dot(wg, n)
-    tl.store(Out + rows, (g / (1.0 + tl.exp(-g)) * _dot(wu, n)).to(Out.dtype.element_ty))
+    tl.store(Out + rows, _silu_mul(_dot(wg, n), _dot(wu, n)).to(Out.dtype.element_ty))
     for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
         g = _dot(_tile(W, stride_w, rows, offs, mask), n)
         u = _dot(_tile(W, stride_w, rows + I, offs, mask), n)
-        tl.store(Out + rows, (g / (1.0 + tl.exp(-g)) * u).to(Out.dtype.element_ty))
+        tl.store(Out + rows, _silu_mul(g, u).to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -271,7 +253,6 @@ def _norm_qkv_kernel(
     K, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
@@ -281,7 +262,7 @@ def _norm_qkv_kernel(
     rows_a = head * D + d
     rows_b = rows_a + HALF
     ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps,
-                          HAS_RES, True, BLOCK_R, BLOCK_K, PDL, PREFETCH)
+                          HAS_RES, True, BLOCK_R, BLOCK_K, PDL)
     c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
     _qkv_epilogue(ya, yb, head, d, c, s, tl.load(Loc).to(tl.int64), Bias, Q, KC, VC,
                   stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
@@ -290,24 +271,23 @@ def _norm_qkv_kernel(
 @triton.jit
 def _norm_gate_up_kernel(
     X, R, G, ROut, W, Out, K, I, eps, stride_w,
-    HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows_a = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_b = rows_a + I
     g, u = _stream_rows(W, stride_w, rows_a, rows_b, X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps,
-                        HAS_RES, True, BLOCK_R, BLOCK_K, PDL, PREFETCH)
-    tl.store(Out + rows_a, (g / (1.0 + tl.exp(-g)) * u).to(Out.dtype.element_ty))
+                        HAS_RES, True, BLOCK_R, BLOCK_K, PDL)
+    tl.store(Out + rows_a, _silu_mul(g, u).to(Out.dtype.element_ty))
 
 
 @triton.jit
-def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr):
+def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows_a = pid * (2 * BLOCK_R) + tl.arange(0, BLOCK_R)
     rows_b = rows_a + BLOCK_R
     ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, X, X, Out, K, 0, 0.0,
-                          False, False, BLOCK_R, BLOCK_K, PDL, PREFETCH)
+                          False, False, BLOCK_R, BLOCK_K, PDL)
     tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
     tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
 
@@ -324,8 +304,6 @@ class Config(NamedTuple):
     num_warps: int = 4
     num_stages: int = 1
     programs_per_sm: int = 0
-    prefetch: bool = False  # K-loop: load the next BLOCK_K columns while multiplying these
-    early_rope: bool = True  # full-K qkv: issue the rotary loads with each weight tile (see the kernel)
 
 
 # K-loop tiles per stream, from a sweep on an H200 (scripts/probe_gemv.py, Llama-3.1-8B shapes, µs for
@@ -333,7 +311,7 @@ class Config(NamedTuple):
 # down 931 (1039), LM head with fp32 logits 236 per call (256 + a cast).
 _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
 # Full-K tiles (block_r, programs per SM, warps), same probe with PDL on (session 5, runs Y3/Y7): qkv 465
-# (4 rows, 2/SM, rotary loads early; 8-row tiles: 551), o 285 (8 rows: 360), gate_up 1,723, LM head
+# (4 rows, 2/SM; 8-row tiles: 551), o 285 (8 rows: 360), gate_up 1,723, LM head
 # 7,524 / 32 = 235 per call.  With PDL the smaller tiles win: a successor's programs find registers
 # free to start their first loads.
 _CUDA_FULLK = {"qkv": (4, 2, 8), "gate_up": (4, 16, 8), "gemv": (4, 2, 16), "lm_head": (4, 16, 8)}
@@ -426,9 +404,9 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
                 BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
-            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), EARLY_ROPE=cfg.early_rope, **meta)
+            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), **meta)
     else:
-        _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, **meta)
+        _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **meta)
     return q, r_out.view(1, K)
 
 
@@ -458,7 +436,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     else:
         _norm_gate_up_kernel[(blocks,)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
-            HAS_RES=True, BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, **meta)
+            HAS_RES=True, BLOCK_K=cfg.block_k, **meta)
     return out, r_out.view(1, K)
 
 
@@ -484,7 +462,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), **meta)
     else:
-        _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch, **meta)
+        _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k, **meta)
     return out
 
 

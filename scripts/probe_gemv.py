@@ -6,9 +6,8 @@ CUDA graph.
      per projection: the µs for 32 layers and the TB/s;
   2. the layer sequence without attention: the unfused chain (9 launches per layer) vs the
      fused one (4), and fused with cuBLAS for o/down.
-Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short|resident|pdl2|rope]  (kloop: sweep K-loop tiles instead of full-K; short: 6 full-K tiles;
-       resident: 1-16 programs per SM, 4 or 8 warps; pdl2: 2-4 row full-K tiles, down's K-loop with/without prefetch;
-       rope: qkv with the rotary loads early or late)
+Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short|resident|pdl2]  (kloop: sweep K-loop tiles instead of full-K; short: 6 full-K tiles;
+       resident: 1-16 programs per SM, 4 or 8 warps; pdl2: 2-4 row full-K tiles, down's K-loop tiles)
 """
 from __future__ import annotations
 
@@ -87,13 +86,9 @@ def probe_tiles(W):
     else:  # full-K tiles: rows per block, programs per SM, warps (down_proj's K does not fit them)
         grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((2, 4, 8), (4, 8, 16), (8, 16))
                 if "short" not in sys.argv or (nw_ == 8 and per_sm in (4, 16))]
-        if "pdl2" in sys.argv:  # full-K 2 or 4 rows for the K <= 8192 streams; K-loop with/without prefetch for down
+        if "pdl2" in sys.argv:  # full-K 2 or 4 rows for the K <= 8192 streams; K-loop tiles for down
             grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((2, 4), (2, 4, 16), (8, 16))]
-            grid += [G.Config(rr, bk, nw_, 1, 0, pf) for (rr, bk, nw_), pf in
-                     itertools.product(((8, 1024, 8), (4, 1024, 8), (8, 512, 8), (4, 512, 4)), (False, True))]
-        if "rope" in sys.argv:  # qkv only: rotary loads issued with each tile (early) or after its dot
-            grid = [G.Config(rr, 0, 8, 1, per_sm, early_rope=e) for (rr, per_sm), e in
-                    itertools.product(((2, 4), (4, 2)), (True, False))]
+            grid += [G.Config(rr, bk, nw_, 1) for rr, bk, nw_ in ((8, 1024, 8), (4, 1024, 8), (8, 512, 8), (4, 512, 4))]
         if "resident" in sys.argv:  # fewer resident programs, so a PDL successor finds room to prefetch
             grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((4, 8), (1, 2, 4, 16), (4, 8))]
     for cfg in grid:
@@ -110,8 +105,6 @@ def probe_tiles(W):
         }
         for key, (fn, label, nbytes, scale) in runs.items():
             if "pdl2" in sys.argv and (cfg.programs_per_sm == 0) != (key == "down"):
-                continue
-            if "rope" in sys.argv and key != "qkv":
                 continue
             try:
                 res[(key, cfg)] = report(f"{label} {tuple(cfg)}", timed_graph(fn) * scale, nbytes)
@@ -177,7 +170,7 @@ def probe_layers(W):
 
 
 if __name__ == "__main__":
-    what = [a for a in sys.argv[1:] if a not in ("kloop", "short", "resident", "pdl2", "rope")] or ["layers", "tiles"]
+    what = [a for a in sys.argv[1:] if a not in ("kloop", "short", "resident", "pdl2")] or ["layers", "tiles"]
     W = weights()
     for w in what:
         {"tiles": probe_tiles, "layers": probe_layers}[w](W)

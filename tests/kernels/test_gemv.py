@@ -89,9 +89,8 @@ def test_gemv(dtype, n, k):
 
 
 @pytest.mark.parametrize("cfg", [G.Config(1, 16), G.Config(2, 32), G.Config(8, 16),  # K-loop
-                                 G.Config(2, 16, prefetch=True), G.Config(4, 32, prefetch=True),  # K-loop, prefetch
                                  G.Config(1, 0, 4, 1, 1), G.Config(4, 0, 4, 1, 2), G.Config(8, 0, 2, 1, 3),  # full-K
-                                 G.Config(2, 0, 4, 1, 3, early_rope=False)])
+                                 G.Config(2, 0, 4, 1, 3)])
 def test_forced_configs(cfg):
     g = gen(3)
     hq, hkv, d, h = 4, 2, 32, 64
