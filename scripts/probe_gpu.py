@@ -170,13 +170,10 @@ def probe_replay(reps=200):
         runner = eng.core.runner.graphs
         graph, logits = runner.graphs[(1, False)], runner.outputs[(1, False)]
 
-        def timed(fn):
-            return time_calls(fn, reps)
-
-        t_replay = timed(graph.replay)
-        t_both = timed(lambda: (graph.replay(), argmax_rows(logits)))
-        t_argmax = timed(lambda: argmax_rows(logits))
-        t_torch = timed(lambda: logits.argmax(-1))
+        t_replay = time_calls(graph.replay, reps)
+        t_both = time_calls(lambda: (graph.replay(), argmax_rows(logits)), reps)
+        t_argmax = time_calls(lambda: argmax_rows(logits), reps)
+        t_torch = time_calls(lambda: logits.argmax(-1), reps)
         eng.core.cache.reset()
         t0 = time.perf_counter()
         eng.generate([prompt], SamplingParams(temperature=0, max_tokens=257, ignore_eos=True))

@@ -160,7 +160,7 @@ def test_pdl_does_not_change_tokens(saved, family):
     if torch.cuda.get_device_capability()[0] >= 9:  # a broken driver-version read would turn PDL off silently
         assert pdl._driver_version() > 0, "could not read the CUDA driver version (libcuda.so.1)"
     if not pdl.enabled(torch.device("cuda")):
-        pytest.skip("PDL needs compute capability 9.0 and a Triton with the launch_pdl option")
+        pytest.skip("PDL needs compute capability 9.0, a CUDA 12.3+ driver and a Triton with the launch_pdl option")
     d, _ = saved[family]
     p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     torch.manual_seed(1)

@@ -123,7 +123,7 @@ def test_support_checks():
     assert G.default_config(8, 4096, dev, "lm_head").programs_per_sm > 0
 
 
-def test_pdl_is_off_off_hopper():
+def test_pdl_is_off_on_cpu_or_when_disabled():
     """PDL launch options are never passed on the CPU or under the interpreter (the kernels'
     ``PDL`` constexpr is False there), and the switch turns them off on any device."""
     from localsgl_kernels import pdl
