@@ -234,15 +234,26 @@ def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, ep
 
 @triton.jit
 def _gemv_fullk_kernel(X, W, Out, K: tl.constexpr, NB, stride_w, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr,
-                       PDL: tl.constexpr):
+                       AHEAD: tl.constexpr, PDL: tl.constexpr):
+    """AHEAD (1 or 2) row blocks are loaded before the wait: o_proj waits on the attention,
+    during which the weight stream is otherwise idle."""
     pid = tl.program_id(0)
+    step = tl.num_programs(0)
     offs, mask = _cols(K, K_PAD)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     w = _tile(W, stride_w, rows, offs, mask)
+    first = pid + step
+    if AHEAD == 2:
+        rows2 = tl.minimum(first, NB - 1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        w2 = _tile(W, stride_w, rows2, offs, mask)
     wait_for_predecessor(PDL)
     n = _normed_x(X, X, X, Out, K, 0, 0.0, offs, mask, False, False)
     tl.store(Out + rows, _dot(w, n).to(Out.dtype.element_ty))
-    for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
+    if AHEAD == 2:
+        if first < NB:
+            tl.store(Out + rows2, _dot(w2, n).to(Out.dtype.element_ty))
+        first += step
+    for blk in range(first, NB, step):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
         tl.store(Out + rows, _dot(_tile(W, stride_w, rows, offs, mask), n).to(Out.dtype.element_ty))
 
@@ -304,6 +315,7 @@ class Config(NamedTuple):
     num_warps: int = 4
     num_stages: int = 1
     programs_per_sm: int = 0
+    ahead: int = 1  # full-K plain GEMV: row blocks loaded before the PDL wait (1 or 2)
 
 
 # K-loop tiles per stream, from a sweep on an H200 (scripts/probe_gemv.py, Llama-3.1-8B shapes, µs for
@@ -314,7 +326,8 @@ _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 102
 # (4 rows, 2/SM; 8-row tiles: 551), o 285 (8 rows: 360), gate_up 1,723, LM head
 # 7,524 / 32 = 235 per call.  With PDL the smaller tiles win: a successor's programs find registers
 # free to start their first loads.
-_CUDA_FULLK = {"qkv": (4, 2, 8), "gate_up": (4, 16, 8), "gemv": (4, 2, 16), "lm_head": (4, 16, 8)}
+# A fourth value: row blocks the plain GEMV loads before its wait (o_proj, after the attention).
+_CUDA_FULLK = {"qkv": (4, 2, 8, 1), "gate_up": (4, 16, 8, 1), "gemv": (4, 2, 16, 2), "lm_head": (4, 16, 8, 1)}
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
@@ -325,9 +338,9 @@ def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "g
     over K columns; None when the shape does not tile evenly (callers take the unfused path)."""
     if triton.next_power_of_2(K) <= FULLK_DEFAULT_MAX:
         if device_type != "cuda":
-            return Config(min(4, rows_per_block), 0, 4, 1, 1)
-        r, per_sm, warps = _CUDA_FULLK[kind]
-        return Config(min(r, rows_per_block), 0, warps, 1, per_sm)
+            return Config(min(4, rows_per_block), 0, 4, 1, 1, 2 if kind == "gemv" else 1)
+        r, per_sm, warps, ahead = _CUDA_FULLK[kind]
+        return Config(min(r, rows_per_block), 0, warps, 1, per_sm, ahead)
     if device_type != "cuda":  # interpreter: small tiles
         for bk in (64, 32, 16):
             if K % bk == 0:
@@ -460,7 +473,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
     if cfg.programs_per_sm:
         blocks = N // cfg.block_r
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
-            xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), **meta)
+            xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead, **meta)
     else:
         _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k, **meta)
     return out

@@ -7,12 +7,16 @@ resident, issue the loads that do not depend on the predecessor (weights), and b
 ``gdc_wait`` until the predecessor has finished and its writes are visible.
 
 Rules every PDL kernel here follows (they make the chain safe, also inside CUDA graphs):
-  * before ``gdc_wait`` it reads only data no kernel of the step writes (weights) and
-    writes nothing;
+  * before ``gdc_wait`` it writes nothing and reads only data no PDL kernel writes: weights,
+    and what ordinary launches wrote before the chain began (the step's inputs, the KV of
+    earlier tokens; a chain starts after an ordinary launch, which releases its successor
+    only when it completes);
   * every program calls ``gdc_wait`` (so a kernel completes only after its predecessor
     did, which makes the ordering transitive along the chain);
-  * ``gdc_launch_dependents`` comes right after the wait, so at most one kernel waits
-    ahead of the one running.
+  * ``gdc_launch_dependents`` comes right after the wait (``wait_for_predecessor``), so
+    one kernel waits ahead of the one running; a short kernel whose successor reads only
+    weights before its wait may release it first (``release_successor_then_wait``): the
+    attention's merge lets o_proj start its weight loads while the attention runs.
 A kernel launched without PDL (torch ops, other kernels) waits for its predecessor as
 usual.  Off below compute capability 9.0 (the instructions do not exist there), with a driver
 older than CUDA 12.3, under the Triton interpreter, where Triton lacks the launch option, and
@@ -92,6 +96,16 @@ def launch_options(device: torch.device) -> dict:
     """Keyword arguments for a launch: the kernel's ``PDL`` constexpr, plus Triton's
     ``launch_pdl`` option when on."""
     return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+
+
+@triton.jit
+def release_successor_then_wait(PDL: tl.constexpr):
+    """Let the next kernel launch now, then block until the previous kernel's writes are
+    visible (both no-ops without PDL).  Only where the next kernel reads nothing but weights
+    before its own wait."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit

@@ -6,6 +6,9 @@
                          (~800 context) while 10 new 1,000-token prompts are prefilled
   probe_gpu.py replay    the bs1 decode graph replayed alone, and with the greedy argmax, against
                          the engine's step (the difference: the per-step copies and ops outside the graph)
+  probe_gpu.py parts     the bs1 decode step's graph taken apart: the full one-token forward, then
+                         without attention, without embedding + final norm, without the LM head,
+                         attention alone; and a per-kernel table of the full graph with PDL off
   probe_gpu.py attn1     batch-1 decode attention of 32 layers in one CUDA graph (distinct
                          caches), by context length, split count, min chunk and PDL on/off
   probe_gpu.py shared    split-KV decode kernel, 64 rows x 4,224 tokens: one shared prefix
@@ -190,8 +193,92 @@ def probe_replay(reps=200):
         eng.shutdown()
 
 
+def probe_parts(reps=200):
+    from localsgl import Engine, SamplingParams
+    from localsgl.engine.layers import fused_decode
+    from localsgl_kernels import gemv as G, pdl
+    from probe_gemv import time_calls, timed_graph  # scripts/ is on sys.path when this file runs
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = Engine(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", device="cuda")
+    try:
+        eng.generate([[1000 + j for j in range(256)]], SamplingParams(temperature=0, max_tokens=128, ignore_eos=True))
+        runner = eng.core.runner
+        model, batch = runner.model, runner.graphs.batches[(1, False)]
+        graph = runner.graphs.graphs[(1, False)]
+        x0 = model.embed_tokens(batch.input_ids)
+
+        def step(attn=True, ends=True, head=True, layers=True):
+            backend, pool = batch.attn_backend, batch.kv_pool
+            x = model.embed_tokens(batch.input_ids) if ends else x0
+            residual = None
+            for layer in (model.layers if layers else []):
+                a, mlp = layer.self_attn, layer.mlp
+                ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+                q, residual = G.norm_qkv(x, residual, ln1.weight, ln1.eps, a.qkv_proj.weight, a.qkv_proj.bias,
+                                         model.rotary.cos_sin, batch.positions, batch.out_cache_loc,
+                                         pool.k_buffer[a.layer_id], pool.v_buffer[a.layer_id], a.num_heads,
+                                         a.num_kv_heads)
+                o = backend.attend(q, a.layer_id, batch, a.scale) if attn else q[:, :a.num_heads]
+                h = G.gemv(o.reshape(1, a.q_size), a.o_proj.weight)
+                y, residual = G.norm_gate_up(h, residual, ln2.weight, ln2.eps, mlp.gate_up_proj.weight)
+                x = G.gemv(y, mlp.down_proj.weight)
+            if ends and residual is not None:
+                x, _ = model.norm(x, residual)
+            if head:
+                return fused_decode.logits_one_row(model, x, model.lm_head.weight)
+            return x
+
+        def attn_only():
+            q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
+            return lambda: [batch.attn_backend.attend(q, i, batch, 0.088) for i in range(32)]
+
+        rows = [("engine graph replay", lambda: None, graph.replay),
+                ("one-token forward + LM head", lambda: step(), None),
+                ("  without attention", lambda: step(attn=False), None),
+                ("  without embedding + final norm", lambda: step(ends=False), None),
+                ("  without LM head", lambda: step(head=False), None),
+                ("  LM head alone", lambda: step(attn=False, ends=False, layers=False), None),
+                ("attention alone (32 layers)", attn_only(), None)]
+        for name, fn, replay in rows:
+            us = time_calls(replay, reps) if replay else timed_graph(fn, reps)
+            print(f"{name:40s} {us:8.1f} us", flush=True)
+        tile = G._CUDA_FULLK["gemv"]
+        G._CUDA_FULLK["gemv"] = tile[:3] + (1,)  # o_proj loading one row block before its wait
+        print(f"{'one-token forward, o_proj 1 block ahead':40s} {timed_graph(lambda: step(), reps):8.1f} us")
+        G._CUDA_FULLK["gemv"] = tile
+        from localsgl_kernels import decode_attention as DA
+
+        DA.STAGE2_RELEASES_EARLY = False  # o_proj launched only once the merge has waited
+        print(f"{'one-token forward, merge releases late':40s} {timed_graph(lambda: step(), reps):8.1f} us")
+        G._CUDA_FULLK["gemv"] = tile[:3] + (1,)
+        print(f"{'  and o_proj 1 block ahead':40s} {timed_graph(lambda: step(), reps):8.1f} us")
+        G._CUDA_FULLK["gemv"] = tile
+        DA.STAGE2_RELEASES_EARLY = True
+        pdl.set_enabled(False)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        print(f"{'one-token forward, PDL off':40s} {time_calls(g.replay, reps):8.1f} us")
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                g.replay()
+            torch.cuda.synchronize()
+        print("per-kernel, PDL off, 10 replays:")
+        _kernel_table(prof, 16)
+        pdl.set_enabled(True)
+    finally:
+        eng.shutdown()
+
+
 if __name__ == "__main__":
     what = sys.argv[1:] or ["shared", "kernels"]
     for w in what:
         {"kernels": probe_kernels, "shared": probe_shared, "mixed": probe_mixed, "attn1": probe_attn1,
-         "replay": probe_replay}[w]()
+         "replay": probe_replay, "parts": probe_parts}[w]()

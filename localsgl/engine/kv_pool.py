@@ -136,14 +136,19 @@ class ReqToTokenPool:
             t = t.pin_memory()
         return t.to(self.table.device, non_blocking=True)
 
-    def write_many(self, rows: list[int], positions: list[int], slots: torch.Tensor) -> None:
-        """One slot per (row, position): a single scatter instead of one copy per request."""
+    def write_many(self, rows: list[int], positions: list[int], slots: torch.Tensor, device: bool = True) -> None:
+        """One slot per (row, position): a single scatter instead of one copy per request.
+        ``device=False`` writes the host mirror only: the caller writes the device table
+        itself (the decode step does, inside its graph)."""
         if not rows:
             return
         r = torch.tensor(rows, dtype=torch.long)
         p = torch.tensor(positions, dtype=torch.long)
         s32 = slots.to("cpu", torch.int32)
         if self.host is not self.table:
+            if not device:
+                self.host[r, p] = s32
+                return
             self.host[r, p] = s32
             r, p, s32 = self._to_table_device(r), self._to_table_device(p), self._to_table_device(s32)
         self.table[r, p] = s32

@@ -91,26 +91,39 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             attn_backend=self.attn,
         )
+        nd = sb.num_decode
+        if nd and self.req_pool.table is not self.req_pool.host:
+            # the decode rows' new slots are in the host table only (the graph path writes
+            # them inside the graph); decode rows come first, one token each
+            self.req_pool.table[b.req_pool_indices[:nd], b.positions[:nd]] = b.out_cache_loc[:nd].to(torch.int32)
         if prev_tokens is not None and ids and min(ids) < 0:
             # placeholders -(1+j): token j sampled by the step still in flight, read on the device
             ph = b.input_ids < 0
             b.input_ids = torch.where(ph, prev_tokens[(-b.input_ids - 1).clamp(min=0)], b.input_ids)
-        if sb.decode_only and self.prefix_shape is not None and len(sb.reqs) >= 2:
-            groups = _prefix_groups.shared_prefix_groups(sb.reqs, *self.prefix_shape)
-            if groups:
-                from localsgl_kernels.decode_attention import PrefixGroups
-
-                b.prefix_groups = PrefixGroups.build(len(sb.reqs), groups, *self.prefix_shape, self.device)
+        if sb.decode_only:
+            b.prefix_groups = self._prefix_groups(sb)
         b.extra["sample_index"] = [s + n - 1 for s, n, smp in zip(starts, sb.extend_lens, sb.sample) if smp]
         return b
+
+    def _prefix_groups(self, sb: ScheduledBatch):
+        """Shared-prefix groups of a decode-only step (cascade attention), or None."""
+        if self.prefix_shape is None or len(sb.reqs) < 2:
+            return None
+        groups = _prefix_groups.shared_prefix_groups(sb.reqs, *self.prefix_shape)
+        if not groups:
+            return None
+        from localsgl_kernels.decode_attention import PrefixGroups
+
+        return PrefixGroups.build(len(sb.reqs), groups, *self.prefix_shape, self.device)
 
     @torch.inference_mode()
     def forward(self, sb: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; return fp32 logits [num_sampled_rows, vocab]."""
-        batch = self.build_batch(sb, prev_tokens)
-        if batch.mode == ForwardMode.DECODE and self.graphs is not None and self.graphs.can_run(batch):
+        if sb.decode_only and self.graphs is not None and self.graphs.can_run(len(sb.reqs)):
+            assert sb.num_decode == len(sb.reqs)
             self.last_path = "graph"
-            return self.graphs.replay(batch)
+            return self.graphs.replay(sb, prev_tokens, self._prefix_groups(sb))
+        batch = self.build_batch(sb, prev_tokens)
         self.last_path = "eager"
         self.attn.init_forward(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch)

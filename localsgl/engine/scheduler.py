@@ -31,6 +31,9 @@ class ScheduledBatch:
     sample: list[bool]  # row needs a new token after this step
     out_slots: torch.Tensor  # [sum(extend_lens)] int64 CPU
     decode_only: bool
+    # the first num_decode rows decode one token each; their new KV slot is written to the
+    # host slot table only, and the runner writes it on the device (inside the decode graph)
+    num_decode: int = 0
 
 
 class Scheduler:
@@ -194,7 +197,7 @@ class Scheduler:
         if decodes:
             slots = self._alloc(len(decodes))
             assert slots is not None
-            self.req_pool.write_many([r.req_row for r in decodes], [r.kv_len for r in decodes], slots)
+            self.req_pool.write_many([r.req_row for r in decodes], [r.kv_len for r in decodes], slots, device=False)
             for r in decodes:
                 r.pending = 1
                 reqs.append(r)
@@ -244,7 +247,7 @@ class Scheduler:
             return None
         out_slots = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.int64)
         decode_only = all(e == 1 for e in ext) and all(sample) and len(decodes) == len(reqs)
-        return ScheduledBatch(reqs, ext, pre, sample, out_slots, decode_only)
+        return ScheduledBatch(reqs, ext, pre, sample, out_slots, decode_only, len(decodes))
 
     @staticmethod
     def _dependency_ready(dep: Request) -> bool:

@@ -90,7 +90,7 @@ def test_gemv(dtype, n, k):
 
 @pytest.mark.parametrize("cfg", [G.Config(1, 16), G.Config(2, 32), G.Config(8, 16),  # K-loop
                                  G.Config(1, 0, 4, 1, 1), G.Config(4, 0, 4, 1, 2), G.Config(8, 0, 2, 1, 3),  # full-K
-                                 G.Config(2, 0, 4, 1, 3)])
+                                 G.Config(2, 0, 4, 1, 3), G.Config(2, 0, 4, 1, 1, 2), G.Config(4, 0, 4, 1, 3, 2)])
 def test_forced_configs(cfg):
     g = gen(3)
     hq, hkv, d, h = 4, 2, 32, 64
@@ -109,6 +109,8 @@ def test_forced_configs(cfg):
     ra, _ = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, wg.double())
     assert rel_err(G.norm_gate_up(x, res, nw, 1e-6, wg, config=cfg)[0], ra) < 1e-5
     assert rel_err(G.gemv(x, wg, config=cfg), x.double() @ wg.double().t()) < 1e-5
+    few = wg[: 2 * cfg.block_r]  # fewer row blocks than programs: a second block loaded ahead has none to store
+    assert rel_err(G.gemv(x, few, config=cfg), x.double() @ few.double().t()) < 1e-5
 
 
 def test_support_checks():
