@@ -15,7 +15,11 @@ empty write nothing.  Stage 2 (grid B × Hq) merges the valid chunks:
 (Merging in the last stage-1 program of each (b, KV head) instead, by an arrival counter,
 measured slower: 9.6 µs per layer for the one kernel against 4.5 + 2.4 µs, H200, bs1.)
 Under PDL, stage 1 loads the slot table and the first block of cached K/V (all but the
-newest token, which this step's KV store writes) before waiting for its predecessor.
+newest token, which this step's KV store writes) before waiting for its predecessor, and
+stage 2 lets its successor launch before it waits (at batch 1 that is o_proj, which loads
+only weights before its own wait).  H200, one bs1 Llama-3-8B step: 3,798 µs against 3,872
+with stage 2 releasing after its wait; the early K/V loads took the attention's share of the
+step from ~286 to ~236 µs (bench/RESULTS.md, runs Z2–Z5).
 S is a host-side constant per batch size (more splits for small batches so one long
 request still fills the GPU), so a captured CUDA graph keeps a fixed grid; nothing here
 syncs with the host.
