@@ -14,12 +14,13 @@ empty write nothing.  Stage 2 (grid B × Hq) merges the valid chunks:
     o = Σ_s 2^(lse_s − M) · o_s / Σ_s 2^(lse_s − M).
 (Merging in the last stage-1 program of each (b, KV head) instead, by an arrival counter,
 measured slower: 9.6 µs per layer for the one kernel against 4.5 + 2.4 µs, H200, bs1.)
-Under PDL, stage 1 loads the slot table and the first block of cached K/V (all but the
-newest token, which this step's KV store writes) before waiting for its predecessor, and
-stage 2 lets its successor launch before it waits (at batch 1 that is o_proj, which loads
+Under PDL, for batches of at most 8 rows, stage 1 loads the slot table and the first block of
+cached K/V (all but the newest token, which this step's KV store writes) before waiting for
+its predecessor, and stage 2 lets its successor launch before it waits (at batch 1 that is o_proj, which loads
 only weights before its own wait).  H200, one bs1 Llama-3-8B step: 3,798 µs against 3,872
 with stage 2 releasing after its wait; the early K/V loads took the attention's share of the
-step from ~286 to ~236 µs (bench/RESULTS.md, runs Z2–Z5).
+step from ~286 to ~236 µs (bench/RESULTS.md, runs Z2–Z5).  Larger batches wait first: there
+the early loads cost the mixed throughput workload 7% (run Z8).
 S is a host-side constant per batch size (more splits for small batches so one long
 request still fills the GPU), so a captured CUDA graph keeps a fixed grid; nothing here
 syncs with the host.
@@ -80,9 +81,16 @@ def _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
         slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
         k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc, m_i, l_i = _attend_block(q, k, v, mask_n, m_i, l_i, acc, sm_scale_log2)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -98,8 +106,7 @@ def _merge_head(
     NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     HAS_PREFIX: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
 ):
-    """o[b, h] from the valid split partials (and the prefix partials): the log-sum-exp rule.
-    The partials are read once, from L2 (``.cg``)."""
+    """o[b, h] from the valid split partials (and the prefix partials): the log-sum-exp rule."""
     chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
     chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
     n_splits = tl.cdiv(seq_len - s0, chunk)
@@ -108,8 +115,7 @@ def _merge_head(
     mask_s = offs_s < n_splits
     mask_d = offs_d < HEAD_DIM
     bb = b.to(tl.int64)
-    lse = tl.load(PartLse + bb * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"),
-                  cache_modifier=".cg")
+    lse = tl.load(PartLse + bb * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, 0)
     if HAS_PREFIX:
         pos = tl.load(PrefPos + b).to(tl.int32)
@@ -119,18 +125,17 @@ def _merge_head(
         n_p = tl.where(pos >= 0, tl.cdiv(s0, chunk_p), 0)  # rows outside any group have start 0 too
         mask_p = offs_p < n_p
         pp = tl.maximum(pos, 0).to(tl.int64)
-        lse_p = tl.load(PrefLse + pp * stride_gb + h * stride_gh + offs_p, mask=mask_p, other=float("-inf"),
-                        cache_modifier=".cg")
+        lse_p = tl.load(PrefLse + pp * stride_gb + h * stride_gh + offs_p, mask=mask_p, other=float("-inf"))
         m = tl.maximum(m, tl.max(lse_p, 0))
     w = tl.where(mask_s, tl.exp2(lse - m), 0.0)
     o = tl.load(PartO + bb * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                mask=mask_s[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     num = tl.sum(o * w[:, None], 0)
     den = tl.sum(w, 0)
     if HAS_PREFIX:
         w_p = tl.where(mask_p, tl.exp2(lse_p - m), 0.0)
         o_p = tl.load(PrefO + pp * stride_fb + h * stride_fh + offs_p[:, None] * stride_fs + offs_d[None, :],
-                      mask=mask_p[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+                      mask=mask_p[:, None] & mask_d[None, :], other=0.0)
         num += tl.sum(o_p * w_p[:, None], 0)
         den += tl.sum(w_p, 0)
     tl.store(Out + bb * stride_ob + h * stride_oh + offs_d, (num / den).to(Out.dtype.element_ty), mask=mask_d)
@@ -148,13 +153,33 @@ def _decode_stage1(
     stride_lb, stride_lh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
+    EARLY_KV: tl.constexpr, PDL: tl.constexpr,
+):
+    """Program (b, g, s): chunk s of row b's keys for the G query heads of KV head g."""
+    if EARLY_KV:
+        _stage1_early_kv(Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse, sm_scale_log2,
+                         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r,
+                         stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                         G, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N, NUM_SPLITS, MIN_CHUNK, HAS_START, PDL)
+    else:
+        _stage1_after_wait(Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse, sm_scale_log2,
+                           stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r,
+                           stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                           G, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N, NUM_SPLITS, MIN_CHUNK, HAS_START, PDL)
+
+
+@triton.jit
+def _stage1_early_kv(
+    Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse, sm_scale_log2,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Program (b, g, s): chunk s of row b's keys for the G query heads of KV head g.
-
-    Before the PDL wait it reads only what this step's earlier kernels do not write: the
-    lengths, the slot table and the first block of *cached* keys and values (every
-    position but the newest, whose K/V the step's own KV store writes)."""
+    """Small batches.  Before the PDL wait it reads only what this step's earlier kernels do
+    not write: the lengths, the slot table and the first block of *cached* keys and values
+    (every position but the newest, whose K/V the step's own KV store writes)."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -199,6 +224,49 @@ def _decode_stage1(
             k_i = tl.load(K + slot_i[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             v_i = tl.load(V + slot_i[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
             acc, m_i, l_i = _attend_block(q, k_i, v_i, mask_i, m_i, l_i, acc, sm_scale_log2)
+        out = acc / l_i[:, None]
+        lse = m_i + tl.log2(l_i)
+        bb = b.to(tl.int64)
+        tl.store(PartO + bb * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :], out,
+                 mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(PartLse + bb * stride_lb + heads * stride_lh + s, lse, mask=mask_h)
+
+
+@triton.jit
+def _stage1_after_wait(
+    Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse, sm_scale_log2,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Larger batches: everything after the wait (the early K/V loads measured slower on the
+    mixed throughput workload: 9,219 against 9,944 out tok/s, run Z8)."""
+    wait_for_predecessor(PDL)
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    s0 = 0
+    if HAS_START:  # keys before start_b are covered by the shared-prefix stage
+        s0 = tl.load(Start + b).to(tl.int32)
+    chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    start = s0 + s * chunk
+    if start < seq_len:
+        end = tl.minimum(start + chunk, seq_len)
+        row = tl.load(ReqIdx + b).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_h = offs_h < G
+        mask_d = offs_d < HEAD_DIM
+        heads = g * G + offs_h
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+        acc, m_i, l_i = _attend_range(q, K, V, ReqToToken + row * stride_r, start, end, g, sm_scale_log2,
+                                      stride_kt, stride_kh, stride_vt, stride_vh,
+                                      BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N)
         out = acc / l_i[:, None]
         lse = m_i + tl.log2(l_i)
         bb = b.to(tl.int64)
@@ -400,9 +468,10 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     BLOCK_H = max(16, triton.next_power_of_2(G))
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_N = block_n_for(D, q.device.type)
+    small = B <= 8  # batch-1-like steps: K/V loads before the wait, o_proj released early
     if min_chunk is None:  # small batches: more, shorter chunks (bs1 at L = 256 / 2048, H200, 32 layers
         # in one graph: 5.3 / 8.5 µs per layer with BLOCK_N vs 6.7 / 9.6 with 2·BLOCK_N)
-        min_chunk = BLOCK_N if B <= 8 else 2 * BLOCK_N
+        min_chunk = BLOCK_N if small else 2 * BLOCK_N
     has_prefix = groups is not None
     pdl = launch_options(q.device)
     if has_prefix:
@@ -439,7 +508,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix,
+        NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix, EARLY_KV=small,
         num_warps=4, num_stages=2, **pdl,
     )
     _decode_stage2[(B, Hq)](
@@ -450,7 +519,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         pref_lse.stride(0), pref_lse.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk,
-        HAS_PREFIX=has_prefix, PREFIX_SPLITS=PREFIX_SPLITS, RELEASE_EARLY=STAGE2_RELEASES_EARLY,
+        HAS_PREFIX=has_prefix, PREFIX_SPLITS=PREFIX_SPLITS, RELEASE_EARLY=small and STAGE2_RELEASES_EARLY,
         num_warps=4 if BLOCK_D * num_splits >= 2048 else 2, **pdl,
     )
     return out

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _decode_inputs_kernel(Raw, Prev, Pos, Slots, Rows, Table, Ids, SeqLens, B, stride_t, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < B
@@ -39,10 +39,10 @@ def decode_inputs(raw, prev, positions, slots, rows, table, ids_out, seq_lens_ou
     B = raw.shape[0]
     if B == 0:
         return
-    block = min(256, triton.next_power_of_2(B))
-    _decode_inputs_kernel[(triton.cdiv(B, block),)](
-        raw, prev, positions, slots, rows, table, ids_out, seq_lens_out, B, table.stride(0), BLOCK=block,
-        num_warps=1 if block <= 64 else 4,
+    # one tile size for every batch bucket: one compile, not one per graph bucket (engine start-up)
+    _decode_inputs_kernel[(triton.cdiv(B, 128),)](
+        raw, prev, positions, slots, rows, table, ids_out, seq_lens_out, B, table.stride(0), BLOCK=128,
+        num_warps=4,
     )
 
 

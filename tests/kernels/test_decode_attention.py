@@ -54,6 +54,16 @@ def test_split_counts_and_workspace(num_splits):
         assert rel_err(out, ref) < (1e-5 if not ON_GPU else 2e-3)  # fp32 tl.dot is TF32 on GPUs
 
 
+@pytest.mark.parametrize("B", [8, 9])
+def test_both_stage1_paths(B):
+    """Up to 8 rows stage 1 loads cached K/V before its (PDL) wait; above, after it."""
+    g = gen(100 + B)
+    q, kc, vc, table, rows, seq = make_case(g, B, 4, 2, 64, torch.float32, 140, 1500)
+    ref = decode_attention_ref(q, kc, vc, table, rows, seq, 0.1)
+    out = decode_attention(q, kc, vc, table, rows, seq, 0.1, num_splits=4, min_chunk=16)
+    assert rel_err(out, ref) < (1e-5 if not ON_GPU else 2e-3)
+
+
 def make_shared_case(g, groups_spec, singles, hq, hkv, d, dtype, slots):
     """Rows in groups share their first plen slots (as radix-cache paths do); each row has its
     own suffix of 1..suffix_max tokens.  groups_spec: [(plen, members, suffix_max)]; singles:
