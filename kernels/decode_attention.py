@@ -142,6 +142,31 @@ def _merge_head(
 
 
 @triton.jit
+def _chunk_of(SeqLens, Start, b, s, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_START: tl.constexpr):
+    """(seq_len, first key, chunk length) of split s of row b; start >= seq_len: empty split."""
+    seq_len = tl.load(SeqLens + b).to(tl.int32)
+    s0 = 0
+    if HAS_START:  # keys before start_b are covered by the shared-prefix stage
+        s0 = tl.load(Start + b).to(tl.int32)
+    chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    return seq_len, s0 + s * chunk, chunk
+
+
+@triton.jit
+def _store_partial(acc, m_i, l_i, PartO, PartLse, b, s, heads, offs_d, mask_h, mask_d,
+                   stride_pb, stride_ph, stride_ps, stride_lb, stride_lh):
+    """Split s's normalised output and log2-sum-exp for the query heads ``heads`` of row b."""
+    out = acc / l_i[:, None]
+    lse = m_i + tl.log2(l_i)
+    bb = b.to(tl.int64)
+    tl.store(PartO + bb * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :], out,
+             mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(PartLse + bb * stride_lb + heads * stride_lh + s, lse, mask=mask_h)
+
+
+@triton.jit
 def _decode_stage1(
     Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse,
     sm_scale_log2,
@@ -183,13 +208,7 @@ def _stage1_early_kv(
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
-    seq_len = tl.load(SeqLens + b).to(tl.int32)
-    s0 = 0
-    if HAS_START:  # keys before start_b are covered by the shared-prefix stage
-        s0 = tl.load(Start + b).to(tl.int32)
-    chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
-    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
-    start = s0 + s * chunk
+    seq_len, start, chunk = _chunk_of(SeqLens, Start, b, s, NUM_SPLITS, MIN_CHUNK, BLOCK_N, HAS_START)
     end = tl.minimum(start + chunk, seq_len)
     table = ReqToToken + tl.load(ReqIdx + b).to(tl.int64) * stride_r
     offs_n = tl.arange(0, BLOCK_N)
@@ -224,12 +243,8 @@ def _stage1_early_kv(
             k_i = tl.load(K + slot_i[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             v_i = tl.load(V + slot_i[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
             acc, m_i, l_i = _attend_block(q, k_i, v_i, mask_i, m_i, l_i, acc, sm_scale_log2)
-        out = acc / l_i[:, None]
-        lse = m_i + tl.log2(l_i)
-        bb = b.to(tl.int64)
-        tl.store(PartO + bb * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :], out,
-                 mask=mask_h[:, None] & mask_d[None, :])
-        tl.store(PartLse + bb * stride_lb + heads * stride_lh + s, lse, mask=mask_h)
+        _store_partial(acc, m_i, l_i, PartO, PartLse, b, s, heads, offs_d, mask_h, mask_d,
+                       stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
 
 
 @triton.jit
@@ -247,13 +262,7 @@ def _stage1_after_wait(
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
-    seq_len = tl.load(SeqLens + b).to(tl.int32)
-    s0 = 0
-    if HAS_START:  # keys before start_b are covered by the shared-prefix stage
-        s0 = tl.load(Start + b).to(tl.int32)
-    chunk = tl.maximum(tl.cdiv(seq_len - s0, NUM_SPLITS), MIN_CHUNK)
-    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
-    start = s0 + s * chunk
+    seq_len, start, chunk = _chunk_of(SeqLens, Start, b, s, NUM_SPLITS, MIN_CHUNK, BLOCK_N, HAS_START)
     if start < seq_len:
         end = tl.minimum(start + chunk, seq_len)
         row = tl.load(ReqIdx + b).to(tl.int64)
@@ -267,12 +276,8 @@ def _stage1_after_wait(
         acc, m_i, l_i = _attend_range(q, K, V, ReqToToken + row * stride_r, start, end, g, sm_scale_log2,
                                       stride_kt, stride_kh, stride_vt, stride_vh,
                                       BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N)
-        out = acc / l_i[:, None]
-        lse = m_i + tl.log2(l_i)
-        bb = b.to(tl.int64)
-        tl.store(PartO + bb * stride_pb + heads[:, None] * stride_ph + s * stride_ps + offs_d[None, :], out,
-                 mask=mask_h[:, None] & mask_d[None, :])
-        tl.store(PartLse + bb * stride_lb + heads * stride_lh + s, lse, mask=mask_h)
+        _store_partial(acc, m_i, l_i, PartO, PartLse, b, s, heads, offs_d, mask_h, mask_d,
+                       stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
 
 
 @triton.jit
