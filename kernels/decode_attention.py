@@ -180,102 +180,61 @@ def _decode_stage1(
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
     EARLY_KV: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Program (b, g, s): chunk s of row b's keys for the G query heads of KV head g."""
-    if EARLY_KV:
-        _stage1_early_kv(Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse, sm_scale_log2,
-                         stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r,
-                         stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                         G, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N, NUM_SPLITS, MIN_CHUNK, HAS_START, PDL)
-    else:
-        _stage1_after_wait(Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse, sm_scale_log2,
-                           stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r,
-                           stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                           G, HEAD_DIM, BLOCK_H, BLOCK_D, BLOCK_N, NUM_SPLITS, MIN_CHUNK, HAS_START, PDL)
+    """Program (b, g, s): chunk s of row b's keys for the G query heads of KV head g.
 
-
-@triton.jit
-def _stage1_early_kv(
-    Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse, sm_scale_log2,
-    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """Small batches.  Before the PDL wait it reads only what this step's earlier kernels do
-    not write: the lengths, the slot table and the first block of *cached* keys and values
-    (every position but the newest, whose K/V the step's own KV store writes)."""
+    EARLY_KV (small batches): before the PDL wait it reads only what this step's earlier
+    kernels do not write: the lengths, the slot table and the first block of *cached* keys
+    and values (every position but the newest, whose K/V the step's own KV store writes).
+    Otherwise everything comes after the wait (the early loads measured slower on the mixed
+    throughput workload: 9,219 against 9,944 out tok/s, run Z8)."""
+    if not EARLY_KV:
+        wait_for_predecessor(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
     seq_len, start, chunk = _chunk_of(SeqLens, Start, b, s, NUM_SPLITS, MIN_CHUNK, BLOCK_N, HAS_START)
     end = tl.minimum(start + chunk, seq_len)
     table = ReqToToken + tl.load(ReqIdx + b).to(tl.int64) * stride_r
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    pos = start + offs_n
-    mask_n = pos < end
-    slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
-    cached = (pos < seq_len - 1)[:, None] & mask_d[None, :]
-    k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=cached, other=0.0)
-    v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=cached, other=0.0)
-    wait_for_predecessor(PDL)
+    if EARLY_KV:
+        offs_n = tl.arange(0, BLOCK_N)
+        pos = start + offs_n
+        mask_n = pos < end
+        slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
+        cached = (pos < seq_len - 1)[:, None] & mask_d[None, :]
+        k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=cached, other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=cached, other=0.0)
+        wait_for_predecessor(PDL)
     if start < seq_len:
-        newest = (pos == seq_len - 1)[:, None] & mask_d[None, :]
-        k = tl.where(newest, tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
-                                     mask=newest, other=0.0), k)
-        v = tl.where(newest, tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
-                                     mask=newest, other=0.0), v)
         offs_h = tl.arange(0, BLOCK_H)
         mask_h = offs_h < G
         heads = g * G + offs_h
         q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_h[:, None] & mask_d[None, :], other=0.0)
-        acc, m_i, l_i = _attend_block(q, k, v, mask_n, tl.full([BLOCK_H], float("-inf"), tl.float32),
-                                      tl.zeros([BLOCK_H], tl.float32), tl.zeros([BLOCK_H, BLOCK_D], tl.float32),
-                                      sm_scale_log2)
-        for n0 in range(start + BLOCK_N, end, BLOCK_N):  # chunks longer than one block
-            pos_i = n0 + offs_n
-            mask_i = pos_i < end
-            slot_i = tl.load(table + pos_i, mask=mask_i, other=0).to(tl.int64)
-            kv_mask = mask_i[:, None] & mask_d[None, :]
-            k_i = tl.load(K + slot_i[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v_i = tl.load(V + slot_i[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc, m_i, l_i = _attend_block(q, k_i, v_i, mask_i, m_i, l_i, acc, sm_scale_log2)
-        _store_partial(acc, m_i, l_i, PartO, PartLse, b, s, heads, offs_d, mask_h, mask_d,
-                       stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
-
-
-@triton.jit
-def _stage1_after_wait(
-    Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse, sm_scale_log2,
-    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """Larger batches: everything after the wait (the early K/V loads measured slower on the
-    mixed throughput workload: 9,219 against 9,944 out tok/s, run Z8)."""
-    wait_for_predecessor(PDL)
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    s = tl.program_id(2)
-    seq_len, start, chunk = _chunk_of(SeqLens, Start, b, s, NUM_SPLITS, MIN_CHUNK, BLOCK_N, HAS_START)
-    if start < seq_len:
-        end = tl.minimum(start + chunk, seq_len)
-        row = tl.load(ReqIdx + b).to(tl.int64)
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_h = offs_h < G
-        mask_d = offs_d < HEAD_DIM
-        heads = g * G + offs_h
-        q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=mask_h[:, None] & mask_d[None, :], other=0.0)
-        acc, m_i, l_i = _attend_range(q, K, V, ReqToToken + row * stride_r, start, end, g, sm_scale_log2,
-                                      stride_kt, stride_kh, stride_vt, stride_vh,
-                                      BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N)
+        if EARLY_KV:
+            newest = (pos == seq_len - 1)[:, None] & mask_d[None, :]
+            k = tl.where(newest, tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
+                                         mask=newest, other=0.0), k)
+            v = tl.where(newest, tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
+                                         mask=newest, other=0.0), v)
+            acc, m_i, l_i = _attend_block(q, k, v, mask_n, tl.full([BLOCK_H], float("-inf"), tl.float32),
+                                          tl.zeros([BLOCK_H], tl.float32), tl.zeros([BLOCK_H, BLOCK_D], tl.float32),
+                                          sm_scale_log2)
+            for n0 in range(start + BLOCK_N, end, BLOCK_N):  # chunks longer than one block
+                pos_i = n0 + offs_n
+                mask_i = pos_i < end
+                slot_i = tl.load(table + pos_i, mask=mask_i, other=0).to(tl.int64)
+                kv_mask = mask_i[:, None] & mask_d[None, :]
+                k_i = tl.load(K + slot_i[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=kv_mask,
+                              other=0.0)
+                v_i = tl.load(V + slot_i[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=kv_mask,
+                              other=0.0)
+                acc, m_i, l_i = _attend_block(q, k_i, v_i, mask_i, m_i, l_i, acc, sm_scale_log2)
+        else:
+            acc, m_i, l_i = _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
+                                          stride_kt, stride_kh, stride_vt, stride_vh,
+                                          BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N)
         _store_partial(acc, m_i, l_i, PartO, PartLse, b, s, heads, offs_d, mask_h, mask_d,
                        stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
 

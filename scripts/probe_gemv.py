@@ -21,7 +21,8 @@ L, H, HQ, HKV, D, I, V = 32, 4096, 32, 8, 128, 14336, 128256
 DT = torch.bfloat16
 
 
-def timed_graph(fn, reps=20):
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph, after one warm-up call on a side stream."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -31,7 +32,11 @@ def timed_graph(fn, reps=20):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return time_calls(g.replay, reps)  # µs per replay
+    return g
+
+
+def timed_graph(fn, reps=20):
+    return time_calls(capture_graph(fn).replay, reps)  # µs per replay
 
 
 def time_calls(fn, reps=20):

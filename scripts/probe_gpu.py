@@ -197,7 +197,7 @@ def probe_parts(reps=200):
     from localsgl import Engine, SamplingParams
     from localsgl.engine.layers import fused_decode
     from localsgl_kernels import gemv as G, pdl
-    from probe_gemv import time_calls, timed_graph  # scripts/ is on sys.path when this file runs
+    from probe_gemv import capture_graph, time_calls, timed_graph  # scripts/ is on sys.path when this file runs
     from torch.profiler import ProfilerActivity, profile
 
     eng = Engine(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", device="cuda")
@@ -256,14 +256,7 @@ def probe_parts(reps=200):
         G._CUDA_FULLK["gemv"] = tile
         DA.STAGE2_RELEASES_EARLY = True
         pdl.set_enabled(False)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
+        g = capture_graph(step)
         print(f"{'one-token forward, PDL off':40s} {time_calls(g.replay, reps):8.1f} us")
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

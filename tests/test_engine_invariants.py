@@ -109,3 +109,24 @@ def test_overlap_gives_identical_outputs():
         core.shutdown()
         outs[overlap] = got
     assert outs[True] == outs[False]
+
+
+def test_decode_slots_reach_a_mirrored_table():
+    """With a host mirror (as on a GPU) the scheduler writes decode slots to the mirror only and
+    the runner must write them into the table the attention reads: outputs match the plain core."""
+    import random as _r
+
+    from localsgl.engine.params import SamplingParams as SP
+
+    rng = _r.Random(11)
+    prompts = [[rng.randrange(63) for _ in range(rng.randrange(1, 50))] for _ in range(12)]
+    params = [SP(temperature=0.0, max_tokens=rng.randrange(2, 25), ignore_eos=True) for _ in range(12)]
+    outs = []
+    for mirrored in (False, True):
+        core = tiny_core(kv_tokens=256, max_running=6, chunk_size=16, max_model_len=128)
+        if mirrored:
+            core.req_pool.host = core.req_pool.table.clone()
+        got = run_all(core, prompts, params, tag="m")
+        core.shutdown()
+        outs.append(got)
+    assert outs[0] == outs[1]
