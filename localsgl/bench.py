@@ -235,12 +235,14 @@ def main(kind: str, engine_kwargs: dict, args: list[str], json_output: bool = Fa
         ceil = measure_ceilings(engine.device)
         rows = {"latency": bench_latency, "throughput": bench_throughput, "prefix": bench_prefix}[kind](engine, ceil, a)
         info = {"device": ceil, "model": engine.model_name, "dtype": str(engine.dtype), "plan": engine.plan.to_dict(),
-                "load_seconds": engine.load_seconds, "rows": rows}
+                "load_seconds": engine.load_seconds,
+                "ready_after_weights_seconds": engine.ready_after_weights_seconds, "rows": rows}
         if json_output:
             print(json.dumps(info, default=str))
         else:
             _print(rows, ceil, engine)
-            print(f"engine ready in {engine.load_seconds:.1f} s; {engine.plan.describe()}", file=sys.stderr)
+            print(f"engine ready in {engine.load_seconds:.1f} s ({engine.ready_after_weights_seconds:.1f} s after the "
+                  f"weights); {engine.plan.describe()}", file=sys.stderr)
     finally:
         engine.shutdown()
     return 0

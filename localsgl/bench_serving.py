@@ -487,6 +487,7 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
         if engine is not None:
             info["plan"] = engine.plan.to_dict()
             info["load_seconds"] = engine.load_seconds
+            info["ready_after_weights_seconds"] = engine.ready_after_weights_seconds
         if a.output_json:
             full = {**info, "rows": [{**r, "requests": q} for r, q in zip(rows, per_request)]}
             with open(a.output_json, "w") as f:
