@@ -12,6 +12,7 @@ torch reference next to the kernel (or in the layer it replaces):
   sampling           filtered_sample (top-k/top-p/min-p exponential race), apply_penalties, argmax_rows
   gemv               one-row GEMVs with the batch-1 decode step's small ops fused in
   step_inputs        the decode graph's inputs on the device (placeholders, lengths, slot table)
+  compile_ahead      compile a code path's kernels together, in parallel (cold start)
   pdl                programmatic dependent launch (Hopper+): launch early, wait for the predecessor
 
 Tests: tests/kernels (Triton interpreter on CPU, native on GPU) and tests/gpu.

@@ -15,8 +15,10 @@ At batch 1 the separate copies and small ops this replaces cost ~65 µs a step.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
+from localsgl_kernels.compile_ahead import compile_only
 from localsgl_kernels.step_inputs import decode_inputs
 
 from .batch import ForwardBatch, ForwardMode
@@ -95,6 +97,14 @@ class CudaGraphRunner:
             prefix_groups=groups,
         )
 
+    def _run_step(self, batch: ForwardBatch) -> torch.Tensor:
+        """The captured step: inputs resolved on the device, the forward, the logits."""
+        raw = self._packed_views(batch.batch_size)[0]
+        decode_inputs(raw, self.prev_tokens, batch.positions, batch.out_cache_loc, batch.req_pool_indices,
+                      batch.req_to_token, batch.input_ids, batch.seq_lens)
+        h = self.model(batch.input_ids, batch.positions, batch)
+        return self.model.compute_logits(h)
+
     @torch.inference_mode()
     def _capture_all(self) -> None:
         stream = torch.cuda.Stream(self.device)
@@ -102,29 +112,31 @@ class CudaGraphRunner:
         if self.prefix is not None:
             keys += [(bs, True) for bs in self.batch_sizes if bs >= 2]
         keys.sort(key=lambda k: (-k[0], k[1]))
+        batches = {key: self._static_batch(*key) for key in keys}
+        # a cold Triton cache: compile every bucket's kernels together, in parallel, first
+        t = time.perf_counter()
+        with compile_only() as dry:
+            if dry:
+                for key in keys:
+                    self.attn.init_forward_for_capture(batches[key])
+                    self._run_step(batches[key])
+        torch.cuda.synchronize(self.device)
+        self.compile_ahead_seconds = time.perf_counter() - t if dry else None
+        if dry:
+            log.info("compiled the decode graphs' kernels in %.1f s", self.compile_ahead_seconds)
         for key in keys:  # largest first: later graphs reuse its memory pool
-            bs, cascade = key
-            batch = self._static_batch(bs, cascade)
+            batch = batches[key]
             self.attn.init_forward_for_capture(batch)
-
-            raw = self._packed_views(bs)[0]
-
-            def run():
-                decode_inputs(raw, self.prev_tokens, batch.positions, batch.out_cache_loc, batch.req_pool_indices,
-                              batch.req_to_token, batch.input_ids, batch.seq_lens)
-                h = self.model(batch.input_ids, batch.positions, batch)
-                return self.model.compute_logits(h)
-
             torch.cuda.synchronize(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    run()
+                    self._run_step(batch)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                out = run()
+                out = self._run_step(batch)
             if self.pool is None:
                 self.pool = g.pool()
             self.graphs[key] = g
