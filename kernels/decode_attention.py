@@ -50,17 +50,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_block(q, k, v, mask_n, m_i, l_i, acc, sm_scale_log2):
-    """One block of the online softmax: q [ROWS, D] against k, v [BLOCK_N, D] (rows outside
-    mask_n ignored); returns the updated (acc, m_i, l_i)."""
+def _softmax_step(q, k, mask_n, m_i, l_i, sm_scale_log2):
+    """Scores of q [ROWS, D] against one key block k [BLOCK_N, D] (keys outside mask_n
+    ignored), folded into the running max and sum: returns (p, alpha, m_new, l_new); the
+    caller updates acc = acc * alpha + p @ v, with v loaded where its order suits it."""
     qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
     qk = tl.where(mask_n[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _attend_block(q, k, v, mask_n, m_i, l_i, acc, sm_scale_log2):
+    """One block of the online softmax with v already loaded; returns (acc, m_i, l_i)."""
+    p, alpha, m_i, l_i = _softmax_step(q, k, mask_n, m_i, l_i, sm_scale_log2)
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v), m_i, l_i
 
 
 @triton.jit
@@ -70,9 +76,8 @@ def _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
     """Online softmax of the query rows q [ROWS, D] over the keys at table[start:end] of KV
     head g: returns (acc [ROWS, D] unnormalised, running max m (log2 units), sum l).
 
-    The loop body is ``_attend_block`` with V loaded after the scores, not before: that
-    order is the one measured at large batches (run Z8: the early-load variant lost 7% of
-    the mixed throughput), so the loop keeps it instead of calling the helper."""
+    V is loaded after the scores: the order measured at large batches (run Z8: the variant
+    loading K and V together lost 7% of the mixed throughput)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < HEAD_DIM
@@ -85,16 +90,10 @@ def _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
         slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
         k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(q, k, mask_n, m_i, l_i, sm_scale_log2)
         v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
     return acc, m_i, l_i
 
 

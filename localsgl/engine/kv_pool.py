@@ -146,9 +146,8 @@ class ReqToTokenPool:
         p = torch.tensor(positions, dtype=torch.long)
         s32 = slots.to("cpu", torch.int32)
         if self.host is not self.table:
-            if not device:
-                self.host[r, p] = s32
-                return
             self.host[r, p] = s32
+            if not device:
+                return
             r, p, s32 = self._to_table_device(r), self._to_table_device(p), self._to_table_device(s32)
         self.table[r, p] = s32
