@@ -20,6 +20,8 @@ from L2 across blocks) + 2·T·Hq·D·elem for q and o.  Prefill is compute-boun
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -28,12 +30,34 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _online_step(q, k, v_ptrs, v_mask, acc, m_i, l_i, qk_scale, visible,
+                 MASKED: tl.constexpr, V_EARLY: tl.constexpr):
+    """One key tile of the online softmax.  Scores stay unscaled until the exp2, so the
+    scale and the running max fold into one multiply-add per score.  V_EARLY issues the
+    V load before the score matmul instead of after the softmax (which order overlaps
+    better depends on the pipelining depth)."""
+    if V_EARLY:
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k))
+    if MASKED:
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if not V_EARLY:
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _extend_kernel(
     Q, K, V, O, ReqToToken, ReqIdx, PrefixLens, ExtendLens, ExtendStart, WorkReq, WorkTok,
-    sm_scale_log2,
+    qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r,
     G: tl.constexpr, TOK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, V_EARLY: tl.constexpr,
 ):
     w = tl.program_id(0)
     g = tl.program_id(1)
@@ -50,7 +74,7 @@ def _extend_kernel(
     tok = t0 + offs_m // G
     head = g * G + offs_m % G
     mask_m = (offs_m < TOK * G) & (tok < ext)
-    mask_d = offs_d < HEAD_DIM
+    mask_d = offs_d < HEAD_DIM  # all true unless head_dim is not a power of two
     q_rows = q_start + tok.to(tl.int64)
     q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
@@ -64,59 +88,58 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = ReqToToken + row * stride_r
+    k_head = K + g * stride_kh + offs_d[None, :]
+    v_head = V + g * stride_vh + offs_d[None, :]
 
+    # Main loop: every row sees every key, no masks; one slot load serves K and V.
     for n0 in range(0, full_end, BLOCK_N):
-        pos = n0 + offs_n
-        slot = tl.load(table + pos).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        slot = tl.load(table + n0 + offs_n).to(tl.int64)
+        k = tl.load(k_head + slot[:, None] * stride_kt, mask=mask_d[None, :], other=0.0)
+        acc, m_i, l_i = _online_step(q, k, v_head + slot[:, None] * stride_vt, mask_d[None, :], acc, m_i, l_i,
+                                     qk_scale, None, MASKED=False, V_EARLY=V_EARLY)
 
+    # Diagonal tail: the few tiles that cross some row's causal boundary or kv_end.
     for n0 in range(full_end, kv_end, BLOCK_N):
         pos = n0 + offs_n
         mask_n = pos < kv_end
         slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_head + slot[:, None] * stride_kt, mask=kv_mask, other=0.0)
         visible = mask_n[None, :] & (pos[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = _online_step(q, k, v_head + slot[:, None] * stride_vt, kv_mask, acc, m_i, l_i,
+                                     qk_scale, visible, MASKED=True, V_EARLY=V_EARLY)
 
     out = acc / l_i[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-def extend_config(head_dim: int, group: int, device_type: str):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head_dim / GQA group."""
+class ExtendConfig(NamedTuple):
+    """Tile shape and launch parameters of the extend kernel (BLOCK_M query rows =
+    BLOCK_M // G tokens x G heads; BLOCK_N keys per tile)."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    v_early: bool = False
+
+
+def extend_config(head_dim: int, group: int, device_type: str) -> ExtendConfig:
+    """The launch configuration for this head_dim / GQA group (bench/RESULTS.md, section
+    "Long-prompt extend attention", has the sweep behind the CUDA choices)."""
     if device_type != "cuda":
-        block_m, block_n, warps, stages = 32, 16, 4, 1  # interpreter
+        cfg = ExtendConfig(32, 16, 4, 1)  # interpreter
     elif head_dim <= 64:
-        block_m, block_n, warps, stages = 128, 64, 4, 3
+        cfg = ExtendConfig(128, 64, 4, 3)
     elif head_dim <= 128:
-        block_m, block_n, warps, stages = 128, 64, 8, 2
+        cfg = ExtendConfig(128, 64, 8, 2)
     else:
-        block_m, block_n, warps, stages = 64, 32, 4, 2
-    block_m = max(block_m, triton.next_power_of_2(group))
-    return block_m, block_n, warps, stages
+        cfg = ExtendConfig(64, 32, 4, 2)
+    return cfg._replace(block_m=max(cfg.block_m, triton.next_power_of_2(group)))
 
 
 def tokens_per_block(head_dim: int, group: int, device_type: str) -> int:
-    return extend_config(head_dim, group, device_type)[0] // group
+    return extend_config(head_dim, group, device_type).block_m // group
 
 
 def build_work(extend_lens: list[int], prefix_lens: list[int], tok: int, device,
@@ -139,12 +162,12 @@ def build_work(extend_lens: list[int], prefix_lens: list[int], tok: int, device,
 
 
 def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens,
-                     extend_start_loc, scale, work, out=None):
+                     extend_start_loc, scale, work, out=None, config: ExtendConfig | None = None):
     """q: [T, Hq, D] new tokens of all requests (unit last stride); k_cache/v_cache:
     [slots, Hkv, D] holding every token's K/V (new ones included); req_pool_indices [B],
     prefix_lens / extend_lens / extend_start_loc [B] int device tensors; ``work`` from
-    :func:`build_work` with ``tok = tokens_per_block(D, Hq // Hkv, device)``.
-    Returns out [T, Hq, D]."""
+    :func:`build_work` with ``tok = tokens_per_block(D, Hq // Hkv, device)`` (with an
+    explicit ``config``: ``tok = config.block_m // G``).  Returns out [T, Hq, D]."""
     T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
@@ -157,7 +180,8 @@ def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
     n_items = work_req.shape[0]
     if T == 0 or n_items == 0:
         return out
-    block_m, block_n, warps, stages = extend_config(D, G, q.device.type)
+    cfg = config or extend_config(D, G, q.device.type)
+    assert cfg.block_m >= G, "a tile must hold all heads of one KV group"
     block_d = max(16, triton.next_power_of_2(D))
     _extend_kernel[(n_items, Hkv)](
         q, k_cache, v_cache, out, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_start_loc,
@@ -165,8 +189,8 @@ def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
         scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0),
-        G=G, TOK=block_m // G, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=warps, num_stages=stages,
+        G=G, TOK=cfg.block_m // G, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        V_EARLY=cfg.v_early, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 

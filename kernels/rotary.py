@@ -5,7 +5,10 @@ Math: for a token at position p, with c = cos_sin[p, :R/2], s = cos_sin[p, R/2:]
 every head vector x = [x1 | x2 | rest] (x1, x2 of width R/2) becomes
     [x1·c − x2·s | x2·c + x1·s | rest]        (fp32, rounded once).
 q and k may be strided views of the fused qkv output; they are rotated in place and
-returned.
+returned.  Every position must lie in the table (0 <= p < P = cos_sin.shape[0]): the caller
+guarantees it (the engine sizes the table from max_model_len and no request reaches that
+position).  The kernel asserts it under TRITON_DEBUG=1, and the wrapper checks positions
+that live on the host; on the GPU a check would cost a synchronisation per launch.
 
 Floor: streaming, 2·T·(Hq+Hkv)·R·elem bytes (read + write q and k) plus T·R·4 bytes of
 cos/sin; ~6 FLOPs per element.
@@ -35,11 +38,12 @@ def _rotate(X, t, pos_c, pos_s, stride_t, stride_h, H, half, BLOCK_H: tl.constex
 def _rotary_kernel(
     Q, K, Pos, CS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
-    HQ, HK, half,
+    HQ, HK, half, P,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     p = tl.load(Pos + t).to(tl.int64)
+    tl.device_assert((p >= 0) & (p < P), "rotary position outside the cos/sin table")
     d = tl.arange(0, BLOCK_HALF)
     dm = d < half
     c = tl.load(CS + p * stride_cs + d, mask=dm, other=0.0)
@@ -63,12 +67,14 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
         cos_sin = cos_sin.float().contiguous()
     if T == 0:
         return q, k
+    if not positions.is_cuda and (int(positions.min()) < 0 or int(positions.max()) >= cos_sin.shape[0]):
+        raise IndexError(f"rotary positions must lie in [0, {cos_sin.shape[0]}) (the cos/sin table)")
     half = R // 2
     bhq, bhk, bhalf = triton.next_power_of_2(HQ), triton.next_power_of_2(HK), triton.next_power_of_2(half)
     _rotary_kernel[(T,)](
         q, k, positions, cos_sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
-        HQ, HK, half,
+        HQ, HK, half, cos_sin.shape[0],
         BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_HALF=bhalf,
         num_warps=4 if bhq * bhalf >= 1024 else 2,
     )

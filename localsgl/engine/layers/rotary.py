@@ -1,7 +1,11 @@
 """Rotary position embedding (neox / "rotate half" layout, as HF Llama uses).
 
-cos/sin are precomputed in fp32 for every position up to max_positions, with
-Llama-3 frequency scaling or linear scaling applied to the inverse frequencies.
+cos/sin are precomputed in fp32 for every position below max_positions, with
+Llama-3 frequency scaling or linear scaling applied to the inverse frequencies.  Nothing
+checks a position against the table while a step runs (the Triton kernel reads
+``cos_sin[p]`` unguarded): the engine sizes the table from its plan's max_model_len
+(``resize``) and checks it (``check_covers``), and requests never reach a position at or
+beyond max_model_len.
 """
 from __future__ import annotations
 
@@ -39,11 +43,35 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device=None):
         super().__init__()
         self.head_dim = head_dim
-        inv = inv_frequencies(head_dim, theta, scaling).to(device)
-        t = torch.arange(max_positions, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, inv)  # [P, D/2]
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        self.register_buffer("inv_freq", inv_frequencies(head_dim, theta, scaling).to(device), persistent=False)
+        self.register_buffer("cos_sin", self._table(max_positions), persistent=False)
         self._cache = None  # (positions, cos, sin) of the current forward (torch path)
+
+    def _table(self, max_positions: int) -> torch.Tensor:
+        """[max_positions, R] fp32: cos | sin of every position below max_positions."""
+        t = torch.arange(max_positions, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)  # [P, R/2]
+        return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the table holds: every position p < max_positions may be rotated."""
+        return self.cos_sin.shape[0]
+
+    def resize(self, max_positions: int) -> None:
+        """Rebuild the table for exactly ``max_positions`` positions (the engine calls this with its
+        final max_model_len before anything captures the table)."""
+        if max_positions != self.max_positions:
+            self.cos_sin = self._table(max_positions)
+            self._cache = None
+
+    def check_covers(self, max_model_len: int) -> None:
+        """Raise unless every position a request of max_model_len tokens reaches is in the table."""
+        if self.max_positions < max_model_len:
+            raise ValueError(
+                f"the rotary table holds {self.max_positions:,} positions but max_model_len is "
+                f"{max_model_len:,}: positions beyond the table would read past it"
+            )
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hkv, D] -> rotated (new tensors or in place)."""

@@ -40,7 +40,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # tokens a sliding layer attends to; None: every layer sees all
     torch_dtype: str | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -119,7 +119,30 @@ class ModelConfig:
             hidden_act=cfg.get("hidden_act", "silu"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", family == "mistral") else None,
+            sliding_window=sliding_window_of(cfg, family),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             raw=dict(cfg),
         )
+
+
+def sliding_window_of(cfg: dict[str, Any], family: str) -> int | None:
+    """The attention window some layer of this model uses, read as transformers reads it, or None.
+
+    Mistral slides every layer when ``sliding_window`` is set; Qwen2/Qwen3 slide only with
+    ``use_sliding_window``, and then the layers from ``max_window_layers`` on; an explicit
+    ``layer_types`` list (Gemma-style) names the sliding layers; Llama never slides.  The
+    engine attends to the whole context, so the plan caps the context at this window."""
+    qwen = family in ("qwen2", "qwen3")
+    if family == "llama" or (qwen and not cfg.get("use_sliding_window", False)):
+        return None
+    window = cfg.get("sliding_window", 4096 if qwen else None)
+    if not window:
+        return None
+    types = cfg.get("layer_types")
+    if types is not None:
+        sliding = "sliding_attention" in types
+    elif qwen:
+        sliding = int(cfg.get("max_window_layers", 28)) < int(cfg["num_hidden_layers"])
+    else:
+        sliding = True
+    return int(window) if sliding else None
