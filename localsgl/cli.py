@@ -474,25 +474,14 @@ def info(
 def _info_report(kwargs: dict) -> dict:
     from . import __version__
     from .engine.models.config import ModelConfig
-    from .engine.plan import default_dtype, detect_device, dtype_name, make_plan
+    from .engine.plan import default_dtype, detect_device, dtype_name, make_plan, plan_options
     from .store.resolve import resolve_model
 
     dev = detect_device(kwargs.get("device"))
-    dtype = dtype_name(kwargs["dtype"]) if kwargs.get("dtype") else dtype_name(default_dtype(dev))
+    dtype = dtype_name(kwargs["dtype"]) if kwargs.get("dtype") not in (None, "auto") else dtype_name(default_dtype(dev))
     source = resolve_model(kwargs["model"], load_format=kwargs.get("load_format", "auto"))
     cfg = ModelConfig.from_hf(source.config)
-    plan = make_plan(
-        cfg,
-        dev,
-        dtype,
-        max_model_len=kwargs.get("max_model_len"),
-        kv_memory=kwargs.get("kv_memory"),
-        gpu_memory=kwargs.get("gpu_memory"),
-        max_running=kwargs.get("max_running"),
-        chunk_size=kwargs.get("chunk_size"),
-        cuda_graph=not kwargs.get("disable_cuda_graph", False),
-        tp=kwargs.get("tp", 1),
-    )
+    plan = make_plan(cfg, dev, dtype, **plan_options(kwargs))  # as the engine plans
     versions = {"localsgl": __version__, "python": sys.version.split()[0]}
     for mod in ("torch", "transformers", "triton"):
         try:

@@ -175,7 +175,7 @@ class Engine:
         from .core import CoreConfig, EngineCore
         from .models.config import ModelConfig
         from .models.loader import load_model
-        from .plan import default_dtype, detect_device, make_plan
+        from .plan import default_dtype, detect_device, make_plan, plan_options
 
         t0 = time.perf_counter()
         self.source = resolve_model(model, load_format=load_format)
@@ -184,10 +184,10 @@ class Engine:
         self.device_info = detect_device(device)
         self.device = torch.device(self.device_info.torch_device)
         self.dtype = parse_dtype(dtype) or default_dtype(self.device_info, self.config)
-        plan_kwargs = dict(
+        plan_kwargs = plan_options(dict(
             max_model_len=max_model_len, kv_memory=kv_memory, gpu_memory=gpu_memory,
-            max_running=max_running, chunk_size=chunk_size,
-        )
+            max_running=max_running, chunk_size=chunk_size, disable_cuda_graph=disable_cuda_graph,
+        ))
         pre_plan = make_plan(self.config, self.device_info, self.dtype, **plan_kwargs)
         self.model = load_model(self.source, self.dtype, self.device, load_format, max_positions=pre_plan.max_model_len)
         free_after = None
@@ -197,6 +197,7 @@ class Engine:
         t_weights = time.perf_counter()
         self.plan = make_plan(self.config, self.device_info, self.dtype, free_memory_after_weights=free_after, **plan_kwargs)
         self.max_model_len = self.plan.max_model_len
+        self.model.rotary.resize(self.max_model_len)  # the pre-load plan's guess may differ
         self.tokenizer = self.source.load_tokenizer()
         eos = list(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -279,7 +280,10 @@ class Engine:
         if not ids:
             raise InvalidRequestError("prompt is empty", "prompt")
         if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(len(ids), self.max_model_len)
+            err = PromptTooLongError(len(ids), self.max_model_len)
+            if self.plan.context_limit:
+                err.args = (f"{err}; the context is {self.plan.context_limit}",)
+            raise err
         if self.max_queue is not None and self.core.scheduler.num_waiting >= self.max_queue:
             raise EngineOverloadedError(f"{self.core.scheduler.num_waiting} requests waiting (max_queue={self.max_queue})")
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"

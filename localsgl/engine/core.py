@@ -62,6 +62,7 @@ class EngineCore:
 
             self.profile = StepProfile(device)
         mc = model.config
+        model.rotary.check_covers(cfg.max_model_len)  # the rotary kernel reads its table unguarded
         self.vocab_size = mc.vocab_size
         self.kv_pool = KVPool(cfg.kv_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, model.dtype, device)
         self.req_pool = ReqToTokenPool(cfg.max_running, cfg.max_model_len + 1, device)

@@ -13,6 +13,11 @@ GPU budget (per device):
     KV bytes  = --kv-memory if given (must fit in usable), else usable - req_to_token table
 CPU:
     KV bytes  = --kv-memory, else min(4 GiB, 25% of RAM, what max_running x max_model_len needs)
+Context:
+    max_model_len = --max-model-len, else min(max_position_embeddings, KV tokens, sliding window);
+    the engine sizes the rotary table from the final plan's max_model_len.  A model whose
+    layers slide (the engine attends to the whole context) is capped at its window, and a
+    --max-model-len beyond the window is refused.
 """
 from __future__ import annotations
 
@@ -224,6 +229,7 @@ class MemoryPlan:
     req_to_token_bytes: int
     safety_margin_bytes: int
     tp: int = 1
+    context_limit: str | None = None  # why max_model_len stops short of the model's positions, when it must
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -294,6 +300,27 @@ def _default_max_running(kv_tokens: int, cap: int) -> int:
     return max(1, min(cap, kv_tokens // 32 if kv_tokens >= 32 else 1))
 
 
+def plan_options(flags: dict[str, Any]) -> dict[str, Any]:
+    """make_plan's keywords for engine flags (snake_case, as Engine and the CLI take them).
+    The engine and ``localsgl info`` both plan through this, so the same flags give the
+    same plan in both."""
+    return dict(
+        max_model_len=flags.get("max_model_len"),
+        kv_memory=flags.get("kv_memory"),
+        gpu_memory=flags.get("gpu_memory"),
+        max_running=flags.get("max_running"),
+        chunk_size=flags.get("chunk_size"),
+        cuda_graph=not flags.get("disable_cuda_graph"),
+        tp=flags.get("tp") or 1,
+    )
+
+
+def sliding_window_limit(window: int) -> str:
+    """Why a sliding-window model's context stops at its window (for errors and notes)."""
+    return (f"the model's sliding window of {window:,} tokens (sliding-window attention is not "
+            "implemented, so the engine serves no more context than the window)")
+
+
 def make_plan(
     config,
     device_info: DeviceInfo,
@@ -334,6 +361,9 @@ def make_plan(
     w_bytes = weights_bytes if weights_bytes is not None else weights_bytes_for(config, dtype, tp)
     bpt = kv_bytes_per_token(config, dtype, tp)
     max_pos = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if max_model_len is not None and window and max_model_len > window:
+        raise PlanError(f"--max-model-len {max_model_len:,} is beyond {sliding_window_limit(window)}")
     if max_model_len is not None and max_model_len > max_pos:
         notes.append(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {max_pos}")
     chunk = chunk_size or (GPU_CHUNK_SIZE if gpu else CPU_CHUNK_SIZE)
@@ -407,7 +437,7 @@ def make_plan(
     kv_tokens = int(kv_total // bpt)
 
     def derive(kv_tokens: int) -> tuple[int, int]:
-        mml = max_model_len or min(max_pos, kv_tokens)
+        mml = max_model_len or min(max_pos, kv_tokens, window or max_pos)
         mr = max_running or _default_max_running(kv_tokens, run_cap)
         return mml, mr
 
@@ -435,6 +465,9 @@ def make_plan(
     else:
         buckets = graph_buckets(mr)
     kv_total = kv_tokens * bpt
+    context_limit = sliding_window_limit(window) if window and mml >= window else None
+    if context_limit and max_model_len is None and window < min(max_pos, kv_tokens):
+        notes.append(f"max_model_len capped at {context_limit}")
     return MemoryPlan(
         device=device_info.kind,
         dtype=dtype,
@@ -452,5 +485,6 @@ def make_plan(
         req_to_token_bytes=int(r2t),
         safety_margin_bytes=int(margin),
         tp=tp,
+        context_limit=context_limit,
         notes=notes,
     )
