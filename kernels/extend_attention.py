@@ -20,6 +20,7 @@ from L2 across blocks) + 2·T·Hq·D·elem for q and o.  Prefill is compute-boun
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -124,22 +125,53 @@ class ExtendConfig(NamedTuple):
     v_early: bool = False
 
 
-def extend_config(head_dim: int, group: int, device_type: str) -> ExtendConfig:
-    """The launch configuration for this head_dim / GQA group (bench/RESULTS.md, section
-    "Long-prompt extend attention", has the sweep behind the CUDA choices)."""
-    if device_type != "cuda":
-        cfg = ExtendConfig(32, 16, 4, 1)  # interpreter
-    elif head_dim <= 64:
-        cfg = ExtendConfig(128, 64, 4, 3)
-    elif head_dim <= 128:
-        cfg = ExtendConfig(128, 64, 8, 2)
-    else:
-        cfg = ExtendConfig(64, 32, 4, 2)
+# Preferred CUDA configurations per head_dim bound, best first; the first whose shared
+# memory fits the device is used.  On an H200 at Llama-3.1-8B's shape (G = 4, D = 128)
+# the 256-row tile with a 3-deep K/V pipeline runs long-prefix chunks ~1.6x faster than
+# 128 x 64 with 2 stages (bench/RESULTS.md, "Long-prompt extend attention").
+_CUDA_CONFIGS = (
+    (64, (ExtendConfig(128, 64, 4, 3),)),
+    (128, (ExtendConfig(256, 64, 8, 3), ExtendConfig(128, 64, 8, 2))),
+    (1 << 30, (ExtendConfig(64, 32, 4, 2),)),
+)
+
+
+def smem_bytes(cfg: ExtendConfig, head_dim: int, elem: int = 2) -> int:
+    """Shared memory a launch needs: the Q tile plus num_stages buffers of one K and one V tile."""
+    d = max(16, triton.next_power_of_2(head_dim))
+    return elem * d * (cfg.block_m + 2 * cfg.num_stages * cfg.block_n)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
+
+
+# Shared memory Triton may add to the tiles (layout conversions, reductions) on top of
+# smem_bytes; a configuration is chosen only if it fits with this to spare.
+SMEM_MARGIN = 8 * 1024
+
+
+def choose_config(head_dim: int, group: int, smem_limit: int) -> ExtendConfig:
+    """The first preferred CUDA configuration whose shared memory fits ``smem_limit``."""
+    choices = next(c for bound, c in _CUDA_CONFIGS if head_dim <= bound)
+    cfg = next((c for c in choices if smem_bytes(c, head_dim) + SMEM_MARGIN <= smem_limit), choices[-1])
     return cfg._replace(block_m=max(cfg.block_m, triton.next_power_of_2(group)))
 
 
-def tokens_per_block(head_dim: int, group: int, device_type: str) -> int:
-    return extend_config(head_dim, group, device_type).block_m // group
+def extend_config(head_dim: int, group: int, device) -> ExtendConfig:
+    """The launch configuration for this head_dim / GQA group on ``device`` (a torch
+    device or its type name; the interpreter gets a small tile)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ExtendConfig(max(32, triton.next_power_of_2(group)), 16, 4, 1)
+    return choose_config(head_dim, group, _device_smem(device.index if device.index is not None
+                                                       else torch.cuda.current_device()))
+
+
+def tokens_per_block(head_dim: int, group: int, device) -> int:
+    return extend_config(head_dim, group, device).block_m // group
 
 
 def build_work(extend_lens: list[int], prefix_lens: list[int], tok: int, device,
@@ -180,7 +212,7 @@ def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
     n_items = work_req.shape[0]
     if T == 0 or n_items == 0:
         return out
-    cfg = config or extend_config(D, G, q.device.type)
+    cfg = config or extend_config(D, G, q.device)
     assert cfg.block_m >= G, "a tile must hold all heads of one KV group"
     block_d = max(16, triton.next_power_of_2(D))
     _extend_kernel[(n_items, Hkv)](

@@ -45,16 +45,18 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in s.split(":")) for s in text.split(",") if s]
 
 
-def parse_configs(text: str, head_dim: int, group: int) -> list[ext.ExtendConfig]:
-    if text == "sweep":
-        return [ext.ExtendConfig(*c) for c in SWEEP]
-    if text == "default":
-        return [ext.extend_config(head_dim, group, "cuda")]
+def parse_configs(text: str, head_dim: int, group: int, device) -> list[ext.ExtendConfig]:
+    """"sweep", "default" (what the engine picks on this device) or "BM,BN,WARPS,STAGES[,early]", joined by ';'."""
     out = []
     for c in text.split(";"):
-        f = c.split(",")
-        out.append(ext.ExtendConfig(int(f[0]), int(f[1]), int(f[2]), int(f[3]), len(f) > 4 and f[4] in ("1", "e", "early")))
-    return out
+        if c == "sweep":
+            out += [ext.ExtendConfig(*x) for x in SWEEP]
+        elif c == "default":
+            out.append(ext.extend_config(head_dim, group, device))
+        else:
+            f = c.split(",")
+            out.append(ext.ExtendConfig(int(f[0]), int(f[1]), int(f[2]), int(f[3]), len(f) > 4 and f[4] in ("1", "e", "early")))
+    return list(dict.fromkeys(out))
 
 
 def flops(prefix: int, extend: int, hq: int, d: int) -> float:
@@ -158,6 +160,22 @@ def time_one(case: Case, fn, cfg, tok: int, peak: float) -> dict:
     return {"ms": ms, "tflops": tf, "frac": tf / peak, "rel_err": err, "nan": nan, "items": int(work[0].numel())}
 
 
+def compiled_resources() -> list[str]:
+    """Shared memory, registers and spills of every compiled extend-kernel variant (best effort:
+    the cache layout is Triton's own)."""
+    lines = []
+    try:
+        for caches in ext._extend_kernel.device_caches.values():
+            for k in caches[0].values():
+                c = {n: v for n, v in getattr(k.src, "constants", {}).items() if isinstance(v, (int, bool))}
+                tile = "x".join(str(c.get(n, "?")) for n in ("BLOCK_M", "BLOCK_N")) if c else "?"
+                lines.append(f"{tile} w{k.metadata.num_warps} s{k.metadata.num_stages}: smem {k.metadata.shared} B, "
+                             f"regs {getattr(k, 'n_regs', '?')}, spills {getattr(k, 'n_spills', '?')}")
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        lines.append(f"(no resource report: {type(e).__name__}: {e})")
+    return lines
+
+
 def cfg_name(cfg) -> str:
     if cfg is None:
         return "baseline(default)"
@@ -181,7 +199,7 @@ def main() -> int:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hq, hkv, d = (int(x) for x in a.heads.split(","))
     G = hq // hkv
-    configs = parse_configs(a.configs, d, G)
+    configs = parse_configs(a.configs, d, G, dev)
     base = load_baseline(a.baseline) if a.baseline else None
     if dev.type == "cuda":
         print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  heads {hq}/{hkv}/{d}  slots {a.slots}")
@@ -219,6 +237,7 @@ def main() -> int:
                 r = {"config": cfg_name(cfg), "prefix": s[0], "extend": s[1], **time_one(cases[s], fn, cfg, tok, a.peak)}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+    print("\n".join(compiled_resources()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -278,15 +278,15 @@ def test_timing_table():
     zero, lens = torch.zeros(1, **i32), torch.full((1,), n, **i32)
     ridx = torch.zeros(1, dtype=torch.int64, device=DEV)
     flops = 4 * hq * d * n * (n + 1) / 2
-    default_cfg = ext.extend_config(d, hq // hkv, "cuda")
+    default_cfg = ext.extend_config(d, hq // hkv, DEV)
     ref = ext.extend_attention_ref(q[:, :8], kc[:, :2], vc[:, :2], table, ridx, [0], [n], d**-0.5)
-    for cfg in [default_cfg, (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]:
-        orig = ext.extend_config
-        ext.extend_config = lambda hd, g, dt, cfg=cfg: cfg  # try a tile config (timing only)
-        tag = "default" if cfg == default_cfg else "M%d N%d w%d s%d" % cfg
+    others = [(128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (256, 64, 8, 3)]
+    for cfg in [default_cfg] + [ext.ExtendConfig(*c) for c in others if ext.ExtendConfig(*c) != default_cfg]:
+        tag = "default" if cfg == default_cfg else "M%d N%d w%d s%d" % cfg[:4]
         try:
-            work = ext.build_work([n], [0], ext.tokens_per_block(d, hq // hkv, "cuda"), DEV)
-            run = lambda: ext.extend_attention(q, kc, vc, table, ridx, zero, lens, zero, d**-0.5, work)  # noqa: E731
+            work = ext.build_work([n], [0], cfg.block_m // (hq // hkv), DEV)
+            run = lambda: ext.extend_attention(q, kc, vc, table, ridx, zero, lens, zero, d**-0.5, work,  # noqa: E731
+                                               config=cfg)
             assert rel_err(run()[:, :8], ref) < 2e-2
             us = _time_graph(run, reps=5)
         except Exception as e:  # a tile config that does not fit: report, keep timing the rest
@@ -294,8 +294,6 @@ def test_timing_table():
                 raise
             rows.append(f"extend 1×2048 causal ({tag:14s})  | failed: {type(e).__name__}: {str(e)[:60]}")
             continue
-        finally:
-            ext.extend_config = orig
         rows.append(f"extend 1×2048 causal ({tag:14s})  | {us:7.1f} | {flops / mm * 1e6:8.1f} | {flops / us / 1e6:6.1f} TFLOP/s")
     qq = q.transpose(0, 1)[None]
     kk = kc[1:].transpose(0, 1)[None]

@@ -1,14 +1,25 @@
 """Ragged extend attention (cached prefix + causal new tokens) vs an fp64 torch reference:
 prefix lens incl. 0, extend lens 1 .. several token blocks, requests in shuffled pool rows
-with scattered slots, GQA ratios 1/3/4, head_dim 64/128 (and 80), q as a strided view."""
+with scattered slots, GQA ratios 1/3/4/8, head_dim 64/128 (and 80), q as a strided view;
+explicit tile configurations (small and GPU-shaped tiles, V loaded early or late) over
+prefixes many key tiles long, with masked tails at every boundary; the per-device choice
+of configuration by shared memory."""
 import pytest
 import torch
 from kutil import DEV, DOT_DTYPES, ON_GPU, gen, randn, rel_err
 
-from localsgl_kernels.extend_attention import build_work, extend_attention, extend_attention_ref, tokens_per_block
+from localsgl_kernels.extend_attention import (
+    ExtendConfig,
+    build_work,
+    choose_config,
+    extend_attention,
+    extend_attention_ref,
+    smem_bytes,
+    tokens_per_block,
+)
 
 
-def run_case(g, prefix, ext, hq, hkv, d, dtype, slots):
+def run_case(g, prefix, ext, hq, hkv, d, dtype, slots, config=None):
     B = len(prefix)
     seqs = [p + e for p, e in zip(prefix, ext)]
     kc = randn(slots + 1, hkv, d, g=g, dtype=dtype)
@@ -28,9 +39,10 @@ def run_case(g, prefix, ext, hq, hkv, d, dtype, slots):
         starts.append(starts[-1] + e)
     i32 = dict(dtype=torch.int32, device=DEV)
     table, rows = table.to(DEV), rows.to(DEV)
-    work = build_work(ext, prefix, tokens_per_block(d, hq // hkv, DEV), DEV)
+    tok = config.block_m // (hq // hkv) if config else tokens_per_block(d, hq // hkv, DEV)
+    work = build_work(ext, prefix, tok, DEV)
     out = extend_attention(q, kc, vc, table, rows, torch.tensor(prefix, **i32), torch.tensor(ext, **i32),
-                           torch.tensor(starts, **i32), d**-0.5, work)
+                           torch.tensor(starts, **i32), d**-0.5, work, config=config)
     ref = extend_attention_ref(q, kc, vc, table, rows, prefix, ext, d**-0.5)
     assert out.shape == q.shape and not torch.isnan(out).any()
     return rel_err(out, ref)
@@ -60,3 +72,42 @@ def test_single_prompt_no_prefix():
     n = 2048 if ON_GPU else 45
     err = run_case(g, [0], [n], 8, 2, 64, DOT_DTYPES[-1], n + 10)
     assert err < 1e-2
+
+
+# (BLOCK_M, BLOCK_N, warps, stages, v_early): the interpreter runs any tile; on a GPU these
+# include the shapes the CUDA configurations use
+TILES = [(16, 16, 4, 1, True), (64, 32, 4, 1, False)] if not ON_GPU else [
+    (256, 64, 8, 3, False), (128, 64, 8, 2, True), (64, 64, 4, 3, False)]
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 64), (16, 2, 32)])
+def test_extend_tiles_long_prefix(tile, hq, hkv, d):
+    """Prefixes spanning many key tiles (shuffled slots), extends that end mid-tile and
+    mid-token-block, a request whose diagonal starts exactly on a tile boundary."""
+    cfg = ExtendConfig(*tile)
+    g = gen(hq + d + tile[0])
+    n = cfg.block_n
+    if ON_GPU:
+        prefix, ext = [20000, 0, 3 * n - 1, 5000], [1024, 777, 2 * n + 3, 1]
+    else:
+        prefix, ext = [13 * n + 5, 0, 3 * n - 1, 7 * n], [2 * cfg.block_m // (hq // hkv) + 3, 29, n + 3, 1]
+    slots = sum(prefix) + sum(ext) + 17
+    dtype = DOT_DTYPES[-1]
+    err = run_case(g, prefix, ext, hq, hkv, d, dtype, slots, config=cfg)
+    assert err < (1e-5 if dtype == torch.float32 else 1.6e-2), err
+
+
+def test_choose_config_by_shared_memory():
+    """The large Hopper tile only where its shared memory fits (with margin); every
+    choice's tile holds one whole KV group."""
+    hopper = choose_config(128, 4, 227 * 1024)
+    assert smem_bytes(hopper, 128) + 8 * 1024 <= 227 * 1024
+    for limit in (99 * 1024, 163 * 1024):  # consumer cards, A100
+        cfg = choose_config(128, 4, limit)
+        assert smem_bytes(cfg, 128) <= limit
+        assert smem_bytes(cfg, 128) < smem_bytes(hopper, 128)
+    assert smem_bytes(ExtendConfig(256, 64, 8, 3), 128) == 2 * 128 * (256 + 2 * 3 * 64)
+    for d, group in ((64, 16), (128, 8), (256, 64)):
+        cfg = choose_config(d, group, 227 * 1024)
+        assert cfg.block_m >= group and cfg.block_m % group == 0

@@ -128,7 +128,7 @@ class TritonAttentionBackend(AttentionBackend):
                 q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, scale,
                 num_splits=meta.num_splits, workspace=ws, groups=groups, prefix_workspace=pws,
             )
-        tok = self._ext.tokens_per_block(d, hq // k_cache.shape[1], q.device.type)
+        tok = self._ext.tokens_per_block(d, hq // k_cache.shape[1], q.device)
         nd = meta.num_decode
         if meta.work is None or meta.tok != tok:
             meta.work = self._ext.build_work(batch.extend_lens_cpu, batch.prefix_lens_cpu, tok, q.device, first=nd)
