@@ -6,6 +6,7 @@ import torch
 
 from localsgl.engine.models.config import ModelConfig
 from localsgl.engine.plan import (
+    CPU_KV_TOKENS,
     GiB,
     MiB,
     DeviceInfo,
@@ -175,11 +176,17 @@ def test_cpu_plan_defaults():
     p = make_plan(L1, dev, "float32")
     check_invariants(p, dev)
     assert p.kv_bytes_per_token == 2 * 16 * 8 * 64 * 4
-    assert p.kv_bytes == 4 * GiB  # min(4 GiB, 25% of RAM, 64 x 131072 tokens)
+    assert p.kv_tokens == CPU_KV_TOKENS  # sized for the work, not by the 64 GiB of RAM
     assert (p.max_running, p.chunk_size) == (64, 512)
     assert p.max_model_len == min(131072, p.kv_tokens)
-    small = make_plan(L1, cpu(ram=8 * GiB), "float32")
-    assert small.kv_bytes == 2 * GiB  # 25% of 8 GiB
+    longer = make_plan(L1, dev, "float32", max_model_len=40_000)
+    assert longer.kv_tokens == 40_000 and longer.max_model_len == 40_000  # one full request fits
+    with pytest.raises(PlanError, match="--max-model-len"):
+        make_plan(L1, dev, "float32", max_model_len=100_000)  # 6.1 GiB: over the 4 GiB cap
+    if dummy_config is not None:
+        smol = ModelConfig.from_hf(dummy_config("smollm2-135m"))
+        small = make_plan(smol, cpu(ram=2 * GiB), "float32")
+        assert small.kv_tokens == (512 * MiB) // small.kv_bytes_per_token < CPU_KV_TOKENS  # 25% of 2 GiB
     need = make_plan(L1, dev, "float32", max_running=2, max_model_len=1024)
     assert need.kv_tokens == 2048  # capped at what 2 x 1024 tokens need
     assert any("gpu-memory" in n for n in make_plan(L1, dev, "float32", gpu_memory=GiB).notes)

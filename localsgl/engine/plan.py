@@ -12,7 +12,8 @@ GPU budget (per device):
                 (margin = max(5% of budget, 512 MiB))
     KV bytes  = --kv-memory if given (must fit in usable), else usable - req_to_token table
 CPU:
-    KV bytes  = --kv-memory, else min(4 GiB, 25% of RAM, what max_running x max_model_len needs)
+    KV bytes  = --kv-memory, else min(max(16384 tokens, --max-model-len), 4 GiB, 25% of RAM,
+                what max_running x max_model_len needs)
 Context:
     max_model_len = --max-model-len, else min(max_position_embeddings, KV tokens, sliding window);
     the engine sizes the rotary table from the final plan's max_model_len.  A model whose
@@ -35,7 +36,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GPU_CHUNK_SIZE = 2048
 CPU_CHUNK_SIZE = 512
 CPU_MAX_RUNNING = 64
-CPU_KV_DEFAULT = 4 * GiB
+CPU_KV_DEFAULT = 4 * GiB  # cap of the default CPU KV pool
+CPU_KV_TOKENS = 16384  # default CPU KV pool: e.g. 64 requests of 256 tokens
 MAX_GRAPH_BUCKETS = 40
 
 
@@ -424,10 +426,14 @@ def make_plan(
         if kv_memory is not None:
             kv_total = kv_memory
         else:
-            want_len = max_model_len or max_pos
+            # Sized for the work, not the machine: CPU_KV_TOKENS (or one --max-model-len
+            # request, if longer), never more than running x length needs, within the caps.
+            # Every byte is zeroed at start-up, so a pool sized by RAM costs seconds per start.
+            want_len = max_model_len or min(max_pos, window or max_pos)
             want_running = max_running or run_cap
             need = want_running * want_len * bpt
-            kv_total = min(CPU_KV_DEFAULT, total // 4, need)
+            default = max(CPU_KV_TOKENS, max_model_len or 0) * bpt
+            kv_total = min(CPU_KV_DEFAULT, total // 4, need, default)
         if w_bytes + kv_total + act > 0.9 * total:
             raise PlanError(
                 f"the weights ({format_size(w_bytes)} at {dtype}) plus KV cache ({format_size(kv_total)}) "
