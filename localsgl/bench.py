@@ -116,16 +116,20 @@ def _random_prompts(rng: random.Random, vocab: int, lens: list[int], prefix: lis
     return [(prefix or []) + [rng.randrange(100, vocab - 100) for _ in range(n)] for n in lens]
 
 
-def _timed(engine: Engine, prompts, outs: list[int]) -> float:
-    if engine.core.profile is not None:  # LOCALSGL_PROFILE_STEPS=1: profile only the last timed run
+def _timed(engine: Engine, prompts, outs: list[int], penalties: dict | None = None) -> float:
+    """Seconds to generate outs[i] tokens (or outs[0] for every prompt), greedy, ignoring EOS;
+    ``penalties`` (e.g. ``{"repetition_penalty": 1.1}``) go into every request's params."""
+    if engine.core.profile is not None:  # LOCALSGL_DEBUG_PROFILE_STEPS=1: profile only the last timed run
         from .engine.step_profile import StepProfile
 
         engine.core.profile = StepProfile(engine.device)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
+    extra = penalties or {}
     t = time.perf_counter()
-    engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in outs]
-                    if len(outs) == len(prompts) else SamplingParams(temperature=0, max_tokens=outs[0], ignore_eos=True))
+    engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, **extra) for o in outs]
+                    if len(outs) == len(prompts) else
+                    SamplingParams(temperature=0, max_tokens=outs[0], ignore_eos=True, **extra))
     sync()
     return time.perf_counter() - t
 
@@ -136,6 +140,18 @@ def _profile(engine: Engine) -> dict:
 
 
 # ---------------------------------------------------------------- workloads
+def _penalties(a) -> dict:
+    """The penalty fields asked for on the command line (none: an unpenalised run)."""
+    pen = {}
+    if a.repetition_penalty != 1.0:
+        pen["repetition_penalty"] = a.repetition_penalty
+    if a.frequency_penalty != 0.0:
+        pen["frequency_penalty"] = a.frequency_penalty
+    if a.presence_penalty != 0.0:
+        pen["presence_penalty"] = a.presence_penalty
+    return pen
+
+
 def bench_latency(engine: Engine, ceil: dict, a) -> list[dict]:
     rng = random.Random(a.seed)
     vocab = engine.config.vocab_size
@@ -177,12 +193,14 @@ def bench_throughput(engine: Engine, ceil: dict, a) -> list[dict]:
     else:
         reqs = [(a.input_len, a.output_len)] * a.num_prompts
     prompts = _random_prompts(rng, vocab, [i for i, _ in reqs])
-    _timed(engine, prompts[: min(8, len(prompts))], [4])
+    pen = _penalties(a)
+    _timed(engine, prompts[: min(8, len(prompts))], [4], pen)
     engine.core.cache.reset()
-    t = _timed(engine, prompts, [o for _, o in reqs])
+    t = _timed(engine, prompts, [o for _, o in reqs], pen)
     out_tokens = sum(o for _, o in reqs)
     floor = workload_floor(engine, ceil, reqs)
-    return [{"workload": f"throughput {a.workload} x{len(reqs)}", "measured": out_tokens / t, "unit": "out tok/s",
+    label = "".join(f" {k.split('_')[0]}={v}" for k, v in pen.items())
+    return [{"workload": f"throughput {a.workload} x{len(reqs)}{label}", "measured": out_tokens / t, "unit": "out tok/s",
              "floor": out_tokens / floor, "ratio": t / floor, "tok_s": sum(i + o for i, o in reqs) / t,
              "seconds": t, "retractions": engine.stats()["retractions_total"], **_profile(engine)}]
 
@@ -226,23 +244,29 @@ def main(kind: str, engine_kwargs: dict, args: list[str], json_output: bool = Fa
     p.add_argument("--prefix-len", type=int, default=4096)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="throughput: every request's penalty")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="throughput: every request's penalty")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="throughput: every request's penalty")
     a = p.parse_args(args)
     if kind not in ("latency", "throughput", "prefix"):
         print(f"unknown benchmark {kind!r}: choose latency, throughput, prefix or serving", file=sys.stderr)
         return 2
     engine = Engine(**engine_kwargs)
     try:
+        engine.wait_graphs()  # the large decode graphs are captured after start-up: not inside a timed run
         ceil = measure_ceilings(engine.device)
         rows = {"latency": bench_latency, "throughput": bench_throughput, "prefix": bench_prefix}[kind](engine, ceil, a)
         info = {"device": ceil, "model": engine.model_name, "dtype": str(engine.dtype), "plan": engine.plan.to_dict(),
                 "load_seconds": engine.load_seconds,
-                "ready_after_weights_seconds": engine.ready_after_weights_seconds, "rows": rows}
+                "ready_after_weights_seconds": engine.ready_after_weights_seconds,
+                "graphs_ready_after_weights_seconds": engine.graphs_ready_after_weights_seconds, "rows": rows}
         if json_output:
             print(json.dumps(info, default=str))
         else:
             _print(rows, ceil, engine)
             print(f"engine ready in {engine.load_seconds:.1f} s ({engine.ready_after_weights_seconds:.1f} s after the "
-                  f"weights); {engine.plan.describe()}", file=sys.stderr)
+                  f"weights, every decode graph {engine.graphs_ready_after_weights_seconds:.1f} s after); "
+                  f"{engine.plan.describe()}", file=sys.stderr)
     finally:
         engine.shutdown()
     return 0
