@@ -15,8 +15,8 @@ path inside the window, then the real pass, compiles once and in parallel.
 The dry pass must not let garbage reach a torch op that indexes with it (a device-side
 assert kills the context): the decode graphs qualify, their index tensors are static
 buffers the host zero-fills.  Without Triton's async compile mode (older Triton) the
-window is a no-op and the real pass compiles as before (also with
-LOCALSGL_DISABLE_COMPILE_AHEAD=1, for A/B runs).
+window is a no-op and the real pass compiles as before (also with ``enabled=False``: the
+engine's ``compile_ahead`` debug switch, for A/B runs).
 """
 from __future__ import annotations
 
@@ -54,10 +54,10 @@ def _install_launch_hook() -> bool:
 
 
 @contextlib.contextmanager
-def compile_only(workers: int | None = None):
-    """Yield True inside a compile-only window (False: not supported, launches run normally)."""
-    if (os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("LOCALSGL_DISABLE_COMPILE_AHEAD") == "1"
-            or not _install_launch_hook()):
+def compile_only(workers: int | None = None, enabled: bool = True):
+    """Yield True inside a compile-only window (False: switched off or not supported, launches
+    run normally)."""
+    if not enabled or os.environ.get("TRITON_INTERPRET", "0") == "1" or not _install_launch_hook():
         yield False
         return
     from triton.runtime._async_compile import AsyncCompileMode

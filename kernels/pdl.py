@@ -20,10 +20,12 @@ Rules every PDL kernel here follows (they make the chain safe, also inside CUDA 
 A kernel launched without PDL (torch ops, other kernels) waits for its predecessor as
 usual.  Off below compute capability 9.0 (the instructions do not exist there), with a driver
 older than CUDA 12.3, under the Triton interpreter, where Triton lacks the launch option, and
-with ``LOCALSGL_DISABLE_PDL=1``.
+in a thread that called ``set_enabled(False)`` (an engine does so on its own thread for its
+``pdl`` debug switch; probes do so for A/B timings).
 """
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import os
 
@@ -42,15 +44,15 @@ except ImportError:  # pragma: no cover - older triton: the kernels never reach 
     def gdc_launch_dependents():
         pass
 
-_ENABLED = os.environ.get("LOCALSGL_DISABLE_PDL", "") in ("", "0")
+_ENABLED = contextvars.ContextVar("localsgl_pdl_enabled", default=True)  # per thread: per engine
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")  # read once: launchers call enabled() per launch
 _SUPPORTED: dict = {}
 
 
 def set_enabled(enabled: bool) -> None:
-    """A/B benchmarks and tests switch PDL on or off (launches after the call)."""
-    global _ENABLED
-    _ENABLED = enabled
+    """Switch PDL on or off for the launches (and graph captures) of the calling thread that
+    follow; other threads keep their own setting (on unless they switched it off)."""
+    _ENABLED.set(bool(enabled))
 
 
 def _triton_has_launch_pdl() -> bool:
@@ -82,7 +84,7 @@ def supported(capability_major: int, driver_version: int, triton_has_option: boo
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` use PDL."""
-    if not _ENABLED or _INTERPRETED or device.type != "cuda":
+    if not _ENABLED.get() or _INTERPRETED or device.type != "cuda":
         return False
     key = device.index if device.index is not None else torch.cuda.current_device()
     ok = _SUPPORTED.get(key)

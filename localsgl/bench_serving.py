@@ -451,7 +451,7 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
                 run_idx += 1
                 prompts = token_prompts(lens, vocab, a.seed + 1000003 * run_idx)
                 prof = getattr(getattr(engine, "core", None), "profile", None)
-                if prof is not None:  # LOCALSGL_PROFILE_STEPS=1: per-run engine step profile
+                if prof is not None:  # LOCALSGL_DEBUG_PROFILE_STEPS=1: per-run engine step profile
                     from .engine.step_profile import StepProfile
 
                     engine.core.profile = StepProfile(engine.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import time
 
@@ -37,6 +38,17 @@ BS1 = [QUICK[0], ("latency", {"_pdl": False}, QUICK[0][2]),  # programmatic depe
 LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--input-len", "4096", "--output-len", "2048"])]
 
 
+def set_debug_switches(**on: bool) -> None:
+    """Set the LOCALSGL_DEBUG_* variables the next Engine reads (docs/switches.md)."""
+    from localsgl.engine.debug_switches import variable
+
+    for name, enabled in on.items():
+        if enabled:
+            os.environ.pop(variable(name), None)
+        else:
+            os.environ[variable(name)] = "1"
+
+
 def main():
     mode = sys.argv[1] if len(sys.argv) > 1 else "full"
     main_set = QUICK + [FULL[0], FULL[2], FULL[3]]  # + mixed throughput and the prefix-reuse pair
@@ -51,12 +63,7 @@ def main():
         old = sys.stdout
         sys.stdout = buf
         t = time.time()
-        from localsgl.engine.layers.fused_decode import set_fused_decode
-
-        from localsgl_kernels import pdl
-
-        set_fused_decode(extra.get("_fused_decode", True))
-        pdl.set_enabled(extra.get("_pdl", True))
+        set_debug_switches(fused_decode=extra.get("_fused_decode", True), pdl=extra.get("_pdl", True))
         try:
             rc = bench.main(kind, {**MODEL, **{k: v for k, v in extra.items() if not k.startswith("_")}}, args,
                             json_output=True)

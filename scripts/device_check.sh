@@ -2,7 +2,7 @@
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
 # Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|...] [tests|notests] [probe] [gemvprobe] [serving]
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
-#   (logs under $OUT when set; LOCALSGL_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
+#   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-full}"; shift || true

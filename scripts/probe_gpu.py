@@ -60,15 +60,15 @@ def _kernel_table(prof, top=24):
 
 
 def probe_mixed():
-    import os
     import threading
 
     from torch.profiler import ProfilerActivity, profile
 
     from localsgl import Engine, SamplingParams
+    from localsgl.engine.debug_switches import DebugSwitches
 
-    os.environ["LOCALSGL_PROFILE_STEPS"] = "1"
-    eng = Engine(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", device="cuda")
+    eng = Engine(model="llama-3.1-8b", load_format="dummy", dtype="bfloat16", device="cuda",
+                 debug_switches=DebugSwitches(profile_steps=True))
     try:
         bg = [[2000 + (i * 7 + j) % 100000 for j in range(800)] for i in range(400)]
         t = threading.Thread(target=eng.generate, args=(bg, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)))

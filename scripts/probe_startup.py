@@ -4,7 +4,7 @@
                                           time spent compiling each Triton kernel (count of variants,
                                           seconds; summed over compile threads) against the whole
                                           ready-after-weights time
-  (LOCALSGL_DISABLE_COMPILE_AHEAD=1: the same, compiling serially at first launch)
+  (LOCALSGL_DEBUG_NO_COMPILE_AHEAD=1: the same, compiling serially at first launch)
 Issue 3 asks for the engine to be ready (graphs captured) within 20 s of the weights reaching the GPU.
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@ import torch
 
 from localsgl.engine.batch import ForwardBatch, ForwardMode
 from localsgl.engine.kv_pool import KVPool, ReqToTokenPool
+from localsgl.engine.debug_switches import DebugSwitches, apply_to_model
 from localsgl.engine.layers import cpu_decode
 from localsgl.engine.layers.attention.base import create_backend
 from localsgl.engine.layers.linear import use_cpu_weight_layout
@@ -98,10 +99,10 @@ def _both_paths(model, prompt_lens, contiguous, steps=3, seed=0, shared_storage=
         b = _decode_batch(model, pool, rt, attn, rows, lens, runs, [run[n] for run, n in zip(runs, lens)], last)
         saved = [t.clone() for t in pool.k_buffer + pool.v_buffer]
         try:
-            cpu_decode.set_cpu_decode(False)
+            apply_to_model(model, DebugSwitches(cpu_decode=False))
             ref = model.compute_logits(model(b.input_ids, b.positions, b))
         finally:
-            cpu_decode.set_cpu_decode(True)
+            apply_to_model(model, DebugSwitches())
         for t, s in zip(pool.k_buffer + pool.v_buffer, saved):
             t.copy_(s)
         assert cpu_decode.use_cpu_decode(model, b.input_ids, b)
@@ -175,8 +176,8 @@ def test_plan_follows_a_relayout():
     assert p2 is not p1 and p2.layers[0].w_qkv.is_contiguous()
 
 
-def _engine_outputs(prompts, params):
-    core = tiny_core(kv_tokens=256, max_running=6, chunk_size=16, max_model_len=128)
+def _engine_outputs(prompts, params, debug=None):
+    core = tiny_core(kv_tokens=256, max_running=6, chunk_size=16, max_model_len=128, debug=debug)
     try:
         return run_all(core, prompts, params, tag="c")
     finally:
@@ -205,11 +206,7 @@ def test_engine_decode_steps_take_the_lean_path(monkeypatch):
     lean = _engine_outputs(prompts, params)
     assert calls and min(calls) == 1 and max(calls) > 1
     n = len(calls)
-    cpu_decode.set_cpu_decode(False)
-    try:
-        ref = _engine_outputs(prompts, params)
-    finally:
-        cpu_decode.set_cpu_decode(True)
+    ref = _engine_outputs(prompts, params, debug=DebugSwitches(cpu_decode=False))
     assert len(calls) == n
     assert lean == ref
 

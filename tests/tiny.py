@@ -23,12 +23,14 @@ def tiny_model(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, seed=0, dtype
     return m
 
 
-def tiny_core(kv_tokens=256, max_running=8, chunk_size=32, max_model_len=128, disable_radix_cache=False, model=None, policy="fcfs", overlap=False):
+def tiny_core(kv_tokens=256, max_running=8, chunk_size=32, max_model_len=128, disable_radix_cache=False, model=None, policy="fcfs", overlap=False,
+              debug=None):
     m = model or tiny_model()
     return EngineCore(
         m, None, [m.config.vocab_size - 1], torch.device("cpu"),
         CoreConfig(kv_tokens=kv_tokens, max_running=max_running, chunk_size=chunk_size, max_model_len=max_model_len,
-                   attention_backend="torch", disable_radix_cache=disable_radix_cache, schedule_policy=policy),
+                   attention_backend="torch", disable_radix_cache=disable_radix_cache, schedule_policy=policy,
+                   **({} if debug is None else {"debug": debug})),
         overlap=overlap,
     )
 

@@ -103,8 +103,10 @@ class Engine:
     Flags (snake_case twins of the CLI's): model, device, dtype, max_model_len, kv_memory,
     gpu_memory, max_running, chunk_size, attention_backend, disable_cuda_graph,
     disable_overlap, disable_radix_cache, load_format, schedule_policy ("fcfs" | "lpm"),
-    seed, max_queue, tp.
-    Attributes: tokenizer (None for dummy weights), model_name, max_model_len, config, plan, device, dtype.
+    seed, max_queue, tp.  ``debug_switches`` (a DebugSwitches, not a CLI flag): debug/A-B switches,
+    else those of the ``LOCALSGL_DEBUG_*`` environment variables (docs/switches.md).
+    Attributes: tokenizer (None for dummy weights), model_name, max_model_len, config, plan, device, dtype,
+    debug_switches.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class Engine:
         seed: int = 0,
         max_queue: int | None = None,
         tp: int = 1,
+        debug_switches=None,
         **unknown,
     ):
         if unknown:
@@ -141,7 +144,7 @@ class Engine:
             gpu_memory=gpu_memory, max_running=max_running, chunk_size=chunk_size,
             attention_backend=attention_backend, disable_cuda_graph=disable_cuda_graph,
             disable_overlap=disable_overlap, disable_radix_cache=disable_radix_cache, load_format=load_format,
-            schedule_policy=schedule_policy, seed=seed, max_queue=max_queue,
+            schedule_policy=schedule_policy, seed=seed, max_queue=max_queue, debug_switches=debug_switches,
         )
         # The engine thread loads the model and then runs the loop: on the CPU the thread that
         # first ran torch's parallel ops keeps the fast intra-op pool (measured: a decode step
@@ -169,15 +172,19 @@ class Engine:
 
     def _boot(self, model, device, dtype, max_model_len, kv_memory, gpu_memory, max_running, chunk_size,
               attention_backend, disable_cuda_graph, disable_overlap, disable_radix_cache, load_format,
-              schedule_policy, seed, max_queue) -> None:
+              schedule_policy, seed, max_queue, debug_switches) -> None:
         """Resolve, plan, load and build the core (runs on the engine thread)."""
         from ..store.resolve import resolve_model
         from .core import CoreConfig, EngineCore
+        from .debug_switches import DebugSwitches
         from .models.config import ModelConfig
         from .models.loader import load_model
         from .plan import default_dtype, detect_device, make_plan, plan_options
 
         t0 = time.perf_counter()
+        self.debug_switches = debug_switches or DebugSwitches.from_env()
+        if self.debug_switches.changed():
+            log.warning("debug switches: %s", self.debug_switches.changed())
         self.source = resolve_model(model, load_format=load_format)
         self.model_name = self.source.name
         self.config = ModelConfig.from_hf(self.source.config)
@@ -220,6 +227,7 @@ class Engine:
                 cuda_graph_bs=graphs,
                 schedule_policy=schedule_policy,
                 seed=seed,
+                debug=self.debug_switches,
             ),
             overlap=not disable_overlap and self.device.type == "cuda",
             start_thread=False,

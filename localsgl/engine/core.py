@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import debug_switches
+from .debug_switches import DebugSwitches
 from .kv_pool import KVPool, ReqToTokenPool
 from .layers.attention.base import create_backend
 from .params import StreamDelta, TokenLogprob, TopLogprob
@@ -39,6 +41,7 @@ class CoreConfig:
     cuda_graph_bs: list[int] | None = None
     schedule_policy: str = "fcfs"
     seed: int = 0
+    debug: DebugSwitches = debug_switches.DEFAULT  # debug/A-B switches (docs/switches.md)
 
 
 class EngineCore:
@@ -50,14 +53,14 @@ class EngineCore:
         self.device = device
         self.cfg = cfg
         self.overlap = overlap
+        debug_switches.apply_to_model(model, cfg.debug)
+        debug_switches.apply_to_thread(cfg.debug, device)  # graphs are captured on this thread
         # GPU sampling kernels (kernels/sampling.py; tested against the torch path, which stays the
-        # fallback): on by default; at batch 1 torch's argmax over a 128k vocabulary took 38 µs
-        # of a 4.05 ms step on an H200.  LOCALSGL_GPU_SAMPLING_KERNELS=0 turns them off.
-        import os
-
-        self.gpu_sampling_kernels = os.environ.get("LOCALSGL_GPU_SAMPLING_KERNELS", "1") != "0"
+        # fallback): at batch 1 torch's argmax over a 128k vocabulary took 38 µs of a 4.05 ms
+        # step on an H200
+        self.gpu_sampling_kernels = cfg.debug.gpu_sampling_kernels
         self.profile = None
-        if os.environ.get("LOCALSGL_PROFILE_STEPS", "0") == "1":
+        if cfg.debug.profile_steps:
             from .step_profile import StepProfile
 
             self.profile = StepProfile(device)
@@ -128,6 +131,7 @@ class EngineCore:
     def run_loop(self) -> None:
         """The engine loop; runs until shutdown()."""
         torch.set_grad_enabled(False)
+        debug_switches.apply_to_thread(self.cfg.debug, self.device)
         while not self._stop.is_set():
             try:
                 self._drain(block=not self.scheduler.has_work() and self.inflight is None)

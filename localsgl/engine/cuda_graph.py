@@ -115,7 +115,7 @@ class CudaGraphRunner:
         batches = {key: self._static_batch(*key) for key in keys}
         # a cold Triton cache: compile every bucket's kernels together, in parallel, first
         t = time.perf_counter()
-        with compile_only() as dry:
+        with compile_only(enabled=self.runner.debug.compile_ahead) as dry:
             if dry:
                 for key in keys:
                     self.attn.init_forward_for_capture(batches[key])

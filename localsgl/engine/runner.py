@@ -8,7 +8,6 @@ scheduler's job — only how.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from .batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool, ReqToTokenPool
 from .layers.attention.base import AttentionBackend
+from . import debug_switches
 from . import prefix_groups as _prefix_groups
 from .scheduler import ScheduledBatch
 
@@ -37,8 +37,9 @@ class ModelRunner:
         self.req_pool = req_pool
         self.attn = attn_backend
         self.device = device
+        self.debug = debug_switches.of(model)  # the engine's switches (EngineCore hands them to the model)
         self.prefix_shape = None  # (groups, rows per group) of cascade decoding, None: off
-        if os.environ.get("LOCALSGL_DISABLE_CASCADE", "0") != "1":
+        if self.debug.cascade:
             cfg = model.config
             self.prefix_shape = attn_backend.prefix_group_shape(cfg.num_heads, cfg.num_kv_heads)
         self.graphs = None

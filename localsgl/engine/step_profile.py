@@ -1,4 +1,4 @@
-"""Opt-in per-step timing (``LOCALSGL_PROFILE_STEPS=1``): where a step's wall time goes.
+"""Opt-in per-step timing (the ``profile_steps`` debug switch, ``LOCALSGL_DEBUG_PROFILE_STEPS=1``): where a step's wall time goes.
 
 Benchmarks need to know whether a workload is bound by the GPU or by the engine's
 own Python (scheduling, batch building, token bookkeeping).  Each step records the

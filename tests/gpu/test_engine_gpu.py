@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 from model_utils import hf_greedy, prefill_logits  # noqa: E402
 
 from localsgl import Engine, SamplingParams  # noqa: E402
+from localsgl.engine.debug_switches import DebugSwitches  # noqa: E402
 from localsgl.engine.models.loader import load_model  # noqa: E402
 from localsgl.store.resolve import resolve_model  # noqa: E402
 
@@ -106,9 +107,9 @@ def test_cascade_decode_matches_plain_decode(saved, monkeypatch):
     monkeypatch.setattr(pg, "shared_prefix_groups", spy)
     results = {}
     for cascade in (True, False):
-        monkeypatch.setenv("LOCALSGL_DISABLE_CASCADE", "0" if cascade else "1")
         fired.clear()
-        with Engine(model=d, device="cuda", dtype="float32", kv_memory="256MiB") as e:
+        with Engine(model=d, device="cuda", dtype="float32", kv_memory="256MiB",
+                    debug_switches=DebugSwitches(cascade=cascade)) as e:
             results[cascade] = [o.token_ids for o in e.generate(prompts, p)]
         if cascade:
             assert max(fired, default=0) >= 1, "no step used the shared-prefix stage"
@@ -140,12 +141,9 @@ def test_fused_one_token_decode_matches_transformers(saved, family, monkeypatch)
             assert o == hf_greedy(hf, pr, 24)
     res = {}
     for fused in (True, False):
-        fd.set_fused_decode(fused)
-        try:
-            with Engine(model=d, device="cuda", dtype="bfloat16", kv_memory="64MiB") as e:
-                res[fused] = [e.generate([pr], p)[0].token_ids for pr in prompts]
-        finally:
-            fd.set_fused_decode(True)
+        with Engine(model=d, device="cuda", dtype="bfloat16", kv_memory="64MiB",
+                    debug_switches=DebugSwitches(fused_decode=fused)) as e:
+            res[fused] = [e.generate([pr], p)[0].token_ids for pr in prompts]
     for a, b in zip(res[True], res[False]):
         assert a[:4] == b[:4]
 
@@ -167,15 +165,11 @@ def test_pdl_does_not_change_tokens(saved, family):
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (5, 90, 300, 33)]
     res = {}
     for on in (True, False):
-        pdl.set_enabled(on)
-        try:
-            for graphs in (True, False):
-                with Engine(model=d, device="cuda", dtype="bfloat16", kv_memory="64MiB",
-                            disable_cuda_graph=not graphs) as e:
-                    one = [e.generate([pr], p)[0].token_ids for pr in prompts]
-                    batch = [o.token_ids for o in e.generate(prompts, p)]
-                res[(on, graphs)] = (one, batch)
-        finally:
-            pdl.set_enabled(True)
+        for graphs in (True, False):
+            with Engine(model=d, device="cuda", dtype="bfloat16", kv_memory="64MiB",
+                        disable_cuda_graph=not graphs, debug_switches=DebugSwitches(pdl=on)) as e:
+                one = [e.generate([pr], p)[0].token_ids for pr in prompts]
+                batch = [o.token_ids for o in e.generate(prompts, p)]
+            res[(on, graphs)] = (one, batch)
     for graphs in (True, False):
         assert res[(True, graphs)] == res[(False, graphs)]

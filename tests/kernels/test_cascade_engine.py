@@ -7,6 +7,7 @@ from kutil import ON_GPU
 
 import localsgl.engine.prefix_groups as pg
 from localsgl.engine.core import CoreConfig, EngineCore
+from localsgl.engine.debug_switches import DebugSwitches
 from localsgl.engine.params import SamplingParams
 from localsgl.engine.request import Request
 
@@ -19,13 +20,13 @@ def run(backend, cascade, prompts, monkeypatch):
     sys.path.insert(0, "tests")
     from tiny import tiny_model
 
-    monkeypatch.setenv("LOCALSGL_DISABLE_CASCADE", "0" if cascade else "1")
     m = tiny_model(vocab=96, hidden=32, layers=2, heads=4, kv_heads=2)
     import threading
 
     core = EngineCore(m, None, [95], torch.device("cpu"),
                       CoreConfig(kv_tokens=2048, max_running=8, chunk_size=256, max_model_len=256,
-                                 attention_backend="torch"), overlap=False, start_thread=False)
+                                 attention_backend="torch", debug=DebugSwitches(cascade=cascade)),
+                      overlap=False, start_thread=False)
     if backend == "triton":  # create_backend refuses triton without CUDA; the interpreter runs it
         from localsgl.engine.layers.attention.triton_backend import TritonAttentionBackend
 

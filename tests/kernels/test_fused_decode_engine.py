@@ -11,6 +11,7 @@ from kutil import ON_GPU
 
 import localsgl.engine.layers.fused_decode as fd
 from localsgl.engine.core import CoreConfig, EngineCore
+from localsgl.engine.debug_switches import DebugSwitches
 from localsgl.engine.params import SamplingParams
 from localsgl.engine.request import Request
 
@@ -38,7 +39,6 @@ def _model(bias=False, qk_norm=False):
 
 
 def _generate(model, backend, fused, prompts, monkeypatch):
-    monkeypatch.setattr(fd, "_DISABLED", not fused)
     monkeypatch.setattr(fd, "_FORCE_ON_CPU", True)
     calls = []
     real = fd.forward_one_token
@@ -48,7 +48,8 @@ def _generate(model, backend, fused, prompts, monkeypatch):
     monkeypatch.setattr(llama, "forward_one_token", fd.forward_one_token)
     core = EngineCore(model, None, [95], torch.device("cpu"),
                       CoreConfig(kv_tokens=1024, max_running=4, chunk_size=64, max_model_len=256,
-                                 attention_backend="torch"), overlap=False, start_thread=False)
+                                 attention_backend="torch", debug=DebugSwitches(fused_decode=fused)),
+                      overlap=False, start_thread=False)
     if backend == "triton":  # create_backend refuses triton without CUDA; the interpreter runs it
         from localsgl.engine.layers.attention.triton_backend import TritonAttentionBackend
 

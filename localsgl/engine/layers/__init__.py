@@ -1,17 +1,15 @@
 """Model building blocks.  Each picks a Triton kernel on CUDA and a torch
-composition elsewhere; the torch path is also the reference in tests."""
+composition elsewhere; the torch path is also the reference in tests.  A layer with a
+``use_kernels`` attribute takes the engine's ``kernels`` debug switch
+(debug_switches.apply_to_model); False keeps it on the torch path on the GPU too."""
 from __future__ import annotations
-
-import os
 
 import torch
 
-_FORCE_TORCH = os.environ.get("LOCALSGL_DISABLE_KERNELS", "") not in ("", "0")
-
 
 def kernels_enabled(x: torch.Tensor, module: str) -> bool:
-    """True when the fused Triton kernel module ``localsgl_kernels.<module>`` should run for x."""
-    return x.is_cuda and not _FORCE_TORCH and _kernel_importable(module)
+    """True when the fused Triton kernel module ``localsgl_kernels.<module>`` can run for x."""
+    return x.is_cuda and _kernel_importable(module)
 
 
 _IMPORTABLE: dict[str, bool] = {}
@@ -31,9 +29,3 @@ def _kernel_importable(module: str) -> bool:
             ok = False
         _IMPORTABLE[module] = ok
     return ok
-
-
-def set_kernels_enabled(enabled: bool) -> None:
-    """Tests and --disable-kernels use this to compare the two paths."""
-    global _FORCE_TORCH
-    _FORCE_TORCH = not enabled

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from . import kernels_enabled
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if kernels_enabled(x, "activation"):
+def silu_and_mul(x: torch.Tensor, use_kernels: bool = True) -> torch.Tensor:
+    if use_kernels and kernels_enabled(x, "activation"):
         from localsgl_kernels.activation import silu_and_mul as k
 
         return k(x)

@@ -18,26 +18,18 @@ check this).  In bf16 (emulated on CPUs without avx512_bf16) attention and GEMMs
 rows run in fp32 (mm_lowp): 2.5x faster at 32 rows, logits within a few bf16 ulps.
 
 Used on the CPU for DECODE steps with the torch backend when the model has a full-width
-rotary; ``LOCALSGL_DISABLE_CPU_DECODE=1`` (or :func:`set_cpu_decode`) turns it off.
+rotary, unless the engine's ``cpu_decode`` debug switch is off (docs/switches.md).
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .. import debug_switches
 from ..batch import ForwardBatch, ForwardMode
-
-_DISABLED = os.environ.get("LOCALSGL_DISABLE_CPU_DECODE", "") not in ("", "0")
-
-
-def set_cpu_decode(enabled: bool) -> None:
-    """Tests and A/B benchmarks switch the path on or off."""
-    global _DISABLED
-    _DISABLED = not enabled
 
 
 class _Layer(NamedTuple):
@@ -109,7 +101,7 @@ def cpu_decode_plan(model) -> _Plan | None:
 
 def use_cpu_decode(model, input_ids: torch.Tensor, batch: ForwardBatch) -> bool:
     return (
-        not _DISABLED
+        debug_switches.of(model).cpu_decode
         and batch.mode == ForwardMode.DECODE
         and not input_ids.is_cuda
         and getattr(batch.attn_backend, "name", None) == "torch"
@@ -160,8 +152,9 @@ def mm_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def lowp_logits_on_cpu(hidden: torch.Tensor) -> bool:
-    """Whether the LM head of these rows takes mm_lowp (bf16/fp16 on the CPU, >= 4 rows)."""
-    return (not _DISABLED and not hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+    """Whether the LM head of these rows takes mm_lowp (bf16/fp16 on the CPU, >= 4 rows);
+    the model's ``cpu_decode`` debug switch, checked by the caller, turns this route off too."""
+    return (not hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
             and hidden.dim() == 2 and hidden.shape[0] >= _UPCAST_MIN_ROWS)
 
 

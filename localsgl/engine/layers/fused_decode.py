@@ -11,29 +11,21 @@ floor.  For a step with exactly one new token this path runs each layer as
 instead of eleven launches (kernels/gemv.py).  Used when the kernels are enabled, the
 backend can attend without storing (``supports_prestored_kv``), the model has no q/k
 norm and a full-width rotary, and the shapes tile evenly; otherwise the layer-by-layer
-path runs.  ``LOCALSGL_DISABLE_FUSED_DECODE=1`` turns it off (A/B runs, debugging).
+path runs.  The engine's ``fused_decode`` debug switch turns it off (docs/switches.md).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import debug_switches
 from . import _kernel_importable
 
-_DISABLED = os.environ.get("LOCALSGL_DISABLE_FUSED_DECODE", "") not in ("", "0")
 _FORCE_ON_CPU = False  # tests: run the kernels under the Triton interpreter
 
 
-def set_fused_decode(enabled: bool) -> None:
-    """Tests and A/B benchmarks switch the path on or off."""
-    global _DISABLED
-    _DISABLED = not enabled
-
-
-def _one_row_on(t: torch.Tensor) -> bool:
-    """The path may serve this one-row step: enabled, and on CUDA (or the interpreter in tests)."""
-    return not _DISABLED and t.shape[0] == 1 and (t.is_cuda or _FORCE_ON_CPU)
+def _one_row_on(model, t: torch.Tensor) -> bool:
+    """The path may serve this one-row step: switched on, and on CUDA (or the interpreter in tests)."""
+    return debug_switches.of(model).fused_decode and t.shape[0] == 1 and (t.is_cuda or _FORCE_ON_CPU)
 
 
 def fused_decode_shapes_ok(model) -> bool:
@@ -65,7 +57,7 @@ def _shapes_ok(model) -> bool:
 
 
 def use_fused_decode(model, input_ids: torch.Tensor, batch) -> bool:
-    if not _one_row_on(input_ids):
+    if not _one_row_on(model, input_ids):
         return False
     if not getattr(batch.attn_backend, "supports_prestored_kv", False):
         return False
@@ -75,7 +67,7 @@ def use_fused_decode(model, input_ids: torch.Tensor, batch) -> bool:
 def logits_one_row(model, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """fp32 logits [1, V] of one row by the LM-head GEMV kernel (no separate cast), or None
     when the path is off or the shape does not tile (the caller uses F.linear)."""
-    if not _one_row_on(hidden):
+    if not _one_row_on(model, hidden):
         return None
     ok = getattr(model, "_fused_logits_ok", None)
     if ok is None:

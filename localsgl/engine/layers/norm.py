@@ -19,6 +19,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 class RMSNorm(nn.Module):
+    use_kernels = True  # the engine's kernels switch (debug_switches.apply_to_model)
+
     def __init__(self, hidden_size: int, eps: float, dtype=None, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
@@ -27,7 +29,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: return norm(x).  With residual: r = x + residual;
         return (norm(r), r) so the next layer can add onto r."""
-        if kernels_enabled(x, "rmsnorm"):
+        if self.use_kernels and kernels_enabled(x, "rmsnorm"):
             from localsgl_kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 
             if residual is None:

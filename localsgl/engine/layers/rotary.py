@@ -40,6 +40,8 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
 
 
 class RotaryEmbedding(torch.nn.Module):
+    use_kernels = True  # the engine's kernels switch (debug_switches.apply_to_model)
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device=None):
         super().__init__()
         self.head_dim = head_dim
@@ -75,7 +77,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hkv, D] -> rotated (new tensors or in place)."""
-        if kernels_enabled(q, "rotary"):
+        if self.use_kernels and kernels_enabled(q, "rotary"):
             from localsgl_kernels.rotary import apply_rotary
 
             return apply_rotary(q, k, positions, self.cos_sin)

@@ -11,6 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .. import debug_switches
 from ..batch import ForwardBatch
 from ..layers.activation import silu_and_mul
 from ..layers.cpu_decode import forward_decode as cpu_forward_decode, lowp_logits_on_cpu, mm_lowp, use_cpu_decode
@@ -61,6 +62,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    use_kernels = True  # the engine's kernels switch (debug_switches.apply_to_model)
+
     def __init__(self, cfg: ModelConfig, dtype, device):
         super().__init__()
         if cfg.hidden_act not in ("silu", "swish"):
@@ -70,7 +73,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, cfg.hidden_size, dtype=dtype, device=device)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_kernels))
 
 
 class DecoderLayer(nn.Module):
@@ -132,7 +135,7 @@ class LlamaForCausalLM(nn.Module):
         out = logits_one_row(self, hidden, w)
         if out is not None:
             return out
-        if lowp_logits_on_cpu(hidden):  # bf16 rows on the CPU: widen the head's columns, fp32 GEMM
+        if debug_switches.of(self).cpu_decode and lowp_logits_on_cpu(hidden):  # bf16 rows on the CPU: widen the head's columns, fp32 GEMM
             return mm_lowp(hidden, w.t()).to(hidden.dtype).float()
         return linear(hidden, w).float()
 
