@@ -18,9 +18,9 @@ Under PDL, for batches of at most 8 rows, stage 1 loads the slot table and the f
 cached K/V (all but the newest token, which this step's KV store writes) before waiting for
 its predecessor, and stage 2 lets its successor launch before it waits (at batch 1 that is o_proj, which loads
 only weights before its own wait).  H200, one bs1 Llama-3-8B step: 3,798 µs against 3,872
-with stage 2 releasing after its wait; the early K/V loads took the attention's share of the
-step from ~286 to ~236 µs (bench/RESULTS.md, runs Z2–Z5).  Larger batches wait first: there
-the early loads cost the mixed throughput workload 7% (run Z8).
+with stage 2 releasing after its wait; the early K/V loads take the attention's share of the
+step from ~286 to ~236 µs.  Larger batches wait first: there the early loads cost the mixed
+throughput workload 7% (both in bench/RESULTS.md, "the step around the weight streams").
 S is a host-side constant per batch size (more splits for small batches so one long
 request still fills the GPU), so a captured CUDA graph keeps a fixed grid; nothing here
 syncs with the host.
@@ -76,8 +76,8 @@ def _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
     """Online softmax of the query rows q [ROWS, D] over the keys at table[start:end] of KV
     head g: returns (acc [ROWS, D] unnormalised, running max m (log2 units), sum l).
 
-    V is loaded after the scores: the order measured at large batches (run Z8: the variant
-    loading K and V together lost 7% of the mixed throughput)."""
+    V is loaded after the scores: at large batches loading K and V together costs 7% of the
+    mixed throughput (bench/RESULTS.md, "the step around the weight streams")."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < HEAD_DIM
@@ -188,8 +188,9 @@ def _decode_stage1(
     EARLY_KV (small batches): before the PDL wait it reads only what this step's earlier
     kernels do not write: the lengths, the slot table and the first block of *cached* keys
     and values (every position but the newest, whose K/V the step's own KV store writes).
-    Otherwise everything comes after the wait (the early loads measured slower on the mixed
-    throughput workload: 9,219 against 9,944 out tok/s, run Z8)."""
+    Otherwise everything comes after the wait (the early loads are slower on the mixed
+    throughput workload: 9,219 against 9,944 out tok/s; bench/RESULTS.md, "the step around
+    the weight streams")."""
     if not EARLY_KV:
         wait_for_predecessor(PDL)
     b = tl.program_id(0)

@@ -58,8 +58,8 @@ def _stream_rows(
 ):
     """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) with n = rmsnorm(s) (NORM: s·g·inv, inv applied
     once at the end) or n = s.  Waits for the predecessor kernel (PDL) before reading x.
-    (Loading the next BLOCK_K weight columns while multiplying these measured slower on
-    down_proj: 1,084 vs 903 µs per 32 layers, bench/RESULTS.md run Y3.)"""
+    (Loading the next BLOCK_K weight columns while multiplying these is slower on
+    down_proj: 1,084 vs 903 µs per 32 layers, bench/RESULTS.md, "programmatic dependent launch".)"""
     offs_k = tl.arange(0, BLOCK_K)
     acc_a = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
@@ -190,7 +190,8 @@ def _norm_qkv_fullk_kernel(
 ):
     """The position and slot are loaded once per program after the wait, and each block's
     cos/sin are issued with its weight tile, off the chain that follows the dot (loaded after
-    each dot instead: 509 vs 465 µs per 32 layers with the default tile, run Y7)."""
+    each dot instead: 509 vs 465 µs per 32 layers with the default tile; bench/RESULTS.md,
+    "programmatic dependent launch")."""
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     PER_HEAD: tl.constexpr = HALF // BLOCK_R
@@ -322,12 +323,13 @@ class Config(NamedTuple):
 # 32 layers; cuBLAS M=1 in brackets): qkv 523 (499, unfused), o 335 (421), gate_up 1908 (1940),
 # down 931 (1039), LM head with fp32 logits 236 per call (256 + a cast).
 _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
-# Full-K tiles (block_r, programs per SM, warps), same probe with PDL on (session 5, runs Y3/Y7): qkv 465
-# (4 rows, 2/SM; 8-row tiles: 551), o 285 (8 rows: 360), gate_up 1,723, LM head
-# 7,524 / 32 = 235 per call.  With PDL the smaller tiles win: a successor's programs find registers
+# Full-K tiles (block_r, programs per SM, warps), same probe with PDL on (bench/RESULTS.md,
+# "programmatic dependent launch"): qkv 465 (4 rows, 2/SM; 8-row tiles: 551), o 285 (8 rows:
+# 360), gate_up 1,723, LM head 7,524 / 32 = 235 per call.  With PDL the smaller tiles win: a successor's programs find registers
 # free to start their first loads.
 # A fourth value: row blocks the plain GEMV loads before its wait (o_proj, released early by the
-# attention's merge): two measured 3,798 against 3,811 µs per bs1 step (run Z5).
+# attention's merge): two give 3,798 against 3,811 µs per bs1 step (bench/RESULTS.md, "the step
+# around the weight streams").
 _CUDA_FULLK = {"qkv": (4, 2, 8, 1), "gate_up": (4, 16, 8, 1), "gemv": (4, 2, 16, 2), "lm_head": (4, 16, 8, 1)}
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)

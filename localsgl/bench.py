@@ -95,8 +95,8 @@ def workload_floor(engine: Engine, ceil: dict, reqs: list[tuple[int, int]], cach
     token, over the measured copy bandwidth.  Steps = longest output, or total output /
     concurrency, where concurrency is bounded by max_running and by how many requests of
     the mean length the KV pool holds.  The two terms add because GEMMs (compute-bound) and
-    decode attention (bandwidth-bound) run as separate kernels of each step; the issue's
-    reference floors (H100: ~11,000 and ~2,990 out tok/s) follow the same model."""
+    decode attention (bandwidth-bound) run as separate kernels of each step; the reference
+    floors for an H100 (~11,000 and ~2,990 out tok/s) follow the same model."""
     c = engine.config
     head = c.vocab_size * c.hidden_size
     body = c.num_params - head * (1 if c.tie_word_embeddings else 2)  # neither embedding nor LM head

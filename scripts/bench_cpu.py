@@ -1,4 +1,4 @@
-"""CPU benchmark of issue 2: SmolLM2-135M decode tok/s, ours vs transformers' generate,
+"""CPU benchmark: SmolLM2-135M decode tok/s, ours vs transformers' generate,
 batch 1 and 32 concurrent prompts, in fp32 and bf16.  Prints one table.
 
 Usage: .venv/bin/python scripts/bench_cpu.py [--dtypes float32 bfloat16] [--new 64]"""

@@ -1,4 +1,4 @@
-"""Headline GPU benchmarks of issue 3 (Llama-3.1-8B, dummy bf16 weights); prints one table.
+"""Headline GPU benchmarks (Llama-3.1-8B, dummy bf16 weights); prints one table.
 
 Run by scripts/device_check.sh on the device machine; each workload builds its own Engine."""
 from __future__ import annotations
@@ -27,7 +27,7 @@ FULL = [
 ]
 
 
-CAPS = [  # issue 3: every --gpu-memory cap runs the throughput workload to the end (retraction, no OOM)
+CAPS = [  # under every --gpu-memory cap the throughput workload runs to the end (retraction, no OOM)
     ("throughput", {"model": "llama-3.2-1b", "gpu_memory": cap}, ["--workload", "mixed", "--num-prompts", "300"])
     for cap in ("8GiB", "12GiB")
 ] + [

@@ -34,7 +34,7 @@ if [[ "$EXTRA" == *" gemvprobe "* ]]; then
   python3 scripts/probe_gemv.py ${GEMV_PROBES:-layers tiles} 2>&1 | tee "$OUTDIR/probe_gemv.log"
 fi
 if [[ "$EXTRA" == *" serving "* ]]; then
-  echo "== serving vs offline (issue 4)"
+  echo "== serving vs offline"
   python3 -m localsgl.cli bench serving -m llama-3.1-8b --load-format dummy --dtype bfloat16 \
     --workload mixed --num-prompts 400 --request-rate ${SERVING_RATES:-16 32 inf} 2>&1 | tee "$OUTDIR/serving.log" | tail -20
 fi

@@ -84,7 +84,7 @@ def probe_tiles(W):
         res[(key, "cublas")] = report(f"{key} cublas", timed_graph(lambda: [F.linear(xin, w[i]) for i in range(L)]), nbytes)
     res[("lm", "cublas")] = report("lm cublas (+ .float())", timed_graph(lambda: F.linear(x, W["lm"]).float(), 20) * L,
                                    W["lm"].numel() * 2 * L)
-    if "kloop" in sys.argv:  # the K-loop sweep of session 3 (bench/RESULTS.md, run K)
+    if "kloop" in sys.argv:  # the K-loop tile sweep (RESULTS.md: "fused weight streams")
         grid = [G.Config(rr, kk, nw_, st) for rr, kk, nw_, st in itertools.product((2, 4, 8), (256, 512, 1024), (4, 8), (1,))]
         grid += [G.Config(4, 512, 4, 3), G.Config(8, 256, 4, 3), G.Config(2, 1024, 4, 3), G.Config(1, 1024, 4, 1),
                  G.Config(1, 2048, 8, 1), G.Config(16, 256, 8, 1)]

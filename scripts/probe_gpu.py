@@ -1,4 +1,4 @@
-"""Device probes behind the issue-3 work (not a benchmark): where a decode step's GPU time goes.
+"""Device probes (not a benchmark): where a decode step's GPU time goes.
 
   probe_gpu.py kernels   per-kernel GPU time of bs1 and bs64 decode steps (torch.profiler,
                          Llama-3.1-8B dummy bf16, CUDA graphs on: kernels inside replays)

@@ -5,7 +5,7 @@
                                           seconds; summed over compile threads) against the whole
                                           ready-after-weights time
   (LOCALSGL_DEBUG_NO_COMPILE_AHEAD=1: the same, compiling serially at first launch)
-Issue 3 asks for the engine to be ready (graphs captured) within 20 s of the weights reaching the GPU.
+The engine should be ready (graphs captured) within 20 s of the weights reaching the GPU.
 """
 from __future__ import annotations
 
