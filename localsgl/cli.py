@@ -412,11 +412,11 @@ def main(
 def run(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; piped stdin is appended after it (or is the prompt)")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System message", envvar="LOCALSGL_SYSTEM")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Max tokens to generate", show_default="256", envvar="LOCALSGL_MAX_TOKENS")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy", show_default="1.0", envvar="LOCALSGL_TEMPERATURE")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling, in (0, 1]", envvar="LOCALSGL_TOP_P")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Top-k sampling (-1 = off)", envvar="LOCALSGL_TOP_K")] = None,
-    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Min-p sampling, in [0, 1]", envvar="LOCALSGL_MIN_P")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Max tokens to generate", show_default="the model's, see `info`", envvar="LOCALSGL_MAX_TOKENS")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy", show_default="the model's, see `info`", envvar="LOCALSGL_TEMPERATURE")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling, in (0, 1]", show_default="the model's", envvar="LOCALSGL_TOP_P")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Top-k sampling (-1 = off)", show_default="the model's", envvar="LOCALSGL_TOP_K")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Min-p sampling, in [0, 1]", show_default="the model's", envvar="LOCALSGL_MIN_P")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed", envvar="LOCALSGL_SAMPLING_SEED")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable)")] = None,
     json_schema: Annotated[Optional[str], typer.Option("--json-schema", help="Constrain the answer to a JSON schema (inline or @FILE)")] = None,
@@ -475,6 +475,7 @@ def _info_report(kwargs: dict) -> dict:
     from . import __version__
     from .engine.models.config import ModelConfig
     from .engine.plan import default_dtype, detect_device, dtype_name, make_plan, plan_options
+    from .engine.sampling_defaults import defaults_as_dict, model_sampling_defaults
     from .store.resolve import resolve_model
 
     dev = detect_device(kwargs.get("device"))
@@ -508,6 +509,7 @@ def _info_report(kwargs: dict) -> dict:
             "kv_bytes_per_token": plan.kv_bytes_per_token,
         },
         "plan": plan.to_dict(),
+        "sampling": defaults_as_dict(model_sampling_defaults(source)),
         "versions": versions,
     }
 
@@ -556,6 +558,9 @@ def _print_info(r: dict) -> None:
         f"  graph buckets       {graphs}",
     ]
     lines += [f"  note                {n}" for n in p["notes"]]
+    lines.append(head("Sampling defaults") + " (for fields a request leaves unset)")
+    for name, d in r.get("sampling", {}).items():
+        lines.append(f"  {name:<19} {d['value']:<8} {d['source']}")
     out.write("\n".join(lines) + "\n")
 
 

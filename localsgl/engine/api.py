@@ -8,6 +8,7 @@ templates happen here, in the caller's thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -281,7 +282,7 @@ class Engine:
     def _submit_ids(self, ids, params, on_delta, request_id=None, defer: list | None = None) -> str:
         if self._closed:
             raise RuntimeError("engine is shut down")
-        params = params or SamplingParams()
+        params = self.resolve_sampling(params)
         params.validate()
         if params.json_schema is not None or params.regex is not None or params.grammar is not None:
             raise InvalidRequestError("structured output (json_schema/regex/grammar) is not available yet", "json_schema")
@@ -399,6 +400,21 @@ class Engine:
         finally:
             if left:
                 self.abort(rid)
+
+    # ------------------------------------------------------------ sampling defaults
+    @functools.cached_property
+    def sampling_defaults(self) -> dict[str, tuple[object, str]]:
+        """Each model-default SamplingParams field -> (value, where it came from): the model's
+        generation_config.json, its alias's recommended values, or llama.cpp's defaults."""
+        from .sampling_defaults import model_sampling_defaults
+
+        return model_sampling_defaults(self.source)
+
+    def resolve_sampling(self, params: SamplingParams | None) -> SamplingParams:
+        """``params`` with every field the caller left unset taken from sampling_defaults."""
+        from .sampling_defaults import apply_defaults
+
+        return apply_defaults(params or SamplingParams(), self.sampling_defaults)
 
     # ------------------------------------------------------------ misc
     def stats(self) -> dict:

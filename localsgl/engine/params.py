@@ -24,15 +24,64 @@ class PromptTooLongError(InvalidRequestError):
         self.max_model_len = max_model_len
 
 
+class _UnsetFloat(float):
+    """A float field the caller left to the model's defaults.
+
+    It reads as the field's neutral value (no filter, temperature 1) so that code below the
+    Engine (the core, the sampler, their tests) works on plain numbers; the Engine replaces
+    it with the model's default before a request is queued (engine/sampling_defaults.py)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"unset({float.__repr__(self)})"
+
+
+class _UnsetInt(int):
+    """An int field the caller left to the model's defaults (see _UnsetFloat)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"unset({int.__repr__(self)})"
+
+
+def is_unset(value) -> bool:
+    """Whether a SamplingParams value is a model-default placeholder rather than a caller's value."""
+    return isinstance(value, (_UnsetFloat, _UnsetInt))
+
+
+# Fields that take the model's defaults when the caller leaves them unset, with the neutral
+# value each reads as until then.
+MODEL_DEFAULT_FIELDS: dict[str, float | int] = {
+    "max_tokens": 256,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
+
+
+def _unset(field_name: str):
+    v = MODEL_DEFAULT_FIELDS[field_name]
+    return _UnsetFloat(v) if isinstance(v, float) else _UnsetInt(v)
+
+
 @dataclass
 class SamplingParams:
-    max_tokens: int | None = 256  # None: up to the context length
+    """What to generate and how.  Fields in MODEL_DEFAULT_FIELDS that the caller does not set
+    are placeholders (``is_unset``) that the Engine fills from the model's own defaults
+    (``Engine.sampling_defaults``: its generation_config.json, its alias's recommended
+    values, else llama.cpp's); a value the caller sets, even one equal to a default, wins."""
+
+    max_tokens: int | None = _unset("max_tokens")  # None: up to the context length
     min_tokens: int = 0
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = -1  # -1 or 0 = off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    temperature: float = _unset("temperature")  # 0 = greedy
+    top_p: float = _unset("top_p")
+    top_k: int = _unset("top_k")  # -1 or 0 = off
+    min_p: float = _unset("min_p")
+    repetition_penalty: float = _unset("repetition_penalty")
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
@@ -93,6 +142,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def unset_fields(self) -> list[str]:
+        """The fields still waiting for the model's defaults."""
+        return [f for f in MODEL_DEFAULT_FIELDS if is_unset(getattr(self, f))]
 
 
 @dataclass

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from localsgl.engine.params import InvalidRequestError, SamplingParams, TokenLogprob
+from localsgl.engine.sampling_defaults import BUILTIN_DEFAULTS, GENERATION_CONFIG, apply_defaults
 
 from . import schemas as S
 from .errors import (
@@ -82,6 +83,11 @@ class ServerState:
             self.model_names.add(repo)  # clients may name the hub repo instead of the alias
         self.max_model_len = int(engine.max_model_len)
         self.vocab_size = _vocab_size(engine)
+        self.sampling_defaults = getattr(engine, "sampling_defaults", None) or dict(BUILTIN_DEFAULTS)
+        # an omitted max_tokens (chat; null in completions) runs to the end of the context, unless
+        # the model's generation_config.json sets max_new_tokens (as vLLM does)
+        value, source = self.sampling_defaults.get("max_tokens", (None, ""))
+        self.default_max_tokens = value if source == GENERATION_CONFIG else self.max_model_len
         self.created = int(time.time())
         self.fingerprint = _fingerprint()
         self.metrics = ServerMetrics(engine, self.model_name)
@@ -359,15 +365,15 @@ def create_app(
             json_schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {}
         if req.stop_token_ids:
             check_ids(req.stop_token_ids, "stop_token_ids")
-        top_k = req.top_k if req.top_k is not None else -1
+        # omitted sampling fields take the model's defaults (engine.sampling_defaults)
+        given = {f: getattr(req, f) for f in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                 if getattr(req, f) is not None}
+        if given.get("top_k") == 0:
+            given["top_k"] = -1
         params = SamplingParams(
             max_tokens=max_tokens,
             min_tokens=req.min_tokens or 0,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=-1 if top_k == 0 else top_k,
-            min_p=req.min_p or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            **given,
             frequency_penalty=req.frequency_penalty or 0.0,
             presence_penalty=req.presence_penalty or 0.0,
             seed=req.seed,
@@ -382,6 +388,7 @@ def create_app(
             grammar=req.grammar,
             skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
         )
+        params = apply_defaults(params, state.sampling_defaults)
         try:
             params.validate()
         except InvalidRequestError as e:
@@ -536,6 +543,8 @@ def create_app(
             messages.append(d)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         explicit = max_tokens is not None
+        if not explicit:
+            max_tokens = state.default_max_tokens
         if explicit and max_tokens >= state.max_model_len:
             raise bad_request(f"max_tokens is {max_tokens} but the model's context holds {state.max_model_len} "
                               f"tokens, prompt included.", "max_tokens", "context_length_exceeded")
@@ -629,7 +638,7 @@ def create_app(
             if isinstance(rp, list):
                 check_ids(rp, "prompt")
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
-        max_tokens = req.max_tokens
+        max_tokens = req.max_tokens if req.max_tokens is not None else state.default_max_tokens
         if explicit and max_tokens >= state.max_model_len:
             raise bad_request(f"max_tokens is {max_tokens} but the model's context holds {state.max_model_len} "
                               f"tokens, prompt included.", "max_tokens", "context_length_exceeded")
@@ -643,7 +652,7 @@ def create_app(
                 ids = list(rp) if isinstance(rp, list) else await encode(rp, "prompt")
                 limits.append(check_lengths(ids, max_tokens, explicit, "prompt"))
                 prompts.append(ids)
-            if not explicit and max_tokens is not None:
+            if not explicit:
                 params.max_tokens = min(x for x in limits if x is not None)
             echo_texts: list[str] = []
             if req.echo:

@@ -96,7 +96,11 @@ Stop = Union[str, Annotated[list[str], Field(max_length=MAX_STOP)], None]
 
 
 class _SamplingFields(_Req):
-    """Fields shared by chat and text completions (OpenAI's plus common extensions)."""
+    """Fields shared by chat and text completions (OpenAI's plus common extensions).
+
+    An omitted temperature, top_p, top_k, min_p or repetition_penalty takes the served
+    model's default (its generation_config.json, else its alias's recommended values, else
+    llama.cpp's); `localsgl info` lists them."""
 
     model: str
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
