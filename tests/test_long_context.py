@@ -197,3 +197,27 @@ def test_cli_refuses_max_model_len_beyond_the_window(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)["plan"]
     assert p["max_model_len"] == 48 and "sliding window" in p["context_limit"]
+
+
+def test_http_names_the_window_when_a_prompt_passes_it():
+    import sys
+
+    sys.path.insert(0, "tests/server")
+    from fake_engine import FakeEngine
+    from fastapi.testclient import TestClient
+
+    from localsgl.engine.plan import sliding_window_limit
+    from localsgl.server import app as server_app
+
+    for window in (None, 16):
+        eng = FakeEngine(max_model_len=16)
+        eng.plan.context_limit = sliding_window_limit(window) if window else None
+        try:
+            with TestClient(server_app.create_app(eng)) as c:
+                r = c.post("/v1/completions", json={"model": "fake-echo", "prompt": list(range(1, 21)), "max_tokens": 1})
+                assert r.status_code == 400, r.text
+                msg = r.json()["error"]["message"]
+                assert "maximum context length is 16 tokens" in msg
+                assert ("sliding window of 16 tokens" in msg) == (window is not None)
+        finally:
+            eng.shutdown()

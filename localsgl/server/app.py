@@ -82,6 +82,8 @@ class ServerState:
         if isinstance(repo, str) and repo:
             self.model_names.add(repo)  # clients may name the hub repo instead of the alias
         self.max_model_len = int(engine.max_model_len)
+        # why the context stops short of the model's positions (a sliding window), or None
+        self.context_limit = getattr(getattr(engine, "plan", None), "context_limit", None)
         self.vocab_size = _vocab_size(engine)
         self.sampling_defaults = getattr(engine, "sampling_defaults", None) or dict(BUILTIN_DEFAULTS)
         # an omitted max_tokens (chat; null in completions) runs to the end of the context, unless
@@ -340,7 +342,9 @@ def create_app(
         if n >= m:
             raise bad_request(
                 f"This model's maximum context length is {m} tokens. However, your {param} is {n} tokens "
-                f"(leave room for at least one generated token).", param, "context_length_exceeded")
+                f"(leave room for at least one generated token)."
+                + (f" The context is {state.context_limit}." if state.context_limit else ""),
+                param, "context_length_exceeded")
         if max_tokens is not None and n + max_tokens > m:
             if not explicit:
                 return m - n
