@@ -48,7 +48,7 @@ def _online_step(q, k, v_ptrs, v_mask, acc, m_i, l_i, qk_scale, visible,
     l_i = l_i * alpha + tl.sum(p, 1)
     if not V_EARLY:
         v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # compiles like tl.dot(p, v, acc * alpha)
     return acc, m_new, l_i
 
 
@@ -127,8 +127,9 @@ class ExtendConfig(NamedTuple):
 
 # Preferred CUDA configurations per head_dim bound, best first; the first whose shared
 # memory fits the device is used.  On an H200 at Llama-3.1-8B's shape (G = 4, D = 128)
-# the 256-row tile with a 3-deep K/V pipeline runs long-prefix chunks ~1.6x faster than
-# 128 x 64 with 2 stages (bench/RESULTS.md, "Long-prompt extend attention").
+# the 256-row tile with a 3-deep K/V pipeline runs 2,048-token chunks behind a long prefix
+# 1.5-1.6x faster than 128 x 64 with 2 stages (bench/RESULTS.md, "Long-prompt extend
+# attention", has the sweep).
 _CUDA_CONFIGS = (
     (64, (ExtendConfig(128, 64, 4, 3),)),
     (128, (ExtendConfig(256, 64, 8, 3), ExtendConfig(128, 64, 8, 2))),
@@ -137,7 +138,8 @@ _CUDA_CONFIGS = (
 
 
 def smem_bytes(cfg: ExtendConfig, head_dim: int, elem: int = 2) -> int:
-    """Shared memory a launch needs: the Q tile plus num_stages buffers of one K and one V tile."""
+    """Shared memory a launch needs at most: the Q tile plus num_stages buffers of one K and
+    one V tile (an upper bound: Triton 3.6 on Hopper keeps num_stages - 1 buffers)."""
     d = max(16, triton.next_power_of_2(head_dim))
     return elem * d * (cfg.block_m + 2 * cfg.num_stages * cfg.block_n)
 

@@ -167,7 +167,11 @@ def compiled_resources() -> list[str]:
     try:
         for caches in ext._extend_kernel.device_caches.values():
             for k in caches[0].values():
-                c = {n: v for n, v in getattr(k.src, "constants", {}).items() if isinstance(v, (int, bool))}
+                names = getattr(getattr(k.src, "fn", None), "arg_names", [])
+                c = {}
+                for key, v in getattr(k.src, "constants", {}).items():
+                    idx = key[0] if isinstance(key, tuple) and key else key
+                    c[names[idx] if isinstance(idx, int) and idx < len(names) else idx] = v
                 tile = "x".join(str(c.get(n, "?")) for n in ("BLOCK_M", "BLOCK_N")) if c else "?"
                 lines.append(f"{tile} w{k.metadata.num_warps} s{k.metadata.num_stages}: smem {k.metadata.shared} B, "
                              f"regs {getattr(k, 'n_regs', '?')}, spills {getattr(k, 'n_spills', '?')}")
