@@ -4,6 +4,16 @@ talks back through each request's on_delta callback.
 
 One iteration: drain the inbox (new requests, aborts) -> schedule -> forward
 -> sample -> append tokens, detokenize, check stops, finish -> callbacks.
+
+A failing step fails small: an exception ends, with finish_reason "error" and
+its message (``StreamDelta.extra["error"]``, ``Request.error``), only the
+requests the failing part worked on — the batch for schedule/forward/commit,
+one request for its own sampling, detokenizer, stop check or callback, the
+launched step's rows when its tokens cannot be read — and gives back their
+KV: uncommitted slots to the pool, committed KV of known tokens to the radix
+cache.  A device out-of-memory error in the forward first retries with
+steps of half as many tokens (Scheduler.shrink_after_oom).  Everything else
+keeps going.
 """
 from __future__ import annotations
 
@@ -13,6 +23,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,7 +35,7 @@ from .params import StreamDelta, TokenLogprob, TopLogprob
 from .radix_cache import RadixCache
 from .request import Request, Status
 from .runner import ModelRunner
-from .sampling import SamplingBatch, sample
+from .sampling import SampleResult, SamplingBatch, sample
 from .scheduler import Scheduler
 
 log = logging.getLogger("localsgl.engine")
@@ -85,6 +96,12 @@ class EngineCore:
         self._idle = threading.Event()
         self._idle.set()
         self.inflight: _Launched | None = None
+        # Fault injection (tests): when set, called as fault(point, requests) at the named points
+        # of a step — "schedule", "forward", "commit", "sample", "resolve", "detokenize" — with
+        # the requests that point works on; what it raises is handled like a real failure there.
+        self.fault: Callable[[str, list[Request]], None] | None = None
+        self._blind_failures = 0  # consecutive failures that touched no identifiable request
+        self.oom_retries = 0
         self._exact_history: set[Request] = set()  # unfinished requests with penalties (no overlap)
         self._thread: threading.Thread | None = None
         if start_thread:
@@ -138,10 +155,9 @@ class EngineCore:
                 if self._stop.is_set():
                     break
                 self.step()
-            except Exception:  # keep serving: fail what was in flight, not the engine
+            except Exception as e:  # keep serving: fail what the step touched, not the engine
                 log.error("engine step failed:\n%s", traceback.format_exc())
-                self.inflight = None
-                self._finish_all("error")
+                self._fail_unattributed(e)
             if not self.scheduler.has_work() and self.inbox.empty() and self.inflight is None:
                 self._idle.set()
         self._abort_all()
@@ -155,10 +171,15 @@ class EngineCore:
             block = False
             if kind in ("add", "add_many"):
                 for group in payload if kind == "add_many" else [payload]:
-                    for r in group:
-                        self._init_request(r)
-                        self.scheduler.add(r)
                     self.requests.setdefault(group[0].rid, []).extend(group)
+                    for r in group:
+                        try:
+                            self._init_request(r)
+                        except Exception as e:  # e.g. its detokenizer cannot start: it alone fails
+                            log.error("request %s failed to start:\n%s", r.rid, traceback.format_exc())
+                            self._fail([r], e)
+                            continue
+                        self.scheduler.add(r)
             elif kind == "abort":
                 for r in self.requests.get(payload, []):
                     if not r.finished:
@@ -191,16 +212,24 @@ class EngineCore:
         sampled tokens of step N stay on the device: step N+1's inputs read them there
         (placeholders in output_ids), and detokenization, stop checks and callbacks of
         step N run after N+1 is launched.  Outputs are the same either way; a request that
-        stops at step N may have computed one extra token, which is dropped."""
+        stops at step N may have computed one extra token, which is dropped.
+
+        Failures stay with the requests they touch: see _schedule, _on_launch_failure, _resolve."""
         prof = self.profile
         t = prof.tick() if prof else 0.0
         if self.inflight is not None and self._needs_sync():
             self._resolve(self.inflight)
             self.inflight = None
-        sb = self.scheduler.schedule()
+        sb = self._schedule()
         if prof:
             t = prof.add_host("schedule", t)
-        launched = self._launch(sb) if sb is not None else None
+        launched = None
+        if sb is not None:
+            try:
+                launched = self._launch(sb)
+                self._blind_failures = 0
+            except Exception as e:
+                self._on_launch_failure(sb, e)
         if prof:
             t = prof.add_host("launch", t)
         if self.inflight is not None:
@@ -214,6 +243,62 @@ class EngineCore:
         if prof:
             prof.add_host("resolve", t)
 
+    def _schedule(self):
+        """The scheduler's next batch; if building it fails, the requests holding uncommitted
+        slots (the batch so far) end with "error"."""
+        try:
+            sb = self.scheduler.schedule()
+            if self.fault is not None and sb is not None:
+                self.fault("schedule", sb.reqs)
+            return sb
+        except Exception as e:
+            log.error("scheduling failed:\n%s", traceback.format_exc())
+            self._fail_blamed([r for r in self.scheduler.running if r.pending], e)
+            return None
+
+    def _on_launch_failure(self, sb, err: Exception) -> None:
+        """The forward, commit or sampling of sb raised.  Out of device memory before the commit:
+        roll back and let the next step run smaller; otherwise sb's requests end with "error"."""
+        if isinstance(err, torch.OutOfMemoryError) and all(r.pending for r in sb.reqs):
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if self.scheduler.shrink_after_oom(sb):
+                self.oom_retries += 1
+                log.warning("out of device memory in a step of %d tokens (%d requests): retrying smaller",
+                            sum(sb.extend_lens), len(sb.reqs))
+                return
+        log.error("step failed for %d request(s):\n%s", len(sb.reqs), traceback.format_exc())
+        self._fail(sb.reqs, err)
+
+    def _fail(self, reqs: list[Request], err: BaseException) -> None:
+        """End reqs with "error" and the failure's message; release gives their KV back
+        (resolved, committed tokens to the radix cache; the rest to the pool)."""
+        msg = f"{type(err).__name__}: {err}"
+        for r in reqs:
+            if not r.finished:
+                self._finish(r, "error", emit=True, error=msg)
+
+    def _fail_blamed(self, reqs: list[Request], err: BaseException) -> None:
+        """Fail reqs; a failure with no request to blame is counted, and one that keeps
+        recurring (three steps in a row) ends every running request so the loop cannot spin
+        on it.  Waiting requests were never touched and stay."""
+        if not reqs:
+            self._blind_failures += 1
+            if self._blind_failures < 3:
+                return
+            reqs = list(self.scheduler.running)
+        self._blind_failures = 0
+        self._fail(reqs, err)
+
+    def _fail_unattributed(self, err: BaseException) -> None:
+        """An exception escaped the step's own handling: fail the batch being built or run
+        (its requests hold uncommitted slots) and the launched step whose tokens are unread."""
+        reqs = [r for r in self.scheduler.running if r.pending]
+        if self.inflight is not None:
+            reqs += self.inflight.rows
+            self.inflight = None
+        self._fail_blamed(reqs, err)
+
     def _needs_sync(self) -> bool:
         return bool(self._exact_history)
 
@@ -222,27 +307,26 @@ class EngineCore:
         prev = self.inflight.tokens if self.inflight is not None else None
         prof = self.profile
         ev = prof.start_device() if prof else None
+        if self.fault is not None:
+            self.fault("forward", sb.reqs)
         logits = self.runner.forward(sb, prev_tokens=prev)
         self.scheduler.commit(sb)
+        if self.fault is not None:
+            self.fault("commit", sb.reqs)
         rows = [r for r, s in zip(sb.reqs, sb.sample) if s]
         if not rows:
             if prof:
                 prof.end_device(self._step_kind(sb), sum(sb.extend_lens), ev)
             return None
-        sbatch = SamplingBatch.build(
-            params=[r.params for r in rows],
-            prompt_ids=[r.prompt_ids for r in rows],
-            output_ids=[r.output_ids for r in rows],
-            generators=[r.generator for r in rows],
-            eos_ids=self.eos_ids,
-            vocab_size=self.vocab_size,
-            device=logits.device,
-            default_generator=self.default_generator,
-        )
         deferred = self.overlap and not any(r.params.logprobs for r in rows)
-        res = sample(logits, sbatch, use_kernels=self.gpu_sampling_kernels, defer=deferred)
+        try:
+            res = self._sample(rows, logits, deferred)
+        except Exception as e:
+            rows, res = self._sample_each(rows, logits, deferred, e)
         if prof:
             prof.end_device(self._step_kind(sb), sum(sb.extend_lens), ev)
+        if not rows:
+            return None
         slots = []
         for j, r in enumerate(rows):
             slots.append(len(r.output_ids))
@@ -259,28 +343,79 @@ class EngineCore:
                 la.cpu_tokens = res.tokens
         return la
 
+    def _sample(self, rows: list[Request], logits: torch.Tensor, deferred: bool):
+        if self.fault is not None:
+            self.fault("sample", rows)
+        sbatch = SamplingBatch.build(
+            params=[r.params for r in rows],
+            prompt_ids=[r.prompt_ids for r in rows],
+            output_ids=[r.output_ids for r in rows],
+            generators=[r.generator for r in rows],
+            eos_ids=self.eos_ids,
+            vocab_size=self.vocab_size,
+            device=logits.device,
+            default_generator=self.default_generator,
+        )
+        return sample(logits, sbatch, use_kernels=self.gpu_sampling_kernels, defer=deferred)
+
+    def _sample_each(self, rows: list[Request], logits: torch.Tensor, deferred: bool, err: Exception):
+        """Sampling the batch raised: sample each row alone, so a request whose own sampling
+        fails ends with "error" and the others get their tokens.  Returns (rows kept, result)."""
+        log.warning("sampling %d rows failed (%s: %s); sampling them one by one", len(rows), type(err).__name__, err)
+        kept: list[Request] = []
+        parts = []
+        for j, r in enumerate(rows):
+            try:
+                parts.append(self._sample([r], logits[j:j + 1], deferred))
+                kept.append(r)
+            except Exception as e:
+                log.error("sampling failed for %s:\n%s", r.rid, traceback.format_exc())
+                self._fail([r], e)
+        if not parts:
+            return kept, None
+        res = SampleResult(token_ids=None if deferred else [t for p in parts for t in p.token_ids],
+                           tokens=torch.cat([p.tokens for p in parts]))
+        if any(p.logprobs is not None for p in parts):
+            res.logprobs = [p.logprobs[0] if p.logprobs else None for p in parts]
+            res.top_logprobs = [p.top_logprobs[0] if p.top_logprobs else None for p in parts]
+        return kept, res
+
     def _step_kind(self, sb) -> str:
         if sb.decode_only:
             return "decode_" + self.runner.last_path
         return "mixed" if any(n == 1 for n in sb.extend_lens) else "prefill"
 
     def _resolve(self, la: "_Launched") -> None:
-        if la.deferred:
-            if la.event is not None:
-                la.event.synchronize()
-            toks = la.cpu_tokens.tolist()
-        else:
-            toks = la.result.token_ids
+        """Hand a launched step's tokens to its requests.  If the tokens cannot be read, the
+        step's rows end with "error"; if one request's own handling (detokenizer, stop check)
+        raises, that request alone does."""
+        try:
+            if self.fault is not None:
+                self.fault("resolve", la.rows)
+            if la.deferred:
+                if la.event is not None:
+                    la.event.synchronize()
+                toks = la.cpu_tokens.tolist()
+            else:
+                toks = la.result.token_ids
+        except Exception as e:
+            log.error("reading a step's tokens failed:\n%s", traceback.format_exc())
+            self._fail(la.rows, e)
+            return
         lps = la.result.logprobs
         tops = la.result.top_logprobs
         for j, (r, idx) in enumerate(zip(la.rows, la.slots)):
             if r.finished or idx >= len(r.output_ids) or r.output_ids[idx] != -(1 + j):
                 continue  # finished meanwhile: its extra token is dropped
-            tok = int(toks[j])
-            lp = None
-            if r.params.logprobs and lps is not None:
-                lp = self._make_logprob(tok, lps[j], tops[j] if tops is not None else None)
-            self._append_token(r, tok, lp, idx)
+            try:
+                tok = int(toks[j])
+                lp = None
+                if r.params.logprobs and lps is not None:
+                    lp = self._make_logprob(tok, lps[j], tops[j] if tops is not None else None)
+                self._append_token(r, tok, lp, idx)
+            except Exception as e:
+                log.error("handling the new token of %s failed:\n%s", r.rid, traceback.format_exc())
+                self._fail([r], e)
 
     def _token_str(self, tok: int) -> str:
         if self.tokenizer is None:
@@ -313,6 +448,8 @@ class EngineCore:
             elif not p.ignore_eos and tok in self.eos_ids:
                 finish, r.matched_stop, hit_stop_token = "stop", tok, True
         text = ""
+        if self.fault is not None:
+            self.fault("detokenize", [r])
         if r.detok is not None and not hit_stop_token:
             text = r.detok.add([tok])
         if r.stop_matcher is not None and text:
@@ -344,7 +481,9 @@ class EngineCore:
             tail += r.stop_matcher.flush()
         return tail
 
-    def _finish(self, r: Request, reason: str, emit: bool) -> None:
+    def _finish(self, r: Request, reason: str, emit: bool, error: str | None = None) -> None:
+        if error is not None:
+            r.error = error
         self.scheduler.finish(r, reason)
         self._exact_history.discard(r)
         r.metrics.completion_tokens = len(r.output_ids)
@@ -353,15 +492,18 @@ class EngineCore:
         if group is not None and all(x.finished for x in group):
             del self.requests[r.rid]
         if emit:
-            self._emit(r, StreamDelta(r.index, "", [], reason, None, r.metrics))
+            extra = {"error": error} if error is not None else {}
+            self._emit(r, StreamDelta(r.index, "", [], reason, None, r.metrics, extra))
 
     def _emit(self, r: Request, delta: StreamDelta) -> None:
         if r.on_delta is None:
             return
         try:
             r.on_delta(delta)
-        except Exception:  # a broken consumer must not take the engine down
+        except Exception as e:  # a broken consumer must not take the engine down
             log.warning("on_delta callback of %s failed:\n%s", r.rid, traceback.format_exc())
+            if not r.finished:  # nobody reads its output: stop computing it (one last delta says why)
+                self._fail([r], e)
 
     def _abort_all(self) -> None:
         try:

@@ -44,7 +44,7 @@ class Request:
         self.depends_on = depends_on
         self.status = Status.WAITING
         self.arrival = arrival if arrival is not None else time.perf_counter()
-        self.seq_no = 0  # admission order; retraction picks the largest
+        self.arrival_no = -1  # scheduler-wide arrival order, set once when first queued; never reassigned
         # KV bookkeeping
         self.req_row: int | None = None
         self.kv_len = 0
@@ -59,6 +59,7 @@ class Request:
         self.finish_reason: str | None = None
         self.matched_stop: str | int | None = None
         self.aborted = False
+        self.error: str | None = None  # the failure behind finish_reason "error"
         self.metrics = RequestMetrics(prompt_tokens=len(prompt_ids))
         self.first_admitted = False
 
@@ -85,6 +86,10 @@ class Request:
         return n > 0 and self.status is Status.RUNNING and len(self.prompt_ids) + n - self.kv_len == 1
 
     @property
+    def retractions(self) -> int:
+        return self.metrics.retractions
+
+    @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
 
@@ -95,6 +100,22 @@ class Request:
         if mt is not None and mt - n < cap:
             cap = mt - n
         return cap if cap > 0 else 0
+
+    def final_len(self, max_model_len: int) -> int:
+        """Context length at the latest possible finish: the KV this request can come to hold."""
+        return self.all_len + self.max_new_remaining(max_model_len)
+
+    def resolved_len(self, end: int) -> int:
+        """How many of the first ``end`` positions have known token ids.  With overlap a sampled
+        token is a placeholder (negative) until its step resolves; a failed step can leave
+        placeholders behind whose KV was computed from a token nobody saw."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return end
+        for i, t in enumerate(self.output_ids[: end - n]):
+            if t < 0:
+                return n + i
+        return end
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"Request({self.rid}#{self.index}, {self.status.value}, kv={self.kv_len}/{self.all_len})"

@@ -2,11 +2,26 @@
 
 Each step the scheduler (1) gives every decoding request one KV slot —
 evicting unlocked prefixes from the radix cache and, if still short,
-retracting the youngest decodes back to the waiting queue; (2) spends a
-per-step token budget (the chunk size) on prefills: first the request whose
-prompt is half-done, then waiting requests (FCFS, or longest cached prefix
-first); (3) hands the mixed batch to the runner; (4) appends the sampled
-tokens and finishes requests.  Memory pressure never raises: it retracts.
+retracting requests back to the waiting queue (see "Retraction" below); (2)
+spends a per-step token budget (the chunk size) on prefills: first the request
+whose prompt is half-done, then waiting requests (FCFS, or longest cached
+prefix first); (3) hands the mixed batch to the runner; (4) appends the
+sampled tokens and finishes requests.  Memory pressure never raises: it retracts.
+
+Retraction (as SGLang does it): victims go least decoded output first (ties:
+longest prompt, then the latest arrival), and retraction goes on until the
+remaining decodes have room for RETRACT_DECODE_STEPS more steps, so pressure
+costs one retraction round rather than one victim per step.  A retraction
+raises ``new_token_ratio`` — the share of each running request's remaining
+output that admission keeps free — to an estimate of what the survivors will
+still use; it then decays by NEW_TOKEN_RATIO_DECAY per step to
+MIN_NEW_TOKEN_RATIO.  Progress is guaranteed: a retracted request keeps its
+output and its arrival number and goes back to the front of the waiting queue
+(retracted requests in arrival order, protected ones first); after
+PROTECT_AFTER_RETRACTIONS retractions it is protected — retracted only when
+nothing else can make room for one step — and admitted only while every
+running protected request's final length still fits the pool together with
+its own, so protected requests can always finish.
 """
 from __future__ import annotations
 
@@ -21,6 +36,13 @@ from .radix_cache import RadixCache
 from .request import Request, Status
 
 log = logging.getLogger("localsgl.scheduler")
+
+INIT_NEW_TOKEN_RATIO = 0.5
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600  # per scheduled step
+RETRACT_DECODE_STEPS = 20  # a retraction round makes room for this many decode steps
+PROTECT_AFTER_RETRACTIONS = 3
+OOM_RECOVERY_STEPS = 16  # good steps before a step size halved by an out-of-memory error doubles again
 
 
 @dataclass
@@ -56,12 +78,17 @@ class Scheduler:
         self.policy = policy
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted (prefilling or decoding)
-        self._seq = 0
-        self.new_token_ratio = 0.5
+        self._arrivals = 0
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.retractions_total = 0
+        self.step_cap: int | None = None  # tokens per step after an out-of-memory step; None: no cap
+        self._good_steps = 0
 
     # ------------------------------------------------------------ queue ops
     def add(self, req: Request) -> None:
+        if req.arrival_no < 0:
+            req.arrival_no = self._arrivals
+            self._arrivals += 1
         self.waiting.append(req)
 
     @property
@@ -108,8 +135,6 @@ class Scheduler:
             req.metrics.cached_prompt_tokens = req.kv_len
             self.cache.record_query(len(req.prompt_ids), req.kv_len)
         req.status = Status.RUNNING
-        self._seq += 1
-        req.seq_no = self._seq
         self.running.append(req)
         return True
 
@@ -142,6 +167,10 @@ class Scheduler:
         if req.pending:  # slots handed out for a step that never committed
             self.kv_pool.free(self._row_slots(req, req.kv_len, req.kv_len + req.pending))
             req.pending = 0
+        known = req.resolved_len(req.kv_len)
+        if known < req.kv_len:  # KV computed from a token that never resolved (a failed step)
+            self.kv_pool.free(self._row_slots(req, known, req.kv_len))
+            req.kv_len = known
         if self.cache.disabled:
             self.kv_pool.free(self._row_slots(req, 0, req.kv_len))
         else:
@@ -155,13 +184,83 @@ class Scheduler:
             self.running.remove(req)
 
     def retract(self, req: Request) -> None:
+        """Back to the waiting queue; its output stays (recomputed from the cache on re-admission)."""
         log.debug("retracting %s", req.rid)
         self.release(req)
         req.status = Status.WAITING
         req.metrics.retractions += 1
         self.retractions_total += 1
-        self.waiting.appendleft(req)
-        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+        self._requeue_front(req)
+
+    def _requeue_front(self, req: Request) -> None:
+        """Insert req among the retracted requests at the front of the queue, in
+        (protected first, arrival) order, ahead of every request never retracted."""
+        key = self._requeue_key(req)
+        i = 0
+        for w in self.waiting:
+            if w.retractions == 0 or self._requeue_key(w) > key:
+                break
+            i += 1
+        self.waiting.insert(i, req)
+
+    @staticmethod
+    def _requeue_key(r: Request) -> tuple[bool, int]:
+        return (r.retractions < PROTECT_AFTER_RETRACTIONS, r.arrival_no)
+
+    @staticmethod
+    def _victim_key(r: Request) -> tuple:
+        """Sort key: the first in this order is retracted first."""
+        return (r.retractions >= PROTECT_AFTER_RETRACTIONS, len(r.output_ids), -len(r.prompt_ids), -r.arrival_no)
+
+    def _retract_for_decodes(self, decodes: list[Request], prefilling: list[Request]) -> None:
+        """Not every decode has a slot: retract (victim order, decodes and unfinished prefills
+        alike) until the remaining decodes have room for RETRACT_DECODE_STEPS steps.  Protected
+        requests go only when nothing else makes room for one step, and the last decode stays."""
+        L = self.max_model_len
+        target = sum(min(RETRACT_DECODE_STEPS, r.max_new_remaining(L)) for r in decodes)
+        retracted = 0
+        for victim in sorted(decodes + prefilling, key=self._victim_key):
+            avail = self._available()
+            if avail >= target:
+                break
+            is_decode = victim.is_decoding
+            if is_decode and len(decodes) == 1:
+                continue
+            if victim.retractions >= PROTECT_AFTER_RETRACTIONS and avail >= len(decodes):
+                break
+            if is_decode:
+                decodes.remove(victim)
+                target -= min(RETRACT_DECODE_STEPS, victim.max_new_remaining(L))
+            else:
+                prefilling.remove(victim)
+            self.retract(victim)
+            retracted += 1
+        while decodes and self._available() < len(decodes):  # even one decode cannot grow: the pool is too small
+            victim = min(decodes, key=self._victim_key)
+            decodes.remove(victim)
+            self.retract(victim)
+            retracted += 1
+        if retracted:
+            self._raise_new_token_ratio(decodes)
+
+    def _raise_new_token_ratio(self, decodes: list[Request]) -> None:
+        """After a retraction: expect the survivors to use what they decoded so far plus
+        RETRACT_DECODE_STEPS more each, as a share of their maximal output."""
+        if not decodes:
+            self.new_token_ratio = 1.0
+            return
+        L = self.max_model_len
+        decoded = sum(len(r.output_ids) for r in decodes)
+        max_new = sum(len(r.output_ids) + r.max_new_remaining(L) for r in decodes)
+        estimate = (decoded + RETRACT_DECODE_STEPS * len(decodes)) / max(max_new, 1)
+        self.new_token_ratio = max(self.new_token_ratio, min(1.0, estimate))
+
+    def _protected_fits(self, req: Request) -> bool:
+        """A protected request is admitted only while all running protected requests can still
+        reach their final length together (retracting everything else makes that room)."""
+        L = self.max_model_len
+        others = sum(r.final_len(L) for r in self.running if r.retractions >= PROTECT_AFTER_RETRACTIONS)
+        return others == 0 or others + req.final_len(L) <= self.kv_pool.num_slots
 
     def finish(self, req: Request, reason: str) -> None:
         if req.status == Status.FINISHED:
@@ -174,8 +273,8 @@ class Scheduler:
 
     # ------------------------------------------------------------ schedule
     def schedule(self) -> ScheduledBatch | None:
-        self.new_token_ratio = max(0.1, self.new_token_ratio - 0.002)
-        # 1) one slot for every decoding request; retract the youngest when short
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        # 1) one slot for every decoding request; retract (victim order) when short
         # a request whose in-flight token already reaches its limit waits for that token
         # one pass over running: decodes (one token to compute, budget left) and prefills
         decodes: list[Request] = []
@@ -185,10 +284,10 @@ class Scheduler:
                 prefilling.append(r)
             elif r.max_new_remaining(self.max_model_len) > 0:
                 decodes.append(r)
-        while decodes and self._available() < len(decodes):
-            victim = max(decodes, key=lambda r: r.seq_no)
-            decodes.remove(victim)
-            self.retract(victim)
+        if self.step_cap is not None and len(decodes) > self.step_cap:  # the rest wait, keeping their KV
+            decodes = sorted(decodes, key=lambda r: r.arrival_no)[: self.step_cap]
+        if decodes and self._available() < len(decodes):
+            self._retract_for_decodes(decodes, prefilling)
         reqs: list[Request] = []
         ext: list[int] = []
         pre: list[int] = []
@@ -207,8 +306,8 @@ class Scheduler:
             slot_parts.append(slots)
 
         # 2) prefills under the token budget
-        budget = self.chunk_size
-        candidates = prefilling  # retraction above picks decodes only
+        budget = self.chunk_size if self.step_cap is None else min(self.chunk_size, self.step_cap - len(decodes))
+        candidates = prefilling
         if self.waiting and len(self.running) < self.max_running:
             if self.policy == "lpm":
                 self._sort_waiting_by_prefix()
@@ -228,6 +327,9 @@ class Scheduler:
             if self._available() - reserve < need and self.running:
                 self.waiting.appendleft(r)
                 break
+            if r.retractions >= PROTECT_AFTER_RETRACTIONS and not self._protected_fits(r):
+                self.waiting.appendleft(r)
+                break
             if not self._admit(r):
                 self.waiting.appendleft(r)
                 break
@@ -242,8 +344,8 @@ class Scheduler:
             self.waiting.appendleft(r)
         if not reqs:
             stalled = [r for r in self.running if not r.is_decoding or r.max_new_remaining(self.max_model_len) > 0]
-            if stalled:  # stalled for memory: free the youngest; the next step goes on
-                self.retract(max(stalled, key=lambda r: r.seq_no))
+            if stalled:  # stalled for memory: free the first victim; the next step goes on
+                self.retract(min(stalled, key=self._victim_key))
             return None
         out_slots = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.int64)
         decode_only = all(e == 1 for e in ext) and all(sample) and len(decodes) == len(reqs)
@@ -278,19 +380,50 @@ class Scheduler:
             return
         scored = []
         for i, r in enumerate(self.waiting):
+            if r.retractions:  # retracted requests keep their place at the front
+                scored.append((0, 0, i, r))
+                continue
             slots, _ = self.cache.match_prefix(r.all_ids(r.all_len - 1))
-            scored.append((-int(slots.numel()), i, r))
-        scored.sort(key=lambda t: (t[0], t[1]))
-        self.waiting = deque(r for _, _, r in scored)
+            scored.append((1, -int(slots.numel()), i, r))
+        scored.sort(key=lambda t: t[:3])
+        self.waiting = deque(t[3] for t in scored)
 
     def commit(self, batch: ScheduledBatch) -> None:
         """After the forward: advance kv_len; cache finished prefill chunks."""
+        if self.step_cap is not None:
+            self._good_steps += 1
+            if self._good_steps >= OOM_RECOVERY_STEPS:
+                self._good_steps = 0
+                self.step_cap *= 2
+                if self.step_cap >= self.chunk_size + self.max_running:
+                    self.step_cap = None
         for r, n, s in zip(batch.reqs, batch.extend_lens, batch.sample):
             r.kv_len += n
             r.pending = 0
             unresolved = bool(r.output_ids) and r.output_ids[-1] < 0
             if (n > 1 or not r.output_ids) and not unresolved:  # a prefill chunk: share it at once
                 self.cache_progress(r)
+
+    # ------------------------------------------------------------ failed steps
+    def rollback(self, batch: ScheduledBatch) -> None:
+        """Undo the slot allocation of a step that failed before its commit."""
+        for r in batch.reqs:
+            if r.pending and r.req_row is not None:
+                self.kv_pool.free(self._row_slots(r, r.kv_len, r.kv_len + r.pending))
+            r.pending = 0
+
+    def shrink_after_oom(self, batch: ScheduledBatch) -> bool:
+        """The device ran out of memory in this (uncommitted) step: roll it back and cap the
+        next steps at half its tokens (decodes beyond the cap wait, oldest arrivals go first;
+        the cap doubles again every OOM_RECOVERY_STEPS good steps).  False when the step was
+        one token already: nothing smaller to retry."""
+        self.rollback(batch)
+        tokens = sum(batch.extend_lens)
+        if tokens <= 1:
+            return False
+        self.step_cap = tokens // 2
+        self._good_steps = 0
+        return True
 
     # ------------------------------------------------------------ checks
     def check_idle_invariants(self) -> None:
