@@ -88,8 +88,8 @@ def test_precedence_generation_config_then_alias_then_llama_cpp():
     d = resolve_defaults({"top_p": 0.7, "max_tokens": 512}, "some-alias", alias_values)
     assert d["top_p"] == (0.7, GENERATION_CONFIG)
     assert d["max_tokens"] == (512, GENERATION_CONFIG)
-    assert d["temperature"] == (0.2, "alias some-alias (model card)")
-    assert d["min_p"] == (0.0, "alias some-alias (model card)")
+    assert d["temperature"] == (0.2, "alias some-alias")
+    assert d["min_p"] == (0.0, "alias some-alias")
     assert d["top_k"] == BUILTIN_DEFAULTS["top_k"] == (40, "llama.cpp default")
     assert d["repetition_penalty"] == (1.0, "llama.cpp default")
     assert resolve_defaults() == BUILTIN_DEFAULTS
@@ -136,7 +136,7 @@ def test_alias_values_apply_to_the_alias_and_its_repo(tmp_path):
                       repo_id=entry.target)
     assert alias_of(src) == "smollm2-360m"
     got = model_sampling_defaults(src)
-    assert got["temperature"] == (0.2, "alias smollm2-360m (model card)") and got["top_p"] == (0.5, GENERATION_CONFIG)
+    assert got["temperature"] == (0.2, "alias smollm2-360m") and got["top_p"] == (0.5, GENERATION_CONFIG)
     assert alias_of(ModelSource("other", "hf", None, {}, repo_id="org/other")) is None
     # every recorded value is one SamplingParams accepts
     for name, e in ALIASES.items():
@@ -148,7 +148,7 @@ def test_embedded_alias_defaults():
     src = resolve_model("smollm2-135m", load_format="dummy")
     got = model_sampling_defaults(src)
     for field, value in ALIASES["smollm2-135m"].sampling.items():
-        assert got[field] == (value, "alias smollm2-135m (model card)")
+        assert got[field] == (value, "alias smollm2-135m")
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -186,7 +186,7 @@ def test_info_json_and_text_show_values_and_sources(isolated_settings, tmp_path)
     sampling = json.loads(r.stdout)["sampling"]
     assert set(sampling) == set(MODEL_DEFAULT_FIELDS)
     for field, value in ALIASES["smollm2-135m"].sampling.items():
-        assert sampling[field] == {"value": value, "source": "alias smollm2-135m (model card)"}
+        assert sampling[field] == {"value": value, "source": "alias smollm2-135m"}
     assert sampling["max_tokens"] == {"value": 256, "source": "localsgl default"}
 
     d = tiny_dir(tmp_path, {"temperature": 0.45, "top_k": 12})

@@ -4,7 +4,8 @@ A small model sampled at temperature 1 over its whole vocabulary babbles, so a f
 caller leaves unset takes, field by field, the first of
   1. the model's own generation_config.json (a Hugging Face directory or hub snapshot): what
      its authors ship, and what vLLM applies by default;
-  2. the values its model card recommends, recorded with its alias (store.resolve.ALIASES);
+  2. the values recorded with its alias (store.resolve.ALIASES: the model card's, or values
+     measured on the file an alias names);
   3. llama.cpp's defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, no repetition
      penalty; and localsgl's max_tokens of 256.
 A value the caller sets (CLI flag, LOCALSGL_* variable, HTTP field, SamplingParams argument)
@@ -113,7 +114,7 @@ def resolve_defaults(generation_config: dict[str, Any] | None = None, alias: str
     """Field -> (value, source) by precedence generation_config.json > alias > built-in."""
     layers = [
         (generation_config or {}, GENERATION_CONFIG),
-        (alias_sampling or {}, f"alias {alias} (model card)"),
+        (alias_sampling or {}, f"alias {alias}"),
     ]
     out: SamplingDefaults = {}
     for field, builtin in BUILTIN_DEFAULTS.items():

