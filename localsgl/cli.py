@@ -85,6 +85,7 @@ def _usage_error_types() -> tuple[type, ...]:
 
     types: list[type] = [UsageError, ConfigError, InvalidRequestError]
     for mod, name in (
+        ("localsgl.client", "RemoteRequestError"),
         ("localsgl.engine.plan", "PlanError"),
         ("localsgl.engine.models.config", "UnsupportedModelError"),
         ("localsgl.store.resolve", "UnknownModelError"),
@@ -206,6 +207,20 @@ def _load_engine(kwargs: dict):
 
     with _Loading(kwargs.get("model", DEFAULT_MODEL)):
         return Engine(**kwargs)
+
+
+def _running_server(kwargs: dict, flags: dict):
+    """A client of the running `localsgl serve` of kwargs' model, or None. Engine flags on
+    the command line ask for an engine built that way, so they mean in-process."""
+    given = sorted(k for k, v in flags.items() if v is not None and k != "model")
+    if given:
+        logging.getLogger("localsgl").info("engine flags given (%s): running in-process", ", ".join(given))
+        return None
+    from .client import RemoteEngine, find_server, server_address
+
+    host, port, api_key = server_address(resolve_settings({}, ["host", "port", "api_key"]))
+    server = find_server(kwargs["model"], host, port, api_key)
+    return RemoteEngine(server) if server is not None else None
 
 
 def _has_chat_template(engine) -> bool:
@@ -425,10 +440,15 @@ def run(
     batch: Annotated[bool, typer.Option("--batch", help="Each stdin line is its own prompt; all run concurrently")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON object per answer: index, prompt, text, finish_reason, usage")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Token counts, TTFT and tok/s on stderr")] = False,
+    local: Annotated[bool, typer.Option("--local", help="Load the model in this process even when a `localsgl serve` of it is running")] = False,
     *,
     flags: dict,
 ) -> None:
-    """Answer a prompt (argument or piped stdin) and print the answer to stdout."""
+    """Answer a prompt (argument or piped stdin) and print the answer to stdout.
+
+    When a `localsgl serve` of the same model runs on this machine (its address from
+    [server] in the config file or LOCALSGL_HOST / LOCALSGL_PORT, default 127.0.0.1:8000),
+    the prompts go there; --local, or any engine flag on the command line, runs in-process."""
 
     def body():
         from .engine.params import SamplingParams
@@ -440,7 +460,7 @@ def run(
         params.validate()
         kwargs = resolve_engine_kwargs(flags)
         prompts = _gather_prompts(prompt, batch)
-        engine = _load_engine(kwargs)
+        engine = (None if local else _running_server(kwargs, flags)) or _load_engine(kwargs)
         with engine:
             if system and not _has_chat_template(engine):
                 _err("note: this model has no chat template; the system text is prepended to the prompt")

@@ -3,6 +3,7 @@
 Paths
   models        the Hugging Face cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE respected); never a copy
   data          $XDG_DATA_HOME/localsgl          (manifests/, quantized models/)
+  cache         $XDG_CACHE_HOME/localsgl         (GGUF files converted for loading; safe to delete)
   config file   $XDG_CONFIG_HOME/localsgl/config.toml   (or $LOCALSGL_CONFIG)
 
 The config file holds flags by their long name, snake_case or kebab-case, at the top level
@@ -70,6 +71,12 @@ def manifests_dir() -> Path:
 
 def quantized_dir() -> Path:
     return data_dir() / "models"
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/localsgl (default ~/.cache/localsgl): derived files that can be rebuilt
+    at any time (e.g. GGUF files converted to the run dtype)."""
+    return (_env_path("XDG_CACHE_HOME") or home() / ".cache") / "localsgl"
 
 
 def config_dir() -> Path:

@@ -494,9 +494,12 @@ def create_app(
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    details = _model_details(engine, state)
+
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "localsgl",
-                "root": str(getattr(engine, "model_name", state.model_name)), "max_model_len": state.max_model_len}
+                "root": str(getattr(engine, "model_name", state.model_name)), "max_model_len": state.max_model_len,
+                "localsgl": details}
 
     @app.get("/v1/models", response_model=S.ModelList, tags=["openai"], responses=auth_responses)
     async def list_models():
@@ -827,6 +830,32 @@ def _completion_lp(lps: list[TokenLogprob], start_offset: int) -> dict:
 
 
 # =========================================================================== serve
+def _model_details(engine, state: ServerState) -> dict:
+    """The model card's ``localsgl`` field: what `localsgl run` needs to use this server
+    instead of loading the model itself (localsgl/client.py): every name the model goes by,
+    its file or directory, whether prompts go through a chat template, and the max_tokens
+    an engine request that leaves it unset gets."""
+    source = getattr(engine, "source", None)
+    names = set(state.model_names)
+    try:
+        from localsgl.store.resolve import alias_of
+
+        alias = alias_of(source) if source is not None else None
+    except Exception:  # noqa: BLE001 - a source without the fields alias_of reads
+        alias = None
+    if alias:
+        names.add(alias)
+    path = getattr(source, "path", None)
+    defaults = getattr(state, "sampling_defaults", None) or {}
+    max_tokens = defaults.get("max_tokens", (None, ""))[0]
+    return {
+        "names": sorted(names),
+        "path": str(path) if path else None,
+        "chat_template": bool(getattr(getattr(engine, "tokenizer", None), "chat_template", None)),
+        "max_tokens": max_tokens if isinstance(max_tokens, int) else None,
+    }
+
+
 def _plan_summary(engine) -> str:
     plan = getattr(engine, "plan", None)
     if plan is None:

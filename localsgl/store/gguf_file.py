@@ -20,16 +20,20 @@ as transformers' GGUF loader does. Qwen2/Qwen3 files are not permuted.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import re
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+
+from . import convert_cache
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +88,57 @@ def hf_tensor_name(gguf_name: str) -> str | None:
 
 
 class GGUFModel:
-    """One GGUF file's header, tensors and derived HF config."""
+    """One GGUF file's header, tensors and derived HF config.
 
-    def __init__(self, path: str | os.PathLike):
+    With a conversion-cache entry (convert_cache.py) that holds this file's config, the
+    header is not parsed at all: ``reader``, ``fields`` and ``tensors`` open the file on
+    first use."""
+
+    def __init__(self, path: str | os.PathLike, cache: convert_cache.CacheEntry | None = None):
+        self.path = Path(path)
+        self.cache = cache
+        self._reader = None
+        self._config: dict | None = None
+        self._weight_specs: list[tuple[str, tuple[int, ...]]] | None = None
+        self._name: str | None = None
+        meta = cache.read_meta() if cache is not None else None
+        if meta is not None:
+            self._config = meta["config"]
+            self._name = meta.get("name")
+            self._weight_specs = [(n, tuple(shape)) for n, shape in meta["weights"]]
+        else:
+            self._open()  # an unreadable file fails here, not mid-load
+
+    def _open(self) -> None:
         from gguf import GGUFReader
 
-        self.path = Path(path)
         try:
-            self.reader = GGUFReader(str(self.path), "r")
+            reader = GGUFReader(str(self.path), "r")
         except (ValueError, OSError, IndexError) as e:
             raise GGUFError(f"{self.path}: not a readable GGUF file: {e}") from None
-        self.fields = self.reader.fields
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.gguf_arch = self.get("general.architecture")
-        if self.gguf_arch is None:
+        self._reader = reader
+        if self.get("general.architecture") is None:
             raise GGUFError(f"{self.path}: GGUF file has no general.architecture")
-        self._config: dict | None = None
+
+    @property
+    def reader(self):
+        if self._reader is None:
+            self._open()
+        return self._reader
+
+    @property
+    def fields(self):
+        return self.reader.fields
+
+    @functools.cached_property
+    def tensors(self) -> dict:
+        return {t.name: t for t in self.reader.tensors}
+
+    @property
+    def gguf_arch(self) -> str:
+        if self._reader is None and self._config is not None:
+            return self._config["gguf"]["architecture"]
+        return self.get("general.architecture")
 
     # metadata ------------------------------------------------------------------
     def get(self, key: str, default=None):
@@ -121,7 +160,9 @@ class GGUFModel:
 
     @property
     def name(self) -> str:
-        return self.get("general.name") or self.path.stem
+        if self._name is None:
+            self._name = self.get("general.name") or self.path.stem
+        return self._name
 
     @property
     def chat_template(self) -> str | None:
@@ -131,7 +172,24 @@ class GGUFModel:
     def config(self) -> dict:
         if self._config is None:
             self._config = self._build_config()
+            if self.cache is not None and self.weight_specs is not None:
+                self.cache.write_meta(self._config, self.name, self.weight_specs)
         return self._config
+
+    @property
+    def weight_specs(self) -> list[tuple[str, tuple[int, ...]]] | None:
+        """(HF name, HF shape) of every weight in file order; None when some tensor is not
+        one we can load (iter_weights then raises with its name)."""
+        if self._weight_specs is None:
+            try:
+                self._weight_specs = [
+                    (name, tuple(int(x) for x in reversed(t.shape)))
+                    for t in self.reader.tensors
+                    if (name := hf_tensor_name(t.name)) is not None
+                ]
+            except GGUFError:
+                return None
+        return self._weight_specs
 
     def _build_config(self) -> dict:
         arch = self.gguf_arch
@@ -238,6 +296,21 @@ class GGUFModel:
 
     # weights -------------------------------------------------------------------
     def iter_weights(self, dtype: torch.dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, dense tensor in dtype on device). On the CPU the dequantized weights come
+        from the conversion cache when it has them, and go into it when it does not (on a GPU
+        dequantization runs on the device and is faster than reading a dense copy)."""
+        device = torch.device(device)
+        run_dtype = str(dtype).removeprefix("torch.")
+        specs = self.weight_specs if self.cache is not None and device.type == "cpu" else None
+        if specs is None or run_dtype not in ("float32", "bfloat16", "float16"):
+            return self._dequantized(dtype, device)
+        cached = self.cache.load_weights(run_dtype, specs)
+        if cached is not None:
+            log.info("weights of %s from the conversion cache (%s)", self.path.name, self.cache.dir)
+            return iter(cached.items())
+        return self.cache.store_while_yielding(run_dtype, specs, self._dequantized(dtype, device))
+
+    def _dequantized(self, dtype: torch.dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
         cfg = self.config
         permute = self.gguf_arch in _PERMUTED_ARCHS
         heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -481,28 +554,61 @@ def _key(path) -> tuple[str, float]:
 
 
 def open_gguf(path) -> GGUFModel:
-    """The parsed file, cached per path within the process (parsing a header with a
-    large vocabulary takes seconds)."""
+    """The parsed file, cached per path within the process and, across processes, through
+    the conversion cache (parsing a header with a large vocabulary takes seconds)."""
     key = _key(path)
     with _lock:
         m = _models.get(key)
     if m is None:
-        m = GGUFModel(key[0])
+        m = GGUFModel(key[0], cache=convert_cache.CacheEntry.for_file(key[0]))
         with _lock:
             _models[key] = m
     return m
 
 
 def load_tokenizer(path):
-    """The file's tokenizer and chat template, through transformers (cached per path)."""
+    """The file's tokenizer and chat template (cached per path).
+
+    transformers converts the GGUF vocabulary once; its saved files go to the conversion
+    cache and every load reads them with LightTokenizer, so a start with a warm cache
+    imports neither transformers nor huggingface_hub."""
     key = _key(path)
     with _lock:
         tok = _tokenizers.get(key)
     if tok is None:
-        from transformers import AutoTokenizer
-
-        p = Path(key[0])
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        tok = _load_tokenizer(Path(key[0]))
         with _lock:
             _tokenizers[key] = tok
     return tok
+
+
+def _load_tokenizer(path: Path):
+    from .light_tokenizer import LightTokenizer
+
+    entry = open_gguf(path).cache
+    if entry is not None and entry.has_tokenizer():
+        try:
+            return LightTokenizer.from_dir(entry.tokenizer_dir)
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry: convert again
+            log.warning("rebuilding the cached tokenizer of %s: %s", path.name, e)
+    files = _converted_tokenizer_files(path)
+    if "tokenizer.json" not in files:  # not a tokenizers-backed conversion: use transformers'
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if entry is not None and entry.write_tokenizer(files):
+        return LightTokenizer.from_dir(entry.tokenizer_dir)
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            (Path(d) / name).write_bytes(data)
+        return LightTokenizer.from_dir(d)
+
+
+def _converted_tokenizer_files(path: Path) -> dict[str, bytes]:
+    """The files transformers saves for the tokenizer it builds from a GGUF file."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
