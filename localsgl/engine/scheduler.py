@@ -142,23 +142,26 @@ class Scheduler:
         return self.req_pool.slots(req.req_row, start, end)
 
     def cache_progress(self, req: Request) -> None:
-        """Hand the computed KV of req to the radix cache (after a prefill chunk)."""
+        """Hand the computed KV of req to the radix cache (after a prefill chunk).
+
+        Only the new part, positions cached_len..kv_len, is inserted, walking on from
+        req.last_node (which ends at cached_len), and the lock moves down over the new nodes
+        only: a chunk costs O(chunk), not O(prompt)."""
         if self.cache.disabled or req.kv_len <= req.cached_len:
             return
-        ids = req.all_ids(req.kv_len)
-        if ids and min(ids[-2:]) < 0:  # never cache a token still being sampled (failed step)
+        start, end = req.cached_len, req.kv_len
+        n_prompt = len(req.prompt_ids)
+        ids = req.prompt_ids[start:end] + req.output_ids[max(start - n_prompt, 0) : max(end - n_prompt, 0)]
+        if min(ids) < 0:  # never cache a token still being sampled (failed step)
             return
-        slots = self._row_slots(req, 0, req.kv_len)
-        dup = self.cache.insert(ids, slots)
-        if dup > req.cached_len:
-            self.kv_pool.free(slots[req.cached_len : dup])
-        new_slots, node = self.cache.match_prefix(ids)
-        assert int(new_slots.numel()) == req.kv_len
-        self.req_pool.write(req.req_row, req.cached_len, new_slots[req.cached_len :])
-        self.cache.lock(node)
-        self.cache.unlock(req.last_node)
+        slots = self._row_slots(req, start, end)
+        dup, node, tree_slots = self.cache.insert_from(req.last_node, ids, slots)
+        if dup:  # the tree already held these tokens: use its slots, free ours
+            self.kv_pool.free(slots[:dup])
+            self.req_pool.write(req.req_row, start, tree_slots[:dup])
+        self.cache.lock_below(req.last_node, node)
         req.last_node = node
-        req.cached_len = req.kv_len
+        req.cached_len = end
 
     def release(self, req: Request) -> None:
         """Give back req's KV (to the cache, or the pool) and its table row."""
