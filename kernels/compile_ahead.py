@@ -17,14 +17,24 @@ assert kills the context): the decode graphs qualify, their index tensors are st
 buffers the host zero-fills.  Without Triton's async compile mode (older Triton) the
 window is a no-op and the real pass compiles as before (also with ``enabled=False``: the
 engine's ``compile_ahead`` debug switch, for A/B runs).
+
+With a warm cache the dry pass only re-derives what the real pass finds anyway, at the
+cost of one Python forward per graph.  ``CompileRecord`` remembers, inside Triton's own
+cache directory (so clearing that cache forgets it too), that a code path's variants were
+compiled there: a signature of the path (its graph keys, the model's shapes) plus the
+Triton and torch versions, the GPU and the source of these kernels and of the caller.  A
+recorded path skips its dry pass; a variant missing all the same compiles at its first
+launch, as without compile-ahead.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 _dry = contextvars.ContextVar("localsgl_compile_only", default=False)
 _patch_lock = threading.Lock()
@@ -70,3 +80,56 @@ def compile_only(workers: int | None = None, enabled: bool = True):
                 yield True
             finally:
                 _dry.reset(token)
+
+
+def _triton_cache_dir() -> Path:
+    try:
+        from triton import knobs
+
+        return Path(knobs.cache.dir)
+    except (ImportError, AttributeError):
+        d = os.environ.get("TRITON_CACHE_DIR")
+        return Path(d) if d else Path(os.path.expanduser("~/.triton/cache"))
+
+
+_digests: dict[tuple[Path, ...], str] = {}
+
+
+def _sources_digest(roots: tuple[Path, ...]) -> str:
+    """Hash of every .py file under ``roots``: editing any makes earlier records stale."""
+    if roots not in _digests:
+        h = hashlib.sha256()
+        for root in roots:
+            for f in sorted(root.rglob("*.py")):
+                h.update(str(f.relative_to(root)).encode())
+                h.update(f.read_bytes())
+        _digests[roots] = h.hexdigest()
+    return _digests[roots]
+
+
+class CompileRecord:
+    """Whether the Triton variants of one code path (named by ``signature``) were compiled
+    into this Triton cache before.  ``source_dirs``: the code that picks the variants (these
+    kernels' own directory is always included)."""
+
+    def __init__(self, signature: str, device=None, source_dirs: tuple = ()):
+        import torch
+        import triton
+
+        dev = ""
+        if device is not None and torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(device)
+            dev = f"{props.name}/{props.major}.{props.minor}"
+        roots = (Path(__file__).resolve().parent,) + tuple(Path(d).resolve() for d in source_dirs)
+        key = "\n".join([signature, triton.__version__, torch.__version__, dev, _sources_digest(roots)])
+        self.path = _triton_cache_dir() / "localsgl-compiled" / hashlib.sha256(key.encode()).hexdigest()
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def write(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+        except OSError:  # a read-only cache: compile ahead again next time
+            pass

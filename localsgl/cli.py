@@ -570,6 +570,12 @@ def _print_info(r: dict) -> None:
         lines.append(f"  budget              {format_size(p['budget_bytes'])} (margin {format_size(p['safety_margin_bytes'])})")
         lines.append(f"  activations         {format_size(p['activation_reserve_bytes'])}, CUDA graphs {format_size(p['graph_reserve_bytes'])}")
     graphs = ", ".join(map(str, p["cuda_graph_bs"])) if p["cuda_graph_bs"] else "none"
+    if p["cuda_graph_bs"]:
+        from .engine.graph_schedule import capture_order
+
+        first, later = capture_order(p["cuda_graph_bs"], cascade=False)
+        if later:
+            graphs += f" ({', '.join(str(k.batch_size) for k in reversed(first))} captured before serving, the rest while serving)"
     lines += [
         f"  KV cache            {p['kv_tokens']:,} tokens ({format_size(p['kv_bytes'])})",
         f"  max running         {p['max_running']}",

@@ -78,12 +78,15 @@ def main():
         for r in info["rows"]:
             tag = (" " + ",".join(f"{k}={v}" for k, v in extra.items())) if extra else ""
             table.append((r["workload"] + tag, r["measured"], r["unit"], r["floor"], r["ratio"], info["load_seconds"],
-                          info.get("ready_after_weights_seconds", float("nan"))))
+                          info.get("ready_after_weights_seconds", float("nan")),
+                          info.get("graphs_ready_after_weights_seconds") or float("nan")))
         print(f"[{kind} {args} done in {time.time()-t:.0f}s]", flush=True)
     print()
-    print(f"{'workload':66s} {'measured':>10s} {'unit':>13s} {'floor':>10s} {'x floor':>7s} {'ready s':>7s} {'after w':>7s}")
-    for w, m, u, f, r, l, aw in table:
-        print(f"{w:66s} {m:10.2f} {u:>13s} {'' if f is None else f'{f:.2f}':>10s} {'' if r is None else f'{r:.2f}':>7s} {l:7.1f} {aw:7.1f}")
+    print(f"{'workload':66s} {'measured':>10s} {'unit':>13s} {'floor':>10s} {'x floor':>7s} {'ready s':>7s} {'after w':>7s} "
+          f"{'graphs':>7s}")
+    for w, m, u, f, r, l, aw, gw in table:
+        print(f"{w:66s} {m:10.2f} {u:>13s} {'' if f is None else f'{f:.2f}':>10s} {'' if r is None else f'{r:.2f}':>7s} "
+              f"{l:7.1f} {aw:7.1f} {gw:7.1f}")
 
 
 if __name__ == "__main__":

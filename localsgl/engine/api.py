@@ -197,6 +197,7 @@ class Engine:
             max_running=max_running, chunk_size=chunk_size, disable_cuda_graph=disable_cuda_graph,
         ))
         pre_plan = make_plan(self.config, self.device_info, self.dtype, **plan_kwargs)
+        tokenizer = _in_background(self.source.load_tokenizer)  # transformers' import overlaps the weights
         self.model = load_model(self.source, self.dtype, self.device, load_format, max_positions=pre_plan.max_model_len)
         free_after = None
         if self.device.type == "cuda":
@@ -206,7 +207,7 @@ class Engine:
         self.plan = make_plan(self.config, self.device_info, self.dtype, free_memory_after_weights=free_after, **plan_kwargs)
         self.max_model_len = self.plan.max_model_len
         self.model.rotary.resize(self.max_model_len)  # the pre-load plan's guess may differ
-        self.tokenizer = self.source.load_tokenizer()
+        self.tokenizer = tokenizer()
         eos = list(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.append(int(self.tokenizer.eos_token_id))
@@ -235,8 +236,10 @@ class Engine:
         )
         t_ready = time.perf_counter()
         self.load_seconds = t_ready - t0
-        # issue 3's start-up target counts from weights on the device to graphs captured
+        # from weights on the device to serving (the small decode graphs captured; the rest
+        # follow while serving: graphs_ready_after_weights_seconds)
         self.ready_after_weights_seconds = t_ready - t_weights
+        self._t_weights = t_weights
         log.info("engine ready in %.1f s (%.1f s after the weights): %s", self.load_seconds,
                  self.ready_after_weights_seconds, self.plan.describe())
 
@@ -423,6 +426,21 @@ class Engine:
     def wait_idle(self, timeout: float | None = None) -> bool:
         return self.core.wait_idle(timeout)
 
+    def wait_graphs(self, timeout: float | None = None) -> bool:
+        """Wait until every planned decode CUDA graph is captured (the engine captures the
+        large buckets while idle after start-up); True when none is pending."""
+        graphs = self.core.runner.graphs
+        return graphs is None or graphs.done.wait(timeout)
+
+    @property
+    def graphs_ready_after_weights_seconds(self) -> float | None:
+        """Seconds from the weights on the device to the last decode graph captured (0.0 with
+        no graphs; None while some are pending)."""
+        graphs = self.core.runner.graphs
+        if graphs is None:
+            return 0.0
+        return None if graphs.done_at is None else graphs.done_at - self._t_weights
+
     def shutdown(self) -> None:
         if self._closed:
             return
@@ -447,6 +465,30 @@ class Engine:
             self.shutdown()
         except Exception:
             pass
+
+
+def _in_background(fn):
+    """Start ``fn()`` on a thread now; the returned callable waits for it and returns its
+    result (or raises its exception)."""
+    box: list = []
+
+    def work():
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            box.append((False, e))
+
+    t = threading.Thread(target=work, name="localsgl-background", daemon=True)
+    t.start()
+
+    def result():
+        t.join()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    return result
 
 
 def _generation_config_eos(source) -> list[int]:

@@ -151,16 +151,33 @@ class EngineCore:
         debug_switches.apply_to_thread(self.cfg.debug, self.device)
         while not self._stop.is_set():
             try:
-                self._drain(block=not self.scheduler.has_work() and self.inflight is None)
+                idle = not self.scheduler.has_work() and self.inflight is None
+                self._drain(block=idle and not self.runner.graphs_pending)
                 if self._stop.is_set():
                     break
                 self.step()
+                self._capture_graph_if_due()
             except Exception as e:  # keep serving: fail what the step touched, not the engine
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_unattributed(e)
             if not self.scheduler.has_work() and self.inbox.empty() and self.inflight is None:
                 self._idle.set()
         self._abort_all()
+
+    def _capture_graph_if_due(self) -> None:
+        """Capture one more decode graph while the engine is idle, or right away when the last
+        decode batch ran without the graph planned for it (its in-flight step resolved first:
+        a capture synchronizes the device anyway)."""
+        runner = self.runner
+        if not runner.graphs_pending:
+            return
+        idle = not self.scheduler.has_work() and self.inflight is None and self.inbox.empty()
+        if not idle and not runner.wants_graph:
+            return
+        if self.inflight is not None:
+            self._resolve(self.inflight)
+            self.inflight = None
+        runner.capture_next_graph(plain_only=not idle)
 
     def _drain(self, block: bool) -> None:
         while True:

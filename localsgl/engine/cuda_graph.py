@@ -11,23 +11,30 @@ positions, new KV slots and request rows into one pinned buffer and uploads it
 with one copy; the graph's first kernel (kernels/step_inputs.py) resolves the
 placeholders, derives the sequence lengths and writes the slot-table entries.
 At batch 1 the separate copies and small ops this replaces cost ~65 µs a step.
+
+Which buckets exist when is graph_schedule.py's business: the small ones are captured
+here at start-up, the rest later by ``capture_next`` (called by the engine thread between
+steps); a batch without its bucket replays a larger captured one or runs eagerly.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from pathlib import Path
 
 import torch
-from localsgl_kernels.compile_ahead import compile_only
+from localsgl_kernels.compile_ahead import CompileRecord, compile_only
 from localsgl_kernels.step_inputs import decode_inputs
 
 from .batch import ForwardBatch, ForwardMode
+from .graph_schedule import STARTUP_MAX_BS, GraphKey, GraphSchedule
 
 log = logging.getLogger("localsgl.cuda_graph")
 
 
 class CudaGraphRunner:
-    def __init__(self, runner, batch_sizes: list[int]):
+    def __init__(self, runner, batch_sizes: list[int], startup_max_bs: int = STARTUP_MAX_BS):
         self.runner = runner
         self.model = runner.model
         self.attn = runner.attn
@@ -60,11 +67,63 @@ class CudaGraphRunner:
             self.prefix = PrefixGroups(torch.zeros(n, dtype=torch.int32, device=dev),
                                        torch.full((n,), -1, dtype=torch.int32, device=dev),
                                        torch.full((ng, rows), -1, dtype=torch.int32, device=dev))
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
-        self.batches: dict[tuple[int, bool], ForwardBatch] = {}
+        self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[GraphKey, torch.Tensor] = {}
+        self.batches: dict[GraphKey, ForwardBatch] = {}
         self.pool = None
-        self._capture_all()
+        self._stream = torch.cuda.Stream(self.device)
+        self.schedule = GraphSchedule(self.batch_sizes, self.prefix is not None, startup_max_bs)
+        self.done = threading.Event()  # set once no capture is pending (any thread may wait)
+        self.done_at: float | None = None  # perf_counter() when that happened
+        self.compile_ahead_seconds: float | None = None  # the start-up dry pass (None: skipped)
+        self._later_compiled = False
+        self._capture(self.schedule.startup)
+        self.compile_ahead_seconds = self._last_compile_seconds
+        self._check_done()
+
+    @property
+    def pending(self) -> bool:
+        return not self.schedule.done
+
+    @torch.inference_mode()
+    def capture_next(self, plain_only: bool = False) -> None:
+        """Capture the next pending graph (``plain_only``: skip cascade variants).  Runs on the
+        engine thread between steps; the first call compiles every later graph's kernels
+        ahead, in one parallel window.  A failed capture stops further ones: the sizes left
+        run eagerly (or padded into a captured bucket)."""
+        key = self.schedule.next_key(plain_only)
+        if key is None:
+            return
+        try:
+            self._reset_static_inputs()
+            if not self._later_compiled:
+                self._later_compiled = True
+                self._compile_ahead(self.schedule.pending)
+            self._capture([key], compile_ahead=False)
+        except Exception:  # noqa: BLE001  (serving goes on without the graph)
+            log.warning("capturing the decode graph %s failed; %d bucket(s) stay uncaptured", key,
+                        len(self.schedule.pending), exc_info=True)
+            self.schedule.abandon()
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self.schedule.done and not self.done.is_set():
+            self.done_at = time.perf_counter()
+            self.done.set()
+            log.info("all %d decode graphs captured", len(self.graphs))
+
+    def _reset_static_inputs(self) -> None:
+        """Put every static input back to its start-up value (row 0, position 0, scratch slot
+        0, no prefix groups), after the steps already queued: a capture's eager warm-up runs
+        must write only the scratch row and slot, never a live request's."""
+        self.packed.zero_()
+        self.prev_tokens.zero_()
+        self.input_ids.zero_()
+        self.seq_lens.fill_(1)
+        if self.prefix is not None:
+            self.prefix.start.zero_()
+            self.prefix.pos.fill_(-1)
+            self.prefix.rows.fill_(-1)
 
     def _packed_views(self, bs: int) -> tuple[torch.Tensor, ...]:
         """(raw ids, positions, KV slots, request rows) of bucket bs inside ``packed``."""
@@ -105,15 +164,21 @@ class CudaGraphRunner:
         h = self.model(batch.input_ids, batch.positions, batch)
         return self.model.compute_logits(h)
 
-    @torch.inference_mode()
-    def _capture_all(self) -> None:
-        stream = torch.cuda.Stream(self.device)
-        keys = [(bs, False) for bs in self.batch_sizes]
-        if self.prefix is not None:
-            keys += [(bs, True) for bs in self.batch_sizes if bs >= 2]
-        keys.sort(key=lambda k: (-k[0], k[1]))
+    def _signature(self, keys: list[GraphKey]) -> str:
+        cfg = self.model.config
+        shape = (type(self.model).__name__, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+                 cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, str(self.model.dtype), self.prefix is not None)
+        return f"decode graphs {shape} {sorted(keys)}"
+
+    def _compile_ahead(self, keys: list[GraphKey]) -> float | None:
+        """Compile the kernels of ``keys``' steps together, in parallel, unless this Triton cache
+        is recorded to hold them already.  Returns the seconds spent (None: nothing to do)."""
+        if not keys:
+            return None
+        record = CompileRecord(self._signature(keys), self.device, (Path(__file__).resolve().parent,))
+        if record.exists():
+            return None
         batches = {key: self._static_batch(*key) for key in keys}
-        # a cold Triton cache: compile every bucket's kernels together, in parallel, first
         t = time.perf_counter()
         with compile_only(enabled=self.runner.debug.compile_ahead) as dry:
             if dry:
@@ -121,11 +186,20 @@ class CudaGraphRunner:
                     self.attn.init_forward_for_capture(batches[key])
                     self._run_step(batches[key])
         torch.cuda.synchronize(self.device)
-        self.compile_ahead_seconds = time.perf_counter() - t if dry else None
-        if dry:
-            log.info("compiled the decode graphs' kernels in %.1f s", self.compile_ahead_seconds)
-        for key in keys:  # largest first: later graphs reuse its memory pool
-            batch = batches[key]
+        if not dry:
+            return None
+        seconds = time.perf_counter() - t
+        record.write()
+        log.info("compiled the kernels of %d decode graphs in %.1f s", len(keys), seconds)
+        return seconds
+
+    @torch.inference_mode()
+    def _capture(self, keys: list[GraphKey], compile_ahead: bool = True) -> None:
+        """Capture ``keys`` in order (largest first: later graphs reuse the shared pool's blocks)."""
+        self._last_compile_seconds = self._compile_ahead(keys) if compile_ahead else None
+        stream = self._stream
+        for key in keys:
+            batch = self._static_batch(*key)
             self.attn.init_forward_for_capture(batch)
             torch.cuda.synchronize(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -142,17 +216,19 @@ class CudaGraphRunner:
             self.graphs[key] = g
             self.outputs[key] = out
             self.batches[key] = batch
+            self.schedule.mark_captured(key)
         torch.cuda.synchronize(self.device)
 
     def can_run(self, batch_size: int) -> bool:
-        return batch_size <= self.max_bs
+        return self.schedule.bucket_for(batch_size) is not None
 
     def replay(self, sb, prev_tokens: torch.Tensor | None, groups=None) -> torch.Tensor:
         """Run the decode-only scheduled batch ``sb`` (every row: one new token at position
         prefix_len, KV slot out_slots[i]); placeholders -(1+j) in its ids read token j of
         ``prev_tokens``.  Returns fp32 logits [bs, V'] (a view into the graph's output)."""
         bs = len(sb.reqs)
-        padded = next(b for b in self.batch_sizes if b >= bs)
+        key = self.schedule.key_for(bs, groups is not None)
+        padded = key.batch_size
         pad = [0] * (padded - bs)
         ids = [r.token_at(p) for r, p in zip(sb.reqs, sb.prefix_lens)]
         vals = ids + pad + list(sb.prefix_lens) + pad + sb.out_slots.tolist() + pad + [r.req_row for r in sb.reqs] + pad
@@ -167,8 +243,7 @@ class CudaGraphRunner:
             if prev_tokens is None:
                 raise RuntimeError("decode step has placeholder ids but no in-flight tokens")
             self.prev_tokens[:prev_tokens.shape[0]].copy_(prev_tokens, non_blocking=True)
-        key = (padded, groups is not None and (padded, True) in self.graphs)
-        if key[1]:
+        if key.cascade:
             if padded > bs:
                 self.prefix.start[bs:padded].zero_()
                 self.prefix.pos[bs:padded].fill_(-1)

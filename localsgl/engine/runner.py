@@ -2,8 +2,10 @@
 
 Decode-only batches on CUDA replay a CUDA graph captured for the next larger
 batch-size bucket (padded rows write their KV to scratch slot 0); everything
-else runs eagerly.  The runner never decides *what* runs — that is the
-scheduler's job — only how.
+else runs eagerly, and so does a decode batch whose bucket is not captured yet
+(the small buckets are captured before serving, the rest by ``capture_next_graph``,
+which the engine thread calls between steps).  The runner never decides *what*
+runs — that is the scheduler's job — only how.
 """
 from __future__ import annotations
 
@@ -44,13 +46,26 @@ class ModelRunner:
             self.prefix_shape = attn_backend.prefix_group_shape(cfg.num_heads, cfg.num_kv_heads)
         self.graphs = None
         self.last_path = "eager"  # how the last step ran: "graph" or "eager" (for profiling)
+        self.wants_graph = False  # the last decode step ran without the graph planned for it
         if cuda_graph_bs and device.type == "cuda" and attn_backend.supports_cuda_graph:
             from .cuda_graph import CudaGraphRunner
 
             t = time.perf_counter()
             self.graphs = CudaGraphRunner(self, sorted(cuda_graph_bs))
             self.graph_capture_seconds = time.perf_counter() - t
-            log.info("captured %d CUDA graphs in %.1f s", len(cuda_graph_bs), self.graph_capture_seconds)
+            log.info("captured %d of %d CUDA graphs in %.1f s (the rest while serving)", len(self.graphs.graphs),
+                     len(self.graphs.graphs) + len(self.graphs.schedule.pending), self.graph_capture_seconds)
+
+    @property
+    def graphs_pending(self) -> bool:
+        """Whether decode graphs remain to be captured (by ``capture_next_graph``)."""
+        return self.graphs is not None and self.graphs.pending
+
+    def capture_next_graph(self, plain_only: bool = False) -> None:
+        """Capture one more decode graph.  Engine thread only, with no step in flight."""
+        if self.graphs_pending:
+            self.graphs.capture_next(plain_only)
+        self.wants_graph = False
 
     def _to_device(self, data, dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)
@@ -120,10 +135,16 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, sb: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; return fp32 logits [num_sampled_rows, vocab]."""
-        if sb.decode_only and self.graphs is not None and self.graphs.can_run(len(sb.reqs)):
-            assert sb.num_decode == len(sb.reqs)
-            self.last_path = "graph"
-            return self.graphs.replay(sb, prev_tokens, self._prefix_groups(sb))
+        if sb.decode_only and self.graphs is not None:
+            bs = len(sb.reqs)
+            self.wants_graph = self.graphs.schedule.wants_capture(bs)
+            if self.graphs.can_run(bs):
+                assert sb.num_decode == bs
+                self.last_path = "graph"
+                return self.graphs.replay(sb, prev_tokens, self._prefix_groups(sb))
+        return self._forward_eager(sb, prev_tokens)
+
+    def _forward_eager(self, sb: ScheduledBatch, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         batch = self.build_batch(sb, prev_tokens)
         self.last_path = "eager"
         self.attn.init_forward(batch)

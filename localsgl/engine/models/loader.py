@@ -32,7 +32,7 @@ def load_model(source, dtype: torch.dtype, device, load_format: str = "auto", ma
     if dummy:
         model.init_dummy_weights()
     else:
-        model.load_weights(source.iter_weights(dtype, device))
+        model.load_weights(_weights(source, dtype, device))
     model.eval()
     if device.type == "cpu":
         use_cpu_weight_layout(model)
@@ -49,3 +49,17 @@ def load_model(source, dtype: torch.dtype, device, load_format: str = "auto", ma
         " [dummy weights]" if dummy else "",
     )
     return model
+
+
+def _weights(source, dtype: torch.dtype, device: torch.device):
+    """The source's tensors in dtype on device: a checkpoint directory bound for a GPU streams
+    through pinned buffers (store/safetensors_stream.py), anything else through its own reader."""
+    if device.type == "cuda" and source.kind == "hf":
+        from ...store import hf
+        from ...store.safetensors_stream import UnsupportedShardError, iter_to_device
+
+        try:
+            return iter_to_device(hf.safetensors_files(source.path), dtype, device)
+        except UnsupportedShardError as e:
+            log.info("streaming loader declined (%s); reading through safetensors", e)
+    return source.iter_weights(dtype, device)

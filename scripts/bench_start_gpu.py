@@ -1,0 +1,270 @@
+"""GPU start-up: from `echo hi | localsgl run -m DIR --max-tokens 1` to the first stdout byte.
+
+  python3 scripts/bench_start_gpu.py [--dir /tmp/start-llama8b] [--runs 5] [--before ROOT] [--out DIR]
+
+Writes (once) a random Llama-3.1-8B checkpoint as four safetensors shards with an index, a
+byte-level BPE tokenizer of the model's vocabulary size and a chat template, then times the
+command several times: one untimed run first (it fills Triton's cache and the page cache),
+then ``--runs`` timed ones, median reported.  ``--before ROOT`` times the code under ROOT
+(a tree with localsgl/ and kernels/, e.g. an older commit's) in turn with this tree's, run
+for run.  Each run's stderr (``-v`` logs) is kept with the second each line arrived, which
+is where the time went.  Finally one in-process engine reports when it served and when
+every decode graph was captured (``Engine.graphs_ready_after_weights_seconds``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+
+SHARDS = 4
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def llama_tensors(cfg: dict) -> list[tuple[str, list[int]]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    out = [("model.embed_tokens.weight", [v, h])]
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        out += [(p + "input_layernorm.weight", [h]), (p + "self_attn.q_proj.weight", [q, h]),
+                (p + "self_attn.k_proj.weight", [kv, h]), (p + "self_attn.v_proj.weight", [kv, h]),
+                (p + "self_attn.o_proj.weight", [h, q]), (p + "post_attention_layernorm.weight", [h]),
+                (p + "mlp.gate_proj.weight", [i, h]), (p + "mlp.up_proj.weight", [i, h]),
+                (p + "mlp.down_proj.weight", [h, i])]
+    out += [("model.norm.weight", [h]), ("lm_head.weight", [v, h])]
+    return out
+
+
+def write_weights(d: Path, cfg: dict) -> None:
+    """bf16 shards with random N(0, 0.02) bytes (one random block reused: load time does not
+    depend on the values), norms at one."""
+    import torch
+
+    tensors = llama_tensors(cfg)
+    nbytes = [2 * _numel(s) for _, s in tensors]
+    big = max(nbytes)
+    g = torch.Generator().manual_seed(0)
+    noise = (torch.randn(big // 2, generator=g) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy()
+    ones = torch.ones(cfg["hidden_size"], dtype=torch.bfloat16).view(torch.uint8).numpy()
+    per_shard = sum(nbytes) / SHARDS
+    shards: list[list[int]] = [[]]
+    size = 0
+    for k, n in enumerate(nbytes):
+        if size >= per_shard * len(shards) and len(shards) < SHARDS:
+            shards.append([])
+        shards[-1].append(k)
+        size += n
+    weight_map = {}
+    for s, idx in enumerate(shards):
+        fname = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, off = {}, 0
+        for k in idx:
+            name, shape = tensors[k]
+            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [off, off + nbytes[k]]}
+            off += nbytes[k]
+            weight_map[name] = fname
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(d / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for k in idx:
+                name = tensors[k][0]
+                f.write(ones if name.endswith("norm.weight") else noise[:nbytes[k]])
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
+def write_tokenizer(d: Path, vocab_size: int, seed: int = 0) -> None:
+    """A byte-level BPE of ``vocab_size`` tokens (the last 256 special, as Llama 3's): merges
+    that extend random short tokens by one byte — as large as the real one to load."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = list(pre_tokenizers.ByteLevel.alphabet())
+    base.sort()
+    vocab = {s: i for i, s in enumerate(base)}
+    merges = []
+    short = list(base)
+    rng = random.Random(seed)
+    while len(vocab) < vocab_size - 256:
+        a, b = rng.choice(short), rng.choice(base)
+        t = a + b
+        if t in vocab:
+            continue
+        vocab[t] = len(vocab)
+        merges.append((a, b))
+        if len(t) < 8:
+            short.append(t)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials += [f"<|reserved_special_token_{k}|>" for k in range(256 - len(specials))]
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(d))
+
+
+def make_checkpoint(d: Path, tiny: bool) -> None:
+    from localsgl.store.dummy_configs import dummy_config
+
+    done = d / ".complete"
+    if done.is_file():
+        print(f"checkpoint {d} exists", flush=True)
+        return
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    cfg = dummy_config("llama-3.1-8b")
+    if tiny:  # a quick check of this script on any machine
+        cfg.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64)
+    cfg["torch_dtype"] = "bfloat16"
+    t = time.perf_counter()
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_tokenizer(d, cfg["vocab_size"])
+    t_tok = time.perf_counter() - t
+    write_weights(d, cfg)
+    done.touch()
+    size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    print(f"wrote {d}: {size / 1e9:.2f} GB of safetensors in {time.perf_counter() - t:.1f} s "
+          f"(tokenizer {t_tok:.1f} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------- timing
+def _env(root: Path) -> dict:
+    """PYTHONPATH for the tree at ``root``: localsgl from it, localsgl_kernels from its kernels/."""
+    link = Path("/tmp") / f"klink-{hashlib.md5(str(root).encode()).hexdigest()[:8]}"
+    link.mkdir(exist_ok=True)
+    target = link / "localsgl_kernels"
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    target.symlink_to(root / "kernels")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(link)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                                   if p and "klink" not in p])
+    env["HF_HUB_OFFLINE"] = "1"
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+def time_run(root: Path, ckpt: Path, extra: list[str], log_path: Path | None) -> dict:
+    """One `echo hi | localsgl -v run -m ckpt --max-tokens 1`: seconds to the first stdout byte
+    and to exit; stderr lines stamped with their arrival."""
+    cmd = [sys.executable, "-m", "localsgl.cli", "-v", "run", "-m", str(ckpt), "--max-tokens", "1", *extra]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(root),
+                         cwd="/tmp")
+    lines: list[str] = []
+
+    def drain():
+        for raw in p.stderr:
+            lines.append(f"{time.perf_counter() - t0:7.2f} {raw.decode(errors='replace').rstrip()}")
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    p.stdin.write(b"hi\n")
+    p.stdin.close()
+    first = p.stdout.read(1)
+    t_first = time.perf_counter() - t0
+    rest = p.stdout.read()
+    rc = p.wait()
+    t_exit = time.perf_counter() - t0
+    reader.join(5)
+    if log_path is not None:
+        log_path.write_text("\n".join(lines) + "\n")
+    ok = rc == 0 and bool(first)
+    if not ok:
+        print(f"  run failed (rc {rc}); stderr tail:\n" + "\n".join(lines[-15:]), flush=True)
+    return {"first_byte_s": t_first if first else None, "exit_s": t_exit, "rc": rc,
+            "answer": (first + rest).decode(errors="replace")[:40]}
+
+
+def in_process_report(ckpt: Path) -> dict:
+    """When an engine of this tree serves, and when its last decode graph is captured."""
+    from localsgl import Engine
+
+    t = time.perf_counter()
+    e = Engine(model=str(ckpt), device="cuda")
+    serve = time.perf_counter() - t
+    try:
+        e.wait_graphs(300)
+        return {"engine_s": serve, "load_s": e.load_seconds, "ready_after_weights_s": e.ready_after_weights_seconds,
+                "graphs_ready_after_weights_s": e.graphs_ready_after_weights_seconds,
+                "graphs": len(e.core.runner.graphs.graphs) if e.core.runner.graphs is not None else 0}
+    finally:
+        e.shutdown()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/start-llama8b")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--before", default=None, help="another tree (localsgl/, kernels/) to time in turn")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-start")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model with the 8B's vocabulary (checks the script)")
+    ap.add_argument("--no-in-process", action="store_true")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(a.dir)
+    free = shutil.disk_usage(ckpt.parent if ckpt.parent.exists() else "/").free
+    print(f"free disk at {ckpt.parent}: {free / 2**30:.1f} GiB", flush=True)
+    make_checkpoint(ckpt, a.tiny)
+    trees = {"after": HERE}
+    if a.before:
+        trees = {"before": Path(a.before).resolve(), **trees}
+    for name, root in trees.items():  # untimed: Triton's cache and the page cache
+        r = time_run(root, ckpt, [], out / f"{name}-warmup.log")
+        print(f"{name} warm-up: first byte {r['first_byte_s']} s, exit {r['exit_s']:.1f} s", flush=True)
+    results: dict[str, list[dict]] = {n: [] for n in trees}
+    for k in range(a.runs):
+        for name, root in trees.items():
+            r = time_run(root, ckpt, [], out / f"{name}-{k}.log" if k == 0 else None)
+            results[name].append(r)
+            fb = r["first_byte_s"]
+            print(f"{name} run {k}: first byte {'FAILED' if fb is None else f'{fb:.2f} s'}, exit {r['exit_s']:.2f} s",
+                  flush=True)
+    summary = {}
+    for name, rs in results.items():
+        fb = [r["first_byte_s"] for r in rs if r["first_byte_s"] is not None]
+        summary[name] = {"median_first_byte_s": statistics.median(fb) if fb else None,
+                         "first_byte_s": fb, "median_exit_s": statistics.median(r["exit_s"] for r in rs)}
+    if not a.no_in_process:
+        try:
+            summary["in_process"] = in_process_report(ckpt)
+        except Exception as e:  # noqa: BLE001
+            summary["in_process"] = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(summary, indent=1), flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
