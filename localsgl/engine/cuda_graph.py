@@ -209,7 +209,9 @@ class CudaGraphRunner:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool, stream=stream):
+            # thread_local: a CUDA call on another thread (a server's, the caller's) during a
+            # capture between steps neither breaks the capture nor fails itself
+            with torch.cuda.graph(g, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
                 out = self._run_step(batch)
             if self.pool is None:
                 self.pool = g.pool()
