@@ -32,6 +32,7 @@ from .debug_switches import DebugSwitches
 from .kv_pool import KVPool, ReqToTokenPool
 from .layers.attention.base import create_backend
 from .params import StreamDelta, TokenLogprob, TopLogprob
+from .penalties import PenaltyState
 from .radix_cache import RadixCache
 from .request import Request, Status
 from .runner import ModelRunner
@@ -102,7 +103,7 @@ class EngineCore:
         self.fault: Callable[[str, list[Request]], None] | None = None
         self._blind_failures = 0  # consecutive failures that touched no identifiable request
         self.oom_retries = 0
-        self._exact_history: set[Request] = set()  # unfinished requests with penalties (no overlap)
+        self.penalties = PenaltyState(self.vocab_size, device)  # penalised requests' token history, on the device
         self._thread: threading.Thread | None = None
         if start_thread:
             self.attach_thread(threading.Thread(target=self.run_loop, name="localsgl-engine", daemon=True))
@@ -206,8 +207,6 @@ class EngineCore:
 
     def _init_request(self, r: Request) -> None:
         p = r.params
-        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            self._exact_history.add(r)  # penalties read every earlier token: resolve before scheduling
         if p.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(p.seed + r.index)
         if self.tokenizer is not None:
@@ -224,19 +223,16 @@ class EngineCore:
     def step(self) -> None:
         """Schedule and launch step N+1, then finish step N's bookkeeping while the GPU works.
 
-        Without overlap (or when a request needs its exact token history, e.g. penalties)
-        each step's tokens are resolved before the next is scheduled.  With overlap the
-        sampled tokens of step N stay on the device: step N+1's inputs read them there
-        (placeholders in output_ids), and detokenization, stop checks and callbacks of
-        step N run after N+1 is launched.  Outputs are the same either way; a request that
-        stops at step N may have computed one extra token, which is dropped.
+        Without overlap each step's tokens are resolved before the next is scheduled.  With
+        overlap the sampled tokens of step N stay on the device: step N+1's inputs read them
+        there (placeholders in output_ids), as do the penalties' token counts (PenaltyState),
+        and detokenization, stop checks and callbacks of step N run after N+1 is launched.
+        Outputs are the same either way; a request that stops at step N may have computed
+        one extra token, which is dropped.
 
         Failures stay with the requests they touch: see _schedule, _on_launch_failure, _resolve."""
         prof = self.profile
         t = prof.tick() if prof else 0.0
-        if self.inflight is not None and self._needs_sync():
-            self._resolve(self.inflight)
-            self.inflight = None
         sb = self._schedule()
         if prof:
             t = prof.add_host("schedule", t)
@@ -316,9 +312,6 @@ class EngineCore:
             self.inflight = None
         self._fail_blamed(reqs, err)
 
-    def _needs_sync(self) -> bool:
-        return bool(self._exact_history)
-
     def _launch(self, sb) -> "_Launched | None":
         self.steps += 1
         prev = self.inflight.tokens if self.inflight is not None else None
@@ -363,6 +356,7 @@ class EngineCore:
     def _sample(self, rows: list[Request], logits: torch.Tensor, deferred: bool):
         if self.fault is not None:
             self.fault("sample", rows)
+        prev = self.inflight.tokens if self.inflight is not None else None  # placeholders' ids
         sbatch = SamplingBatch.build(
             params=[r.params for r in rows],
             prompt_ids=[r.prompt_ids for r in rows],
@@ -372,6 +366,7 @@ class EngineCore:
             vocab_size=self.vocab_size,
             device=logits.device,
             default_generator=self.default_generator,
+            penalty_source=lambda pen: self.penalties.gather([rows[i] for i in pen], prev),
         )
         return sample(logits, sbatch, use_kernels=self.gpu_sampling_kernels, defer=deferred)
 
@@ -502,7 +497,7 @@ class EngineCore:
         if error is not None:
             r.error = error
         self.scheduler.finish(r, reason)
-        self._exact_history.discard(r)
+        self.penalties.free(r)
         r.metrics.completion_tokens = len(r.output_ids)
         r.metrics.total_time = time.perf_counter() - r.arrival
         group = self.requests.get(r.rid)

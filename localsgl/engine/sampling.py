@@ -1,7 +1,9 @@
 """Batched next-token sampling: min_tokens, penalties, temperature, top-k/top-p/min-p, seeds, logprobs.
 
-The scheduler calls :meth:`SamplingBatch.build` once per model step for the B rows that
-need a next token, then :func:`sample` with the last-position logits ``[B, V]``.
+The engine calls :meth:`SamplingBatch.build` once per model step for the B rows that
+need a next token, then :func:`sample` with the last-position logits ``[B, V]``.  The
+penalties' per-request history (output-token counts, prompt-token mask) comes from
+``penalties.PenaltyState``, kept on the device and updated by one scatter per step.
 
 Per row, in this order (the order is part of the contract, tests check it):
 
@@ -35,7 +37,7 @@ On CUDA, ``localsgl_kernels.sampling`` is used when it exists, called as
     filtered_sample(logits [n,V] fp32 contiguous, temperature [n] fp32 (> 0), top_k [n] int32
                     (V = off), top_p [n] fp32 (1 = off), min_p [n] fp32 (0 = off),
                     noise [n,V] fp32 Exp(1)) -> [n] token ids        (non-greedy rows only)
-    apply_penalties(logits [m,V] fp32 contiguous, counts [m,V] fp32 (output-token counts),
+    apply_penalties(logits [m,V] fp32 contiguous, counts [m,V] int32 or fp32 (output-token counts),
                     prompt_mask [m,V] bool (prompt tokens), repetition [m], frequency [m],
                     presence [m] fp32) -> [m,V] or None (in place)   (penalised rows only)
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -115,7 +118,7 @@ class SamplingBatch:
         # (b, c) penalties over a subset of rows
         self.pen_rows: torch.Tensor | None = None  # [m] long, or None when m == B
         self.pen_count = 0
-        self.counts: torch.Tensor | None = None  # [m, V] fp32 output-token counts
+        self.counts: torch.Tensor | None = None  # [m, V] output-token counts (int32 or fp32)
         self.prompt_mask: torch.Tensor | None = None  # [m, V] bool, prompt tokens
         self.repetition: torch.Tensor | None = None  # [m, 1]
         self.frequency: torch.Tensor | None = None  # [m, 1]
@@ -151,7 +154,12 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device,
         default_generator: torch.Generator,
+        penalty_source: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> "SamplingBatch":
+        """The sampling state of B rows.  ``penalty_source(rows)``, when given, returns the
+        output-token counts [m, V] and prompt-token mask [m, V] (or None without repetition
+        penalties) of those penalised rows, kept on the device (``penalties.PenaltyState``);
+        without it they are built from ``prompt_ids`` / ``output_ids``, O(context) per row."""
         B = len(params)
         V = vocab_size
         b = cls(B, V, device)
@@ -193,7 +201,7 @@ class SamplingBatch:
             b.ban_ids = idx(ban_t)
 
         if pen:
-            b._build_penalties(params, prompt_ids, output_ids, pen)
+            b._build_penalties(params, prompt_ids, output_ids, pen, penalty_source)
 
         b.n_greedy, b.n_sample = len(greedy), len(sampled)
         if greedy and sampled:
@@ -219,7 +227,7 @@ class SamplingBatch:
             b.min_p = torch.tensor(mp, dtype=torch.float32).to(device, non_blocking=True)
         return b
 
-    def _build_penalties(self, params, prompt_ids, output_ids, pen: list[int]) -> None:
+    def _build_penalties(self, params, prompt_ids, output_ids, pen: list[int], source) -> None:
         dev, V, m = self.device, self.vocab_size, len(pen)
         self.pen_count = m
         if m != self.size:
@@ -232,6 +240,11 @@ class SamplingBatch:
         self.repetition = torch.tensor(rep, dtype=torch.float32).view(-1, 1).to(dev, non_blocking=True)
         self.frequency = torch.tensor(freq, dtype=torch.float32).view(-1, 1).to(dev, non_blocking=True)
         self.presence = torch.tensor(pres, dtype=torch.float32).view(-1, 1).to(dev, non_blocking=True)
+        if source is not None:
+            self.counts, self.prompt_mask = source(pen)
+            if not self.use_repetition:
+                self.prompt_mask = None
+            return
 
         # Output-token counts (needed by every penalty: repetition also covers output tokens).
         rows, flat = [], []
