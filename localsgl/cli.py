@@ -204,7 +204,11 @@ class _Loading:
 
 def _load_engine(kwargs: dict):
     from .engine.api import Engine
+    from .store.resolve import ensure_local
 
+    # a hub model missing from the cache is pulled first, so its progress bars are not
+    # drawn under the loading spinner
+    ensure_local(kwargs.get("model", DEFAULT_MODEL), kwargs.get("load_format") or "auto")
     with _Loading(kwargs.get("model", DEFAULT_MODEL)):
         return Engine(**kwargs)
 
@@ -441,6 +445,7 @@ def run(
     jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON object per answer: index, prompt, text, finish_reason, usage")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Token counts, TTFT and tok/s on stderr")] = False,
     local: Annotated[bool, typer.Option("--local", help="Load the model in this process even when a `localsgl serve` of it is running")] = False,
+    no_pull: Annotated[bool, typer.Option("--no-pull", help="Never download: a model missing from the cache is an error (env LOCALSGL_NO_PULL=1)")] = False,
     *,
     flags: dict,
 ) -> None:
@@ -460,6 +465,10 @@ def run(
         params.validate()
         kwargs = resolve_engine_kwargs(flags)
         prompts = _gather_prompts(prompt, batch)
+        if no_pull:
+            from .store.hub_cache import NO_PULL_ENV
+
+            os.environ[NO_PULL_ENV] = "1"
         engine = (None if local else _running_server(kwargs, flags)) or _load_engine(kwargs)
         with engine:
             if system and not _has_chat_template(engine):
@@ -500,7 +509,7 @@ def _info_report(kwargs: dict) -> dict:
 
     dev = detect_device(kwargs.get("device"))
     dtype = dtype_name(kwargs["dtype"]) if kwargs.get("dtype") not in (None, "auto") else dtype_name(default_dtype(dev))
-    source = resolve_model(kwargs["model"], load_format=kwargs.get("load_format", "auto"))
+    source = resolve_model(kwargs["model"], load_format=kwargs.get("load_format", "auto"), record_use=False)
     cfg = ModelConfig.from_hf(source.config)
     plan = make_plan(cfg, dev, dtype, **plan_options(kwargs))  # as the engine plans
     versions = {"localsgl": __version__, "python": sys.version.split()[0]}
@@ -641,6 +650,156 @@ def bench(
             raise typer.Exit(int(rc))
 
     _guard(body)
+
+
+# ----------------------------------------------------------------------------- model store
+
+
+@app.command()
+def pull(
+    model: Annotated[str, typer.Argument(help="An alias, or a hub repo REPO[:QUANT][@REVISION] (e.g. org/name-GGUF:Q4_K_M)")],
+    file: Annotated[Optional[str], typer.Option("--file", help="The .gguf file to fetch from a GGUF repo")] = None,
+) -> None:
+    """Download a model into the Hugging Face cache; prints the name to run it by."""
+
+    def body():
+        from .store.manage import pull as pull_model
+
+        print(pull_model(model, file=file), flush=True)
+
+    _guard(body)
+
+
+@app.command("list")
+def list_models_command(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Models that run without a download: name, format, size, parameters, source, last use."""
+
+    def body():
+        from .store.manage import incomplete_downloads, list_models
+
+        models = list_models()
+        if json_output:
+            print(json.dumps([m.to_dict() for m in models], indent=2))
+        else:
+            _print_models(models)
+        for d in incomplete_downloads():
+            _err(f"note: {d.name} is an incomplete download ({d.problem}): `localsgl pull {d.name}` "
+                 f"finishes it, `localsgl rm {d.name}` removes it")
+
+    _guard(body)
+
+
+def _print_models(models) -> None:
+    from .store.manage import describe_last_used, format_params
+
+    rows = [("NAME", "FORMAT", "SIZE", "PARAMS", "SOURCE", "LAST USED")]
+    for m in models:
+        name = m.name + (f" ({', '.join(a for a in m.aliases if a != m.name)})" if set(m.aliases) - {m.name} else "")
+        fmt = m.format + ("" if m.supported else f" [unsupported: {m.architecture}]")
+        rows.append((name, fmt, format_size(m.size_bytes), format_params(m.params), m.source, describe_last_used(m.last_used)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = sys.stdout
+    for i, r in enumerate(rows):
+        line = "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        out.write((_paint(line, "1", out) if i == 0 else line) + "\n")
+
+
+@app.command()
+def show(
+    model: Annotated[str, typer.Argument(help="A listed model, an alias, a path or a cached hub repo")],
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """A model's architecture, parameters, context length, chat template, files and memory plan."""
+
+    def body():
+        from .store.manage import show_model
+
+        report = show_model(model)
+        if json_output:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            _print_show(report)
+
+    _guard(body)
+
+
+def _print_show(r: dict) -> None:
+    from .store.manage import describe_last_used, format_params
+
+    out = sys.stdout
+    head = lambda s: _paint(s, "1", out)  # noqa: E731
+    aliases = [a for a in r["aliases"] if a != r["name"]]
+    rev = f", revision {r['revision']}" if r.get("revision") else ""
+    template = "yes" if r["chat_template"] else "no"
+    if r["chat_template"]:
+        template += ", takes tools" if r["tool_calls"] else ", no tools"
+    lines = [
+        head("Model"),
+        f"  name                {r['name']}" + (f" (alias {', '.join(aliases)})" if aliases else ""),
+        f"  source              {r['source']}{rev}",
+        f"  path                {r['path']}",
+        f"  format              {r['format'] or '-'}, {format_size(r['size_bytes'])} on disk",
+        f"  architecture        {r['architecture']}: {r['layers']} layers, hidden {r['hidden_size']}, "
+        f"{r['heads']} heads / {r['kv_heads']} KV heads x {r['head_dim']}, vocab {r['vocab_size']}",
+        f"  parameters          {format_params(r['params'])}",
+        f"  context length      {r['context_length']:,}" + (f" (sliding window {r['sliding_window']:,})" if r.get("sliding_window") else ""),
+        f"  chat template       {template}",
+        f"  last used           {describe_last_used(r['last_used'])}",
+        head("Files"),
+    ]
+    width = max([len(f["name"]) for f in r["files"]] + [18])
+    lines += [f"  {f['name']:<{width}}  {format_size(f['size'])}" for f in r["files"]]
+    sampling = r.get("sampling") or {}
+    if "error" not in sampling:
+        lines.append(head("Sampling defaults"))
+        lines += [f"  {k:<19} {d['value']!s:<8} {d['source']}" for k, d in sampling.items()]
+    plan = r.get("plan")
+    if plan:
+        lines.append(head("Memory plan") + " (as `localsgl info` would make it here)")
+        if "error" in plan:
+            lines.append(f"  cannot plan: {plan['error']}")
+        else:
+            lines += [
+                f"  device              {plan['device']} ({plan['dtype']})",
+                f"  KV cache            {plan['kv_tokens']:,} tokens ({format_size(plan['kv_bytes'])})",
+                f"  max running         {plan['max_running']}",
+                f"  max model len       {plan['max_model_len']:,}",
+            ]
+    out.write("\n".join(lines) + "\n")
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Argument(help="A listed model (name, alias or path)")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking")] = False,
+) -> None:
+    """Delete a model's files from the Hugging Face cache (or a quantized output); prints what it freed."""
+
+    def body():
+        from .store.manage import IncompleteDownload, find_removable, remove
+
+        target = find_removable(model)
+        what = (f"{target.name} (incomplete download, {target.path})" if isinstance(target, IncompleteDownload)
+                else f"{target.name} ({format_size(target.size_bytes)}, {target.path})")
+        if not yes:
+            if not _stdin_is_terminal():
+                raise UsageError(f"rm asks before deleting {target.name}; pass --yes to remove it without asking")
+            if not typer.confirm(f"Remove {what}?", default=False, err=True):
+                _err(f"kept {target.name}")
+                return
+        freed = remove(model)
+        print(f"removed {target.name}: {format_size(freed)} freed")
+
+    _guard(body)
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 if __name__ == "__main__":  # pragma: no cover

