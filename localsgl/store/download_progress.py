@@ -46,6 +46,10 @@ class Display:
     def finished(self, p: PullProgress, seconds: float, ok: bool) -> None: ...
 
 
+def _files(n: int) -> str:
+    return f"{n} file" + ("" if n == 1 else "s")
+
+
 def _rate(n: float, seconds: float) -> str:
     return f"{format_size(n / seconds)}/s" if seconds > 0 and n > 0 else "-"
 
@@ -62,7 +66,7 @@ class LineDisplay(Display):
         print(f"pull: {text}", file=self.stream, flush=True)
 
     def started(self, p):
-        self._say(f"{p.model}: {p.files_total} files, {format_size(p.total)}")
+        self._say(f"{p.model}: {_files(p.files_total)}, {format_size(p.total)}")
 
     def file_started(self, name, size, p):
         self._last = time.monotonic()
@@ -80,7 +84,7 @@ class LineDisplay(Display):
 
     def finished(self, p, seconds, ok):
         if ok:
-            self._say(f"{p.model}: {p.files_done} files, {format_size(p.done)} in {seconds:.1f} s")
+            self._say(f"{p.model}: {_files(p.files_done)}, {format_size(p.done)} in {seconds:.1f} s")
 
 
 class RichDisplay(Display):

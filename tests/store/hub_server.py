@@ -12,7 +12,7 @@ storage (no X-Xet-* headers, no xetHash), so downloads take the plain HTTP path.
 Test knobs: ``gated`` repos answer 401 to file requests without the right token;
 ``drop_once`` files lose the connection half-way through their first GET; ``stall`` files
 send half their bytes and then wait until ``release`` is set (for killing a client
-mid-file); every request is logged in ``requests``.
+mid-file); every request is logged in ``requests`` (method, path, headers by lower-case name).
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self):
         path = urlparse(self.path).path
-        self.hub.requests.append((self.command, path, dict(self.headers)))
+        self.hub.requests.append((self.command, path, {k.lower(): v for k, v in self.headers.items()}))
         m = _INFO.match(path)
         if m and self.command == "GET":
             return self._model_info(m.group("repo"), m.group("rev"))
