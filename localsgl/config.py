@@ -306,6 +306,8 @@ def load_config_file(path: Path | None = None) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
+            if key == "tui":  # the chat's own table, read by tui_settings()
+                continue
             if key not in ("engine", "server"):
                 print(f"warning: {path}: ignoring unknown table [{key}]", file=sys.stderr)
                 continue
@@ -320,6 +322,18 @@ def load_config_file(path: Path | None = None) -> dict[str, Any]:
             flat[name] = v
     flat["__path__"] = str(path)
     return flat
+
+
+def tui_settings(path: Path | None = None) -> dict[str, Any]:
+    """The config file's [tui] table (the chat app's settings, e.g. its [tui.keys]
+    bindings), {} when the file or the table is absent."""
+    path = path or config_file()
+    if not path.is_file():
+        return {}
+    table = _load_toml(path).get("tui", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: tui must be a table ([tui])")
+    return table
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
