@@ -108,7 +108,34 @@ def has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
+# tokenizer classes that are tokenizer.json exactly as saved: transformers applies nothing on
+# top of it when loading them (model-specific classes may rebuild parts from their config)
+_PLAIN_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+# config keys with which transformers rewrites a loaded tokenizer.json's processing
+_REWRITING_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy", "from_slow")
+
+
+def plain_fast_tokenizer(path: Path) -> bool:
+    """Whether the directory's tokenizer is its tokenizer.json as saved (Llama 3's, for one)."""
+    cfg_file = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not cfg_file.is_file():
+        return False
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(cfg, dict) and cfg.get("tokenizer_class") in _PLAIN_TOKENIZER_CLASSES
+            and not any(k in cfg for k in _REWRITING_KEYS))
+
+
 def load_tokenizer(path: Path):
+    """A plain fast tokenizer loads with the ``tokenizers`` library alone (light_tokenizer.py):
+    the same ids without importing transformers, which costs an 8B start on an H200 seconds
+    (bench/RESULTS.md, GPU start-up); any other through transformers' AutoTokenizer."""
+    if plain_fast_tokenizer(path):
+        from .light_tokenizer import LightTokenizer
+
+        return LightTokenizer.from_dir(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
