@@ -112,8 +112,10 @@ class PenaltyState:
             if prev_tokens is None:
                 raise RuntimeError("penalties: an output token is a placeholder but no step is in flight")
             t = torch.where(t < 0, prev_tokens[(-t - 1).clamp(min=0)], t)
-        ok = ((t >= 0) & (t < self.vocab_size)).to(torch.int32)
-        self.counts.index_put_((self._to_device(rows), t.clamp(0, self.vocab_size - 1)), ok, accumulate=True)
+        V = self.vocab_size
+        ok = ((t >= 0) & (t < V)).to(torch.int32)  # an id outside the vocabulary adds 0
+        flat = self._to_device(rows) * V + t.clamp(0, V - 1)
+        self.counts.view(-1).index_add_(0, flat, ok)
 
     def _resize(self, n: int) -> None:
         """Grow to n rows (keeping the used rows), or drop everything when n == 0."""
