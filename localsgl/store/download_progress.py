@@ -90,7 +90,7 @@ class LineDisplay(Display):
 class RichDisplay(Display):
     """rich progress bars on stderr: the pull's total and the file being fetched."""
 
-    def __init__(self):
+    def __init__(self, console=None):
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -107,7 +107,7 @@ class RichDisplay(Display):
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            console=console or Console(stderr=True),
             transient=False,
         )
         self._total = None

@@ -142,3 +142,46 @@ def test_snapshot_completeness(tmp_path):
     assert "tokenizer.json" in hub_cache.safetensors_problem(snap, {"tokenizer.json": 10, "config.json": 2})
     assert hub_cache.safetensors_problem(snap, {"s1.safetensors": 5}) is not None
     assert hub_cache.safetensors_problem(snap, {"s1.safetensors": 1, "config.json": 2}) is None
+
+
+def _simulate_hub(tracker, files: dict[str, int]):
+    """Drive a tracker the way huggingface_hub drives ``tqdm_class``: one bar per file, bytes
+    in chunks, and one restart from zero (a negative update) as after a refused Range."""
+    for name, size in files.items():
+        with tracker.bar_class(name)(total=size, initial=0, desc=name, unit="B") as bar:
+            bar.update(size // 2)
+            bar.update_transfer(size // 2)
+            if name.endswith(".safetensors"):
+                bar.update(-(size // 2))
+                bar.update(size // 2)
+            bar.update(size - size // 2)
+        tracker.file_finished(name, size)
+
+
+@pytest.mark.parametrize("kind", ["callback", "lines", "rich"])
+def test_progress_displays(kind):
+    import io
+
+    from rich.console import Console
+
+    from localsgl.store.download_progress import LineDisplay, PullTracker, RichDisplay, display_for
+
+    files = {"config.json": 700, "model.safetensors": 3_000_000}
+    events, out = [], io.StringIO()
+    display = {"callback": lambda: display_for(events.append), "lines": lambda: LineDisplay(out, every=0.0),
+               "rich": lambda: RichDisplay(Console(file=out, force_terminal=True, width=120))}[kind]()
+    tracker = PullTracker("org/m", files, display)
+    tracker.start()
+    _simulate_hub(tracker, files)
+    tracker.finish(True)
+    if kind == "callback":
+        assert events[0].done == 0 and events[0].total == sum(files.values())
+        assert events[-1].finished and events[-1].done == sum(files.values()) and events[-1].files_done == 2
+        assert all(0 <= e.done <= e.total for e in events)
+    else:
+        text = out.getvalue()
+        assert "org/m" in text and "model.safetensors" in text
+        if kind == "lines":
+            assert "pull: org/m: 2 files, 2.86 MiB in" in text and "\x1b[" not in text
+        else:
+            assert "2.9/2.9 MiB" in text.rsplit("org/m", 1)[1]  # the last frame: all bytes of the total
