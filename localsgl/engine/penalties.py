@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import upload
+
 _INITIAL_ROWS = 4
 
 
@@ -134,7 +136,4 @@ class PenaltyState:
         self._free.extend(range(n - 1, old - 1, -1))  # rows are zeroed when opened
 
     def _to_device(self, data: list[int]) -> torch.Tensor:
-        t = torch.tensor(data, dtype=torch.int64)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return upload(data, torch.int64, self.device)

@@ -91,6 +91,15 @@ def _kernel_failed(name: str, err: Exception) -> None:
                    type(err).__name__, err)
 
 
+def upload(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on ``device``; on CUDA through pinned memory, so the copy is
+    queued on the stream and the host never waits for the device."""
+    t = torch.tensor(data, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class SampleResult:
     token_ids: list[int]
@@ -194,7 +203,7 @@ class SamplingBatch:
             return b
 
         def idx(rows: list[int]) -> torch.Tensor:
-            return torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+            return upload(rows, torch.long, device)
 
         if ban_r:
             b.ban_rows = idx(ban_r)
@@ -221,25 +230,23 @@ class SamplingBatch:
             b.need_top_p = any(x < 1.0 for x in tp)
             b.need_min_p = any(x > 0.0 for x in mp)
             b.k_max = max(k for k in tk if k < V) if b.need_top_k else V
-            b.temperature = torch.tensor(temp, dtype=torch.float32).view(-1, 1).to(device, non_blocking=True)
-            b.top_k = torch.tensor(tk, dtype=torch.long).to(device, non_blocking=True)
-            b.top_p = torch.tensor(tp, dtype=torch.float32).to(device, non_blocking=True)
-            b.min_p = torch.tensor(mp, dtype=torch.float32).to(device, non_blocking=True)
+            b.temperature = upload(temp, torch.float32, device).view(-1, 1)
+            b.top_k = upload(tk, torch.long, device)
+            b.top_p = upload(tp, torch.float32, device)
+            b.min_p = upload(mp, torch.float32, device)
         return b
 
     def _build_penalties(self, params, prompt_ids, output_ids, pen: list[int], source) -> None:
         dev, V, m = self.device, self.vocab_size, len(pen)
         self.pen_count = m
         if m != self.size:
-            self.pen_rows = torch.tensor(pen, dtype=torch.long).to(dev, non_blocking=True)
+            self.pen_rows = upload(pen, torch.long, dev)
         rep = [params[i].repetition_penalty for i in pen]
         freq = [params[i].frequency_penalty for i in pen]
         pres = [params[i].presence_penalty for i in pen]
         self.use_repetition = any(r != 1.0 for r in rep)
         self.use_freq_presence = any(f != 0.0 for f in freq) or any(r != 0.0 for r in pres)
-        self.repetition = torch.tensor(rep, dtype=torch.float32).view(-1, 1).to(dev, non_blocking=True)
-        self.frequency = torch.tensor(freq, dtype=torch.float32).view(-1, 1).to(dev, non_blocking=True)
-        self.presence = torch.tensor(pres, dtype=torch.float32).view(-1, 1).to(dev, non_blocking=True)
+        self.repetition, self.frequency, self.presence = upload([rep, freq, pres], torch.float32, dev).view(3, m, 1)
         if source is not None:
             self.counts, self.prompt_mask = source(pen)
             if not self.use_repetition:
@@ -254,8 +261,8 @@ class SamplingBatch:
             flat.extend(out)
         self.counts = torch.zeros(m, V, dtype=torch.float32, device=dev)
         if flat:
-            r = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
-            t = torch.tensor(flat, dtype=torch.long).to(dev, non_blocking=True)
+            r = upload(rows, torch.long, dev)
+            t = upload(flat, torch.long, dev)
             ok = (t >= 0) & (t < V)
             self.counts.index_put_((r[ok], t[ok]), torch.ones((), device=dev), accumulate=True)
         if self.use_repetition:
@@ -267,8 +274,8 @@ class SamplingBatch:
                     flat.extend(pr)
             self.prompt_mask = torch.zeros(m, V, dtype=torch.bool, device=dev)
             if flat:
-                r = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
-                t = torch.tensor(flat, dtype=torch.long).to(dev, non_blocking=True)
+                r = upload(rows, torch.long, dev)
+                t = upload(flat, torch.long, dev)
                 ok = (t >= 0) & (t < V)
                 self.prompt_mask[r[ok], t[ok]] = True
 
