@@ -286,6 +286,8 @@ class ModelCard(_Resp):
     owned_by: str
     root: str | None = None
     max_model_len: int | None = None
+    # names, path, chat_template, max_tokens: how `localsgl run` tells that this server runs its model
+    localsgl: dict[str, Any] | None = None
 
 
 class ModelList(_Resp):
