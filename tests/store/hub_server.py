@@ -9,7 +9,8 @@ Errors carry the hub's X-Error-Code header (RepoNotFound, RevisionNotFound, Entr
 GatedRepo), which huggingface_hub turns into its exception types. Nothing advertises Xet
 storage (no X-Xet-* headers, no xetHash), so downloads take the plain HTTP path.
 
-Test knobs: ``gated`` repos answer 401 to file requests without the right token;
+Test knobs: ``gated_token`` repos answer 401 GatedRepo to file requests without that token,
+``private_token`` repos 401 RepoNotFound to every request;
 ``drop_once`` files lose the connection half-way through their first GET; ``stall`` files
 send half their bytes and then wait until ``release`` is set (for killing a client
 mid-file); every request is logged in ``requests`` (method, path, headers by lower-case name).
@@ -30,6 +31,7 @@ class Repo:
     commits: dict[str, dict[str, bytes]]  # commit -> {file name: content}
     refs: dict[str, str]  # branch / tag -> commit
     gated_token: str | None = None  # files need "Authorization: Bearer <token>"
+    private_token: str | None = None  # everything needs it; without it the repo "does not exist" (401)
 
 
 @dataclass
@@ -43,7 +45,7 @@ class FakeHub:
     _server: ThreadingHTTPServer | None = None
 
     def add(self, repo: str, files: dict[str, bytes], commit: str | None = None, ref: str = "main",
-            gated_token: str | None = None) -> str:
+            gated_token: str | None = None, private_token: str | None = None) -> str:
         """Add a commit holding ``files`` to ``repo`` and point ``ref`` at it; the commit id."""
         commit = commit or hashlib.sha1(json.dumps(sorted((k, hashlib.sha1(v).hexdigest()) for k, v in files.items()))
                                         .encode() + repo.encode() + ref.encode()).hexdigest()
@@ -52,6 +54,8 @@ class FakeHub:
         r.refs[ref] = commit
         if gated_token is not None:
             r.gated_token = gated_token
+        if private_token is not None:
+            r.private_token = private_token
         return commit
 
     @property
@@ -139,10 +143,19 @@ class _Handler(BaseHTTPRequestHandler):
             return self._resolve(m.group("repo"), m.group("rev"), unquote(m.group("file")))
         self._error(404, None, "not found")
 
+    def _hidden(self, repo: Repo) -> bool:
+        """A private repo asked for without its token: the hub answers 401 RepoNotFound."""
+        if repo.private_token and self.headers.get("Authorization") != f"Bearer {repo.private_token}":
+            self._error(401, "RepoNotFound", "Repository not found")
+            return True
+        return False
+
     def _model_info(self, name: str, rev: str | None):
         repo = self.hub.repos.get(name)
         if repo is None:
             return self._error(404, "RepoNotFound", "Repository not found")
+        if self._hidden(repo):
+            return
         commit = self._commit(repo, rev)
         if commit is None:
             return self._error(404, "RevisionNotFound", "Invalid rev id")
@@ -155,6 +168,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.hub.repos.get(name)
         if repo is None:
             return self._error(404, "RepoNotFound", "Repository not found")
+        if self._hidden(repo):
+            return
         commit = self._commit(repo, rev)
         if commit is None:
             return self._error(404, "RevisionNotFound", "Invalid rev id")

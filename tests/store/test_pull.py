@@ -3,6 +3,7 @@ connection, the errors a person sees, offline mode, and a pull killed mid-file."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -132,6 +133,16 @@ def test_error_messages(store_env, hub, tiny_files, monkeypatch):
     assert manage.pull("org/gated", progress=False) == "org/gated"
     monkeypatch.delenv("HF_TOKEN")
 
+    hub.add("org/private", tiny_files, private_token="hf_mine")
+    with pytest.raises(ModelNotFoundError, match=r"org/private: the hub refused access \(401\).*private.*HF_TOKEN"):
+        manage.pull("org/private", progress=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_other")
+    with pytest.raises(ModelNotFoundError, match="org/private: no such repo on the hub .*or your token cannot see it"):
+        manage.pull("org/private", progress=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_mine")
+    assert manage.pull("org/private", progress=False) == "org/private"
+    monkeypatch.delenv("HF_TOKEN")
+
     with pytest.raises(ModelNotFoundError, match="org/missing: no such repo on the hub"):
         manage.pull("org/missing", progress=False)
     with pytest.raises(ModelNotFoundError, match="no revision 'v9'"):
@@ -196,3 +207,18 @@ def test_killed_pull_leaves_nothing_that_list_shows_or_run_loads(store_env, hub,
     hub.stall.clear()
     assert manage.pull(TINY_REPO, progress=False) == TINY_REPO
     assert TINY_REPO in {m.name for m in manage.list_models()} and not manage.incomplete_downloads()
+
+
+def test_stale_partial_blobs_are_dropped(tmp_path):
+    from localsgl.store.pull import STALE_PARTIAL_SECONDS, _drop_stale_partials
+
+    blobs = tmp_path / "models--org--x" / "blobs"
+    blobs.mkdir(parents=True)
+    old, fresh, whole = blobs / "a.1234.incomplete", blobs / "b.5678.incomplete", blobs / "c"
+    for p in (old, fresh, whole):
+        p.write_bytes(b"x")
+    past = time.time() - STALE_PARTIAL_SECONDS - 60
+    os.utime(old, (past, past))
+    os.utime(whole, (past, past))
+    _drop_stale_partials(blobs.parent)
+    assert not old.exists() and fresh.exists() and whole.exists()  # a live download's file stays
