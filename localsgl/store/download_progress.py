@@ -201,6 +201,11 @@ class PullTracker:
         done = sum(self._done_files.values()) + sum(self._current.values())
         return PullProgress(self.model, file, done, total, len(self._done_files), len(self.sizes), finished)
 
+    def set_files(self, files: dict[str, int | None]) -> None:
+        """The pull's files once it knows them better (e.g. the shards an index names)."""
+        with self._lock:
+            self.sizes = dict(files)
+
     def start(self) -> None:
         with self._lock:
             self.display.started(self.snapshot())

@@ -4,9 +4,9 @@ A pull asks the hub for the repo's file list at the revision (one ``model_info``
 which also pins the commit), picks the files a run needs, and fetches each with
 ``hf_hub_download`` at that commit, so every file of one pull comes from one commit:
 
-  * a safetensors repo: configs, tokenizer files and chat templates first, then the
-    weights (the shards model.safetensors.index.json names when there is one, else every
-    top-level *.safetensors file);
+  * a safetensors repo: the weight index (when there is one), configs, tokenizer files
+    and chat templates, then the weights: the shards the index names (a repo may also
+    carry a consolidated copy), else every top-level *.safetensors file;
   * a GGUF repo: the one .gguf file that ``REPO:QUANT`` or ``--file`` picks (hub_cache).
 
 huggingface_hub writes each file under a temporary name and renames it into the cache
@@ -18,6 +18,8 @@ ref (if any) that still names the last whole download.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from .. import config as settings
 from . import hub_cache, manifest
-from .download_progress import PullTracker, display_for
+from .download_progress import Display, PullTracker, display_for
 from .errors import ModelNotFoundError
 from .hub_cache import HubSpec, SpecError
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_HELP = ("create a read token at https://huggingface.co/settings/tokens and set HF_TOKEN=<token> "
               "(or run `hf auth login`)")
+INDEX = "model.safetensors.index.json"
 STALE_PARTIAL_SECONDS = 3600  # a partial blob unchanged this long belongs to a pull that died
 
 
@@ -91,14 +94,16 @@ def pull_hub(spec: HubSpec, *, progress=None, weights: bool = True) -> PullResul
     except SpecError as e:
         raise ModelNotFoundError(f"{spec}: {e}") from None
 
+    fetched = 0
+    if big and INDEX in small:  # first the index, which says which weight files there are
+        fetched = _fetch(spec, commit, {INDEX: small[INDEX]}, snapshot, cache, PullTracker(str(spec), {}, Display()))
+        big = _indexed_shards(snapshot, big)
     tracker = PullTracker(str(spec), {**small, **big}, display_for(progress))
     tracker.start()
     ok = False
     try:
-        fetched = _fetch(spec, commit, small, snapshot, cache, tracker)
+        fetched += _fetch(spec, commit, small, snapshot, cache, tracker)
         if big and not spec.file:
-            big = _indexed_shards(snapshot, big)
-            tracker.sizes = {**small, **big}
             manifest.record_expected(snapshot, {**small, **big})
         fetched += _fetch(spec, commit, big, snapshot, cache, tracker)
         ok = True
@@ -133,15 +138,10 @@ def _file_label(chosen: str, names: list[str], asked: str | None) -> str:
 
 
 def _indexed_shards(snapshot: Path, weights: dict[str, int | None]) -> dict[str, int | None]:
-    """The weight files to fetch: those the index names when the repo has one (a repo may
-    also carry a consolidated copy of the same weights), else all of them."""
-    import json
-
-    index = snapshot / "model.safetensors.index.json"
-    if not index.is_file():
-        return weights
+    """The weight files to fetch: those the index names (a repo may also carry a
+    consolidated copy of the same weights), else all of them."""
     try:
-        shards = set(json.loads(index.read_text())["weight_map"].values())
+        shards = set(json.loads((snapshot / INDEX).read_text())["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return weights
     named = {n: s for n, s in weights.items() if n in shards}
@@ -189,50 +189,46 @@ def _network_error(e: BaseException) -> bool:
                          "ConnectionError", "OfflineModeIsEnabled", "RemoteProtocolError", "ReadError"})
 
 
-class _hub_errors:
+@contextlib.contextmanager
+def _hub_errors(spec: HubSpec, file: str | None = None):
     """Turns huggingface_hub's exceptions into a ModelNotFoundError that says what to do."""
+    try:
+        yield
+    except ModelNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure becomes one message
+        raise ModelNotFoundError(_message(e, spec, file)) from None
 
-    def __init__(self, spec: HubSpec, file: str | None = None):
-        self.spec = spec
-        self.file = file
 
-    def __enter__(self):
-        return self
+def _message(e: Exception, spec: HubSpec, file: str | None) -> str:
+    from huggingface_hub import errors as hfe
 
-    def __exit__(self, exc_type, e, tb):
-        if e is None or not isinstance(e, Exception) or isinstance(e, ModelNotFoundError):
-            return False
-        raise ModelNotFoundError(self.message(e)) from None
-
-    def message(self, e: Exception) -> str:
-        from huggingface_hub import errors as hfe
-
-        spec, repo = str(self.spec), self.spec.repo
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        token = bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
-        if isinstance(e, hfe.GatedRepoError):
-            how = ("the token in use has not been granted access yet" if token else f"then {TOKEN_HELP}")
-            return (f"{repo} is a gated repo: accept its conditions at {endpoint()}/{repo} (logged in), {how}")
-        if isinstance(e, hfe.RepositoryNotFoundError):
-            if status == 401 and not token:
-                return (f"{repo}: the hub refused access (401): the repo does not exist or is private; "
-                        f"check the name, and for a private or gated repo {TOKEN_HELP}")
-            return f"{repo}: no such repo on the hub ({endpoint()}), or your token cannot see it; check the name"
-        if isinstance(e, hfe.RevisionNotFoundError):
-            return f"{repo}: no revision {self.spec.revision!r} (a branch, tag or commit of the repo)"
-        entry = getattr(hfe, "RemoteEntryNotFoundError", None) or getattr(hfe, "EntryNotFoundError")
-        if isinstance(e, entry):
-            return f"{spec}: the hub has no file {self.file!r} at this revision"
-        if isinstance(e, hfe.HfHubHTTPError) and status in (401, 403):
-            if status == 401 and token:
-                return f"{spec}: the hub rejected the token in HF_TOKEN (401); {TOKEN_HELP}"
-            return f"{spec}: access denied ({status}); {TOKEN_HELP}"
-        if _network_error(e) or isinstance(e, getattr(hfe, "LocalEntryNotFoundError", ())):
-            return (f"{spec}: cannot reach the hub at {endpoint()} ({_first_line(e)}); check the network, "
-                    "or set HF_HUB_OFFLINE=1 to run only models already in the cache")
-        if isinstance(e, hfe.HfHubHTTPError):
-            return f"{spec}: the hub answered an error: {_first_line(e)}"
-        return f"{spec}: download failed: {type(e).__name__}: {_first_line(e)}"
+    shown, repo = str(spec), spec.repo
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    token = bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
+    if isinstance(e, hfe.GatedRepoError):
+        how = "the token in use has not been granted access yet" if token else f"then {TOKEN_HELP}"
+        return f"{repo} is a gated repo: accept its conditions at {endpoint()}/{repo} (logged in), {how}"
+    if isinstance(e, hfe.RepositoryNotFoundError):
+        if status == 401 and not token:
+            return (f"{repo}: the hub refused access (401): the repo does not exist or is private; "
+                    f"check the name, and for a private or gated repo {TOKEN_HELP}")
+        return f"{repo}: no such repo on the hub ({endpoint()}), or your token cannot see it; check the name"
+    if isinstance(e, hfe.RevisionNotFoundError):
+        return f"{repo}: no revision {spec.revision!r} (a branch, tag or commit of the repo)"
+    entry = getattr(hfe, "RemoteEntryNotFoundError", None) or getattr(hfe, "EntryNotFoundError")
+    if isinstance(e, entry):
+        return f"{shown}: the hub has no file {file!r} at this revision"
+    if isinstance(e, hfe.HfHubHTTPError) and status in (401, 403):
+        if status == 401 and token:
+            return f"{shown}: the hub rejected the token in HF_TOKEN (401); {TOKEN_HELP}"
+        return f"{shown}: access denied ({status}); {TOKEN_HELP}"
+    if _network_error(e) or isinstance(e, getattr(hfe, "LocalEntryNotFoundError", ())):
+        return (f"{shown}: cannot reach the hub at {endpoint()} ({_first_line(e)}); check the network, "
+                "or set HF_HUB_OFFLINE=1 to run only models already in the cache")
+    if isinstance(e, hfe.HfHubHTTPError):
+        return f"{shown}: the hub answered an error: {_first_line(e)}"
+    return f"{shown}: download failed: {type(e).__name__}: {_first_line(e)}"
 
 
 def _first_line(e: BaseException) -> str:
