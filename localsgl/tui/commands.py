@@ -84,13 +84,12 @@ def parse_int(arg: str, what: str, low: int) -> int:
 
 def help_markdown(keys: dict[str, str], descriptions: dict[str, str]) -> str:
     """The /help text: every command, then every key binding as it is now."""
-    lines = ["## Commands", "", "| command | what it does |", "|---|---|"]
+    lines = ["## Commands", ""]
     for c in COMMANDS.values():
-        lines.append(f"| `/{c.name}{' ' + c.args if c.args else ''}` | {c.help} |")
-    lines += ["", "Start a message with `//` to send a literal `/`.", "", "## Keys", "",
-              "| key | what it does |", "|---|---|"]
+        lines.append(f"- `/{c.name}{' ' + c.args if c.args else ''}`: {c.help}")
+    lines += ["", "A message that starts with `//` is sent with one `/`.", "", "## Keys", ""]
     for bid, key in keys.items():
-        lines.append(f"| `{key}` | {descriptions[bid]} |")
-    lines += ["", "Keys can be changed in the config file's `[tui.keys]` table (see `docs/tui.md`).",
+        lines.append(f"- `{key}`: {descriptions[bid]}")
+    lines += ["", "Change keys in the config file's `[tui.keys]` table (docs/tui.md).",
               "Select text with the mouse and press ctrl+c to copy it; click a code block to copy it."]
     return "\n".join(lines)

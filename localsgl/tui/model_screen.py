@@ -3,8 +3,6 @@ pulling one from the hub with a progress bar (p), deleting one after a confirmat
 The store calls block, so they run in worker threads."""
 from __future__ import annotations
 
-import time
-
 from textual import work
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -14,22 +12,6 @@ from textual.widgets import DataTable, Footer, Input, Label, ProgressBar
 from ..config import format_size
 from . import model_catalog
 from .confirm_screen import ConfirmScreen
-
-
-def _age(t: float | None) -> str:
-    if not t:
-        return "-"
-    s = max(0.0, time.time() - t)
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{int(s // n)}{unit} ago"
-    return "just now"
-
-
-def _params(n: int | None) -> str:
-    if not n:
-        return "-"
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
 class ModelScreen(Screen[str | None]):
@@ -55,7 +37,7 @@ class ModelScreen(Screen[str | None]):
             yield Input(placeholder="org/repo[:QUANT][@REVISION], Enter pulls, Esc cancels", id="pull-spec")
         yield ProgressBar(id="pull-progress", show_eta=True)
         yield Label("", id="pull-status", markup=False)
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         table = self.query_one("#models", DataTable)
@@ -76,13 +58,15 @@ class ModelScreen(Screen[str | None]):
         self.app.call_from_thread(self._fill, rows)
 
     def _fill(self, rows: list[model_catalog.ModelRow]) -> None:
+        from ..store.manage import describe_last_used, format_params
+
         self.rows = rows
         table = self.query_one("#models", DataTable)
         table.clear()
         for r in rows:
             mark = "●" if r.name == self.current else ""
-            table.add_row(mark, r.name, r.format, format_size(r.size_bytes), _params(r.params), r.source,
-                          _age(r.last_used), key=r.name)
+            table.add_row(mark, r.name, r.format, format_size(r.size_bytes), format_params(r.params), r.source,
+                          describe_last_used(r.last_used), key=r.name)
         if not rows:
             self._status("no local models: press p to pull one")
 

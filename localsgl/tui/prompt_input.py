@@ -2,11 +2,12 @@
 Down on the first / last line walk through the messages sent before."""
 from __future__ import annotations
 
+from textual import events
 from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
 
-from .keys import KEY_ACTIONS
+from .keys import KEY_ACTIONS, effective_keys
 
 
 def _binding(bid: str, action: str, priority: bool = False, show: bool = False) -> Binding:
@@ -15,9 +16,13 @@ def _binding(bid: str, action: str, priority: bool = False, show: bool = False) 
 
 
 class PromptInput(TextArea):
+    """Its send and newline keys are ordinary (not priority) bindings, and the editor lets
+    those keys pass: a key then runs after the characters typed before it, which a
+    priority binding would overtake (text typed and Enter pressed in one burst)."""
+
     BINDINGS = [
-        _binding("send", "send", priority=True, show=True),
-        _binding("newline", "newline", priority=True),
+        _binding("send", "send", show=True),
+        _binding("newline", "newline"),
         _binding("history_previous", "history_previous"),
         _binding("history_next", "history_next"),
     ]
@@ -33,6 +38,16 @@ class PromptInput(TextArea):
         self.sent: list[str] = []
         self._history_at: int | None = None  # index into history while walking it
         self._draft = ""
+
+    def _own_keys(self) -> set[str]:
+        keys = effective_keys(getattr(self.app, "keymap", {}) or {})
+        return {k.strip().lower() for bid in ("send", "newline") for k in keys[bid].split(",")}
+
+    async def _on_key(self, event: events.Key) -> None:
+        if event.key in self._own_keys() or any(a in self._own_keys() for a in event.aliases):
+            event.prevent_default()  # not typed into the box: it bubbles up to the binding
+            return
+        await super()._on_key(event)
 
     def action_send(self) -> None:
         text = self.text

@@ -32,7 +32,7 @@ class SessionsScreen(Screen[int | None]):
     def compose(self):
         yield Label("Conversations", id="sessions-title")
         yield DataTable(id="sessions", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
