@@ -538,7 +538,7 @@ def _info_report(kwargs: dict) -> dict:
             "kv_bytes_per_token": plan.kv_bytes_per_token,
         },
         "plan": plan.to_dict(),
-        "sampling": defaults_as_dict(model_sampling_defaults(source)),
+        "sampling": defaults_as_dict(model_sampling_defaults(source, kwargs.get("default_sampling"))),
         "versions": versions,
     }
 

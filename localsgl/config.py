@@ -306,7 +306,7 @@ def load_config_file(path: Path | None = None) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            if key == "tui":  # the chat's own table, read by tui_settings()
+            if key in ("tui", "sampling"):  # read by tui_settings() / sampling_settings()
                 continue
             if key not in ("engine", "server"):
                 print(f"warning: {path}: ignoring unknown table [{key}]", file=sys.stderr)
@@ -334,6 +334,61 @@ def tui_settings(path: Path | None = None) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: tui must be a table ([tui])")
     return table
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _to_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got {v!r}")
+    try:
+        x = float(str(v).strip()) if not isinstance(v, (int, float)) else float(v)
+    except ValueError:
+        raise ValueError(f"expected a number, got {v!r}") from None
+    if x != x:
+        raise ValueError("expected a number, got NaN")
+    return x
+
+
+# A person's own defaults for the sampling fields a request leaves unset: LOCALSGL_<FIELD>
+# or the config file's [sampling] table.  They rank above the model's defaults
+# (engine/sampling_defaults.py) and below a value given with the request itself.
+SAMPLING_SETTINGS: dict[str, Callable[[Any], Any]] = {
+    "max_tokens": _to_int(1),
+    "temperature": _to_float,
+    "top_p": _to_float,
+    "top_k": _to_int(-1),
+    "min_p": _to_float,
+    "repetition_penalty": _to_float,
+}
+
+
+def sampling_settings(path: Path | None = None) -> dict[str, tuple[Any, str]]:
+    """{field: (value, source)} for each sampling field set by LOCALSGL_<FIELD> (which wins)
+    or the config file's [sampling] table; {} when neither sets any."""
+    out: dict[str, tuple[Any, str]] = {}
+    path = path or config_file()
+    table: dict = {}
+    if path.is_file():
+        table = _load_toml(path).get("sampling", {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: sampling must be a table ([sampling])")
+        for key in table:
+            if key.replace("-", "_").lower() not in SAMPLING_SETTINGS:
+                print(f"warning: {path}: ignoring unknown sampling setting {key!r}", file=sys.stderr)
+    for name, conv in SAMPLING_SETTINGS.items():
+        env = "LOCALSGL_" + name.upper()
+        raw, source = os.environ.get(env), env
+        if raw is None or not raw.strip():
+            raw = next((v for k, v in table.items() if k.replace("-", "_").lower() == name), None)
+            source = f"{path} [sampling]"
+        if raw is None:
+            continue
+        try:
+            out[name] = (conv(raw), source)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {name}: {e}") from None
+    return out
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
@@ -379,4 +434,7 @@ def resolve_engine_kwargs(cli_values: dict[str, Any]) -> dict[str, Any]:
     out = resolve_settings(engine_cli, ENGINE_SETTINGS)
     out = {k: v for k, v in out.items() if v is not None}
     out.setdefault("model", DEFAULT_MODEL)
+    user_sampling = sampling_settings()
+    if user_sampling:
+        out["default_sampling"] = user_sampling
     return out

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from localsgl import cli
-from localsgl.config import SETTINGS
+from localsgl.config import SAMPLING_SETTINGS, SETTINGS
 from localsgl.engine.params import MODEL_DEFAULT_FIELDS, SamplingParams, is_unset
 from localsgl.engine.sampling_defaults import (
     BUILTIN_DEFAULTS,
@@ -44,6 +44,8 @@ def tiny_dir(tmp_path, generation_config: dict | None, name="tiny"):
 def isolated_settings(monkeypatch, tmp_path):
     for s in SETTINGS.values():
         monkeypatch.delenv(s.env, raising=False)
+    for name in SAMPLING_SETTINGS:
+        monkeypatch.delenv("LOCALSGL_" + name.upper(), raising=False)
     monkeypatch.delenv("LOCALSGL_CONFIG", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.setenv("NO_COLOR", "1")
@@ -202,6 +204,49 @@ def test_info_json_and_text_show_values_and_sources(isolated_settings, tmp_path)
     assert r.exit_code == 0, r.output
     text = r.stdout[r.stdout.index("Sampling defaults"):]
     assert "temperature" in text and "0.45" in text and GENERATION_CONFIG in text and "llama.cpp default" in text
+
+
+def test_config_file_and_env_defaults_rank_above_the_model(isolated_settings, monkeypatch, tmp_path):
+    from localsgl.config import resolve_engine_kwargs
+
+    cfg = tmp_path / "config" / "localsgl" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text('[sampling]\ntemperature = 0.33\ntop-k = 7\n')
+    kwargs = resolve_engine_kwargs({})
+    assert kwargs["default_sampling"]["temperature"][0] == 0.33
+    assert "[sampling]" in kwargs["default_sampling"]["temperature"][1]
+    monkeypatch.setenv("LOCALSGL_TEMPERATURE", "0.7")  # the environment beats the file
+    kwargs = resolve_engine_kwargs({})
+    assert kwargs["default_sampling"]["temperature"] == (0.7, "LOCALSGL_TEMPERATURE")
+    assert kwargs["default_sampling"]["top_k"][0] == 7
+
+    d = tiny_dir(tmp_path, {"temperature": 0.45, "top_k": 12, "top_p": 0.8})
+    defaults = model_sampling_defaults(resolve_model(str(d), load_format="dummy"), kwargs["default_sampling"])
+    assert defaults["temperature"] == (0.7, "LOCALSGL_TEMPERATURE")
+    assert defaults["top_k"][0] == 7 and "[sampling]" in defaults["top_k"][1]
+    assert defaults["top_p"] == (0.8, GENERATION_CONFIG)  # fields the person left alone keep the model's
+
+    r = CliRunner().invoke(cli.app, ["info", "--json", "-m", str(d), "--load-format", "dummy", "--device", "cpu",
+                                     "--kv-memory", "8MiB"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["sampling"]["top_k"]["value"] == 7
+
+
+def test_bad_user_sampling_defaults_are_usage_errors(isolated_settings, monkeypatch, tmp_path):
+    from localsgl import Engine
+    from localsgl.config import ConfigError, resolve_engine_kwargs
+    from localsgl.engine.params import InvalidRequestError
+
+    monkeypatch.setenv("LOCALSGL_TOP_P", "lots")
+    with pytest.raises(ConfigError, match="LOCALSGL_TOP_P"):
+        resolve_engine_kwargs({})
+    monkeypatch.delenv("LOCALSGL_TOP_P")
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        Engine(model="smollm2-135m", device="cpu", default_sampling={"top_p": 3.0})
+    with pytest.raises(InvalidRequestError, match="not a sampling default"):
+        Engine(model="smollm2-135m", device="cpu", default_sampling={"seed": 3})
+    r = CliRunner().invoke(cli.app, ["info", "--device", "cpu"], env={"LOCALSGL_MIN_P": "2"})
+    assert r.exit_code == 2, r.output
 
 
 # ----------------------------------------------------------------------------- the embedded model

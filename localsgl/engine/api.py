@@ -130,10 +130,15 @@ class Engine:
         max_queue: int | None = None,
         tp: int = 1,
         debug_switches=None,
+        default_sampling: dict | None = None,
         **unknown,
     ):
         if unknown:
             raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        from .sampling_defaults import check_user_defaults
+
+        # a person's own defaults for omitted sampling fields (checked before anything loads)
+        self._user_sampling = check_user_defaults(default_sampling)
         if tp != 1:
             raise InvalidRequestError("tensor parallelism (tp > 1) is not available in this build", "tp")
         if schedule_policy not in ("fcfs", "lpm"):
@@ -411,7 +416,7 @@ class Engine:
         generation_config.json, its alias's recommended values, or llama.cpp's defaults."""
         from .sampling_defaults import model_sampling_defaults
 
-        return model_sampling_defaults(self.source)
+        return model_sampling_defaults(self.source, self._user_sampling)
 
     def resolve_sampling(self, params: SamplingParams | None) -> SamplingParams:
         """``params`` with every field the caller left unset taken from sampling_defaults."""

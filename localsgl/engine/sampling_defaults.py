@@ -8,8 +8,10 @@ caller leaves unset takes, field by field, the first of
      measured on the file an alias names);
   3. llama.cpp's defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, no repetition
      penalty; and localsgl's max_tokens of 256.
-A value the caller sets (CLI flag, LOCALSGL_* variable, HTTP field, SamplingParams argument)
-wins over all three: only placeholders (``params.is_unset``) are replaced.
+Above all three rank a person's own defaults (LOCALSGL_<FIELD>, the config file's [sampling]
+table, ``Engine(default_sampling=...)``), and a value set with the request itself (CLI flag,
+HTTP field, SamplingParams argument) wins over everything: only placeholders
+(``params.is_unset``) are replaced.
 """
 from __future__ import annotations
 
@@ -109,9 +111,28 @@ def read_generation_config(directory: Path | str | None) -> tuple[dict[str, Any]
     return sampling_from_generation_config(raw), raw.get("do_sample") is False
 
 
+def check_user_defaults(user: SamplingDefaults | None) -> SamplingDefaults:
+    """A person's own defaults ({field: (value, source)}: LOCALSGL_<FIELD>, the config file's
+    [sampling] table, or ``Engine(default_sampling=...)``, where a bare value means "engine
+    argument"), each checked; a value SamplingParams would reject is a usage error naming it."""
+    out: SamplingDefaults = {}
+    for field, entry in (user or {}).items():
+        value, source = entry if isinstance(entry, tuple) else (entry, "engine argument")
+        if field not in BUILTIN_DEFAULTS:
+            raise InvalidRequestError(f"{source}: {field} is not a sampling default "
+                                      f"(one of {', '.join(BUILTIN_DEFAULTS)})", field)
+        checked = _checked(field, value)
+        if checked is None:
+            raise InvalidRequestError(f"{source}: invalid {field} {value!r}", field)
+        out[field] = (checked, source)
+    return out
+
+
 def resolve_defaults(generation_config: dict[str, Any] | None = None, alias: str | None = None,
-                     alias_sampling: dict[str, Any] | None = None, greedy_by_config: bool = False) -> SamplingDefaults:
-    """Field -> (value, source) by precedence generation_config.json > alias > built-in."""
+                     alias_sampling: dict[str, Any] | None = None, greedy_by_config: bool = False,
+                     user: SamplingDefaults | None = None) -> SamplingDefaults:
+    """Field -> (value, source) by precedence user settings > generation_config.json > alias > built-in."""
+    user = check_user_defaults(user)
     layers = [
         (generation_config or {}, GENERATION_CONFIG),
         (alias_sampling or {}, f"alias {alias}"),
@@ -119,6 +140,9 @@ def resolve_defaults(generation_config: dict[str, Any] | None = None, alias: str
     out: SamplingDefaults = {}
     for field, builtin in BUILTIN_DEFAULTS.items():
         out[field] = builtin
+        if field in user:
+            out[field] = user[field]
+            continue
         for values, source in layers:
             if field in values:
                 value = _checked(field, values[field])
@@ -143,13 +167,14 @@ def _config_dir(source) -> Path | None:
     return None
 
 
-def model_sampling_defaults(source) -> SamplingDefaults:
-    """The sampling defaults of a resolved model (a store.resolve.ModelSource)."""
+def model_sampling_defaults(source, user: SamplingDefaults | None = None) -> SamplingDefaults:
+    """The sampling defaults of a resolved model (a store.resolve.ModelSource), under a
+    person's own defaults ``user`` (see check_user_defaults)."""
     from ..store.resolve import ALIASES, alias_of
 
     generation, greedy = read_generation_config(_config_dir(source))
     alias = alias_of(source)
-    defaults = resolve_defaults(generation, alias, ALIASES[alias].sampling if alias else None, greedy)
+    defaults = resolve_defaults(generation, alias, ALIASES[alias].sampling if alias else None, greedy, user)
     log.debug("sampling defaults of %s: %s", getattr(source, "name", "?"),
               ", ".join(f"{k}={v} ({s})" for k, (v, s) in defaults.items()))
     return defaults
