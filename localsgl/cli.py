@@ -463,6 +463,10 @@ def run(
                      grammar=None if grammar is None else _text_or_file("--grammar", grammar))
         params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
         params.validate()
+        if prompt is None and not batch and _stdin_is_terminal():  # nothing to answer: chat, as `ollama run`
+            chat_sampling = {k: given[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")}
+            _open_chat(flags, system, resume=False, inline=False, sampling=chat_sampling, no_pull=no_pull)
+            return
         kwargs = resolve_engine_kwargs(flags)
         prompts = _gather_prompts(prompt, batch)
         if no_pull:
@@ -479,6 +483,55 @@ def run(
                 _run_single(engine, prompts[0], system, params, jsonl, stats)
 
     _guard(body)
+
+
+@app.command()
+@engine_options
+def chat(
+    system: Annotated[Optional[str], typer.Option("--system", help="System message", envvar="LOCALSGL_SYSTEM")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Reopen the last conversation (F3 in the chat lists them all)")] = False,
+    inline: Annotated[bool, typer.Option("--inline", help="Run under the prompt and leave the chat in the shell's scrollback")] = False,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Longest answer; default: the model's", envvar="LOCALSGL_MAX_TOKENS")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy; default: the model's", envvar="LOCALSGL_TEMPERATURE")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling, in (0, 1]; default: the model's", envvar="LOCALSGL_TOP_P")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Top-k sampling (-1 = off); default: the model's", envvar="LOCALSGL_TOP_K")] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Min-p sampling, in [0, 1]; default: the model's", envvar="LOCALSGL_MIN_P")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed", envvar="LOCALSGL_SAMPLING_SEED")] = None,
+    *,
+    flags: dict,
+) -> None:
+    """Chat in the terminal. Conversations are saved as you go; --resume reopens the last.
+
+    Keys and commands: F1 or /help inside the chat; keys can be changed in the
+    config file (see docs/tui.md)."""
+
+    def body():
+        from .engine.params import SamplingParams
+
+        sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+        SamplingParams(**{k: v for k, v in sampling.items() if v is not None}).validate()
+        _open_chat(flags, system, resume=resume, inline=inline, sampling=sampling)
+
+    _guard(body)
+
+
+def _open_chat(flags: dict, system: Optional[str], *, resume: bool, inline: bool, sampling: dict,
+               no_pull: bool = False) -> None:
+    """Run the chat app (Textual is imported here, never by the other commands)."""
+    if not (_stdin_is_terminal() and sys.stdout.isatty()):
+        raise UsageError("the chat needs a terminal; to answer a prompt from a script use: localsgl run \"PROMPT\"")
+    kwargs = resolve_engine_kwargs(flags)
+    if no_pull:
+        from .store.hub_cache import NO_PULL_ENV
+
+        os.environ[NO_PULL_ENV] = "1"
+    model_given = "model" in resolve_settings({"model": flags.get("model")}, ["model"])
+    from .tui import run_chat
+
+    rc = run_chat(kwargs, system=system, resume=resume, inline=inline, model_given=model_given,
+                  sampling={k: v for k, v in sampling.items() if v is not None})
+    if rc:
+        raise typer.Exit(rc)
 
 
 @app.command()
