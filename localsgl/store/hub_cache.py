@@ -7,7 +7,7 @@ A hub spec is ``REPO[:FILE][@REVISION]``: ``org/name``, optionally the GGUF file
 Finding a model that is already downloaded reads the cache layout directly
 (``models--org--name/refs/<revision>`` holds a commit, ``snapshots/<commit>/`` the files)
 and so does not import huggingface_hub: `localsgl run` of a cached model starts without
-it. Downloads (pull.py) and removals (manage.py) go through huggingface_hub.
+it. Downloads (hub_download.py) and removals (manage.py) go through huggingface_hub.
 """
 from __future__ import annotations
 

@@ -349,7 +349,7 @@ def pull(spec: str, progress=None, file: str | None = None) -> str:
     return the name to run it by. ``file`` picks a GGUF file (like ``:QUANT``). ``progress``:
     None shows rich bars on a terminal and plain lines otherwise (stderr), False nothing, a
     callable receives a download_progress.PullProgress on every file and a few times a second."""
-    from .pull import pull_hub
+    from .hub_download import pull_hub
 
     text = str(spec).strip()
     key = text.lower()

@@ -210,7 +210,7 @@ def test_killed_pull_leaves_nothing_that_list_shows_or_run_loads(store_env, hub,
 
 
 def test_stale_partial_blobs_are_dropped(tmp_path):
-    from localsgl.store.pull import STALE_PARTIAL_SECONDS, _drop_stale_partials
+    from localsgl.store.hub_download import STALE_PARTIAL_SECONDS, _drop_stale_partials
 
     blobs = tmp_path / "models--org--x" / "blobs"
     blobs.mkdir(parents=True)
