@@ -237,10 +237,9 @@ def _safetensors_model(name: str, path: Path, source: str, records: dict) -> Loc
         params, supported = ModelConfig.from_hf(cfg).num_params, True
     except (UnsupportedModelError, KeyError, TypeError, ValueError):
         params, supported = header_params, False
-    quant = cfg.get("quantization_config") or {}
-    method = quant.get("quant_method") or quant.get("method") if isinstance(quant, dict) else None
+    method = _quant_label(cfg)
     if source == "quantized" and method:
-        fmt = str(method)
+        fmt = method
     elif method:
         fmt = f"safetensors {method}"
     else:
@@ -249,6 +248,20 @@ def _safetensors_model(name: str, path: Path, source: str, records: dict) -> Loc
         name=name, format=fmt, size_bytes=_size(path), params=params, source=source,
         last_used=manifest.last_used(path, records), path=path, architecture=archs[0], supported=supported,
     )
+
+
+def _quant_label(cfg: dict) -> str | None:
+    """How a checkpoint's quantization_config names its format: `localsgl quantize`'s own
+    (``{"localsgl": {"format": "int4", "group_size": 128}}`` -> "int4 g128"), else the
+    quant_method (fp8, awq, ...); None for a dense checkpoint."""
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict) or not qc:
+        return None
+    own = qc.get("localsgl")
+    if isinstance(own, dict) and own.get("format"):
+        return str(own["format"]) + (f" g{own['group_size']}" if own.get("group_size") else "")
+    method = qc.get("quant_method") or qc.get("method")
+    return str(method) if method else "quantized"
 
 
 def _safetensors_summary(path: Path) -> tuple[dict[str, int], int]:

@@ -126,13 +126,13 @@ def test_list_shows_quantized_outputs_and_run_finds_them_by_name(store_env, tiny
     out = quantized_dir() / "tiny-int8"
     out.mkdir(parents=True)
     cfg = json.loads(tiny_files["config.json"])
-    cfg["quantization_config"] = {"quant_method": "int8"}
+    cfg["quantization_config"] = {"localsgl": {"format": "int8", "group_size": 0}}
     for name, data in tiny_files.items():
         if name in ("config.json", "model.safetensors.index.json") or name.endswith(".safetensors") or name.startswith("tokenizer"):
             (out / name).write_bytes(data)
     (out / "config.json").write_text(json.dumps(cfg))
     listed = _listed()
-    assert listed["tiny-int8"]["source"] == "quantized" and listed["tiny-int8"]["format"] == "int8"
+    assert listed["tiny-int8"]["source"] == "quantized" and listed["tiny-int8"]["format"] == "int8"  # `quantize`'s own config
     assert resolve_model("tiny-int8", load_format="dummy").path == out
     r = runner.invoke(cli.app, ["rm", "--yes", "tiny-int8"])
     assert r.exit_code == 0 and not out.exists(), r.output
