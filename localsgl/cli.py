@@ -710,7 +710,7 @@ def bench(
 
 @app.command()
 def pull(
-    model: Annotated[str, typer.Argument(help="An alias, or a hub repo REPO[:QUANT][@REVISION] (e.g. org/name-GGUF:Q4_K_M)")],
+    model: Annotated[str, typer.Argument(help="An alias or a hub repo: org/name, org/name:QUANT (one GGUF file, e.g. :Q4_K_M), org/name@REVISION")],
     file: Annotated[Optional[str], typer.Option("--file", help="The .gguf file to fetch from a GGUF repo")] = None,
 ) -> None:
     """Download a model into the Hugging Face cache; prints the name to run it by."""
