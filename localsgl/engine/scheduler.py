@@ -40,7 +40,8 @@ log = logging.getLogger("localsgl.scheduler")
 INIT_NEW_TOKEN_RATIO = 0.5
 MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600  # per scheduled step
-RETRACT_DECODE_STEPS = 20  # a retraction round makes room for this many decode steps
+RETRACT_DECODE_STEPS = 20  # a retraction round makes room for this many decode steps,
+RETRACT_ROOM_SHARE = 0.125  # or for this share of the pool if that is less
 PROTECT_AFTER_RETRACTIONS = 3
 OOM_RECOVERY_STEPS = 16  # good steps before a step size halved by an out-of-memory error doubles again
 
@@ -220,7 +221,8 @@ class Scheduler:
         alike) until the remaining decodes have room for RETRACT_DECODE_STEPS steps.  Protected
         requests go only when nothing else makes room for one step, and the last decode stays."""
         L = self.max_model_len
-        target = sum(min(RETRACT_DECODE_STEPS, r.max_new_remaining(L)) for r in decodes)
+        target = min(sum(min(RETRACT_DECODE_STEPS, r.max_new_remaining(L)) for r in decodes),
+                     int(self.kv_pool.num_slots * RETRACT_ROOM_SHARE))
         retracted = 0
         for victim in sorted(decodes + prefilling, key=self._victim_key):
             avail = self._available()
@@ -238,11 +240,16 @@ class Scheduler:
                 prefilling.remove(victim)
             self.retract(victim)
             retracted += 1
-        while decodes and self._available() < len(decodes):  # even one decode cannot grow: the pool is too small
-            victim = min(decodes, key=self._victim_key)
-            decodes.remove(victim)
-            self.retract(victim)
-            retracted += 1
+        if decodes and self._available() < len(decodes):
+            if any(r.is_decoding and r.max_new_remaining(L) == 0 for r in self.running):
+                # a request ends with its in-flight token and frees its KV: the last victims wait a step
+                decodes.sort(key=self._victim_key, reverse=True)
+                del decodes[max(self._available(), 0):]
+            while decodes and self._available() < len(decodes):  # the pool is too small for even these
+                victim = min(decodes, key=self._victim_key)
+                decodes.remove(victim)
+                self.retract(victim)
+                retracted += 1
         if retracted:
             self._raise_new_token_ratio(decodes)
 

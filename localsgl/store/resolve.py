@@ -8,7 +8,7 @@ A spec is one of
   * the name of a local quantized output (``$XDG_DATA_HOME/localsgl/models/NAME``),
   * a hub spec ``org/name[:QUANT][@revision]`` (hub_cache.py): served from the HF cache,
     pulled into it on first use after a one-line notice on stderr, unless HF_HUB_OFFLINE or
-    LOCALSGL_NO_PULL (`run --no-pull`) is set,
+    LOCALSGL_NO_PULL (`run --no-pull`) is set (first_use.py),
   * with ``load_format="dummy"`` also a named config (``dummy_configs``) or a path to a
     config.json / a directory containing one: real shapes, random weights.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util  # noqa: F401 - reachable as resolve.importlib, where callers patch find_spec
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +26,7 @@ from typing import Iterator
 import torch
 
 from .. import config as settings
-from . import gguf_file, hf, hub_cache, manifest
+from . import gguf_file, hf, manifest
 from .aliases import (  # noqa: F401 - the alias table's names, re-exported for existing callers
     ALIASES,
     EMBEDDED_FILE,
@@ -42,6 +41,7 @@ from .aliases import (  # noqa: F401 - the alias table's names, re-exported for 
 )
 from .dummy_configs import DUMMY_CONFIGS, dummy_config
 from .errors import ModelNotFoundError, ModelStoreError, UnknownModelError  # noqa: F401
+from .first_use import ensure_local, local_hub_model, pull_allowed, pull_missing, quantized_output  # noqa: F401
 from .hub_cache import HUB_PATTERNS, NO_PULL_ENV, HubSpec, SpecError, parse_hub_spec  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -93,76 +93,6 @@ def _unknown(spec: str, load_format: str) -> UnknownModelError:
     return UnknownModelError(msg)
 
 
-# ----------------------------------------------------------------------------- hub
-
-
-def pull_allowed() -> bool:
-    """Whether a hub model missing from the cache may be downloaded on first use."""
-    return os.environ.get(NO_PULL_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
-
-
-def local_hub_model(hub: HubSpec, *, weights: bool = True) -> Path | None:
-    """The cached snapshot directory (or, for a GGUF spec, the .gguf file) holding everything
-    a run of ``hub`` needs, or None. Reads the cache layout only: no huggingface_hub import."""
-    snapshot = hub_cache.snapshot_dir(hub.repo, hub.revision)
-    if snapshot is None:
-        return None
-    if hub.file is None and (snapshot / "config.json").is_file():
-        if not weights:
-            return snapshot
-        return None if hub_cache.safetensors_problem(snapshot, manifest.expected(snapshot)) else snapshot
-    names = [n for n in hub_cache.snapshot_files(snapshot) if hub_cache.is_weights_gguf(n)]
-    try:
-        return snapshot / hub_cache.choose_gguf(names, hub.file)
-    except SpecError:
-        return None
-
-
-def _pull_missing(hub: HubSpec, shown: str, weights: bool, allowed: bool = True) -> Path:
-    from .hub_download import endpoint, offline_error, pull_hub
-
-    if not allowed:
-        raise ModelNotFoundError(f"{shown} is not downloaded: `localsgl pull {shown}` downloads it")
-    if settings.hf_offline():
-        raise offline_error(shown)
-    if not pull_allowed():
-        raise ModelNotFoundError(
-            f"{shown} is not in the Hugging Face cache ({settings.hf_hub_cache()}) and pulling is off "
-            f"(--no-pull / {NO_PULL_ENV}): download it with `localsgl pull {shown}`"
-        )
-    print(f"localsgl: {shown} is not downloaded yet: pulling it from {endpoint()} "
-          f"(`localsgl pull {shown}` does the same)", file=sys.stderr, flush=True)
-    return pull_hub(hub, weights=weights).path
-
-
-def ensure_local(spec: str, load_format: str = "auto") -> None:
-    """Pull ``spec`` now if it is a hub model (or hub alias) missing from the cache, so that
-    a front end can show the download before its loading spinner; nothing for other specs."""
-    hub, shown = _hub_spec_of(str(spec).strip(), load_format)
-    if hub is not None and local_hub_model(hub, weights=load_format != "dummy") is None:
-        _pull_missing(hub, shown, weights=load_format != "dummy")
-
-
-def _hub_spec_of(spec: str, load_format: str) -> tuple[HubSpec | None, str]:
-    key = spec.lower()
-    if load_format == "dummy" and key in DUMMY_CONFIGS:
-        return None, spec
-    if key in ALIASES:
-        entry = ALIASES[key]
-        return (None if entry.embedded else parse_hub_spec(entry.hub_spec)), key
-    if not spec or Path(spec).expanduser().exists() or _quantized_output(spec) is not None:
-        return None, spec
-    return parse_hub_spec(spec), spec
-
-
-def _quantized_output(name: str) -> Path | None:
-    """A local quantized output by its name (a directory under the quantized-models dir)."""
-    if not name or "/" in name or os.sep in name or name.startswith("."):
-        return None
-    path = settings.quantized_dir() / name
-    return path if path.exists() else None
-
-
 # ----------------------------------------------------------------------------- resolving
 
 
@@ -207,7 +137,7 @@ def _resolve(spec: str, load_format: str, pull: bool) -> ModelSource:
     path = Path(spec).expanduser()
     if path.exists():
         return _from_path(path, spec, dummy, load_format)
-    quantized = _quantized_output(spec)
+    quantized = quantized_output(spec)
     if quantized is not None:
         src = _from_path(quantized, spec, dummy, load_format)
         src.name = spec
@@ -275,7 +205,7 @@ def _from_gguf(path: Path, dummy: bool) -> ModelSource:
 def _from_hub(hub: HubSpec, dummy: bool, pull: bool = True, shown: str | None = None) -> ModelSource:
     path = local_hub_model(hub, weights=not dummy)
     if path is None:
-        path = _pull_missing(hub, shown or str(hub), weights=not dummy, allowed=pull)
+        path = pull_missing(hub, shown or str(hub), weights=not dummy, allowed=pull)
     if path.suffix == ".gguf":
         src = _from_gguf(path, dummy)
         src.name, src.repo_id, src.revision = str(hub), hub.repo, hub.revision
