@@ -10,8 +10,9 @@ sampled tokens and finishes requests.  Memory pressure never raises: it retracts
 
 Retraction (as SGLang does it): victims go least decoded output first (ties:
 longest prompt, then the latest arrival), and retraction goes on until the
-remaining decodes have room for RETRACT_DECODE_STEPS more steps, so pressure
-costs one retraction round rather than one victim per step.  A retraction
+remaining decodes have room for RETRACT_DECODE_STEPS more steps (or for
+RETRACT_ROOM_SHARE of the pool, if less), so pressure costs one retraction
+round rather than one victim per step.  A retraction
 raises ``new_token_ratio`` — the share of each running request's remaining
 output that admission keeps free — to an estimate of what the survivors will
 still use; it then decays by NEW_TOKEN_RATIO_DECAY per step to
@@ -22,6 +23,10 @@ PROTECT_AFTER_RETRACTIONS retractions it is protected — retracted only when
 nothing else can make room for one step — and admitted only while every
 running protected request's final length still fits the pool together with
 its own, so protected requests can always finish.
+
+A step that ran out of device memory is rolled back and later steps are
+capped at half its tokens (``shrink_after_oom``); the cap doubles back after
+OOM_RECOVERY_STEPS good steps.
 """
 from __future__ import annotations
 
@@ -218,8 +223,9 @@ class Scheduler:
 
     def _retract_for_decodes(self, decodes: list[Request], prefilling: list[Request]) -> None:
         """Not every decode has a slot: retract (victim order, decodes and unfinished prefills
-        alike) until the remaining decodes have room for RETRACT_DECODE_STEPS steps.  Protected
-        requests go only when nothing else makes room for one step, and the last decode stays."""
+        alike) until the remaining decodes have room for RETRACT_DECODE_STEPS steps (at most
+        RETRACT_ROOM_SHARE of the pool).  Protected requests go only when nothing else makes room
+        for one step, and the last decode stays."""
         L = self.max_model_len
         target = min(sum(min(RETRACT_DECODE_STEPS, r.max_new_remaining(L)) for r in decodes),
                      int(self.kv_pool.num_slots * RETRACT_ROOM_SHARE))
