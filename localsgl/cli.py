@@ -204,7 +204,7 @@ class _Loading:
 
 def _load_engine(kwargs: dict):
     from .engine.api import Engine
-    from .store.resolve import ensure_local
+    from .store.first_use import ensure_local
 
     # a hub model missing from the cache is pulled first, so its progress bars are not
     # drawn under the loading spinner
@@ -526,6 +526,9 @@ def _open_chat(flags: dict, system: Optional[str], *, resume: bool, inline: bool
 
         os.environ[NO_PULL_ENV] = "1"
     model_given = "model" in resolve_settings({"model": flags.get("model")}, ["model"])
+    from .store.first_use import ensure_local
+
+    ensure_local(kwargs["model"], kwargs.get("load_format") or "auto")  # a download shows before the app
     from .tui import run_chat
 
     rc = run_chat(kwargs, system=system, resume=resume, inline=inline, model_given=model_given,

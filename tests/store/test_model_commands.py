@@ -140,7 +140,7 @@ def test_list_shows_quantized_outputs_and_run_finds_them_by_name(store_env, tiny
 
 @pytest.mark.parametrize("spec", ["qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct"])
 def test_no_pull_and_offline_name_the_pull_command(store_env, monkeypatch, spec):
-    from localsgl.store.resolve import ensure_local
+    from localsgl.store.first_use import ensure_local
 
     monkeypatch.setenv("LOCALSGL_NO_PULL", "1")
     with pytest.raises(ModelNotFoundError, match=f"`localsgl pull {spec}`"):
