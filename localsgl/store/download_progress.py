@@ -61,6 +61,7 @@ class LineDisplay(Display):
         self.stream = stream or sys.stderr
         self.every = every
         self._last = 0.0
+        self._fetched = 0
 
     def _say(self, text: str) -> None:
         print(f"pull: {text}", file=self.stream, flush=True)
@@ -70,6 +71,7 @@ class LineDisplay(Display):
 
     def file_started(self, name, size, p):
         self._last = time.monotonic()
+        self._fetched += 1
         self._say(f"{name} ({format_size(size)})")
 
     def advanced(self, name, file_done, p):
@@ -83,7 +85,9 @@ class LineDisplay(Display):
         self._say(f"{name} done ({format_size(size)} in {seconds:.1f} s, {_rate(size, seconds)})")
 
     def finished(self, p, seconds, ok):
-        if ok:
+        if ok and not self._fetched:
+            self._say(f"{p.model}: all {_files(p.files_done)} in the cache already")
+        elif ok:
             self._say(f"{p.model}: {_files(p.files_done)}, {format_size(p.done)} in {seconds:.1f} s")
 
 

@@ -66,7 +66,7 @@ def test_pull_fetches_what_a_run_needs_with_progress(store_env, hub, tiny_files,
     assert manage.pull(TINY_REPO) == TINY_REPO
     assert [p for _, p, _ in hub.requests[before:]] == [f"/api/models/{TINY_REPO}"]
     err = capsys.readouterr().err
-    assert f"pull: {TINY_REPO}: {len(wanted)} files" in err
+    assert f"pull: {TINY_REPO}: all {len(wanted)} files in the cache already" in err
 
 
 def test_pin_a_revision(store_env, hub, tiny_files, monkeypatch):
