@@ -151,6 +151,8 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "disable_overlap": Annotated[Optional[bool], typer.Option("--disable-overlap", help="No CPU/GPU overlap scheduling", rich_help_panel=_P)],
     "disable_radix_cache": Annotated[Optional[bool], typer.Option("--disable-radix-cache", help="No prefix reuse", rich_help_panel=_P)],
     "load_format": Annotated[Optional[str], typer.Option("--load-format", help="auto | dummy (random weights)", rich_help_panel=_P)],
+    "weights": Annotated[Optional[str], typer.Option("--weights", help="keep | dequantize: quantized weights (GGUF, AWQ, FP8, quantize outputs) stay quantized or load dense", show_default="keep on a GPU, dequantize on the CPU", rich_help_panel=_P)],
+    "quantization": Annotated[Optional[str], typer.Option("--quantization", help="int4 | int8 | fp8: quantize dense linear weights as they load (with --load-format dummy: random weights in that format)", rich_help_panel=_P)],
     "device": Annotated[Optional[str], typer.Option("--device", help="cuda | cuda:N | cpu", show_default="cuda if present", rich_help_panel=_P)],
     "tp": Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel GPUs", rich_help_panel=_P)],
 }
@@ -567,7 +569,13 @@ def _info_report(kwargs: dict) -> dict:
     dtype = dtype_name(kwargs["dtype"]) if kwargs.get("dtype") not in (None, "auto") else dtype_name(default_dtype(dev))
     source = resolve_model(kwargs["model"], load_format=kwargs.get("load_format", "auto"), record_use=False)
     cfg = ModelConfig.from_hf(source.config)
-    plan = make_plan(cfg, dev, dtype, **plan_options(kwargs))  # as the engine plans
+    from .engine.weight_estimate import estimate as estimate_weights
+
+    weights = estimate_weights(source, cfg, dtype, dev.kind, kwargs.get("weights"), kwargs.get("quantization"))
+    options = plan_options(kwargs)
+    if weights is not None:
+        options["weights_bytes"] = weights.total_bytes
+    plan = make_plan(cfg, dev, dtype, **options)  # as the engine plans
     versions = {"localsgl": __version__, "python": sys.version.split()[0]}
     for mod in ("torch", "transformers", "triton"):
         try:
@@ -591,6 +599,7 @@ def _info_report(kwargs: dict) -> dict:
             "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.max_position_embeddings,
             "weights_bytes": plan.weights_bytes,
+            "weights_format": weights.by_format if weights is not None else {dtype: plan.weights_bytes},
             "kv_bytes_per_token": plan.kv_bytes_per_token,
         },
         "plan": plan.to_dict(),
@@ -626,7 +635,9 @@ def _print_info(r: dict) -> None:
         f"  architecture        {m['architecture']}: {m['layers']} layers, hidden {m['hidden_size']}, "
         f"{m['heads']} heads / {m['kv_heads']} KV heads x {m['head_dim']}, vocab {m['vocab_size']}",
         f"  parameters          {m['params'] / 1e9:.3f} B",
-        f"  weights             {format_size(m['weights_bytes'])} at {r['dtype']}",
+        f"  weights             {format_size(m['weights_bytes'])} " + (
+            f"at {r['dtype']}" if list(m.get("weights_format") or {r['dtype']: 0}) == [r['dtype']] else
+            "(" + ", ".join(f"{k} {format_size(v)}" for k, v in sorted(m["weights_format"].items(), key=lambda kv: -kv[1])) + ")"),
         f"  KV per token        {format_size(m['kv_bytes_per_token'])}",
         f"  max positions       {m['max_position_embeddings']:,}",
         head("Memory plan"),

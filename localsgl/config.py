@@ -262,6 +262,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("disable_overlap", _to_bool),
         Setting("disable_radix_cache", _to_bool),
         Setting("load_format", _choice("auto", "dummy")),
+        Setting("weights", _choice("keep", "dequantize", aliases={"auto": None})),
+        Setting("quantization", _choice("int4", "int8", "fp8", aliases={"none": None, "auto": None})),
         Setting("schedule_policy", _choice("fcfs", "lpm")),
         Setting("seed", _to_int(0)),
         Setting("max_queue", _to_int(1)),

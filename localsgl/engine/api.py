@@ -103,8 +103,10 @@ class Engine:
 
     Flags (snake_case twins of the CLI's): model, device, dtype, max_model_len, kv_memory,
     gpu_memory, max_running, chunk_size, attention_backend, disable_cuda_graph,
-    disable_overlap, disable_radix_cache, load_format, schedule_policy ("fcfs" | "lpm"),
-    seed, max_queue, tp.  ``debug_switches`` (a DebugSwitches, not a CLI flag): debug/A-B switches,
+    disable_overlap, disable_radix_cache, load_format, weights ("keep" | "dequantize": quantized
+    weights stay quantized or load dense; default keep on a GPU, dequantize on the CPU),
+    quantization ("int4" | "int8" | "fp8": quantize dense linear weights at load), schedule_policy
+    ("fcfs" | "lpm"), seed, max_queue, tp.  ``debug_switches`` (a DebugSwitches, not a CLI flag): debug/A-B switches,
     else those of the ``LOCALSGL_DEBUG_*`` environment variables (docs/switches.md).
     Attributes: tokenizer (None for dummy weights), model_name, max_model_len, config, plan, device, dtype,
     debug_switches.
@@ -125,6 +127,8 @@ class Engine:
         disable_overlap: bool = False,
         disable_radix_cache: bool = False,
         load_format: str = "auto",
+        weights: str | None = None,
+        quantization: str | None = None,
         schedule_policy: str = "fcfs",
         seed: int = 0,
         max_queue: int | None = None,
@@ -150,7 +154,7 @@ class Engine:
             gpu_memory=gpu_memory, max_running=max_running, chunk_size=chunk_size,
             attention_backend=attention_backend, disable_cuda_graph=disable_cuda_graph,
             disable_overlap=disable_overlap, disable_radix_cache=disable_radix_cache, load_format=load_format,
-            schedule_policy=schedule_policy, seed=seed, max_queue=max_queue, debug_switches=debug_switches,
+            weights=weights, quantization=quantization, schedule_policy=schedule_policy, seed=seed, max_queue=max_queue, debug_switches=debug_switches,
         )
         # The engine thread loads the model and then runs the loop: on the CPU the thread that
         # first ran torch's parallel ops keeps the fast intra-op pool (measured: a decode step
@@ -178,14 +182,15 @@ class Engine:
 
     def _boot(self, model, device, dtype, max_model_len, kv_memory, gpu_memory, max_running, chunk_size,
               attention_backend, disable_cuda_graph, disable_overlap, disable_radix_cache, load_format,
-              schedule_policy, seed, max_queue, debug_switches) -> None:
+              weights, quantization, schedule_policy, seed, max_queue, debug_switches) -> None:
         """Resolve, plan, load and build the core (runs on the engine thread)."""
         from ..store.resolve import resolve_model
         from .core import CoreConfig, EngineCore
         from .debug_switches import DebugSwitches
         from .models.config import ModelConfig
         from .models.loader import load_model
-        from .plan import default_dtype, detect_device, make_plan, plan_options
+        from .plan import default_dtype, detect_device, dtype_name, make_plan, plan_options
+        from .weight_estimate import estimate as estimate_weights
 
         t0 = time.perf_counter()
         self.debug_switches = debug_switches or DebugSwitches.from_env()
@@ -201,9 +206,14 @@ class Engine:
             max_model_len=max_model_len, kv_memory=kv_memory, gpu_memory=gpu_memory,
             max_running=max_running, chunk_size=chunk_size, disable_cuda_graph=disable_cuda_graph,
         ))
+        self.weights_estimate = estimate_weights(self.source, self.config, dtype_name(self.dtype), self.device.type,
+                                                 weights, quantization)
+        if self.weights_estimate is not None:
+            plan_kwargs["weights_bytes"] = self.weights_estimate.total_bytes
         pre_plan = make_plan(self.config, self.device_info, self.dtype, **plan_kwargs)
         tokenizer = _in_background(self.source.load_tokenizer)  # transformers' import overlaps the weights
-        self.model = load_model(self.source, self.dtype, self.device, load_format, max_positions=pre_plan.max_model_len)
+        self.model = load_model(self.source, self.dtype, self.device, load_format, max_positions=pre_plan.max_model_len,
+                                weights=weights, quantization=quantization)
         free_after = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

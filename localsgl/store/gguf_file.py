@@ -295,11 +295,15 @@ class GGUFModel:
             raise GGUFError(f"{self.path}: unsupported tensor types {', '.join(bad)} (gguf {_gguf_version()})")
 
     # weights -------------------------------------------------------------------
-    def iter_weights(self, dtype: torch.dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, dtype: torch.dtype, device, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, dense tensor in dtype on device). On the CPU the dequantized weights come
         from the conversion cache when it has them, and go into it when it does not (on a GPU
-        dequantization runs on the device and is faster than reading a dense copy)."""
+        dequantization runs on the device and is faster than reading a dense copy).
+        ``quantized``: tensors of the types gguf_repack.py maps onto a kernel format come as
+        QuantizedWeights instead (repacked on the device, never dense)."""
         device = torch.device(device)
+        if quantized:
+            return self._repacked(dtype, device)
         run_dtype = str(dtype).removeprefix("torch.")
         specs = self.weight_specs if self.cache is not None and device.type == "cpu" else None
         if specs is None or run_dtype not in ("float32", "bfloat16", "float16"):
@@ -321,6 +325,33 @@ class GGUFModel:
             w = dequantize_tensor(t, dtype, device)
             if permute and (".q_proj." in name or ".k_proj." in name):
                 w = unpermute_qk(w, heads if ".q_proj." in name else kv_heads)
+            yield name, w
+            del w
+
+
+    def _repacked(self, dtype: torch.dtype, device) -> Iterator[tuple[str, object]]:
+        from .gguf_repack import can_repack, repack
+
+        cfg = self.config
+        permute = self.gguf_arch in _PERMUTED_ARCHS
+        heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        for t in self.reader.tensors:
+            name = hf_tensor_name(t.name)
+            if name is None:
+                continue
+            shape = tuple(int(x) for x in reversed(t.shape))
+            if can_repack(t.tensor_type.name, shape):
+                data = torch.from_numpy(np.array(t.data, copy=True)).to(device)
+                w = repack(t.tensor_type.name, data, shape)
+                del data
+                if permute and (".q_proj." in name or ".k_proj." in name):
+                    n = heads if ".q_proj." in name else kv_heads
+                    w = type(w)(w.fmt, unpermute_qk(w.qweight, n), unpermute_qk(w.scales, n),
+                                None if w.mins is None else unpermute_qk(w.mins, n), w.in_features)
+            else:
+                w = dequantize_tensor(t, dtype, device)
+                if permute and (".q_proj." in name or ".k_proj." in name):
+                    w = unpermute_qk(w, heads if ".q_proj." in name else kv_heads)
             yield name, w
             del w
 

@@ -60,13 +60,32 @@ class ModelSource:
     revision: str | None = None
     _tokenizer: object = field(default=None, repr=False, compare=False)
 
-    def iter_weights(self, dtype: torch.dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF tensor name, tensor in dtype on device), one tensor at a time."""
+    def iter_weights(self, dtype: torch.dtype, device, quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF tensor name, tensor in dtype on device), one tensor at a time.  A quantized
+        checkpoint directory yields its quantized linears as QuantizedWeights; a GGUF file
+        does so for its quantized tensors with ``quantized`` (else it dequantizes them)."""
         if self.kind == "hf":
+            from . import quantized_checkpoint
+
+            if quantized_checkpoint.scheme_of(self.config) is not None:
+                return quantized_checkpoint.iter_weights(self.path, self.config, dtype, device)
             return hf.iter_weights(self.path, dtype, device)
         if self.kind == "gguf":
-            return gguf_file.open_gguf(self.path).iter_weights(dtype, device)
+            return gguf_file.open_gguf(self.path).iter_weights(dtype, device, quantized=quantized)
         raise ModelStoreError(f"{self.name}: a dummy model has no weights (use init_dummy_weights)")
+
+    @property
+    def has_quantized_weights(self) -> bool:
+        """Whether some weights come quantized (a GGUF file with quantized tensors, a
+        checkpoint with a quantization_config this engine reads)."""
+        if self.kind == "gguf":
+            types = (self.config.get("gguf") or {}).get("tensor_types") or []
+            return any(t not in ("F32", "F16", "BF16", "F64") for t in types)
+        if self.kind == "hf":
+            from . import quantized_checkpoint
+
+            return quantized_checkpoint.scheme_of(self.config) is not None
+        return False
 
     def load_tokenizer(self):
         """A transformers tokenizer (with the chat template), or None when the source has none."""

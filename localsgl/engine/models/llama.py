@@ -17,6 +17,8 @@ from ..layers.activation import silu_and_mul
 from ..layers.cpu_decode import forward_decode as cpu_forward_decode, lowp_logits_on_cpu, mm_lowp, use_cpu_decode
 from ..layers.fused_decode import forward_one_token, logits_one_row, use_fused_decode
 from ..layers.linear import Linear, MergedLinear, linear
+from ..layers.quant import QuantizedWeight
+from ..layers.weight_policy import load_embedding, make_embedding
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from .config import ModelConfig
@@ -100,8 +102,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.dtype = dtype
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = make_embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
         if cfg.tie_word_embeddings:
@@ -135,13 +136,15 @@ class LlamaForCausalLM(nn.Module):
         out = logits_one_row(self, hidden, w)
         if out is not None:
             return out
-        if debug_switches.of(self).cpu_decode and lowp_logits_on_cpu(hidden):  # bf16 rows on the CPU: widen the head's columns, fp32 GEMM
+        if debug_switches.of(self).cpu_decode and lowp_logits_on_cpu(hidden) and not isinstance(w, QuantizedWeight):
+            # bf16 rows on the CPU: widen the head's columns, fp32 GEMM
             return mm_lowp(hidden, w.t()).to(hidden.dtype).float()
         return linear(hidden, w).float()
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the fused parameters (casting on the fly)."""
+        """Copy HF-named tensors into the fused parameters (casting on the fly).  A tensor may
+        be a QuantizedWeight; the layer keeps or dequantizes it as its weight policy says."""
         params = dict(self.named_parameters())
         seen: set[str] = set()
         for name, tensor in weights:
@@ -159,9 +162,24 @@ class LlamaForCausalLM(nn.Module):
                     seen.add(f"{target}#{shard}")
                     break
             else:
+                owner_name, _, attr = name.rpartition(".")
+                owner = self.get_submodule(owner_name) if attr == "weight" and owner_name in self._linear_names() else None
+                if owner is not None:
+                    try:
+                        owner.set_weight(tensor)
+                    except ValueError as e:
+                        raise ValueError(f"weight {name}: {e}") from None
+                    seen.add(name)
+                    continue
+                if name == "embed_tokens.weight":
+                    load_embedding(self, "embed_tokens", tensor)
+                    seen.add(name)
+                    continue
                 if name not in params:
                     raise KeyError(f"unexpected weight {name!r} in checkpoint")
                 p = params[name]
+                if isinstance(tensor, QuantizedWeight):
+                    tensor = tensor.dequantize(p.dtype)
                 if tuple(p.shape) != tuple(tensor.shape):
                     raise ValueError(f"weight {name}: expected {tuple(p.shape)}, got {tuple(tensor.shape)}")
                 p.data.copy_(tensor)
@@ -172,18 +190,40 @@ class LlamaForCausalLM(nn.Module):
 
     def expected_weight_keys(self) -> list[str]:
         keys = []
+        for n, m in self._linears():  # by module: a deferred or quantized weight is no Parameter
+            keys += [f"{n}.weight#{s}" for s in m.offsets] if isinstance(m, MergedLinear) else [f"{n}.weight"]
+        linear_names = self._linear_names()
         for name, _ in self.named_parameters():
             mod_name = name.rsplit(".", 1)[0]
+            if mod_name in linear_names and name.endswith(".weight"):
+                continue
             mod = self.get_submodule(mod_name)
             if isinstance(mod, MergedLinear):
                 keys += [f"{name}#{s}" for s in mod.offsets]
             else:
                 keys.append(name)
+        if "embed_tokens.weight" not in keys:
+            keys.append("embed_tokens.weight")  # a quantized or not yet allocated table
         return keys
+
+    def _linears(self):
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, Linear)]
+
+    def _linear_names(self) -> set[str]:
+        names = getattr(self, "_linear_name_set", None)
+        if names is None:
+            names = self._linear_name_set = {n for n, _ in self._linears()}
+        return names
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights for benchmarks: N(0, 0.02) linears, unit norms."""
         g = torch.Generator(device="cpu").manual_seed(seed)
+        for _, mod in self._linears():
+            if mod.weight is None:  # deferred by the weight policy: made in its format
+                mod.init_random(g)
+        if self.embed_tokens.weight.is_meta:
+            # an unallocated table (deferring policy): allocated here, filled below
+            load_embedding(self, "embed_tokens", torch.empty(self.embed_tokens.weight.shape, device=self.norm.weight.device))
         for name, p in self.named_parameters():
             if "norm" in name:
                 p.data.fill_(1.0)

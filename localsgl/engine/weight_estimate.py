@@ -1,0 +1,157 @@
+"""What a model's weights will take on the device, computed before loading, for loads that
+keep or make quantized weights (the memory plan's ``weights_bytes`` and `info`'s format line).
+
+A dense load is what plan.weights_bytes_for says.  Otherwise every weight is listed with
+the format it will have: GGUF tensors of a repacked type in their kernel format (the parts
+of a fused projection in their joined format, as linear.py stores them), tensors of a
+quantized checkpoint in theirs, and, with ``quantization``, every linear in that format;
+the rest dense in the run dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .layers.quant import WeightFormat, join_formats, parse_format
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+@dataclass
+class WeightsEstimate:
+    total_bytes: int
+    by_format: dict[str, int] = field(default_factory=dict)  # format label (or dtype) -> bytes
+
+    def describe(self) -> str:
+        from ..config import format_size
+
+        parts = sorted(self.by_format.items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{label} {format_size(b)}" for label, b in parts)
+
+
+def estimate(source, cfg, dtype: str, device_type: str, weights: str | None = None,
+             quantization=None) -> WeightsEstimate | None:
+    """The estimate for this load, or None for a dense one (the plan's own estimate holds)."""
+    from .layers.weight_policy import default_weights_mode
+
+    keep = (weights or default_weights_mode(device_type)) == "keep"
+    fmt = quantization if isinstance(quantization, WeightFormat) or quantization is None else parse_format(quantization)
+    dsize = _DTYPE_BYTES[dtype]
+    dummy = source.kind == "dummy"
+    if keep and not dummy and source.kind == "gguf" and source.has_quantized_weights:
+        entries = _gguf_entries(source.path)
+    elif keep and not dummy and source.kind == "hf" and source.has_quantized_weights:
+        return _checkpoint_estimate(source, dsize, dtype)
+    elif fmt is not None:
+        entries = _config_entries(cfg)
+    else:
+        return None
+    return _total(entries, fmt, dsize, dtype)
+
+
+def _total(entries, fmt: WeightFormat | None, dsize: int, dtype: str) -> WeightsEstimate:
+    """entries: (HF name, (out, in) or (n,), format or None)."""
+    groups: dict[str, list] = {}
+    singles = []
+    for name, shape, f in entries:
+        if f is None and fmt is not None and len(shape) == 2 and _is_linear(name) and shape[1] % fmt.group(shape[1]) == 0:
+            f = fmt
+        mod = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+        if mod in _FUSED and len(shape) == 2 and name.endswith(".weight"):
+            groups.setdefault(name.rsplit(".", 2)[0] + "." + _FUSED[mod], []).append((shape, f))
+        else:
+            singles.append((shape, f))
+    out = WeightsEstimate(0)
+    for parts in groups.values():
+        k = parts[0][0][1]
+        n = sum(s[0] for s, _ in parts)
+        fs = [f for _, f in parts]
+        joined = join_formats(fs, k) if all(f is not None for f in fs) else None
+        _add(out, (n, k), joined, dsize, dtype)
+    for shape, f in singles:
+        _add(out, shape, f, dsize, dtype)
+    return out
+
+
+def _add(out: WeightsEstimate, shape, f, dsize: int, dtype: str) -> None:
+    if f is not None:
+        b, label = f.nbytes(shape[0], shape[1]), f.label()
+    else:
+        b, label = dsize * _numel(shape), dtype
+    out.total_bytes += b
+    out.by_format[label] = out.by_format.get(label, 0) + b
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _is_linear(name: str) -> bool:
+    """A linear layer's weight (quantized by `quantization`); the embedding and norms are not."""
+    return name.endswith(".weight") and "embed_tokens" not in name and "norm" not in name
+
+
+def _config_entries(cfg):
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    out = [("model.embed_tokens.weight", (cfg.vocab_size, h), None), ("model.norm.weight", (h,), None)]
+    if not cfg.tie_word_embeddings:
+        out.append(("lm_head.weight", (cfg.vocab_size, h), None))
+    for layer in range(cfg.num_layers):
+        p = f"model.layers.{layer}."
+        out += [(p + "self_attn.q_proj.weight", (q, h), None), (p + "self_attn.k_proj.weight", (kv, h), None),
+                (p + "self_attn.v_proj.weight", (kv, h), None), (p + "self_attn.o_proj.weight", (h, q), None),
+                (p + "mlp.gate_proj.weight", (i, h), None), (p + "mlp.up_proj.weight", (i, h), None),
+                (p + "mlp.down_proj.weight", (h, i), None),
+                (p + "input_layernorm.weight", (h,), None), (p + "post_attention_layernorm.weight", (h,), None)]
+        if cfg.attention_bias:
+            out += [(p + "self_attn.qkv.bias", (q + 2 * kv,), None)]
+        if cfg.qk_norm:
+            out += [(p + "self_attn.qk_norm", (2 * d,), None)]
+    return out
+
+
+def _gguf_entries(path):
+    from ..store.gguf_file import hf_tensor_name
+    from ..store.gguf_header import read_header
+    from ..store.gguf_repack import REPACKED, can_repack
+
+    out = []
+    for t in read_header(path).tensors:
+        name = hf_tensor_name(t.name)
+        if name is None:
+            continue
+        shape = tuple(int(x) for x in reversed(t.shape))
+        out.append((name, shape, REPACKED[t.type_name][2] if can_repack(t.type_name, shape) else None))
+    return out
+
+
+def _checkpoint_estimate(source, dsize: int, dtype: str) -> WeightsEstimate:
+    """Quantized checkpoints: stored integer/fp8 bytes as they are, float tensors at the run dtype
+    (a close bound: AWQ's packed zero points become fp16 offsets)."""
+    import json
+    import struct
+
+    from ..store import hf
+    from ..store.quantized_checkpoint import scheme_of
+
+    out = WeightsEstimate(0)
+    label = scheme_of(source.config) or "quantized"
+    for file in hf.safetensors_files(source.path):
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            numel = _numel(t["shape"])
+            if t["dtype"] in ("F32", "F16", "BF16", "F64"):
+                b, lab = numel * dsize, dtype
+            else:
+                b, lab = int(t["data_offsets"][1]) - int(t["data_offsets"][0]), label
+            out.total_bytes += b
+            out.by_format[lab] = out.by_format.get(lab, 0) + b
+    return out

@@ -1,0 +1,139 @@
+"""GGUF quantized blocks repacked into the kernels' weight formats (layers/quant.py), not
+dequantized.
+
+    Q8_0  (32 x int8, fp16 d)                   -> int8 group 32, symmetric: s = d
+    Q4_0  (32 x 4 bit, fp16 d)                  -> int4 group 32, symmetric: s = d (w = d·(u − 8))
+    Q4_1  (32 x 4 bit, fp16 d, fp16 m)          -> int4 group 32, asymmetric: s = d, m = m
+    Q4_K  (256: 8 x 32 x 4 bit, 6-bit sc/mn)    -> int4 group 32, asymmetric: s = d·sc, m = −dmin·mn
+    Q5_K  (256: 8 x 32 x 5 bit, 6-bit sc/mn)    -> int8 group 32, asymmetric: s = d·sc, m = −dmin·mn
+    Q6_K  (256: 16 x 16 x 6 bit, int8 sc)       -> int8 group 16, symmetric: s = d·sc
+
+The integers are copied as they are; the only change to a dequantized value is the
+rounding of the K-quants' products d·sc and dmin·mn to fp16 (to fp32 when a tensor's
+scales do not fit fp16's normal range).  There is no 5- or 6-bit kernel, so Q5_K and Q6_K
+take a byte per value.  The dequantized values equal the gguf package's up to that
+rounding (tests/quant/test_gguf_repack.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..engine.layers.quant import QuantizedWeight, WeightFormat, scale_dtype_for
+
+# type name -> (bytes per block, values per block, format)
+REPACKED = {
+    "Q8_0": (34, 32, WeightFormat("int8", 32, True)),
+    "Q4_0": (18, 32, WeightFormat("int4", 32, True)),
+    "Q4_1": (20, 32, WeightFormat("int4", 32, False)),
+    "Q4_K": (144, 256, WeightFormat("int4", 32, False)),
+    "Q5_K": (176, 256, WeightFormat("int8", 32, False)),
+    "Q6_K": (210, 256, WeightFormat("int8", 16, True)),
+}
+_CHUNK_BLOCKS = 1 << 18  # blocks repacked at a time (bounds the unpacked temporaries)
+
+
+def can_repack(type_name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of this GGUF type and HF shape [out, in] stays quantized."""
+    return type_name in REPACKED and len(shape) == 2 and shape[1] % REPACKED[type_name][1] == 0
+
+
+def repack(type_name: str, data: torch.Tensor, shape: tuple[int, int]) -> QuantizedWeight:
+    """The bytes of one tensor (uint8, [rows, bytes per row] or flat, on the target device)
+    -> a QuantizedWeight of HF shape [out, in] on the same device."""
+    size, per_block, fmt = REPACKED[type_name]
+    n, k = shape
+    blocks = data.reshape(-1, size)
+    nb_row = k // per_block
+    if blocks.shape[0] != n * nb_row:
+        raise ValueError(f"{type_name} tensor of shape {shape}: {blocks.shape[0]} blocks, expected {n * nb_row}")
+    g = fmt.group(k)
+    vals = torch.empty((n, k // 2 if fmt.kind == "int4" else k), dtype=torch.uint8 if fmt.kind == "int4" else torch.int8,
+                       device=data.device)
+    s32 = torch.empty((n, k // g), dtype=torch.float32, device=data.device)
+    m32 = None if fmt.symmetric else torch.empty_like(s32)
+    fn = _UNPACK[type_name]
+    rows_per_chunk = max(1, _CHUNK_BLOCKS // nb_row)
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(n, r0 + rows_per_chunk)
+        q, s, m = fn(blocks[r0 * nb_row : r1 * nb_row])
+        vals[r0:r1] = q.reshape(r1 - r0, vals.shape[1])
+        s32[r0:r1] = s.reshape(r1 - r0, k // g)
+        if m32 is not None:
+            m32[r0:r1] = m.reshape(r1 - r0, k // g)
+    sd = scale_dtype_for(s32) if m32 is None else scale_dtype_for(s32, m32)
+    return QuantizedWeight(fmt, vals, s32.to(sd), None if m32 is None else m32.to(sd), k)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[n, 2] uint8 -> [n, 1] fp32 (little-endian fp16)."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _to_pairs(qs: torch.Tensor, chunk: int) -> torch.Tensor:
+    """ggml's nibble order -> quant.py's: in each run of ``chunk`` bytes, byte j holds value j
+    (low nibble) and value j + chunk (high); out byte i holds values 2i and 2i + 1.  Values
+    2i, 2i+1 < chunk are the low nibbles of bytes 2i, 2i+1; the rest the high nibbles of
+    bytes 2i − chunk, 2i − chunk + 1."""
+    n = qs.shape[0]
+    q = qs.reshape(-1, chunk)
+    even, odd = q[:, 0::2], q[:, 1::2]
+    out = torch.empty_like(q)
+    h = chunk // 2
+    torch.bitwise_or(even & 0x0F, (odd & 0x0F) << 4, out=out[:, :h])
+    torch.bitwise_or(even >> 4, odd & 0xF0, out=out[:, h:])
+    return out.reshape(n, -1)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """12 packed bytes -> 8 six-bit scales and 8 six-bit mins per super-block (Q4_K, Q5_K)."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def _q8_0(b):
+    return b[:, 2:].contiguous().view(torch.int8), _f16(b[:, :2]), None
+
+
+def _q4_0(b):
+    return _to_pairs(b[:, 2:], 16), _f16(b[:, :2]), None
+
+
+def _q4_1(b):
+    return _to_pairs(b[:, 4:], 16), _f16(b[:, :2]), _f16(b[:, 2:4])
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _k_scales(b[:, 4:16])
+    # sub-block 2i: low nibbles of bytes 32i..32i+31, sub-block 2i+1: their high nibbles
+    return _to_pairs(b[:, 16:144], 32), d * sc, -(dmin * mn)
+
+
+def _q5_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _k_scales(b[:, 4:16])
+    qh = b[:, 16:48].reshape(n, 1, 32)
+    qs = b[:, 48:176].reshape(n, 4, 1, 32)
+    lo = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32)
+    hi = torch.cat([(qh >> i) & 1 for i in range(8)], dim=1)  # sub-block j: bit j of qh
+    q = (lo | (hi << 4)).to(torch.int8).reshape(n, 256)
+    return q, d * sc, -(dmin * mn)
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    ql = b[:, 0:128].reshape(n, 2, 1, 64)
+    qh = b[:, 128:192].reshape(n, 2, 1, 32)
+    sc = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = _f16(b[:, 208:210])
+    lo = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)
+    hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2)
+    q = ((lo | (hi << 4)).to(torch.int8) - 32).reshape(n, 256)
+    return q, d * sc, None
+
+
+_UNPACK = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}

@@ -1,0 +1,190 @@
+"""Quantized safetensors checkpoints -> QuantizedWeights in the kernels' formats.
+
+Schemes (from config.json's ``quantization_config``):
+  * localsgl   outputs of `localsgl quantize`: ``X.qweight`` / ``X.scales`` (/ ``X.mins``) in
+               layers/quant.py's layout, the format in ``quantization_config.localsgl``
+  * awq        AutoAWQ GEMM checkpoints (int4, zero points, usually group 128):
+               ``X.qweight`` int32 [K, N/8], ``X.qzeros`` int32 [K/G, N/8], ``X.scales`` [K/G, N];
+               eight 4-bit values per int32 in AWQ's order 0 2 4 6 1 3 5 7;
+               w = (q − z)·s  ->  int4 asymmetric, u = q, m = −z·s (rounded to fp16)
+  * fp8        transformers' fine-grained FP8: ``X.weight`` e4m3 [N, K] and
+               ``X.weight_scale_inv`` fp32 per [bn, bk] block -> fp8 group bk (the block's scale
+               repeated on its rows); ``fbgemm_fp8``: ``X.weight_scale`` [N, 1] -> fp8 per row
+  * compressed-tensors, float-quantized (FP8) with channel or tensor strategy:
+               ``X.weight`` e4m3, ``X.weight_scale`` [N, 1] or [1] -> fp8 per row
+Every other tensor is read as a dense tensor in the run dtype.  The values a scheme
+describes are kept exactly, except AWQ's m = −z·s, rounded to the scales' 16 bits.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..engine.layers.quant import QuantizedWeight, WeightFormat, scale_dtype_for
+from .hf import CheckpointError, _device_str, safetensors_files
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("localsgl", "awq", "fp8", "fbgemm_fp8", "compressed-tensors")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the k-th nibble of an AWQ int32 holds column AWQ_ORDER[k] of its 8
+_FP8 = {torch.float8_e4m3fn}
+
+
+def scheme_of(config: dict) -> str | None:
+    """The checkpoint's quantization scheme, None for a dense checkpoint; an unsupported
+    quantization_config raises CheckpointError (its weights are not dense either)."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or not qc:
+        return None
+    if isinstance(qc.get("localsgl"), dict):
+        return "localsgl"
+    method = str(qc.get("quant_method") or "").lower()
+    if method == "awq":
+        if str(qc.get("version", "gemm")).lower() != "gemm" or int(qc.get("bits", qc.get("w_bit", 4))) != 4:
+            raise CheckpointError(f"AWQ checkpoints of version {qc.get('version')!r} / {qc.get('bits')} bits are not "
+                                  "supported (only 4-bit GEMM)")
+        return "awq"
+    if method in ("fp8", "fbgemm_fp8"):
+        return method
+    if method == "compressed-tensors":
+        _compressed_tensors_weights(qc)  # raises for what it cannot read
+        return method
+    raise CheckpointError(f"checkpoints quantized with {method or qc!r} are not supported "
+                          f"(supported: {', '.join(SCHEMES)})")
+
+
+def localsgl_format(config: dict) -> WeightFormat:
+    q = config["quantization_config"]["localsgl"]
+    return WeightFormat(q["format"], int(q.get("group_size", 0)), bool(q.get("symmetric", True)))
+
+
+def _compressed_tensors_weights(qc: dict) -> dict:
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise CheckpointError("compressed-tensors checkpoints with several config groups are not supported")
+    w = next(iter(groups.values())).get("weights") or {}
+    if w.get("type") != "float" or int(w.get("num_bits", 0)) != 8 or w.get("strategy") not in ("channel", "tensor"):
+        raise CheckpointError(f"compressed-tensors weights {w} are not supported (only FP8 per channel or per tensor)")
+    return w
+
+
+def iter_weights(path: Path, config: dict, dtype: torch.dtype, device) -> Iterator[tuple[str, object]]:
+    """(HF weight name, QuantizedWeight or dense tensor) for every weight of the checkpoint."""
+    from safetensors import safe_open
+
+    scheme = scheme_of(config)
+    dev = _device_str(device)
+    with contextlib.ExitStack() as stack:
+        where: dict[str, object] = {}
+        for file in safetensors_files(Path(path)):
+            f = stack.enter_context(safe_open(str(file), framework="pt", device=dev))
+            for key in f.keys():
+                where[key] = f
+        get = lambda key: where[key].get_tensor(key)  # noqa: E731
+        done: set[str] = set()
+        for key in list(where):
+            if key in done:
+                continue
+            prefix, _, part = key.rpartition(".")
+            parts = _QUANT_PARTS[scheme]
+            if part in parts and f"{prefix}.{parts[0]}" in where and _is_quantized(scheme, prefix, where, get):
+                names = [f"{prefix}.{p}" for p in parts if f"{prefix}.{p}" in where]
+                done.update(names)
+                done.update(k for k in (f"{prefix}.input_scale",) if k in where)
+                yield f"{prefix}.weight", _build(scheme, prefix, get, where, config)
+                continue
+            if part == "input_scale" or key.endswith(".weight_scale") or key.endswith(".weight_scale_inv"):
+                continue  # activation scales (computed per call here) and parts of a handled weight
+            done.add(key)
+            t = get(key)
+            if t.is_floating_point() and t.dtype != dtype:
+                t = t.to(dtype)
+            yield key, t
+
+
+# the tensors that make up one quantized weight; the first one marks it
+_QUANT_PARTS = {
+    "localsgl": ("qweight", "scales", "mins"),
+    "awq": ("qweight", "qzeros", "scales"),
+    "fp8": ("weight", "weight_scale_inv"),
+    "fbgemm_fp8": ("weight", "weight_scale"),
+    "compressed-tensors": ("weight", "weight_scale"),
+}
+
+
+def _is_quantized(scheme: str, prefix: str, where: dict, get) -> bool:
+    if scheme in ("localsgl", "awq"):
+        return True
+    # fp8 schemes: only weights stored in fp8 with a scale (others, e.g. lm_head, are dense)
+    scale = _QUANT_PARTS[scheme][1]
+    return f"{prefix}.{scale}" in where and where[f"{prefix}.weight"].get_slice(f"{prefix}.weight").get_dtype() in (
+        "F8_E4M3", "F8_E4M3FN")
+
+
+def _build(scheme: str, prefix: str, get, where: dict, config: dict) -> QuantizedWeight:
+    if scheme == "localsgl":
+        fmt = localsgl_format(config)
+        mins = get(f"{prefix}.mins") if f"{prefix}.mins" in where else None
+        q = get(f"{prefix}.qweight")
+        k = q.shape[1] * (2 if fmt.kind == "int4" else 1)
+        return QuantizedWeight(fmt, q, get(f"{prefix}.scales"), mins, k)
+    if scheme == "awq":
+        return awq_to_quantized(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"))
+    w = get(f"{prefix}.weight")
+    n, k = w.shape
+    if scheme == "fp8":
+        s = get(f"{prefix}.weight_scale_inv").float()
+        bn, bk = (config["quantization_config"].get("weight_block_size") or [128, 128])[:2]
+        s = s.repeat_interleave(bn, dim=0)[:n]
+        return QuantizedWeight(WeightFormat("fp8", int(bk) if bk < k else 0, True), w, s.contiguous(), None, k)
+    s = get(f"{prefix}.weight_scale").float().reshape(-1, 1)
+    if s.shape[0] == 1:
+        s = s.expand(n, 1)
+    return QuantizedWeight(WeightFormat("fp8", 0, True), w, s.contiguous(), None, k)
+
+
+def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ int32 [R, C/8] -> int values 0..15 [R, C] in column order."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    nib = (packed[..., None] >> shifts) & 0xF  # [R, C/8, 8] in packed order
+    order = torch.tensor([AWQ_ORDER.index(c) for c in range(8)], device=packed.device)
+    return nib[..., order].reshape(packed.shape[0], -1)
+
+
+def awq_pack(values: torch.Tensor) -> torch.Tensor:
+    """awq_unpack's inverse (writes test checkpoints): [R, C] 0..15 -> int32 [R, C/8]."""
+    v = values.to(torch.int64).reshape(values.shape[0], -1, 8)[..., list(AWQ_ORDER)]
+    shifts = torch.arange(0, 32, 4, device=values.device, dtype=torch.int64)
+    packed = (v << shifts).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def awq_to_quantized(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
+    """AWQ's [K, N]-major int4 with zero points -> int4 asymmetric [N, K]: u = q, s = s, m = −z·s."""
+    from ..engine.layers.quant import pack_int4
+
+    k = qweight.shape[0]
+    q = awq_unpack(qweight).t().contiguous()  # [N, K]
+    z = awq_unpack(qzeros).t().float()  # [N, K/G]
+    s = scales.t().float()  # [N, K/G]
+    g = k // s.shape[1]
+    m = -(z * s)
+    sd = scale_dtype_for(s, m)
+    return QuantizedWeight(WeightFormat("int4", g, False), pack_int4(q), s.to(sd).contiguous(),
+                           m.to(sd).contiguous(), k)
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The quantize manifest of a localsgl output directory (None when absent)."""
+    try:
+        return json.loads((Path(path) / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+MANIFEST_NAME = "localsgl-quantization.json"

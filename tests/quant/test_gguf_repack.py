@@ -1,0 +1,94 @@
+"""GGUF blocks kept quantized (store/gguf_repack.py): every repacked type dequantizes to the
+gguf package's values (exactly where the scales are fp16 already, up to the fp16 rounding
+of d·sc / dmin·mn for the K-quants), and a llama-architecture file (q/k rows permuted by
+llama.cpp) loads kept quantized with the logits of its dequantized load."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from localsgl.engine.layers.quant import QuantizedWeight  # noqa: E402
+from localsgl.store.gguf_repack import REPACKED, can_repack, repack  # noqa: E402
+
+ROWS, COLS = 12, 512
+
+
+def _k_blocks(qname: str, n: int, rng) -> np.ndarray:
+    """Valid random super-blocks (gguf-py cannot quantize K-quants): random bits with sane fp16 scales."""
+    size = REPACKED[qname][0]
+    b = rng.integers(0, 256, (n, size), dtype=np.uint8)
+    f16 = lambda v: np.asarray(v, np.float16).view(np.uint8).reshape(n, 2)  # noqa: E731
+    if qname in ("Q4_K", "Q5_K"):
+        b[:, 0:2] = f16(rng.uniform(1e-3, 2e-2, n))
+        b[:, 2:4] = f16(rng.uniform(1e-3, 2e-2, n))
+    else:
+        b[:, 208:210] = f16(rng.uniform(1e-3, 2e-2, n))
+    return b
+
+
+def _blocks(qname: str, rng) -> np.ndarray:
+    if qname in ("Q4_0", "Q4_1", "Q8_0"):
+        return gguf.quants.quantize(rng.standard_normal((ROWS, COLS)).astype(np.float32) * 0.05, Q[qname])
+    return _k_blocks(qname, ROWS * COLS // 256, rng).reshape(ROWS, -1)
+
+
+@pytest.mark.parametrize("qname", list(REPACKED))
+def test_repacked_values_equal_gguf_dequantization(qname):
+    rng = np.random.default_rng(list(REPACKED).index(qname))
+    data = _blocks(qname, rng)
+    ref = torch.from_numpy(np.asarray(gguf.quants.dequantize(data, Q[qname]), dtype=np.float32)).reshape(ROWS, COLS)
+    w = repack(qname, torch.from_numpy(data.copy()), (ROWS, COLS))
+    assert isinstance(w, QuantizedWeight) and w.fmt == REPACKED[qname][2] and w.shape == (ROWS, COLS)
+    ours = w.dequantize()
+    if qname in ("Q4_0", "Q4_1", "Q8_0"):
+        assert torch.equal(ours, ref)  # the scales are fp16 in the file: nothing is rounded
+        return
+    # K-quants: only d·sc and dmin·mn are rounded, to fp16 (relative error <= 2^-11 each)
+    q = w.int_values().view(ROWS, -1, w.group)
+    bound = q.abs() * w.scales.float().abs()[..., None] * 2.0**-11
+    if w.mins is not None:
+        bound = bound + w.mins.float().abs()[..., None] * 2.0**-11
+    diff = (ours - ref).abs().view_as(bound)
+    assert bool((diff <= bound + 1e-7).all()), float((diff - bound).max())
+    assert float(diff.max()) > 0 or qname == "Q6_K"  # the rounding is real, and the bound is what holds
+
+
+def test_repack_in_chunks_gives_the_same_tensor(monkeypatch):
+    from localsgl.store import gguf_repack
+
+    data = torch.from_numpy(_k_blocks("Q4_K", ROWS * COLS // 256, np.random.default_rng(9)).reshape(ROWS, -1))
+    whole = repack("Q4_K", data, (ROWS, COLS))
+    monkeypatch.setattr(gguf_repack, "_CHUNK_BLOCKS", 2)
+    parts = repack("Q4_K", data, (ROWS, COLS))
+    assert torch.equal(whole.qweight, parts.qweight) and torch.equal(whole.scales, parts.scales)
+
+
+def test_can_repack():
+    assert can_repack("Q4_K", (8, 512)) and not can_repack("Q4_K", (8, 96)) and not can_repack("Q5_0", (8, 512))
+    assert not can_repack("Q8_0", (512,))
+
+
+@pytest.mark.parametrize("qname", ["Q4_0", "Q8_0"])
+def test_llama_gguf_kept_quantized_matches_its_dequantized_load(qname, tmp_path):
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from model_utils import prefill_logits
+    from test_gguf import write_tiny_gguf
+    from test_loader import make_hf_model, random_ids
+
+    from localsgl.engine.models.loader import load_model
+    from localsgl.store.resolve import resolve_model
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, make_hf_model("llama", seed=11), "llama", Q[qname])
+    src = resolve_model(str(path), record_use=False)
+    dense = load_model(src, torch.float32, "cpu", weights="dequantize")
+    kept = load_model(src, torch.float32, "cpu", weights="keep")
+    qkv = kept.layers[0].self_attn.qkv_proj.weight
+    assert isinstance(qkv, QuantizedWeight) and qkv.fmt == REPACKED[qname][2]
+    assert torch.equal(qkv.dequantize(), dense.layers[0].self_attn.qkv_proj.weight)  # rows unpermuted alike
+    ids = random_ids(24, src.config["vocab_size"], seed=5)
+    torch.testing.assert_close(prefill_logits(kept, ids), prefill_logits(dense, ids), atol=2e-5, rtol=0)

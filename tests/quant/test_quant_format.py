@@ -1,0 +1,145 @@
+"""layers/quant.py: packing, round-to-nearest quantization, exact format conversions, the
+torch reference matmul, and Linear layers loading quantized and deferred weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from localsgl.engine.layers.linear import Linear, MergedLinear
+from localsgl.engine.layers.quant import (
+    QuantizedWeight, WeightFormat, concat_rows, join_formats, matmul_ref, pack_int4, parse_format, unpack_int4,
+)
+from localsgl.engine.layers.weight_policy import WeightPolicy, building
+
+FORMATS = [
+    WeightFormat("int4", 32, True), WeightFormat("int4", 64, False), WeightFormat("int4", 128, False),
+    WeightFormat("int8", 0, True), WeightFormat("int8", 32, True), WeightFormat("int8", 16, False),
+    WeightFormat("fp8", 0, True), WeightFormat("fp8", 128, True),
+]
+
+
+def test_pack_unpack_roundtrip():
+    u = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(0))
+    b = pack_int4(u)
+    assert b.shape == (5, 32) and b.dtype == torch.uint8
+    assert torch.equal(unpack_int4(b), u.to(torch.uint8))
+    assert int(b[0, 0]) == int(u[0, 0]) | (int(u[0, 1]) << 4)  # element 2j in the low nibble of byte j
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.label().replace(" ", "-"))
+def test_round_to_nearest_error_is_within_half_a_step(fmt):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 256, generator=g) * 0.05
+    w[3] = 0.0  # an all-zero row must not divide by zero
+    q = QuantizedWeight.quantize(w, fmt)
+    d = q.dequantize()
+    assert d.shape == w.shape and torch.isfinite(d).all()
+    assert torch.equal(d[3], torch.zeros(256))
+    err = (d - w).abs().view(48, -1, q.group)
+    if fmt.kind == "fp8":  # 3 mantissa bits: half an ulp is 1/16 of the value's binade
+        assert float(((d - w).abs() / w.abs().clamp_min(1e-6)).median()) < 0.04
+    else:
+        step = q.scales.float().abs()[..., None]
+        assert bool((err <= step * 0.5 + 1e-6).all())
+    assert q.nbytes == fmt.nbytes(48, 256, q.scales.element_size())
+    # quantizing the dequantized values again gives them back (they are on the grid)
+    assert torch.allclose(QuantizedWeight.quantize(d, fmt).dequantize(), d, atol=1e-6, rtol=1e-3)
+
+
+def test_symmetric_int4_uses_the_full_range_and_asymmetric_beats_it_on_skewed_rows():
+    w = torch.rand(8, 128, generator=torch.Generator().manual_seed(2))  # all positive
+    sym = QuantizedWeight.quantize(w, WeightFormat("int4", 128, True))
+    asym = QuantizedWeight.quantize(w, WeightFormat("int4", 128, False))
+    assert int(sym.int_values().max()) == 7
+    assert (asym.dequantize() - w).abs().mean() < 0.6 * (sym.dequantize() - w).abs().mean()
+
+
+@pytest.mark.parametrize("src,dst", [
+    (WeightFormat("int4", 32, True), WeightFormat("int8", 32, True)),
+    (WeightFormat("int4", 64, False), WeightFormat("int8", 16, False)),
+    (WeightFormat("int8", 32, True), WeightFormat("int8", 16, False)),
+    (WeightFormat("int4", 128, True), WeightFormat("int4", 32, True)),
+])
+def test_to_format_is_exact(src, dst):
+    w = QuantizedWeight.quantize(torch.randn(16, 128, generator=torch.Generator().manual_seed(3)), src)
+    c = w.to_format(dst)
+    assert c.fmt == dst and torch.equal(c.dequantize(), w.dequantize())
+    with pytest.raises(ValueError):
+        c.to_format(WeightFormat("fp8", 0, True))
+
+
+def test_concat_rows_joins_mixed_formats_exactly():
+    g = torch.Generator().manual_seed(4)
+    parts = [QuantizedWeight.quantize(torch.randn(n, 64, generator=g), f) for n, f in (
+        (8, WeightFormat("int4", 32, False)), (4, WeightFormat("int4", 32, True)), (4, WeightFormat("int8", 16, True)))]
+    assert join_formats([p.fmt for p in parts], 64) == WeightFormat("int8", 16, False)
+    assert join_formats([parts[0].fmt, parts[1].fmt], 64) == WeightFormat("int4", 32, False)
+    assert join_formats([WeightFormat("fp8", 0, True), parts[0].fmt], 64) is None
+    for sel in ([0, 1], [0, 1, 2]):
+        j = concat_rows([parts[i] for i in sel])
+        assert torch.equal(j.dequantize(), torch.cat([parts[i].dequantize() for i in sel]))
+
+
+@pytest.mark.parametrize("fmt", FORMATS[:4] + FORMATS[6:7], ids=lambda f: f.label().replace(" ", "-"))
+def test_matmul_ref_and_embedding(fmt):
+    g = torch.Generator().manual_seed(5)
+    q = QuantizedWeight.quantize(torch.randn(3000, 128, generator=g) * 0.1, fmt)
+    x = torch.randn(5, 128, generator=g)
+    torch.testing.assert_close(matmul_ref(x, q), x @ q.dequantize().t(), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[7, 2999], [0, 7]])
+    torch.testing.assert_close(q.embedding(ids, torch.float32), q.dequantize()[ids])
+
+
+def test_parse_format_defaults():
+    assert parse_format("int4") == WeightFormat("int4", 128, False)
+    assert parse_format("INT8") == WeightFormat("int8", 0, True)
+    assert parse_format("fp8", 0) == WeightFormat("fp8", 0, True)
+    with pytest.raises(ValueError):
+        parse_format("int3")
+    with pytest.raises(ValueError):
+        WeightFormat("int4", 0)
+
+
+def _policy(keep=True, quantize=None):
+    return WeightPolicy(keep_quantized=keep, quantize=quantize, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_merged_linear_joins_quantized_parts_and_dequantizes_when_told():
+    g = torch.Generator().manual_seed(6)
+    fq, fk = WeightFormat("int4", 32, False), WeightFormat("int8", 16, True)
+    parts = {"q": QuantizedWeight.quantize(torch.randn(8, 64, generator=g), fq),
+             "k": QuantizedWeight.quantize(torch.randn(4, 64, generator=g), fq),
+             "v": QuantizedWeight.quantize(torch.randn(4, 64, generator=g), fk)}
+    dense = torch.cat([p.dequantize() for p in parts.values()])
+    x = torch.randn(3, 64, generator=g)
+    for keep in (True, False):
+        with building(_policy(keep)):
+            m = MergedLinear(64, {"q": 8, "k": 4, "v": 4})
+        assert (m.weight is None) == keep  # kept quantized: nothing allocated before loading
+        for name, p in parts.items():
+            m.load_shard(name, p)
+        assert isinstance(m.weight, QuantizedWeight) == keep
+        if keep:
+            assert m.weight.fmt == WeightFormat("int8", 16, False)
+        torch.testing.assert_close(m(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
+    plain = MergedLinear(64, {"q": 8, "k": 4, "v": 4})  # no policy: dense, quantized parts dequantized
+    for name, p in parts.items():
+        plain.load_shard(name, p)
+    assert torch.equal(plain.weight, dense)
+
+
+def test_linear_quantizes_dense_weights_at_load_under_a_quantizing_policy():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(32, 128, generator=g)
+    fmt = WeightFormat("int8", 0, True)
+    with building(_policy(quantize=fmt)):
+        lin = Linear(128, 32)
+    lin.set_weight(w)
+    assert isinstance(lin.weight, QuantizedWeight) and lin.weight.fmt == fmt
+    assert torch.equal(lin.weight.dequantize(), QuantizedWeight.quantize(w, fmt).dequantize())
+    with building(_policy(quantize=WeightFormat("int4", 128, False))):
+        odd = Linear(96, 8)  # 96 inputs are not whole groups of 128: stays dense
+    odd.set_weight(torch.randn(8, 96, generator=g))
+    assert isinstance(odd.weight, torch.nn.Parameter)
+    with pytest.raises(ValueError, match="expected"):
+        lin.set_weight(torch.randn(16, 128))
