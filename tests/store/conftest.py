@@ -15,13 +15,10 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(TESTS))  # test_loader's and test_gguf's model builders
+sys.path.append(str(Path(__file__).resolve().parent))  # hub_server (appended: never shadows another dir's conftest)
 
-from hub_server import FakeHub  # noqa: E402
-
-TINY_REPO = "org/tiny"
-GGUF_REPO = "org/tiny-GGUF"
+from hub_server import GGUF_REPO, TINY_REPO, FakeHub  # noqa: E402
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
+TINY_REPO = "org/tiny"  # the tiny safetensors model the tests serve (conftest.tiny_files)
+GGUF_REPO = "org/tiny-GGUF"  # its GGUF repo (conftest.gguf_files)
+
 
 @dataclass
 class Repo:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import GGUF_REPO, TINY_REPO
+from hub_server import GGUF_REPO, TINY_REPO
 from localsgl import cli
 from localsgl.store import hub_cache
 from localsgl.store.aliases import embedded_gguf_path

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GGUF_REPO, TINY_REPO
+from hub_server import GGUF_REPO, TINY_REPO
 from localsgl.store import hub_cache, manage, manifest
 from localsgl.store.download_progress import PullProgress
 from localsgl.store.errors import ModelNotFoundError
