@@ -744,14 +744,14 @@ def list_models_command(
     """Models that run without a download: name, format, size, parameters, source, last use."""
 
     def body():
-        from .store.manage import incomplete_downloads, list_models
+        from .store.manage import scan
 
-        models = list_models()
+        models, incomplete = scan()
         if json_output:
             print(json.dumps([m.to_dict() for m in models], indent=2))
         else:
             _print_models(models)
-        for d in incomplete_downloads():
+        for d in incomplete:
             _err(f"note: {d.name} is an incomplete download ({d.problem}): `localsgl pull {d.name}` "
                  f"finishes it, `localsgl rm {d.name}` removes it")
 

@@ -105,15 +105,16 @@ def describe_last_used(when: float | str | None, now: float | None = None) -> st
 
 def list_models() -> list[LocalModel]:
     """Every model `run` can load without a download, the embedded one first, then by name."""
-    return _scan()[0]
+    return scan()[0]
 
 
 def incomplete_downloads() -> list[IncompleteDownload]:
     """Hub snapshots a pull started but did not finish (not listed; `pull` finishes them)."""
-    return _scan()[1]
+    return scan()[1]
 
 
-def _scan() -> tuple[list[LocalModel], list[IncompleteDownload]]:
+def scan() -> tuple[list[LocalModel], list[IncompleteDownload]]:
+    """(list_models(), incomplete_downloads()) from one look at the disk."""
     records = manifest.read()
     models: list[LocalModel] = []
     incomplete: list[IncompleteDownload] = []
