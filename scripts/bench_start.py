@@ -25,10 +25,10 @@ import sys
 import time
 
 
-def time_once(cmd: list[str], prompt: str, env: dict) -> dict:
+def time_once(cmd: list[str], prompt: str, env: dict, cwd: str | None = None) -> dict:
     """Seconds to the first stdout byte and to the exit of one run of ``cmd``."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
     proc.stdin.write(prompt.encode())
     proc.stdin.close()
     first = proc.stdout.read(1)
@@ -53,17 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default="What is 2+2?")
     ap.add_argument("--max-tokens", type=int, default=1)
     ap.add_argument("--remote", action="store_true", help="allow `run` to use a running `localsgl serve` (no --local)")
+    ap.add_argument("--pythonpath", help="run `python -m localsgl.cli` from this source tree instead (e.g. a "
+                                         "git worktree of an older commit, for before/after)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    exe = shutil.which("localsgl", path=os.path.dirname(sys.executable)) or shutil.which("localsgl")
-    cmd = [exe] if exe else [sys.executable, "-m", "localsgl.cli"]
-    cmd += ["run", "--max-tokens", str(args.max_tokens)] + ([] if args.remote else ["--local"]) + extra
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
+    exe = None if args.pythonpath else (shutil.which("localsgl", path=os.path.dirname(sys.executable)) or shutil.which("localsgl"))
+    cmd = [exe] if exe else [sys.executable, "-m", "localsgl.cli"]
+    if args.pythonpath:
+        env["PYTHONPATH"] = os.path.abspath(args.pythonpath) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd += ["run", "--max-tokens", str(args.max_tokens)] + ([] if args.remote else ["--local"]) + extra
 
-    time_once(cmd, args.prompt + "\n", env)  # warm-up: conversion cache, page cache
-    runs = [time_once(cmd, args.prompt + "\n", env) for _ in range(args.runs)]
+    # `python -m` puts the working directory first on sys.path: run from the tree being timed
+    cwd = os.path.abspath(args.pythonpath) if args.pythonpath else None
+    time_once(cmd, args.prompt + "\n", env, cwd)  # warm-up: conversion cache, page cache
+    runs = [time_once(cmd, args.prompt + "\n", env, cwd) for _ in range(args.runs)]
     firsts = [r["first_byte_s"] for r in runs]
     exits = [r["exit_s"] for r in runs]
     try:
@@ -71,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         load = None
     report = {
-        "command": f"echo {args.prompt!r} | " + " ".join(["localsgl"] + cmd[1:] if exe else cmd),
+        "command": f"echo {args.prompt!r} | " + " ".join(["localsgl"] + cmd[1:] if exe else cmd)
+        + (f"  (PYTHONPATH={args.pythonpath})" if args.pythonpath else ""),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_avg_1m": load,
         "runs": args.runs,

@@ -40,6 +40,9 @@ class LightTokenizer:
         self.init_kwargs = config
         self.chat_template = chat_template
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        # transformers skips the clean-up for BPE models (it would eat real spaces) unless forced
+        forced = bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
+        self._cleanup_skipped = type(tokenizer.model).__name__ == "BPE" and not forced
         self.model_max_length = config.get("model_max_length")
         for name in _SPECIAL_NAMES:
             setattr(self, name, _token_text(config.get(name)))
@@ -115,7 +118,7 @@ class LightTokenizer:
             ids = [ids]
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
-        if clean:
+        if clean and not self._cleanup_skipped:
             for a, b in _CLEANUP:
                 text = text.replace(a, b)
         return text
