@@ -193,6 +193,12 @@ def test_killed_pull_leaves_nothing_that_list_shows_or_run_loads(store_env, hub,
     assert TINY_REPO not in {m.name for m in manage.list_models()}
     partial = manage.incomplete_downloads()
     assert [p.name for p in partial] == [f"{TINY_REPO}@{snap.name}"] and "missing" in partial[0].problem
+    from typer.testing import CliRunner
+
+    from localsgl import cli
+
+    r = CliRunner().invoke(cli.app, ["list"])
+    assert r.exit_code == 0 and TINY_REPO not in r.stdout and f"{TINY_REPO}@{snap.name} is an incomplete download" in r.stderr
     # even with refs/main pointing at it (another tool's view of the cache), nothing loads it
     hub_cache.write_ref(TINY_REPO, "main", snap.name)
     assert TINY_REPO not in {m.name for m in manage.list_models()}
