@@ -128,7 +128,7 @@ class ChatApp(App):
     def refresh_kv(self) -> None:
         try:
             status = self.chat.status
-        except NoMatches:  # the app is closing
+        except (NoMatches, IndexError):  # the app is closing
             return
         status.set_kv(self.link.stats())
 

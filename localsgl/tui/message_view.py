@@ -1,16 +1,15 @@
-"""One message in the conversation view: a header line (who, and the answer's figures)
+"""One message in the conversation view: a header line (who, and how the answer ended)
 over its body. Answers render as Markdown that grows by appended deltas while they
-stream; a click on a code block copies it."""
+stream (answer_stream.py); a click on a code block copies it."""
 from __future__ import annotations
 
-import time
 from typing import Callable
 
-from textual.await_complete import AwaitComplete
 from textual.containers import Vertical
 from textual.widgets import Label, Markdown, Static
-from textual.widgets.markdown import MarkdownFence, MarkdownStream
+from textual.widgets.markdown import MarkdownFence
 
+from .answer_stream import AnswerStream
 from .conversation import ChatMessage
 
 
@@ -28,26 +27,9 @@ class CopyableFence(MarkdownFence):
 
 
 class AnswerMarkdown(Markdown):
-    """Markdown whose appends report how much of the source is on screen (for the
-    streaming-cost measurement) through ``on_rendered(chars, perf_counter_time)``."""
+    """Markdown whose code blocks copy on click."""
 
     BLOCKS = {**Markdown.BLOCKS, "fence": CopyableFence, "code_block": CopyableFence}
-
-    def __init__(self, markdown: str = "", on_rendered: Callable[[int, float], None] | None = None, **kw):
-        super().__init__(markdown, **kw)
-        self.on_rendered = on_rendered
-
-    def append(self, markdown: str) -> AwaitComplete:
-        appended = super().append(markdown)
-        if self.on_rendered is None:
-            return appended
-        report = self.on_rendered
-
-        async def then_report() -> None:
-            await appended
-            report(len(self.source), time.perf_counter())
-
-        return AwaitComplete(then_report())
 
     def code_blocks(self) -> list[str]:
         return [f.code for f in self.query(CopyableFence)]
@@ -64,7 +46,8 @@ class MessageView(Vertical):
         self.note = note
         self.header = header
         self.on_rendered = on_rendered
-        self._stream: MarkdownStream | None = None
+        self._stream: AnswerStream | None = None
+        self._shown: str | None = None  # a streamed answer's text (its segments' sources overlap)
 
     def compose(self):
         if self.header:
@@ -72,26 +55,33 @@ class MessageView(Vertical):
         if self.message is None:
             yield Static(self.note or "", classes="body", markup=False)
         elif self.message.role == "assistant":
-            yield AnswerMarkdown(self.message.content, on_rendered=self.on_rendered, classes="body")
+            with Vertical(classes="body"):
+                yield AnswerMarkdown(self.message.content)
         else:
             yield Static(self.message.content, classes="body", markup=False)
 
     # ------------------------------------------------------------------ streaming
     @property
-    def markdown(self) -> AnswerMarkdown | None:
+    def source(self) -> str:
+        """An answer's Markdown as drawn so far."""
+        if self._stream is not None:
+            return self._stream.shown
+        if self._shown is not None:
+            return self._shown
         found = self.query(AnswerMarkdown)
-        return found.first() if found else None
+        return found.first().source if found else ""
 
-    def start_stream(self) -> MarkdownStream:
-        md = self.markdown
-        assert md is not None, "only answers stream"
-        self._stream = Markdown.get_stream(md)
+    def start_stream(self) -> AnswerStream:
+        column = self.query_one(".body", Vertical)
+        self._stream = AnswerStream(column, self.query_one(AnswerMarkdown), AnswerMarkdown, self.on_rendered)
+        self._stream.start()
         return self._stream
 
     async def end_stream(self) -> None:
         if self._stream is not None:
-            stream, self._stream = self._stream, None
-            await stream.stop()
+            await self._stream.stop()
+            self._shown = self._stream.shown
+            self._stream = None
 
     def set_header(self, text: str) -> None:
         self.header = text
@@ -100,5 +90,4 @@ class MessageView(Vertical):
             found.first(Label).update(text)
 
     def code_blocks(self) -> list[str]:
-        md = self.markdown
-        return md.code_blocks() if md is not None else []
+        return [code for md in self.query(AnswerMarkdown) for code in md.code_blocks()]

@@ -117,7 +117,7 @@ class StatusBar(Static):
             if label:
                 text.append(label, style="dim")
             text.append(value, style="bold" if i == 0 else "")
-        self.update(text)
+        self.update(text, layout=False)  # one line always: no layout pass for the screen
 
     def on_resize(self) -> None:
         self.redraw()

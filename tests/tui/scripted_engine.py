@@ -13,7 +13,7 @@ import re
 import threading
 import time
 
-from localsgl.engine.params import RequestMetrics, StreamDelta
+from localsgl.engine.params import RequestMetrics, StreamDelta, is_unset
 
 TOKEN_RE = re.compile(r"\s*\S+|\s+")
 
@@ -76,6 +76,8 @@ class ScriptedEngine:
         text = self._answer_for(len(self.requests) - 1)
         pieces = tokens_of(text)
         max_tokens = getattr(params, "max_tokens", None)
+        if is_unset(max_tokens):  # the model's default: no limit here
+            max_tokens = None
         if isinstance(max_tokens, int) and max_tokens > 0:
             pieces = pieces[:max_tokens]
         key = tuple((m["role"], m.get("content") or "") for m in messages)

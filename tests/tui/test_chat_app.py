@@ -32,7 +32,7 @@ def test_send_streams_the_answer_and_fills_the_status_line(history):
             assert [m.role for m in app.conversation.messages] == ["user", "assistant"]
             assert answers(app) == ["Hello **there**, friend."]
             view = app.chat.message_views()[-1]
-            assert "there" in view.markdown.source
+            assert "there" in view.source
             turn = app.last_turn
             assert turn.prompt_tokens > 0 and turn.completion_tokens == len(tokens_of(answers(app)[0])) and turn.cached_prompt_tokens == 0
             line = app.chat.status.line(80)
@@ -214,5 +214,47 @@ def test_command_palette_lists_the_slash_commands(history):
             await pilot.pause()
             assert type(app.screen).__name__ == "ChatScreen"
             assert app.chat.message_views()[-1].note == "new conversation"
+
+    run(scenario())
+
+
+def test_model_switch_keeps_the_conversation_and_shows_loading(history):
+    from localsgl.tui.app import ChatApp
+    from localsgl.tui.engine_link import EngineLink
+
+    gate = __import__("threading").Event()
+    built: list[ScriptedEngine] = []
+
+    def factory(model, **flags):
+        gate.wait(10)
+        if model == "broken":
+            raise RuntimeError("no such model")
+        built.append(ScriptedEngine(lambda n, messages: f"from {model}", model_name=model))
+        return built[-1]
+
+    async def scenario():
+        app = ChatApp(EngineLink({"model": "m1", "device": "cpu"}, factory=factory), history=history)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            loading = app.chat.query_one("#loading")
+            assert loading.display and "loading m1" in str(app.chat.query_one("#loading-label").render())
+            await type_and_send(pilot, "early question")  # waits for the model
+            gate.set()
+            await wait_for(pilot, lambda: answers(app) == ["from m1"], 10, "the first model's answer")
+            assert not loading.display
+
+            await type_and_send(pilot, "/model m2")
+            await wait_for(pilot, lambda: app.link.model_name == "m2" and not loading.display, 10, "the switch")
+            assert built[0].shut and app.link.engine_kwargs == {"model": "m2", "device": "cpu"}
+            assert app.chat.status.model == "m2"
+            await send_and_wait(pilot, "and now?")
+            assert answers(app) == ["from m1", "from m2"]
+            assert [m["content"] for m in built[1].requests[-1]] == ["early question", "from m1", "and now?"]
+            assert app.conversation.messages[-1].model == "m2"
+
+            await type_and_send(pilot, "/model broken")
+            await wait_for(pilot, lambda: not loading.display and app.link.ready, 10, "the failed switch")
+            assert app.link.model_name == "m2"  # loaded again after the failure
+            assert "cannot load broken: no such model" in app.chat.message_views()[-1].note
 
     run(scenario())

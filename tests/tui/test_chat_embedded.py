@@ -42,7 +42,7 @@ def test_two_turns_reuse_the_first_turns_kv_and_the_status_line_shows_it(engine,
             first = app.last_turn
             answer = app.conversation.messages[-1]
             assert answer.role == "assistant" and answer.content.strip() and answer.finish_reason in ("stop", "length")
-            assert answer.content in app.chat.message_views()[-1].markdown.source
+            assert answer.content in app.chat.message_views()[-1].source
             assert first.prompt_tokens > 5 and 1 <= first.completion_tokens <= 3
             line = app.chat.status.line(80)
             assert line.startswith("smollm2-135m") and "cpu" in line and "TTFT" in line
@@ -66,7 +66,7 @@ def test_escape_aborts_the_request_and_the_kv_pool_is_full_again(engine, history
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: idle_kv(engine), 60, "an idle engine")
             await type_and_send(pilot, "Write a long story about a cat.")
-            await wait_for(pilot, lambda: engine.stats()["running"] == 1 and app.chat.message_views()[-1].markdown.source,
+            await wait_for(pilot, lambda: engine.stats()["running"] == 1 and app.chat.message_views()[-1].source,
                            ANSWER_TIMEOUT, "the first streamed words")
             assert engine.stats()["kv_slots_locked"] > 0
             await pilot.press("escape")

@@ -1,0 +1,93 @@
+"""Streaming an answer into a column of Markdown widgets ("segments").
+
+Deltas go to the last segment by Markdown.append, which re-parses only from its last
+block; writes that arrive while one is drawn are joined into the next. When the last
+segment holds a finished block (a new block has started after it), the new block moves
+to a fresh segment and the finished ones stay where they are, never touched again. So a
+token costs a re-parse of the block being written and a layout of one small widget: the
+finished segments keep their cached layout however long the answer grows, and no block
+is built twice except the one that moves, at each block boundary.
+
+The segments' own ``source`` overlaps where a block moved on; ``shown`` is the answer's
+text as drawn."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from textual.widget import Widget
+from textual.widgets import Markdown
+from textual.widgets.markdown import MarkdownBlock
+
+FRAME_SECONDS = 1 / 30
+
+
+class AnswerStream:
+    def __init__(self, column: Widget, first: Markdown, new_segment: Callable[[], Markdown],
+                 on_rendered: Callable[[int, float], None] | None = None):
+        self.column = column
+        self.live = first
+        self.new_segment = new_segment
+        self.on_rendered = on_rendered  # (characters on screen, perf_counter time) after each drawn update
+        self.shown = first.source
+        self._pending: list[str] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def write(self, text: str) -> None:
+        if text:
+            self._pending.append(text)
+            self._wake.set()
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        """Draw what is pending, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            await asyncio.shield(task)
+        self._report()
+
+    async def _run(self) -> None:
+        last = 0.0
+        while True:
+            await self._wake.wait()
+            # at most one update per frame: a faster stream is joined into fewer, larger writes
+            wait = last + FRAME_SECONDS - time.perf_counter()
+            if wait > 0 and not self._closing:
+                await asyncio.sleep(wait)
+            last = time.perf_counter()
+            self._wake.clear()
+            chunk = "".join(self._pending)
+            self._pending.clear()
+            if chunk:
+                await self.live.append(chunk)
+                self.shown += chunk
+                await self._start_segment_at_new_block()
+                if self.on_rendered is not None:
+                    self.live.call_after_refresh(self._report)
+            if self._closing and not self._pending:
+                return
+
+    async def _start_segment_at_new_block(self) -> None:
+        blocks = [c for c in self.live.children if isinstance(c, MarkdownBlock)]
+        if len(blocks) < 2 or blocks[-1].source_range is None:
+            return
+        lines = self.live.source.splitlines(keepends=True)
+        current = "".join(lines[blocks[-1].source_range[0]:])
+        segment = self.new_segment()
+        with self.column.app.batch_update():
+            await blocks[-1].remove()
+            await self.column.mount(segment)
+            await segment.append(current)
+        self.live = segment
+
+    def _report(self) -> None:
+        if self.on_rendered is not None:
+            self.on_rendered(len(self.shown), time.perf_counter())
