@@ -11,6 +11,8 @@ torch reference next to the kernel (or in the layer it replaces):
   extend_attention   ragged extend/prefill attention over a cached prefix (GQA, causal)
   sampling           filtered_sample (top-k/top-p/min-p exponential race), apply_penalties, argmax_rows
   gemv               one-row GEMVs with the batch-1 decode step's small ops fused in
+  quant_gemv         gemv's kernels over quantized weights (int4 / int8 / fp8, dequantized in registers)
+  quant_gemm         x Wᵀ over quantized weights for any row count (dequantized tiles into tl.dot)
   step_inputs        the decode graph's inputs on the device (placeholders, lengths, slot table)
   compile_ahead      compile a code path's kernels together, in parallel (cold start)
   pdl                programmatic dependent launch (Hopper+): launch early, wait for the predecessor

@@ -12,6 +12,10 @@ instead of eleven launches (kernels/gemv.py).  Used when the kernels are enabled
 backend can attend without storing (``supports_prestored_kv``), the model has no q/k
 norm and a full-width rotary, and the shapes tile evenly; otherwise the layer-by-layer
 path runs.  The engine's ``fused_decode`` debug switch turns it off (docs/switches.md).
+
+A quantized weight (layers/quant.py) streams through the same fused kernels' quantized twins
+(localsgl_kernels.quant_gemv: dequantized in registers, same prologues and epilogues), chosen
+per weight, so a model whose layers mix formats (a GGUF Q4_K_M file) still takes this path.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 
 from .. import debug_switches
 from . import _kernel_importable
+from .quant import QuantizedWeight
 
 _FORCE_ON_CPU = False  # tests: run the kernels under the Triton interpreter
 
@@ -47,13 +52,49 @@ def _shapes_ok(model) -> bool:
     attn = model.layers[0].self_attn
     if attn.q_norm is not None:
         return False
-    return (
-        G.norm_qkv_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
-                             model.rotary.cos_sin.shape[-1], dev)
+    rot = model.rotary.cos_sin.shape[-1]
+    dense = (
+        G.norm_qkv_supported(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, rot, dev)
         and G.gemv_supported(cfg.hidden_size, cfg.num_heads * cfg.head_dim, dev)
         and G.norm_gate_up_supported(cfg.intermediate_size, cfg.hidden_size, dev)
         and G.gemv_supported(cfg.hidden_size, cfg.intermediate_size, dev)
     )
+    quantized = [w for layer in model.layers for w in _layer_weights(layer) if isinstance(w, QuantizedWeight)]
+    if not quantized:
+        return dense
+    if not _kernel_importable("quant_gemv"):
+        return False
+    from localsgl_kernels import quant_gemv as QG
+
+    for layer in model.layers:
+        qkv, o, gate_up, down = _layer_weights(layer)
+        checks = [
+            (qkv, lambda w: QG.norm_qkv_supported(w, cfg.head_dim, rot, dev)),
+            (o, lambda w: QG.gemv_supported(w, dev)), (gate_up, lambda w: QG.norm_gate_up_supported(w, dev)),
+            (down, lambda w: QG.gemv_supported(w, dev)),
+        ]
+        for w, ok in checks:
+            if isinstance(w, QuantizedWeight) and not ok(w):
+                return False
+        if not dense and not all(isinstance(w, QuantizedWeight) for w in (qkv, o, gate_up, down)):
+            return False
+    return True
+
+
+def _layer_weights(layer) -> tuple:
+    a, m = layer.self_attn, layer.mlp
+    return a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight
+
+
+def _kernels_for(w):
+    """The kernel module streaming weight ``w``: gemv (dense) or quant_gemv (quantized)."""
+    if isinstance(w, QuantizedWeight):
+        from localsgl_kernels import quant_gemv
+
+        return quant_gemv
+    from localsgl_kernels import gemv
+
+    return gemv
 
 
 def use_fused_decode(model, input_ids: torch.Tensor, batch) -> bool:
@@ -72,13 +113,21 @@ def logits_one_row(model, hidden: torch.Tensor, weight: torch.Tensor) -> torch.T
     ok = getattr(model, "_fused_logits_ok", None)
     if ok is None:
         ok = _kernel_importable("gemv")
-        if ok:
+        if ok and isinstance(weight, QuantizedWeight):
+            from localsgl_kernels import quant_gemv as QG
+
+            ok = QG.gemv_supported(weight, weight.device.type)
+        elif ok:
             from localsgl_kernels import gemv as G
 
             ok = G.gemv_supported(weight.shape[0], weight.shape[1], weight.device.type, "lm_head")
         model._fused_logits_ok = ok
     if not ok:
         return None
+    if isinstance(weight, QuantizedWeight):
+        from localsgl_kernels import quant_gemv as QG
+
+        return QG.gemv(hidden, weight, out_dtype=torch.float32)
     from localsgl_kernels import gemv as G
 
     return G.gemv(hidden, weight, out_dtype=torch.float32, kind="lm_head")
@@ -86,8 +135,6 @@ def logits_one_row(model, hidden: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
     """The model's forward for one new token; returns the final-normed hidden state [1, H]."""
-    from localsgl_kernels import gemv as G
-
     pool = batch.kv_pool
     backend = batch.attn_backend
     cos_sin = model.rotary.cos_sin
@@ -96,14 +143,15 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        q, residual = G.norm_qkv(
-            x, residual, ln1.weight, ln1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias, cos_sin, positions,
+        w_qkv, w_o, w_gu, w_down = _layer_weights(layer)
+        q, residual = _kernels_for(w_qkv).norm_qkv(
+            x, residual, ln1.weight, ln1.eps, w_qkv, attn.qkv_proj.bias, cos_sin, positions,
             batch.out_cache_loc, pool.k_buffer[attn.layer_id], pool.v_buffer[attn.layer_id],
             attn.num_heads, attn.num_kv_heads,
         )
         o = backend.attend(q, attn.layer_id, batch, attn.scale)
-        h = G.gemv(o.view(1, attn.q_size), attn.o_proj.weight)
-        a, residual = G.norm_gate_up(h, residual, ln2.weight, ln2.eps, mlp.gate_up_proj.weight)
-        x = G.gemv(a, mlp.down_proj.weight)
+        h = _kernels_for(w_o).gemv(o.view(1, attn.q_size), w_o)
+        a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
+        x = _kernels_for(w_down).gemv(a, w_down)
     x, _ = model.norm(x, residual)
     return x

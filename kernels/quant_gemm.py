@@ -1,0 +1,172 @@
+"""y = x Wᵀ over a quantized W for any number of rows: weight tiles dequantized in registers
+into ``tl.dot`` (tensor cores), and the entry point for every quantized matmul on the GPU.
+
+``matmul(x, w)`` picks the route by rows:
+  * 1 row: quant_gemv.gemv (the weight streamed once, no tensor cores needed);
+  * fp8 on sm90+ with more than FP8_SCALED_MM_MIN_ROWS rows: torch._scaled_mm with the rows
+    quantized to e4m3 per row (dynamic scales) — fp8 tensor cores at twice the bf16 rate;
+  * otherwise this kernel: 16-row tiles for decode batches (the dot is free next to the
+    weight stream), 64-row tiles for prefill.
+
+Math: acc[m, n] = Σ_k x[m, k]·w[n, k] with w dequantized per tile exactly as
+quant_gemv.dequant_int4 / dequant_8bit do (the same jit functions), cast to x's dtype for
+the dot (fp32 inputs use IEEE fp32 products), accumulated in fp32; per-row scales multiply
+the accumulator once.  An int4 tile contributes two dots, over the even and the odd columns
+(byte j holds columns 2j and 2j + 1), so no nibble interleaving is needed.
+
+Floor: max(packed weight bytes / copy bandwidth, 2·M·N·K / the dot rate of x's dtype); the
+dequantization costs a few ALU ops per weight per M-tile.  Reference: layers/quant.py
+``matmul_ref`` (dequantize, then x @ Wᵀ).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant_gemv import _KIND, dequant_8bit, dequant_int4, row_scaled
+
+FP8_SCALED_MM_MIN_ROWS = 16
+
+
+@triton.jit
+def _qgemm_kernel(
+    X, QW, S, Mn, Y, M, N, K, stride_xm, stride_q, stride_s, stride_ym,
+    KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n  # consecutive programs share a band of GROUP_M row tiles (L2 reuse of W)
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)  # clamped: the weight loads need no mask
+    mask_m = offs_m < M
+    xrow = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    wrow = QW + rows.to(tl.int64)[:, None] * stride_q
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if KIND == 1:  # int4
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs = tl.arange(0, HALF)
+        for k0 in range(0, K, BLOCK_K):
+            b = tl.load(wrow + (k0 // 2 + offs)[None, :])
+            we, wo = dequant_int4(b, S, Mn, rows, stride_s, k0, BLOCK_N, GROUP, HALF, SYM)
+            xe = tl.load(xrow + (k0 + 2 * offs)[None, :], mask=mask_m[:, None], other=0.0)
+            xo = tl.load(xrow + (k0 + 2 * offs + 1)[None, :], mask=mask_m[:, None], other=0.0)
+            acc = tl.dot(xe, tl.trans(we.to(xe.dtype)), acc, input_precision=PREC)
+            acc = tl.dot(xo, tl.trans(wo.to(xo.dtype)), acc, input_precision=PREC)
+    else:
+        offs = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            w = dequant_8bit(tl.load(wrow + (k0 + offs)[None, :]), S, Mn, rows, stride_s, k0, BLOCK_N, GROUP,
+                             BLOCK_K, SYM, ROW_SCALE)
+            x = tl.load(xrow + (k0 + offs)[None, :], mask=mask_m[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
+    if ROW_SCALE:
+        acc = acc * tl.load(S + rows.to(tl.int64) * stride_s).to(tl.float32)[None, :]
+    y = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int  # target; the launcher takes the largest power of two <= it that tiles K and the groups
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+def default_config(rows: int, device_type: str) -> Config:
+    if device_type != "cuda":
+        return Config(16, 16, 32, 4, 1, 4)
+    if rows <= 16:
+        return Config(16, 32, 256, 4, 4, 1)
+    if rows <= 64:
+        return Config(32, 64, 128, 4, 3, 4)
+    return Config(64, 128, 64, 4, 3, 8)
+
+
+def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> torch.Tensor:
+    """x [M, K] (bf16 / fp16 / fp32) @ Wᵀ -> [M, N] in out_dtype (default x's) by the kernel."""
+    from .quant_gemv import block_k
+
+    M, K = x.shape
+    N = w.out_features
+    assert K == w.in_features
+    cfg = config or default_config(M, x.device.type)
+    bk = block_k(w, cfg.block_k)
+    assert bk is not None, f"{w.fmt.label()}: K={K} does not tile"
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _qgemm_kernel[grid](
+        x, w.qweight, w.scales, w.mins if w.mins is not None else w.scales, y, M, N, K,
+        x.stride(0), w.qweight.stride(0), w.scales.stride(0), y.stride(0),
+        KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+def supported(w) -> bool:
+    from .quant_gemv import block_k
+
+    return block_k(w, 64) is not None
+
+
+# ---------------------------------------------------------------------------- dispatch
+_SCALED_MM_OK: dict = {}
+
+
+def fp8_native(device: torch.device) -> bool:
+    """fp8 e4m3 tensor cores with row-wise scales through torch._scaled_mm (sm90+), checked once."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _SCALED_MM_OK.get(key)
+    if ok is None:
+        ok = torch.cuda.get_device_capability(key) >= (9, 0) and hasattr(torch, "_scaled_mm")
+        _SCALED_MM_OK[key] = ok
+    return ok
+
+
+def scaled_mm_fp8(x: torch.Tensor, w) -> torch.Tensor:
+    """x rows quantized to e4m3 with one scale each (absmax / 448), times the fp8 weight with
+    its per-row scales, on fp8 tensor cores; the result in x's dtype."""
+    xs = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448.0
+    xq = (x.float() / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    ws = w.scales.float().reshape(1, -1)
+    return torch._scaled_mm(xq, w.qweight.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype)
+
+
+def matmul(x: torch.Tensor, w) -> torch.Tensor:
+    """x [M, K] @ Wᵀ on the GPU by the route for its row count (module docstring)."""
+    from . import quant_gemv
+
+    M, K = x.shape
+    if w.fmt.kind == "fp8" and torch.cuda.get_device_capability(x.device) < (8, 9):
+        from localsgl.engine.layers.quant import matmul_ref  # Triton converts e4m3 from sm89 on
+
+        return matmul_ref(x, w)
+    if M == 1 and quant_gemv.gemv_supported(w, x.device.type):
+        return quant_gemv.gemv(x, w)
+    if (w.fmt.kind == "fp8" and M > FP8_SCALED_MM_MIN_ROWS and row_scaled(w) and fp8_native(x.device)
+            and K % 16 == 0 and w.out_features % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16)):
+        try:
+            return scaled_mm_fp8(x, w)
+        except RuntimeError:  # a torch/driver without row-wise scaled mm: the kernel from now on
+            _SCALED_MM_OK[x.device.index if x.device.index is not None else torch.cuda.current_device()] = False
+    if supported(w):
+        return gemm(x, w)
+    from localsgl.engine.layers.quant import matmul_ref
+
+    return matmul_ref(x, w)

@@ -1,0 +1,323 @@
+"""One-row GEMVs over quantized weights, with the batch-1 decode step's small ops fused in.
+
+The quantized twins of gemv.py's kernels (same arguments, the weight a QuantizedWeight of
+localsgl/engine/layers/quant.py):
+
+  * ``norm_qkv``: r = x + residual; q|k|v = W_qkv · rmsnorm(r) (+ bias); rotary on q and k;
+    k and v written into the KV pool at ``loc``; q returned.
+  * ``norm_gate_up``: r = x + residual; a = silu(W_g · rmsnorm(r)) * (W_u · rmsnorm(r)).
+  * ``gemv``: y = W · x (o_proj, down_proj, LM head).
+
+Math: the weight is dequantized in registers, tile by tile, as the torch reference does:
+w[n, k] = s[n, k/G]·q[n, k] (+ m[n, k/G]) (int4 symmetric: q = u − 8), then multiplied
+like gemv.py's K-loop programs: each program owns two blocks of BLOCK_R rows ("a" and "b",
+the rotary pairs / gate and up rows / two halves), streams BLOCK_K columns per step and
+accumulates Σ_k w·n[k] in fp32, n = rmsnorm(s)·g with the row's inverse RMS applied once at
+the end.  Per-row scales (group = K) are applied once at the end too.  An int4 tile is read
+as BLOCK_K/2 bytes per row; the low nibble of byte j is element 2j, the high one 2j + 1, so
+the activations are read as their even and odd columns.
+
+Floor: the packed weight bytes N·K·bits/8 plus N·K/G scale (and offset) bytes over copy
+bandwidth; the activations are re-read from L2 by every program (K·elem each, against
+2·BLOCK_R·K·bits/8 of weights).  Reference: ``matmul_ref`` in layers/quant.py (dequantize
+then multiply), and gemv.py's norm_qkv_ref / norm_gate_up_ref on the dequantized weight.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemv import _cos_sin, _qkv_epilogue, _silu_mul
+from .pdl import launch_options, wait_for_predecessor
+
+INT8, INT4, FP8 = 0, 1, 2
+_KIND = {"int8": INT8, "int4": INT4, "fp8": FP8}
+
+
+@triton.jit
+def _group_bcast(P, rows, stride, k0, R: tl.constexpr, GROUP: tl.constexpr, COLS: tl.constexpr,
+                 PER: tl.constexpr):
+    """Per-group values (scales or offsets) of ``rows`` for columns [k0, k0 + COLS·GROUP/PER),
+    broadcast to a [R, COLS] tile: each of the COLS // PER groups repeated PER times."""
+    NG: tl.constexpr = COLS // PER
+    v = tl.load(P + rows.to(tl.int64)[:, None] * stride + k0 // GROUP + tl.arange(0, NG)[None, :]).to(tl.float32)
+    return tl.reshape(tl.broadcast_to(v[:, :, None], (R, NG, PER)), (R, COLS))
+
+
+@triton.jit
+def dequant_int4(b, S, Mn, rows, stride_s, k0, R: tl.constexpr, GROUP: tl.constexpr, HALF: tl.constexpr,
+                 SYM: tl.constexpr):
+    """Bytes [R, HALF] of columns [k0, k0 + 2·HALF) -> fp32 (even, odd) columns [R, HALF] each."""
+    lo = (b & 0x0F).to(tl.float32)
+    hi = (b >> 4).to(tl.float32)
+    if SYM:
+        lo -= 8.0
+        hi -= 8.0
+    s = _group_bcast(S, rows, stride_s, k0, R, GROUP, HALF, GROUP // 2)
+    lo = lo * s
+    hi = hi * s
+    if not SYM:
+        m = _group_bcast(Mn, rows, stride_s, k0, R, GROUP, HALF, GROUP // 2)
+        lo += m
+        hi += m
+    return lo, hi
+
+
+@triton.jit
+def dequant_8bit(w, S, Mn, rows, stride_s, k0, R: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SYM: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """int8 / fp8 values [R, BLOCK_K] -> fp32, scaled per group (per-row scales: the caller's)."""
+    w = w.to(tl.float32)
+    if not ROW_SCALE:
+        w = w * _group_bcast(S, rows, stride_s, k0, R, GROUP, BLOCK_K, GROUP)
+        if not SYM:
+            w += _group_bcast(Mn, rows, stride_s, k0, R, GROUP, BLOCK_K, GROUP)
+    return w
+
+
+@triton.jit
+def _act(X, R, G, ROut, kk, write_res, HAS_RES: tl.constexpr, NORM: tl.constexpr):
+    """Activations of columns kk: s = x (+ residual, stored to ROut where kk < write_res);
+    returns (s·g or s in fp32, s² in fp32)."""
+    x = tl.load(X + kk)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(R + kk).to(tl.float32)).to(ROut.dtype.element_ty)
+        tl.store(ROut + kk, x, mask=kk < write_res)
+    xf = x.to(tl.float32)
+    sq = xf * xf
+    if NORM:
+        xf = xf * tl.load(G + kk).to(tl.float32)
+    return xf, sq
+
+
+@triton.jit
+def _qstream_rows(
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K, write_res, eps,
+    KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
+    HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) over the dequantized weight, n = rmsnorm(s) or s."""
+    ra = rows_a.to(tl.int64)[:, None] * stride_q
+    rb = rows_b.to(tl.int64)[:, None] * stride_q
+    wait_for_predecessor(PDL)
+    if KIND == 1:  # int4: byte j of a tile holds columns 2j and 2j + 1
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs = tl.arange(0, HALF)
+        acc_a = tl.zeros([BLOCK_R, HALF], tl.float32)
+        acc_b = tl.zeros([BLOCK_R, HALF], tl.float32)
+        ss = tl.zeros([HALF], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ke = k0 + 2 * offs
+            xe, se = _act(X, R, G, ROut, ke, write_res, HAS_RES, NORM)
+            xo, so = _act(X, R, G, ROut, ke + 1, write_res, HAS_RES, NORM)
+            ss += se + so
+            ba = tl.load(QW + ra + (k0 // 2 + offs)[None, :])
+            bb = tl.load(QW + rb + (k0 // 2 + offs)[None, :])
+            ae, ao = dequant_int4(ba, S, Mn, rows_a, stride_s, k0, BLOCK_R, GROUP, HALF, SYM)
+            be, bo = dequant_int4(bb, S, Mn, rows_b, stride_s, k0, BLOCK_R, GROUP, HALF, SYM)
+            acc_a += ae * xe[None, :] + ao * xo[None, :]
+            acc_b += be * xe[None, :] + bo * xo[None, :]
+    else:  # int8 / fp8: one value per byte
+        offs = tl.arange(0, BLOCK_K)
+        acc_a = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+        acc_b = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+        ss = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs
+            xf, sq = _act(X, R, G, ROut, kk, write_res, HAS_RES, NORM)
+            ss += sq
+            wa = dequant_8bit(tl.load(QW + ra + kk[None, :]), S, Mn, rows_a, stride_s, k0, BLOCK_R, GROUP, BLOCK_K,
+                              SYM, ROW_SCALE)
+            wb = dequant_8bit(tl.load(QW + rb + kk[None, :]), S, Mn, rows_b, stride_s, k0, BLOCK_R, GROUP, BLOCK_K,
+                              SYM, ROW_SCALE)
+            acc_a += wa * xf[None, :]
+            acc_b += wb * xf[None, :]
+    ya = tl.sum(acc_a, 1)
+    yb = tl.sum(acc_b, 1)
+    if ROW_SCALE:
+        ya = ya * tl.load(S + rows_a.to(tl.int64) * stride_s).to(tl.float32)
+        yb = yb * tl.load(S + rows_b.to(tl.int64) * stride_s).to(tl.float32)
+    if NORM:
+        inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+        ya = ya * inv
+        yb = yb * inv
+    return ya, yb
+
+
+@triton.jit
+def _qgemv_kernel(X, QW, S, Mn, Out, K, stride_q, stride_s,
+                  KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    rows_a = pid * (2 * BLOCK_R) + tl.arange(0, BLOCK_R)
+    rows_b = rows_a + BLOCK_R
+    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, X, X, Out, K, 0, 0.0,
+                           KIND, GROUP, SYM, ROW_SCALE, False, False, BLOCK_R, BLOCK_K, PDL)
+    tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
+    tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
+
+
+@triton.jit
+def _qnorm_gate_up_kernel(X, R, G, ROut, QW, S, Mn, Out, K, I, eps, stride_q, stride_s,
+                          KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    rows_a = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    g, u = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + I, X, R, G, ROut, K,
+                         tl.where(pid == 0, K, 0), eps, KIND, GROUP, SYM, ROW_SCALE, True, True, BLOCK_R, BLOCK_K, PDL)
+    tl.store(Out + rows_a, _silu_mul(g, u).to(Out.dtype.element_ty))
+
+
+@triton.jit
+def _qnorm_qkv_kernel(
+    X, R, G, ROut, QW, S, Mn, Bias, CS, Pos, Loc, Q, KC, VC,
+    K, eps, stride_q, stride_s, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    HALF: tl.constexpr = D // 2
+    PER_HEAD: tl.constexpr = HALF // BLOCK_R
+    head = pid // PER_HEAD
+    d = (pid % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows_a = head * D + d
+    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K,
+                           tl.where(pid == 0, K, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
+                           BLOCK_R, BLOCK_K, PDL)
+    c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
+    _qkv_epilogue(ya, yb, head, d, c, s, tl.load(Loc).to(tl.int64), Bias, Q, KC, VC,
+                  stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
+
+
+# ---------------------------------------------------------------------------- configs
+class Config(NamedTuple):
+    """BLOCK_R rows per half-block, BLOCK_K columns per step (a multiple of the group size)."""
+
+    block_r: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+# bytes of packed weights per row and step: 128 (int4: 256 columns; int8 / fp8: 128)
+_CUDA = {"int4": (8, 256, 4), "int8": (8, 128, 4), "fp8": (8, 128, 4)}
+
+
+def row_scaled(w) -> bool:
+    """One scale per row, applied after the sum (int8 / fp8 symmetric with group = K)."""
+    return w.fmt.kind != "int4" and w.mins is None and w.group >= w.in_features
+
+
+def block_k(w, target: int) -> int | None:
+    """The largest power of two <= target (at least 16) that divides K and, unless the weight
+    is row-scaled, is a multiple of the group size (whole groups per step)."""
+    K, g = w.in_features, w.group
+    bk = max(target, g if not row_scaled(w) else 16)
+    while bk >= 16:
+        if K % bk == 0 and (row_scaled(w) or bk % g == 0):
+            return bk
+        bk //= 2
+    return None
+
+
+def default_config(w, rows_per_block: int, device_type: str) -> Config | None:
+    """The tile for weight ``w`` whose row blocks come in multiples of ``rows_per_block``; None
+    when it does not tile (callers take the layer path)."""
+    r, target, warps = _CUDA[w.fmt.kind] if device_type == "cuda" else (4, 64, 4)
+    bk = block_k(w, target)
+    if bk is None:
+        return None
+    return Config(min(r, rows_per_block), bk, warps, 1)
+
+
+def _meta(w, cfg: Config, device) -> dict:
+    return dict(KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
+                BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **launch_options(device))
+
+
+def _mins(w):
+    return w.mins if w.mins is not None else w.scales
+
+
+def _check_row(x: torch.Tensor, K: int) -> torch.Tensor:
+    assert x.numel() == K, f"expected one row of {K} elements, got {tuple(x.shape)}"
+    return x.reshape(K) if x.is_contiguous() else x.reshape(K).contiguous()
+
+
+# ---------------------------------------------------------------------------- launchers
+def gemv_supported(w, device_type: str) -> bool:
+    cfg = default_config(w, w.out_features, device_type)
+    return cfg is not None and w.out_features % (2 * cfg.block_r) == 0
+
+
+def gemv(x, w, out_dtype=None, config: Config | None = None):
+    """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's)."""
+    N, K = w.out_features, w.in_features
+    cfg = config or default_config(w, N, x.device.type)
+    assert cfg is not None and N % (2 * cfg.block_r) == 0 and K % cfg.block_k == 0
+    out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
+    _qgemv_kernel[(N // (2 * cfg.block_r),)](
+        _check_row(x, K), w.qweight, w.scales, _mins(w), out, K, w.qweight.stride(0), w.scales.stride(0),
+        **_meta(w, cfg, x.device))
+    return out
+
+
+def norm_gate_up_supported(w, device_type: str) -> bool:
+    I = w.out_features // 2
+    cfg = default_config(w, I, device_type)
+    return cfg is not None and I % cfg.block_r == 0
+
+
+def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
+    """One token: r = x + residual; returns (silu(W_g·n) * (W_u·n) [1, I], r [1, H]), n = rmsnorm(r)."""
+    K = x.shape[-1]
+    I = w.out_features // 2
+    assert w.in_features == K
+    cfg = config or default_config(w, I, x.device.type)
+    assert cfg is not None and I % cfg.block_r == 0 and K % cfg.block_k == 0
+    r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
+    out = torch.empty((1, I), dtype=x.dtype, device=x.device)
+    _qnorm_gate_up_kernel[(I // cfg.block_r,)](
+        _check_row(x, K), _check_row(residual, K), norm_w, r_out, w.qweight, w.scales, _mins(w), out, K, I, eps,
+        w.qweight.stride(0), w.scales.stride(0), **_meta(w, cfg, x.device))
+    return out, r_out.view(1, K)
+
+
+def norm_qkv_supported(w, head_dim: int, rotary_dim: int, device_type: str) -> bool:
+    if rotary_dim != head_dim or head_dim % 2:
+        return False
+    cfg = default_config(w, head_dim // 2, device_type)
+    return cfg is not None and (head_dim // 2) % cfg.block_r == 0
+
+
+def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache, v_cache,
+             num_heads: int, num_kv_heads: int, config: Config | None = None):
+    """gemv.norm_qkv over a quantized W_qkv: returns (q [1, Hq, D], r [1, H]); k and v are
+    in the pool at loc[0]."""
+    K = x.shape[-1]
+    D = k_cache.shape[-1]
+    N = w.out_features
+    assert N == (num_heads + 2 * num_kv_heads) * D and w.in_features == K
+    assert cos_sin.shape[-1] == D and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1
+    cfg = config or default_config(w, D // 2, x.device.type)
+    assert cfg is not None and (D // 2) % cfg.block_r == 0 and K % cfg.block_k == 0
+    xr = _check_row(x, K)
+    has_res = residual is not None
+    if has_res:
+        rr = _check_row(residual, K)
+        r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
+    else:
+        rr = r_out = xr
+    q = torch.empty((1, num_heads, D), dtype=x.dtype, device=x.device)
+    _qnorm_qkv_kernel[(N // cfg.block_r // 2,)](
+        xr, rr, norm_w, r_out, w.qweight, w.scales, _mins(w), bias if bias is not None else w.scales, cos_sin,
+        positions, loc, q, k_cache, v_cache,
+        K, eps, w.qweight.stride(0), w.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res,
+        HAS_BIAS=bias is not None, **_meta(w, cfg, x.device))
+    return q, r_out.view(1, K)

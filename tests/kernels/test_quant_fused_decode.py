@@ -1,0 +1,39 @@
+"""The fused one-token forward over quantized weights (layers/fused_decode.py -> quant_gemv)
+in the engine, Triton backend under the interpreter: batch-1 decodes take it and give the
+greedy tokens of the layer path (quant.matmul) on the same weights, with every projection
+quantized and with layers of different formats (as in a GGUF Q4_K_M file)."""
+import pytest
+import torch
+from kutil import ON_GPU
+from test_fused_decode_engine import _generate
+
+import localsgl.engine.layers.fused_decode as fd
+from localsgl.engine.layers.linear import Linear
+from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="tests/gpu covers the GPU engine")
+
+
+def _quantized_model(formats):
+    from tiny import tiny_model
+
+    m = tiny_model(vocab=96, hidden=64, layers=2, heads=4, kv_heads=2, seed=5)
+    mods = [mod for mod in m.modules() if isinstance(mod, Linear)]
+    for i, mod in enumerate(mods):
+        mod.set_weight(QuantizedWeight.quantize(mod.weight.data, formats[i % len(formats)]))
+    m._fused_decode_ok = None
+    return m
+
+
+def test_fused_quantized_greedy(monkeypatch):
+    g = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 95, (9,), generator=g).tolist()]
+    formats = [WeightFormat("int4", 32, False), WeightFormat("int4", 32, True), WeightFormat("int8", 16, True),
+               WeightFormat("int8", 0, True), WeightFormat("fp8", 0, True)]
+    model = _quantized_model(formats)
+    assert isinstance(model.layers[0].mlp.down_proj.weight, QuantizedWeight)
+    assert fd.fused_decode_shapes_ok(model)
+    plain, n_plain = _generate(model, "triton", False, prompts, monkeypatch)
+    fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch)
+    assert fused == plain
+    assert n_fused >= 5 and n_plain == 0

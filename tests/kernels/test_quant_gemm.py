@@ -1,0 +1,55 @@
+"""The dequantizing GEMM (kernels/quant_gemm.py) against x @ dequantize(W)ᵀ in fp64, for each
+weight format, decode-sized and prefill-sized row counts, rows and columns that do not fill
+a tile; and the row-count dispatch of quant_gemm.matmul."""
+import pytest
+import torch
+from kutil import DEV, ON_GPU, gen, randn, rel_err
+
+from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+from localsgl_kernels import quant_gemm as QM
+
+FORMATS = [WeightFormat("int4", 32, True), WeightFormat("int4", 128, False), WeightFormat("int8", 0, True),
+           WeightFormat("int8", 16, False), WeightFormat("fp8", 0, True), WeightFormat("fp8", 64, True)]
+IDS = [f.label().replace(" ", "-") for f in FORMATS]
+DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.float16]
+
+
+def _qw(n, k, fmt, g):
+    return QuantizedWeight.quantize(torch.randn(n, k, generator=g) * k**-0.5, fmt).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+@pytest.mark.parametrize("m", [3, 40] if not ON_GPU else [5, 300])
+def test_gemm(fmt, dtype, m):
+    g = gen(21 + m)
+    n, k = (72, 256) if not ON_GPU else (4096 + 48, 4096)
+    w = _qw(n, k, fmt, g)
+    x = randn(m, k, g=g, dtype=dtype)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    y = QM.gemm(x, w)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert rel_err(y, ref) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+@pytest.mark.parametrize("fmt", FORMATS[:1] + FORMATS[2:3], ids=IDS[:1] + IDS[2:3])
+def test_forced_tiles(fmt):
+    g = gen(23)
+    w = _qw(40, 128, fmt, g)
+    x = randn(33, 128, g=g)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    for cfg in (QM.Config(16, 16, 32, 4, 1, 1), QM.Config(32, 32, 64, 4, 1, 2), QM.Config(16, 32, 128, 4, 1, 8)):
+        assert rel_err(QM.gemm(x, w, cfg), ref) < 1e-5
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the dispatch needs CUDA tensors")
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+@pytest.mark.parametrize("m", [1, 4, 64])
+def test_matmul_dispatch_gpu(fmt, m):
+    g = gen(24)
+    w = _qw(1024, 2048, fmt, g)
+    x = randn(m, 2048, g=g, dtype=torch.bfloat16)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    # fp8 rows quantized to e4m3 on the way into _scaled_mm: a few percent
+    tol = 6e-2 if fmt.kind == "fp8" and m > QM.FP8_SCALED_MM_MIN_ROWS else 1e-2
+    assert rel_err(QM.matmul(x, w), ref) < tol

@@ -1,0 +1,91 @@
+"""The quantized one-row GEMVs (kernels/quant_gemv.py) against fp64 torch references on the
+dequantized weight: plain GEMV, norm+gate_up+silu and norm+qkv+rotary+KV store, for each
+weight format (int4 symmetric/asymmetric in groups, int8 per row and in groups, fp8)."""
+import pytest
+import torch
+from kutil import DEV, ON_GPU, gen, randn, rel_err
+
+from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+from localsgl.engine.layers.rotary import RotaryEmbedding
+from localsgl_kernels import gemv as G
+from localsgl_kernels import quant_gemv as QG
+
+FORMATS = [WeightFormat("int4", 32, True), WeightFormat("int4", 64, False), WeightFormat("int8", 0, True),
+           WeightFormat("int8", 16, False), WeightFormat("fp8", 0, True), WeightFormat("fp8", 32, True)]
+IDS = [f.label().replace(" ", "-") for f in FORMATS]
+DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.bfloat16]
+
+
+def _qw(n, k, fmt, g, scale=1.0):
+    w = torch.randn(n, k, generator=g) * (scale * k**-0.5)
+    return QuantizedWeight.quantize(w, fmt).to(DEV)
+
+
+def _tol(dtype):
+    return {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_gemv(fmt, dtype):
+    g = gen(11)
+    n, k = (64, 128) if not ON_GPU else (4096, 14336)
+    w = _qw(n, k, fmt, g)
+    x = randn(1, k, g=g, dtype=dtype)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    y = QG.gemv(x, w)
+    assert y.shape == (1, n) and y.dtype == dtype and rel_err(y, ref) < _tol(dtype)
+    y32 = QG.gemv(x, w, out_dtype=torch.float32)
+    assert y32.dtype == torch.float32 and rel_err(y32, ref) < _tol(dtype)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_norm_gate_up(fmt):
+    g = gen(12)
+    dtype = DTYPES[0]
+    h, i = (128, 48) if not ON_GPU else (4096, 14336)
+    x, res = randn(1, h, g=g, dtype=dtype), randn(1, h, g=g, dtype=dtype)
+    nw = (1 + 0.1 * randn(h, g=g)).to(dtype)
+    w = _qw(2 * i, h, fmt, g)
+    ra, rr = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, w.dequantize(torch.float64))
+    a, r = QG.norm_gate_up(x, res, nw, 1e-6, w)
+    assert a.shape == (1, i) and rel_err(a, ra) < 2 * _tol(dtype)
+    assert torch.allclose(r.float(), rr.float(), rtol=2**-7 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+@pytest.mark.parametrize("has_res,has_bias", [(True, False), (False, True)])
+def test_norm_qkv(fmt, has_res, has_bias):
+    g = gen(13 + has_res)
+    dtype = DTYPES[0]
+    hq, hkv, d, h = (4, 2, 32, 128) if not ON_GPU else (32, 8, 128, 4096)
+    n = (hq + 2 * hkv) * d
+    x = randn(1, h, g=g, dtype=dtype)
+    res = randn(1, h, g=g, dtype=dtype) if has_res else None
+    nw = (1 + 0.1 * randn(h, g=g)).to(dtype)
+    w = _qw(n, h, fmt, g)
+    bias = randn(n, g=g, dtype=dtype, scale=0.1) if has_bias else None
+    rope = RotaryEmbedding(d, 64, 10000.0, None, device=DEV)
+    pos, loc = torch.tensor([37], device=DEV), torch.tensor([2], device=DEV)
+    kc, vc = randn(4, hkv, d, g=g, dtype=dtype), randn(4, hkv, d, g=g, dtype=dtype)
+    kc0 = kc.clone()
+    rq, rk, rv, _ = G.norm_qkv_ref(x.double(), None if res is None else res.double(), nw.double(), 1e-5,
+                                   w.dequantize(torch.float64), None if bias is None else bias.double(),
+                                   rope.cos_sin.double(), pos, hq, hkv)
+    q, _ = QG.norm_qkv(x, res, nw, 1e-5, w, bias, rope.cos_sin, pos, loc, kc, vc, hq, hkv)
+    t = 2 * _tol(dtype)
+    assert rel_err(q, rq) < t and rel_err(kc[2], rk[0]) < t and rel_err(vc[2], rv[0]) < t
+    assert torch.equal(kc[[0, 1, 3]], kc0[[0, 1, 3]])
+
+
+def test_configs_and_support():
+    dev = "cuda" if ON_GPU else "cpu"
+    g = gen(14)
+    w = _qw(64, 576, WeightFormat("int4", 32, False), g)  # SmolLM2's hidden size: 9 x 64
+    cfg = QG.default_config(w, 64, dev)
+    assert cfg is not None and 576 % cfg.block_k == 0 and cfg.block_k % 32 == 0
+    assert QG.gemv_supported(w, dev)
+    odd = _qw(6, 128, WeightFormat("int8", 0, True), g)  # 6 rows do not split into two row blocks of 4
+    assert not QG.gemv_supported(odd, "cpu")
+    x = randn(1, 576, g=g)
+    assert rel_err(QG.gemv(x, w, config=QG.Config(2, 64)), x.double() @ w.dequantize(torch.float64).t()) < 1e-5
