@@ -106,7 +106,8 @@ class Engine:
     disable_overlap, disable_radix_cache, load_format, weights ("keep" | "dequantize": quantized
     weights stay quantized or load dense; default keep on a GPU, dequantize on the CPU),
     quantization ("int4" | "int8" | "fp8": quantize dense linear weights at load), schedule_policy
-    ("fcfs" | "lpm"), seed, max_queue, tp.  ``debug_switches`` (a DebugSwitches, not a CLI flag): debug/A-B switches,
+    ("fcfs" | "lpm"), seed, max_queue, tp, reasoning ("auto": the chat template decides whether a
+    reasoning model thinks; "off": templates get ``enable_thinking=False``).  ``debug_switches`` (a DebugSwitches, not a CLI flag): debug/A-B switches,
     else those of the ``LOCALSGL_DEBUG_*`` environment variables (docs/switches.md).
     Attributes: tokenizer (None for dummy weights), model_name, max_model_len, config, plan, device, dtype,
     debug_switches.
@@ -135,6 +136,7 @@ class Engine:
         tp: int = 1,
         debug_switches=None,
         default_sampling: dict | None = None,
+        reasoning: str = "auto",
         **unknown,
     ):
         if unknown:
@@ -147,6 +149,9 @@ class Engine:
             raise InvalidRequestError("tensor parallelism (tp > 1) is not available in this build", "tp")
         if schedule_policy not in ("fcfs", "lpm"):
             raise InvalidRequestError("schedule_policy must be fcfs or lpm", "schedule_policy")
+        if reasoning not in ("auto", "off"):
+            raise InvalidRequestError("reasoning must be auto or off", "reasoning")
+        self.reasoning = reasoning
         self._ids = itertools.count()
         self._closed = False
         opts = dict(
@@ -223,6 +228,10 @@ class Engine:
         self.max_model_len = self.plan.max_model_len
         self.model.rotary.resize(self.max_model_len)  # the pre-load plan's guess may differ
         self.tokenizer = tokenizer()
+        from .reasoning import reasoning_tags
+
+        # the tags a reasoning model thinks in (None for other models, or with reasoning off)
+        self.reasoning_tags = None if self.reasoning == "off" else reasoning_tags(self.tokenizer)
         eos = list(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.append(int(self.tokenizer.eos_token_id))
@@ -275,7 +284,11 @@ class Engine:
             return ids
         raise InvalidRequestError("prompt must be text, a list of token ids, or a list of chat messages", "prompt")
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> list[int]:
+        """Chat messages -> prompt ids through the model's chat template (with the generation
+        prompt).  ``tools`` (OpenAI function definitions) and ``template_kwargs`` (e.g.
+        ``enable_thinking``) go to the template; with ``reasoning="off"`` it gets
+        ``enable_thinking=False`` unless told otherwise."""
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer (dummy weights): pass token ids", "messages")
         if not messages:
@@ -283,8 +296,13 @@ class Engine:
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content", ""), (str, type(None))):
                 raise InvalidRequestError("each message needs a role and text content", "messages")
+        if self.reasoning == "off":
+            template_kwargs.setdefault("enable_thinking", False)
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if tools:
+                template_kwargs["tools"] = tools
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      **template_kwargs)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         text = "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in messages) + "\nassistant:"
         return list(self.tokenizer(text)["input_ids"])
@@ -302,8 +320,6 @@ class Engine:
             raise RuntimeError("engine is shut down")
         params = self.resolve_sampling(params)
         params.validate()
-        if params.json_schema is not None or params.regex is not None or params.grammar is not None:
-            raise InvalidRequestError("structured output (json_schema/regex/grammar) is not available yet", "json_schema")
         if not ids:
             raise InvalidRequestError("prompt is empty", "prompt")
         if len(ids) >= self.max_model_len:
@@ -313,9 +329,15 @@ class Engine:
             raise err
         if self.max_queue is not None and self.core.scheduler.num_waiting >= self.max_queue:
             raise EngineOverloadedError(f"{self.core.scheduler.num_waiting} requests waiting (max_queue={self.max_queue})")
+        grammar = None
+        if params.json_schema is not None or params.regex is not None or params.grammar is not None:
+            grammar = self.grammar_backend.compile(params, ids)  # this thread, not the engine's
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         first = Request(rid, ids, params, 0, on_delta)
         reqs = [first] + [Request(rid, ids, params, i, on_delta, depends_on=first) for i in range(1, params.n)]
+        if grammar is not None:
+            for r in reqs:
+                r.grammar = grammar.new_state()
         if defer is not None:  # batch submission: the caller adds them all at once
             defer.append(reqs)
         else:
@@ -434,6 +456,28 @@ class Engine:
 
         return apply_defaults(params or SamplingParams(), self.sampling_defaults)
 
+    # ------------------------------------------------------------ structured output
+    @property
+    def grammar_backend(self):
+        """The model's llguidance side (grammar.GrammarBackend), made on first use; its
+        tokenizer is built then, once.  Assignable (a benchmark of dummy weights gives one
+        built on another tokenizer)."""
+        backend = getattr(self, "_grammar_backend", None)
+        if backend is None:
+            from .grammar import GrammarBackend
+
+            with _GRAMMAR_LOCK:
+                backend = getattr(self, "_grammar_backend", None)
+                if backend is None:
+                    backend = GrammarBackend(self.tokenizer, self.config.vocab_size, self.core.eos_ids,
+                                             reasoning_tags=self.reasoning_tags)
+                    self._grammar_backend = backend
+        return backend
+
+    @grammar_backend.setter
+    def grammar_backend(self, backend) -> None:
+        self._grammar_backend = backend
+
     # ------------------------------------------------------------ misc
     def stats(self) -> dict:
         return self.core.stats()
@@ -480,6 +524,9 @@ class Engine:
             self.shutdown()
         except Exception:
             pass
+
+
+_GRAMMAR_LOCK = threading.Lock()
 
 
 def _in_background(fn):

@@ -29,6 +29,7 @@ import torch
 
 from . import debug_switches
 from .debug_switches import DebugSwitches
+from .grammar import FINISH_GRAMMAR
 from .kv_pool import KVPool, ReqToTokenPool
 from .layers.attention.base import create_backend
 from .params import StreamDelta, TokenLogprob, TopLogprob
@@ -104,6 +105,8 @@ class EngineCore:
         self._blind_failures = 0  # consecutive failures that touched no identifiable request
         self.oom_retries = 0
         self.penalties = PenaltyState(self.vocab_size, device)  # penalised requests' token history, on the device
+        self.masks = None  # grammar.MaskFiller, made when a constrained request is first sampled
+        self._mask_pool = None  # the worker that fills masks while a forward runs
         self._thread: threading.Thread | None = None
         if start_thread:
             self.attach_thread(threading.Thread(target=self.run_loop, name="localsgl-engine", daemon=True))
@@ -317,22 +320,28 @@ class EngineCore:
         prev = self.inflight.tokens if self.inflight is not None else None
         prof = self.profile
         ev = prof.start_device() if prof else None
-        if self.fault is not None:
-            self.fault("forward", sb.reqs)
-        logits = self.runner.forward(sb, prev_tokens=prev)
-        self.scheduler.commit(sb)
-        if self.fault is not None:
-            self.fault("commit", sb.reqs)
-        rows = [r for r, s in zip(sb.reqs, sb.sample) if s]
-        if not rows:
-            if prof:
-                prof.end_device(self._step_kind(sb), sum(sb.extend_lens), ev)
-            return None
-        deferred = self.overlap and not any(r.params.logprobs for r in rows)
+        masks = self._start_masks(sb)  # None unless a row to sample is constrained
         try:
-            res = self._sample(rows, logits, deferred)
-        except Exception as e:
-            rows, res = self._sample_each(rows, logits, deferred, e)
+            if self.fault is not None:
+                self.fault("forward", sb.reqs)
+            logits = self.runner.forward(sb, prev_tokens=prev)
+            self.scheduler.commit(sb)
+            if self.fault is not None:
+                self.fault("commit", sb.reqs)
+            rows = [r for r, s in zip(sb.reqs, sb.sample) if s]
+            if not rows:
+                if prof:
+                    prof.end_device(self._step_kind(sb), sum(sb.extend_lens), ev)
+                return None
+            grammar = self._finish_masks(masks, rows) if masks is not None else None
+            deferred = self.overlap and not any(r.params.logprobs for r in rows)
+            try:
+                res = self._sample(rows, logits, deferred, grammar)
+            except Exception as e:
+                rows, res = self._sample_each(rows, logits, deferred, e, grammar)
+        finally:
+            if masks is not None:
+                masks.join()
         if prof:
             prof.end_device(self._step_kind(sb), sum(sb.extend_lens), ev)
         if not rows:
@@ -341,6 +350,11 @@ class EngineCore:
         for j, r in enumerate(rows):
             slots.append(len(r.output_ids))
             r.output_ids.append(-(1 + j))  # placeholder: token j of this step's device tensor
+        if grammar is not None and grammar[2]:
+            for r, extra in grammar[2].items():  # forced tokens follow the sampled one, computed next step
+                if not r.finished:
+                    r.grammar.forced_after[len(r.output_ids) - 1] = len(extra)
+                    r.output_ids.extend(extra)
         la = _Launched(rows, slots, res, deferred)
         if deferred:
             la.tokens = res.tokens
@@ -353,7 +367,50 @@ class EngineCore:
                 la.cpu_tokens = res.tokens
         return la
 
-    def _sample(self, rows: list[Request], logits: torch.Tensor, deferred: bool):
+    # ------------------------------------------------------------ grammar masks
+    def _start_masks(self, sb):
+        """The grammar work of this step's constrained rows (grammar.StepMasks), started on a
+        worker now when their last tokens are known, so it runs while the forward does;
+        with overlap their last token is still in flight and the work waits for it (after
+        the forward is launched, while the device runs it).  None when no row is constrained."""
+        rows = [r for r, s in zip(sb.reqs, sb.sample) if s]
+        if not any(r.grammar is not None for r in rows):
+            return None
+        from .grammar import MaskFiller, StepMasks
+
+        words = next(r.grammar.backend.words for r in rows if r.grammar is not None)
+        if self.masks is None or self.masks.words != words:
+            self.masks = MaskFiller(words, self.device)
+        job = StepMasks(self.masks, rows, self.cfg.max_model_len, self._inflight_host_tokens)
+        if not job.waits_for_inflight:
+            if self._mask_pool is None:
+                import concurrent.futures
+
+                self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="localsgl-masks")
+            job.start(self._mask_pool)
+        return job
+
+    def _inflight_host_tokens(self) -> list[int]:
+        la = self.inflight
+        if la.event is not None:
+            la.event.synchronize()
+        return la.cpu_tokens.tolist()
+
+    def _finish_masks(self, job, rows: list[Request]):
+        """(positions, bitmasks, forced extras) of a step; if preparing them failed, its
+        constrained requests end with "error" and the rest of the step goes on."""
+        try:
+            if self.fault is not None:
+                self.fault("grammar", [rows[j] for j in job.positions])
+            return job.result()
+        except Exception as e:
+            log.error("grammar masks failed:\n%s", traceback.format_exc())
+            bad = [rows[j] for j in job.positions]
+            self._fail(bad, e)
+            rows[:] = [r for r in rows if r not in bad]
+            return None
+
+    def _sample(self, rows: list[Request], logits: torch.Tensor, deferred: bool, grammar=None):
         if self.fault is not None:
             self.fault("sample", rows)
         prev = self.inflight.tokens if self.inflight is not None else None  # placeholders' ids
@@ -367,18 +424,24 @@ class EngineCore:
             device=logits.device,
             default_generator=self.default_generator,
             penalty_source=lambda pen: self.penalties.gather([rows[i] for i in pen], prev),
+            constrained=frozenset(grammar[0]) if grammar is not None else frozenset(),
         )
+        if grammar is not None:
+            sbatch.set_grammar(grammar[0], grammar[1])
         return sample(logits, sbatch, use_kernels=self.gpu_sampling_kernels, defer=deferred)
 
-    def _sample_each(self, rows: list[Request], logits: torch.Tensor, deferred: bool, err: Exception):
+    def _sample_each(self, rows: list[Request], logits: torch.Tensor, deferred: bool, err: Exception, grammar=None):
         """Sampling the batch raised: sample each row alone, so a request whose own sampling
         fails ends with "error" and the others get their tokens.  Returns (rows kept, result)."""
         log.warning("sampling %d rows failed (%s: %s); sampling them one by one", len(rows), type(err).__name__, err)
         kept: list[Request] = []
         parts = []
+        where = {j: k for k, j in enumerate(grammar[0])} if grammar is not None else {}
         for j, r in enumerate(rows):
+            k = where.get(j)
+            one = ([0], grammar[1][k:k + 1], grammar[2]) if k is not None else None
             try:
-                parts.append(self._sample([r], logits[j:j + 1], deferred))
+                parts.append(self._sample([r], logits[j:j + 1], deferred, one))
                 kept.append(r)
             except Exception as e:
                 log.error("sampling failed for %s:\n%s", r.rid, traceback.format_exc())
@@ -425,6 +488,8 @@ class EngineCore:
                 if r.params.logprobs and lps is not None:
                     lp = self._make_logprob(tok, lps[j], tops[j] if tops is not None else None)
                 self._append_token(r, tok, lp, idx)
+                if r.grammar is not None and not r.finished:
+                    self._append_forced(r, idx)
             except Exception as e:
                 log.error("handling the new token of %s failed:\n%s", r.rid, traceback.format_exc())
                 self._fail([r], e)
@@ -442,9 +507,20 @@ class EngineCore:
             top=[TopLogprob(int(t), self._token_str(int(t)), float(v)) for t, v in (top or [])],
         )
 
+    def _append_forced(self, r: Request, idx: int) -> None:
+        """The tokens the grammar forced after the one at idx (already in output_ids)."""
+        for i in range(idx + 1, idx + 1 + r.grammar.forced_after.pop(idx, 0)):
+            if r.finished or i >= len(r.output_ids):
+                return
+            self._append_token(r, r.output_ids[i], None, i)
+
     def _append_token(self, r: Request, tok: int, lp: TokenLogprob | None, idx: int) -> None:
         """Resolve output position idx (a placeholder) to tok: detokenize, check stops, finish."""
         p = r.params
+        verdict = r.grammar.after(idx, tok) if r.grammar is not None else "ok"
+        if verdict == "reject":
+            self._grammar_rejects(r, tok, idx)
+            return
         r.output_ids[idx] = tok
         self.generation_tokens_total += 1
         n_out = idx + 1
@@ -454,10 +530,10 @@ class EngineCore:
             r.logprobs.append(lp)
         finish = None
         hit_stop_token = stop_string = False
-        if n_out >= p.min_tokens:
+        if n_out >= p.min_tokens or verdict == "complete":
             if tok in p.stop_token_ids:
                 finish, r.matched_stop, hit_stop_token = "stop", tok, True
-            elif not p.ignore_eos and tok in self.eos_ids:
+            elif (not p.ignore_eos or verdict == "complete") and tok in self.eos_ids:
                 finish, r.matched_stop, hit_stop_token = "stop", tok, True
         text = ""
         if self.fault is not None:
@@ -468,6 +544,8 @@ class EngineCore:
             text, matched = r.stop_matcher.feed(text)
             if matched is not None:
                 finish, r.matched_stop, stop_string = "stop", matched, True
+        if finish is None and verdict != "ok":  # the grammar is complete, or nothing may follow
+            finish = "stop" if verdict == "complete" else FINISH_GRAMMAR
         if finish is None:
             if p.max_tokens is not None and n_out >= p.max_tokens:
                 finish = "length"
@@ -475,11 +553,23 @@ class EngineCore:
                 finish = "length"
         if finish is not None and not stop_string:
             text += self._flush_text(r)
+        error = r.grammar.end_error if finish == FINISH_GRAMMAR else None
         if finish is not None:
             del r.output_ids[n_out:]  # tokens computed past the stop are dropped
-            self._finish(r, finish, emit=False)
+            self._finish(r, finish, emit=False, error=error)
         self._emit(r, StreamDelta(r.index, text, [tok], finish, [lp] if lp is not None else None,
-                                  r.metrics if finish else None))
+                                  r.metrics if finish else None, {"error": error} if error else {}))
+
+    def _grammar_rejects(self, r: Request, tok: int, idx: int) -> None:
+        """The grammar refuses the token at idx (or ended before it): the request ends with
+        FINISH_GRAMMAR, without that token, and says why."""
+        r.output_ids[idx] = tok  # kept only for the KV it may already have; never shown
+        del r.output_ids[idx + 1:]
+        text = self._flush_text(r)
+        error = r.grammar.end_error or "the grammar cannot continue"
+        self._finish(r, FINISH_GRAMMAR, emit=False, error=error)
+        r.metrics.completion_tokens = idx
+        self._emit(r, StreamDelta(r.index, text, [], FINISH_GRAMMAR, None, r.metrics, {"error": error}))
 
     def _flush_text(self, r: Request) -> str:
         tail = r.detok.flush() if r.detok is not None else ""

@@ -93,7 +93,8 @@ class SamplingParams:
     top_logprobs: int = 0
     json_schema: str | dict | None = None
     regex: str | None = None
-    grammar: str | None = None
+    grammar: str | None = None  # Lark or GBNF (llguidance)
+    json_whitespace: str = "compact"  # between JSON tokens under json_schema: "compact" | "pretty"
     skip_special_tokens: bool = True
 
     def __post_init__(self):
@@ -138,6 +139,8 @@ class SamplingParams:
             bad("seed must be a non-negative 64-bit integer", "seed")
         if sum(x is not None for x in (self.json_schema, self.regex, self.grammar)) > 1:
             bad("give at most one of json_schema, regex, grammar", "json_schema")
+        if self.json_whitespace not in ("compact", "pretty"):
+            bad(f"json_whitespace must be compact or pretty, got {self.json_whitespace!r}", "json_whitespace")
 
     @property
     def greedy(self) -> bool:

@@ -55,6 +55,7 @@ class Request:
         self.generator: torch.Generator | None = None
         self.detok = None
         self.stop_matcher = None
+        self.grammar = None  # grammar.GrammarState of a constrained request
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs else None
         self.finish_reason: str | None = None
         self.matched_stop: str | int | None = None

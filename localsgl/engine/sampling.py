@@ -7,6 +7,9 @@ penalties' per-request history (output-token counts, prompt-token mask) comes fr
 
 Per row, in this order (the order is part of the contract, tests check it):
 
+(0) grammar: a constrained row's logits outside its token bitmask (grammar.py, filled on the
+    host while the device runs the step) get ``-inf``; its min_tokens ban is not applied
+    (the grammar decides when the output may end).
 (a) ``min_tokens``: while the row has produced fewer than ``min_tokens`` tokens, its
     ``stop_token_ids`` and (unless ``ignore_eos``) the model's EOS ids get ``-inf``.
 (b) ``repetition_penalty`` p (HF style) over every token of prompt + output:
@@ -151,6 +154,14 @@ class SamplingBatch:
         # (f)
         self.generators: list[torch.Generator | None] = []  # per sampled row
         self.default_generator: torch.Generator | None = None
+        # (0) grammar bitmasks: rows [m] long and their int32 bitmasks [m, ceil(V'/32)], on the device
+        self.grammar_rows: torch.Tensor | None = None
+        self.grammar_bits: torch.Tensor | None = None
+
+    def set_grammar(self, rows: list[int], bits: torch.Tensor) -> None:
+        """Constrain these rows to the tokens their bitmasks allow (bit j of word i: token 32i+j)."""
+        self.grammar_rows = None if len(rows) == self.size else upload(rows, torch.long, self.device)
+        self.grammar_bits = bits
 
     @classmethod
     def build(
@@ -164,11 +175,13 @@ class SamplingBatch:
         device: torch.device,
         default_generator: torch.Generator,
         penalty_source: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+        constrained: frozenset[int] = frozenset(),
     ) -> "SamplingBatch":
         """The sampling state of B rows.  ``penalty_source(rows)``, when given, returns the
         output-token counts [m, V] and prompt-token mask [m, V] (or None without repetition
         penalties) of those penalised rows, kept on the device (``penalties.PenaltyState``);
-        without it they are built from ``prompt_ids`` / ``output_ids``, O(context) per row."""
+        without it they are built from ``prompt_ids`` / ``output_ids``, O(context) per row.
+        ``constrained``: rows with a grammar (their bitmasks come through ``set_grammar``)."""
         B = len(params)
         V = vocab_size
         b = cls(B, V, device)
@@ -189,7 +202,7 @@ class SamplingBatch:
                 sampled.append(i)
             if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
                 pen.append(i)
-            if p.min_tokens > len(output_ids[i]):
+            if p.min_tokens > len(output_ids[i]) and i not in constrained:
                 banned = set(p.stop_token_ids)
                 if not p.ignore_eos:
                     banned.update(eos_ids)
@@ -451,6 +464,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = True,
         logits = logits[:, :V]
     if logits.dtype != torch.float32:
         logits = logits.float()
+    raw = logits  # logprobs are the model's, before any mask
+    if b.grammar_bits is not None:
+        logits = apply_token_bitmask(logits, b.grammar_rows, b.grammar_bits)
 
     kmod = _kernels_for(logits) if use_kernels else None
     if b.fast:
@@ -475,8 +491,26 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, use_kernels: bool = True,
     token_ids = tokens.tolist()
     res = SampleResult(token_ids=token_ids, tokens=tokens)
     if b.lp_rows:
-        _add_logprobs(res, logits, tokens, b)
+        _add_logprobs(res, raw, tokens, b)
     return res
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor | None, bits: torch.Tensor) -> torch.Tensor:
+    """(0) out of place: ``logits`` [B, V] with -inf outside the allowed tokens of ``rows``
+    (None: every row), ``bits`` [m, W] int32, bit j of word i allowing token 32i+j; tokens
+    past 32W are not allowed."""
+    V = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], -1).bool()
+    if allowed.shape[1] >= V:
+        allowed = allowed[:, :V]
+    else:
+        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]), value=False)
+    if rows is None:
+        return logits.masked_fill(~allowed, _NEG_INF)
+    out = logits.clone()
+    out.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(~allowed, _NEG_INF))
+    return out
 
 
 def _add_logprobs(res: SampleResult, logits: torch.Tensor, tokens: torch.Tensor, b: SamplingBatch) -> None:
