@@ -204,6 +204,23 @@ def test_interrupted_conversion_leaves_no_file(tmp_path, monkeypatch):
     assert not list(d.glob(".*.tmp"))
 
 
+def test_stale_temporary_files_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    _tiny_gguf(path)
+    m = gguf_file.open_gguf(path)
+    d = m.cache.dir
+    d.mkdir(parents=True, exist_ok=True)
+    stale, live = d / ".weights-float32.safetensors.dead.tmp", d / ".weights-float32.safetensors.live.tmp"
+    stale.write_bytes(b"x")
+    live.write_bytes(b"x")
+    old = stale.stat().st_mtime - convert_cache.STALE_TEMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    for _ in m.iter_weights(torch.float32, "cpu"):
+        pass
+    assert not stale.exists() and live.exists()  # a killed writer's file goes, a live writer's stays
+
+
 def test_cache_key_follows_content_not_name(tmp_path):
     a = tmp_path / "a.bin"
     a.write_bytes(os.urandom(9 << 20))

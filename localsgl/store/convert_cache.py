@@ -36,6 +36,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -45,6 +46,7 @@ FORMAT_VERSION = 1  # bump when what is stored (or how) changes: old entries are
 _HEAD_BYTES = 4 << 20
 _SAMPLES = 16
 _SAMPLE_BYTES = 64 << 10
+STALE_TEMP_SECONDS = 3600.0  # a temporary file untouched this long belongs to a dead writer
 
 # safetensors dtype names of the run dtypes
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -339,6 +341,7 @@ class CacheEntry:
         """Pass ``tensors`` through unchanged while writing them to the weights file; the
         file is committed only when every tensor went through (else it is discarded)."""
         writer = None
+        self._remove_stale_temporaries()
         try:
             writer = WeightsWriter(self.weights_path(dtype), specs, dtype,
                                    {"format": str(FORMAT_VERSION), "key": self.key, "dtype": dtype})
@@ -362,6 +365,17 @@ class CacheEntry:
                     self._try(writer.commit, "the converted weights")
                 else:
                     writer.abort()
+
+    def _remove_stale_temporaries(self, older_than: float = STALE_TEMP_SECONDS) -> None:
+        """Delete temporary files that a killed process left behind (a live writer's file
+        is younger: it is written at disk speed)."""
+        now = time.time()
+        for p in self.dir.glob(".*.tmp"):
+            try:
+                if now - p.stat().st_mtime > older_than:
+                    p.unlink()
+            except OSError:
+                pass
 
     def _try(self, fn, what: str) -> bool:
         try:

@@ -74,7 +74,7 @@ def _build(model) -> _Plan | None:
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
         ws = (a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight)
-        if any(w.dim() != 2 or w.dtype != dtype or w.is_cuda for w in ws):
+        if any(not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != dtype or w.is_cuda for w in ws):
             return None
         qk = None
         if a.q_norm is not None:
