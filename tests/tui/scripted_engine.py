@@ -29,9 +29,10 @@ def prompt_tokens(messages: list[dict]) -> int:
 
 class ScriptedEngine:
     def __init__(self, answers=None, tokens_per_second: float = 0.0, model_name: str = "scripted-model",
-                 max_model_len: int = 4096, kv_tokens: int = 16384):
+                 max_model_len: int = 4096, kv_tokens: int = 16384, timing: tuple[float, float] | None = None):
         self.answers = answers if answers is not None else ["Hello! How can I help?"]
         self.tokens_per_second = tokens_per_second  # 0: as fast as the thread runs
+        self.timing = timing  # (time to first token, total time) reported for every answer, for snapshots
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.device = "cpu"
@@ -113,6 +114,7 @@ class ScriptedEngine:
                 metrics.completion_tokens = i + 1
                 if last:
                     metrics.total_time = now - t0
+                    self._fix_timing(metrics)
                 loop.call_soon_threadsafe(q.put_nowait, StreamDelta(0, piece, [i], finish if last else None, None,
                                                                     metrics if last else None))
             else:
@@ -121,6 +123,7 @@ class ScriptedEngine:
                     return
             if not pieces:
                 metrics.total_time = time.perf_counter() - t0
+            self._fix_timing(metrics)
             self._release(n_prompt + metrics.completion_tokens)
             loop.call_soon_threadsafe(q.put_nowait, StreamDelta(0, "", [], finish, None, metrics))
 
@@ -135,6 +138,10 @@ class ScriptedEngine:
         finally:
             if not done:
                 aborted.set()
+
+    def _fix_timing(self, metrics: RequestMetrics) -> None:
+        if self.timing is not None:
+            metrics.time_to_first_token, metrics.total_time = self.timing
 
     def _release(self, n: int) -> None:
         with self._lock:
