@@ -13,6 +13,8 @@ from scripted_engine import ScriptedEngine
 from localsgl.tui import model_catalog
 from localsgl.tui.conversation import Conversation
 
+pytest.importorskip("pytest_textual_snapshot", reason="the snapshot plugin comes with the test extras")
+
 ANSWER = """The capital of France is **Paris**. To check it in Python:
 
 ```python
