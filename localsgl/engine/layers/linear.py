@@ -10,11 +10,14 @@ format that holds each exactly).
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import weight_policy
+from .cpu_routes import LOWP, cpu_routes
 from .quant import QuantizedWeight, concat_rows
 from .quant import matmul as quant_matmul
 
@@ -69,24 +72,66 @@ class Linear(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b.  On the CPU, a weight in the input-major layout (see
-    :func:`use_cpu_weight_layout`) is multiplied as x @ W^T with W^T contiguous; a
-    row-major weight takes mv for a single row: torch's CPU GEMM path for M == 1 streams
-    it markedly slower than its GEMV (measured 1.5-4x here).  A QuantizedWeight multiplies
-    through quant.matmul."""
+    """y = x W^T + b.  On the CPU a dense weight (input-major or row-major, see
+    :func:`use_cpu_weight_layout`) multiplies by :func:`cpu_mm`, the route this machine's
+    dtype wants.  A QuantizedWeight multiplies through quant.matmul."""
     if isinstance(weight, QuantizedWeight):
         return quant_matmul(x, weight, bias)
-    if not x.is_cuda and weight.dim() == 2 and weight.stride(0) == 1 and weight.shape[0] > 1:
-        y = torch.matmul(x, weight.t())
+    if not x.is_cuda and weight.dim() == 2 and weight.dtype == x.dtype:
+        y = cpu_mm(x.reshape(-1, x.shape[-1]), weight.t())
         if bias is not None:
             y += bias
-        return y
-    if x.dim() == 2 and x.shape[0] == 1 and not x.is_cuda:
-        y = torch.mv(weight, x[0])
-        if bias is not None:
-            y = y + bias
-        return y[None]
+        return y.view(*x.shape[:-1], y.shape[-1])
     return F.linear(x, weight, bias)
+
+
+def cpu_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [K, N] on the CPU, w a dense weight's [in, out] view (contiguous when the
+    weight is input-major, the transpose view of a row-major weight otherwise), in x's dtype
+    by the route :func:`cpu_routes` picks for it: widened to fp32 for a low-precision dtype
+    without native matmul from a few rows on (:func:`mm_lowp`), torch's GEMV for one row of a
+    row-major weight (its GEMM path streams a single bf16 row up to 1.7x slower), else torch's
+    GEMM.  The layer path and the lean CPU decode step both multiply here, so they take the
+    same route on the same rows."""
+    rows = x.shape[0]
+    if x.dtype in LOWP and cpu_routes(x.dtype).widen(rows):
+        return mm_lowp(x, w).to(x.dtype)
+    if rows == 1 and w.stride(0) == 1 and w.shape[1] > 1:
+        return torch.mv(w.t(), x[0]).unsqueeze(0)
+    return torch.mm(x, w)
+
+
+_SCRATCH_FLOATS = 2 << 20  # 8 MiB of fp32 weight at a time (a small CPU's L3 holds it)
+_scratch = threading.local()  # per thread: two engines in one process must not share it
+
+
+def mm_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w for bf16/fp16 x [M, K] and a weight view w [K, N] (either layout, as in
+    :func:`cpu_mm`): the weight is widened to fp32 in chunks of an 8 MiB per-thread scratch
+    buffer and multiplied by the fp32 GEMM; the result is fp32 (callers round it).
+
+    Why: without native bf16 matmul, torch's bf16 GEMM runs a generic loop: on one AVX2 thread
+    [32, 576] x [576, 3072] takes 7.7 ms on the row-major weight (59 ms input-major) where
+    widening + the fp32 GEMM takes 2.6 ms; below about 8 rows torch's bf16 GEMV wins, as it
+    streams the weight once per row (bench/RESULTS.md, "CPU decode routes").  Every route
+    accumulates in fp32."""
+    K, N = w.shape
+    buf = getattr(_scratch, "buf", None)
+    if buf is None:
+        with torch.inference_mode(False):  # a normal tensor: written inside inference mode and out
+            buf = _scratch.buf = torch.empty(_SCRATCH_FLOATS, dtype=torch.float32)
+    xf = x.float()
+    row_major = w.stride(0) == 1 and N > 1  # w is the transpose view of a contiguous [N, K]
+
+    def widened(c: int, n: int) -> torch.Tensor:
+        if row_major:
+            return buf[: n * K].view(n, K).copy_(w.t()[c : c + n]).t()
+        return buf[: K * n].view(K, n).copy_(w[:, c : c + n])
+
+    cols = max(1, min(N, _SCRATCH_FLOATS // K))
+    if cols >= N:
+        return torch.mm(xf, widened(0, N))
+    return torch.cat([torch.mm(xf, widened(c, min(cols, N - c))) for c in range(0, N, cols)], dim=1)
 
 
 class MergedLinear(Linear):
@@ -137,20 +182,23 @@ def _join_rows(parts: list, policy) -> torch.Tensor | QuantizedWeight:
 
 
 def use_cpu_weight_layout(model: nn.Module, max_head_copy_bytes: int = 512 << 20) -> None:
-    """Store every Linear weight input-major (the [out, in] parameter becomes the transpose
-    view of a contiguous [in, out] tensor; shapes and names are unchanged).
+    """Store every dense Linear weight in the layout its dtype's CPU route wants
+    (cpu_routes.py): input-major (the [out, in] parameter becomes the transpose view of a
+    contiguous [in, out] tensor) or row-major; shapes and names are unchanged.
 
-    Why: with 2 cores and no AMX, x @ W^T on a contiguous W^T runs 2.5-2.8x faster than
-    F.linear on the row-major weight for 32 rows in fp32, and as fast as mv for one row
-    (measured on this repo's CPU machine; bench/RESULTS.md).  A tied LM head (the
-    embedding table, which lookups need row-major) gets an input-major copy when it is at
-    most ``max_head_copy_bytes``: one row of SmolLM2's 49k-vocabulary head then takes
-    4.5 instead of 5.1 ms in fp32 and 2.3 instead of 5.2 ms in bf16."""
+    Why: in fp32, x @ W^T on a contiguous W^T runs up to 2.8x faster than the row-major GEMM
+    for 4-32 rows and as fast as mv for one row; in bf16/fp16 torch's GEMV on the row-major
+    weight is the fast one-row route, natively and emulated alike (bench/RESULTS.md, "CPU
+    decode routes").  With input-major weights a tied LM head (the embedding table, which
+    lookups need row-major) gets an input-major copy when it is at most
+    ``max_head_copy_bytes``: one fp32 row of SmolLM2's 49k-vocabulary head then takes 4.5
+    instead of 5.1 ms."""
     for mod in model.modules():
         if isinstance(mod, Linear) and isinstance(mod.weight, torch.Tensor) and mod.weight.shape[0] > 1:
-            mod.weight.data = mod.weight.data.t().contiguous().t()
+            w = mod.weight.data
+            mod.weight.data = w.t().contiguous().t() if cpu_routes(w.dtype).input_major else w.contiguous()
     embed = getattr(model, "embed_tokens", None)
     if getattr(model, "lm_head", 1) is None and embed is not None and isinstance(embed.weight, torch.Tensor):
         w = embed.weight
-        if w.numel() * w.element_size() <= max_head_copy_bytes:
-            model.lm_head_weight_cpu = w.detach().t().contiguous().t()
+        copy = cpu_routes(w.dtype).input_major and w.numel() * w.element_size() <= max_head_copy_bytes
+        model.lm_head_weight_cpu = w.detach().t().contiguous().t() if copy else None
