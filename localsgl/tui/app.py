@@ -68,6 +68,8 @@ class ChatApp(App):
             if not model_given and not link.ready:
                 link.engine_kwargs["model"] = resumed.model
             self.conversation = resumed
+            if system is not None:
+                resumed.system = system
         else:
             self.conversation = Conversation(model=link.model_spec, system=system)
         self.resumed = resumed is not None

@@ -10,9 +10,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-SAMPLING_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "min_p", "seed")
-
-
 @dataclass
 class TurnStats:
     """One answer's figures, from the engine's per-request metrics."""

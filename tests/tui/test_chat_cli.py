@@ -83,3 +83,25 @@ def test_chat_refuses_without_a_terminal():
 def test_bad_sampling_flag_is_a_usage_error_before_the_app_starts(opened):
     r = runner.invoke(cli.app, ["chat", "--temperature", "-1"])
     assert r.exit_code == 2 and not opened
+
+
+def test_run_chat_reads_the_tui_table_and_runs_inline(monkeypatch, tmp_path):
+    from localsgl.tui import app as app_module
+    from localsgl.tui import run_chat
+
+    config = tmp_path / "config.toml"
+    config.write_text('model = "smollm2-135m"\n[tui]\ntheme = "nord"\n[tui.keys]\nsend = "ctrl+s"\nmodels = ["f6", "ctrl+o"]\n')
+    monkeypatch.setenv("LOCALSGL_CONFIG", str(config))
+    seen = {}
+
+    def fake_run(self, **kw):
+        seen.update(kw, keymap=self.keymap, theme=self._theme_name, model=self.link.model_spec)
+
+    monkeypatch.setattr(app_module.ChatApp, "run", fake_run)
+    assert run_chat({"model": "smollm2-135m"}, inline=True) == 0
+    assert seen["inline"] and seen["inline_no_clear"]
+    assert seen["keymap"] == {"send": "ctrl+s", "models": "f6,ctrl+o"} and seen["theme"] == "nord"
+    # the [tui] table is the chat's: the engine settings reader does not warn about it
+    from localsgl.config import load_config_file
+
+    assert "tui" not in load_config_file(config)
