@@ -192,9 +192,11 @@ class WeightsWriter:
         want_name, want_shape = self.specs[self._next]
         if name != want_name or tuple(tensor.shape) != tuple(want_shape):
             raise CacheError(f"cache writer: expected {want_name} {want_shape}, got {name} {tuple(tensor.shape)}")
+        import torch
+
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         if t.numel():
-            self.out.write(memoryview(t.view(dtype=_torch_uint8()).numpy()))
+            self.out.write(memoryview(t.view(torch.uint8).numpy()))
         self._next += 1
 
     def commit(self) -> None:
@@ -204,12 +206,6 @@ class WeightsWriter:
 
     def abort(self) -> None:
         self.out.abort()
-
-
-def _torch_uint8():
-    import torch
-
-    return torch.uint8
 
 
 def read_weights(path: Path, specs: list[tuple[str, tuple[int, ...]]], dtype: str, key: str) -> dict:
