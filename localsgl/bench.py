@@ -77,7 +77,10 @@ def measure_ceilings(device: torch.device) -> dict:
 
 # ---------------------------------------------------------------- floors
 def weight_bytes(engine: Engine) -> int:
-    return engine.config.streamed_params_per_token * torch.empty((), dtype=engine.dtype).element_size()
+    """Weight bytes a decode step streams, as loaded (quantized weights count their packed bytes)."""
+    from .engine.layers.quant import streamed_weight_bytes
+
+    return streamed_weight_bytes(engine.model)
 
 
 def kv_bytes_per_token(engine: Engine) -> int:

@@ -91,10 +91,21 @@ class ModelSource:
         """A transformers tokenizer (with the chat template), or None when the source has none."""
         if self._tokenizer is None and self.tokenizer_path is not None:
             if self.tokenizer_path.suffix == ".gguf":
+                if _gguf_without_vocabulary(self.tokenizer_path):
+                    return None  # a benchmark file (tokenizer "no_vocab"): the engine works on token ids
                 self._tokenizer = gguf_file.load_tokenizer(self.tokenizer_path)
             else:
                 self._tokenizer = hf.load_tokenizer(self.tokenizer_path)
         return self._tokenizer
+
+
+def _gguf_without_vocabulary(path: Path) -> bool:
+    from .gguf_header import GGUFHeaderError, read_header
+
+    try:
+        return read_header(path).metadata.get("tokenizer.ggml.model") == "no_vocab"
+    except (GGUFHeaderError, OSError):
+        return False
 
 
 # ----------------------------------------------------------------------------- errors

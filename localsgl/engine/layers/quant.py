@@ -367,3 +367,23 @@ def weight_format_of(weight) -> str:
     if isinstance(weight, QuantizedWeight):
         return weight.fmt.label()
     return str(weight.dtype).removeprefix("torch.")
+
+
+def streamed_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights a decode step reads: every parameter and quantized weight except the
+    embedding table, which is looked up, unless it doubles as the LM head (tied)."""
+    embed = getattr(model, "embed_tokens", None)
+    skip = set()
+    if embed is not None and getattr(model, "lm_head", 1) is not None:
+        skip = {id(t) for t in list(embed.parameters()) + list(embed.buffers())}
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in skip or id(t) in seen or t.is_meta:
+            continue
+        seen.add(id(t))
+        if t.dtype.is_floating_point or t.dtype in (torch.uint8, torch.int8) or t.dtype == torch.float8_e4m3fn:
+            total += t.numel() * t.element_size()
+    rotary = getattr(model, "rotary", None)
+    if rotary is not None:  # the rotary table is read a row per token, not streamed
+        total -= sum(t.numel() * t.element_size() for t in rotary.buffers() if id(t) in seen)
+    return total

@@ -1,0 +1,84 @@
+"""Quantized decode on the GPU in one command: batch-1 decode ms/token (256 in / 256 out) and
+64 x (512 in / 128 out) decode tok/s for each weight format, random Llama-3.1-8B weights.
+
+    python scripts/bench_quant.py [--formats bf16 int4 int8 fp8] [--gguf FILE ...] [--model llama-3.1-8b]
+                                  [--gpu-memory 8GiB] [--runs 3]
+
+Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
+(random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
+(e.g. /tmp/peer/q4km.gguf from shared/peer/build_llamacpp.sh, for the side-by-side with
+llama.cpp's Q4_K_M).  The floor of a batch-1 step is the bytes it streams (the weights as
+loaded, packed, plus the KV it reads) over the measured copy bandwidth.  Prints one JSON
+line per engine, then a table."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from types import SimpleNamespace
+
+from localsgl import bench
+from localsgl.engine.api import Engine
+from localsgl.engine.layers.quant import streamed_weight_bytes
+
+
+def run(label: str, kwargs: dict, runs: int) -> dict:
+    t0 = time.time()
+    engine = Engine(**kwargs)
+    try:
+        engine.wait_graphs()
+        ceil = bench.measure_ceilings(engine.device)
+        args = SimpleNamespace(seed=0, runs=runs, input_len=256, output_len=256, batch=[1], repetition_penalty=1.0,
+                               frequency_penalty=0.0, presence_penalty=0.0)
+        bs1 = bench.bench_latency(engine, ceil, args)
+        args.batch, args.input_len, args.output_len, args.runs = [64], 512, 128, max(1, runs - 1)
+        bs64 = bench.bench_latency(engine, ceil, args)
+        row = {
+            "label": label, "weights_bytes": streamed_weight_bytes(engine.model),
+            "weights_format": engine.weights_estimate.describe() if engine.weights_estimate else str(engine.dtype),
+            "bs1_ms": bs1[0]["measured"], "bs1_floor_ms": bs1[0]["floor"], "bs1_ratio": bs1[0]["ratio"],
+            "bs1_tok_s": 1e3 / bs1[0]["measured"], "prefill_256_tok_s": bs1[1]["measured"],
+            "bs64_decode_tok_s": bs64[0]["tok_s"], "bs64_step_ms": bs64[0]["measured"],
+            "bs64_out_tok_s_incl_prefill": bs64[2]["measured"],
+            "plan": engine.plan.describe(), "device": ceil.get("device_name"), "copy_bw": ceil.get("copy_bw"),
+            "seconds": time.time() - t0,
+        }
+    finally:
+        engine.shutdown()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--formats", nargs="*", default=["bf16", "int4", "int8", "fp8"])
+    p.add_argument("--gguf", nargs="*", default=[], help="GGUF files to run kept quantized")
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--gpu-memory", default=None)
+    p.add_argument("--runs", type=int, default=3)
+    a = p.parse_args()
+    base = dict(device="cuda", dtype="bfloat16", gpu_memory=a.gpu_memory)
+    rows = []
+    for fmt in a.formats:
+        kw = dict(base, model=a.model, load_format="dummy")
+        if fmt != "bf16":
+            kw.update(quantization=fmt, weights="keep")
+        try:
+            rows.append(run(fmt, kw, a.runs))
+        except Exception as e:  # keep going: one failure must not hide the other figures
+            print(f"FAILED {fmt}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    for path in a.gguf:
+        try:
+            rows.append(run(path, dict(base, model=path, weights="keep"), a.runs))
+        except Exception as e:
+            print(f"FAILED {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    print(f"\n{'weights':<28} {'GiB':>6} {'bs1 ms':>8} {'floor':>7} {'x':>5} {'bs1 tok/s':>10} {'64x decode tok/s':>17}")
+    for r in rows:
+        print(f"{r['label'][-28:]:<28} {r['weights_bytes'] / 2**30:6.2f} {r['bs1_ms']:8.3f} {r['bs1_floor_ms']:7.3f} "
+              f"{r['bs1_ratio']:5.2f} {r['bs1_tok_s']:10.1f} {r['bs64_decode_tok_s']:17.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

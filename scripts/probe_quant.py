@@ -1,0 +1,76 @@
+"""Quantized matmul kernels alone on the Llama-3.1-8B shapes: µs per call and the bandwidth
+they reach, against the bf16 one-row GEMV (kernels/gemv.py) and cuBLAS.
+
+    python scripts/probe_quant.py [ROWS ...]        (default rows: 1 4 64 2048)
+
+For one row the floor is the packed weight bytes (+ scales) over the measured copy bandwidth;
+prints one line per (shape, format, rows)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+from localsgl_kernels import gemv as G
+from localsgl_kernels import quant_gemm, quant_gemv
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+FORMATS = {"int4 g128": WeightFormat("int4", 128, False), "int4 g32": WeightFormat("int4", 32, False),
+           "int8": WeightFormat("int8", 0, True), "fp8": WeightFormat("fp8", 0, True)}
+
+
+def timed(fn, reps: int = 50) -> float:
+    """Median µs per call (CUDA events, after a warm-up)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    us = timed(lambda: y.copy_(x), 10)
+    return 2 * x.numel() / (us * 1e-6)
+
+
+def main() -> None:
+    rows_list = [int(a) for a in sys.argv[1:]] or [1, 4, 64, 2048]
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s (read+write)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        dense = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
+        for m in rows_list:
+            if name == "lm_head" and m > 64:
+                continue
+            x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+            base = timed(lambda: torch.nn.functional.linear(x, dense))
+            line = [f"{name:8s} M={m:<5d} cuBLAS bf16 {base:8.1f} us"]
+            if m == 1 and G.gemv_supported(n, k, "cuda"):
+                us = timed(lambda: G.gemv(x, dense))
+                line.append(f"gemv bf16 {us:8.1f} us ({2 * n * k / us / 1e6:6.0f} GB/s)")
+            for label, fmt in FORMATS.items():
+                w = QuantizedWeight.quantize(dense, fmt)
+                us = timed(lambda: quant_gemm.matmul(x, w))
+                floor = w.nbytes / bw * 1e6  # the packed bytes over the copy bandwidth (as DESIGN.md §5)
+                line.append(f"{label} {us:8.1f} us ({w.nbytes / us / 1e3:6.0f} GB/s, {us / floor:4.2f}x floor)"
+                            if m == 1 else f"{label} {us:8.1f} us")
+                del w
+            print(" | ".join(line), flush=True)
+        del dense
+
+
+if __name__ == "__main__":
+    main()
