@@ -57,7 +57,7 @@ class ChatApp(App):
         self.link = link
         self.history = history if history is not None else ChatHistory()
         self.keymap = dict(keymap or {})
-        self.on_rendered = on_rendered  # told (chars on screen, time) after each rendered append
+        self.on_rendered = on_rendered  # told (chars on screen, time) after each answer update reaches the screen
         self._theme_name = theme
         self.last_turn: TurnStats | None = None
         self.editing = False  # the next message replaces the last one sent (/edit)
@@ -429,7 +429,7 @@ class ChatApp(App):
         self.notify("code block copied", timeout=2)
 
     def action_select_text(self) -> None:
-        self.push_screen(TextScreen(self.conversation.to_markdown()))
+        self.push_screen(TextScreen(self.conversation.to_markdown().rstrip("\n")))
 
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)

@@ -258,3 +258,97 @@ def test_model_switch_keeps_the_conversation_and_shows_loading(history):
             assert "cannot load broken: no such model" in app.chat.message_views()[-1].note
 
     run(scenario())
+
+
+def test_copy_keys_and_keyboard_selection(history):
+    answer = "Use this:\n\n```python\nprint('hi')\n```\n\nand that is all."
+    engine = ScriptedEngine([answer])
+
+    async def scenario():
+        app = make_app(engine, history)
+        async with app.run_test(size=SIZE) as pilot:
+            await send_and_wait(pilot, "code please")
+            await pilot.press("ctrl+r")
+            assert app.clipboard == answer
+            await pilot.press("ctrl+b")
+            assert app.clipboard == "print('hi')"
+            app.copy_to_clipboard("")
+            fence = app.chat.query("CopyableFence").last()
+            await pilot.click(fence)
+            assert app.clipboard == "print('hi')"
+            await pilot.press("f4")
+            await pilot.pause()
+            assert type(app.screen).__name__ == "TextScreen"
+            await pilot.press("shift+home", "ctrl+c")  # the last line of the transcript
+            assert app.clipboard == "and that is all."
+            await pilot.press("escape")
+            await pilot.pause()
+            assert type(app.screen).__name__ == "ChatScreen"
+
+    run(scenario())
+
+
+def test_model_screen_pulls_with_progress_deletes_after_asking_and_switches(history, monkeypatch):
+    import threading
+
+    from localsgl.store.download_progress import PullProgress
+    from localsgl.tui import model_catalog
+    from localsgl.tui.app import ChatApp
+    from localsgl.tui.engine_link import EngineLink
+
+    rows = [model_catalog.ModelRow("m1", "GGUF Q4_1", 1 << 20, None, "embedded", None),
+            model_catalog.ModelRow("old/model", "safetensors BF16", 2 << 30, None, "hub", None)]
+    halfway, finish = threading.Event(), threading.Event()
+    removed = []
+
+    def pull(spec, progress=None):
+        progress(PullProgress(spec, "model.safetensors", 50, 100, 0, 1))
+        halfway.set()
+        finish.wait(10)
+        rows.append(model_catalog.ModelRow(spec, "safetensors BF16", 100, None, "hub", None))
+        return spec
+
+    def remove(name):
+        removed.append(name)
+        rows[:] = [r for r in rows if r.name != name]
+        return 2 << 30
+
+    monkeypatch.setattr(model_catalog, "local_models", lambda: list(rows))
+    monkeypatch.setattr(model_catalog, "pull_model", pull)
+    monkeypatch.setattr(model_catalog, "remove_model", remove)
+
+    def factory(model, **flags):
+        return ScriptedEngine([f"from {model}"], model_name=model)
+
+    async def scenario():
+        app = ChatApp(EngineLink({"model": "m1"}, factory=factory), history=history)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.link.ready, 10, "the model")
+            await pilot.press("f2")
+            await wait_for(pilot, lambda: getattr(app.screen, "rows", None), 10, "the list")
+            screen = app.screen
+            await pilot.press("p")
+            screen.query_one("#pull-spec").value = "new/model"
+            await pilot.press("enter")
+            await wait_for(pilot, halfway.is_set, 10, "the pull to start")
+            bar = screen.query_one("#pull-progress")
+            await wait_for(pilot, lambda: bar.display and bar.percentage == 0.5, 10, "the progress bar at 50%")
+            finish.set()
+            await wait_for(pilot, lambda: any(r.name == "new/model" for r in screen.rows), 10, "the pulled model")
+            assert not bar.display
+
+            await pilot.press("down")  # old/model
+            await pilot.press("d")
+            await pilot.pause()
+            assert type(app.screen).__name__ == "ConfirmScreen"
+            await pilot.press("n")
+            await pilot.pause()
+            assert not removed
+            await pilot.press("d", "y")
+            await wait_for(pilot, lambda: removed == ["old/model"] and len(screen.rows) == 2, 10, "the deletion")
+
+            await pilot.press("down", "enter")  # new/model: switch to it
+            await wait_for(pilot, lambda: app.link.model_name == "new/model", 10, "the switch")
+            assert type(app.screen).__name__ == "ChatScreen"
+
+    run(scenario())
