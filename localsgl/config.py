@@ -2,7 +2,7 @@
 
 Paths
   models        the Hugging Face cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE respected); never a copy
-  data          $XDG_DATA_HOME/localsgl          (manifests/, quantized models/)
+  data          $XDG_DATA_HOME/localsgl          (manifests/, quantized models/, chats.sqlite3)
   cache         $XDG_CACHE_HOME/localsgl         (GGUF files converted for loading; safe to delete)
   config file   $XDG_CONFIG_HOME/localsgl/config.toml   (or $LOCALSGL_CONFIG)
 
@@ -13,6 +13,8 @@ or in an [engine] / [server] table::
     kv-memory = "2GiB"
     [server]
     port = 8080
+
+The chat's own settings (key bindings, theme) are in a [tui] table, read by tui_settings().
 """
 from __future__ import annotations
 
