@@ -8,11 +8,11 @@ into ``tl.dot`` (tensor cores), and the entry point for every quantized matmul o
   * otherwise this kernel: 16-row tiles for decode batches (the dot is free next to the
     weight stream), 64-row tiles for prefill.
 
-Math: acc[m, n] = Σ_k x[m, k]·w[n, k] with w dequantized per tile exactly as
-quant_gemv.dequant_int4 / dequant_8bit do (the same jit functions), cast to x's dtype for
-the dot (fp32 inputs use IEEE fp32 products), accumulated in fp32; per-row scales multiply
-the accumulator once.  An int4 tile contributes two dots, over the even and the odd columns
-(byte j holds columns 2j and 2j + 1), so no nibble interleaving is needed.
+Math: acc[m, n] = Σ_k x[m, k]·w[n, k] with w = s·q + m dequantized group by group (sub-tiles
+of one group's columns, unrolled within a BLOCK_K step; the unpacking is quant_gemv's), cast
+to x's dtype for the dot (fp32 inputs use IEEE fp32 products), accumulated in fp32; per-row
+scales multiply the accumulator once.  An int4 group contributes two dots, over its even and
+its odd columns (byte j holds columns 2j and 2j + 1), so no nibble interleaving is needed.
 
 Floor: max(packed weight bytes / copy bandwidth, 2·M·N·K / the dot rate of x's dtype); the
 dequantization costs a few ALU ops per weight per M-tile.  Reference: layers/quant.py
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_gemv import _KIND, dequant_8bit, dequant_int4, row_scaled
+from .quant_gemv import _KIND, group_params, nibbles, row_scaled
 
 FP8_SCALED_MM_MIN_ROWS = 16
 
@@ -53,23 +53,33 @@ def _qgemm_kernel(
     xrow = X + offs_m.to(tl.int64)[:, None] * stride_xm
     wrow = QW + rows.to(tl.int64)[:, None] * stride_q
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    SUB: tl.constexpr = BLOCK_K if ROW_SCALE else GROUP  # columns sharing one scale, or the whole step
+    NS: tl.constexpr = BLOCK_K // SUB
     if KIND == 1:  # int4
-        HALF: tl.constexpr = BLOCK_K // 2
+        HALF: tl.constexpr = SUB // 2
         offs = tl.arange(0, HALF)
         for k0 in range(0, K, BLOCK_K):
-            b = tl.load(wrow + (k0 // 2 + offs)[None, :])
-            we, wo = dequant_int4(b, S, Mn, rows, stride_s, k0, BLOCK_N, GROUP, HALF, SYM)
-            xe = tl.load(xrow + (k0 + 2 * offs)[None, :], mask=mask_m[:, None], other=0.0)
-            xo = tl.load(xrow + (k0 + 2 * offs + 1)[None, :], mask=mask_m[:, None], other=0.0)
-            acc = tl.dot(xe, tl.trans(we.to(xe.dtype)), acc, input_precision=PREC)
-            acc = tl.dot(xo, tl.trans(wo.to(xo.dtype)), acc, input_precision=PREC)
+            for j in tl.static_range(NS):
+                kj = k0 + j * SUB
+                lo, hi = nibbles(tl.load(wrow + (kj // 2 + offs)[None, :]), SYM)
+                s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
+                we = lo * s[:, None] + m[:, None]
+                wo = hi * s[:, None] + m[:, None]
+                xe = tl.load(xrow + (kj + 2 * offs)[None, :], mask=mask_m[:, None], other=0.0)
+                xo = tl.load(xrow + (kj + 2 * offs + 1)[None, :], mask=mask_m[:, None], other=0.0)
+                acc = tl.dot(xe, tl.trans(we.to(xe.dtype)), acc, input_precision=PREC)
+                acc = tl.dot(xo, tl.trans(wo.to(xo.dtype)), acc, input_precision=PREC)
     else:
-        offs = tl.arange(0, BLOCK_K)
+        offs = tl.arange(0, SUB)
         for k0 in range(0, K, BLOCK_K):
-            w = dequant_8bit(tl.load(wrow + (k0 + offs)[None, :]), S, Mn, rows, stride_s, k0, BLOCK_N, GROUP,
-                             BLOCK_K, SYM, ROW_SCALE)
-            x = tl.load(xrow + (k0 + offs)[None, :], mask=mask_m[:, None], other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
+            for j in tl.static_range(NS):
+                kj = k0 + j * SUB
+                w = tl.load(wrow + (kj + offs)[None, :]).to(tl.float32)
+                if not ROW_SCALE:
+                    s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
+                    w = w * s[:, None] + m[:, None]
+                x = tl.load(xrow + (kj + offs)[None, :], mask=mask_m[:, None], other=0.0)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
     if ROW_SCALE:
         acc = acc * tl.load(S + rows.to(tl.int64) * stride_s).to(tl.float32)[None, :]
     y = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]

@@ -8,12 +8,13 @@ localsgl/engine/layers/quant.py):
   * ``norm_gate_up``: r = x + residual; a = silu(W_g · rmsnorm(r)) * (W_u · rmsnorm(r)).
   * ``gemv``: y = W · x (o_proj, down_proj, LM head).
 
-Math: the weight is dequantized in registers, tile by tile, as the torch reference does:
-w[n, k] = s[n, k/G]·q[n, k] (+ m[n, k/G]) (int4 symmetric: q = u − 8), then multiplied
-like gemv.py's K-loop programs: each program owns two blocks of BLOCK_R rows ("a" and "b",
-the rotary pairs / gate and up rows / two halves), streams BLOCK_K columns per step and
-accumulates Σ_k w·n[k] in fp32, n = rmsnorm(s)·g with the row's inverse RMS applied once at
-the end.  Per-row scales (group = K) are applied once at the end too.  An int4 tile is read
+Math: the weight is dequantized in registers, group by group: y[n] = Σ_groups (s·Σ_k q·n[k]
++ m·Σ_k n[k]) with w = s·q + m the torch reference's w[n, k] = s[n, k/G]·q[n, k] (+ m[n, k/G])
+(int4 symmetric: q = u − 8), computed like gemv.py's K-loop programs: each program owns two
+blocks of BLOCK_R rows ("a" and "b", the rotary pairs / gate and up rows / two halves),
+streams BLOCK_K columns (whole groups) per step and accumulates in fp32, n = rmsnorm(s)·g
+with the row's inverse RMS applied once at the end.  Per-row scales (group = K) are applied
+once at the end too.  An int4 tile is read
 as BLOCK_K/2 bytes per row; the low nibble of byte j is element 2j, the high one 2j + 1, so
 the activations are read as their even and odd columns.
 
@@ -38,44 +39,30 @@ _KIND = {"int8": INT8, "int4": INT4, "fp8": FP8}
 
 
 @triton.jit
-def _group_bcast(P, rows, stride, k0, R: tl.constexpr, GROUP: tl.constexpr, COLS: tl.constexpr,
-                 PER: tl.constexpr):
-    """Per-group values (scales or offsets) of ``rows`` for columns [k0, k0 + COLS·GROUP/PER),
-    broadcast to a [R, COLS] tile: each of the COLS // PER groups repeated PER times."""
-    NG: tl.constexpr = COLS // PER
-    v = tl.load(P + rows.to(tl.int64)[:, None] * stride + k0 // GROUP + tl.arange(0, NG)[None, :]).to(tl.float32)
-    return tl.reshape(tl.broadcast_to(v[:, :, None], (R, NG, PER)), (R, COLS))
-
-
-@triton.jit
-def dequant_int4(b, S, Mn, rows, stride_s, k0, R: tl.constexpr, GROUP: tl.constexpr, HALF: tl.constexpr,
-                 SYM: tl.constexpr):
-    """Bytes [R, HALF] of columns [k0, k0 + 2·HALF) -> fp32 (even, odd) columns [R, HALF] each."""
-    lo = (b & 0x0F).to(tl.float32)
-    hi = (b >> 4).to(tl.float32)
+def nibbles(b, SYM: tl.constexpr):
+    """uint8 bytes -> fp32 (low nibble, high nibble), minus 8 when symmetric.  By the 2^23 trick:
+    OR-ing the 4 bits into the mantissa of 2^23 and subtracting 2^23 is two full-rate ops, where
+    an int -> float conversion issues at a quarter of the FMA rate."""
+    bi = b.to(tl.int32)
     if SYM:
-        lo -= 8.0
-        hi -= 8.0
-    s = _group_bcast(S, rows, stride_s, k0, R, GROUP, HALF, GROUP // 2)
-    lo = lo * s
-    hi = hi * s
-    if not SYM:
-        m = _group_bcast(Mn, rows, stride_s, k0, R, GROUP, HALF, GROUP // 2)
-        lo += m
-        hi += m
+        off = 8388616.0
+    else:
+        off = 8388608.0
+    lo = ((bi & 0x0F) | 0x4B000000).to(tl.float32, bitcast=True) - off
+    hi = ((bi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - off
     return lo, hi
 
 
 @triton.jit
-def dequant_8bit(w, S, Mn, rows, stride_s, k0, R: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SYM: tl.constexpr, ROW_SCALE: tl.constexpr):
-    """int8 / fp8 values [R, BLOCK_K] -> fp32, scaled per group (per-row scales: the caller's)."""
-    w = w.to(tl.float32)
-    if not ROW_SCALE:
-        w = w * _group_bcast(S, rows, stride_s, k0, R, GROUP, BLOCK_K, GROUP)
-        if not SYM:
-            w += _group_bcast(Mn, rows, stride_s, k0, R, GROUP, BLOCK_K, GROUP)
-    return w
+def group_params(S, Mn, rows, stride_s, group_index, SYM: tl.constexpr):
+    """Scale and offset [R] of one group of columns of ``rows`` (offset 0 when symmetric)."""
+    off = rows.to(tl.int64) * stride_s + group_index
+    s = tl.load(S + off).to(tl.float32)
+    if SYM:
+        m = tl.zeros_like(s)
+    else:
+        m = tl.load(Mn + off).to(tl.float32)
+    return s, m
 
 
 @triton.jit
@@ -99,44 +86,67 @@ def _qstream_rows(
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) over the dequantized weight, n = rmsnorm(s) or s."""
+    """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) over the dequantized weight, n = rmsnorm(s) or s.
+
+    Each BLOCK_K step walks its groups (sub-tiles of SUB columns, unrolled): a group's products
+    q·n are accumulated per element with its scale, s·(q·n), and its offset as m·Σn per row, so
+    a weight costs its unpacking and two FMAs."""
     ra = rows_a.to(tl.int64)[:, None] * stride_q
     rb = rows_b.to(tl.int64)[:, None] * stride_q
+    SUB: tl.constexpr = BLOCK_K if ROW_SCALE else GROUP
+    NS: tl.constexpr = BLOCK_K // SUB
+    off_a = tl.zeros([BLOCK_R], tl.float32)  # Σ over groups of m·Σn
+    off_b = tl.zeros([BLOCK_R], tl.float32)
     wait_for_predecessor(PDL)
-    if KIND == 1:  # int4: byte j of a tile holds columns 2j and 2j + 1
-        HALF: tl.constexpr = BLOCK_K // 2
+    if KIND == 1:  # int4: byte j of a row's group holds its columns 2j and 2j + 1
+        HALF: tl.constexpr = SUB // 2
         offs = tl.arange(0, HALF)
         acc_a = tl.zeros([BLOCK_R, HALF], tl.float32)
         acc_b = tl.zeros([BLOCK_R, HALF], tl.float32)
         ss = tl.zeros([HALF], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ke = k0 + 2 * offs
-            xe, se = _act(X, R, G, ROut, ke, write_res, HAS_RES, NORM)
-            xo, so = _act(X, R, G, ROut, ke + 1, write_res, HAS_RES, NORM)
-            ss += se + so
-            ba = tl.load(QW + ra + (k0 // 2 + offs)[None, :])
-            bb = tl.load(QW + rb + (k0 // 2 + offs)[None, :])
-            ae, ao = dequant_int4(ba, S, Mn, rows_a, stride_s, k0, BLOCK_R, GROUP, HALF, SYM)
-            be, bo = dequant_int4(bb, S, Mn, rows_b, stride_s, k0, BLOCK_R, GROUP, HALF, SYM)
-            acc_a += ae * xe[None, :] + ao * xo[None, :]
-            acc_b += be * xe[None, :] + bo * xo[None, :]
+            for j in tl.static_range(NS):
+                kj = k0 + j * SUB
+                ke = kj + 2 * offs
+                xe, se = _act(X, R, G, ROut, ke, write_res, HAS_RES, NORM)
+                xo, so = _act(X, R, G, ROut, ke + 1, write_res, HAS_RES, NORM)
+                ss += se + so
+                ae, ao = nibbles(tl.load(QW + ra + (kj // 2 + offs)[None, :]), SYM)
+                be, bo = nibbles(tl.load(QW + rb + (kj // 2 + offs)[None, :]), SYM)
+                sa, ma = group_params(S, Mn, rows_a, stride_s, kj // GROUP, SYM)
+                sb, mb = group_params(S, Mn, rows_b, stride_s, kj // GROUP, SYM)
+                acc_a += sa[:, None] * (ae * xe[None, :] + ao * xo[None, :])
+                acc_b += sb[:, None] * (be * xe[None, :] + bo * xo[None, :])
+                if not SYM:
+                    xs = tl.sum(xe + xo, 0)
+                    off_a += ma * xs
+                    off_b += mb * xs
     else:  # int8 / fp8: one value per byte
-        offs = tl.arange(0, BLOCK_K)
-        acc_a = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
-        acc_b = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
-        ss = tl.zeros([BLOCK_K], tl.float32)
+        offs = tl.arange(0, SUB)
+        acc_a = tl.zeros([BLOCK_R, SUB], tl.float32)
+        acc_b = tl.zeros([BLOCK_R, SUB], tl.float32)
+        ss = tl.zeros([SUB], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs
-            xf, sq = _act(X, R, G, ROut, kk, write_res, HAS_RES, NORM)
-            ss += sq
-            wa = dequant_8bit(tl.load(QW + ra + kk[None, :]), S, Mn, rows_a, stride_s, k0, BLOCK_R, GROUP, BLOCK_K,
-                              SYM, ROW_SCALE)
-            wb = dequant_8bit(tl.load(QW + rb + kk[None, :]), S, Mn, rows_b, stride_s, k0, BLOCK_R, GROUP, BLOCK_K,
-                              SYM, ROW_SCALE)
-            acc_a += wa * xf[None, :]
-            acc_b += wb * xf[None, :]
-    ya = tl.sum(acc_a, 1)
-    yb = tl.sum(acc_b, 1)
+            for j in tl.static_range(NS):
+                kk = k0 + j * SUB + offs
+                xf, sq = _act(X, R, G, ROut, kk, write_res, HAS_RES, NORM)
+                ss += sq
+                wa = tl.load(QW + ra + kk[None, :]).to(tl.float32)
+                wb = tl.load(QW + rb + kk[None, :]).to(tl.float32)
+                if ROW_SCALE:
+                    acc_a += wa * xf[None, :]
+                    acc_b += wb * xf[None, :]
+                else:
+                    sa, ma = group_params(S, Mn, rows_a, stride_s, (k0 + j * SUB) // GROUP, SYM)
+                    sb, mb = group_params(S, Mn, rows_b, stride_s, (k0 + j * SUB) // GROUP, SYM)
+                    acc_a += sa[:, None] * (wa * xf[None, :])
+                    acc_b += sb[:, None] * (wb * xf[None, :])
+                    if not SYM:
+                        xs = tl.sum(xf, 0)
+                        off_a += ma * xs
+                        off_b += mb * xs
+    ya = tl.sum(acc_a, 1) + off_a
+    yb = tl.sum(acc_b, 1) + off_b
     if ROW_SCALE:
         ya = ya * tl.load(S + rows_a.to(tl.int64) * stride_s).to(tl.float32)
         yb = yb * tl.load(S + rows_b.to(tl.int64) * stride_s).to(tl.float32)

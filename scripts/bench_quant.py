@@ -58,7 +58,7 @@ def main() -> int:
     p.add_argument("--gpu-memory", default=None)
     p.add_argument("--runs", type=int, default=3)
     a = p.parse_args()
-    base = dict(device="cuda", dtype="bfloat16", gpu_memory=a.gpu_memory)
+    base = dict(device="cuda", dtype="bfloat16", gpu_memory=a.gpu_memory, max_running=64)  # 64: the largest batch here
     rows = []
     for fmt in a.formats:
         kw = dict(base, model=a.model, load_format="dummy")

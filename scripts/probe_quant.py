@@ -1,5 +1,6 @@
-"""Quantized matmul kernels alone on the Llama-3.1-8B shapes: µs per call and the bandwidth
-they reach, against the bf16 one-row GEMV (kernels/gemv.py) and cuBLAS.
+"""Quantized matmul kernels alone on the Llama-3.1-8B shapes: µs per call (in a CUDA graph, as
+decode runs them) and the bandwidth they reach, against the bf16 one-row GEMV
+(kernels/gemv.py) and cuBLAS.
 
     python scripts/probe_quant.py [ROWS ...]        (default rows: 1 4 64 2048)
 
@@ -21,27 +22,31 @@ FORMATS = {"int4 g128": WeightFormat("int4", 128, False), "int4 g32": WeightForm
            "int8": WeightFormat("int8", 0, True), "fp8": WeightFormat("fp8", 0, True)}
 
 
-def timed(fn, reps: int = 50) -> float:
-    """Median µs per call (CUDA events, after a warm-up)."""
-    for _ in range(3):
-        fn()
+def timed(fn, reps: int = 20) -> float:
+    """µs per call: ``reps`` calls captured in a CUDA graph (no launch overhead), median of 5 replays."""
+    for _ in range(2):
+        fn()  # compile and warm up outside the capture
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
     times = []
-    for _ in range(reps):
+    for _ in range(5):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
+        times.append(a.elapsed_time(b) * 1e3 / reps)
     times.sort()
-    return times[len(times) // 2]
+    return times[2]
 
 
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    us = timed(lambda: y.copy_(x), 10)
+    us = timed(lambda: y.copy_(x), 5)
     return 2 * x.numel() / (us * 1e-6)
 
 
@@ -60,7 +65,7 @@ def main() -> None:
             line = [f"{name:8s} M={m:<5d} cuBLAS bf16 {base:8.1f} us"]
             if m == 1 and G.gemv_supported(n, k, "cuda"):
                 us = timed(lambda: G.gemv(x, dense))
-                line.append(f"gemv bf16 {us:8.1f} us ({2 * n * k / us / 1e6:6.0f} GB/s)")
+                line.append(f"gemv bf16 {us:8.1f} us ({2 * n * k / us / 1e3:6.0f} GB/s)")
             for label, fmt in FORMATS.items():
                 w = QuantizedWeight.quantize(dense, fmt)
                 us = timed(lambda: quant_gemm.matmul(x, w))
