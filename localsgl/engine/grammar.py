@@ -25,7 +25,7 @@ rest are appended after it, so the next step computes them all at once as one ex
 
 JSON is constrained to compact whitespace by default: a small model must not be able to pad
 with spaces or newlines until ``max_tokens``.  ``json_whitespace="pretty"`` allows one
-newline and some indentation between tokens (bounded per gap), and a schema's own
+space, or a newline and up to 20 spaces of indentation, between tokens (bounded per gap), and a schema's own
 ``"x-guidance"`` options (llguidance's JSON options) override both.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ log = logging.getLogger("localsgl.grammar")
 # the whitespace llguidance allows between JSON tokens
 JSON_WHITESPACE = {
     "compact": {"whitespace_flexible": False},
-    "pretty": {"whitespace_flexible": True, "whitespace_pattern": r"\n? {0,24}"},
+    "pretty": {"whitespace_flexible": True, "whitespace_pattern": r"( |\n {0,20})?"},  # one space, or a new indented line
 }
 # matcher stop reasons that mean "the output is complete"; any other stop is a failure
 _COMPLETE = ("NoExtension", "EndOfSentence")

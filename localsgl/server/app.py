@@ -36,6 +36,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from localsgl.engine.params import InvalidRequestError, SamplingParams, TokenLogprob
+from localsgl.engine.reasoning import starts_inside
 from localsgl.engine.sampling_defaults import BUILTIN_DEFAULTS, GENERATION_CONFIG, apply_defaults
 
 from . import schemas as S
@@ -48,8 +49,17 @@ from .errors import (
     install_error_handlers,
     validation_error_to_api_error,
 )
+from .chat_output import ChatOutput
 from .metrics import ServerMetrics
 from .streaming import SSE_DONE, Generation, SSEResponse, sse, sse_choice, sse_choice_prefix, wait_for_disconnect
+from .tool_calls import (
+    ToolError,
+    detect_format,
+    parse_tool_choice,
+    parse_tools,
+    render_messages,
+    template_renders_tools,
+)
 
 log = logging.getLogger("localsgl.server")
 
@@ -324,9 +334,10 @@ def create_app(
     async def in_thread(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(state.executor, fn, *args)
 
-    async def encode(prompt, param: str) -> list[int]:
+    async def encode(prompt, param: str, render=None) -> list[int]:
+        """Prompt ids (``render()`` when given, else the engine's encode_prompt), in a worker."""
         try:
-            ids = await in_thread(engine.encode_prompt, prompt)
+            ids = await in_thread(render or (lambda: engine.encode_prompt(prompt)))
         except InvalidRequestError as e:
             raise bad_request(str(e), e.param or param, "invalid_value")
         except Exception as e:
@@ -391,6 +402,7 @@ def create_app(
             regex=req.regex,
             grammar=req.grammar,
             skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens,
+            json_whitespace=req.json_whitespace or "compact",
         )
         params = apply_defaults(params, state.sampling_defaults)
         try:
@@ -522,8 +534,16 @@ def create_app(
         arrival = time.perf_counter()
         req = parse_model(S.ChatCompletionRequest, await read_json(request, state.max_body_bytes))
         check_model(req.model)
-        if req.tools and req.tool_choice != "none":
-            raise unsupported("tools", "Tool calling")
+        try:
+            tools = parse_tools(req.tools or [])
+            tool_choice = parse_tool_choice(req.tool_choice, tools)
+        except ToolError as e:
+            raise bad_request(str(e), e.param, "invalid_value")
+        use_tools = tool_choice != "none"
+        if use_tools and (req.regex is not None or req.grammar is not None
+                          or (req.response_format is not None and req.response_format.type != "text")):
+            raise bad_request("tools cannot be combined with response_format, regex or grammar.", "tools",
+                              "invalid_value")
         if req.audio is not None:
             raise unsupported("audio", "Audio output")
         if req.top_logprobs is not None and not req.logprobs:
@@ -547,6 +567,8 @@ def create_app(
                 d["name"] = m.name
             if m.tool_call_id is not None:
                 d["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                d["tool_calls"] = m.tool_calls
             messages.append(d)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         explicit = max_tokens is not None
@@ -558,14 +580,36 @@ def create_app(
         n = req.n or 1
         params = build_params(req, max_tokens=max_tokens, logprobs=bool(req.logprobs),
                               top_logprobs=req.top_logprobs or 0, n=n)
+        tok = getattr(engine, "tokenizer", None)
+        fmt = None
+        if use_tools:
+            fmt = await in_thread(_tool_format, engine)  # the first builds the grammar tokenizer: ~1 s
+            params.grammar = fmt.grammar(tools, tool_choice, req.parallel_tool_calls is not False)
+            if fmt.needs_special_tokens:
+                params.skip_special_tokens = False  # the call markers must reach the parser
+        native = template_renders_tools(tok)
+        template_messages = render_messages(messages, tools if use_tools else [], native)
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        definitions = [t.definition() for t in tools] if use_tools and native else None
+        render = None
+        if definitions or template_kwargs or template_messages != messages:
+            def render():
+                if not hasattr(engine, "apply_chat_template"):
+                    return engine.encode_prompt(template_messages)
+                return engine.apply_chat_template(template_messages, tools=definitions, **template_kwargs)
         gen = admit("chat", params, arrival)
         try:
-            ids = await encode(messages, "messages")
+            ids = await encode(template_messages, "messages", render)
             params.max_tokens = check_lengths(ids, max_tokens, explicit, "messages")
-            await submit(gen, [ids], _format_alias(req))
+            await submit(gen, [ids], {"grammar": "tools"} if use_tools else _format_alias(req))
         except BaseException:
             gen.close()
             raise
+        tags = getattr(engine, "reasoning_tags", None) if tok is not None else None
+        inside = bool(tags) and starts_inside(tok.decode(ids[-16:], skip_special_tokens=False), tags)
+
+        def output() -> ChatOutput:
+            return ChatOutput(tags, inside, fmt, tools)
 
         rid = new_id("chatcmpl")
         created = int(time.time())
@@ -576,11 +620,15 @@ def create_app(
                 return Response(status_code=499)  # nobody is listening any more
             choices = []
             for i, c in enumerate(gen.choices):
+                out = output()
+                message = {"role": "assistant", "content": c.text, "refusal": None}
+                if out.active:
+                    message.update(out.message(c.text))
                 choices.append({
                     "index": i,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "message": message,
                     "logprobs": {"content": [_chat_lp(x) for x in c.logprobs]} if params.logprobs else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": out.finish_reason(c.finish_reason),
                 })
             return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                                  "choices": choices, "usage": gen.usage(), "system_fingerprint": state.fingerprint})
@@ -596,6 +644,8 @@ def create_app(
         def chunk(idx: int, delta: dict, logprobs=None, finish=None) -> bytes:
             return sse_choice(head, {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
 
+        outs = [output() for _ in range(gen.num_choices)]
+
         async def events():
             for i in range(gen.num_choices):
                 yield chunk(i, {"role": "assistant", "content": ""})
@@ -604,10 +654,17 @@ def create_app(
                     yield stream_error(gen, d.finish_reason)
                     return
                 lps = {"content": [_chat_lp(x) for x in d.logprobs]} if (params.logprobs and d.logprobs) else None
-                if d.text or lps or (state.token_chunks and d.token_ids):
+                out = outs[idx]
+                if out.active:  # reasoning and tool calls split out of the text
+                    pieces = out.feed(d.text) + (out.flush() if d.finish_reason is not None else [])
+                    if lps and not pieces:
+                        pieces = [{"content": ""}]
+                    for k, piece in enumerate(pieces):
+                        yield chunk(idx, piece, lps if k == 0 else None)
+                elif d.text or lps or (state.token_chunks and d.token_ids):
                     yield chunk(idx, {"content": d.text}, lps)
                 if d.finish_reason is not None:
-                    yield chunk(idx, {}, None, d.finish_reason)
+                    yield chunk(idx, {}, None, out.finish_reason(d.finish_reason))
             if include_usage:
                 yield sse({**base, "choices": [], "usage": gen.usage()})
             yield SSE_DONE
@@ -791,6 +848,17 @@ def create_app(
 
     app.openapi = custom_openapi
     return app
+
+
+def _tool_format(engine):
+    """The engine's model's tool call format (markers that are special tokens found through
+    its grammar backend, engine/grammar.py, when it has one)."""
+    tok = getattr(engine, "tokenizer", None)
+    try:
+        backend = getattr(engine, "grammar_backend", None)
+    except InvalidRequestError:  # no tokenizer: markers are taken as text
+        backend = None
+    return detect_format(tok, backend.special_token_ids if backend is not None else None)
 
 
 def _format_alias(req) -> dict:

@@ -4,9 +4,10 @@ Request models are strict (``"5"`` is not an int, ``true`` is not a number) and
 forbid unknown fields: like OpenAI, an argument we do not recognise is a 400
 ("Unrecognized request argument supplied: X"), never silently dropped.  Known
 OpenAI fields that only carry metadata (``user``, ``store``, ``metadata``,
-``service_tier``, ``parallel_tool_calls``) are accepted and ignored; known fields
-whose effect we cannot honour (``tools``, ``logit_bias``, ``audio``, image
-content, ``suffix``, ``best_of != n``) are rejected with a 400 naming the field.
+``service_tier``) are accepted and ignored; known fields whose effect we cannot
+honour (``logit_bias``, ``audio``, image content, ``suffix``, ``best_of != n``)
+are rejected with a 400 naming the field.  ``tools``, ``tool_choice`` and
+``parallel_tool_calls`` are checked by the handler (server/tool_calls.py).
 
 Response models document the wire shape; handlers build plain dicts of exactly
 that shape (cheaper while streaming) and tests validate them against these.
@@ -61,7 +62,7 @@ class ChatMessage(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # history only; we never emit tool calls
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None
     refusal: str | None = None
 
@@ -123,7 +124,8 @@ class _SamplingFields(_Req):
     stop_token_ids: list[int] | None = Field(default=None, max_length=64)
     skip_special_tokens: bool | None = None
     regex: str | None = None
-    grammar: str | None = None
+    grammar: str | None = None  # Lark or GBNF
+    json_whitespace: Literal["compact", "pretty"] | None = None  # JSON output's whitespace (default compact)
     response_format: ResponseFormat | None = None
 
 
@@ -143,6 +145,8 @@ class ChatCompletionRequest(_SamplingFields):
     modalities: list[Literal["text"]] | None = None
     audio: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    # extension (vLLM / SGLang spelling): extra variables for the chat template, e.g. enable_thinking
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -210,10 +214,30 @@ class ChatChoiceLogprobs(_Resp):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ToolCallFunction(_Resp):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Resp):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatResponseMessage(_Resp):
     role: Literal["assistant"]
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None  # a reasoning model's thinking, apart from content
+
+
+class ToolCallDelta(_Resp):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunction | None = None
 
 
 class ChatChoice(_Resp):
@@ -236,6 +260,8 @@ class ChatCompletionResponse(_Resp):
 class ChatDelta(_Resp):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChunkChoice(_Resp):
