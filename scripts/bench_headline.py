@@ -36,6 +36,9 @@ CAPS = [  # under every --gpu-memory cap the throughput workload runs to the end
 BS1 = [QUICK[0], ("latency", {"_pdl": False}, QUICK[0][2]),  # programmatic dependent launch on vs off
        ("latency", {"_fused_decode": False}, QUICK[0][2])]  # fused one-token path on vs off
 LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--input-len", "4096", "--output-len", "2048"])]
+_PEN_ARGS = ["--workload", "fixed", "--num-prompts", "64", "--input-len", "512", "--output-len", "256"]
+PENALTY = [("throughput", {}, _PEN_ARGS),  # 64 concurrent, plain vs repetition-penalised (device-side counts)
+           ("throughput", {"_penalty": 1.1}, _PEN_ARGS + ["--repetition-penalty", "1.1"])]
 
 
 def set_debug_switches(**on: bool) -> None:
@@ -56,7 +59,7 @@ def main():
     prefix_set = [QUICK[0], FULL[2], FULL[3]]
     plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set, "prof": prof_set, "prefix": prefix_set,
             "tput": [FULL[0]], "caps": CAPS, "tputcaps": [FULL[0]] + CAPS, "long": LONG, "bs1": BS1,
-            "quick+": QUICK + BS1[1:], "none": []}[mode]
+            "quick+": QUICK + BS1[1:], "penalty": PENALTY, "quick+penalty": QUICK + PENALTY, "none": []}[mode]
     table = []
     for kind, extra, args in plan:
         buf = io.StringIO()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|...] [tests|notests] [probe] [gemvprobe] [serving]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|...] [tests|notests] [probe] [gemvprobe] [serving] [startup]
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 set -uo pipefail
@@ -39,5 +39,9 @@ if [[ "$EXTRA" == *" serving "* ]]; then
     --workload mixed --num-prompts 400 --request-rate ${SERVING_RATES:-16 32 inf} 2>&1 | tee "$OUTDIR/serving.log" | tail -20
 fi
 
+if [[ "$EXTRA" == *" startup "* ]]; then
+  echo "== command to first token (random Llama-3.1-8B safetensors, warm page and Triton caches)"
+  timeout ${STARTUP_TIMEOUT:-240} python3 scripts/bench_start_gpu.py --runs ${STARTUP_RUNS:-3} --out "$OUTDIR" 2>&1 | tee "$OUTDIR/startup.log" | tail -25
+fi
 echo "== benchmarks"
 python3 scripts/bench_headline.py "$MODE" 2>&1 | tee "$OUTDIR/bench.log"

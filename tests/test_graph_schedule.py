@@ -18,11 +18,11 @@ K = GraphKey
 
 
 def test_capture_order_small_plain_buckets_first_then_the_rest_largest_first():
-    first, later = capture_order([1, 2, 4, 8, 16, 24, 32], cascade=True)
+    first, later = capture_order([1, 2, 4, 8, 16, 24, 32], cascade=True, startup_max_bs=8)
     assert first == [K(8, False), K(4, False), K(2, False), K(1, False)]
     assert later == [K(32, False), K(32, True), K(24, False), K(24, True), K(16, False), K(16, True),
                      K(8, True), K(4, True), K(2, True)]
-    first, later = capture_order([1, 2, 4, 8, 16], cascade=False)
+    first, later = capture_order([1, 2, 4, 8, 16], cascade=False, startup_max_bs=8)
     assert first == [K(8, False), K(4, False), K(2, False), K(1, False)] and later == [K(16, False)]
 
 
@@ -31,12 +31,13 @@ def test_capture_order_always_starts_with_the_smallest_bucket():
     assert first == [K(16, False)]
     assert later == [K(48, False), K(48, True), K(16, True)]
     assert capture_order([], cascade=True) == ([], [])
+    assert capture_order([1, 2, 4], cascade=True)[0] == [K(1, False)]  # by default batch 1 alone serves first
     first, later = capture_order([1, 2, 4], cascade=False, startup_max_bs=1)
     assert first == [K(1, False)] and later == [K(4, False), K(2, False)]
 
 
 def test_schedule_replays_the_smallest_captured_bucket_or_none():
-    s = GraphSchedule([1, 2, 4, 8, 16, 24], cascade=True)
+    s = GraphSchedule([1, 2, 4, 8, 16, 24], cascade=True, startup_max_bs=8)
     assert s.bucket_for(1) is None and not s.startup_done
     for key in s.startup:
         s.mark_captured(key)
@@ -64,7 +65,7 @@ class FakeGraphs:
 
     def __init__(self, runner, batch_sizes, cascade=False):
         self.runner = runner
-        self.schedule = GraphSchedule(batch_sizes, cascade)
+        self.schedule = GraphSchedule(batch_sizes, cascade, startup_max_bs=8)
         for key in self.schedule.startup:
             self.schedule.mark_captured(key)
         self.done = threading.Event()
@@ -170,7 +171,7 @@ def test_a_waiting_batch_gets_its_plain_bucket_next_and_the_rest_follow_when_idl
     core = _core([1, 2, 4, 8, 16, 24])
     core.runner.prefix_shape = None
     fake = core.runner.graphs
-    fake.schedule = GraphSchedule([1, 2, 4, 8, 16, 24], cascade=True)
+    fake.schedule = GraphSchedule([1, 2, 4, 8, 16, 24], cascade=True, startup_max_bs=8)
     for key in fake.schedule.startup:
         fake.schedule.mark_captured(key)
     got, done = _submit(core, _prompts(12, seed=4), 10, busy=fake.busy)
