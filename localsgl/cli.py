@@ -339,6 +339,7 @@ def _run_single(engine, text: str, system, params, jsonl: bool, stats: bool) -> 
     chunks: list[str] = []
     n_tokens = 0
     finish = None
+    error = None
     metrics = None
     t0 = time.perf_counter()
     t_first = None
@@ -355,6 +356,7 @@ def _run_single(engine, text: str, system, params, jsonl: bool, stats: bool) -> 
                     out.flush()
             if delta.finish_reason is not None:
                 finish = delta.finish_reason
+                error = (getattr(delta, "extra", None) or {}).get("error")
             if delta.metrics is not None:
                 metrics = delta.metrics
     finally:
@@ -374,6 +376,8 @@ def _run_single(engine, text: str, system, params, jsonl: bool, stats: bool) -> 
         if total is None:
             total = time.perf_counter() - t0
         _print_stats(usage, ttft, total)
+    if finish == "error":
+        raise RuntimeError(f"the engine failed while answering: {error or 'unknown error'}")
 
 
 def _run_batch(engine, texts: list[str], system, params, jsonl: bool, stats: bool) -> None:
@@ -404,6 +408,10 @@ def _run_batch(engine, texts: list[str], system, params, jsonl: bool, stats: boo
     if stats:
         ttfts = [o.metrics.time_to_first_token for o in outputs if getattr(o.metrics, "time_to_first_token", None) is not None]
         _print_stats(totals, (sum(ttfts) / len(ttfts)) if ttfts else None, wall, requests=len(outputs))
+    failed = [(i, getattr(o, "error", None)) for i, o in enumerate(outputs) if o.finish_reason == "error"]
+    if failed:
+        lines = "; ".join(f"prompt {i + 1}: {err or 'unknown error'}" for i, err in failed)
+        raise RuntimeError(f"the engine failed on {len(failed)} of {len(outputs)} prompts ({lines})")
 
 
 # ----------------------------------------------------------------------------- commands

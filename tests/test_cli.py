@@ -43,9 +43,10 @@ class FakeEngine:
 
     max_model_len = 100
 
-    def __init__(self, template=True, fail=None):
+    def __init__(self, template=True, fail=None, error_finish=None):
         self.tokenizer = FakeTokenizer() if template else None
         self.fail = fail
+        self.error_finish = error_finish  # the engine's message when the answer ends with "error"
         self.calls = []
         self.closed_streams = 0
         self.shut = False
@@ -68,6 +69,9 @@ class FakeEngine:
                 yield StreamDelta(index=0, text=piece, token_ids=[i])
             m = RequestMetrics(prompt_tokens=5, cached_prompt_tokens=2, completion_tokens=2,
                                time_to_first_token=0.01, total_time=0.05)
+            if self.error_finish:
+                yield StreamDelta(0, "", [], "error", None, m, {"error": self.error_finish})
+                return
             yield StreamDelta(index=0, text="", token_ids=[], finish_reason="stop", metrics=m)
         finally:
             self.closed_streams += 1
@@ -82,6 +86,9 @@ class FakeEngine:
         for ids in prompts:
             text = "answer to " + "".join(map(chr, ids))
             m = RequestMetrics(prompt_tokens=len(ids), completion_tokens=3, time_to_first_token=0.02, total_time=0.1)
+            if self.error_finish and len(outs) == 1:
+                outs.append(GenerateOutput(text, [1], "error", None, m, [], error=self.error_finish))
+                continue
             outs.append(GenerateOutput(text, [1, 2, 3], "length", None, m, []))
         return outs
 
@@ -99,6 +106,7 @@ def fake(monkeypatch):
             return eng
 
         monkeypatch.setattr(cli, "_load_engine", load)
+        monkeypatch.setattr(cli, "_running_server", lambda *a, **k: None)  # never a real server on :8000
         eng.holder = holder
         return eng
 
@@ -402,3 +410,16 @@ def test_e2e_ctrl_c_exits_130():
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_an_answer_that_fails_in_the_engine_exits_1_with_the_message(fake):
+    fake(error_finish="RuntimeError: injected fault")
+    r = invoke(["run", "hi"])
+    assert r.exit_code == 1
+    assert r.stdout.startswith("Hello world")  # what was generated before the failure is kept
+    assert "injected fault" in r.stderr
+    fake(error_finish="OutOfMemoryError: step")
+    r = invoke(["run", "--batch"], input="a\nb\nc\n")
+    assert r.exit_code == 1
+    assert r.stdout.count("answer to") == 3  # every answer is written, in order
+    assert "prompt 2: OutOfMemoryError: step" in r.stderr

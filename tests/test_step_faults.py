@@ -201,3 +201,16 @@ def test_unresolved_placeholders_are_freed_not_cached():
             assert all(t >= 0 for t in node.key)
     finally:
         core.shutdown()
+
+
+def test_generate_output_carries_the_error_message():
+    from localsgl.engine.api import _Collector
+    from localsgl.engine.params import StreamDelta
+
+    col = _Collector(2)
+    col(StreamDelta(0, "x", [5], None))
+    col(StreamDelta(1, "y", [6], "stop"))
+    col(StreamDelta(0, "", [], "error", None, None, {"error": "RuntimeError: injected fault"}))
+    out = col.result("r", [1, 2], False)
+    assert out.finish_reason == "error" and out.error == "RuntimeError: injected fault"
+    assert out.choices[0].error == out.error and out.choices[1].error is None

@@ -61,6 +61,7 @@ class _Collector:
         self.logprobs: list[list | None] = [None] * n
         self.finish: list[str | None] = [None] * n
         self.metrics: list[RequestMetrics | None] = [None] * n
+        self.errors: list[str | None] = [None] * n
         self.left = n
         self.done = threading.Event()
 
@@ -75,14 +76,15 @@ class _Collector:
         if d.finish_reason is not None and self.finish[i] is None:
             self.finish[i] = d.finish_reason
             self.metrics[i] = d.metrics
+            self.errors[i] = d.extra.get("error")
             self.left -= 1
             if self.left == 0:
                 self.done.set()
 
     def result(self, rid: str, prompt_ids: list[int], want_logprobs: bool) -> GenerateOutput:
         choices = [
-            Choice(i, "".join(t), toks, f, (lp or []) if want_logprobs else None)
-            for i, (t, toks, f, lp) in enumerate(zip(self.texts, self.tokens, self.finish, self.logprobs))
+            Choice(i, "".join(t), toks, f, (lp or []) if want_logprobs else None, error=err)
+            for i, (t, toks, f, lp, err) in enumerate(zip(self.texts, self.tokens, self.finish, self.logprobs, self.errors))
         ]
         m0 = self.metrics[0] or RequestMetrics(prompt_tokens=len(prompt_ids))
         if len(choices) > 1:  # usage of the whole group
@@ -95,7 +97,8 @@ class _Collector:
                 retractions=sum(m.retractions for m in self.metrics if m is not None),
             )
         c0 = choices[0]
-        return GenerateOutput(c0.text, c0.token_ids, c0.finish_reason, c0.logprobs, m0, choices, prompt_ids, rid)
+        return GenerateOutput(c0.text, c0.token_ids, c0.finish_reason, c0.logprobs, m0, choices, prompt_ids, rid,
+                              error=c0.error)
 
 
 class Engine:

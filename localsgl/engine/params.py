@@ -181,9 +181,10 @@ class Choice:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | ...
     logprobs: list[TokenLogprob] | None = None
     matched_stop: str | int | None = None
+    error: str | None = None  # why, when finish_reason is "error" (or a grammar refused)
 
 
 @dataclass
@@ -198,6 +199,7 @@ class GenerateOutput:
     choices: list[Choice]
     prompt_token_ids: list[int] = field(default_factory=list)
     request_id: str = ""
+    error: str | None = None  # choice 0's error message, if it failed
 
 
 @dataclass

@@ -472,19 +472,21 @@ def create_app(
             check_outcome(gen)
         return completed
 
+    def engine_failure(gen: Generation) -> str:
+        detail = next((c.error for c in gen.choices if c.finish_reason == "error" and c.error), None)
+        return "The engine failed while generating this request" + (f": {detail}" if detail else ".")
+
     def check_outcome(gen: Generation) -> None:
         reasons = {c.finish_reason for c in gen.choices}
         if "error" in reasons:
-            raise APIError(500, "The engine failed while generating this request.", SERVER_ERROR, None,
-                           "engine_error")
+            raise APIError(500, engine_failure(gen), SERVER_ERROR, None, "engine_error")
         if "abort" in reasons:
             raise APIError(503, "The request was aborted because the server is shutting down.", SERVER_ERROR,
                            None, "aborted", headers={"Retry-After": "5"})
 
     def stream_error(gen: Generation, reason: str) -> bytes:
         if reason == "error":
-            return sse(error_body("The engine failed while generating this request.", SERVER_ERROR, None,
-                                  "engine_error"))
+            return sse(error_body(engine_failure(gen), SERVER_ERROR, None, "engine_error"))
         return sse(error_body("The request was aborted because the server is shutting down.", SERVER_ERROR,
                               None, "aborted"))
 

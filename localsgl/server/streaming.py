@@ -32,6 +32,7 @@ class ChoiceState:
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None
     last_token_time: float | None = None
+    error: str | None = None  # the engine's message when finish_reason is "error"
 
     @property
     def text(self) -> str:
@@ -85,7 +86,7 @@ def _merge_pending(items: list) -> list:
                 if last.logprobs is not None or d.logprobs is not None:
                     lps = (last.logprobs or []) + (d.logprobs or [])
                 out[-1] = (pi, StreamDelta(d.index, last.text + d.text, last.token_ids + d.token_ids,
-                                           d.finish_reason, lps, d.metrics))
+                                           d.finish_reason, lps, d.metrics, {**last.extra, **d.extra}))
                 continue
         out.append((prompt_idx, d))
     return out
@@ -243,6 +244,7 @@ class Generation:
             if d.finish_reason is not None:
                 c.finish_reason = d.finish_reason
                 c.metrics = d.metrics
+                c.error = d.extra.get("error")
                 self.num_finished += 1
             yield idx, d
         self._unpend()

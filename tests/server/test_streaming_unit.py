@@ -65,3 +65,11 @@ def test_sse_choice_equals_full_serialization():
         got = sse_choice(sse_choice_prefix(base), choice)
         assert got == sse({**base, "choices": [choice]})
         assert json.loads(got[6:].decode()) == {**base, "choices": [choice]}
+
+
+def test_merge_pending_keeps_the_error_of_a_failed_choice():
+    items = [(0, StreamDelta(0, "a", [1], None)),
+             (0, StreamDelta(0, "", [], "error", None, None, {"error": "RuntimeError: boom"}))]
+    merged = _merge_pending(items)
+    assert len(merged) == 1
+    assert merged[0][1].finish_reason == "error" and merged[0][1].extra == {"error": "RuntimeError: boom"}
