@@ -19,7 +19,7 @@ from localsgl.engine.models.config import ModelConfig
 from localsgl.engine.models.llama import LlamaForCausalLM
 
 sys.path.insert(0, "tests")
-from test_cpu_layers import gemm_error_bound  # noqa: E402
+from test_cpu_layers import F32_INPUT_MAJOR, gemm_error_bound  # noqa: E402
 from tiny import run_all, tiny_core  # noqa: E402
 
 
@@ -34,8 +34,9 @@ def _model(family: str, dtype=torch.float32, input_major=True, seed=0):
     for name, p in m.named_parameters():
         r = torch.randn(p.shape)
         p.data.copy_(1.0 + 0.1 * r if "norm" in name else r * (0.2 if "embed" not in name else 1.0))
-    if input_major:
-        use_cpu_weight_layout(m)
+    if input_major:  # the CPU layout (fp32: input-major, whatever this machine's probe chose)
+        with cpu_routes.forced(F32_INPUT_MAJOR):
+            use_cpu_weight_layout(m)
     return m
 
 
@@ -61,7 +62,6 @@ def _twin(model, dtype=torch.float64):
     twin = LlamaForCausalLM(model.config, dtype, "cpu")
     for p, q in zip(twin.parameters(), model.parameters()):  # same class and config: same order
         p.data.copy_(q)
-    use_cpu_weight_layout(twin)
     return twin
 
 
@@ -215,7 +215,8 @@ def test_partial_rotary_falls_back():
 def test_plan_follows_a_relayout():
     m = _model("llama", input_major=False)
     p1 = cpu_decode.cpu_decode_plan(m)
-    use_cpu_weight_layout(m)
+    with cpu_routes.forced(F32_INPUT_MAJOR):
+        use_cpu_weight_layout(m)
     p2 = cpu_decode.cpu_decode_plan(m)
     assert p2 is not p1 and p2.layers[0].w_qkv.is_contiguous()
 

@@ -18,6 +18,8 @@ from localsgl.engine.layers.rotary import RotaryEmbedding, apply_rotary_ref
 
 sys.path.insert(0, "tests")
 
+F32_INPUT_MAJOR = cpu_routes.choose(torch.float32, "test", native=True)  # whatever this CPU's probe chose
+
 
 def gemm_error_bound(x: torch.Tensor, w: torch.Tensor, acc: torch.dtype, out: torch.dtype | None = None,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,7 +85,8 @@ def test_input_major_linear_weights():
     x1, x8 = torch.randn(1, 48, generator=g), torch.randn(8, 48, generator=g)
     before = [m(x) for m in (lin, merged) for x in (x1, x8)]
     model = torch.nn.ModuleDict({"lin": lin, "merged": merged})
-    use_cpu_weight_layout(model)
+    with cpu_routes.forced(F32_INPUT_MAJOR):
+        use_cpu_weight_layout(model)
     assert lin.weight.shape == (80, 48) and lin.weight.stride() == (1, 80)
     after = [m(x) for m in (lin, merged) for x in (x1, x8)]
     bounds = [gemm_error_bound(x, m.weight.t(), torch.float32, bias=m.bias) for m in (lin, merged) for x in (x1, x8)]
@@ -111,24 +114,28 @@ def test_tied_head_copy_gives_same_logits():
     h = torch.randn(3, 32)
     ref = m.compute_logits(h)
     bound = 2 * gemm_error_bound(h, m.embed_tokens.weight.t(), torch.float32)  # two fp32 roundings
-    use_cpu_weight_layout(m)
+    m2 = _tied_model()
+    with cpu_routes.forced(F32_INPUT_MAJOR):
+        use_cpu_weight_layout(m)
+        use_cpu_weight_layout(m2, max_head_copy_bytes=0)  # too big to copy: the embedding serves
     assert m.lm_head_weight_cpu is not None and m.lm_head_weight_cpu.stride() == (1, 96)
     assert ((m.compute_logits(h) - ref).abs() <= bound).all()
-    m2 = _tied_model()
-    use_cpu_weight_layout(m2, max_head_copy_bytes=0)  # too big to copy: the embedding serves
     assert m2.lm_head_weight_cpu is None and ((m2.compute_logits(h) - ref).abs() <= bound).all()
 
 
 def test_loader_applies_the_cpu_layout():
-    """load_model on the CPU leaves every Linear input-major and gives a tied head its copy."""
+    """load_model on the CPU lays every Linear out as this machine's fp32 route says and gives
+    a tied head its input-major copy when the route is input-major."""
     from localsgl.engine.models.loader import load_model
     from localsgl.store.resolve import resolve_model
 
     m = load_model(resolve_model("smollm2-135m"), torch.float32, "cpu")
+    input_major = cpu_routes.cpu_routes(torch.float32).input_major
     lins = [mod for mod in m.modules() if isinstance(mod, Linear)]
-    assert lins and all(mod.weight.stride(0) == 1 for mod in lins)
-    assert m.lm_head is None and m.lm_head_weight_cpu is not None
-    assert torch.equal(m.lm_head_weight_cpu, m.embed_tokens.weight)
+    assert lins and all((mod.weight.stride(0) == 1) == input_major for mod in lins)
+    assert m.lm_head is None and (m.lm_head_weight_cpu is not None) == input_major
+    if input_major:
+        assert torch.equal(m.lm_head_weight_cpu, m.embed_tokens.weight)
 
 
 # ----------------------------------------------------------------------------- CPU routes
@@ -137,6 +144,7 @@ def test_loader_applies_the_cpu_layout():
 def test_routes_by_signal():
     f32 = cpu_routes.choose(torch.float32, "AVX2", native=True)
     assert f32.input_major and not f32.widen(32) and not f32.attention_fp32
+    assert not cpu_routes.choose(torch.float32, "AVX2", True, fp32_input_major=False).input_major
     for dtype in (torch.bfloat16, torch.float16):
         native = cpu_routes.choose(dtype, "AVX512", native=True)
         assert not native.input_major and not native.widen(1 << 20) and not native.attention_fp32
@@ -152,17 +160,28 @@ def test_routes_read_what_torch_and_onednn_run():
     """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 make any x86 CPU take the AVX2-only
     routes: the routes read torch's capability and oneDNN's native bf16, which honour them."""
     code = ("import torch; from localsgl.engine.layers.cpu_routes import cpu_routes as r; "
-            "b = r(torch.bfloat16); print(b.capability, b.native, b.widen(32), r(torch.float32).input_major)")
+            "b = r(torch.bfloat16); print(b.capability, b.native, b.widen(32), b.input_major)")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["AVX2", "False", "True", "True"]
+    assert out.stdout.split() == ["AVX2", "False", "True", "False"]
+
+
+def test_fp32_layout_probe():
+    """The probe times both layouts (at least two rounds after a warm-up, however small its
+    budget); the decision keeps the input-major default unless row-major is clearly faster."""
+    t_in, t_row = cpu_routes.probe_fp32_layout(rows=4, k=64, n=96, budget_s=0.0)
+    assert 0 < t_in < float("inf") and 0 < t_row < float("inf")
+    assert cpu_routes.prefer_input_major(1.0, 1.0) and cpu_routes.prefer_input_major(1.1, 1.0)
+    assert not cpu_routes.prefer_input_major(1.0, 1.0 / (cpu_routes.ROW_MAJOR_MARGIN + 0.01))
 
 
 def test_weight_layout_follows_the_routes():
     lin = Linear(48, 80)
     lin.weight.data = torch.randn(80, 48)
-    use_cpu_weight_layout(lin)  # fp32: input-major
-    assert lin.weight.stride() == (1, 80)
+    for routes, stride in ((F32_INPUT_MAJOR, (1, 80)), (dataclasses.replace(F32_INPUT_MAJOR, input_major=False), (48, 1))):
+        with cpu_routes.forced(routes):
+            use_cpu_weight_layout(lin)
+        assert lin.weight.stride() == stride
     for native in (True, False):
         bf = Linear(48, 80, dtype=torch.bfloat16)
         bf.weight.data = torch.randn(80, 48).bfloat16().t().contiguous().t()  # input-major to start

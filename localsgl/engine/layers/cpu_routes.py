@@ -13,20 +13,27 @@ row-major GEMM for 32 (bench/RESULTS.md, "CPU decode routes").
 Signals: ``torch.backends.cpu.get_cpu_capability()`` (honours ``ATEN_CPU_CAPABILITY``) and
 ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` / ``_fp16_`` (honour ``ONEDNN_MAX_CPU_ISA``),
 read once per process and dtype.  ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` on a
-newer x86 CPU therefore takes the AVX2-only routes.  Every route computes the same products
-with fp32 accumulation; they differ in speed and, in bf16/fp16, in where the rounding to the
-dtype happens.
+newer x86 CPU therefore takes the AVX2-only routes.  The fp32 layout is the one torch's BLAS
+is tuned for on this CPU, which no flag says (the input-major advantage was measured with
+MKL on Intel CPUs): a probe times both layouts once per process (:func:`probe_fp32_layout`).
+Every route computes the same products with fp32 accumulation; they differ in speed and, in
+bf16/fp16, in where the rounding to the dtype happens.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
+log = logging.getLogger("localsgl.engine")
+
 LOWP = (torch.bfloat16, torch.float16)
 WIDEN_MIN_ROWS = 8  # rows from which widening beats torch's bf16 GEMV without native bf16 (bench/RESULTS.md)
+ROW_MAJOR_MARGIN = 1.15  # fp32 leaves the input-major layout only for a row-major GEMM this much faster
 
 
 @dataclass(frozen=True)
@@ -63,24 +70,62 @@ def native_matmul(dtype: torch.dtype) -> bool:
         return False
 
 
-def choose(dtype: torch.dtype, capability: str, native: bool) -> CpuRoutes:
+def choose(dtype: torch.dtype, capability: str, native: bool, fp32_input_major: bool = True) -> CpuRoutes:
     """The routes for one dtype given the machine's signals (a pure function, for tests).
 
-    fp32: input-major weights.  bf16/fp16 with native matmul: row-major weights (the native
-    GEMV streams them fastest at one row; at 32 rows the layouts tie), no widening, attention in
-    the dtype.  Without native matmul: row-major weights (torch's low-precision GEMV wants them),
-    widening from WIDEN_MIN_ROWS rows, attention in fp32 (2.5x faster than emulated bf16 SDPA)."""
+    fp32: input-major weights unless the probe found the row-major GEMM faster.  bf16/fp16
+    with native matmul: row-major weights (the native GEMV streams them fastest at one row; at
+    32 rows the layouts tie), no widening, attention in the dtype.  Without native matmul:
+    row-major weights (torch's low-precision GEMV wants them), widening from WIDEN_MIN_ROWS
+    rows, attention in fp32 (torch's emulated bf16 SDPA is slower)."""
     if dtype not in LOWP:
-        return CpuRoutes(dtype, capability, True, input_major=True, widen_min_rows=0, attention_fp32=False)
+        return CpuRoutes(dtype, capability, True, fp32_input_major, widen_min_rows=0, attention_fp32=False)
     if native:
         return CpuRoutes(dtype, capability, True, input_major=False, widen_min_rows=0, attention_fp32=False)
     return CpuRoutes(dtype, capability, False, input_major=False, widen_min_rows=WIDEN_MIN_ROWS, attention_fp32=True)
 
 
+def prefer_input_major(input_major_s: float, row_major_s: float) -> bool:
+    """The fp32 layout decision from the probe's best times: input-major (the layout the fp32
+    routes were tuned with) unless the row-major GEMM is clearly faster."""
+    return row_major_s * ROW_MAJOR_MARGIN >= input_major_s
+
+
+def probe_fp32_layout(rows: int = 32, k: int = 1024, n: int = 1536, budget_s: float = 0.1) -> tuple[float, float]:
+    """Best wall times of x @ W^T for x [rows, k] on the input-major W^T and on the row-major W,
+    timed alternately (so a busy moment hits both) until ``budget_s`` has passed, at least 2
+    rounds after a warm-up: 0.1 GFLOP a call, ~0.1 s in all (more only on a machine so busy
+    that both times are noise, when the margin keeps the default)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g)
+    candidates = (w.t().contiguous(), w.t())
+    x = torch.randn(rows, k, generator=g)
+    best = [float("inf"), float("inf")]
+    start = time.perf_counter()
+    for i in range(64):
+        for j, b in enumerate(candidates):
+            t = time.perf_counter()
+            torch.mm(x, b)
+            if i:  # the first round warms caches and the BLAS's own dispatch
+                best[j] = min(best[j], time.perf_counter() - t)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return best[0], best[1]
+
+
 @functools.cache
 def detected_routes(dtype: torch.dtype) -> CpuRoutes:
-    """The routes for ``dtype`` on this machine (cached per process)."""
-    return choose(dtype, torch.backends.cpu.get_cpu_capability(), native_matmul(dtype))
+    """The routes for ``dtype`` on this machine (cached per process; fp32 probes once)."""
+    fp32_input_major = True
+    if dtype == torch.float32:
+        t0 = time.perf_counter()
+        t_in, t_row = probe_fp32_layout()
+        fp32_input_major = prefer_input_major(t_in, t_row)
+        log.debug("fp32 layout probe: input-major %.2f ms, row-major %.2f ms at 32 rows (%.0f ms)",
+                  t_in * 1e3, t_row * 1e3, (time.perf_counter() - t0) * 1e3)
+    routes = choose(dtype, torch.backends.cpu.get_cpu_capability(), native_matmul(dtype), fp32_input_major)
+    log.debug("CPU routes: %s", routes.describe())
+    return routes
 
 
 _forced: dict[torch.dtype, CpuRoutes] = {}
