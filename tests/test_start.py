@@ -104,6 +104,14 @@ def test_cli_import_does_not_load_torch_or_servers():
     assert not ({"torch", *HEAVY} & mods), sorted({"torch", *HEAVY} & mods)
 
 
+def test_piped_run_imports_no_server_tui_hub_download_or_transformers(warm_cache, tmp_path):
+    _, env = warm_cache
+    p, mods = run_cli(["run", "--local", "--max-tokens", "2"], env, tmp_path, stdin="What is 2+2?\n")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip(), "no answer"
+    assert "torch" in mods  # the process did run the engine
+    assert not (set(HEAVY) & mods), sorted(set(HEAVY) & mods)
+
 
 # ----------------------------------------------------------------------------- conversion cache
 
