@@ -846,6 +846,50 @@ def _print_show(r: dict) -> None:
 
 
 @app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="The model to quantize (alias, directory, .gguf file, hub repo)")],
+    method: Annotated[str, typer.Option("--method", help="int4 | int8 | fp8")],
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Inputs per scale (default: int4 128, int8/fp8 one scale per row: 0)")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Name of the quantized model (default: SOURCE-METHOD)")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Where to quantize: cuda | cpu", show_default="cuda if present")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="GPTQ over a short shipped calibration text instead of round-to-nearest (int4/int8; slower)")] = False,
+) -> None:
+    """Round a model's linear weights to int4 / int8 / fp8 and save it as a local model; prints its name."""
+
+    def body():
+        from .store.quantize import QuantizeError, quantize_model
+
+        try:
+            result = _run_quantize(functools.partial(quantize_model, calibrate=calibrate), model, method, group_size,
+                                   output, device)
+        except QuantizeError as e:
+            raise UsageError(str(e)) from None
+        _err(f"quantized {model} -> {result.name}: {result.quantized} linear weights {result.method}"
+             f"{f' group {result.group_size}' if result.group_size else ''}, {format_size(result.bytes)} "
+             f"in {result.seconds:.1f} s ({result.path})")
+        print(result.name, flush=True)
+
+    _guard(body)
+
+
+def _run_quantize(fn, model, method, group_size, output, device):
+    """quantize_model with a rich progress bar on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return fn(model, method, group_size, output, device)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("quantizing {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(model, total=None)
+
+        def progress(done, total, name):
+            bar.update(task, completed=done, total=total or None)
+
+        return fn(model, method, group_size, output, device, progress=progress)
+
+
+@app.command()
 def rm(
     model: Annotated[str, typer.Argument(help="A listed model (name, alias or path)")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking")] = False,

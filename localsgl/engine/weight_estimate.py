@@ -54,8 +54,8 @@ def _total(entries, fmt: WeightFormat | None, dsize: int, dtype: str) -> Weights
     groups: dict[str, list] = {}
     singles = []
     for name, shape, f in entries:
-        if f is None and fmt is not None and len(shape) == 2 and _is_linear(name) and shape[1] % fmt.group(shape[1]) == 0:
-            f = fmt
+        if f is None and fmt is not None and len(shape) == 2 and _is_linear(name):
+            f = fmt.fitted(shape[1])
         mod = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
         if mod in _FUSED and len(shape) == 2 and name.endswith(".weight"):
             groups.setdefault(name.rsplit(".", 2)[0] + "." + _FUSED[mod], []).append((shape, f))

@@ -130,9 +130,11 @@ def _build(scheme: str, prefix: str, get, where: dict, config: dict) -> Quantize
     if scheme == "localsgl":
         fmt = localsgl_format(config)
         mins = get(f"{prefix}.mins") if f"{prefix}.mins" in where else None
-        q = get(f"{prefix}.qweight")
+        q, scales = get(f"{prefix}.qweight"), get(f"{prefix}.scales")
         k = q.shape[1] * (2 if fmt.kind == "int4" else 1)
-        return QuantizedWeight(fmt, q, get(f"{prefix}.scales"), mins, k)
+        groups = scales.shape[1]  # a layer's group may be smaller than the nominal one (WeightFormat.fitted)
+        fmt = WeightFormat(fmt.kind, 0 if groups == 1 and fmt.group_size == 0 else k // groups, mins is None)
+        return QuantizedWeight(fmt, q, scales, mins, k)
     if scheme == "awq":
         return awq_to_quantized(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"))
     w = get(f"{prefix}.weight")

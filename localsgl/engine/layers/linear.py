@@ -57,8 +57,8 @@ class Linear(nn.Module):
         """Random weights for a layer whose weight the policy deferred (dummy loading): in the
         policy's quantized format when it quantizes, else dense N(0, std)."""
         p = self.weight_policy
-        fmt = p.quantize if p is not None else None
-        if fmt is not None and self.in_features % fmt.group(self.in_features) == 0:
+        fmt = p.quantize.fitted(self.in_features) if p is not None and p.quantize is not None else None
+        if fmt is not None:
             self._parameters.pop("weight", None)
             self.weight = QuantizedWeight.random(fmt, self.out_features, self.in_features, p.device, std)
             return

@@ -64,6 +64,21 @@ class WeightFormat:
         g = f"g{self.group_size}" if self.group_size else "per-row"
         return f"{self.kind} {g}" + ("" if self.symmetric else " asym")
 
+    def fitted(self, in_features: int) -> "WeightFormat | None":
+        """This format for a weight with ``in_features`` inputs: the group shrunk to the largest
+        power of two that divides them (at least 32 for int4, 16 otherwise, as the kernels
+        tile), e.g. 64 for SmolLM2's 576; None when no group fits (the weight stays dense)."""
+        if in_features % 2:
+            return None
+        if not self.group_size or in_features % self.group_size == 0:
+            return self
+        g = 1 << (min(self.group_size, in_features).bit_length() - 1)
+        while g >= (32 if self.kind == "int4" else 16):
+            if in_features % g == 0:
+                return WeightFormat(self.kind, g, self.symmetric)
+            g //= 2
+        return None
+
     def nbytes(self, out_features: int, in_features: int, scale_bytes: int | None = None) -> int:
         """Bytes of a weight of this shape: packed values + scales (+ offsets)."""
         sb = scale_bytes or (4 if self.kind == "fp8" else 2)

@@ -42,8 +42,9 @@ class WeightPolicy:
                 return tensor.to(self.device)
             return tensor.to(self.device).dequantize(self.dtype)
         t = tensor.to(device=self.device)
-        if quantizable and self.quantize is not None and t.dim() == 2 and _divisible(t.shape[1], self.quantize):
-            return QuantizedWeight.quantize(t, self.quantize)
+        fmt = self.quantize.fitted(t.shape[1]) if quantizable and self.quantize is not None and t.dim() == 2 else None
+        if fmt is not None:
+            return QuantizedWeight.quantize(t, fmt)
         return t.to(self.dtype)
 
 
@@ -51,10 +52,6 @@ def default_weights_mode(device_type: str) -> str:
     """keep on a GPU (quantized weights stay quantized), dequantize on the CPU (exact, and the
     lean fp32 decode step is faster there than the quantized routes on small models)."""
     return "keep" if device_type == "cuda" else "dequantize"
-
-
-def _divisible(k: int, fmt: WeightFormat) -> bool:
-    return k % fmt.group(k) == 0 and k % 2 == 0
 
 
 _current = threading.local()
