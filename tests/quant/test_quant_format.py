@@ -90,6 +90,13 @@ def test_matmul_ref_and_embedding(fmt):
     torch.testing.assert_close(q.embedding(ids, torch.float32), q.dequantize()[ids])
 
 
+def test_fitted_groups():
+    f = WeightFormat("int4", 128, False)
+    assert f.fitted(4096) is f and f.fitted(576) == WeightFormat("int4", 64, False)
+    assert f.fitted(40) is None and WeightFormat("int8", 128).fitted(48) == WeightFormat("int8", 16)
+    assert WeightFormat("int8", 0).fitted(576) == WeightFormat("int8", 0) and f.fitted(97) is None
+
+
 def test_parse_format_defaults():
     assert parse_format("int4") == WeightFormat("int4", 128, False)
     assert parse_format("INT8") == WeightFormat("int8", 0, True)
@@ -138,8 +145,11 @@ def test_linear_quantizes_dense_weights_at_load_under_a_quantizing_policy():
     assert isinstance(lin.weight, QuantizedWeight) and lin.weight.fmt == fmt
     assert torch.equal(lin.weight.dequantize(), QuantizedWeight.quantize(w, fmt).dequantize())
     with building(_policy(quantize=WeightFormat("int4", 128, False))):
-        odd = Linear(96, 8)  # 96 inputs are not whole groups of 128: stays dense
-    odd.set_weight(torch.randn(8, 96, generator=g))
+        fitted = Linear(96, 8)  # 96 inputs are not whole groups of 128: groups of 32
+        odd = Linear(40, 8)  # no power-of-two group of at least 32 divides 40: stays dense
+    fitted.set_weight(torch.randn(8, 96, generator=g))
+    assert fitted.weight.fmt == WeightFormat("int4", 32, False)
+    odd.set_weight(torch.randn(8, 40, generator=g))
     assert isinstance(odd.weight, torch.nn.Parameter)
     with pytest.raises(ValueError, match="expected"):
         lin.set_weight(torch.randn(16, 128))
