@@ -297,6 +297,20 @@ def weights_bytes_for(cfg, dtype: str, tp: int = 1) -> int:
     return math.ceil(cfg.num_params * DTYPE_BYTES[dtype] / tp)
 
 
+def gpu_running_cap(budget: int) -> int:
+    """Most requests a GPU of this budget runs at once, when --max-running does not say: it
+    also sizes the logits reserve (fp32 logits and sampling scratch per running row: 2.5 MiB
+    a row for a 128k vocabulary), which on a small card would otherwise take KV room that
+    so many requests could never use."""
+    if budget >= 40 * GiB:
+        return 512
+    if budget >= 20 * GiB:
+        return 256
+    if budget >= 12 * GiB:
+        return 128
+    return 64
+
+
 def _default_max_running(kv_tokens: int, cap: int) -> int:
     # room for requests of ~32 tokens each at the start; retraction absorbs growth
     return max(1, min(cap, kv_tokens // 32 if kv_tokens >= 32 else 1))
@@ -382,16 +396,18 @@ def make_plan(
             budget = min(budget, gpu_memory)
     elif gpu_memory is not None:
         notes.append("--gpu-memory ignored on the CPU")
-    run_cap = (512 if budget >= 40 * GiB else 256) if gpu else CPU_MAX_RUNNING
+    run_cap = gpu_running_cap(budget) if gpu else CPU_MAX_RUNNING
     act = _activation_bytes(config, chunk, max_running or run_cap, dsize, tp)
 
     if gpu:
         margin = max(int(0.05 * budget), 512 * MiB)
         if w_bytes + margin > budget:
             raise PlanError(
-                f"the weights need {format_size(w_bytes)} at {dtype} but only {format_size(budget)} "
+                f"the weights need {format_size(w_bytes)} "
+                f"{'as loaded' if weights_bytes is not None else f'at {dtype}'} but only {format_size(budget)} "
                 f"is available on {device_info.name} (less a {format_size(margin)} safety margin); "
-                "use a smaller or quantized model, a larger --gpu-memory, or --tp"
+                "use a smaller or quantized model (--quantization int4, `localsgl quantize`, a GGUF file), "
+                "a larger --gpu-memory, or --tp"
             )
         if cuda_graph:
             max_bs_guess = max_running or run_cap
