@@ -152,6 +152,8 @@ def _checkpoint_estimate(source, dsize: int, dtype: str) -> WeightsEstimate:
                 b, lab = numel * dsize, dtype
             else:
                 b, lab = int(t["data_offsets"][1]) - int(t["data_offsets"][0]), label
+                if name.endswith(".qzeros"):  # AWQ: 8 packed zero points per int32 become fp32 offsets
+                    b *= 8
             out.total_bytes += b
             out.by_format[lab] = out.by_format.get(lab, 0) + b
     return out

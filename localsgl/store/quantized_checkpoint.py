@@ -6,14 +6,14 @@ Schemes (from config.json's ``quantization_config``):
   * awq        AutoAWQ GEMM checkpoints (int4, zero points, usually group 128):
                ``X.qweight`` int32 [K, N/8], ``X.qzeros`` int32 [K/G, N/8], ``X.scales`` [K/G, N];
                eight 4-bit values per int32 in AWQ's order 0 2 4 6 1 3 5 7;
-               w = (q − z)·s  ->  int4 asymmetric, u = q, m = −z·s (rounded to fp16)
+               w = (q − z)·s  ->  int4 asymmetric, u = q, s as stored, m = −z·s in fp32 (exact)
   * fp8        transformers' fine-grained FP8: ``X.weight`` e4m3 [N, K] and
                ``X.weight_scale_inv`` fp32 per [bn, bk] block -> fp8 group bk (the block's scale
                repeated on its rows); ``fbgemm_fp8``: ``X.weight_scale`` [N, 1] -> fp8 per row
   * compressed-tensors, float-quantized (FP8) with channel or tensor strategy:
                ``X.weight`` e4m3, ``X.weight_scale`` [N, 1] or [1] -> fp8 per row
 Every other tensor is read as a dense tensor in the run dtype.  The values a scheme
-describes are kept exactly, except AWQ's m = −z·s, rounded to the scales' 16 bits.
+describes are kept exactly.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from ..engine.layers.quant import QuantizedWeight, WeightFormat, scale_dtype_for
+from ..engine.layers.quant import QuantizedWeight, WeightFormat
 from .hf import CheckpointError, _device_str, safetensors_files
 
 log = logging.getLogger(__name__)
@@ -175,10 +175,8 @@ def awq_to_quantized(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     z = awq_unpack(qzeros).t().float()  # [N, K/G]
     s = scales.t().float()  # [N, K/G]
     g = k // s.shape[1]
-    m = -(z * s)
-    sd = scale_dtype_for(s, m)
-    return QuantizedWeight(WeightFormat("int4", g, False), pack_int4(q), s.to(sd).contiguous(),
-                           m.to(sd).contiguous(), k)
+    m = -(z * s)  # exact in fp32 (a 4-bit integer times an fp16 scale), so u·s + m == (u − z)·s exactly
+    return QuantizedWeight(WeightFormat("int4", g, False), pack_int4(q), scales.t().contiguous(), m.contiguous(), k)
 
 
 def read_manifest(path: Path) -> dict | None:

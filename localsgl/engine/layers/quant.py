@@ -317,9 +317,11 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     if fmt is None:
         raise ValueError("no common format")
     conv = [_to_format_with_offsets(p, fmt) for p in parts]
-    sd = torch.float32 if any(c.scales.dtype == torch.float32 for c in conv) else conv[0].scales.dtype
-    s = torch.cat([c.scales.to(sd) for c in conv])
-    m = None if fmt.symmetric else torch.cat([c.mins.to(sd) for c in conv])
+    def widest(ts):
+        return torch.float32 if any(t.dtype == torch.float32 for t in ts) else ts[0].dtype
+
+    s = torch.cat([c.scales.to(widest([c.scales for c in conv])) for c in conv])
+    m = None if fmt.symmetric else torch.cat([c.mins.to(widest([c.mins for c in conv])) for c in conv])
     return QuantizedWeight(fmt, torch.cat([c.qweight for c in conv]), s, m, k)
 
 

@@ -1,0 +1,135 @@
+"""Pre-quantized hub checkpoints load into the kernel formats (store/quantized_checkpoint.py):
+tiny AutoAWQ (int4 GEMM, zero points), compressed-tensors FP8 (per channel) and transformers'
+fine-grained FP8 (block scales) checkpoints written here from a random HF model.  Kept
+quantized, each weight dequantizes to the values the checkpoint describes; loaded dense, the
+logits match transformers' model holding those values."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402
+
+from localsgl.engine.layers.quant import QuantizedWeight  # noqa: E402
+from localsgl.engine.models.loader import load_model  # noqa: E402
+from localsgl.store.quantized_checkpoint import awq_pack, awq_unpack  # noqa: E402
+from localsgl.store.resolve import resolve_model  # noqa: E402
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_linear(name: str) -> bool:
+    return any(f".{p}.weight" in name for p in LINEARS)
+
+
+def _awq(w: torch.Tensor, group: int, g: torch.Generator):
+    """Random AWQ tensors for a weight's shape and the dense weight they describe."""
+    n, k = w.shape
+    q = torch.randint(0, 16, (k, n), generator=g)
+    z = torch.randint(0, 16, (k // group, n), generator=g)
+    s = (torch.rand(k // group, n, generator=g) * 0.02 + 0.005).half()
+    dense = ((q - z.repeat_interleave(group, 0)).float() * s.float().repeat_interleave(group, 0)).t()
+    return {"qweight": awq_pack(q), "qzeros": awq_pack(z), "scales": s}, dense.contiguous()
+
+
+def _write(tmp_path, hf_model, tensors: dict, qc: dict):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = hf_model.config.to_dict()
+    cfg["quantization_config"] = qc
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _check(d, hf_model, reference: dict, kind: str):
+    from model_utils import prefill_logits
+    from test_loader import hf_logits, random_ids
+
+    src = resolve_model(str(d), record_use=False)
+    kept = load_model(src, torch.float32, "cpu", weights="keep")
+    dense = load_model(src, torch.float32, "cpu", weights="dequantize")
+    qkv = kept.layers[0].self_attn.qkv_proj.weight
+    assert isinstance(qkv, QuantizedWeight) and qkv.fmt.kind == kind
+    want = torch.cat([reference[f"model.layers.0.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
+    assert torch.equal(qkv.dequantize(), want)  # the checkpoint's values, exactly
+    assert torch.equal(dense.layers[1].mlp.down_proj.weight, reference["model.layers.1.mlp.down_proj.weight"])
+    hf_model.load_state_dict({k: v for k, v in reference.items()}, strict=False)
+    ids = random_ids(20, hf_model.config.vocab_size, seed=4)
+    ref = hf_logits(hf_model, ids)
+    torch.testing.assert_close(prefill_logits(dense, ids), ref, atol=2e-3, rtol=0)
+    torch.testing.assert_close(prefill_logits(kept, ids), ref, atol=2e-3, rtol=0)
+
+
+def test_awq_pack_roundtrip():
+    v = torch.randint(0, 16, (3, 24), generator=torch.Generator().manual_seed(0))
+    p = awq_pack(v)
+    assert p.dtype == torch.int32 and p.shape == (3, 3) and torch.equal(awq_unpack(p), v)
+
+
+def test_awq_checkpoint(tmp_path):
+    from test_loader import make_hf_model
+
+    hf_model = make_hf_model("llama", seed=3)
+    g = torch.Generator().manual_seed(1)
+    tensors, reference = {}, {}
+    for name, w in hf_model.state_dict().items():
+        if _is_linear(name):
+            parts, dense = _awq(w, 32, g)
+            prefix = name.removesuffix(".weight")
+            tensors.update({f"{prefix}.{k}": v for k, v in parts.items()})
+            reference[name] = dense
+        else:
+            tensors[name] = w.half()
+            reference[name] = w.half().float()
+    qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}
+    _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, "int4")
+
+
+@pytest.mark.parametrize("scheme", ["compressed-tensors", "fp8-blocks"])
+def test_fp8_checkpoint(scheme, tmp_path):
+    from test_loader import make_hf_model
+
+    hf_model = make_hf_model("llama", seed=4)
+    tensors, reference = {}, {}
+    bn, bk = 16, 32
+    for name, w in hf_model.state_dict().items():
+        if not _is_linear(name):
+            tensors[name] = w.to(torch.bfloat16)
+            reference[name] = w.to(torch.bfloat16).float()
+            continue
+        prefix = name.removesuffix(".weight")
+        if scheme == "compressed-tensors":
+            s = w.abs().amax(1, keepdim=True) / 448.0
+            q = (w / s).to(torch.float8_e4m3fn)
+            tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"] = q, s
+            tensors[f"{prefix}.input_scale"] = torch.ones(1)  # a static activation scale: unused here
+            reference[name] = q.float() * s
+        else:
+            n, k = w.shape
+            blocks = w.reshape(n // bn, bn, k // bk, bk)
+            s = blocks.abs().amax((1, 3)) / 448.0  # [n / bn, k / bk]
+            q = (blocks / s[:, None, :, None]).reshape(n, k).to(torch.float8_e4m3fn)
+            tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale_inv"] = q, s
+            reference[name] = (q.float().reshape(n // bn, bn, k // bk, bk) * s[:, None, :, None]).reshape(n, k)
+    if scheme == "compressed-tensors":
+        qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                  "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}}}
+    else:
+        qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [bn, bk]}
+    _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, "fp8")
+
+
+def test_unsupported_quantization_is_a_clear_error(tmp_path):
+    from localsgl.store.hf import CheckpointError
+    from localsgl.store.quantized_checkpoint import scheme_of
+
+    with pytest.raises(CheckpointError, match="bitsandbytes"):
+        scheme_of({"quantization_config": {"quant_method": "bitsandbytes"}})
+    with pytest.raises(CheckpointError, match="only 4-bit GEMM"):
+        scheme_of({"quantization_config": {"quant_method": "awq", "version": "gemv"}})
+    assert scheme_of({}) is None
