@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from .. import debug_switches
 from ..batch import ForwardBatch, ForwardMode
 from .cpu_routes import cpu_routes
+from .cpu_quant import cpu_matmul
 from .linear import cpu_mm, mm_lowp  # noqa: F401  (mm_lowp: the LM head's widened route, for the model)
+from .quant import QuantizedWeight
+
+
+def _mm(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w for a dense [in, out] weight view (cpu_mm) or a QuantizedWeight (cpu_quant's route)."""
+    return cpu_matmul(x, w) if isinstance(w, QuantizedWeight) else cpu_mm(x, w)
 
 
 class _Layer(NamedTuple):
@@ -62,10 +69,9 @@ class _Plan(NamedTuple):
 def _key(model) -> tuple:
     """Identifies the weight storage the plan points at (the layout pass or a reload replaces it)."""
     first, last = model.layers[0], model.layers[-1]
-    return tuple(
-        (w.data_ptr(), w.stride())
-        for w in (first.self_attn.qkv_proj.weight, last.mlp.down_proj.weight, model.norm.weight)
-    )
+    ws = (first.self_attn.qkv_proj.weight, last.mlp.down_proj.weight, model.norm.weight)
+    return tuple((w.qweight.data_ptr(), w.qweight.stride()) if isinstance(w, QuantizedWeight) else
+                 (w.data_ptr(), w.stride()) for w in ws)
 
 
 def _build(model) -> _Plan | None:
@@ -77,14 +83,16 @@ def _build(model) -> _Plan | None:
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
         ws = (a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight)
-        if any(not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype != dtype or w.is_cuda for w in ws):
+        if any(w.device.type != "cpu" or (not isinstance(w, QuantizedWeight) and (w.dim() != 2 or w.dtype != dtype))
+               for w in ws):
             return None
         qk = None
         if a.q_norm is not None:
             qk = torch.cat([a.q_norm.weight.expand(cfg.num_heads, -1), a.k_norm.weight.expand(cfg.num_kv_heads, -1)])
+        t = lambda w: w if isinstance(w, QuantizedWeight) else w.t()  # noqa: E731 - [in, out] views; quantized as is
         layers.append(_Layer(
-            layer.input_layernorm.weight, a.qkv_proj.weight.t(), a.qkv_proj.bias, qk, a.o_proj.weight.t(),
-            layer.post_attention_layernorm.weight, m.gate_up_proj.weight.t(), m.down_proj.weight.t(),
+            layer.input_layernorm.weight, t(a.qkv_proj.weight), a.qkv_proj.bias, qk, t(a.o_proj.weight),
+            layer.post_attention_layernorm.weight, t(m.gate_up_proj.weight), t(m.down_proj.weight),
         ))
     f32 = dict(dtype=torch.float32)
     return _Plan(_key(model), layers, model.norm.weight, torch.tensor(cfg.rms_norm_eps, **f32),
@@ -175,11 +183,12 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
     k_shape, k_stride = (B, Hkv, D), (Hqk * D, D, 1)  # rotated k, offset Hq*D
     kv_view = ((1, Hkv, L, D), (0, D, Hkv * D, 1)) if start is not None else None
 
-    x = F.embedding(input_ids, model.embed_tokens.weight)
+    emb = model.embed_tokens.weight
+    x = model.embed_tokens(input_ids) if isinstance(emb, QuantizedWeight) else F.embedding(input_ids, emb)
     residual = x
     h = _rms_norm(x, p.layers[0].ln1, nh, eps)
     for i, ly in enumerate(p.layers):
-        qkv = cpu_mm(h, ly.w_qkv)
+        qkv = _mm(h, ly.w_qkv)
         if ly.b_qkv is not None:
             qkv.add_(ly.b_qkv)
         qk = qkv.as_strided((B, Hqk, D), (qkv.stride(0), D, 1))
@@ -212,9 +221,9 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
         attn = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa).view(B, Hq * D)
         if upcast:
             attn = attn.to(model.dtype)
-        residual.add_(cpu_mm(attn, ly.w_o))
+        residual.add_(_mm(attn, ly.w_o))
         h = _rms_norm(residual, ly.ln2, nh, eps)
-        gate, up = cpu_mm(h, ly.w_gate_up).view(B, 2, I).unbind(1)
-        residual.add_(cpu_mm(F.silu(gate).mul_(up), ly.w_down))
+        gate, up = _mm(h, ly.w_gate_up).view(B, 2, I).unbind(1)
+        residual.add_(_mm(F.silu(gate).mul_(up), ly.w_down))
         h = _rms_norm(residual, p.layers[i + 1].ln1 if i + 1 < len(p.layers) else p.final_norm, nh, eps)
     return h
