@@ -341,7 +341,8 @@ def create_app(
         except InvalidRequestError as e:
             raise bad_request(str(e), e.param or param, "invalid_value")
         except Exception as e:
-            if "Template" in type(e).__name__ or isinstance(e, (ValueError, TypeError)):
+            template_error = any("Template" in c.__name__ for c in type(e).__mro__)  # jinja2's, all of them
+            if template_error or isinstance(e, (ValueError, TypeError)):
                 raise bad_request(f"could not tokenize the {param}: {e}", param, "invalid_value")
             raise
         return list(ids)
@@ -592,6 +593,10 @@ def create_app(
         native = template_renders_tools(tok)
         template_messages = render_messages(messages, tools if use_tools else [], native)
         template_kwargs = dict(req.chat_template_kwargs or {})
+        reserved = sorted(set(template_kwargs) & _TEMPLATE_ARGUMENTS)
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}.", "chat_template_kwargs",
+                              "invalid_value")
         definitions = [t.definition() for t in tools] if use_tools and native else None
         render = None
         if definitions or template_kwargs or template_messages != messages:
@@ -850,6 +855,11 @@ def create_app(
 
     app.openapi = custom_openapi
     return app
+
+
+# what the server itself passes to a chat template
+_TEMPLATE_ARGUMENTS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize",
+                                 "chat_template"})
 
 
 def _tool_format(engine):
