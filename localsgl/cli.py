@@ -450,7 +450,8 @@ def run(
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable)")] = None,
     json_schema: Annotated[Optional[str], typer.Option("--json-schema", help="Constrain the answer to a JSON schema (inline or @FILE)")] = None,
     regex: Annotated[Optional[str], typer.Option("--regex", help="Constrain the answer to a regular expression")] = None,
-    grammar: Annotated[Optional[str], typer.Option("--grammar", help="Constrain the answer to a grammar (@FILE or inline)")] = None,
+    grammar: Annotated[Optional[str], typer.Option("--grammar", help="Constrain the answer to a Lark or GBNF grammar (@FILE or inline)")] = None,
+    reasoning: Annotated[Optional[str], typer.Option("--reasoning", help="auto | off: with off, a reasoning model's chat template is asked not to think (enable_thinking=False)")] = None,
     batch: Annotated[bool, typer.Option("--batch", help="Each stdin line is its own prompt; all run concurrently")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON object per answer: index, prompt, text, finish_reason, usage")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Token counts, TTFT and tok/s on stderr")] = False,
@@ -478,12 +479,15 @@ def run(
             _open_chat(flags, system, resume=False, inline=False, sampling=chat_sampling, no_pull=no_pull)
             return
         kwargs = resolve_engine_kwargs(flags)
+        if reasoning is not None:  # an engine setting: the answer comes from an engine built with it
+            kwargs["reasoning"] = reasoning
         prompts = _gather_prompts(prompt, batch)
         if no_pull:
             from .store.hub_cache import NO_PULL_ENV
 
             os.environ[NO_PULL_ENV] = "1"
-        engine = (None if local else _running_server(kwargs, flags)) or _load_engine(kwargs)
+        in_process = local or reasoning is not None
+        engine = (None if in_process else _running_server(kwargs, flags)) or _load_engine(kwargs)
         with engine:
             if system and not _has_chat_template(engine):
                 _err("note: this model has no chat template; the system text is prepended to the prompt")
@@ -680,6 +684,7 @@ def serve(
     host: Annotated[Optional[str], typer.Option("--host", help="Bind address", show_default="127.0.0.1")] = None,
     port: Annotated[Optional[int], typer.Option("--port", help="Port", show_default="8000")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require this bearer token on every route but /health")] = None,
+    reasoning: Annotated[Optional[str], typer.Option("--reasoning", help="auto | off: with off, a reasoning model's chat template is asked not to think, unless a request's chat_template_kwargs say otherwise")] = None,
     *,
     flags: dict,
 ) -> None:
@@ -687,6 +692,8 @@ def serve(
 
     def body():
         kwargs = resolve_engine_kwargs(flags)
+        if reasoning is not None:
+            kwargs["reasoning"] = reasoning
         s = resolve_settings({"host": host, "port": port, "api_key": api_key}, ["host", "port", "api_key"])
         try:
             serve_app = importlib.import_module("localsgl.server.app").serve

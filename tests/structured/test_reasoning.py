@@ -98,3 +98,32 @@ def test_detection():
 
 def test_engine_without_reasoning_tags(engine):
     assert engine.reasoning_tags is None  # SmolLM2 does not think in tags
+
+
+def test_reasoning_off_reaches_the_template(engine, monkeypatch):
+    tok = engine.tokenizer
+    monkeypatch.setattr(tok, "chat_template",
+                        "{% for m in messages %}{{ m.content }}{% endfor %}|{{ enable_thinking is defined and enable_thinking }}")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.decode(engine.apply_chat_template(msgs)).endswith("|False")  # auto: the template decides
+    assert tok.decode(engine.apply_chat_template(msgs, enable_thinking=True)).endswith("|True")
+    monkeypatch.setattr(engine, "reasoning", "off")
+    assert tok.decode(engine.apply_chat_template(msgs)).endswith("|False")
+    assert tok.decode(engine.apply_chat_template(msgs, enable_thinking=True)).endswith("|True")  # asked explicitly
+
+
+def test_cli_reasoning_flag_builds_the_engine_with_it(monkeypatch):
+    from typer.testing import CliRunner
+
+    from localsgl import cli
+
+    seen = {}
+
+    def load(kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cli, "_load_engine", load)
+    monkeypatch.setattr(cli, "_running_server", lambda kwargs, flags: pytest.fail("a running server was asked"))
+    r = CliRunner().invoke(cli.app, ["run", "hi", "--reasoning", "off"])
+    assert r.exit_code == 1 and seen["reasoning"] == "off"

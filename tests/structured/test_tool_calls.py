@@ -247,7 +247,8 @@ def test_response_format_through_the_client(server):
                                                "rain": {"type": "boolean"}},
               "required": ["city", "rain"], "additionalProperties": False}
     kw = dict(model=server.model, messages=[{"role": "user", "content": "Weather in Oslo as JSON"}], max_tokens=30,
-              temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})
+              temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}},
+              extra_body={"chat_template_kwargs": {"enable_thinking": False}})  # passed to the template
     r = c.chat.completions.create(**kw)
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
     text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kw)
@@ -271,6 +272,7 @@ def test_response_format_through_the_client(server):
      "response_format"),
     ({"regex": "(("}, "regex"),
     ({"grammar": "start: nothing"}, "grammar"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
 ])
 def test_bad_structured_requests_are_400(server, body, param):
     with server.client() as c:
