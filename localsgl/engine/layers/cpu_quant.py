@@ -1,10 +1,74 @@
-"""Quantized weights on the CPU: how x @ Wᵀ runs for each weight format."""
+"""Quantized weights on the CPU: which torch kernel multiplies each format.
+
+    int4 (groups of 32..256)   torch's packed int4 CPU GEMM (_weight_int4pack_mm_for_cpu): the
+                               nibbles repacked once into its tiled layout, w = s·(u − 8) + z per
+                               group with z = m + 8s (asymmetric) or 0, in the activations' dtype
+                               (exact in fp32: 8s and m + 8s need no rounding there)
+    int8, one scale per row    torch's int8 weight GEMM (_weight_int8pack_mm), scales per row
+    anything else              (grouped int8, fp8) the weight dequantized once into a cached dense
+                               copy in the activations' dtype, multiplied as a dense weight
+
+Each weight keeps its converted tensors (per activation dtype) on the QuantizedWeight, so a
+conversion happens at the first multiply, not per step.  Why these kernels: a decode step on
+the CPU streams the weights once per token, and the packed kernels read 0.5 (int4) or 1 byte
+(int8) per weight where fp32 reads 4 (bench/RESULTS.md, "CPU quantized decode").  When a
+kernel is missing from this torch build, the cached dense route serves.
+"""
 from __future__ import annotations
 
 import torch
 
-from .quant import QuantizedWeight, matmul_ref
+from .quant import QuantizedWeight, matmul_ref, unpack_int4
+
+_INT4_GROUPS = (32, 64, 128, 256)
 
 
 def cpu_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    return matmul_ref(x, w)
+    """x [M, K] @ Wᵀ -> [M, N] in x's dtype by the route for w's format (module docstring)."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return matmul_ref(x, w)
+    cache = _cache(w)
+    route = cache.get(("route", x.dtype))
+    if route is None:
+        route = cache[("route", x.dtype)] = _prepare(w, x.dtype, cache)
+    if route == "int4":
+        packed, sz = cache[("int4", x.dtype)]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, w.group, sz)
+    if route == "int8":
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.qweight, cache[("int8", x.dtype)])
+    from .linear import cpu_mm
+
+    return cpu_mm(x, cache[("dense", x.dtype)])  # [K, N] input-major: the dense weights' CPU route
+
+
+def _cache(w: QuantizedWeight) -> dict:
+    c = getattr(w, "_cpu_cache", None)
+    if c is None or c.get("key") != (w.qweight.data_ptr(), w.scales.data_ptr()):
+        c = {"key": (w.qweight.data_ptr(), w.scales.data_ptr())}
+        object.__setattr__(w, "_cpu_cache", c)
+    return c
+
+
+def _prepare(w: QuantizedWeight, dtype: torch.dtype, cache: dict) -> str:
+    if w.fmt.kind == "int4" and w.group in _INT4_GROUPS and w.in_features % w.group == 0:
+        try:
+            u = unpack_int4(w.qweight).to(torch.int32).contiguous()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+            s = w.scales.float()
+            z = (w.mins.float() + 8.0 * s) if w.mins is not None else torch.zeros_like(s)
+            sz = torch.stack([s.t(), z.t()], dim=-1).to(dtype).contiguous()  # [K / G, N, 2]
+            torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, w.in_features, dtype=dtype), packed, w.group, sz)
+            cache[("int4", dtype)] = (packed, sz)
+            return "int4"
+        except (RuntimeError, AttributeError):
+            pass  # no packed int4 CPU kernel in this torch: the dense route
+    if w.fmt.kind == "int8" and w.mins is None and w.group >= w.in_features:
+        try:
+            s = w.scales.reshape(-1).to(dtype).contiguous()
+            torch.ops.aten._weight_int8pack_mm(torch.zeros(1, w.in_features, dtype=dtype), w.qweight, s)
+            cache[("int8", dtype)] = s
+            return "int8"
+        except (RuntimeError, AttributeError):
+            pass
+    cache[("dense", dtype)] = w.dequantize(dtype).t().contiguous()
+    return "dense"
