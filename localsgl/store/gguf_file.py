@@ -12,7 +12,9 @@ Weights: quantized blocks are dequantized straight to the run dtype/device. The 
 types (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) have torch implementations that run on the target
 device in row chunks (so an 8B Q4_K model dequantizes on the GPU in seconds, and host
 memory never holds a dense copy); every other type goes through
-``gguf.quants.dequantize`` (numpy). Both give bit-identical fp32 values (tested).
+``gguf.quants.dequantize`` (numpy). Both give bit-identical fp32 values (tested).  With
+``iter_weights(..., quantized=True)`` (``--weights keep``) the types gguf_repack.py handles
+come as QuantizedWeights instead, repacked on the device and never dense.
 
 llama.cpp's converter permutes the rows of q_proj/k_proj for the ``llama``
 architecture (it wants interleaved rotary pairs; HF uses rotate-half); we undo it,
