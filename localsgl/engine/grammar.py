@@ -428,10 +428,10 @@ class MaskFiller:
             ev.synchronize()  # its last upload is done (normally long since)
         return buf, k
 
-    def fill(self, states: list[GrammarState], forced: dict[int, int], eos: int) -> torch.Tensor:
-        """Bitmasks [len(states), words] on the device: a forced row allows only its token,
-        an ended row only ``eos`` (its token is dropped anyway), the rest what its grammar
-        allows next."""
+    def fill(self, states: list[GrammarState], forced: dict[int, int], eos: int) -> tuple[torch.Tensor, int]:
+        """Host bitmasks [len(states), words] and their buffer's number (for ``upload``): a
+        forced row allows only its token, an ended row only ``eos`` (its token is dropped
+        anyway), the rest what its grammar allows next.  Any thread."""
         m = len(states)
         buf, k = self._buffer(m)
         host = buf[:m]
@@ -448,8 +448,15 @@ class MaskFiller:
         if work:  # (llguidance.torch's wrapper of this call imports torch's compiler: seconds)
             self.executor.unsafe_compute_mask_ptr(work, buf.data_ptr(), self.words * 4, buf.shape[0])
         self.fills += 1
+        return host, k
+
+    def upload(self, host: torch.Tensor, k: int) -> torch.Tensor:
+        """The bitmasks on the device, queued on the calling thread's stream (the engine
+        thread's: the sampler that reads them runs there)."""
+        if self.device.type == "cpu":
+            return host  # read by this step's sampling, before the buffer's next turn
         if self.device.type != "cuda":
-            return host.clone() if self.device.type == "cpu" else host.to(self.device)
+            return host.to(self.device)
         out = host.to(self.device, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
@@ -488,8 +495,10 @@ class StepMasks:
         self._future = pool.submit(self._run)
 
     def result(self):
+        """Call on the engine thread: the upload joins the stream its sampling runs on."""
         if self._done is None:
-            self._done = self._future.result() if self._future is not None else self._run()
+            positions, host, k, extras = self._future.result() if self._future is not None else self._run()
+            self._done = positions, self.filler.upload(host, k), extras
         return self._done
 
     def join(self) -> None:
@@ -524,9 +533,9 @@ class StepMasks:
             if use > 1:
                 extras[r] = ff[1:use]
         eos = states[0].backend.eos_ids[0] if states[0].backend.eos_ids else 0
-        bits = self.filler.fill(states, forced, eos)
+        host, buf = self.filler.fill(states, forced, eos)
         for k, g in enumerate(states):
             if k not in forced:
                 g.check_after_mask()
         self.filler.seconds += time.perf_counter() - t0
-        return self.positions, bits, extras
+        return self.positions, host, buf, extras

@@ -153,7 +153,7 @@ def test_mask_filler_forced_and_ended_rows(backend, tokenizer):
     ended.consume(enc(tokenizer, "q"))
     assert ended.ended
     forced_row = backend.compile(SamplingParams(regex="[ab]")).new_state()
-    bits = filler.fill([free, ended, forced_row], {2: 1234}, eos=2)
+    bits, _ = filler.fill([free, ended, forced_row], {2: 1234}, eos=2)
     a, b = enc(tokenizer, "a")[0], enc(tokenizer, "b")[0]
     assert {a, b} <= allowed(bits[0], V)
     assert allowed(bits[1], V) == {2}
@@ -166,7 +166,7 @@ def test_vocab_padding_beyond_the_tokenizer(tokenizer):
     be = GrammarBackend(tokenizer, 128_256, [2])
     assert be.vocab_size == 128_256 and be.words == (128_256 + 31) // 32
     g = be.compile(SamplingParams(json_schema={"type": "object"})).new_state()
-    bits = MaskFiller(be.words, torch.device("cpu"), threads=1).fill([g], {}, eos=2)
+    bits, _ = MaskFiller(be.words, torch.device("cpu"), threads=1).fill([g], {}, eos=2)
     ok = allowed(bits[0], be.vocab_size)
     assert ok and max(ok) < len(tokenizer)
 
