@@ -351,10 +351,11 @@ class EngineCore:
             slots.append(len(r.output_ids))
             r.output_ids.append(-(1 + j))  # placeholder: token j of this step's device tensor
         if grammar is not None and grammar[2]:
-            for r, extra in grammar[2].items():  # forced tokens follow the sampled one, computed next step
+            for r, forced in grammar[2].items():  # the sampled token is forced[0]; the rest follow it
                 if not r.finished:
-                    r.grammar.forced_after[len(r.output_ids) - 1] = len(extra)
-                    r.output_ids.extend(extra)
+                    r.grammar.consume(forced)
+                    r.grammar.forced_after[len(r.output_ids) - 1] = len(forced) - 1
+                    r.output_ids.extend(forced[1:])
         la = _Launched(rows, slots, res, deferred)
         if deferred:
             la.tokens = res.tokens

@@ -477,8 +477,8 @@ class StepMasks:
     step still in flight, which placeholders ``-(1 + j)`` in output_ids stand for (called
     only when a constrained row has one).  ``start(pool)`` runs the work on a worker (while
     the forward runs); otherwise ``result()`` runs it in the calling thread.  ``result()``
-    returns (positions in rows, device bitmasks, {request: forced tokens to append after
-    its sampled one})."""
+    returns (positions in rows, device bitmasks, {request: its forced tokens, the first being
+    the one it samples, the rest to append after it})."""
 
     def __init__(self, filler: MaskFiller, rows: list, max_model_len: int, read_inflight):
         self.filler = filler
@@ -528,10 +528,8 @@ class StepMasks:
             if not ff:
                 continue
             use = min(len(ff), 1 + MAX_FORCED_TOKENS, max(r.max_new_remaining(self.max_model_len), 1))
-            g.consume(ff[:use])
             forced[k] = ff[0]
-            if use > 1:
-                extras[r] = ff[1:use]
+            extras[r] = ff[:use]  # fed to the matcher once the step is launched (a failed step never used them)
         eos = states[0].backend.eos_ids[0] if states[0].backend.eos_ids else 0
         host, buf = self.filler.fill(states, forced, eos)
         for k, g in enumerate(states):

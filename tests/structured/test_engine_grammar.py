@@ -220,3 +220,23 @@ def test_failing_mask_preparation_fails_only_constrained_rows(model, tokenizer, 
             assert finish == "error" and "injected" in err
         else:
             assert finish == "length" and len(toks) == 12
+
+
+def test_out_of_memory_retry_keeps_matchers_in_step(model, tokenizer, backend, reference):
+    """A forward that runs out of memory is retried smaller: the grammar work already done for
+    it (tokens fed, forced tokens chosen) must not run ahead of the output."""
+    core = make_core(model, tokenizer)
+    fired = []
+
+    def fault(point, reqs):
+        if point == "forward" and len(fired) < 3 and any(r.grammar is not None and r.output_ids for r in reqs):
+            fired.append(point)
+            raise torch.OutOfMemoryError("injected")
+
+    core.fault = fault
+    try:
+        got = run(core, backend, jobs_for(tokenizer))
+    finally:
+        core.shutdown()
+    assert len(fired) == 3 and core.oom_retries == 3
+    assert [g[:3] for g in got] == [r[:3] for r in reference]
