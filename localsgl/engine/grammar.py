@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import json
 import logging
 import os
+import re
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -171,8 +174,6 @@ def wrap_after_reasoning(top: dict, open_tag: str, close_tag: str, inside: bool,
 
 def _lark_regex_literal(s: str) -> str:
     """s as a literal inside a Lark /regex/."""
-    import re
-
     return re.escape(s).replace("/", "\\/")
 
 
@@ -198,7 +199,6 @@ class GrammarBackend:
         except TypeError:
             tok_size = vocab_size
         self.vocab_size = max(int(vocab_size), int(tok_size))
-        self.model_vocab_size = int(vocab_size)
         self.words = (self.vocab_size + 31) // 32  # int32 words of one row's bitmask
         self.eos_ids = sorted({int(e) for e in eos_ids if 0 <= int(e) < self.vocab_size})
         self.reasoning_tags = reasoning_tags
@@ -206,7 +206,6 @@ class GrammarBackend:
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[str, object] = collections.OrderedDict()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="localsgl-grammar")
-        self.compile_seconds_total = 0.0
 
     # ------------------------------------------------------------ tokenizer
     @property
@@ -219,8 +218,6 @@ class GrammarBackend:
         return self._ll
 
     def _build_tokenizer(self):
-        import time
-
         import llguidance
 
         t0 = time.perf_counter()
@@ -230,8 +227,6 @@ class GrammarBackend:
             backend = getattr(tok, "_tok", None)  # LightTokenizer's tokenizers.Tokenizer
         if backend is None or not hasattr(backend, "to_str"):
             raise InvalidRequestError("structured output needs a fast (tokenizers-backed) tokenizer", "json_schema")
-        import copy
-
         backend = copy.copy(backend)
         backend.no_padding()
         backend.no_truncation()
@@ -282,17 +277,13 @@ class GrammarBackend:
         return tail.rfind(open_tag) > tail.rfind(close_tag)
 
     def _compile_limited(self, field: str, text: str):
-        import time
-
         ll = self.ll_tokenizer  # built outside the time limit: it is the model's, not the request's
-        t0 = time.perf_counter()
         fut = self._pool.submit(self._compile, text, ll)
         try:
             matcher = fut.result(timeout=self.limits.compile_seconds)
         except concurrent.futures.TimeoutError:
             raise InvalidRequestError(
                 f"{field}: compiling it took longer than {self.limits.compile_seconds:g} s; simplify it", field) from None
-        self.compile_seconds_total += time.perf_counter() - t0
         if matcher.is_error():
             raise InvalidRequestError(f"invalid {field}: {_first_lines(matcher.get_error())}", field)
         return matcher
@@ -507,8 +498,6 @@ class StepMasks:
             concurrent.futures.wait([self._future])
 
     def _run(self):
-        import time
-
         t0 = time.perf_counter()
         inflight = None
         states, forced, extras = [], {}, {}
