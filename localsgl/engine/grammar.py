@@ -141,7 +141,15 @@ def grammar_source(params: SamplingParams) -> tuple[str, dict]:
         if isinstance(e, InvalidRequestError):
             raise
         raise InvalidRequestError(f"{field}: {e}", field) from None
+    except BaseException as e:  # a panic in llguidance's Rust code (pyo3 raises those as BaseException)
+        if not _is_panic(e):
+            raise
+        raise InvalidRequestError(f"{field}: llguidance failed on it ({e})", field) from None
     return field, json.loads(text)
+
+
+def _is_panic(e: BaseException) -> bool:
+    return type(e).__name__ == "PanicException"
 
 
 def wrap_after_reasoning(top: dict, open_tag: str, close_tag: str, inside: bool, special: dict[str, int]) -> dict:
@@ -284,6 +292,10 @@ class GrammarBackend:
         except concurrent.futures.TimeoutError:
             raise InvalidRequestError(
                 f"{field}: compiling it took longer than {self.limits.compile_seconds:g} s; simplify it", field) from None
+        except BaseException as e:
+            if not _is_panic(e):
+                raise
+            raise InvalidRequestError(f"{field}: llguidance failed on it ({e})", field) from None
         if matcher.is_error():
             raise InvalidRequestError(f"invalid {field}: {_first_lines(matcher.get_error())}", field)
         return matcher
