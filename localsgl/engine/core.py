@@ -333,10 +333,12 @@ class EngineCore:
                 if prof:
                     prof.end_device(self._step_kind(sb), sum(sb.extend_lens), ev)
                 return None
-            grammar = self._finish_masks(masks, rows) if masks is not None else None
+            grammar = None
+            if masks is not None:
+                grammar, rows, logits = self._finish_masks(masks, rows, logits)
             deferred = self.overlap and not any(r.params.logprobs for r in rows)
             try:
-                res = self._sample(rows, logits, deferred, grammar)
+                res = self._sample(rows, logits, deferred, grammar) if rows else None
             except Exception as e:
                 rows, res = self._sample_each(rows, logits, deferred, e, grammar)
         finally:
@@ -397,19 +399,19 @@ class EngineCore:
             la.event.synchronize()
         return la.cpu_tokens.tolist()
 
-    def _finish_masks(self, job, rows: list[Request]):
-        """(positions, bitmasks, forced extras) of a step; if preparing them failed, its
-        constrained requests end with "error" and the rest of the step goes on."""
+    def _finish_masks(self, job, rows: list[Request], logits: torch.Tensor):
+        """((positions, bitmasks, forced tokens), rows, logits) of a step.  If preparing the
+        masks failed, its constrained requests end with "error" and the step goes on with
+        the other rows (and their logits) alone."""
         try:
             if self.fault is not None:
                 self.fault("grammar", [rows[j] for j in job.positions])
-            return job.result()
+            return job.result(), rows, logits
         except Exception as e:
             log.error("grammar masks failed:\n%s", traceback.format_exc())
-            bad = [rows[j] for j in job.positions]
-            self._fail(bad, e)
-            rows[:] = [r for r in rows if r not in bad]
-            return None
+            self._fail([rows[j] for j in job.positions], e)
+            keep = [j for j, r in enumerate(rows) if r.grammar is None]
+            return None, [rows[j] for j in keep], logits[keep]
 
     def _sample(self, rows: list[Request], logits: torch.Tensor, deferred: bool, grammar=None):
         if self.fault is not None:
