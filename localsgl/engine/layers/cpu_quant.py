@@ -1,18 +1,22 @@
 """Quantized weights on the CPU: which torch kernel multiplies each format.
 
+    bf16 / fp16 activations:
     int4 (groups of 32..256)   torch's packed int4 CPU GEMM (_weight_int4pack_mm_for_cpu): the
                                nibbles repacked once into its tiled layout, w = s·(u − 8) + z per
                                group with z = m + 8s (asymmetric) or 0, in the activations' dtype
                                (exact in fp32: 8s and m + 8s need no rounding there)
     int8, one scale per row    torch's int8 weight GEMM (_weight_int8pack_mm), scales per row
-    anything else              (grouped int8, fp8) the weight dequantized once into a cached dense
-                               copy in the activations' dtype, multiplied as a dense weight
+    anything else              (grouped int8, fp8; every format under fp32 activations) the weight
+                               dequantized once into a cached dense copy in the activations'
+                               dtype, multiplied as a dense weight (linear.cpu_mm)
 
 Each weight keeps its converted tensors (per activation dtype) on the QuantizedWeight, so a
 conversion happens at the first multiply, not per step.  Why these kernels: a decode step on
 the CPU streams the weights once per token, and the packed kernels read 0.5 (int4) or 1 byte
-(int8) per weight where fp32 reads 4 (bench/RESULTS.md, "CPU quantized decode").  When a
-kernel is missing from this torch build, the cached dense route serves.
+(int8) per weight where bf16 reads 2.  With fp32 activations torch's packed kernels took 20x
+their bf16 time here ([1, 576] x [1536, 576] int4: 19.5 vs 0.8 ms; bench/RESULTS.md,
+"quantized weights on the CPU"), so fp32 takes the dense copy.  When a kernel is missing from
+this torch build, the cached dense route serves.
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ def _cache(w: QuantizedWeight) -> dict:
 
 
 def _prepare(w: QuantizedWeight, dtype: torch.dtype, cache: dict) -> str:
-    if w.fmt.kind == "int4" and w.group in _INT4_GROUPS and w.in_features % w.group == 0:
+    packed_ok = dtype != torch.float32  # torch's packed CPU kernels are fast for bf16/fp16 rows only
+    if packed_ok and w.fmt.kind == "int4" and w.group in _INT4_GROUPS and w.in_features % w.group == 0:
         try:
             u = unpack_int4(w.qweight).to(torch.int32).contiguous()
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
@@ -62,7 +67,7 @@ def _prepare(w: QuantizedWeight, dtype: torch.dtype, cache: dict) -> str:
             return "int4"
         except (RuntimeError, AttributeError):
             pass  # no packed int4 CPU kernel in this torch: the dense route
-    if w.fmt.kind == "int8" and w.mins is None and w.group >= w.in_features:
+    if packed_ok and w.fmt.kind == "int8" and w.mins is None and w.group >= w.in_features:
         try:
             s = w.scales.reshape(-1).to(dtype).contiguous()
             torch.ops.aten._weight_int8pack_mm(torch.zeros(1, w.in_features, dtype=dtype), w.qweight, s)
