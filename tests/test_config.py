@@ -91,6 +91,8 @@ def test_env_vars_for_every_engine_flag(monkeypatch):
         "disable_overlap": ("true", True),
         "disable_radix_cache": ("off", False),
         "load_format": ("dummy", "dummy"),
+        "weights": ("keep", "keep"),
+        "quantization": ("INT4", "int4"),
         "schedule_policy": ("lpm", "lpm"),
         "seed": ("7", 7),
         "max_queue": ("100", 100),
