@@ -3,6 +3,7 @@ LOCALSGL_API_KEY), CORS off unless origins are given; OpenAPI schema well formed
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import httpx
 from conftest import LiveServer
@@ -89,13 +90,13 @@ def test_port_in_use_exits_1():
     import subprocess
     import sys
 
-    from conftest import HERE
+    here = Path(__file__).resolve().parent
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        p = subprocess.run([sys.executable, str(HERE / "_launch.py"), json.dumps({"fake": {}, "serve": {"port": port}})],
+        p = subprocess.run([sys.executable, str(here / "_launch.py"), json.dumps({"fake": {}, "serve": {"port": port}})],
                            capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, p.stderr[-500:]
     assert "could not listen" in p.stderr
