@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from textual.containers import Vertical
+from textual.geometry import Size
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownFence
 
@@ -27,9 +28,18 @@ class CopyableFence(MarkdownFence):
 
 
 class AnswerMarkdown(Markdown):
-    """Markdown whose code blocks copy on click."""
+    """Markdown whose code blocks copy on click, laid out independently of its column's height."""
 
     BLOCKS = {**Markdown.BLOCKS, "fence": CopyableFence, "code_block": CopyableFence}
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        """Textual arranges a column whose children are all of auto height within its
+        container's height, so each segment's cached arrangement would be keyed on the
+        answer's height, which grows with every update: every finished segment and all its
+        blocks were laid out again on each frame. Markdown blocks are of auto height and
+        do not depend on the container's height, so arranging within a height of 0 gives
+        the same result under a key that only changes when the segment does."""
+        return super().get_content_height(Size(container.width, 0), viewport, width)
 
     def code_blocks(self) -> list[str]:
         return [f.code for f in self.query(CopyableFence)]
