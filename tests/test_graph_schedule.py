@@ -75,6 +75,7 @@ class FakeGraphs:
         self.replays: list[tuple[int, int]] = []  # (batch size, bucket)
         self.eager_decodes: list[int] = []
         self.busy = threading.Event()
+        self.piecewise = None  # no extend graphs: extend steps run eagerly
 
     @property
     def pending(self):

@@ -14,7 +14,9 @@ At batch 1 the separate copies and small ops this replaces cost ~65 µs a step.
 
 Which buckets exist when is graph_schedule.py's business: the small ones are captured
 here at start-up, the rest later by ``capture_next`` (called by the engine thread between
-steps); a batch without its bucket replays a larger captured one or runs eagerly.
+steps); a batch without its bucket replays a larger captured one or runs eagerly.  When
+piecewise graphs for extend steps are on (piecewise_graph.py), their token buckets are
+captured the same way, after every decode graph, into the same memory pool.
 """
 from __future__ import annotations
 
@@ -29,12 +31,14 @@ from localsgl_kernels.step_inputs import decode_inputs
 
 from .batch import ForwardBatch, ForwardMode
 from .graph_schedule import STARTUP_MAX_BS, GraphKey, GraphSchedule
+from .piecewise_graph import PiecewiseGraphs
 
 log = logging.getLogger("localsgl.cuda_graph")
 
 
 class CudaGraphRunner:
-    def __init__(self, runner, batch_sizes: list[int], startup_max_bs: int = STARTUP_MAX_BS):
+    def __init__(self, runner, batch_sizes: list[int], startup_max_bs: int = STARTUP_MAX_BS,
+                 piecewise_tokens: int | None = None):
         self.runner = runner
         self.model = runner.model
         self.attn = runner.attn
@@ -73,6 +77,9 @@ class CudaGraphRunner:
         self.pool = None
         self._stream = torch.cuda.Stream(self.device)
         self.schedule = GraphSchedule(self.batch_sizes, self.prefix is not None, startup_max_bs)
+        # extend/mixed steps of up to piecewise_tokens tokens: graphs around the attention
+        self.piecewise = (PiecewiseGraphs(self.model, self.attn, runner.kv_pool, dev, piecewise_tokens)
+                          if piecewise_tokens else None)
         self.done = threading.Event()  # set once no capture is pending (any thread may wait)
         self.done_at: float | None = None  # perf_counter() when that happened
         self.compile_ahead_seconds: float | None = None  # the start-up dry pass (None: skipped)
@@ -83,7 +90,7 @@ class CudaGraphRunner:
 
     @property
     def pending(self) -> bool:
-        return not self.schedule.done
+        return not self.schedule.done or bool(self.piecewise is not None and self.piecewise.pending)
 
     @torch.inference_mode()
     def capture_next(self, plain_only: bool = False) -> None:
@@ -93,6 +100,8 @@ class CudaGraphRunner:
         run eagerly (or padded into a captured bucket)."""
         key = self.schedule.next_key(plain_only)
         if key is None:
+            self._capture_next_piecewise()
+            self._check_done()
             return
         try:
             self._reset_static_inputs()
@@ -106,8 +115,24 @@ class CudaGraphRunner:
             self.schedule.abandon()
         self._check_done()
 
+    def _capture_next_piecewise(self) -> None:
+        """Capture the largest pending token bucket of the piecewise (extend) graphs."""
+        pw = self.piecewise
+        if pw is None or not pw.pending:
+            return
+        n = pw.pending[0]
+        try:
+            self.pool = pw.capture(n, self._stream, self.pool)
+        except Exception:  # noqa: BLE001  (extend steps of the sizes left run eagerly)
+            log.warning("capturing the piecewise graphs of %d tokens failed; %d bucket(s) stay uncaptured", n,
+                        len(pw.pending), exc_info=True)
+            pw.abandon()
+            return
+        if not pw.pending:
+            log.info("captured the piecewise graphs of %d token buckets in %.1f s", len(pw.graphs), pw.capture_seconds)
+
     def _check_done(self) -> None:
-        if self.schedule.done and not self.done.is_set():
+        if not self.pending and not self.done.is_set():
             self.done_at = time.perf_counter()
             self.done.set()
             log.info("all %d decode graphs captured", len(self.graphs))

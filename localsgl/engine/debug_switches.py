@@ -35,6 +35,7 @@ class DebugSwitches:
     compile_ahead: bool = True  # compile the decode graphs' kernels in parallel before capture
     gpu_sampling_kernels: bool = True  # Triton sampling kernels for CUDA logits
     profile_steps: bool = False  # per-step device/host timing (engine.core.profile)
+    piecewise_graphs: bool = False  # extend/mixed steps replay graphs around eager attention (opt-in until measured)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "DebugSwitches":
@@ -72,6 +73,7 @@ _VARIABLES = {
     "compile_ahead": ("LOCALSGL_DEBUG_NO_COMPILE_AHEAD", "LOCALSGL_DISABLE_COMPILE_AHEAD"),
     "gpu_sampling_kernels": ("LOCALSGL_DEBUG_NO_GPU_SAMPLING_KERNELS", "LOCALSGL_GPU_SAMPLING_KERNELS"),
     "profile_steps": ("LOCALSGL_DEBUG_PROFILE_STEPS", "LOCALSGL_PROFILE_STEPS"),
+    "piecewise_graphs": ("LOCALSGL_DEBUG_PIECEWISE_GRAPHS", "LOCALSGL_PIECEWISE_GRAPHS"),
 }
 _KNOWN = {var for var, _ in _VARIABLES.values()}
 

@@ -4,8 +4,10 @@ Decode-only batches on CUDA replay a CUDA graph captured for the next larger
 batch-size bucket (padded rows write their KV to scratch slot 0); everything
 else runs eagerly, and so does a decode batch whose bucket is not captured yet
 (the small buckets are captured before serving, the rest by ``capture_next_graph``,
-which the engine thread calls between steps).  The runner never decides *what*
-runs — that is the scheduler's job — only how.
+which the engine thread calls between steps).  With the ``piecewise_graphs`` switch,
+extend and mixed steps replay graphs around their eager attention (piecewise_graph.py),
+padded to a token bucket.  The runner never decides *what* runs — that is the
+scheduler's job — only how.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from .batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool, ReqToTokenPool
+from .plan import GPU_CHUNK_SIZE
 from .layers.attention.base import AttentionBackend
 from . import debug_switches
 from . import prefix_groups as _prefix_groups
@@ -33,6 +36,7 @@ class ModelRunner:
         attn_backend: AttentionBackend,
         device: torch.device,
         cuda_graph_bs: list[int] | None = None,
+        max_step_tokens: int | None = None,
     ):
         self.model = model
         self.kv_pool = kv_pool
@@ -45,13 +49,17 @@ class ModelRunner:
             cfg = model.config
             self.prefix_shape = attn_backend.prefix_group_shape(cfg.num_heads, cfg.num_kv_heads)
         self.graphs = None
-        self.last_path = "eager"  # how the last step ran: "graph" or "eager" (for profiling)
-        self.wants_graph = False  # the last decode step ran without the graph planned for it
+        self.last_path = "eager"  # how the last step ran: "graph", "piecewise" or "eager" (for profiling)
+        self.wants_graph = False  # the last step ran without the graph planned for it
         if cuda_graph_bs and device.type == "cuda" and attn_backend.supports_cuda_graph:
             from .cuda_graph import CudaGraphRunner
 
+            piecewise = None
+            if self.debug.piecewise_graphs and attn_backend.supports_prestored_kv:
+                # a step's tokens: a prefill chunk plus one per running request
+                piecewise = max_step_tokens or GPU_CHUNK_SIZE + req_pool.max_reqs
             t = time.perf_counter()
-            self.graphs = CudaGraphRunner(self, sorted(cuda_graph_bs))
+            self.graphs = CudaGraphRunner(self, sorted(cuda_graph_bs), piecewise_tokens=piecewise)
             self.graph_capture_seconds = time.perf_counter() - t
             log.info("captured %d of %d CUDA graphs in %.1f s (the rest while serving)", len(self.graphs.graphs),
                      len(self.graphs.graphs) + len(self.graphs.schedule.pending), self.graph_capture_seconds)
@@ -148,7 +156,16 @@ class ModelRunner:
         batch = self.build_batch(sb, prev_tokens)
         self.last_path = "eager"
         self.attn.init_forward(batch)
-        hidden = self.model(batch.input_ids, batch.positions, batch)
+        pw = self.graphs.piecewise if self.graphs is not None else None
+        if pw is not None and batch.mode == ForwardMode.EXTEND:
+            self.wants_graph = pw.wants_capture(batch.num_tokens)
+            if pw.applies(batch):
+                self.last_path = "piecewise"
+                hidden = pw.run(batch)
+            else:
+                hidden = self.model(batch.input_ids, batch.positions, batch)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, batch)
         idx = batch.extra["sample_index"]
         if len(idx) != hidden.shape[0]:
             hidden = hidden[self._to_device(idx, torch.int64)]  # pinned: no wait for the GPU

@@ -49,6 +49,12 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, batch: ForwardBatch):
+        q, k, v = self.project(x, positions, rotary)
+        out = batch.attn_backend.forward(q, k, v, self.layer_id, batch, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
+        """The new tokens' rotated q [T, Hq, D], rotated k and v [T, Hkv, D]."""
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -59,8 +65,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.contiguous())
             k = self.k_norm(k.contiguous())
         q, k = rotary(positions, q, k)
-        out = batch.attn_backend.forward(q, k, v, self.layer_id, batch, self.scale)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -93,6 +98,26 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, positions, rotary, batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+    # The layer cut at its attention, for piecewise CUDA graphs (piecewise_graph.py): everything
+    # but the attention itself runs inside captured graphs; forward() is the same computation.
+    def attention_input(self, x, residual, positions, rotary, batch):
+        """Norm, qkv projection, rotary, K/V into the pool: returns (q [T, Hq, D], residual)."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        attn = self.self_attn
+        q, k, v = attn.project(h, positions, rotary)
+        batch.attn_backend.store_kv(k, v, attn.layer_id, batch)
+        return q, residual
+
+    def attention_output(self, attn_out: torch.Tensor, residual: torch.Tensor):
+        """o_proj, residual add + norm, MLP on the attention's output [T, Hq*D]: (x, residual)."""
+        h = self.self_attn.o_proj(attn_out)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 

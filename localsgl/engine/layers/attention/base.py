@@ -42,9 +42,16 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, Hq, D]
         """Store k/v of the new tokens, then attend."""
 
-    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch) -> None:
+        """Write the new tokens' K/V ([T, Hkv, D]) into the pool at ``batch.out_cache_loc``
+        (the first half of ``forward``; piecewise graphs run it inside a captured piece)."""
+        batch.kv_pool.store(layer, batch.out_cache_loc, k, v)
+
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, scale: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """Attend when the new tokens' K/V are already in the pool (the fused one-token
-        path wrote them); only backends with ``supports_prestored_kv`` implement it."""
+        path or ``store_kv`` wrote them), into ``out`` [T, Hq, D] when given; only backends
+        with ``supports_prestored_kv`` implement it."""
         raise NotImplementedError(f"the {self.name} backend has no attend()")
 
     # --- CUDA graph hooks (decode only); backends that capture override these ---

@@ -103,11 +103,14 @@ class TritonAttentionBackend(AttentionBackend):
             batch.attn_meta = _ExtendMeta(n, self._decode_meta(batch, n) if n else None)
 
     def forward(self, q, k, v, layer, batch, scale):
-        pool = batch.kv_pool
-        self._store(pool.k_buffer[layer], pool.v_buffer[layer], batch.out_cache_loc, k, v)
+        self.store_kv(k, v, layer, batch)
         return self.attend(q, layer, batch, scale)
 
-    def attend(self, q, layer, batch, scale):
+    def store_kv(self, k, v, layer, batch):
+        pool = batch.kv_pool
+        self._store(pool.k_buffer[layer], pool.v_buffer[layer], batch.out_cache_loc, k, v)
+
+    def attend(self, q, layer, batch, scale, out=None):
         pool = batch.kv_pool
         k_cache = pool.k_buffer[layer]
         v_cache = pool.v_buffer[layer]
@@ -126,14 +129,15 @@ class TritonAttentionBackend(AttentionBackend):
                         groups.num_groups, groups.max_rows, hq, d, q.device)
             return self._dec.decode_attention(
                 q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, scale,
-                num_splits=meta.num_splits, workspace=ws, groups=groups, prefix_workspace=pws,
+                out=out, num_splits=meta.num_splits, workspace=ws, groups=groups, prefix_workspace=pws,
             )
         tok = self._ext.tokens_per_block(d, hq // k_cache.shape[1], q.device)
         nd = meta.num_decode
         if meta.work is None or meta.tok != tok:
             meta.work = self._ext.build_work(batch.extend_lens_cpu, batch.prefix_lens_cpu, tok, q.device, first=nd)
             meta.tok = tok
-        out = torch.empty((T, hq, d), dtype=q.dtype, device=q.device)
+        if out is None:
+            out = torch.empty((T, hq, d), dtype=q.dtype, device=q.device)
         if nd:  # rows 0..nd-1 hold one token each, at flat rows 0..nd-1
             dm = meta.decode
             if dm.workspace is None:
