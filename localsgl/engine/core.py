@@ -1,6 +1,9 @@
 """EngineCore: the engine thread.  It owns the scheduler, the runner and every
 request's state; callers talk to it only through a thread-safe inbox, and it
-talks back through each request's on_delta callback.
+talks back through each request's on_delta callback — or, when it runs in its
+own process (core_process), through one message per step (``outbox``) that
+carries the new token ids and finishes of every request, the text being made
+by the front end.
 
 One iteration: drain the inbox (new requests, aborts) -> schedule -> forward
 -> sample -> append tokens, detokenize, check stops, finish -> callbacks.
@@ -30,15 +33,16 @@ import torch
 from . import debug_switches
 from .debug_switches import DebugSwitches
 from .grammar import FINISH_GRAMMAR
-from .kv_pool import KVPool, ReqToTokenPool
+from .kv_pool import KVPool, ReqToTokenPool, kv_cache_torch_dtype
 from .layers.attention.base import create_backend
-from .params import StreamDelta, TokenLogprob, TopLogprob
+from .params import StreamDelta
 from .penalties import PenaltyState
 from .radix_cache import RadixCache
 from .request import Request, Status
 from .runner import ModelRunner
 from .sampling import SampleResult, SamplingBatch, sample
 from .scheduler import Scheduler
+from .text_output import ChoiceText, make_logprob
 
 log = logging.getLogger("localsgl.engine")
 
@@ -54,6 +58,7 @@ class CoreConfig:
     cuda_graph_bs: list[int] | None = None
     schedule_policy: str = "fcfs"
     seed: int = 0
+    kv_cache_dtype: str | None = None  # None / "auto": the model's dtype; "fp8": e4m3 with scales (kv_pool.py)
     debug: DebugSwitches = debug_switches.DEFAULT  # debug/A-B switches (docs/switches.md)
 
 
@@ -80,7 +85,8 @@ class EngineCore:
         mc = model.config
         model.rotary.check_covers(cfg.max_model_len)  # the rotary kernel reads its table unguarded
         self.vocab_size = mc.vocab_size
-        self.kv_pool = KVPool(cfg.kv_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, model.dtype, device)
+        self.kv_pool = KVPool(cfg.kv_tokens, mc.num_layers, mc.num_kv_heads, mc.head_dim, model.dtype, device,
+                              kv_dtype=kv_cache_torch_dtype(cfg.kv_cache_dtype, model.dtype))
         self.req_pool = ReqToTokenPool(cfg.max_running, cfg.max_model_len + 1, device)
         self.cache = RadixCache(self.kv_pool, disabled=cfg.disable_radix_cache)
         self.scheduler = Scheduler(
@@ -108,6 +114,9 @@ class EngineCore:
         self.masks = None  # grammar.MaskFiller, made when a constrained request is first sampled
         self._mask_pool = None  # the worker that fills masks while a forward runs
         self._thread: threading.Thread | None = None
+        # core_process.StepOutbox when this core runs in its own process: tokens and finishes
+        # go out raw, one message per step, and the front end makes the text
+        self.outbox = None
         if start_thread:
             self.attach_thread(threading.Thread(target=self.run_loop, name="localsgl-engine", daemon=True))
             self._thread.start()
@@ -141,8 +150,7 @@ class EngineCore:
         self.runner.graphs = None
         self.runner.model = None
         self.model = None
-        self.kv_pool.k_buffer.clear()
-        self.kv_pool.v_buffer.clear()
+        self.kv_pool.release()
         self.req_pool.table = None
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -164,9 +172,13 @@ class EngineCore:
             except Exception as e:  # keep serving: fail what the step touched, not the engine
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_unattributed(e)
+            if self.outbox is not None:
+                self.outbox.flush(self)
             if not self.scheduler.has_work() and self.inbox.empty() and self.inflight is None:
                 self._idle.set()
         self._abort_all()
+        if self.outbox is not None:
+            self.outbox.flush(self)
 
     def _capture_graph_if_due(self) -> None:
         """Capture one more decode graph while the engine is idle, or right away when the last
@@ -205,6 +217,11 @@ class EngineCore:
                 for r in self.requests.get(payload, []):
                     if not r.finished:
                         self._finish(r, "abort", emit=True)
+            elif kind == "abort_choice":  # (rid, index): the front end saw a stop string end it
+                rid, index = payload
+                for r in self.requests.get(rid, []):
+                    if r.index == index and not r.finished:
+                        self._finish(r, "abort", emit=True)
             elif kind == "stop":
                 return
 
@@ -212,14 +229,8 @@ class EngineCore:
         p = r.params
         if p.seed is not None:
             r.generator = torch.Generator(device=self.device).manual_seed(p.seed + r.index)
-        if self.tokenizer is not None:
-            from .detokenizer import IncrementalDetokenizer
-
-            r.detok = IncrementalDetokenizer(self.tokenizer, r.prompt_ids, skip_special_tokens=p.skip_special_tokens)
-        if p.stop:
-            from .stop import StopStringMatcher
-
-            r.stop_matcher = StopStringMatcher(p.stop)
+        if self.outbox is None:  # in a core process the front end makes the text
+            r.text = ChoiceText(self.tokenizer, r.prompt_ids, p)
         self.prompt_tokens_total += len(r.prompt_ids)
 
     # ------------------------------------------------------------ one step
@@ -489,26 +500,13 @@ class EngineCore:
                 tok = int(toks[j])
                 lp = None
                 if r.params.logprobs and lps is not None:
-                    lp = self._make_logprob(tok, lps[j], tops[j] if tops is not None else None)
+                    lp = (lps[j], tops[j] if tops is not None else None)
                 self._append_token(r, tok, lp, idx)
                 if r.grammar is not None and not r.finished:
                     self._append_forced(r, idx)
             except Exception as e:
                 log.error("handling the new token of %s failed:\n%s", r.rid, traceback.format_exc())
                 self._fail([r], e)
-
-    def _token_str(self, tok: int) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode([tok], skip_special_tokens=False)
-
-    def _make_logprob(self, tok, lp, top) -> TokenLogprob:
-        return TokenLogprob(
-            token_id=tok,
-            token=self._token_str(tok),
-            logprob=float(lp),
-            top=[TopLogprob(int(t), self._token_str(int(t)), float(v)) for t, v in (top or [])],
-        )
 
     def _append_forced(self, r: Request, idx: int) -> None:
         """The tokens the grammar forced after the one at idx (already in output_ids)."""
@@ -517,8 +515,10 @@ class EngineCore:
                 return
             self._append_token(r, r.output_ids[i], None, i)
 
-    def _append_token(self, r: Request, tok: int, lp: TokenLogprob | None, idx: int) -> None:
-        """Resolve output position idx (a placeholder) to tok: detokenize, check stops, finish."""
+    def _append_token(self, r: Request, tok: int, lp, idx: int) -> None:
+        """Resolve output position idx (a placeholder) to tok: check stops, finish, and hand it
+        on — as text to on_delta (text_output.ChoiceText), or raw to the step's outbox.
+        ``lp``: (logprob, top pairs) when the request asked for logprobs."""
         p = r.params
         verdict = r.grammar.after(idx, tok) if r.grammar is not None else "ok"
         if verdict == "reject":
@@ -529,24 +529,13 @@ class EngineCore:
         n_out = idx + 1
         if n_out == 1:
             r.metrics.time_to_first_token = time.perf_counter() - r.arrival
-        if lp is not None and r.logprobs is not None:
-            r.logprobs.append(lp)
         finish = None
-        hit_stop_token = stop_string = False
+        hit_stop_token = False
         if n_out >= p.min_tokens or verdict == "complete":
             if tok in p.stop_token_ids:
                 finish, r.matched_stop, hit_stop_token = "stop", tok, True
             elif (not p.ignore_eos or verdict == "complete") and tok in self.eos_ids:
                 finish, r.matched_stop, hit_stop_token = "stop", tok, True
-        text = ""
-        if self.fault is not None:
-            self.fault("detokenize", [r])
-        if r.detok is not None and not hit_stop_token:
-            text = r.detok.add([tok])
-        if r.stop_matcher is not None and text:
-            text, matched = r.stop_matcher.feed(text)
-            if matched is not None:
-                finish, r.matched_stop, stop_string = "stop", matched, True
         if finish is None and verdict != "ok":  # the grammar is complete, or nothing may follow
             finish = "stop" if verdict == "complete" else FINISH_GRAMMAR
         if finish is None:
@@ -554,13 +543,25 @@ class EngineCore:
                 finish = "length"
             elif len(r.prompt_ids) + n_out >= self.cfg.max_model_len:
                 finish = "length"
-        if finish is not None and not stop_string:
-            text += self._flush_text(r)
         error = r.grammar.end_error if finish == FINISH_GRAMMAR else None
+        if self.fault is not None:
+            self.fault("detokenize", [r])
+        if self.outbox is not None:
+            if finish is not None:
+                del r.output_ids[n_out:]  # tokens computed past the stop are dropped
+                self._finish(r, finish, emit=False, error=error)
+            self.outbox.token(r, tok, lp, finish, hit_stop_token, error)
+            return
+        text, stop_string = r.text.token(tok, finish, hit_stop_token)
+        if stop_string:
+            finish, error, r.matched_stop = "stop", None, r.text.matched_stop
+        tlp = make_logprob(self.tokenizer, tok, lp[0], lp[1]) if lp is not None else None
+        if tlp is not None and r.logprobs is not None:
+            r.logprobs.append(tlp)
         if finish is not None:
             del r.output_ids[n_out:]  # tokens computed past the stop are dropped
             self._finish(r, finish, emit=False, error=error)
-        self._emit(r, StreamDelta(r.index, text, [tok], finish, [lp] if lp is not None else None,
+        self._emit(r, StreamDelta(r.index, text, [tok], finish, [tlp] if tlp is not None else None,
                                   r.metrics if finish else None, {"error": error} if error else {}))
 
     def _grammar_rejects(self, r: Request, tok: int, idx: int) -> None:
@@ -568,23 +569,18 @@ class EngineCore:
         FINISH_GRAMMAR, without that token, and says why."""
         r.output_ids[idx] = tok  # kept only for the KV it may already have; never shown
         del r.output_ids[idx + 1:]
-        text = self._flush_text(r)
         error = r.grammar.end_error or "the grammar cannot continue"
+        if self.outbox is not None:
+            self._finish(r, FINISH_GRAMMAR, emit=False, error=error)
+            r.metrics.completion_tokens = idx
+            self.outbox.finish(r, FINISH_GRAMMAR, error)
+            return
+        text = r.text.flush()
+        if r.text.matched_stop is not None:
+            r.matched_stop = r.text.matched_stop
         self._finish(r, FINISH_GRAMMAR, emit=False, error=error)
         r.metrics.completion_tokens = idx
         self._emit(r, StreamDelta(r.index, text, [], FINISH_GRAMMAR, None, r.metrics, {"error": error}))
-
-    def _flush_text(self, r: Request) -> str:
-        tail = r.detok.flush() if r.detok is not None else ""
-        if r.stop_matcher is not None:
-            if tail:
-                t, matched = r.stop_matcher.feed(tail)
-                if matched is not None:
-                    r.matched_stop = matched
-                    return t
-                tail = t
-            tail += r.stop_matcher.flush()
-        return tail
 
     def _finish(self, r: Request, reason: str, emit: bool, error: str | None = None) -> None:
         if error is not None:
@@ -597,6 +593,9 @@ class EngineCore:
         if group is not None and all(x.finished for x in group):
             del self.requests[r.rid]
         if emit:
+            if self.outbox is not None:
+                self.outbox.finish(r, reason, error)
+                return
             extra = {"error": error} if error is not None else {}
             self._emit(r, StreamDelta(r.index, "", [], reason, None, r.metrics, extra))
 

@@ -53,8 +53,7 @@ class Request:
         self.last_node = None
         # sampling / output
         self.generator: torch.Generator | None = None
-        self.detok = None
-        self.stop_matcher = None
+        self.text = None  # text_output.ChoiceText, when the core makes the text (in-process)
         self.grammar = None  # grammar.GrammarState of a constrained request
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs else None
         self.finish_reason: str | None = None
