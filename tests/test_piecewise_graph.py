@@ -33,14 +33,14 @@ class PrestoredTorchBackend(TorchAttentionBackend):
         return out
 
 
-def _model(family: str, seed: int) -> LlamaForCausalLM:
+def _model(family: str, seed: int, dtype=torch.float32, device="cpu") -> LlamaForCausalLM:
     cfg = ModelConfig(
         architecture="LlamaForCausalLM", hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
         num_kv_heads=2, head_dim=16, vocab_size=80, max_position_embeddings=256, rms_norm_eps=1e-6,
         attention_bias=family == "qwen2", qk_norm=family == "qwen3", tie_word_embeddings=family == "qwen2",
     )
     torch.manual_seed(seed)
-    m = LlamaForCausalLM(cfg, torch.float32, "cpu")
+    m = LlamaForCausalLM(cfg, dtype, device)
     for name, p in m.named_parameters():
         r = torch.randn(p.shape)
         p.data.copy_(1.0 + 0.1 * r if "norm" in name else r * (0.2 if "embed" not in name else 1.0))
@@ -48,8 +48,10 @@ def _model(family: str, seed: int) -> LlamaForCausalLM:
 
 
 def _mixed_batch(model, pool, rt, attn, rng: random.Random, num_decode: int, extends: list[tuple[int, int]]):
-    """A mixed EXTEND batch: num_decode one-token rows first (random cached prefixes), then one
-    row per (prefix, new tokens) of ``extends``.  Prefix K/V are random; new slots are fresh."""
+    """A mixed EXTEND batch on the pool's device: num_decode one-token rows first (random cached
+    prefixes), then one row per (prefix, new tokens) of ``extends``.  Prefix K/V are random;
+    new slots are fresh."""
+    dev = pool.device
     free = list(range(1, pool.num_slots + 1))
     rng.shuffle(free)
     rows = [(rng.randint(3, 40), 1) for _ in range(num_decode)] + list(extends)
@@ -59,17 +61,19 @@ def _mixed_batch(model, pool, rt, attn, rng: random.Random, num_decode: int, ext
         rt.write(i + 1, 0, torch.tensor(slots))
         for layer in range(pool.num_layers):
             for buf in (pool.k_buffer[layer], pool.v_buffer[layer]):
-                buf[torch.tensor(slots[:pre], dtype=torch.int64)] = torch.randn(pre, pool.num_kv_heads, pool.head_dim)
+                buf[torch.tensor(slots[:pre], dtype=torch.int64, device=dev)] = torch.randn(
+                    pre, pool.num_kv_heads, pool.head_dim).to(dev, buf.dtype)
         starts.append(len(ids))
         ids += [rng.randrange(model.config.vocab_size) for _ in range(ext)]
         pos += list(range(pre, pre + ext))
         loc += slots[pre:]
-    i32 = torch.int32
+    i32 = dict(dtype=torch.int32, device=dev)
     b = ForwardBatch(
-        mode=ForwardMode.EXTEND, batch_size=len(rows), input_ids=torch.tensor(ids), positions=torch.tensor(pos),
-        out_cache_loc=torch.tensor(loc), req_pool_indices=torch.arange(1, len(rows) + 1),
-        seq_lens=torch.tensor([p + e for p, e in rows], dtype=i32), prefix_lens=torch.tensor([p for p, _ in rows], dtype=i32),
-        extend_lens=torch.tensor([e for _, e in rows], dtype=i32), extend_start_loc=torch.tensor(starts, dtype=i32),
+        mode=ForwardMode.EXTEND, batch_size=len(rows), input_ids=torch.tensor(ids, device=dev),
+        positions=torch.tensor(pos, device=dev), out_cache_loc=torch.tensor(loc, device=dev),
+        req_pool_indices=torch.arange(1, len(rows) + 1, device=dev),
+        seq_lens=torch.tensor([p + e for p, e in rows], **i32), prefix_lens=torch.tensor([p for p, _ in rows], **i32),
+        extend_lens=torch.tensor([e for _, e in rows], **i32), extend_start_loc=torch.tensor(starts, **i32),
         seq_lens_cpu=[p + e for p, e in rows], prefix_lens_cpu=[p for p, _ in rows], extend_lens_cpu=[e for _, e in rows],
         req_to_token=rt.table, kv_pool=pool, attn_backend=attn,
     )
