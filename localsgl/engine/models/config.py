@@ -65,6 +65,12 @@ class ModelConfig:
         emb = self.vocab_size * self.hidden_size
         return self.num_params - (0 if self.tie_word_embeddings else emb)
 
+    def shape(self) -> dict[str, Any]:
+        """The architecture and sizes as plain values: what `info` and `show` print."""
+        return {"architecture": self.architecture, "params": self.num_params, "layers": self.num_layers,
+                "hidden_size": self.hidden_size, "heads": self.num_heads, "kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "vocab_size": self.vocab_size}
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
         archs = cfg.get("architectures") or []
