@@ -39,14 +39,19 @@ LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--in
 _PEN_ARGS = ["--workload", "fixed", "--num-prompts", "64", "--input-len", "512", "--output-len", "256"]
 PENALTY = [("throughput", {}, _PEN_ARGS),  # 64 concurrent, plain vs repetition-penalised (device-side counts)
            ("throughput", {"_penalty": 1.1}, _PEN_ARGS + ["--repetition-penalty", "1.1"])]
+# mixed prefill+decode steps eager vs piecewise graphs (piecewise_graph.py), 1B then 8B
+_MIXED_ARGS = ["--workload", "mixed", "--num-prompts", "1000"]
+MIXED = [("throughput", {"model": m, **p}, _MIXED_ARGS) for m in ("llama-3.2-1b", "llama-3.1-8b")
+         for p in ({}, {"_piecewise": True})]
 
 
-def set_debug_switches(**on: bool) -> None:
-    """Set the LOCALSGL_DEBUG_* variables the next Engine reads (docs/switches.md)."""
-    from localsgl.engine.debug_switches import variable
+def set_debug_switches(**values: bool) -> None:
+    """Set the LOCALSGL_DEBUG_* variables the next Engine reads (docs/switches.md): a switch
+    at its default has no variable, any other value sets it."""
+    from localsgl.engine.debug_switches import DEFAULT, variable
 
-    for name, enabled in on.items():
-        if enabled:
+    for name, value in values.items():
+        if value == getattr(DEFAULT, name):
             os.environ.pop(variable(name), None)
         else:
             os.environ[variable(name)] = "1"
@@ -59,14 +64,16 @@ def main():
     prefix_set = [QUICK[0], FULL[2], FULL[3]]
     plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set, "prof": prof_set, "prefix": prefix_set,
             "tput": [FULL[0]], "caps": CAPS, "tputcaps": [FULL[0]] + CAPS, "long": LONG, "bs1": BS1,
-            "quick+": QUICK + BS1[1:], "penalty": PENALTY, "quick+penalty": QUICK + PENALTY, "none": []}[mode]
+            "quick+": QUICK + BS1[1:], "penalty": PENALTY, "quick+penalty": QUICK + PENALTY, "mixed": MIXED,
+            "mixed1b": MIXED[:2], "none": []}[mode]
     table = []
     for kind, extra, args in plan:
         buf = io.StringIO()
         old = sys.stdout
         sys.stdout = buf
         t = time.time()
-        set_debug_switches(fused_decode=extra.get("_fused_decode", True), pdl=extra.get("_pdl", True))
+        set_debug_switches(fused_decode=extra.get("_fused_decode", True), pdl=extra.get("_pdl", True),
+                           piecewise_graphs=extra.get("_piecewise", False))
         try:
             rc = bench.main(kind, {**MODEL, **{k: v for k, v in extra.items() if not k.startswith("_")}}, args,
                             json_output=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|...] [tests|notests] [probe] [gemvprobe] [serving] [startup]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [serving] [startup]
+#   (mixed / mixed1b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps, 1B and 8B / 1B alone)
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 set -uo pipefail
