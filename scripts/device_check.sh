@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [serving] [startup]
-#   (mixed / mixed1b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps, 1B and 8B / 1B alone)
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [startup]
+#   (mixed / mixed1b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps, 1B and 8B / 1B alone;
+#    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 set -uo pipefail
@@ -33,6 +34,12 @@ fi
 if [[ "$EXTRA" == *" gemvprobe "* ]]; then
   echo "== batch-1 weight-stream probe"
   python3 scripts/probe_gemv.py ${GEMV_PROBES:-layers tiles} 2>&1 | tee "$OUTDIR/probe_gemv.log"
+fi
+if [[ "$EXTRA" == *" mixedprobe "* ]]; then
+  echo "== mixed-step probe: host vs device time, eager vs piecewise graphs"
+  for m in ${MIXED_PROBE_MODELS:-llama-3.2-1b llama-3.1-8b}; do
+    python3 scripts/probe_mixed.py --model "$m" 2>&1 | tee "$OUTDIR/probe_mixed_$m.log" | tail -22
+  done
 fi
 if [[ "$EXTRA" == *" serving "* ]]; then
   echo "== serving vs offline"
