@@ -8,6 +8,12 @@ token costs a re-parse of the block being written and a layout of one small widg
 finished segments keep their cached layout however long the answer grows, and no block
 is built twice except the one that moves, at each block boundary.
 
+Margins between the blocks of one Markdown collapse (the gap is the larger of the two),
+while margins in two segments would add up; so the last finished block keeps only the part
+of its bottom margin that the next segment's first block does not already give. The answer
+then looks the same, line for line, however the stream was chunked and wherever the
+segments split: as one Markdown of the whole text would.
+
 The segments' own ``source`` overlaps where a block moved on; ``shown`` is the answer's
 text as drawn."""
 from __future__ import annotations
@@ -31,6 +37,8 @@ class AnswerStream:
         self.new_segment = new_segment
         self.on_rendered = on_rendered  # (characters on screen, perf_counter time) after each drawn update
         self.shown = first.source
+        self._above: MarkdownBlock | None = None  # the finished block just above the live segment
+        self._above_margin = 0  # its own bottom margin, before the collapse
         self._pending: list[str] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -70,6 +78,7 @@ class AnswerStream:
                 await self.live.append(chunk)
                 self.shown += chunk
                 await self._start_segment_at_new_block()
+                self._collapse_margin()
                 if self.on_rendered is not None:
                     self.live.call_after_refresh(self._report)
             if self._closing and not self._pending:
@@ -87,6 +96,22 @@ class AnswerStream:
             await self.column.mount(segment)
             await segment.append(current)
         self.live = segment
+        self._above = blocks[-2]
+        self._above_margin = self._above.styles.margin.bottom
+
+    def _collapse_margin(self) -> None:
+        """Give the finished block above the live segment the bottom margin that makes the
+        gap between them the larger of the two margins, as inside one Markdown. The live
+        block's kind can still change (a paragraph becomes a table or a heading), so this
+        runs after every update."""
+        if self._above is None:
+            return
+        first = next((c for c in self.live.children if isinstance(c, MarkdownBlock)), None)
+        top = first.styles.margin.top if first is not None else 0
+        bottom = max(0, self._above_margin - top)
+        margin = self._above.styles.margin
+        if margin.bottom != bottom:
+            self._above.styles.margin = (margin.top, margin.right, bottom, margin.left)
 
     def _report(self) -> None:
         if self.on_rendered is not None:
