@@ -34,6 +34,10 @@ each row's suffix [start_b, L_b) and stage 2 merges the suffix and prefix partia
 with the same log-sum-exp rule.  Prefix floor: Lp · Hkv · D · 2 · elem per group
 instead of per row.
 
+FP8 KV (k_scale / v_scale given, e4m3 caches): every K/V row is read as e4m3 and multiplied
+by its (token, head) scale (kv_pool.py has the format) into q's dtype before the products, so
+the math above runs on the dequantized values; a row costs D + 4 bytes instead of D · elem.
+
 Floor: bytes = Σ_b L_b · Hkv · D · 2 · elem (every cached K and V row read once) plus
 B·Hq·D·elem for q and o, over copy bandwidth.  FLOPs (4 · Σ_b L_b · Hq · D) are far below
 the tensor-core rate; the split partials add B·Hq·S·(D+1)·4·2 bytes (small for S ≤ 32).
@@ -47,6 +51,19 @@ import triton.language as tl
 from .pdl import launch_options, release_successor_then_wait, wait_for_predecessor
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_kv(Ptr, Scale, slot, g, stride_t, stride_h, stride_sh, offs_d, rows, mask_d,
+             DT: tl.constexpr, KV_FP8: tl.constexpr):
+    """Rows ``slot`` [BLOCK_N] of KV head g as [BLOCK_N, BLOCK_D] (0 outside ``rows`` / mask_d);
+    an FP8 pool's rows come back dequantized to DT."""
+    x = tl.load(Ptr + slot[:, None] * stride_t + g * stride_h + offs_d[None, :],
+                mask=rows[:, None] & mask_d[None, :], other=0.0)
+    if KV_FP8:
+        s = tl.load(Scale + g * stride_sh + slot, mask=rows, other=0.0)
+        x = (x.to(tl.float32) * s[:, None]).to(DT)
+    return x
 
 
 @triton.jit
@@ -70,9 +87,10 @@ def _attend_block(q, k, v, mask_n, m_i, l_i, acc, sm_scale_log2):
 
 
 @triton.jit
-def _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
-                  stride_kt, stride_kh, stride_vt, stride_vh,
-                  ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attend_range(q, K, V, KS, VS, table, start, end, g, sm_scale_log2,
+                  stride_kt, stride_kh, stride_vt, stride_vh, stride_ksh, stride_vsh,
+                  ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  KV_FP8: tl.constexpr):
     """Online softmax of the query rows q [ROWS, D] over the keys at table[start:end] of KV
     head g: returns (acc [ROWS, D] unnormalised, running max m (log2 units), sum l).
 
@@ -88,11 +106,9 @@ def _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
         pos = n0 + offs_n
         mask_n = pos < end
         slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k = _load_kv(K, KS, slot, g, stride_kt, stride_kh, stride_ksh, offs_d, mask_n, mask_d, q.dtype, KV_FP8)
         p, alpha, m_i, l_i = _softmax_step(q, k, mask_n, m_i, l_i, sm_scale_log2)
-        v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        v = _load_kv(V, VS, slot, g, stride_vt, stride_vh, stride_vsh, offs_d, mask_n, mask_d, q.dtype, KV_FP8)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_i, l_i
 
@@ -171,17 +187,18 @@ def _store_partial(acc, m_i, l_i, PartO, PartLse, b, s, heads, offs_d, mask_h, m
 
 @triton.jit
 def _decode_stage1(
-    Q, K, V, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse,
+    Q, K, V, KS, VS, ReqToToken, ReqIdx, SeqLens, Start, PartO, PartLse,
     sm_scale_log2,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
+    stride_ksh, stride_vsh,
     stride_r,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
-    EARLY_KV: tl.constexpr, PDL: tl.constexpr,
+    EARLY_KV: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, g, s): chunk s of row b's keys for the G query heads of KV head g.
 
@@ -201,14 +218,15 @@ def _decode_stage1(
     table = ReqToToken + tl.load(ReqIdx + b).to(tl.int64) * stride_r
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    DT: tl.constexpr = Q.dtype.element_ty
     if EARLY_KV:
         offs_n = tl.arange(0, BLOCK_N)
         pos = start + offs_n
         mask_n = pos < end
         slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
-        cached = (pos < seq_len - 1)[:, None] & mask_d[None, :]
-        k = tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=cached, other=0.0)
-        v = tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=cached, other=0.0)
+        cached = pos < seq_len - 1
+        k = _load_kv(K, KS, slot, g, stride_kt, stride_kh, stride_ksh, offs_d, cached, mask_d, DT, KV_FP8)
+        v = _load_kv(V, VS, slot, g, stride_vt, stride_vh, stride_vsh, offs_d, cached, mask_d, DT, KV_FP8)
         wait_for_predecessor(PDL)
     if start < seq_len:
         offs_h = tl.arange(0, BLOCK_H)
@@ -217,11 +235,12 @@ def _decode_stage1(
         q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_h[:, None] & mask_d[None, :], other=0.0)
         if EARLY_KV:
-            newest = (pos == seq_len - 1)[:, None] & mask_d[None, :]
-            k = tl.where(newest, tl.load(K + slot[:, None] * stride_kt + g * stride_kh + offs_d[None, :],
-                                         mask=newest, other=0.0), k)
-            v = tl.where(newest, tl.load(V + slot[:, None] * stride_vt + g * stride_vh + offs_d[None, :],
-                                         mask=newest, other=0.0), v)
+            last = pos == seq_len - 1
+            newest = last[:, None] & mask_d[None, :]
+            k = tl.where(newest, _load_kv(K, KS, slot, g, stride_kt, stride_kh, stride_ksh, offs_d, last, mask_d,
+                                          DT, KV_FP8), k)
+            v = tl.where(newest, _load_kv(V, VS, slot, g, stride_vt, stride_vh, stride_vsh, offs_d, last, mask_d,
+                                          DT, KV_FP8), v)
             acc, m_i, l_i = _attend_block(q, k, v, mask_n, tl.full([BLOCK_H], float("-inf"), tl.float32),
                                           tl.zeros([BLOCK_H], tl.float32), tl.zeros([BLOCK_H, BLOCK_D], tl.float32),
                                           sm_scale_log2)
@@ -229,16 +248,13 @@ def _decode_stage1(
                 pos_i = n0 + offs_n
                 mask_i = pos_i < end
                 slot_i = tl.load(table + pos_i, mask=mask_i, other=0).to(tl.int64)
-                kv_mask = mask_i[:, None] & mask_d[None, :]
-                k_i = tl.load(K + slot_i[:, None] * stride_kt + g * stride_kh + offs_d[None, :], mask=kv_mask,
-                              other=0.0)
-                v_i = tl.load(V + slot_i[:, None] * stride_vt + g * stride_vh + offs_d[None, :], mask=kv_mask,
-                              other=0.0)
+                k_i = _load_kv(K, KS, slot_i, g, stride_kt, stride_kh, stride_ksh, offs_d, mask_i, mask_d, DT, KV_FP8)
+                v_i = _load_kv(V, VS, slot_i, g, stride_vt, stride_vh, stride_vsh, offs_d, mask_i, mask_d, DT, KV_FP8)
                 acc, m_i, l_i = _attend_block(q, k_i, v_i, mask_i, m_i, l_i, acc, sm_scale_log2)
         else:
-            acc, m_i, l_i = _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
-                                          stride_kt, stride_kh, stride_vt, stride_vh,
-                                          BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N)
+            acc, m_i, l_i = _attend_range(q, K, V, KS, VS, table, start, end, g, sm_scale_log2,
+                                          stride_kt, stride_kh, stride_vt, stride_vh, stride_ksh, stride_vsh,
+                                          BLOCK_H, HEAD_DIM, BLOCK_D, BLOCK_N, KV_FP8)
         _store_partial(acc, m_i, l_i, PartO, PartLse, b, s, heads, offs_d, mask_h, mask_d,
                        stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
 
@@ -275,17 +291,18 @@ def _decode_stage2(
 
 @triton.jit
 def _prefix_stage(
-    Q, K, V, ReqToToken, ReqIdx, Start, GroupRows, PrefO, PrefLse,
+    Q, K, V, KS, VS, ReqToToken, ReqIdx, Start, GroupRows, PrefO, PrefLse,
     sm_scale_log2,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
+    stride_ksh, stride_vsh,
     stride_r,
     stride_fb, stride_fh, stride_fs,
     stride_gb, stride_gh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PREFIX_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-    PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (group i, KV head g, split s): the group's rows x the G query heads of g
     against one chunk of the shared prefix, which every member reads from the first
@@ -314,9 +331,9 @@ def _prefix_stage(
             mask_d = offs_d < HEAD_DIM
             q = tl.load(Q + rows64[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                         mask=valid[:, None] & mask_d[None, :], other=0.0)
-            acc, m_i, l_i = _attend_range(q, K, V, table, start, end, g, sm_scale_log2,
-                                          stride_kt, stride_kh, stride_vt, stride_vh,
-                                          BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N)
+            acc, m_i, l_i = _attend_range(q, K, V, KS, VS, table, start, end, g, sm_scale_log2,
+                                          stride_kt, stride_kh, stride_vt, stride_vh, stride_ksh, stride_vsh,
+                                          BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, KV_FP8)
             out = acc / l_i[:, None]
             lse = m_i + tl.log2(l_i)
             pp = (gi * MAX_ROWS + member).to(tl.int64)
@@ -409,14 +426,15 @@ def alloc_prefix_workspace(num_groups: int, max_rows: int, num_heads: int, head_
 
 def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
                      out=None, num_splits: int = 8, workspace=None, min_chunk: int | None = None,
-                     groups: PrefixGroups | None = None, prefix_workspace=None):
+                     groups: PrefixGroups | None = None, prefix_workspace=None, k_scale=None, v_scale=None):
     """q: [B, Hq, D] (unit last stride); k_cache/v_cache: [slots, Hkv, D];
     req_to_token: [rows, ctx] int32; req_pool_indices: [B] int; seq_lens: [B] int (>= 1).
     Returns out [B, Hq, D] (q's dtype).  ``num_splits`` must be a power of two;
     ``workspace`` (from :func:`alloc_workspace`, batch dim >= B) lets CUDA graphs keep fixed
     buffers.  ``groups`` (:class:`PrefixGroups`): rows whose first ``start`` slots are shared
     attend to them through the prefix stage (every member's suffix must be >= 1 token;
-    its max_rows must be prefix_group_rows(Hq // Hkv)).
+    its max_rows must be prefix_group_rows(Hq // Hkv)).  ``k_scale``/``v_scale`` ([Hkv, slots]
+    fp32, unit last stride): the caches are e4m3 with these per-(token, head) scales.
     No host syncs."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -429,6 +447,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
+    kv_fp8, k_scale, v_scale, scale_strides = _scale_args(k_cache, k_scale, v_scale)
     if workspace is None:
         workspace = alloc_workspace(B, Hq, D, num_splits, q.device)
     part_o, part_lse = workspace
@@ -450,16 +469,18 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         pref_o, pref_lse = prefix_workspace
         assert pref_o.shape[0] >= groups.num_groups * R
         _prefix_stage[(groups.num_groups, Hkv, PREFIX_SPLITS)](
-            q, k_cache, v_cache, req_to_token, req_pool_indices, groups.start, groups.rows, pref_o, pref_lse,
+            q, k_cache, v_cache, k_scale, v_scale, req_to_token, req_pool_indices, groups.start, groups.rows,
+            pref_o, pref_lse,
             scale * LOG2E,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1),
             v_cache.stride(0), v_cache.stride(1),
+            *scale_strides,
             req_to_token.stride(0),
             pref_o.stride(0), pref_o.stride(1), pref_o.stride(2),
             pref_lse.stride(0), pref_lse.stride(1),
             G=G, HEAD_DIM=D, MAX_ROWS=R, BLOCK_M=max(16, triton.next_power_of_2(R * G)),
-            BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, PREFIX_SPLITS=PREFIX_SPLITS, MIN_CHUNK=min_chunk,
+            BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, PREFIX_SPLITS=PREFIX_SPLITS, MIN_CHUNK=min_chunk, KV_FP8=kv_fp8,
             num_warps=4, num_stages=2, **pdl,
         )
         start, pos = groups.start, groups.pos
@@ -467,16 +488,17 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         start = pos = seq_lens  # unused (HAS_START / HAS_PREFIX off)
         pref_o, pref_lse = part_o, part_lse
     _decode_stage1[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, start, part_o, part_lse,
+        q, k_cache, v_cache, k_scale, v_scale, req_to_token, req_pool_indices, seq_lens, start, part_o, part_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1),
+        *scale_strides,
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix, EARLY_KV=small,
+        NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix, EARLY_KV=small, KV_FP8=kv_fp8,
         num_warps=4, num_stages=2, **pdl,
     )
     _decode_stage2[(B, Hq)](
@@ -493,7 +515,26 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     return out
 
 
-def decode_attention_ref(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale):
+def _scale_args(k_cache, k_scale, v_scale):
+    """(KV_FP8, k_scale, v_scale, their head strides) for a launch; unused pointers and zero
+    strides when the caches are not FP8."""
+    if k_scale is None:
+        return False, k_cache, k_cache, (0, 0)
+    assert v_scale is not None and k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
+    assert k_cache.dtype == torch.float8_e4m3fn, "scales come with e4m3 caches"
+    return True, k_scale, v_scale, (k_scale.stride(0), v_scale.stride(0))
+
+
+def dequantized_rows(cache, cache_scale, slots):
+    """cache[slots] as fp64, multiplied by their per-(token, head) scales when given (FP8 pools)."""
+    x = cache[slots].double()
+    if cache_scale is not None:
+        x = x * cache_scale[:, slots].t().double()[..., None]
+    return x
+
+
+def decode_attention_ref(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
+                         k_scale=None, v_scale=None):
     """Torch reference (fp64 math, output in q's dtype); loops over requests on the host."""
     B, Hq, D = q.shape
     G = Hq // k_cache.shape[1]
@@ -501,8 +542,8 @@ def decode_attention_ref(q, k_cache, v_cache, req_to_token, req_pool_indices, se
     for b in range(B):
         n = int(seq_lens[b])
         slots = req_to_token[int(req_pool_indices[b]), :n].long()
-        k = k_cache[slots].double().repeat_interleave(G, dim=1)  # [n, Hq, D]
-        v = v_cache[slots].double().repeat_interleave(G, dim=1)
+        k = dequantized_rows(k_cache, k_scale, slots).repeat_interleave(G, dim=1)  # [n, Hq, D]
+        v = dequantized_rows(v_cache, v_scale, slots).repeat_interleave(G, dim=1)
         s = torch.einsum("hd,nhd->hn", q[b].double(), k) * scale
         out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
     return out

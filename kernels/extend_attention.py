@@ -14,6 +14,10 @@ decode-like request (E_i = 1) still fills G rows.  Keys below P_i + t0 + 1 are v
 every row and run unmasked; only the last few tiles near the diagonal are masked.  Work
 items are built on the host (extend steps are never graph-captured), heaviest first.
 
+FP8 KV (k_scale / v_scale given, e4m3 caches): each K/V tile is read as e4m3 and multiplied
+by its rows' (token, head) scales (kv_pool.py has the format) into q's dtype before the
+products; the math above runs on the dequantized values.
+
 Floor: FLOPs = Σ_i Σ_t 4·Hq·D·(P_i + t + 1) ≈ 4·Hq·D·Σ_i E_i·(P_i + E_i/2) at the
 tensor-core rate; bytes ≈ Σ_i (P_i + E_i)·Hkv·D·2·elem per TOK-token block (K/V re-read
 from L2 across blocks) + 2·T·Hq·D·elem for q and o.  Prefill is compute-bound.
@@ -31,14 +35,24 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_step(q, k, v_ptrs, v_mask, acc, m_i, l_i, qk_scale, visible,
-                 MASKED: tl.constexpr, V_EARLY: tl.constexpr):
+def _load_tile(ptrs, mask, scale_ptrs, scale_mask, DT: tl.constexpr, KV_FP8: tl.constexpr):
+    """A K or V tile; an FP8 pool's tile comes back multiplied by its rows' scales, in DT."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if KV_FP8:
+        s = tl.load(scale_ptrs, mask=scale_mask, other=0.0)
+        x = (x.to(tl.float32) * s[:, None]).to(DT)
+    return x
+
+
+@triton.jit
+def _online_step(q, k, v_ptrs, v_mask, vs_ptrs, vs_mask, acc, m_i, l_i, qk_scale, visible,
+                 MASKED: tl.constexpr, V_EARLY: tl.constexpr, KV_FP8: tl.constexpr):
     """One key tile of the online softmax.  Scores stay unscaled until the exp2, so the
     scale and the running max fold into one multiply-add per score.  V_EARLY issues the
     V load before the score matmul instead of after the softmax (which order overlaps
     better depends on the pipelining depth)."""
     if V_EARLY:
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        v = _load_tile(v_ptrs, v_mask, vs_ptrs, vs_mask, q.dtype, KV_FP8)
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where(visible, qk, float("-inf"))
@@ -47,18 +61,20 @@ def _online_step(q, k, v_ptrs, v_mask, acc, m_i, l_i, qk_scale, visible,
     p = tl.exp2(qk * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if not V_EARLY:
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        v = _load_tile(v_ptrs, v_mask, vs_ptrs, vs_mask, q.dtype, KV_FP8)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # compiles like tl.dot(p, v, acc * alpha)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _extend_kernel(
-    Q, K, V, O, ReqToToken, ReqIdx, PrefixLens, ExtendLens, ExtendStart, WorkReq, WorkTok,
+    Q, K, V, KS, VS, O, ReqToToken, ReqIdx, PrefixLens, ExtendLens, ExtendStart, WorkReq, WorkTok,
     qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_r,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ksh, stride_vsh,
+    stride_ot, stride_oh, stride_r,
     G: tl.constexpr, TOK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, V_EARLY: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     w = tl.program_id(0)
     g = tl.program_id(1)
@@ -91,13 +107,16 @@ def _extend_kernel(
     table = ReqToToken + row * stride_r
     k_head = K + g * stride_kh + offs_d[None, :]
     v_head = V + g * stride_vh + offs_d[None, :]
+    ks_head = KS + g * stride_ksh
+    vs_head = VS + g * stride_vsh
 
     # Main loop: every row sees every key, no masks; one slot load serves K and V.
+    all_n = offs_n < BLOCK_N  # (the FP8 scales' loads take a mask)
     for n0 in range(0, full_end, BLOCK_N):
         slot = tl.load(table + n0 + offs_n).to(tl.int64)
-        k = tl.load(k_head + slot[:, None] * stride_kt, mask=mask_d[None, :], other=0.0)
-        acc, m_i, l_i = _online_step(q, k, v_head + slot[:, None] * stride_vt, mask_d[None, :], acc, m_i, l_i,
-                                     qk_scale, None, MASKED=False, V_EARLY=V_EARLY)
+        k = _load_tile(k_head + slot[:, None] * stride_kt, mask_d[None, :], ks_head + slot, all_n, q.dtype, KV_FP8)
+        acc, m_i, l_i = _online_step(q, k, v_head + slot[:, None] * stride_vt, mask_d[None, :], vs_head + slot, all_n,
+                                     acc, m_i, l_i, qk_scale, None, MASKED=False, V_EARLY=V_EARLY, KV_FP8=KV_FP8)
 
     # Diagonal tail: the few tiles that cross some row's causal boundary or kv_end.
     for n0 in range(full_end, kv_end, BLOCK_N):
@@ -105,10 +124,10 @@ def _extend_kernel(
         mask_n = pos < kv_end
         slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_head + slot[:, None] * stride_kt, mask=kv_mask, other=0.0)
+        k = _load_tile(k_head + slot[:, None] * stride_kt, kv_mask, ks_head + slot, mask_n, q.dtype, KV_FP8)
         visible = mask_n[None, :] & (pos[None, :] <= q_pos[:, None])
-        acc, m_i, l_i = _online_step(q, k, v_head + slot[:, None] * stride_vt, kv_mask, acc, m_i, l_i,
-                                     qk_scale, visible, MASKED=True, V_EARLY=V_EARLY)
+        acc, m_i, l_i = _online_step(q, k, v_head + slot[:, None] * stride_vt, kv_mask, vs_head + slot, mask_n,
+                                     acc, m_i, l_i, qk_scale, visible, MASKED=True, V_EARLY=V_EARLY, KV_FP8=KV_FP8)
 
     out = acc / l_i[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -196,12 +215,15 @@ def build_work(extend_lens: list[int], prefix_lens: list[int], tok: int, device,
 
 
 def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens,
-                     extend_start_loc, scale, work, out=None, config: ExtendConfig | None = None):
+                     extend_start_loc, scale, work, out=None, config: ExtendConfig | None = None,
+                     k_scale=None, v_scale=None):
     """q: [T, Hq, D] new tokens of all requests (unit last stride); k_cache/v_cache:
     [slots, Hkv, D] holding every token's K/V (new ones included); req_pool_indices [B],
     prefix_lens / extend_lens / extend_start_loc [B] int device tensors; ``work`` from
     :func:`build_work` with ``tok = tokens_per_block(D, Hq // Hkv, device)`` (with an
-    explicit ``config``: ``tok = config.block_m // G``).  Returns out [T, Hq, D]."""
+    explicit ``config``: ``tok = config.block_m // G``).  ``k_scale``/``v_scale`` ([Hkv, slots]
+    fp32, unit last stride): the caches are e4m3 with these per-(token, head) scales.
+    Returns out [T, Hq, D]."""
     T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
@@ -217,20 +239,31 @@ def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
     cfg = config or extend_config(D, G, q.device)
     assert cfg.block_m >= G, "a tile must hold all heads of one KV group"
     block_d = max(16, triton.next_power_of_2(D))
+    kv_fp8 = k_scale is not None
+    if kv_fp8:
+        assert v_scale is not None and k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
+        assert k_cache.dtype == torch.float8_e4m3fn, "scales come with e4m3 caches"
+        scale_strides = (k_scale.stride(0), v_scale.stride(0))
+    else:
+        k_scale = v_scale = k_cache  # unused
+        scale_strides = (0, 0)
     _extend_kernel[(n_items, Hkv)](
-        q, k_cache, v_cache, out, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_start_loc,
-        work_req, work_tok,
+        q, k_cache, v_cache, k_scale, v_scale, out, req_to_token, req_pool_indices, prefix_lens, extend_lens,
+        extend_start_loc, work_req, work_tok,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), req_to_token.stride(0),
+        *scale_strides, out.stride(0), out.stride(1), req_to_token.stride(0),
         G=G, TOK=cfg.block_m // G, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        V_EARLY=cfg.v_early, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        V_EARLY=cfg.v_early, KV_FP8=kv_fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-def extend_attention_ref(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens, scale):
+def extend_attention_ref(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens, scale,
+                         k_scale=None, v_scale=None):
     """Torch reference (fp64 math, output in q's dtype); host loop over requests."""
+    from .decode_attention import dequantized_rows
+
     T, Hq, D = q.shape
     G = Hq // k_cache.shape[1]
     out = torch.empty_like(q)
@@ -238,8 +271,8 @@ def extend_attention_ref(q, k_cache, v_cache, req_to_token, req_pool_indices, pr
     for i in range(len(extend_lens)):
         p, e = int(prefix_lens[i]), int(extend_lens[i])
         slots = req_to_token[int(req_pool_indices[i]), : p + e].long()
-        k = k_cache[slots].double().repeat_interleave(G, dim=1)  # [L, Hq, D]
-        v = v_cache[slots].double().repeat_interleave(G, dim=1)
+        k = dequantized_rows(k_cache, k_scale, slots).repeat_interleave(G, dim=1)  # [L, Hq, D]
+        v = dequantized_rows(v_cache, v_scale, slots).repeat_interleave(G, dim=1)
         qq = q[s0 : s0 + e].double()
         s = torch.einsum("thd,nhd->htn", qq, k) * scale
         qpos = torch.arange(p, p + e, device=q.device)[:, None]

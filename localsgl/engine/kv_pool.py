@@ -5,12 +5,46 @@ Slot 0 is a scratch slot that is never handed out: padded rows of a CUDA-graph
 batch write their KV there.  Slots are token-granular: one slot = one token of
 one layer stack, so a prefix shared by the radix cache costs nothing extra.
 
+An FP8 pool (``kv_dtype=torch.float8_e4m3fn``) stores each token's K and V per KV head
+as e4m3 values plus one fp32 scale per (token, head), chosen when the token is stored:
+    s = max(amax(|x|), tiny) / 448,   q = round_e4m3(clamp(x / s, -448, 448)),   x ≈ q · s
+so any head's range fits without calibration and a row's relative error is that of e4m3
+(3 mantissa bits).  Scales are kept head-major, [Hkv, num_slots + 1], so a kernel reading
+one KV head of consecutive slots reads consecutive scales.  A token then costs
+2·L·Hkv·(D + 4) bytes instead of 2·L·Hkv·D·2 (bf16): 0.52x at D = 128.
+
 ReqToTokenPool is the table [max_reqs, max_context] mapping each running
 request's token positions to KV slots; attention kernels read it directly.
 """
 from __future__ import annotations
 
 import torch
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+FP8_MIN_SCALE = 1e-12  # an all-zero row gets this scale (its values stay 0)
+
+
+def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H, D] -> (e4m3 values [T, H, D], fp32 scales [T, H]) with x ≈ values · scale."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1) / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+    q = (xf / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+    return q, scale
+
+
+def fp8_dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """e4m3 values [..., H, D] and their scales [..., H] -> values in ``dtype`` (fp32 multiply)."""
+    return (q.float() * scale[..., None]).to(dtype)
+
+
+def kv_cache_torch_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's storage dtype for --kv-cache-dtype ``name`` (None/"auto": the model's)."""
+    if name in (None, "auto"):
+        return model_dtype
+    if name in ("fp8", "fp8_e4m3"):
+        return FP8_KV_DTYPE
+    raise ValueError(f"unknown KV cache dtype {name!r}: choose auto or fp8")
 
 
 class SlotAllocator:
@@ -49,6 +83,11 @@ class SlotAllocator:
 
 
 class KVPool:
+    """``dtype`` is the dtype reads return (the model's); ``kv_dtype`` the storage dtype
+    (default ``dtype``; FP8_KV_DTYPE adds the per-(token, head) scale buffers).
+    Attributes: ``dtype`` (storage, the buffers' dtype), ``read_dtype``, ``quantized``,
+    ``k_scale`` / ``v_scale`` (per layer, [Hkv, num_slots + 1] fp32; None unless quantized)."""
+
     def __init__(
         self,
         num_slots: int,
@@ -57,21 +96,46 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.num_slots = num_slots
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.dtype = dtype
+        self.read_dtype = dtype
+        self.dtype = kv_dtype or dtype
+        if self.dtype.is_floating_point and self.dtype.itemsize == 1 and self.dtype != FP8_KV_DTYPE:
+            raise ValueError(f"unsupported KV cache dtype {self.dtype}: the 8-bit pool stores {FP8_KV_DTYPE}")
+        self.quantized = self.dtype == FP8_KV_DTYPE
         self.device = torch.device(device)
         shape = (num_slots + 1, num_kv_heads, head_dim)
-        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.k_buffer = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]
+        self.v_buffer = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]
+        self.k_scale = self.v_scale = None
+        if self.quantized:
+            sshape = (num_kv_heads, num_slots + 1)
+            self.k_scale = [torch.ones(sshape, dtype=torch.float32, device=self.device) for _ in range(num_layers)]
+            self.v_scale = [torch.ones(sshape, dtype=torch.float32, device=self.device) for _ in range(num_layers)]
         self.allocator = SlotAllocator(torch.arange(1, num_slots + 1))
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V bytes of one token over all layers, scales included for FP8_KV_DTYPE."""
+        if dtype == FP8_KV_DTYPE:
+            return 2 * num_layers * num_kv_heads * (head_dim + 4)
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(k_scale, v_scale) of a layer: [Hkv, num_slots + 1] fp32, or (None, None)."""
+        if not self.quantized:
+            return None, None
+        return self.k_scale[layer], self.v_scale[layer]
+
+    def release(self) -> None:
+        """Drop every buffer so its memory can go back."""
+        for bufs in (self.k_buffer, self.v_buffer, self.k_scale, self.v_scale):
+            if bufs is not None:
+                bufs.clear()
 
     @property
     def num_free(self) -> int:
@@ -84,9 +148,25 @@ class KVPool:
         self.allocator.free(slots)
 
     def store(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the new tokens' K and V ([T, Hkv, D]) into their slots."""
-        self.k_buffer[layer][loc] = k.to(self.dtype)
-        self.v_buffer[layer][loc] = v.to(self.dtype)
+        """Write the new tokens' K and V ([T, Hkv, D]) into their slots (quantized in an FP8 pool)."""
+        if not self.quantized:
+            self.k_buffer[layer][loc] = k.to(self.dtype)
+            self.v_buffer[layer][loc] = v.to(self.dtype)
+            return
+        for buf, sbuf, x in ((self.k_buffer, self.k_scale, k), (self.v_buffer, self.v_scale, v)):
+            q, s = fp8_quantize_rows(x)
+            buf[layer][loc] = q
+            sbuf[layer][:, loc] = s.t()
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``slots`` (1-D int64) as [N, Hkv, D] in ``read_dtype`` (dequantized)."""
+        k = self.k_buffer[layer].index_select(0, slots)
+        v = self.v_buffer[layer].index_select(0, slots)
+        if not self.quantized:
+            return k.to(self.read_dtype), v.to(self.read_dtype)
+        ks = self.k_scale[layer].index_select(1, slots).t()
+        vs = self.v_scale[layer].index_select(1, slots).t()
+        return fp8_dequantize_rows(k, ks, self.read_dtype), fp8_dequantize_rows(v, vs, self.read_dtype)
 
 
 class ReqToTokenPool:

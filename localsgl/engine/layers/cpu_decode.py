@@ -20,7 +20,7 @@ runs in fp32 (torch's emulated bf16 SDPA is slower), so the logits differ from t
 path's by the bf16 roundings attention skips.
 
 Used on the CPU for DECODE steps with the torch backend when the model has a full-width
-rotary, unless the engine's ``cpu_decode`` debug switch is off (docs/switches.md).
+rotary and the KV pool is not FP8, unless the engine's ``cpu_decode`` debug switch is off (docs/switches.md).
 """
 from __future__ import annotations
 
@@ -116,6 +116,7 @@ def use_cpu_decode(model, input_ids: torch.Tensor, batch: ForwardBatch) -> bool:
         and batch.mode == ForwardMode.DECODE
         and not input_ids.is_cuda
         and getattr(batch.attn_backend, "name", None) == "torch"
+        and not getattr(batch.kv_pool, "quantized", False)  # an FP8 pool is read through the backend's dequantizing gather
         and cpu_decode_plan(model) is not None
     )
 

@@ -16,6 +16,11 @@ path runs.  The engine's ``fused_decode`` debug switch turns it off (docs/switch
 A quantized weight (layers/quant.py) streams through the same fused kernels' quantized twins
 (localsgl_kernels.quant_gemv: dequantized in registers, same prologues and epilogues), chosen
 per weight, so a model whose layers mix formats (a GGUF Q4_K_M file) still takes this path.
+
+With an FP8 KV pool the qkv kernel writes the token's K and V to a one-slot staging buffer in
+the model's dtype and the backend's ``forward`` quantizes them into the pool (its KV store
+computes each head's scale over the whole head, which the qkv kernel, splitting a head's rows
+across programs, cannot) and attends: one extra small launch per layer.
 """
 from __future__ import annotations
 
@@ -140,16 +145,27 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
     cos_sin = model.rotary.cos_sin
     x = model.embed_tokens(input_ids)
     residual = None
+    staged = pool.quantized  # K/V go through a staging slot, then the backend's quantizing store
+    if staged:
+        cfg = model.config
+        stage = torch.empty((2, 1, cfg.num_kv_heads, cfg.head_dim), dtype=model.dtype, device=input_ids.device)
+        stage_loc = torch.zeros(1, dtype=batch.out_cache_loc.dtype, device=input_ids.device)
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         w_qkv, w_o, w_gu, w_down = _layer_weights(layer)
+        if staged:
+            loc, k_cache, v_cache = stage_loc, stage[0], stage[1]
+        else:
+            loc, k_cache, v_cache = batch.out_cache_loc, pool.k_buffer[attn.layer_id], pool.v_buffer[attn.layer_id]
         q, residual = _kernels_for(w_qkv).norm_qkv(
             x, residual, ln1.weight, ln1.eps, w_qkv, attn.qkv_proj.bias, cos_sin, positions,
-            batch.out_cache_loc, pool.k_buffer[attn.layer_id], pool.v_buffer[attn.layer_id],
-            attn.num_heads, attn.num_kv_heads,
+            loc, k_cache, v_cache, attn.num_heads, attn.num_kv_heads,
         )
-        o = backend.attend(q, attn.layer_id, batch, attn.scale)
+        if staged:
+            o = backend.forward(q, stage[0], stage[1], attn.layer_id, batch, attn.scale)
+        else:
+            o = backend.attend(q, attn.layer_id, batch, attn.scale)
         h = _kernels_for(w_o).gemv(o.view(1, attn.q_size), w_o)
         a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
         x = _kernels_for(w_down).gemv(a, w_down)

@@ -24,6 +24,8 @@ private pool, like every other intermediate, so replays reuse the same addresses
 layers/fused_decode.py calls directly: its qkv kernel already stored K/V); every key, new
 ones included, is read through ``req_to_token``.  Padded rows of a replayed graph
 (seq_len 1, request row 0, slot 0) write only KV slot 0 and their own output row.
+An FP8 pool (kv_pool.py) is quantized by the KV store and dequantized by both attention
+kernels as they read it: every call passes the layer's scale buffers along.
 Nothing here syncs with the device.
 """
 from __future__ import annotations
@@ -108,12 +110,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def store_kv(self, k, v, layer, batch):
         pool = batch.kv_pool
-        self._store(pool.k_buffer[layer], pool.v_buffer[layer], batch.out_cache_loc, k, v)
+        self._store(pool.k_buffer[layer], pool.v_buffer[layer], batch.out_cache_loc, k, v, *pool.scales(layer))
 
     def attend(self, q, layer, batch, scale, out=None):
         pool = batch.kv_pool
         k_cache = pool.k_buffer[layer]
         v_cache = pool.v_buffer[layer]
+        k_scale, v_scale = pool.scales(layer)
         meta = batch.attn_meta
         T, hq, d = q.shape
         if isinstance(meta, _DecodeMeta):
@@ -130,6 +133,7 @@ class TritonAttentionBackend(AttentionBackend):
             return self._dec.decode_attention(
                 q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, scale,
                 out=out, num_splits=meta.num_splits, workspace=ws, groups=groups, prefix_workspace=pws,
+                k_scale=k_scale, v_scale=v_scale,
             )
         tok = self._ext.tokens_per_block(d, hq // k_cache.shape[1], q.device)
         nd = meta.num_decode
@@ -144,11 +148,11 @@ class TritonAttentionBackend(AttentionBackend):
                 dm.workspace = self._dec.alloc_workspace(nd, hq, d, dm.num_splits, q.device)
             self._dec.decode_attention(
                 q[:nd], k_cache, v_cache, batch.req_to_token, batch.req_pool_indices[:nd], batch.seq_lens[:nd], scale,
-                out=out[:nd], num_splits=dm.num_splits, workspace=dm.workspace,
+                out=out[:nd], num_splits=dm.num_splits, workspace=dm.workspace, k_scale=k_scale, v_scale=v_scale,
             )
         return self._ext.extend_attention(
             q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.prefix_lens, batch.extend_lens,
-            batch.extend_start_loc, scale, meta.work, out=out,
+            batch.extend_start_loc, scale, meta.work, out=out, k_scale=k_scale, v_scale=v_scale,
         )
 
     # ------------------------------------------------------------------ CUDA graphs
