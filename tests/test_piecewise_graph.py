@@ -109,7 +109,7 @@ def test_piecewise_pieces_give_the_eager_forward(family, num_decode, extends):
         for t, saved in zip(pool.k_buffer + pool.v_buffer, before):  # the new tokens' K/V written again below
             t.copy_(saved)
         pw = PiecewiseGraphs(model, attn, pool, torch.device("cpu"), max_tokens=64, capture=False)
-        assert pw.bucket_for(T) is None and pw.wants_capture(T)
+        assert pw.bucket_for(T) is None and not pw.applies(b)
         n = pw.planned_bucket(T)
         pw.capture(n)
         assert pw.applies(b) and pw.bucket_for(T) == n >= T
@@ -130,18 +130,19 @@ def test_piecewise_pieces_give_the_eager_forward(family, num_decode, extends):
 def test_piecewise_runs_every_step_size_up_to_its_largest_bucket():
     model = _model("llama", seed=3)
     cfg = model.config
-    pool = KVPool(600, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
-    rt = ReqToTokenPool(8, 96, "cpu")
+    pool = KVPool(1200, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
+    rt = ReqToTokenPool(8, 400, "cpu")
     attn = PrestoredTorchBackend()
-    pw = PiecewiseGraphs(model, attn, pool, torch.device("cpu"), max_tokens=40, capture=False)
-    assert pw.buckets == [16, 32, 48] and pw.pending == [48, 32, 16]
-    pw.capture(pw.pending[0])
-    assert pw.bucket_for(5) == 48 and pw.wants_capture(5) and not pw.wants_capture(40)
+    pw = PiecewiseGraphs(model, attn, pool, torch.device("cpu"), max_tokens=300, capture=False)
+    assert pw.buckets[-3:] == [224, 256, 320] and pw.pending == sorted(pw.buckets, reverse=True)
+    pw.capture(pw.pending[0])  # the largest first, as the engine does
+    assert pw.bucket_for(300) == 320 and pw.bucket_for(250) == 320  # 256's bucket padded by 64 at most
+    assert pw.bucket_for(100) is None  # 320 rows for 100 tokens: eager until 112 is captured
     for n in list(pw.pending):
         pw.capture(n)
-    assert not pw.pending and pw.bucket_for(49) is None
+    assert not pw.pending and pw.bucket_for(100) == 112 and pw.bucket_for(321) is None
     rng = random.Random(7)
-    for T in (1, 16, 17, 33, 48):
+    for T in (1, 16, 17, 33, 130, 240):  # positions stay below the model's 256
         nd = 1 if T == 1 else 3
         b = _mixed_batch(model, pool, rt, attn, rng, nd, [(rng.randint(0, 9), T - nd)] if T > nd else [])
         assert b.num_tokens == T

@@ -16,7 +16,8 @@ Which buckets exist when is graph_schedule.py's business: the small ones are cap
 here at start-up, the rest later by ``capture_next`` (called by the engine thread between
 steps); a batch without its bucket replays a larger captured one or runs eagerly.  When
 piecewise graphs for extend steps are on (piecewise_graph.py), their token buckets are
-captured the same way, after every decode graph, into the same memory pool.
+captured after every decode graph, into the same memory pool, while the engine idles
+(an extend step never waits for a capture).
 """
 from __future__ import annotations
 

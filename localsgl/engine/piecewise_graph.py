@@ -18,6 +18,8 @@ write fixed buffers (token ids, positions, KV slots, residual, q, attention outp
 hidden).  Every op inside a piece is row-wise, so the padded rows — token 0 at position 0,
 their K/V written to scratch slot 0 — never touch a real row.
 
+Buckets are captured largest first while the engine idles (cuda_graph.py drives it); until a
+step's own bucket exists it replays a captured one at most a quarter larger, else runs eagerly.
 The same pieces run without capture on the CPU (``capture=False``): the tests check the
 split, the padding and the fixed buffers against the eager forward there.
 """
@@ -90,17 +92,17 @@ class PiecewiseGraphs:
         return None
 
     def bucket_for(self, num_tokens: int) -> int | None:
-        """The smallest captured bucket that holds num_tokens (None: the step runs eagerly)."""
+        """The smallest captured bucket that holds num_tokens, unless it pads the step by more
+        than a quarter beyond its own bucket (a 20-token prefill does not run 2,560 rows of
+        GEMMs while the small buckets wait for capture); None: the step runs eagerly."""
+        planned = self.planned_bucket(num_tokens)
+        if planned is None:
+            return None
         best = None
         for b in self.graphs:
             if b >= num_tokens and (best is None or b < best):
                 best = b
-        return best
-
-    def wants_capture(self, num_tokens: int) -> bool:
-        """Whether a step of this size runs slower than planned for a bucket not yet captured."""
-        planned = self.planned_bucket(num_tokens)
-        return planned is not None and planned not in self.graphs and planned in self.pending
+        return best if best is not None and best <= planned + max(64, planned // 4) else None
 
     def applies(self, batch: ForwardBatch) -> bool:
         return batch.mode == ForwardMode.EXTEND and 0 < batch.num_tokens and self.bucket_for(batch.num_tokens) is not None

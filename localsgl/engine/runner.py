@@ -50,7 +50,7 @@ class ModelRunner:
             self.prefix_shape = attn_backend.prefix_group_shape(cfg.num_heads, cfg.num_kv_heads)
         self.graphs = None
         self.last_path = "eager"  # how the last step ran: "graph", "piecewise" or "eager" (for profiling)
-        self.wants_graph = False  # the last step ran without the graph planned for it
+        self.wants_graph = False  # the last decode step ran without the graph planned for it
         if cuda_graph_bs and device.type == "cuda" and attn_backend.supports_cuda_graph:
             from .cuda_graph import CudaGraphRunner
 
@@ -157,13 +157,9 @@ class ModelRunner:
         self.last_path = "eager"
         self.attn.init_forward(batch)
         pw = self.graphs.piecewise if self.graphs is not None else None
-        if pw is not None and batch.mode == ForwardMode.EXTEND:
-            self.wants_graph = pw.wants_capture(batch.num_tokens)
-            if pw.applies(batch):
-                self.last_path = "piecewise"
-                hidden = pw.run(batch)
-            else:
-                hidden = self.model(batch.input_ids, batch.positions, batch)
+        if pw is not None and pw.applies(batch):  # its buckets are captured while the engine idles
+            self.last_path = "piecewise"
+            hidden = pw.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch)
         idx = batch.extra["sample_index"]
