@@ -130,7 +130,7 @@ class PiecewiseGraphs:
             x, r = layers[k - 1].attention_output(self.attn_out[:n], res)
         if k < len(layers):
             q, r = layers[k].attention_input(x, r, self.positions[:n], m.rotary, batch)
-            self.q[:n].copy_(q.reshape(n, self.q_size))
+            self.q[:n].view(q.shape).copy_(q)  # one strided copy out of the qkv output
         else:
             h, r = m.norm(x, r)
             self.hidden[:n].copy_(h)
