@@ -33,10 +33,10 @@ class PrestoredTorchBackend(TorchAttentionBackend):
         return out
 
 
-def _model(family: str, seed: int, dtype=torch.float32, device="cpu") -> LlamaForCausalLM:
+def _model(family: str, seed: int, dtype=torch.float32, device="cpu", max_positions=256) -> LlamaForCausalLM:
     cfg = ModelConfig(
         architecture="LlamaForCausalLM", hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
-        num_kv_heads=2, head_dim=16, vocab_size=80, max_position_embeddings=256, rms_norm_eps=1e-6,
+        num_kv_heads=2, head_dim=16, vocab_size=80, max_position_embeddings=max_positions, rms_norm_eps=1e-6,
         attention_bias=family == "qwen2", qk_norm=family == "qwen3", tie_word_embeddings=family == "qwen2",
     )
     torch.manual_seed(seed)
