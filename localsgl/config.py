@@ -266,6 +266,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("load_format", _choice("auto", "dummy")),
         Setting("weights", _choice("keep", "dequantize", aliases={"auto": None})),
         Setting("quantization", _choice("int4", "int8", "fp8", aliases={"none": None, "auto": None})),
+        Setting("kv_cache_dtype", _choice("fp8", aliases={"auto": None, "none": None, "fp8_e4m3": "fp8", "e4m3": "fp8"})),
         Setting("schedule_policy", _choice("fcfs", "lpm")),
         Setting("seed", _to_int(0)),
         Setting("max_queue", _to_int(1)),

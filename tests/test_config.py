@@ -93,6 +93,7 @@ def test_env_vars_for_every_engine_flag(monkeypatch):
         "load_format": ("dummy", "dummy"),
         "weights": ("keep", "keep"),
         "quantization": ("INT4", "int4"),
+        "kv_cache_dtype": ("FP8", "fp8"),
         "schedule_policy": ("lpm", "lpm"),
         "seed": ("7", 7),
         "max_queue": ("100", 100),

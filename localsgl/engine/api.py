@@ -108,7 +108,8 @@ class Engine:
     gpu_memory, max_running, chunk_size, attention_backend, disable_cuda_graph,
     disable_overlap, disable_radix_cache, load_format, weights ("keep" | "dequantize": quantized
     weights stay quantized or load dense; default keep on a GPU, dequantize on the CPU),
-    quantization ("int4" | "int8" | "fp8": quantize dense linear weights at load), schedule_policy
+    quantization ("int4" | "int8" | "fp8": quantize dense linear weights at load), kv_cache_dtype
+    ("fp8": the KV cache in e4m3 with a scale per token and KV head; None: the model's dtype), schedule_policy
     ("fcfs" | "lpm"), seed, max_queue, tp, reasoning ("auto": the chat template decides whether a
     reasoning model thinks; "off": templates get ``enable_thinking=False``).  ``debug_switches`` (a DebugSwitches, not a CLI flag): debug/A-B switches,
     else those of the ``LOCALSGL_DEBUG_*`` environment variables (docs/switches.md).
@@ -133,6 +134,7 @@ class Engine:
         load_format: str = "auto",
         weights: str | None = None,
         quantization: str | None = None,
+        kv_cache_dtype: str | None = None,
         schedule_policy: str = "fcfs",
         seed: int = 0,
         max_queue: int | None = None,
@@ -163,6 +165,7 @@ class Engine:
             attention_backend=attention_backend, disable_cuda_graph=disable_cuda_graph,
             disable_overlap=disable_overlap, disable_radix_cache=disable_radix_cache, load_format=load_format,
             weights=weights, quantization=quantization, schedule_policy=schedule_policy, seed=seed, max_queue=max_queue, debug_switches=debug_switches,
+            kv_cache_dtype=kv_cache_dtype,
         )
         # The engine thread loads the model and then runs the loop: on the CPU the thread that
         # first ran torch's parallel ops keeps the fast intra-op pool (measured: a decode step
@@ -190,7 +193,8 @@ class Engine:
 
     def _boot(self, model, device, dtype, max_model_len, kv_memory, gpu_memory, max_running, chunk_size,
               attention_backend, disable_cuda_graph, disable_overlap, disable_radix_cache, load_format,
-              weights, quantization, schedule_policy, seed, max_queue, debug_switches) -> None:
+              weights, quantization, schedule_policy, seed, max_queue, debug_switches,
+              kv_cache_dtype=None) -> None:
         """Resolve, plan, load and build the core (runs on the engine thread)."""
         from ..store.resolve import resolve_model
         from .core import CoreConfig, EngineCore
@@ -213,6 +217,7 @@ class Engine:
         plan_kwargs = plan_options(dict(
             max_model_len=max_model_len, kv_memory=kv_memory, gpu_memory=gpu_memory,
             max_running=max_running, chunk_size=chunk_size, disable_cuda_graph=disable_cuda_graph,
+            kv_cache_dtype=kv_cache_dtype,
         ))
         self.weights_estimate = estimate_weights(self.source, self.config, dtype_name(self.dtype), self.device.type,
                                                  weights, quantization)
@@ -256,6 +261,7 @@ class Engine:
                 cuda_graph_bs=graphs,
                 schedule_policy=schedule_policy,
                 seed=seed,
+                kv_cache_dtype=self.plan.kv_cache_dtype,
                 debug=self.debug_switches,
             ),
             overlap=not disable_overlap and self.device.type == "cuda",

@@ -93,6 +93,9 @@ class EngineCore:
             self.kv_pool, self.req_pool, self.cache, cfg.max_running, cfg.chunk_size, cfg.max_model_len, cfg.schedule_policy
         )
         self.attn = create_backend(cfg.attention_backend, device)
+        if self.kv_pool.quantized and self.attn.name == "triton" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError("an fp8 KV cache with the triton attention backend needs compute capability 8.9 or "
+                             "newer (Ada, Hopper, Blackwell); use --attention-backend torch or drop --kv-cache-dtype")
         self.runner = ModelRunner(model, self.kv_pool, self.req_pool, self.attn, device, cfg.cuda_graph_bs)
         self.default_generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.inbox: queue.Queue = queue.Queue()

@@ -232,6 +232,7 @@ class MemoryPlan:
     safety_margin_bytes: int
     tp: int = 1
     context_limit: str | None = None  # why max_model_len stops short of the model's positions, when it must
+    kv_cache_dtype: str | None = None  # "fp8": e4m3 K/V with a scale per token and head; None: the model's dtype
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -246,7 +247,7 @@ class MemoryPlan:
         return (
             f"{self.device} {self.dtype}: weights {format_size(self.weights_bytes)}{tp}, "
             f"KV {self.kv_tokens:,} tokens ({format_size(self.kv_bytes)}, "
-            f"{format_size(self.kv_bytes_per_token)}/token), max_running {self.max_running}, "
+            f"{format_size(self.kv_bytes_per_token)}/token{', fp8' if self.kv_cache_dtype else ''}), max_running {self.max_running}, "
             f"max_model_len {self.max_model_len:,}, chunk {self.chunk_size}, {graphs}"
         )
 
@@ -288,8 +289,21 @@ def _activation_bytes(cfg, tokens: int, logit_rows: int, dsize: int, tp: int) ->
     return tokens * per_token + logits
 
 
-def kv_bytes_per_token(cfg, dtype: str, tp: int = 1) -> int:
+def kv_cache_dtype_name(name: str | None) -> str | None:
+    """--kv-cache-dtype as the plan records it: None (the model's dtype) or "fp8"."""
+    if name in (None, "auto"):
+        return None
+    if name in ("fp8", "fp8_e4m3"):
+        return "fp8"
+    raise PlanError(f"unknown KV cache dtype {name!r}: choose auto or fp8")
+
+
+def kv_bytes_per_token(cfg, dtype: str, tp: int = 1, kv_cache_dtype: str | None = None) -> int:
+    """K and V bytes of one token over all layers; an fp8 cache stores one byte per value
+    plus an fp32 scale per KV head (engine/kv_pool.py)."""
     kv_heads = max(1, math.ceil(cfg.num_kv_heads / tp))
+    if kv_cache_dtype_name(kv_cache_dtype) == "fp8":
+        return 2 * cfg.num_layers * kv_heads * (cfg.head_dim + 4)
     return 2 * cfg.num_layers * kv_heads * cfg.head_dim * DTYPE_BYTES[dtype]
 
 
@@ -328,6 +342,7 @@ def plan_options(flags: dict[str, Any]) -> dict[str, Any]:
         chunk_size=flags.get("chunk_size"),
         cuda_graph=not flags.get("disable_cuda_graph"),
         tp=flags.get("tp") or 1,
+        kv_cache_dtype=flags.get("kv_cache_dtype"),
     )
 
 
@@ -351,13 +366,14 @@ def make_plan(
     cuda_graph: bool = True,
     tp: int = 1,
     weights_bytes: int | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> MemoryPlan:
     """Size everything for ``config`` (a ModelConfig) on ``device_info`` at ``dtype``
     (a torch.dtype or its name).
 
     Sizes are bytes (or strings such as "8GiB"). ``free_memory_after_weights``: memory free on the GPU once the weights
     are loaded (the engine's second call); ``weights_bytes`` overrides the estimate
-    (quantized weights). Raises PlanError when the model or the requested sizes do not fit."""
+    (quantized weights); ``kv_cache_dtype`` "fp8" sizes an e4m3 KV cache. Raises PlanError when the model or the requested sizes do not fit."""
     from ..config import ConfigError, format_size, parse_size
 
     dtype = dtype_name(dtype)
@@ -375,7 +391,8 @@ def make_plan(
     dsize = DTYPE_BYTES[dtype]
     gpu = device_info.kind == "cuda"
     w_bytes = weights_bytes if weights_bytes is not None else weights_bytes_for(config, dtype, tp)
-    bpt = kv_bytes_per_token(config, dtype, tp)
+    kv_cache_dtype = kv_cache_dtype_name(kv_cache_dtype)
+    bpt = kv_bytes_per_token(config, dtype, tp, kv_cache_dtype)
     max_pos = int(config.max_position_embeddings)
     window = getattr(config, "sliding_window", None)
     if max_model_len is not None and window and max_model_len > window:
@@ -508,5 +525,6 @@ def make_plan(
         safety_margin_bytes=int(margin),
         tp=tp,
         context_limit=context_limit,
+        kv_cache_dtype=kv_cache_dtype,
         notes=notes,
     )
