@@ -84,6 +84,11 @@ def weight_bytes(engine: Engine) -> int:
 
 
 def kv_bytes_per_token(engine: Engine) -> int:
+    """KV bytes one token adds (and a step reads per context token) as the plan sized them: an
+    fp8 KV cache counts its e4m3 values and scales."""
+    plan = getattr(engine, "plan", None)
+    if plan is not None:
+        return plan.kv_bytes_per_token
     c = engine.config
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=engine.dtype).element_size()
 

@@ -2,14 +2,16 @@
 64 x (512 in / 128 out) decode tok/s for each weight format, random Llama-3.1-8B weights.
 
     python scripts/bench_quant.py [--formats bf16 int4 int8 fp8] [--gguf FILE ...] [--model llama-3.1-8b]
-                                  [--gpu-memory 8GiB] [--runs 3]
+                                  [--gpu-memory 8GiB] [--runs 3] [--long-context 32768 [--long-formats bf16]]
 
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
 (e.g. /tmp/peer/q4km.gguf from shared/peer/build_llamacpp.sh, for the side-by-side with
 llama.cpp's Q4_K_M).  The floor of a batch-1 step is the bytes it streams (the weights as
-loaded, packed, plus the KV it reads) over the measured copy bandwidth.  Prints one JSON
-line per engine, then a table."""
+loaded, packed, plus the KV it reads) over the measured copy bandwidth.  ``--long-context N``
+adds batch-1 decode (128 tokens) after an N-token prompt for each ``--long-formats`` weight
+format with the bf16 KV cache and with ``--kv-cache-dtype fp8``.  Prints one JSON line per
+engine, then a table."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +52,24 @@ def run(label: str, kwargs: dict, runs: int) -> dict:
     return row
 
 
+def run_long(label: str, kwargs: dict, runs: int, context: int) -> dict:
+    """Batch-1 decode ms/token after a ``context``-token prompt (the KV read dominates there)."""
+    engine = Engine(**kwargs)
+    try:
+        engine.wait_graphs()
+        ceil = bench.measure_ceilings(engine.device)
+        args = SimpleNamespace(seed=0, runs=runs, input_len=context, output_len=128, batch=[1], repetition_penalty=1.0,
+                               frequency_penalty=0.0, presence_penalty=0.0)
+        r = bench.bench_latency(engine, ceil, args)[0]
+        row = {"label": label, "context": context, "kv_bytes_per_token": engine.plan.kv_bytes_per_token,
+               "bs1_ms": r["measured"], "bs1_floor_ms": r["floor"], "bs1_ratio": r["ratio"],
+               "plan": engine.plan.describe(), "device": ceil.get("device_name")}
+    finally:
+        engine.shutdown()
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", nargs="*", default=["bf16", "int4", "int8", "fp8"])
@@ -57,6 +77,8 @@ def main() -> int:
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--gpu-memory", default=None)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--long-context", type=int, default=0, help="also batch-1 decode after this many prompt tokens")
+    p.add_argument("--long-formats", nargs="*", default=["bf16"])
     a = p.parse_args()
     base = dict(device="cuda", dtype="bfloat16", gpu_memory=a.gpu_memory, max_running=64)  # 64: the largest batch here
     rows = []
@@ -73,10 +95,24 @@ def main() -> int:
             rows.append(run(path, dict(base, model=path, weights="keep"), a.runs))
         except Exception as e:
             print(f"FAILED {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    long_rows = []
+    for fmt in a.long_formats if a.long_context else []:
+        for kv in (None, "fp8"):
+            kw = dict(base, model=a.model, load_format="dummy", max_running=1, max_model_len=a.long_context + 256,
+                      kv_cache_dtype=kv)
+            if fmt != "bf16":
+                kw.update(quantization=fmt, weights="keep")
+            try:
+                long_rows.append(run_long(f"{fmt} / KV {kv or 'bf16'}", kw, a.runs, a.long_context))
+            except Exception as e:
+                print(f"FAILED long {fmt} kv={kv}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     print(f"\n{'weights':<28} {'GiB':>6} {'bs1 ms':>8} {'floor':>7} {'x':>5} {'bs1 tok/s':>10} {'64x decode tok/s':>17}")
     for r in rows:
         print(f"{r['label'][-28:]:<28} {r['weights_bytes'] / 2**30:6.2f} {r['bs1_ms']:8.3f} {r['bs1_floor_ms']:7.3f} "
               f"{r['bs1_ratio']:5.2f} {r['bs1_tok_s']:10.1f} {r['bs64_decode_tok_s']:17.0f}")
+    for r in long_rows:
+        print(f"{r['label']:<28} bs1 after {r['context']:,} tokens: {r['bs1_ms']:.3f} ms (floor {r['bs1_floor_ms']:.3f}, "
+              f"x{r['bs1_ratio']:.2f})")
     return 0
 
 
