@@ -93,11 +93,16 @@ class RadixCache:
         A partially matched edge is split so the returned node ends exactly at the match."""
         if self.disabled or not tokens:
             return torch.empty(0, dtype=torch.int64), self.root
-        tokens = tuple(tokens)
-        node = self.root
+        values: list[torch.Tensor] = []
+        node, _ = self._descend(self.root, tuple(tokens), next(_tick), values)
+        slots = torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
+        return slots, node
+
+    def _descend(self, node: Node, tokens: tuple, now: int, values: list[torch.Tensor]) -> tuple[Node, int]:
+        """Follow ``tokens`` down from ``node`` as far as cached, splitting a partly matched
+        edge and touching each node passed; their slots go to ``values``.  Returns the node
+        reached and how many tokens it covers."""
         pos = 0
-        values = []
-        now = next(_tick)
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
             if child is None:
@@ -109,8 +114,7 @@ class RadixCache:
             values.append(child.value)
             pos += n
             node = child
-        slots = torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
-        return slots, node
+        return node, pos
 
     def record_query(self, query: int, hit: int) -> None:
         self.query_tokens += query
@@ -147,28 +151,19 @@ class RadixCache:
         if self.disabled or not tokens:
             return 0, node, torch.empty(0, dtype=torch.int64)
         tokens = tuple(tokens)
-        pos = 0
-        values = []
+        values: list[torch.Tensor] = []
         now = next(_tick)
-        while pos < len(tokens):
-            child = node.children.get(tokens[pos])
-            if child is None:
-                new = Node(node, tokens[pos:], slots[pos:].clone())
-                new.last_access = now
-                node.children[tokens[pos]] = new
-                self.evictable_size += len(new.key)
-                self._update_leaf(node)
-                self._update_leaf(new)
-                values.append(new.value)
-                return pos, new, torch.cat(values)
-            n = _common_len(child.key, tokens, pos)
-            if n < len(child.key):
-                child = self._split(child, n)
-            self._touch(child, now)
-            values.append(child.value)
-            pos += n
-            node = child
-        return pos, node, torch.cat(values)
+        node, pos = self._descend(node, tokens, now, values)
+        if pos == len(tokens):
+            return pos, node, torch.cat(values)
+        new = Node(node, tokens[pos:], slots[pos:].clone())
+        new.last_access = now
+        node.children[tokens[pos]] = new
+        self.evictable_size += len(new.key)
+        self._update_leaf(node)
+        self._update_leaf(new)
+        values.append(new.value)
+        return pos, new, torch.cat(values)
 
     # ---------------------------------------------------------------- locks
     def lock(self, node: Node) -> None:
