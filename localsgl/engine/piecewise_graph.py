@@ -80,8 +80,9 @@ class PiecewiseGraphs:
         self.q = torch.zeros(n, self.q_size, dtype=dt, device=device)
         self.attn_out = torch.zeros(n, self.q_size, dtype=dt, device=device)
         self.graphs: dict[int, list] = {}
-        self.pending: list[int] = sorted(self.buckets, reverse=True)  # captured largest first: the pool's
-        self.capture_seconds = 0.0  #                                    blocks serve the smaller ones
+        # captured largest first: the memory pool's blocks then serve the smaller buckets too
+        self.pending: list[int] = sorted(self.buckets, reverse=True)
+        self.capture_seconds = 0.0
 
     # ------------------------------------------------------------------ which bucket
     def planned_bucket(self, num_tokens: int) -> int | None:
