@@ -556,15 +556,10 @@ def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
 
 
 def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    ql = b[:, 0:128].reshape(n, 2, 1, 64)
-    qh = b[:, 128:192].reshape(n, 2, 1, 32)
-    scales = b[:, 192:208].contiguous().view(torch.int8).float()
-    d = _f16(b[:, 208:210])
-    lo = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)
-    hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2)  # [n, 2, 4, 32]
-    q = ((lo | (hi << 4)).to(torch.int8) - 32).float().reshape(n, 16, 16)
-    return ((d * scales).reshape(n, 16, 1) * q).reshape(n, 256)
+    from .gguf_repack import unpack_q6_k
+
+    q, scales, _ = unpack_q6_k(b)
+    return (scales.reshape(-1, 16, 1) * q.float().reshape(-1, 16, 16)).reshape(-1, 256)
 
 
 _TORCH_DEQUANT = {"Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q4_K": _dq_q4_k, "Q6_K": _dq_q6_k}

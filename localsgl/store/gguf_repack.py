@@ -124,7 +124,8 @@ def _q5_k(b):
     return q, d * sc, -(dmin * mn)
 
 
-def _q6_k(b):
+def unpack_q6_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """Q6_K blocks [n, 210] -> int8 values [n, 256] (centred), their 16 scales per block, no mins."""
     n = b.shape[0]
     ql = b[:, 0:128].reshape(n, 2, 1, 64)
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
@@ -136,4 +137,4 @@ def _q6_k(b):
     return q, d * sc, None
 
 
-_UNPACK = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_UNPACK = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": unpack_q6_k}
