@@ -1,33 +1,101 @@
 """Structured decoding benchmark: JSON-schema vs free decoding, decode tok/s at each batch
 size, and the host time the grammar masks take per step.
 
-Both runs decode the same random prompts for the same number of tokens: the free run with
+Both runs decode the same number of tokens from random prompts: the free run with
 ``ignore_eos``, the JSON run under a schema that cannot end before ``--new`` tokens (an array
-of at least 10,000 integers), so both take one decode step per token.  Decode rate =
-batch * (new - 1) / (time(new tokens) - time(1 token)), as scripts/bench_cpu.py; the two runs
-alternate ``--repeats`` times (the order flipping each round) so a busy machine slows both
-alike, and the table shows medians.
+of at least 10,000 integers), so both take one decode step per token.  A run's decode rate is
+the sum over its requests of (tokens - 1) / (finish - first token), from each request's own
+metrics, so prefill never enters it.  The free and JSON runs alternate ``--repeats`` times
+(the order flipping each round) so a busy machine slows both alike; the table shows medians.
+"mask ms/step" is the host time of one step's grammar work (bring the matchers up to date,
+fill the bitmasks), whether or not the forward hides it.
 
-A model without a tokenizer (``--load-format dummy``) gets the embedded model's (SmolLM2,
-49,152 tokens) for its grammars; the masks still cover the model's whole vocabulary (a larger
-one: the ids past the tokenizer are never allowed).
+A model without a tokenizer (``--load-format dummy``), or ``--tokenizer llama3|embedded``, gets Llama 3's (128,256 tokens, from the
+``llama-models`` package's ``llama3/tokenizer.model``, read without importing the package)
+when that package is installed, else the embedded model's (SmolLM2, 49,152 tokens); the masks
+always cover the model's whole vocabulary (ids past the tokenizer are never allowed).
 
 Usage: .venv/bin/python scripts/bench_structured.py [--model M] [--load-format auto|dummy]
-       [--device cuda|cpu] [--batches 1 64] [--new 128] [--prompt-len 128] [--repeats 3] [--json]
-GPU (the coordinator's command): .venv/bin/python scripts/bench_structured.py --model llama-3.1-8b
-       --load-format dummy --device cuda"""
+       [--device cuda|cpu] [--batches 1 64] [--new 128] [--prompt-len 128] [--repeats 3]
+       [--tokenizer auto|llama3|embedded] [--json]
+GPU: bash scripts/device_check.sh none notests structured (Llama-3.1-8B shapes, dummy bf16
+weights; llguidance and llama-models travel as wheels in .whl/, see
+scripts/device_wheels.sh)."""
 from __future__ import annotations
 
 import argparse
+import base64
+import importlib.util
 import json
 import os
 import statistics
 import sys
-import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LOCALSGL_IN_PROCESS", "1")  # the benchmark reads the core's counters
 
 SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99999}, "minItems": 10_000}
+
+# Llama 3's pre-tokenizer split and its 256 special tokens after the 128,000 BPE tokens
+# (the names of Llama 3.1's tokenizer.json)
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                  + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)])
+
+
+def llama3_tokenizer_file() -> Path | None:
+    """llama-models' Llama 3 tokenizer file (tiktoken ranks), found without importing the
+    package (its imports need more than the tokenizer does)."""
+    try:
+        spec = importlib.util.find_spec("llama_models")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "llama3" / "tokenizer.model"
+        if path.is_file():
+            return path
+    return None
+
+
+def llama3_tokenizer(path: Path):
+    """A transformers fast tokenizer of Llama 3 built from its tiktoken rank file."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class RankFile(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(file) -> dict[bytes, int]:  # "base64-token rank" lines; no tiktoken needed
+            ranks = {}
+            with open(file, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        token, rank = line.split()
+                        ranks[base64.b64decode(token)] = int(rank)
+            return ranks
+
+    backend = RankFile(vocab_file=str(path), pattern=LLAMA3_PATTERN, extra_special_tokens=LLAMA3_SPECIAL).converted()
+    if backend.get_vocab_size() != 128_256:
+        raise RuntimeError(f"{path}: {backend.get_vocab_size()} tokens, expected Llama 3's 128,256")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def stand_in_tokenizer(choice: str):
+    """(tokenizer, its eos ids, a note) for a model loaded without one."""
+    path = llama3_tokenizer_file() if choice in ("auto", "llama3") else None
+    if path is not None:
+        tok = llama3_tokenizer(path)
+        eos = [tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")]
+        return tok, eos, f"Llama 3's ({len(tok)} tokens, llama-models)"
+    if choice == "llama3":
+        raise SystemExit("--tokenizer llama3: the llama-models package is not installed")
+    from localsgl.store.resolve import resolve_model
+
+    tok = resolve_model("smollm2-135m").load_tokenizer()
+    return tok, [tok.eos_token_id], f"the embedded model's ({len(tok)} tokens)"
 
 
 def main() -> int:
@@ -40,6 +108,9 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokenizer", choices=["auto", "llama3", "embedded"], default="auto",
+                    help="whose tokenizer the grammars use: auto = the model's, else (dummy weights) Llama 3's "
+                         "when llama-models is installed, else the embedded model's")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
 
@@ -53,50 +124,40 @@ def main() -> int:
     engine.wait_graphs()
     tokenizer = engine.tokenizer
     tok_note = "the model's"
-    if tokenizer is None:
-        from localsgl.store.resolve import resolve_model
-
-        tokenizer = resolve_model("smollm2-135m").load_tokenizer()
-        engine.grammar_backend = GrammarBackend(tokenizer, engine.config.vocab_size, [tokenizer.eos_token_id])
-        tok_note = f"the embedded model's ({len(tokenizer)} tokens; model vocabulary {engine.config.vocab_size})"
+    if tokenizer is None or args.tokenizer != "auto":
+        tokenizer, eos, note = stand_in_tokenizer(args.tokenizer)
+        engine.grammar_backend = GrammarBackend(tokenizer, engine.config.vocab_size, eos)
+        tok_note = f"{note}; model vocabulary {engine.config.vocab_size}"
     engine.grammar_backend.ll_tokenizer  # built once, before timing
     rng = torch.Generator().manual_seed(0)
     top = min(len(tokenizer), engine.config.vocab_size)
     core = engine.core
 
-    def run(batch: int, n: int, constrained: bool) -> tuple[float, float, int]:
-        """(seconds, mask seconds, steps) of one generation of n tokens per request."""
+    def run(batch: int, constrained: bool) -> tuple[float, float]:
+        """(decode tok/s, mask ms per step) of one generation of --new tokens per request."""
         prompts = [torch.randint(100, top, (args.prompt_len,), generator=rng).tolist() for _ in range(batch)]
         if constrained:
-            params = SamplingParams(json_schema=SCHEMA, temperature=0, max_tokens=n)
+            params = SamplingParams(json_schema=SCHEMA, temperature=0, max_tokens=args.new)
         else:
-            params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+            params = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
         core.cache.reset()
-        m0 = core.masks.seconds if core.masks is not None else 0.0
-        s0 = core.steps
-        t0 = time.perf_counter()
+        masks = core.masks
+        m0, f0 = (masks.seconds, masks.fills) if masks is not None else (0.0, 0)
         outs = engine.generate(prompts, params)
-        dt = time.perf_counter() - t0
-        assert all(len(o.token_ids) == n for o in outs), [len(o.token_ids) for o in outs]
-        m1 = core.masks.seconds if core.masks is not None else 0.0
-        return dt, m1 - m0, core.steps - s0
-
-    def rate(batch: int, constrained: bool) -> tuple[float, float]:
-        """(decode tok/s, mask ms per decode step)."""
-        t1, _, _ = run(batch, 1, constrained)
-        tn, mask, steps = run(batch, args.new, constrained)
-        decode = max(tn - t1, 1e-9)
-        return batch * (args.new - 1) / decode, 1e3 * mask / max(steps, 1)
+        assert all(len(o.token_ids) == args.new for o in outs), [len(o.token_ids) for o in outs]
+        masks = core.masks
+        m1, f1 = (masks.seconds, masks.fills) if masks is not None else (0.0, 0)
+        rate = sum((args.new - 1) / max(o.metrics.total_time - o.metrics.time_to_first_token, 1e-9) for o in outs)
+        return rate, 1e3 * (m1 - m0) / max(f1 - f0, 1)
 
     rows = []
     for batch in args.batches:
-        rate(batch, False)  # warm-up (graphs, kernels, the grammar's lexer)
-        rate(batch, True)
+        run(batch, False)  # warm-up (graphs, kernels, the grammar's lexer)
+        run(batch, True)
         free, cons, masks = [], [], []
         for k in range(args.repeats):
-            order = (False, True) if k % 2 == 0 else (True, False)
-            for constrained in order:
-                r, m = rate(batch, constrained)
+            for constrained in ((False, True) if k % 2 == 0 else (True, False)):
+                r, m = run(batch, constrained)
                 (cons if constrained else free).append(r)
                 if constrained:
                     masks.append(m)
@@ -107,16 +168,17 @@ def main() -> int:
     device = engine.device_info.name if hasattr(engine, "device_info") else str(engine.device)
     head = {"model": engine.model_name, "load_format": args.load_format, "device": device,
             "dtype": str(engine.dtype).replace("torch.", ""), "tokenizer": tok_note, "prompt_len": args.prompt_len,
-            "new": args.new, "repeats": args.repeats, "overlap": engine.core.overlap}
+            "new": args.new, "repeats": args.repeats, "overlap": core.overlap}
     engine.shutdown()
     if args.json:
         print(json.dumps({**head, "rows": rows}, indent=2))
         return 0
     print(" ".join(f"{k}={v}" for k, v in head.items()))
-    print(f"{'batch':>5} {'free tok/s':>11} {'json tok/s':>11} {'slower':>7} {'mask ms/step':>13}")
+    print(f"{'batch':>5} {'free tok/s':>11} {'json tok/s':>11} {'slower':>7} {'mask ms/step':>13}  runs (free | json)")
     for r in rows:
+        runs = " ".join(f"{x:.1f}" for x in r["free_runs"]) + " | " + " ".join(f"{x:.1f}" for x in r["json_runs"])
         print(f"{r['batch']:>5} {r['free_tok_s']:>11.1f} {r['json_tok_s']:>11.1f} {r['slowdown_pct']:>6.1f}% "
-              f"{r['mask_ms_per_step']:>13.3f}")
+              f"{r['mask_ms_per_step']:>13.3f}  {runs}")
     return 0
 
 

@@ -5,6 +5,8 @@
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
+#   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
+#    wheels of scripts/device_wheels.sh in .whl/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-full}"; shift || true
@@ -50,6 +52,12 @@ fi
 if [[ "$EXTRA" == *" startup "* ]]; then
   echo "== command to first token (random Llama-3.1-8B safetensors, warm page and Triton caches)"
   timeout ${STARTUP_TIMEOUT:-240} python3 scripts/bench_start_gpu.py --runs ${STARTUP_RUNS:-3} --out "$OUTDIR" 2>&1 | tee "$OUTDIR/startup.log" | tail -25
+fi
+if [[ "$EXTRA" == *" structured "* ]]; then
+  echo "== structured decoding: JSON schema vs free (Llama-3.1-8B shapes, dummy bf16 weights, Llama 3 tokenizer)"
+  timeout ${STRUCTURED_TIMEOUT:-480} python3 scripts/bench_structured.py --model llama-3.1-8b --load-format dummy \
+    --dtype bfloat16 --device cuda --batches 1 64 --tokenizer llama3 --repeats ${STRUCTURED_REPEATS:-5} 2>&1 \
+    | tee "$OUTDIR/structured.log" | grep -v " INFO " | tail -20
 fi
 echo "== benchmarks"
 python3 scripts/bench_headline.py "$MODE" 2>&1 | tee "$OUTDIR/bench.log"
