@@ -37,13 +37,11 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
-def _quantize_rows(x, FP8: tl.constexpr):
-    """(values to store, per-row scale) of a [H, D] tile; the scale is 1 unless FP8."""
-    if FP8:
-        xf = x.to(tl.float32)
-        s = tl.maximum(tl.max(tl.abs(xf), 1) / FP8_MAX, FP8_MIN_SCALE)
-        return _round_to_e4m3(tl.clamp(xf / s[:, None], -FP8_MAX, FP8_MAX)), s
-    return x, tl.full([x.shape[0]], 1.0, tl.float32)
+def _fp8_rows(x):
+    """(e4m3-rounded values in fp32, per-row scale) of a [H, D] tile."""
+    xf = x.to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(xf), 1) / FP8_MAX, FP8_MIN_SCALE)
+    return _round_to_e4m3(tl.clamp(xf / s[:, None], -FP8_MAX, FP8_MAX)), s
 
 
 @triton.jit
@@ -61,8 +59,9 @@ def _store_kv_kernel(
     mask = (h[:, None] < H) & (d[None, :] < D)
     k = tl.load(K + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0)
     v = tl.load(V + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
-    k, ks = _quantize_rows(k, FP8)
-    v, vs = _quantize_rows(v, FP8)
+    if FP8:
+        k, ks = _fp8_rows(k)
+        v, vs = _fp8_rows(v)
     tl.store(KC + slot * stride_kct + h[:, None] * stride_kch + d[None, :], k.to(KC.dtype.element_ty), mask=mask)
     tl.store(VC + slot * stride_vct + h[:, None] * stride_vch + d[None, :], v.to(VC.dtype.element_ty), mask=mask)
     if FP8:
