@@ -146,6 +146,7 @@ class PiecewiseGraphs:
         self.positions.zero_()
         self.loc.zero_()
 
+    @torch.inference_mode()
     def capture(self, n: int, stream=None, pool=None):
         """Capture (or, without capture, prepare) bucket n's pieces; returns the memory pool
         the graphs allocate from (to share with the next capture)."""

@@ -55,7 +55,8 @@ class ModelRunner:
             from .cuda_graph import CudaGraphRunner
 
             piecewise = None
-            if self.debug.piecewise_graphs and attn_backend.supports_prestored_kv:
+            if (self.debug.piecewise_graphs and attn_backend.supports_prestored_kv
+                    and getattr(model, "supports_piecewise_graphs", False)):
                 # a step's tokens: a prefill chunk plus one per running request
                 piecewise = max_step_tokens or GPU_CHUNK_SIZE + req_pool.max_reqs
             t = time.perf_counter()

@@ -123,6 +123,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # its layers cut at the attention (DecoderLayer.attention_input / attention_output)
+    supports_piecewise_graphs = True
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
