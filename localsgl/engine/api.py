@@ -102,7 +102,12 @@ class _Collector:
 
 
 class Engine:
-    """An in-process inference engine; its loop runs on a background thread.
+    """An inference engine.  Its core (scheduler, KV cache, model, sampling) runs in a child
+    process, or with ``in_process=True`` on a background thread of this one; the API is the
+    same either way.  Tokenization, chat templates, detokenization and stop strings happen in
+    this process in both modes.  ``in_process`` None takes ``LOCALSGL_IN_PROCESS`` (1/0),
+    else True: a thread starts sooner; a core process keeps the step loop free of this
+    process's Python (HTTP, detokenization), which pays when serving many streams.
 
     Flags (snake_case twins of the CLI's): model, device, dtype, max_model_len, kv_memory,
     gpu_memory, max_running, chunk_size, attention_backend, disable_cuda_graph,
@@ -142,6 +147,7 @@ class Engine:
         debug_switches=None,
         default_sampling: dict | None = None,
         reasoning: str = "auto",
+        in_process: bool | None = None,
         **unknown,
     ):
         if unknown:
@@ -157,6 +163,7 @@ class Engine:
         if reasoning not in ("auto", "off"):
             raise InvalidRequestError("reasoning must be auto or off", "reasoning")
         self.reasoning = reasoning
+        self.in_process = default_in_process() if in_process is None else bool(in_process)
         self._ids = itertools.count()
         self._closed = False
         opts = dict(
@@ -167,6 +174,9 @@ class Engine:
             weights=weights, quantization=quantization, schedule_policy=schedule_policy, seed=seed, max_queue=max_queue, debug_switches=debug_switches,
             kv_cache_dtype=kv_cache_dtype,
         )
+        if not self.in_process:
+            self._start_core_process(opts)
+            return
         # The engine thread loads the model and then runs the loop: on the CPU the thread that
         # first ran torch's parallel ops keeps the fast intra-op pool (measured: a decode step
         # from another thread took ~1.5x as long), so loading and stepping share one thread.
@@ -175,7 +185,7 @@ class Engine:
 
         def boot() -> None:
             try:
-                self._boot(**opts)
+                boot_core(self, **opts)
             except BaseException as e:  # surfaced in the caller's thread
                 failure.append(e)
                 ready.set()
@@ -191,90 +201,46 @@ class Engine:
             raise failure[0]
         self.core.attach_thread(thread)
 
-    def _boot(self, model, device, dtype, max_model_len, kv_memory, gpu_memory, max_running, chunk_size,
-              attention_backend, disable_cuda_graph, disable_overlap, disable_radix_cache, load_format,
-              weights, quantization, schedule_policy, seed, max_queue, debug_switches,
-              kv_cache_dtype=None) -> None:
-        """Resolve, plan, load and build the core (runs on the engine thread)."""
+    def _start_core_process(self, opts: dict) -> None:
+        """Resolve the model and load the tokenizer here while the core process loads the
+        weights; take the plan and the rest from the core's answer."""
         from ..store.resolve import resolve_model
-        from .core import CoreConfig, EngineCore
-        from .debug_switches import DebugSwitches
+        from .core_client import CoreClient
         from .models.config import ModelConfig
-        from .models.loader import load_model
-        from .plan import default_dtype, detect_device, dtype_name, make_plan, plan_options
-        from .weight_estimate import estimate as estimate_weights
-
-        t0 = time.perf_counter()
-        self.debug_switches = debug_switches or DebugSwitches.from_env()
-        if self.debug_switches.changed():
-            log.warning("debug switches: %s", self.debug_switches.changed())
-        self.source = resolve_model(model, load_format=load_format)
-        self.model_name = self.source.name
-        self.config = ModelConfig.from_hf(self.source.config)
-        self.device_info = detect_device(device)
-        self.device = torch.device(self.device_info.torch_device)
-        self.dtype = parse_dtype(dtype) or default_dtype(self.device_info, self.config)
-        plan_kwargs = plan_options(dict(
-            max_model_len=max_model_len, kv_memory=kv_memory, gpu_memory=gpu_memory,
-            max_running=max_running, chunk_size=chunk_size, disable_cuda_graph=disable_cuda_graph,
-            kv_cache_dtype=kv_cache_dtype,
-        ))
-        self.weights_estimate = estimate_weights(self.source, self.config, dtype_name(self.dtype), self.device.type,
-                                                 weights, quantization)
-        if self.weights_estimate is not None:
-            plan_kwargs["weights_bytes"] = self.weights_estimate.total_bytes
-        pre_plan = make_plan(self.config, self.device_info, self.dtype, **plan_kwargs)
-        tokenizer = _in_background(self.source.load_tokenizer)  # transformers' import overlaps the weights
-        self.model = load_model(self.source, self.dtype, self.device, load_format, max_positions=pre_plan.max_model_len,
-                                weights=weights, quantization=quantization)
-        free_after = None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            free_after, _ = torch.cuda.mem_get_info(self.device)
-        t_weights = time.perf_counter()
-        self.plan = make_plan(self.config, self.device_info, self.dtype, free_memory_after_weights=free_after, **plan_kwargs)
-        self.max_model_len = self.plan.max_model_len
-        self.model.rotary.resize(self.max_model_len)  # the pre-load plan's guess may differ
-        self.tokenizer = tokenizer()
         from .reasoning import reasoning_tags
 
-        # the tags a reasoning model thinks in (None for other models, or with reasoning off)
+        t0 = time.perf_counter()
+        self.source = resolve_model(opts["model"], load_format=opts["load_format"])
+        self.model_name = self.source.name
+        self.config = ModelConfig.from_hf(self.source.config)
+        tokenizer = _in_background(self.source.load_tokenizer)
+        self.core = CoreClient(opts, self.source, self.reasoning, tokenizer)
+        info = self.core.info
+        self.plan = info["plan"]
+        self.max_model_len = info["max_model_len"]
+        self.device = torch.device(info["device"])
+        self.dtype = info["dtype"]
+        self.device_info = info["device_info"]
+        self.weights_estimate = info["weights_estimate"]
+        self.debug_switches = info["debug_switches"]
+        self.ready_after_weights_seconds = info["ready_after_weights_seconds"]
+        self.max_queue = opts["max_queue"]
+        self.model = None  # the weights live in the core process
+        self.tokenizer = self.core.tokenizer
         self.reasoning_tags = None if self.reasoning == "off" else reasoning_tags(self.tokenizer)
-        eos = list(self.config.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.append(int(self.tokenizer.eos_token_id))
-        eos += _generation_config_eos(self.source)
-        self.max_queue = max_queue
-        graphs = None if (disable_cuda_graph or self.device.type != "cuda") else list(self.plan.cuda_graph_bs)
-        self.core = EngineCore(
-            self.model,
-            self.tokenizer,
-            eos,
-            self.device,
-            CoreConfig(
-                kv_tokens=self.plan.kv_tokens,
-                max_running=self.plan.max_running,
-                chunk_size=self.plan.chunk_size,
-                max_model_len=self.plan.max_model_len,
-                attention_backend=attention_backend,
-                disable_radix_cache=disable_radix_cache,
-                cuda_graph_bs=graphs,
-                schedule_policy=schedule_policy,
-                seed=seed,
-                kv_cache_dtype=self.plan.kv_cache_dtype,
-                debug=self.debug_switches,
-            ),
-            overlap=not disable_overlap and self.device.type == "cuda",
-            start_thread=False,
-        )
-        t_ready = time.perf_counter()
-        self.load_seconds = t_ready - t0
-        # from weights on the device to serving (the small decode graphs captured; the rest
-        # follow while serving: graphs_ready_after_weights_seconds)
-        self.ready_after_weights_seconds = t_ready - t_weights
-        self._t_weights = t_weights
-        log.info("engine ready in %.1f s (%.1f s after the weights): %s", self.load_seconds,
-                 self.ready_after_weights_seconds, self.plan.describe())
+        self.load_seconds = time.perf_counter() - t0
+        log.info("engine ready in %.1f s (core process %d): %s", self.load_seconds, self.core.proc.pid,
+                 self.plan.describe())
+
+    @property
+    def alive(self) -> bool:
+        """Whether the core can take requests (False once shut down, or its process is gone)."""
+        if self._closed:
+            return False
+        if self.in_process:
+            t = self.core._thread
+            return t is None or t.is_alive()
+        return self.core.alive
 
     # ------------------------------------------------------------ prompts
     def encode_prompt(self, prompt) -> list[int]:
@@ -336,15 +302,17 @@ class Engine:
             if self.plan.context_limit:
                 err.args = (f"{err}; the context is {self.plan.context_limit}",)
             raise err
-        if self.max_queue is not None and self.core.scheduler.num_waiting >= self.max_queue:
-            raise EngineOverloadedError(f"{self.core.scheduler.num_waiting} requests waiting (max_queue={self.max_queue})")
+        if self.max_queue is not None:
+            waiting = self.core.scheduler.num_waiting if self.in_process else self.core.waiting_estimate
+            if waiting >= self.max_queue:
+                raise EngineOverloadedError(f"{waiting} requests waiting (max_queue={self.max_queue})")
         grammar = None
         if params.json_schema is not None or params.regex is not None or params.grammar is not None:
             grammar = self.grammar_backend.compile(params, ids)  # this thread, not the engine's
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         first = Request(rid, ids, params, 0, on_delta)
         reqs = [first] + [Request(rid, ids, params, i, on_delta, depends_on=first) for i in range(1, params.n)]
-        if grammar is not None:
+        if grammar is not None and self.in_process:  # a core process compiles its own
             for r in reqs:
                 r.grammar = grammar.new_state()
         if defer is not None:  # batch submission: the caller adds them all at once
@@ -497,6 +465,13 @@ class Engine:
     def wait_graphs(self, timeout: float | None = None) -> bool:
         """Wait until every planned decode CUDA graph is captured (the engine captures the
         large buckets while idle after start-up); True when none is pending."""
+        if not self.in_process:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self.core.query("graphs")["pending"]:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.1)
+            return True
         graphs = self.core.runner.graphs
         return graphs is None or graphs.done.wait(timeout)
 
@@ -504,6 +479,8 @@ class Engine:
     def graphs_ready_after_weights_seconds(self) -> float | None:
         """Seconds from the weights on the device to the last decode graph captured (0.0 with
         no graphs; None while some are pending)."""
+        if not self.in_process:
+            return self.core.query("graphs")["ready_after_weights"]
         graphs = self.core.runner.graphs
         if graphs is None:
             return 0.0
@@ -516,6 +493,8 @@ class Engine:
         self.core.shutdown()
         self.core.release()
         self.model = None
+        if not self.in_process:  # the memory went with the core process
+            return
         import gc
 
         gc.collect()
@@ -535,7 +514,103 @@ class Engine:
             pass
 
 
+def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, max_running, chunk_size,
+              attention_backend, disable_cuda_graph, disable_overlap, disable_radix_cache, load_format,
+              weights, quantization, schedule_policy, seed, max_queue, debug_switches, source=None,
+              kv_cache_dtype=None) -> None:
+    """Resolve, plan, load and build the core on ``host`` (the Engine, or core_process's stand-in
+    for it), setting the attributes an Engine shows: source, config, plan, tokenizer, core, ...
+    Runs on the thread that will run the core's loop."""
+    from ..store.resolve import resolve_model
+    from .core import CoreConfig, EngineCore
+    from .debug_switches import DebugSwitches
+    from .models.config import ModelConfig
+    from .models.loader import load_model
+    from .plan import default_dtype, detect_device, dtype_name, make_plan, plan_options
+    from .weight_estimate import estimate as estimate_weights
+
+    t0 = time.perf_counter()
+    host.debug_switches = debug_switches or DebugSwitches.from_env()
+    if host.debug_switches.changed():
+        log.warning("debug switches: %s", host.debug_switches.changed())
+    host.source = source or resolve_model(model, load_format=load_format)
+    host.model_name = host.source.name
+    host.config = ModelConfig.from_hf(host.source.config)
+    host.device_info = detect_device(device)
+    host.device = torch.device(host.device_info.torch_device)
+    host.dtype = parse_dtype(dtype) or default_dtype(host.device_info, host.config)
+    plan_kwargs = plan_options(dict(
+        max_model_len=max_model_len, kv_memory=kv_memory, gpu_memory=gpu_memory,
+        max_running=max_running, chunk_size=chunk_size, disable_cuda_graph=disable_cuda_graph,
+        kv_cache_dtype=kv_cache_dtype,
+    ))
+    host.weights_estimate = estimate_weights(host.source, host.config, dtype_name(host.dtype), host.device.type,
+                                             weights, quantization)
+    if host.weights_estimate is not None:
+        plan_kwargs["weights_bytes"] = host.weights_estimate.total_bytes
+    pre_plan = make_plan(host.config, host.device_info, host.dtype, **plan_kwargs)
+    tokenizer = _in_background(host.source.load_tokenizer)  # transformers' import overlaps the weights
+    host.model = load_model(host.source, host.dtype, host.device, load_format, max_positions=pre_plan.max_model_len,
+                            weights=weights, quantization=quantization)
+    free_after = None
+    if host.device.type == "cuda":
+        torch.cuda.synchronize(host.device)
+        free_after, _ = torch.cuda.mem_get_info(host.device)
+    t_weights = time.perf_counter()
+    host.plan = make_plan(host.config, host.device_info, host.dtype, free_memory_after_weights=free_after, **plan_kwargs)
+    host.max_model_len = host.plan.max_model_len
+    host.model.rotary.resize(host.max_model_len)  # the pre-load plan's guess may differ
+    host.tokenizer = tokenizer()
+    from .reasoning import reasoning_tags
+
+    # the tags a reasoning model thinks in (None for other models, or with reasoning off)
+    host.reasoning_tags = None if host.reasoning == "off" else reasoning_tags(host.tokenizer)
+    eos = list(host.config.eos_token_ids)
+    if host.tokenizer is not None and host.tokenizer.eos_token_id is not None:
+        eos.append(int(host.tokenizer.eos_token_id))
+    eos += _generation_config_eos(host.source)
+    host.max_queue = max_queue
+    graphs = None if (disable_cuda_graph or host.device.type != "cuda") else list(host.plan.cuda_graph_bs)
+    host.core = EngineCore(
+        host.model,
+        host.tokenizer,
+        eos,
+        host.device,
+        CoreConfig(
+            kv_tokens=host.plan.kv_tokens,
+            max_running=host.plan.max_running,
+            chunk_size=host.plan.chunk_size,
+            max_model_len=host.plan.max_model_len,
+            attention_backend=attention_backend,
+            disable_radix_cache=disable_radix_cache,
+            cuda_graph_bs=graphs,
+            schedule_policy=schedule_policy,
+            seed=seed,
+            kv_cache_dtype=host.plan.kv_cache_dtype,
+            debug=host.debug_switches,
+        ),
+        overlap=not disable_overlap and host.device.type == "cuda",
+        start_thread=False,
+    )
+    t_ready = time.perf_counter()
+    host.load_seconds = t_ready - t0
+    # from weights on the device to serving (the small decode graphs captured; the rest
+    # follow while serving: graphs_ready_after_weights_seconds)
+    host.ready_after_weights_seconds = t_ready - t_weights
+    host._t_weights = t_weights
+    log.info("engine ready in %.1f s (%.1f s after the weights): %s", host.load_seconds,
+             host.ready_after_weights_seconds, host.plan.describe())
+
+
 _GRAMMAR_LOCK = threading.Lock()
+
+
+def default_in_process() -> bool:
+    """``LOCALSGL_IN_PROCESS`` (1/0, true/false), else True."""
+    v = os.environ.get("LOCALSGL_IN_PROCESS", "").strip().lower()
+    if v in ("0", "false", "no", "off"):
+        return False
+    return True
 
 
 def _in_background(fn):
