@@ -159,6 +159,25 @@ ENGINE_OPTIONS: dict[str, Any] = {
 }
 
 
+# Where the engine core runs: on a thread of this process, or in its own process (the front
+# end keeps tokenization, text and HTTP).  Unset: LOCALSGL_IN_PROCESS, else the command's default
+# (serve: its own process; run and chat: a thread, which reaches the first token sooner —
+# bench/RESULTS.md "Engine core process (issue 18)").
+InProcessOption = Annotated[Optional[bool], typer.Option(
+    "--in-process/--core-process",
+    help="Run the engine core on a thread of this process, or in its own process",
+    show_default="serve: its own process; run: in-process")]
+
+
+def _engine_mode(kwargs: dict, in_process: Optional[bool], default: Optional[bool] = None) -> None:
+    """kwargs["in_process"]: the flag, else (LOCALSGL_IN_PROCESS unset) the command's default;
+    left out, the Engine reads LOCALSGL_IN_PROCESS itself (default in-process)."""
+    if in_process is None and not os.environ.get("LOCALSGL_IN_PROCESS"):
+        in_process = default
+    if in_process is not None:
+        kwargs["in_process"] = in_process
+
+
 def engine_options(func: Callable) -> Callable:
     """Add the common engine flags to a command; the command receives them as ``flags``
     (a dict of snake_case names, None where not given on the command line)."""
@@ -458,6 +477,7 @@ def run(
     stats: Annotated[bool, typer.Option("--stats", help="Token counts, TTFT and tok/s on stderr")] = False,
     local: Annotated[bool, typer.Option("--local", help="Load the model in this process even when a `localsgl serve` of it is running")] = False,
     no_pull: Annotated[bool, typer.Option("--no-pull", help="Never download: a model missing from the cache is an error (env LOCALSGL_NO_PULL=1)")] = False,
+    in_process: InProcessOption = None,
     *,
     flags: dict,
 ) -> None:
@@ -487,8 +507,9 @@ def run(
             from .store.hub_cache import NO_PULL_ENV
 
             os.environ[NO_PULL_ENV] = "1"
-        in_process = local or reasoning is not None
-        engine = (None if in_process else _running_server(kwargs, flags)) or _load_engine(kwargs)
+        _engine_mode(kwargs, in_process)
+        local_only = local or reasoning is not None
+        engine = (None if local_only else _running_server(kwargs, flags)) or _load_engine(kwargs)
         with engine:
             if system and not _has_chat_template(engine):
                 _err("note: this model has no chat template; the system text is prepended to the prompt")
@@ -679,6 +700,7 @@ def serve(
     port: Annotated[Optional[int], typer.Option("--port", help="Port", show_default="8000")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require this bearer token on every route but /health")] = None,
     reasoning: Annotated[Optional[str], typer.Option("--reasoning", help="auto | off: with off, a reasoning model's chat template is asked not to think, unless a request's chat_template_kwargs say otherwise")] = None,
+    in_process: InProcessOption = None,
     *,
     flags: dict,
 ) -> None:
@@ -688,6 +710,7 @@ def serve(
         kwargs = resolve_engine_kwargs(flags)
         if reasoning is not None:
             kwargs["reasoning"] = reasoning
+        _engine_mode(kwargs, in_process, default=False)
         s = resolve_settings({"host": host, "port": port, "api_key": api_key}, ["host", "port", "api_key"])
         try:
             serve_app = importlib.import_module("localsgl.server.app").serve
