@@ -710,7 +710,7 @@ def serve(
         kwargs = resolve_engine_kwargs(flags)
         if reasoning is not None:
             kwargs["reasoning"] = reasoning
-        _engine_mode(kwargs, in_process, default=False)
+        _engine_mode(kwargs, in_process)  # left out: serve() puts the core in its own process
         s = resolve_settings({"host": host, "port": port, "api_key": api_key}, ["host", "port", "api_key"])
         try:
             serve_app = importlib.import_module("localsgl.server.app").serve

@@ -499,6 +499,8 @@ def create_app(
     async def health():
         if state.shutting_down:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
+        if not getattr(engine, "alive", True):  # its core process is gone
+            return JSONResponse({"status": "engine_dead"}, status_code=503)
         return {"status": "ok"}
 
     auth_responses = {401: err_responses[401]}
@@ -1035,7 +1037,9 @@ def serve(
 ) -> int:
     """Build the Engine (unless ``engine`` is given), serve until SIGTERM/SIGINT, return 0.
 
-    ``api_key`` falls back to ``$LOCALSGL_API_KEY``; ``max_queue`` None means
+    The engine core runs in its own process unless ``engine_kwargs`` says ``in_process``
+    (or ``LOCALSGL_IN_PROCESS`` is set): the step loop then shares no interpreter lock
+    with HTTP, tokenization and detokenization.  ``api_key`` falls back to ``$LOCALSGL_API_KEY``; ``max_queue`` None means
     DEFAULT_MAX_QUEUE; ``port=0`` picks a free port (the startup line tells which).
     """
     import uvicorn
@@ -1045,7 +1049,10 @@ def serve(
     if owned:
         from localsgl import Engine
 
-        engine = Engine(**(engine_kwargs or {}))
+        kwargs = dict(engine_kwargs or {})
+        if not os.environ.get("LOCALSGL_IN_PROCESS"):
+            kwargs.setdefault("in_process", False)
+        engine = Engine(**kwargs)
     try:
         app = create_app(
             engine,
