@@ -22,7 +22,7 @@ def can_compile() -> bool:
 
 def compile_all(specs: list[dict], timeout: float = 600) -> list[dict]:
     """Each spec: {"kernel": "module:function", "pointers": {...}, "constexprs": {...},
-    "scalars": {...}, "num_warps": n, "num_stages": n}.  Returns per spec {"ok", "error",
+    "scalars": {...}, "div16": [int args known 16-divisible], "num_warps": n, "num_stages": n}.  Returns per spec {"ok", "error",
     "ptx_has": {needle: bool}} in a fresh interpreter-free process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,
@@ -49,7 +49,7 @@ def _compile(spec: dict) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[arg] = scalars.get(arg, "i32")
-            if arg.startswith("stride") and sig[arg] == "i32":
+            if sig[arg] == "i32" and (arg.startswith("stride") or arg in spec.get("div16", ())):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
@@ -58,7 +58,40 @@ def _compile(spec: dict) -> dict:
     except Exception as e:  # noqa: BLE001  (reported to the test)
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[-3000:], "ptx_has": {}}
     ptx = k.asm["ptx"]
-    return {"ok": True, "error": None, "ptx_has": {n: n in ptx for n in spec.get("ptx_needles", [])}}
+    return {"ok": True, "error": None, "ptx_has": {n: n in ptx for n in spec.get("ptx_needles", [])},
+            "resources": _resources(k.asm["cubin"]),
+            "sass_has": _sass_has(k.asm["cubin"], spec.get("sass_needles", []))}
+
+
+def _sass_has(cubin: bytes, needles: list[str]) -> dict:
+    """Whether the kernel's SASS holds each needle (e.g. HGMMA: Hopper's warpgroup MMA)."""
+    if not needles:
+        return {}
+    out = _cuobjdump(cubin, "--dump-sass") or ""
+    return {n: n in out for n in needles}
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str | None:
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def _resources(cubin: bytes) -> str | None:
+    """cuobjdump's register / stack / shared-memory line for the kernel (None without cuobjdump)."""
+    out = _cuobjdump(cubin, "--dump-resource-usage")
+    if out is None:
+        return None
+    line = next((ln.strip() for ln in out.splitlines() if "REG:" in ln), None)
+    return " ".join(line.split()[:4]) if line else None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""The quantized GEMV / GEMM kernels compile for sm_90 (Hopper) in every format the engine
+launches them with at the Llama-3.1-8B shape: int4 group 128 (quantize's default) and group 32
+with offsets (GGUF Q4_K), int8 per row and group 16 with offsets (GGUF Q6_K), fp8 per row; the
+fused norm + gate/up and norm + qkv + rotary + KV store GEMVs; the GEMM in its three tile
+configurations.  The CPU tests run them under the interpreter only, which type-checks less."""
+import pytest
+import torch
+from sm90_compile import can_compile, compile_all
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not can_compile(),
+                                reason="a GPU runs the kernels themselves; needs Triton's bundled ptxas")
+
+INT8, INT4, FP8 = 0, 1, 2
+# (label, KIND, qweight type, scale type, GROUP, SYM, ROW_SCALE, BLOCK_K of the GEMV)
+FORMATS = [
+    ("int4 g128", INT4, "*u8", "*fp16", 128, False, False, 256),
+    ("int4 g32 (Q4_K)", INT4, "*u8", "*fp16", 32, False, False, 256),
+    ("int8 row", INT8, "*i8", "*fp16", 4096, True, True, 128),
+    ("int8 g16 (Q6_K)", INT8, "*i8", "*fp16", 16, False, False, 128),
+    ("fp8 row", FP8, "*fp8e4nv", "*fp32", 4096, True, True, 128),
+]
+
+
+def _weight_meta(kind, group, sym, row_scale, block_k, block_r=8):
+    return dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row_scale, BLOCK_R=block_r, BLOCK_K=block_k, PDL=True)
+
+
+def _specs():
+    specs = {}
+    for label, kind, qt, st, group, sym, row, bk in FORMATS:
+        w = dict(QW=qt, S=st, Mn=st)
+        specs[f"gemv {label}"] = dict(kernel="localsgl_kernels.quant_gemv:_qgemv_kernel",
+                                      pointers=dict(X="*bf16", Out="*bf16", **w), div16=["K"],
+                                      constexprs=_weight_meta(kind, group, sym, row, bk))
+    label, kind, qt, st, group, sym, row, bk = FORMATS[0]
+    w = dict(QW=qt, S=st, Mn=st)
+    specs["norm_gate_up int4 g128"] = dict(
+        kernel="localsgl_kernels.quant_gemv:_qnorm_gate_up_kernel",
+        pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", Out="*bf16", **w), div16=["K", "I"],
+        scalars=dict(eps="fp32"), constexprs=_weight_meta(kind, group, sym, row, bk))
+    specs["norm_qkv int4 g128"] = dict(
+        kernel="localsgl_kernels.quant_gemv:_qnorm_qkv_kernel",
+        pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64",
+                      Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", **w), div16=["K"],
+        scalars=dict(eps="fp32"),
+        constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False, **_weight_meta(kind, group, sym, row, bk)))
+    # the GEMM's tile configurations (quant_gemm.default_config: <= 16 rows, <= 64, larger)
+    for (bm, bn, bkt, warps, stages, gm) in ((16, 32, 256, 4, 4, 1), (32, 64, 128, 4, 3, 4), (64, 128, 64, 4, 3, 8)):
+        for label, kind, qt, st, group, sym, row, _ in (FORMATS[0], FORMATS[2], FORMATS[4]):
+            bk = bkt if row else max(bkt, group)
+            specs[f"gemm {label} {bm}x{bn}x{bk}"] = dict(
+                kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
+                pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16"), div16=["N", "K"],
+                constexprs=dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                GROUP_M=gm, PREC="tf32"),
+                num_warps=warps, num_stages=stages)
+    return specs
+
+
+def test_quant_kernels_compile_for_sm90():
+    specs = {name: dict(s, sass_needles=["HGMMA"]) for name, s in _specs().items()}
+    results = dict(zip(specs, compile_all(list(specs.values()), timeout=900)))
+    failed = [f"{name}: {r['error']}" for name, r in results.items() if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    # the prefill / large-batch tile runs on Hopper's warpgroup MMA (the smaller tiles are below
+    # its 64-row minimum and use the older MMA)
+    for name, r in results.items():
+        if name.startswith("gemm") and "64x128" in name:
+            assert r["sass_has"]["HGMMA"], f"{name}: no HGMMA in its SASS"
