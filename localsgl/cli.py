@@ -471,6 +471,7 @@ def run(
     json_schema: Annotated[Optional[str], typer.Option("--json-schema", help="Constrain the answer to a JSON schema (inline or @FILE)")] = None,
     regex: Annotated[Optional[str], typer.Option("--regex", help="Constrain the answer to a regular expression")] = None,
     grammar: Annotated[Optional[str], typer.Option("--grammar", help="Constrain the answer to a Lark or GBNF grammar (@FILE or inline)")] = None,
+    json_pretty: Annotated[bool, typer.Option("--json-pretty", help="With --json-schema: allow spaces and indented new lines between JSON tokens (default: compact)")] = False,
     reasoning: Annotated[Optional[str], typer.Option("--reasoning", help="auto | off: with off, a reasoning model's chat template is asked not to think (enable_thinking=False)")] = None,
     batch: Annotated[bool, typer.Option("--batch", help="Each stdin line is its own prompt; all run concurrently")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="One JSON object per answer: index, prompt, text, finish_reason, usage")] = False,
@@ -492,7 +493,10 @@ def run(
 
         given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                      stop=stop or None, json_schema=_json_schema_arg(json_schema), regex=regex,
-                     grammar=None if grammar is None else _text_or_file("--grammar", grammar))
+                     grammar=None if grammar is None else _text_or_file("--grammar", grammar),
+                     json_whitespace="pretty" if json_pretty else None)
+        if json_pretty and json_schema is None:
+            raise UsageError("--json-pretty applies to --json-schema answers")
         params = SamplingParams(**{k: v for k, v in given.items() if v is not None})
         params.validate()
         if prompt is None and not batch and _stdin_is_terminal():  # nothing to answer: chat, as `ollama run`

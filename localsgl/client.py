@@ -262,7 +262,7 @@ def request_fields(params) -> dict[str, Any]:
             body[name] = v
     for name, neutral in (("min_tokens", 0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0),
                           ("seed", None), ("ignore_eos", False), ("regex", None), ("grammar", None),
-                          ("skip_special_tokens", True)):
+                          ("skip_special_tokens", True), ("json_whitespace", "compact")):
         v = getattr(params, name)
         if v != neutral:
             body[name] = v

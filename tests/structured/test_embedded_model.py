@@ -128,3 +128,51 @@ def test_cli_run_structured_flags(engine, monkeypatch, tmp_path):
     assert r.exit_code == 2 and "json_schema" in r.stderr and "wrong" in r.stderr
     r = runner.invoke(cli.app, ["run", "x", "--regex", "a(("])
     assert r.exit_code == 2 and "regex" in r.stderr
+
+
+def test_cli_json_pretty_reaches_the_params(engine, monkeypatch):
+    """`--json-pretty` asks for pretty JSON (in-process and through a running server's client);
+    without --json-schema it is a usage error."""
+    from typer.testing import CliRunner
+
+    from localsgl import cli
+    from localsgl.client import request_fields
+
+    seen = []
+    validate = SamplingParams.validate
+
+    def spy(self):
+        seen.append(self.json_whitespace)
+        return validate(self)
+
+    monkeypatch.setattr(SamplingParams, "validate", spy)
+    monkeypatch.setattr(cli, "_load_engine", lambda kwargs: _Borrowed(engine))
+    monkeypatch.setattr(cli, "_running_server", lambda kwargs, flags: None)
+    runner = CliRunner()
+    schema = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
+    r = runner.invoke(cli.app, ["run", "Is it ok?", "--json-schema", schema, "--json-pretty", "--temperature", "0",
+                                "--max-tokens", "30"])
+    assert r.exit_code == 0, r.output
+    assert isinstance(json.loads(r.stdout)["ok"], bool)
+    assert seen and seen[0] == "pretty"
+    r = runner.invoke(cli.app, ["run", "x", "--json-pretty"])
+    assert r.exit_code == 2 and "--json-pretty" in r.stderr
+    assert request_fields(SamplingParams(json_schema={"type": "object"}, json_whitespace="pretty"))[
+        "json_whitespace"] == "pretty"
+    assert "json_whitespace" not in request_fields(SamplingParams(json_schema={"type": "object"}))
+
+
+class _Borrowed:
+    """The session engine, not shut down by the command."""
+
+    def __init__(self, eng):
+        self._eng = eng
+
+    def __getattr__(self, name):
+        return getattr(self._eng, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
