@@ -26,14 +26,19 @@ from textual.widget import Widget
 from textual.widgets import Markdown
 from textual.widgets.markdown import MarkdownBlock
 
+from .segment_fold import SegmentFolder
+
 FRAME_SECONDS = 1 / 30
+PAINT_WAIT_SECONDS = 0.25
 
 
 class AnswerStream:
     def __init__(self, column: Widget, first: Markdown, new_segment: Callable[[], Markdown],
-                 on_rendered: Callable[[int, float], None] | None = None):
+                 on_rendered: Callable[[int, float], None] | None = None, folder: SegmentFolder | None = None):
         self.column = column
         self.live = first
+        self.segments = [first]
+        self.folder = folder  # folds the finished segments far above the screen (segment_fold.py)
         self.new_segment = new_segment
         self.on_rendered = on_rendered  # (characters on screen, perf_counter time) after each drawn update
         self.shown = first.source
@@ -61,6 +66,8 @@ class AnswerStream:
             task, self._task = self._task, None
             await asyncio.shield(task)
         self._report()
+        if self.folder is not None:
+            self.folder.unfold_all()
 
     async def _run(self) -> None:
         last = 0.0
@@ -79,10 +86,26 @@ class AnswerStream:
                 self.shown += chunk
                 await self._start_segment_at_new_block()
                 self._collapse_margin()
-                if self.on_rendered is not None:
-                    self.live.call_after_refresh(self._report)
+                if self.folder is not None:
+                    self.folder.fold_far(self.segments[:-1])
+                await self._painted()
+                self._report()
             if self._closing and not self._pending:
                 return
+
+    async def _painted(self) -> None:
+        """Wait until the screen has drawn the update. The screen repaints only when it
+        falls idle outside a batch update, and appending holds batches while it mounts
+        blocks: updates that follow each other without a pause can keep the screen from
+        repainting until the answer ends. So the next update waits for this one's paint
+        (or PAINT_WAIT_SECONDS, where the screen does not paint, e.g. under a dialog)."""
+        painted = asyncio.get_running_loop().create_future()
+        self.live.call_after_refresh(lambda: painted.done() or painted.set_result(None))
+        self.column.screen.check_idle()  # the screen notices the update now, outside any batch
+        try:
+            await asyncio.wait_for(painted, PAINT_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            pass
 
     async def _start_segment_at_new_block(self) -> None:
         blocks = [c for c in self.live.children if isinstance(c, MarkdownBlock)]
@@ -96,6 +119,7 @@ class AnswerStream:
             await self.column.mount(segment)
             await segment.append(current)
         self.live = segment
+        self.segments.append(segment)
         self._above = blocks[-2]
         self._above_margin = self._above.styles.margin.bottom
 

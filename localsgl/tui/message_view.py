@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from textual.containers import Vertical
+from textual.containers import ScrollableContainer, Vertical
 from textual.geometry import Size
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownFence
 
 from .answer_stream import AnswerStream
+from .segment_fold import SegmentFolder
 from .conversation import ChatMessage
 
 
@@ -31,6 +32,9 @@ class AnswerMarkdown(Markdown):
     """Markdown whose code blocks copy on click, laid out independently of its column's height."""
 
     BLOCKS = {**Markdown.BLOCKS, "fence": CopyableFence, "code_block": CopyableFence}
+    DEFAULT_CSS = """
+    AnswerMarkdown.-folded > * { display: none; }
+    """
 
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
         """Textual arranges a column whose children are all of auto height within its
@@ -83,7 +87,9 @@ class MessageView(Vertical):
 
     def start_stream(self) -> AnswerStream:
         column = self.query_one(".body", Vertical)
-        self._stream = AnswerStream(column, self.query_one(AnswerMarkdown), AnswerMarkdown, self.on_rendered)
+        view = next((a for a in self.ancestors if isinstance(a, ScrollableContainer)), None)
+        folder = SegmentFolder(view, self) if view is not None else None
+        self._stream = AnswerStream(column, self.query_one(AnswerMarkdown), AnswerMarkdown, self.on_rendered, folder)
         self._stream.start()
         return self._stream
 

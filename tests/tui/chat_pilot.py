@@ -2,6 +2,7 @@
 the app until a condition holds, and sending a message."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 from localsgl.tui.app import ChatApp
@@ -15,12 +16,16 @@ def make_app(engine, history: ChatHistory, *, sampling=None, own=False, **kw) ->
 
 
 async def wait_for(pilot, condition, timeout: float = 30.0, what: str = "condition") -> None:
-    """Let the app run until ``condition()`` is true; fail after ``timeout`` seconds."""
+    """Let the app run until ``condition()`` is true, then until it has handled what is
+    pending; fail after ``timeout`` seconds. The polling itself is a plain sleep: a pilot
+    pause posts a message to every widget and forces a layout and a repaint, which, many
+    times a second on the app's own thread, costs more than a streaming answer's updates."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await pilot.pause(0.02)
+        await asyncio.sleep(0.02)
+    await pilot.pause()
 
 
 async def type_and_send(pilot, text: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from chat_pilot import make_app, send_and_wait
+from chat_pilot import make_app, send_and_wait, wait_for
 from scripted_engine import ScriptedEngine
 from textual.widgets.markdown import MarkdownBlock
 
@@ -62,4 +62,37 @@ def test_a_streamed_answer_lays_out_as_the_whole_answer(history, rate):
     if rate:
         assert segments > 2  # the answer did stream into segments: the check below means something
     assert len(whole) == 7
+    assert streamed == whole
+
+
+def test_segments_far_above_the_screen_fold_while_streaming_and_unfold_when_scrolled_to_or_done(history):
+    text = ANSWER * 8
+    folded_while_streaming: list[int] = []
+
+    async def scenario():
+        app = make_app(ScriptedEngine([text], tokens_per_second=400), history,
+                       on_rendered=lambda chars, t: folded_while_streaming.append(len(app.query(".-folded"))))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            await send_and_wait(pilot, "many blocks", timeout=30)
+            await pilot.pause(0.1)
+            streamed = app.chat.message_views()[-1]
+            assert streamed.source == text
+            folded_after = len(app.query(".-folded"))
+            whole = app.chat.add_message(ChatMessage("assistant", text))
+            await pilot.pause(0.1)
+            layouts = block_layout(streamed), block_layout(whole)
+
+            # scrolling up while an answer streams unfolds what was folded, and nothing folds while away
+            app.handle_input("again")  # not a key press: the pilot waits for a quiet app after one
+            await wait_for(pilot, lambda: len(app.query(".-folded")) > 0, 20, "a folded segment")
+            app.chat.conversation_view.scroll_to(y=0, animate=False)
+            await pilot.pause()
+            folded_when_scrolled_up = len(app.query(".-folded"))
+            await wait_for(pilot, lambda: not app.answering, 30, "the second answer")
+            return folded_after, layouts, folded_when_scrolled_up
+
+    folded_after, (streamed, whole), folded_when_scrolled_up = asyncio.run(scenario())
+    assert max(folded_while_streaming) > 3
+    assert folded_after == 0 and folded_when_scrolled_up == 0
     assert streamed == whole
