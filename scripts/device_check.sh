@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [startup]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup]
 #   (mixed / mixed1b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps, 1B and 8B / 1B alone;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
+#   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
+#    with the engine core in-process and in its own process; each against its offline run)
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
@@ -47,6 +49,14 @@ if [[ "$EXTRA" == *" serving "* ]]; then
   echo "== serving vs offline"
   python3 -m localsgl.cli bench serving -m llama-3.1-8b --load-format dummy --dtype bfloat16 \
     --workload mixed --num-prompts 400 --request-rate ${SERVING_RATES:-16 32 inf} 2>&1 | tee "$OUTDIR/serving.log" | tail -20
+fi
+if [[ "$EXTRA" == *" serving1b "* ]]; then
+  echo "== serving vs offline, llama-3.2-1b mixed 1,000 prompts, rate inf: engine core on a thread (1) vs in its own process (0)"
+  for inproc in 1 0; do
+    LOCALSGL_IN_PROCESS=$inproc python3 -m localsgl.cli bench serving -m llama-3.2-1b --load-format dummy --dtype bfloat16 \
+      --workload mixed --num-prompts 1000 --request-rate inf --client process \
+      --output-json "$OUTDIR/serving1b_inprocess$inproc.json" 2>&1 | tee "$OUTDIR/serving1b_inprocess$inproc.log" | tail -12
+  done
 fi
 
 if [[ "$EXTRA" == *" startup "* ]]; then
