@@ -20,9 +20,10 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine():
-    e = Engine(model="smollm2-135m", dtype="float32", kv_memory="512MiB")
+@pytest.fixture(scope="module", params=["in_process", "core_process"])
+def engine(request):
+    """Both engine modes: the core on a thread, and in its own process."""
+    e = Engine(model="smollm2-135m", dtype="float32", kv_memory="512MiB", in_process=request.param == "in_process")
     yield e
     e.shutdown()
 

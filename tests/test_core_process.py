@@ -1,0 +1,190 @@
+"""The engine core in its own process: same outputs as in-process, and its lifecycle — it
+dies with its front end, a dead core fails every open request (never a hang) and turns
+/health to 503, and Ctrl-C on `run` leaves no process behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from localsgl import Engine, SamplingParams
+
+TINY = dict(architectures=["LlamaForCausalLM"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=512,
+            eos_token_id=63)
+
+
+def tiny_dir(tmp_path) -> str:
+    d = tmp_path / "tiny"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(TINY))
+    return str(d)
+
+
+def tiny_engine(path, in_process: bool, **kw) -> Engine:
+    return Engine(model=path, device="cpu", dtype="float32", load_format="dummy", kv_memory=1 << 20,
+                  max_model_len=256, in_process=in_process, **kw)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    path = tiny_dir(tmp_path_factory.mktemp("core"))
+    thread, proc = tiny_engine(path, True), tiny_engine(path, False)
+    yield thread, proc
+    thread.shutdown()
+    proc.shutdown()
+
+
+def test_same_tokens_finishes_and_usage(engines):
+    """Greedy and seeded outputs, stop ids, n > 1 and length limits are the same in both modes."""
+    thread, proc = engines
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8] * 20, [9, 10]]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=9, n=3, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=30),
+              SamplingParams(temperature=0.0, max_tokens=16, logprobs=True, top_logprobs=2, ignore_eos=True)]
+    a, b = thread.generate(prompts, params), proc.generate(prompts, params)
+    for x, y in zip(a, b):
+        assert [c.token_ids for c in x.choices] == [c.token_ids for c in y.choices]
+        assert [c.finish_reason for c in x.choices] == [c.finish_reason for c in y.choices]
+        assert x.metrics.completion_tokens == y.metrics.completion_tokens
+        assert x.metrics.prompt_tokens == y.metrics.prompt_tokens
+    lp_a, lp_b = a[3].logprobs, b[3].logprobs
+    assert [t.token_id for t in lp_a] == [t.token_id for t in lp_b]
+    assert [t.logprob for t in lp_a] == pytest.approx([t.logprob for t in lp_b], abs=1e-4)
+    # a stop id chosen from the output ends it there in both modes
+    stop_tok = a[0].token_ids[5]
+    p = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_tok])
+    x, y = thread.generate(prompts[0], p), proc.generate(prompts[0], p)
+    assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason == "stop"
+
+
+def test_stream_close_aborts_and_frees(engines):
+    _, proc = engines
+    it = proc.stream([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+    got = [next(it) for _ in range(3)]
+    assert all(d.finish_reason is None for d in got)
+    it.close()
+    assert proc.wait_idle(30)
+    deadline = time.monotonic() + 10
+    while proc.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s = proc.stats()
+    assert s["running"] == 0 and s["waiting"] == 0 and s["kv_slots_locked"] == 0
+
+
+def test_killed_core_fails_open_requests_and_health(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from localsgl.engine.core_client import CoreDiedError
+    from localsgl.server.app import create_app
+
+    eng = tiny_engine(tiny_dir(tmp_path), False)
+    try:
+        client = TestClient(create_app(eng))
+        assert client.get("/health").status_code == 200
+        got = []
+        eng.submit([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True), got.append)
+        it = eng.stream([4, 5, 6], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+        next(it)
+        eng.core.proc.kill()
+        t0 = time.monotonic()
+        last = None
+        for d in it:
+            last = d
+        assert time.monotonic() - t0 < 10
+        assert last is not None and last.finish_reason == "error" and "exited" in last.extra["error"]
+        deadline = time.monotonic() + 10
+        while not (got and got[-1].finish_reason) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got[-1].finish_reason == "error"  # every open request, not only the streamed one
+        assert not eng.alive
+        assert client.get("/health").status_code == 503
+        with pytest.raises(CoreDiedError):
+            eng.generate([1, 2], SamplingParams(max_tokens=2))
+    finally:
+        eng.shutdown()
+
+
+def _child_pids(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().split(")")[-1].split()[1]) == pid:
+                        out.append(int(d))
+            except (FileNotFoundError, ValueError, IndexError):
+                pass
+    return out
+
+
+def test_sigkill_of_front_end_ends_core(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, time
+        from localsgl import Engine
+        e = Engine(model={tiny_dir(tmp_path)!r}, device="cpu", load_format="dummy", kv_memory=1 << 20,
+                   max_model_len=256, in_process=False)
+        print(e.core.proc.pid, flush=True)
+        time.sleep(600)
+    """)
+    front = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        core_pid = int(front.stdout.readline())
+        assert _alive(core_pid)
+        front.kill()
+        front.wait(10)
+        assert _wait_gone(core_pid, 10), "the core process outlived its front end"
+    finally:
+        if front.poll() is None:
+            front.kill()
+
+
+def test_ctrl_c_on_run_leaves_no_process(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LOCALSGL_IN_PROCESS="0")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "localsgl.cli", "run", "--local", "--device", "cpu", "--max-tokens", "4000",
+         "--temperature", "0", "Count from one to a thousand in words."],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        kids = []
+        while time.monotonic() < deadline and run.poll() is None:
+            kids = _child_pids(run.pid)
+            if kids:
+                break
+            time.sleep(0.2)
+        assert kids, "run started no core process"
+        os.set_blocking(run.stdout.fileno(), False)
+        while time.monotonic() < deadline and run.poll() is None and not run.stdout.read(1):
+            time.sleep(0.2)  # the answer is streaming: the core is generating
+        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+        assert run.wait(30) == 130
+        for pid in kids:
+            assert _wait_gone(pid, 10), "the core process outlived `run`"
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
