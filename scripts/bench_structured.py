@@ -158,6 +158,8 @@ def main() -> int:
         for k in range(args.repeats):
             for constrained in ((False, True) if k % 2 == 0 else (True, False)):
                 r, m = run(batch, constrained)
+                print(f"batch {batch} {'json' if constrained else 'free'}: {r:.1f} tok/s"
+                      + (f", mask {m:.3f} ms/step" if constrained else ""), file=sys.stderr, flush=True)
                 (cons if constrained else free).append(r)
                 if constrained:
                     masks.append(m)
