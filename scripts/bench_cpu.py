@@ -12,8 +12,12 @@ To emulate an AVX2-only CPU (no AVX-512, no native bf16) on a newer x86 machine,
 ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``; the header
 line shows what torch, oneDNN and the engine's CPU routes see.
 
+A/B of our fp32 weight layout: ``--sides ours ours:row-major hf`` adds a worker whose fp32 Linear
+weights are laid out row-major (``ours:input-major`` the other way) instead of as this machine's
+probe chose; ratios are against the last side.
+
 Usage: .venv/bin/python scripts/bench_cpu.py [--dtypes float32 bfloat16] [--batches 1 32]
-       [--new 64] [--repeats 3] [--threads N]"""
+       [--new 64] [--repeats 3] [--threads N] [--sides ours hf]"""
 from __future__ import annotations
 
 import argparse
@@ -84,15 +88,30 @@ def environment() -> dict:
     }
 
 
+def load_ours(dtype: str, layout: str):
+    """Our engine; ``layout`` "input-major"/"row-major" overrides the fp32 weight layout."""
+    import contextlib
+    import dataclasses
+
+    from localsgl import Engine
+    from localsgl.engine.layers import cpu_routes
+
+    force = contextlib.nullcontext()
+    if layout:
+        routes = cpu_routes.choose(torch.float32, torch.backends.cpu.get_cpu_capability(), True,
+                                   fp32_input_major=layout == "input-major")
+        force = cpu_routes.forced(dataclasses.replace(routes, capability=f"{routes.capability} (forced)"))
+    force.__enter__()  # for the worker's lifetime: the layout pass and every later route
+    return Engine(model="smollm2-135m", dtype=dtype, kv_memory="512MiB")
+
+
 def worker(side: str, dtype: str, prompt_len: int, threads: int | None) -> None:
     """Load one side, then answer each stdin line "BATCH NEW" with one JSON line of rates."""
     if threads:
         torch.set_num_threads(threads)
     tdt = getattr(torch, dtype)
-    if side == "ours":
-        from localsgl import Engine
-
-        e = Engine(model="smollm2-135m", dtype=dtype, kv_memory="512MiB")
+    if side.startswith("ours"):
+        e = load_ours(dtype, side.partition(":")[2])
         rate = lambda bs, new: ours_rate(e, bs, prompt_len, new)  # noqa: E731
     else:
         m = hf_model(tdt)
@@ -137,40 +156,44 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch CPU threads per side (default: torch's)")
-    ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--sides", nargs="+", default=["ours", "hf"],
+                    help="workers, measured in turn: ours, ours:row-major, ours:input-major, hf")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         worker(a.worker, a.dtypes[0], a.prompt_len, a.threads)
         return
     rows = []
+    base = a.sides[-1]
     for dt in a.dtypes:
-        ours, hf = Worker("ours", dt, a.prompt_len, a.threads), Worker("hf", dt, a.prompt_len, a.threads)
-        print(f"{dt}: {json.dumps(ours.info)}", flush=True)
-        rates = {(side, bs): [] for side in ("ours", "hf") for bs in a.batches}
+        workers = [Worker(side, dt, a.prompt_len, a.threads) for side in a.sides]
+        print(f"{dt}: {json.dumps(workers[0].info)}", flush=True)
+        rates = {(w.side, bs): [] for w in workers for bs in a.batches}
         try:
             for rep in range(a.repeats):
                 for bs in a.batches:
-                    for w in (ours, hf) if rep % 2 == 0 else (hf, ours):
+                    for w in workers if rep % 2 == 0 else workers[::-1]:
                         rates[w.side, bs].append(w.rates(bs, a.new))
-                    o, h = rates["ours", bs][-1], rates["hf", bs][-1]
-                    print(f"  {dt} bs{bs} round {rep + 1}: ours {o['wall']:.1f} tok/s ({o['cpu']:.1f} per CPU s), "
-                          f"transformers {h['wall']:.1f} ({h['cpu']:.1f})", flush=True)
+                    print(f"  {dt} bs{bs} round {rep + 1}: " + ", ".join(
+                        f"{w.side} {rates[w.side, bs][-1]['wall']:.1f} tok/s ({rates[w.side, bs][-1]['cpu']:.1f} per CPU s)"
+                        for w in workers), flush=True)
         finally:
-            ours.close()
-            hf.close()
+            for w in workers:
+                w.close()
         for bs in a.batches:
             for clock in ("wall", "cpu"):
-                o = [r[clock] for r in rates["ours", bs]]
-                h = [r[clock] for r in rates["hf", bs]]
-                ratios = [x / y for x, y in zip(o, h)]
-                rows.append((dt, bs, clock, statistics.median(o), statistics.median(h), statistics.median(ratios),
-                             min(ratios), max(ratios)))
+                h = [r[clock] for r in rates[base, bs]]
+                for side in a.sides[:-1]:
+                    o = [r[clock] for r in rates[side, bs]]
+                    ratios = [x / y for x, y in zip(o, h)]
+                    rows.append((dt, bs, clock, side, statistics.median(o), statistics.median(h),
+                                 statistics.median(ratios), min(ratios), max(ratios)))
     print(f"\nmedians of {a.repeats} alternating rounds, {a.threads or torch.get_num_threads()} thread(s) per side; "
           "clock 'cpu' = tokens per CPU-second of the whole process")
-    print(f"{'dtype':10s} {'batch':>5s} {'clock':>5s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ratio':>6s} {'range':>11s}")
-    for dt, bs, clock, o, h, r, lo, hi in rows:
-        print(f"{dt:10s} {bs:5d} {clock:>5s} {o:11.1f} {h:9.1f} {r:6.2f} {lo:5.2f}-{hi:.2f}")
-
+    print(f"{'dtype':10s} {'batch':>5s} {'clock':>5s} {'side':>17s} {'tok/s':>8s} {base + ' tok/s':>11s} {'ratio':>6s} "
+          f"{'range':>11s}")
+    for dt, bs, clock, side, o, h, r, lo, hi in rows:
+        print(f"{dt:10s} {bs:5d} {clock:>5s} {side:>17s} {o:8.1f} {h:11.1f} {r:6.2f} {lo:5.2f}-{hi:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -167,12 +167,19 @@ def test_routes_read_what_torch_and_onednn_run():
 
 
 def test_fp32_layout_probe():
-    """The probe times both layouts (at least two rounds after a warm-up, however small its
-    budget); the decision keeps the input-major default unless row-major is clearly faster."""
-    t_in, t_row = cpu_routes.probe_fp32_layout(rows=4, k=64, n=96, budget_s=0.0)
-    assert 0 < t_in < float("inf") and 0 < t_row < float("inf")
-    assert cpu_routes.prefer_input_major(1.0, 1.0) and cpu_routes.prefer_input_major(1.1, 1.0)
-    assert not cpu_routes.prefer_input_major(1.0, 1.0 / (cpu_routes.ROW_MAJOR_MARGIN + 0.01))
+    """The probe times both layouts at each row count (at least two rounds after a warm-up,
+    however small its budget); the decision keeps row-major unless input-major is clearly
+    faster over the row counts together."""
+    times = cpu_routes.probe_fp32_layout(rows=(1, 4), k=64, n=96, mib=1, budget_s=0.0)
+    assert len(times) == 2 and all(0 < t < float("inf") for pair in times for t in pair)
+    m = cpu_routes.INPUT_MAJOR_MARGIN
+    assert not cpu_routes.prefer_input_major([(1.0, 1.0), (1.0, 1.0)])
+    assert not cpu_routes.prefer_input_major([(1.0, 1.1)])  # within the margin: row-major
+    assert cpu_routes.prefer_input_major([(1.0, m + 0.01)])
+    # one row 1.5x slower input-major, 32 rows 2.8x faster: input-major overall (sqrt(2.8/1.5) > m)
+    assert cpu_routes.prefer_input_major([(1.5, 1.0), (1.0, 2.8)])
+    # one row 1.6x slower input-major, 32 rows equal: row-major
+    assert not cpu_routes.prefer_input_major([(1.6, 1.0), (1.0, 1.0)])
 
 
 def test_weight_layout_follows_the_routes():

@@ -192,13 +192,27 @@ def detect_device(device: str | None = None) -> DeviceInfo:
 
 
 def default_dtype(device_info: DeviceInfo, config=None):
-    """cuda: bfloat16 where supported (sm80+), else float16; cpu: bfloat16 with
-    avx512_bf16/AMX, else float32.  Returns a torch.dtype (use dtype_name for the string)."""
+    """cuda: bfloat16 where supported (sm80+), else float16.  cpu: bfloat16 where the CPU has
+    it (avx512_bf16/AMX) and torch multiplies it natively in this process (oneDNN; see
+    layers/cpu_routes.py), else float32 -- unless the model's fp32 weights would take more
+    than half the RAM, then bfloat16.  Returns a torch.dtype (use dtype_name for the string).
+
+    Why: with native bf16 matmul the CPU decodes bf16 about 1.5-2x faster than fp32.  Without
+    it, torch's bf16 kernels are emulated: an fp32 decode step of a small model is as fast at
+    one row and faster from a few rows on (the widened bf16 GEMMs convert every weight they
+    read), and its logits are exact to fp32 (bench/RESULTS.md, "CPU decode routes").  fp32
+    weights take twice the memory, so a model that would crowd the RAM stays in bf16."""
     import torch
 
     if device_info.kind == "cuda":
         return torch.bfloat16 if device_info.bf16 else torch.float16
-    return torch.bfloat16 if device_info.bf16 else torch.float32
+    from .layers.cpu_routes import native_matmul
+
+    if device_info.bf16 and native_matmul(torch.bfloat16):
+        return torch.bfloat16
+    if config is not None and 2 * weights_bytes_for(config, "float32") > device_info.total_memory:
+        return torch.bfloat16
+    return torch.float32
 
 
 def dtype_name(dtype) -> str:

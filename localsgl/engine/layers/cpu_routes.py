@@ -6,16 +6,19 @@ Why: the fastest CPU route differs by machine, by up to 30x.  With native bf16/f
 weights to fp32 at every row count.  Without it (e.g. an AVX2-only CPU) torch's bf16 GEMM runs
 a generic loop: on an input-major weight it is 10-30x slower than torch's bf16 GEMV on a
 row-major weight, which accumulates in fp32 with vector code; from a few rows on, widening the
-weight to fp32 in a scratch buffer and running the fp32 GEMM beats both.  In fp32, x @ W^T on a
-contiguous W^T (input-major) is as fast as mv for one row and up to 2.8x faster than the
-row-major GEMM for 32 (bench/RESULTS.md, "CPU decode routes").
+weight to fp32 in a scratch buffer and running the fp32 GEMM beats both.  In fp32 the faster
+weight layout differs by CPU (below).
 
 Signals: ``torch.backends.cpu.get_cpu_capability()`` (honours ``ATEN_CPU_CAPABILITY``) and
 ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` / ``_fp16_`` (honour ``ONEDNN_MAX_CPU_ISA``),
 read once per process and dtype.  ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` on a
 newer x86 CPU therefore takes the AVX2-only routes.  The fp32 layout is the one torch's BLAS
-is tuned for on this CPU, which no flag says (the input-major advantage was measured with
-MKL on Intel CPUs): a probe times both layouts once per process (:func:`probe_fp32_layout`).
+streams fastest on this CPU, which no flag says: on one Intel CPU x @ W^T on a contiguous W^T
+(input-major) was as fast as mv at one row and up to 2.8x faster than the row-major GEMM from
+4 rows on; on another, over a whole model's weights, row-major was 1.2-2.3x faster up to 16
+rows and 1.0-1.2x at 32 (bench/RESULTS.md, "CPU decode routes").  A probe times both layouts
+once per process on weights larger than a core's cache (:func:`probe_fp32_layout`); row-major
+stays unless input-major is clearly faster.
 Every route computes the same products with fp32 accumulation; they differ in speed and, in
 bf16/fp16, in where the rounding to the dtype happens.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -33,7 +37,7 @@ log = logging.getLogger("localsgl.engine")
 
 LOWP = (torch.bfloat16, torch.float16)
 WIDEN_MIN_ROWS = 8  # rows from which widening beats torch's bf16 GEMV without native bf16 (bench/RESULTS.md)
-ROW_MAJOR_MARGIN = 1.15  # fp32 leaves the input-major layout only for a row-major GEMM this much faster
+INPUT_MAJOR_MARGIN = 1.15  # fp32 takes the input-major layout only when its GEMMs are this much faster
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ def native_matmul(dtype: torch.dtype) -> bool:
 def choose(dtype: torch.dtype, capability: str, native: bool, fp32_input_major: bool = True) -> CpuRoutes:
     """The routes for one dtype given the machine's signals (a pure function, for tests).
 
-    fp32: input-major weights unless the probe found the row-major GEMM faster.  bf16/fp16
+    fp32: input-major weights when the probe found their GEMMs clearly faster.  bf16/fp16
     with native matmul: row-major weights (the native GEMV streams them fastest at one row; at
     32 rows the layouts tie), no widening, attention in the dtype.  Without native matmul:
     row-major weights (torch's low-precision GEMV wants them), widening from WIDEN_MIN_ROWS
@@ -85,32 +89,42 @@ def choose(dtype: torch.dtype, capability: str, native: bool, fp32_input_major: 
     return CpuRoutes(dtype, capability, False, input_major=False, widen_min_rows=WIDEN_MIN_ROWS, attention_fp32=True)
 
 
-def prefer_input_major(input_major_s: float, row_major_s: float) -> bool:
-    """The fp32 layout decision from the probe's best times: input-major (the layout the fp32
-    routes were tuned with) unless the row-major GEMM is clearly faster."""
-    return row_major_s * ROW_MAJOR_MARGIN >= input_major_s
+def prefer_input_major(times: list[tuple[float, float]]) -> bool:
+    """The fp32 layout decision from the probe's (input-major, row-major) best times per row
+    count: row-major (the layout transformers multiplies by too) unless input-major is
+    clearly faster over the row counts together (geometric mean of the ratios, so one row
+    counts as much as 32)."""
+    ratio = math.prod(t_row / t_in for t_in, t_row in times) ** (1 / len(times))
+    return ratio >= INPUT_MAJOR_MARGIN
 
 
-def probe_fp32_layout(rows: int = 32, k: int = 1024, n: int = 1536, budget_s: float = 0.1) -> tuple[float, float]:
-    """Best wall times of x @ W^T for x [rows, k] on the input-major W^T and on the row-major W,
-    timed alternately (so a busy moment hits both) until ``budget_s`` has passed, at least 2
-    rounds after a warm-up: 0.1 GFLOP a call, ~0.1 s in all (more only on a machine so busy
-    that both times are noise, when the margin keeps the default)."""
+def probe_fp32_layout(rows: tuple[int, ...] = (1, 32), k: int = 576, n: int = 1536, mib: int = 32,
+                      budget_s: float = 0.15) -> list[tuple[float, float]]:
+    """Best times of x @ W^T over ``mib`` MiB of [n, k] weights (the shape of a small model's
+    MLP), input-major (W^T contiguous) and row-major (W contiguous), for x of each row count:
+    [(input-major s, row-major s)] per row count.  The weights are more than a core's cache
+    holds, so they stream as in a decode step (on a weight that stays in cache the layouts
+    rank differently).  Times are the process's CPU time, which other work on a busy machine
+    disturbs far less than the wall clock; the layouts are timed alternately until
+    ``budget_s`` of it has passed, at least 2 rounds after a warm-up."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g)
-    candidates = (w.t().contiguous(), w.t())
-    x = torch.randn(rows, k, generator=g)
-    best = [float("inf"), float("inf")]
-    start = time.perf_counter()
+    count = max(1, (mib << 20) // (4 * k * n))
+    ws = [torch.empty(n, k).uniform_(-1, 1, generator=g) for _ in range(count)]
+    layouts = ([w.t().contiguous() for w in ws], [w.t() for w in ws])
+    xs = [torch.empty(r, k).uniform_(-1, 1, generator=g) for r in rows]
+    best = [[float("inf")] * 2 for _ in rows]
+    start = time.process_time()
     for i in range(64):
-        for j, b in enumerate(candidates):
-            t = time.perf_counter()
-            torch.mm(x, b)
-            if i:  # the first round warms caches and the BLAS's own dispatch
-                best[j] = min(best[j], time.perf_counter() - t)
-        if i >= 2 and time.perf_counter() - start > budget_s:
+        for x, b in zip(xs, best):
+            for j, layout in enumerate(layouts):
+                t = time.process_time()
+                for w in layout:
+                    torch.mm(x, w)
+                if i:  # the first round warms the BLAS's own dispatch
+                    b[j] = min(b[j], time.process_time() - t)
+        if i >= 2 and time.process_time() - start > budget_s:
             break
-    return best[0], best[1]
+    return [(t_in, t_row) for t_in, t_row in best]
 
 
 @functools.cache
@@ -119,10 +133,10 @@ def detected_routes(dtype: torch.dtype) -> CpuRoutes:
     fp32_input_major = True
     if dtype == torch.float32:
         t0 = time.perf_counter()
-        t_in, t_row = probe_fp32_layout()
-        fp32_input_major = prefer_input_major(t_in, t_row)
-        log.debug("fp32 layout probe: input-major %.2f ms, row-major %.2f ms at 32 rows (%.0f ms)",
-                  t_in * 1e3, t_row * 1e3, (time.perf_counter() - t0) * 1e3)
+        times = probe_fp32_layout()
+        fp32_input_major = prefer_input_major(times)
+        log.debug("fp32 layout probe (input-major / row-major ms at 1, 32 rows): %s (%.0f ms)",
+                  ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times), (time.perf_counter() - t0) * 1e3)
     routes = choose(dtype, torch.backends.cpu.get_cpu_capability(), native_matmul(dtype), fp32_input_major)
     log.debug("CPU routes: %s", routes.describe())
     return routes
