@@ -22,6 +22,7 @@ import asyncio
 import time
 from typing import Callable
 
+from textual.dom import NoScreen
 from textual.widget import Widget
 from textual.widgets import Markdown
 from textual.widgets.markdown import MarkdownBlock
@@ -100,8 +101,11 @@ class AnswerStream:
         repainting until the answer ends. So the next update waits for this one's paint
         (or PAINT_WAIT_SECONDS, where the screen does not paint, e.g. under a dialog)."""
         painted = asyncio.get_running_loop().create_future()
-        self.live.call_after_refresh(lambda: painted.done() or painted.set_result(None))
-        self.column.screen.check_idle()  # the screen notices the update now, outside any batch
+        try:
+            self.live.call_after_refresh(lambda: painted.done() or painted.set_result(None))
+            self.column.screen.check_idle()  # the screen notices the update now, outside any batch
+        except NoScreen:  # the answer's view is gone (the conversation was cleared)
+            return
         try:
             await asyncio.wait_for(painted, PAINT_WAIT_SECONDS)
         except asyncio.TimeoutError:

@@ -141,14 +141,15 @@ def test_a_2000_token_answer_at_500_per_second_renders_within_100ms(history):
     assert emit_span >= 0.9 * TOKENS / RATE  # the engine kept its rate: the test measured the UI
     waits = lags(engine.emitted, rendered)
     worst = max(waits)
+    # the bound holds for 99% of the tokens: a single pause of the shared CI machine (a GC, another
+    # process) must not decide the test, while a view that cannot keep up with the stream still fails it
+    p99 = sorted(waits)[int(0.99 * (len(waits) - 1))]
     report = (f"{TOKENS} tokens at {RATE:.0f}/s: {len(rendered)} renders, lag median "
-              f"{sorted(waits)[len(waits) // 2] * 1000:.0f} ms, worst {worst * 1000:.0f} ms, "
-              f"UI thread CPU {cpu_seconds:.2f} s over {wall_seconds:.2f} s")
+              f"{sorted(waits)[len(waits) // 2] * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, worst {worst * 1000:.0f} ms, "
+              f"UI thread CPU {cpu_seconds:.2f} s over {wall_seconds:.2f} s, "
+              f"{cpu_seconds / max(1, len(rendered)) * 1000:.0f} ms a render")
     print("\n" + report)
     share = min(share_before, cpu_share())
     if share < MIN_CPU_SHARE:
         pytest.skip(f"this thread got {share:.0%} of a core: a wall-clock bound says nothing here ({report})")
-    # the bound holds for 99% of the tokens: a single pause of the shared CI machine (a GC, another
-    # process) must not decide the test, while a view that cannot keep up with the stream still fails it
-    p99 = sorted(waits)[int(0.99 * (len(waits) - 1))]
     assert p99 <= MAX_LAG, f"the view fell {p99 * 1000:.0f} ms behind the engine at the 99th percentile ({report})"
