@@ -155,15 +155,17 @@ class KVPool:
             return
         for buf, sbuf, x in ((self.k_buffer, self.k_scale, k), (self.v_buffer, self.v_scale, v)):
             q, s = fp8_quantize_rows(x)
-            buf[layer][loc] = q
+            buf[layer].view(torch.uint8)[loc] = q.view(torch.uint8)  # byte views: indexing kernels for every torch
             sbuf[layer][:, loc] = s.t()
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``slots`` (1-D int64) as [N, Hkv, D] in ``read_dtype`` (dequantized)."""
-        k = self.k_buffer[layer].index_select(0, slots)
-        v = self.v_buffer[layer].index_select(0, slots)
         if not self.quantized:
+            k = self.k_buffer[layer].index_select(0, slots)
+            v = self.v_buffer[layer].index_select(0, slots)
             return k.to(self.read_dtype), v.to(self.read_dtype)
+        k = self.k_buffer[layer].view(torch.uint8).index_select(0, slots).view(FP8_KV_DTYPE)
+        v = self.v_buffer[layer].view(torch.uint8).index_select(0, slots).view(FP8_KV_DTYPE)
         ks = self.k_scale[layer].index_select(1, slots).t()
         vs = self.v_scale[layer].index_select(1, slots).t()
         return fp8_dequantize_rows(k, ks, self.read_dtype), fp8_dequantize_rows(v, vs, self.read_dtype)
