@@ -231,7 +231,7 @@ def _arguments(call: dict):
     if isinstance(args, str):
         try:
             return json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):  # kept as the text it is
             return args
     return args
 
@@ -399,7 +399,7 @@ def parse_tool_calls(text: str, fmt: ToolFormat, tools: list[Tool]) -> tuple[str
 def _loads(s: str):
     try:
         return json.loads(s.strip())
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past Python's recursion limit: not a call either
         return None
 
 

@@ -135,6 +135,19 @@ def test_unparseable_calls_come_back_as_text(fmt, text):
     assert calls == [] and content == text
 
 
+def test_nesting_past_the_recursion_limit_is_text_not_an_error():
+    """A call nested deeper than Python's json can read is returned as text; such arguments in
+    an earlier assistant message are kept as their text."""
+    tools = parse_tools(TOOLS)
+    deep = "[" * 5000 + "]" * 5000
+    text = f'<tool_call>\n{{"name": "add_numbers", "arguments": {{"values": {deep}}}}}\n</tool_call>'
+    assert parse_tool_calls(text, ToolFormat("hermes", "arguments"), tools) == (text, [])
+    messages = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "add_numbers", "arguments": deep}}]}]
+    assert deep in render_messages(messages, tools, native=False)[1]["content"]
+    assert render_messages(messages, tools, native=True)[0]["tool_calls"][0]["function"]["arguments"] == deep
+
+
 def test_history_rendering_without_native_tools():
     tools = parse_tools(TOOLS)
     messages = [
@@ -239,6 +252,33 @@ def test_auto_choice_and_tool_results_never_fail(server):
             validate_calls(ch.message.tool_calls)
         else:
             assert isinstance(ch.message.content, str)
+
+
+def test_call_cut_short_comes_back_as_text(server):
+    """max_tokens cuts a required call: the answer does not parse, so it is the content
+    (finish_reason "length"), streamed the same way; never an error."""
+    c = server.openai()
+    kw = dict(model=server.model, messages=MSG, tools=TOOLS, max_tokens=4, temperature=0, tool_choice="required")
+    ch = c.chat.completions.create(**kw).choices[0]
+    assert ch.finish_reason == "length" and not ch.message.tool_calls
+    assert ch.message.content and "<tool" in ch.message.content, ch.message.content
+    calls, content, finish = _stream_calls(c, **kw)
+    assert (calls, content, finish) == ([], ch.message.content, "length")
+
+
+def test_none_choice_answers_in_text(server):
+    """tool_choice "none": no call grammar and no calls, also after a tool result."""
+    c = server.openai()
+    history = MSG + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add_numbers", "arguments": '{"values": [12, 30]}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
+    for messages in (MSG, history):
+        ch = c.chat.completions.create(model=server.model, messages=messages, tools=TOOLS, tool_choice="none",
+                                       max_tokens=6, temperature=0).choices[0]
+        assert ch.finish_reason in ("stop", "length") and not ch.message.tool_calls
+        assert isinstance(ch.message.content, str)
 
 
 def test_response_format_through_the_client(server):
