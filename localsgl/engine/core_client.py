@@ -207,6 +207,8 @@ class CoreClient:
         """The core's counters (the last ones known once it is gone)."""
         if not self.alive:
             return dict(self._last_stats, running=0, waiting=0)
+        if threading.current_thread() is self._reader:  # a callback: the reply would come through this thread
+            return dict(self._last_stats)
         self._last_stats = self.query("stats")
         return self._last_stats
 
