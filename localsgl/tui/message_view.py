@@ -1,18 +1,19 @@
 """One message in the conversation view: a header line (who, and how the answer ended)
-over its body. Answers render as Markdown that grows by appended deltas while they
-stream (answer_stream.py); a click on a code block copies it."""
+over its body. While an answer streams it shows in a live view of lines (live_markdown.py)
+that grows by appended deltas (answer_stream.py); then, as any answer does, as Markdown
+whose code blocks copy on a click."""
 from __future__ import annotations
 
 from typing import Callable
 
-from textual.containers import ScrollableContainer, Vertical
+from textual.containers import Vertical
 from textual.geometry import Size
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownFence
 
 from .answer_stream import AnswerStream
-from .segment_fold import SegmentFolder
 from .conversation import ChatMessage
+from .live_markdown import LiveMarkdown
 
 
 class CopyableFence(MarkdownFence):
@@ -32,17 +33,15 @@ class AnswerMarkdown(Markdown):
     """Markdown whose code blocks copy on click, laid out independently of its column's height."""
 
     BLOCKS = {**Markdown.BLOCKS, "fence": CopyableFence, "code_block": CopyableFence}
-    DEFAULT_CSS = """
-    AnswerMarkdown.-folded > * { display: none; }
-    """
 
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
         """Textual arranges a column whose children are all of auto height within its
-        container's height, so each segment's cached arrangement would be keyed on the
-        answer's height, which grows with every update: every finished segment and all its
-        blocks were laid out again on each frame. Markdown blocks are of auto height and
-        do not depend on the container's height, so arranging within a height of 0 gives
-        the same result under a key that only changes when the segment does."""
+        container's height, so the cached arrangement of each answer in the conversation
+        would be keyed on the conversation's height, which grows as an answer streams:
+        every earlier answer and all its blocks would be laid out again on each frame.
+        Markdown blocks are of auto height and do not depend on the container's height,
+        so arranging within a height of 0 gives the same result under a key that only
+        changes when the answer does."""
         return super().get_content_height(Size(container.width, 0), viewport, width)
 
     def code_blocks(self) -> list[str]:
@@ -61,7 +60,6 @@ class MessageView(Vertical):
         self.header = header
         self.on_rendered = on_rendered
         self._stream: AnswerStream | None = None
-        self._shown: str | None = None  # a streamed answer's text (its segments' sources overlap)
 
     def compose(self):
         if self.header:
@@ -80,24 +78,26 @@ class MessageView(Vertical):
         """An answer's Markdown as drawn so far."""
         if self._stream is not None:
             return self._stream.shown
-        if self._shown is not None:
-            return self._shown
         found = self.query(AnswerMarkdown)
         return found.first().source if found else ""
 
     def start_stream(self) -> AnswerStream:
+        """Show the answer in a live view while it streams (until end_stream)."""
         column = self.query_one(".body", Vertical)
-        view = next((a for a in self.ancestors if isinstance(a, ScrollableContainer)), None)
-        folder = SegmentFolder(view, self) if view is not None else None
-        self._stream = AnswerStream(column, self.query_one(AnswerMarkdown), AnswerMarkdown, self.on_rendered, folder)
+        live = LiveMarkdown()
+        with self.app.batch_update():
+            self.query(AnswerMarkdown).remove()
+            mounted = column.mount(live)
+        self._stream = AnswerStream(live, AnswerMarkdown, self.on_rendered, mounted)
         self._stream.start()
         return self._stream
 
     async def end_stream(self) -> None:
         if self._stream is not None:
-            await self._stream.stop()
-            self._shown = self._stream.shown
-            self._stream = None
+            try:
+                await self._stream.stop()
+            finally:
+                self._stream = None
 
     def set_header(self, text: str) -> None:
         self.header = text
@@ -106,4 +106,6 @@ class MessageView(Vertical):
             found.first(Label).update(text)
 
     def code_blocks(self) -> list[str]:
+        if self._stream is not None:
+            return self._stream.live.code_blocks()
         return [code for md in self.query(AnswerMarkdown) for code in md.code_blocks()]

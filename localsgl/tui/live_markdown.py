@@ -1,0 +1,153 @@
+"""An answer's Markdown while it streams: one widget drawn through Textual's Line API.
+
+A Markdown widget is a tree of block widgets (each list item and table cell is one), and
+Textual lays out and composes the whole screen's tree on every frame in which any size
+changed, so a streamed answer made of widgets costs more per frame the longer it gets.
+This view keeps the answer as lines instead: the blocks that are finished (every
+top-level block but the last: a block that has a successor can no longer change) are
+rendered once, with Rich's Markdown, at the view's width, and only the live last block
+is rendered again when text arrives. A frame then costs the live block's rendering and
+a layout of one widget, however long the answer has grown.
+
+Deltas are appended; only the text from the first unfinished block on is parsed again.
+The lines equal Rich's rendering of the whole text: Rich puts one blank line between
+top-level blocks (none after a horizontal rule), and so does this view between blocks
+rendered on their own. When the answer ends, the message view replaces this view by
+the final Markdown widget (message_view.py)."""
+from __future__ import annotations
+
+from markdown_it import MarkdownIt
+from rich.console import Console, ConsoleOptions
+from rich.markdown import Markdown as RichMarkdown
+from rich.segment import Segment
+from textual.geometry import Size
+from textual.strip import Strip
+from textual.widget import Widget
+
+DARK_CODE_THEME = "monokai"
+LIGHT_CODE_THEME = "default"
+
+
+def markdown_parser() -> MarkdownIt:
+    """The parser Rich's Markdown uses, so block boundaries here are Rich's."""
+    return MarkdownIt().enable("strikethrough").enable("table")
+
+
+def top_level_blocks(parser: MarkdownIt, text: str) -> list[tuple[int, str]]:
+    """(first source line, token type) of each top-level block of ``text``."""
+    return [(t.map[0], t.type) for t in parser.parse(text) if t.level == 0 and t.map is not None and t.nesting >= 0]
+
+
+def render_markdown(text: str, console: Console, options: ConsoleOptions, code_theme: str) -> list[Strip]:
+    """Rich's rendering of ``text``, one Strip a line, padded to the options' width."""
+    lines = console.render_lines(RichMarkdown(text, code_theme=code_theme), options, pad=True)
+    return [Strip(line, options.max_width) for line in lines]
+
+
+class _Block:
+    __slots__ = ("text", "rule")
+
+    def __init__(self, text: str, rule: bool):
+        self.text = text
+        self.rule = rule  # a horizontal rule: Rich puts no blank line after it
+
+
+class LiveMarkdown(Widget):
+    DEFAULT_CSS = """
+    LiveMarkdown {
+        height: auto;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None):
+        super().__init__(id=id, classes=classes)
+        self._parser = markdown_parser()
+        self.source = ""
+        self._tail = ""  # the source from the first unfinished block on
+        self._finished: list[_Block] = []
+        self._finished_strips: list[Strip] = []  # the finished blocks' lines, at _width
+        self._rendered = 0  # how many finished blocks _finished_strips holds
+        self._live_strips: list[Strip] = []
+        self._live_stale = True
+        self._width = 0
+        self.block_renders = 0  # blocks rendered so far: finished blocks once per width, the live one per update
+
+    # ------------------------------------------------------------------ text
+    def append(self, text: str) -> None:
+        """Add ``text`` to the answer and redraw; a layout only where the height changed."""
+        if not text:
+            return
+        self.source += text
+        self._tail += text
+        self._settle_finished_blocks()
+        self._live_stale = True
+        width = self.content_size.width
+        if width <= 0:  # not laid out yet: the first layout renders
+            self.refresh(layout=True)
+            return
+        before = len(self._finished_strips) + len(self._live_strips) if width == self._width else -1
+        self._update_lines(width)
+        after = len(self._finished_strips) + len(self._live_strips)
+        self.refresh(layout=after != before)
+
+    def _settle_finished_blocks(self) -> None:
+        """Move every block of the tail that has a successor to the finished blocks."""
+        blocks = top_level_blocks(self._parser, self._tail)
+        if len(blocks) < 2:
+            return
+        lines = self._tail.splitlines(keepends=True)
+        for (start, kind), (end, _) in zip(blocks, blocks[1:]):
+            self._finished.append(_Block("".join(lines[start:end]), kind == "hr"))
+        self._tail = "".join(lines[blocks[-1][0]:])
+
+    def code_blocks(self) -> list[str]:
+        """The code of the answer's fenced and indented code blocks so far."""
+        return [t.content for t in self._parser.parse(self.source) if t.type in ("fence", "code_block")]
+
+    # ------------------------------------------------------------------ lines
+    def _render(self, text: str, width: int) -> list[Strip]:
+        self.block_renders += 1
+        console = self.app.console
+        options = console.options.update(width=width, height=None, highlight=False)
+        theme = DARK_CODE_THEME if self.app.current_theme.dark else LIGHT_CODE_THEME
+        return render_markdown(text, console, options, theme)
+
+    def _update_lines(self, width: int) -> None:
+        if width != self._width:
+            self._width = width
+            self._finished_strips = []
+            self._rendered = 0
+            self._live_stale = True
+        blank = Strip([Segment(" " * width)], width)
+        for block in self._finished[self._rendered:]:
+            if self._rendered and not self._finished[self._rendered - 1].rule:
+                self._finished_strips.append(blank)
+            self._finished_strips.extend(self._render(block.text, width))
+            self._rendered += 1
+        if self._live_stale:
+            self._live_stale = False
+            live = self._render(self._tail, width) if self._tail.strip() else []
+            if live and self._finished and not self._finished[-1].rule:
+                live.insert(0, blank)
+            self._live_strips = live
+
+    def lines(self, width: int) -> list[Strip]:
+        """The answer's lines at ``width``."""
+        self._update_lines(width)
+        return self._finished_strips + self._live_strips
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        self._update_lines(width)
+        return len(self._finished_strips) + len(self._live_strips)
+
+    def render_line(self, y: int) -> Strip:
+        width = self.content_size.width
+        self._update_lines(width)
+        finished = self._finished_strips
+        if y < len(finished):
+            strip = finished[y]
+        elif y - len(finished) < len(self._live_strips):
+            strip = self._live_strips[y - len(finished)]
+        else:
+            return Strip.blank(width, self.rich_style)
+        return strip.apply_style(self.rich_style)
