@@ -20,7 +20,8 @@ from markdown_it import MarkdownIt
 from rich.console import Console, ConsoleOptions
 from rich.markdown import Markdown as RichMarkdown
 from rich.segment import Segment
-from textual.geometry import Size
+from rich.style import Style
+from textual.geometry import Region, Size
 from textual.strip import Strip
 from textual.widget import Widget
 
@@ -70,6 +71,7 @@ class LiveMarkdown(Widget):
         self._live_strips: list[Strip] = []
         self._live_stale = True
         self._width = 0
+        self._line_style: Style | None = None
         self.block_renders = 0  # blocks rendered so far: finished blocks once per width, the live one per update
 
     # ------------------------------------------------------------------ text
@@ -140,14 +142,20 @@ class LiveMarkdown(Widget):
         self._update_lines(width)
         return len(self._finished_strips) + len(self._live_strips)
 
+    def render_lines(self, crop: Region) -> list[Strip]:
+        # the widget's style walks its ancestors: once for all the lines drawn, not once a line
+        self._line_style = self.rich_style
+        return super().render_lines(crop)
+
     def render_line(self, y: int) -> Strip:
         width = self.content_size.width
         self._update_lines(width)
         finished = self._finished_strips
+        style = self._line_style if self._line_style is not None else self.rich_style
         if y < len(finished):
             strip = finished[y]
         elif y - len(finished) < len(self._live_strips):
             strip = self._live_strips[y - len(finished)]
         else:
-            return Strip.blank(width, self.rich_style)
-        return strip.apply_style(self.rich_style)
+            return Strip.blank(width, style)
+        return strip.apply_style(style)

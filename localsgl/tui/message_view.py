@@ -67,8 +67,7 @@ class MessageView(Vertical):
         if self.message is None:
             yield Static(self.note or "", classes="body", markup=False)
         elif self.message.role == "assistant":
-            with Vertical(classes="body"):
-                yield AnswerMarkdown(self.message.content)
+            yield AnswerMarkdown(self.message.content, classes="body")
         else:
             yield Static(self.message.content, classes="body", markup=False)
 
@@ -83,12 +82,11 @@ class MessageView(Vertical):
 
     def start_stream(self) -> AnswerStream:
         """Show the answer in a live view while it streams (until end_stream)."""
-        column = self.query_one(".body", Vertical)
-        live = LiveMarkdown()
+        live = LiveMarkdown(classes="body")
         with self.app.batch_update():
             self.query(AnswerMarkdown).remove()
-            mounted = column.mount(live)
-        self._stream = AnswerStream(live, AnswerMarkdown, self.on_rendered, mounted)
+            mounted = self.mount(live)
+        self._stream = AnswerStream(live, lambda text: AnswerMarkdown(text, classes="body"), self.on_rendered, mounted)
         self._stream.start()
         return self._stream
 
