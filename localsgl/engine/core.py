@@ -96,7 +96,8 @@ class EngineCore:
         if self.kv_pool.quantized and self.attn.name == "triton" and torch.cuda.get_device_capability(device) < (8, 9):
             raise ValueError("an fp8 KV cache with the triton attention backend needs compute capability 8.9 or "
                              "newer (Ada, Hopper, Blackwell); use --attention-backend torch or drop --kv-cache-dtype")
-        self.runner = ModelRunner(model, self.kv_pool, self.req_pool, self.attn, device, cfg.cuda_graph_bs)
+        self.runner = ModelRunner(model, self.kv_pool, self.req_pool, self.attn, device, cfg.cuda_graph_bs,
+                                  max_step_tokens=cfg.chunk_size + cfg.max_running)
         self.default_generator = torch.Generator(device=device).manual_seed(cfg.seed)
         self.inbox: queue.Queue = queue.Queue()
         self.requests: dict[str, list[Request]] = {}
