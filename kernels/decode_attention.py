@@ -34,9 +34,12 @@ each row's suffix [start_b, L_b) and stage 2 merges the suffix and prefix partia
 with the same log-sum-exp rule.  Prefix floor: Lp · Hkv · D · 2 · elem per group
 instead of per row.
 
-FP8 KV (k_scale / v_scale given, e4m3 caches): every K/V row is read as e4m3 and multiplied
-by its (token, head) scale (kv_pool.py has the format) into q's dtype before the products, so
-the math above runs on the dequantized values; a row costs D + 4 bytes instead of D · elem.
+FP8 KV (k_scale / v_scale given, e4m3 caches; kv_pool.py has the format): K/V rows are read
+as e4m3 and widened to q's dtype (exact: every e4m3 value is a bf16 / fp16 value), and each
+row's scale is applied where it costs least, to that key's scores and to the probabilities
+that weight its value row: q·(s_k·k) = s_k·(q·k) and Σ p·(s_v·v) = Σ (p·s_v)·v, a multiply per
+[rows, BLOCK_N] score tile instead of per [BLOCK_N, D] K/V tile.  A row costs D + 4 bytes
+instead of D · elem.
 
 Floor: bytes = Σ_b L_b · Hkv · D · 2 · elem (every cached K and V row read once) plus
 B·Hq·D·elem for q and o, over copy bandwidth.  FLOPs (4 · Σ_b L_b · Hq · D) are far below
@@ -54,24 +57,32 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv(Ptr, Scale, slot, g, stride_t, stride_h, stride_sh, offs_d, rows, mask_d,
-             DT: tl.constexpr, KV_FP8: tl.constexpr):
-    """Rows ``slot`` [BLOCK_N] of KV head g as [BLOCK_N, BLOCK_D] (0 outside ``rows`` / mask_d);
-    an FP8 pool's rows come back dequantized to DT."""
-    x = tl.load(Ptr + slot[:, None] * stride_t + g * stride_h + offs_d[None, :],
-                mask=rows[:, None] & mask_d[None, :], other=0.0)
-    if KV_FP8:
-        s = tl.load(Scale + g * stride_sh + slot, mask=rows, other=0.0)
-        x = (x.to(tl.float32) * s[:, None]).to(DT)
-    return x
+def _load_kv(Ptr, slot, g, stride_t, stride_h, offs_d, rows, mask_d, DT: tl.constexpr):
+    """Rows ``slot`` [BLOCK_N] of KV head g as [BLOCK_N, BLOCK_D] in DT (0 outside ``rows`` /
+    mask_d); an FP8 pool's e4m3 values are widened exactly, their scales not applied."""
+    return tl.load(Ptr + slot[:, None] * stride_t + g * stride_h + offs_d[None, :],
+                   mask=rows[:, None] & mask_d[None, :], other=0.0).to(DT)
 
 
 @triton.jit
-def _softmax_step(q, k, mask_n, m_i, l_i, sm_scale_log2):
+def _load_scale(Scale, slot, g, stride_sh, rows, KV_FP8: tl.constexpr):
+    """The FP8 scales [BLOCK_N] of rows ``slot`` of KV head g (0 outside ``rows``); None unless FP8."""
+    if KV_FP8:
+        s = tl.load(Scale + g * stride_sh + slot, mask=rows, other=0.0)
+    else:
+        s = None
+    return s
+
+
+@triton.jit
+def _softmax_step(q, k, ks, mask_n, m_i, l_i, sm_scale_log2, KV_FP8: tl.constexpr):
     """Scores of q [ROWS, D] against one key block k [BLOCK_N, D] (keys outside mask_n
-    ignored), folded into the running max and sum: returns (p, alpha, m_new, l_new); the
-    caller updates acc = acc * alpha + p @ v, with v loaded where its order suits it."""
+    ignored; ks: the keys' FP8 scales), folded into the running max and sum: returns (p,
+    alpha, m_new, l_new); the caller updates acc = acc * alpha + p @ v, with v loaded where
+    its order suits it."""
     qk = tl.dot(q, tl.trans(k)) * sm_scale_log2
+    if KV_FP8:
+        qk = qk * ks[None, :]
     qk = tl.where(mask_n[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -80,10 +91,18 @@ def _softmax_step(q, k, mask_n, m_i, l_i, sm_scale_log2):
 
 
 @triton.jit
-def _attend_block(q, k, v, mask_n, m_i, l_i, acc, sm_scale_log2):
+def _pv(p, v, vs, KV_FP8: tl.constexpr):
+    """p [ROWS, BLOCK_N] @ v [BLOCK_N, D], each value row weighted by its FP8 scale vs."""
+    if KV_FP8:
+        p = p * vs[None, :]
+    return tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _attend_block(q, k, ks, v, vs, mask_n, m_i, l_i, acc, sm_scale_log2, KV_FP8: tl.constexpr):
     """One block of the online softmax with v already loaded; returns (acc, m_i, l_i)."""
-    p, alpha, m_i, l_i = _softmax_step(q, k, mask_n, m_i, l_i, sm_scale_log2)
-    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v), m_i, l_i
+    p, alpha, m_i, l_i = _softmax_step(q, k, ks, mask_n, m_i, l_i, sm_scale_log2, KV_FP8)
+    return acc * alpha[:, None] + _pv(p, v, vs, KV_FP8), m_i, l_i
 
 
 @triton.jit
@@ -106,10 +125,12 @@ def _attend_range(q, K, V, KS, VS, table, start, end, g, sm_scale_log2,
         pos = n0 + offs_n
         mask_n = pos < end
         slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
-        k = _load_kv(K, KS, slot, g, stride_kt, stride_kh, stride_ksh, offs_d, mask_n, mask_d, q.dtype, KV_FP8)
-        p, alpha, m_i, l_i = _softmax_step(q, k, mask_n, m_i, l_i, sm_scale_log2)
-        v = _load_kv(V, VS, slot, g, stride_vt, stride_vh, stride_vsh, offs_d, mask_n, mask_d, q.dtype, KV_FP8)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        k = _load_kv(K, slot, g, stride_kt, stride_kh, offs_d, mask_n, mask_d, q.dtype)
+        ks = _load_scale(KS, slot, g, stride_ksh, mask_n, KV_FP8)
+        p, alpha, m_i, l_i = _softmax_step(q, k, ks, mask_n, m_i, l_i, sm_scale_log2, KV_FP8)
+        v = _load_kv(V, slot, g, stride_vt, stride_vh, offs_d, mask_n, mask_d, q.dtype)
+        vs = _load_scale(VS, slot, g, stride_vsh, mask_n, KV_FP8)
+        acc = acc * alpha[:, None] + _pv(p, v, vs, KV_FP8)
     return acc, m_i, l_i
 
 
@@ -225,8 +246,10 @@ def _decode_stage1(
         mask_n = pos < end
         slot = tl.load(table + pos, mask=mask_n, other=0).to(tl.int64)
         cached = pos < seq_len - 1
-        k = _load_kv(K, KS, slot, g, stride_kt, stride_kh, stride_ksh, offs_d, cached, mask_d, DT, KV_FP8)
-        v = _load_kv(V, VS, slot, g, stride_vt, stride_vh, stride_vsh, offs_d, cached, mask_d, DT, KV_FP8)
+        k = _load_kv(K, slot, g, stride_kt, stride_kh, offs_d, cached, mask_d, DT)
+        v = _load_kv(V, slot, g, stride_vt, stride_vh, offs_d, cached, mask_d, DT)
+        ks = _load_scale(KS, slot, g, stride_ksh, cached, KV_FP8)
+        vs = _load_scale(VS, slot, g, stride_vsh, cached, KV_FP8)
         wait_for_predecessor(PDL)
     if start < seq_len:
         offs_h = tl.arange(0, BLOCK_H)
@@ -237,20 +260,23 @@ def _decode_stage1(
         if EARLY_KV:
             last = pos == seq_len - 1
             newest = last[:, None] & mask_d[None, :]
-            k = tl.where(newest, _load_kv(K, KS, slot, g, stride_kt, stride_kh, stride_ksh, offs_d, last, mask_d,
-                                          DT, KV_FP8), k)
-            v = tl.where(newest, _load_kv(V, VS, slot, g, stride_vt, stride_vh, stride_vsh, offs_d, last, mask_d,
-                                          DT, KV_FP8), v)
-            acc, m_i, l_i = _attend_block(q, k, v, mask_n, tl.full([BLOCK_H], float("-inf"), tl.float32),
+            k = tl.where(newest, _load_kv(K, slot, g, stride_kt, stride_kh, offs_d, last, mask_d, DT), k)
+            v = tl.where(newest, _load_kv(V, slot, g, stride_vt, stride_vh, offs_d, last, mask_d, DT), v)
+            if KV_FP8:
+                ks = tl.where(last, _load_scale(KS, slot, g, stride_ksh, last, KV_FP8), ks)
+                vs = tl.where(last, _load_scale(VS, slot, g, stride_vsh, last, KV_FP8), vs)
+            acc, m_i, l_i = _attend_block(q, k, ks, v, vs, mask_n, tl.full([BLOCK_H], float("-inf"), tl.float32),
                                           tl.zeros([BLOCK_H], tl.float32), tl.zeros([BLOCK_H, BLOCK_D], tl.float32),
-                                          sm_scale_log2)
+                                          sm_scale_log2, KV_FP8)
             for n0 in range(start + BLOCK_N, end, BLOCK_N):  # chunks longer than one block
                 pos_i = n0 + offs_n
                 mask_i = pos_i < end
                 slot_i = tl.load(table + pos_i, mask=mask_i, other=0).to(tl.int64)
-                k_i = _load_kv(K, KS, slot_i, g, stride_kt, stride_kh, stride_ksh, offs_d, mask_i, mask_d, DT, KV_FP8)
-                v_i = _load_kv(V, VS, slot_i, g, stride_vt, stride_vh, stride_vsh, offs_d, mask_i, mask_d, DT, KV_FP8)
-                acc, m_i, l_i = _attend_block(q, k_i, v_i, mask_i, m_i, l_i, acc, sm_scale_log2)
+                k_i = _load_kv(K, slot_i, g, stride_kt, stride_kh, offs_d, mask_i, mask_d, DT)
+                v_i = _load_kv(V, slot_i, g, stride_vt, stride_vh, offs_d, mask_i, mask_d, DT)
+                ks_i = _load_scale(KS, slot_i, g, stride_ksh, mask_i, KV_FP8)
+                vs_i = _load_scale(VS, slot_i, g, stride_vsh, mask_i, KV_FP8)
+                acc, m_i, l_i = _attend_block(q, k_i, ks_i, v_i, vs_i, mask_i, m_i, l_i, acc, sm_scale_log2, KV_FP8)
         else:
             acc, m_i, l_i = _attend_range(q, K, V, KS, VS, table, start, end, g, sm_scale_log2,
                                           stride_kt, stride_kh, stride_vt, stride_vh, stride_ksh, stride_vsh,
