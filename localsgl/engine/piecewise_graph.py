@@ -35,6 +35,11 @@ from .batch import ForwardBatch, ForwardMode
 log = logging.getLogger("localsgl.piecewise_graph")
 
 
+# Steps above this many tokens run eagerly: their GEMMs alone keep the GPU busy longer than
+# the host takes to launch them (a 4k-token step of a 1B model is ~10 ms of matmuls on an H200)
+MAX_TOKENS = 4096
+
+
 def token_buckets(max_tokens: int) -> list[int]:
     """Padded token counts a step may replay, ascending, the last >= max_tokens.
 

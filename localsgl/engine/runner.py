@@ -58,7 +58,9 @@ class ModelRunner:
             if (self.debug.piecewise_graphs and attn_backend.supports_prestored_kv
                     and getattr(model, "supports_piecewise_graphs", False)):
                 # a step's tokens: a prefill chunk plus one per running request
-                piecewise = max_step_tokens or GPU_CHUNK_SIZE + req_pool.max_reqs
+                from .piecewise_graph import MAX_TOKENS
+
+                piecewise = min(max_step_tokens or GPU_CHUNK_SIZE + req_pool.max_reqs, MAX_TOKENS)
             t = time.perf_counter()
             self.graphs = CudaGraphRunner(self, sorted(cuda_graph_bs), piecewise_tokens=piecewise)
             self.graph_capture_seconds = time.perf_counter() - t
