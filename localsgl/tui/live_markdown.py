@@ -10,9 +10,11 @@ is rendered again when text arrives. A frame then costs the live block's renderi
 a layout of one widget, however long the answer has grown.
 
 Deltas are appended; only the text from the first unfinished block on is parsed again.
-The lines equal Rich's rendering of the whole text: Rich puts one blank line between
-top-level blocks (none after a horizontal rule), and so does this view between blocks
-rendered on their own. When the answer ends, the message view replaces this view by
+The lines equal Rich's rendering of the whole text. Rich puts a blank line before a
+top-level block unless it is the first one or follows a horizontal rule; a list, quote
+or table rendered on its own already starts with that blank line (Rich decides it by
+the last element closed, which for these is one of their own), so this view adds the
+blank line between blocks only before the other kinds. When the answer ends, the message view replaces this view by
 the final Markdown widget (message_view.py)."""
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from textual.geometry import Region, Size
 from textual.strip import Strip
 from textual.widget import Widget
 
+CONTAINERS = {"bullet_list_open", "ordered_list_open", "blockquote_open", "table_open"}
 DARK_CODE_THEME = "monokai"
 LIGHT_CODE_THEME = "default"
 
@@ -46,11 +49,16 @@ def render_markdown(text: str, console: Console, options: ConsoleOptions, code_t
 
 
 class _Block:
-    __slots__ = ("text", "rule")
+    __slots__ = ("text", "kind")
 
-    def __init__(self, text: str, rule: bool):
+    def __init__(self, text: str, kind: str):
         self.text = text
-        self.rule = rule  # a horizontal rule: Rich puts no blank line after it
+        self.kind = kind  # the block's first token type
+
+
+def blank_line_between(before: _Block | None, kind: str) -> bool:
+    """Whether a blank line goes between a block rendered on its own and the next one."""
+    return before is not None and before.kind != "hr" and kind not in CONTAINERS
 
 
 class LiveMarkdown(Widget):
@@ -65,6 +73,7 @@ class LiveMarkdown(Widget):
         self._parser = markdown_parser()
         self.source = ""
         self._tail = ""  # the source from the first unfinished block on
+        self._tail_kind = ""  # the type of the tail's block
         self._finished: list[_Block] = []
         self._finished_strips: list[Strip] = []  # the finished blocks' lines, at _width
         self._rendered = 0  # how many finished blocks _finished_strips holds
@@ -95,16 +104,17 @@ class LiveMarkdown(Widget):
     def _settle_finished_blocks(self) -> None:
         """Move every block of the tail that has a successor to the finished blocks."""
         blocks = top_level_blocks(self._parser, self._tail)
+        self._tail_kind = blocks[-1][1] if blocks else ""
         if len(blocks) < 2:
             return
         lines = self._tail.splitlines(keepends=True)
         for (start, kind), (end, _) in zip(blocks, blocks[1:]):
-            self._finished.append(_Block("".join(lines[start:end]), kind == "hr"))
+            self._finished.append(_Block("".join(lines[start:end]), kind))
         self._tail = "".join(lines[blocks[-1][0]:])
 
     def code_blocks(self) -> list[str]:
         """The code of the answer's fenced and indented code blocks so far."""
-        return [t.content for t in self._parser.parse(self.source) if t.type in ("fence", "code_block")]
+        return [t.content.rstrip() for t in self._parser.parse(self.source) if t.type in ("fence", "code_block")]
 
     # ------------------------------------------------------------------ lines
     def _render(self, text: str, width: int) -> list[Strip]:
@@ -122,14 +132,14 @@ class LiveMarkdown(Widget):
             self._live_stale = True
         blank = Strip([Segment(" " * width)], width)
         for block in self._finished[self._rendered:]:
-            if self._rendered and not self._finished[self._rendered - 1].rule:
+            if blank_line_between(self._finished[self._rendered - 1] if self._rendered else None, block.kind):
                 self._finished_strips.append(blank)
             self._finished_strips.extend(self._render(block.text, width))
             self._rendered += 1
         if self._live_stale:
             self._live_stale = False
             live = self._render(self._tail, width) if self._tail.strip() else []
-            if live and self._finished and not self._finished[-1].rule:
+            if live and blank_line_between(self._finished[-1] if self._finished else None, self._tail_kind):
                 live.insert(0, blank)
             self._live_strips = live
 
