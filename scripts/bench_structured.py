@@ -28,6 +28,7 @@ import base64
 import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LOCALSGL_IN_PROCESS", "1")  # the benchmark reads the core's counters
 
 SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99999}, "minItems": 10_000}
+ARRAY_PREFIX = re.compile(r"\[((0|[1-9][0-9]{0,4}),)*(0|[1-9][0-9]{0,4})?")  # what SCHEMA allows before its end
 
 # Llama 3's pre-tokenizer split and its 256 special tokens after the 128,000 BPE tokens
 # (the names of Llama 3.1's tokenizer.json)
@@ -145,6 +147,10 @@ def main() -> int:
         m0, f0 = (masks.seconds, masks.fills) if masks is not None else (0.0, 0)
         outs = engine.generate(prompts, params)
         assert all(len(o.token_ids) == args.new for o in outs), [len(o.token_ids) for o in outs]
+        if constrained:  # every answer is the start of the schema's array
+            for o in outs:
+                text = tokenizer.decode(o.token_ids)
+                assert ARRAY_PREFIX.fullmatch(text), text[:200]
         masks = core.masks
         m1, f1 = (masks.seconds, masks.fills) if masks is not None else (0.0, 0)
         rate = sum((args.new - 1) / max(o.metrics.total_time - o.metrics.time_to_first_token, 1e-9) for o in outs)
