@@ -40,8 +40,9 @@ def _round_to_e4m3(x):
 def _fp8_rows(x):
     """(e4m3-rounded values in fp32, per-row scale) of a [H, D] tile."""
     xf = x.to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(xf), 1) / FP8_MAX, FP8_MIN_SCALE)
-    return _round_to_e4m3(tl.clamp(xf / s[:, None], -FP8_MAX, FP8_MAX)), s
+    # div_rn: IEEE-rounded division, as torch divides (plain `/` compiles to an approximate one)
+    s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(xf), 1), FP8_MAX), FP8_MIN_SCALE)
+    return _round_to_e4m3(tl.clamp(tl.math.div_rn(xf, s[:, None]), -FP8_MAX, FP8_MAX)), s
 
 
 @triton.jit

@@ -45,3 +45,6 @@ def test_fp8_kv_kernels_compile_for_sm90():
         assert r["ok"], f"{name}: {r['error']}"
         fp8 = SPECS[name]["constexprs"].get("KV_FP8", SPECS[name]["constexprs"].get("FP8"))
         assert r["ptx_has"]["e4m3"] == fp8, f"{name}: e4m3 conversions {'missing' if fp8 else 'present'}"
+    # the store divides IEEE-rounded, as torch does, so the GPU writes the reference's bits
+    store = compile_all([dict(SPECS["store"], ptx_needles=["div.rn.f32", "div.full.f32", "div.approx"])])[0]
+    assert store["ptx_has"] == {"div.rn.f32": True, "div.full.f32": False, "div.approx": False}
