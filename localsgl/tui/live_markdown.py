@@ -7,29 +7,77 @@ This view keeps the answer as lines instead: the blocks that are finished (every
 top-level block but the last: a block that has a successor can no longer change) are
 rendered once, with Rich's Markdown, at the view's width, and only the live last block
 is rendered again when text arrives. A frame then costs the live block's rendering and
-a layout of one widget, however long the answer has grown.
+a layout of a screen whose widgets do not multiply as the answer grows.
 
 Deltas are appended; only the text from the first unfinished block on is parsed again.
 The lines equal Rich's rendering of the whole text. Rich puts a blank line before a
 top-level block unless it is the first one or follows a horizontal rule; a list, quote
 or table rendered on its own already starts with that blank line (Rich decides it by
 the last element closed, which for these is one of their own), so this view adds the
-blank line between blocks only before the other kinds. When the answer ends, the message view replaces this view by
-the final Markdown widget (message_view.py)."""
+blank line between blocks only before the other kinds.
+
+Code is highlighted with the colours the final view's code blocks use (Textual's
+highlight theme, resolved against the app's theme). When the answer ends, the message
+view replaces this view by the final Markdown widget (message_view.py)."""
 from __future__ import annotations
 
+import re
+
 from markdown_it import MarkdownIt
+from pygments.token import Token
 from rich.console import Console, ConsoleOptions
 from rich.markdown import Markdown as RichMarkdown
 from rich.segment import Segment
 from rich.style import Style
+from rich.syntax import SyntaxTheme
+from textual.app import App
+from textual.color import Color
 from textual.geometry import Region, Size
+from textual.highlight import ANSIDarkHighlightTheme, ANSILightHighlightTheme, HighlightTheme
 from textual.strip import Strip
+from textual.style import Style as TextualStyle
 from textual.widget import Widget
 
 CONTAINERS = {"bullet_list_open", "ordered_list_open", "blockquote_open", "table_open"}
-DARK_CODE_THEME = "monokai"
-LIGHT_CODE_THEME = "default"
+_TEXT_VARIABLE = re.compile(r"\$text(?![-\w])")  # "$text" is an automatic contrast colour; code takes the theme's foreground
+
+
+class CodeTheme(SyntaxTheme):
+    """Textual's code highlight colours for Rich's Syntax, with no background of its own."""
+
+    def __init__(self, styles: dict, variables: dict[str, str]):
+        background = Color.parse(variables.get("background", "black"))
+        self._styles = {token: self._resolve(spec, variables, background) for token, spec in styles.items()}
+
+    @staticmethod
+    def _resolve(spec: str, variables: dict[str, str], background: Color) -> Style:
+        try:
+            style = TextualStyle.parse(_TEXT_VARIABLE.sub("$foreground", spec), variables)
+        except Exception:  # noqa: BLE001 - a colour this theme lacks: the code's plain colour
+            return Style()
+        rich = style.rich_style
+        colour = style.foreground
+        if colour is not None and colour.a < 1:  # blend a translucent colour over the background, as Textual does
+            rich += Style(color=background.blend(colour.with_alpha(1), colour.a).rich_color)
+        return rich
+
+    def get_style_for_token(self, token_type) -> Style:
+        while token_type not in self._styles and token_type is not Token:
+            token_type = token_type.parent
+        return self._styles.get(token_type, Style())
+
+    def get_background_style(self) -> Style:
+        return Style()
+
+
+def code_theme_for(app: App) -> CodeTheme:
+    """The highlight colours of the app's Markdown code blocks under its current theme."""
+    dark = app.current_theme.dark
+    if app.ansi_color:
+        styles = (ANSIDarkHighlightTheme if dark else ANSILightHighlightTheme).STYLES
+    else:
+        styles = HighlightTheme.STYLES
+    return CodeTheme(styles, app.theme_variables)
 
 
 def markdown_parser() -> MarkdownIt:
@@ -42,7 +90,7 @@ def top_level_blocks(parser: MarkdownIt, text: str) -> list[tuple[int, str]]:
     return [(t.map[0], t.type) for t in parser.parse(text) if t.level == 0 and t.map is not None and t.nesting >= 0]
 
 
-def render_markdown(text: str, console: Console, options: ConsoleOptions, code_theme: str) -> list[Strip]:
+def render_markdown(text: str, console: Console, options: ConsoleOptions, code_theme: str | SyntaxTheme) -> list[Strip]:
     """Rich's rendering of ``text``, one Strip a line, padded to the options' width."""
     lines = console.render_lines(RichMarkdown(text, code_theme=code_theme), options, pad=True)
     return [Strip(line, options.max_width) for line in lines]
@@ -80,6 +128,7 @@ class LiveMarkdown(Widget):
         self._live_strips: list[Strip] = []
         self._live_stale = True
         self._width = 0
+        self._code_theme: tuple[str, CodeTheme] | None = None  # (the app theme's name, its code colours)
         self._line_style: Style | None = None
         self.block_renders = 0  # blocks rendered so far: finished blocks once per width, the live one per update
 
@@ -121,8 +170,13 @@ class LiveMarkdown(Widget):
         self.block_renders += 1
         console = self.app.console
         options = console.options.update(width=width, height=None, highlight=False)
-        theme = DARK_CODE_THEME if self.app.current_theme.dark else LIGHT_CODE_THEME
-        return render_markdown(text, console, options, theme)
+        return render_markdown(text, console, options, self._current_code_theme())
+
+    def _current_code_theme(self) -> CodeTheme:
+        name = self.app.theme
+        if self._code_theme is None or self._code_theme[0] != name:
+            self._code_theme = (name, code_theme_for(self.app))
+        return self._code_theme[1]
 
     def _update_lines(self, width: int) -> None:
         if width != self._width:

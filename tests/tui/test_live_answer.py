@@ -14,7 +14,7 @@ from textual.app import App
 from textual.widgets.markdown import MarkdownBlock
 
 from localsgl.tui.conversation import ChatMessage
-from localsgl.tui.live_markdown import LiveMarkdown, markdown_parser, render_markdown, top_level_blocks
+from localsgl.tui.live_markdown import LiveMarkdown, code_theme_for, markdown_parser, render_markdown, top_level_blocks
 from localsgl.tui.message_view import AnswerMarkdown
 
 # Blocks of every kind the live view splits at: headings, paragraphs, a fence, lists,
@@ -57,7 +57,7 @@ def rich_lines(live: LiveMarkdown, text: str, width: int) -> list[list]:
     """Rich's rendering of the whole ``text``, as segment lists."""
     console = live.app.console
     options = console.options.update(width=width, height=None, highlight=False)
-    return [list(s) for s in render_markdown(text, console, options, "monokai")]
+    return [list(s) for s in render_markdown(text, console, options, code_theme_for(live.app))]
 
 
 def live_lines(live: LiveMarkdown) -> list[list]:
