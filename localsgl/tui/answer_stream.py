@@ -22,6 +22,7 @@ from textual.dom import NoScreen
 from textual.widget import Widget
 from textual.widgets import Markdown
 
+from .fold_above import AboveFolder
 from .live_markdown import LiveMarkdown
 
 FRAME_SECONDS = 1 / 30
@@ -46,8 +47,10 @@ def _unfreeze_old_objects() -> None:
 
 class AnswerStream:
     def __init__(self, live: LiveMarkdown, final_view: Callable[[str], Markdown],
-                 on_rendered: Callable[[int, float], None] | None = None, mounted=None):
+                 on_rendered: Callable[[int, float], None] | None = None, mounted=None,
+                 folder: AboveFolder | None = None):
         self.live = live
+        self.folder = folder  # folds the conversation far above the screen while this streams
         self.final_view = final_view  # the Markdown widget that shows the whole answer
         self.on_rendered = on_rendered  # (characters on screen, perf_counter time) after each drawn update
         self.shown = ""
@@ -79,6 +82,8 @@ class AnswerStream:
             await self._swap_to_final()
             self._report()
         finally:
+            if self.folder is not None:
+                self.folder.unfold_all()
             _unfreeze_old_objects()
 
     async def _run(self) -> None:
@@ -98,6 +103,8 @@ class AnswerStream:
             if chunk:
                 self.live.append(chunk)
                 self.shown += chunk
+                if self.folder is not None:
+                    self.folder.fold_far()
                 await self._painted()
                 self._report()
             if self._closing and not self._pending:
@@ -126,6 +133,8 @@ class AnswerStream:
         with live.app.batch_update():
             await parent.mount(final, before=live)  # mounting builds the Markdown's blocks
             await live.remove()
+            if self.folder is not None:
+                self.folder.unfold_all()
 
     def _report(self) -> None:
         if self.on_rendered is not None:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from textual.containers import Vertical
+from textual.containers import ScrollableContainer, Vertical
 from textual.geometry import Size
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownFence
 
 from .answer_stream import AnswerStream
 from .conversation import ChatMessage
+from .fold_above import AboveFolder
 from .live_markdown import LiveMarkdown
 
 
@@ -86,7 +87,10 @@ class MessageView(Vertical):
         with self.app.batch_update():
             self.query(AnswerMarkdown).remove()
             mounted = self.mount(live)
-        self._stream = AnswerStream(live, lambda text: AnswerMarkdown(text, classes="body"), self.on_rendered, mounted)
+        view = next((a for a in self.ancestors if isinstance(a, ScrollableContainer)), None)
+        folder = AboveFolder(view, self) if view is not None else None
+        self._stream = AnswerStream(live, lambda text: AnswerMarkdown(text, classes="body"), self.on_rendered, mounted,
+                                    folder)
         self._stream.start()
         return self._stream
 

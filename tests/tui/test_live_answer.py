@@ -221,3 +221,57 @@ def test_a_later_answer_repaints_and_stays_at_the_bottom_while_it_streams(histor
     grown = [h for h in heights if h > 3]  # past the first lines: the end and at least one frame before it
     assert len(grown) >= 2, f"the answer was laid out at only {sorted(heights)} lines while it streamed"
     assert off_bottom == 0
+
+
+def test_the_conversation_far_above_folds_while_an_answer_streams_and_unfolds_when_scrolled_to_or_done(history):
+    text = ANSWER * 8
+    folded_while_streaming: list[int] = []
+
+    def layout(view) -> list[tuple[str, int, int]]:
+        return [(type(b).__name__, b.region.y, b.region.height) for b in view.query(MarkdownBlock)
+                if isinstance(b.parent, AnswerMarkdown)]
+
+    async def scenario():
+        app = make_app(ScriptedEngine([text], tokens_per_second=400), history,
+                       on_rendered=lambda chars, t: folded_while_streaming.append(len(app.query(".-folded"))))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            await send_and_wait(pilot, "many blocks", timeout=30)
+            first = app.chat.message_views()[-1]
+            folded_while_streaming.clear()
+            await send_and_wait(pilot, "again", timeout=30)
+            await pilot.pause(0.1)
+            folded_after = len(app.query(".-folded"))
+            app.chat.conversation_view.scroll_to(y=0, animate=False)
+            await pilot.pause(0.1)
+            top = first.region.y
+            first_after = [(k, y - top, h) for k, y, h in layout(first)]
+            whole = app.chat.add_message(ChatMessage("assistant", text))
+            await pilot.pause(0.1)
+            app.chat.conversation_view.scroll_end(animate=False)
+            await pilot.pause(0.1)
+            top = whole.region.y
+            whole_layout = [(k, y - top, h) for k, y, h in layout(whole)]
+
+            # scrolling up while an answer streams unfolds what was folded, and nothing folds while away
+            # (plain sleeps: a pilot pause or key press waits for a quiet app, i.e. the answer's end)
+            app.link.engine.tokens_per_second = 150
+            app.handle_input("once more")
+            while app.answering and not app.query(".-folded"):
+                await asyncio.sleep(0.02)
+            folded_before_scrolling = len(app.query(".-folded"))
+            app.chat.conversation_view.scroll_to(y=0, animate=False)
+            await asyncio.sleep(0.05)
+            assert app.answering  # still streaming: what follows is about a stream in flight
+            folded_when_scrolled_up = len(app.query(".-folded"))
+            await asyncio.sleep(0.3)
+            folded_later = len(app.query(".-folded"))
+            await wait_for(pilot, lambda: not app.answering, 30, "the third answer")
+            return folded_after, (first_after, whole_layout), (folded_before_scrolling, folded_when_scrolled_up,
+                                                                folded_later)
+
+    folded_after, (first_after, whole), (before_scrolling, scrolled_up, later) = asyncio.run(scenario())
+    assert max(folded_while_streaming) > 0
+    assert folded_after == 0
+    assert first_after == whole  # unfolded, the first answer lays out as before
+    assert before_scrolling > 0 and scrolled_up == 0 and later == 0
