@@ -123,11 +123,12 @@ class LiveMarkdown(Widget):
         self._tail = ""  # the source from the first unfinished block on
         self._tail_kind = ""  # the type of the tail's block
         self._finished: list[_Block] = []
-        self._finished_strips: list[Strip] = []  # the finished blocks' lines, at _width
+        self._finished_strips: list[Strip] = []  # the finished blocks' lines, at _width and _theme
         self._rendered = 0  # how many finished blocks _finished_strips holds
         self._live_strips: list[Strip] = []
         self._live_stale = True
         self._width = 0
+        self._theme = ""  # the app theme the lines were rendered under
         self._code_theme: tuple[str, CodeTheme] | None = None  # (the app theme's name, its code colours)
         self._line_style: Style | None = None
         self.block_renders = 0  # blocks rendered so far: finished blocks once per width, the live one per update
@@ -179,8 +180,9 @@ class LiveMarkdown(Widget):
         return self._code_theme[1]
 
     def _update_lines(self, width: int) -> None:
-        if width != self._width:
+        if width != self._width or self.app.theme != self._theme:  # the lines' width or colours changed
             self._width = width
+            self._theme = self.app.theme
             self._finished_strips = []
             self._rendered = 0
             self._live_stale = True

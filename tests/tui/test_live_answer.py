@@ -144,6 +144,28 @@ def test_code_is_highlighted_and_copyable_while_it_streams():
     asyncio.run(scenario())
 
 
+def test_a_theme_change_renders_the_lines_again_in_its_colours():
+    async def scenario():
+        app = LiveApp()
+        async with app.run_test(size=(70, 40)) as pilot:
+            live = app.query_one(LiveMarkdown)
+            await pilot.pause()
+            live.append(ANSWER)
+            await pilot.pause()
+
+            def code_colours():
+                line = next(s for s in live.lines(live.content_size.width) if "def greet" in s.text)
+                return [seg.style.color for seg in line if seg.style and seg.text.strip()]
+
+            before, renders = code_colours(), live.block_renders
+            app.theme = "textual-light" if app.current_theme.dark else "textual-dark"
+            await pilot.pause()
+            assert live.block_renders > renders and code_colours() != before
+            assert live_lines(live) == rich_lines(live, ANSWER, live.content_size.width)
+
+    asyncio.run(scenario())
+
+
 def test_a_streamed_answer_ends_as_final_markdown_laid_out_as_the_whole_answer(history):
     def block_layout(view) -> list[tuple[str, int, int]]:
         top = view.region.y
