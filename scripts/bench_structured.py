@@ -113,8 +113,13 @@ def main() -> int:
     ap.add_argument("--tokenizer", choices=["auto", "llama3", "embedded"], default="auto",
                     help="whose tokenizer the grammars use: auto = the model's, else (dummy weights) Llama 3's "
                          "when llama-models is installed, else the embedded model's")
+    ap.add_argument("--masks-only", action="store_true",
+                    help="no model: time one step's grammar work (matchers advanced, bitmasks filled) at each "
+                         "batch size, with the model's tokenizer (or --tokenizer's) over --new steps")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
+    if args.masks_only:
+        return masks_only(args)
 
     import torch
 
@@ -187,6 +192,55 @@ def main() -> int:
         runs = " ".join(f"{x:.1f}" for x in r["free_runs"]) + " | " + " ".join(f"{x:.1f}" for x in r["json_runs"])
         print(f"{r['batch']:>5} {r['free_tok_s']:>11.1f} {r['json_tok_s']:>11.1f} {r['slowdown_pct']:>6.1f}% "
               f"{r['mask_ms_per_step']:>13.3f}  {runs}")
+    return 0
+
+
+def masks_only(args) -> int:
+    """The grammar work of a decode step without the forward: ``batch`` matchers of SCHEMA,
+    each step filling their bitmasks (MaskFiller, as the engine does) and feeding each a
+    random token its mask allows.  Median ms per step over --new steps, --repeats times."""
+    import random
+    import time
+
+    import torch
+
+    from localsgl import SamplingParams
+    from localsgl.engine.grammar import GrammarBackend, MaskFiller
+
+    if args.tokenizer == "auto":
+        from localsgl.store.resolve import resolve_model
+
+        tokenizer = resolve_model(args.model).load_tokenizer()
+        eos, note = [tokenizer.eos_token_id], f"{args.model}'s ({len(tokenizer)} tokens)"
+    else:
+        tokenizer, eos, note = stand_in_tokenizer(args.tokenizer)
+    backend = GrammarBackend(tokenizer, len(tokenizer), eos)
+    backend.ll_tokenizer
+    compiled = backend.compile(SamplingParams(json_schema=SCHEMA))
+    filler = MaskFiller(backend.words, torch.device("cpu"))
+    rng = random.Random(0)
+    print(f"masks only: tokenizer {note}, {args.new} steps, mask threads {max(1, min(8, os.cpu_count() or 2))}")
+    print(f"{'batch':>5} {'mask ms/step':>13}  runs")
+    for batch in args.batches:
+        runs = []
+        for _ in range(args.repeats):
+            states = [compiled.new_state() for _ in range(batch)]
+            picked: list[int] = []
+            times = []
+            for _ in range(args.new):
+                t0 = time.perf_counter()  # the engine's per-step work: feed last tokens, forced tokens, fill
+                for g, tok in zip(states, picked):
+                    g.consume([tok])
+                    g.matcher.compute_ff_tokens()
+                host, _ = filler.fill(states, {}, eos[0])
+                times.append(time.perf_counter() - t0)
+                picked = []
+                for row in host:
+                    words = row.to(torch.int64) & 0xFFFFFFFF
+                    picked.append(rng.choice([32 * w + j for w in torch.nonzero(words).flatten().tolist()
+                                              for j in range(32) if (int(words[w]) >> j) & 1]))
+            runs.append(1e3 * statistics.median(times))
+        print(f"{batch:>5} {statistics.median(runs):>13.3f}  " + " ".join(f"{x:.3f}" for x in runs))
     return 0
 
 
