@@ -79,6 +79,7 @@ class CoreClient:
         self._sent_since_step = 0
         self._last_stats: dict = {}
         self.profile = None  # step profiles live in the core process
+        self.cache = _RemoteCache(self)  # what benchmarks call on the in-thread core's radix cache
         self.conn.send({  # the child's first message: what to build
             "opts": opts, "source": source, "reasoning": reasoning, "parent_pid": os.getpid(),
             "pdeathsig": threading.current_thread() is threading.main_thread(),
@@ -374,6 +375,16 @@ class CoreClient:
                 ch.on_delta(StreamDelta(ch.index, "", [], "abort", None, ch.metrics, {}))
             except Exception:
                 pass
+
+
+class _RemoteCache:
+    """``reset()`` of the core process's radix cache (benchmarks empty it between runs)."""
+
+    def __init__(self, client: CoreClient):
+        self._client = client
+
+    def reset(self) -> None:
+        self._client.query("reset_cache")
 
 
 def _err(error: str | None) -> dict:
