@@ -168,18 +168,18 @@ def test_routes_read_what_torch_and_onednn_run():
 
 def test_fp32_layout_probe():
     """The probe times both layouts at each row count (at least two rounds after a warm-up,
-    however small its budget); the decision keeps row-major unless input-major is clearly
+    however small its budget); the decision keeps input-major unless row-major is clearly
     faster over the row counts together."""
     times = cpu_routes.probe_fp32_layout(rows=(1, 4), k=64, n=96, mib=1, budget_s=0.0)
     assert len(times) == 2 and all(0 < t < float("inf") for pair in times for t in pair)
-    m = cpu_routes.INPUT_MAJOR_MARGIN
-    assert not cpu_routes.prefer_input_major([(1.0, 1.0), (1.0, 1.0)])
-    assert not cpu_routes.prefer_input_major([(1.0, 1.1)])  # within the margin: row-major
-    assert cpu_routes.prefer_input_major([(1.0, m + 0.01)])
-    # one row 1.5x slower input-major, 32 rows 2.8x faster: input-major overall (sqrt(2.8/1.5) > m)
-    assert cpu_routes.prefer_input_major([(1.5, 1.0), (1.0, 2.8)])
-    # one row 1.6x slower input-major, 32 rows equal: row-major
+    m = cpu_routes.ROW_MAJOR_MARGIN
+    assert cpu_routes.prefer_input_major([(1.0, 1.0), (1.0, 1.0)])
+    assert cpu_routes.prefer_input_major([(1.1, 1.0)])  # within the margin: input-major
+    assert not cpu_routes.prefer_input_major([(m + 0.01, 1.0)])
+    # input-major 1.6x slower at one row and as fast at 32 rows: row-major (sqrt(1.6) > m)
     assert not cpu_routes.prefer_input_major([(1.6, 1.0), (1.0, 1.0)])
+    # input-major 1.5x slower at one row, 2.8x faster at 32 rows: input-major
+    assert cpu_routes.prefer_input_major([(1.5, 1.0), (1.0, 2.8)])
 
 
 def test_weight_layout_follows_the_routes():

@@ -198,10 +198,10 @@ def default_dtype(device_info: DeviceInfo, config=None):
     than half the RAM, then bfloat16.  Returns a torch.dtype (use dtype_name for the string).
 
     Why: with native bf16 matmul the CPU decodes bf16 about 1.5-2x faster than fp32.  Without
-    it, torch's bf16 kernels are emulated: an fp32 decode step of a small model is as fast at
-    one row and faster from a few rows on (the widened bf16 GEMMs convert every weight they
-    read), and its logits are exact to fp32 (bench/RESULTS.md, "CPU decode routes").  fp32
-    weights take twice the memory, so a model that would crowd the RAM stays in bf16."""
+    it, torch's bf16 kernels are emulated: an fp32 decode step of a small model is about as
+    fast at one row and faster at 32 (the widened bf16 GEMMs convert every weight they read),
+    and its logits are exact to fp32 (bench/RESULTS.md, "CPU decode routes").  fp32 weights
+    take twice the memory, so a model that would crowd the RAM stays in bf16."""
     import torch
 
     if device_info.kind == "cuda":

@@ -15,10 +15,11 @@ read once per process and dtype.  ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=
 newer x86 CPU therefore takes the AVX2-only routes.  The fp32 layout is the one torch's BLAS
 streams fastest on this CPU, which no flag says: on one Intel CPU x @ W^T on a contiguous W^T
 (input-major) was as fast as mv at one row and up to 2.8x faster than the row-major GEMM from
-4 rows on; on another, over a whole model's weights, row-major was 1.2-2.3x faster up to 16
-rows and 1.0-1.2x at 32 (bench/RESULTS.md, "CPU decode routes").  A probe times both layouts
-once per process on weights larger than a core's cache (:func:`probe_fp32_layout`); row-major
-stays unless input-major is clearly faster.
+4 rows on; on another the two were within the machine's noise in the engine, and a
+transformers-style row-major GEMM was reported faster on an AMD EPYC (bench/RESULTS.md, "CPU
+decode routes").  A probe times both layouts once per process on weights larger than a
+core's cache (:func:`probe_fp32_layout`); input-major stays unless row-major is clearly
+faster.
 Every route computes the same products with fp32 accumulation; they differ in speed and, in
 bf16/fp16, in where the rounding to the dtype happens.
 """
@@ -37,7 +38,7 @@ log = logging.getLogger("localsgl.engine")
 
 LOWP = (torch.bfloat16, torch.float16)
 WIDEN_MIN_ROWS = 8  # rows from which widening beats torch's bf16 GEMV without native bf16 (bench/RESULTS.md)
-INPUT_MAJOR_MARGIN = 1.15  # fp32 takes the input-major layout only when its GEMMs are this much faster
+ROW_MAJOR_MARGIN = 1.15  # fp32 leaves the input-major layout only for row-major GEMMs this much faster
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def native_matmul(dtype: torch.dtype) -> bool:
 def choose(dtype: torch.dtype, capability: str, native: bool, fp32_input_major: bool = True) -> CpuRoutes:
     """The routes for one dtype given the machine's signals (a pure function, for tests).
 
-    fp32: input-major weights when the probe found their GEMMs clearly faster.  bf16/fp16
+    fp32: input-major weights unless the probe found row-major GEMMs clearly faster.  bf16/fp16
     with native matmul: row-major weights (the native GEMV streams them fastest at one row; at
     32 rows the layouts tie), no widening, attention in the dtype.  Without native matmul:
     row-major weights (torch's low-precision GEMV wants them), widening from WIDEN_MIN_ROWS
@@ -91,11 +92,11 @@ def choose(dtype: torch.dtype, capability: str, native: bool, fp32_input_major: 
 
 def prefer_input_major(times: list[tuple[float, float]]) -> bool:
     """The fp32 layout decision from the probe's (input-major, row-major) best times per row
-    count: row-major (the layout transformers multiplies by too) unless input-major is
+    count: input-major (faster in the engine on both Intel CPUs measured) unless row-major is
     clearly faster over the row counts together (geometric mean of the ratios, so one row
     counts as much as 32)."""
-    ratio = math.prod(t_row / t_in for t_in, t_row in times) ** (1 / len(times))
-    return ratio >= INPUT_MAJOR_MARGIN
+    ratio = math.prod(t_in / t_row for t_in, t_row in times) ** (1 / len(times))
+    return ratio < ROW_MAJOR_MARGIN
 
 
 def probe_fp32_layout(rows: tuple[int, ...] = (1, 32), k: int = 576, n: int = 1536, mib: int = 32,

@@ -186,13 +186,12 @@ def use_cpu_weight_layout(model: nn.Module, max_head_copy_bytes: int = 512 << 20
     (cpu_routes.py): input-major (the [out, in] parameter becomes the transpose view of a
     contiguous [in, out] tensor) or row-major; shapes and names are unchanged.
 
-    Why: in fp32, x @ W^T on a contiguous W^T runs up to 2.8x faster than the row-major GEMM
-    for 4-32 rows and as fast as mv for one row; in bf16/fp16 torch's GEMV on the row-major
-    weight is the fast one-row route, natively and emulated alike (bench/RESULTS.md, "CPU
-    decode routes").  With input-major weights a tied LM head (the embedding table, which
-    lookups need row-major) gets an input-major copy when it is at most
-    ``max_head_copy_bytes``: one fp32 row of SmolLM2's 49k-vocabulary head then takes 4.5
-    instead of 5.1 ms."""
+    Why: in fp32 the faster layout depends on the CPU's BLAS (by 2-3x at some
+    row counts; cpu_routes.py probes it); in bf16/fp16 torch's GEMV on the row-major weight
+    is the fast one-row route, natively and emulated alike (bench/RESULTS.md, "CPU decode
+    routes").  With input-major weights a tied LM head (the embedding table, which lookups
+    need row-major) gets an input-major copy when it is at most ``max_head_copy_bytes``, so
+    the head multiplies in the same layout as the layers."""
     for mod in model.modules():
         if isinstance(mod, Linear) and isinstance(mod.weight, torch.Tensor) and mod.weight.shape[0] > 1:
             w = mod.weight.data
