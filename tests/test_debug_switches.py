@@ -89,7 +89,8 @@ def test_two_engines_in_one_process_follow_their_own_switches(tmp_path, monkeypa
         return real(model, *a)
 
     monkeypatch.setattr(llama, "cpu_forward_decode", counting)
-    opts = dict(model=str(d), device="cpu", dtype="float32", load_format="dummy", max_running=4, kv_memory=1 << 20)
+    opts = dict(model=str(d), device="cpu", dtype="float32", load_format="dummy", max_running=4, kv_memory=1 << 20,
+                in_process=True)  # reads the models
     monkeypatch.setenv("LOCALSGL_DEBUG_NO_CPU_DECODE", "1")
     off = Engine(**opts)
     monkeypatch.delenv("LOCALSGL_DEBUG_NO_CPU_DECODE")

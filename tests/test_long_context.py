@@ -134,7 +134,8 @@ def test_rotary_table_follows_the_final_plan(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plan_mod, "make_plan", estimate_then_plan)
     path = config_dir(tmp_path, **hf_config("LlamaForCausalLM"))
-    with Engine(model=path, device="cpu", load_format="dummy", max_running=2, kv_memory=1 << 20) as eng:
+    with Engine(model=path, device="cpu", load_format="dummy", max_running=2, kv_memory=1 << 20,
+                in_process=True) as eng:  # reads the model
         assert len(calls) == 2 and eng.max_model_len == 512
         rotary = eng.model.rotary
         assert rotary.max_positions == eng.max_model_len
@@ -157,7 +158,7 @@ def test_engine_plans_as_info_does(tmp_path, monkeypatch):
     real = plan_mod.make_plan
     monkeypatch.setattr(plan_mod, "make_plan", lambda *a, **k: calls.append(dict(k)) or real(*a, **k))
     report = _info_report(dict(flags))
-    with Engine(**flags) as eng:
+    with Engine(**flags, in_process=True) as eng:  # the patched make_plan is this process's
         assert eng.plan.to_dict() == report["plan"]
     info_kwargs, engine_kwargs = calls[0], calls[1:]
     assert len(engine_kwargs) == 2
@@ -171,14 +172,14 @@ def test_sliding_window_model_stops_at_its_window(tmp_path):
     from localsgl import Engine
 
     path = config_dir(tmp_path, **hf_config("MistralForCausalLM", sliding_window=48))
-    with Engine(model=path, device="cpu", load_format="dummy", max_running=2) as eng:
+    with Engine(model=path, device="cpu", load_format="dummy", max_running=2, in_process=True) as eng:  # reads the model
         assert eng.max_model_len == 48 and eng.model.rotary.max_positions == 48
         with pytest.raises(PromptTooLongError, match="sliding window of 48 tokens"):
             eng.generate([1 + i % 60 for i in range(48)], SamplingParams(max_tokens=1))
         out = eng.generate([1 + i % 60 for i in range(39)], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
         assert out.finish_reason == "length" and 39 + len(out.token_ids) == 48
     with pytest.raises(PlanError, match="--max-model-len 64 is beyond the model's sliding window of 48 tokens"):
-        Engine(model=path, device="cpu", load_format="dummy", max_model_len=64)
+        Engine(model=path, device="cpu", load_format="dummy", max_model_len=64, in_process=True)
     assert issubclass(PromptTooLongError, InvalidRequestError)
 
 
