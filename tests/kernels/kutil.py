@@ -24,3 +24,17 @@ def randn(*shape, g, dtype=torch.float32, scale=1.0):
 
 def tol(dtype) -> float:
     return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def scattered_table(g: torch.Generator, seqs: list[int], slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A page table for requests of ``seqs`` tokens in shuffled pool rows (two spare rows) whose
+    slots are scattered over 1..slots: (table [B + 2, max + 7] int32, rows [B]) on the CPU."""
+    B = len(seqs)
+    table = torch.zeros(B + 2, max(seqs) + 7, dtype=torch.int32)
+    rows = torch.randperm(B + 2, generator=g)[:B]
+    perm = torch.randperm(slots, generator=g) + 1
+    used = 0
+    for i in range(B):
+        table[rows[i], : seqs[i]] = perm[used : used + seqs[i]].int()
+        used += seqs[i]
+    return table, rows

@@ -6,7 +6,7 @@ prefixes many key tiles long, with masked tails at every boundary; the per-devic
 of configuration by shared memory."""
 import pytest
 import torch
-from kutil import DEV, DOT_DTYPES, ON_GPU, gen, randn, rel_err
+from kutil import DEV, DOT_DTYPES, ON_GPU, gen, randn, rel_err, scattered_table
 
 from localsgl_kernels.extend_attention import (
     ExtendConfig,
@@ -24,13 +24,7 @@ def run_case(g, prefix, ext, hq, hkv, d, dtype, slots, config=None):
     seqs = [p + e for p, e in zip(prefix, ext)]
     kc = randn(slots + 1, hkv, d, g=g, dtype=dtype)
     vc = randn(slots + 1, hkv, d, g=g, dtype=dtype)
-    table = torch.zeros(B + 2, max(seqs) + 7, dtype=torch.int32)
-    rows = torch.randperm(B + 2, generator=g)[:B]
-    perm = torch.randperm(slots, generator=g) + 1
-    used = 0
-    for i in range(B):
-        table[rows[i], : seqs[i]] = perm[used : used + seqs[i]].int()
-        used += seqs[i]
+    table, rows = scattered_table(g, seqs, slots)
     T = sum(ext)
     qkv = randn(T, (hq + 2 * hkv) * d, g=g, dtype=dtype)
     q = qkv[:, : hq * d].reshape(T, hq, d)

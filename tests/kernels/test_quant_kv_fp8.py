@@ -6,7 +6,7 @@ same dequantized values; attention over the FP8 pool stays close to attention ov
 unquantized values."""
 import pytest
 import torch
-from kutil import DEV, DOT_DTYPES, ON_GPU, gen, randn, rel_err
+from kutil import DEV, DOT_DTYPES, ON_GPU, gen, randn, rel_err, scattered_table
 from test_decode_attention import make_case, make_shared_case
 
 from localsgl.engine.kv_pool import FP8_KV_DTYPE, KVPool, fp8_quantize_rows
@@ -100,13 +100,7 @@ def test_extend_fp8(hq, hkv, d):
     seqs = [p + e for p, e in zip(prefix, ext)]
     kc = randn(slots + 1, hkv, d, g=g, dtype=dtype)
     vc = randn(slots + 1, hkv, d, g=g, dtype=dtype)
-    table = torch.zeros(B + 2, max(seqs) + 7, dtype=torch.int32)
-    rows = torch.randperm(B + 2, generator=g)[:B]
-    perm = torch.randperm(slots, generator=g) + 1
-    used = 0
-    for i in range(B):
-        table[rows[i], : seqs[i]] = perm[used: used + seqs[i]].int()
-        used += seqs[i]
+    table, rows = scattered_table(g, seqs, slots)
     T = sum(ext)
     q = randn(T, hq, d, g=g, dtype=dtype)
     starts = [sum(ext[:i]) for i in range(B)]
