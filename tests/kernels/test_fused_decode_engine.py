@@ -38,7 +38,9 @@ def _model(bias=False, qk_norm=False):
     return m
 
 
-def _generate(model, backend, fused, prompts, monkeypatch):
+def _generate(model, backend, fused, prompts, monkeypatch, max_tokens=6, inspect=None, **core_cfg):
+    """Greedy tokens of each prompt, run one at a time through a tiny core (batch-1 decode
+    steps); with the number of fused one-token calls, and ``inspect(core)``'s result when given."""
     monkeypatch.setattr(fd, "_FORCE_ON_CPU", True)
     calls = []
     real = fd.forward_one_token
@@ -47,8 +49,8 @@ def _generate(model, backend, fused, prompts, monkeypatch):
 
     monkeypatch.setattr(llama, "forward_one_token", fd.forward_one_token)
     core = EngineCore(model, None, [95], torch.device("cpu"),
-                      CoreConfig(kv_tokens=1024, max_running=4, chunk_size=64, max_model_len=256,
-                                 attention_backend="torch", debug=DebugSwitches(fused_decode=fused)),
+                      CoreConfig(**{"kv_tokens": 1024, "max_running": 4, "chunk_size": 64, "max_model_len": 256,
+                                    "attention_backend": "torch", **core_cfg}, debug=DebugSwitches(fused_decode=fused)),
                       overlap=False, start_thread=False)
     if backend == "triton":  # create_backend refuses triton without CUDA; the interpreter runs it
         from localsgl.engine.layers.attention.triton_backend import TritonAttentionBackend
@@ -66,12 +68,13 @@ def _generate(model, backend, fused, prompts, monkeypatch):
                 if d.finish_reason:
                     done.set()
 
-            core.add_many([[Request(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), 0, cb)]])
+            core.add_many([[Request(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), 0, cb)]])
             assert done.wait(600)
             outs.append(got)
+        inspected = inspect(core) if inspect is not None else None
     finally:
         core.shutdown()
-    return outs, len(calls)
+    return (outs, len(calls)) if inspect is None else (outs, len(calls), inspected)
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -3,61 +3,27 @@ decodes through the fused one-token path (its K/V staged, then quantized by the 
 store), the layer path and the torch backend all store the same e4m3 bits and give the same
 greedy tokens; the pool holds e4m3 values with per-(token, head) scales."""
 import sys
-import threading
 
 import pytest
 import torch
 from kutil import ON_GPU
-
-import localsgl.engine.layers.fused_decode as fd
-from localsgl.engine.core import CoreConfig, EngineCore
-from localsgl.engine.debug_switches import DebugSwitches
-from localsgl.engine.params import SamplingParams
-from localsgl.engine.request import Request
+from test_fused_decode_engine import _generate as generate_one_at_a_time
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="tests/gpu covers the GPU engine")
 sys.path.insert(0, "tests")
 
 
 def _generate(model, backend, fused, prompts, monkeypatch):
-    monkeypatch.setattr(fd, "_FORCE_ON_CPU", True)
-    calls = []
-    real = fd.forward_one_token
-    monkeypatch.setattr(fd, "forward_one_token", lambda *a: calls.append(1) or real(*a))
-    import localsgl.engine.models.llama as llama
-
-    monkeypatch.setattr(llama, "forward_one_token", fd.forward_one_token)
-    core = EngineCore(model, None, [95], torch.device("cpu"),
-                      CoreConfig(kv_tokens=512, max_running=4, chunk_size=64, max_model_len=128,
-                                 attention_backend="torch", kv_cache_dtype="fp8",
-                                 disable_radix_cache=True, debug=DebugSwitches(fused_decode=fused)),
-                      overlap=False, start_thread=False)
-    if backend == "triton":  # create_backend refuses triton without CUDA; the interpreter runs it
-        from localsgl.engine.layers.attention.triton_backend import TritonAttentionBackend
-
-        core.attn = core.runner.attn = TritonAttentionBackend()
-    core.attach_thread(threading.Thread(target=core.run_loop, daemon=True))
-    core._thread.start()
-    outs = []
-    try:
-        for i, ids in enumerate(prompts):  # one at a time: every decode step has batch 1
-            got, done = [], threading.Event()
-
-            def cb(d, got=got, done=done):
-                got.extend(d.token_ids)
-                if d.finish_reason:
-                    done.set()
-
-            core.add_many([[Request(f"r{i}", ids, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), 0, cb)]])
-            assert done.wait(600)
-            outs.append(got)
+    def first_request_kv(core):
         pool = core.kv_pool
         # the first request's slots (radix cache off: slots are handed out from 1 upwards)
         n = len(prompts[0]) + 4
-        kv = (pool.k_buffer[0][1 : n + 1].clone(), pool.k_scale[0][:, 1 : n + 1].clone())
-    finally:
-        core.shutdown()
-    return outs, len(calls), pool, kv
+        return pool, (pool.k_buffer[0][1 : n + 1].clone(), pool.k_scale[0][:, 1 : n + 1].clone())
+
+    outs, calls, (pool, kv) = generate_one_at_a_time(
+        model, backend, fused, prompts, monkeypatch, max_tokens=5, inspect=first_request_kv,
+        kv_tokens=512, max_model_len=128, kv_cache_dtype="fp8", disable_radix_cache=True)
+    return outs, calls, pool, kv
 
 
 def test_fp8_kv_fused_layer_and_torch_paths_agree(monkeypatch):
