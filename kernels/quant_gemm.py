@@ -5,14 +5,18 @@ into ``tl.dot`` (tensor cores), and the entry point for every quantized matmul o
   * 1 row: quant_gemv.gemv (the weight streamed once, no tensor cores needed);
   * fp8 on sm90+ with more than FP8_SCALED_MM_MIN_ROWS rows: torch._scaled_mm with the rows
     quantized to e4m3 per row (dynamic scales) — fp8 tensor cores at twice the bf16 rate;
+  * DEQUANT_MIN_ROWS rows or more (prefill chunks): the weight dequantized to x's dtype by
+    ``dequantize`` (one pass: packed bytes in, 2 bytes per weight out), then cuBLAS — the extra
+    pass costs ~10% of the matmul at 2,048 rows and cuBLAS's dense tiles are the fastest there;
   * otherwise this kernel: 16-row tiles for decode batches (the dot is free next to the
-    weight stream), 64-row tiles for prefill.
+    weight stream), 32/64-row tiles for larger ones.
 
 Math: acc[m, n] = Σ_k x[m, k]·w[n, k] with w = s·q + m dequantized group by group (sub-tiles
 of one group's columns, unrolled within a BLOCK_K step; the unpacking is quant_gemv's), cast
 to x's dtype for the dot (fp32 inputs use IEEE fp32 products), accumulated in fp32; per-row
 scales multiply the accumulator once.  An int4 group contributes two dots, over its even and
-its odd columns (byte j holds columns 2j and 2j + 1), so no nibble interleaving is needed.
+its odd columns (byte j holds columns 2j and 2j + 1), or with INTERLEAVE one dot over the
+nibbles put back in column order (``tl.interleave``) against contiguous activations.
 
 Floor: max(packed weight bytes / copy bandwidth, 2·M·N·K / the dot rate of x's dtype); the
 dequantization costs a few ALU ops per weight per M-tile.  Reference: layers/quant.py
@@ -27,8 +31,10 @@ import triton
 import triton.language as tl
 
 from .quant_gemv import _KIND, group_params, nibbles, row_scaled
+from .quant_tiles import lookup
 
 FP8_SCALED_MM_MIN_ROWS = 16
+DEQUANT_MIN_ROWS = 1024
 
 
 @triton.jit
@@ -36,7 +42,7 @@ def _qgemm_kernel(
     X, QW, S, Mn, Y, M, N, K, stride_xm, stride_q, stride_s, stride_ym,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, INTERLEAVE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -65,10 +71,15 @@ def _qgemm_kernel(
                 s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
                 we = lo * s[:, None] + m[:, None]
                 wo = hi * s[:, None] + m[:, None]
-                xe = tl.load(xrow + (kj + 2 * offs)[None, :], mask=mask_m[:, None], other=0.0)
-                xo = tl.load(xrow + (kj + 2 * offs + 1)[None, :], mask=mask_m[:, None], other=0.0)
-                acc = tl.dot(xe, tl.trans(we.to(xe.dtype)), acc, input_precision=PREC)
-                acc = tl.dot(xo, tl.trans(wo.to(xo.dtype)), acc, input_precision=PREC)
+                if INTERLEAVE:
+                    x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
+                    w = tl.interleave(we.to(x.dtype), wo.to(x.dtype))
+                    acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+                else:
+                    xe = tl.load(xrow + (kj + 2 * offs)[None, :], mask=mask_m[:, None], other=0.0)
+                    xo = tl.load(xrow + (kj + 2 * offs + 1)[None, :], mask=mask_m[:, None], other=0.0)
+                    acc = tl.dot(xe, tl.trans(we.to(xe.dtype)), acc, input_precision=PREC)
+                    acc = tl.dot(xo, tl.trans(wo.to(xo.dtype)), acc, input_precision=PREC)
     else:
         offs = tl.arange(0, SUB)
         for k0 in range(0, K, BLOCK_K):
@@ -93,9 +104,16 @@ class Config(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    interleave: int = 0  # int4: one dot per group over the nibbles in column order
 
 
-def default_config(rows: int, device_type: str) -> Config:
+def default_config(rows: int, device_type: str, w=None) -> Config:
+    """The tuned tile for ``w`` (quant_tiles.py; 16- and 64-row entries) where there is one,
+    else the built-in tile for the row count."""
+    if device_type == "cuda" and w is not None and rows <= 64:
+        t = lookup("gemm", w, 16 if rows <= 16 else 64, w.qweight.device)
+        if t is not None:
+            return Config(*t)
     if device_type != "cuda":
         return Config(16, 16, 32, 4, 1, 4)
     if rows <= 16:
@@ -112,7 +130,7 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
     M, K = x.shape
     N = w.out_features
     assert K == w.in_features
-    cfg = config or default_config(M, x.device.type)
+    cfg = config or default_config(M, x.device.type, w)
     bk = block_k(w, cfg.block_k)
     assert bk is not None, f"{w.fmt.label()}: K={K} does not tile"
     if x.stride(-1) != 1:
@@ -124,9 +142,73 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
         x.stride(0), w.qweight.stride(0), w.scales.stride(0), y.stride(0),
         KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERLEAVE=bool(cfg.interleave),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
+
+
+@triton.jit
+def _dequant_kernel(QW, S, Mn, Out, N, K, stride_q, stride_s, stride_o,
+                    KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Out[n, k] = s[n, k/G]·q[n, k] (+ m[n, k/G]) for one [BLOCK_N, BLOCK_K] tile (BLOCK_K
+    columns of whole groups or within one group)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    mask = (rows < N)[:, None]
+    out = Out + rows.to(tl.int64)[:, None] * stride_o
+    r64 = tl.minimum(rows, N - 1).to(tl.int64)[:, None]  # clamped: the loads need no mask
+    if KIND == 1:
+        offs = tl.arange(0, BLOCK_K // 2)
+        lo, hi = nibbles(tl.load(QW + r64 * stride_q + (k0 // 2 + offs)[None, :]), SYM)
+        gi = (k0 + 2 * offs) // GROUP
+        s = tl.load(S + r64 * stride_s + gi[None, :]).to(tl.float32)
+        we = lo * s
+        wo = hi * s
+        if not SYM:
+            m = tl.load(Mn + r64 * stride_s + gi[None, :]).to(tl.float32)
+            we += m
+            wo += m
+        w = tl.interleave(we, wo)
+        tl.store(out + (k0 + tl.arange(0, BLOCK_K))[None, :], w.to(Out.dtype.element_ty), mask=mask)
+    else:
+        offs = k0 + tl.arange(0, BLOCK_K)
+        q = tl.load(QW + r64 * stride_q + offs[None, :]).to(tl.float32)
+        gi = offs // GROUP
+        s = tl.load(S + r64 * stride_s + gi[None, :]).to(tl.float32)
+        w = q * s
+        if not SYM:
+            w += tl.load(Mn + r64 * stride_s + gi[None, :]).to(tl.float32)
+        tl.store(out + offs[None, :], w.to(Out.dtype.element_ty), mask=mask)
+
+
+def dequantize(w, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+    """Dense [N, K] (or rows ``rows``, a step-1 slice) of W in ``dtype``: the values of
+    QuantizedWeight.dequantize, computed in fp32 the same way, rounded once."""
+    start, stop = (0, w.out_features) if rows is None else (rows.start or 0, rows.stop)
+    n, K = stop - start, w.in_features
+    bk = 256
+    while K % bk:
+        bk //= 2
+    assert bk >= 16, f"K={K} does not tile"
+    out = torch.empty((n, K), dtype=dtype, device=w.qweight.device)
+    qw = w.qweight[start:stop]
+    sc = w.scales[start:stop]
+    mn = w.mins[start:stop] if w.mins is not None else sc
+    _dequant_kernel[(triton.cdiv(n, 32), K // bk)](
+        qw, sc, mn, out, n, K, qw.stride(0), sc.stride(0), out.stride(0),
+        KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, BLOCK_N=32, BLOCK_K=bk, num_warps=4)
+    return out
+
+
+def dequant_matmul(x: torch.Tensor, w, max_bytes: int = 512 << 20) -> torch.Tensor:
+    """x @ dequantize(W)ᵀ through cuBLAS, the dense copy made ``max_bytes`` at a time."""
+    row_bytes = w.in_features * x.element_size()
+    step = max(128, max_bytes // row_bytes)
+    if step >= w.out_features:
+        return torch.nn.functional.linear(x, dequantize(w, x.dtype))
+    return torch.cat([torch.nn.functional.linear(x, dequantize(w, x.dtype, slice(r, min(r + step, w.out_features))))
+                      for r in range(0, w.out_features, step)], dim=-1)
 
 
 def supported(w) -> bool:
@@ -175,6 +257,8 @@ def matmul(x: torch.Tensor, w) -> torch.Tensor:
             return scaled_mm_fp8(x, w)
         except RuntimeError:  # a torch/driver without row-wise scaled mm: the kernel from now on
             _SCALED_MM_OK[x.device.index if x.device.index is not None else torch.cuda.current_device()] = False
+    if M >= DEQUANT_MIN_ROWS and x.dtype in (torch.bfloat16, torch.float16) and K % 16 == 0:
+        return dequant_matmul(x, w)
     if supported(w):
         return gemm(x, w)
     from localsgl.engine.layers.quant import matmul_ref

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .gemv import _cos_sin, _qkv_epilogue, _silu_mul
 from .pdl import launch_options, wait_for_predecessor
+from .quant_tiles import lookup
 
 INT8, INT4, FP8 = 0, 1, 2
 _KIND = {"int8": INT8, "int4": INT4, "fp8": FP8}
@@ -235,8 +236,15 @@ def block_k(w, target: int) -> int | None:
 
 
 def default_config(w, rows_per_block: int, device_type: str) -> Config | None:
-    """The tile for weight ``w`` whose row blocks come in multiples of ``rows_per_block``; None
-    when it does not tile (callers take the layer path)."""
+    """The tile for weight ``w`` whose row blocks come in multiples of ``rows_per_block``: the
+    tuned one (quant_tiles.py) where it fits, else the built-in default; None when it does not
+    tile (callers take the layer path)."""
+    if device_type == "cuda":
+        t = lookup("gemv", w, 1, w.qweight.device)
+        if t is not None:
+            cfg = Config(*t)
+            if rows_per_block % (2 * cfg.block_r) == 0 and block_k(w, cfg.block_k) == cfg.block_k:
+                return cfg
     r, target, warps = _CUDA[w.fmt.kind] if device_type == "cuda" else (4, 64, 4)
     bk = block_k(w, target)
     if bk is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from types import SimpleNamespace
@@ -36,11 +37,14 @@ def run(label: str, kwargs: dict, runs: int) -> dict:
         bs1 = bench.bench_latency(engine, ceil, args)
         args.batch, args.input_len, args.output_len, args.runs = [64], 512, 128, max(1, runs - 1)
         bs64 = bench.bench_latency(engine, ceil, args)
+        args.batch, args.input_len, args.output_len = [1], 2048, 2
+        pf2k = bench.bench_latency(engine, ceil, args)
         row = {
             "label": label, "weights_bytes": streamed_weight_bytes(engine.model),
             "weights_format": engine.weights_estimate.describe() if engine.weights_estimate else str(engine.dtype),
             "bs1_ms": bs1[0]["measured"], "bs1_floor_ms": bs1[0]["floor"], "bs1_ratio": bs1[0]["ratio"],
             "bs1_tok_s": 1e3 / bs1[0]["measured"], "prefill_256_tok_s": bs1[1]["measured"],
+            "prefill_2048_tok_s": pf2k[1]["measured"],
             "bs64_decode_tok_s": bs64[0]["tok_s"], "bs64_step_ms": bs64[0]["measured"],
             "bs64_out_tok_s_incl_prefill": bs64[2]["measured"],
             "plan": engine.plan.describe(), "device": ceil.get("device_name"), "copy_bw": ceil.get("copy_bw"),
@@ -106,10 +110,12 @@ def main() -> int:
                 long_rows.append(run_long(f"{fmt} / KV {kv or 'bf16'}", kw, a.runs, a.long_context))
             except Exception as e:
                 print(f"FAILED long {fmt} kv={kv}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    print(f"\n{'weights':<28} {'GiB':>6} {'bs1 ms':>8} {'floor':>7} {'x':>5} {'bs1 tok/s':>10} {'64x decode tok/s':>17}")
+    print(f"\ntuned tiles: {os.environ.get('LOCALSGL_QUANT_TILES') or 'kernels/tuned/ for this GPU, if any'}")
+    print(f"{'weights':<28} {'GiB':>6} {'bs1 ms':>8} {'floor':>7} {'x':>5} {'bs1 tok/s':>10} {'64x decode tok/s':>17}"
+          f" {'prefill 2k tok/s':>17}")
     for r in rows:
         print(f"{r['label'][-28:]:<28} {r['weights_bytes'] / 2**30:6.2f} {r['bs1_ms']:8.3f} {r['bs1_floor_ms']:7.3f} "
-              f"{r['bs1_ratio']:5.2f} {r['bs1_tok_s']:10.1f} {r['bs64_decode_tok_s']:17.0f}")
+              f"{r['bs1_ratio']:5.2f} {r['bs1_tok_s']:10.1f} {r['bs64_decode_tok_s']:17.0f} {r['prefill_2048_tok_s']:17.0f}")
     for r in long_rows:
         print(f"{r['label']:<28} bs1 after {r['context']:,} tokens: {r['bs1_ms']:.3f} ms (floor {r['bs1_floor_ms']:.3f}, "
               f"x{r['bs1_ratio']:.2f})")

@@ -4,12 +4,19 @@
 #   llguidance   structured decoding (the version of this checkout's environment)
 #   llama-models only for its Llama 3 tokenizer file (llama3/tokenizer.model, 128,256 tokens),
 #                which scripts/bench_structured.py reads without importing the package
+#   gguf         GGUF files kept quantized (scripts/bench_quant.py --gguf)
+#   fastapi, uvicorn and their needs   `bench serving` and the server tests
 # Usage: bash scripts/device_wheels.sh   (needs PyPI; .whl/ is git-ignored)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
 LLG=$("$PY" -c "import importlib.metadata as m; print(m.version('llguidance'))")
+ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 WANT=("llguidance==$LLG" "llama-models==0.3.0")
+for p in gguf fastapi uvicorn starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection \
+         typing-extensions opentelemetry-api; do
+  WANT+=("$p==$(ver $p)")
+done
 mkdir -p .whl
 # one version of each package: two make the device's install fail
 for spec in "${WANT[@]}"; do

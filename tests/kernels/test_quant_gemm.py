@@ -38,8 +38,35 @@ def test_forced_tiles(fmt):
     w = _qw(40, 128, fmt, g)
     x = randn(33, 128, g=g)
     ref = x.double() @ w.dequantize(torch.float64).t()
-    for cfg in (QM.Config(16, 16, 32, 4, 1, 1), QM.Config(32, 32, 64, 4, 1, 2), QM.Config(16, 32, 128, 4, 1, 8)):
+    for cfg in (QM.Config(16, 16, 32, 4, 1, 1), QM.Config(32, 32, 64, 4, 1, 2), QM.Config(16, 32, 128, 4, 1, 8),
+                QM.Config(16, 32, 64, 4, 1, 2, 1)):
         assert rel_err(QM.gemm(x, w, cfg), ref) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_dequantize(fmt):
+    """The Triton dequantization equals QuantizedWeight.dequantize (fp32 math, one rounding),
+    whole and by a slice of rows, for N not a multiple of the row tile."""
+    g = gen(25)
+    w = _qw(72, 256, fmt, g)
+    assert torch.equal(QM.dequantize(w, torch.float32), w.dequantize(torch.float32))
+    bf = QM.dequantize(w, torch.bfloat16).float()
+    if ON_GPU:
+        assert torch.equal(bf, w.dequantize(torch.bfloat16).float())
+    else:  # the interpreter rounds to bf16 by truncation: within one bf16 step
+        ref = w.dequantize(torch.float32)
+        assert ((bf - ref).abs() <= ref.abs() * 2**-7).all()
+    assert torch.equal(QM.dequantize(w, torch.float32, slice(8, 45)), w.dequantize(torch.float32)[8:45])
+
+
+@pytest.mark.parametrize("fmt", FORMATS[1:3], ids=IDS[1:3])
+def test_dequant_matmul_in_chunks(fmt):
+    g = gen(26)
+    w = _qw(300, 128, fmt, g)
+    x = randn(7, 128, g=g)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    # 128 rows of the dense copy at a time: three chunks, the last one short
+    assert rel_err(QM.dequant_matmul(x, w, max_bytes=128 * 128 * 4), ref) < 1e-5
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the dispatch needs CUDA tensors")
@@ -52,4 +79,16 @@ def test_matmul_dispatch_gpu(fmt, m):
     ref = x.double() @ w.dequantize(torch.float64).t()
     # fp8 rows quantized to e4m3 on the way into _scaled_mm: a few percent
     tol = 6e-2 if fmt.kind == "fp8" and m > QM.FP8_SCALED_MM_MIN_ROWS else 1e-2
+    assert rel_err(QM.matmul(x, w), ref) < tol
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the dispatch needs CUDA tensors")
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_matmul_dequant_route_gpu(fmt, monkeypatch):
+    monkeypatch.setattr(QM, "DEQUANT_MIN_ROWS", 64)
+    g = gen(27)
+    w = _qw(1024, 2048, fmt, g)
+    x = randn(100, 2048, g=g, dtype=torch.bfloat16)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    tol = 6e-2 if fmt.kind == "fp8" and fmt.group == 0 else 1e-2
     assert rel_err(QM.matmul(x, w), ref) < tol

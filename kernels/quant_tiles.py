@@ -1,0 +1,45 @@
+"""Tuned tiles of the quantized kernels, per GPU model: the tile scripts/probe_quant_tiles.py
+measured fastest for each weight format, shape and row count, kept as JSON.
+
+Looked up, in order: the file named by LOCALSGL_QUANT_TILES, then ``tuned/<device name>.json``
+beside this module (e.g. tuned/NVIDIA_H200.json); the kernels' built-in defaults apply where
+neither has an entry.  An entry is {"kind": "gemv" | "gemm", "fmt": WeightFormat.label(),
+"n": N, "k": K, "m": rows (1 for gemv; 16 or 64 for gemm), "tile": the kernel's Config
+fields}.  A weight whose exact shape is missing takes the entry of the same format, K and
+rows with the nearest N (Llama-shaped models differ mostly in N)."""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _entries(device_index: int) -> tuple:
+    path = os.environ.get("LOCALSGL_QUANT_TILES")
+    if not path:
+        name = torch.cuda.get_device_name(device_index).replace(" ", "_")
+        path = Path(__file__).with_name("tuned") / f"{name}.json"
+        if not path.exists():
+            return ()
+    with open(path) as f:
+        return tuple(json.load(f))
+
+
+def lookup(kind: str, w, m: int, device: torch.device) -> tuple | None:
+    """The tuned tile for weight ``w`` at ``m`` rows on ``device`` (CUDA), or None."""
+    if device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    fmt, n, k = w.fmt.label(), w.out_features, w.in_features
+    best = None
+    for e in _entries(idx):
+        if e["kind"] == kind and e["fmt"] == fmt and e["k"] == k and e["m"] == m:
+            d = abs(math.log(e["n"] / n))
+            if best is None or d < best[0]:
+                best = (d, tuple(e["tile"]))
+    return best[1] if best else None

@@ -1,0 +1,181 @@
+"""Tile sweep of the quantized matmul kernels on the GPU: for each weight format, Llama-3.1-8B
+shape and row count, the default tile's µs per call, the best tile found and its µs, and the
+floor (packed bytes over copy bandwidth; for many rows also the bf16 tensor-core time).
+
+    python scripts/probe_quant_tiles.py [--jobs 14] [--json OUT.json] [--tiles TILES.json]
+
+``--tiles`` writes the winners that beat the built-in tile in the format of
+kernels/quant_tiles.py (LOCALSGL_QUANT_TILES=TILES.json makes the engine use them; copied to
+kernels/tuned/<device name>.json they are the defaults on that GPU model).  Run it with
+LOCALSGL_QUANT_TILES unset and no tuned file for the GPU, so "default" is the built-in tile.
+
+The kernels are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared),
+then timed one at a time in CUDA graphs (scripts/probe_quant.py's ``timed``).  Rows of 1 time
+quant_gemv.gemv; 16 and 64 rows time quant_gemm.gemm (and fp8's ``_scaled_mm``, and the
+dequantize-then-cuBLAS route); 2,048 rows compare the kernel with dequantize-then-cuBLAS."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_quant import copy_bandwidth, timed  # noqa: E402
+
+from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat  # noqa: E402
+from localsgl_kernels import quant_gemm as QM  # noqa: E402
+from localsgl_kernels import quant_gemv as QV  # noqa: E402
+
+FORMATS = {"int4g128": WeightFormat("int4", 128, False), "int4g32": WeightFormat("int4", 32, False),
+           "int8": WeightFormat("int8", 0, True), "int8g16": WeightFormat("int8", 16, True),
+           "fp8": WeightFormat("fp8", 0, True)}  # int4g32 / int8g16: a Q4_K_M GGUF kept quantized
+GEMV_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+               "lm_head": (128256, 4096)}
+GEMM_SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
+TENSOR_FLOPS = 790e12  # H200 dense bf16
+
+
+def gemv_space(fmt: str):
+    cols = (256, 512, 1024) if fmt.startswith("int4") else (128, 256, 512)
+    for r, bk, (w, st) in itertools.product((4, 8, 16, 32), cols, ((4, 1), (8, 1), (4, 2))):
+        yield QV.Config(r, bk, w, st)
+
+
+def gemm_space(fmt: str, m: int):
+    il = (0, 1) if fmt.startswith("int4") else (0,)
+    if m <= 16:
+        for (bn, w), bk, st, i in itertools.product(((32, 4), (64, 4), (128, 8)), (128, 256, 512), (2, 4), il):
+            yield QM.Config(16, bn, bk, w, st, 1, i)
+    else:
+        for bm, (bn, w), bk, st, i in itertools.product((32, 64), ((64, 4), (128, 8)), (128, 256), (2, 3, 4), il):
+            yield QM.Config(bm, bn, bk, w, st, 4, i)
+
+
+def variants():
+    """(kind, fmt, rows, config) of every variant to compile and time."""
+    out = []
+    for fmt in FORMATS:
+        out += [("gemv", fmt, 1, c) for c in gemv_space(fmt)]
+        for m in (16, 64):
+            if fmt == "fp8" and m > QM.FP8_SCALED_MM_MIN_ROWS:
+                continue
+            out += [("gemm", fmt, m, c) for c in gemm_space(fmt, m)]
+    return out
+
+
+def _weight(fmt: str, n: int, k: int) -> QuantizedWeight:
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    dense = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
+    return QuantizedWeight.quantize(dense, FORMATS[fmt])
+
+
+def _call(kind, w, x, cfg):
+    if kind == "gemv":
+        if not QV.gemv_supported(w, "cuda") or w.out_features % (2 * cfg.block_r) or w.in_features % cfg.block_k \
+                or (QV.block_k(w, cfg.block_k) != cfg.block_k):
+            return None
+        return lambda: QV.gemv(x, w, config=cfg)
+    return lambda: QM.gemm(x, w, cfg)
+
+
+def _compile(batch):
+    """Compile a share of the variants (one call each on a small weight of the same constexprs)."""
+    ok = 0
+    for kind, fmt, m, cfg in batch:
+        w = _weight(fmt, 512, 4096)
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        fn = _call(kind, w, x, cfg)
+        try:
+            if fn is not None:
+                fn()
+                ok += 1
+        except Exception as e:  # out of resources etc.: that tile is skipped when timed
+            print(f"compile {kind} {fmt} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+    torch.cuda.synchronize()
+    return ok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=14)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--tiles", default=None)
+    args = ap.parse_args()
+    todo = variants()
+    t0 = time.time()
+    if args.jobs > 1:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(args.jobs) as pool:
+            n = sum(pool.map(_compile, [todo[i::args.jobs] for i in range(args.jobs)]))
+        print(f"compiled {n} of {len(todo)} variants in {time.time() - t0:.0f} s", flush=True)
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for fmt in FORMATS:
+        for kind, shapes, ms in (("gemv", GEMV_SHAPES, (1,)), ("gemm", GEMM_SHAPES, (16, 64))):
+            for (name, (n, k)), m in itertools.product(shapes.items(), ms):
+                if kind == "gemm" and fmt == "fp8" and m > QM.FP8_SCALED_MM_MIN_ROWS:
+                    continue
+                w = _weight(fmt, n, k)
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                floor = max(w.nbytes / bw, 2 * m * n * k / TENSOR_FLOPS) * 1e6
+                default = timed(lambda: QM.matmul(x, w), 10)
+                best = (float("inf"), None)
+                for kd, f, mm, cfg in todo:
+                    if (kd, f, mm) != (kind, fmt, m):
+                        continue
+                    fn = _call(kind, w, x, cfg)
+                    if fn is None:
+                        continue
+                    try:
+                        us = timed(fn, 10)
+                    except Exception:
+                        continue
+                    best = min(best, (us, cfg), key=lambda t: t[0])
+                deq = timed(lambda: QM.dequant_matmul(x, w), 10)
+                row = dict(fmt=fmt, label=FORMATS[fmt].label(), n=n, k=k, kind=kind, shape=name, m=m, floor_us=floor, default_us=default,
+                           best_us=best[0], best=tuple(best[1]) if best[1] else None, dequant_cublas_us=deq)
+                if fmt == "fp8" and QM.fp8_native(x.device) and m > 1:
+                    row["scaled_mm_us"] = timed(lambda: QM.scaled_mm_fp8(x, w), 10)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del w
+    # prefill-sized: the kernel's default tile vs dequantize-then-cuBLAS vs bf16 cuBLAS
+    for fmt, (name, (n, k)) in itertools.product(FORMATS, GEMM_SHAPES.items()):
+        w = _weight(fmt, n, k)
+        x = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
+        dense = w.dequantize(torch.bfloat16)
+        row = dict(fmt=fmt, kind="prefill", shape=name, m=2048, cublas_bf16_us=timed(lambda: x @ dense.t(), 5),
+                   kernel_us=timed(lambda: QM.gemm(x, w), 5), dequant_cublas_us=timed(lambda: QM.dequant_matmul(x, w), 5),
+                   dequant_only_us=timed(lambda: QM.dequantize(w, torch.bfloat16), 5))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del w, dense
+    print(f"\n{'fmt':9s} {'kind':5s} {'shape':8s} {'M':>4s} {'floor':>7s} {'default':>8s} {'best':>8s} {'deq+cuBLAS':>10s}  best tile")
+    for r in rows:
+        if r["kind"] == "prefill":
+            print(f"{r['fmt']:9s} pf    {r['shape']:8s} 2048 bf16 {r['cublas_bf16_us']:7.0f} kernel {r['kernel_us']:7.0f} "
+                  f"deq+cuBLAS {r['dequant_cublas_us']:7.0f} (deq {r['dequant_only_us']:.0f})")
+        else:
+            print(f"{r['fmt']:9s} {r['kind']:5s} {r['shape']:8s} {r['m']:4d} {r['floor_us']:7.1f} {r['default_us']:8.1f} "
+                  f"{r['best_us']:8.1f} {r['dequant_cublas_us']:10.1f}  {r['best']}"
+                  + (f" scaled_mm {r['scaled_mm_us']:.1f}" if "scaled_mm_us" in r else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.tiles:
+        tiles = [dict(kind=r["kind"], fmt=r["label"], n=r["n"], k=r["k"], m=r["m"], tile=list(r["best"]))
+                 for r in rows if r["kind"] in ("gemv", "gemm") and r["best"] and r["best_us"] < 0.97 * r["default_us"]]
+        with open(args.tiles, "w") as f:
+            json.dump(tiles, f, indent=1)
+        print(f"{len(tiles)} tuned tiles -> {args.tiles}")
+
+
+if __name__ == "__main__":
+    main()
