@@ -1,0 +1,70 @@
+"""Tuned tiles (kernels/quant_tiles.py): the lookup's matching rules on a table of our own, and
+the packaged per-GPU tables hold tiles the kernels accept."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+from localsgl_kernels import quant_gemm as QM
+from localsgl_kernels import quant_gemv as QV
+from localsgl_kernels import quant_tiles
+
+TUNED = sorted((Path(quant_tiles.__file__).parent / "tuned").glob("*.json"))
+
+
+def _w(n, k, fmt=WeightFormat("int4", 128, False)):
+    return QuantizedWeight.quantize(torch.randn(n, k) * 0.02, fmt)
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    rows = [dict(kind="gemv", fmt="int4 g128 asym", n=6144, k=4096, m=1, tile=[8, 1024, 4, 1]),
+            dict(kind="gemv", fmt="int4 g128 asym", n=28672, k=4096, m=1, tile=[16, 256, 4, 2]),
+            dict(kind="gemm", fmt="int4 g128 asym", n=28672, k=4096, m=64, tile=[64, 64, 128, 4, 2, 4, 1])]
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps(rows))
+    monkeypatch.setenv("LOCALSGL_QUANT_TILES", str(path))
+    quant_tiles._entries.cache_clear()
+    yield
+    quant_tiles._entries.cache_clear()
+
+
+def test_lookup_rules(table):
+    cuda = torch.device("cuda", 0)
+    w = _w(6144, 4096)
+    assert quant_tiles.lookup("gemv", w, 1, cuda) == (8, 1024, 4, 1)
+    # the nearest N of the same format, K and rows: 14336 is nearer 28672 than 6144 in ratio
+    assert quant_tiles.lookup("gemv", _w(14336, 4096), 1, cuda) == (16, 256, 4, 2)
+    assert quant_tiles.lookup("gemv", _w(4096, 8192), 1, cuda) is None  # no entry with this K
+    assert quant_tiles.lookup("gemm", w, 16, cuda) is None  # no 16-row entry
+    assert quant_tiles.lookup("gemm", w, 64, cuda) == (64, 64, 128, 4, 2, 4, 1)
+    assert quant_tiles.lookup("gemv", _w(6144, 4096, WeightFormat("int8", 0, True)), 1, cuda) is None
+    assert quant_tiles.lookup("gemv", w, 1, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("path", TUNED, ids=[p.stem for p in TUNED])
+def test_packaged_tables_are_valid(path):
+    rows = json.loads(path.read_text())
+    assert rows
+    keys = {(r["kind"], r["fmt"], r["n"], r["k"], r["m"]) for r in rows}
+    assert len(keys) == len(rows), "one tile per kind, format, shape and row count"
+    for r in rows:
+        kind, *rest = r["fmt"].split()
+        fmt = WeightFormat(kind, 0 if rest[0] == "per-row" else int(rest[0][1:]), "asym" not in rest)
+        w = QuantizedWeight(fmt, *_shapes(fmt, r["n"], r["k"]), in_features=r["k"])
+        if r["kind"] == "gemv":
+            cfg = QV.Config(*r["tile"])
+            assert r["m"] == 1 and QV.block_k(w, cfg.block_k) == cfg.block_k and r["n"] % (2 * cfg.block_r) == 0
+        else:
+            cfg = QM.Config(*r["tile"])
+            assert r["m"] in (16, 64) and cfg.block_m <= r["m"] and QV.block_k(w, cfg.block_k) is not None
+
+
+def _shapes(fmt, n, k):
+    """Empty buffers of the right shapes (meta tensors: no memory for vocabulary-wide weights)."""
+    g = fmt.group(k)
+    q = torch.empty((n, k // 2 if fmt.kind == "int4" else k), dtype=torch.uint8, device="meta")
+    s = torch.empty((n, k // g), dtype=torch.float16, device="meta")
+    return q, s, (None if fmt.symmetric else torch.empty_like(s))
