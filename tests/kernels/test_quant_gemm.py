@@ -49,13 +49,12 @@ def test_dequantize(fmt):
     whole and by a slice of rows, for N not a multiple of the row tile."""
     g = gen(25)
     w = _qw(72, 256, fmt, g)
-    assert torch.equal(QM.dequantize(w, torch.float32), w.dequantize(torch.float32))
+    ref = w.dequantize(torch.float32)
+    # s·q + m may be one fused multiply-add on the GPU (one rounding where torch makes two)
+    assert ((QM.dequantize(w, torch.float32) - ref).abs() <= ref.abs() * 2**-22 + 1e-30).all()
+    # bf16: the same value rounded once more (the interpreter truncates): within one bf16 step
     bf = QM.dequantize(w, torch.bfloat16).float()
-    if ON_GPU:
-        assert torch.equal(bf, w.dequantize(torch.bfloat16).float())
-    else:  # the interpreter rounds to bf16 by truncation: within one bf16 step
-        ref = w.dequantize(torch.float32)
-        assert ((bf - ref).abs() <= ref.abs() * 2**-7).all()
+    assert ((bf - ref).abs() <= ref.abs() * 2**-7).all()
     assert torch.equal(QM.dequantize(w, torch.float32, slice(8, 45)), w.dequantize(torch.float32)[8:45])
 
 
@@ -90,5 +89,5 @@ def test_matmul_dequant_route_gpu(fmt, monkeypatch):
     w = _qw(1024, 2048, fmt, g)
     x = randn(100, 2048, g=g, dtype=torch.bfloat16)
     ref = x.double() @ w.dequantize(torch.float64).t()
-    tol = 6e-2 if fmt.kind == "fp8" and fmt.group == 0 else 1e-2
+    tol = 6e-2 if fmt.kind == "fp8" and fmt.group_size == 0 else 1e-2  # per-row fp8: rows quantized for _scaled_mm
     assert rel_err(QM.matmul(x, w), ref) < tol
