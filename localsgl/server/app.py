@@ -70,6 +70,12 @@ OPEN_PATHS = frozenset({"/health"})
 LOGPROB_FLOOR = -9999.0  # what OpenAI reports for "impossible" tokens; JSON has no -inf
 
 
+def grammar_error_field(finish_reason: str | None, error: str | None) -> dict:
+    """A choice that ended with ``grammar_error`` says why (``grammar_error``: the message);
+    nothing for any other ending."""
+    return {"grammar_error": error or "the grammar cannot continue"} if finish_reason == "grammar_error" else {}
+
+
 def _fingerprint() -> str:
     try:
         from localsgl import __version__
@@ -638,6 +644,7 @@ def create_app(
                     "message": message,
                     "logprobs": {"content": [_chat_lp(x) for x in c.logprobs]} if params.logprobs else None,
                     "finish_reason": out.finish_reason(c.finish_reason),
+                    **grammar_error_field(c.finish_reason, c.error),
                 })
             return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                                  "choices": choices, "usage": gen.usage(), "system_fingerprint": state.fingerprint})
@@ -650,8 +657,9 @@ def create_app(
 
         head = sse_choice_prefix(base)
 
-        def chunk(idx: int, delta: dict, logprobs=None, finish=None) -> bytes:
-            return sse_choice(head, {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+        def chunk(idx: int, delta: dict, logprobs=None, finish=None, why=None) -> bytes:
+            return sse_choice(head, {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+                                     **grammar_error_field(finish, why)})
 
         outs = [output() for _ in range(gen.num_choices)]
 
@@ -673,7 +681,7 @@ def create_app(
                 elif d.text or lps or (state.token_chunks and d.token_ids):
                     yield chunk(idx, {"content": d.text}, lps)
                 if d.finish_reason is not None:
-                    yield chunk(idx, {}, None, out.finish_reason(d.finish_reason))
+                    yield chunk(idx, {}, None, out.finish_reason(d.finish_reason), (d.extra or {}).get("error"))
             if include_usage:
                 yield sse({**base, "choices": [], "usage": gen.usage()})
             yield SSE_DONE
@@ -752,7 +760,8 @@ def create_app(
                 lp = None
                 if want_lp:
                     lp = _completion_lp(c.logprobs, len(prefix))
-                choices.append({"index": i, "text": prefix + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+                choices.append({"index": i, "text": prefix + c.text, "logprobs": lp, "finish_reason": c.finish_reason,
+                                **grammar_error_field(c.finish_reason, c.error)})
             return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
                                  "choices": choices, "usage": gen.usage(), "system_fingerprint": state.fingerprint})
 
@@ -765,8 +774,9 @@ def create_app(
 
         head = sse_choice_prefix(base)
 
-        def chunk(idx: int, text: str, logprobs=None, finish=None) -> bytes:
-            return sse_choice(head, {"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        def chunk(idx: int, text: str, logprobs=None, finish=None, why=None) -> bytes:
+            return sse_choice(head, {"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                                     **grammar_error_field(finish, why)})
 
         async def events():
             if req.echo:
@@ -783,7 +793,7 @@ def create_app(
                 if d.text or lp or (state.token_chunks and d.token_ids):
                     yield chunk(idx, d.text, lp)
                 if d.finish_reason is not None:
-                    yield chunk(idx, "", None, d.finish_reason)
+                    yield chunk(idx, "", None, d.finish_reason, (d.extra or {}).get("error"))
             if include_usage:
                 yield sse({**base, "choices": [], "usage": gen.usage()})
             yield SSE_DONE

@@ -30,6 +30,7 @@ BOS = 256
 EOS = 257
 VOCAB = 260
 ALPHABET = b"abcdefghijklmnopqrstuvwxyz     .,"
+REFUSED_REGEX = "(refused by the fake grammar)"  # such a request ends with grammar_error after two tokens
 
 
 class FakeTokenizer:
@@ -245,6 +246,8 @@ class FakeEngine:
                     c.text = c.text[:k]
                     finish = "stop"
                     break
+        if finish is None and p.regex == REFUSED_REGEX and n_out >= 2:
+            finish = "grammar_error"
         if finish is None and p.max_tokens is not None and n_out >= p.max_tokens:
             finish = "length"
         if finish is None and len(c.prompt) + n_out >= self.max_model_len:
@@ -258,7 +261,9 @@ class FakeEngine:
         c.emitted = upto
         if finish is not None:
             self._finish(c, finish, emit=False)
-        self._emit(c, StreamDelta(c.index, text, [tok], finish, [lp] if lp else None, c.metrics if finish else None))
+        extra = {"error": "scripted refusal"} if finish == "grammar_error" else {}
+        self._emit(c, StreamDelta(c.index, text, [tok], finish, [lp] if lp else None, c.metrics if finish else None,
+                                  extra))
 
     def _finish(self, c: _Choice, reason: str, emit: bool):
         if c.finished:
