@@ -60,3 +60,27 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
             out.append(tok)
             res = model(torch.tensor([[tok]], device=model.device), past_key_values=res.past_key_values, use_cache=True)
     return out
+
+
+def save_tiny_llama(path, max_position_embeddings: int = 1024) -> str:
+    """A random 2-layer Llama (vocabulary 512, hidden 256, GQA 4/2 heads) saved by transformers
+    to ``path``, seeded: the small checkpoint the GPU engine tests load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    return str(path)
+
+
+def staggered_requests(seed: int):
+    """Twelve greedy requests of mixed prompt (3–200) and answer (10–32) lengths over a 512-token
+    vocabulary: batches of every size form and shrink while they decode."""
+    from localsgl import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 17, 64, 200, 9, 33, 5, 80, 41, 12, 7, 150)]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+              for m in (24, 30, 12, 28, 20, 26, 16, 32, 22, 18, 14, 10)]
+    return prompts, params

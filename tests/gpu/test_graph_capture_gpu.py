@@ -10,28 +10,19 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from localsgl import Engine, SamplingParams  # noqa: E402
+from model_utils import save_tiny_llama, staggered_requests  # noqa: E402
+from localsgl import Engine  # noqa: E402
 from localsgl.engine.graph_schedule import STARTUP_MAX_BS  # noqa: E402
 from localsgl.engine.runner import ModelRunner  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    d = tmp_path_factory.mktemp("staged")
-    LlamaForCausalLM(cfg).eval().save_pretrained(d)
-    return str(d)
+    return save_tiny_llama(tmp_path_factory.mktemp("staged"))
 
 
 def test_partly_captured_engine_gives_the_fully_captured_tokens(checkpoint, monkeypatch):
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 17, 64, 200, 9, 33, 5, 80, 41, 12, 7, 150)]
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
-              for m in (24, 30, 12, 28, 20, 26, 16, 32, 22, 18, 14, 10)]
+    prompts, params = staggered_requests(1)
     kwargs = dict(model=checkpoint, device="cuda", dtype="float32", kv_memory="64MiB")
 
     with Engine(**kwargs) as e:  # every graph first

@@ -11,20 +11,14 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from model_utils import save_tiny_llama  # noqa: E402
 from localsgl import Engine, SamplingParams  # noqa: E402
 from test_penalties import ExactPenalties  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    d = tmp_path_factory.mktemp("llama_pen")
-    LlamaForCausalLM(cfg).eval().save_pretrained(d)
-    return str(d)
+    return save_tiny_llama(tmp_path_factory.mktemp("llama_pen"))
 
 
 class ExactOnDevice(ExactPenalties):

@@ -16,6 +16,7 @@ if torch.cuda.get_device_capability() < (8, 9):
     pytest.skip("the Triton FP8 KV kernels need compute capability 8.9+", allow_module_level=True)
 
 import model_utils  # noqa: E402
+from model_utils import save_tiny_llama  # noqa: E402
 
 from localsgl import Engine, SamplingParams  # noqa: E402
 from localsgl.engine.debug_switches import DebugSwitches  # noqa: E402
@@ -26,14 +27,7 @@ from localsgl.store.resolve import resolve_model  # noqa: E402
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    d = tmp_path_factory.mktemp("llama_fp8kv")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return str(d)
+    return save_tiny_llama(tmp_path_factory.mktemp("llama_fp8kv"), max_position_embeddings=2048)
 
 
 def test_prefill_logits_close_to_bf16_cache(llama_dir, monkeypatch):
