@@ -96,20 +96,7 @@ def test_cli_run_structured_flags(engine, monkeypatch, tmp_path):
 
     from localsgl import cli
 
-    class Borrowed:  # the session engine, not shut down by the command
-        def __init__(self, eng):
-            self._eng = eng
-
-        def __getattr__(self, name):
-            return getattr(self._eng, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(cli, "_load_engine", lambda kwargs: Borrowed(engine))
+    monkeypatch.setattr(cli, "_load_engine", lambda kwargs: _Borrowed(engine))
     monkeypatch.setattr(cli, "_running_server", lambda kwargs, flags: None)
     runner = CliRunner()
     schema = tmp_path / "s.json"
