@@ -183,6 +183,12 @@ def server():
 
 
 MSG = [{"role": "user", "content": "Please add 12 and 30, then set an alarm for 07:15."}]
+# MSG after the model called add_numbers and the tool answered
+MSG_WITH_RESULT = MSG + [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add_numbers", "arguments": '{"values": [12, 30]}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+]
 
 
 def _stream_calls(client, **kw):
@@ -238,12 +244,7 @@ def test_required_choice(server, temperature):
 
 def test_auto_choice_and_tool_results_never_fail(server):
     c = server.openai()
-    history = MSG + [
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "add_numbers", "arguments": '{"values": [12, 30]}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
-    ]
-    for messages in (MSG, history):
+    for messages in (MSG, MSG_WITH_RESULT):
         r = c.chat.completions.create(model=server.model, messages=messages, tools=TOOLS, max_tokens=24,
                                       temperature=0)
         ch = r.choices[0]
@@ -269,12 +270,7 @@ def test_call_cut_short_comes_back_as_text(server):
 def test_none_choice_answers_in_text(server):
     """tool_choice "none": no call grammar and no calls, also after a tool result."""
     c = server.openai()
-    history = MSG + [
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "add_numbers", "arguments": '{"values": [12, 30]}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
-    ]
-    for messages in (MSG, history):
+    for messages in (MSG, MSG_WITH_RESULT):
         ch = c.chat.completions.create(model=server.model, messages=messages, tools=TOOLS, tool_choice="none",
                                        max_tokens=6, temperature=0).choices[0]
         assert ch.finish_reason in ("stop", "length") and not ch.message.tool_calls
