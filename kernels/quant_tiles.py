@@ -31,15 +31,20 @@ def _entries(device_index: int) -> tuple:
 
 
 def lookup(kind: str, w, m: int, device: torch.device) -> tuple | None:
-    """The tuned tile for weight ``w`` at ``m`` rows on ``device`` (CUDA), or None."""
+    """The tuned tile for weight ``w`` at ``m`` rows on ``device`` (CUDA), or None; remembered
+    on the weight, since eager steps ask once per launch."""
     if device.type != "cuda":
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    fmt, n, k = w.fmt.label(), w.out_features, w.in_features
-    best = None
-    for e in _entries(idx):
-        if e["kind"] == kind and e["fmt"] == fmt and e["k"] == k and e["m"] == m:
-            d = abs(math.log(e["n"] / n))
-            if best is None or d < best[0]:
-                best = (d, tuple(e["tile"]))
-    return best[1] if best else None
+    memo = w.__dict__.setdefault("_tuned_tiles", {})
+    key = (kind, m, idx, os.environ.get("LOCALSGL_QUANT_TILES"))
+    if key not in memo:
+        fmt, n, k = w.fmt.label(), w.out_features, w.in_features
+        best = None
+        for e in _entries(idx):
+            if e["kind"] == kind and e["fmt"] == fmt and e["k"] == k and e["m"] == m:
+                d = abs(math.log(e["n"] / n))
+                if best is None or d < best[0]:
+                    best = (d, tuple(e["tile"]))
+        memo[key] = best[1] if best else None
+    return memo[key]
