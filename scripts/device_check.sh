@@ -14,8 +14,10 @@ cd "$(dirname "$0")/.."
 MODE="${1:-full}"; shift || true
 EXTRA=" $* "
 OUTDIR="${OUT:-/tmp/localsgl-device}"; mkdir -p "$OUTDIR"
+# wheels compiled to .pyc as pip does for users: `run` imports pydantic (through typer) once it is
+# there, and start-up timings must not include compiling it from source on every start
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 # make `localsgl_kernels` importable without installing the package
