@@ -242,3 +242,23 @@ def test_serve_stops_with_its_core(tmp_path, sig):
             assert _wait_gone(pid, 10), "the core process outlived serve"
     finally:
         srv.kill()
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["thread", "process"])
+def test_assigned_grammar_backend_compiles_the_core_grammars(tmp_path, in_process):
+    """A backend assigned to Engine.grammar_backend (a benchmark gives dummy weights one built on
+    a real tokenizer) is the one the core constrains with, in its own process too."""
+    from localsgl.engine.grammar import GrammarBackend
+    from localsgl.store.resolve import resolve_model
+
+    tok = resolve_model("smollm2-135m", record_use=False).load_tokenizer()
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(dict(TINY, vocab_size=len(tok), eos_token_id=tok.eos_token_id)))
+    with tiny_engine(str(d), in_process) as eng:
+        assert eng.tokenizer is None
+        eng.grammar_backend = GrammarBackend(tok, eng.config.vocab_size, [tok.eos_token_id])
+        outs = eng.generate([[1, 2, 3], [4, 5]], SamplingParams(regex="(yes|no)!", max_tokens=8, temperature=0.7, seed=1))
+        for out in outs:
+            assert tok.decode(out.token_ids, skip_special_tokens=True) in ("yes!", "no!"), out
+            assert out.finish_reason == "stop", out

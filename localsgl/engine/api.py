@@ -438,7 +438,8 @@ class Engine:
     def grammar_backend(self):
         """The model's llguidance side (grammar.GrammarBackend), made on first use; its
         tokenizer is built then, once.  Assignable (a benchmark of dummy weights gives one
-        built on another tokenizer)."""
+        built on another tokenizer; with the core in its own process, the core gets one made
+        the same way, for the requests submitted after the assignment)."""
         backend = getattr(self, "_grammar_backend", None)
         if backend is None:
             from .grammar import GrammarBackend
@@ -453,6 +454,8 @@ class Engine:
 
     @grammar_backend.setter
     def grammar_backend(self, backend) -> None:
+        if not self.in_process:  # the core process compiles the grammars it runs
+            self.core.set_grammar_backend(backend)
         self._grammar_backend = backend
 
     # ------------------------------------------------------------ misc

@@ -184,12 +184,13 @@ class CoreClient:
                 pass
 
     # ------------------------------------------------------------ queries
-    def query(self, name: str, timeout: float = 30.0):
+    def query(self, name: str, *args, timeout: float = 30.0):
+        """The core's answer to ``name`` (core_process._query); its exception is raised here."""
         self._check_alive()
         token = next(self._tokens)
         box: list = [threading.Event()]
         self._replies[token] = box
-        self._send(("query", (token, name)))
+        self._send(("query", (token, name, args)))
         try:
             while not box[0].wait(0.2):
                 if self.died is not None:
@@ -212,6 +213,13 @@ class CoreClient:
             return dict(self._last_stats)
         self._last_stats = self.query("stats")
         return self._last_stats
+
+    def set_grammar_backend(self, backend) -> None:
+        """The core builds a grammar backend like ``backend`` (its tokenizer, vocabulary, end
+        ids, limits and reasoning tags) and compiles later requests' grammars with it.  The
+        reply orders it before any request submitted after this returns."""
+        recipe = (backend.tokenizer, backend.vocab_size, backend.eos_ids, backend.limits, backend.reasoning_tags)
+        self.query("grammar_backend", recipe)
 
     @property
     def waiting_estimate(self) -> int:

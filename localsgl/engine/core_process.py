@@ -131,6 +131,10 @@ class _CoreHost:
                                                        reasoning_tags=self.reasoning_tags)
             return self._grammar_backend
 
+    def set_grammar_backend(self, backend) -> None:
+        with self._grammar_lock:
+            self._grammar_backend = backend
+
     def info(self) -> dict:
         """The Engine attributes the front end shows for the core (all picklable)."""
         return {
@@ -202,8 +206,6 @@ def child_main(fd: int) -> None:
 
 def _read(conn, core, host, send) -> None:
     """The front end's messages -> the core's inbox; replies to queries."""
-    from .request import Request
-
     while True:
         try:
             kind, payload = conn.recv()
@@ -211,42 +213,54 @@ def _read(conn, core, host, send) -> None:
             core.shutdown(timeout=0)
             threading.Timer(_EXIT_AFTER_EOF_SECONDS, os._exit, (1,)).start()
             return
-        if kind == "add":
-            groups = []
-            for rid, key0, ids, params, grammar_wanted in payload:
-                ids = array("i", ids).tolist()
-                first = Request(rid, ids, params, 0)
-                reqs = [first] + [Request(rid, ids, params, i, depends_on=first) for i in range(1, params.n)]
-                if grammar_wanted:
-                    try:
-                        compiled = host.grammar_backend().compile(params, ids)
-                    except Exception as e:  # the front end compiled it too; this rarely fails here
-                        send(("rejected", ([key0 + r.index for r in reqs], f"{type(e).__name__}: {e}")))
-                        continue
-                    for r in reqs:
-                        r.grammar = compiled.new_state()
+        try:
+            if _handle(kind, payload, core, host, send):
+                return
+        except Exception:  # a bug here must not stop the relay (the front end would wait on it)
+            log.exception("handling a %r message of the front end failed", kind)
+
+
+def _handle(kind: str, payload, core, host, send) -> bool:
+    """One message of the front end; True after the last one (stop)."""
+    from .request import Request
+
+    if kind == "add":
+        groups = []
+        for rid, key0, ids, params, grammar_wanted in payload:
+            ids = array("i", ids).tolist()
+            first = Request(rid, ids, params, 0)
+            reqs = [first] + [Request(rid, ids, params, i, depends_on=first) for i in range(1, params.n)]
+            if grammar_wanted:
+                try:
+                    compiled = host.grammar_backend().compile(params, ids)
+                except Exception as e:  # the front end compiled it too; this rarely fails here
+                    send(("rejected", ([key0 + r.index for r in reqs], f"{type(e).__name__}: {e}")))
+                    continue
                 for r in reqs:
-                    core.outbox.keys[r] = key0 + r.index
-                groups.append(reqs)
-            if groups:
-                core.add_many(groups)
-        elif kind == "abort":
-            core.abort(payload)
-        elif kind == "abort_choice":
-            core.inbox.put(("abort_choice", payload))
-        elif kind == "query":
-            token, name = payload
-            try:
-                value = _query(core, host, name)
-            except Exception as e:  # noqa: BLE001
-                value = _picklable(e)
-            send(("reply", (token, value)))
-        elif kind == "stop":
-            core.shutdown(timeout=0)
-            return
+                    r.grammar = compiled.new_state()
+            for r in reqs:
+                core.outbox.keys[r] = key0 + r.index
+            groups.append(reqs)
+        if groups:
+            core.add_many(groups)
+    elif kind == "abort":
+        core.abort(payload)
+    elif kind == "abort_choice":
+        core.inbox.put(("abort_choice", payload))
+    elif kind == "query":
+        token, name, args = payload
+        try:
+            value = _query(core, host, name, *args)
+        except Exception as e:  # noqa: BLE001
+            value = _picklable(e)
+        send(("reply", (token, value)))
+    elif kind == "stop":
+        core.shutdown(timeout=0)
+        return True
+    return False
 
 
-def _query(core, host, name: str):
+def _query(core, host, name: str, *args):
     if name == "stats":
         return core.stats()
     if name == "graphs":
@@ -258,6 +272,12 @@ def _query(core, host, name: str):
                 "ready_after_weights": None if graphs.done_at is None else graphs.done_at - host._t_weights}
     if name == "reset_cache":
         core.cache.reset()
+        return True
+    if name == "grammar_backend":  # Engine.grammar_backend assigned in the front end
+        from .grammar import GrammarBackend
+
+        tokenizer, vocab_size, eos_ids, limits, reasoning_tags = args[0]
+        host.set_grammar_backend(GrammarBackend(tokenizer, vocab_size, eos_ids, limits, reasoning_tags=reasoning_tags))
         return True
     raise ValueError(f"unknown query {name!r}")
 
