@@ -70,6 +70,7 @@ def test_pdl_setting_is_per_thread():
         pdl.set_enabled(True)
 
 
+@pytest.mark.in_process_only  # counts calls of this process's model code
 def test_two_engines_in_one_process_follow_their_own_switches(tmp_path, monkeypatch):
     """One engine built with LOCALSGL_DEBUG_NO_CPU_DECODE=1 and one without, run side by side:
     the same greedy tokens, and only the second takes the lean CPU decode step."""

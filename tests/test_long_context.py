@@ -118,6 +118,7 @@ def test_core_refuses_a_table_shorter_than_max_model_len():
 # ----------------------------------------------------------------------------- engines (tiny configs, CPU)
 
 
+@pytest.mark.in_process_only  # reads the engine's model and patches this process's planning
 def test_rotary_table_follows_the_final_plan(tmp_path, monkeypatch):
     """The pre-load plan is an estimate; when the final plan allows a longer context, the table
     follows it, and a request filling that context runs with every position in the table."""
@@ -147,6 +148,7 @@ def test_rotary_table_follows_the_final_plan(tmp_path, monkeypatch):
         assert max(seen) < eng.max_model_len
 
 
+@pytest.mark.in_process_only  # patches this process's make_plan
 def test_engine_plans_as_info_does(tmp_path, monkeypatch):
     from localsgl import Engine
     from localsgl.cli import _info_report
@@ -168,6 +170,7 @@ def test_engine_plans_as_info_does(tmp_path, monkeypatch):
     assert info_kwargs["cuda_graph"] is False
 
 
+@pytest.mark.in_process_only  # reads the engine's model
 def test_sliding_window_model_stops_at_its_window(tmp_path):
     from localsgl import Engine
 
