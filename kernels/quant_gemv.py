@@ -81,17 +81,146 @@ def _act(X, R, G, ROut, kk, write_res, HAS_RES: tl.constexpr, NORM: tl.constexpr
     return xf, sq
 
 
+# x's column p of a word is pre-scaled by 2^(89 - 4·(p % 4)): times the subnormal nibble
+# 16^(p % 4)·q·2^-149 the product is q·x·2^-60, normal for |q·x| > 2^-66, and x·2^89 stays
+# finite for |x| < 2^39; the word sums are scaled back by 2^60 with the group's scale.
+_X_SCALE0 = tl.constexpr(6.189700196426902e+26)  # 2^89
+_X_SCALE1 = tl.constexpr(3.8685626227668134e+25)  # 2^85
+_X_SCALE2 = tl.constexpr(2.4178516392292583e+24)  # 2^81
+_X_SCALE3 = tl.constexpr(1.5111572745182865e+23)  # 2^77
+_WORD_SUM_SCALE = tl.constexpr(1.152921504606847e+18)  # 2^60
+
+
+@triton.jit
+def _split8(x):
+    """[..., 8] -> its 8 columns (in-thread: no data movement)."""
+    a, b = tl.split(tl.reshape(x, x.shape[:-1] + [4, 2]))  # columns 0,2,4,6 / 1,3,5,7
+    a0, a1 = tl.split(tl.reshape(a, a.shape[:-1] + [2, 2]))  # 0,4 / 2,6
+    b0, b1 = tl.split(tl.reshape(b, b.shape[:-1] + [2, 2]))  # 1,5 / 3,7
+    c0, c4 = tl.split(a0)
+    c2, c6 = tl.split(a1)
+    c1, c5 = tl.split(b0)
+    c3, c7 = tl.split(b1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _split4(w):
+    """[R, 4C] -> the four [R, C] tensors of words 4c, 4c + 1, 4c + 2, 4c + 3."""
+    a, b = tl.split(tl.reshape(w, [w.shape[0], w.shape[1] // 4, 2, 2]))
+    w0, w2 = tl.split(a)
+    w1, w3 = tl.split(b)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _word_dot(w, x):
+    """Σ_p q_p·x[..., p]·2^-60 over the 8 nibbles of int32 words w (column 8j + p at bits 4p),
+    x pre-scaled by _X_SCALE0..3.  Each nibble is masked in place and its bits read as a subnormal
+    float, 16^t·q·2^-149 (t = p % 4; the high half-word shifted down once): one AND and one
+    FMA per weight, no int -> float conversion and no magic-number subtraction."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+    u = w.to(tl.uint32, bitcast=True)
+    h = u >> 16
+    p = (u & 0xF).to(tl.float32, bitcast=True) * x0
+    p += (u & 0xF0).to(tl.float32, bitcast=True) * x1
+    p += (u & 0xF00).to(tl.float32, bitcast=True) * x2
+    p += (u & 0xF000).to(tl.float32, bitcast=True) * x3
+    p += (h & 0xF).to(tl.float32, bitcast=True) * x4
+    p += (h & 0xF0).to(tl.float32, bitcast=True) * x5
+    p += (h & 0xF00).to(tl.float32, bitcast=True) * x6
+    p += (h & 0xF000).to(tl.float32, bitcast=True) * x7
+    return p
+
+
+@triton.jit
+def _qstream_words(
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1, write_res,
+    LOG2G: tl.constexpr, SYM: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """int4 as int32 words (QW an int32 view, stride_q in words): _qstream_rows's sums over
+    columns [K0, K1) and Σ s² there.  A step loads [BLOCK_R, BLOCK_K/8] words per row block,
+    4 consecutive words (32 columns, one group: G >= 32, a power of two) per thread, whatever
+    the group size; x is loaded as [BLOCK_R, BLOCK_K/32, 8] per word of those four, broadcast
+    over the rows, so it lands in the weights' layout (no shared-memory shuffle); one scale
+    (and offset) per row and 32 columns, indexed by a shift so it is not vectorized across
+    groups.  Per weight: an AND and an FMA (_word_dot)."""
+    C: tl.constexpr = BLOCK_K // 32
+    c = tl.arange(0, C)
+    xoff = (32 * c)[None, :, None] + tl.arange(0, 8)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
+    t = tl.arange(0, 8) % 4
+    xscale = tl.where(t == 0, _X_SCALE0, tl.where(t == 1, _X_SCALE1, tl.where(t == 2, _X_SCALE2, _X_SCALE3)))
+    xscale = xscale[None, None, :]
+    ra = rows_a.to(tl.int64)[:, None]
+    rb = rows_b.to(tl.int64)[:, None]
+    qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // 8)[None, :]
+    qb = QW + rb * stride_q + tl.arange(0, BLOCK_K // 8)[None, :]
+    acc_a = tl.zeros([BLOCK_R, C], tl.float32)
+    acc_b = tl.zeros([BLOCK_R, C], tl.float32)
+    ss = tl.zeros([BLOCK_R, C, 8], tl.float32)
+    for k0 in range(K0, K1, BLOCK_K):
+        a0, a1, a2, a3 = _split4(tl.load(qa + k0 // 8))
+        b0, b1, b2, b3 = _split4(tl.load(qb + k0 // 8))
+        x0, q0 = _act(X, R, G, ROut, k0 + xoff, write_res, HAS_RES, NORM)
+        x1, q1 = _act(X, R, G, ROut, k0 + 8 + xoff, write_res, HAS_RES, NORM)
+        x2, q2 = _act(X, R, G, ROut, k0 + 16 + xoff, write_res, HAS_RES, NORM)
+        x3, q3 = _act(X, R, G, ROut, k0 + 24 + xoff, write_res, HAS_RES, NORM)
+        ss += (q0 + q1) + (q2 + q3)
+        y0 = x0 * xscale
+        y1 = x1 * xscale
+        y2 = x2 * xscale
+        y3 = x3 * xscale
+        pa = (_word_dot(a0, y0) + _word_dot(a1, y1)) + (_word_dot(a2, y2) + _word_dot(a3, y3))
+        pb = (_word_dot(b0, y0) + _word_dot(b1, y1)) + (_word_dot(b2, y2) + _word_dot(b3, y3))
+        gidx = ((k0 + 32 * c) >> LOG2G)[None, :]
+        sa = tl.load(S + ra * stride_s + gidx).to(tl.float32)
+        sb = tl.load(S + rb * stride_s + gidx).to(tl.float32)
+        xs = tl.sum((x0 + x1) + (x2 + x3), 2)
+        if SYM:  # q - 8
+            acc_a += sa * (pa * _WORD_SUM_SCALE - 8.0 * xs)
+            acc_b += sb * (pb * _WORD_SUM_SCALE - 8.0 * xs)
+        else:
+            acc_a += sa * (pa * _WORD_SUM_SCALE) + tl.load(Mn + ra * stride_s + gidx).to(tl.float32) * xs
+            acc_b += sb * (pb * _WORD_SUM_SCALE) + tl.load(Mn + rb * stride_s + gidx).to(tl.float32) * xs
+    # ss holds each column once per row of the block
+    return tl.sum(acc_a, 1), tl.sum(acc_b, 1), tl.sum(tl.sum(tl.sum(ss, 2), 1), 0) / BLOCK_R
+
+
 @triton.jit
 def _qstream_rows(
-    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K, write_res, eps,
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K, K0, K1, write_res, eps,
+    KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
+    HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    WORDS: tl.constexpr, LOG2G: tl.constexpr,
+):
+    """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) over columns [K0, K1) of the dequantized weight,
+    n = rmsnorm(s) or s (the norm needs the whole row: K0 = 0, K1 = K): int4 as int32 words
+    with WORDS (_qstream_words), else group by group (_qstream_groups)."""
+    if WORDS:
+        wait_for_predecessor(PDL)
+        ya, yb, ssum = _qstream_words(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1,
+                                      write_res, LOG2G, SYM, HAS_RES, NORM, BLOCK_R, BLOCK_K)
+        if NORM:
+            inv = tl.rsqrt(ssum / K + eps)
+            ya = ya * inv
+            yb = yb * inv
+    else:
+        ya, yb = _qstream_groups(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K, K0, K1, write_res,
+                                 eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, NORM, BLOCK_R, BLOCK_K, PDL)
+    return ya, yb
+
+
+@triton.jit
+def _qstream_groups(
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K, K0, K1, write_res, eps,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) over the dequantized weight, n = rmsnorm(s) or s.
-
-    Each BLOCK_K step walks its groups (sub-tiles of SUB columns, unrolled): a group's products
-    q·n are accumulated per element with its scale, s·(q·n), and its offset as m·Σn per row, so
-    a weight costs its unpacking and two FMAs."""
+    """_qstream_rows over the byte-packed weight.  Each BLOCK_K step walks its groups (sub-tiles
+    of SUB columns, unrolled): a group's products q·n are accumulated per element with its
+    scale, s·(q·n), and its offset as m·Σn per row, so a weight costs its unpacking and two
+    FMAs."""
     ra = rows_a.to(tl.int64)[:, None] * stride_q
     rb = rows_b.to(tl.int64)[:, None] * stride_q
     SUB: tl.constexpr = BLOCK_K if ROW_SCALE else GROUP
@@ -105,7 +234,7 @@ def _qstream_rows(
         acc_a = tl.zeros([BLOCK_R, HALF], tl.float32)
         acc_b = tl.zeros([BLOCK_R, HALF], tl.float32)
         ss = tl.zeros([HALF], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(K0, K1, BLOCK_K):
             for j in tl.static_range(NS):
                 kj = k0 + j * SUB
                 ke = kj + 2 * offs
@@ -127,7 +256,7 @@ def _qstream_rows(
         acc_a = tl.zeros([BLOCK_R, SUB], tl.float32)
         acc_b = tl.zeros([BLOCK_R, SUB], tl.float32)
         ss = tl.zeros([SUB], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(K0, K1, BLOCK_K):
             for j in tl.static_range(NS):
                 kk = k0 + j * SUB + offs
                 xf, sq = _act(X, R, G, ROut, kk, write_res, HAS_RES, NORM)
@@ -159,26 +288,50 @@ def _qstream_rows(
 
 
 @triton.jit
-def _qgemv_kernel(X, QW, S, Mn, Out, K, stride_q, stride_s,
+def _qgemv_kernel(X, QW, S, Mn, Out, Part, K, N, stride_q, stride_s,
                   KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                  WORDS: tl.constexpr, LOG2G: tl.constexpr, SPLIT: tl.constexpr):
+    """Rows of program 0's axis, columns [k·K/SPLIT, (k + 1)·K/SPLIT) of program 1's axis k:
+    the sums go to Out, or with SPLIT > 1 to the fp32 partials Part[k] (_sum_splits adds them)."""
     pid = tl.program_id(0)
     rows_a = pid * (2 * BLOCK_R) + tl.arange(0, BLOCK_R)
     rows_b = rows_a + BLOCK_R
-    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, X, X, Out, K, 0, 0.0,
-                           KIND, GROUP, SYM, ROW_SCALE, False, False, BLOCK_R, BLOCK_K, PDL)
-    tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
-    tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
+    k_len = tl.multiple_of(K // SPLIT, BLOCK_K)  # the launcher checks it: aligned, vectorized loads
+    k_lo = tl.multiple_of(tl.program_id(1) * k_len, BLOCK_K)
+    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, X, X, Out, K, k_lo, k_lo + k_len,
+                           0, 0.0, KIND, GROUP, SYM, ROW_SCALE, False, False, BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G)
+    if SPLIT == 1:
+        tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
+        tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
+    else:
+        part = Part + tl.program_id(1).to(tl.int64) * N
+        tl.store(part + rows_a, ya)
+        tl.store(part + rows_b, yb)
+
+
+@triton.jit
+def _sum_splits_kernel(Part, Out, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Out[n] = Σ_k Part[k, n], in a fixed order (the result does not depend on timing)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    wait_for_predecessor(PDL)
+    acc = tl.load(Part + offs, mask=mask, other=0.0)
+    for k in tl.static_range(1, SPLIT):
+        acc += tl.load(Part + k * N + offs, mask=mask, other=0.0)
+    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _qnorm_gate_up_kernel(X, R, G, ROut, QW, S, Mn, Out, K, I, eps, stride_q, stride_s,
                           KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                          WORDS: tl.constexpr, LOG2G: tl.constexpr):
     pid = tl.program_id(0)
     rows_a = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    g, u = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + I, X, R, G, ROut, K,
-                         tl.where(pid == 0, K, 0), eps, KIND, GROUP, SYM, ROW_SCALE, True, True, BLOCK_R, BLOCK_K, PDL)
+    g, u = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + I, X, R, G, ROut, K, 0, K,
+                         tl.where(pid == 0, K, 0), eps, KIND, GROUP, SYM, ROW_SCALE, True, True, BLOCK_R, BLOCK_K, PDL,
+                         WORDS, LOG2G)
     tl.store(Out + rows_a, _silu_mul(g, u).to(Out.dtype.element_ty))
 
 
@@ -188,7 +341,7 @@ def _qnorm_qkv_kernel(
     K, eps, stride_q, stride_s, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr,
 ):
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
@@ -196,9 +349,9 @@ def _qnorm_qkv_kernel(
     head = pid // PER_HEAD
     d = (pid % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows_a = head * D + d
-    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K,
+    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K, 0, K,
                            tl.where(pid == 0, K, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
-                           BLOCK_R, BLOCK_K, PDL)
+                           BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G)
     c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
     _qkv_epilogue(ya, yb, head, d, c, s, tl.load(Loc).to(tl.int64), Bias, Q, KC, VC,
                   stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
@@ -206,12 +359,22 @@ def _qnorm_qkv_kernel(
 
 # ---------------------------------------------------------------------------- configs
 class Config(NamedTuple):
-    """BLOCK_R rows per half-block, BLOCK_K columns per step (a multiple of the group size)."""
+    """BLOCK_R rows per half-block, BLOCK_K columns per step (a multiple of the group size).
+
+    ``split_k`` (plain ``gemv`` only; the fused kernels need whole rows): each row block's
+    columns are cut into that many slices, one program each, whose fp32 partial sums a second
+    small kernel adds — more programs and bytes in flight for weights with few rows and long
+    rows (o_proj, down_proj).  Partials and a fixed-order sum rather than atomics: the result
+    does not depend on timing, and nothing needs zeroing before the kernel.
+    ``words`` (int4 with a power-of-two group >= 32, else ignored): stream int32 words
+    (_qstream_words) instead of group-sized byte tiles."""
 
     block_r: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 1
+    split_k: int = 1
+    words: int = 0
 
 
 # bytes of packed weights per row and step: 128 (int4: 256 columns; int8 / fp8: 128)
@@ -243,7 +406,8 @@ def default_config(w, rows_per_block: int, device_type: str) -> Config | None:
         t = lookup("gemv", w, 1, w.qweight.device)
         if t is not None:
             cfg = Config(*t)
-            if rows_per_block % (2 * cfg.block_r) == 0 and block_k(w, cfg.block_k) == cfg.block_k:
+            if rows_per_block % (2 * cfg.block_r) == 0 and block_k(w, cfg.block_k) == cfg.block_k \
+                    and w.in_features % (cfg.block_k * max(1, cfg.split_k)) == 0:
                 return cfg
     r, target, warps = _CUDA[w.fmt.kind] if device_type == "cuda" else (4, 64, 4)
     bk = block_k(w, target)
@@ -252,10 +416,26 @@ def default_config(w, rows_per_block: int, device_type: str) -> Config | None:
     return Config(min(r, rows_per_block), bk, warps, 1)
 
 
+def words_apply(w, cfg: Config) -> bool:
+    """Whether ``cfg.words`` takes effect for ``w``: int4, a power-of-two group of at least 32,
+    and a packed weight that reads as int32 words (row bytes a multiple of 4, contiguous)."""
+    q = w.qweight
+    g = w.group
+    return bool(cfg.words) and w.fmt.kind == "int4" and g >= 32 and g & (g - 1) == 0 and cfg.block_k % 32 == 0 \
+        and q.stride(-1) == 1 and q.stride(0) % 4 == 0 and q.storage_offset() % 4 == 0
+
+
+def _qweight(w, words: bool) -> tuple[torch.Tensor, int]:
+    """The packed weight as the kernel reads it (int32 words with WORDS) and its row stride."""
+    q = w.qweight.view(torch.int32) if words else w.qweight
+    return q, q.stride(0)
+
+
 def _meta(w, cfg: Config, device) -> dict:
+    words = words_apply(w, cfg)
     return dict(KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
                 BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **launch_options(device))
+                WORDS=words, LOG2G=w.group.bit_length() - 1 if words else 0, **launch_options(device))
 
 
 def _mins(w):
@@ -277,11 +457,18 @@ def gemv(x, w, out_dtype=None, config: Config | None = None):
     """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's)."""
     N, K = w.out_features, w.in_features
     cfg = config or default_config(w, N, x.device.type)
-    assert cfg is not None and N % (2 * cfg.block_r) == 0 and K % cfg.block_k == 0
+    assert cfg is not None
+    split = max(1, cfg.split_k)
+    assert N % (2 * cfg.block_r) == 0 and K % (cfg.block_k * split) == 0
     out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
-    _qgemv_kernel[(N // (2 * cfg.block_r),)](
-        _check_row(x, K), w.qweight, w.scales, _mins(w), out, K, w.qweight.stride(0), w.scales.stride(0),
-        **_meta(w, cfg, x.device))
+    part = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 else out
+    meta = _meta(w, cfg, x.device)
+    qw, stride_q = _qweight(w, meta["WORDS"])
+    _qgemv_kernel[(N // (2 * cfg.block_r), split)](
+        _check_row(x, K), qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, **meta)
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(N, 1024),)](part, out, N, SPLIT=split, BLOCK=1024, num_warps=4,
+                                                     **launch_options(x.device))
     return out
 
 
@@ -300,9 +487,11 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     assert cfg is not None and I % cfg.block_r == 0 and K % cfg.block_k == 0
     r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
     out = torch.empty((1, I), dtype=x.dtype, device=x.device)
+    meta = _meta(w, cfg, x.device)
+    qw, stride_q = _qweight(w, meta["WORDS"])
     _qnorm_gate_up_kernel[(I // cfg.block_r,)](
-        _check_row(x, K), _check_row(residual, K), norm_w, r_out, w.qweight, w.scales, _mins(w), out, K, I, eps,
-        w.qweight.stride(0), w.scales.stride(0), **_meta(w, cfg, x.device))
+        _check_row(x, K), _check_row(residual, K), norm_w, r_out, qw, w.scales, _mins(w), out, K, I, eps,
+        stride_q, w.scales.stride(0), **meta)
     return out, r_out.view(1, K)
 
 
@@ -332,10 +521,12 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
     else:
         rr = r_out = xr
     q = torch.empty((1, num_heads, D), dtype=x.dtype, device=x.device)
+    meta = _meta(w, cfg, x.device)
+    qw, stride_q = _qweight(w, meta["WORDS"])
     _qnorm_qkv_kernel[(N // cfg.block_r // 2,)](
-        xr, rr, norm_w, r_out, w.qweight, w.scales, _mins(w), bias if bias is not None else w.scales, cos_sin,
+        xr, rr, norm_w, r_out, qw, w.scales, _mins(w), bias if bias is not None else w.scales, cos_sin,
         positions, loc, q, k_cache, v_cache,
-        K, eps, w.qweight.stride(0), w.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
+        K, eps, stride_q, w.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res,
-        HAS_BIAS=bias is not None, **_meta(w, cfg, x.device))
+        HAS_BIAS=bias is not None, **meta)
     return q, r_out.view(1, K)
