@@ -41,14 +41,36 @@ GEMM_SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
 TENSOR_FLOPS = 790e12  # H200 dense bf16
 
 
+# plain-gemv shapes: the engine runs qkv and gate_up through the fused norm kernels, which
+# take the same tile but not its split_k, so split tiles are timed on these shapes only
+SPLIT_SHAPES = ("o", "down", "lm_head")
+
+
 def gemv_space(fmt: str):
-    cols = (256, 512, 1024) if fmt.startswith("int4") else (128, 256, 512)
+    int4 = fmt.startswith("int4")
+    cols = {"int4g32": (512, 1024)}.get(fmt, (256, 512, 1024) if int4 else (128, 256, 512))
     for r, bk, (w, st) in itertools.product((4, 8, 16, 32), cols, ((4, 1), (8, 1), (4, 2))):
         yield QV.Config(r, bk, w, st)
+    # split-K: more programs for few rows and long K (o, down)
+    for r, w, split in itertools.product((4, 8), (4, 8), (2, 4)):
+        yield QV.Config(r, 512, w, 1, split)
+    if int4:  # int32 words: 4 words (32 columns) per thread and row, 16-64 words per thread and step
+        for (r, bk, w), split in itertools.product(_words_tiles(), (1, 2, 4)):
+            yield QV.Config(r, bk, w, 1, split, 1)
+
+
+def _words_tiles():
+    """(BLOCK_R, BLOCK_K, warps) with BLOCK_R·BLOCK_K between 1,024 and 4,096 per warp: fewer
+    and the 4-word chunks do not fill the threads (a layout shuffle per step), more and the
+    words of the two row blocks crowd the registers."""
+    for w in (4, 8):
+        for r, bk in itertools.product((8, 16, 32, 64), (256, 512, 1024)):
+            if 1024 * w <= r * bk <= 4096 * w:
+                yield r, bk, w
 
 
 def gemm_space(fmt: str, m: int):
-    il = (0, 1) if fmt.startswith("int4") else (0,)
+    il = (1,) if fmt.startswith("int4") else (0,)  # int4: the interleaved dot won every shape
     if m <= 16:
         for (bn, w), bk, st, i in itertools.product(((32, 4), (64, 4), (128, 8)), (128, 256, 512), (2, 4), il):
             yield QM.Config(16, bn, bk, w, st, 1, i)
@@ -75,10 +97,11 @@ def _weight(fmt: str, n: int, k: int) -> QuantizedWeight:
     return QuantizedWeight.quantize(dense, FORMATS[fmt])
 
 
-def _call(kind, w, x, cfg):
+def _call(kind, w, x, cfg, shape=None):
     if kind == "gemv":
-        if not QV.gemv_supported(w, "cuda") or w.out_features % (2 * cfg.block_r) or w.in_features % cfg.block_k \
-                or (QV.block_k(w, cfg.block_k) != cfg.block_k):
+        if not QV.gemv_supported(w, "cuda") or w.out_features % (2 * cfg.block_r) \
+                or w.in_features % (cfg.block_k * cfg.split_k) or (QV.block_k(w, cfg.block_k) != cfg.block_k) \
+                or (cfg.split_k > 1 and shape is not None and shape not in SPLIT_SHAPES):
             return None
         return lambda: QV.gemv(x, w, config=cfg)
     return lambda: QM.gemm(x, w, cfg)
@@ -130,7 +153,7 @@ def main() -> None:
                 for kd, f, mm, cfg in todo:
                     if (kd, f, mm) != (kind, fmt, m):
                         continue
-                    fn = _call(kind, w, x, cfg)
+                    fn = _call(kind, w, x, cfg, name)
                     if fn is None:
                         continue
                     try:

@@ -1,8 +1,8 @@
 """The quantized GEMV / GEMM kernels compile for sm_90 (Hopper) in every format the engine
 launches them with at the Llama-3.1-8B shape: int4 group 128 (quantize's default) and group 32
 with offsets (GGUF Q4_K), int8 per row and group 16 with offsets (GGUF Q6_K), fp8 per row; the
-fused norm + gate/up and norm + qkv + rotary + KV store GEMVs; the GEMM in its three tile
-configurations.  The CPU tests run them under the interpreter only, which type-checks less."""
+fused norm + gate/up and norm + qkv + rotary + KV store GEMVs; the tile sweep's GEMV variants
+(split-K and its sum, int4 as int32 words); the GEMM in its three tile configurations.  The CPU tests run them under the interpreter only, which type-checks less."""
 import pytest
 import torch
 from sm90_compile import can_compile, compile_all
@@ -21,29 +21,45 @@ FORMATS = [
 ]
 
 
-def _weight_meta(kind, group, sym, row_scale, block_k, block_r=8):
-    return dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row_scale, BLOCK_R=block_r, BLOCK_K=block_k, PDL=True)
+def _weight_meta(kind, group, sym, row_scale, block_k, block_r=8, words=False):
+    return dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row_scale, BLOCK_R=block_r, BLOCK_K=block_k, PDL=True,
+                WORDS=words, LOG2G=group.bit_length() - 1 if words else 0)
+
+
+def _gemv(qt, st, meta, split=1, warps=4):
+    return dict(kernel="localsgl_kernels.quant_gemv:_qgemv_kernel",
+                pointers=dict(X="*bf16", Out="*bf16", Part="*fp32", QW=qt, S=st, Mn=st), div16=["K", "N"],
+                constexprs=dict(SPLIT=split, **meta), num_warps=warps, num_stages=1)
 
 
 def _specs():
     specs = {}
     for label, kind, qt, st, group, sym, row, bk in FORMATS:
-        w = dict(QW=qt, S=st, Mn=st)
-        specs[f"gemv {label}"] = dict(kernel="localsgl_kernels.quant_gemv:_qgemv_kernel",
-                                      pointers=dict(X="*bf16", Out="*bf16", **w), div16=["K"],
-                                      constexprs=_weight_meta(kind, group, sym, row, bk))
+        specs[f"gemv {label}"] = _gemv(qt, st, _weight_meta(kind, group, sym, row, bk))
+    # the sweep's variants: split-K (fp32 partials, then their sum), int4 as int32 words
+    specs["gemv int8 row split 4"] = _gemv("*i8", "*fp16", _weight_meta(INT8, 4096, True, True, 512, 4), split=4)
+    specs["sum of splits"] = dict(kernel="localsgl_kernels.quant_gemv:_sum_splits_kernel",
+                                  pointers=dict(Part="*fp32", Out="*bf16"), div16=["N"],
+                                  constexprs=dict(SPLIT=4, BLOCK=1024, PDL=True))
+    for label, group, sym, r, bk, warps, split in (("g128", 128, False, 32, 512, 4, 1), ("g32 (Q4_K)", 32, False, 16, 1024, 8, 1),
+                                                   ("g32 sym", 32, True, 8, 512, 4, 1), ("g128", 128, False, 16, 512, 4, 4)):
+        specs[f"gemv int4 {label} words {r}x{bk} split {split}"] = _gemv(
+            "*i32", "*fp16", _weight_meta(INT4, group, sym, False, bk, r, words=True), split=split, warps=warps)
     label, kind, qt, st, group, sym, row, bk = FORMATS[0]
-    w = dict(QW=qt, S=st, Mn=st)
-    specs["norm_gate_up int4 g128"] = dict(
-        kernel="localsgl_kernels.quant_gemv:_qnorm_gate_up_kernel",
-        pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", Out="*bf16", **w), div16=["K", "I"],
-        scalars=dict(eps="fp32"), constexprs=_weight_meta(kind, group, sym, row, bk))
-    specs["norm_qkv int4 g128"] = dict(
-        kernel="localsgl_kernels.quant_gemv:_qnorm_qkv_kernel",
-        pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64",
-                      Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", **w), div16=["K"],
-        scalars=dict(eps="fp32"),
-        constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False, **_weight_meta(kind, group, sym, row, bk)))
+    for words in (False, True):
+        w = dict(QW="*i32" if words else qt, S=st, Mn=st)
+        name = " words" if words else ""
+        specs[f"norm_gate_up int4 g128{name}"] = dict(
+            kernel="localsgl_kernels.quant_gemv:_qnorm_gate_up_kernel",
+            pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", Out="*bf16", **w), div16=["K", "I"],
+            scalars=dict(eps="fp32"), constexprs=_weight_meta(kind, group, sym, row, bk, 8 * (1 + 3 * words), words))
+        specs[f"norm_qkv int4 g128{name}"] = dict(
+            kernel="localsgl_kernels.quant_gemv:_qnorm_qkv_kernel",
+            pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64",
+                          Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", **w), div16=["K"],
+            scalars=dict(eps="fp32"),
+            constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
+                            **_weight_meta(kind, group, sym, row, bk, 8 * (1 + 3 * words), words)))
     # the GEMM's tile configurations (quant_gemm.default_config: <= 16 rows, <= 64, larger)
     for (bm, bn, bkt, warps, stages, gm) in ((16, 32, 256, 4, 4, 1), (32, 64, 128, 4, 3, 4), (64, 128, 64, 4, 3, 8)):
         for label, kind, qt, st, group, sym, row, _ in (FORMATS[0], FORMATS[2], FORMATS[4]):

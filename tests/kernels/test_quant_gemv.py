@@ -89,3 +89,61 @@ def test_configs_and_support():
     assert not QG.gemv_supported(odd, "cpu")
     x = randn(1, 576, g=g)
     assert rel_err(QG.gemv(x, w, config=QG.Config(2, 64)), x.double() @ w.dequantize(torch.float64).t()) < 1e-5
+
+
+WORD_FORMATS = [WeightFormat("int4", 32, True), WeightFormat("int4", 64, False), WeightFormat("int4", 128, False)]
+WORD_IDS = [f.label().replace(" ", "-") for f in WORD_FORMATS]
+
+
+@pytest.mark.parametrize("fmt", WORD_FORMATS, ids=WORD_IDS)
+def test_gemv_words_and_split_k(fmt):
+    """The sweep's variants: int4 as int32 words (nibbles read as subnormal floats), split-K
+    (partials, then their sum), and both, at activation scales far from 1 (the words path
+    pre-scales x by up to 2^89 and its products by 2^-60)."""
+    g = gen(15)
+    n, k = 64, 512
+    w = _qw(n, k, fmt, g)
+    for scale in (1.0, 1e8, 1e-8):
+        x = randn(1, k, g=g, scale=scale)
+        ref = x.double() @ w.dequantize(torch.float64).t()
+        for cfg in (QG.Config(8, 256, 4, 1, 1, 1), QG.Config(4, 128, 4, 1, 2, 1), QG.Config(16, 128, 4, 1, 4, 0)):
+            y = QG.gemv(x, w, out_dtype=torch.float32, config=cfg)
+            assert rel_err(y, ref) < 1e-5, (cfg, scale)
+    xb = randn(1, k, g=g, dtype=torch.bfloat16)
+    y = QG.gemv(xb, w, config=QG.Config(4, 256, 4, 1, 2, 1))
+    assert y.dtype == torch.bfloat16 and rel_err(y, xb.double() @ w.dequantize(torch.float64).t()) < 2e-2
+
+
+def test_words_apply():
+    g = gen(16)
+    cfg = QG.Config(8, 128, 4, 1, 1, 1)
+    assert QG.words_apply(_qw(16, 128, WeightFormat("int4", 32, False), g), cfg)
+    assert not QG.words_apply(_qw(16, 128, WeightFormat("int4", 32, False), g), cfg._replace(words=0))
+    int8 = _qw(16, 128, WeightFormat("int8", 0, True), g)
+    assert not QG.words_apply(int8, cfg)  # ignored: the plain int8 path, still exact
+    x = randn(1, 128, g=g)
+    assert rel_err(QG.gemv(x, int8, config=cfg), x.double() @ int8.dequantize(torch.float64).t()) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", WORD_FORMATS[:2], ids=WORD_IDS[:2])
+def test_fused_words(fmt):
+    """norm + gate/up and norm + qkv + rotary + KV store with the words variant (their tile's
+    split_k is ignored: the norm needs whole rows)."""
+    g = gen(17)
+    h, i = 256, 48
+    x, res = randn(1, h, g=g), randn(1, h, g=g)
+    nw = 1 + 0.1 * randn(h, g=g)
+    cfg = QG.Config(8, 128, 4, 1, 2, 1)
+    w = _qw(2 * i, h, fmt, g)
+    ra, rr = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, w.dequantize(torch.float64))
+    a, r = QG.norm_gate_up(x, res, nw, 1e-6, w, config=cfg)
+    assert rel_err(a, ra) < 1e-5 and torch.allclose(r.double(), rr, rtol=1e-6)
+    hq, hkv, d = 4, 2, 32
+    w = _qw((hq + 2 * hkv) * d, h, fmt, g)
+    rope = RotaryEmbedding(d, 64, 10000.0, None, device=DEV)
+    pos, loc = torch.tensor([37], device=DEV), torch.tensor([2], device=DEV)
+    kc, vc = randn(4, hkv, d, g=g), randn(4, hkv, d, g=g)
+    rq, rk, rv, _ = G.norm_qkv_ref(x.double(), res.double(), nw.double(), 1e-5, w.dequantize(torch.float64), None,
+                                   rope.cos_sin.double(), pos, hq, hkv)
+    q, _ = QG.norm_qkv(x, res, nw, 1e-5, w, None, rope.cos_sin, pos, loc, kc, vc, hq, hkv, config=cfg)
+    assert rel_err(q, rq) < 1e-5 and rel_err(kc[2], rk[0]) < 1e-5 and rel_err(vc[2], rv[0]) < 1e-5
