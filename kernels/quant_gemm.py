@@ -35,6 +35,9 @@ from .quant_tiles import lookup
 
 FP8_SCALED_MM_MIN_ROWS = 16
 DEQUANT_MIN_ROWS = 1024
+# the bits of the smallest 16-bit float whose step is 1 (128 in bf16, 1024 in fp16): OR-ing a
+# nibble u into them gives 128 + u / 1024 + u exactly
+_BIAS_BITS = {torch.bfloat16: 0x4300, torch.float16: 0x6400}
 
 
 @triton.jit
@@ -42,7 +45,7 @@ def _qgemm_kernel(
     X, QW, S, Mn, Y, M, N, K, stride_xm, stride_q, stride_s, stride_ym,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PREC: tl.constexpr, INTERLEAVE: tl.constexpr,
+    PREC: tl.constexpr, INTERLEAVE: tl.constexpr, SCALE_AFTER: tl.constexpr = False, BIAS_BITS: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -61,7 +64,24 @@ def _qgemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     SUB: tl.constexpr = BLOCK_K if ROW_SCALE else GROUP  # columns sharing one scale, or the whole step
     NS: tl.constexpr = BLOCK_K // SUB
-    if KIND == 1:  # int4
+    if SCALE_AFTER:  # int4, 16-bit x, ROW_SCALE False: the stored nibbles themselves into the dot
+        HALF: tl.constexpr = SUB // 2
+        offs = tl.arange(0, HALF)
+        for k0 in range(0, K, BLOCK_K):
+            for j in tl.static_range(NS):
+                kj = k0 + j * SUB
+                b = tl.load(wrow + (kj // 2 + offs)[None, :]).to(tl.uint16)
+                x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
+                # BIAS + u exactly, as x's 16-bit float: the nibble ORed into the mantissa of BIAS
+                lo = ((b & 0xF) | BIAS_BITS).to(x.dtype, bitcast=True)
+                hi = ((b >> 4) | BIAS_BITS).to(x.dtype, bitcast=True)
+                d = tl.dot(x, tl.trans(tl.interleave(lo, hi)), input_precision=PREC)
+                s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
+                # Σ x·w = s·Σ x·(BIAS + u) + (m - (BIAS + 8·sym)·s)·Σ x
+                bias = tl.where(BIAS_BITS == 0x6400, 1024.0, 128.0) + (8.0 if SYM else 0.0)
+                xs = tl.sum(x.to(tl.float32), 1)
+                acc += d * s[None, :] + xs[:, None] * (m - bias * s)[None, :]
+    elif KIND == 1:  # int4
         HALF: tl.constexpr = SUB // 2
         offs = tl.arange(0, HALF)
         for k0 in range(0, K, BLOCK_K):
@@ -105,6 +125,12 @@ class Config(NamedTuple):
     num_stages: int = 3
     group_m: int = 8
     interleave: int = 0  # int4: one dot per group over the nibbles in column order
+    # int4 with bf16 / fp16 x (else ignored): each group's dot runs over the stored nibbles u as
+    # the exact 16-bit floats BIAS + u (the nibble ORed into BIAS's mantissa: one integer op per
+    # weight, no float math), and its result is scaled into the accumulator afterwards,
+    # acc += s·dot + (m - (BIAS + 8·sym)·s)·Σx — 2·BLOCK_M FMAs per group and column instead of
+    # dequantizing every weight; for few rows and groups of 64 or more
+    scale_after: int = 0
 
 
 def default_config(rows: int, device_type: str, w=None) -> Config:
@@ -137,12 +163,14 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
         x = x.contiguous()
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    scale_after = bool(cfg.scale_after) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS
     _qgemm_kernel[grid](
         x, w.qweight, w.scales, w.mins if w.mins is not None else w.scales, y, M, N, K,
         x.stride(0), w.qweight.stride(0), w.scales.stride(0), y.stride(0),
         KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERLEAVE=bool(cfg.interleave),
+        SCALE_AFTER=scale_after, BIAS_BITS=_BIAS_BITS.get(x.dtype, 0) if scale_after else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 

@@ -74,6 +74,9 @@ def gemm_space(fmt: str, m: int):
     if m <= 16:
         for (bn, w), bk, st, i in itertools.product(((32, 4), (64, 4), (128, 8)), (128, 256, 512), (2, 4), il):
             yield QM.Config(16, bn, bk, w, st, 1, i)
+        if fmt == "int4g128":  # nibbles into the dot, scaled after: 2·16/128 FMAs per weight for the scales
+            for (bn, w), bk, st in itertools.product(((64, 4), (128, 8)), (128, 256, 512), (2, 4)):
+                yield QM.Config(16, bn, bk, w, st, 1, 1, 1)
     else:
         for bm, (bn, w), bk, st, i in itertools.product((32, 64), ((64, 4), (128, 8)), (128, 256), (2, 3, 4), il):
             yield QM.Config(bm, bn, bk, w, st, 4, i)

@@ -2,7 +2,8 @@
 launches them with at the Llama-3.1-8B shape: int4 group 128 (quantize's default) and group 32
 with offsets (GGUF Q4_K), int8 per row and group 16 with offsets (GGUF Q6_K), fp8 per row; the
 fused norm + gate/up and norm + qkv + rotary + KV store GEMVs; the tile sweep's GEMV variants
-(split-K and its sum, int4 as int32 words); the GEMM in its three tile configurations.  The CPU tests run them under the interpreter only, which type-checks less."""
+(split-K and its sum, int4 as int32 words); the GEMM in its three tile configurations and
+the sweep's int4 GEMM variants.  The CPU tests run them under the interpreter only, which type-checks less."""
 import pytest
 import torch
 from sm90_compile import can_compile, compile_all
@@ -68,8 +69,17 @@ def _specs():
                 kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
                 pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16"), div16=["N", "K"],
                 constexprs=dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                GROUP_M=gm, PREC="tf32"),
+                                GROUP_M=gm, PREC="tf32", INTERLEAVE=False, SCALE_AFTER=False, BIAS_BITS=0),
                 num_warps=warps, num_stages=stages)
+    # the sweep's int4 variants: interleaved nibbles; the nibbles as bf16 128 + u, scaled after the dot
+    for bn, warps, scale_after in ((32, 4, False), (128, 8, True)):
+        specs[f"gemm int4 g128 16x{bn}x256 {'scale after' if scale_after else 'interleaved'}"] = dict(
+            kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
+            pointers=dict(X="*bf16", QW="*u8", S="*fp16", Mn="*fp16", Y="*bf16"), div16=["N", "K"],
+            constexprs=dict(KIND=INT4, GROUP=128, SYM=False, ROW_SCALE=False, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256,
+                            GROUP_M=1, PREC="tf32", INTERLEAVE=True, SCALE_AFTER=scale_after,
+                            BIAS_BITS=0x4300 if scale_after else 0),
+            num_warps=warps, num_stages=2)
     return specs
 
 

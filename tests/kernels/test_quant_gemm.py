@@ -43,6 +43,20 @@ def test_forced_tiles(fmt):
         assert rel_err(QM.gemm(x, w, cfg), ref) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", [WeightFormat("int4", 32, True), WeightFormat("int4", 128, False)], ids=["g32", "g128-asym"])
+def test_scale_after_dot(fmt):
+    """int4 with the stored nibbles in the dot (as fp16 1024 + u) and the group's scale and offset
+    applied to its result; fp32 x ignores the variant (the plain path, exact)."""
+    g = gen(28)
+    w = _qw(40, 256, fmt, g)
+    ref64 = w.dequantize(torch.float64)
+    x = randn(20, 256, g=g, dtype=torch.float16)
+    for cfg in (QM.Config(16, 32, 128, 4, 1, 1, 1, 1), QM.Config(16, 16, 64, 4, 1, 2, 0, 1)):
+        assert rel_err(QM.gemm(x, w, cfg), x.double() @ ref64.t()) < 2e-3
+    x32 = randn(5, 256, g=g)
+    assert rel_err(QM.gemm(x32, w, QM.Config(16, 32, 128, 4, 1, 1, 1, 1)), x32.double() @ ref64.t()) < 1e-5
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_dequantize(fmt):
     """The Triton dequantization equals QuantizedWeight.dequantize (fp32 math, one rounding),
