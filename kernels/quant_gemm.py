@@ -16,7 +16,11 @@ of one group's columns, unrolled within a BLOCK_K step; the unpacking is quant_g
 to x's dtype for the dot (fp32 inputs use IEEE fp32 products), accumulated in fp32; per-row
 scales multiply the accumulator once.  An int4 group contributes two dots, over its even and
 its odd columns (byte j holds columns 2j and 2j + 1), or with INTERLEAVE one dot over the
-nibbles put back in column order (``tl.interleave``) against contiguous activations.
+nibbles put back in column order (``tl.interleave``) against contiguous activations.  With
+SCALE_AFTER (int4, bf16 / fp16 x) the dot runs over the stored nibbles u themselves, as the
+exact 16-bit floats BIAS + u (128 + u in bf16, 1024 + u in fp16: the nibble ORed into BIAS's
+mantissa), and acc += s·dot + (m − (BIAS + 8·sym)·s)·Σx per group: no float math per weight,
+2·BLOCK_M FMAs per group and column; the bias costs the fp32 accumulator ~log2(BIAS/8) bits.
 
 Floor: max(packed weight bytes / copy bandwidth, 2·M·N·K / the dot rate of x's dtype); the
 dequantization costs a few ALU ops per weight per M-tile.  Reference: layers/quant.py
@@ -78,7 +82,7 @@ def _qgemm_kernel(
                 d = tl.dot(x, tl.trans(tl.interleave(lo, hi)), input_precision=PREC)
                 s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
                 # Σ x·w = s·Σ x·(BIAS + u) + (m - (BIAS + 8·sym)·s)·Σ x
-                bias = tl.where(BIAS_BITS == 0x6400, 1024.0, 128.0) + (8.0 if SYM else 0.0)
+                bias: tl.constexpr = (1024.0 if BIAS_BITS == 0x6400 else 128.0) + (8.0 if SYM else 0.0)
                 xs = tl.sum(x.to(tl.float32), 1)
                 acc += d * s[None, :] + xs[:, None] * (m - bias * s)[None, :]
     elif KIND == 1:  # int4

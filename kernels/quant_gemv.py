@@ -18,6 +18,12 @@ once at the end too.  An int4 tile is read
 as BLOCK_K/2 bytes per row; the low nibble of byte j is element 2j, the high one 2j + 1, so
 the activations are read as their even and odd columns.
 
+Two variants, off unless a tile (Config) asks: ``words`` streams int4 as int32 words, each
+nibble masked in place and its bits read as a subnormal float (16^t·q·2^-149, x pre-scaled
+to match), so a weight costs an AND and an FMA and the loop has no shared-memory shuffle
+(_qstream_words); ``split_k`` cuts the plain gemv's rows into column slices whose fp32
+partials a second kernel adds (_sum_splits_kernel).
+
 Floor: the packed weight bytes N·K·bits/8 plus N·K/G scale (and offset) bytes over copy
 bandwidth; the activations are re-read from L2 by every program (K·elem each, against
 2·BLOCK_R·K·bits/8 of weights).  Reference: ``matmul_ref`` in layers/quant.py (dequantize

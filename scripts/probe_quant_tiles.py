@@ -9,6 +9,11 @@ kernels/quant_tiles.py (LOCALSGL_QUANT_TILES=TILES.json makes the engine use the
 kernels/tuned/<device name>.json they are the defaults on that GPU model).  Run it with
 LOCALSGL_QUANT_TILES unset and no tuned file for the GPU, so "default" is the built-in tile.
 
+The search space holds the kernels' variants, off in their built-in defaults: for the GEMV
+split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without it) and int4
+as int32 words; for the int4 GEMM the interleaved dot and, at 16 rows of int4 g128, the
+nibbles in the dot with the scales applied after it.
+
 The kernels are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared),
 then timed one at a time in CUDA graphs (scripts/probe_quant.py's ``timed``).  Rows of 1 time
 quant_gemv.gemv; 16 and 64 rows time quant_gemm.gemm (and fp8's ``_scaled_mm``, and the
