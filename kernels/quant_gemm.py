@@ -70,6 +70,7 @@ def _qgemm_kernel(
     NS: tl.constexpr = BLOCK_K // SUB
     if SCALE_AFTER:  # int4, 16-bit x, ROW_SCALE False: the stored nibbles themselves into the dot
         HALF: tl.constexpr = SUB // 2
+        bias: tl.constexpr = (1024.0 if BIAS_BITS == 0x6400 else 128.0) + (8.0 if SYM else 0.0)
         offs = tl.arange(0, HALF)
         for k0 in range(0, K, BLOCK_K):
             for j in tl.static_range(NS):
@@ -82,7 +83,6 @@ def _qgemm_kernel(
                 d = tl.dot(x, tl.trans(tl.interleave(lo, hi)), input_precision=PREC)
                 s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
                 # Σ x·w = s·Σ x·(BIAS + u) + (m - (BIAS + 8·sym)·s)·Σ x
-                bias: tl.constexpr = (1024.0 if BIAS_BITS == 0x6400 else 128.0) + (8.0 if SYM else 0.0)
                 xs = tl.sum(x.to(tl.float32), 1)
                 acc += d * s[None, :] + xs[:, None] * (m - bias * s)[None, :]
     elif KIND == 1:  # int4

@@ -18,10 +18,10 @@ once at the end too.  An int4 tile is read
 as BLOCK_K/2 bytes per row; the low nibble of byte j is element 2j, the high one 2j + 1, so
 the activations are read as their even and odd columns.
 
-Two variants, off unless a tile (Config) asks: ``words`` streams int4 as int32 words, each
-nibble masked in place and its bits read as a subnormal float (16^t·q·2^-149, x pre-scaled
-to match), so a weight costs an AND and an FMA and the loop has no shared-memory shuffle
-(_qstream_words); ``split_k`` cuts the plain gemv's rows into column slices whose fp32
+Two variants, off unless a tile (Config) asks: ``words`` streams int4 / int8 as int32 words,
+each nibble / byte masked in place and its bits read as a subnormal float (16^t·u·2^-149,
+x pre-scaled to match), so a weight costs an AND and an FMA and the loop has no shared-memory
+shuffle (_qstream_words); ``split_k`` cuts the plain gemv's rows into column slices whose fp32
 partials a second kernel adds (_sum_splits_kernel).
 
 Floor: the packed weight bytes N·K·bits/8 plus N·K/G scale (and offset) bytes over copy
@@ -140,57 +140,100 @@ def _word_dot(w, x):
 
 
 @triton.jit
+def _split4_last(x):
+    """[..., 4] -> its 4 columns."""
+    a, b = tl.split(tl.reshape(x, x.shape[:-1] + [2, 2]))  # columns 0,2 / 1,3
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _byte_dot(w, x):
+    """Σ_p (q_p + 128)·x[..., p]·2^-60 over the 4 int8 values q of int32 words w (column 4j + p
+    at bits 8p), x pre-scaled by 2^89 / 2^81 for even / odd p: the sign bits flipped once per
+    word (q + 128 in 0..255), each byte masked in place and read as a subnormal float."""
+    x0, x1, x2, x3 = _split4_last(x)
+    u = w.to(tl.uint32, bitcast=True) ^ 0x80808080
+    h = u >> 16
+    p = (u & 0xFF).to(tl.float32, bitcast=True) * x0
+    p += (u & 0xFF00).to(tl.float32, bitcast=True) * x1
+    p += (h & 0xFF).to(tl.float32, bitcast=True) * x2
+    p += (h & 0xFF00).to(tl.float32, bitcast=True) * x3
+    return p
+
+
+@triton.jit
 def _qstream_words(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1, write_res,
-    LOG2G: tl.constexpr, SYM: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """int4 as int32 words (QW an int32 view, stride_q in words): _qstream_rows's sums over
-    columns [K0, K1) and Σ s² there.  A step loads [BLOCK_R, BLOCK_K/8] words per row block,
-    4 consecutive words (32 columns, one group: G >= 32, a power of two) per thread, whatever
-    the group size; x is loaded as [BLOCK_R, BLOCK_K/32, 8] per word of those four, broadcast
-    over the rows, so it lands in the weights' layout (no shared-memory shuffle); one scale
-    (and offset) per row and 32 columns, indexed by a shift so it is not vectorized across
-    groups.  Per weight: an AND and an FMA (_word_dot)."""
-    C: tl.constexpr = BLOCK_K // 32
+    """int4 / int8 as int32 words (QW an int32 view, stride_q in words): _qstream_rows's sums
+    over columns [K0, K1) and Σ s² there.  A step loads [BLOCK_R, BLOCK_K/E] words per row block
+    (E = 8 int4 / 4 int8 values per word), 4 consecutive words (a chunk of 4E columns, within one
+    group: G >= 4E, a power of two) per thread, whatever the group size; x is loaded as
+    [BLOCK_R, BLOCK_K/(4E), E] per word of those four, broadcast over the rows, so it lands in
+    the weights' layout (no shared-memory shuffle); one scale (and offset) per row and chunk,
+    indexed by a shift so it is not vectorized across groups.  Per weight: an AND and an FMA
+    (_word_dot, _byte_dot)."""
+    E: tl.constexpr = 8 if KIND == 1 else 4
+    C: tl.constexpr = BLOCK_K // (4 * E)
     c = tl.arange(0, C)
-    xoff = (32 * c)[None, :, None] + tl.arange(0, 8)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
-    t = tl.arange(0, 8) % 4
-    xscale = tl.where(t == 0, _X_SCALE0, tl.where(t == 1, _X_SCALE1, tl.where(t == 2, _X_SCALE2, _X_SCALE3)))
+    xoff = (4 * E * c)[None, :, None] + tl.arange(0, E)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
+    if KIND == 1:
+        t = tl.arange(0, 8) % 4
+        xscale = tl.where(t == 0, _X_SCALE0, tl.where(t == 1, _X_SCALE1, tl.where(t == 2, _X_SCALE2, _X_SCALE3)))
+        BIAS: tl.constexpr = 8.0 if SYM else 0.0  # q = u - 8 (symmetric int4)
+    else:
+        xscale = tl.where(tl.arange(0, 4) % 2 == 0, _X_SCALE0, _X_SCALE2)
+        BIAS: tl.constexpr = 128.0  # q = (q + 128) - 128
     xscale = xscale[None, None, :]
     ra = rows_a.to(tl.int64)[:, None]
     rb = rows_b.to(tl.int64)[:, None]
-    qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // 8)[None, :]
-    qb = QW + rb * stride_q + tl.arange(0, BLOCK_K // 8)[None, :]
+    qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    qb = QW + rb * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
-    ss = tl.zeros([BLOCK_R, C, 8], tl.float32)
+    ss = tl.zeros([BLOCK_R, C, E], tl.float32)
     for k0 in range(K0, K1, BLOCK_K):
-        a0, a1, a2, a3 = _split4(tl.load(qa + k0 // 8))
-        b0, b1, b2, b3 = _split4(tl.load(qb + k0 // 8))
+        a0, a1, a2, a3 = _split4(tl.load(qa + k0 // E))
+        b0, b1, b2, b3 = _split4(tl.load(qb + k0 // E))
         x0, q0 = _act(X, R, G, ROut, k0 + xoff, write_res, HAS_RES, NORM)
-        x1, q1 = _act(X, R, G, ROut, k0 + 8 + xoff, write_res, HAS_RES, NORM)
-        x2, q2 = _act(X, R, G, ROut, k0 + 16 + xoff, write_res, HAS_RES, NORM)
-        x3, q3 = _act(X, R, G, ROut, k0 + 24 + xoff, write_res, HAS_RES, NORM)
+        x1, q1 = _act(X, R, G, ROut, k0 + E + xoff, write_res, HAS_RES, NORM)
+        x2, q2 = _act(X, R, G, ROut, k0 + 2 * E + xoff, write_res, HAS_RES, NORM)
+        x3, q3 = _act(X, R, G, ROut, k0 + 3 * E + xoff, write_res, HAS_RES, NORM)
         ss += (q0 + q1) + (q2 + q3)
         y0 = x0 * xscale
         y1 = x1 * xscale
         y2 = x2 * xscale
         y3 = x3 * xscale
-        pa = (_word_dot(a0, y0) + _word_dot(a1, y1)) + (_word_dot(a2, y2) + _word_dot(a3, y3))
-        pb = (_word_dot(b0, y0) + _word_dot(b1, y1)) + (_word_dot(b2, y2) + _word_dot(b3, y3))
-        gidx = ((k0 + 32 * c) >> LOG2G)[None, :]
-        sa = tl.load(S + ra * stride_s + gidx).to(tl.float32)
-        sb = tl.load(S + rb * stride_s + gidx).to(tl.float32)
-        xs = tl.sum((x0 + x1) + (x2 + x3), 2)
-        if SYM:  # q - 8
-            acc_a += sa * (pa * _WORD_SUM_SCALE - 8.0 * xs)
-            acc_b += sb * (pb * _WORD_SUM_SCALE - 8.0 * xs)
+        if KIND == 1:
+            pa = (_word_dot(a0, y0) + _word_dot(a1, y1)) + (_word_dot(a2, y2) + _word_dot(a3, y3))
+            pb = (_word_dot(b0, y0) + _word_dot(b1, y1)) + (_word_dot(b2, y2) + _word_dot(b3, y3))
         else:
-            acc_a += sa * (pa * _WORD_SUM_SCALE) + tl.load(Mn + ra * stride_s + gidx).to(tl.float32) * xs
-            acc_b += sb * (pb * _WORD_SUM_SCALE) + tl.load(Mn + rb * stride_s + gidx).to(tl.float32) * xs
+            pa = (_byte_dot(a0, y0) + _byte_dot(a1, y1)) + (_byte_dot(a2, y2) + _byte_dot(a3, y3))
+            pb = (_byte_dot(b0, y0) + _byte_dot(b1, y1)) + (_byte_dot(b2, y2) + _byte_dot(b3, y3))
+        xs = tl.sum((x0 + x1) + (x2 + x3), 2)
+        pa = pa * _WORD_SUM_SCALE - BIAS * xs  # Σ q·x over the chunk
+        pb = pb * _WORD_SUM_SCALE - BIAS * xs
+        if ROW_SCALE:
+            acc_a += pa
+            acc_b += pb
+        else:
+            gidx = ((k0 + 4 * E * c) >> LOG2G)[None, :]
+            acc_a += tl.load(S + ra * stride_s + gidx).to(tl.float32) * pa
+            acc_b += tl.load(S + rb * stride_s + gidx).to(tl.float32) * pb
+            if not SYM:
+                acc_a += tl.load(Mn + ra * stride_s + gidx).to(tl.float32) * xs
+                acc_b += tl.load(Mn + rb * stride_s + gidx).to(tl.float32) * xs
+    ya = tl.sum(acc_a, 1)
+    yb = tl.sum(acc_b, 1)
+    if ROW_SCALE:
+        ya = ya * tl.load(S + rows_a.to(tl.int64) * stride_s).to(tl.float32)
+        yb = yb * tl.load(S + rows_b.to(tl.int64) * stride_s).to(tl.float32)
     # ss holds each column once per row of the block
-    return tl.sum(acc_a, 1), tl.sum(acc_b, 1), tl.sum(tl.sum(tl.sum(ss, 2), 1), 0) / BLOCK_R
+    return ya, yb, tl.sum(tl.sum(tl.sum(ss, 2), 1), 0) / BLOCK_R
 
 
 @triton.jit
@@ -206,7 +249,7 @@ def _qstream_rows(
     if WORDS:
         wait_for_predecessor(PDL)
         ya, yb, ssum = _qstream_words(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1,
-                                      write_res, LOG2G, SYM, HAS_RES, NORM, BLOCK_R, BLOCK_K)
+                                      write_res, KIND, LOG2G, SYM, ROW_SCALE, HAS_RES, NORM, BLOCK_R, BLOCK_K)
         if NORM:
             inv = tl.rsqrt(ssum / K + eps)
             ya = ya * inv
@@ -372,7 +415,7 @@ class Config(NamedTuple):
     small kernel adds — more programs and bytes in flight for weights with few rows and long
     rows (o_proj, down_proj).  Partials and a fixed-order sum rather than atomics: the result
     does not depend on timing, and nothing needs zeroing before the kernel.
-    ``words`` (int4 with a power-of-two group >= 32, else ignored): stream int32 words
+    ``words`` (int4 / int8, see ``words_apply``; else ignored): stream int32 words
     (_qstream_words) instead of group-sized byte tiles."""
 
     block_r: int
@@ -423,11 +466,14 @@ def default_config(w, rows_per_block: int, device_type: str) -> Config | None:
 
 
 def words_apply(w, cfg: Config) -> bool:
-    """Whether ``cfg.words`` takes effect for ``w``: int4, a power-of-two group of at least 32,
-    and a packed weight that reads as int32 words (row bytes a multiple of 4, contiguous)."""
-    q = w.qweight
-    g = w.group
-    return bool(cfg.words) and w.fmt.kind == "int4" and g >= 32 and g & (g - 1) == 0 and cfg.block_k % 32 == 0 \
+    """Whether ``cfg.words`` takes effect for ``w``: int4 or int8, row-scaled or with a
+    power-of-two group of at least one chunk (32 int4 / 16 int8 columns), and a packed weight
+    that reads as int32 words (row bytes a multiple of 4, contiguous)."""
+    if not cfg.words or w.fmt.kind not in ("int4", "int8"):
+        return False
+    q, g = w.qweight, w.group
+    chunk = 32 if w.fmt.kind == "int4" else 16
+    return (row_scaled(w) or (g >= chunk and g & (g - 1) == 0)) and cfg.block_k % chunk == 0 \
         and q.stride(-1) == 1 and q.stride(0) % 4 == 0 and q.storage_offset() % 4 == 0
 
 
@@ -441,7 +487,8 @@ def _meta(w, cfg: Config, device) -> dict:
     words = words_apply(w, cfg)
     return dict(KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
                 BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                WORDS=words, LOG2G=w.group.bit_length() - 1 if words else 0, **launch_options(device))
+                WORDS=words, LOG2G=w.group.bit_length() - 1 if words and not row_scaled(w) else 0,
+                **launch_options(device))
 
 
 def _mins(w):

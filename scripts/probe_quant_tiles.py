@@ -10,8 +10,8 @@ kernels/tuned/<device name>.json they are the defaults on that GPU model).  Run 
 LOCALSGL_QUANT_TILES unset and no tuned file for the GPU, so "default" is the built-in tile.
 
 The search space holds the kernels' variants, off in their built-in defaults: for the GEMV
-split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without it) and int4
-as int32 words; for the int4 GEMM the interleaved dot and, at 16 rows of int4 g128, the
+split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without it) and int4 /
+int8 as int32 words; for the int4 GEMM the interleaved dot and, at 16 rows of int4 g128, the
 nibbles in the dot with the scales applied after it.
 
 The kernels are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared),
@@ -51,26 +51,35 @@ TENSOR_FLOPS = 790e12  # H200 dense bf16
 SPLIT_SHAPES = ("o", "down", "lm_head")
 
 
+# int4 keeps only the byte-tile GEMV's tiles that won a shape when it was swept alone, as the
+# baseline the words variant has to beat
+INT4_GROUP_TILES = {"int4g128": ((8, 1024, 4, 1), (4, 256, 4, 1), (16, 256, 4, 2), (8, 512, 8, 1), (32, 512, 4, 2)),
+                    "int4g32": ((8, 1024, 4, 2), (8, 1024, 4, 1), (16, 1024, 4, 2))}
+
+
 def gemv_space(fmt: str):
-    int4 = fmt.startswith("int4")
-    cols = {"int4g32": (512, 1024)}.get(fmt, (256, 512, 1024) if int4 else (128, 256, 512))
-    for r, bk, (w, st) in itertools.product((4, 8, 16, 32), cols, ((4, 1), (8, 1), (4, 2))):
-        yield QV.Config(r, bk, w, st)
+    if fmt in INT4_GROUP_TILES:
+        for t in INT4_GROUP_TILES[fmt]:
+            yield QV.Config(*t)
+    else:
+        for r, bk, (w, st) in itertools.product((4, 8, 16, 32), (128, 256, 512), ((4, 1), (8, 1), (4, 2))):
+            yield QV.Config(r, bk, w, st)
     # split-K: more programs for few rows and long K (o, down)
     for r, w, split in itertools.product((4, 8), (4, 8), (2, 4)):
         yield QV.Config(r, 512, w, 1, split)
-    if int4:  # int32 words: 4 words (32 columns) per thread and row, 16-64 words per thread and step
-        for (r, bk, w), split in itertools.product(_words_tiles(), (1, 2, 4)):
+    if fmt.startswith(("int4", "int8")):  # int32 words
+        splits = (1, 2, 4) if fmt.startswith("int4") else (1, 4)
+        for (r, bk, w), split in itertools.product(_words_tiles(8 if fmt.startswith("int4") else 4), splits):
             yield QV.Config(r, bk, w, 1, split, 1)
 
 
-def _words_tiles():
-    """(BLOCK_R, BLOCK_K, warps) with BLOCK_R·BLOCK_K between 1,024 and 4,096 per warp: fewer
-    and the 4-word chunks do not fill the threads (a layout shuffle per step), more and the
-    words of the two row blocks crowd the registers."""
+def _words_tiles(per_word: int):
+    """(BLOCK_R, BLOCK_K, warps) of the words GEMV with 4 to 16 words per thread and row block:
+    fewer and the 4-word chunks do not fill the threads (a layout shuffle per step), more and
+    the words of the two row blocks crowd the registers."""
     for w in (4, 8):
         for r, bk in itertools.product((8, 16, 32, 64), (256, 512, 1024)):
-            if 1024 * w <= r * bk <= 4096 * w:
+            if 4 * 32 * w <= r * bk // per_word <= 16 * 32 * w:
                 yield r, bk, w
 
 

@@ -46,6 +46,9 @@ def _specs():
                                                    ("g32 sym", 32, True, 8, 512, 4, 1), ("g128", 128, False, 16, 512, 4, 4)):
         specs[f"gemv int4 {label} words {r}x{bk} split {split}"] = _gemv(
             "*i32", "*fp16", _weight_meta(INT4, group, sym, False, bk, r, words=True), split=split, warps=warps)
+    specs["gemv int8 row words"] = _gemv("*i32", "*fp16", dict(_weight_meta(INT8, 4096, True, True, 512, 16, True),
+                                                                 LOG2G=0), warps=8)
+    specs["gemv int8 g16 asym words"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, False, False, 512, 16, True))
     label, kind, qt, st, group, sym, row, bk = FORMATS[0]
     for words in (False, True):
         w = dict(QW="*i32" if words else qt, S=st, Mn=st)

@@ -91,15 +91,16 @@ def test_configs_and_support():
     assert rel_err(QG.gemv(x, w, config=QG.Config(2, 64)), x.double() @ w.dequantize(torch.float64).t()) < 1e-5
 
 
-WORD_FORMATS = [WeightFormat("int4", 32, True), WeightFormat("int4", 64, False), WeightFormat("int4", 128, False)]
+WORD_FORMATS = [WeightFormat("int4", 32, True), WeightFormat("int4", 64, False), WeightFormat("int4", 128, False),
+                WeightFormat("int8", 0, True), WeightFormat("int8", 16, False)]
 WORD_IDS = [f.label().replace(" ", "-") for f in WORD_FORMATS]
 
 
 @pytest.mark.parametrize("fmt", WORD_FORMATS, ids=WORD_IDS)
 def test_gemv_words_and_split_k(fmt):
-    """The sweep's variants: int4 as int32 words (nibbles read as subnormal floats), split-K
-    (partials, then their sum), and both, at activation scales far from 1 (the words path
-    pre-scales x by up to 2^89 and its products by 2^-60)."""
+    """The sweep's variants: int4 / int8 as int32 words (nibbles / bytes read as subnormal
+    floats), split-K (partials, then their sum), and both, at activation scales far from 1 (the
+    words path pre-scales x by up to 2^89 and its products by 2^-60)."""
     g = gen(15)
     n, k = 64, 512
     w = _qw(n, k, fmt, g)
@@ -119,13 +120,15 @@ def test_words_apply():
     cfg = QG.Config(8, 128, 4, 1, 1, 1)
     assert QG.words_apply(_qw(16, 128, WeightFormat("int4", 32, False), g), cfg)
     assert not QG.words_apply(_qw(16, 128, WeightFormat("int4", 32, False), g), cfg._replace(words=0))
-    int8 = _qw(16, 128, WeightFormat("int8", 0, True), g)
-    assert not QG.words_apply(int8, cfg)  # ignored: the plain int8 path, still exact
+    assert QG.words_apply(_qw(16, 128, WeightFormat("int8", 0, True), g), cfg)
+    assert not QG.words_apply(_qw(16, 128, WeightFormat("int8", 8, True), g), cfg)  # groups below a chunk
+    fp8 = _qw(16, 128, WeightFormat("fp8", 0, True), g)
+    assert not QG.words_apply(fp8, cfg)  # ignored: the plain fp8 path, still exact
     x = randn(1, 128, g=g)
-    assert rel_err(QG.gemv(x, int8, config=cfg), x.double() @ int8.dequantize(torch.float64).t()) < 1e-5
+    assert rel_err(QG.gemv(x, fp8, config=cfg), x.double() @ fp8.dequantize(torch.float64).t()) < 1e-5
 
 
-@pytest.mark.parametrize("fmt", WORD_FORMATS[:2], ids=WORD_IDS[:2])
+@pytest.mark.parametrize("fmt", WORD_FORMATS[:2] + WORD_FORMATS[4:], ids=WORD_IDS[:2] + WORD_IDS[4:])
 def test_fused_words(fmt):
     """norm + gate/up and norm + qkv + rotary + KV store with the words variant (their tile's
     split_k is ignored: the norm needs whole rows)."""
