@@ -73,13 +73,14 @@ def group_params(S, Mn, rows, stride_s, group_index, SYM: tl.constexpr):
 
 
 @triton.jit
-def _act(X, R, G, ROut, kk, write_res, HAS_RES: tl.constexpr, NORM: tl.constexpr):
-    """Activations of columns kk: s = x (+ residual, stored to ROut where kk < write_res);
-    returns (s·g or s in fp32, s² in fp32)."""
+def _act(X, R, G, ROut, kk, write_res, HAS_RES: tl.constexpr, NORM: tl.constexpr, STORE: tl.constexpr = True):
+    """Activations of columns kk: s = x (+ residual, stored to ROut where kk < write_res, with
+    STORE); returns (s·g or s in fp32, s² in fp32)."""
     x = tl.load(X + kk)
     if HAS_RES:
         x = (x.to(tl.float32) + tl.load(R + kk).to(tl.float32)).to(ROut.dtype.element_ty)
-        tl.store(ROut + kk, x, mask=kk < write_res)
+        if STORE:
+            tl.store(ROut + kk, x, mask=kk < write_res)
     xf = x.to(tl.float32)
     sq = xf * xf
     if NORM:
@@ -196,13 +197,19 @@ def _qstream_words(
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
     ss = tl.zeros([BLOCK_R, C, E], tl.float32)
+    if HAS_RES:  # r = x + residual stored once, before the loop: a store among the row-broadcast
+        # loads would make every row's copy load and convert x again
+        for k in range(0, write_res, 1024):
+            kr = k + tl.arange(0, 1024)
+            r = tl.load(X + kr, mask=kr < write_res).to(tl.float32) + tl.load(R + kr, mask=kr < write_res).to(tl.float32)
+            tl.store(ROut + kr, r.to(ROut.dtype.element_ty), mask=kr < write_res)
     for k0 in range(K0, K1, BLOCK_K):
         a0, a1, a2, a3 = _split4(tl.load(qa + k0 // E))
         b0, b1, b2, b3 = _split4(tl.load(qb + k0 // E))
-        x0, q0 = _act(X, R, G, ROut, k0 + xoff, write_res, HAS_RES, NORM)
-        x1, q1 = _act(X, R, G, ROut, k0 + E + xoff, write_res, HAS_RES, NORM)
-        x2, q2 = _act(X, R, G, ROut, k0 + 2 * E + xoff, write_res, HAS_RES, NORM)
-        x3, q3 = _act(X, R, G, ROut, k0 + 3 * E + xoff, write_res, HAS_RES, NORM)
+        x0, q0 = _act(X, R, G, ROut, k0 + xoff, write_res, HAS_RES, NORM, False)
+        x1, q1 = _act(X, R, G, ROut, k0 + E + xoff, write_res, HAS_RES, NORM, False)
+        x2, q2 = _act(X, R, G, ROut, k0 + 2 * E + xoff, write_res, HAS_RES, NORM, False)
+        x3, q3 = _act(X, R, G, ROut, k0 + 3 * E + xoff, write_res, HAS_RES, NORM, False)
         ss += (q0 + q1) + (q2 + q3)
         y0 = x0 * xscale
         y1 = x1 * xscale

@@ -148,5 +148,6 @@ def test_fused_words(fmt):
     kc, vc = randn(4, hkv, d, g=g), randn(4, hkv, d, g=g)
     rq, rk, rv, _ = G.norm_qkv_ref(x.double(), res.double(), nw.double(), 1e-5, w.dequantize(torch.float64), None,
                                    rope.cos_sin.double(), pos, hq, hkv)
-    q, _ = QG.norm_qkv(x, res, nw, 1e-5, w, None, rope.cos_sin, pos, loc, kc, vc, hq, hkv, config=cfg)
+    q, r = QG.norm_qkv(x, res, nw, 1e-5, w, None, rope.cos_sin, pos, loc, kc, vc, hq, hkv, config=cfg)
     assert rel_err(q, rq) < 1e-5 and rel_err(kc[2], rk[0]) < 1e-5 and rel_err(vc[2], rv[0]) < 1e-5
+    assert torch.equal(r, x + res)  # the residual is written once, before the words loop
