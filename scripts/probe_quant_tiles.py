@@ -16,8 +16,11 @@ nibbles in the dot with the scales applied after it.
 
 The kernels are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared),
 then timed one at a time in CUDA graphs (scripts/probe_quant.py's ``timed``).  Rows of 1 time
-quant_gemv.gemv; 16 and 64 rows time quant_gemm.gemm (and fp8's ``_scaled_mm``, and the
-dequantize-then-cuBLAS route); 2,048 rows compare the kernel with dequantize-then-cuBLAS."""
+quant_gemv.gemv; for qkv and gate_up, which the engine runs through the fused norm kernels,
+the fused kernel then times the GEMV's 6 best tiles and its time picks the tile (the row's
+gemv_* fields keep the plain GEMV's numbers).  16 and 64 rows time quant_gemm.gemm (and fp8's
+``_scaled_mm``, and the dequantize-then-cuBLAS route); 2,048 rows compare the kernel with
+dequantize-then-cuBLAS."""
 from __future__ import annotations
 
 import argparse
@@ -124,6 +127,49 @@ def _call(kind, w, x, cfg, shape=None):
     return lambda: QM.gemm(x, w, cfg)
 
 
+FUSED_SHAPES = {"qkv": (32, 8, 128), "gate_up": None}  # (query heads, KV heads, head dim) of Llama-3.1-8B
+FUSED_CANDIDATES = 6
+
+
+def _fused_call(shape, w, x, cfg):
+    """The fused kernel the engine runs one token of ``shape`` through (norm + qkv + rotary +
+    KV store, norm + gate/up + SiLU·mul), with tile ``cfg`` (None: its default); None when
+    the tile does not fit its row blocks.  split_k does not apply there."""
+    K, dev = w.in_features, x.device
+    res = torch.randn_like(x)
+    nw = torch.ones(K, dtype=x.dtype, device=dev)
+    fits = cfg is None or (K % cfg.block_k == 0 and QV.block_k(w, cfg.block_k) == cfg.block_k)
+    if shape == "gate_up":
+        if not fits or (cfg is not None and (w.out_features // 2) % cfg.block_r):
+            return None
+        return lambda: QV.norm_gate_up(x, res, nw, 1e-5, w, config=cfg)
+    hq, hkv, d = FUSED_SHAPES[shape]
+    if not fits or (cfg is not None and (d // 2) % cfg.block_r):
+        return None
+    cos_sin = torch.randn(64, d, dtype=torch.float32, device=dev)
+    pos, loc = torch.tensor([5], device=dev), torch.tensor([1], device=dev)
+    kc, vc = (torch.zeros(4, hkv, d, dtype=x.dtype, device=dev) for _ in range(2))
+    return lambda: QV.norm_qkv(x, res, nw, 1e-5, w, None, cos_sin, pos, loc, kc, vc, hq, hkv, config=cfg)
+
+
+def _time_fused(shape, w, x, timings):
+    """(default µs, best µs, best tile) of the fused kernel over the plain GEMV's best tiles."""
+    default = timed(_fused_call(shape, w, x, None), 10)
+    best, seen = (float("inf"), None), 0
+    for _, cfg in sorted(timings, key=lambda t: t[0]):
+        fn = _fused_call(shape, w, x, cfg)
+        if fn is None:
+            continue
+        try:
+            best = min(best, (timed(fn, 10), cfg), key=lambda t: t[0])
+        except Exception:
+            pass
+        seen += 1
+        if seen == FUSED_CANDIDATES:
+            break
+    return default, best[0], best[1]
+
+
 def _compile(batch):
     """Compile a share of the variants (one call each on a small weight of the same constexprs)."""
     ok = 0
@@ -166,7 +212,7 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 floor = max(w.nbytes / bw, 2 * m * n * k / TENSOR_FLOPS) * 1e6
                 default = timed(lambda: QM.matmul(x, w), 10)
-                best = (float("inf"), None)
+                timings = []
                 for kd, f, mm, cfg in todo:
                     if (kd, f, mm) != (kind, fmt, m):
                         continue
@@ -174,13 +220,17 @@ def main() -> None:
                     if fn is None:
                         continue
                     try:
-                        us = timed(fn, 10)
+                        timings.append((timed(fn, 10), cfg))
                     except Exception:
                         continue
-                    best = min(best, (us, cfg), key=lambda t: t[0])
+                best = min(timings, key=lambda t: t[0], default=(float("inf"), None))
                 deq = timed(lambda: QM.dequant_matmul(x, w), 10)
                 row = dict(fmt=fmt, label=FORMATS[fmt].label(), n=n, k=k, kind=kind, shape=name, m=m, floor_us=floor, default_us=default,
                            best_us=best[0], best=tuple(best[1]) if best[1] else None, dequant_cublas_us=deq)
+                if kind == "gemv" and name in FUSED_SHAPES:  # the tile is chosen by the fused kernel's time
+                    fd, fb, fcfg = _time_fused(name, w, x, timings)
+                    row.update(gemv_default_us=default, gemv_best_us=best[0], gemv_best=row["best"], default_us=fd,
+                               best_us=fb, best=tuple(fcfg) if fcfg else None)
                 if fmt == "fp8" and QM.fp8_native(x.device) and m > 1:
                     row["scaled_mm_us"] = timed(lambda: QM.scaled_mm_fp8(x, w), 10)
                 rows.append(row)
