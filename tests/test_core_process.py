@@ -96,6 +96,14 @@ def test_stream_close_aborts_and_frees(engines):
     assert s["running"] == 0 and s["waiting"] == 0 and s["kv_slots_locked"] == 0
 
 
+def test_a_message_the_core_cannot_handle_leaves_it_serving(engines):
+    _, proc = engines
+    proc.core._send(("add", [("broken",)]))  # a front end's bug: the core logs it and reads on
+    assert proc.stats()["running"] == 0
+    out = proc.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert len(out.token_ids) == 3
+
+
 def test_killed_core_fails_open_requests_and_health(tmp_path):
     from fastapi.testclient import TestClient
 
