@@ -170,6 +170,11 @@ def _time_fused(shape, w, x, timings):
     return default, best[0], best[1]
 
 
+def _close(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Within bf16 rounding of the fp32 reference (relative Frobenius error < 1 %)."""
+    return bool(torch.isfinite(y).all()) and float((y.float() - ref).norm() / ref.norm()) < 1e-2
+
+
 def _compile(batch):
     """Compile a share of the variants (one call each on a small weight of the same constexprs)."""
     ok = 0
@@ -212,7 +217,8 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 floor = max(w.nbytes / bw, 2 * m * n * k / TENSOR_FLOPS) * 1e6
                 default = timed(lambda: QM.matmul(x, w), 10)
-                timings = []
+                ref = QM.dequant_matmul(x.float(), w)  # fp32: what every tile must reproduce
+                timings, wrong = [], []
                 for kd, f, mm, cfg in todo:
                     if (kd, f, mm) != (kind, fmt, m):
                         continue
@@ -220,13 +226,18 @@ def main() -> None:
                     if fn is None:
                         continue
                     try:
+                        if not _close(fn(), ref):  # a fast wrong tile must never be chosen
+                            wrong.append(tuple(cfg))
+                            continue
                         timings.append((timed(fn, 10), cfg))
                     except Exception:
                         continue
+                if wrong:
+                    print(f"WRONG RESULTS {fmt} {kind} {name} M={m}: {wrong}", flush=True)
                 best = min(timings, key=lambda t: t[0], default=(float("inf"), None))
                 deq = timed(lambda: QM.dequant_matmul(x, w), 10)
                 row = dict(fmt=fmt, label=FORMATS[fmt].label(), n=n, k=k, kind=kind, shape=name, m=m, floor_us=floor, default_us=default,
-                           best_us=best[0], best=tuple(best[1]) if best[1] else None, dequant_cublas_us=deq)
+                           best_us=best[0], best=tuple(best[1]) if best[1] else None, dequant_cublas_us=deq, wrong=wrong)
                 if kind == "gemv" and name in FUSED_SHAPES:  # the tile is chosen by the fused kernel's time
                     fd, fb, fcfg = _time_fused(name, w, x, timings)
                     row.update(gemv_default_us=default, gemv_best_us=best[0], gemv_best=row["best"], default_us=fd,

@@ -87,12 +87,17 @@ def _specs():
 
 
 def test_quant_kernels_compile_for_sm90():
-    specs = {name: dict(s, sass_needles=["HGMMA"]) for name, s in _specs().items()}
+    # ftz forms of the f32 multiply / FMA: the words loop reads nibbles as subnormal floats,
+    # which a flush-to-zero build would turn into zeros
+    ftz = ["mul.ftz.f32", "mul.rn.ftz.f32", "fma.rn.ftz.f32"]
+    specs = {name: dict(s, sass_needles=["HGMMA"], ptx_needles=ftz) for name, s in _specs().items()}
     results = dict(zip(specs, compile_all(list(specs.values()), timeout=900)))
     failed = [f"{name}: {r['error']}" for name, r in results.items() if not r["ok"]]
     assert not failed, "\n".join(failed)
     # the prefill / large-batch tile runs on Hopper's warpgroup MMA (the smaller tiles are below
     # its 64-row minimum and use the older MMA)
     for name, r in results.items():
+        if "words" in name:
+            assert not any(r["ptx_has"].values()), f"{name}: flush-to-zero arithmetic {r['ptx_has']}"
         if name.startswith("gemm") and specs[name]["constexprs"]["BLOCK_M"] >= 64:
             assert r["sass_has"]["HGMMA"], f"{name}: no HGMMA in its SASS"
