@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from subprocess_utils import interruptible
 from typer.testing import CliRunner
 
 from localsgl import cli
@@ -395,6 +396,7 @@ def test_e2e_ctrl_c_exits_130():
         [sys.executable, "-m", "localsgl.cli", "run", "Write a very long story about a dragon.", "--max-tokens", "4000",
          "--temperature", "0", *SMALL],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
+        preexec_fn=interruptible,
     )
     try:
         ready, _, _ = select.select([p.stdout], [], [], 300)

@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from subprocess_utils import interruptible
 
 from localsgl import Engine, SamplingParams
 
@@ -176,7 +177,8 @@ def test_ctrl_c_on_run_leaves_no_process(tmp_path):
     run = subprocess.Popen(
         [sys.executable, "-m", "localsgl.cli", "run", "--local", "--device", "cpu", "--max-tokens", "4000",
          "--temperature", "0", "Count from one to a thousand in words."],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True, text=True,
+        preexec_fn=interruptible)
     try:
         deadline = time.monotonic() + 240
         kids = []
