@@ -6,6 +6,7 @@ Markdown holding the text, laid out as the same answer shown whole."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from chat_pilot import make_app, send_and_wait, wait_for
@@ -53,6 +54,21 @@ class LiveApp(App):
         yield LiveMarkdown()
 
 
+@contextlib.asynccontextmanager
+async def mounted_live(height: int):
+    """(app, pilot, the LiveMarkdown) of a LiveApp 70 columns wide, laid out."""
+    app = LiveApp()
+    async with app.run_test(size=(70, height)) as pilot:
+        live = app.query_one(LiveMarkdown)
+        await pilot.pause()
+        yield app, pilot, live
+
+
+def greet_line(live: LiveMarkdown):
+    """The rendered line of ANSWER's code block that defines greet."""
+    return next(s for s in live.lines(live.content_size.width) if "def greet" in s.text)
+
+
 def rich_lines(live: LiveMarkdown, text: str, width: int) -> list[list]:
     """Rich's rendering of the whole ``text``, as segment lists."""
     console = live.app.console
@@ -79,10 +95,7 @@ def test_blocks_split_where_rich_parses_them():
 @pytest.mark.parametrize("size", [1, 3, 1000])  # token by token, a few at a time, all at once
 def test_live_lines_equal_richs_rendering_of_the_text_so_far(size):
     async def scenario():
-        app = LiveApp()
-        async with app.run_test(size=(70, 60)) as pilot:
-            live = app.query_one(LiveMarkdown)
-            await pilot.pause()
+        async with mounted_live(60) as (app, pilot, live):
             so_far = ""
             for i, piece in enumerate(chunks(ANSWER, size)):
                 live.append(piece)
@@ -102,10 +115,7 @@ def test_finished_blocks_render_once_and_again_only_when_the_width_changes():
     n_blocks = len(top_level_blocks(markdown_parser(), text))
 
     async def scenario():
-        app = LiveApp()
-        async with app.run_test(size=(70, 30)) as pilot:
-            live = app.query_one(LiveMarkdown)
-            await pilot.pause()
+        async with mounted_live(30) as (app, pilot, live):
             pieces = chunks(text, 2)
             for piece in pieces:
                 live.append(piece)
@@ -130,13 +140,9 @@ def test_finished_blocks_render_once_and_again_only_when_the_width_changes():
 
 def test_code_is_highlighted_and_copyable_while_it_streams():
     async def scenario():
-        app = LiveApp()
-        async with app.run_test(size=(70, 30)) as pilot:
-            live = app.query_one(LiveMarkdown)
-            await pilot.pause()
+        async with mounted_live(30) as (app, pilot, live):
             live.append(ANSWER)
-            lines = live.lines(live.content_size.width)
-            code = next(s for s in lines if "def greet" in s.text)
+            code = greet_line(live)
             colours = {seg.style.color for seg in code if seg.style and seg.style.color and seg.text.strip()}
             assert len(colours) >= 2  # keywords and names in different colours
             assert live.code_blocks() == ['def greet(name):\n    return f"hello {name}"']
@@ -146,16 +152,12 @@ def test_code_is_highlighted_and_copyable_while_it_streams():
 
 def test_a_theme_change_renders_the_lines_again_in_its_colours():
     async def scenario():
-        app = LiveApp()
-        async with app.run_test(size=(70, 40)) as pilot:
-            live = app.query_one(LiveMarkdown)
-            await pilot.pause()
+        async with mounted_live(40) as (app, pilot, live):
             live.append(ANSWER)
             await pilot.pause()
 
             def code_colours():
-                line = next(s for s in live.lines(live.content_size.width) if "def greet" in s.text)
-                return [seg.style.color for seg in line if seg.style and seg.text.strip()]
+                return [seg.style.color for seg in greet_line(live) if seg.style and seg.text.strip()]
 
             before, renders = code_colours(), live.block_renders
             app.theme = "textual-light" if app.current_theme.dark else "textual-dark"
