@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -103,6 +104,34 @@ def test_a_message_the_core_cannot_handle_leaves_it_serving(engines):
     assert proc.stats()["running"] == 0
     out = proc.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     assert len(out.token_ids) == 3
+
+
+def test_a_request_the_core_cannot_build_fails_alone(engines, monkeypatch):
+    """One entry of an add message that the core cannot turn into requests (here its prompt
+    bytes are cut) ends with an error naming why; the other prompt of the message runs."""
+    _, proc = engines
+    send = proc.core._send
+
+    def cut_first(msg):
+        kind, payload = msg
+        if kind == "add":
+            rid, key0, ids, params, grammar = payload[0]
+            payload = [(rid, key0, ids[:-1], params, grammar)] + payload[1:]
+        send((kind, payload))
+
+    monkeypatch.setattr(proc.core, "_send", cut_first)
+    outs: list = []
+    t = threading.Thread(target=lambda: outs.extend(
+        proc.generate([[1, 2, 3], [4, 5, 6]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))),
+        daemon=True)
+    t.start()
+    t.join(60)
+    assert outs, "the request the core could not build never finished"
+    bad, good = outs
+    assert bad.finish_reason == "error" and "ValueError" in bad.choices[0].error
+    assert good.finish_reason == "length" and len(good.token_ids) == 3
+    monkeypatch.undo()
+    assert proc.stats()["kv_slots_locked"] == 0
 
 
 def test_killed_core_fails_open_requests_and_health(tmp_path):

@@ -227,17 +227,17 @@ def _handle(kind: str, payload, core, host, send) -> bool:
     if kind == "add":
         groups = []
         for rid, key0, ids, params, grammar_wanted in payload:
-            ids = array("i", ids).tolist()
-            first = Request(rid, ids, params, 0)
-            reqs = [first] + [Request(rid, ids, params, i, depends_on=first) for i in range(1, params.n)]
-            if grammar_wanted:
-                try:
+            try:  # the front end checked and compiled it too; this rarely fails here
+                ids = array("i", ids).tolist()
+                first = Request(rid, ids, params, 0)
+                reqs = [first] + [Request(rid, ids, params, i, depends_on=first) for i in range(1, params.n)]
+                if grammar_wanted:
                     compiled = host.grammar_backend().compile(params, ids)
-                except Exception as e:  # the front end compiled it too; this rarely fails here
-                    send(("rejected", ([key0 + r.index for r in reqs], f"{type(e).__name__}: {e}")))
-                    continue
-                for r in reqs:
-                    r.grammar = compiled.new_state()
+                    for r in reqs:
+                        r.grammar = compiled.new_state()
+            except Exception as e:  # its choices end with this error; the others run
+                send(("rejected", ([key0 + i for i in range(params.n)], f"{type(e).__name__}: {e}")))
+                continue
             for r in reqs:
                 core.outbox.keys[r] = key0 + r.index
             groups.append(reqs)
