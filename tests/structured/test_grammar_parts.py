@@ -3,6 +3,7 @@ verdicts, the bitmask application, the reasoning wrapper, the mask filler."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -57,10 +58,19 @@ def test_hostile_inputs_are_refused_quickly(backend):
             backend.compile(SamplingParams(json_schema=schema))
 
 
-def test_compile_time_limit(tokenizer):
-    be = GrammarBackend(tokenizer, 49152, [2], limits=GrammarLimits(compile_seconds=0.0))
+def test_compile_time_limit(tokenizer, monkeypatch):
+    """A compile that outlives the limit is refused; the compile is made slow on purpose,
+    since a real one can finish inside any limit on a fast machine (a 0 s limit raced it)."""
+    be = GrammarBackend(tokenizer, 49152, [2], limits=GrammarLimits(compile_seconds=0.2))
     be.ll_tokenizer
-    with pytest.raises(InvalidRequestError, match="longer than"):
+    real = be._compile
+
+    def slow(text, ll):
+        time.sleep(1.0)
+        return real(text, ll)
+
+    monkeypatch.setattr(be, "_compile", slow)
+    with pytest.raises(InvalidRequestError, match="longer than 0.2 s"):
         be.compile(SamplingParams(json_schema={"type": "object", "properties": {"a": {"type": "string"}}}))
 
 
