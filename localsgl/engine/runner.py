@@ -20,7 +20,7 @@ from .batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool, ReqToTokenPool
 from .plan import GPU_CHUNK_SIZE
 from .layers.attention.base import AttentionBackend
-from . import debug_switches
+from . import debug_switches, host_malloc
 from . import prefix_groups as _prefix_groups
 from .scheduler import ScheduledBatch
 
@@ -43,6 +43,8 @@ class ModelRunner:
         self.req_pool = req_pool
         self.attn = attn_backend
         self.device = device
+        if device.type == "cpu":
+            host_malloc.keep_freed_memory()  # the steps' tensors reuse pages instead of faulting them in
         self.debug = debug_switches.of(model)  # the engine's switches (EngineCore hands them to the model)
         self.prefix_shape = None  # (groups, rows per group) of cascade decoding, None: off
         if self.debug.cascade:

@@ -153,6 +153,13 @@ def test_apply_token_bitmask_matches_reference():
     full = apply_token_bitmask(logits[:3], None, bits)  # every row constrained
     for k in range(3):
         assert torch.equal(full[k], logits[k].masked_fill(~allow[k], float("-inf")))
+    short = apply_token_bitmask(logits[:3], None, bits[:, :2])  # tokens past 32 * words: never allowed
+    for k in range(3):
+        a = allow[k].clone()
+        a[64:] = False
+        assert torch.equal(short[k], logits[k].masked_fill(~a, float("-inf")))
+    half = apply_token_bitmask(logits[:3].half(), None, bits)
+    assert half.dtype == torch.float16 and torch.equal(half.isinf(), full.isinf())
 
 
 def test_mask_filler_forced_and_ended_rows(backend, tokenizer):
