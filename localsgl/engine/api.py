@@ -160,8 +160,6 @@ class Engine:
             raise InvalidRequestError("tensor parallelism (tp > 1) is not available in this build", "tp")
         if schedule_policy not in ("fcfs", "lpm"):
             raise InvalidRequestError("schedule_policy must be fcfs or lpm", "schedule_policy")
-        if reasoning not in ("auto", "off"):
-            raise InvalidRequestError("reasoning must be auto or off", "reasoning")
         self.reasoning = reasoning
         self.in_process = default_in_process() if in_process is None else bool(in_process)
         self._ids = itertools.count()
@@ -457,6 +455,34 @@ class Engine:
         if not self.in_process:  # the core process compiles the grammars it runs
             self.core.set_grammar_backend(backend)
         self._grammar_backend = backend
+
+    @property
+    def reasoning(self) -> str:
+        """"auto" or "off" (see the class docstring).  Assignable after start-up: the chat
+        template, the reasoning parser's tags and the grammars compiled after it (here or in
+        the core process) follow."""
+        return self._reasoning
+
+    @reasoning.setter
+    def reasoning(self, value: str) -> None:
+        if value not in ("auto", "off"):
+            raise InvalidRequestError("reasoning must be auto or off", "reasoning")
+        self._reasoning = value
+        if "reasoning_tags" not in self.__dict__:  # still starting: start-up reads it
+            return
+        from .grammar import GrammarBackend
+        from .reasoning import reasoning_tags
+
+        self.reasoning_tags = None if value == "off" else reasoning_tags(self.tokenizer)
+        if self.tokenizer is None:
+            return
+        old = getattr(self, "_grammar_backend", None)
+        if old is not None:
+            backend = GrammarBackend(old.tokenizer, old.vocab_size, old.eos_ids, old.limits, self.reasoning_tags)
+        else:
+            backend = GrammarBackend(self.tokenizer, self.config.vocab_size, self.core.eos_ids,
+                                     reasoning_tags=self.reasoning_tags)
+        self.grammar_backend = backend
 
     # ------------------------------------------------------------ misc
     def stats(self) -> dict:

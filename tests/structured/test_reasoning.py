@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from localsgl.engine.params import InvalidRequestError, SamplingParams
 from localsgl.engine.reasoning import ReasoningParser, reasoning_tags, split_reasoning, starts_inside
 from localsgl.server.chat_output import ChatOutput
 from localsgl.server.tool_calls import ToolFormat, parse_tools
@@ -127,3 +128,29 @@ def test_cli_reasoning_flag_builds_the_engine_with_it(monkeypatch):
     monkeypatch.setattr(cli, "_running_server", lambda kwargs, flags: pytest.fail("a running server was asked"))
     r = CliRunner().invoke(cli.app, ["run", "hi", "--reasoning", "off"])
     assert r.exit_code == 1 and seen["reasoning"] == "off"
+
+
+def test_reasoning_assigned_later_reaches_the_grammars(engine, monkeypatch):
+    """``engine.reasoning`` assigned after start-up changes the tags the grammars are wrapped
+    with, wherever they compile (the core's own process too): a prompt that opened a think
+    block lets the answer think first; with reasoning off the answer is the regex alone."""
+    import localsgl.engine.reasoning as reasoning_module
+
+    prompt = "Question: is the sky blue? Answer yes or no.\n<think>\n"
+    params = [SamplingParams(regex="(yes|no)!", max_tokens=6, temperature=1.0, seed=seed) for seed in range(8)]
+    try:
+        monkeypatch.setattr(reasoning_module, "reasoning_tags", lambda tok: TAGS)  # as if SmolLM2 thought
+        engine.reasoning = "auto"
+        assert engine.reasoning_tags == TAGS
+        texts = [o.text for o in engine.generate([prompt] * 8, params)]
+        assert any(t not in ("yes!", "no!") for t in texts), texts  # free text inside the think block
+        engine.reasoning = "off"
+        assert engine.reasoning_tags is None
+        texts = [o.text for o in engine.generate([prompt] * 8, params)]
+        assert all(t in ("yes!", "no!") for t in texts), texts
+    finally:
+        monkeypatch.undo()
+        engine.reasoning = "auto"
+    assert engine.reasoning_tags is None
+    with pytest.raises(InvalidRequestError, match="auto or off"):
+        engine.reasoning = "sometimes"
