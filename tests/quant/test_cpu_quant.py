@@ -1,5 +1,5 @@
 """Quantized weights on the CPU (layers/cpu_quant.py): each format's route (packed int4 GEMM,
-int8 GEMM, cached dense copy) against the dequantized reference, and the lean CPU decode step
+int8 GEMM, grouped int8 as two int4 GEMMs, cached dense copy) against the dequantized reference, and the lean CPU decode step
 running quantized layers with the layer path's logits."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from localsgl.engine.layers.linear import Linear
 from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat, matmul_ref
 
 ROUTES = [(WeightFormat("int4", 32, False), "int4"), (WeightFormat("int4", 128, True), "int4"),
-          (WeightFormat("int8", 0, True), "int8"), (WeightFormat("int8", 16, False), "dense"),
+          (WeightFormat("int8", 0, True), "int8"), (WeightFormat("int8", 32, True), "int8-nibbles"),
+          (WeightFormat("int8", 128, False), "int8-nibbles"), (WeightFormat("int8", 16, False), "dense"),
           (WeightFormat("fp8", 0, True), "dense")]
 
 
@@ -48,3 +49,25 @@ def test_lean_decode_step_runs_quantized_layers(formats):
     for lean, ref, _ in _both_paths(m, [6, 3], contiguous=False, steps=2):
         assert torch.equal(lean, ref)  # both paths multiply by the same routes
     assert len(dense) == 3 * 4 + 1  # (the LM head is a Linear too)
+
+
+def test_embedded_model_kept_quantized_in_bf16_matches_its_dense_load():
+    """The embedded GGUF kept quantized in bf16 (Q4_1 layers through the int4 GEMM, the Q8_0
+    LM head through two int4 GEMMs) against the exact fp32 dequantized model."""
+    from model_utils import prefill_logits
+
+    from localsgl.engine.models.loader import load_model
+    from localsgl.store.resolve import resolve_model
+
+    src = resolve_model("smollm2-135m", record_use=False)
+    kept = load_model(src, torch.bfloat16, "cpu", weights="keep")
+    dense = load_model(src, torch.float32, "cpu", weights="dequantize")
+    tok = src.load_tokenizer()
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(ids, add_special_tokens=False)
+    a, b = prefill_logits(kept, ids)[-4:].double(), prefill_logits(dense, ids)[-4:].double()
+    head = kept.embed_tokens.weight
+    assert isinstance(head, QuantizedWeight) and head._cpu_cache[("route", torch.bfloat16)] == "int8-nibbles"
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) > 0.999  # 0.9996 seen; without the low nibbles 0.970
