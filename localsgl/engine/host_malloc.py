@@ -20,8 +20,9 @@ M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks under this come from the heap, not mmap
 TRIM_THRESHOLD = 1 << 30  # free memory kept at a heap's top before it is given back
-TOP_PAD = 64 << 20  # a heap grows by this much more than asked (without it a thread's
-# arena still faulted ~1,000 pages a step)
+# a heap grows by this much more than asked: without it a thread's arena still faulted
+# ~1,000 pages a step
+TOP_PAD = 64 << 20
 
 _done = False
 

@@ -14,7 +14,7 @@
                                bf16 copy: the Q8_0 LM head of the embedded model, 49,152 x 576,
                                takes 2.7 ms a token instead of 5.9 (bench/RESULTS.md, "quantized
                                weights on the CPU")
-    anything else              (grouped int8, fp8; every format under fp32 activations) the weight
+    anything else              (int8 in groups of 16, fp8; every format under fp32 activations) the weight
                                dequantized once into a cached dense copy in the activations'
                                dtype, multiplied as a dense weight (linear.cpu_mm)
 
