@@ -5,7 +5,9 @@ unmapped; a thread arena's heap is trimmed), so the next step's tensors of the s
 fault in fresh zeroed pages: on a 2-core box a batch-64 decode step of the embedded model
 took ~2,800 page faults in the grammar mask alone, and the mask cost 5-6 ms instead of
 ~2 (bench/RESULTS.md, structured decoding).  Keeping freed blocks in the process, up to
-the limits below, lets every step reuse the last step's pages."""
+the limits below, lets every step reuse the last step's pages.  The price: up to
+TRIM_THRESHOLD of freed memory stays with each malloc arena (a few per thread that
+allocates), where glibc would have returned it."""
 from __future__ import annotations
 
 import ctypes
