@@ -126,15 +126,40 @@ def _tiny_gguf(path: Path):
     write_tiny_gguf(path, make_hf_model("llama-tied", seed=5), "llama", gguf.GGMLQuantizationType.Q8_0)
 
 
-def _load(path: Path, dtype=torch.float32):
+def _load(path: Path, dtype=torch.float32, weights: str | None = None):
     from localsgl.engine.models.loader import load_model
     from localsgl.store.resolve import resolve_model
 
     gguf_file._models.clear()
     convert_cache._keys.clear()
     src = resolve_model(str(path))
-    model = load_model(src, dtype, "cpu")
+    model = load_model(src, dtype, "cpu", weights=weights)
     return {k: v.clone() for k, v in model.state_dict().items()}, gguf_file.open_gguf(path)
+
+
+def test_kept_quantized_load_maps_the_tensors_without_parsing_the_header(tmp_path, monkeypatch):
+    """With the cache's tensor index a load that keeps the weights quantized maps the tensors
+    straight from the file: the same weights, no header parse; an entry without the index
+    (an older cache) gets it on the next load."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    _tiny_gguf(path)
+    first, m = _load(path, torch.bfloat16, "keep")
+    assert any(k.endswith("qweight") for k in first)  # kept quantized
+    second, m2 = _load(path, torch.bfloat16, "keep")
+    assert m2._reader is None
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    meta = m2.cache.read_meta()
+    del meta["tensors"]  # as an entry written before the index existed
+    m2.cache.meta_path.write_text(json.dumps(meta))
+    third, m3 = _load(path, torch.bfloat16, "keep")
+    assert m3._reader is not None and all(torch.equal(first[k], third[k]) for k in first)
+    assert "tensors" in m3.cache.read_meta()
+    m3.cache.meta_path.write_text(json.dumps(dict(meta, tensors=[["token_embd.weight", 8, [1], 1, 10**12, 0, "|u1",
+                                                                    [10**12]]])))
+    fourth, m4 = _load(path, torch.bfloat16, "keep")  # a bad index: the header is parsed instead
+    assert m4._reader is not None and all(torch.equal(first[k], fourth[k]) for k in first)
+    assert len(m4.cache.read_meta()["tensors"]) > 1  # and the index is written anew
 
 
 def test_second_load_comes_from_the_cache_with_identical_weights(tmp_path, monkeypatch):

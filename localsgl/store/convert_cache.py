@@ -286,7 +286,10 @@ class CacheEntry:
             return None
         return meta
 
-    def write_meta(self, config: dict, name: str, weights: list[tuple[str, tuple[int, ...]]]) -> None:
+    def write_meta(self, config: dict, name: str, weights: list[tuple[str, tuple[int, ...]]],
+                   tensors: list | None = None) -> None:
+        """``tensors``: the file's tensor index (gguf_file.tensor_index), so a later load that
+        reads the tensors themselves (weights kept quantized) need not parse the header."""
         meta = {
             "format": FORMAT_VERSION,
             "key": self.key,
@@ -295,6 +298,8 @@ class CacheEntry:
             "config": config,
             "weights": [[n, list(s)] for n, s in weights],
         }
+        if tensors is not None:
+            meta["tensors"] = tensors
         self._try(lambda: write_bytes_atomic(self.meta_path, json.dumps(meta, indent=1).encode()), "meta.json")
 
     # tokenizer -------------------------------------------------------------------

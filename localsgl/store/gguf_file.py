@@ -103,11 +103,13 @@ class GGUFModel:
         self._config: dict | None = None
         self._weight_specs: list[tuple[str, tuple[int, ...]]] | None = None
         self._name: str | None = None
+        self._tensor_index: list | None = None
         meta = cache.read_meta() if cache is not None else None
         if meta is not None:
             self._config = meta["config"]
             self._name = meta.get("name")
             self._weight_specs = [(n, tuple(shape)) for n, shape in meta["weights"]]
+            self._tensor_index = meta.get("tensors")
         else:
             self._open()  # an unreadable file fails here, not mid-load
 
@@ -175,8 +177,24 @@ class GGUFModel:
         if self._config is None:
             self._config = self._build_config()
             if self.cache is not None and self.weight_specs is not None:
-                self.cache.write_meta(self._config, self.name, self.weight_specs)
+                self.cache.write_meta(self._config, self.name, self.weight_specs, tensor_index(self.reader))
         return self._config
+
+    def file_tensors(self) -> list:
+        """The file's tensors (gguf ReaderTensors, data memory-mapped): from the cached tensor
+        index when the header has not been parsed (parsing the embedded model's header, its
+        49,152-token vocabulary above all, takes ~4 s on a 2-core CPU), else the reader's."""
+        if self._reader is None and self._tensor_index:
+            try:
+                return tensors_from_index(self.path, self._tensor_index)
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                log.debug("tensor index of %s unusable (%s); parsing the header", self.path, e)
+                self._tensor_index = None  # written anew below
+        tensors = self.reader.tensors
+        if self.cache is not None and not self._tensor_index and self.weight_specs is not None:
+            self._tensor_index = tensor_index(self.reader)  # an older cache entry: add it
+            self.cache.write_meta(self.config, self.name, self.weight_specs, self._tensor_index)
+        return tensors
 
     @property
     def weight_specs(self) -> list[tuple[str, tuple[int, ...]]] | None:
@@ -337,7 +355,7 @@ class GGUFModel:
         cfg = self.config
         permute = self.gguf_arch in _PERMUTED_ARCHS
         heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-        for t in self.reader.tensors:
+        for t in self.file_tensors():
             name = hf_tensor_name(t.name)
             if name is None:
                 continue
@@ -356,6 +374,31 @@ class GGUFModel:
                     w = unpermute_qk(w, heads if ".q_proj." in name else kv_heads)
             yield name, w
             del w
+
+
+def tensor_index(reader) -> list:
+    """[name, type number, shape, elements, bytes, data offset, numpy dtype, data shape] of each
+    tensor of a parsed GGUF file: what tensors_from_index needs to map them without the header."""
+    return [[t.name, int(t.tensor_type), [int(x) for x in t.shape], int(t.n_elements), int(t.n_bytes),
+             int(t.data_offset), t.data.dtype.str, [int(x) for x in t.data.shape]] for t in reader.tensors]
+
+
+def tensors_from_index(path: Path, index: list) -> list:
+    """ReaderTensors of ``path`` from its tensor_index, each a view of one read-only memory map."""
+    from gguf import GGMLQuantizationType
+    from gguf.gguf_reader import ReaderTensor
+
+    whole = np.memmap(path, dtype=np.uint8, mode="r")
+    out = []
+    for name, qtype, shape, n_elements, n_bytes, offset, dtype, data_shape in index:
+        dt = np.dtype(dtype)
+        if offset + n_bytes > whole.size or n_bytes != int(np.prod(data_shape)) * dt.itemsize:
+            raise ValueError(f"tensor {name} lies outside the file")
+        data = whole[offset : offset + n_bytes].view(dt).reshape(data_shape)
+        out.append(ReaderTensor(name=name, tensor_type=GGMLQuantizationType(qtype),
+                                shape=np.array(shape, dtype=np.uint64), n_elements=n_elements, n_bytes=n_bytes,
+                                data_offset=offset, data=data, field=None))
+    return out
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -49,11 +49,11 @@ class WeightPolicy:
 
 
 def default_weights_mode(device_type: str) -> str:
-    """keep on a GPU (quantized weights stay quantized), dequantize on the CPU: exact, and it
-    starts fast from the dense copy cached per GGUF file, where keep repacks every weight at
-    each start (the embedded model's `run` to first byte: 2.5 s against 8.1 s on a 2-core
-    Xeon).  keep decodes ~1.8x faster there in bf16 with the same perplexity, so long CPU
-    sessions should ask for it (bench/RESULTS.md, "Quantized weights on the CPU, quiet box")."""
+    """keep on a GPU (quantized weights stay quantized), dequantize on the CPU: the file's
+    values exactly (keep rounds the fp16 scales to bf16 there), and the fastest start (the
+    embedded model's `run` to first byte: 2.4 s against 2.7-2.9 s with keep on a 2-core Xeon).
+    keep decodes ~1.8x faster there in bf16 with the same perplexity, so long CPU sessions
+    should ask for it (bench/RESULTS.md, "Quantized weights on the CPU, quiet box")."""
     return "keep" if device_type == "cuda" else "dequantize"
 
 
