@@ -440,15 +440,21 @@ class Engine:
         the same way, for the requests submitted after the assignment)."""
         backend = getattr(self, "_grammar_backend", None)
         if backend is None:
-            from .grammar import GrammarBackend
-
             with _GRAMMAR_LOCK:
                 backend = getattr(self, "_grammar_backend", None)
                 if backend is None:
-                    backend = GrammarBackend(self.tokenizer, self.config.vocab_size, self.core.eos_ids,
-                                             reasoning_tags=self.reasoning_tags)
-                    self._grammar_backend = backend
+                    backend = self._grammar_backend = self._new_grammar_backend()
         return backend
+
+    def _new_grammar_backend(self, like=None):
+        """A GrammarBackend with the current reasoning tags: for this model, or with the
+        tokenizer, vocabulary, end ids and limits of ``like`` (an assigned one)."""
+        from .grammar import GrammarBackend
+
+        if like is not None:
+            return GrammarBackend(like.tokenizer, like.vocab_size, like.eos_ids, like.limits, self.reasoning_tags)
+        return GrammarBackend(self.tokenizer, self.config.vocab_size, self.core.eos_ids,
+                              reasoning_tags=self.reasoning_tags)
 
     @grammar_backend.setter
     def grammar_backend(self, backend) -> None:
@@ -470,19 +476,11 @@ class Engine:
         self._reasoning = value
         if "reasoning_tags" not in self.__dict__:  # still starting: start-up reads it
             return
-        from .grammar import GrammarBackend
         from .reasoning import reasoning_tags
 
         self.reasoning_tags = None if value == "off" else reasoning_tags(self.tokenizer)
-        if self.tokenizer is None:
-            return
-        old = getattr(self, "_grammar_backend", None)
-        if old is not None:
-            backend = GrammarBackend(old.tokenizer, old.vocab_size, old.eos_ids, old.limits, self.reasoning_tags)
-        else:
-            backend = GrammarBackend(self.tokenizer, self.config.vocab_size, self.core.eos_ids,
-                                     reasoning_tags=self.reasoning_tags)
-        self.grammar_backend = backend
+        if self.tokenizer is not None:  # the grammars compiled from now on (here or in the core) wrap with them
+            self.grammar_backend = self._new_grammar_backend(getattr(self, "_grammar_backend", None))
 
     # ------------------------------------------------------------ misc
     def stats(self) -> dict:

@@ -176,9 +176,14 @@ class GGUFModel:
     def config(self) -> dict:
         if self._config is None:
             self._config = self._build_config()
-            if self.cache is not None and self.weight_specs is not None:
-                self.cache.write_meta(self._config, self.name, self.weight_specs, tensor_index(self.reader))
+            self._write_meta()
         return self._config
+
+    def _write_meta(self) -> None:
+        """Record the config, the weight specs and the tensor index in the cache (needs the reader)."""
+        if self.cache is not None and self.weight_specs is not None:
+            self._tensor_index = tensor_index(self.reader)
+            self.cache.write_meta(self.config, self.name, self.weight_specs, self._tensor_index)
 
     def file_tensors(self) -> list:
         """The file's tensors (gguf ReaderTensors, data memory-mapped): from the cached tensor
@@ -190,11 +195,9 @@ class GGUFModel:
             except (OSError, ValueError, TypeError, KeyError) as e:
                 log.debug("tensor index of %s unusable (%s); parsing the header", self.path, e)
                 self._tensor_index = None  # written anew below
-        tensors = self.reader.tensors
-        if self.cache is not None and not self._tensor_index and self.weight_specs is not None:
-            self._tensor_index = tensor_index(self.reader)  # an older cache entry: add it
-            self.cache.write_meta(self.config, self.name, self.weight_specs, self._tensor_index)
-        return tensors
+        if not self._tensor_index:
+            self._write_meta()  # an older cache entry, or a broken index: write it anew
+        return self.reader.tensors
 
     @property
     def weight_specs(self) -> list[tuple[str, tuple[int, ...]]] | None:
@@ -393,7 +396,7 @@ def tensors_from_index(path: Path, index: list) -> list:
     for name, qtype, shape, n_elements, n_bytes, offset, dtype, data_shape in index:
         dt = np.dtype(dtype)
         if offset + n_bytes > whole.size or n_bytes != int(np.prod(data_shape)) * dt.itemsize:
-            raise ValueError(f"tensor {name} lies outside the file")
+            raise ValueError(f"tensor {name}: its index entry does not match the file")
         data = whole[offset : offset + n_bytes].view(dt).reshape(data_shape)
         out.append(ReaderTensor(name=name, tensor_type=GGMLQuantizationType(qtype),
                                 shape=np.array(shape, dtype=np.uint64), n_elements=n_elements, n_bytes=n_bytes,
