@@ -3,6 +3,7 @@ shape and row count, the default tile's µs per call, the best tile found and it
 floor (packed bytes over copy bandwidth; for many rows also the bf16 tensor-core time).
 
     python scripts/probe_quant_tiles.py [--jobs 14] [--json OUT.json] [--tiles TILES.json]
+        [--formats int4g128 int4g32 ...] [--kinds gemv gemm prefill]
 
 ``--tiles`` writes the winners that beat the built-in tile in the format of
 kernels/quant_tiles.py (LOCALSGL_QUANT_TILES=TILES.json makes the engine use them; copied to
@@ -99,12 +100,13 @@ def gemm_space(fmt: str, m: int):
             yield QM.Config(bm, bn, bk, w, st, 4, i)
 
 
-def variants():
+def variants(formats=tuple(FORMATS), kinds=("gemv", "gemm")):
     """(kind, fmt, rows, config) of every variant to compile and time."""
     out = []
-    for fmt in FORMATS:
-        out += [("gemv", fmt, 1, c) for c in gemv_space(fmt)]
-        for m in (16, 64):
+    for fmt in formats:
+        if "gemv" in kinds:
+            out += [("gemv", fmt, 1, c) for c in gemv_space(fmt)]
+        for m in (16, 64) if "gemm" in kinds else ():
             if fmt == "fp8" and m > QM.FP8_SCALED_MM_MIN_ROWS:
                 continue
             out += [("gemm", fmt, m, c) for c in gemm_space(fmt, m)]
@@ -197,8 +199,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiles", default=None)
+    ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--kinds", nargs="*", default=["gemv", "gemm", "prefill"], choices=["gemv", "gemm", "prefill"])
     args = ap.parse_args()
-    todo = variants()
+    todo = variants(args.formats, args.kinds)
     t0 = time.time()
     if args.jobs > 1:
         ctx = mp.get_context("spawn")
@@ -208,8 +212,10 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
-    for fmt in FORMATS:
+    for fmt in args.formats:
         for kind, shapes, ms in (("gemv", GEMV_SHAPES, (1,)), ("gemm", GEMM_SHAPES, (16, 64))):
+            if kind not in args.kinds:
+                continue
             for (name, (n, k)), m in itertools.product(shapes.items(), ms):
                 if kind == "gemm" and fmt == "fp8" and m > QM.FP8_SCALED_MM_MIN_ROWS:
                     continue
@@ -248,7 +254,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 del w
     # prefill-sized: the kernel's default tile vs dequantize-then-cuBLAS vs bf16 cuBLAS
-    for fmt, (name, (n, k)) in itertools.product(FORMATS, GEMM_SHAPES.items()):
+    for fmt, (name, (n, k)) in itertools.product(args.formats if "prefill" in args.kinds else (), GEMM_SHAPES.items()):
         w = _weight(fmt, n, k)
         x = torch.randn(2048, k, device="cuda", dtype=torch.bfloat16)
         dense = w.dequantize(torch.bfloat16)

@@ -10,6 +10,7 @@ from localsgl.engine.layers import cpu_decode
 from localsgl.engine.layers.cpu_quant import cpu_matmul
 from localsgl.engine.layers.linear import Linear
 from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat, matmul_ref
+from model_utils import needs_embedded_model
 
 ROUTES = [(WeightFormat("int4", 32, False), "int4"), (WeightFormat("int4", 128, True), "int4"),
           (WeightFormat("int8", 0, True), "int8"), (WeightFormat("int8", 32, True), "int8-nibbles"),
@@ -51,6 +52,7 @@ def test_lean_decode_step_runs_quantized_layers(formats):
     assert len(dense) == 3 * 4 + 1  # (the LM head is a Linear too)
 
 
+@needs_embedded_model
 def test_embedded_model_kept_quantized_in_bf16_matches_its_dense_load():
     """The embedded GGUF kept quantized in bf16 (Q4_1 layers through the int4 GEMM, the Q8_0
     LM head through two int4 GEMMs) against the exact fp32 dequantized model."""

@@ -16,6 +16,7 @@ from localsgl.engine.models.config import ModelConfig
 from localsgl.engine.plan import DeviceInfo, PlanError, kv_bytes_per_token, make_plan
 from localsgl.engine.weight_estimate import estimate
 from localsgl.store.resolve import resolve_model
+from model_utils import needs_embedded_model
 
 GiB = 1 << 30
 H200 = DeviceInfo(kind="cuda", name="H200", total_memory=140 * GiB, free_memory=139 * GiB, sm_count=132,
@@ -116,6 +117,7 @@ def engines():
     fp8.shutdown()
 
 
+@needs_embedded_model
 def test_embedded_model_with_fp8_kv(engines):
     from localsgl import SamplingParams
 
