@@ -21,7 +21,8 @@ the activations are read as their even and odd columns.
 Two variants, off unless a tile (Config) asks: ``words`` streams int4 / int8 as int32 words,
 each nibble / byte masked in place and its bits read as a subnormal float (16^t·u·2^-149,
 x pre-scaled to match), so a weight costs an AND and an FMA and the loop has no shared-memory
-shuffle (_qstream_words); ``split_k`` cuts the plain gemv's rows into column slices whose fp32
+shuffle (_qstream_words), and with ``words == 2`` the activations (residual add, norm, pre-scaling,
+chunk sums) are prepared once by a kernel of their own instead of per row block; ``split_k`` cuts the plain gemv's rows into column slices whose fp32
 partials a second kernel adds (_sum_splits_kernel).
 
 Floor: the packed weight bytes N·K·bits/8 plus N·K/G scale (and offset) bytes over copy
@@ -244,16 +245,109 @@ def _qstream_words(
 
 
 @triton.jit
+def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block:
+    XP[k] = n[k] pre-scaled as _qstream_words scales x (by column k % E of its word), in fp32;
+    XS[j] = Σ n over the 4E-column chunk j; n = rmsnorm(s)·g with NORM (every program sums the
+    whole row's squares: K is a hidden size, a few KiB from L2), else s; s = x (+ residual,
+    stored to ROut in the activations' dtype).  Program i writes columns [i·BLOCK, (i + 1)·BLOCK)."""
+    wait_for_predecessor(PDL)
+    offs = tl.arange(0, BLOCK)
+    inv = 1.0
+    if NORM:
+        ss = tl.zeros([BLOCK], tl.float32)
+        for k in range(0, K, BLOCK):
+            _, sq = _act(X, R, G, ROut, k + offs, 0, HAS_RES, False, False)
+            ss += sq
+        inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+    kk = tl.program_id(0) * BLOCK + offs
+    n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
+    n = n * inv
+    t = kk % E
+    if E == 8:
+        xscale = tl.where(t % 4 == 0, _X_SCALE0, tl.where(t % 4 == 1, _X_SCALE1, tl.where(t % 4 == 2, _X_SCALE2, _X_SCALE3)))
+    else:
+        xscale = tl.where(t % 2 == 0, _X_SCALE0, _X_SCALE2)
+    tl.store(XP + kk, n * xscale)
+    CH: tl.constexpr = 4 * E
+    chunks = tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1)
+    tl.store(XS + tl.program_id(0) * (BLOCK // CH) + tl.arange(0, BLOCK // CH), chunks)
+
+
+@triton.jit
+def _qstream_prepped(
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K0, K1,
+    KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """_qstream_words over activations _prep_act_kernel prepared (pre-scaled, normalised, with
+    their chunk sums): the loop loads them as they are, so a weight costs its AND and FMA and a
+    share of one fp32 load, with no per-row conversion, norm or sum of x."""
+    E: tl.constexpr = 8 if KIND == 1 else 4
+    C: tl.constexpr = BLOCK_K // (4 * E)
+    c = tl.arange(0, C)
+    xoff = (4 * E * c)[None, :, None] + tl.arange(0, E)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
+    if KIND == 1:
+        BIAS: tl.constexpr = 8.0 if SYM else 0.0
+    else:
+        BIAS: tl.constexpr = 128.0
+    ra = rows_a.to(tl.int64)[:, None]
+    rb = rows_b.to(tl.int64)[:, None]
+    qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    qb = QW + rb * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    acc_a = tl.zeros([BLOCK_R, C], tl.float32)
+    acc_b = tl.zeros([BLOCK_R, C], tl.float32)
+    for k0 in range(K0, K1, BLOCK_K):
+        a0, a1, a2, a3 = _split4(tl.load(qa + k0 // E))
+        b0, b1, b2, b3 = _split4(tl.load(qb + k0 // E))
+        y0 = tl.load(XP + k0 + xoff)
+        y1 = tl.load(XP + k0 + E + xoff)
+        y2 = tl.load(XP + k0 + 2 * E + xoff)
+        y3 = tl.load(XP + k0 + 3 * E + xoff)
+        if KIND == 1:
+            pa = (_word_dot(a0, y0) + _word_dot(a1, y1)) + (_word_dot(a2, y2) + _word_dot(a3, y3))
+            pb = (_word_dot(b0, y0) + _word_dot(b1, y1)) + (_word_dot(b2, y2) + _word_dot(b3, y3))
+        else:
+            pa = (_byte_dot(a0, y0) + _byte_dot(a1, y1)) + (_byte_dot(a2, y2) + _byte_dot(a3, y3))
+            pb = (_byte_dot(b0, y0) + _byte_dot(b1, y1)) + (_byte_dot(b2, y2) + _byte_dot(b3, y3))
+        xs = tl.load(XS + k0 // (4 * E) + c)[None, :]
+        pa = pa * _WORD_SUM_SCALE - BIAS * xs
+        pb = pb * _WORD_SUM_SCALE - BIAS * xs
+        if ROW_SCALE:
+            acc_a += pa
+            acc_b += pb
+        else:
+            gidx = ((k0 + 4 * E * c) >> LOG2G)[None, :]
+            acc_a += tl.load(S + ra * stride_s + gidx).to(tl.float32) * pa
+            acc_b += tl.load(S + rb * stride_s + gidx).to(tl.float32) * pb
+            if not SYM:
+                acc_a += tl.load(Mn + ra * stride_s + gidx).to(tl.float32) * xs
+                acc_b += tl.load(Mn + rb * stride_s + gidx).to(tl.float32) * xs
+    ya = tl.sum(acc_a, 1)
+    yb = tl.sum(acc_b, 1)
+    if ROW_SCALE:
+        ya = ya * tl.load(S + rows_a.to(tl.int64) * stride_s).to(tl.float32)
+        yb = yb * tl.load(S + rows_b.to(tl.int64) * stride_s).to(tl.float32)
+    return ya, yb
+
+
+@triton.jit
 def _qstream_rows(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K, K0, K1, write_res, eps,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    WORDS: tl.constexpr, LOG2G: tl.constexpr,
+    WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr = False,
 ):
     """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) over columns [K0, K1) of the dequantized weight,
     n = rmsnorm(s) or s (the norm needs the whole row: K0 = 0, K1 = K): int4 as int32 words
-    with WORDS (_qstream_words), else group by group (_qstream_groups)."""
-    if WORDS:
+    with WORDS (_qstream_words), over prepared activations with PREP too (X: _prep_act_kernel's
+    XP, R: its XS; the norm and the residual are done), else group by group (_qstream_groups)."""
+    if PREP:
+        wait_for_predecessor(PDL)
+        ya, yb = _qstream_prepped(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K0, K1,
+                                  KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K)
+    elif WORDS:
         wait_for_predecessor(PDL)
         ya, yb, ssum = _qstream_words(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1,
                                       write_res, KIND, LOG2G, SYM, ROW_SCALE, HAS_RES, NORM, BLOCK_R, BLOCK_K)
@@ -344,10 +438,10 @@ def _qstream_groups(
 
 
 @triton.jit
-def _qgemv_kernel(X, QW, S, Mn, Out, Part, K, N, stride_q, stride_s,
+def _qgemv_kernel(X, XS, QW, S, Mn, Out, Part, K, N, stride_q, stride_s,
                   KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                  WORDS: tl.constexpr, LOG2G: tl.constexpr, SPLIT: tl.constexpr):
+                  WORDS: tl.constexpr, LOG2G: tl.constexpr, SPLIT: tl.constexpr, PREP: tl.constexpr):
     """Rows of program 0's axis, columns [k·K/SPLIT, (k + 1)·K/SPLIT) of program 1's axis k:
     the sums go to Out, or with SPLIT > 1 to the fp32 partials Part[k] (_sum_splits adds them)."""
     pid = tl.program_id(0)
@@ -355,8 +449,8 @@ def _qgemv_kernel(X, QW, S, Mn, Out, Part, K, N, stride_q, stride_s,
     rows_b = rows_a + BLOCK_R
     k_len = tl.multiple_of(K // SPLIT, BLOCK_K)  # the launcher checks it: aligned, vectorized loads
     k_lo = tl.multiple_of(tl.program_id(1) * k_len, BLOCK_K)
-    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, X, X, Out, K, k_lo, k_lo + k_len,
-                           0, 0.0, KIND, GROUP, SYM, ROW_SCALE, False, False, BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G)
+    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, XS, X, Out, K, k_lo, k_lo + k_len,
+                           0, 0.0, KIND, GROUP, SYM, ROW_SCALE, False, False, BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
     if SPLIT == 1:
         tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
         tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
@@ -382,12 +476,12 @@ def _sum_splits_kernel(Part, Out, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, P
 def _qnorm_gate_up_kernel(X, R, G, ROut, QW, S, Mn, Out, K, I, eps, stride_q, stride_s,
                           KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                          WORDS: tl.constexpr, LOG2G: tl.constexpr):
+                          WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr):
     pid = tl.program_id(0)
     rows_a = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     g, u = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + I, X, R, G, ROut, K, 0, K,
                          tl.where(pid == 0, K, 0), eps, KIND, GROUP, SYM, ROW_SCALE, True, True, BLOCK_R, BLOCK_K, PDL,
-                         WORDS, LOG2G)
+                         WORDS, LOG2G, PREP)
     tl.store(Out + rows_a, _silu_mul(g, u).to(Out.dtype.element_ty))
 
 
@@ -398,6 +492,7 @@ def _qnorm_qkv_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr,
+    PREP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
@@ -407,7 +502,7 @@ def _qnorm_qkv_kernel(
     rows_a = head * D + d
     ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K, 0, K,
                            tl.where(pid == 0, K, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
-                           BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G)
+                           BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
     c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
     _qkv_epilogue(ya, yb, head, d, c, s, tl.load(Loc).to(tl.int64), Bias, Q, KC, VC,
                   stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
@@ -423,7 +518,9 @@ class Config(NamedTuple):
     rows (o_proj, down_proj).  Partials and a fixed-order sum rather than atomics: the result
     does not depend on timing, and nothing needs zeroing before the kernel.
     ``words`` (int4 / int8, see ``words_apply``; else ignored): stream int32 words
-    (_qstream_words) instead of group-sized byte tiles."""
+    (_qstream_words) instead of group-sized byte tiles; 2: the same over activations that a
+    small kernel prepared first (_prep_act_kernel, _qstream_prepped), one launch more for less
+    work per weight."""
 
     block_r: int
     block_k: int
@@ -495,7 +592,24 @@ def _meta(w, cfg: Config, device) -> dict:
     return dict(KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
                 BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 WORDS=words, LOG2G=w.group.bit_length() - 1 if words and not row_scaled(w) else 0,
-                **launch_options(device))
+                PREP=words and cfg.words == 2, **launch_options(device))
+
+
+def _prepare(w, x, residual, norm_w, eps, r_out) -> tuple[torch.Tensor, torch.Tensor]:
+    """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs: x (+ residual, stored to r_out),
+    rmsnorm-ed with norm_w when given."""
+    K = x.numel()
+    E = 8 if w.fmt.kind == "int4" else 4
+    block = 1024
+    while K % block:  # words_apply: K is a multiple of a 4E-column chunk, a power of two
+        block //= 2
+    xp = torch.empty(K, dtype=torch.float32, device=x.device)
+    xs = torch.empty(K // (4 * E), dtype=torch.float32, device=x.device)
+    _prep_act_kernel[(K // block,)](
+        x, residual if residual is not None else x, norm_w if norm_w is not None else x,
+        r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,
+        NORM=norm_w is not None, BLOCK=block, num_warps=4, **launch_options(x.device))
+    return xp, xs
 
 
 def _mins(w):
@@ -524,8 +638,10 @@ def gemv(x, w, out_dtype=None, config: Config | None = None):
     part = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 else out
     meta = _meta(w, cfg, x.device)
     qw, stride_q = _qweight(w, meta["WORDS"])
+    xr = _check_row(x, K)
+    xp, xs = _prepare(w, xr, None, None, 0.0, None) if meta["PREP"] else (xr, xr)
     _qgemv_kernel[(N // (2 * cfg.block_r), split)](
-        _check_row(x, K), qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, **meta)
+        xp, xs, qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, **meta)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(N, 1024),)](part, out, N, SPLIT=split, BLOCK=1024, num_warps=4,
                                                      **launch_options(x.device))
@@ -549,8 +665,11 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     out = torch.empty((1, I), dtype=x.dtype, device=x.device)
     meta = _meta(w, cfg, x.device)
     qw, stride_q = _qweight(w, meta["WORDS"])
+    xr, rr = _check_row(x, K), _check_row(residual, K)
+    if meta["PREP"]:
+        xr, rr = _prepare(w, xr, rr, norm_w, eps, r_out)
     _qnorm_gate_up_kernel[(I // cfg.block_r,)](
-        _check_row(x, K), _check_row(residual, K), norm_w, r_out, qw, w.scales, _mins(w), out, K, I, eps,
+        xr, rr, norm_w, r_out, qw, w.scales, _mins(w), out, K, I, eps,
         stride_q, w.scales.stride(0), **meta)
     return out, r_out.view(1, K)
 
@@ -583,8 +702,11 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
     q = torch.empty((1, num_heads, D), dtype=x.dtype, device=x.device)
     meta = _meta(w, cfg, x.device)
     qw, stride_q = _qweight(w, meta["WORDS"])
+    xk, rk = xr, rr
+    if meta["PREP"]:
+        xk, rk = _prepare(w, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None)
     _qnorm_qkv_kernel[(N // cfg.block_r // 2,)](
-        xr, rr, norm_w, r_out, qw, w.scales, _mins(w), bias if bias is not None else w.scales, cos_sin,
+        xk, rk, norm_w, r_out, qw, w.scales, _mins(w), bias if bias is not None else w.scales, cos_sin,
         positions, loc, q, k_cache, v_cache,
         K, eps, stride_q, w.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res,

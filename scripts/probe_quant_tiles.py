@@ -12,7 +12,8 @@ LOCALSGL_QUANT_TILES unset and no tuned file for the GPU, so "default" is the bu
 
 The search space holds the kernels' variants, off in their built-in defaults: for the GEMV
 split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without it) and int4 /
-int8 as int32 words; for the int4 GEMM the interleaved dot and, at 16 rows of int4 g128, the
+int8 as int32 words (the activations prepared inside the loop, or by a kernel of their own first);
+for the int4 GEMM the interleaved dot and, at 16 rows of int4 g128, the
 nibbles in the dot with the scales applied after it.
 
 The kernels are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared),
@@ -71,10 +72,10 @@ def gemv_space(fmt: str):
     # split-K: more programs for few rows and long K (o, down)
     for r, w, split in itertools.product((4, 8), (4, 8), (2, 4)):
         yield QV.Config(r, 512, w, 1, split)
-    if fmt.startswith(("int4", "int8")):  # int32 words
+    if fmt.startswith(("int4", "int8")):  # int32 words; 2: over activations prepared by a kernel first
         splits = (1, 2, 4) if fmt.startswith("int4") else (1, 4)
-        for (r, bk, w), split in itertools.product(_words_tiles(8 if fmt.startswith("int4") else 4), splits):
-            yield QV.Config(r, bk, w, 1, split, 1)
+        for (r, bk, w), split, words in itertools.product(_words_tiles(8 if fmt.startswith("int4") else 4), splits, (1, 2)):
+            yield QV.Config(r, bk, w, 1, split, words)
 
 
 def _words_tiles(per_word: int):
@@ -172,6 +173,18 @@ def _time_fused(shape, w, x, timings):
     return default, best[0], best[1]
 
 
+def _torch_int4pack_us(n: int, k: int, group: int):
+    """torch's own int4 GEMV (tinygemm, ``_weight_int4pack_mm``) on random packed weights of the
+    same shape and group: a reference for the kernels' times (a message where torch lacks it)."""
+    try:
+        packed = torch._convert_weight_to_int4pack(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"), 8)
+        sz = torch.randn(k // group, n, 2, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        return timed(lambda: torch._weight_int4pack_mm(x, packed, group, sz), 10)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {str(e)[:100]}"
+
+
 def _close(y: torch.Tensor, ref: torch.Tensor) -> bool:
     """Within bf16 rounding of the fp32 reference (relative Frobenius error < 1 %)."""
     return bool(torch.isfinite(y).all()) and float((y.float() - ref).norm() / ref.norm()) < 1e-2
@@ -248,6 +261,8 @@ def main() -> None:
                     fd, fb, fcfg = _time_fused(name, w, x, timings)
                     row.update(gemv_default_us=default, gemv_best_us=best[0], gemv_best=row["best"], default_us=fd,
                                best_us=fb, best=tuple(fcfg) if fcfg else None)
+                if kind == "gemv" and fmt.startswith("int4"):
+                    row["torch_int4pack_us"] = _torch_int4pack_us(n, k, FORMATS[fmt].group_size)
                 if fmt == "fp8" and QM.fp8_native(x.device) and m > 1:
                     row["scaled_mm_us"] = timed(lambda: QM.scaled_mm_fp8(x, w), 10)
                 rows.append(row)
@@ -272,7 +287,8 @@ def main() -> None:
         else:
             print(f"{r['fmt']:9s} {r['kind']:5s} {r['shape']:8s} {r['m']:4d} {r['floor_us']:7.1f} {r['default_us']:8.1f} "
                   f"{r['best_us']:8.1f} {r['dequant_cublas_us']:10.1f}  {r['best']}"
-                  + (f" scaled_mm {r['scaled_mm_us']:.1f}" if "scaled_mm_us" in r else ""))
+                  + (f" scaled_mm {r['scaled_mm_us']:.1f}" if "scaled_mm_us" in r else "")
+                  + (f" torch int4pack {r['torch_int4pack_us']}" if "torch_int4pack_us" in r else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -107,7 +107,8 @@ def test_gemv_words_and_split_k(fmt):
     for scale in (1.0, 1e8, 1e-8):
         x = randn(1, k, g=g, scale=scale)
         ref = x.double() @ w.dequantize(torch.float64).t()
-        for cfg in (QG.Config(8, 256, 4, 1, 1, 1), QG.Config(4, 128, 4, 1, 2, 1), QG.Config(16, 128, 4, 1, 4, 0)):
+        for cfg in (QG.Config(8, 256, 4, 1, 1, 1), QG.Config(4, 128, 4, 1, 2, 1), QG.Config(16, 128, 4, 1, 4, 0),
+                    QG.Config(8, 256, 4, 1, 1, 2), QG.Config(4, 128, 4, 1, 2, 2)):
             y = QG.gemv(x, w, out_dtype=torch.float32, config=cfg)
             assert rel_err(y, ref) < 1e-5, (cfg, scale)
     xb = randn(1, k, g=g, dtype=torch.bfloat16)
@@ -128,15 +129,17 @@ def test_words_apply():
     assert rel_err(QG.gemv(x, fp8, config=cfg), x.double() @ fp8.dequantize(torch.float64).t()) < 1e-5
 
 
+@pytest.mark.parametrize("words", [1, 2])
 @pytest.mark.parametrize("fmt", WORD_FORMATS[:2] + WORD_FORMATS[4:], ids=WORD_IDS[:2] + WORD_IDS[4:])
-def test_fused_words(fmt):
-    """norm + gate/up and norm + qkv + rotary + KV store with the words variant (their tile's
-    split_k is ignored: the norm needs whole rows)."""
+def test_fused_words(fmt, words):
+    """norm + gate/up and norm + qkv + rotary + KV store with the words variants, the activations
+    prepared inside the loop (1) or by a kernel of their own (2) (their tile's split_k is ignored:
+    the norm needs whole rows)."""
     g = gen(17)
     h, i = 256, 48
     x, res = randn(1, h, g=g), randn(1, h, g=g)
     nw = 1 + 0.1 * randn(h, g=g)
-    cfg = QG.Config(8, 128, 4, 1, 2, 1)
+    cfg = QG.Config(8, 128, 4, 1, 2, words)
     w = _qw(2 * i, h, fmt, g)
     ra, rr = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, w.dequantize(torch.float64))
     a, r = QG.norm_gate_up(x, res, nw, 1e-6, w, config=cfg)
@@ -151,3 +154,6 @@ def test_fused_words(fmt):
     q, r = QG.norm_qkv(x, res, nw, 1e-5, w, None, rope.cos_sin, pos, loc, kc, vc, hq, hkv, config=cfg)
     assert rel_err(q, rq) < 1e-5 and rel_err(kc[2], rk[0]) < 1e-5 and rel_err(vc[2], rv[0]) < 1e-5
     assert torch.equal(r, x + res)  # the residual is written once, before the words loop
+    kc2, vc2 = kc.clone(), vc.clone()  # the first layer: no residual to add
+    q2, _ = QG.norm_qkv(r, None, nw, 1e-5, w, None, rope.cos_sin, pos, loc, kc2, vc2, hq, hkv, config=cfg)
+    assert rel_err(q2, rq) < 1e-5 and rel_err(kc2[2], rk[0]) < 1e-5

@@ -1,0 +1,36 @@
+"""Merge a partial tile sweep into a tuned-tiles file (kernels/tuned/<GPU>.json).
+
+    python scripts/merge_tiles.py TUNED.json ROWS.json TILES.json -o MERGED.json
+
+ROWS.json and TILES.json are scripts/probe_quant_tiles.py's --json and --tiles outputs of a
+sweep run with ``--formats``/``--kinds`` (and LOCALSGL_QUANT_TILES naming an empty list, so
+its "default" was the built-in tile).  Every (kind, format, rows) the sweep timed takes the
+sweep's entries, none where the built-in tile won; the rest of TUNED.json is kept."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def merge(tuned: list[dict], rows: list[dict], tiles: list[dict]) -> list[dict]:
+    swept = {(r["kind"], r["label"], r["m"]) for r in rows if r.get("kind") in ("gemv", "gemm")}
+    kept = [e for e in tuned if (e["kind"], e["fmt"], e["m"]) not in swept]
+    return kept + [e for e in tiles if (e["kind"], e["fmt"], e["m"]) in swept]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tuned")
+    ap.add_argument("rows")
+    ap.add_argument("tiles")
+    ap.add_argument("-o", "--out", required=True)
+    a = ap.parse_args()
+    load = lambda p: json.load(open(p))  # noqa: E731
+    out = merge(load(a.tuned), load(a.rows), load(a.tiles))
+    with open(a.out, "w") as f:
+        f.write("[\n" + ",\n".join(json.dumps(e) for e in out) + "\n]\n")
+    print(f"{len(out)} tiles -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
