@@ -67,7 +67,7 @@ def main():
     plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set, "prof": prof_set, "prefix": prefix_set,
             "tput": [FULL[0]], "caps": CAPS, "tputcaps": [FULL[0]] + CAPS, "long": LONG, "bs1": BS1,
             "quick+": QUICK + BS1[1:], "penalty": PENALTY, "quick+penalty": QUICK + PENALTY, "mixed": MIXED,
-            "mixed1b": MIXED[:4], "none": []}[mode]
+            "mixed1b": MIXED[:4], "mixed8b": MIXED[6:], "none": []}[mode]
     table = []
     for kind, extra, args in plan:
         buf = io.StringIO()
