@@ -39,12 +39,12 @@ LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--in
 _PEN_ARGS = ["--workload", "fixed", "--num-prompts", "64", "--input-len", "512", "--output-len", "256"]
 PENALTY = [("throughput", {}, _PEN_ARGS),  # 64 concurrent, plain vs repetition-penalised (device-side counts)
            ("throughput", {"_penalty": 1.1}, _PEN_ARGS + ["--repetition-penalty", "1.1"])]
-# mixed prefill+decode steps eager vs piecewise graphs (piecewise_graph.py), 1B then 8B; each pair
+# mixed prefill+decode steps eager vs piecewise graphs (piecewise_graph.py, both forced), 1B then 8B; each pair
 # twice: the bench's warm-up reaches few of the mixed steps' kernel variants, so the first pair
 # compiles some inside its timed run on a fresh machine; compare the second pair
 _MIXED_ARGS = ["--workload", "mixed", "--num-prompts", "1000"]
 MIXED = [("throughput", {"model": m, **p}, _MIXED_ARGS) for m in ("llama-3.2-1b", "llama-3.1-8b")
-         for _ in range(2) for p in ({}, {"_piecewise": True})]
+         for _ in range(2) for p in ({"_piecewise": False}, {"_piecewise": True})]
 
 
 def set_debug_switches(**values: bool) -> None:
@@ -55,6 +55,8 @@ def set_debug_switches(**values: bool) -> None:
     for name, value in values.items():
         if value == getattr(DEFAULT, name):
             os.environ.pop(variable(name), None)
+        elif getattr(DEFAULT, name) is None:  # an automatic switch: 1 forces it on, 0 off
+            os.environ[variable(name)] = "1" if value else "0"
         else:
             os.environ[variable(name)] = "1"
 
@@ -75,7 +77,7 @@ def main():
         sys.stdout = buf
         t = time.time()
         set_debug_switches(fused_decode=extra.get("_fused_decode", True), pdl=extra.get("_pdl", True),
-                           piecewise_graphs=extra.get("_piecewise", False))
+                           piecewise_graphs=extra.get("_piecewise"))
         try:
             rc = bench.main(kind, {**MODEL, **{k: v for k, v in extra.items() if not k.startswith("_")}}, args,
                             json_output=True)

@@ -20,6 +20,10 @@ def test_from_env_reads_the_debug_names_only(caplog):
     assert s.changed() == {"cpu_decode": False, "profile_steps": True}
     for f in ("kernels", "fused_decode", "cascade", "pdl", "compile_ahead", "gpu_sampling_kernels"):
         assert getattr(DebugSwitches.from_env({ds.variable(f): "1"}), f) is False
+    # piecewise graphs are automatic (None) unless the variable forces them on (1) or off (0)
+    pw = ds.variable("piecewise_graphs")
+    assert [DebugSwitches.from_env(e).piecewise_graphs for e in ({}, {pw: ""}, {pw: "1"}, {pw: "0"}, {pw: "off"})] \
+        == [None, None, True, False, False]
     with caplog.at_level(logging.WARNING, logger="localsgl.engine"):
         old = DebugSwitches.from_env({"LOCALSGL_DISABLE_CPU_DECODE": "1", "LOCALSGL_DEBUG_NO_CPUDECODE": "1",
                                       "LOCALSGL_DEBUG": "1"})

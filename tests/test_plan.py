@@ -16,7 +16,10 @@ from localsgl.engine.plan import (
     default_dtype,
     detect_device,
     graph_buckets,
+    layer_gemm_params,
     make_plan,
+    piecewise_graphs_by_default,
+    piecewise_reserve_bytes,
 )
 
 try:
@@ -153,6 +156,23 @@ def test_disable_cuda_graph_frees_the_reserve():
     no_g = make_plan(L1, H100, "bfloat16", gpu_memory=12 * GiB, cuda_graph=False)
     assert no_g.cuda_graph_bs == [] and no_g.graph_reserve_bytes == 0
     assert no_g.kv_tokens > with_g.kv_tokens
+
+
+def test_piecewise_graphs_by_layer_size_and_their_reserve():
+    """On by default for the 1B's layers (61M matmul parameters), off for the 8B's (218M), and
+    the graph reserve counts their buffers where they are on."""
+    assert layer_gemm_params(L1) == 2048 * (2048 + 2 * 512) + 2048 * 2048 + 3 * 2048 * 8192
+    assert piecewise_graphs_by_default(L1) and not piecewise_graphs_by_default(L8)
+    p1 = make_plan(L1, H100, "bfloat16", gpu_memory=12 * GiB, max_running=64)
+    tokens = p1.chunk_size + 64
+    assert piecewise_reserve_bytes(L1, tokens, 2) == tokens * (5 * 2048 + 3 * 8192) * 2
+    # the piecewise buffers grow with the step's tokens (chunk + running): the 1B's reserve grows
+    # by exactly their difference, the 8B's (no piecewise graphs) does not move
+    small = make_plan(L1, H100, "bfloat16", gpu_memory=12 * GiB, max_running=64, chunk_size=512)
+    assert p1.graph_reserve_bytes - small.graph_reserve_bytes == \
+        piecewise_reserve_bytes(L1, tokens, 2) - piecewise_reserve_bytes(L1, 512 + 64, 2)
+    p8 = [make_plan(L8, H100, "bfloat16", max_running=64, chunk_size=c).graph_reserve_bytes for c in (512, 2048)]
+    assert p8[0] == p8[1]
 
 
 def test_free_memory_after_weights_bounds_kv():

@@ -35,7 +35,9 @@ class DebugSwitches:
     compile_ahead: bool = True  # compile the decode graphs' kernels in parallel before capture
     gpu_sampling_kernels: bool = True  # Triton sampling kernels for CUDA logits
     profile_steps: bool = False  # per-step device/host timing (engine.core.profile)
-    piecewise_graphs: bool = False  # extend/mixed steps replay graphs around eager attention (opt-in until measured)
+    # extend/mixed steps replay graphs around eager attention; None: where the model's layers are small
+    # enough that launches bound a mixed step (plan.piecewise_graphs_by_default), True/False: forced
+    piecewise_graphs: bool | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "DebugSwitches":
@@ -45,7 +47,10 @@ class DebugSwitches:
         values = {}
         for name, (var, _) in _VARIABLES.items():
             raw = env.get(var)
-            if raw is not None and raw.strip().lower() not in _OFF:
+            if getattr(cls, name) is None:  # automatic unless set: 1 forces it on, 0 off
+                if raw is not None and raw.strip():
+                    values[name] = raw.strip().lower() not in _OFF
+            elif raw is not None and raw.strip().lower() not in _OFF:
                 values[name] = not getattr(cls, name)
         for var in sorted(k for k in env if k.startswith(PREFIX) and k not in _KNOWN):
             log.warning("%s is not a debug switch (known: %s)", var, ", ".join(sorted(_KNOWN)))

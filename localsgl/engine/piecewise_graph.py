@@ -31,13 +31,14 @@ import time
 import torch
 
 from .batch import ForwardBatch, ForwardMode
+from .plan import PIECEWISE_MAX_TOKENS
 
 log = logging.getLogger("localsgl.piecewise_graph")
 
 
 # Steps above this many tokens run eagerly: their GEMMs alone keep the GPU busy longer than
 # the host takes to launch them (a 4k-token step of a 1B model is ~10 ms of matmuls on an H200)
-MAX_TOKENS = 4096
+MAX_TOKENS = PIECEWISE_MAX_TOKENS
 
 
 def token_buckets(max_tokens: int) -> list[int]:

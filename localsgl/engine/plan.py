@@ -366,6 +366,32 @@ def sliding_window_limit(window: int) -> str:
             "implemented, so the engine serves no more context than the window)")
 
 
+# Piecewise CUDA graphs for extend and mixed steps (piecewise_graph.py) are on by default where a
+# layer holds at most this many GEMM parameters: there a mixed step waits on its launches (H200,
+# llama-3.2-1b, 61M per layer: +44 % offline throughput), while larger layers keep the GPU busy
+# through them (llama-3.1-8b, 218M: 3 % slower); bench/RESULTS.md, "Mixed steps".
+PIECEWISE_MAX_LAYER_PARAMS = 120_000_000
+PIECEWISE_MAX_TOKENS = 4096  # the largest token bucket of the piecewise graphs
+
+
+def layer_gemm_params(config) -> int:
+    """The parameters of one layer's matmuls (q/k/v/o projections and the gated MLP)."""
+    h = config.hidden_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
+
+
+def piecewise_graphs_by_default(config) -> bool:
+    return layer_gemm_params(config) <= PIECEWISE_MAX_LAYER_PARAMS
+
+
+def piecewise_reserve_bytes(config, tokens: int, dsize: int) -> int:
+    """Device memory of the piecewise graphs at ``tokens`` tokens: their fixed hidden-state
+    buffers (5 x hidden) and the graph pool, about one piece's largest intermediates (gate/up
+    and the activation, 3 x intermediate), in the activations' dtype."""
+    return tokens * (5 * config.hidden_size + 3 * config.intermediate_size) * dsize
+
+
 def make_plan(
     config,
     device_info: DeviceInfo,
@@ -445,6 +471,8 @@ def make_plan(
             graph_reserve = 128 * MiB + 4 * MiB * len(graph_buckets(max_bs_guess)) + _activation_bytes(
                 config, max_bs_guess, 0, dsize, tp
             )
+            if piecewise_graphs_by_default(config):
+                graph_reserve += piecewise_reserve_bytes(config, min(chunk + max_bs_guess, PIECEWISE_MAX_TOKENS), dsize)
         else:
             graph_reserve = 0
         usable = budget - w_bytes - act - graph_reserve - margin

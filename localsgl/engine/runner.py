@@ -4,9 +4,10 @@ Decode-only batches on CUDA replay a CUDA graph captured for the next larger
 batch-size bucket (padded rows write their KV to scratch slot 0); everything
 else runs eagerly, and so does a decode batch whose bucket is not captured yet
 (the small buckets are captured before serving, the rest by ``capture_next_graph``,
-which the engine thread calls between steps).  With the ``piecewise_graphs`` switch,
-extend and mixed steps replay graphs around their eager attention (piecewise_graph.py),
-padded to a token bucket.  The runner never decides *what* runs — that is the
+which the engine thread calls between steps).  Extend and mixed steps replay graphs around
+their eager attention (piecewise_graph.py), padded to a token bucket, for models whose layers
+are small enough that launches bound those steps (plan.piecewise_graphs_by_default; the
+``piecewise_graphs`` switch forces them on or off).  The runner never decides *what* runs — that is the
 scheduler's job — only how.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from .batch import ForwardBatch, ForwardMode
 from .kv_pool import KVPool, ReqToTokenPool
-from .plan import GPU_CHUNK_SIZE
+from .plan import GPU_CHUNK_SIZE, piecewise_graphs_by_default
 from .layers.attention.base import AttentionBackend
 from . import debug_switches, host_malloc
 from . import prefix_groups as _prefix_groups
@@ -57,8 +58,10 @@ class ModelRunner:
             from .cuda_graph import CudaGraphRunner
 
             piecewise = None
-            if (self.debug.piecewise_graphs and attn_backend.supports_prestored_kv
-                    and getattr(model, "supports_piecewise_graphs", False)):
+            wanted = self.debug.piecewise_graphs
+            if wanted is None:
+                wanted = piecewise_graphs_by_default(model.config)
+            if wanted and attn_backend.supports_prestored_kv and getattr(model, "supports_piecewise_graphs", False):
                 # a step's tokens: a prefill chunk plus one per running request
                 from .piecewise_graph import MAX_TOKENS
 

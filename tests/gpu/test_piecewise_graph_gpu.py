@@ -83,8 +83,8 @@ def checkpoint(tmp_path_factory):
 def test_engine_with_piecewise_graphs_gives_the_eager_tokens(checkpoint, monkeypatch):
     prompts, params = staggered_requests(2)
     kwargs = dict(model=checkpoint, device="cuda", dtype="float32", kv_memory="64MiB", chunk_size=64)
-    with Engine(**kwargs) as e:
-        assert e.core.runner.graphs.piecewise is None  # off by default
+    with Engine(**kwargs, debug_switches=DebugSwitches(piecewise_graphs=False)) as e:
+        assert e.core.runner.graphs.piecewise is None  # forced off
         eager = [o.token_ids for o in e.generate(prompts, params)]
 
     runs = []
@@ -95,7 +95,7 @@ def test_engine_with_piecewise_graphs_gives_the_eager_tokens(checkpoint, monkeyp
         return real(self, batch)
 
     monkeypatch.setattr(PiecewiseGraphs, "run", spy)
-    with Engine(**kwargs, debug_switches=DebugSwitches(piecewise_graphs=True)) as e:
+    with Engine(**kwargs) as e:  # a tiny model's layers: on by default
         assert e.wait_graphs(300)
         pw = e.core.runner.graphs.piecewise
         assert pw is not None and not pw.pending and pw.graphs
