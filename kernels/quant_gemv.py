@@ -166,6 +166,47 @@ def _byte_dot(w, x):
 
 
 @triton.jit
+def _words_accumulate(acc_a, acc_b, a0, a1, a2, a3, b0, b1, b2, b3, y0, y1, y2, y3, xs, S, Mn, ra, rb, stride_s,
+                      k0, c, KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """One step of the words loops: the 4-word chunks a*, b* (int4 or int8) against the pre-scaled
+    activations y0..y3 of their columns, whose unscaled chunk sums are xs; adds Σ q·x of each chunk,
+    times its group's scale (plus offset·xs), to acc_a / acc_b ([rows, chunks])."""
+    E: tl.constexpr = 8 if KIND == 1 else 4
+    if KIND == 1:
+        BIAS: tl.constexpr = 8.0 if SYM else 0.0  # q = u - 8 (symmetric int4)
+        pa = (_word_dot(a0, y0) + _word_dot(a1, y1)) + (_word_dot(a2, y2) + _word_dot(a3, y3))
+        pb = (_word_dot(b0, y0) + _word_dot(b1, y1)) + (_word_dot(b2, y2) + _word_dot(b3, y3))
+    else:
+        BIAS: tl.constexpr = 128.0  # q = (q + 128) - 128
+        pa = (_byte_dot(a0, y0) + _byte_dot(a1, y1)) + (_byte_dot(a2, y2) + _byte_dot(a3, y3))
+        pb = (_byte_dot(b0, y0) + _byte_dot(b1, y1)) + (_byte_dot(b2, y2) + _byte_dot(b3, y3))
+    pa = pa * _WORD_SUM_SCALE - BIAS * xs  # Σ q·x over the chunk
+    pb = pb * _WORD_SUM_SCALE - BIAS * xs
+    if ROW_SCALE:
+        acc_a += pa
+        acc_b += pb
+    else:
+        gidx = ((k0 + 4 * E * c) >> LOG2G)[None, :]
+        acc_a += tl.load(S + ra * stride_s + gidx).to(tl.float32) * pa
+        acc_b += tl.load(S + rb * stride_s + gidx).to(tl.float32) * pb
+        if not SYM:
+            acc_a += tl.load(Mn + ra * stride_s + gidx).to(tl.float32) * xs
+            acc_b += tl.load(Mn + rb * stride_s + gidx).to(tl.float32) * xs
+    return acc_a, acc_b
+
+
+@triton.jit
+def _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE: tl.constexpr):
+    """The rows' sums of the chunk accumulators, times the row's scale when the weight is row-scaled."""
+    ya = tl.sum(acc_a, 1)
+    yb = tl.sum(acc_b, 1)
+    if ROW_SCALE:
+        ya = ya * tl.load(S + rows_a.to(tl.int64) * stride_s).to(tl.float32)
+        yb = yb * tl.load(S + rows_b.to(tl.int64) * stride_s).to(tl.float32)
+    return ya, yb
+
+
+@triton.jit
 def _qstream_words(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1, write_res,
     KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
@@ -186,10 +227,8 @@ def _qstream_words(
     if KIND == 1:
         t = tl.arange(0, 8) % 4
         xscale = tl.where(t == 0, _X_SCALE0, tl.where(t == 1, _X_SCALE1, tl.where(t == 2, _X_SCALE2, _X_SCALE3)))
-        BIAS: tl.constexpr = 8.0 if SYM else 0.0  # q = u - 8 (symmetric int4)
     else:
         xscale = tl.where(tl.arange(0, 4) % 2 == 0, _X_SCALE0, _X_SCALE2)
-        BIAS: tl.constexpr = 128.0  # q = (q + 128) - 128
     xscale = xscale[None, None, :]
     ra = rows_a.to(tl.int64)[:, None]
     rb = rows_b.to(tl.int64)[:, None]
@@ -216,30 +255,10 @@ def _qstream_words(
         y1 = x1 * xscale
         y2 = x2 * xscale
         y3 = x3 * xscale
-        if KIND == 1:
-            pa = (_word_dot(a0, y0) + _word_dot(a1, y1)) + (_word_dot(a2, y2) + _word_dot(a3, y3))
-            pb = (_word_dot(b0, y0) + _word_dot(b1, y1)) + (_word_dot(b2, y2) + _word_dot(b3, y3))
-        else:
-            pa = (_byte_dot(a0, y0) + _byte_dot(a1, y1)) + (_byte_dot(a2, y2) + _byte_dot(a3, y3))
-            pb = (_byte_dot(b0, y0) + _byte_dot(b1, y1)) + (_byte_dot(b2, y2) + _byte_dot(b3, y3))
         xs = tl.sum((x0 + x1) + (x2 + x3), 2)
-        pa = pa * _WORD_SUM_SCALE - BIAS * xs  # Σ q·x over the chunk
-        pb = pb * _WORD_SUM_SCALE - BIAS * xs
-        if ROW_SCALE:
-            acc_a += pa
-            acc_b += pb
-        else:
-            gidx = ((k0 + 4 * E * c) >> LOG2G)[None, :]
-            acc_a += tl.load(S + ra * stride_s + gidx).to(tl.float32) * pa
-            acc_b += tl.load(S + rb * stride_s + gidx).to(tl.float32) * pb
-            if not SYM:
-                acc_a += tl.load(Mn + ra * stride_s + gidx).to(tl.float32) * xs
-                acc_b += tl.load(Mn + rb * stride_s + gidx).to(tl.float32) * xs
-    ya = tl.sum(acc_a, 1)
-    yb = tl.sum(acc_b, 1)
-    if ROW_SCALE:
-        ya = ya * tl.load(S + rows_a.to(tl.int64) * stride_s).to(tl.float32)
-        yb = yb * tl.load(S + rows_b.to(tl.int64) * stride_s).to(tl.float32)
+        acc_a, acc_b = _words_accumulate(acc_a, acc_b, a0, a1, a2, a3, b0, b1, b2, b3, y0, y1, y2, y3, xs,
+                                         S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM, ROW_SCALE)
+    ya, yb = _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
     # ss holds each column once per row of the block
     return ya, yb, tl.sum(tl.sum(tl.sum(ss, 2), 1), 0) / BLOCK_R
 
@@ -288,10 +307,6 @@ def _qstream_prepped(
     C: tl.constexpr = BLOCK_K // (4 * E)
     c = tl.arange(0, C)
     xoff = (4 * E * c)[None, :, None] + tl.arange(0, E)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
-    if KIND == 1:
-        BIAS: tl.constexpr = 8.0 if SYM else 0.0
-    else:
-        BIAS: tl.constexpr = 128.0
     ra = rows_a.to(tl.int64)[:, None]
     rb = rows_b.to(tl.int64)[:, None]
     qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
@@ -305,31 +320,10 @@ def _qstream_prepped(
         y1 = tl.load(XP + k0 + E + xoff)
         y2 = tl.load(XP + k0 + 2 * E + xoff)
         y3 = tl.load(XP + k0 + 3 * E + xoff)
-        if KIND == 1:
-            pa = (_word_dot(a0, y0) + _word_dot(a1, y1)) + (_word_dot(a2, y2) + _word_dot(a3, y3))
-            pb = (_word_dot(b0, y0) + _word_dot(b1, y1)) + (_word_dot(b2, y2) + _word_dot(b3, y3))
-        else:
-            pa = (_byte_dot(a0, y0) + _byte_dot(a1, y1)) + (_byte_dot(a2, y2) + _byte_dot(a3, y3))
-            pb = (_byte_dot(b0, y0) + _byte_dot(b1, y1)) + (_byte_dot(b2, y2) + _byte_dot(b3, y3))
         xs = tl.load(XS + k0 // (4 * E) + c)[None, :]
-        pa = pa * _WORD_SUM_SCALE - BIAS * xs
-        pb = pb * _WORD_SUM_SCALE - BIAS * xs
-        if ROW_SCALE:
-            acc_a += pa
-            acc_b += pb
-        else:
-            gidx = ((k0 + 4 * E * c) >> LOG2G)[None, :]
-            acc_a += tl.load(S + ra * stride_s + gidx).to(tl.float32) * pa
-            acc_b += tl.load(S + rb * stride_s + gidx).to(tl.float32) * pb
-            if not SYM:
-                acc_a += tl.load(Mn + ra * stride_s + gidx).to(tl.float32) * xs
-                acc_b += tl.load(Mn + rb * stride_s + gidx).to(tl.float32) * xs
-    ya = tl.sum(acc_a, 1)
-    yb = tl.sum(acc_b, 1)
-    if ROW_SCALE:
-        ya = ya * tl.load(S + rows_a.to(tl.int64) * stride_s).to(tl.float32)
-        yb = yb * tl.load(S + rows_b.to(tl.int64) * stride_s).to(tl.float32)
-    return ya, yb
+        acc_a, acc_b = _words_accumulate(acc_a, acc_b, a0, a1, a2, a3, b0, b1, b2, b3, y0, y1, y2, y3, xs,
+                                         S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM, ROW_SCALE)
+    return _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 launches them with at the Llama-3.1-8B shape: int4 group 128 (quantize's default) and group 32
 with offsets (GGUF Q4_K), int8 per row and group 16 with offsets (GGUF Q6_K), fp8 per row; the
 fused norm + gate/up and norm + qkv + rotary + KV store GEMVs; the tile sweep's GEMV variants
-(split-K and its sum, int4 as int32 words); the GEMM in its three tile configurations and
+(split-K and its sum, int4 / int8 as int32 words, over activations prepared by a kernel first); the GEMM in its three tile configurations and
 the sweep's int4 GEMM variants.  The CPU tests run them under the interpreter only, which type-checks less."""
 import pytest
 import torch
@@ -22,14 +22,15 @@ FORMATS = [
 ]
 
 
-def _weight_meta(kind, group, sym, row_scale, block_k, block_r=8, words=False):
+def _weight_meta(kind, group, sym, row_scale, block_k, block_r=8, words=False, prep=False):
     return dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row_scale, BLOCK_R=block_r, BLOCK_K=block_k, PDL=True,
-                WORDS=words, LOG2G=group.bit_length() - 1 if words else 0)
+                WORDS=words, LOG2G=group.bit_length() - 1 if words and not row_scale else 0, PREP=prep)
 
 
 def _gemv(qt, st, meta, split=1, warps=4):
+    act = "*fp32" if meta["PREP"] else "*bf16"  # prepared activations (words == 2) are fp32
     return dict(kernel="localsgl_kernels.quant_gemv:_qgemv_kernel",
-                pointers=dict(X="*bf16", Out="*bf16", Part="*fp32", QW=qt, S=st, Mn=st), div16=["K", "N"],
+                pointers=dict(X=act, XS=act, Out="*bf16", Part="*fp32", QW=qt, S=st, Mn=st), div16=["K", "N"],
                 constexprs=dict(SPLIT=split, **meta), num_warps=warps, num_stages=1)
 
 
@@ -46,24 +47,33 @@ def _specs():
                                                    ("g32 sym", 32, True, 8, 512, 4, 1), ("g128", 128, False, 16, 512, 4, 4)):
         specs[f"gemv int4 {label} words {r}x{bk} split {split}"] = _gemv(
             "*i32", "*fp16", _weight_meta(INT4, group, sym, False, bk, r, words=True), split=split, warps=warps)
-    specs["gemv int8 row words"] = _gemv("*i32", "*fp16", dict(_weight_meta(INT8, 4096, True, True, 512, 16, True),
-                                                                 LOG2G=0), warps=8)
+    specs["gemv int8 row words"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 4096, True, True, 512, 16, True), warps=8)
     specs["gemv int8 g16 asym words"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, False, False, 512, 16, True))
+    # words over prepared activations (words == 2): the preparing kernel and the GEMVs reading its output
+    for label, e, norm in (("int4, norm + residual", 8, True), ("int8, plain", 4, False)):
+        specs[f"prepare activations {label}"] = dict(
+            kernel="localsgl_kernels.quant_gemv:_prep_act_kernel",
+            pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", XP="*fp32", XS="*fp32"), div16=["K"],
+            scalars=dict(eps="fp32"), constexprs=dict(E=e, HAS_RES=norm, NORM=norm, BLOCK=1024, PDL=True))
+    specs["gemv int4 g128 prepared 8x1024 split 2"] = _gemv(
+        "*i32", "*fp16", _weight_meta(INT4, 128, False, False, 1024, 8, True, True), split=2)
+    specs["gemv int8 g16 asym prepared"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, False, False, 512, 8, True, True))
     label, kind, qt, st, group, sym, row, bk = FORMATS[0]
-    for words in (False, True):
+    for words, prep in ((False, False), (True, False), (True, True)):
         w = dict(QW="*i32" if words else qt, S=st, Mn=st)
-        name = " words" if words else ""
+        act = "*fp32" if prep else "*bf16"
+        name = " prepared" if prep else " words" if words else ""
+        meta = _weight_meta(kind, group, sym, row, bk, 8 * (1 + 3 * words), words, prep)
         specs[f"norm_gate_up int4 g128{name}"] = dict(
             kernel="localsgl_kernels.quant_gemv:_qnorm_gate_up_kernel",
-            pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", Out="*bf16", **w), div16=["K", "I"],
-            scalars=dict(eps="fp32"), constexprs=_weight_meta(kind, group, sym, row, bk, 8 * (1 + 3 * words), words))
+            pointers=dict(X=act, R=act, G="*bf16", ROut="*bf16", Out="*bf16", **w), div16=["K", "I"],
+            scalars=dict(eps="fp32"), constexprs=meta)
         specs[f"norm_qkv int4 g128{name}"] = dict(
             kernel="localsgl_kernels.quant_gemv:_qnorm_qkv_kernel",
-            pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64",
+            pointers=dict(X=act, R=act, G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64",
                           Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", **w), div16=["K"],
             scalars=dict(eps="fp32"),
-            constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
-                            **_weight_meta(kind, group, sym, row, bk, 8 * (1 + 3 * words), words)))
+            constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False, **meta))
     # the GEMM's tile configurations (quant_gemm.default_config: <= 16 rows, <= 64, larger)
     for (bm, bn, bkt, warps, stages, gm) in ((16, 32, 256, 4, 4, 1), (32, 64, 128, 4, 3, 4), (64, 128, 64, 4, 3, 8)):
         for label, kind, qt, st, group, sym, row, _ in (FORMATS[0], FORMATS[2], FORMATS[4]):
