@@ -263,6 +263,8 @@ def main() -> None:
                                best_us=fb, best=tuple(fcfg) if fcfg else None)
                 if kind == "gemv" and fmt.startswith("int4"):
                     row["torch_int4pack_us"] = _torch_int4pack_us(n, k, FORMATS[fmt].group_size)
+                if kind == "gemv":  # the tensor-core GEMM's 16-row tile (tuned or built-in) on this one row
+                    row["gemm_one_row_us"] = timed(lambda: QM.gemm(x, w), 10)
                 if fmt == "fp8" and QM.fp8_native(x.device) and m > 1:
                     row["scaled_mm_us"] = timed(lambda: QM.scaled_mm_fp8(x, w), 10)
                 rows.append(row)
@@ -288,7 +290,8 @@ def main() -> None:
             print(f"{r['fmt']:9s} {r['kind']:5s} {r['shape']:8s} {r['m']:4d} {r['floor_us']:7.1f} {r['default_us']:8.1f} "
                   f"{r['best_us']:8.1f} {r['dequant_cublas_us']:10.1f}  {r['best']}"
                   + (f" scaled_mm {r['scaled_mm_us']:.1f}" if "scaled_mm_us" in r else "")
-                  + (f" torch int4pack {r['torch_int4pack_us']}" if "torch_int4pack_us" in r else ""))
+                  + (f" torch int4pack {r['torch_int4pack_us']}" if "torch_int4pack_us" in r else "")
+                  + (f" gemm 1 row {r['gemm_one_row_us']:.1f}" if "gemm_one_row_us" in r else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
