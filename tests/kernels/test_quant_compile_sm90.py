@@ -52,7 +52,7 @@ def _specs():
     # words over prepared activations (words == 2): the preparing kernel and the GEMVs reading its output
     for label, e, norm in (("int4, norm + residual", 8, True), ("int8, plain", 4, False)):
         specs[f"prepare activations {label}"] = dict(
-            kernel="localsgl_kernels.quant_gemv:_prep_act_kernel",
+            kernel="localsgl_kernels.quant_words:_prep_act_kernel",
             pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", XP="*fp32", XS="*fp32"), div16=["K"],
             scalars=dict(eps="fp32"), constexprs=dict(E=e, HAS_RES=norm, NORM=norm, BLOCK=1024, PDL=True))
     specs["gemv int4 g128 prepared 8x1024 split 2"] = _gemv(

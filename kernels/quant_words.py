@@ -1,0 +1,294 @@
+"""int4 / int8 one-row GEMVs over int32 words, the inner loops of quant_gemv.py's ``words``
+variants.
+
+A word holds 8 nibbles (int4) or 4 bytes (int8) of one row.  Each is masked in place and its
+bits read as a subnormal float (16^t·u·2^-149 for nibble t of a half-word; bytes alike), against
+activations pre-scaled to match, so a weight costs an AND and an FMA and no int -> float
+conversion; the chunk's sum is scaled back once, with the group's scale and offset.  Two loops:
+
+  * ``_qstream_words``: each row block converts, normalises and pre-scales its own copy of the
+    activations (``words == 1``);
+  * ``_qstream_prepped``: ``_prep_act_kernel`` prepares them once per call (residual add,
+    RMSNorm, pre-scaling, chunk sums) and the loop loads them as they are (``words == 2``): one
+    launch more, ~1.5 fewer instructions per weight.
+
+Reference: the dequantized weight times the activations (quant_gemv.py's references); tests in
+tests/kernels/test_quant_gemv.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .pdl import launch_options, wait_for_predecessor
+
+
+@triton.jit
+def _act(X, R, G, ROut, kk, write_res, HAS_RES: tl.constexpr, NORM: tl.constexpr, STORE: tl.constexpr = True):
+    """Activations of columns kk: s = x (+ residual, stored to ROut where kk < write_res, with
+    STORE); returns (s·g or s in fp32, s² in fp32)."""
+    x = tl.load(X + kk)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(R + kk).to(tl.float32)).to(ROut.dtype.element_ty)
+        if STORE:
+            tl.store(ROut + kk, x, mask=kk < write_res)
+    xf = x.to(tl.float32)
+    sq = xf * xf
+    if NORM:
+        xf = xf * tl.load(G + kk).to(tl.float32)
+    return xf, sq
+
+
+# x's column p of a word is pre-scaled by 2^(89 - 4·(p % 4)): times the subnormal nibble
+# 16^(p % 4)·q·2^-149 the product is q·x·2^-60, normal for |q·x| > 2^-66, and x·2^89 stays
+# finite for |x| < 2^39; the word sums are scaled back by 2^60 with the group's scale.
+_X_SCALE0 = tl.constexpr(6.189700196426902e+26)  # 2^89
+_X_SCALE1 = tl.constexpr(3.8685626227668134e+25)  # 2^85
+_X_SCALE2 = tl.constexpr(2.4178516392292583e+24)  # 2^81
+_X_SCALE3 = tl.constexpr(1.5111572745182865e+23)  # 2^77
+_WORD_SUM_SCALE = tl.constexpr(1.152921504606847e+18)  # 2^60
+
+
+@triton.jit
+def _split8(x):
+    """[..., 8] -> its 8 columns (in-thread: no data movement)."""
+    a, b = tl.split(tl.reshape(x, x.shape[:-1] + [4, 2]))  # columns 0,2,4,6 / 1,3,5,7
+    a0, a1 = tl.split(tl.reshape(a, a.shape[:-1] + [2, 2]))  # 0,4 / 2,6
+    b0, b1 = tl.split(tl.reshape(b, b.shape[:-1] + [2, 2]))  # 1,5 / 3,7
+    c0, c4 = tl.split(a0)
+    c2, c6 = tl.split(a1)
+    c1, c5 = tl.split(b0)
+    c3, c7 = tl.split(b1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _split4(w):
+    """[R, 4C] -> the four [R, C] tensors of words 4c, 4c + 1, 4c + 2, 4c + 3."""
+    a, b = tl.split(tl.reshape(w, [w.shape[0], w.shape[1] // 4, 2, 2]))
+    w0, w2 = tl.split(a)
+    w1, w3 = tl.split(b)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _word_dot(w, x):
+    """Σ_p q_p·x[..., p]·2^-60 over the 8 nibbles of int32 words w (column 8j + p at bits 4p),
+    x pre-scaled by _X_SCALE0..3.  Each nibble is masked in place and its bits read as a subnormal
+    float, 16^t·q·2^-149 (t = p % 4; the high half-word shifted down once): one AND and one
+    FMA per weight, no int -> float conversion and no magic-number subtraction."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+    u = w.to(tl.uint32, bitcast=True)
+    h = u >> 16
+    p = (u & 0xF).to(tl.float32, bitcast=True) * x0
+    p += (u & 0xF0).to(tl.float32, bitcast=True) * x1
+    p += (u & 0xF00).to(tl.float32, bitcast=True) * x2
+    p += (u & 0xF000).to(tl.float32, bitcast=True) * x3
+    p += (h & 0xF).to(tl.float32, bitcast=True) * x4
+    p += (h & 0xF0).to(tl.float32, bitcast=True) * x5
+    p += (h & 0xF00).to(tl.float32, bitcast=True) * x6
+    p += (h & 0xF000).to(tl.float32, bitcast=True) * x7
+    return p
+
+
+@triton.jit
+def _split4_last(x):
+    """[..., 4] -> its 4 columns."""
+    a, b = tl.split(tl.reshape(x, x.shape[:-1] + [2, 2]))  # columns 0,2 / 1,3
+    c0, c2 = tl.split(a)
+    c1, c3 = tl.split(b)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _byte_dot(w, x):
+    """Σ_p (q_p + 128)·x[..., p]·2^-60 over the 4 int8 values q of int32 words w (column 4j + p
+    at bits 8p), x pre-scaled by 2^89 / 2^81 for even / odd p: the sign bits flipped once per
+    word (q + 128 in 0..255), each byte masked in place and read as a subnormal float."""
+    x0, x1, x2, x3 = _split4_last(x)
+    u = w.to(tl.uint32, bitcast=True) ^ 0x80808080
+    h = u >> 16
+    p = (u & 0xFF).to(tl.float32, bitcast=True) * x0
+    p += (u & 0xFF00).to(tl.float32, bitcast=True) * x1
+    p += (h & 0xFF).to(tl.float32, bitcast=True) * x2
+    p += (h & 0xFF00).to(tl.float32, bitcast=True) * x3
+    return p
+
+
+@triton.jit
+def _words_accumulate(acc_a, acc_b, a0, a1, a2, a3, b0, b1, b2, b3, y0, y1, y2, y3, xs, S, Mn, ra, rb, stride_s,
+                      k0, c, KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """One step of the words loops: the 4-word chunks a*, b* (int4 or int8) against the pre-scaled
+    activations y0..y3 of their columns, whose unscaled chunk sums are xs; adds Σ q·x of each chunk,
+    times its group's scale (plus offset·xs), to acc_a / acc_b ([rows, chunks])."""
+    E: tl.constexpr = 8 if KIND == 1 else 4
+    if KIND == 1:
+        BIAS: tl.constexpr = 8.0 if SYM else 0.0  # q = u - 8 (symmetric int4)
+        pa = (_word_dot(a0, y0) + _word_dot(a1, y1)) + (_word_dot(a2, y2) + _word_dot(a3, y3))
+        pb = (_word_dot(b0, y0) + _word_dot(b1, y1)) + (_word_dot(b2, y2) + _word_dot(b3, y3))
+    else:
+        BIAS: tl.constexpr = 128.0  # q = (q + 128) - 128
+        pa = (_byte_dot(a0, y0) + _byte_dot(a1, y1)) + (_byte_dot(a2, y2) + _byte_dot(a3, y3))
+        pb = (_byte_dot(b0, y0) + _byte_dot(b1, y1)) + (_byte_dot(b2, y2) + _byte_dot(b3, y3))
+    pa = pa * _WORD_SUM_SCALE - BIAS * xs  # Σ q·x over the chunk
+    pb = pb * _WORD_SUM_SCALE - BIAS * xs
+    if ROW_SCALE:
+        acc_a += pa
+        acc_b += pb
+    else:
+        gidx = ((k0 + 4 * E * c) >> LOG2G)[None, :]
+        acc_a += tl.load(S + ra * stride_s + gidx).to(tl.float32) * pa
+        acc_b += tl.load(S + rb * stride_s + gidx).to(tl.float32) * pb
+        if not SYM:
+            acc_a += tl.load(Mn + ra * stride_s + gidx).to(tl.float32) * xs
+            acc_b += tl.load(Mn + rb * stride_s + gidx).to(tl.float32) * xs
+    return acc_a, acc_b
+
+
+@triton.jit
+def _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE: tl.constexpr):
+    """The rows' sums of the chunk accumulators, times the row's scale when the weight is row-scaled."""
+    ya = tl.sum(acc_a, 1)
+    yb = tl.sum(acc_b, 1)
+    if ROW_SCALE:
+        ya = ya * tl.load(S + rows_a.to(tl.int64) * stride_s).to(tl.float32)
+        yb = yb * tl.load(S + rows_b.to(tl.int64) * stride_s).to(tl.float32)
+    return ya, yb
+
+
+@triton.jit
+def _qstream_words(
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1, write_res,
+    KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """int4 / int8 as int32 words (QW an int32 view, stride_q in words): _qstream_rows's sums
+    over columns [K0, K1) and Σ s² there.  A step loads [BLOCK_R, BLOCK_K/E] words per row block
+    (E = 8 int4 / 4 int8 values per word), 4 consecutive words (a chunk of 4E columns, within one
+    group: G >= 4E, a power of two) per thread, whatever the group size; x is loaded as
+    [BLOCK_R, BLOCK_K/(4E), E] per word of those four, broadcast over the rows, so it lands in
+    the weights' layout (no shared-memory shuffle); one scale (and offset) per row and chunk,
+    indexed by a shift so it is not vectorized across groups.  Per weight: an AND and an FMA
+    (_word_dot, _byte_dot)."""
+    E: tl.constexpr = 8 if KIND == 1 else 4
+    C: tl.constexpr = BLOCK_K // (4 * E)
+    c = tl.arange(0, C)
+    xoff = (4 * E * c)[None, :, None] + tl.arange(0, E)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
+    if KIND == 1:
+        t = tl.arange(0, 8) % 4
+        xscale = tl.where(t == 0, _X_SCALE0, tl.where(t == 1, _X_SCALE1, tl.where(t == 2, _X_SCALE2, _X_SCALE3)))
+    else:
+        xscale = tl.where(tl.arange(0, 4) % 2 == 0, _X_SCALE0, _X_SCALE2)
+    xscale = xscale[None, None, :]
+    ra = rows_a.to(tl.int64)[:, None]
+    rb = rows_b.to(tl.int64)[:, None]
+    qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    qb = QW + rb * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    acc_a = tl.zeros([BLOCK_R, C], tl.float32)
+    acc_b = tl.zeros([BLOCK_R, C], tl.float32)
+    ss = tl.zeros([BLOCK_R, C, E], tl.float32)
+    if HAS_RES:  # r = x + residual stored once, before the loop: a store among the row-broadcast
+        # loads would make every row's copy load and convert x again
+        for k in range(0, write_res, 1024):
+            kr = k + tl.arange(0, 1024)
+            r = tl.load(X + kr, mask=kr < write_res).to(tl.float32) + tl.load(R + kr, mask=kr < write_res).to(tl.float32)
+            tl.store(ROut + kr, r.to(ROut.dtype.element_ty), mask=kr < write_res)
+    for k0 in range(K0, K1, BLOCK_K):
+        a0, a1, a2, a3 = _split4(tl.load(qa + k0 // E))
+        b0, b1, b2, b3 = _split4(tl.load(qb + k0 // E))
+        x0, q0 = _act(X, R, G, ROut, k0 + xoff, write_res, HAS_RES, NORM, False)
+        x1, q1 = _act(X, R, G, ROut, k0 + E + xoff, write_res, HAS_RES, NORM, False)
+        x2, q2 = _act(X, R, G, ROut, k0 + 2 * E + xoff, write_res, HAS_RES, NORM, False)
+        x3, q3 = _act(X, R, G, ROut, k0 + 3 * E + xoff, write_res, HAS_RES, NORM, False)
+        ss += (q0 + q1) + (q2 + q3)
+        y0 = x0 * xscale
+        y1 = x1 * xscale
+        y2 = x2 * xscale
+        y3 = x3 * xscale
+        xs = tl.sum((x0 + x1) + (x2 + x3), 2)
+        acc_a, acc_b = _words_accumulate(acc_a, acc_b, a0, a1, a2, a3, b0, b1, b2, b3, y0, y1, y2, y3, xs,
+                                         S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM, ROW_SCALE)
+    ya, yb = _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
+    # ss holds each column once per row of the block
+    return ya, yb, tl.sum(tl.sum(tl.sum(ss, 2), 1), 0) / BLOCK_R
+
+
+@triton.jit
+def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block:
+    XP[k] = n[k] pre-scaled as _qstream_words scales x (by column k % E of its word), in fp32;
+    XS[j] = Σ n over the 4E-column chunk j; n = rmsnorm(s)·g with NORM (every program sums the
+    whole row's squares: K is a hidden size, a few KiB from L2), else s; s = x (+ residual,
+    stored to ROut in the activations' dtype).  Program i writes columns [i·BLOCK, (i + 1)·BLOCK)."""
+    wait_for_predecessor(PDL)
+    offs = tl.arange(0, BLOCK)
+    inv = 1.0
+    if NORM:
+        ss = tl.zeros([BLOCK], tl.float32)
+        for k in range(0, K, BLOCK):
+            _, sq = _act(X, R, G, ROut, k + offs, 0, HAS_RES, False, False)
+            ss += sq
+        inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+    kk = tl.program_id(0) * BLOCK + offs
+    n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
+    n = n * inv
+    t = kk % E
+    if E == 8:
+        xscale = tl.where(t % 4 == 0, _X_SCALE0, tl.where(t % 4 == 1, _X_SCALE1, tl.where(t % 4 == 2, _X_SCALE2, _X_SCALE3)))
+    else:
+        xscale = tl.where(t % 2 == 0, _X_SCALE0, _X_SCALE2)
+    tl.store(XP + kk, n * xscale)
+    CH: tl.constexpr = 4 * E
+    chunks = tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1)
+    tl.store(XS + tl.program_id(0) * (BLOCK // CH) + tl.arange(0, BLOCK // CH), chunks)
+
+
+@triton.jit
+def _qstream_prepped(
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K0, K1,
+    KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """_qstream_words over activations _prep_act_kernel prepared (pre-scaled, normalised, with
+    their chunk sums): the loop loads them as they are, so a weight costs its AND and FMA and a
+    share of one fp32 load, with no per-row conversion, norm or sum of x."""
+    E: tl.constexpr = 8 if KIND == 1 else 4
+    C: tl.constexpr = BLOCK_K // (4 * E)
+    c = tl.arange(0, C)
+    xoff = (4 * E * c)[None, :, None] + tl.arange(0, E)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
+    ra = rows_a.to(tl.int64)[:, None]
+    rb = rows_b.to(tl.int64)[:, None]
+    qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    qb = QW + rb * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    acc_a = tl.zeros([BLOCK_R, C], tl.float32)
+    acc_b = tl.zeros([BLOCK_R, C], tl.float32)
+    for k0 in range(K0, K1, BLOCK_K):
+        a0, a1, a2, a3 = _split4(tl.load(qa + k0 // E))
+        b0, b1, b2, b3 = _split4(tl.load(qb + k0 // E))
+        y0 = tl.load(XP + k0 + xoff)
+        y1 = tl.load(XP + k0 + E + xoff)
+        y2 = tl.load(XP + k0 + 2 * E + xoff)
+        y3 = tl.load(XP + k0 + 3 * E + xoff)
+        xs = tl.load(XS + k0 // (4 * E) + c)[None, :]
+        acc_a, acc_b = _words_accumulate(acc_a, acc_b, a0, a1, a2, a3, b0, b1, b2, b3, y0, y1, y2, y3, xs,
+                                         S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM, ROW_SCALE)
+    return _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
+
+
+def prepare_activations(w, x, residual, norm_w, eps, r_out) -> tuple[torch.Tensor, torch.Tensor]:
+    """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs: x (+ residual, stored to r_out),
+    rmsnorm-ed with norm_w when given."""
+    K = x.numel()
+    E = 8 if w.fmt.kind == "int4" else 4
+    block = 1024
+    while K % block:  # words_apply: K is a multiple of a 4E-column chunk, a power of two
+        block //= 2
+    xp = torch.empty(K, dtype=torch.float32, device=x.device)
+    xs = torch.empty(K // (4 * E), dtype=torch.float32, device=x.device)
+    _prep_act_kernel[(K // block,)](
+        x, residual if residual is not None else x, norm_w if norm_w is not None else x,
+        r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,
+        NORM=norm_w is not None, BLOCK=block, num_warps=4, **launch_options(x.device))
+    return xp, xs
