@@ -158,6 +158,22 @@ def _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE: tl.constexpr
 
 
 @triton.jit
+def _words_tile(QW, stride_q, rows_a, rows_b, KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The words loops' indexing: chunk indices c [C], the activations' column offsets of a
+    step [BLOCK_R, C, E] (the same for every row: x lands in the weights' layout), the row
+    offsets ra / rb [BLOCK_R, 1] and the word pointers qa / qb [BLOCK_R, BLOCK_K/E] of the two
+    row blocks at column 0."""
+    E: tl.constexpr = 8 if KIND == 1 else 4
+    c = tl.arange(0, BLOCK_K // (4 * E))
+    xoff = (4 * E * c)[None, :, None] + tl.arange(0, E)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
+    ra = rows_a.to(tl.int64)[:, None]
+    rb = rows_b.to(tl.int64)[:, None]
+    qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    qb = QW + rb * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    return c, xoff, ra, rb, qa, qb
+
+
+@triton.jit
 def _qstream_words(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1, write_res,
     KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
@@ -173,18 +189,13 @@ def _qstream_words(
     (_word_dot, _byte_dot)."""
     E: tl.constexpr = 8 if KIND == 1 else 4
     C: tl.constexpr = BLOCK_K // (4 * E)
-    c = tl.arange(0, C)
-    xoff = (4 * E * c)[None, :, None] + tl.arange(0, E)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
+    c, xoff, ra, rb, qa, qb = _words_tile(QW, stride_q, rows_a, rows_b, KIND, BLOCK_R, BLOCK_K)
     if KIND == 1:
         t = tl.arange(0, 8) % 4
         xscale = tl.where(t == 0, _X_SCALE0, tl.where(t == 1, _X_SCALE1, tl.where(t == 2, _X_SCALE2, _X_SCALE3)))
     else:
         xscale = tl.where(tl.arange(0, 4) % 2 == 0, _X_SCALE0, _X_SCALE2)
     xscale = xscale[None, None, :]
-    ra = rows_a.to(tl.int64)[:, None]
-    rb = rows_b.to(tl.int64)[:, None]
-    qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
-    qb = QW + rb * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
     ss = tl.zeros([BLOCK_R, C, E], tl.float32)
@@ -256,12 +267,7 @@ def _qstream_prepped(
     share of one fp32 load, with no per-row conversion, norm or sum of x."""
     E: tl.constexpr = 8 if KIND == 1 else 4
     C: tl.constexpr = BLOCK_K // (4 * E)
-    c = tl.arange(0, C)
-    xoff = (4 * E * c)[None, :, None] + tl.arange(0, E)[None, None, :] + tl.zeros([BLOCK_R, 1, 1], tl.int32)
-    ra = rows_a.to(tl.int64)[:, None]
-    rb = rows_b.to(tl.int64)[:, None]
-    qa = QW + ra * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
-    qb = QW + rb * stride_q + tl.arange(0, BLOCK_K // E)[None, :]
+    c, xoff, ra, rb, qa, qb = _words_tile(QW, stride_q, rows_a, rows_b, KIND, BLOCK_R, BLOCK_K)
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
     for k0 in range(K0, K1, BLOCK_K):
