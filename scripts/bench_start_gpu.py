@@ -174,10 +174,10 @@ def _env(root: Path) -> dict:
     return env
 
 
-def time_run(root: Path, ckpt: Path, extra: list[str], log_path: Path | None) -> dict:
+def time_run(root: Path, ckpt: Path, extra: list[str], log_path: Path | None, python_flags: tuple = ()) -> dict:
     """One `echo hi | localsgl -v run -m ckpt --max-tokens 1`: seconds to the first stdout byte
     and to exit; stderr lines stamped with their arrival."""
-    cmd = [sys.executable, "-m", "localsgl.cli", "-v", "run", "-m", str(ckpt), "--max-tokens", "1", *extra]
+    cmd = [sys.executable, *python_flags, "-m", "localsgl.cli", "-v", "run", "-m", str(ckpt), "--max-tokens", "1", *extra]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(root),
                          cwd="/tmp")
@@ -206,6 +206,25 @@ def time_run(root: Path, ckpt: Path, extra: list[str], log_path: Path | None) ->
             "answer": (first + rest).decode(errors="replace")[:40]}
 
 
+def import_profile(root: Path, ckpt: Path, out: Path, top: int = 25) -> list[str]:
+    """One more run under ``python -X importtime``: the imports with the largest cumulative
+    time (µs), written to out/importtime.txt; the slowest few are returned for the report."""
+    log = out / "importtime-raw.log"
+    time_run(root, ckpt, [], log, python_flags=("-X", "importtime"))
+    rows = []
+    for line in log.read_text().splitlines():
+        parts = line.split("import time:", 1)
+        if len(parts) == 2 and "|" in parts[1]:
+            fields = [f.strip() for f in parts[1].split("|")]
+            if fields[1].isdigit():
+                rows.append((int(fields[1]), fields[2]))
+    rows.sort(reverse=True)
+    text = [f"{us / 1e6:7.3f} s  {name}" for us, name in rows[:top]]
+    (out / "importtime.txt").write_text("\n".join(text) + "\n")
+    log.unlink()
+    return text[:8]
+
+
 def in_process_report(ckpt: Path) -> dict:
     """When an engine of this tree serves, and when its last decode graph is captured."""
     from localsgl import Engine
@@ -230,6 +249,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-start")
     ap.add_argument("--tiny", action="store_true", help="a tiny model with the 8B's vocabulary (checks the script)")
     ap.add_argument("--no-in-process", action="store_true")
+    ap.add_argument("--importtime", action="store_true", help="also one run under -X importtime (out/importtime.txt)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,6 +276,8 @@ def main() -> int:
         fb = [r["first_byte_s"] for r in rs if r["first_byte_s"] is not None]
         summary[name] = {"median_first_byte_s": statistics.median(fb) if fb else None,
                          "first_byte_s": fb, "median_exit_s": statistics.median(r["exit_s"] for r in rs)}
+    if a.importtime:
+        summary["slowest_imports"] = import_profile(HERE, ckpt, out)
     if not a.no_in_process:
         try:
             summary["in_process"] = in_process_report(ckpt)

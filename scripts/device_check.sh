@@ -64,7 +64,7 @@ fi
 
 if [[ "$EXTRA" == *" startup "* ]]; then
   echo "== command to first token (random Llama-3.1-8B safetensors, warm page and Triton caches)"
-  timeout ${STARTUP_TIMEOUT:-240} python3 scripts/bench_start_gpu.py --runs ${STARTUP_RUNS:-3} --out "$OUTDIR" 2>&1 | tee "$OUTDIR/startup.log" | tail -25
+  timeout ${STARTUP_TIMEOUT:-240} python3 scripts/bench_start_gpu.py --runs ${STARTUP_RUNS:-3} --importtime --out "$OUTDIR" 2>&1 | tee "$OUTDIR/startup.log" | tail -25
 fi
 if [[ "$EXTRA" == *" structured "* ]]; then
   echo "== structured decoding: JSON schema vs free (Llama-3.1-8B shapes, dummy bf16 weights, Llama 3 tokenizer)"

@@ -563,8 +563,10 @@ def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, 
     host.source = source or resolve_model(model, load_format=load_format)
     host.model_name = host.source.name
     host.config = ModelConfig.from_hf(host.source.config)
-    host.device_info = detect_device(device)
+    t_resolved = time.perf_counter()
+    host.device_info = detect_device(device)  # on a GPU: the CUDA context starts here
     host.device = torch.device(host.device_info.torch_device)
+    t_device = time.perf_counter()
     host.dtype = parse_dtype(dtype) or default_dtype(host.device_info, host.config)
     plan_kwargs = plan_options(dict(
         max_model_len=max_model_len, kv_memory=kv_memory, gpu_memory=gpu_memory,
@@ -577,6 +579,7 @@ def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, 
         plan_kwargs["weights_bytes"] = host.weights_estimate.total_bytes
     pre_plan = make_plan(host.config, host.device_info, host.dtype, **plan_kwargs)
     tokenizer = _in_background(host.source.load_tokenizer)  # transformers' import overlaps the weights
+    t_planned = time.perf_counter()
     host.model = load_model(host.source, host.dtype, host.device, load_format, max_positions=pre_plan.max_model_len,
                             weights=weights, quantization=quantization)
     free_after = None
@@ -625,8 +628,10 @@ def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, 
     # follow while serving: graphs_ready_after_weights_seconds)
     host.ready_after_weights_seconds = t_ready - t_weights
     host._t_weights = t_weights
-    log.info("engine ready in %.1f s (%.1f s after the weights): %s", host.load_seconds,
-             host.ready_after_weights_seconds, host.plan.describe())
+    # the stages before the weights: where a slow start goes (`run -v` prints this line)
+    log.info("engine ready in %.1f s (resolve %.2f s, device %.2f s, plan %.2f s, weights %.2f s, then %.1f s "
+             "after the weights): %s", host.load_seconds, t_resolved - t0, t_device - t_resolved,
+             t_planned - t_device, t_weights - t_planned, host.ready_after_weights_seconds, host.plan.describe())
 
 
 _GRAMMAR_LOCK = threading.Lock()
