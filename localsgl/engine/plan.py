@@ -367,9 +367,10 @@ def sliding_window_limit(window: int) -> str:
 
 
 # Piecewise CUDA graphs for extend and mixed steps (piecewise_graph.py) are on by default where a
-# layer holds at most this many GEMM parameters: there a mixed step waits on its launches (H200,
-# llama-3.2-1b, 61M per layer: +44 % offline throughput), while larger layers keep the GPU busy
-# through them (llama-3.1-8b, 218M: 3 % slower); bench/RESULTS.md, "Mixed steps".
+# layer holds at most this many GEMM parameters: there an eager mixed step waits on its launches
+# (llama-3.2-1b, 61M per layer), while larger layers keep the GPU busy through them and the graphs'
+# padding costs more than they save (llama-3.1-8b, 218M); measured in bench/RESULTS.md, "Mixed steps"
+# (fourth session). The plan reserves their memory where this default turns them on.
 PIECEWISE_MAX_LAYER_PARAMS = 120_000_000
 PIECEWISE_MAX_TOKENS = 4096  # the largest token bucket of the piecewise graphs
 

@@ -7,8 +7,8 @@ else runs eagerly, and so does a decode batch whose bucket is not captured yet
 which the engine thread calls between steps).  Extend and mixed steps replay graphs around
 their eager attention (piecewise_graph.py), padded to a token bucket, for models whose layers
 are small enough that launches bound those steps (plan.piecewise_graphs_by_default; the
-``piecewise_graphs`` switch forces them on or off).  The runner never decides *what* runs — that is the
-scheduler's job — only how.
+``piecewise_graphs`` switch forces them on or off).  The runner never decides *what* runs —
+that is the scheduler's job — only how.
 """
 from __future__ import annotations
 
