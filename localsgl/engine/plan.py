@@ -369,8 +369,8 @@ def sliding_window_limit(window: int) -> str:
 # Piecewise CUDA graphs for extend and mixed steps (piecewise_graph.py) are on by default where a
 # layer holds at most this many GEMM parameters: there an eager mixed step waits on its launches
 # (llama-3.2-1b, 61M per layer), while larger layers keep the GPU busy through them and the graphs'
-# padding costs more than they save (llama-3.1-8b, 218M); measured in bench/RESULTS.md, "Mixed steps"
-# (fourth session). The plan reserves their memory where this default turns them on.
+# padding costs more than they save (llama-3.1-8b, 218M): bench/RESULTS.md, "Piecewise graphs for
+# mixed steps". The plan reserves their memory where this default turns them on.
 PIECEWISE_MAX_LAYER_PARAMS = 120_000_000
 PIECEWISE_MAX_TOKENS = 4096  # the largest token bucket of the piecewise graphs
 
