@@ -68,3 +68,24 @@ def _shapes(fmt, n, k):
     q = torch.empty((n, k // 2 if fmt.kind == "int4" else k), dtype=torch.uint8, device="meta")
     s = torch.empty((n, k // g), dtype=torch.float16, device="meta")
     return q, s, (None if fmt.symmetric else torch.empty_like(s))
+
+
+def test_merge_of_a_partial_sweep():
+    """scripts/merge_tiles.py: the (kind, format, rows) a sweep timed take its winners alone (a
+    shape whose built-in tile won loses its old entry); everything else is kept."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "merge_tiles.py"
+    spec = importlib.util.spec_from_file_location("merge_tiles", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    e = lambda kind, fmt, n, m, tile: dict(kind=kind, fmt=fmt, n=n, k=4096, m=m, tile=tile)  # noqa: E731
+    tuned = [e("gemv", "int4 g128 asym", 6144, 1, [8, 1024, 4, 1]), e("gemv", "int4 g128 asym", 4096, 1, [4, 256, 4, 1]),
+             e("gemm", "int4 g128 asym", 6144, 16, [16, 32, 256, 4, 4, 1, 1]), e("gemv", "int8 g16", 6144, 1, [32, 512, 4, 2])]
+    rows = [dict(kind="gemv", label="int4 g128 asym", m=1), dict(kind="prefill", m=2048)]
+    tiles = [e("gemv", "int4 g128 asym", 6144, 1, [8, 512, 4, 1, 1, 2])]
+    merged = mod.merge(tuned, rows, tiles)
+    assert tiles[0] in merged and tuned[0] not in merged
+    assert tuned[1] not in merged  # timed, and the built-in tile won: no entry
+    assert tuned[2] in merged and tuned[3] in merged  # not part of the sweep
+    assert len(merged) == 3
