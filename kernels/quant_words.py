@@ -51,6 +51,17 @@ _WORD_SUM_SCALE = tl.constexpr(1.152921504606847e+18)  # 2^60
 
 
 @triton.jit
+def _x_scale(p, E: tl.constexpr):
+    """The pre-scale of the activation at column p of an int32 word of E values: 2^(89 - 4·(p % 4))
+    for int4 (E = 8), 2^(89 - 8·(p % 2)) for int8 (E = 4)."""
+    if E == 8:
+        t = p % 4
+        return tl.where(t == 0, _X_SCALE0, tl.where(t == 1, _X_SCALE1, tl.where(t == 2, _X_SCALE2, _X_SCALE3)))
+    else:
+        return tl.where(p % 2 == 0, _X_SCALE0, _X_SCALE2)
+
+
+@triton.jit
 def _split8(x):
     """[..., 8] -> its 8 columns (in-thread: no data movement)."""
     a, b = tl.split(tl.reshape(x, x.shape[:-1] + [4, 2]))  # columns 0,2,4,6 / 1,3,5,7
@@ -190,12 +201,7 @@ def _qstream_words(
     E: tl.constexpr = 8 if KIND == 1 else 4
     C: tl.constexpr = BLOCK_K // (4 * E)
     c, xoff, ra, rb, qa, qb = _words_tile(QW, stride_q, rows_a, rows_b, KIND, BLOCK_R, BLOCK_K)
-    if KIND == 1:
-        t = tl.arange(0, 8) % 4
-        xscale = tl.where(t == 0, _X_SCALE0, tl.where(t == 1, _X_SCALE1, tl.where(t == 2, _X_SCALE2, _X_SCALE3)))
-    else:
-        xscale = tl.where(tl.arange(0, 4) % 2 == 0, _X_SCALE0, _X_SCALE2)
-    xscale = xscale[None, None, :]
+    xscale = _x_scale(tl.arange(0, E), E)[None, None, :]
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
     ss = tl.zeros([BLOCK_R, C, E], tl.float32)
@@ -245,12 +251,7 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
     kk = tl.program_id(0) * BLOCK + offs
     n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
     n = n * inv
-    t = kk % E
-    if E == 8:
-        xscale = tl.where(t % 4 == 0, _X_SCALE0, tl.where(t % 4 == 1, _X_SCALE1, tl.where(t % 4 == 2, _X_SCALE2, _X_SCALE3)))
-    else:
-        xscale = tl.where(t % 2 == 0, _X_SCALE0, _X_SCALE2)
-    tl.store(XP + kk, n * xscale)
+    tl.store(XP + kk, n * _x_scale(kk % E, E))
     CH: tl.constexpr = 4 * E
     chunks = tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1)
     tl.store(XS + tl.program_id(0) * (BLOCK // CH) + tl.arange(0, BLOCK // CH), chunks)
