@@ -86,7 +86,7 @@ def _qstream_rows(
     XP, R: its XS; the norm and the residual are done), else group by group (_qstream_groups)."""
     if PREP:
         wait_for_predecessor(PDL)
-        ya, yb = _qstream_prepped(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K0, K1,
+        ya, yb = _qstream_prepped(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K, K0, K1,
                                   KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K)
     elif WORDS:
         wait_for_predecessor(PDL)

@@ -130,18 +130,28 @@ def _byte_dot(w, x):
 @triton.jit
 def _words_accumulate(acc_a, acc_b, a0, a1, a2, a3, b0, b1, b2, b3, y0, y1, y2, y3, xs, S, Mn, ra, rb, stride_s,
                       k0, c, KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr):
-    """One step of the words loops: the 4-word chunks a*, b* (int4 or int8) against the pre-scaled
-    activations y0..y3 of their columns, whose unscaled chunk sums are xs; adds Σ q·x of each chunk,
-    times its group's scale (plus offset·xs), to acc_a / acc_b ([rows, chunks])."""
-    E: tl.constexpr = 8 if KIND == 1 else 4
+    """One step of _qstream_words: the 4-word chunks a*, b* (int4 or int8) against the pre-scaled
+    activations y0..y3 of their columns, whose unscaled chunk sums are xs (_scale_chunks)."""
     if KIND == 1:
-        BIAS: tl.constexpr = 8.0 if SYM else 0.0  # q = u - 8 (symmetric int4)
         pa = (_word_dot(a0, y0) + _word_dot(a1, y1)) + (_word_dot(a2, y2) + _word_dot(a3, y3))
         pb = (_word_dot(b0, y0) + _word_dot(b1, y1)) + (_word_dot(b2, y2) + _word_dot(b3, y3))
     else:
-        BIAS: tl.constexpr = 128.0  # q = (q + 128) - 128
         pa = (_byte_dot(a0, y0) + _byte_dot(a1, y1)) + (_byte_dot(a2, y2) + _byte_dot(a3, y3))
         pb = (_byte_dot(b0, y0) + _byte_dot(b1, y1)) + (_byte_dot(b2, y2) + _byte_dot(b3, y3))
+    return _scale_chunks(acc_a, acc_b, pa, pb, xs, S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM, ROW_SCALE)
+
+
+@triton.jit
+def _scale_chunks(acc_a, acc_b, pa, pb, xs, S, Mn, ra, rb, stride_s, k0, c, KIND: tl.constexpr, LOG2G: tl.constexpr,
+                  SYM: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """Adds to acc_a / acc_b ([rows, chunks]) Σ q·x of each 4-word chunk, from the words' scaled sums
+    pa / pb (Σ (stored value)·x·2^-60) and the chunk's sum of x, xs: times its group's scale
+    (plus offset·xs); a row-scaled weight gets its scale at the end (_row_sums)."""
+    E: tl.constexpr = 8 if KIND == 1 else 4
+    if KIND == 1:
+        BIAS: tl.constexpr = 8.0 if SYM else 0.0  # q = u - 8 (symmetric int4)
+    else:
+        BIAS: tl.constexpr = 128.0  # q = (q + 128) - 128
     pa = pa * _WORD_SUM_SCALE - BIAS * xs  # Σ q·x over the chunk
     pb = pb * _WORD_SUM_SCALE - BIAS * xs
     if ROW_SCALE:
@@ -234,11 +244,13 @@ def _qstream_words(
 @triton.jit
 def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                      BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block:
-    XP[k] = n[k] pre-scaled as _qstream_words scales x (by column k % E of its word), in fp32;
-    XS[j] = Σ n over the 4E-column chunk j; n = rmsnorm(s)·g with NORM (every program sums the
-    whole row's squares: K is a hidden size, a few KiB from L2), else s; s = x (+ residual,
-    stored to ROut in the activations' dtype).  Program i writes columns [i·BLOCK, (i + 1)·BLOCK)."""
+    """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block,
+    in planes: XP[p·K/E + j] = n[E·j + p] pre-scaled as _qstream_words scales it (by its column p
+    in word j), in fp32, so that plane p lines up with the words as they are loaded and no
+    layout conversion is needed; XS[j] = Σ n over the 4E-column chunk j; n = rmsnorm(s)·g with
+    NORM (every program sums the whole row's squares: K is a hidden size, a few KiB from L2),
+    else s; s = x (+ residual, stored to ROut in the activations' dtype).  Program i writes
+    columns [i·BLOCK, (i + 1)·BLOCK)."""
     wait_for_predecessor(PDL)
     offs = tl.arange(0, BLOCK)
     inv = 1.0
@@ -251,36 +263,81 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
     kk = tl.program_id(0) * BLOCK + offs
     n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
     n = n * inv
-    tl.store(XP + kk, n * _x_scale(kk % E, E))
+    tl.store(XP + (kk % E) * (K // E) + kk // E, n * _x_scale(kk % E, E))
     CH: tl.constexpr = 4 * E
     chunks = tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1)
     tl.store(XS + tl.program_id(0) * (BLOCK // CH) + tl.arange(0, BLOCK // CH), chunks)
 
 
 @triton.jit
+def _plane_term(ua, ub, mask: tl.constexpr, x, pa, pb):
+    """pa, pb += (the value bits ``mask`` of words ua, ub, read as subnormal floats)·x."""
+    return pa + (ua & mask).to(tl.float32, bitcast=True) * x, pb + (ub & mask).to(tl.float32, bitcast=True) * x
+
+
+@triton.jit
+def _plane_dot(wa, wb, xp, plane, KIND: tl.constexpr):
+    """Σ_p (stored value p of a word)·x_p·2^-60 over the E values of each int32 word of wa and of
+    wb ([rows, words]), x_p loaded once from plane p of the prepared activations (xp: pointers
+    into plane 0, plane: the planes' stride) in the words' own layout: per value an AND and an
+    FMA, as in _word_dot and _byte_dot."""
+    ua = wa.to(tl.uint32, bitcast=True)
+    ub = wb.to(tl.uint32, bitcast=True)
+    if KIND != 1:
+        ua = ua ^ 0x80808080
+        ub = ub ^ 0x80808080
+    ha = ua >> 16
+    hb = ub >> 16
+    pa = tl.zeros(wa.shape, tl.float32)
+    pb = tl.zeros(wa.shape, tl.float32)
+    if KIND == 1:
+        pa, pb = _plane_term(ua, ub, 0xF, tl.load(xp), pa, pb)
+        pa, pb = _plane_term(ua, ub, 0xF0, tl.load(xp + plane), pa, pb)
+        pa, pb = _plane_term(ua, ub, 0xF00, tl.load(xp + 2 * plane), pa, pb)
+        pa, pb = _plane_term(ua, ub, 0xF000, tl.load(xp + 3 * plane), pa, pb)
+        pa, pb = _plane_term(ha, hb, 0xF, tl.load(xp + 4 * plane), pa, pb)
+        pa, pb = _plane_term(ha, hb, 0xF0, tl.load(xp + 5 * plane), pa, pb)
+        pa, pb = _plane_term(ha, hb, 0xF00, tl.load(xp + 6 * plane), pa, pb)
+        pa, pb = _plane_term(ha, hb, 0xF000, tl.load(xp + 7 * plane), pa, pb)
+    else:
+        pa, pb = _plane_term(ua, ub, 0xFF, tl.load(xp), pa, pb)
+        pa, pb = _plane_term(ua, ub, 0xFF00, tl.load(xp + plane), pa, pb)
+        pa, pb = _plane_term(ha, hb, 0xFF, tl.load(xp + 2 * plane), pa, pb)
+        pa, pb = _plane_term(ha, hb, 0xFF00, tl.load(xp + 3 * plane), pa, pb)
+    return pa, pb
+
+
+@triton.jit
 def _qstream_prepped(
-    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K0, K1,
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K, K0, K1,
     KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """_qstream_words over activations _prep_act_kernel prepared (pre-scaled, normalised, with
-    their chunk sums): the loop loads them as they are, so a weight costs its AND and FMA and a
-    share of one fp32 load, with no per-row conversion, norm or sum of x."""
+    """_qstream_words over activations _prep_act_kernel prepared (pre-scaled, normalised, in
+    planes, with their chunk sums): a step loads [BLOCK_R, BLOCK_K/E] words per row block and,
+    per value position p of a word, plane p's [BLOCK_R, BLOCK_K/E] activations (the same for
+    every row), so both land in one layout; the products of 4 consecutive words (in-thread)
+    make a chunk's sum.  A weight costs its AND and FMA and a share of one fp32 load."""
     E: tl.constexpr = 8 if KIND == 1 else 4
-    C: tl.constexpr = BLOCK_K // (4 * E)
-    c, xoff, ra, rb, qa, qb = _words_tile(QW, stride_q, rows_a, rows_b, KIND, BLOCK_R, BLOCK_K)
+    W: tl.constexpr = BLOCK_K // E
+    C: tl.constexpr = W // 4
+    c = tl.arange(0, C)
+    ra = rows_a.to(tl.int64)[:, None]
+    rb = rows_b.to(tl.int64)[:, None]
+    words = tl.arange(0, W)[None, :]
+    qa = QW + ra * stride_q + words
+    qb = QW + rb * stride_q + words
+    xw = XP + words + tl.zeros([BLOCK_R, 1], tl.int32)  # x lands in the words' layout
+    plane = tl.multiple_of(K // E, 4)  # words_apply: K is a multiple of a 4E-column chunk
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
     for k0 in range(K0, K1, BLOCK_K):
-        a0, a1, a2, a3 = _split4(tl.load(qa + k0 // E))
-        b0, b1, b2, b3 = _split4(tl.load(qb + k0 // E))
-        y0 = tl.load(XP + k0 + xoff)
-        y1 = tl.load(XP + k0 + E + xoff)
-        y2 = tl.load(XP + k0 + 2 * E + xoff)
-        y3 = tl.load(XP + k0 + 3 * E + xoff)
+        pa, pb = _plane_dot(tl.load(qa + k0 // E), tl.load(qb + k0 // E), xw + k0 // E, plane, KIND)
+        pa = tl.sum(tl.reshape(pa, [BLOCK_R, C, 4]), 2)
+        pb = tl.sum(tl.reshape(pb, [BLOCK_R, C, 4]), 2)
         xs = tl.load(XS + k0 // (4 * E) + c)[None, :]
-        acc_a, acc_b = _words_accumulate(acc_a, acc_b, a0, a1, a2, a3, b0, b1, b2, b3, y0, y1, y2, y3, xs,
-                                         S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM, ROW_SCALE)
+        acc_a, acc_b = _scale_chunks(acc_a, acc_b, pa, pb, xs, S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM,
+                                     ROW_SCALE)
     return _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
 
 
