@@ -3,7 +3,7 @@ shape and row count, the default tile's µs per call, the best tile found and it
 floor (packed bytes over copy bandwidth; for many rows also the bf16 tensor-core time).
 
     python scripts/probe_quant_tiles.py [--jobs 14] [--json OUT.json] [--tiles TILES.json]
-        [--formats int4g128 int4g32 ...] [--kinds gemv gemm prefill]
+        [--formats int4g128 int4g32 ...] [--kinds gemv gemm prefill] [--words 0|1|2]
 
 ``--tiles`` writes the winners that beat the built-in tile in the format of
 kernels/quant_tiles.py (LOCALSGL_QUANT_TILES=TILES.json makes the engine use them; copied to
@@ -214,8 +214,10 @@ def main() -> None:
     ap.add_argument("--tiles", default=None)
     ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--kinds", nargs="*", default=["gemv", "gemm", "prefill"], choices=["gemv", "gemm", "prefill"])
+    ap.add_argument("--words", type=int, choices=[0, 1, 2], default=None,
+                    help="time only the GEMV tiles of this words variant (the default tile is timed anyway)")
     args = ap.parse_args()
-    todo = variants(args.formats, args.kinds)
+    todo = [v for v in variants(args.formats, args.kinds) if args.words is None or v[0] != "gemv" or v[3].words == args.words]
     t0 = time.time()
     if args.jobs > 1:
         ctx = mp.get_context("spawn")
