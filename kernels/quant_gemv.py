@@ -271,8 +271,12 @@ class Config(NamedTuple):
     words: int = 0
 
 
-# bytes of packed weights per row and step: 128 (int4: 256 columns; int8 / fp8: 128)
-_CUDA = {"int4": (8, 256, 4), "int8": (8, 128, 4), "fp8": (8, 128, 4)}
+# (BLOCK_R, BLOCK_K, warps, words) where no tuned tile applies: int4 / int8 as int32 words over
+# prepared activations, 512 bytes of packed weights per row and step (H200: 3-5x the byte tiles;
+# bench/RESULTS.md "2026-12-02 (fifth session)"); the byte tiles (128 bytes per row and step) for
+# fp8 and where words do not apply
+_CUDA_WORDS = {"int4": (8, 1024, 4, 2), "int8": (8, 512, 4, 2)}
+_CUDA = {"int4": (8, 256, 4, 0), "int8": (8, 128, 4, 0), "fp8": (8, 128, 4, 0)}
 
 
 def row_scaled(w) -> bool:
@@ -303,11 +307,18 @@ def default_config(w, rows_per_block: int, device_type: str) -> Config | None:
             if rows_per_block % (2 * cfg.block_r) == 0 and block_k(w, cfg.block_k) == cfg.block_k \
                     and w.in_features % (cfg.block_k * max(1, cfg.split_k)) == 0:
                 return cfg
-    r, target, warps = _CUDA[w.fmt.kind] if device_type == "cuda" else (4, 64, 4)
+    if device_type == "cuda" and w.fmt.kind in _CUDA_WORDS:
+        r, target, warps, words = _CUDA_WORDS[w.fmt.kind]
+        bk = block_k(w, target)
+        if bk is not None:
+            cfg = Config(min(r, rows_per_block), bk, warps, 1, 1, words)
+            if words_apply(w, cfg):
+                return cfg
+    r, target, warps, words = _CUDA[w.fmt.kind] if device_type == "cuda" else (4, 64, 4, 0)
     bk = block_k(w, target)
     if bk is None:
         return None
-    return Config(min(r, rows_per_block), bk, warps, 1)
+    return Config(min(r, rows_per_block), bk, warps, 1, 1, words)
 
 
 def words_apply(w, cfg: Config) -> bool:
