@@ -243,30 +243,45 @@ def _qstream_words(
 
 @triton.jit
 def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False):
     """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block,
     in planes: XP[p·K/E + j] = n[E·j + p] pre-scaled as _qstream_words scales it (by its column p
     in word j), in fp32, so that plane p lines up with the words as they are loaded and no
     layout conversion is needed; XS[j] = Σ n over the 4E-column chunk j; n = rmsnorm(s)·g with
-    NORM (every program sums the whole row's squares: K is a hidden size, a few KiB from L2),
-    else s; s = x (+ residual, stored to ROut in the activations' dtype).  Program i writes
-    columns [i·BLOCK, (i + 1)·BLOCK)."""
+    NORM, else s; s = x (+ residual, stored to ROut in the activations' dtype).  ONE_PASS: one
+    program holds the whole row (BLOCK >= K), so the norm's sum and the output take one round of
+    loads; else program i writes columns [i·BLOCK, (i + 1)·BLOCK), each summing the whole row's
+    squares first with NORM (K is a hidden size, a few KiB from L2)."""
     wait_for_predecessor(PDL)
     offs = tl.arange(0, BLOCK)
-    inv = 1.0
-    if NORM:
-        ss = tl.zeros([BLOCK], tl.float32)
-        for k in range(0, K, BLOCK):
-            _, sq = _act(X, R, G, ROut, k + offs, 0, HAS_RES, False, False)
-            ss += sq
-        inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-    kk = tl.program_id(0) * BLOCK + offs
-    n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
-    n = n * inv
-    tl.store(XP + (kk % E) * (K // E) + kk // E, n * _x_scale(kk % E, E))
     CH: tl.constexpr = 4 * E
-    chunks = tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1)
-    tl.store(XS + tl.program_id(0) * (BLOCK // CH) + tl.arange(0, BLOCK // CH), chunks)
+    if ONE_PASS:
+        kk = offs
+        ok = kk < K
+        x = tl.load(X + kk, mask=ok, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(R + kk, mask=ok, other=0.0).to(tl.float32)).to(ROut.dtype.element_ty)
+            tl.store(ROut + kk, x, mask=ok)
+        n = x.to(tl.float32)
+        if NORM:
+            n = n * tl.rsqrt(tl.sum(n * n, 0) / K + eps) * tl.load(G + kk, mask=ok, other=0.0).to(tl.float32)
+        tl.store(XP + (kk % E) * (K // E) + kk // E, n * _x_scale(kk % E, E), mask=ok)
+        j = tl.arange(0, BLOCK // CH)
+        tl.store(XS + j, tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1), mask=j < K // CH)
+    else:
+        inv = 1.0
+        if NORM:
+            ss = tl.zeros([BLOCK], tl.float32)
+            for k in range(0, K, BLOCK):
+                _, sq = _act(X, R, G, ROut, k + offs, 0, HAS_RES, False, False)
+                ss += sq
+            inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+        kk = tl.program_id(0) * BLOCK + offs
+        n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
+        n = n * inv
+        tl.store(XP + (kk % E) * (K // E) + kk // E, n * _x_scale(kk % E, E))
+        chunks = tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1)
+        tl.store(XS + tl.program_id(0) * (BLOCK // CH) + tl.arange(0, BLOCK // CH), chunks)
 
 
 @triton.jit
@@ -341,18 +356,28 @@ def _qstream_prepped(
     return _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
 
 
+# the normed activations of hidden sizes up to this are prepared by one program (16 fp32 a thread at
+# 8 warps for 4,096); beyond, by programs of 1,024 columns that each sum the row's squares first
+ONE_PASS_MAX_K = 16384
+
+
 def prepare_activations(w, x, residual, norm_w, eps, r_out) -> tuple[torch.Tensor, torch.Tensor]:
     """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs: x (+ residual, stored to r_out),
     rmsnorm-ed with norm_w when given."""
     K = x.numel()
     E = 8 if w.fmt.kind == "int4" else 4
-    block = 1024
-    while K % block:  # words_apply: K is a multiple of a 4E-column chunk, a power of two
-        block //= 2
+    one_pass = norm_w is not None and K <= ONE_PASS_MAX_K
+    if one_pass:  # the norm needs the whole row: one program, one round of loads
+        block = triton.next_power_of_2(K)
+    else:
+        block = 1024
+        while K % block:  # words_apply: K is a multiple of a 4E-column chunk, a power of two
+            block //= 2
     xp = torch.empty(K, dtype=torch.float32, device=x.device)
     xs = torch.empty(K // (4 * E), dtype=torch.float32, device=x.device)
-    _prep_act_kernel[(K // block,)](
+    _prep_act_kernel[(1 if one_pass else K // block,)](
         x, residual if residual is not None else x, norm_w if norm_w is not None else x,
         r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,
-        NORM=norm_w is not None, BLOCK=block, num_warps=4, **launch_options(x.device))
+        NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, num_warps=8 if block >= 4096 else 4,
+        **launch_options(x.device))
     return xp, xs

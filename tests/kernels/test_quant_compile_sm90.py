@@ -50,11 +50,13 @@ def _specs():
     specs["gemv int8 row words"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 4096, True, True, 512, 16, True), warps=8)
     specs["gemv int8 g16 asym words"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, False, False, 512, 16, True))
     # words over prepared activations (words == 2): the preparing kernel and the GEMVs reading its output
-    for label, e, norm in (("int4, norm + residual", 8, True), ("int8, plain", 4, False)):
+    for label, e, norm, one_pass in (("int4, norm + residual", 8, True, False), ("int8, plain", 4, False, False),
+                                     ("int4, norm + residual, one pass", 8, True, True)):
         specs[f"prepare activations {label}"] = dict(
             kernel="localsgl_kernels.quant_words:_prep_act_kernel",
             pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", XP="*fp32", XS="*fp32"), div16=["K"],
-            scalars=dict(eps="fp32"), constexprs=dict(E=e, HAS_RES=norm, NORM=norm, BLOCK=1024, PDL=True))
+            scalars=dict(eps="fp32"), num_warps=8 if one_pass else 4,
+            constexprs=dict(E=e, HAS_RES=norm, NORM=norm, BLOCK=4096 if one_pass else 1024, PDL=True, ONE_PASS=one_pass))
     specs["gemv int4 g128 prepared 8x1024 split 2"] = _gemv(
         "*i32", "*fp16", _weight_meta(INT4, 128, False, False, 1024, 8, True, True), split=2)
     specs["gemv int8 g16 asym prepared"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, False, False, 512, 8, True, True))

@@ -129,6 +129,20 @@ def test_words_apply():
     assert rel_err(QG.gemv(x, fp8, config=cfg), x.double() @ fp8.dequantize(torch.float64).t()) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", [WORD_FORMATS[0], WORD_FORMATS[4]], ids=[WORD_IDS[0], WORD_IDS[4]])
+def test_fused_words_prepared_row_not_a_power_of_two(fmt):
+    """Activations prepared in one pass (the normed row in one program) for a hidden size that is
+    not a power of two: the program's block is padded and masked, the residual written once."""
+    g = gen(19)
+    h, i = 160, 16
+    x, res = randn(1, h, g=g), randn(1, h, g=g)
+    nw = 1 + 0.1 * randn(h, g=g)
+    w = _qw(2 * i, h, fmt, g)
+    ra, rr = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, w.dequantize(torch.float64))
+    a, r = QG.norm_gate_up(x, res, nw, 1e-6, w, config=QG.Config(8, 32, 4, 1, 1, 2))
+    assert rel_err(a, ra) < 1e-5 and torch.equal(r, x + res)
+
+
 @pytest.mark.parametrize("words", [1, 2])
 @pytest.mark.parametrize("fmt", WORD_FORMATS[:2] + WORD_FORMATS[4:], ids=WORD_IDS[:2] + WORD_IDS[4:])
 def test_fused_words(fmt, words):
