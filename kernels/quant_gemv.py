@@ -86,7 +86,7 @@ def _qstream_rows(
     XP, R: its XS; the norm and the residual are done), else group by group (_qstream_groups)."""
     if PREP:
         wait_for_predecessor(PDL)
-        ya, yb = _qstream_prepped(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K, K0, K1,
+        ya, yb = _qstream_prepped(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K0, K1,
                                   KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K)
     elif WORDS:
         wait_for_predecessor(PDL)
@@ -374,7 +374,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None):
     meta = _meta(w, cfg, x.device)
     qw, stride_q = _qweight(w, meta["WORDS"])
     xr = _check_row(x, K)
-    xp, xs = prepare_activations(w, xr, None, None, 0.0, None) if meta["PREP"] else (xr, xr)
+    xp, xs = prepare_activations(w, xr, None, None, 0.0, None, cfg.block_k) if meta["PREP"] else (xr, xr)
     _qgemv_kernel[(N // (2 * cfg.block_r), split)](
         xp, xs, qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, **meta)
     if split > 1:
@@ -402,7 +402,7 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     qw, stride_q = _qweight(w, meta["WORDS"])
     xr, rr = _check_row(x, K), _check_row(residual, K)
     if meta["PREP"]:
-        xr, rr = prepare_activations(w, xr, rr, norm_w, eps, r_out)
+        xr, rr = prepare_activations(w, xr, rr, norm_w, eps, r_out, cfg.block_k)
     _qnorm_gate_up_kernel[(I // cfg.block_r,)](
         xr, rr, norm_w, r_out, qw, w.scales, _mins(w), out, K, I, eps,
         stride_q, w.scales.stride(0), **meta)
@@ -439,7 +439,8 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
     qw, stride_q = _qweight(w, meta["WORDS"])
     xk, rk = xr, rr
     if meta["PREP"]:
-        xk, rk = prepare_activations(w, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None)
+        xk, rk = prepare_activations(w, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None,
+                                      cfg.block_k)
     _qnorm_qkv_kernel[(N // cfg.block_r // 2,)](
         xk, rk, norm_w, r_out, qw, w.scales, _mins(w), bias if bias is not None else w.scales, cos_sin,
         positions, loc, q, k_cache, v_cache,

@@ -152,8 +152,11 @@ def _scale_chunks(acc_a, acc_b, pa, pb, xs, S, Mn, ra, rb, stride_s, k0, c, KIND
         BIAS: tl.constexpr = 8.0 if SYM else 0.0  # q = u - 8 (symmetric int4)
     else:
         BIAS: tl.constexpr = 128.0  # q = (q + 128) - 128
-    pa = pa * _WORD_SUM_SCALE - BIAS * xs  # Σ q·x over the chunk
-    pb = pb * _WORD_SUM_SCALE - BIAS * xs
+    pa = pa * _WORD_SUM_SCALE  # Σ q·x over the chunk
+    pb = pb * _WORD_SUM_SCALE
+    if BIAS != 0.0:
+        pa -= BIAS * xs
+        pb -= BIAS * xs
     if ROW_SCALE:
         acc_a += pa
         acc_b += pb
@@ -242,12 +245,20 @@ def _qstream_words(
 
 
 @triton.jit
+def _plane_index(kk, E: tl.constexpr, BK: tl.constexpr):
+    """Where column kk lands in the prepared activations (_prep_act_kernel): its step's planes."""
+    r = kk % BK
+    return kk - r + (r % E) * (BK // E) + r // E
+
+
+@triton.jit
 def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-                     BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False, BK: tl.constexpr = 1024):
     """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block,
-    in planes: XP[p·K/E + j] = n[E·j + p] pre-scaled as _qstream_words scales it (by its column p
-    in word j), in fp32, so that plane p lines up with the words as they are loaded and no
-    layout conversion is needed; XS[j] = Σ n over the 4E-column chunk j; n = rmsnorm(s)·g with
+    in planes per BK-column step of the GEMV: XP[i·BK + p·BK/E + j] = n[i·BK + E·j + p] pre-scaled as
+    _qstream_words scales it (by its column p in word j), in fp32, so that plane p of a step lines
+    up with the step's words as they are loaded (no layout conversion) at a constant offset from
+    plane 0 (no address arithmetic per plane); XS[j] = Σ n over the 4E-column chunk j; n = rmsnorm(s)·g with
     NORM, else s; s = x (+ residual, stored to ROut in the activations' dtype).  ONE_PASS: one
     program holds the whole row (BLOCK >= K), so the norm's sum and the output take one round of
     loads; else program i writes columns [i·BLOCK, (i + 1)·BLOCK), each summing the whole row's
@@ -265,7 +276,7 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
         n = x.to(tl.float32)
         if NORM:
             n = n * tl.rsqrt(tl.sum(n * n, 0) / K + eps) * tl.load(G + kk, mask=ok, other=0.0).to(tl.float32)
-        tl.store(XP + (kk % E) * (K // E) + kk // E, n * _x_scale(kk % E, E), mask=ok)
+        tl.store(XP + _plane_index(kk, E, BK), n * _x_scale(kk % E, E), mask=ok)
         j = tl.arange(0, BLOCK // CH)
         tl.store(XS + j, tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1), mask=j < K // CH)
     else:
@@ -279,7 +290,7 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
         kk = tl.program_id(0) * BLOCK + offs
         n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
         n = n * inv
-        tl.store(XP + (kk % E) * (K // E) + kk // E, n * _x_scale(kk % E, E))
+        tl.store(XP + _plane_index(kk, E, BK), n * _x_scale(kk % E, E))
         chunks = tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1)
         tl.store(XS + tl.program_id(0) * (BLOCK // CH) + tl.arange(0, BLOCK // CH), chunks)
 
@@ -291,7 +302,7 @@ def _plane_term(ua, ub, mask: tl.constexpr, x, pa, pb):
 
 
 @triton.jit
-def _plane_dot(wa, wb, xp, plane, KIND: tl.constexpr):
+def _plane_dot(wa, wb, xp, plane: tl.constexpr, KIND: tl.constexpr):
     """Σ_p (stored value p of a word)·x_p·2^-60 over the E values of each int32 word of wa and of
     wb ([rows, words]), x_p loaded once from plane p of the prepared activations (xp: pointers
     into plane 0, plane: the planes' stride) in the words' own layout: per value an AND and an
@@ -324,7 +335,7 @@ def _plane_dot(wa, wb, xp, plane, KIND: tl.constexpr):
 
 @triton.jit
 def _qstream_prepped(
-    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K, K0, K1,
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K0, K1,
     KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -343,11 +354,10 @@ def _qstream_prepped(
     qa = QW + ra * stride_q + words
     qb = QW + rb * stride_q + words
     xw = XP + words + tl.zeros([BLOCK_R, 1], tl.int32)  # x lands in the words' layout
-    plane = tl.multiple_of(K // E, 4)  # words_apply: K is a multiple of a 4E-column chunk
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
     for k0 in range(K0, K1, BLOCK_K):
-        pa, pb = _plane_dot(tl.load(qa + k0 // E), tl.load(qb + k0 // E), xw + k0 // E, plane, KIND)
+        pa, pb = _plane_dot(tl.load(qa + k0 // E), tl.load(qb + k0 // E), xw + k0, W, KIND)
         pa = tl.sum(tl.reshape(pa, [BLOCK_R, C, 4]), 2)
         pb = tl.sum(tl.reshape(pb, [BLOCK_R, C, 4]), 2)
         xs = tl.load(XS + k0 // (4 * E) + c)[None, :]
@@ -361,9 +371,9 @@ def _qstream_prepped(
 ONE_PASS_MAX_K = 16384
 
 
-def prepare_activations(w, x, residual, norm_w, eps, r_out) -> tuple[torch.Tensor, torch.Tensor]:
-    """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs: x (+ residual, stored to r_out),
-    rmsnorm-ed with norm_w when given."""
+def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k) -> tuple[torch.Tensor, torch.Tensor]:
+    """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs of BLOCK_K = block_k: x (+ residual,
+    stored to r_out), rmsnorm-ed with norm_w when given."""
     K = x.numel()
     E = 8 if w.fmt.kind == "int4" else 4
     one_pass = norm_w is not None and K <= ONE_PASS_MAX_K
@@ -378,6 +388,6 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out) -> tuple[torch.Tenso
     _prep_act_kernel[(1 if one_pass else K // block,)](
         x, residual if residual is not None else x, norm_w if norm_w is not None else x,
         r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,
-        NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, num_warps=8 if block >= 4096 else 4,
+        NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, BK=block_k, num_warps=8 if block >= 4096 else 4,
         **launch_options(x.device))
     return xp, xs
