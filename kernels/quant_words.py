@@ -9,8 +9,9 @@ conversion; the chunk's sum is scaled back once, with the group's scale and offs
   * ``_qstream_words``: each row block converts, normalises and pre-scales its own copy of the
     activations (``words == 1``);
   * ``_qstream_prepped``: ``_prep_act_kernel`` prepares them once per call (residual add,
-    RMSNorm, pre-scaling, chunk sums) and the loop loads them as they are (``words == 2``): one
-    launch more, ~1.5 fewer instructions per weight.
+    RMSNorm, pre-scaling, chunk sums), laid out in planes, one per value position of a word, so
+    that each plane loads in the words' own layout and the loop needs no layout conversion
+    (``words == 2``): one launch more, about 3 instructions per weight instead of 5.
 
 Reference: the dequantized weight times the activations (quant_gemv.py's references); tests in
 tests/kernels/test_quant_gemv.py.
