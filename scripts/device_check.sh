@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
+#   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt)
 #   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
 #    with the engine core in-process and in its own process; each against its offline run)
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
@@ -41,6 +42,13 @@ fi
 if [[ "$EXTRA" == *" gemvprobe "* ]]; then
   echo "== batch-1 weight-stream probe"
   python3 scripts/probe_gemv.py ${GEMV_PROBES:-layers tiles} 2>&1 | tee "$OUTDIR/probe_gemv.log"
+fi
+if [[ "$EXTRA" == *" ncu "* ]]; then
+  echo "== Nsight Compute on the batch-1 quantized GEMVs (NCU_FMT, default int4g128)"
+  timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --set full -k regex:'_qgemv|_qnorm|_prep|tinygemm|int4' \
+    python3 scripts/ncu_quant_gemv.py --fmt ${NCU_FMT:-int4g128} --calls 1 > "$OUTDIR/ncu.txt" 2>&1
+  grep -E "^  [_a-zA-Z].*Context|Duration|DRAM Throughput|L1/TEX Cache Throughput|Registers Per|Achieved Occupancy" \
+    "$OUTDIR/ncu.txt" | cut -c1-110 | head -80
 fi
 if [[ "$EXTRA" == *" mixedprobe "* ]]; then
   echo "== mixed-step probe: host vs device time, eager vs piecewise graphs"
