@@ -19,7 +19,9 @@ without a tokenizer streams empty-text chunks), ITL (gaps between successive suc
 back an incomplete character), e2e (send -> end of stream).  The timer starts when the
 request is sent, i.e. after it got a ``--max-concurrency`` slot.
 
-The HTTP client runs in a spawned child process (``--client process``, default with
+The client speaks HTTP/1.1 over bare asyncio connections (``--http-client raw``), reading the
+SSE events from the chunked body itself: httpx costs the client ~40 µs of CPU per streamed chunk, as
+much as the server's side of it (``--http-client httpx`` keeps it for comparison).  It runs in a spawned child process (``--client process``, default with
 the embedded server) so its Python work does not share the GIL with the server and
 the engine's scheduler; ``--client thread`` runs it in this process.
 """
@@ -92,9 +94,7 @@ async def _one(client, url: str, headers: dict, body: dict, rec: dict) -> None:
     """Send one streaming completion; fill rec with timings (perf_counter seconds)."""
     t0 = time.perf_counter()
     rec["sent"] = t0
-    last = None
-    usage_tokens = None
-    chunks = 0
+    state = [None, 0, None]  # last chunk time, chunks, usage tokens
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
@@ -112,25 +112,105 @@ async def _one(client, url: str, headers: dict, body: dict, rec: dict) -> None:
                 if "error" in obj:
                     rec["error"] = f"stream error: {str(obj['error'])[:200]}"
                     return
-                if obj.get("usage"):
-                    usage_tokens = obj["usage"].get("completion_tokens")
-                for ch in obj.get("choices") or ():
-                    # a chunk with text, or a token chunk of a server without a tokenizer (dummy weights)
-                    if ch.get("text") or ch.get("finish_reason") is None:
-                        chunks += 1
-                        if last is None:
-                            rec["ttft"] = now - t0
-                        else:
-                            rec["itl"].append(now - last)
-                        last = now
+                _chunk_times(rec, obj, now, t0, state)
         rec["e2e"] = time.perf_counter() - t0
-        rec["out_tokens"] = usage_tokens if usage_tokens is not None else chunks
+        rec["out_tokens"] = state[2] if state[2] is not None else state[1]
         rec["ok"] = True
     except asyncio.CancelledError:
         rec["error"] = "not finished within --max-seconds"
         raise
     except Exception as e:  # noqa: BLE001 - a failed request is a figure, not a crash
         rec["error"] = f"{type(e).__name__}: {e}"[:300]
+
+
+def _chunk_times(rec: dict, obj: dict, now: float, t0: float, state: list) -> None:
+    """One SSE event's effect on rec: state = [last chunk time or None, chunks, usage tokens]."""
+    if obj.get("usage"):
+        state[2] = obj["usage"].get("completion_tokens")
+    for ch in obj.get("choices") or ():
+        # a chunk with text, or a token chunk of a server without a tokenizer (dummy weights)
+        if ch.get("text") or ch.get("finish_reason") is None:
+            state[1] += 1
+            if state[0] is None:
+                rec["ttft"] = now - t0
+            else:
+                rec["itl"].append(now - state[0])
+            state[0] = now
+
+
+async def _one_raw(host: str, port: int, path: str, headers: dict, body: dict, rec: dict, timeout: float) -> None:
+    """_one over a bare asyncio connection: HTTP/1.1, one request, its chunked SSE body read event
+    by event.  A loopback benchmark's client must cost the server's side little: httpx spends
+    ~40 µs of client CPU per streamed chunk, which capped one client process near the server's
+    own rate (bench/RESULTS.md, "2026-12-02 (fifth session)")."""
+    t0 = time.perf_counter()
+    rec["sent"] = t0
+    state = [None, 0, None]
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30.0)
+        payload = json.dumps(body).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                f"Accept: text/event-stream\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+        writer.write(head.encode() + payload)
+        status = int((await asyncio.wait_for(reader.readline(), timeout)).split()[1])
+        chunked, length = False, None
+        while True:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip()
+            if name == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+            elif name == "content-length":
+                length = int(value)
+
+        async def body_parts():
+            if not chunked:
+                yield await asyncio.wait_for(reader.readexactly(length) if length is not None else reader.read(), timeout)
+                return
+            while True:
+                size = int((await asyncio.wait_for(reader.readline(), timeout)).split(b";")[0], 16)
+                if size == 0:
+                    return
+                yield (await asyncio.wait_for(reader.readexactly(size + 2), timeout))[:-2]
+
+        if status != 200:
+            raw = b"".join([part async for part in body_parts()])[:300].decode("utf-8", "replace")
+            rec["error"] = f"HTTP {status}: {raw}"
+            return
+        buf = b""
+        async for part in body_parts():
+            buf += part
+            while True:
+                end = buf.find(b"\n\n")
+                if end < 0:
+                    break
+                event, buf = buf[:end], buf[end + 2:]
+                if not event.startswith(b"data:"):
+                    continue
+                data = event[5:].strip()
+                if data == b"[DONE]":
+                    rec["e2e"] = time.perf_counter() - t0
+                    rec["out_tokens"] = state[2] if state[2] is not None else state[1]
+                    rec["ok"] = True
+                    return
+                obj = json.loads(data)
+                if "error" in obj:
+                    rec["error"] = f"stream error: {str(obj['error'])[:200]}"
+                    return
+                _chunk_times(rec, obj, time.perf_counter(), t0, state)
+        rec["error"] = "the stream ended without [DONE]"
+    except asyncio.CancelledError:
+        rec["error"] = "not finished within --max-seconds"
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed request is a figure, not a crash
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 async def run_workload(cfg: dict) -> dict:
@@ -154,14 +234,24 @@ async def run_workload(cfg: dict) -> dict:
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
 
+        parts = urlsplit(url)
+        raw = cfg.get("http_client", "raw") == "raw" and parts.scheme == "http"
+
+        async def one(body: dict, rec: dict) -> None:
+            if raw:
+                await _one_raw(parts.hostname, parts.port or 80, parts.path, headers, body, rec,
+                               cfg.get("request_timeout", 600.0))
+            else:
+                await _one(client, url, headers, body, rec)
+
         async def send(i: int) -> None:
             body = {"model": cfg["model"], "prompt": prompts[i], "max_tokens": outs[i], "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             if sem is None:
-                await _one(client, url, headers, body, recs[i])
+                await one(body, recs[i])
             else:
                 async with sem:
-                    await _one(client, url, headers, body, recs[i])
+                    await one(body, recs[i])
 
         async def dispatch() -> None:
             tasks = []
@@ -344,6 +434,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="longest wait for the next chunk")
     p.add_argument("--client", choices=["process", "thread"], default="process",
                    help="where the HTTP client runs with the embedded server (a spawned process by default)")
+    p.add_argument("--http-client", choices=["raw", "httpx"], default="raw",
+                   help="the client's HTTP: a bare asyncio HTTP/1.1 reader (default; https URLs use httpx) or httpx")
     p.add_argument("--skip-offline", action="store_true", help="do not measure offline engine.generate throughput")
     p.add_argument("--output-json", default=None, metavar="PATH",
                    help="also write the results, with per-request TTFT/e2e/tokens, to this file")
@@ -435,7 +527,7 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
             run_client = client_run
 
         base = {"url": url, "api_key": api_key, "model": model, "max_seconds": a.max_seconds,
-                "request_timeout": a.request_timeout}
+                "request_timeout": a.request_timeout, "http_client": a.http_client}
         if a.warmup > 0:
             wl = [min(x, 64) for x in lens[: a.warmup]] + [min(lens[0], 64)] * max(0, a.warmup - len(lens))
             client_run_res = run_client({**base, "prompts": token_prompts(wl, vocab, a.seed + 15485863),
@@ -478,7 +570,7 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
         workload = ({"kind": "mixed", "input": "U[128,1024]", "output": "U[128,512]"} if a.workload == "mixed"
                     else {"kind": "fixed", "input_len": a.input_len, "output_len": a.output_len})
         info = {"device": device, "model": model, "url": url, "in_process": engine is not None,
-                "client": a.client if engine is not None else "thread",
+                "client": a.client if engine is not None else "thread", "http_client": a.http_client,
                 "workload": {**workload, "num_prompts": len(lens), "input_tokens": sum(lens),
                              "output_tokens": sum(outs), "seed": a.seed},
                 "offline": offline, "rows": rows,

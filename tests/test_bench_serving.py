@@ -60,3 +60,33 @@ def test_serving_sweep_cpu(tmp_path, capsys):
             assert q["ok"] and q["out_tokens"] == q["want_tokens"] == 8 and q["in_tokens"] == 32
             assert 0 < q["ttft"] <= q["e2e"]
     assert info["saturation"]["request_rate"] == "inf"
+
+
+def test_raw_and_httpx_clients_agree():
+    """The bare asyncio client (the default) and httpx read the same streams the same way, and
+    both report a refused request as its HTTP status and error body."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "server"))
+    from fake_engine import FakeEngine
+
+    engine = FakeEngine(step_delay=0.001)
+    server = bench_serving.EmbeddedServer(engine, api_key=None, max_queue=64)
+    server.start()
+    try:
+        base = {"url": server.url, "api_key": None, "model": engine.model_name, "max_seconds": 60,
+                "request_timeout": 30, "rate": math.inf, "concurrency": None, "seed": 0}
+        prompts, outs = [[65 + i] * (3 + i) for i in range(6)], [1, 2, 5, 9, 17, 33]
+        for client in ("raw", "httpx"):
+            res = bench_serving.client_run({**base, "prompts": prompts, "outs": outs, "http_client": client})
+            for q, want in zip(res["requests"], outs):
+                assert q["ok"] and q["error"] is None, (client, q)
+                assert q["out_tokens"] == want and 0 < q["ttft"] <= q["e2e"], (client, q)
+                assert len(q["itl"]) <= want - 1
+            bad = bench_serving.client_run({**base, "prompts": [[100000]], "outs": [4], "http_client": client})
+            q = bad["requests"][0]
+            assert not q["ok"] and q["error"].startswith("HTTP 400") and "out of range" in q["error"], (client, q)
+    finally:
+        server.stop()
+        engine.shutdown()
