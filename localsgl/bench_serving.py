@@ -20,8 +20,8 @@ back an incomplete character), e2e (send -> end of stream).  The timer starts wh
 request is sent, i.e. after it got a ``--max-concurrency`` slot.
 
 The client speaks HTTP/1.1 over bare asyncio connections (``--http-client raw``), reading the
-SSE events from the chunked body itself: httpx costs the client ~40 µs of CPU per streamed chunk, as
-much as the server's side of it (``--http-client httpx`` keeps it for comparison).  It runs in a spawned child process (``--client process``, default with
+SSE events from the chunked body itself: httpx costs the client ~30 µs of CPU per streamed token, more
+than the server's side of it (``--http-client httpx`` keeps it for comparison).  It runs in a spawned child process (``--client process``, default with
 the embedded server) so its Python work does not share the GIL with the server and
 the engine's scheduler; ``--client thread`` runs it in this process.
 """
@@ -141,8 +141,7 @@ def _chunk_times(rec: dict, obj: dict, now: float, t0: float, state: list) -> No
 async def _one_raw(host: str, port: int, path: str, headers: dict, body: dict, rec: dict, timeout: float) -> None:
     """_one over a bare asyncio connection: HTTP/1.1, one request, its chunked SSE body read event
     by event.  A loopback benchmark's client must cost the server's side little: httpx spends
-    ~40 µs of client CPU per streamed chunk, which capped one client process near the server's
-    own rate (bench/RESULTS.md, "2026-12-02 (fifth session)")."""
+    ~30 µs of client CPU per streamed token, which caps one client process near 33k tok/s (bench/RESULTS.md, "2026-12-02 (fifth session)")."""
     t0 = time.perf_counter()
     rec["sent"] = t0
     state = [None, 0, None]
