@@ -141,7 +141,8 @@ def _chunk_times(rec: dict, obj: dict, now: float, t0: float, state: list) -> No
 async def _one_raw(host: str, port: int, path: str, headers: dict, body: dict, rec: dict, timeout: float) -> None:
     """_one over a bare asyncio connection: HTTP/1.1, one request, its chunked SSE body read event
     by event.  A loopback benchmark's client must cost the server's side little: httpx spends
-    ~30 µs of client CPU per streamed token, which caps one client process near 33k tok/s (bench/RESULTS.md, "2026-12-02 (fifth session)")."""
+    ~30 µs of client CPU per streamed token, which caps one client process near 33k tok/s
+    (bench/RESULTS.md, "2026-12-02 (fifth session) — the serving benchmark's own client")."""
     t0 = time.perf_counter()
     rec["sent"] = t0
     state = [None, 0, None]
