@@ -256,11 +256,12 @@ def _plane_index(kk, E: tl.constexpr, BK: tl.constexpr):
 def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                      BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False, BK: tl.constexpr = 1024):
     """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block,
-    in planes per BK-column step of the GEMV: XP[i·BK + p·BK/E + j] = n[i·BK + E·j + p] pre-scaled as
-    _qstream_words scales it (by its column p in word j), in fp32, so that plane p of a step lines
-    up with the step's words as they are loaded (no layout conversion) at a constant offset from
-    plane 0 (no address arithmetic per plane); XS[j] = Σ n over the 4E-column chunk j; n = rmsnorm(s)·g with
-    NORM, else s; s = x (+ residual, stored to ROut in the activations' dtype).  ONE_PASS: one
+    in planes per BK-column step of the GEMV: XP[i·BK + p·BK/E + j] = n[i·BK + E·j + p] pre-scaled
+    as _qstream_words scales it (by its column p in word j), in fp32, so that plane p of a step
+    lines up with the step's words as they are loaded (no layout conversion) at a constant offset
+    from plane 0 (no address arithmetic per plane); XS[j] = Σ n over the 4E-column chunk j;
+    n = rmsnorm(s)·g with NORM, else s; s = x (+ residual, stored to ROut in the activations'
+    dtype).  ONE_PASS: one
     program holds the whole row (BLOCK >= K), so the norm's sum and the output take one round of
     loads; else program i writes columns [i·BLOCK, (i + 1)·BLOCK), each summing the whole row's
     squares first with NORM (K is a hidden size, a few KiB from L2)."""
@@ -367,9 +368,10 @@ def _qstream_prepped(
     return _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
 
 
-# the normed activations of hidden sizes up to this are prepared by one program (16 fp32 a thread at
-# 8 warps for 4,096); beyond, by programs of 1,024 columns that each sum the row's squares first
-ONE_PASS_MAX_K = 16384
+# the normed activations of hidden sizes up to this are prepared by one program of 8 warps (16 fp32
+# a thread for 4,096, 32 for 8,192); beyond, by programs of 1,024 columns that each sum the row's
+# squares first
+ONE_PASS_MAX_K = 8192
 
 
 def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k) -> tuple[torch.Tensor, torch.Tensor]:
