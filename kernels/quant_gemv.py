@@ -21,8 +21,8 @@ the activations are read as their even and odd columns.
 Two variants, chosen by the tile (Config): ``words`` streams int4 / int8 as int32 words, each
 nibble / byte read as a subnormal float against pre-scaled activations (quant_words.py; with
 ``words == 2``, the CUDA default for int4 and int8, the activations are prepared once by a kernel
-of their own instead of per row block); ``split_k`` cuts the plain gemv's rows into column slices whose fp32 partials a second
-kernel adds (_sum_splits_kernel).
+of their own instead of per row block); ``split_k`` cuts the plain gemv's rows into column slices
+whose fp32 partials a second kernel adds (_sum_splits_kernel).
 
 Floor: the packed weight bytes N·K·bits/8 plus N·K/G scale (and offset) bytes over copy
 bandwidth; the activations are re-read from L2 by every program (K·elem each, against

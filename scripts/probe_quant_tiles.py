@@ -217,7 +217,8 @@ def main() -> None:
     ap.add_argument("--words", type=int, choices=[0, 1, 2], default=None,
                     help="time only the GEMV tiles of this words variant (the default tile is timed anyway)")
     args = ap.parse_args()
-    todo = [v for v in variants(args.formats, args.kinds) if args.words is None or v[0] != "gemv" or v[3].words == args.words]
+    todo = [v for v in variants(args.formats, args.kinds)
+            if args.words is None or v[0] != "gemv" or v[3].words == args.words]
     t0 = time.time()
     if args.jobs > 1:
         ctx = mp.get_context("spawn")
