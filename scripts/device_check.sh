@@ -6,7 +6,8 @@
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
 #   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt)
 #   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
-#    with the engine core in-process and in its own process; each against its offline run)
+#    with the engine core in-process and in its own process; each against its offline run;
+#    SERVING_HTTP_CLIENT=httpx: the client the fourth session measured with)
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
@@ -65,7 +66,7 @@ if [[ "$EXTRA" == *" serving1b "* ]]; then
   echo "== serving vs offline, llama-3.2-1b mixed 1,000 prompts, rate inf: engine core on a thread (1) vs in its own process (0)"
   for inproc in 1 0; do
     LOCALSGL_IN_PROCESS=$inproc python3 -m localsgl.cli bench serving -m llama-3.2-1b --load-format dummy --dtype bfloat16 \
-      --workload mixed --num-prompts 1000 --request-rate inf --client process \
+      --workload mixed --num-prompts 1000 --request-rate inf --client process --http-client ${SERVING_HTTP_CLIENT:-raw} \
       --output-json "$OUTDIR/serving1b_inprocess$inproc.json" 2>&1 | tee "$OUTDIR/serving1b_inprocess$inproc.log" | tail -12
   done
 fi
