@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
+#   (peer: llama.cpp built from .peer in the background from the start, then llama-bench on its Q4_K_M file beside
+#    bench_quant's int4 and that file kept quantized: carry .peer; PEER_WAIT s for the build, default 420)
 #   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt)
 #   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
 #    with the engine core in-process and in its own process; each against its offline run;
@@ -30,6 +32,12 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 python3 -c "import torch; from localsgl_kernels import pdl; print('PDL', pdl.enabled(torch.device('cuda')), 'driver', pdl._driver_version())"
+
+# peer: llama.cpp built from .peer (../shared/peer) in the background while the rest runs; measured
+# side by side at the end (needs ~400 s on 16 cores before its GGUF exists)
+if [[ "$EXTRA" == *" peer "* ]] && [ -d .peer ] && ! grep -q "all done" /tmp/peer/build.done 2>/dev/null; then
+  setsid nohup bash .peer/build_llamacpp.sh "$PWD/.peer" > /tmp/peerbuild.log 2>&1 < /dev/null &
+fi
 
 if [[ "$EXTRA" != *" notests "* ]]; then
   echo "== GPU tests"
@@ -80,6 +88,29 @@ if [[ "$EXTRA" == *" structured "* ]]; then
   timeout ${STRUCTURED_TIMEOUT:-480} python3 scripts/bench_structured.py --model llama-3.1-8b --load-format dummy \
     --dtype bfloat16 --device cuda --batches 1 64 --tokenizer llama3 --repeats ${STRUCTURED_REPEATS:-5} 2>&1 \
     | tee "$OUTDIR/structured.log" | grep -v " INFO " | tail -20
+fi
+if [[ "$EXTRA" == *" peer "* ]]; then
+  echo "== int4 g128 and the Q4_K_M file kept quantized vs llama.cpp on that file, same lease"
+  for _ in $(seq 1 $(( ${PEER_WAIT:-420} / 5 ))); do grep -q "all done" /tmp/peer/build.done 2>/dev/null && break; sleep 5; done
+  cat /tmp/peer/build.done 2>/dev/null
+  if grep -q "all done" /tmp/peer/build.done 2>/dev/null; then
+    timeout 120 /tmp/peer/llamacpp/build/bin/llama-bench -m /tmp/peer/q4km.gguf -ngl 99 -fa 1 -p 0 -n 128 -r 3 -o json \
+      > "$OUTDIR/llama_bench.json" 2> "$OUTDIR/llama_bench.err"
+    timeout 240 python3 scripts/bench_quant.py --formats int4 --gguf /tmp/peer/q4km.gguf --runs 2 > "$OUTDIR/bench_quant_peer.log" 2>&1
+    python3 - "$OUTDIR" <<'PY'
+import json, sys
+out = sys.argv[1]
+peer = [r for r in json.load(open(f"{out}/llama_bench.json")) if r.get("n_gen") == 128][0]["avg_ts"]
+print(f"llama.cpp Q4_K_M tg128: {peer:.1f} tok/s")
+for line in open(f"{out}/bench_quant_peer.log"):
+    if line.startswith("{") and "bs64_decode_tok_s" in line:
+        r = json.loads(line)
+        print(f"{r['label']}: bs1 {r['bs1_tok_s']:.1f} tok/s = {r['bs1_tok_s'] / peer:.2f}x llama.cpp, "
+              f"{r['bs1_ratio']:.2f}x its floor; 64x decode {r['bs64_decode_tok_s']:.0f} tok/s")
+PY
+  else
+    echo "llama.cpp not ready (see /tmp/peerbuild.log): no side-by-side figures"
+  fi
 fi
 echo "== benchmarks"
 python3 scripts/bench_headline.py "$MODE" 2>&1 | tee "$OUTDIR/bench.log"
