@@ -129,6 +129,23 @@ def test_words_apply():
     assert rel_err(QG.gemv(x, fp8, config=cfg), x.double() @ fp8.dequantize(torch.float64).t()) < 1e-5
 
 
+def test_cuda_default_tile_without_a_tuned_one():
+    """Where no tuned tile applies, CUDA takes the words GEMV over prepared activations for int4 and
+    int8, and the byte tile where words do not apply (int8 groups below a chunk, fp8); the CPU
+    keeps its small byte tile."""
+    g = gen(18)
+    int4 = _qw(64, 4096, WeightFormat("int4", 128, False), g).to("cpu")  # a CPU weight: no tuned lookup
+    assert QG.default_config(int4, 64, "cuda") == QG.Config(8, 1024, 4, 1, 1, 2)
+    assert QG.default_config(int4, 4, "cuda") == QG.Config(4, 1024, 4, 1, 1, 2)  # row blocks of the caller
+    int8 = _qw(64, 4096, WeightFormat("int8", 0, True), g).to("cpu")
+    assert QG.default_config(int8, 64, "cuda") == QG.Config(8, 512, 4, 1, 1, 2)
+    int8_g8 = _qw(64, 128, WeightFormat("int8", 8, True), g).to("cpu")
+    assert QG.default_config(int8_g8, 64, "cuda").words == 0
+    fp8 = _qw(64, 4096, WeightFormat("fp8", 0, True), g).to("cpu")
+    assert QG.default_config(fp8, 64, "cuda") == QG.Config(8, 128, 4, 1, 1, 0)
+    assert QG.default_config(int4, 64, "cpu").words == 0
+
+
 @pytest.mark.parametrize("fmt", [WORD_FORMATS[0], WORD_FORMATS[4]], ids=[WORD_IDS[0], WORD_IDS[4]])
 def test_fused_words_prepared_row_not_a_power_of_two(fmt):
     """Activations prepared in one pass (the normed row in one program) for a hidden size that is
