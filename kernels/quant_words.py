@@ -184,7 +184,7 @@ def _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE: tl.constexpr
 
 @triton.jit
 def _words_tile(QW, stride_q, rows_a, rows_b, KIND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The words loops' indexing: chunk indices c [C], the activations' column offsets of a
+    """_qstream_words's indexing: chunk indices c [C], the activations' column offsets of a
     step [BLOCK_R, C, E] (the same for every row: x lands in the weights' layout), the row
     offsets ra / rb [BLOCK_R, 1] and the word pointers qa / qb [BLOCK_R, BLOCK_K/E] of the two
     row blocks at column 0."""

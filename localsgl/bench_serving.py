@@ -20,9 +20,9 @@ back an incomplete character), e2e (send -> end of stream).  The timer starts wh
 request is sent, i.e. after it got a ``--max-concurrency`` slot.
 
 The client speaks HTTP/1.1 over bare asyncio connections (``--http-client raw``), reading the
-SSE events from the chunked body itself: httpx costs the client ~30 µs of CPU per streamed token, more
-than the server's side of it (``--http-client httpx`` keeps it for comparison).  It runs in a spawned child process (``--client process``, default with
-the embedded server) so its Python work does not share the GIL with the server and
+SSE events from the chunked body itself: httpx costs the client ~30 µs of CPU per streamed
+token, more than the server's side of it (``--http-client httpx`` keeps it for comparison).  It
+runs in a spawned child process (``--client process``, default with the embedded server) so its Python work does not share the GIL with the server and
 the engine's scheduler; ``--client thread`` runs it in this process.
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ async def _one(client, url: str, headers: dict, body: dict, rec: dict) -> None:
     """Send one streaming completion; fill rec with timings (perf_counter seconds)."""
     t0 = time.perf_counter()
     rec["sent"] = t0
-    state = [None, 0, None]  # last chunk time, chunks, usage tokens
+    tally = _Tally(rec, t0)
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
@@ -108,14 +108,9 @@ async def _one(client, url: str, headers: dict, body: dict, rec: dict) -> None:
                 if data == "[DONE]":
                     break
                 now = time.perf_counter()
-                obj = json.loads(data)
-                if "error" in obj:
-                    rec["error"] = f"stream error: {str(obj['error'])[:200]}"
+                if not tally.event(json.loads(data), now):
                     return
-                _chunk_times(rec, obj, now, t0, state)
-        rec["e2e"] = time.perf_counter() - t0
-        rec["out_tokens"] = state[2] if state[2] is not None else state[1]
-        rec["ok"] = True
+        tally.done()
     except asyncio.CancelledError:
         rec["error"] = "not finished within --max-seconds"
         raise
@@ -123,19 +118,41 @@ async def _one(client, url: str, headers: dict, body: dict, rec: dict) -> None:
         rec["error"] = f"{type(e).__name__}: {e}"[:300]
 
 
-def _chunk_times(rec: dict, obj: dict, now: float, t0: float, state: list) -> None:
-    """One SSE event's effect on rec: state = [last chunk time or None, chunks, usage tokens]."""
-    if obj.get("usage"):
-        state[2] = obj["usage"].get("completion_tokens")
-    for ch in obj.get("choices") or ():
-        # a chunk with text, or a token chunk of a server without a tokenizer (dummy weights)
-        if ch.get("text") or ch.get("finish_reason") is None:
-            state[1] += 1
-            if state[0] is None:
-                rec["ttft"] = now - t0
-            else:
-                rec["itl"].append(now - state[0])
-            state[0] = now
+class _Tally:
+    """One request's record as its SSE events arrive (both clients)."""
+
+    __slots__ = ("rec", "t0", "last", "chunks", "usage_tokens")
+
+    def __init__(self, rec: dict, t0: float):
+        self.rec, self.t0 = rec, t0
+        self.last = self.usage_tokens = None
+        self.chunks = 0
+
+    def event(self, obj: dict, now: float) -> bool:
+        """Count one event; False (and the record's error set) for a stream error."""
+        rec = self.rec
+        if "error" in obj:
+            rec["error"] = f"stream error: {str(obj['error'])[:200]}"
+            return False
+        if obj.get("usage"):
+            self.usage_tokens = obj["usage"].get("completion_tokens")
+        for ch in obj.get("choices") or ():
+            # a chunk with text, or a token chunk of a server without a tokenizer (dummy weights)
+            if ch.get("text") or ch.get("finish_reason") is None:
+                self.chunks += 1
+                if self.last is None:
+                    rec["ttft"] = now - self.t0
+                else:
+                    rec["itl"].append(now - self.last)
+                self.last = now
+        return True
+
+    def done(self) -> None:
+        """The stream ended with [DONE]."""
+        rec = self.rec
+        rec["e2e"] = time.perf_counter() - self.t0
+        rec["out_tokens"] = self.usage_tokens if self.usage_tokens is not None else self.chunks
+        rec["ok"] = True
 
 
 async def _one_raw(host: str, port: int, path: str, headers: dict, body: dict, rec: dict, timeout: float) -> None:
@@ -145,7 +162,7 @@ async def _one_raw(host: str, port: int, path: str, headers: dict, body: dict, r
     (bench/RESULTS.md, "2026-12-02 (fifth session) — the serving benchmark's own client")."""
     t0 = time.perf_counter()
     rec["sent"] = t0
-    state = [None, 0, None]
+    tally = _Tally(rec, t0)
     writer = None
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30.0)
@@ -169,7 +186,8 @@ async def _one_raw(host: str, port: int, path: str, headers: dict, body: dict, r
 
         async def body_parts():
             if not chunked:
-                yield await asyncio.wait_for(reader.readexactly(length) if length is not None else reader.read(), timeout)
+                whole = reader.readexactly(length) if length is not None else reader.read()
+                yield await asyncio.wait_for(whole, timeout)
                 return
             while True:
                 size = int((await asyncio.wait_for(reader.readline(), timeout)).split(b";")[0], 16)
@@ -193,15 +211,10 @@ async def _one_raw(host: str, port: int, path: str, headers: dict, body: dict, r
                     continue
                 data = event[5:].strip()
                 if data == b"[DONE]":
-                    rec["e2e"] = time.perf_counter() - t0
-                    rec["out_tokens"] = state[2] if state[2] is not None else state[1]
-                    rec["ok"] = True
+                    tally.done()
                     return
-                obj = json.loads(data)
-                if "error" in obj:
-                    rec["error"] = f"stream error: {str(obj['error'])[:200]}"
+                if not tally.event(json.loads(data), time.perf_counter()):
                     return
-                _chunk_times(rec, obj, time.perf_counter(), t0, state)
         rec["error"] = "the stream ended without [DONE]"
     except asyncio.CancelledError:
         rec["error"] = "not finished within --max-seconds"

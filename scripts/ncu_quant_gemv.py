@@ -1,7 +1,9 @@
 """The batch-1 int4 GEMVs of the Llama-3.1-8B shape, each called a few times, for Nsight Compute:
 
-    ncu --clock-control none --set full -k regex:'qstream|gemv|prep|int4pack' -c 12 \
-        python3 scripts/ncu_quant_gemv.py [--fmt int4g128]
+    ncu --clock-control none --set full -k regex:'_qgemv|_qnorm|_prep|tinygemm|int4' \
+        python3 scripts/ncu_quant_gemv.py [--fmt int4g128] --calls 1
+
+(`bash scripts/device_check.sh none notests ncu` runs it so.)
 
 Runs the engine's calls with their default (tuned) tiles: norm + gate_up (fused), down, qkv (fused),
 o and the LM head, then torch's ``_weight_int4pack_mm`` on gate_up and down as a reference."""
@@ -24,7 +26,6 @@ def main() -> None:
     ap.add_argument("--fmt", default="int4g128", choices=list(FORMATS))
     ap.add_argument("--calls", type=int, default=2)
     args = ap.parse_args()
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     for shape, (n, k) in GEMV_SHAPES.items():
         w = _weight(args.fmt, n, k)
         xs = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -36,13 +37,13 @@ def main() -> None:
     if args.fmt.startswith("int4"):
         group = FORMATS[args.fmt].group_size
         for n, k in (GEMV_SHAPES["gate_up"], GEMV_SHAPES["down"]):
-            packed = torch._convert_weight_to_int4pack(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"), 8)
+            nibbles = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+            packed = torch._convert_weight_to_int4pack(nibbles, 8)
             sz = torch.randn(k // group, n, 2, device="cuda", dtype=torch.bfloat16)
             xk = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             for _ in range(args.calls):
                 torch._weight_int4pack_mm(xk, packed, group, sz)
             torch.cuda.synchronize()
-    del x
 
 
 if __name__ == "__main__":
