@@ -1,14 +1,18 @@
 """GPU start-up: from `echo hi | localsgl run -m DIR --max-tokens 1` to the first stdout byte.
 
   python3 scripts/bench_start_gpu.py [--dir /tmp/start-llama8b] [--runs 5] [--before ROOT] [--out DIR]
+      [--variant NAME:VAR=VALUE[,VAR=VALUE]] [--answer-tokens N]
 
 Writes (once) a random Llama-3.1-8B checkpoint as four safetensors shards with an index, a
 byte-level BPE tokenizer of the model's vocabulary size and a chat template, then times the
 command several times: one untimed run first (it fills Triton's cache and the page cache),
 then ``--runs`` timed ones, median reported.  ``--before ROOT`` times the code under ROOT
 (a tree with localsgl/ and kernels/, e.g. an older commit's) in turn with this tree's, run
-for run.  Each run's stderr (``-v`` logs) is kept with the second each line arrived, which
-is where the time went.  Finally one in-process engine reports when it served and when
+for run; ``--variant`` does the same for this tree under other environment variables (e.g.
+``deferred:LOCALSGL_DEBUG_STARTUP_GRAPH=0``).  ``--answer-tokens N`` also times, once per
+tree or variant, a whole answer of N tokens (greedy), which shows what a faster first byte
+costs later.  Each run's stderr (``-v`` logs) is kept with the second each line arrived,
+which is where the time went.  Finally one in-process engine reports when it served and when
 every decode graph was captured (``Engine.graphs_ready_after_weights_seconds``).
 """
 from __future__ import annotations
@@ -174,13 +178,15 @@ def _env(root: Path) -> dict:
     return env
 
 
-def time_run(root: Path, ckpt: Path, extra: list[str], log_path: Path | None, python_flags: tuple = ()) -> dict:
-    """One `echo hi | localsgl -v run -m ckpt --max-tokens 1`: seconds to the first stdout byte
-    and to exit; stderr lines stamped with their arrival."""
-    cmd = [sys.executable, *python_flags, "-m", "localsgl.cli", "-v", "run", "-m", str(ckpt), "--max-tokens", "1", *extra]
+def time_run(root: Path, ckpt: Path, extra: list[str], log_path: Path | None, python_flags: tuple = (),
+             env: dict | None = None, tokens: int = 1) -> dict:
+    """One `echo hi | localsgl -v run -m ckpt --max-tokens 1` (or ``tokens``): seconds to the
+    first stdout byte and to exit; stderr lines stamped with their arrival."""
+    cmd = [sys.executable, *python_flags, "-m", "localsgl.cli", "-v", "run", "-m", str(ckpt),
+           "--max-tokens", str(tokens), *extra]
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(root),
-                         cwd="/tmp")
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**_env(root), **(env or {})}, cwd="/tmp")
     lines: list[str] = []
 
     def drain():
@@ -250,6 +256,9 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny model with the 8B's vocabulary (checks the script)")
     ap.add_argument("--no-in-process", action="store_true")
     ap.add_argument("--importtime", action="store_true", help="also one run under -X importtime (out/importtime.txt)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                    help="this tree under other environment variables, timed in turn with the others")
+    ap.add_argument("--answer-tokens", type=int, default=0, help="also time one whole answer of this many tokens each")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,16 +266,19 @@ def main() -> int:
     free = shutil.disk_usage(ckpt.parent if ckpt.parent.exists() else "/").free
     print(f"free disk at {ckpt.parent}: {free / 2**30:.1f} GiB", flush=True)
     make_checkpoint(ckpt, a.tiny)
-    trees = {"after": HERE}
+    trees = {"after": (HERE, {})}  # name -> (tree, environment overrides)
     if a.before:
-        trees = {"before": Path(a.before).resolve(), **trees}
-    for name, root in trees.items():  # untimed: Triton's cache and the page cache
-        r = time_run(root, ckpt, [], out / f"{name}-warmup.log")
+        trees = {"before": (Path(a.before).resolve(), {}), **trees}
+    for spec in a.variant:
+        name, _, assigns = spec.partition(":")
+        trees[name] = (HERE, dict(kv.split("=", 1) for kv in assigns.split(",") if kv))
+    for name, (root, env) in trees.items():  # untimed: Triton's cache and the page cache
+        r = time_run(root, ckpt, [], out / f"{name}-warmup.log", env=env)
         print(f"{name} warm-up: first byte {r['first_byte_s']} s, exit {r['exit_s']:.1f} s", flush=True)
     results: dict[str, list[dict]] = {n: [] for n in trees}
     for k in range(a.runs):
-        for name, root in trees.items():
-            r = time_run(root, ckpt, [], out / f"{name}-{k}.log" if k == 0 else None)
+        for name, (root, env) in trees.items():
+            r = time_run(root, ckpt, [], out / f"{name}-{k}.log" if k == 0 else None, env=env)
             results[name].append(r)
             fb = r["first_byte_s"]
             print(f"{name} run {k}: first byte {'FAILED' if fb is None else f'{fb:.2f} s'}, exit {r['exit_s']:.2f} s",
@@ -276,6 +288,11 @@ def main() -> int:
         fb = [r["first_byte_s"] for r in rs if r["first_byte_s"] is not None]
         summary[name] = {"median_first_byte_s": statistics.median(fb) if fb else None,
                          "first_byte_s": fb, "median_exit_s": statistics.median(r["exit_s"] for r in rs)}
+    for name, (root, env) in trees.items() if a.answer_tokens else ():
+        r = time_run(root, ckpt, ["--temperature", "0"], None, env=env, tokens=a.answer_tokens)
+        summary[name][f"answer_{a.answer_tokens}_tokens"] = {"first_byte_s": r["first_byte_s"], "exit_s": r["exit_s"]}
+        print(f"{name}: {a.answer_tokens}-token answer, first byte {r['first_byte_s']} s, exit {r['exit_s']:.2f} s",
+              flush=True)
     if a.importtime:
         summary["slowest_imports"] = import_profile(HERE, ckpt, out)
     if not a.no_in_process:

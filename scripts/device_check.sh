@@ -6,10 +6,11 @@
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
 #   (peer: llama.cpp built from .peer in the background from the start, then llama-bench on its Q4_K_M file beside
 #    bench_quant's int4 and that file kept quantized: carry .peer; PEER_WAIT s for the build, default 420)
+#   (startup: scripts/bench_start_gpu.py, the default against the deferred batch-1 graph, then scripts/probe_load.py)
 #   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt)
 #   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
 #    with the engine core in-process and in its own process; each against its offline run;
-#    SERVING_HTTP_CLIENT=httpx: the client the fourth session measured with)
+#    SERVING_HTTP_CLIENT=httpx: the client the fourth session measured with; SERVING1B_MODES="0": the core process alone)
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
@@ -72,7 +73,7 @@ if [[ "$EXTRA" == *" serving "* ]]; then
 fi
 if [[ "$EXTRA" == *" serving1b "* ]]; then
   echo "== serving vs offline, llama-3.2-1b mixed 1,000 prompts, rate inf: engine core on a thread (1) vs in its own process (0)"
-  for inproc in 1 0; do
+  for inproc in ${SERVING1B_MODES:-1 0}; do
     LOCALSGL_IN_PROCESS=$inproc python3 -m localsgl.cli bench serving -m llama-3.2-1b --load-format dummy --dtype bfloat16 \
       --workload mixed --num-prompts 1000 --request-rate inf --client process --http-client ${SERVING_HTTP_CLIENT:-raw} \
       --output-json "$OUTDIR/serving1b_inprocess$inproc.json" 2>&1 | tee "$OUTDIR/serving1b_inprocess$inproc.log" | tail -12
@@ -81,7 +82,11 @@ fi
 
 if [[ "$EXTRA" == *" startup "* ]]; then
   echo "== command to first token (random Llama-3.1-8B safetensors, warm page and Triton caches)"
-  timeout ${STARTUP_TIMEOUT:-240} python3 scripts/bench_start_gpu.py --runs ${STARTUP_RUNS:-3} --importtime --out "$OUTDIR" 2>&1 | tee "$OUTDIR/startup.log" | tail -25
+  # "deferred": no decode graph before serving (the batch-1 graph is captured between the first steps)
+  timeout ${STARTUP_TIMEOUT:-240} python3 scripts/bench_start_gpu.py --runs ${STARTUP_RUNS:-3} --importtime --out "$OUTDIR" \
+    --variant deferred:LOCALSGL_DEBUG_STARTUP_GRAPH=0 --answer-tokens 128 2>&1 | tee "$OUTDIR/startup.log" | grep -v '^ ' | tail -20
+  echo "== the checkpoint's load: page cache -> pinned -> device, alone and together"
+  timeout ${LOAD_PROBE_TIMEOUT:-150} python3 scripts/probe_load.py 2>&1 | tee "$OUTDIR/probe_load.log" | tail -14
 fi
 if [[ "$EXTRA" == *" structured "* ]]; then
   echo "== structured decoding: JSON schema vs free (Llama-3.1-8B shapes, dummy bf16 weights, Llama 3 tokenizer)"

@@ -36,6 +36,14 @@ def test_capture_order_always_starts_with_the_smallest_bucket():
     assert first == [K(1, False)] and later == [K(4, False), K(2, False)]
 
 
+def test_capture_order_with_no_startup_buckets_defers_every_graph():
+    first, later = capture_order([1, 2, 4], cascade=True, startup_max_bs=0)
+    assert first == []
+    assert later == [K(4, False), K(4, True), K(2, False), K(2, True), K(1, False)]
+    s = GraphSchedule([1, 2, 4], cascade=False, startup_max_bs=0)
+    assert s.startup_done and s.bucket_for(1) is None and s.wants_capture(1)
+
+
 def test_schedule_replays_the_smallest_captured_bucket_or_none():
     s = GraphSchedule([1, 2, 4, 8, 16, 24], cascade=True, startup_max_bs=8)
     assert s.bucket_for(1) is None and not s.startup_done

@@ -106,7 +106,9 @@ class CudaGraphRunner:
             return
         try:
             self._reset_static_inputs()
-            if not self._later_compiled:
+            if not self.graphs:  # none was captured before serving: this one's kernels alone first
+                self._compile_ahead([key])
+            elif not self._later_compiled:
                 self._later_compiled = True
                 self._compile_ahead(self.schedule.pending)
             self._capture([key], compile_ahead=False)

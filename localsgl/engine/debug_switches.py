@@ -38,6 +38,9 @@ class DebugSwitches:
     # extend/mixed steps replay graphs around eager attention; None: where the model's layers are small
     # enough that launches bound a mixed step (plan.piecewise_graphs_by_default), True/False: forced
     piecewise_graphs: bool | None = None
+    # the batch-1 decode graph captured before the engine serves (True) or after the first
+    # request's first token, between its steps (False); None: the default rule (graph_schedule.py)
+    startup_graph: bool | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "DebugSwitches":
@@ -55,7 +58,7 @@ class DebugSwitches:
         for var in sorted(k for k in env if k.startswith(PREFIX) and k not in _KNOWN):
             log.warning("%s is not a debug switch (known: %s)", var, ", ".join(sorted(_KNOWN)))
         for name, (var, old) in _VARIABLES.items():
-            if old in env:
+            if old and old in env:
                 log.warning("%s is no longer read: set %s=1 instead (docs/switches.md)", old, var)
         return cls(**values)
 
@@ -79,6 +82,7 @@ _VARIABLES = {
     "gpu_sampling_kernels": ("LOCALSGL_DEBUG_NO_GPU_SAMPLING_KERNELS", "LOCALSGL_GPU_SAMPLING_KERNELS"),
     "profile_steps": ("LOCALSGL_DEBUG_PROFILE_STEPS", "LOCALSGL_PROFILE_STEPS"),
     "piecewise_graphs": ("LOCALSGL_DEBUG_PIECEWISE_GRAPHS", "LOCALSGL_PIECEWISE_GRAPHS"),
+    "startup_graph": ("LOCALSGL_DEBUG_STARTUP_GRAPH", None),
 }
 _KNOWN = {var for var, _ in _VARIABLES.values()}
 

@@ -31,9 +31,11 @@ def capture_order(batch_sizes: list[int], cascade: bool, startup_max_bs: int = S
                   ) -> tuple[list[GraphKey], list[GraphKey]]:
     """(keys captured before serving, keys captured afterwards), each in capture order.
 
-    Before serving: the plain buckets <= startup_max_bs (at least the smallest bucket).
-    Afterwards: every other bucket, plain and cascade (cascade only for batches >= 2),
-    largest first, the plain variant of a size before its cascade variant."""
+    Before serving: the plain buckets <= startup_max_bs (at least the smallest bucket), or
+    none with startup_max_bs 0 (the first decode batch then runs eagerly and its bucket is
+    captured right after that step).  Afterwards: every other bucket, plain and cascade
+    (cascade only for batches >= 2), largest first, the plain variant of a size before its
+    cascade variant."""
     sizes = sorted(set(batch_sizes))
     if not sizes:
         return [], []
@@ -41,7 +43,8 @@ def capture_order(batch_sizes: list[int], cascade: bool, startup_max_bs: int = S
     if cascade:
         keys += [GraphKey(bs, True) for bs in sizes if bs >= 2]
     keys.sort(key=lambda k: (-k.batch_size, k.cascade))
-    first = [k for k in keys if not k.cascade and k.batch_size <= max(startup_max_bs, sizes[0])]
+    limit = max(startup_max_bs, sizes[0]) if startup_max_bs > 0 else 0
+    first = [k for k in keys if not k.cascade and k.batch_size <= limit]
     later = [k for k in keys if k not in first]
     return first, later
 

@@ -56,6 +56,7 @@ class ModelRunner:
         self.wants_graph = False  # the last decode step ran without the graph planned for it
         if cuda_graph_bs and device.type == "cuda" and attn_backend.supports_cuda_graph:
             from .cuda_graph import CudaGraphRunner
+            from .graph_schedule import STARTUP_MAX_BS
 
             piecewise = None
             wanted = self.debug.piecewise_graphs
@@ -67,7 +68,9 @@ class ModelRunner:
 
                 piecewise = min(max_step_tokens or GPU_CHUNK_SIZE + req_pool.max_reqs, MAX_TOKENS)
             t = time.perf_counter()
-            self.graphs = CudaGraphRunner(self, sorted(cuda_graph_bs), piecewise_tokens=piecewise)
+            startup = {None: STARTUP_MAX_BS, True: max(STARTUP_MAX_BS, 1), False: 0}[self.debug.startup_graph]
+            self.graphs = CudaGraphRunner(self, sorted(cuda_graph_bs), startup_max_bs=startup,
+                                          piecewise_tokens=piecewise)
             self.graph_capture_seconds = time.perf_counter() - t
             log.info("captured %d of %d CUDA graphs in %.1f s (the rest while serving)", len(self.graphs.graphs),
                      len(self.graphs.graphs) + len(self.graphs.schedule.pending), self.graph_capture_seconds)

@@ -1,6 +1,7 @@
 """Decode graphs captured in stages give the same greedy tokens: an engine that never
 captures past its start-up buckets (larger batches run eagerly), one that captures the rest
-while these very requests decode, and one that waits for every graph first."""
+while these very requests decode, one that waits for every graph first, and one that captures
+none before serving."""
 from __future__ import annotations
 
 import pytest
@@ -12,6 +13,7 @@ if not torch.cuda.is_available():
 
 from model_utils import save_tiny_llama, staggered_requests  # noqa: E402
 from localsgl import Engine  # noqa: E402
+from localsgl.engine.debug_switches import DebugSwitches  # noqa: E402
 from localsgl.engine.graph_schedule import STARTUP_MAX_BS  # noqa: E402
 from localsgl.engine.runner import ModelRunner  # noqa: E402
 
@@ -53,5 +55,14 @@ def test_partly_captured_engine_gives_the_fully_captured_tokens(checkpoint, monk
         assert e.graphs_ready_after_weights_seconds is None
     assert eager_sizes and min(eager_sizes) > STARTUP_MAX_BS  # only batches beyond the start-up buckets
 
+    # nothing captured before serving (LOCALSGL_DEBUG_STARTUP_GRAPH=0): the first decode steps
+    # run eagerly, then their buckets are captured between steps
+    monkeypatch.undo()
+    with Engine(**kwargs, debug_switches=DebugSwitches(startup_graph=False)) as e:
+        assert not e.core.runner.graphs.graphs
+        deferred = [o.token_ids for o in e.generate(prompts, params)]
+        assert e.wait_graphs(120) and e.core.runner.graphs.schedule.done
+
     assert live == full
     assert partial == full
+    assert deferred == full
