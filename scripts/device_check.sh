@@ -43,7 +43,7 @@ fi
 if [[ "$EXTRA" != *" notests "* ]]; then
   echo "== GPU tests"
   TESTDIRS="tests/gpu"; [ -d tests/kernels ] && ls tests/kernels/test_*.py >/dev/null 2>&1 && TESTDIRS="$TESTDIRS tests/kernels"
-  python3 -m pytest -q ${TESTS:-$TESTDIRS} -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
+  timeout ${TESTS_TIMEOUT:-1800} python3 -m pytest -q -rfE ${TESTS:-$TESTDIRS} -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
 fi
 if [[ "$EXTRA" == *" probe "* ]]; then
   echo "== probes"
@@ -86,7 +86,7 @@ if [[ "$EXTRA" == *" startup "* ]]; then
   timeout ${STARTUP_TIMEOUT:-240} python3 scripts/bench_start_gpu.py --runs ${STARTUP_RUNS:-3} --importtime --out "$OUTDIR" \
     --variant deferred:LOCALSGL_DEBUG_STARTUP_GRAPH=0 --answer-tokens 128 2>&1 | tee "$OUTDIR/startup.log" | grep -v '^ ' | tail -20
   echo "== the checkpoint's load: page cache -> pinned -> device, alone and together"
-  timeout ${LOAD_PROBE_TIMEOUT:-150} python3 scripts/probe_load.py 2>&1 | tee "$OUTDIR/probe_load.log" | tail -14
+  timeout ${LOAD_PROBE_TIMEOUT:-150} python3 scripts/probe_load.py --repeat ${LOAD_PROBE_REPEAT:-1} 2>&1 | tee "$OUTDIR/probe_load.log" | tail -14
 fi
 if [[ "$EXTRA" == *" structured "* ]]; then
   echo "== structured decoding: JSON schema vs free (Llama-3.1-8B shapes, dummy bf16 weights, Llama 3 tokenizer)"
