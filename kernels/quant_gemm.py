@@ -22,6 +22,13 @@ exact 16-bit floats BIAS + u (128 + u in bf16, 1024 + u in fp16: the nibble ORed
 mantissa), and acc += s·dot + (m − (BIAS + 8·sym)·s)·Σx per group: no float math per weight,
 2·BLOCK_M FMAs per group and column; the bias costs the fp32 accumulator ~log2(BIAS/8) bits.
 
+With SWAP_AB the program computes the transposed tile accᵀ[BLOCK_N, BLOCK_M] = w·xᵀ and stores
+it transposed: the dequantized weight is the dot's left operand, x (few rows) the right one.
+On Hopper the left operand of wgmma may come from registers, so the dequantized tile need not
+go through shared memory as the B operand does, and BLOCK_N (64 / 128) fills wgmma's 64-row
+minimum while BLOCK_M (16..64) is its N, so even 16-row batches get the warpgroup MMA (the
+packed bytes still pass through shared memory, read back a byte per load on sm_90).
+
 Floor: max(packed weight bytes / copy bandwidth, 2·M·N·K / the dot rate of x's dtype); the
 dequantization costs a few ALU ops per weight per M-tile.  Reference: layers/quant.py
 ``matmul_ref`` (dequantize, then x @ Wᵀ).
@@ -45,11 +52,32 @@ _BIAS_BITS = {torch.bfloat16: 0x4300, torch.float16: 0x6400}
 
 
 @triton.jit
+def _dot(x, w, acc, SWAP_AB: tl.constexpr, PREC: tl.constexpr):
+    """acc + x·wᵀ ([rows, n]), or with SWAP_AB acc + w·xᵀ ([n, rows]: w the left operand)."""
+    if SWAP_AB:
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=PREC)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _along(v, DIM: tl.constexpr):
+    """Vector v laid along dimension DIM of a 2-D tile (broadcast along the other)."""
+    if DIM == 0:
+        r = v[:, None]
+    else:
+        r = v[None, :]
+    return r
+
+
+@triton.jit
 def _qgemm_kernel(
     X, QW, S, Mn, Y, M, N, K, stride_xm, stride_q, stride_s, stride_ym,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, INTERLEAVE: tl.constexpr, SCALE_AFTER: tl.constexpr = False, BIAS_BITS: tl.constexpr = 0,
+    SWAP_AB: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -65,7 +93,11 @@ def _qgemm_kernel(
     mask_m = offs_m < M
     xrow = X + offs_m.to(tl.int64)[:, None] * stride_xm
     wrow = QW + rows.to(tl.int64)[:, None] * stride_q
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP_AB:  # accᵀ: the weight tile is the dot's left operand
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ND: tl.constexpr = 0 if SWAP_AB else 1  # the accumulator's dimension along n
     SUB: tl.constexpr = BLOCK_K if ROW_SCALE else GROUP  # columns sharing one scale, or the whole step
     NS: tl.constexpr = BLOCK_K // SUB
     if SCALE_AFTER:  # int4, 16-bit x, ROW_SCALE False: the stored nibbles themselves into the dot
@@ -80,11 +112,11 @@ def _qgemm_kernel(
                 # BIAS + u exactly, as x's 16-bit float: the nibble ORed into the mantissa of BIAS
                 lo = ((b & 0xF) | BIAS_BITS).to(x.dtype, bitcast=True)
                 hi = ((b >> 4) | BIAS_BITS).to(x.dtype, bitcast=True)
-                d = tl.dot(x, tl.trans(tl.interleave(lo, hi)), input_precision=PREC)
+                d = _dot(x, tl.interleave(lo, hi), None, SWAP_AB, PREC)
                 s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
                 # Σ x·w = s·Σ x·(BIAS + u) + (m - (BIAS + 8·sym)·s)·Σ x
                 xs = tl.sum(x.to(tl.float32), 1)
-                acc += d * s[None, :] + xs[:, None] * (m - bias * s)[None, :]
+                acc += d * _along(s, ND) + _along(xs, 1 - ND) * _along(m - bias * s, ND)
     elif KIND == 1:  # int4
         HALF: tl.constexpr = SUB // 2
         offs = tl.arange(0, HALF)
@@ -98,12 +130,12 @@ def _qgemm_kernel(
                 if INTERLEAVE:
                     x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
                     w = tl.interleave(we.to(x.dtype), wo.to(x.dtype))
-                    acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+                    acc = _dot(x, w, acc, SWAP_AB, PREC)
                 else:
                     xe = tl.load(xrow + (kj + 2 * offs)[None, :], mask=mask_m[:, None], other=0.0)
                     xo = tl.load(xrow + (kj + 2 * offs + 1)[None, :], mask=mask_m[:, None], other=0.0)
-                    acc = tl.dot(xe, tl.trans(we.to(xe.dtype)), acc, input_precision=PREC)
-                    acc = tl.dot(xo, tl.trans(wo.to(xo.dtype)), acc, input_precision=PREC)
+                    acc = _dot(xe, we.to(xe.dtype), acc, SWAP_AB, PREC)
+                    acc = _dot(xo, wo.to(xo.dtype), acc, SWAP_AB, PREC)
     else:
         offs = tl.arange(0, SUB)
         for k0 in range(0, K, BLOCK_K):
@@ -114,7 +146,9 @@ def _qgemm_kernel(
                     s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
                     w = w * s[:, None] + m[:, None]
                 x = tl.load(xrow + (kj + offs)[None, :], mask=mask_m[:, None], other=0.0)
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PREC)
+                acc = _dot(x, w.to(x.dtype), acc, SWAP_AB, PREC)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if ROW_SCALE:
         acc = acc * tl.load(S + rows.to(tl.int64) * stride_s).to(tl.float32)[None, :]
     y = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -135,6 +169,9 @@ class Config(NamedTuple):
     # acc += s·dot + (m - (BIAS + 8·sym)·s)·Σx — 2·BLOCK_M FMAs per group and column instead of
     # dequantizing every weight; for few rows and groups of 64 or more
     scale_after: int = 0
+    # the transposed tile accᵀ = w·xᵀ, the dequantized weight the dot's left operand (module
+    # docstring); BLOCK_M (>= 16) is then the dot's N, BLOCK_N (64 / 128) its M
+    swap_ab: int = 0
 
 
 def default_config(rows: int, device_type: str, w=None) -> Config:
@@ -175,7 +212,7 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERLEAVE=bool(cfg.interleave),
         SCALE_AFTER=scale_after, BIAS_BITS=_BIAS_BITS.get(x.dtype, 0) if scale_after else 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SWAP_AB=bool(cfg.swap_ab), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -13,8 +13,9 @@ LOCALSGL_QUANT_TILES unset and no tuned file for the GPU, so "default" is the bu
 The search space holds the kernels' variants, off in their built-in defaults: for the GEMV
 split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without it) and int4 /
 int8 as int32 words (the activations prepared inside the loop, or by a kernel of their own first);
-for the int4 GEMM the interleaved dot and, at 16 rows of int4 g128, the
-nibbles in the dot with the scales applied after it.
+for the int4 GEMM the interleaved dot and, for int4 g128, the nibbles in the dot with the scales
+applied after it; for the int4 / int8 GEMM the swapped tile (accᵀ = w·xᵀ: the dequantized
+weight the dot's left operand, Hopper's wgmma then takes it from registers).
 
 The kernels are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared),
 then timed one at a time in CUDA graphs (scripts/probe_quant.py's ``timed``).  Rows of 1 time
@@ -99,6 +100,12 @@ def gemm_space(fmt: str, m: int):
     else:
         for bm, (bn, w), bk, st, i in itertools.product((32, 64), ((64, 4), (128, 8)), (128, 256), (2, 3, 4), il):
             yield QM.Config(bm, bn, bk, w, st, 4, i)
+        if fmt == "int4g128":  # scaled after the dot at 64 rows: 2·64/128 FMAs per weight, about a dequantization's
+            for bm, (bn, w), bk, st in itertools.product((32, 64), ((64, 4), (128, 8)), (128, 256), (2, 3)):
+                yield QM.Config(bm, bn, bk, w, st, 4, 1, 1)
+    if fmt.startswith(("int4", "int8")):  # swapped: BLOCK_N is wgmma's M (64 per warpgroup), BLOCK_M its N
+        for bm, (bn, w), bk, st in itertools.product((16,) if m <= 16 else (32, 64), ((64, 4), (128, 8)), (128, 256), (2, 3, 4)):
+            yield QM.Config(bm, bn, bk, w, st, 1 if m <= 16 else 4, il[0], 0, 1)
 
 
 def variants(formats=tuple(FORMATS), kinds=("gemv", "gemm")):

@@ -2,8 +2,8 @@
 launches them with at the Llama-3.1-8B shape: int4 group 128 (quantize's default) and group 32
 with offsets (GGUF Q4_K), int8 per row and group 16 with offsets (GGUF Q6_K), fp8 per row; the
 fused norm + gate/up and norm + qkv + rotary + KV store GEMVs; the tile sweep's GEMV variants
-(split-K and its sum, int4 / int8 as int32 words, over activations prepared by a kernel first); the GEMM in its three tile configurations and
-the sweep's int4 GEMM variants.  The CPU tests run them under the interpreter only, which type-checks less."""
+(split-K and its sum, int4 / int8 as int32 words, over activations prepared by a kernel first); the GEMM in its three tile configurations,
+the sweep's int4 GEMM variants and the swapped tile (the weight the warpgroup MMA's register operand).  The CPU tests run them under the interpreter only, which type-checks less."""
 import pytest
 import torch
 from sm90_compile import can_compile, compile_all
@@ -84,7 +84,7 @@ def _specs():
                 kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
                 pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16"), div16=["N", "K"],
                 constexprs=dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                GROUP_M=gm, PREC="tf32", INTERLEAVE=False, SCALE_AFTER=False, BIAS_BITS=0),
+                                GROUP_M=gm, PREC="tf32", INTERLEAVE=False, SCALE_AFTER=False, BIAS_BITS=0, SWAP_AB=False),
                 num_warps=warps, num_stages=stages)
     # the sweep's int4 variants: interleaved nibbles; the nibbles as bf16 128 + u, scaled after the dot
     for bn, warps, scale_after in ((32, 4, False), (128, 8, True)):
@@ -93,8 +93,20 @@ def _specs():
             pointers=dict(X="*bf16", QW="*u8", S="*fp16", Mn="*fp16", Y="*bf16"), div16=["N", "K"],
             constexprs=dict(KIND=INT4, GROUP=128, SYM=False, ROW_SCALE=False, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256,
                             GROUP_M=1, PREC="tf32", INTERLEAVE=True, SCALE_AFTER=scale_after,
-                            BIAS_BITS=0x4300 if scale_after else 0),
+                            BIAS_BITS=0x4300 if scale_after else 0, SWAP_AB=False),
             num_warps=warps, num_stages=2)
+    # swap-AB: accᵀ = w·xᵀ, BLOCK_N the dot's M (64 per warpgroup), BLOCK_M its N (16 or 64 rows)
+    for (label, kind, qt, st, group, sym, row, _), il, sa in ((FORMATS[0], True, False), (FORMATS[1], False, False),
+                                                             (FORMATS[3], False, False), (FORMATS[4], False, False),
+                                                             (FORMATS[0], True, True)):
+        for bm, bn, bk, warps in ((64, 64, 128, 4), (16, 128, 256, 8)):
+            specs[f"gemm {label} {bm}x{bn}x{bk} swap_ab{' scale after' if sa else ''}"] = dict(
+                kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
+                pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16"), div16=["N", "K"],
+                constexprs=dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                GROUP_M=4 if bm == 64 else 1, PREC="tf32", INTERLEAVE=il, SCALE_AFTER=sa,
+                                BIAS_BITS=0x4300 if sa else 0, SWAP_AB=True),
+                num_warps=warps, num_stages=2)
     return specs
 
 
@@ -102,7 +114,9 @@ def test_quant_kernels_compile_for_sm90():
     # ftz forms of the f32 multiply / FMA: the words loop reads nibbles as subnormal floats,
     # which a flush-to-zero build would turn into zeros
     ftz = ["mul.ftz.f32", "mul.rn.ftz.f32", "fma.rn.ftz.f32"]
-    specs = {name: dict(s, sass_needles=["HGMMA"], ptx_needles=ftz) for name, s in _specs().items()}
+    # "}, {%r": a wgmma whose A operand is registers ({acc}, {a regs}, b descriptor), not a descriptor
+    reg_a = "}, {%r"
+    specs = {name: dict(s, sass_needles=["HGMMA"], ptx_needles=ftz + [reg_a]) for name, s in _specs().items()}
     results = dict(zip(specs, compile_all(list(specs.values()), timeout=900)))
     failed = [f"{name}: {r['error']}" for name, r in results.items() if not r["ok"]]
     assert not failed, "\n".join(failed)
@@ -110,6 +124,9 @@ def test_quant_kernels_compile_for_sm90():
     # its 64-row minimum and use the older MMA)
     for name, r in results.items():
         if "words" in name:
-            assert not any(r["ptx_has"].values()), f"{name}: flush-to-zero arithmetic {r['ptx_has']}"
+            assert not any(r["ptx_has"][n] for n in ftz), f"{name}: flush-to-zero arithmetic {r['ptx_has']}"
         if name.startswith("gemm") and specs[name]["constexprs"]["BLOCK_M"] >= 64:
             assert r["sass_has"]["HGMMA"], f"{name}: no HGMMA in its SASS"
+        # swapped: the warpgroup MMA at 16 rows too, the dequantized weight its register operand
+        if "swap_ab" in name:
+            assert r["sass_has"]["HGMMA"] and r["ptx_has"][reg_a], f"{name}: no register-A wgmma"

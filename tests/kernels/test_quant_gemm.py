@@ -43,6 +43,26 @@ def test_forced_tiles(fmt):
         assert rel_err(QM.gemm(x, w, cfg), ref) < 1e-5
 
 
+@pytest.mark.parametrize("m", [1, 5, 16, 37, 64])
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_forced_swap_ab_tiles(fmt, m):
+    """The swapped tile (accᵀ = w·xᵀ, stored transposed): rows that do not fill BLOCK_M, two
+    column tiles the second of them partial; int4 with and without the interleaved dot, and
+    with the nibbles in the dot scaled after it (fp16 x)."""
+    g = gen(29 + m)
+    w = _qw(72, 256, fmt, g)
+    ref64 = w.dequantize(torch.float64)
+    x = randn(m, 256, g=g)
+    ref = x.double() @ ref64.t()
+    for cfg in (QM.Config(16, 64, 64, 4, 1, 1, 0, 0, 1), QM.Config(32, 64, 128, 4, 1, 2, 1, 0, 1),
+                QM.Config(64, 128, 128, 8, 1, 4, 0, 0, 1)):
+        assert rel_err(QM.gemm(x, w, cfg), ref) < 1e-5, cfg
+    if fmt.kind == "int4":
+        x16 = x.half()
+        for cfg in (QM.Config(16, 64, 128, 4, 1, 1, 1, 1, 1), QM.Config(64, 64, 64, 4, 1, 2, 0, 1, 1)):
+            assert rel_err(QM.gemm(x16, w, cfg), x16.double() @ ref64.t()) < 2e-3, cfg
+
+
 @pytest.mark.parametrize("fmt", [WeightFormat("int4", 32, True), WeightFormat("int4", 128, False)], ids=["g32", "g128-asym"])
 def test_scale_after_dot(fmt):
     """int4 with the stored nibbles in the dot (as fp16 1024 + u) and the group's scale and offset
