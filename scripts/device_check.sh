@@ -67,9 +67,10 @@ if [[ "$EXTRA" == *" mixedprobe "* ]]; then
   done
 fi
 if [[ "$EXTRA" == *" serving "* ]]; then
-  echo "== serving vs offline"
-  python3 -m localsgl.cli bench serving -m llama-3.1-8b --load-format dummy --dtype bfloat16 \
-    --workload mixed --num-prompts 400 --request-rate ${SERVING_RATES:-16 32 inf} 2>&1 | tee "$OUTDIR/serving.log" | tail -20
+  echo "== serving vs offline, llama-3.1-8b mixed, engine core in its own process (serve's default)"
+  LOCALSGL_IN_PROCESS=0 timeout ${SERVING_TIMEOUT:-900} python3 -m localsgl.cli bench serving -m llama-3.1-8b \
+    --load-format dummy --dtype bfloat16 --workload mixed --num-prompts ${SERVING_PROMPTS:-400} --client process \
+    --request-rate ${SERVING_RATES:-8 inf} --http-client ${SERVING_HTTP_CLIENT:-raw} 2>&1 | tee "$OUTDIR/serving.log" | tail -20
 fi
 if [[ "$EXTRA" == *" serving1b "* ]]; then
   echo "== serving vs offline, llama-3.2-1b mixed 1,000 prompts, rate inf: engine core on a thread (1) vs in its own process (0)"
