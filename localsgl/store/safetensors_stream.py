@@ -23,7 +23,8 @@ from typing import Iterator
 import torch
 
 CHUNK_BYTES = 32 << 20
-RING_DEPTH = 8  # pinned chunks (and reads) in flight
+RING_DEPTH = 16  # pinned chunks (and reads) in flight: 16 x 32 MB read an 8B checkpoint at 32 GB/s on
+# an H200 host, 8 at 23 GB/s (bench/RESULTS.md, "2026-12-02 (sixth session)")
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -77,6 +78,21 @@ def read_header(path: Path) -> _Shard:
     entries.sort(key=lambda x: x.start)
     data_len = max((x.end for x in entries), default=0)
     return _Shard(Path(path), 8 + n, data_len, entries)
+
+
+def device_bytes_in_flight(files: list[Path], dtype: torch.dtype) -> int:
+    """A bound on the device memory ``iter_to_device`` holds beyond the caller's tensors: a
+    tensor's raw bytes live from its first chunk to its last, so at most two tensors at once
+    (the one ending in the chunk at hand and the one starting in it), and the one handed out
+    once more in its new size when it is cast to ``dtype``."""
+    largest, cast = 0, 0
+    for s in (read_header(Path(f)) for f in files):
+        for e in s.entries:
+            largest = max(largest, e.end - e.start)
+            if e.dtype.is_floating_point and e.dtype != dtype:
+                numel = (e.end - e.start) // e.dtype.itemsize
+                cast = max(cast, numel * dtype.itemsize)
+    return 2 * largest + cast
 
 
 def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
