@@ -528,7 +528,8 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
             server = EmbeddedServer(engine, api_key=None, max_queue=max(1024, len(lens) + a.warmup + 8))
             server.start()
             url = server.url
-            log(f"serving {model} on {url} (in-process)")
+            core = "on a thread of this process" if getattr(engine, "in_process", True) else "in its own process"
+            log(f"serving {model} on {url} (server in this process, engine core {core})")
 
         if engine is not None and a.client == "process":
             import multiprocessing
@@ -583,6 +584,7 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
         workload = ({"kind": "mixed", "input": "U[128,1024]", "output": "U[128,512]"} if a.workload == "mixed"
                     else {"kind": "fixed", "input_len": a.input_len, "output_len": a.output_len})
         info = {"device": device, "model": model, "url": url, "in_process": engine is not None,
+                "engine_core": None if engine is None else ("thread" if getattr(engine, "in_process", True) else "process"),
                 "client": a.client if engine is not None else "thread", "http_client": a.http_client,
                 "workload": {**workload, "num_prompts": len(lens), "input_tokens": sum(lens),
                              "output_tokens": sum(outs), "seed": a.seed},
