@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -483,8 +484,6 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
         if a.url:
             import httpx
 
-            import os
-
             url, api_key = a.url.rstrip("/"), a.api_key or os.environ.get("LOCALSGL_API_KEY") or None
             if url.endswith("/v1"):
                 url = url[:-3]
@@ -502,7 +501,10 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
         else:
             from .engine.api import Engine
 
-            engine = Engine(**engine_kwargs)
+            kwargs = dict(engine_kwargs)
+            if not os.environ.get("LOCALSGL_IN_PROCESS"):  # as `serve` builds it: the core in its own process
+                kwargs.setdefault("in_process", False)
+            engine = Engine(**kwargs)
             engine.wait_graphs()  # the large decode graphs are captured after start-up: not inside a timed run
             model, max_len, api_key = engine.model_name, engine.max_model_len, None
             vocab = engine.config.vocab_size
