@@ -55,14 +55,3 @@ def test_unknown_dtype_is_declined_before_anything_is_read(tmp_path):
     with pytest.raises(UnsupportedShardError):
         iter_to_device([f], torch.float32, torch.device("cpu"))
 
-
-def test_device_bytes_in_flight_bounds_two_raw_tensors_and_one_cast(tmp_path):
-    from localsgl.store.safetensors_stream import device_bytes_in_flight
-
-    save_file({"a": torch.zeros(1000, dtype=torch.float32), "b": torch.zeros(10, dtype=torch.int64)},
-              str(tmp_path / "1.safetensors"))
-    save_file({"c": torch.zeros(3000, dtype=torch.bfloat16)}, str(tmp_path / "2.safetensors"))
-    files = [tmp_path / "1.safetensors", tmp_path / "2.safetensors"]
-    largest = 6000  # c's raw bytes
-    assert device_bytes_in_flight(files, torch.bfloat16) == 2 * largest + 1000 * 2  # a cast to bf16
-    assert device_bytes_in_flight(files, torch.float32) == 2 * largest + 3000 * 4  # c cast to fp32

@@ -552,7 +552,7 @@ def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, 
     from .core import CoreConfig, EngineCore
     from .debug_switches import DebugSwitches
     from .models.config import ModelConfig
-    from .models.loader import start_model_load
+    from .models.loader import load_model
     from .plan import default_dtype, detect_device, dtype_name, make_plan, plan_options
     from .weight_estimate import estimate as estimate_weights
 
@@ -580,70 +580,58 @@ def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, 
     pre_plan = make_plan(host.config, host.device_info, host.dtype, **plan_kwargs)
     tokenizer = _in_background(host.source.load_tokenizer)  # transformers' import overlaps the weights
     t_planned = time.perf_counter()
-    # a dense checkpoint streams in beside the rest of the start (the plan, the KV pool, the first
-    # decode graph) when the loader's transient device memory fits in half the plan's safety margin
-    host.model, in_flight = start_model_load(
-        host.source, host.dtype, host.device, load_format, max_positions=pre_plan.max_model_len, weights=weights,
-        quantization=quantization, background_bytes=pre_plan.safety_margin_bytes // 2 if host.device.type == "cuda" else 0)
-    try:
-        free_after = None
-        if host.device.type == "cuda":
-            torch.cuda.synchronize(host.device)
-            free_after, _ = torch.cuda.mem_get_info(host.device)
-        t_built = time.perf_counter()
-        host.plan = make_plan(host.config, host.device_info, host.dtype, free_memory_after_weights=free_after, **plan_kwargs)
-        host.max_model_len = host.plan.max_model_len
-        host.model.rotary.resize(host.max_model_len)  # the pre-load plan's guess may differ
-        host.tokenizer = tokenizer()
-        from .reasoning import reasoning_tags
+    host.model = load_model(host.source, host.dtype, host.device, load_format, max_positions=pre_plan.max_model_len,
+                            weights=weights, quantization=quantization)
+    free_after = None
+    if host.device.type == "cuda":
+        torch.cuda.synchronize(host.device)
+        free_after, _ = torch.cuda.mem_get_info(host.device)
+    t_weights = time.perf_counter()
+    host.plan = make_plan(host.config, host.device_info, host.dtype, free_memory_after_weights=free_after, **plan_kwargs)
+    host.max_model_len = host.plan.max_model_len
+    host.model.rotary.resize(host.max_model_len)  # the pre-load plan's guess may differ
+    host.tokenizer = tokenizer()
+    from .reasoning import reasoning_tags
 
-        # the tags a reasoning model thinks in (None for other models, or with reasoning off)
-        host.reasoning_tags = None if host.reasoning == "off" else reasoning_tags(host.tokenizer)
-        eos = list(host.config.eos_token_ids)
-        if host.tokenizer is not None and host.tokenizer.eos_token_id is not None:
-            eos.append(int(host.tokenizer.eos_token_id))
-        eos += _generation_config_eos(host.source)
-        host.max_queue = max_queue
-        graphs = None if (disable_cuda_graph or host.device.type != "cuda") else list(host.plan.cuda_graph_bs)
-        host.core = EngineCore(
-            host.model,
-            host.tokenizer,
-            eos,
-            host.device,
-            CoreConfig(
-                kv_tokens=host.plan.kv_tokens,
-                max_running=host.plan.max_running,
-                chunk_size=host.plan.chunk_size,
-                max_model_len=host.plan.max_model_len,
-                attention_backend=attention_backend,
-                disable_radix_cache=disable_radix_cache,
-                cuda_graph_bs=graphs,
-                schedule_policy=schedule_policy,
-                seed=seed,
-                kv_cache_dtype=host.plan.kv_cache_dtype,
-                debug=host.debug_switches,
-            ),
-            overlap=not disable_overlap and host.device.type == "cuda",
-            start_thread=False,
-        )
-        if in_flight is not None:
-            in_flight.wait()
-        t_weights = t_built if in_flight is None else time.perf_counter()
-        t_ready = time.perf_counter()
-        host.load_seconds = t_ready - t0
-        # from weights on the device to serving (the small decode graphs captured; the rest
-        # follow while serving: graphs_ready_after_weights_seconds)
-        host.ready_after_weights_seconds = t_ready - t_weights
-        host._t_weights = t_weights
-        # the stages before the weights: where a slow start goes (`run -v` prints this line)
-        log.info("engine ready in %.1f s (resolve %.2f s, device %.2f s, plan %.2f s, weights %.2f s%s, then %.1f s "
-                 "after the weights): %s", host.load_seconds, t_resolved - t0, t_device - t_resolved,
-                 t_planned - t_device, t_weights - t_planned, "" if in_flight is None else " beside the start-up",
-                 host.ready_after_weights_seconds, host.plan.describe())
-    except BaseException:
-        if in_flight is not None:  # no thread may go on writing into a model being dropped
-            in_flight.join_quietly()
-        raise
+    # the tags a reasoning model thinks in (None for other models, or with reasoning off)
+    host.reasoning_tags = None if host.reasoning == "off" else reasoning_tags(host.tokenizer)
+    eos = list(host.config.eos_token_ids)
+    if host.tokenizer is not None and host.tokenizer.eos_token_id is not None:
+        eos.append(int(host.tokenizer.eos_token_id))
+    eos += _generation_config_eos(host.source)
+    host.max_queue = max_queue
+    graphs = None if (disable_cuda_graph or host.device.type != "cuda") else list(host.plan.cuda_graph_bs)
+    host.core = EngineCore(
+        host.model,
+        host.tokenizer,
+        eos,
+        host.device,
+        CoreConfig(
+            kv_tokens=host.plan.kv_tokens,
+            max_running=host.plan.max_running,
+            chunk_size=host.plan.chunk_size,
+            max_model_len=host.plan.max_model_len,
+            attention_backend=attention_backend,
+            disable_radix_cache=disable_radix_cache,
+            cuda_graph_bs=graphs,
+            schedule_policy=schedule_policy,
+            seed=seed,
+            kv_cache_dtype=host.plan.kv_cache_dtype,
+            debug=host.debug_switches,
+        ),
+        overlap=not disable_overlap and host.device.type == "cuda",
+        start_thread=False,
+    )
+    t_ready = time.perf_counter()
+    host.load_seconds = t_ready - t0
+    # from weights on the device to serving (the small decode graphs captured; the rest
+    # follow while serving: graphs_ready_after_weights_seconds)
+    host.ready_after_weights_seconds = t_ready - t_weights
+    host._t_weights = t_weights
+    # the stages before the weights: where a slow start goes (`run -v` prints this line)
+    log.info("engine ready in %.1f s (resolve %.2f s, device %.2f s, plan %.2f s, weights %.2f s, then %.1f s "
+             "after the weights): %s", host.load_seconds, t_resolved - t0, t_device - t_resolved,
+             t_planned - t_device, t_weights - t_planned, host.ready_after_weights_seconds, host.plan.describe())
 
 
 _GRAMMAR_LOCK = threading.Lock()

@@ -80,21 +80,6 @@ def read_header(path: Path) -> _Shard:
     return _Shard(Path(path), 8 + n, data_len, entries)
 
 
-def device_bytes_in_flight(files: list[Path], dtype: torch.dtype) -> int:
-    """A bound on the device memory ``iter_to_device`` holds beyond the caller's tensors: a
-    tensor's raw bytes live from its first chunk to its last, so at most two tensors at once
-    (the one ending in the chunk at hand and the one starting in it), and the one handed out
-    once more in its new size when it is cast to ``dtype``."""
-    largest, cast = 0, 0
-    for s in (read_header(Path(f)) for f in files):
-        for e in s.entries:
-            largest = max(largest, e.end - e.start)
-            if e.dtype.is_floating_point and e.dtype != dtype:
-                numel = (e.end - e.start) // e.dtype.itemsize
-                cast = max(cast, numel * dtype.itemsize)
-    return 2 * largest + cast
-
-
 def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
     view = memoryview(buf.numpy())
     done = 0
