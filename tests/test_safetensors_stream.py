@@ -54,4 +54,3 @@ def test_unknown_dtype_is_declined_before_anything_is_read(tmp_path):
     f.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
     with pytest.raises(UnsupportedShardError):
         iter_to_device([f], torch.float32, torch.device("cpu"))
-
