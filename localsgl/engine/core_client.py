@@ -7,11 +7,18 @@ the front end: each step message's token ids go through the choice's text_output
 StreamDeltas, on this process's reader thread.  A stop string ends the choice here at once;
 the core is told to abort it, and the tokens it made meanwhile are dropped.
 
+Messages to the core go out on a sender thread of their own, in the order they were made,
+consecutive submissions merged into one message: the HTTP server submits each request from
+a worker thread, and a send made there under a shared lock would hand the interpreter lock
+from thread to thread once per request (a burst of 1,000 requests then reached the core
+over seconds instead of in one batch).
+
 A core that exits (a crash, a kill) fails every open choice with finish_reason "error" and
 a message saying so; later submissions raise CoreDiedError.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -63,7 +70,8 @@ class CoreClient:
                                      pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL)
         child_sock.close()
         self.conn = Connection(parent_sock.detach())
-        self._send_lock = threading.Lock()
+        self._outbox: collections.deque = collections.deque()  # messages for the sender thread
+        self._outbox_cv = threading.Condition(threading.Lock())
         self.closed = False
         self.died: str | None = None  # why the core is gone, once it is
         self.choices: dict[int, _Choice] = {}  # open for their callers
@@ -94,6 +102,8 @@ class CoreClient:
         self.tokenizer = tokenizer_ready()
         self._reader = threading.Thread(target=self._read_loop, name="localsgl-core-client", daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._send_loop, name="localsgl-core-sender", daemon=True)
+        self._sender.start()
 
     # ------------------------------------------------------------ start / stop
     def _wait_ready(self):
@@ -120,10 +130,7 @@ class CoreClient:
         if self.closed:
             return
         self.closed = True
-        try:
-            self._send(("stop", None))
-        except OSError:
-            pass
+        self._send(("stop", None))
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -132,6 +139,7 @@ class CoreClient:
             self.proc.wait(10)
         if self._reader is not threading.current_thread():
             self._reader.join(5.0)
+        self._sender.join(5.0)
         self.conn.close()
 
     def release(self) -> None:
@@ -143,8 +151,30 @@ class CoreClient:
 
     # ------------------------------------------------------------ requests
     def _send(self, msg) -> None:
-        with self._send_lock:
-            self.conn.send(msg)
+        """Queue ``msg`` for the sender thread (never blocks on the socket)."""
+        with self._outbox_cv:
+            self._outbox.append(msg)
+            self._outbox_cv.notify()
+
+    def _send_loop(self) -> None:
+        """Sends queued messages in order; consecutive "add"s go as one.  Ends after "stop"."""
+        while True:
+            with self._outbox_cv:
+                while not self._outbox:
+                    self._outbox_cv.wait()
+                batch = list(self._outbox)
+                self._outbox.clear()
+            for kind, payload in _merge_adds(batch):
+                try:
+                    self.conn.send((kind, payload))
+                except OSError:  # the core is gone: its submissions fail here (the reader says why)
+                    if kind == "add":
+                        for _, key0, _, params, _ in payload:
+                            for i in range(params.n):
+                                self._end_in_core(key0 + i)
+                                self._fail_choice(key0 + i, self.died or "the engine core process is gone")
+                if kind == "stop":
+                    return
 
     def _check_alive(self) -> None:
         if self.died is not None:
@@ -178,10 +208,7 @@ class CoreClient:
 
     def abort(self, rid: str) -> None:
         if self.alive:
-            try:
-                self._send(("abort", rid))
-            except OSError:
-                pass
+            self._send(("abort", rid))
 
     # ------------------------------------------------------------ queries
     def query(self, name: str, *args, timeout: float = 30.0):
@@ -322,10 +349,7 @@ class CoreClient:
                 self._idle.set()
 
     def _abort_choice(self, ch: _Choice) -> None:
-        try:
-            self._send(("abort_choice", (ch.rid, ch.index)))
-        except OSError:
-            pass
+        self._send(("abort_choice", (ch.rid, ch.index)))
 
     def _emit(self, key: int, ch: _Choice, delta: StreamDelta) -> None:
         if ch.on_delta is None:
@@ -393,6 +417,17 @@ class _RemoteCache:
 
     def reset(self) -> None:
         self._client.query("reset_cache")
+
+
+def _merge_adds(batch: list) -> list:
+    """Consecutive ("add", entries) messages of ``batch`` joined into one; order kept."""
+    out: list = []
+    for kind, payload in batch:
+        if kind == "add" and out and out[-1][0] == "add":
+            out[-1][1].extend(payload)
+        else:
+            out.append((kind, list(payload) if kind == "add" else payload))
+    return out
 
 
 def _err(error: str | None) -> dict:
