@@ -29,6 +29,7 @@ import threading
 import time
 from array import array
 from multiprocessing.connection import Connection
+from types import MappingProxyType
 
 from . import core_process as cp
 from .params import RequestMetrics, StreamDelta
@@ -430,5 +431,8 @@ def _merge_adds(batch: list) -> list:
     return out
 
 
-def _err(error: str | None) -> dict:
-    return {"error": error} if error else {}
+_NO_EXTRA = MappingProxyType({})  # shared by every delta without an error: read-only
+
+
+def _err(error: str | None):
+    return {"error": error} if error else _NO_EXTRA

@@ -8,6 +8,7 @@ successive tokens of a choice, e2e from arrival to the last byte of the answer.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,6 +22,21 @@ PREFIX = "localsgl"
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+
+def observe_times(hist, amount: float, times: int) -> None:
+    """``hist.observe(amount)`` ``times`` times, as one update of its sum and one bucket (a
+    chunk of k tokens is k inter-token gaps; the stream path runs this per chunk).  Falls back
+    to the loop where prometheus_client's histogram child lacks the fields it updates."""
+    buckets = getattr(hist, "_buckets", None)
+    bounds = getattr(hist, "_upper_bounds", None)
+    total = getattr(hist, "_sum", None)
+    if buckets is None or bounds is None or total is None or len(buckets) != len(bounds):
+        for _ in range(times):
+            hist.observe(amount)
+        return
+    total.inc(amount * times)
+    buckets[bisect.bisect_left(bounds, amount)].inc(times)
 
 
 class _EngineCollector(Collector):

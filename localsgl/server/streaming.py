@@ -6,7 +6,7 @@ or a busy engine lock never stalls the event loop; the engine calls ``on_delta``
 its own thread and drops the delta into the loop's ``LoopMailbox``, which wakes the
 loop once per batch of deltas (one engine step emits a delta per running request:
 one ``call_soon_threadsafe`` each would cost a self-pipe write and a GIL hand-off per
-token) and forwards each into its generation's asyncio queue.  ``abort()`` is idempotent and is called from every exit path
+token) and puts each generation's share of the batch into its asyncio queue as one list.  ``abort()`` is idempotent and is called from every exit path
 (client disconnect, cancellation, shutdown deadline), so an abandoned request
 frees its KV within one engine step.
 """
@@ -22,6 +22,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from localsgl.engine.params import RequestMetrics, SamplingParams, StreamDelta, TokenLogprob
+from localsgl.server.metrics import observe_times
 
 
 @dataclass
@@ -66,11 +67,19 @@ class LoopMailbox:
                 self.items.clear()
 
     def _deliver(self) -> None:
+        """Each queue gets one list: the items posted to it since the last delivery, in order."""
         self.scheduled = False
         items = self.items
+        per_queue: dict = {}
         while items:
             q, item = items.popleft()
-            q.put_nowait(item)
+            got = per_queue.get(q)
+            if got is None:
+                per_queue[q] = [item]
+            else:
+                got.append(item)
+        for q, got in per_queue.items():
+            q.put_nowait(got)
 
 
 def _merge_pending(items: list) -> list:
@@ -78,17 +87,35 @@ def _merge_pending(items: list) -> list:
     per chunk, as OpenAI's does): under load the loop then writes one SSE event per choice
     per wake-up instead of one per token.  Nothing is merged past a finished delta."""
     out: list = []
+    run: list = []  # consecutive deltas of one choice, the last of which may finish it
+
+    def close_run() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+            return
+        pi, last = run[-1]
+        deltas = [d for _, d in run]
+        lps = None
+        if any(d.logprobs is not None for d in deltas):
+            lps = [x for d in deltas for x in (d.logprobs or ())]
+        extra: dict = {}
+        for d in deltas:
+            if d.extra:
+                extra.update(d.extra)
+        out.append((pi, StreamDelta(last.index, "".join(d.text for d in deltas),
+                                    [t for d in deltas for t in d.token_ids], last.finish_reason, lps,
+                                    last.metrics, extra)))
+
     for prompt_idx, d in items:
-        if out:
-            pi, last = out[-1]
-            if pi == prompt_idx and last.index == d.index and last.finish_reason is None:
-                lps = None
-                if last.logprobs is not None or d.logprobs is not None:
-                    lps = (last.logprobs or []) + (d.logprobs or [])
-                out[-1] = (pi, StreamDelta(d.index, last.text + d.text, last.token_ids + d.token_ids,
-                                           d.finish_reason, lps, d.metrics, {**last.extra, **d.extra}))
+        if run:
+            pi, first = run[0]
+            if pi == prompt_idx and first.index == d.index and run[-1][1].finish_reason is None:
+                run.append((prompt_idx, d))
                 continue
-        out.append((prompt_idx, d))
+            close_run()
+        run = [(prompt_idx, d)]
+    if run:
+        close_run()
     return out
 
 
@@ -214,11 +241,12 @@ class Generation:
         ready: list = []
         while self.num_finished < self.num_choices:
             if not ready:
-                ready.append(await self.queue.get())
+                ready.extend(await self.queue.get())
                 while not self.queue.empty():  # fell behind: send what piled up as fewer chunks
-                    ready.append(self.queue.get_nowait())
+                    ready.extend(self.queue.get_nowait())
                 ready = _merge_pending(ready)
-            prompt_idx, d = ready.pop(0)
+                ready.reverse()
+            prompt_idx, d = ready.pop()
             idx = prompt_idx * self.n + d.index
             if not (0 <= idx < self.num_choices):
                 continue
@@ -233,8 +261,7 @@ class Generation:
                     m.ttft.observe(now - self.arrival)
                 elif c.last_token_time is not None:
                     k = len(d.token_ids)
-                    for _ in range(k):
-                        m.itl.observe((now - c.last_token_time) / k)
+                    observe_times(m.itl, (now - c.last_token_time) / k, k)
                 c.last_token_time = now
                 c.num_tokens += len(d.token_ids)
             if d.text:

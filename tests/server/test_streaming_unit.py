@@ -22,9 +22,9 @@ def test_mailbox_delivers_everything_in_order_from_threads():
         th = threading.Thread(target=producer)
         th.start()
         got = [[] for _ in range(4)]
-        for k in range(n):
-            q = queues[k % 4]
-            got[k % 4].append(await asyncio.wait_for(q.get(), 10))
+        for j, q in enumerate(queues):
+            while len(got[j]) < n // 4:  # each delivery hands a queue its items as one list
+                got[j].extend(await asyncio.wait_for(q.get(), 10))
         th.join()
         return got
 
@@ -73,3 +73,31 @@ def test_merge_pending_keeps_the_error_of_a_failed_choice():
     merged = _merge_pending(items)
     assert len(merged) == 1
     assert merged[0][1].finish_reason == "error" and merged[0][1].extra == {"error": "RuntimeError: boom"}
+
+
+def test_observe_times_equals_repeated_observe():
+    """The stream path's one-update histogram count equals observing each gap alone."""
+    import pytest
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from localsgl.server.metrics import observe_times
+
+    buckets = (0.001, 0.005, 0.01, 0.1)
+    a, b = CollectorRegistry(), CollectorRegistry()
+    ha = Histogram("itl", "x", buckets=buckets, registry=a)
+    hb = Histogram("itl", "x", buckets=buckets, registry=b)
+    for amount, times in ((0.0005, 3), (0.001, 2), (0.0011, 1), (0.05, 4), (7.0, 5), (0.1, 1)):
+        observe_times(ha, amount, times)
+        for _ in range(times):
+            hb.observe(amount)
+
+    def samples(reg):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(generate_latest(reg).decode())
+                for s in fam.samples if not s.name.endswith("_created")}
+
+    got, want = samples(a), samples(b)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12), k
