@@ -134,6 +134,105 @@ def test_a_request_the_core_cannot_build_fails_alone(engines, monkeypatch):
     assert proc.stats()["kv_slots_locked"] == 0
 
 
+def test_concurrent_submitters_get_the_in_process_tokens(engines):
+    """32 threads each submit one prompt at once to the core in its own process (the sender
+    thread merges their submissions): each gets the tokens the in-process engine gives it."""
+    thread, proc = engines
+    prompts = [[(i * 7 + j * 3) % 62 + 1 for j in range(3 + i % 5)] for i in range(32)]
+    assert len({tuple(p) for p in prompts}) == 32
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    want = [thread.generate(p, params).token_ids for p in prompts]
+    got: list = [None] * len(prompts)
+    errors: list = []
+    start = threading.Barrier(len(prompts))
+
+    def one(i):
+        try:
+            start.wait(30)
+            got[i] = proc.generate(prompts[i], params)
+        except BaseException as e:  # noqa: BLE001  (reported below, not lost in the thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not errors, errors
+    assert all(g is not None for g in got), "a concurrent submission never finished"
+    assert [g.finish_reason for g in got] == ["length"] * len(prompts)
+    assert [g.token_ids for g in got] == want
+    assert [g.prompt_token_ids for g in got] == prompts
+    assert proc.stats()["kv_slots_locked"] == 0
+
+
+def test_merge_adds_joins_consecutive_submissions_only():
+    """The sender's batch: runs of "add" become one message with their entries in order; any
+    other message stays where it was, and adds on either side of it are not joined across it."""
+    from localsgl.engine.core_client import _merge_adds
+
+    a, b, c, d, e, f = (("rid-" + x, k << 8, b"\x01\x00\x00\x00", None, False) for k, x in enumerate("abcdef"))
+    batch = [("add", [a]), ("add", [b, c]), ("abort", "rid-b"), ("add", [d]),
+             ("query", (7, "stats", ())), ("abort_choice", ("rid-d", 0)), ("add", [e]), ("add", [f]), ("stop", None)]
+    assert _merge_adds(batch) == [("add", [a, b, c]), ("abort", "rid-b"), ("add", [d]), ("query", (7, "stats", ())),
+                                  ("abort_choice", ("rid-d", 0)), ("add", [e, f]), ("stop", None)]
+    assert _merge_adds([("add", [a])]) == [("add", [a])]
+    assert _merge_adds([("add", [a]), ("abort", "rid-a")]) == [("add", [a]), ("abort", "rid-a")]
+    assert _merge_adds([("abort", "rid-a"), ("add", [a])]) == [("abort", "rid-a"), ("add", [a])]
+    assert _merge_adds([("add", [b]), ("add", [a]), ("add", [])]) == [("add", [b, a])]
+    assert _merge_adds([]) == []
+
+
+def test_abort_right_after_submit_ends_it_and_the_core_serves_on(engines, monkeypatch):
+    """A request aborted as soon as it is submitted, its "add" and "abort" drained by the
+    sender in one batch, ends with finish_reason "abort" long before its max_tokens, frees
+    its KV slots, and the core then answers a new request."""
+    thread, proc = engines
+    conn = proc.core.conn
+    busy, release = threading.Event(), threading.Event()
+
+    class HeldConn:  # holds the sender in its first send, so that both messages queue behind it
+        def send(self, msg):
+            busy.set()
+            release.wait(30)
+            conn.send(msg)
+
+    monkeypatch.setattr(proc.core, "conn", HeldConn())
+    proc.core._send(("abort", "no-such-request"))  # a harmless message for the sender to hold
+    assert busy.wait(10)
+    got: list = []
+    done = threading.Event()
+
+    def on_delta(d):
+        got.append(d)
+        if d.finish_reason is not None:
+            done.set()
+
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    try:
+        rid = proc.submit([1, 2, 3], long, on_delta)
+        proc.abort(rid)
+        assert [m[0] for m in proc.core._outbox] == ["add", "abort"]  # one batch for the sender
+    finally:
+        release.set()
+    assert done.wait(20), "the aborted request never finished"
+    monkeypatch.undo()
+    last = got[-1]
+    assert last.finish_reason == "abort", last
+    assert [d.finish_reason for d in got[:-1]] == [None] * (len(got) - 1)
+    made = sum(len(d.token_ids) for d in got)
+    # the core may step once or twice between taking the add and the abort (0 or 1 token here
+    # as a rule); an abort that reached it late would let the output run on toward 200
+    assert made < 50 and last.metrics.completion_tokens == made
+    assert proc.wait_idle(10)
+    s = proc.stats()
+    assert s["running"] == 0 and s["waiting"] == 0 and s["kv_slots_locked"] == 0
+    short = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    out = proc.generate([4, 5, 6], short)
+    assert out.finish_reason == "length" and out.token_ids == thread.generate([4, 5, 6], short).token_ids
+
+
 def test_killed_core_fails_open_requests_and_health(tmp_path):
     from fastapi.testclient import TestClient
 
