@@ -35,7 +35,8 @@ with the same log-sum-exp rule.  Prefix floor: Lp · Hkv · D · 2 · elem per g
 instead of per row.
 
 FP8 KV (k_scale / v_scale given, e4m3 caches; kv_pool.py has the format): K/V rows are read
-as e4m3 and widened to q's dtype (exact: every e4m3 value is a bf16 / fp16 value), and each
+as e4m3 and widened to fp16 (exact: every e4m3 value is an fp16 value; one conversion per two
+values, where bf16 takes several), against q pre-scaled by the softmax scale in fp16, and each
 row's scale is applied where it costs least, to that key's scores and to the probabilities
 that weight its value row: q·(s_k·k) = s_k·(q·k) and Σ p·(s_v·v) = Σ (p·s_v)·v, a multiply per
 [rows, BLOCK_N] score tile instead of per [BLOCK_N, D] K/V tile.  A row costs D + 4 bytes
@@ -72,6 +73,17 @@ def _load_scale(Scale, slot, g, stride_sh, rows, KV_FP8: tl.constexpr):
     else:
         s = None
     return s
+
+
+@triton.jit
+def _fp8_query(q, sm_scale_log2, KV_FP8: tl.constexpr):
+    """(q, the scale its scores still need): with an FP8 pool and a 16-bit q, q pre-scaled by
+    sm_scale_log2 in fp16 (the keys and values are then widened to fp16 too: e4m3 -> fp16 is one
+    conversion per two values, -> bf16 several); else q and sm_scale_log2 unchanged."""
+    if KV_FP8 and q.dtype != tl.float32:
+        return (q.to(tl.float32) * sm_scale_log2).to(tl.float16), 1.0
+    else:
+        return q, sm_scale_log2
 
 
 @triton.jit
@@ -239,7 +251,7 @@ def _decode_stage1(
     table = ReqToToken + tl.load(ReqIdx + b).to(tl.int64) * stride_r
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    DT: tl.constexpr = Q.dtype.element_ty
+    DT: tl.constexpr = tl.float16 if KV_FP8 and Q.dtype.element_ty != tl.float32 else Q.dtype.element_ty  # _fp8_query
     if EARLY_KV:
         offs_n = tl.arange(0, BLOCK_N)
         pos = start + offs_n
@@ -257,6 +269,7 @@ def _decode_stage1(
         heads = g * G + offs_h
         q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+        q, sm_scale_log2 = _fp8_query(q, sm_scale_log2, KV_FP8)
         if EARLY_KV:
             last = pos == seq_len - 1
             newest = last[:, None] & mask_d[None, :]
@@ -357,6 +370,7 @@ def _prefix_stage(
             mask_d = offs_d < HEAD_DIM
             q = tl.load(Q + rows64[:, None] * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                         mask=valid[:, None] & mask_d[None, :], other=0.0)
+            q, sm_scale_log2 = _fp8_query(q, sm_scale_log2, KV_FP8)
             acc, m_i, l_i = _attend_range(q, K, V, KS, VS, table, start, end, g, sm_scale_log2,
                                           stride_kt, stride_kh, stride_vt, stride_vh, stride_ksh, stride_vsh,
                                           BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, KV_FP8)

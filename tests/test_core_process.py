@@ -134,6 +134,34 @@ def test_a_request_the_core_cannot_build_fails_alone(engines, monkeypatch):
     assert proc.stats()["kv_slots_locked"] == 0
 
 
+def test_a_message_that_cannot_be_sent_fails_alone(engines, monkeypatch):
+    """A message the sender cannot pickle fails by itself: a query raises at once, a request
+    merged with others into one submission ends with an error while the others run, and the
+    sender keeps sending (it used to die there, and every later request hung)."""
+    _, proc = engines
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="could not be sent"):
+        proc.core.query("stats", lambda: 0, timeout=20)  # a lambda does not pickle
+    assert time.monotonic() - t0 < 10
+    send = proc.core._send
+
+    def poison_second(msg):
+        kind, payload = msg
+        if kind == "add" and len(payload) == 3:
+            rid, key0, ids, params, grammar = payload[1]
+            payload = [payload[0], (rid, key0, ids, params, lambda: 0), payload[2]]
+        send((kind, payload))
+
+    monkeypatch.setattr(proc.core, "_send", poison_second)
+    p = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    outs = proc.generate([[1, 2, 3], [4, 5, 6], [7, 8, 9]], p)
+    monkeypatch.undo()
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert "could not be sent" in outs[1].choices[0].error
+    assert proc.generate([1, 2, 3], p).token_ids == outs[0].token_ids
+    assert proc.stats()["kv_slots_locked"] == 0
+
+
 def test_concurrent_submitters_get_the_in_process_tokens(engines):
     """32 threads each submit one prompt at once to the core in its own process (the sender
     thread merges their submissions): each gets the tokens the in-process engine gives it."""

@@ -73,6 +73,7 @@ class CoreClient:
         self.conn = Connection(parent_sock.detach())
         self._outbox: collections.deque = collections.deque()  # messages for the sender thread
         self._outbox_cv = threading.Condition(threading.Lock())
+        self._sender_done = False  # the sender sent "stop" and ended
         self.closed = False
         self.died: str | None = None  # why the core is gone, once it is
         self.choices: dict[int, _Choice] = {}  # open for their callers
@@ -154,28 +155,60 @@ class CoreClient:
     def _send(self, msg) -> None:
         """Queue ``msg`` for the sender thread (never blocks on the socket)."""
         with self._outbox_cv:
-            self._outbox.append(msg)
-            self._outbox_cv.notify()
+            if not self._sender_done:
+                self._outbox.append(msg)
+                self._outbox_cv.notify()
+                return
+        self._undeliverable(msg, "engine is shut down")  # queued after "stop": nothing sends it
 
     def _send_loop(self) -> None:
-        """Sends queued messages in order; consecutive "add"s go as one.  Ends after "stop"."""
+        """Sends queued messages in order; consecutive "add"s go as one.  Ends after "stop"; a
+        message that cannot be sent fails alone (its requests or its query), the rest go on."""
         while True:
             with self._outbox_cv:
                 while not self._outbox:
                     self._outbox_cv.wait()
                 batch = list(self._outbox)
                 self._outbox.clear()
-            for kind, payload in _merge_adds(batch):
-                try:
-                    self.conn.send((kind, payload))
-                except OSError:  # the core is gone: its submissions fail here (the reader says why)
-                    if kind == "add":
-                        for _, key0, _, params, _ in payload:
-                            for i in range(params.n):
-                                self._end_in_core(key0 + i)
-                                self._fail_choice(key0 + i, self.died or "the engine core process is gone")
-                if kind == "stop":
+            merged = _merge_adds(batch)
+            for i, msg in enumerate(merged):
+                self._send_now(msg)
+                if msg[0] == "stop":
+                    with self._outbox_cv:
+                        self._sender_done = True
+                        late = merged[i + 1:] + list(self._outbox)
+                        self._outbox.clear()
+                    for m in late:
+                        self._undeliverable(m, "engine is shut down")
                     return
+
+    def _send_now(self, msg) -> None:
+        try:
+            self.conn.send(msg)  # pickled whole before a byte is written: a failure sends nothing
+        except OSError:  # the core is gone (the reader says why)
+            self._undeliverable(msg, self.died or "the engine core process is gone")
+        except Exception as e:  # e.g. an object in a request that cannot be pickled
+            if msg[0] == "add" and len(msg[1]) > 1:  # merged submissions: only the culprit fails
+                for entry in msg[1]:
+                    self._send_now(("add", [entry]))
+                return
+            log.warning("could not send %r to the engine core", msg[0], exc_info=True)
+            self._undeliverable(msg, f"could not be sent to the engine core: {type(e).__name__}: {e}")
+
+    def _undeliverable(self, msg, why: str) -> None:
+        """A message that never reached the core: its requests end with an error, its query
+        raises; an abort or a stop needs nothing."""
+        kind, payload = msg
+        if kind == "add":
+            for _, key0, _, params, _ in payload:
+                for i in range(params.n):
+                    self._end_in_core(key0 + i)
+                    self._fail_choice(key0 + i, why)
+        elif kind == "query":
+            box = self._replies.get(payload[0])
+            if box is not None:
+                box.append(RuntimeError(why))
+                box[0].set()
 
     def _check_alive(self) -> None:
         if self.died is not None:

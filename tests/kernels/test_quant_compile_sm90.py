@@ -107,6 +107,10 @@ def _specs():
                                 GROUP_M=4 if bm == 64 else 1, PREC="tf32", INTERLEAVE=il, SCALE_AFTER=sa,
                                 BIAS_BITS=0x4300 if sa else 0, SWAP_AB=True),
                 num_warps=warps, num_stages=2)
+    # fp8 e4m3 rows for torch._scaled_mm (fp8 prefill and batches): the correctly rounded division
+    specs["fp8 rows"] = dict(kernel="localsgl_kernels.fp8_rows:_fp8_rows_kernel",
+                             pointers=dict(X="*bf16", Q="*fp8e4nv", S="*fp32"), div16=["K", "stride_x", "stride_q"],
+                             constexprs=dict(BLOCK=2048), num_warps=8)
     return specs
 
 
@@ -116,13 +120,15 @@ def test_quant_kernels_compile_for_sm90():
     ftz = ["mul.ftz.f32", "mul.rn.ftz.f32", "fma.rn.ftz.f32"]
     # "}, {%r": a wgmma whose A operand is registers ({acc}, {a regs}, b descriptor), not a descriptor
     reg_a = "}, {%r"
-    specs = {name: dict(s, sass_needles=["HGMMA"], ptx_needles=ftz + [reg_a]) for name, s in _specs().items()}
+    specs = {name: dict(s, sass_needles=["HGMMA"], ptx_needles=ftz + [reg_a, "div.rn.f32"]) for name, s in _specs().items()}
     results = dict(zip(specs, compile_all(list(specs.values()), timeout=900)))
     failed = [f"{name}: {r['error']}" for name, r in results.items() if not r["ok"]]
     assert not failed, "\n".join(failed)
     # the prefill / large-batch tile runs on Hopper's warpgroup MMA (the smaller tiles are below
     # its 64-row minimum and use the older MMA)
     for name, r in results.items():
+        if name == "fp8 rows":  # the reference's division, not div.full's approximation
+            assert r["ptx_has"]["div.rn.f32"], r["ptx_has"]
         if "words" in name:
             assert not any(r["ptx_has"][n] for n in ftz), f"{name}: flush-to-zero arithmetic {r['ptx_has']}"
         if name.startswith("gemm") and specs[name]["constexprs"]["BLOCK_M"] >= 64:

@@ -40,11 +40,14 @@ SPECS = {
 
 def test_fp8_kv_kernels_compile_for_sm90():
     """Both variants of the decode stage (the bf16 pool's too: the FP8 code shares its helpers)."""
-    specs = [dict(s, ptx_needles=["e4m3"]) for s in SPECS.values()]
+    widen = "cvt.rn.f16x2.e4m3x2"  # e4m3 -> fp16, two values an instruction
+    specs = [dict(s, ptx_needles=["e4m3", widen, "cvt.rn.bf16"]) for s in SPECS.values()]
     for name, r in zip(SPECS, compile_all(specs)):
         assert r["ok"], f"{name}: {r['error']}"
         fp8 = SPECS[name]["constexprs"].get("KV_FP8", SPECS[name]["constexprs"].get("FP8"))
         assert r["ptx_has"]["e4m3"] == fp8, f"{name}: e4m3 conversions {'missing' if fp8 else 'present'}"
+        if fp8 and name.startswith("decode"):  # the keys and values widened to fp16, not on to bf16
+            assert r["ptx_has"][widen] and not r["ptx_has"]["cvt.rn.bf16"], f"{name}: {r['ptx_has']}"
     # the store divides IEEE-rounded, as torch does, so the GPU writes the reference's bits
     store = compile_all([dict(SPECS["store"], ptx_needles=["div.rn.f32", "div.full.f32", "div.approx"])])[0]
     assert store["ptx_has"] == {"div.rn.f32": True, "div.full.f32": False, "div.approx": False}
