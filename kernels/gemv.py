@@ -130,6 +130,14 @@ def _dot(w, n):
 
 
 @triton.jit
+def _scaled(y, S, rows, ROW_SCALE: tl.constexpr):
+    """y times its rows' scales (an fp8 weight's per-row scales, applied once to each sum)."""
+    if ROW_SCALE:
+        y = y * tl.load(S + rows).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _silu_mul(g, u):
     return g / (1.0 + tl.exp(-g)) * u
 
@@ -187,6 +195,7 @@ def _norm_qkv_fullk_kernel(
     K: tl.constexpr, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
+    S=None, ROW_SCALE: tl.constexpr = False,
 ):
     """The position and slot are loaded once per program after the wait, and each block's
     cos/sin are issued with its weight tile, off the chain that follows the dot (loaded after
@@ -204,20 +213,23 @@ def _norm_qkv_fullk_kernel(
     slot = tl.load(Loc).to(tl.int64)
     c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
     n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, HAS_RES, True)
-    _qkv_epilogue(_dot(wa, n), _dot(wb, n), head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch,
-                  stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
+    _qkv_epilogue(_scaled(_dot(wa, n), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n), S, rows_a + HALF, ROW_SCALE),
+                  head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D,
+                  HAS_BIAS)
     for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
         head, d, rows_a = _qkv_rows(blk, PER_HEAD, D, BLOCK_R)
         wa = _tile(W, stride_w, rows_a, offs, mask)
         wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
         c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
-        _qkv_epilogue(_dot(wa, n), _dot(wb, n), head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch,
-                      stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
+        _qkv_epilogue(_scaled(_dot(wa, n), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n), S, rows_a + HALF, ROW_SCALE),
+                      head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV,
+                      D, HAS_BIAS)
 
 
 @triton.jit
 def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, eps, stride_w,
-                               BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr):
+                               BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
+                               S=None, ROW_SCALE: tl.constexpr = False):
     pid = tl.program_id(0)
     offs, mask = _cols(K, K_PAD)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -225,17 +237,18 @@ def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, ep
     wu = _tile(W, stride_w, rows + I, offs, mask)
     wait_for_predecessor(PDL)
     n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, True, True)
-    tl.store(Out + rows, _silu_mul(_dot(wg, n), _dot(wu, n)).to(Out.dtype.element_ty))
+    g = _scaled(_dot(wg, n), S, rows, ROW_SCALE)
+    tl.store(Out + rows, _silu_mul(g, _scaled(_dot(wu, n), S, rows + I, ROW_SCALE)).to(Out.dtype.element_ty))
     for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        g = _dot(_tile(W, stride_w, rows, offs, mask), n)
-        u = _dot(_tile(W, stride_w, rows + I, offs, mask), n)
+        g = _scaled(_dot(_tile(W, stride_w, rows, offs, mask), n), S, rows, ROW_SCALE)
+        u = _scaled(_dot(_tile(W, stride_w, rows + I, offs, mask), n), S, rows + I, ROW_SCALE)
         tl.store(Out + rows, _silu_mul(g, u).to(Out.dtype.element_ty))
 
 
 @triton.jit
 def _gemv_fullk_kernel(X, W, Out, K: tl.constexpr, NB, stride_w, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr,
-                       AHEAD: tl.constexpr, PDL: tl.constexpr):
+                       AHEAD: tl.constexpr, PDL: tl.constexpr, S=None, ROW_SCALE: tl.constexpr = False):
     """AHEAD (1 or 2) row blocks are loaded before the wait: o_proj waits on the attention,
     during which the weight stream is otherwise idle."""
     pid = tl.program_id(0)
@@ -249,14 +262,15 @@ def _gemv_fullk_kernel(X, W, Out, K: tl.constexpr, NB, stride_w, BLOCK_R: tl.con
         w2 = _tile(W, stride_w, rows2, offs, mask)
     wait_for_predecessor(PDL)
     n = _normed_x(X, X, X, Out, K, 0, 0.0, offs, mask, False, False)
-    tl.store(Out + rows, _dot(w, n).to(Out.dtype.element_ty))
+    tl.store(Out + rows, _scaled(_dot(w, n), S, rows, ROW_SCALE).to(Out.dtype.element_ty))
     if AHEAD == 2:
         if first < NB:
-            tl.store(Out + rows2, _dot(w2, n).to(Out.dtype.element_ty))
+            tl.store(Out + rows2, _scaled(_dot(w2, n), S, rows2, ROW_SCALE).to(Out.dtype.element_ty))
         first += step
     for blk in range(first, NB, step):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        tl.store(Out + rows, _dot(_tile(W, stride_w, rows, offs, mask), n).to(Out.dtype.element_ty))
+        w = _tile(W, stride_w, rows, offs, mask)
+        tl.store(Out + rows, _scaled(_dot(w, n), S, rows, ROW_SCALE).to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -375,6 +389,18 @@ def _fits(cfg: Config | None, K: int) -> bool:
     return triton.next_power_of_2(K) <= FULLK_MAX if cfg.programs_per_sm else K % cfg.block_k == 0
 
 
+def _row_scales(scales) -> dict:
+    return {} if scales is None else dict(S=scales, ROW_SCALE=True)
+
+
+def fullk_row_scaled(rows_per_block: int, K: int, device_type: str, kind: str) -> bool:
+    """Whether a weight with one scale per row (fp8 e4m3, quant_gemv routes it here) of this
+    shape takes the full-K tiles: the persistent programs that hold x in registers stream
+    bf16 weights at copy bandwidth, and an e4m3 tile widens to fp32 as a bf16 one does."""
+    cfg = default_config(rows_per_block, K, device_type, kind)
+    return cfg is not None and bool(cfg.programs_per_sm) and _fits(cfg, K) and rows_per_block % cfg.block_r == 0
+
+
 def _check_row(x: torch.Tensor, K: int) -> torch.Tensor:
     assert x.numel() == K, f"expected one row of {K} elements, got {tuple(x.shape)}"
     return x.reshape(K) if x.is_contiguous() else x.reshape(K).contiguous()
@@ -390,11 +416,12 @@ def norm_qkv_supported(num_heads: int, num_kv_heads: int, head_dim: int, hidden:
 
 
 def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_cache, v_cache,
-             num_heads: int, num_kv_heads: int, config: Config | None = None):
+             num_heads: int, num_kv_heads: int, config: Config | None = None, scales=None):
     """One token: x, residual [1, H] (residual may be None: first layer, r = x).
     w_qkv: [(Hq + 2 Hkv) D, H]; cos_sin: [P, D] fp32; positions, loc: [1] int;
     k_cache/v_cache: [slots, Hkv, D].  Returns (q [1, Hq, D], r [1, H]): k and v are
-    already in the pool at loc[0]."""
+    already in the pool at loc[0].  ``scales`` [rows] (full-K tiles only): w_qkv is fp8 e4m3
+    with one scale per row (``fullk_row_scaled``)."""
     K = x.shape[-1]
     D = k_cache.shape[-1]
     N = w_qkv.shape[0]
@@ -420,8 +447,9 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
                 BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
-            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), **meta)
+            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), **_row_scales(scales), **meta)
     else:
+        assert scales is None, "row-scaled weights take the full-K tiles"
         _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **meta)
     return q, r_out.view(1, K)
 
@@ -431,7 +459,7 @@ def norm_gate_up_supported(intermediate: int, hidden: int, device_type: str) -> 
     return cfg is not None and intermediate % cfg.block_r == 0
 
 
-def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = None):
+def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = None, scales=None):
     """One token: r = x + residual; returns (silu(W_g·n) * (W_u·n) [1, I], r [1, H]),
     n = rmsnorm(r).  w_gate_up: [2I, H], gate rows first."""
     K = x.shape[-1]
@@ -448,8 +476,9 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     if cfg.programs_per_sm:
         _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
-            K_PAD=triton.next_power_of_2(K), **meta)
+            K_PAD=triton.next_power_of_2(K), **_row_scales(scales), **meta)
     else:
+        assert scales is None, "row-scaled weights take the full-K tiles"
         _norm_gate_up_kernel[(blocks,)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
             HAS_RES=True, BLOCK_K=cfg.block_k, **meta)
@@ -463,7 +492,7 @@ def gemv_supported(out_features: int, in_features: int, device_type: str, kind: 
     return out_features % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
 
 
-def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv"):
+def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv", scales=None):
     """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's).  ``kind`` picks the tile
     ("gemv" for the layer projections, "lm_head" for the vocabulary-wide one)."""
     N, K = w.shape
@@ -476,8 +505,10 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
     if cfg.programs_per_sm:
         blocks = N // cfg.block_r
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
-            xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead, **meta)
+            xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead,
+            **_row_scales(scales), **meta)
     else:
+        assert scales is None, "row-scaled weights take the full-K tiles"
         _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k, **meta)
     return out
 

@@ -362,9 +362,29 @@ def gemv_supported(w, device_type: str) -> bool:
     return cfg is not None and w.out_features % (2 * cfg.block_r) == 0
 
 
-def gemv(x, w, out_dtype=None, config: Config | None = None):
-    """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's)."""
+def _dense_tiles(w, config, rows_per_block: int, kind: str) -> bool:
+    """Whether ``w`` streams through the dense full-K GEMVs (gemv.py) with its row scales
+    applied to the sums: fp8 with one scale per row, no tile asked for, a shape they take.
+    Those kernels streamed bf16 at copy bandwidth where the byte tiles here reached ~3.1 TB/s
+    on fp8 (bench/RESULTS.md, "2026-12-03 (eighth session)")."""
+    from . import gemv as G
+
+    return (config is None and w.fmt.kind == "fp8" and row_scaled(w) and w.qweight.stride(-1) == 1
+            and G.fullk_row_scaled(rows_per_block, w.in_features, w.qweight.device.type, kind))
+
+
+def _row_scales(w) -> torch.Tensor:
+    return w.scales.reshape(-1)
+
+
+def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv"):
+    """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's); ``kind`` ("gemv" / "lm_head")
+    picks the dense full-K tile where an fp8 weight takes those (``_dense_tiles``)."""
     N, K = w.out_features, w.in_features
+    if _dense_tiles(w, config, N, kind):
+        from . import gemv as G
+
+        return G.gemv(x, w.qweight, out_dtype, kind=kind, scales=_row_scales(w))
     cfg = config or default_config(w, N, x.device.type)
     assert cfg is not None
     split = max(1, cfg.split_k)
@@ -394,6 +414,10 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     K = x.shape[-1]
     I = w.out_features // 2
     assert w.in_features == K
+    if _dense_tiles(w, config, I, "gate_up"):
+        from . import gemv as G
+
+        return G.norm_gate_up(x, residual, norm_w, eps, w.qweight, scales=_row_scales(w))
     cfg = config or default_config(w, I, x.device.type)
     assert cfg is not None and I % cfg.block_r == 0 and K % cfg.block_k == 0
     r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
@@ -424,6 +448,11 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
     D = k_cache.shape[-1]
     N = w.out_features
     assert N == (num_heads + 2 * num_kv_heads) * D and w.in_features == K
+    if _dense_tiles(w, config, D // 2, "qkv"):
+        from . import gemv as G
+
+        return G.norm_qkv(x, residual, norm_w, eps, w.qweight, bias, cos_sin, positions, loc, k_cache, v_cache,
+                          num_heads, num_kv_heads, scales=_row_scales(w))
     assert cos_sin.shape[-1] == D and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1
     cfg = config or default_config(w, D // 2, x.device.type)
     assert cfg is not None and (D // 2) % cfg.block_r == 0 and K % cfg.block_k == 0

@@ -1,7 +1,7 @@
 """The quantized GEMV / GEMM kernels compile for sm_90 (Hopper) in every format the engine
 launches them with at the Llama-3.1-8B shape: int4 group 128 (quantize's default) and group 32
 with offsets (GGUF Q4_K), int8 per row and group 16 with offsets (GGUF Q6_K), fp8 per row; the
-fused norm + gate/up and norm + qkv + rotary + KV store GEMVs; the tile sweep's GEMV variants
+fused norm + gate/up and norm + qkv + rotary + KV store GEMVs (fp8 also through the dense full-K ones); the tile sweep's GEMV variants
 (split-K and its sum, int4 / int8 as int32 words, over activations prepared by a kernel first); the GEMM in its three tile configurations,
 the sweep's int4 GEMM variants and the swapped tile (the weight the warpgroup MMA's register operand).  The CPU tests run them under the interpreter only, which type-checks less."""
 import pytest
@@ -107,6 +107,22 @@ def _specs():
                                 GROUP_M=4 if bm == 64 else 1, PREC="tf32", INTERLEAVE=il, SCALE_AFTER=sa,
                                 BIAS_BITS=0x4300 if sa else 0, SWAP_AB=True),
                 num_warps=warps, num_stages=2)
+    # fp8 with row scales through the dense full-K GEMVs (gemv.py; quant_gemv._dense_tiles)
+    fullk = dict(K=4096, K_PAD=4096, BLOCK_R=4, PDL=True, ROW_SCALE=True)
+    specs["fp8 row full-K gate_up"] = dict(
+        kernel="localsgl_kernels.gemv:_norm_gate_up_fullk_kernel",
+        pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"),
+        div16=["I"], scalars=dict(eps="fp32"), constexprs=fullk, num_warps=8)
+    specs["fp8 row full-K qkv"] = dict(
+        kernel="localsgl_kernels.gemv:_norm_qkv_fullk_kernel",
+        pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", W="*fp8e4nv", Bias="*bf16", CS="*fp32",
+                      Pos="*i64", Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", S="*fp32"),
+        scalars=dict(eps="fp32"), constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False, **fullk),
+        num_warps=8)
+    specs["fp8 row full-K gemv"] = dict(
+        kernel="localsgl_kernels.gemv:_gemv_fullk_kernel",
+        pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"), constexprs=dict(AHEAD=2, **fullk),
+        num_warps=16)
     # fp8 e4m3 rows for torch._scaled_mm (fp8 prefill and batches): the correctly rounded division
     specs["fp8 rows"] = dict(kernel="localsgl_kernels.fp8_rows:_fp8_rows_kernel",
                              pointers=dict(X="*bf16", Q="*fp8e4nv", S="*fp32"), div16=["K", "stride_x", "stride_q"],

@@ -132,7 +132,7 @@ def logits_one_row(model, hidden: torch.Tensor, weight: torch.Tensor) -> torch.T
     if isinstance(weight, QuantizedWeight):
         from localsgl_kernels import quant_gemv as QG
 
-        return QG.gemv(hidden, weight, out_dtype=torch.float32)
+        return QG.gemv(hidden, weight, out_dtype=torch.float32, kind="lm_head")
     from localsgl_kernels import gemv as G
 
     return G.gemv(hidden, weight, out_dtype=torch.float32, kind="lm_head")
