@@ -33,8 +33,6 @@ def test_gemv(fmt, dtype):
     w = _qw(n, k, fmt, g)
     x = randn(1, k, g=g, dtype=dtype)
     ref = x.double() @ w.dequantize(torch.float64).t()
-    # fp8 with row scales streams through the dense full-K GEMV where K fits it (x in registers)
-    assert QG._dense_tiles(w, None, n, "gemv") == (fmt.kind == "fp8" and fmt.group_size == 0 and not ON_GPU)
     y = QG.gemv(x, w)
     assert y.shape == (1, n) and y.dtype == dtype and rel_err(y, ref) < _tol(dtype)
     y32 = QG.gemv(x, w, out_dtype=torch.float32)
@@ -190,3 +188,22 @@ def test_fused_words(fmt, words):
     kc2, vc2 = kc.clone(), vc.clone()  # the first layer: no residual to add
     q2, _ = QG.norm_qkv(r, None, nw, 1e-5, w, None, rope.cos_sin, pos, loc, kc2, vc2, hq, hkv, config=cfg)
     assert rel_err(q2, rq) < 1e-5 and rel_err(kc2[2], rk[0]) < 1e-5
+
+
+@pytest.fixture
+def dense_fp8(monkeypatch):
+    monkeypatch.setattr(QG, "DENSE_FP8", True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_rows_through_the_dense_full_k_gemvs(dense_fp8, dtype):
+    """fp8 with one scale per row through gemv.py's full-K kernels (QG.DENSE_FP8): the plain GEMV,
+    norm + gate_up and norm + qkv + rotary + KV store, by the same checks as the other routes."""
+    fmt = WeightFormat("fp8", 0, True)
+    w = _qw(64, 128, fmt, gen(21))
+    assert QG._dense_tiles(w, None, 64, "gemv") and not QG._dense_tiles(w, QG.Config(4, 64), 64, "gemv")
+    assert not QG._dense_tiles(_qw(64, 128, WeightFormat("fp8", 32, True), gen(21)), None, 64, "gemv")
+    test_gemv(fmt, dtype)  # on the GPU its K (14336) is past the full-K kernels: the quantized GEMV
+    test_norm_gate_up(fmt)
+    test_norm_qkv(fmt, True, False)
+    test_norm_qkv(fmt, False, True)
