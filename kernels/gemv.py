@@ -308,12 +308,15 @@ def _norm_gate_up_kernel(
 
 
 @triton.jit
-def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                 S=None, ROW_SCALE: tl.constexpr = False):
     pid = tl.program_id(0)
     rows_a = pid * (2 * BLOCK_R) + tl.arange(0, BLOCK_R)
     rows_b = rows_a + BLOCK_R
     ya, yb = _stream_rows(W, stride_w, rows_a, rows_b, X, X, X, Out, K, 0, 0.0,
                           False, False, BLOCK_R, BLOCK_K, PDL)
+    ya = _scaled(ya, S, rows_a, ROW_SCALE)
+    yb = _scaled(yb, S, rows_b, ROW_SCALE)
     tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
     tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
 
@@ -393,12 +396,17 @@ def _row_scales(scales) -> dict:
     return {} if scales is None else dict(S=scales, ROW_SCALE=True)
 
 
-def fullk_row_scaled(rows_per_block: int, K: int, device_type: str, kind: str) -> bool:
+def row_scaled_fits(rows_per_block: int, K: int, device_type: str, kind: str) -> bool:
     """Whether a weight with one scale per row (fp8 e4m3, quant_gemv routes it here) of this
-    shape takes the full-K tiles: the persistent programs that hold x in registers stream
-    bf16 weights at copy bandwidth, and an e4m3 tile widens to fp32 as a bf16 one does."""
+    shape takes these kernels: the full-K tiles (the fused ones too), or for a plain GEMV also
+    the K-loop ones.  They stream bf16 at copy bandwidth, and an e4m3 tile widens to fp32 as a
+    bf16 one does."""
     cfg = default_config(rows_per_block, K, device_type, kind)
-    return cfg is not None and bool(cfg.programs_per_sm) and _fits(cfg, K) and rows_per_block % cfg.block_r == 0
+    if cfg is None or not _fits(cfg, K):
+        return False
+    if cfg.programs_per_sm:
+        return rows_per_block % cfg.block_r == 0
+    return kind in ("gemv", "lm_head") and rows_per_block % (2 * cfg.block_r) == 0
 
 
 def _check_row(x: torch.Tensor, K: int) -> torch.Tensor:
@@ -508,8 +516,8 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
             xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead,
             **_row_scales(scales), **meta)
     else:
-        assert scales is None, "row-scaled weights take the full-K tiles"
-        _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k, **meta)
+        _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k,
+                                                 **_row_scales(scales), **meta)
     return out
 
 

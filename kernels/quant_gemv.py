@@ -362,20 +362,20 @@ def gemv_supported(w, device_type: str) -> bool:
     return cfg is not None and w.out_features % (2 * cfg.block_r) == 0
 
 
-# fp8 row-scaled weights through the dense full-K GEMVs (``_dense_tiles``): off until measured on a
+# fp8 row-scaled weights through the dense GEMVs (``_dense_tiles``): off until measured on a
 # GPU (bench/RESULTS.md, "2026-12-03 (eighth session)", next steps); tests switch it on
 DENSE_FP8 = False
 
 
 def _dense_tiles(w, config, rows_per_block: int, kind: str) -> bool:
-    """Whether ``w`` streams through the dense full-K GEMVs (gemv.py) with its row scales
-    applied to the sums: fp8 with one scale per row, no tile asked for, a shape they take.
+    """Whether ``w`` streams through the dense GEMVs (gemv.py) with its row scales applied to
+    the sums: fp8 with one scale per row, no tile asked for, a shape they take.
     Those kernels stream bf16 at copy bandwidth where the byte tiles here reached ~3.1 TB/s
     on fp8 (bench/RESULTS.md, "2026-12-03 (eighth session)")."""
     from . import gemv as G
 
     return (DENSE_FP8 and config is None and w.fmt.kind == "fp8" and row_scaled(w) and w.qweight.stride(-1) == 1
-            and G.fullk_row_scaled(rows_per_block, w.in_features, w.qweight.device.type, kind))
+            and G.row_scaled_fits(rows_per_block, w.in_features, w.qweight.device.type, kind))
 
 
 def _row_scales(w) -> torch.Tensor:

@@ -107,7 +107,7 @@ def _specs():
                                 GROUP_M=4 if bm == 64 else 1, PREC="tf32", INTERLEAVE=il, SCALE_AFTER=sa,
                                 BIAS_BITS=0x4300 if sa else 0, SWAP_AB=True),
                 num_warps=warps, num_stages=2)
-    # fp8 with row scales through the dense full-K GEMVs (gemv.py; quant_gemv._dense_tiles)
+    # fp8 with row scales through the dense GEMVs (gemv.py; quant_gemv._dense_tiles)
     fullk = dict(K=4096, K_PAD=4096, BLOCK_R=4, PDL=True, ROW_SCALE=True)
     specs["fp8 row full-K gate_up"] = dict(
         kernel="localsgl_kernels.gemv:_norm_gate_up_fullk_kernel",
@@ -123,6 +123,9 @@ def _specs():
         kernel="localsgl_kernels.gemv:_gemv_fullk_kernel",
         pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"), constexprs=dict(AHEAD=2, **fullk),
         num_warps=16)
+    specs["fp8 row K-loop gemv"] = dict(
+        kernel="localsgl_kernels.gemv:_gemv_kernel", pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"),
+        div16=["K"], constexprs=dict(BLOCK_R=8, BLOCK_K=1024, PDL=True, ROW_SCALE=True), num_warps=8)
     # fp8 e4m3 rows for torch._scaled_mm (fp8 prefill and batches): the correctly rounded division
     specs["fp8 rows"] = dict(kernel="localsgl_kernels.fp8_rows:_fp8_rows_kernel",
                              pointers=dict(X="*bf16", Q="*fp8e4nv", S="*fp32"), div16=["K", "stride_x", "stride_q"],

@@ -197,13 +197,18 @@ def dense_fp8(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fp8_rows_through_the_dense_full_k_gemvs(dense_fp8, dtype):
-    """fp8 with one scale per row through gemv.py's full-K kernels (QG.DENSE_FP8): the plain GEMV,
-    norm + gate_up and norm + qkv + rotary + KV store, by the same checks as the other routes."""
+    """fp8 with one scale per row through gemv.py's kernels (QG.DENSE_FP8): the plain GEMV (full-K
+    and K-loop), norm + gate_up and norm + qkv + rotary + KV store, by the other routes' checks."""
     fmt = WeightFormat("fp8", 0, True)
     w = _qw(64, 128, fmt, gen(21))
     assert QG._dense_tiles(w, None, 64, "gemv") and not QG._dense_tiles(w, QG.Config(4, 64), 64, "gemv")
     assert not QG._dense_tiles(_qw(64, 128, WeightFormat("fp8", 32, True), gen(21)), None, 64, "gemv")
-    test_gemv(fmt, dtype)  # on the GPU its K (14336) is past the full-K kernels: the quantized GEMV
+    test_gemv(fmt, dtype)  # on the GPU its K (14336) takes the K-loop GEMV, as here the next one
+    g = gen(22)
+    long_k = _qw(64, 8256, fmt, g)  # past the full-K kernels: the K-loop plain GEMV
+    assert QG._dense_tiles(long_k, None, 64, "gemv") and not QG._dense_tiles(long_k, None, 64, "gate_up")
+    x = randn(1, 8256, g=g, dtype=dtype)
+    assert rel_err(QG.gemv(x, long_k), x.double() @ long_k.dequantize(torch.float64).t()) < _tol(dtype)
     test_norm_gate_up(fmt)
     test_norm_qkv(fmt, True, False)
     test_norm_qkv(fmt, False, True)
