@@ -37,3 +37,24 @@ def test_fused_quantized_greedy(monkeypatch):
     fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch)
     assert fused == plain
     assert n_fused >= 5 and n_plain == 0
+
+
+def test_fused_fp8_through_the_dense_gemvs(monkeypatch):
+    """Every projection fp8 with row scales and quant_gemv.DENSE_FP8 on: the one-token step runs
+    gemv.py's kernels with the row scales and gives the layer path's greedy tokens."""
+    from localsgl_kernels import gemv as G
+    from localsgl_kernels import quant_gemv as QG
+
+    monkeypatch.setattr(QG, "DENSE_FP8", True)
+    calls = []
+    for name in ("gemv", "norm_gate_up", "norm_qkv"):
+        real = getattr(G, name)
+        monkeypatch.setattr(G, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 95, (7,), generator=g).tolist()]
+    model = _quantized_model([WeightFormat("fp8", 0, True)])
+    plain, _ = _generate(model, "triton", False, prompts, monkeypatch)
+    calls.clear()
+    fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch)
+    assert fused == plain and n_fused >= 5
+    assert {"gemv", "norm_gate_up", "norm_qkv"} <= set(calls)
