@@ -384,7 +384,7 @@ def _row_scales(w) -> torch.Tensor:
 
 def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv"):
     """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's); ``kind`` ("gemv" / "lm_head")
-    picks the dense full-K tile where an fp8 weight takes those (``_dense_tiles``)."""
+    picks the dense tile where an fp8 weight takes those (``_dense_tiles``)."""
     N, K = w.out_features, w.in_features
     if _dense_tiles(w, config, N, kind):
         from . import gemv as G
