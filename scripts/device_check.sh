@@ -13,6 +13,7 @@
 #    SERVING_HTTP_CLIENT=httpx: the client the fourth session measured with; SERVING1B_MODES="0": the core process alone)
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
+#   (fp8dense: scripts/bench_quant.py --formats bf16 fp8 fp8-dense: fp8 batch 1 with quant_gemv.DENSE_FP8 off and on)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
 #    wheels of scripts/device_wheels.sh in .whl/)
 set -uo pipefail
@@ -94,6 +95,18 @@ if [[ "$EXTRA" == *" structured "* ]]; then
   timeout ${STRUCTURED_TIMEOUT:-480} python3 scripts/bench_structured.py --model llama-3.1-8b --load-format dummy \
     --dtype bfloat16 --device cuda --batches 1 64 --tokenizer llama3 --repeats ${STRUCTURED_REPEATS:-5} 2>&1 \
     | tee "$OUTDIR/structured.log" | grep -v " INFO " | tail -20
+fi
+if [[ "$EXTRA" == *" fp8dense "* ]]; then
+  echo "== fp8 batch 1: the quantized GEMVs vs the dense ones with row scales (quant_gemv.DENSE_FP8), bf16 beside"
+  timeout ${FP8_TIMEOUT:-420} python3 scripts/bench_quant.py --formats bf16 fp8 fp8-dense --runs 2 > "$OUTDIR/fp8dense.log" 2>&1
+  grep -E '^\{|FAILED' "$OUTDIR/fp8dense.log" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    if line.startswith('{'):
+        r = json.loads(line)
+        print(f\"{r['label']:10s} bs1 {r['bs1_ms']:.3f} ms = {r['bs1_ratio']:.2f}x floor; 64x {r['bs64_decode_tok_s']:.0f} tok/s; prefill 2k {r['prefill_2048_tok_s']:.0f} tok/s\")
+    else:
+        print(line.rstrip())"
 fi
 if [[ "$EXTRA" == *" peer "* ]]; then
   echo "== int4 g128 and the Q4_K_M file kept quantized vs llama.cpp on that file, same lease"
