@@ -3,8 +3,9 @@
 Math, per row r of x [M, K]: s_r = max(max_k |x[r, k]|, 1e-12)·(1/448) in fp32 (448: e4m3's
 largest finite value), q[r, k] = e4m3(clamp(x[r, k] / s_r, ±448)), rounded to nearest even,
 so that x ≈ s_r·q.  The division is the correctly rounded one (``div_rn``), the scale a
-product, and the rounding to e4m3 done in fp32 arithmetic (``_round_e4m3``), so the kernel and
-the torch reference (``quantize_rows_ref``) give the same bits.
+product, and the rounding to e4m3 done in fp32 arithmetic (kv_store's ``_round_to_e4m3``: the
+interpreter's own cast rounds wrongly), so the kernel and the torch reference
+(``quantize_rows_ref``) give the same bits.
 
 One program per row: a first pass over the row for its largest magnitude, a second that
 writes the e4m3 bytes (the row, ≤ 28 KiB in bf16, is still in L1/L2).  Floor: the row read
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .kv_store import _round_to_e4m3
 
 E4M3_MAX = 448.0
 
@@ -34,21 +37,8 @@ def _fp8_rows_kernel(X, Q, S, K, stride_x, stride_q, BLOCK: tl.constexpr):
     for k in range(0, K, BLOCK):
         m = k + offs < K
         x = tl.load(X + row * stride_x + k + offs, mask=m, other=0.0).to(tl.float32)
-        q = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0))
+        q = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0))
         tl.store(Q + row * stride_q + k + offs, q.to(tl.float8e4nv), mask=m)
-
-
-@triton.jit
-def _round_e4m3(v):
-    """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32 arithmetic:
-    the cast that follows is then exact on every backend (the interpreter's own fp32 -> e4m3
-    rounding carries wrongly at a binade's top)."""
-    bits = v.to(tl.int32, bitcast=True)
-    normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # 3 mantissa bits kept (mask ~0xFFFFF)
-    a = tl.abs(v)
-    sub = (a + 16384.0) - 16384.0  # |v| < 2^-6: multiples of 2^-9, the ulp of 2^14 in fp32
-    sub = sub.to(tl.int32, bitcast=True) | (bits & -2147483648)  # v's sign, also on a zero
-    return tl.where(a < 0.015625, sub, normal).to(tl.float32, bitcast=True)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -429,7 +429,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     w_qkv: [(Hq + 2 Hkv) D, H]; cos_sin: [P, D] fp32; positions, loc: [1] int;
     k_cache/v_cache: [slots, Hkv, D].  Returns (q [1, Hq, D], r [1, H]): k and v are
     already in the pool at loc[0].  ``scales`` [rows] (full-K tiles only): w_qkv is fp8 e4m3
-    with one scale per row (``fullk_row_scaled``)."""
+    with one scale per row (``row_scaled_fits``)."""
     K = x.shape[-1]
     D = k_cache.shape[-1]
     N = w_qkv.shape[0]

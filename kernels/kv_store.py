@@ -29,11 +29,14 @@ def _round_to_e4m3(x):
     """fp32 x (|x| <= 448) rounded to the nearest e4m3 value, ties to even, still in fp32:
     adding c = 1.5 · 2^(E + 20), whose fp32 step is x's e4m3 step 2^(E - 3) (E: x's
     exponent, at least -6, where e4m3's subnormals keep the smallest normal's step), rounds
-    away every finer bit."""
-    e = (x.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
+    away every finer bit.  x's sign is put back afterwards, so a tiny negative x rounds to -0
+    as the cast does (x + c - c alone gives +0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits >> 23) & 0xFF  # biased exponent
     e = tl.maximum(e, 127 - 6)
     c = (((e + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    return (x + c) - c
+    r = (x + c) - c
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -31,6 +31,7 @@ def test_store_kv_fp8_matches_pool_reference(hkv, d):
     k[0].zero_()  # an all-zero token
     k[1] *= 3000.0  # a range far beyond e4m3's 448
     v[2] *= 1e-5  # a tiny range (far below e4m3's smallest normal)
+    k[3, :, 1] = -k[3].abs().amax(-1) * 2.0**-20  # below half the smallest subnormal step: rounds to -0
     loc = (torch.randperm(slots, generator=g)[:T] + 1).to(DEV)
     pool = KVPool(slots, 1, hkv, d, torch.bfloat16, DEV, kv_dtype=FP8_KV_DTYPE)
     ref = KVPool(slots, 1, hkv, d, torch.bfloat16, "cpu", kv_dtype=FP8_KV_DTYPE)
