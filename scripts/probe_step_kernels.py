@@ -5,18 +5,23 @@ prefill of the random Llama-3.1-8B shape, in a given weight format.
                                           [--steps 32] [--prompt-len 256] [--kv-cache-dtype fp8] [--top 25]
 
 CUDA graphs are off so that each kernel is its own profiler event (the kernels are those the graphs
-replay).  Prints the kernels sorted by total device time per step (µs), their launches per step, and
-the sum, beside the step's wall time without the profiler."""
+replay); run with LOCALSGL_DEBUG_NO_PDL=1 for kernel times without the overlap of PDL's early launch.
+Prints probe_gpu.py's kernel table (total and per-launch device time) beside the request's wall time
+without the profiler.  probe_gpu.py kernels does the same for bf16 with graphs on, at batch 1 and 64."""
 from __future__ import annotations
 
 import argparse
-import collections
+import os
+import sys
 import time
 
 import torch
 
-from localsgl.engine.api import Engine
-from localsgl.engine.params import SamplingParams
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_gpu import _kernel_table  # noqa: E402
+
+from localsgl.engine.api import Engine  # noqa: E402
+from localsgl.engine.params import SamplingParams  # noqa: E402
 
 
 def main() -> None:
@@ -29,9 +34,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256, help="decode after a prompt of this many tokens")
     ap.add_argument("--kv-cache-dtype", default=None)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--device", default="cuda")
     a = ap.parse_args()
-    kw = dict(device=a.device, dtype="bfloat16", max_running=1, disable_cuda_graph=True,
+    # in this process: the profiler sees the kernels of this process's CUDA context only
+    kw = dict(device="cuda", dtype="bfloat16", max_running=1, disable_cuda_graph=True, in_process=True,
               kv_cache_dtype=a.kv_cache_dtype, max_model_len=max(a.prefill, a.prompt_len) + a.steps + 64)
     if a.gguf:
         kw.update(model=a.gguf, weights="keep")
@@ -55,27 +60,13 @@ def main() -> None:
         t0 = time.perf_counter()
         eng.generate(prompt(), params)
         wall = time.perf_counter() - t0
-        on_gpu = a.device != "cpu"
-        acts = [torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=acts) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             eng.generate(prompt(), params)
-            if on_gpu:
-                torch.cuda.synchronize()
-        per = collections.defaultdict(lambda: [0.0, 0])
-        for ev in prof.events():
-            if not on_gpu:
-                per[ev.name][0] += ev.self_cpu_time_total
-                per[ev.name][1] += 1
-            elif ev.device_type == torch.autograd.DeviceType.CUDA:
-                per[ev.name][0] += ev.device_time_total
-                per[ev.name][1] += 1
-        div = 1 if a.prefill else out_tokens
-        what = f"prefill of {a.prefill}" if a.prefill else f"decode step (of {out_tokens}, prompt {n_prompt})"
-        total = sum(v[0] for v in per.values()) / div
-        print(f"{a.gguf or a.quantization or 'bf16'} (KV {a.kv_cache_dtype or 'model dtype'}): {what}: device {total:.1f} µs per "
-              f"{'prefill' if a.prefill else 'step'}; wall without profiler {wall * 1e3:.1f} ms for the request")
-        for name, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])[: a.top]:
-            print(f"{us / div:10.1f} µs {n / div:7.1f}x  {name[:110]}")
+            torch.cuda.synchronize()
+        what = f"one prefill of {a.prefill}" if a.prefill else f"{out_tokens} decode steps after {n_prompt} tokens"
+        print(f"{a.gguf or a.quantization or 'bf16'} (KV {a.kv_cache_dtype or 'model dtype'}): {what}; "
+              f"the request took {wall * 1e3:.1f} ms without the profiler")
+        _kernel_table(prof, a.top)
     finally:
         eng.shutdown()
 
