@@ -162,6 +162,19 @@ def test_a_message_that_cannot_be_sent_fails_alone(engines, monkeypatch):
     assert proc.stats()["kv_slots_locked"] == 0
 
 
+def test_a_message_after_stop_fails_at_once(tmp_path):
+    """Once the sender has sent "stop" and ended, a message queued after it is failed on the
+    spot (a query raises) instead of waiting in a queue nobody drains."""
+    eng = tiny_engine(tiny_dir(tmp_path), False)
+    core = eng.core
+    eng.shutdown()
+    assert core._sender_done and not core._sender.is_alive()
+    box: list = [threading.Event()]
+    core._replies[10**9] = box
+    core._send(("query", (10**9, "stats", ())))
+    assert box[0].is_set() and isinstance(box[1], RuntimeError) and "shut down" in str(box[1])
+
+
 def test_concurrent_submitters_get_the_in_process_tokens(engines):
     """32 threads each submit one prompt at once to the core in its own process (the sender
     thread merges their submissions): each gets the tokens the in-process engine gives it."""
