@@ -68,10 +68,11 @@ def test_single_prompt_no_prefix():
     assert err < 1e-2
 
 
-# (BLOCK_M, BLOCK_N, warps, stages, v_early): the interpreter runs any tile; on a GPU these
-# include the shapes the CUDA configurations use
-TILES = [(16, 16, 4, 1, True), (64, 32, 4, 1, False)] if not ON_GPU else [
-    (256, 64, 8, 3, False), (128, 64, 8, 2, True), (64, 64, 4, 3, False)]
+# (BLOCK_M, BLOCK_N, warps, stages, v_early, exp16, pipe_qk): the interpreter runs any tile
+# (exp16 is inline PTX, off there); on a GPU these include the shapes the CUDA configurations use
+TILES = [(16, 16, 4, 1, True), (64, 32, 4, 1, False), (32, 16, 4, 1, False, False, True)] if not ON_GPU else [
+    (256, 64, 8, 3, False), (128, 64, 8, 2, True), (64, 64, 4, 3, False), (256, 64, 8, 3, False, True),
+    (128, 64, 8, 3, False, False, True), (128, 64, 8, 3, False, True, True)]
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -105,3 +106,24 @@ def test_choose_config_by_shared_memory():
     for d, group in ((64, 16), (128, 8), (256, 64)):
         cfg = choose_config(d, group, 227 * 1024)
         assert cfg.block_m >= group and cfg.block_m % group == 0
+
+
+@pytest.mark.skipif(ON_GPU, reason="a GPU runs the kernel itself (test_extend_tiles_long_prefix)")
+def test_exp16_and_pipelined_compile_for_sm90():
+    """The 16-bit exp2 (inline PTX the interpreter cannot run) and the pipelined main loop
+    compile for sm_90, the exp2 as the packed bf16 instruction."""
+    from sm90_compile import can_compile, compile_all
+
+    if not can_compile():
+        pytest.skip("needs Triton's bundled ptxas")
+    base = dict(kernel="localsgl_kernels.extend_attention:_extend_kernel",
+                pointers=dict(Q="*bf16", K="*bf16", V="*bf16", KS="*fp32", VS="*fp32", O="*bf16", ReqToToken="*i32",
+                              ReqIdx="*i64", PrefixLens="*i32", ExtendLens="*i32", ExtendStart="*i32",
+                              WorkReq="*i32", WorkTok="*i32"),
+                scalars=dict(qk_scale="fp32"), num_warps=8, num_stages=3, ptx_needles=["ex2.approx.ftz.bf16x2"])
+    consts = dict(G=4, TOK=64, HEAD_DIM=128, BLOCK_M=256, BLOCK_N=64, BLOCK_D=128, V_EARLY=False, KV_FP8=False)
+    variants = [dict(EXP16=1, PIPE_QK=False), dict(EXP16=1, PIPE_QK=True), dict(EXP16=0, PIPE_QK=True)]
+    results = compile_all([dict(base, constexprs=dict(consts, **v)) for v in variants])
+    for v, r in zip(variants, results):
+        assert r["ok"], f"{v}: {r['error']}"
+        assert r["ptx_has"]["ex2.approx.ftz.bf16x2"] == (v["EXP16"] == 1), v
