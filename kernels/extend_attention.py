@@ -5,7 +5,9 @@ all P_i + E_i slots are req_to_token[req_pool_indices[i], :P_i + E_i]).  Its new
 (absolute position P_i + t, flat row extend_start_loc[i] + t of q/o) and query head h of
 KV group g = h // G attends to keys 0 .. P_i + t:
     o[row, h] = softmax(scale · q[row, h] · K_i[g][:P_i+t+1]^T) · V_i[g][:P_i+t+1]
-(flash-attention online softmax, fp32 accumulation, exp2 with the scale folded in).
+(flash-attention online softmax, fp32 accumulation, exp2 with the scale folded in; with
+bf16 q on Hopper the exp2 runs in bf16, two values an instruction, its argument rounded to
+bf16: the probabilities feed a bf16 dot either way).
 
 Tiling: a work item is (request, block of TOK = BLOCK_M // G new tokens); its BLOCK_M
 query rows are the G heads of one KV group for each of those tokens (row r -> token r//G,
@@ -45,17 +47,13 @@ def _load_tile(ptrs, mask, scale_ptrs, scale_mask, DT: tl.constexpr, KV_FP8: tl.
 
 
 @triton.jit
-def _exp2_16(x, EXP16: tl.constexpr):
-    """2^x of fp32 x, two values per instruction in 16 bits: bf16 (EXP16 = 1, sm_90+) or fp16
-    (EXP16 = 2); x rounds to that type first.  The special-function unit's exp2 rate is what
-    bounds the softmax next to the tensor cores (one exp per 512 FLOPs of the two dots)."""
-    if EXP16 == 1:
-        y = tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
-                                      dtype=tl.bfloat16, is_pure=True, pack=2)
-    else:
-        y = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                      dtype=tl.float16, is_pure=True, pack=2)
-    return y
+def _exp2_bf16(x):
+    """2^x of fp32 x as bf16, two values per instruction (sm_90+); x rounds to bf16 first.
+    Next to the tensor cores the special-function unit's exp2 rate bounds the softmax (one
+    exp per 512 FLOPs of the two dots at head_dim 128), and the probabilities go into a bf16
+    dot anyway."""
+    return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
+                                     dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -67,12 +65,12 @@ def _softmax_tile(qk, m_i, l_i, qk_scale, visible, MASKED: tl.constexpr, EXP16: 
         qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    if EXP16 == 0:
+    if EXP16:
+        p = _exp2_bf16(qk * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+    else:
         p = tl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-    else:
-        p = _exp2_16(qk * qk_scale - m_new[:, None], EXP16)
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
     return p, alpha, m_new, l_i
 
 
@@ -99,7 +97,7 @@ def _extend_kernel(
     stride_ot, stride_oh, stride_r,
     G: tl.constexpr, TOK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, V_EARLY: tl.constexpr,
-    KV_FP8: tl.constexpr, EXP16: tl.constexpr = 0, PIPE_QK: tl.constexpr = False,
+    KV_FP8: tl.constexpr, EXP16: tl.constexpr = False,
 ):
     w = tl.program_id(0)
     g = tl.program_id(1)
@@ -137,33 +135,12 @@ def _extend_kernel(
 
     # Main loop: every row sees every key, no masks; one slot load serves K and V.
     all_n = offs_n < BLOCK_N  # (the FP8 scales' loads take a mask)
-    if PIPE_QK:
-        # Software-pipelined: the next tile's score matmul is issued before this tile's softmax,
-        # so that the tensor cores and the exp2/FP32 work of one warpgroup can overlap.
-        if full_end > 0:
-            slot = tl.load(table + offs_n).to(tl.int64)
-            k = _load_tile(k_head + slot[:, None] * stride_kt, mask_d[None, :], ks_head + slot, all_n, q.dtype, KV_FP8)
-            qk = tl.dot(q, tl.trans(k))
-            for n0 in range(BLOCK_N, full_end, BLOCK_N):
-                slot_next = tl.load(table + n0 + offs_n).to(tl.int64)
-                k = _load_tile(k_head + slot_next[:, None] * stride_kt, mask_d[None, :], ks_head + slot_next, all_n,
-                               q.dtype, KV_FP8)
-                qk_next = tl.dot(q, tl.trans(k))
-                p, alpha, m_i, l_i = _softmax_tile(qk, m_i, l_i, qk_scale, None, False, EXP16)
-                v = _load_tile(v_head + slot[:, None] * stride_vt, mask_d[None, :], vs_head + slot, all_n, q.dtype, KV_FP8)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                slot = slot_next
-                qk = qk_next
-            p, alpha, m_i, l_i = _softmax_tile(qk, m_i, l_i, qk_scale, None, False, EXP16)
-            v = _load_tile(v_head + slot[:, None] * stride_vt, mask_d[None, :], vs_head + slot, all_n, q.dtype, KV_FP8)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    else:
-        for n0 in range(0, full_end, BLOCK_N):
-            slot = tl.load(table + n0 + offs_n).to(tl.int64)
-            k = _load_tile(k_head + slot[:, None] * stride_kt, mask_d[None, :], ks_head + slot, all_n, q.dtype, KV_FP8)
-            acc, m_i, l_i = _online_step(q, k, v_head + slot[:, None] * stride_vt, mask_d[None, :], vs_head + slot,
-                                         all_n, acc, m_i, l_i, qk_scale, None, MASKED=False, V_EARLY=V_EARLY,
-                                         KV_FP8=KV_FP8, EXP16=EXP16)
+    for n0 in range(0, full_end, BLOCK_N):
+        slot = tl.load(table + n0 + offs_n).to(tl.int64)
+        k = _load_tile(k_head + slot[:, None] * stride_kt, mask_d[None, :], ks_head + slot, all_n, q.dtype, KV_FP8)
+        acc, m_i, l_i = _online_step(q, k, v_head + slot[:, None] * stride_vt, mask_d[None, :], vs_head + slot, all_n,
+                                     acc, m_i, l_i, qk_scale, None, MASKED=False, V_EARLY=V_EARLY, KV_FP8=KV_FP8,
+                                     EXP16=EXP16)
 
     # Diagonal tail: the few tiles that cross some row's causal boundary or kv_end.
     for n0 in range(full_end, kv_end, BLOCK_N):
@@ -190,11 +167,9 @@ class ExtendConfig(NamedTuple):
     num_warps: int
     num_stages: int
     v_early: bool = False
-    # probabilities by a 16-bit exp2, two per instruction (bf16 on sm_90+, fp16 from sm_75;
-    # 16-bit q only, and never under the interpreter, which has no inline PTX)
+    # probabilities by a bf16 exp2, two per instruction: bf16 q on sm_90+ only (elsewhere, and
+    # under the interpreter, which runs no inline PTX, the fp32 exp2)
     exp16: bool = False
-    # the next key tile's score matmul issued before this tile's softmax (main loop only)
-    pipe_qk: bool = False
 
 
 # Preferred CUDA configurations per head_dim bound, best first; the first whose shared
@@ -204,7 +179,7 @@ class ExtendConfig(NamedTuple):
 # attention", has the sweep).
 _CUDA_CONFIGS = (
     (64, (ExtendConfig(128, 64, 4, 3),)),
-    (128, (ExtendConfig(256, 64, 8, 3), ExtendConfig(128, 64, 8, 2))),
+    (128, (ExtendConfig(256, 64, 8, 3, exp16=True), ExtendConfig(128, 64, 8, 2))),
     (1 << 30, (ExtendConfig(64, 32, 4, 2),)),
 )
 
@@ -267,13 +242,10 @@ def build_work(extend_lens: list[int], prefix_lens: list[int], tok: int, device,
     return reqs, toks
 
 
-def exp16_mode(cfg: ExtendConfig, q: torch.Tensor) -> int:
-    """The kernel's EXP16: 1 (bf16x2 exp2), 2 (fp16x2) or 0 (fp32 exp2) for this config and q."""
-    if not cfg.exp16 or q.device.type != "cuda":
-        return 0
-    if q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) >= (9, 0):
-        return 1
-    return 2 if q.dtype == torch.float16 else 0
+def exp16_applies(cfg: ExtendConfig, q: torch.Tensor) -> bool:
+    """Whether the kernel takes the bf16 exp2 for this config and q (bf16 q on sm_90+)."""
+    return (bool(cfg.exp16) and q.device.type == "cuda" and q.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(q.device) >= (9, 0))
 
 
 def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens,
@@ -316,8 +288,8 @@ def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         *scale_strides, out.stride(0), out.stride(1), req_to_token.stride(0),
         G=G, TOK=cfg.block_m // G, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        V_EARLY=cfg.v_early, KV_FP8=kv_fp8, EXP16=exp16_mode(cfg, q), PIPE_QK=bool(cfg.pipe_qk),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        V_EARLY=cfg.v_early, KV_FP8=kv_fp8, EXP16=exp16_applies(cfg, q), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 

@@ -362,9 +362,10 @@ def gemv_supported(w, device_type: str) -> bool:
     return cfg is not None and w.out_features % (2 * cfg.block_r) == 0
 
 
-# fp8 row-scaled weights through the dense GEMVs (``_dense_tiles``): off until measured on a
-# GPU (bench/RESULTS.md, "2026-12-03 (eighth session)", next steps); tests switch it on
-DENSE_FP8 = False
+# fp8 row-scaled weights through the dense GEMVs (``_dense_tiles``): an 8B's batch-1 step took
+# 2.66 ms against 2.91 through the byte tiles on an H200 (bench/RESULTS.md, "2026-12-03 (ninth
+# session)"); False routes them back (benchmarks' and tests' A/B)
+DENSE_FP8 = True
 
 
 def _dense_tiles(w, config, rows_per_block: int, kind: str) -> bool:

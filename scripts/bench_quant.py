@@ -1,10 +1,11 @@
 """Quantized decode on the GPU in one command: batch-1 decode ms/token (256 in / 256 out) and
 64 x (512 in / 128 out) decode tok/s for each weight format, random Llama-3.1-8B weights.
 
-    python scripts/bench_quant.py [--formats bf16 int4 int8 fp8 fp8-dense] [--gguf FILE ...] [--model llama-3.1-8b]
+    python scripts/bench_quant.py [--formats bf16 int4 int8 fp8 fp8-bytes] [--gguf FILE ...] [--model llama-3.1-8b]
                                   [--gpu-memory 8GiB] [--runs 3] [--long-context 32768 [--long-formats bf16]]
 
-``fp8-dense``: fp8 with its batch-1 GEMVs on the dense full-K kernels (quant_gemv.DENSE_FP8).
+``fp8-bytes``: fp8 with its batch-1 GEMVs on quant_gemv's byte tiles instead of the dense
+full-K kernels (quant_gemv.DENSE_FP8 off; ``fp8`` is the default route).
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
 (e.g. /tmp/peer/q4km.gguf from shared/peer/build_llamacpp.sh, for the side-by-side with
@@ -85,22 +86,23 @@ def main() -> int:
     p.add_argument("--long-context", type=int, default=0, help="also batch-1 decode after this many prompt tokens")
     p.add_argument("--long-formats", nargs="*", default=["bf16"])
     a = p.parse_args()
-    # 64: the largest batch here; in this process: fp8-dense sets a flag of the kernels module it imported
+    # 64: the largest batch here; in this process: fp8-bytes clears a flag of the kernels module it imported
     base = dict(device="cuda", dtype="bfloat16", gpu_memory=a.gpu_memory, max_running=64, in_process=True)
     rows = []
     for fmt in a.formats:
         kw = dict(base, model=a.model, load_format="dummy")
         if fmt != "bf16":
-            kw.update(quantization=fmt.removesuffix("-dense"), weights="keep")
+            kw.update(quantization=fmt.removesuffix("-bytes"), weights="keep")
         from localsgl_kernels import quant_gemv
 
-        quant_gemv.DENSE_FP8 = fmt == "fp8-dense"  # the batch-1 GEMVs of quant_gemv._dense_tiles
+        default = quant_gemv.DENSE_FP8
+        quant_gemv.DENSE_FP8 = fmt != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
         try:
             rows.append(run(fmt, kw, a.runs))
         except Exception as e:  # keep going: one failure must not hide the other figures
             print(f"FAILED {fmt}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         finally:
-            quant_gemv.DENSE_FP8 = False
+            quant_gemv.DENSE_FP8 = default
     for path in a.gguf:
         try:
             rows.append(run(path, dict(base, model=path, weights="keep"), a.runs))

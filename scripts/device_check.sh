@@ -13,7 +13,8 @@
 #    SERVING_HTTP_CLIENT=httpx: the client the fourth session measured with; SERVING1B_MODES="0": the core process alone)
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
-#   (fp8dense: scripts/bench_quant.py --formats bf16 fp8 fp8-dense: fp8 batch 1 with quant_gemv.DENSE_FP8 off and on)
+#   (fp8dense: scripts/bench_quant.py --formats bf16 fp8 fp8-bytes: fp8 batch 1 through the dense GEMVs (the
+#    default, quant_gemv.DENSE_FP8) and through the byte tiles)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
 #    wheels of scripts/device_wheels.sh in .whl/)
 set -uo pipefail
@@ -98,7 +99,7 @@ if [[ "$EXTRA" == *" structured "* ]]; then
 fi
 if [[ "$EXTRA" == *" fp8dense "* ]]; then
   echo "== fp8 batch 1: the quantized GEMVs vs the dense ones with row scales (quant_gemv.DENSE_FP8), bf16 beside"
-  timeout ${FP8_TIMEOUT:-420} python3 scripts/bench_quant.py --formats bf16 fp8 fp8-dense --runs 2 > "$OUTDIR/fp8dense.log" 2>&1
+  timeout ${FP8_TIMEOUT:-420} python3 scripts/bench_quant.py --formats bf16 fp8 fp8-bytes --runs ${FP8_RUNS:-3} > "$OUTDIR/fp8dense.log" 2>&1
   grep -E '^\{|FAILED' "$OUTDIR/fp8dense.log" | python3 -c "
 import json, sys
 for line in sys.stdin:

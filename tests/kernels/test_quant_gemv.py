@@ -212,3 +212,15 @@ def test_fp8_rows_through_the_dense_full_k_gemvs(dense_fp8, dtype):
     test_norm_gate_up(fmt)
     test_norm_qkv(fmt, True, False)
     test_norm_qkv(fmt, False, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_rows_through_the_byte_tiles(monkeypatch, dtype):
+    """The same fp8 format with QG.DENSE_FP8 off (the route before the dense GEMVs, kept for
+    A/B runs): the byte tiles of this module, by the same checks."""
+    monkeypatch.setattr(QG, "DENSE_FP8", False)
+    fmt = WeightFormat("fp8", 0, True)
+    assert not QG._dense_tiles(_qw(64, 128, fmt, gen(21)), None, 64, "gemv")
+    test_gemv(fmt, dtype)
+    test_norm_gate_up(fmt)
+    test_norm_qkv(fmt, True, False)

@@ -33,7 +33,7 @@ SPECS = {
                                  PrefixLens="*i32", ExtendLens="*i32", ExtendStart="*i32", WorkReq="*i32",
                                  WorkTok="*i32", **SCALES),
                    constexprs=dict(G=4, TOK=64, HEAD_DIM=128, BLOCK_M=256, BLOCK_N=64, BLOCK_D=128, V_EARLY=False,
-                                   KV_FP8=True),
+                                   KV_FP8=True, EXP16=True),
                    scalars=dict(qk_scale="fp32"), num_warps=8, num_stages=3),
 }
 
