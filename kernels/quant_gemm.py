@@ -72,12 +72,47 @@ def _along(v, DIM: tl.constexpr):
 
 
 @triton.jit
+def _word_pair(w, SHIFT: tl.constexpr, BIAS_BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Nibbles SHIFT/4 and SHIFT/4 + 4 of each int32 word w (columns 8i + t and 8i + t + 4 of a
+    row) as the 16-bit floats BIAS + u: one shift and one AND-OR per two weights, the result's
+    halves read as the two values (ASM: PTX on the GPU; elsewhere the same bits by integer ops)."""
+    if ASM:  # lop3 lut 0xEA: (a & b) | c, with b = 0x000F000F and c = BIAS in both halves
+        if BIAS_BITS == 0x4300:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r", [w >> SHIFT], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r", [w >> SHIFT], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        lo = (((w >> SHIFT) & 0xF) | BIAS_BITS).to(tl.uint16).to(DT, bitcast=True)
+        hi = (((w >> (SHIFT + 16)) & 0xF) | BIAS_BITS).to(tl.uint16).to(DT, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _word_columns(w, BIAS_BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """[R, W] int32 words of int4 pairs -> [R, 8·W] 16-bit floats BIAS + u in column order (word
+    i holds columns 8i..8i+7, nibble t at bits 4t).  The joins keep each word's eight values in
+    its thread: the innermost pairs the values 4 columns apart, the outermost neighbours."""
+    c0, c4 = _word_pair(w, 0, BIAS_BITS, DT, ASM)
+    c1, c5 = _word_pair(w, 4, BIAS_BITS, DT, ASM)
+    c2, c6 = _word_pair(w, 8, BIAS_BITS, DT, ASM)
+    c3, c7 = _word_pair(w, 12, BIAS_BITS, DT, ASM)
+    even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    v = tl.join(even, odd)  # [R, W, 2, 2, 2]: column 8i + 4·a + 2·b + c at [r, i, a, b, c]
+    return tl.reshape(v, [w.shape[0], w.shape[1] * 8])
+
+
+@triton.jit
 def _qgemm_kernel(
-    X, QW, S, Mn, Y, M, N, K, stride_xm, stride_q, stride_s, stride_ym,
+    X, QW, S, Mn, Y, XS, M, N, K, stride_xm, stride_q, stride_s, stride_ym, stride_xs,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, INTERLEAVE: tl.constexpr, SCALE_AFTER: tl.constexpr = False, BIAS_BITS: tl.constexpr = 0,
-    SWAP_AB: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False, WORDS: tl.constexpr = False, ASM: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -100,7 +135,20 @@ def _qgemm_kernel(
     ND: tl.constexpr = 0 if SWAP_AB else 1  # the accumulator's dimension along n
     SUB: tl.constexpr = BLOCK_K if ROW_SCALE else GROUP  # columns sharing one scale, or the whole step
     NS: tl.constexpr = BLOCK_K // SUB
-    if SCALE_AFTER:  # int4, 16-bit x, ROW_SCALE False: the stored nibbles themselves into the dot
+    if WORDS:  # SCALE_AFTER's math over QW read as int32 words (stride_q in words), Σx from XS
+        W8: tl.constexpr = SUB // 8
+        bias_w: tl.constexpr = (1024.0 if BIAS_BITS == 0x6400 else 128.0) + (8.0 if SYM else 0.0)
+        offs_w = tl.arange(0, W8)
+        for k0 in range(0, K, BLOCK_K):
+            for j in tl.static_range(NS):
+                kj = k0 + j * SUB
+                x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
+                wq = _word_columns(tl.load(wrow + (kj // 8 + offs_w)[None, :]), BIAS_BITS, x.dtype, ASM)
+                d = _dot(x, wq, None, SWAP_AB, PREC)
+                s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
+                xs = tl.load(XS + offs_m.to(tl.int64) * stride_xs + kj // GROUP, mask=mask_m, other=0.0)
+                acc += d * _along(s, ND) + _along(xs, 1 - ND) * _along(m - bias_w * s, ND)
+    elif SCALE_AFTER:  # int4, 16-bit x, ROW_SCALE False: the stored nibbles themselves into the dot
         HALF: tl.constexpr = SUB // 2
         bias: tl.constexpr = (1024.0 if BIAS_BITS == 0x6400 else 128.0) + (8.0 if SYM else 0.0)
         offs = tl.arange(0, HALF)
@@ -172,6 +220,9 @@ class Config(NamedTuple):
     # the transposed tile accᵀ = w·xᵀ, the dequantized weight the dot's left operand (module
     # docstring); BLOCK_M (>= 16) is then the dot's N, BLOCK_N (64 / 128) its M
     swap_ab: int = 0
+    # int4 with bf16 / fp16 x: scale_after's math with the packed bytes read as int32 words,
+    # two nibbles made into two 16-bit floats by one shift and one AND-OR (``_word_columns``)
+    words: int = 0
 
 
 def default_config(rows: int, device_type: str, w=None) -> Config:
@@ -205,14 +256,21 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     scale_after = bool(cfg.scale_after) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS
+    words = (bool(cfg.words) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not row_scaled(w)
+             and w.qweight.is_contiguous() and K % 8 == 0 and w.group >= 32)
+    qw, stride_q = (w.qweight.view(torch.int32), w.qweight.stride(0) // 4) if words else (w.qweight, w.qweight.stride(0))
+    bias_bits = _BIAS_BITS.get(x.dtype, 0) if (scale_after or words) else 0
+    # the words loop takes each group's Σx from here: one small reduction per call, where every
+    # program summing its own copy cost as much as the unpacking (one add per weight at 64 rows)
+    xs = torch.sum(x.unflatten(1, (K // w.group, w.group)), dim=-1, dtype=torch.float32) if words else y
     _qgemm_kernel[grid](
-        x, w.qweight, w.scales, w.mins if w.mins is not None else w.scales, y, M, N, K,
-        x.stride(0), w.qweight.stride(0), w.scales.stride(0), y.stride(0),
+        x, qw, w.scales, w.mins if w.mins is not None else w.scales, y, xs, M, N, K,
+        x.stride(0), stride_q, w.scales.stride(0), y.stride(0), xs.stride(0),
         KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERLEAVE=bool(cfg.interleave),
-        SCALE_AFTER=scale_after, BIAS_BITS=_BIAS_BITS.get(x.dtype, 0) if scale_after else 0,
-        SWAP_AB=bool(cfg.swap_ab), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SCALE_AFTER=scale_after, BIAS_BITS=bias_bits, SWAP_AB=bool(cfg.swap_ab), WORDS=words,
+        ASM=words and x.device.type == "cuda", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 

@@ -14,7 +14,8 @@ The search space holds the kernels' variants, off in their built-in defaults: fo
 split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without it) and int4 /
 int8 as int32 words (the activations prepared inside the loop, or by a kernel of their own first);
 for the int4 GEMM the interleaved dot and, for int4 g128, the nibbles in the dot with the scales
-applied after it; for the int4 / int8 GEMM the swapped tile (accᵀ = w·xᵀ: the dequantized
+applied after it, and for every int4 the same over int32 words (``words``: two nibbles to two
+16-bit floats per operation, each group's Σx computed once per call); for the int4 / int8 GEMM the swapped tile (accᵀ = w·xᵀ: the dequantized
 weight the dot's left operand, Hopper's wgmma then takes it from registers).
 
 The kernels are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared),
@@ -103,6 +104,10 @@ def gemm_space(fmt: str, m: int):
         if fmt == "int4g128":  # scaled after the dot at 64 rows: 2·64/128 FMAs per weight, about a dequantization's
             for bm, (bn, w), bk, st in itertools.product((32, 64), ((64, 4), (128, 8)), (128, 256), (2, 3)):
                 yield QM.Config(bm, bn, bk, w, st, 4, 1, 1)
+    if fmt.startswith("int4"):  # int32 words, two nibbles to two 16-bit floats per op, Σx precomputed
+        for bm, (bn, w), bk, st, sw in itertools.product((16,) if m <= 16 else (32, 64), ((64, 4), (128, 8)), (128, 256),
+                                                          (2, 4) if m <= 16 else (2, 3, 4), (0, 1)):
+            yield QM.Config(bm, bn, bk, w, st, 1 if m <= 16 else 4, 0, 0, sw, 1)
     if fmt.startswith(("int4", "int8")):  # swapped: BLOCK_N is wgmma's M (64 per warpgroup), BLOCK_M its N
         for bm, (bn, w), bk, st in itertools.product((16,) if m <= 16 else (32, 64), ((64, 4), (128, 8)), (128, 256), (2, 3, 4)):
             yield QM.Config(bm, bn, bk, w, st, 1 if m <= 16 else 4, il[0], 0, 1)

@@ -40,6 +40,8 @@ def _compile(spec: dict) -> dict:
     mod, name = spec["kernel"].split(":")
     fn = getattr(importlib.import_module(mod), name)
     constexprs, pointers, scalars = spec["constexprs"], spec["pointers"], spec.get("scalars", {})
+    # a constexpr the spec leaves out takes its default, as a launch that does not pass it would
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     sig, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:

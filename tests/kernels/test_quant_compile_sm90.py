@@ -82,7 +82,7 @@ def _specs():
             bk = bkt if row else max(bkt, group)
             specs[f"gemm {label} {bm}x{bn}x{bk}"] = dict(
                 kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
-                pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16"), div16=["N", "K"],
+                pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16", XS="*bf16"), div16=["N", "K"],
                 constexprs=dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                 GROUP_M=gm, PREC="tf32", INTERLEAVE=False, SCALE_AFTER=False, BIAS_BITS=0, SWAP_AB=False),
                 num_warps=warps, num_stages=stages)
@@ -90,7 +90,7 @@ def _specs():
     for bn, warps, scale_after in ((32, 4, False), (128, 8, True)):
         specs[f"gemm int4 g128 16x{bn}x256 {'scale after' if scale_after else 'interleaved'}"] = dict(
             kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
-            pointers=dict(X="*bf16", QW="*u8", S="*fp16", Mn="*fp16", Y="*bf16"), div16=["N", "K"],
+            pointers=dict(X="*bf16", QW="*u8", S="*fp16", Mn="*fp16", Y="*bf16", XS="*bf16"), div16=["N", "K"],
             constexprs=dict(KIND=INT4, GROUP=128, SYM=False, ROW_SCALE=False, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=256,
                             GROUP_M=1, PREC="tf32", INTERLEAVE=True, SCALE_AFTER=scale_after,
                             BIAS_BITS=0x4300 if scale_after else 0, SWAP_AB=False),
@@ -102,11 +102,20 @@ def _specs():
         for bm, bn, bk, warps in ((64, 64, 128, 4), (16, 128, 256, 8)):
             specs[f"gemm {label} {bm}x{bn}x{bk} swap_ab{' scale after' if sa else ''}"] = dict(
                 kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
-                pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16"), div16=["N", "K"],
+                pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16", XS="*bf16"), div16=["N", "K"],
                 constexprs=dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                 GROUP_M=4 if bm == 64 else 1, PREC="tf32", INTERLEAVE=il, SCALE_AFTER=sa,
                                 BIAS_BITS=0x4300 if sa else 0, SWAP_AB=True),
                 num_warps=warps, num_stages=2)
+    # int4 read as int32 words, two nibbles to two bf16 per lop3 (inline PTX), plain and swapped
+    for bm, bn, bk, warps, swap in ((64, 64, 128, 4, False), (64, 64, 128, 4, True), (16, 128, 256, 8, True)):
+        specs[f"gemm int4 g128 {bm}x{bn}x{bk} words{' swap_ab' if swap else ''}"] = dict(
+            kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
+            pointers=dict(X="*bf16", QW="*i32", S="*fp16", Mn="*fp16", Y="*bf16", XS="*fp32"), div16=["N", "K"],
+            constexprs=dict(KIND=INT4, GROUP=128, SYM=False, ROW_SCALE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                            GROUP_M=4, PREC="tf32", INTERLEAVE=False, SCALE_AFTER=False, BIAS_BITS=0x4300,
+                            SWAP_AB=swap, WORDS=True, ASM=True),
+            num_warps=warps, num_stages=3, ptx_needles=["lop3.b32"])
     # fp8 with row scales through the dense GEMVs (gemv.py; quant_gemv._dense_tiles)
     fullk = dict(K=4096, K_PAD=4096, BLOCK_R=4, PDL=True, ROW_SCALE=True)
     specs["fp8 row full-K gate_up"] = dict(

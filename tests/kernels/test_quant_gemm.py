@@ -77,6 +77,26 @@ def test_scale_after_dot(fmt):
     assert rel_err(QM.gemm(x32, w, QM.Config(16, 32, 128, 4, 1, 1, 1, 1)), x32.double() @ ref64.t()) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", [WeightFormat("int4", 32, True), WeightFormat("int4", 128, False)], ids=["g32", "g128-asym"])
+def test_words_dot(fmt):
+    """int4 read as int32 words, two nibbles into two 16-bit floats per operation: the same dot
+    as scale_after's (equal up to the order of the Σx sums under the interpreter), plain and
+    swapped tiles; fp32 x falls back to the plain path."""
+    g = gen(29)
+    w = _qw(40, 256, fmt, g)
+    ref64 = w.dequantize(torch.float64)
+    for dtype in (torch.float16, torch.bfloat16) if ON_GPU else (torch.float16,):
+        x = randn(20, 256, g=g, dtype=dtype)
+        for words, after in ((QM.Config(16, 32, 128, 4, 1, 1, 0, 0, 0, 1), QM.Config(16, 32, 128, 4, 1, 1, 0, 1, 0)),
+                             (QM.Config(16, 64, 64, 4, 1, 2, 0, 0, 1, 1), QM.Config(16, 64, 64, 4, 1, 2, 0, 1, 1))):
+            got = QM.gemm(x, w, words)
+            assert rel_err(got, x.double() @ ref64.t()) < (2e-3 if dtype == torch.float16 else 1.6e-2)
+            if not ON_GPU:
+                assert rel_err(got, QM.gemm(x, w, after)) < 1e-6
+    x32 = randn(5, 256, g=g)
+    assert rel_err(QM.gemm(x32, w, QM.Config(16, 32, 128, 4, 1, 1, 0, 0, 0, 1)), x32.double() @ ref64.t()) < 1e-5
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_dequantize(fmt):
     """The Triton dequantization equals QuantizedWeight.dequantize (fp32 math, one rounding),
