@@ -135,35 +135,27 @@ def _qgemm_kernel(
     ND: tl.constexpr = 0 if SWAP_AB else 1  # the accumulator's dimension along n
     SUB: tl.constexpr = BLOCK_K if ROW_SCALE else GROUP  # columns sharing one scale, or the whole step
     NS: tl.constexpr = BLOCK_K // SUB
-    if WORDS:  # SCALE_AFTER's math over QW read as int32 words (stride_q in words), Σx from XS
-        W8: tl.constexpr = SUB // 8
-        bias_w: tl.constexpr = (1024.0 if BIAS_BITS == 0x6400 else 128.0) + (8.0 if SYM else 0.0)
-        offs_w = tl.arange(0, W8)
-        for k0 in range(0, K, BLOCK_K):
-            for j in tl.static_range(NS):
-                kj = k0 + j * SUB
-                x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
-                wq = _word_columns(tl.load(wrow + (kj // 8 + offs_w)[None, :]), BIAS_BITS, x.dtype, ASM)
-                d = _dot(x, wq, None, SWAP_AB, PREC)
-                s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
-                xs = tl.load(XS + offs_m.to(tl.int64) * stride_xs + kj // GROUP, mask=mask_m, other=0.0)
-                acc += d * _along(s, ND) + _along(xs, 1 - ND) * _along(m - bias_w * s, ND)
-    elif SCALE_AFTER:  # int4, 16-bit x, ROW_SCALE False: the stored nibbles themselves into the dot
-        HALF: tl.constexpr = SUB // 2
+    if SCALE_AFTER or WORDS:  # int4, 16-bit x, ROW_SCALE False: the stored nibbles themselves into the dot
         bias: tl.constexpr = (1024.0 if BIAS_BITS == 0x6400 else 128.0) + (8.0 if SYM else 0.0)
-        offs = tl.arange(0, HALF)
+        offs = tl.arange(0, SUB // 8 if WORDS else SUB // 2)
         for k0 in range(0, K, BLOCK_K):
             for j in tl.static_range(NS):
                 kj = k0 + j * SUB
-                b = tl.load(wrow + (kj // 2 + offs)[None, :]).to(tl.uint16)
                 x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
                 # BIAS + u exactly, as x's 16-bit float: the nibble ORed into the mantissa of BIAS
-                lo = ((b & 0xF) | BIAS_BITS).to(x.dtype, bitcast=True)
-                hi = ((b >> 4) | BIAS_BITS).to(x.dtype, bitcast=True)
-                d = _dot(x, tl.interleave(lo, hi), None, SWAP_AB, PREC)
+                if WORDS:  # QW read as int32 words (stride_q in words)
+                    wq = _word_columns(tl.load(wrow + (kj // 8 + offs)[None, :]), BIAS_BITS, x.dtype, ASM)
+                else:
+                    b = tl.load(wrow + (kj // 2 + offs)[None, :]).to(tl.uint16)
+                    wq = tl.interleave(((b & 0xF) | BIAS_BITS).to(x.dtype, bitcast=True),
+                                       ((b >> 4) | BIAS_BITS).to(x.dtype, bitcast=True))
+                d = _dot(x, wq, None, SWAP_AB, PREC)
                 s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
-                # Σ x·w = s·Σ x·(BIAS + u) + (m - (BIAS + 8·sym)·s)·Σ x
-                xs = tl.sum(x.to(tl.float32), 1)
+                # Σ x·w = s·Σ x·(BIAS + u) + (m - (BIAS + 8·sym)·s)·Σ x; WORDS takes Σ x from XS
+                if WORDS:
+                    xs = tl.load(XS + offs_m.to(tl.int64) * stride_xs + kj // GROUP, mask=mask_m, other=0.0)
+                else:
+                    xs = tl.sum(x.to(tl.float32), 1)
                 acc += d * _along(s, ND) + _along(xs, 1 - ND) * _along(m - bias * s, ND)
     elif KIND == 1:  # int4
         HALF: tl.constexpr = SUB // 2
