@@ -21,6 +21,9 @@ SCALE_AFTER (int4, bf16 / fp16 x) the dot runs over the stored nibbles u themsel
 exact 16-bit floats BIAS + u (128 + u in bf16, 1024 + u in fp16: the nibble ORed into BIAS's
 mantissa), and acc += s·dot + (m − (BIAS + 8·sym)·s)·Σx per group: no float math per weight,
 2·BLOCK_M FMAs per group and column; the bias costs the fp32 accumulator ~log2(BIAS/8) bits.
+With WORDS the same math reads the packed bytes as int32 words: one shift and one lop3 make two
+nibbles into two such floats, and each group's Σx comes from one reduction per call rather than
+from every program.
 
 With SWAP_AB the program computes the transposed tile accᵀ[BLOCK_N, BLOCK_M] = w·xᵀ and stores
 it transposed: the dequantized weight is the dot's left operand, x (few rows) the right one.

@@ -362,9 +362,9 @@ def gemv_supported(w, device_type: str) -> bool:
     return cfg is not None and w.out_features % (2 * cfg.block_r) == 0
 
 
-# fp8 row-scaled weights through the dense GEMVs (``_dense_tiles``): an 8B's batch-1 step took
-# 2.66 ms against 2.91 through the byte tiles on an H200 (bench/RESULTS.md, "2026-12-03 (ninth
-# session)"); False routes them back (benchmarks' and tests' A/B)
+# fp8 row-scaled weights through the dense GEMVs (``_dense_tiles``), which stream e4m3 faster
+# than this module's byte tiles (bench/RESULTS.md, "2026-12-03 (ninth session)"); False routes
+# them back to the byte tiles (the benchmarks' and tests' A/B)
 DENSE_FP8 = True
 
 
