@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [structured]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
@@ -15,6 +15,9 @@
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 #   (fp8dense: scripts/bench_quant.py --formats bf16 fp8 fp8-bytes: fp8 batch 1 through the dense GEMVs (the
 #    default, quant_gemv.DENSE_FP8) and through the byte tiles)
+#   (gemmsweep: the 16/64-row int4 GEMM tiles swept (scripts/probe_quant_tiles.py, int4 g128 and g32, the words
+#    variant included) and merged over kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then
+#    scripts/bench_quant.py --formats bf16 int4 with the tuned file and with the merged one)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
 #    wheels of scripts/device_wheels.sh in .whl/)
 set -uo pipefail
@@ -108,6 +111,22 @@ for line in sys.stdin:
         print(f\"{r['label']:10s} bs1 {r['bs1_ms']:.3f} ms = {r['bs1_ratio']:.2f}x floor; 64x {r['bs64_decode_tok_s']:.0f} tok/s; prefill 2k {r['prefill_2048_tok_s']:.0f} tok/s\")
     else:
         print(line.rstrip())"
+fi
+if [[ "$EXTRA" == *" gemmsweep "* ]]; then
+  echo "== int4 GEMM tiles at 16 / 64 rows, swept and merged, then int4 batch 64 with the tuned and the merged tiles"
+  echo '[]' > "$OUTDIR/no_tiles.json"
+  gpu_file="kernels/tuned/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_').json"
+  [ -f "$gpu_file" ] || { echo '[]' > "$OUTDIR/tuned_now.json"; gpu_file="$OUTDIR/tuned_now.json"; }
+  LOCALSGL_QUANT_TILES="$OUTDIR/no_tiles.json" timeout ${SWEEP_TIMEOUT:-300} python3 scripts/probe_quant_tiles.py \
+    --formats ${SWEEP_FORMATS:-int4g128 int4g32} --kinds gemm --jobs 16 --json "$OUTDIR/gemm_rows.json" \
+    --tiles "$OUTDIR/gemm_tiles.json" > "$OUTDIR/gemm_sweep.log" 2>&1
+  grep -E "^int4.* gemm " "$OUTDIR/gemm_sweep.log"
+  python3 scripts/merge_tiles.py "$gpu_file" "$OUTDIR/gemm_rows.json" "$OUTDIR/gemm_tiles.json" -o "$OUTDIR/merged_tiles.json"
+  for tiles in "$gpu_file" "$OUTDIR/merged_tiles.json"; do
+    echo "-- tiles: $tiles"
+    LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats bf16 int4 --runs 3 2>&1 \
+      | grep -vE '^\{| INFO ' | tail -3
+  done
 fi
 if [[ "$EXTRA" == *" peer "* ]]; then
   echo "== int4 g128 and the Q4_K_M file kept quantized vs llama.cpp on that file, same lease"
