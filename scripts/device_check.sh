@@ -6,7 +6,8 @@
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
 #   (peer: llama.cpp built from .peer in the background from the start, then llama-bench on its Q4_K_M file beside
 #    bench_quant's int4 and that file kept quantized: carry .peer; PEER_WAIT s for the build, default 420)
-#   (startup: scripts/bench_start_gpu.py, the default against the deferred batch-1 graph, then scripts/probe_load.py)
+#   (startup: scripts/bench_start_gpu.py, the default against the deferred batch-1 graph, a py-spy profile of one
+#    start when .whl holds py-spy, then scripts/probe_load.py)
 #   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt)
 #   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
 #    with the engine core in-process and in its own process; each against its offline run;
@@ -91,6 +92,25 @@ if [[ "$EXTRA" == *" startup "* ]]; then
   # "deferred": no decode graph before serving (the batch-1 graph is captured between the first steps)
   timeout ${STARTUP_TIMEOUT:-240} python3 scripts/bench_start_gpu.py --runs ${STARTUP_RUNS:-3} --importtime --out "$OUTDIR" \
     --variant deferred:LOCALSGL_DEBUG_STARTUP_GRAPH=0 --answer-tokens 128 2>&1 | tee "$OUTDIR/startup.log" | grep -v '^ ' | tail -20
+  if [ -x /tmp/site/bin/py-spy ]; then  # py-spy from .whl (scripts/device_wheels.sh)
+    echo "== where one start's time goes (py-spy, inclusive samples; raw stacks in startup_pyspy.raw)"
+    echo hi | timeout 90 /tmp/site/bin/py-spy record --rate 250 --format raw --nonblocking -o "$OUTDIR/startup_pyspy.raw" \
+      -- python3 -m localsgl.cli -v run -m /tmp/start-llama8b --max-tokens 1 > "$OUTDIR/startup_pyspy.log" 2>&1
+    python3 - "$OUTDIR/startup_pyspy.raw" <<'PY'
+import collections, sys
+total, incl = 0, collections.Counter()
+for line in open(sys.argv[1]):
+    stack, _, n = line.rstrip().rpartition(" ")
+    if not n.isdigit():
+        continue
+    total += int(n)
+    for frame in {f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0] + ")" for f in stack.split(";")}:
+        incl[frame] += int(n)
+print(f"{total} samples at 250/s")
+for frame, n in incl.most_common(25):
+    print(f"{n / 250:6.2f} s  {100 * n / max(total, 1):5.1f} %  {frame}")
+PY
+  fi
   echo "== the checkpoint's load: page cache -> pinned -> device, alone and together"
   timeout ${LOAD_PROBE_TIMEOUT:-150} python3 scripts/probe_load.py --repeat ${LOAD_PROBE_REPEAT:-1} 2>&1 | tee "$OUTDIR/probe_load.log" | tail -14
 fi

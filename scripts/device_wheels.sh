@@ -5,6 +5,7 @@
 #   llama-models only for its Llama 3 tokenizer file (llama3/tokenizer.model, 128,256 tokens),
 #                which scripts/bench_structured.py reads without importing the package
 #   gguf         GGUF files kept quantized (scripts/bench_quant.py --gguf)
+#   py-spy       the start-up profile of scripts/device_check.sh's startup step
 #   fastapi, uvicorn and their needs   `bench serving` and the server tests (httptools and uvloop
 #                as pip installs them for users: the streaming path is measured as it runs for them)
 # Usage: bash scripts/device_wheels.sh   (needs PyPI; .whl/ is git-ignored)
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
 LLG=$("$PY" -c "import importlib.metadata as m; print(m.version('llguidance'))")
 ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
-WANT=("llguidance==$LLG" "llama-models==0.3.0")
+WANT=("llguidance==$LLG" "llama-models==0.3.0" "py-spy==0.4.3")
 for p in gguf fastapi uvicorn httptools uvloop starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection \
          typing-extensions opentelemetry-api; do
   WANT+=("$p==$(ver $p)")
