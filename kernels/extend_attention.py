@@ -242,10 +242,15 @@ def build_work(extend_lens: list[int], prefix_lens: list[int], tok: int, device,
     return reqs, toks
 
 
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
 def exp16_applies(cfg: ExtendConfig, q: torch.Tensor) -> bool:
     """Whether the kernel takes the bf16 exp2 for this config and q (bf16 q on sm_90+)."""
     return (bool(cfg.exp16) and q.device.type == "cuda" and q.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(q.device) >= (9, 0))
+            and _sm90(q.device.index if q.device.index is not None else torch.cuda.current_device()))
 
 
 def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, extend_lens,
