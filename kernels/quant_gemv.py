@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gemv as G
 from .gemv import _cos_sin, _qkv_epilogue, _silu_mul
 from .pdl import launch_options, wait_for_predecessor
 from .quant_tiles import lookup
@@ -370,11 +371,7 @@ DENSE_FP8 = True
 
 def _dense_tiles(w, config, rows_per_block: int, kind: str) -> bool:
     """Whether ``w`` streams through the dense GEMVs (gemv.py) with its row scales applied to
-    the sums: fp8 with one scale per row, no tile asked for, a shape they take.
-    Those kernels stream bf16 at copy bandwidth where the byte tiles here reached ~3.1 TB/s
-    on fp8 (bench/RESULTS.md, "2026-12-03 (eighth session)")."""
-    from . import gemv as G
-
+    the sums: fp8 with one scale per row, no tile asked for, a shape they take."""
     return (DENSE_FP8 and config is None and w.fmt.kind == "fp8" and row_scaled(w) and w.qweight.stride(-1) == 1
             and G.row_scaled_fits(rows_per_block, w.in_features, w.qweight.device.type, kind))
 
@@ -388,8 +385,6 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
     picks the dense tile where an fp8 weight takes those (``_dense_tiles``)."""
     N, K = w.out_features, w.in_features
     if _dense_tiles(w, config, N, kind):
-        from . import gemv as G
-
         return G.gemv(x, w.qweight, out_dtype, kind=kind, scales=_row_scales(w))
     cfg = config or default_config(w, N, x.device.type)
     assert cfg is not None
@@ -421,8 +416,6 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     I = w.out_features // 2
     assert w.in_features == K
     if _dense_tiles(w, config, I, "gate_up"):
-        from . import gemv as G
-
         return G.norm_gate_up(x, residual, norm_w, eps, w.qweight, scales=_row_scales(w))
     cfg = config or default_config(w, I, x.device.type)
     assert cfg is not None and I % cfg.block_r == 0 and K % cfg.block_k == 0
@@ -455,8 +448,6 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
     N = w.out_features
     assert N == (num_heads + 2 * num_kv_heads) * D and w.in_features == K
     if _dense_tiles(w, config, D // 2, "qkv"):
-        from . import gemv as G
-
         return G.norm_qkv(x, residual, norm_w, eps, w.qweight, bias, cos_sin, positions, loc, k_cache, v_cache,
                           num_heads, num_kv_heads, scales=_row_scales(w))
     assert cos_sin.shape[-1] == D and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1
