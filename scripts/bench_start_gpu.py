@@ -175,7 +175,24 @@ def _env(root: Path) -> dict:
                                                                    if p and "klink" not in p])
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("PYTHONUNBUFFERED", None)
+    if PYCACHE_PREFIX:
+        env["PYTHONPYCACHEPREFIX"] = PYCACHE_PREFIX
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
+
+
+PYCACHE_PREFIX = ""  # set by main() when the installed packages carry no bytecode
+
+
+def bytecode_missing(module: str = "torch") -> bool:
+    """Whether ``module``'s package has no compiled bytecode next to its sources.  pip writes
+    .pyc files at install, so a user's start never compiles torch; an image whose
+    site-packages has none (and may be read-only) would add seconds of compiling to each start."""
+    import importlib.util
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return False
+    return not Path(importlib.util.cache_from_source(spec.origin)).exists()
 
 
 def time_run(root: Path, ckpt: Path, extra: list[str], log_path: Path | None, python_flags: tuple = (),
@@ -259,6 +276,8 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
                     help="this tree under other environment variables, timed in turn with the others")
     ap.add_argument("--answer-tokens", type=int, default=0, help="also time one whole answer of this many tokens each")
+    ap.add_argument("--no-bytecode-cache", action="store_true",
+                    help="time starts as they are even where the packages carry no .pyc")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +285,11 @@ def main() -> int:
     free = shutil.disk_usage(ckpt.parent if ckpt.parent.exists() else "/").free
     print(f"free disk at {ckpt.parent}: {free / 2**30:.1f} GiB", flush=True)
     make_checkpoint(ckpt, a.tiny)
+    global PYCACHE_PREFIX
+    if bytecode_missing() and not a.no_bytecode_cache:
+        PYCACHE_PREFIX = "/tmp/localsgl-pycache"
+        print(f"torch has no .pyc here (pip writes them at install): bytecode cached under {PYCACHE_PREFIX}, "
+              "written by the warm-up run", flush=True)
     trees = {"after": (HERE, {})}  # name -> (tree, environment overrides)
     if a.before:
         trees = {"before": (Path(a.before).resolve(), {}), **trees}

@@ -94,6 +94,8 @@ if [[ "$EXTRA" == *" startup "* ]]; then
     --variant deferred:LOCALSGL_DEBUG_STARTUP_GRAPH=0 --answer-tokens 128 2>&1 | tee "$OUTDIR/startup.log" | grep -v '^ ' | tail -20
   if [ -x /tmp/site/bin/py-spy ]; then  # py-spy from .whl (scripts/device_wheels.sh)
     echo "== where one start's time goes (py-spy, inclusive samples; raw stacks in startup_pyspy.raw)"
+    # the bytecode cache bench_start_gpu.py filled where the image's packages carry no .pyc
+    [ -d /tmp/localsgl-pycache ] && export PYTHONPYCACHEPREFIX=/tmp/localsgl-pycache
     echo hi | timeout 90 /tmp/site/bin/py-spy record --rate 250 --format raw --nonblocking -o "$OUTDIR/startup_pyspy.raw" \
       -- python3 -m localsgl.cli -v run -m /tmp/start-llama8b --max-tokens 1 > "$OUTDIR/startup_pyspy.log" 2>&1
     python3 - "$OUTDIR/startup_pyspy.raw" <<'PY'
