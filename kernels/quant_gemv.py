@@ -230,20 +230,24 @@ def _qnorm_gate_up_kernel(X, R, G, ROut, QW, S, Mn, Out, K, I, eps, stride_q, st
 @triton.jit
 def _qnorm_qkv_kernel(
     X, R, G, ROut, QW, S, Mn, Bias, CS, Pos, Loc, Q, KC, VC,
-    K, eps, stride_q, stride_s, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
+    K, eps, stride_q, stride_s, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch, head0, res_n,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr,
     PREP: tl.constexpr,
 ):
+    """Heads head0.. of W_qkv from a weight holding just their rows (the whole W_qkv when
+    head0 = 0; one block of a row stack otherwise); program 0 stores res_n elements of the
+    residual (K, or 0 where another launch stores it)."""
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     PER_HEAD: tl.constexpr = HALF // BLOCK_R
-    head = pid // PER_HEAD
+    local = pid // PER_HEAD
+    head = head0 + local
     d = (pid % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows_a = head * D + d
+    rows_a = local * D + d
     ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K, 0, K,
-                           tl.where(pid == 0, K, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
+                           tl.where(pid == 0, res_n, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
                            BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
     c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
     _qkv_epilogue(ya, yb, head, d, c, s, tl.load(Loc).to(tl.int64), Bias, Q, KC, VC,
@@ -359,6 +363,8 @@ def _check_row(x: torch.Tensor, K: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- launchers
 def gemv_supported(w, device_type: str) -> bool:
+    if _blocks(w) is not None:
+        return False
     cfg = default_config(w, w.out_features, device_type)
     return cfg is not None and w.out_features % (2 * cfg.block_r) == 0
 
@@ -405,6 +411,8 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
 
 
 def norm_gate_up_supported(w, device_type: str) -> bool:
+    if _blocks(w) is not None:
+        return False
     I = w.out_features // 2
     cfg = default_config(w, I, device_type)
     return cfg is not None and I % cfg.block_r == 0
@@ -432,9 +440,19 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     return out, r_out.view(1, K)
 
 
+def _blocks(w):
+    """A row stack's blocks (the engine's RowStack, duck-typed: the kernels do not import the
+    engine), else None."""
+    return getattr(w, "parts", None)
+
+
 def norm_qkv_supported(w, head_dim: int, rotary_dim: int, device_type: str) -> bool:
     if rotary_dim != head_dim or head_dim % 2:
         return False
+    blocks = _blocks(w)
+    if blocks is not None:  # every block whole heads, in a format the kernel tiles
+        return all(b.out_features % head_dim == 0 and norm_qkv_supported(b, head_dim, rotary_dim, device_type)
+                   for b in blocks)
     cfg = default_config(w, head_dim // 2, device_type)
     return cfg is not None and (head_dim // 2) % cfg.block_r == 0
 
@@ -442,17 +460,17 @@ def norm_qkv_supported(w, head_dim: int, rotary_dim: int, device_type: str) -> b
 def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache, v_cache,
              num_heads: int, num_kv_heads: int, config: Config | None = None):
     """gemv.norm_qkv over a quantized W_qkv: returns (q [1, Hq, D], r [1, H]); k and v are
-    in the pool at loc[0]."""
+    in the pool at loc[0].  A row stack (e.g. q/k in int4, v in int8) is one launch per
+    block, each over its own heads; the first stores the residual."""
     K = x.shape[-1]
     D = k_cache.shape[-1]
     N = w.out_features
     assert N == (num_heads + 2 * num_kv_heads) * D and w.in_features == K
-    if _dense_tiles(w, config, D // 2, "qkv"):
+    blocks = _blocks(w)
+    if blocks is None and _dense_tiles(w, config, D // 2, "qkv"):
         return G.norm_qkv(x, residual, norm_w, eps, w.qweight, bias, cos_sin, positions, loc, k_cache, v_cache,
                           num_heads, num_kv_heads, scales=_row_scales(w))
     assert cos_sin.shape[-1] == D and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1
-    cfg = config or default_config(w, D // 2, x.device.type)
-    assert cfg is not None and (D // 2) % cfg.block_r == 0 and K % cfg.block_k == 0
     xr = _check_row(x, K)
     has_res = residual is not None
     if has_res:
@@ -461,16 +479,21 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
     else:
         rr = r_out = xr
     q = torch.empty((1, num_heads, D), dtype=x.dtype, device=x.device)
-    meta = _meta(w, cfg, x.device)
-    qw, stride_q = _qweight(w, meta["WORDS"])
-    xk, rk = xr, rr
-    if meta["PREP"]:
-        xk, rk = prepare_activations(w, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None,
-                                      cfg.block_k)
-    _qnorm_qkv_kernel[(N // cfg.block_r // 2,)](
-        xk, rk, norm_w, r_out, qw, w.scales, _mins(w), bias if bias is not None else w.scales, cos_sin,
-        positions, loc, q, k_cache, v_cache,
-        K, eps, stride_q, w.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res,
-        HAS_BIAS=bias is not None, **meta)
+    head0 = 0
+    for b in blocks if blocks is not None else (w,):
+        cfg = config or default_config(b, D // 2, x.device.type)
+        assert cfg is not None and (D // 2) % cfg.block_r == 0 and K % cfg.block_k == 0 and b.out_features % D == 0
+        meta = _meta(b, cfg, x.device)
+        qw, stride_q = _qweight(b, meta["WORDS"])
+        xk, rk = xr, rr
+        if meta["PREP"]:  # a later block's prep stores the same residual again
+            xk, rk = prepare_activations(b, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None,
+                                          cfg.block_k)
+        _qnorm_qkv_kernel[(b.out_features // cfg.block_r // 2,)](
+            xk, rk, norm_w, r_out, qw, b.scales, _mins(b), bias if bias is not None else b.scales, cos_sin,
+            positions, loc, q, k_cache, v_cache,
+            K, eps, stride_q, b.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
+            v_cache.stride(0), v_cache.stride(1), head0, K if head0 == 0 else 0, HQ=num_heads, HKV=num_kv_heads,
+            D=D, HAS_RES=has_res, HAS_BIAS=bias is not None, **meta)
+        head0 += b.out_features // D
     return q, r_out.view(1, K)

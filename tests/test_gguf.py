@@ -303,8 +303,9 @@ def _llama3_rope_factors(head_dim, base, factor, low, high, old_ctx):
 
 
 def write_tiny_gguf(path, hf_model, arch: str, qtype=None, name="tiny"):
-    """Write an HF model the way llama.cpp's converter would. Returns the state dict the
-    file actually holds (after quantization), in HF layout, for a reference model."""
+    """Write an HF model the way llama.cpp's converter would (``qtype``: one GGML type for
+    every 2-D tensor, or a function of the HF name giving each one's). Returns the state dict
+    the file actually holds (after quantization), in HF layout, for a reference model."""
     cfg = hf_model.config
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -345,11 +346,12 @@ def write_tiny_gguf(path, hf_model, arch: str, qtype=None, name="tiny"):
             _, _, layer, rest = hf_name.split(".", 3)
             mod, kind = rest.rsplit(".", 1)
             gname = f"blk.{layer}.{_TO_GGUF[mod]}.{kind}"
-        if qtype is not None and arr.ndim == 2 and arr.shape[1] % 32 == 0:
+        qt = qtype(hf_name) if callable(qtype) else qtype  # one type, or one per tensor
+        if qt is not None and arr.ndim == 2 and arr.shape[1] % 32 == 0:
             # quantization works on blocks within a row, so it commutes with the row permutation
-            q = gguf.quants.quantize(arr, qtype)
-            arr = gguf.quants.dequantize(q, qtype).reshape(arr.shape)
-            raw = qtype
+            q = gguf.quants.quantize(arr, qt)
+            arr = gguf.quants.dequantize(q, qt).reshape(arr.shape)
+            raw = qt
         else:
             q, raw = arr, None
         if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):

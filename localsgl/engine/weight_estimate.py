@@ -3,7 +3,8 @@ keep or make quantized weights (the memory plan's ``weights_bytes`` and `info`'s
 
 A dense load is what plan.weights_bytes_for says.  Otherwise every weight is listed with
 the format it will have: GGUF tensors of a repacked type in their kernel format (the parts
-of a fused projection in their joined format, as linear.py stores them), tensors of a
+of a fused projection in their joined format or, for q/k/v, in runs of their own formats:
+quant.row_runs, as linear.py stores them), tensors of a
 quantized checkpoint in theirs, and, with ``quantization``, every linear in that format;
 the rest dense in the run dtype.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .layers.quant import WeightFormat, join_formats, parse_format
+from .layers.quant import WeightFormat, parse_format, row_runs
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -62,12 +63,15 @@ def _total(entries, fmt: WeightFormat | None, dsize: int, dtype: str) -> Weights
         else:
             singles.append((shape, f))
     out = WeightsEstimate(0)
-    for parts in groups.values():
+    for fused, parts in groups.items():
         k = parts[0][0][1]
-        n = sum(s[0] for s, _ in parts)
+        sizes = [s[0] for s, _ in parts]
         fs = [f for _, f in parts]
-        joined = join_formats(fs, k) if all(f is not None for f in fs) else None
-        _add(out, (n, k), joined, dsize, dtype)
+        runs = row_runs(fs, sizes, k, fused.endswith(".qkv")) if all(f is not None for f in fs) else None
+        if runs is None:
+            _add(out, (sum(sizes), k), None, dsize, dtype)
+        for idx, f in runs or ():
+            _add(out, (sum(sizes[i] for i in idx), k), f, dsize, dtype)
     for shape, f in singles:
         _add(out, shape, f, dsize, dtype)
     return out

@@ -9,7 +9,7 @@ from test_fused_decode_engine import _generate
 
 import localsgl.engine.layers.fused_decode as fd
 from localsgl.engine.layers.linear import Linear
-from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+from localsgl.engine.layers.quant import QuantizedWeight, RowStack, WeightFormat
 
 pytestmark = pytest.mark.skipif(ON_GPU, reason="tests/gpu covers the GPU engine")
 
@@ -37,6 +37,26 @@ def test_fused_quantized_greedy(monkeypatch):
                WeightFormat("int8", 0, True), WeightFormat("fp8", 0, True)]
     model = _quantized_model(formats)
     assert isinstance(model.layers[0].mlp.down_proj.weight, QuantizedWeight)
+    assert fd.fused_decode_shapes_ok(model)
+    plain, n_plain = _generate(model, "triton", False, prompts, monkeypatch)
+    fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch)
+    assert fused == plain
+    assert n_fused >= 5 and n_plain == 0
+
+
+def test_fused_row_stacked_qkv_greedy(monkeypatch):
+    """Each layer's qkv as a RowStack (q/k int4 g32 with offsets, v int8 g16: a Q4_K_M layer
+    whose v is Q6_K): the fused step serves it and gives the layer path's greedy tokens."""
+    g = torch.Generator().manual_seed(14)
+    prompts = [torch.randint(0, 95, (8,), generator=g).tolist()]
+    model = _quantized_model([WeightFormat("int4", 32, False)])
+    for layer in model.layers:
+        a = layer.self_attn
+        w = a.qkv_proj.weight.dequantize()
+        qk = a.q_size + a.kv_size
+        a.qkv_proj.set_weight(RowStack([QuantizedWeight.quantize(w[:qk], WeightFormat("int4", 32, False)),
+                                        QuantizedWeight.quantize(w[qk:], WeightFormat("int8", 16, True))]))
+    model._fused_decode_ok = None
     assert fd.fused_decode_shapes_ok(model)
     plain, n_plain = _generate(model, "triton", False, prompts, monkeypatch)
     fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch)

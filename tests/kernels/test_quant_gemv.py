@@ -5,7 +5,7 @@ import pytest
 import torch
 from kutil import DEV, ON_GPU, gen, randn, rel_err
 
-from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+from localsgl.engine.layers.quant import QuantizedWeight, RowStack, WeightFormat
 from localsgl.engine.layers.rotary import RotaryEmbedding
 from localsgl_kernels import gemv as G
 from localsgl_kernels import quant_gemv as QG
@@ -76,6 +76,34 @@ def test_norm_qkv(fmt, has_res, has_bias):
     t = 2 * _tol(dtype)
     assert rel_err(q, rq) < t and rel_err(kc[2], rk[0]) < t and rel_err(vc[2], rv[0]) < t
     assert torch.equal(kc[[0, 1, 3]], kc0[[0, 1, 3]])
+
+
+@pytest.mark.parametrize("has_res", [True, False])
+def test_norm_qkv_row_stack(has_res):
+    """q/k in int4 g32 with offsets, v in int8 g16 (a GGUF Q4_K_M layer whose v is Q6_K): one
+    launch per block, each writing its own heads; equal to the reference on the stack."""
+    g = gen(15 + has_res)
+    dtype = DTYPES[0]
+    hq, hkv, d, h = (4, 2, 32, 128) if not ON_GPU else (32, 8, 128, 4096)
+    x = randn(1, h, g=g, dtype=dtype)
+    res = randn(1, h, g=g, dtype=dtype) if has_res else None
+    nw = (1 + 0.1 * randn(h, g=g)).to(dtype)
+    w = RowStack([_qw((hq + hkv) * d, h, WeightFormat("int4", 32, False), g),
+                  _qw(hkv * d, h, WeightFormat("int8", 16, True), g)])
+    assert QG.norm_qkv_supported(w, d, d, DEV) and not QG.gemv_supported(w, DEV)
+    bias = randn(w.out_features, g=g, dtype=dtype, scale=0.1)
+    rope = RotaryEmbedding(d, 64, 10000.0, None, device=DEV)
+    pos, loc = torch.tensor([21], device=DEV), torch.tensor([1], device=DEV)
+    kc, vc = randn(3, hkv, d, g=g, dtype=dtype), randn(3, hkv, d, g=g, dtype=dtype)
+    kc0, vc0 = kc.clone(), vc.clone()
+    rq, rk, rv, rr = G.norm_qkv_ref(x.double(), None if res is None else res.double(), nw.double(), 1e-5,
+                                    w.dequantize(torch.float64), bias.double(), rope.cos_sin.double(), pos, hq, hkv)
+    q, r = QG.norm_qkv(x, res, nw, 1e-5, w, bias, rope.cos_sin, pos, loc, kc, vc, hq, hkv)
+    t = 2 * _tol(dtype)
+    assert rel_err(q, rq) < t and rel_err(kc[1], rk[0]) < t and rel_err(vc[1], rv[0]) < t
+    assert torch.equal(kc[[0, 2]], kc0[[0, 2]]) and torch.equal(vc[[0, 2]], vc0[[0, 2]])
+    if has_res:
+        assert torch.allclose(r.float(), rr.float(), rtol=2**-7 if dtype == torch.bfloat16 else 1e-6)
 
 
 def test_configs_and_support():

@@ -9,7 +9,7 @@ import torch
 from localsgl.engine.layers import cpu_decode
 from localsgl.engine.layers.cpu_quant import cpu_matmul
 from localsgl.engine.layers.linear import Linear
-from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat, matmul_ref
+from localsgl.engine.layers.quant import QuantizedWeight, RowStack, WeightFormat, matmul_ref
 from model_utils import needs_embedded_model
 
 ROUTES = [(WeightFormat("int4", 32, False), "int4"), (WeightFormat("int4", 128, True), "int4"),
@@ -50,6 +50,26 @@ def test_lean_decode_step_runs_quantized_layers(formats):
     for lean, ref, _ in _both_paths(m, [6, 3], contiguous=False, steps=2):
         assert torch.equal(lean, ref)  # both paths multiply by the same routes
     assert len(dense) == 3 * 4 + 1  # (the LM head is a Linear too)
+
+
+def test_lean_decode_step_runs_a_row_stacked_qkv():
+    """q/k in int4 and v in int8 as one RowStack (a Q4_K_M layer with a Q6_K v): the lean step
+    serves it and agrees with the layer path."""
+    from test_cpu_decode import _both_paths, _model
+
+    m = _model("llama")
+    for mod in (mod for mod in m.modules() if isinstance(mod, Linear)):
+        w = mod.weight.data
+        if w.shape[0] == (4 + 2 * 2) * 16:  # qkv: q and k rows, then v rows
+            qk, v = w[:96], w[96:]
+            mod.set_weight(RowStack([QuantizedWeight.quantize(qk, WeightFormat("int4", 32, False)),
+                                     QuantizedWeight.quantize(v, WeightFormat("int8", 16, True))]))
+        else:
+            mod.set_weight(QuantizedWeight.quantize(w, WeightFormat("int4", 32, False)))
+    assert isinstance(m.layers[0].self_attn.qkv_proj.weight, RowStack)
+    assert cpu_decode.cpu_decode_plan(m) is not None
+    for lean, ref, _ in _both_paths(m, [6, 3], contiguous=False, steps=2):
+        assert torch.equal(lean, ref)
 
 
 @needs_embedded_model

@@ -11,7 +11,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from localsgl.engine.layers.quant import QuantizedWeight  # noqa: E402
+from localsgl.engine.layers.quant import QuantizedWeight, RowStack  # noqa: E402
 from localsgl.store.gguf_repack import REPACKED, can_repack, repack  # noqa: E402
 
 ROWS, COLS = 12, 512
@@ -91,4 +91,27 @@ def test_llama_gguf_kept_quantized_matches_its_dequantized_load(qname, tmp_path)
     assert isinstance(qkv, QuantizedWeight) and qkv.fmt == REPACKED[qname][2]
     assert torch.equal(qkv.dequantize(), dense.layers[0].self_attn.qkv_proj.weight)  # rows unpermuted alike
     ids = random_ids(24, src.config["vocab_size"], seed=5)
+    torch.testing.assert_close(prefill_logits(kept, ids), prefill_logits(dense, ids), atol=2e-5, rtol=0)
+
+
+def test_llama_gguf_with_a_wider_v_keeps_q_k_narrow(tmp_path):
+    """q/k in Q4_0 and v in Q8_0 (as Q4_K_M's Q4_K q/k and Q6_K v): the fused qkv keeps q/k in
+    int4 and v in int8 (a row stack), with the logits of the dequantized load."""
+    pytest.importorskip("transformers")
+    from model_utils import prefill_logits
+    from test_gguf import write_tiny_gguf
+    from test_loader import make_hf_model, random_ids
+
+    from localsgl.engine.models.loader import load_model
+    from localsgl.store.resolve import resolve_model
+
+    path = tmp_path / "mixed.gguf"
+    write_tiny_gguf(path, make_hf_model("llama", seed=12), "llama", lambda name: Q.Q8_0 if "v_proj" in name else Q.Q4_0)
+    src = resolve_model(str(path), record_use=False)
+    dense = load_model(src, torch.float32, "cpu", weights="dequantize")
+    kept = load_model(src, torch.float32, "cpu", weights="keep")
+    qkv = kept.layers[0].self_attn.qkv_proj.weight
+    assert isinstance(qkv, RowStack) and [p.fmt for p in qkv.parts] == [REPACKED["Q4_0"][2], REPACKED["Q8_0"][2]]
+    assert torch.equal(qkv.dequantize(), dense.layers[0].self_attn.qkv_proj.weight)
+    ids = random_ids(24, src.config["vocab_size"], seed=6)
     torch.testing.assert_close(prefill_logits(kept, ids), prefill_logits(dense, ids), atol=2e-5, rtol=0)

@@ -7,7 +7,8 @@ import torch
 
 from localsgl.engine.layers.linear import Linear, MergedLinear
 from localsgl.engine.layers.quant import (
-    QuantizedWeight, WeightFormat, concat_rows, join_formats, matmul_ref, pack_int4, parse_format, unpack_int4,
+    QuantizedWeight, RowStack, WeightFormat, concat_rows, is_quantized, join_formats, matmul, matmul_ref, pack_int4,
+    parse_format, row_runs, unpack_int4,
 )
 from localsgl.engine.layers.weight_policy import WeightPolicy, building
 
@@ -133,6 +134,41 @@ def test_merged_linear_joins_quantized_parts_and_dequantizes_when_told():
     for name, p in parts.items():
         plain.load_shard(name, p)
     assert torch.equal(plain.weight, dense)
+
+
+def test_row_runs_keep_q_k_v_in_their_own_formats_where_joining_widens_them():
+    i4, i4s, i8 = WeightFormat("int4", 32, False), WeightFormat("int4", 32, True), WeightFormat("int8", 16, True)
+    sizes = [4096, 1024, 1024]
+    # Q4_K q/k with a Q6_K v: joined, all rows would be int8 g16 with offsets (10 bits a weight)
+    assert row_runs([i4, i4, i8], sizes, 4096, split_ok=True) == [([0, 1], i4), ([2], i8)]
+    assert row_runs([i4, i4, i8], sizes, 4096, split_ok=False) == [([0, 1, 2], WeightFormat("int8", 16, False))]
+    # equal formats, or a join that costs little (sym int4 -> asym int4 adds one offset per group): one weight
+    assert row_runs([i4, i4, i4], sizes, 4096, split_ok=True) == [([0, 1, 2], i4)]
+    assert row_runs([i4, i4, i4s], sizes, 4096, split_ok=True) == [([0, 1, 2], i4)]
+    assert row_runs([WeightFormat("fp8", 0, True), i4, i4], sizes, 4096, split_ok=True) is None
+
+
+def test_merged_linear_keeps_row_blocks_that_joining_would_widen():
+    g = torch.Generator().manual_seed(16)
+    fq, fv = WeightFormat("int4", 32, False), WeightFormat("int8", 16, True)
+    parts = {"q": QuantizedWeight.quantize(torch.randn(64, 128, generator=g), fq),
+             "k": QuantizedWeight.quantize(torch.randn(32, 128, generator=g), fq),
+             "v": QuantizedWeight.quantize(torch.randn(32, 128, generator=g), fv)}
+    dense = torch.cat([p.dequantize() for p in parts.values()])
+    x = torch.randn(5, 128, generator=g)
+    with building(_policy(True)):
+        m = MergedLinear(128, {"q": 64, "k": 32, "v": 32}, row_blocks=True)
+    for name, p in parts.items():
+        m.load_shard(name, p)
+    w = m.weight
+    assert isinstance(w, RowStack) and is_quantized(w) and w.shape == (128, 128)
+    assert [p.fmt for p in w.parts] == [fq, fv] and [p.out_features for p in w.parts] == [96, 32]
+    assert w.nbytes == sum(p.nbytes for p in parts.values())  # nothing widened
+    assert torch.equal(w.dequantize(), dense) and torch.equal(w.dequantize(rows=slice(90, 100)), dense[90:100])
+    torch.testing.assert_close(m(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(matmul(x.bfloat16(), w).float(), x @ dense.t(), rtol=2e-2, atol=2e-1)
+    assert [n for n, _ in m.named_buffers()] == ["weight.parts.0.qweight", "weight.parts.0.scales", "weight.parts.0.mins",
+                                                  "weight.parts.1.qweight", "weight.parts.1.scales"]
 
 
 def test_linear_quantizes_dense_weights_at_load_under_a_quantizing_policy():

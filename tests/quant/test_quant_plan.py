@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from localsgl import cli
+from localsgl.engine.layers import quant
 from localsgl.engine.models.config import ModelConfig
 from localsgl.engine.plan import DeviceInfo, PlanError, gpu_running_cap, make_plan
 from localsgl.engine.weight_estimate import _total, estimate
@@ -56,17 +57,22 @@ def _q4_k_m_entries(cfg):
     return out
 
 
-def test_q4_k_m_kept_quantized_stays_close_to_its_tensor_bytes(llama8b):
-    """Llama-3.1-8B in Q4_K_M: 4.91 GB of tensors, 6.00 GB kept quantized here (1.22x; the issue
+def test_q4_k_m_kept_quantized_stays_close_to_its_tensor_bytes(llama8b, monkeypatch):
+    """Llama-3.1-8B in Q4_K_M: 4.91 GB of tensors, 5.78 GB kept quantized here (1.18x; the issue
     asks for <= 1.2x).  The excess: 4.5-bit Q4_K -> 5-bit int4 g32 with fp16 scale and offset
-    (+0.38 GB), 6.6-bit Q6_K -> 9-bit int8 g16 (+0.45 GB), and the 16 layers whose v is Q6_K
-    store q/k/v in their joined format, int8 g16 with offsets (+0.26 GB)."""
+    (+0.38 GB) and 6.6-bit Q6_K -> 9-bit int8 g16 (+0.45 GB).  The 16 layers whose v is Q6_K
+    keep q/k in int4 and v in int8 (a row stack); joined, q/k/v would all take int8 g16 with
+    offsets (+0.26 GB, 1.22x)."""
     _, cfg = llama8b
     entries = _q4_k_m_entries(cfg)
     file_bytes = sum(n * k // REPACKED[t][1] * REPACKED[t][0] for _, (n, k), t in entries)
     ours = _total([(name, shape, REPACKED[t][2]) for name, shape, t in entries], None, 2, "bfloat16")
-    assert set(ours.by_format) == {"int4 g32 asym", "int8 g16", "int8 g16 asym"}  # a Q6_K v joins q/k in int8
-    assert 1.1 < ours.total_bytes / file_bytes <= 1.23, ours.total_bytes / file_bytes
+    assert set(ours.by_format) == {"int4 g32 asym", "int8 g16"}  # a Q6_K v does not widen q/k
+    assert 1.1 < ours.total_bytes / file_bytes <= 1.2, ours.total_bytes / file_bytes
+    # q/k/v joined instead (a joined format may cost any overhead): over the bound
+    monkeypatch.setattr(quant, "_JOIN_OVERHEAD", float("inf"))
+    joined = _total([(name, shape, REPACKED[t][2]) for name, shape, t in entries], None, 2, "bfloat16")
+    assert "int8 g16 asym" in joined.by_format and joined.total_bytes / file_bytes > 1.2
 
 
 def test_info_shows_the_format_and_bytes():

@@ -34,12 +34,12 @@ from ..batch import ForwardBatch, ForwardMode
 from .cpu_routes import cpu_routes
 from .cpu_quant import cpu_matmul
 from .linear import cpu_mm, mm_lowp  # noqa: F401  (mm_lowp: the LM head's widened route, for the model)
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, RowStack, is_quantized
 
 
 def _mm(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w for a dense [in, out] weight view (cpu_mm) or a QuantizedWeight (cpu_quant's route)."""
-    return cpu_matmul(x, w) if isinstance(w, QuantizedWeight) else cpu_mm(x, w)
+    """x @ w for a dense [in, out] weight view (cpu_mm) or a quantized weight (cpu_quant's route)."""
+    return cpu_matmul(x, w) if is_quantized(w) else cpu_mm(x, w)
 
 
 class _Layer(NamedTuple):
@@ -70,8 +70,13 @@ def _key(model) -> tuple:
     """Identifies the weight storage the plan points at (the layout pass or a reload replaces it)."""
     first, last = model.layers[0], model.layers[-1]
     ws = (first.self_attn.qkv_proj.weight, last.mlp.down_proj.weight, model.norm.weight)
-    return tuple((w.qweight.data_ptr(), w.qweight.stride()) if isinstance(w, QuantizedWeight) else
-                 (w.data_ptr(), w.stride()) for w in ws)
+    return tuple(_storage(w) for w in ws)
+
+
+def _storage(w) -> tuple:
+    if isinstance(w, RowStack):
+        return tuple(_storage(p) for p in w.parts)
+    return (w.qweight.data_ptr(), w.qweight.stride()) if isinstance(w, QuantizedWeight) else (w.data_ptr(), w.stride())
 
 
 def _build(model) -> _Plan | None:
@@ -83,13 +88,13 @@ def _build(model) -> _Plan | None:
     for layer in model.layers:
         a, m = layer.self_attn, layer.mlp
         ws = (a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight)
-        if any(w.device.type != "cpu" or (not isinstance(w, QuantizedWeight) and (w.dim() != 2 or w.dtype != dtype))
+        if any(w.device.type != "cpu" or (not is_quantized(w) and (w.dim() != 2 or w.dtype != dtype))
                for w in ws):
             return None
         qk = None
         if a.q_norm is not None:
             qk = torch.cat([a.q_norm.weight.expand(cfg.num_heads, -1), a.k_norm.weight.expand(cfg.num_kv_heads, -1)])
-        t = lambda w: w if isinstance(w, QuantizedWeight) else w.t()  # noqa: E731 - [in, out] views; quantized as is
+        t = lambda w: w if is_quantized(w) else w.t()  # noqa: E731 - [in, out] views; quantized as is
         layers.append(_Layer(
             layer.input_layernorm.weight, t(a.qkv_proj.weight), a.qkv_proj.bias, qk, t(a.o_proj.weight),
             layer.post_attention_layernorm.weight, t(m.gate_up_proj.weight), t(m.down_proj.weight),

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import torch
 
-from .quant import QuantizedWeight, matmul_ref, unpack_int4
+from .quant import QuantizedWeight, RowStack, matmul_ref, unpack_int4
 
 _INT4_GROUPS = (32, 64, 128, 256)
 
 
 def cpu_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """x [M, K] @ Wᵀ -> [M, N] in x's dtype by the route for w's format (module docstring)."""
+    if isinstance(w, RowStack):
+        return torch.cat([cpu_matmul(x, p) for p in w.parts], dim=-1)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return matmul_ref(x, w)
     cache = _cache(w)

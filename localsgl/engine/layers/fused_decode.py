@@ -28,7 +28,7 @@ import torch
 
 from .. import debug_switches
 from . import _kernel_importable
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, is_quantized
 
 _FORCE_ON_CPU = False  # tests: run the kernels under the Triton interpreter
 
@@ -64,7 +64,7 @@ def _shapes_ok(model) -> bool:
         and G.norm_gate_up_supported(cfg.intermediate_size, cfg.hidden_size, dev)
         and G.gemv_supported(cfg.hidden_size, cfg.intermediate_size, dev)
     )
-    quantized = [w for layer in model.layers for w in _layer_weights(layer) if isinstance(w, QuantizedWeight)]
+    quantized = [w for layer in model.layers for w in _layer_weights(layer) if is_quantized(w)]
     if not quantized:
         return dense
     if not _kernel_importable("quant_gemv"):
@@ -79,9 +79,9 @@ def _shapes_ok(model) -> bool:
             (down, lambda w: QG.gemv_supported(w, dev)),
         ]
         for w, ok in checks:
-            if isinstance(w, QuantizedWeight) and not ok(w):
+            if is_quantized(w) and not ok(w):
                 return False
-        if not dense and not all(isinstance(w, QuantizedWeight) for w in (qkv, o, gate_up, down)):
+        if not dense and not all(is_quantized(w) for w in (qkv, o, gate_up, down)):
             return False
     return True
 
@@ -93,7 +93,7 @@ def _layer_weights(layer) -> tuple:
 
 def _kernels_for(w):
     """The kernel module streaming weight ``w``: gemv (dense) or quant_gemv (quantized)."""
-    if isinstance(w, QuantizedWeight):
+    if is_quantized(w):
         from localsgl_kernels import quant_gemv
 
         return quant_gemv

@@ -2,11 +2,12 @@
 
 Weights are stored [out, in] like HF checkpoints, so loading is a copy into a
 slice; fusing q/k/v and gate/up turns three (two) GEMMs into one per layer.  A layer's
-``weight`` is a dense Parameter or a QuantizedWeight (quant.py); ``linear()`` dispatches on
-it, so every caller handles both.  Under a deferring weight policy (weight_policy.py) the
-weight is created by the first tensor loaded into it; the parts of a fused projection are
-joined once all have arrived (parts in different quantized formats share the narrowest
-format that holds each exactly).
+``weight`` is a dense Parameter, a QuantizedWeight or a RowStack of them (quant.py);
+``linear()`` dispatches on it, so every caller handles each.  Under a deferring weight policy
+(weight_policy.py) the weight is created by the first tensor loaded into it; the parts of a
+fused projection are joined once all have arrived (parts in different quantized formats
+share the narrowest format that holds each exactly, or, for q/k/v, stay in their own when
+that format would widen them: quant.row_runs).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from . import weight_policy
 from .cpu_routes import LOWP, cpu_routes
-from .quant import QuantizedWeight, concat_rows
+from .quant import QuantizedWeight, RowStack, concat_rows, is_quantized, row_runs
 from .quant import matmul as quant_matmul
 
 
@@ -45,7 +46,7 @@ class Linear(nn.Module):
         value = self.weight_policy.adopt(tensor) if self.weight_policy is not None else tensor
         if tuple(value.shape) != (self.out_features, self.in_features):
             raise ValueError(f"expected {(self.out_features, self.in_features)}, got {tuple(value.shape)}")
-        if isinstance(value, QuantizedWeight):
+        if is_quantized(value):
             self._parameters.pop("weight", None)  # the weight becomes a submodule
             self.weight = value
         elif isinstance(self.weight, nn.Parameter):
@@ -74,8 +75,8 @@ class Linear(nn.Module):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b.  On the CPU a dense weight (input-major or row-major, see
     :func:`use_cpu_weight_layout`) multiplies by :func:`cpu_mm`, the route this machine's
-    dtype wants.  A QuantizedWeight multiplies through quant.matmul."""
-    if isinstance(weight, QuantizedWeight):
+    dtype wants.  A QuantizedWeight (or RowStack) multiplies through quant.matmul."""
+    if is_quantized(weight):
         return quant_matmul(x, weight, bias)
     if not x.is_cuda and weight.dim() == 2 and weight.dtype == x.dtype:
         y = cpu_mm(x.reshape(-1, x.shape[-1]), weight.t())
@@ -138,11 +139,15 @@ class MergedLinear(Linear):
     """Several HF projections stored as row blocks of one weight.
 
     ``shards`` maps a shard name (e.g. "q", "k", "v") to its output size; the
-    loader calls ``load_shard(name, tensor)`` for each HF tensor.
+    loader calls ``load_shard(name, tensor)`` for each HF tensor.  ``row_blocks``: the
+    layer's fused kernels take a RowStack, so quantized parts whose joined format would
+    widen them stay in their own formats (quant.row_runs).
     """
 
-    def __init__(self, in_features: int, shards: dict[str, int], bias: bool = False, dtype=None, device=None):
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool = False, dtype=None, device=None,
+                 row_blocks: bool = False):
         super().__init__(in_features, sum(shards.values()), bias=bias, dtype=dtype, device=device)
+        self.row_blocks = row_blocks
         self.offsets: dict[str, tuple[int, int]] = {}
         off = 0
         for name, size in shards.items():
@@ -165,17 +170,18 @@ class MergedLinear(Linear):
         self._pending[shard] = tensor
         if len(self._pending) == len(self.offsets):
             parts = [self._pending.pop(s) for s in self.offsets]
-            self.set_weight(_join_rows(parts, self.weight_policy))
+            self.set_weight(_join_rows(parts, self.weight_policy, self.row_blocks))
 
 
-def _join_rows(parts: list, policy) -> torch.Tensor | QuantizedWeight:
-    """Row blocks as one weight: quantized parts in their joined format when there is one,
-    else everything dense (in the policy's dtype)."""
+def _join_rows(parts: list, policy, row_blocks: bool = False) -> torch.Tensor | QuantizedWeight | RowStack:
+    """Row blocks as one weight: quantized parts as quant.row_runs says (one joined format,
+    or a RowStack of runs) when a format holds them, else everything dense (in the policy's
+    dtype)."""
     if all(isinstance(p, QuantizedWeight) for p in parts) and (policy is None or policy.keep_quantized):
-        try:
-            return concat_rows(parts)
-        except ValueError:
-            pass
+        runs = row_runs([p.fmt for p in parts], [p.out_features for p in parts], parts[0].in_features, row_blocks)
+        if runs is not None:
+            joined = [concat_rows([parts[i] for i in idx]) if len(idx) > 1 else parts[idx[0]] for idx, _ in runs]
+            return joined[0] if len(joined) == 1 else RowStack(joined)
     dtype = policy.dtype if policy is not None else next(p.dtype for p in parts if isinstance(p, torch.Tensor))
     dev = policy.device if policy is not None else None
     return torch.cat([(p.dequantize(dtype) if isinstance(p, QuantizedWeight) else p.to(dtype)).to(dev) for p in parts])

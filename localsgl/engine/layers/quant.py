@@ -310,6 +310,36 @@ def join_formats(formats: list[WeightFormat], in_features: int) -> WeightFormat 
     return WeightFormat(kind, 0 if group == in_features else group, sym)
 
 
+# A joined format may cost this much more than the parts' own formats before the parts stay
+# separate (RowStack): one launch less per step against the bytes every step streams.
+_JOIN_OVERHEAD = 1.05
+
+
+def row_runs(formats: list[WeightFormat], sizes: list[int], in_features: int,
+             split_ok: bool) -> list[tuple[list[int], WeightFormat]] | None:
+    """How a fused projection's parts (formats, row counts) are stored: as runs of consecutive
+    parts, each run one weight in one format.  One run in the joined format (join_formats)
+    unless that widens the rows by more than _JOIN_OVERHEAD and ``split_ok`` (the layer's
+    fused kernels take row blocks, e.g. q/k/v); then the runs are the parts of equal format
+    (a GGUF Q4_K_M's q/k in int4 g32 with offsets, its Q6_K v in int8 g16).  None when no
+    format holds every part (the parts are dequantized)."""
+    joined = join_formats(formats, in_features)
+    if joined is None:
+        return None
+    runs: list[tuple[list[int], WeightFormat]] = []
+    for i, f in enumerate(formats):
+        if runs and runs[-1][1] == f:
+            runs[-1][0].append(i)
+        else:
+            runs.append(([i], f))
+    whole = [(list(range(len(formats))), joined)]
+    if len(runs) == 1 or not split_ok:
+        return whole
+    joined_bytes = joined.nbytes(sum(sizes), in_features)
+    split_bytes = sum(f.nbytes(sum(sizes[i] for i in idx), in_features) for idx, f in runs)
+    return runs if joined_bytes > _JOIN_OVERHEAD * split_bytes else whole
+
+
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Row blocks (e.g. q, k, v) as one weight in their joined format."""
     k = parts[0].in_features
@@ -323,6 +353,49 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     s = torch.cat([c.scales.to(widest([c.scales for c in conv])) for c in conv])
     m = None if fmt.symmetric else torch.cat([c.mins.to(widest([c.mins for c in conv])) for c in conv])
     return QuantizedWeight(fmt, torch.cat([c.qweight for c in conv]), s, m, k)
+
+
+class RowStack(nn.Module):
+    """A weight [N, K] whose row blocks stay in their own formats (row_runs): ``parts``
+    (QuantizedWeights) stacked top to bottom.  Whatever multiplies it multiplies each part
+    and places its rows (matmul, cpu_matmul, quant_gemv.norm_qkv); dequantizing gives the
+    dense stack."""
+
+    def __init__(self, parts: list[QuantizedWeight]):
+        super().__init__()
+        k = parts[0].in_features
+        if any(p.in_features != k for p in parts):
+            raise ValueError("row blocks of different input sizes")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = int(k)
+        self.out_features = int(sum(p.out_features for p in parts))
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def labels(self) -> list[str]:
+        return [p.fmt.label() for p in self.parts]
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, {self.in_features}, {' + '.join(self.labels())}"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        dense = torch.cat([p.dequantize(dtype) for p in self.parts])
+        return dense if rows is None else dense[rows]
+
+
+def is_quantized(w) -> bool:
+    """A weight kept quantized (one QuantizedWeight or a RowStack of them), not a dense tensor."""
+    return isinstance(w, (QuantizedWeight, RowStack))
 
 
 def _to_format_with_offsets(p: QuantizedWeight, fmt: WeightFormat) -> QuantizedWeight:
@@ -345,6 +418,9 @@ def matmul(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None
     (localsgl_kernels.quant_gemv), larger ones through the dequantizing GEMM
     (localsgl_kernels.quant_gemm; fp8 through torch._scaled_mm on sm90+).  CPU: the CPU
     routes of cpu_quant.py.  Anything else: the torch reference (dequantize, then multiply)."""
+    if isinstance(w, RowStack):
+        y = torch.cat([matmul(x, p) for p in w.parts], dim=-1)
+        return y + bias if bias is not None else y
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x.is_cuda:
@@ -380,9 +456,12 @@ def _round_scales(s: torch.Tensor) -> torch.Tensor:
 
 
 def weight_format_of(weight) -> str:
-    """'int4 g128' for a QuantizedWeight, the dtype name for a dense tensor."""
+    """'int4 g128' for a QuantizedWeight ('int4 g32 asym + int8 g16' for a RowStack), the dtype
+    name for a dense tensor."""
     if isinstance(weight, QuantizedWeight):
         return weight.fmt.label()
+    if isinstance(weight, RowStack):
+        return " + ".join(weight.labels())
     return str(weight.dtype).removeprefix("torch.")
 
 

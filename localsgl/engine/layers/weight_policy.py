@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .quant import QuantizedWeight, WeightFormat
+from .quant import QuantizedWeight, WeightFormat, is_quantized
 
 WEIGHTS_MODES = ("keep", "dequantize")
 
@@ -34,10 +34,10 @@ class WeightPolicy:
         return self.keep_quantized or self.quantize is not None
 
     def adopt(self, tensor, quantizable: bool = True):
-        """A loaded weight as the layer keeps it: a QuantizedWeight on the device, or a dense
-        tensor in the model's dtype.  ``quantizable`` False (the embedding) never quantizes
-        a dense tensor."""
-        if isinstance(tensor, QuantizedWeight):
+        """A loaded weight as the layer keeps it: a QuantizedWeight (or RowStack) on the device,
+        or a dense tensor in the model's dtype.  ``quantizable`` False (the embedding) never
+        quantizes a dense tensor."""
+        if is_quantized(tensor):
             if self.keep_quantized:
                 return tensor.to(self.device)
             return tensor.to(self.device).dequantize(self.dtype)

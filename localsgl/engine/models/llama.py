@@ -17,7 +17,7 @@ from ..layers.activation import silu_and_mul
 from ..layers.cpu_decode import forward_decode as cpu_forward_decode, lowp_logits_on_cpu, mm_lowp, use_cpu_decode
 from ..layers.fused_decode import forward_one_token, logits_one_row, use_fused_decode
 from ..layers.linear import Linear, MergedLinear, linear
-from ..layers.quant import QuantizedWeight
+from ..layers.quant import QuantizedWeight, is_quantized
 from ..layers.weight_policy import load_embedding, make_embedding
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
@@ -40,6 +40,7 @@ class Attention(nn.Module):
             bias=cfg.attention_bias,
             dtype=dtype,
             device=device,
+            row_blocks=True,  # quant_gemv.norm_qkv streams each block in its own format
         )
         self.o_proj = Linear(self.q_size, cfg.hidden_size, dtype=dtype, device=device)
         if cfg.qk_norm:
@@ -206,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
                 if name not in params:
                     raise KeyError(f"unexpected weight {name!r} in checkpoint")
                 p = params[name]
-                if isinstance(tensor, QuantizedWeight):
+                if is_quantized(tensor):
                     tensor = tensor.dequantize(p.dtype)
                 if tuple(p.shape) != tuple(tensor.shape):
                     raise ValueError(f"weight {name}: expected {tuple(p.shape)}, got {tuple(tensor.shape)}")
