@@ -231,24 +231,43 @@ def _qnorm_gate_up_kernel(X, R, G, ROut, QW, S, Mn, Out, K, I, eps, stride_q, st
 def _qnorm_qkv_kernel(
     X, R, G, ROut, QW, S, Mn, Bias, CS, Pos, Loc, Q, KC, VC,
     K, eps, stride_q, stride_s, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch, head0, res_n,
+    X2, R2, QW2, S2, Mn2, stride_q2, stride_s2, na,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr,
-    PREP: tl.constexpr,
+    PREP: tl.constexpr, TWO: tl.constexpr = False, KIND2: tl.constexpr = 0, GROUP2: tl.constexpr = 1,
+    SYM2: tl.constexpr = True, ROW_SCALE2: tl.constexpr = False, BLOCK_K2: tl.constexpr = 16,
+    WORDS2: tl.constexpr = False, LOG2G2: tl.constexpr = 0,
 ):
     """Heads head0.. of W_qkv from a weight holding just their rows (the whole W_qkv when
-    head0 = 0; one block of a row stack otherwise); program 0 stores res_n elements of the
-    residual (K, or 0 where another launch stores it)."""
+    head0 = 0); program 0 stores res_n elements of the residual (K, or 0 where another launch
+    stores it).  TWO: a two-block row stack in one launch, programs >= na streaming the second
+    block (format KIND2.., from the raw activations X2/R2, never prepared) for the heads after
+    the first block's."""
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     PER_HEAD: tl.constexpr = HALF // BLOCK_R
-    local = pid // PER_HEAD
-    head = head0 + local
     d = (pid % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows_a = local * D + d
-    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K, 0, K,
-                           tl.where(pid == 0, res_n, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
-                           BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
+    local = pid // PER_HEAD
+    if TWO:  # (a constexpr branch: without TWO the second block's code is not compiled)
+        if pid >= na:
+            local = (pid - na) // PER_HEAD
+            rows_a = local * D + d
+            ya, yb = _qstream_rows(QW2, S2, Mn2, stride_q2, stride_s2, rows_a, rows_a + HALF, X2, R2, G, ROut, K, 0,
+                                   K, 0, eps, KIND2, GROUP2, SYM2, ROW_SCALE2, HAS_RES, True,
+                                   BLOCK_R, BLOCK_K2, PDL, WORDS2, LOG2G2, False)
+            local += na // PER_HEAD
+        else:
+            rows_a = local * D + d
+            ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K, 0, K,
+                                   tl.where(pid == 0, res_n, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
+                                   BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
+    else:
+        rows_a = local * D + d
+        ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K, 0, K,
+                               tl.where(pid == 0, res_n, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
+                               BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
+    head = head0 + local
     c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
     _qkv_epilogue(ya, yb, head, d, c, s, tl.load(Loc).to(tl.int64), Bias, Q, KC, VC,
                   stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, HAS_BIAS)
@@ -457,11 +476,25 @@ def norm_qkv_supported(w, head_dim: int, rotary_dim: int, device_type: str) -> b
     return cfg is not None and (head_dim // 2) % cfg.block_r == 0
 
 
+def _pair_configs(blocks, D: int, K: int, device_type: str) -> tuple[Config, Config] | None:
+    """Tiles for a two-block stack in one launch: the first block's own, and the second's with
+    the first's row block and warps, never over prepared activations (words at most 1).  None
+    where that does not tile (one launch per block)."""
+    if len(blocks) != 2:
+        return None
+    c1, c2 = (default_config(b, D // 2, device_type) for b in blocks)
+    if c1 is None or c2 is None or (D // 2) % c1.block_r or K % c1.block_k:
+        return None
+    c2 = Config(c1.block_r, c2.block_k, c1.num_warps, 1, 1, min(c2.words, 1))
+    return (c1, c2) if K % c2.block_k == 0 else None
+
+
 def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache, v_cache,
              num_heads: int, num_kv_heads: int, config: Config | None = None):
     """gemv.norm_qkv over a quantized W_qkv: returns (q [1, Hq, D], r [1, H]); k and v are
-    in the pool at loc[0].  A row stack (e.g. q/k in int4, v in int8) is one launch per
-    block, each over its own heads; the first stores the residual."""
+    in the pool at loc[0].  A row stack (e.g. q/k in int4, v in int8) of two blocks is one
+    launch (_pair_configs); of more, one launch per block, each over its own heads, the first
+    storing the residual."""
     K = x.shape[-1]
     D = k_cache.shape[-1]
     N = w.out_features
@@ -479,9 +512,10 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
     else:
         rr = r_out = xr
     q = torch.empty((1, num_heads, D), dtype=x.dtype, device=x.device)
+    pair = _pair_configs(blocks, D, K, x.device.type) if blocks is not None and config is None else None
     head0 = 0
-    for b in blocks if blocks is not None else (w,):
-        cfg = config or default_config(b, D // 2, x.device.type)
+    for b in (blocks[:1] if pair is not None else blocks) if blocks is not None else (w,):
+        cfg = pair[0] if pair is not None else config or default_config(b, D // 2, x.device.type)
         assert cfg is not None and (D // 2) % cfg.block_r == 0 and K % cfg.block_k == 0 and b.out_features % D == 0
         meta = _meta(b, cfg, x.device)
         qw, stride_q = _qweight(b, meta["WORDS"])
@@ -489,11 +523,21 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         if meta["PREP"]:  # a later block's prep stores the same residual again
             xk, rk = prepare_activations(b, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None,
                                           cfg.block_k)
-        _qnorm_qkv_kernel[(b.out_features // cfg.block_r // 2,)](
+        grid = b.out_features // cfg.block_r // 2
+        second = dict(X2=xr, R2=rr, QW2=qw, S2=b.scales, Mn2=_mins(b), stride_q2=stride_q,
+                      stride_s2=b.scales.stride(0), na=grid)
+        if pair is not None:  # the second block in the same launch, after the first one's programs
+            b2, m2 = blocks[1], _meta(blocks[1], pair[1], x.device)
+            qw2, stride_q2 = _qweight(b2, m2["WORDS"])
+            second.update(QW2=qw2, S2=b2.scales, Mn2=_mins(b2), stride_q2=stride_q2, stride_s2=b2.scales.stride(0))
+            meta.update(TWO=True, KIND2=m2["KIND"], GROUP2=m2["GROUP"], SYM2=m2["SYM"], ROW_SCALE2=m2["ROW_SCALE"],
+                        BLOCK_K2=m2["BLOCK_K"], WORDS2=m2["WORDS"], LOG2G2=m2["LOG2G"])
+            grid += b2.out_features // cfg.block_r // 2
+        _qnorm_qkv_kernel[(grid,)](
             xk, rk, norm_w, r_out, qw, b.scales, _mins(b), bias if bias is not None else b.scales, cos_sin,
             positions, loc, q, k_cache, v_cache,
             K, eps, stride_q, b.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
-            v_cache.stride(0), v_cache.stride(1), head0, K if head0 == 0 else 0, HQ=num_heads, HKV=num_kv_heads,
-            D=D, HAS_RES=has_res, HAS_BIAS=bias is not None, **meta)
+            v_cache.stride(0), v_cache.stride(1), head0, K if head0 == 0 else 0, *second.values(), HQ=num_heads,
+            HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None, **meta)
         head0 += b.out_features // D
     return q, r_out.view(1, K)

@@ -113,7 +113,9 @@ def test_dequantize(fmt):
     # bf16: the same value rounded once more (the interpreter truncates): within one bf16 step
     bf = QM.dequantize(w, torch.bfloat16).float()
     assert ((bf - ref).abs() <= ref.abs() * 2**-7).all()
-    assert torch.equal(QM.dequantize(w, torch.float32, slice(8, 45)), w.dequantize(torch.float32)[8:45])
+    # a slice of rows: those rows of the whole result (with offsets the GPU's fused multiply-add
+    # differs from torch's two roundings, so the comparison is kernel against kernel)
+    assert torch.equal(QM.dequantize(w, torch.float32, slice(8, 45)), QM.dequantize(w, torch.float32)[8:45])
 
 
 @pytest.mark.parametrize("fmt", FORMATS[1:3], ids=IDS[1:3])

@@ -78,19 +78,27 @@ def test_norm_qkv(fmt, has_res, has_bias):
     assert torch.equal(kc[[0, 1, 3]], kc0[[0, 1, 3]])
 
 
-@pytest.mark.parametrize("has_res", [True, False])
-def test_norm_qkv_row_stack(has_res):
+@pytest.mark.parametrize("has_res,blocks,words", [(True, 2, False), (False, 2, False), (True, 3, False),
+                                                  (True, 2, True), (False, 2, True)])
+def test_norm_qkv_row_stack(has_res, blocks, words, monkeypatch):
     """q/k in int4 g32 with offsets, v in int8 g16 (a GGUF Q4_K_M layer whose v is Q6_K): one
-    launch per block, each writing its own heads; equal to the reference on the stack."""
-    g = gen(15 + has_res)
+    launch for both blocks; q, k and v in three formats: one launch per block.  Each writes its
+    own heads; equal to the reference on the stack.  ``words``: the CUDA default's tiles (int4
+    words over prepared activations, the second block words over the raw ones) on any device."""
+    if words and not ON_GPU:
+        monkeypatch.setattr(QG, "default_config", lambda w, rows, dev: QG.Config(4, 64, 4, 1, 1, 2))
+    g = gen(15 + has_res + blocks)
     dtype = DTYPES[0]
     hq, hkv, d, h = (4, 2, 32, 128) if not ON_GPU else (32, 8, 128, 4096)
     x = randn(1, h, g=g, dtype=dtype)
     res = randn(1, h, g=g, dtype=dtype) if has_res else None
     nw = (1 + 0.1 * randn(h, g=g)).to(dtype)
-    w = RowStack([_qw((hq + hkv) * d, h, WeightFormat("int4", 32, False), g),
-                  _qw(hkv * d, h, WeightFormat("int8", 16, True), g)])
+    i4, i8 = WeightFormat("int4", 32, False), WeightFormat("int8", 16, True)
+    parts = ([_qw((hq + hkv) * d, h, i4, g)] if blocks == 2 else
+             [_qw(hq * d, h, i4, g), _qw(hkv * d, h, WeightFormat("int4", 64, True), g)]) + [_qw(hkv * d, h, i8, g)]
+    w = RowStack(parts)
     assert QG.norm_qkv_supported(w, d, d, DEV) and not QG.gemv_supported(w, DEV)
+    assert (QG._pair_configs(w.parts, d, h, DEV) is not None) == (blocks == 2)
     bias = randn(w.out_features, g=g, dtype=dtype, scale=0.1)
     rope = RotaryEmbedding(d, 64, 10000.0, None, device=DEV)
     pos, loc = torch.tensor([21], device=DEV), torch.tensor([1], device=DEV)
