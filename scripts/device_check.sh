@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [structured]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [rowstack] [structured]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
@@ -19,6 +19,8 @@
 #   (gemmsweep: the 16/64-row int4 GEMM tiles swept (scripts/probe_quant_tiles.py, int4 g128 and g32, the words
 #    variant included) and merged over kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then
 #    scripts/bench_quant.py --formats bf16 int4 with the tuned file and with the merged one)
+#   (rowstack: scripts/random_q4km_gguf.py's Q4_K_M-layout file, then scripts/bench_row_stack.py: batch 1 with
+#    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
 #    wheels of scripts/device_wheels.sh in .whl/)
 set -uo pipefail
@@ -149,6 +151,12 @@ if [[ "$EXTRA" == *" gemmsweep "* ]]; then
     LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats bf16 int4 --runs 3 2>&1 \
       | grep -vE '^\{| INFO ' | tail -3
   done
+fi
+if [[ "$EXTRA" == *" rowstack "* ]]; then
+  echo "== a Q4_K_M file kept quantized (random blocks): q/k/v in their own formats vs joined, batch 1"
+  [ -f /tmp/q4km_rand.gguf ] || python3 scripts/random_q4km_gguf.py /tmp/q4km_rand.gguf
+  timeout ${ROWSTACK_TIMEOUT:-240} python3 scripts/bench_row_stack.py /tmp/q4km_rand.gguf --modes stack joined stack \
+    2>&1 | tee "$OUTDIR/row_stack.log" | grep -E '^\{|Error'
 fi
 if [[ "$EXTRA" == *" peer "* ]]; then
   echo "== int4 g128 and the Q4_K_M file kept quantized vs llama.cpp on that file, same lease"
