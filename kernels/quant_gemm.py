@@ -116,8 +116,13 @@ def _qgemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, INTERLEAVE: tl.constexpr, SCALE_AFTER: tl.constexpr = False, BIAS_BITS: tl.constexpr = 0,
     SWAP_AB: tl.constexpr = False, WORDS: tl.constexpr = False, ASM: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
+    # split-K: program (pid, pid_k) sums columns [k_lo, k_lo + K / SPLIT) into its own fp32 slab of Y
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * (K // SPLIT)
+    k_hi = k_lo + K // SPLIT
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n  # consecutive programs share a band of GROUP_M row tiles (L2 reuse of W)
@@ -141,7 +146,7 @@ def _qgemm_kernel(
     if SCALE_AFTER or WORDS:  # int4, 16-bit x, ROW_SCALE False: the stored nibbles themselves into the dot
         bias: tl.constexpr = (1024.0 if BIAS_BITS == 0x6400 else 128.0) + (8.0 if SYM else 0.0)
         offs = tl.arange(0, SUB // 8 if WORDS else SUB // 2)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             for j in tl.static_range(NS):
                 kj = k0 + j * SUB
                 x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
@@ -163,7 +168,7 @@ def _qgemm_kernel(
     elif KIND == 1:  # int4
         HALF: tl.constexpr = SUB // 2
         offs = tl.arange(0, HALF)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             for j in tl.static_range(NS):
                 kj = k0 + j * SUB
                 lo, hi = nibbles(tl.load(wrow + (kj // 2 + offs)[None, :]), SYM)
@@ -181,7 +186,7 @@ def _qgemm_kernel(
                     acc = _dot(xo, wo.to(xo.dtype), acc, SWAP_AB, PREC)
     else:
         offs = tl.arange(0, SUB)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             for j in tl.static_range(NS):
                 kj = k0 + j * SUB
                 w = tl.load(wrow + (kj + offs)[None, :]).to(tl.float32)
@@ -194,7 +199,7 @@ def _qgemm_kernel(
         acc = tl.trans(acc)
     if ROW_SCALE:
         acc = acc * tl.load(S + rows.to(tl.int64) * stride_s).to(tl.float32)[None, :]
-    y = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y = Y + pid_k.to(tl.int64) * M * stride_ym + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     tl.store(y, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N)[None, :])
 
 
@@ -218,6 +223,10 @@ class Config(NamedTuple):
     # int4 with bf16 / fp16 x: scale_after's math with the packed bytes read as int32 words,
     # two nibbles made into two 16-bit floats by one shift and one AND-OR (``_word_columns``)
     words: int = 0
+    # K cut into this many slices, one program each, their fp32 partial tiles summed in a fixed
+    # order afterwards: more programs for long K and few output tiles (down_proj: K = 14,336,
+    # 128 tiles of 32x64 at 64 rows on a 132-SM H200); 1 where K / split_k does not tile
+    split_k: int = 1
 
 
 def default_config(rows: int, device_type: str, w=None) -> Config:
@@ -248,8 +257,13 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
     assert bk is not None, f"{w.fmt.label()}: K={K} does not tile"
     if x.stride(-1) != 1:
         x = x.contiguous()
+    split = max(1, cfg.split_k)
+    if K % (split * bk):
+        split = 1
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    # split-K: the programs write fp32 partials [split, M, N], summed after in slice order
+    out = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
     scale_after = bool(cfg.scale_after) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS
     words = (bool(cfg.words) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not row_scaled(w)
              and w.qweight.is_contiguous() and K % 8 == 0 and w.group >= 32)
@@ -259,13 +273,15 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
     # program summing its own copy cost as much as the unpacking (one add per weight at 64 rows)
     xs = torch.sum(x.unflatten(1, (K // w.group, w.group)), dim=-1, dtype=torch.float32) if words else y
     _qgemm_kernel[grid](
-        x, qw, w.scales, w.mins if w.mins is not None else w.scales, y, xs, M, N, K,
-        x.stride(0), stride_q, w.scales.stride(0), y.stride(0), xs.stride(0),
+        x, qw, w.scales, w.mins if w.mins is not None else w.scales, out, xs, M, N, K,
+        x.stride(0), stride_q, w.scales.stride(0), N if split > 1 else y.stride(0), xs.stride(0),
         KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERLEAVE=bool(cfg.interleave),
         SCALE_AFTER=scale_after, BIAS_BITS=bias_bits, SWAP_AB=bool(cfg.swap_ab), WORDS=words,
-        ASM=words and x.device.type == "cuda", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ASM=words and x.device.type == "cuda", SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        y.copy_(out.sum(dim=0))
     return y
 
 

@@ -16,7 +16,8 @@ int8 as int32 words (the activations prepared inside the loop, or by a kernel of
 for the int4 GEMM the interleaved dot and, for int4 g128, the nibbles in the dot with the scales
 applied after it, and for every int4 the same over int32 words (``words``: two nibbles to two
 16-bit floats per operation, each group's Σx computed once per call); for the int4 / int8 GEMM the swapped tile (accᵀ = w·xᵀ: the dequantized
-weight the dot's left operand, Hopper's wgmma then takes it from registers).
+weight the dot's left operand, Hopper's wgmma then takes it from registers) and split-K (2 or 4
+K slices, fp32 partials summed after: more programs for down_proj's long K).
 
 The kernels are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared),
 then timed one at a time in CUDA graphs (scripts/probe_quant.py's ``timed``).  Rows of 1 time
@@ -108,6 +109,11 @@ def gemm_space(fmt: str, m: int):
         for bm, (bn, w), bk, st, sw in itertools.product((16,) if m <= 16 else (32, 64), ((64, 4), (128, 8)), (128, 256),
                                                           (2, 4) if m <= 16 else (2, 3, 4), (0, 1)):
             yield QM.Config(bm, bn, bk, w, st, 1 if m <= 16 else 4, 0, 0, sw, 1)
+    if fmt.startswith(("int4", "int8")):  # split-K: fp32 partials per K slice, for long K and few tiles (down_proj)
+        sa = 1 if fmt == "int4g128" else 0
+        for bm, (bn, w), bk, sw, split in itertools.product((16,) if m <= 16 else (32, 64), ((64, 4), (128, 8)),
+                                                            (128, 256), (0, 1), (2, 4)):
+            yield QM.Config(bm, bn, bk, w, 3, 1 if m <= 16 else 4, il[0], sa, sw, 0, split)
     if fmt.startswith(("int4", "int8")):  # swapped: BLOCK_N is wgmma's M (64 per warpgroup), BLOCK_M its N
         for bm, (bn, w), bk, st in itertools.product((16,) if m <= 16 else (32, 64), ((64, 4), (128, 8)), (128, 256), (2, 3, 4)):
             yield QM.Config(bm, bn, bk, w, st, 1 if m <= 16 else 4, il[0], 0, 1)

@@ -126,6 +126,14 @@ def _specs():
                             GROUP_M=4, PREC="tf32", INTERLEAVE=False, SCALE_AFTER=False, BIAS_BITS=0x4300,
                             SWAP_AB=swap, WORDS=True, ASM=True),
             num_warps=warps, num_stages=3, ptx_needles=["lop3.b32"])
+    # split-K: fp32 partials per K slice (the 64-row down_proj tile, swapped and scaled after)
+    specs["gemm int4 g128 32x64x128 swap_ab scale after split 4"] = dict(
+        kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
+        pointers=dict(X="*bf16", QW="*u8", S="*fp16", Mn="*fp16", Y="*fp32", XS="*bf16"), div16=["N", "K"],
+        constexprs=dict(KIND=INT4, GROUP=128, SYM=False, ROW_SCALE=False, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128,
+                        GROUP_M=4, PREC="tf32", INTERLEAVE=False, SCALE_AFTER=True, BIAS_BITS=0x4300, SWAP_AB=True,
+                        SPLIT=4),
+        num_warps=4, num_stages=3)
     # fp8 with row scales through the dense GEMVs (gemv.py; quant_gemv._dense_tiles)
     fullk = dict(K=4096, K_PAD=4096, BLOCK_R=4, PDL=True, ROW_SCALE=True)
     specs["fp8 row full-K gate_up"] = dict(

@@ -98,6 +98,28 @@ def test_words_dot(fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_split_k(fmt):
+    """K cut into 2 or 4 slices, one program each, the fp32 partials summed after: the unsplit
+    tile's result up to the order of the sums, plain, swapped and (int4) words tiles; a split
+    that does not tile K runs unsplit."""
+    g = gen(31)
+    w = _qw(48, 512, fmt, g)
+    x = randn(7, 512, g=g, dtype=torch.float16 if not ON_GPU else torch.bfloat16)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    tiles = [QM.Config(16, 32, 64, 4, 1, 1), QM.Config(16, 64, 64, 4, 1, 1, 0, 0, 1)]
+    if fmt.kind == "int4" and fmt.group_size >= 32:
+        tiles.append(QM.Config(16, 32, 128, 4, 1, 1, 0, 0, 0, 1))
+    tol = 2e-3 if x.dtype == torch.float16 else 1.6e-2
+    for cfg in tiles:
+        whole = QM.gemm(x, w, cfg)
+        for split in (2, 4):
+            got = QM.gemm(x, w, cfg._replace(split_k=split))
+            assert got.dtype == x.dtype and rel_err(got, ref) < tol
+            assert rel_err(got, whole) < (1e-3 if x.dtype == torch.float16 else 8e-3)
+    assert torch.equal(QM.gemm(x, w, tiles[0]._replace(split_k=3)), QM.gemm(x, w, tiles[0]))  # 512 / 3: unsplit
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_dequantize(fmt):
     """The Triton dequantization equals QuantizedWeight.dequantize (fp32 math, one rounding),
     whole and by a slice of rows, for N not a multiple of the row tile."""
