@@ -19,7 +19,9 @@ beyond rounding its scales to 16 bits (store/gguf_repack.py).
 quantize; a format is added here (and as a branch of the kernels' dequantizing load), not
 in the forward paths: the layer path (linear.py), the fused one-token GPU step
 (fused_decode.py -> localsgl_kernels.quant_gemv) and the CPU decode step (cpu_decode.py)
-all call ``QuantizedWeight.matmul`` or the kernels it dispatches to.
+all call ``QuantizedWeight.matmul`` or the kernels it dispatches to.  A fused q/k/v whose
+parts come in formats that no narrow format joins is a ``RowStack`` of QuantizedWeights
+(``row_runs``), which the same three paths take.
 """
 from __future__ import annotations
 
