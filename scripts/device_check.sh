@@ -51,7 +51,9 @@ fi
 if [[ "$EXTRA" != *" notests "* ]]; then
   echo "== GPU tests"
   TESTDIRS="tests/gpu"; [ -d tests/kernels ] && ls tests/kernels/test_*.py >/dev/null 2>&1 && TESTDIRS="$TESTDIRS tests/kernels"
-  timeout ${TESTS_TIMEOUT:-1800} python3 -m pytest -q -rfE ${TESTS:-$TESTDIRS} -p no:cacheprovider 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -15
+  # -v: each test's outcome is in the log as it happens, so a run the timeout cuts still names its failures
+  timeout ${TESTS_TIMEOUT:-1800} python3 -m pytest -v -rfE --durations=15 ${TESTS:-$TESTDIRS} -p no:cacheprovider 2>&1 \
+    | tee "$OUTDIR/gpu_tests.log" | grep -E " (FAILED|ERROR)|^(FAILED|ERROR) |[0-9] (passed|failed)|s (call|setup) " | tail -40
 fi
 if [[ "$EXTRA" == *" probe "* ]]; then
   echo "== probes"
