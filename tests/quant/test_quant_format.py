@@ -112,13 +112,18 @@ def _policy(keep=True, quantize=None):
     return WeightPolicy(keep_quantized=keep, quantize=quantize, dtype=torch.float32, device=torch.device("cpu"))
 
 
+def _qkv_parts(g, q: int, kv: int, k: int) -> tuple[dict, torch.Tensor]:
+    """q/k in int4 g32 with offsets and v in int8 g16 (a GGUF Q4_K_M layer whose v is Q6_K), and
+    their dense stack."""
+    fq, fv = WeightFormat("int4", 32, False), WeightFormat("int8", 16, True)
+    parts = {name: QuantizedWeight.quantize(torch.randn(n, k, generator=g), f)
+             for name, n, f in (("q", q, fq), ("k", kv, fq), ("v", kv, fv))}
+    return parts, torch.cat([p.dequantize() for p in parts.values()])
+
+
 def test_merged_linear_joins_quantized_parts_and_dequantizes_when_told():
     g = torch.Generator().manual_seed(6)
-    fq, fk = WeightFormat("int4", 32, False), WeightFormat("int8", 16, True)
-    parts = {"q": QuantizedWeight.quantize(torch.randn(8, 64, generator=g), fq),
-             "k": QuantizedWeight.quantize(torch.randn(4, 64, generator=g), fq),
-             "v": QuantizedWeight.quantize(torch.randn(4, 64, generator=g), fk)}
-    dense = torch.cat([p.dequantize() for p in parts.values()])
+    parts, dense = _qkv_parts(g, 8, 4, 64)
     x = torch.randn(3, 64, generator=g)
     for keep in (True, False):
         with building(_policy(keep)):
@@ -150,11 +155,8 @@ def test_row_runs_keep_q_k_v_in_their_own_formats_where_joining_widens_them():
 
 def test_merged_linear_keeps_row_blocks_that_joining_would_widen():
     g = torch.Generator().manual_seed(16)
-    fq, fv = WeightFormat("int4", 32, False), WeightFormat("int8", 16, True)
-    parts = {"q": QuantizedWeight.quantize(torch.randn(64, 128, generator=g), fq),
-             "k": QuantizedWeight.quantize(torch.randn(32, 128, generator=g), fq),
-             "v": QuantizedWeight.quantize(torch.randn(32, 128, generator=g), fv)}
-    dense = torch.cat([p.dequantize() for p in parts.values()])
+    parts, dense = _qkv_parts(g, 64, 32, 128)
+    fq, fv = parts["q"].fmt, parts["v"].fmt
     x = torch.randn(5, 128, generator=g)
     with building(_policy(True)):
         m = MergedLinear(128, {"q": 64, "k": 32, "v": 32}, row_blocks=True)
