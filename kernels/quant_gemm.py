@@ -25,6 +25,10 @@ With WORDS the same math reads the packed bytes as int32 words: one shift and on
 nibbles into two such floats, and each group's Σx comes from one reduction per call rather than
 from every program.
 
+With SPLIT > 1 the grid's second axis cuts K into slices: each program sums its slice into an
+fp32 partial tile, and the partials are summed in slice order after the kernel (more programs
+where K is long and the output has few tiles).
+
 With SWAP_AB the program computes the transposed tile accᵀ[BLOCK_N, BLOCK_M] = w·xᵀ and stores
 it transposed: the dequantized weight is the dot's left operand, x (few rows) the right one.
 On Hopper the left operand of wgmma may come from registers, so the dequantized tile need not

@@ -513,8 +513,11 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         rr = r_out = xr
     q = torch.empty((1, num_heads, D), dtype=x.dtype, device=x.device)
     pair = _pair_configs(blocks, D, K, x.device.type) if blocks is not None and config is None else None
+    # one launch per weight: the whole W_qkv, a pair's first block (the second joins its launch),
+    # or each block of a longer stack
+    launches = [w] if blocks is None else blocks[:1] if pair is not None else blocks
     head0 = 0
-    for b in (blocks[:1] if pair is not None else blocks) if blocks is not None else (w,):
+    for b in launches:
         cfg = pair[0] if pair is not None else config or default_config(b, D // 2, x.device.type)
         assert cfg is not None and (D // 2) % cfg.block_r == 0 and K % cfg.block_k == 0 and b.out_features % D == 0
         meta = _meta(b, cfg, x.device)
