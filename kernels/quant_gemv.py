@@ -228,6 +228,20 @@ def _qnorm_gate_up_kernel(X, R, G, ROut, QW, S, Mn, Out, K, I, eps, stride_q, st
 
 
 @triton.jit
+def _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n, pid, local, d,
+                     D: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                     ROW_SCALE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr):
+    """_qnorm_qkv_kernel's rows (d, d + D/2) of head ``local`` of its first (or only) weight;
+    program 0 stores res_n elements of the residual."""
+    rows_a = local * D + d
+    ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + D // 2, X, R, G, ROut, K, 0, K,
+                           tl.where(pid == 0, res_n, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
+                           BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
+    return rows_a, ya, yb
+
+
+@triton.jit
 def _qnorm_qkv_kernel(
     X, R, G, ROut, QW, S, Mn, Bias, CS, Pos, Loc, Q, KC, VC,
     K, eps, stride_q, stride_s, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch, head0, res_n,
@@ -258,15 +272,13 @@ def _qnorm_qkv_kernel(
                                    BLOCK_R, BLOCK_K2, PDL, WORDS2, LOG2G2, False)
             local += na // PER_HEAD
         else:
-            rows_a = local * D + d
-            ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K, 0, K,
-                                   tl.where(pid == 0, res_n, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
-                                   BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
+            rows_a, ya, yb = _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n, pid, local,
+                                              d, D, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, BLOCK_R, BLOCK_K, PDL,
+                                              WORDS, LOG2G, PREP)
     else:
-        rows_a = local * D + d
-        ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + HALF, X, R, G, ROut, K, 0, K,
-                               tl.where(pid == 0, res_n, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
-                               BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
+        rows_a, ya, yb = _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n, pid, local, d,
+                                          D, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G,
+                                          PREP)
     head = head0 + local
     c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
     _qkv_epilogue(ya, yb, head, d, c, s, tl.load(Loc).to(tl.int64), Bias, Q, KC, VC,
@@ -526,21 +538,20 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         if meta["PREP"]:  # a later block's prep stores the same residual again
             xk, rk = prepare_activations(b, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None,
                                           cfg.block_k)
-        grid = b.out_features // cfg.block_r // 2
-        second = dict(X2=xr, R2=rr, QW2=qw, S2=b.scales, Mn2=_mins(b), stride_q2=stride_q,
-                      stride_s2=b.scales.stride(0), na=grid)
+        na = b.out_features // cfg.block_r // 2  # the first block's programs
+        rows, b2, qw2, stride_q2 = b.out_features, b, qw, stride_q  # the second block's arguments: unused alone
         if pair is not None:  # the second block in the same launch, after the first one's programs
             b2, m2 = blocks[1], _meta(blocks[1], pair[1], x.device)
             qw2, stride_q2 = _qweight(b2, m2["WORDS"])
-            second.update(QW2=qw2, S2=b2.scales, Mn2=_mins(b2), stride_q2=stride_q2, stride_s2=b2.scales.stride(0))
             meta.update(TWO=True, KIND2=m2["KIND"], GROUP2=m2["GROUP"], SYM2=m2["SYM"], ROW_SCALE2=m2["ROW_SCALE"],
                         BLOCK_K2=m2["BLOCK_K"], WORDS2=m2["WORDS"], LOG2G2=m2["LOG2G"])
-            grid += b2.out_features // cfg.block_r // 2
-        _qnorm_qkv_kernel[(grid,)](
+            rows += b2.out_features
+        _qnorm_qkv_kernel[(rows // cfg.block_r // 2,)](
             xk, rk, norm_w, r_out, qw, b.scales, _mins(b), bias if bias is not None else b.scales, cos_sin,
             positions, loc, q, k_cache, v_cache,
             K, eps, stride_q, b.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
-            v_cache.stride(0), v_cache.stride(1), head0, K if head0 == 0 else 0, *second.values(), HQ=num_heads,
-            HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None, **meta)
-        head0 += b.out_features // D
+            v_cache.stride(0), v_cache.stride(1), head0, K if head0 == 0 else 0,
+            xr, rr, qw2, b2.scales, _mins(b2), stride_q2, b2.scales.stride(0), na,
+            HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None, **meta)
+        head0 += rows // D
     return q, r_out.view(1, K)

@@ -67,6 +67,7 @@ def _total(entries, fmt: WeightFormat | None, dsize: int, dtype: str) -> Weights
         k = parts[0][0][1]
         sizes = [s[0] for s, _ in parts]
         fs = [f for _, f in parts]
+        # q/k/v may stay in row blocks: the models build qkv_proj with row_blocks=True (llama.py)
         runs = row_runs(fs, sizes, k, fused.endswith(".qkv")) if all(f is not None for f in fs) else None
         if runs is None:
             _add(out, (sum(sizes), k), None, dsize, dtype)

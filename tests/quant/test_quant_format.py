@@ -169,6 +169,8 @@ def test_merged_linear_keeps_row_blocks_that_joining_would_widen():
     assert torch.equal(w.dequantize(), dense) and torch.equal(w.dequantize(rows=slice(90, 100)), dense[90:100])
     torch.testing.assert_close(m(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(matmul(x.bfloat16(), w).float(), x @ dense.t(), rtol=2e-2, atol=2e-1)
+    bias = torch.randn(128, generator=g)
+    torch.testing.assert_close(matmul(x, w, bias), x @ dense.t() + bias, rtol=1e-5, atol=1e-5)
     assert [n for n, _ in m.named_buffers()] == ["weight.parts.0.qweight", "weight.parts.0.scales", "weight.parts.0.mins",
                                                   "weight.parts.1.qweight", "weight.parts.1.scales"]
 
