@@ -48,9 +48,9 @@ def test_partial_rotary_width():
 def test_positions_outside_the_table_are_refused_on_the_host():
     """Positions that live on the host are checked before the launch (the kernel reads the
     table unguarded); on the GPU the engine's plan keeps them in range."""
-    cs = torch.randn(16, 8)
-    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    cs = torch.randn(16, 8, device=DEV)
+    q, k = torch.randn(3, 2, 8, device=DEV), torch.randn(3, 1, 8, device=DEV)
     for bad in ([0, 5, 16], [-1, 0, 1]):
         with pytest.raises(IndexError, match=r"\[0, 16\)"):
             apply_rotary(q, k, torch.tensor(bad), cs)
-    apply_rotary(q, k, torch.tensor([0, 5, 15]), cs)
+    apply_rotary(q, k, torch.tensor([0, 5, 15], device=DEV), cs)
