@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .layers.quant import WeightFormat, parse_format, row_runs
+from .layers.quant import WeightFormat, keeps_row_blocks, parse_format, row_runs
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+# HF projection -> (the fused layer's name, the part's place in it), in the models' order
+_FUSED = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "gate_proj": ("gate_up", 0),
+          "up_proj": ("gate_up", 1)}
 
 
 @dataclass
@@ -59,16 +61,18 @@ def _total(entries, fmt: WeightFormat | None, dsize: int, dtype: str) -> Weights
             f = fmt.fitted(shape[1])
         mod = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
         if mod in _FUSED and len(shape) == 2 and name.endswith(".weight"):
-            groups.setdefault(name.rsplit(".", 2)[0] + "." + _FUSED[mod], []).append((shape, f))
+            fused, place = _FUSED[mod]
+            groups.setdefault(name.rsplit(".", 2)[0] + "." + fused, []).append((place, mod, shape, f))
         else:
             singles.append((shape, f))
     out = WeightsEstimate(0)
-    for fused, parts in groups.items():
-        k = parts[0][0][1]
-        sizes = [s[0] for s, _ in parts]
-        fs = [f for _, f in parts]
-        # q/k/v may stay in row blocks: the models build qkv_proj with row_blocks=True (llama.py)
-        runs = row_runs(fs, sizes, k, fused.endswith(".qkv")) if all(f is not None for f in fs) else None
+    for parts in groups.values():
+        parts.sort(key=lambda p: p[0])  # the checkpoint's order may differ from the layer's
+        k = parts[0][2][1]
+        sizes = [s[0] for _, _, s, _ in parts]
+        fs = [f for _, _, _, f in parts]
+        split_ok = keeps_row_blocks(m.removesuffix("_proj") for _, m, _, _ in parts)
+        runs = row_runs(fs, sizes, k, split_ok) if all(f is not None for f in fs) else None
         if runs is None:
             _add(out, (sum(sizes), k), None, dsize, dtype)
         for idx, f in runs or ():

@@ -122,20 +122,22 @@ def _qkv_parts(g, q: int, kv: int, k: int) -> tuple[dict, torch.Tensor]:
 
 
 def test_merged_linear_joins_quantized_parts_and_dequantizes_when_told():
+    """Parts whose fused kernels take no row blocks (anything but q/k/v) join in one format."""
     g = torch.Generator().manual_seed(6)
-    parts, dense = _qkv_parts(g, 8, 4, 64)
+    qkv, dense = _qkv_parts(g, 8, 4, 64)
+    parts = dict(zip(("a", "b", "c"), qkv.values()))
     x = torch.randn(3, 64, generator=g)
     for keep in (True, False):
         with building(_policy(keep)):
-            m = MergedLinear(64, {"q": 8, "k": 4, "v": 4})
-        assert (m.weight is None) == keep  # kept quantized: nothing allocated before loading
+            m = MergedLinear(64, {"a": 8, "b": 4, "c": 4})
+        assert not m.row_blocks and (m.weight is None) == keep  # kept quantized: nothing allocated before loading
         for name, p in parts.items():
             m.load_shard(name, p)
         assert isinstance(m.weight, QuantizedWeight) == keep
         if keep:
             assert m.weight.fmt == WeightFormat("int8", 16, False)
         torch.testing.assert_close(m(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
-    plain = MergedLinear(64, {"q": 8, "k": 4, "v": 4})  # no policy: dense, quantized parts dequantized
+    plain = MergedLinear(64, {"a": 8, "b": 4, "c": 4})  # no policy: dense, quantized parts dequantized
     for name, p in parts.items():
         plain.load_shard(name, p)
     assert torch.equal(plain.weight, dense)
@@ -159,7 +161,8 @@ def test_merged_linear_keeps_row_blocks_that_joining_would_widen():
     fq, fv = parts["q"].fmt, parts["v"].fmt
     x = torch.randn(5, 128, generator=g)
     with building(_policy(True)):
-        m = MergedLinear(128, {"q": 64, "k": 32, "v": 32}, row_blocks=True)
+        m = MergedLinear(128, {"q": 64, "k": 32, "v": 32})
+    assert m.row_blocks  # quant.keeps_row_blocks: the q/k/v kernels take a RowStack
     for name, p in parts.items():
         m.load_shard(name, p)
     w = m.weight

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import weight_policy
 from .cpu_routes import LOWP, cpu_routes
-from .quant import QuantizedWeight, RowStack, concat_rows, is_quantized, row_runs
+from .quant import QuantizedWeight, RowStack, concat_rows, is_quantized, keeps_row_blocks, row_runs
 from .quant import matmul as quant_matmul
 
 
@@ -139,15 +139,14 @@ class MergedLinear(Linear):
     """Several HF projections stored as row blocks of one weight.
 
     ``shards`` maps a shard name (e.g. "q", "k", "v") to its output size; the
-    loader calls ``load_shard(name, tensor)`` for each HF tensor.  ``row_blocks``: the
-    layer's fused kernels take a RowStack, so quantized parts whose joined format would
-    widen them stay in their own formats (quant.row_runs).
+    loader calls ``load_shard(name, tensor)`` for each HF tensor.  Where the layer's fused
+    kernels take a RowStack (quant.keeps_row_blocks: q/k/v), quantized parts whose joined
+    format would widen them stay in their own formats (quant.row_runs).
     """
 
-    def __init__(self, in_features: int, shards: dict[str, int], bias: bool = False, dtype=None, device=None,
-                 row_blocks: bool = False):
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool = False, dtype=None, device=None):
         super().__init__(in_features, sum(shards.values()), bias=bias, dtype=dtype, device=device)
-        self.row_blocks = row_blocks
+        self.row_blocks = keeps_row_blocks(shards)
         self.offsets: dict[str, tuple[int, int]] = {}
         off = 0
         for name, size in shards.items():

@@ -316,13 +316,23 @@ def join_formats(formats: list[WeightFormat], in_features: int) -> WeightFormat 
 # separate (RowStack): one launch less per step against the bytes every step streams.
 _JOIN_OVERHEAD = 1.05
 
+# Fused projections, by their parts' names in order, whose fused one-token kernels take a
+# RowStack (quant_gemv.norm_qkv streams each block in its own format); the others join.
+_ROW_BLOCK_PARTS = {("q", "k", "v")}
+
+
+def keeps_row_blocks(part_names) -> bool:
+    """Whether a fused projection of these parts may store them as row blocks (row_runs's
+    ``split_ok``): the one rule that the layers (MergedLinear) and the weight estimate share."""
+    return tuple(part_names) in _ROW_BLOCK_PARTS
+
 
 def row_runs(formats: list[WeightFormat], sizes: list[int], in_features: int,
              split_ok: bool) -> list[tuple[list[int], WeightFormat]] | None:
     """How a fused projection's parts (formats, row counts) are stored: as runs of consecutive
     parts, each run one weight in one format.  One run in the joined format (join_formats)
     unless that widens the rows by more than _JOIN_OVERHEAD and ``split_ok`` (the layer's
-    fused kernels take row blocks, e.g. q/k/v); then the runs are the parts of equal format
+    fused kernels take row blocks: keeps_row_blocks); then the runs are the parts of equal format
     (a GGUF Q4_K_M's q/k in int4 g32 with offsets, its Q6_K v in int8 g16).  None when no
     format holds every part (the parts are dequantized)."""
     joined = join_formats(formats, in_features)

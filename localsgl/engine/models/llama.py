@@ -40,7 +40,6 @@ class Attention(nn.Module):
             bias=cfg.attention_bias,
             dtype=dtype,
             device=device,
-            row_blocks=True,  # quant_gemv.norm_qkv streams each block in its own format
         )
         self.o_proj = Linear(self.q_size, cfg.hidden_size, dtype=dtype, device=device)
         if cfg.qk_norm:
