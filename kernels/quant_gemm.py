@@ -42,6 +42,7 @@ dequantization costs a few ALU ops per weight per M-tile.  Reference: layers/qua
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -235,18 +236,41 @@ class Config(NamedTuple):
 
 def default_config(rows: int, device_type: str, w=None) -> Config:
     """The tuned tile for ``w`` (quant_tiles.py; 16- and 64-row entries) where there is one,
-    else the built-in tile for the row count."""
+    else the built-in tile for the row count and format (``builtin_config``)."""
     if device_type == "cuda" and w is not None and rows <= 64:
         t = lookup("gemm", w, 16 if rows <= 16 else 64, w.qweight.device)
         if t is not None:
             return Config(*t)
     if device_type != "cuda":
         return Config(16, 16, 32, 4, 1, 4)
+    kind = w.fmt.kind if w is not None else None
+    return builtin_config(rows, kind, w is not None and _sm90_or_newer(w.qweight.device),
+                          w.in_features if w is not None else 0)
+
+
+def builtin_config(rows: int, kind: str | None, sm90: bool, k: int) -> Config:
+    """The CUDA tile where no tuned one exists (any GPU without a tuned file), from what the
+    H200's sweeps picked across shapes (bench/RESULTS.md, "eleventh session"): int4 with its
+    nibbles interleaved, and on sm_90+ the swapped tile (the dequantized weight as wgmma's
+    register operand) for int4 and, above 16 rows, int8; above 16 rows K cut in two where it is
+    long (down_proj), which doubles the programs of a short, wide output.  The rest keep the
+    plain tiles that measured faster for them."""
+    int4 = kind == "int4"
+    split = 2 if 16 < rows <= 64 and k >= 8192 and kind in ("int4", "int8") else 1
     if rows <= 16:
+        if int4:
+            return Config(16, 64, 128, 4, 3, 1, interleave=1, swap_ab=int(sm90))
         return Config(16, 32, 256, 4, 4, 1)
     if rows <= 64:
-        return Config(32, 64, 128, 4, 3, 4)
-    return Config(64, 128, 64, 4, 3, 8)
+        if int4 or (kind == "int8" and sm90):
+            return Config(64, 64, 128, 4, 3, 4, interleave=int(int4), swap_ab=int(sm90), split_k=split)
+        return Config(32, 64, 128, 4, 3, 4, split_k=split)
+    return Config(64, 128, 64, 4, 3, 8, interleave=int(int4))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_or_newer(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> torch.Tensor:

@@ -245,7 +245,7 @@ def _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n
 def _qnorm_qkv_kernel(
     X, R, G, ROut, QW, S, Mn, Bias, CS, Pos, Loc, Q, KC, VC,
     K, eps, stride_q, stride_s, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch, head0, res_n,
-    X2, R2, QW2, S2, Mn2, stride_q2, stride_s2, na,
+    X2, R2, QW2, S2, Mn2, stride_q2, stride_s2, na, nb,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr,
@@ -254,26 +254,28 @@ def _qnorm_qkv_kernel(
     WORDS2: tl.constexpr = False, LOG2G2: tl.constexpr = 0,
 ):
     """Heads head0.. of W_qkv from a weight holding just their rows (the whole W_qkv when
-    head0 = 0); program 0 stores res_n elements of the residual (K, or 0 where another launch
-    stores it).  TWO: a two-block row stack in one launch, programs >= na streaming the second
-    block (format KIND2.., from the raw activations X2/R2, never prepared) for the heads after
-    the first block's."""
+    head0 = 0); the first block's program 0 stores res_n elements of the residual (K, or 0
+    where another launch stores it).  TWO: a two-block row stack in one launch: the first nb
+    programs stream the second block (format KIND2.., from the raw activations X2/R2, never
+    prepared; the heads after the first block's na programs' heads).  They go first because
+    each runs longer (the norm and the activations' conversion in every program), so they
+    start in the first wave rather than trailing the first block's."""
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     PER_HEAD: tl.constexpr = HALF // BLOCK_R
     d = (pid % PER_HEAD) * BLOCK_R + tl.arange(0, BLOCK_R)
     local = pid // PER_HEAD
     if TWO:  # (a constexpr branch: without TWO the second block's code is not compiled)
-        if pid >= na:
-            local = (pid - na) // PER_HEAD
+        if pid < nb:  # (nb whole heads of programs: d is the same either way)
             rows_a = local * D + d
             ya, yb = _qstream_rows(QW2, S2, Mn2, stride_q2, stride_s2, rows_a, rows_a + HALF, X2, R2, G, ROut, K, 0,
                                    K, 0, eps, KIND2, GROUP2, SYM2, ROW_SCALE2, HAS_RES, True,
                                    BLOCK_R, BLOCK_K2, PDL, WORDS2, LOG2G2, False)
             local += na // PER_HEAD
         else:
-            rows_a, ya, yb = _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n, pid, local,
-                                              d, D, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, BLOCK_R, BLOCK_K, PDL,
+            local = (pid - nb) // PER_HEAD
+            rows_a, ya, yb = _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n, pid - nb,
+                                              local, d, D, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, BLOCK_R, BLOCK_K, PDL,
                                               WORDS, LOG2G, PREP)
     else:
         rows_a, ya, yb = _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n, pid, local, d,
@@ -540,18 +542,19 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
                                           cfg.block_k)
         na = b.out_features // cfg.block_r // 2  # the first block's programs
         rows, b2, qw2, stride_q2 = b.out_features, b, qw, stride_q  # the second block's arguments: unused alone
-        if pair is not None:  # the second block in the same launch, after the first one's programs
+        if pair is not None:  # the second block in the same launch, its programs first
             b2, m2 = blocks[1], _meta(blocks[1], pair[1], x.device)
             qw2, stride_q2 = _qweight(b2, m2["WORDS"])
             meta.update(TWO=True, KIND2=m2["KIND"], GROUP2=m2["GROUP"], SYM2=m2["SYM"], ROW_SCALE2=m2["ROW_SCALE"],
                         BLOCK_K2=m2["BLOCK_K"], WORDS2=m2["WORDS"], LOG2G2=m2["LOG2G"])
             rows += b2.out_features
+        nb = (rows - b.out_features) // cfg.block_r // 2  # the second block's programs (0 alone)
         _qnorm_qkv_kernel[(rows // cfg.block_r // 2,)](
             xk, rk, norm_w, r_out, qw, b.scales, _mins(b), bias if bias is not None else b.scales, cos_sin,
             positions, loc, q, k_cache, v_cache,
             K, eps, stride_q, b.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
             v_cache.stride(0), v_cache.stride(1), head0, K if head0 == 0 else 0,
-            xr, rr, qw2, b2.scales, _mins(b2), stride_q2, b2.scales.stride(0), na,
+            xr, rr, qw2, b2.scales, _mins(b2), stride_q2, b2.scales.stride(0), na, nb,
             HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None, **meta)
         head0 += rows // D
     return q, r_out.view(1, K)

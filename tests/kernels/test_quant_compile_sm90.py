@@ -86,16 +86,23 @@ def _specs():
         constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
                         **_weight_meta(INT4, 32, False, False, 1024, 8, True, True), TWO=True, KIND2=INT8, GROUP2=16,
                         SYM2=True, ROW_SCALE2=False, BLOCK_K2=512, WORDS2=True, LOG2G2=4))
-    # the GEMM's tile configurations (quant_gemm.default_config: <= 16 rows, <= 64, larger)
-    for (bm, bn, bkt, warps, stages, gm) in ((16, 32, 256, 4, 4, 1), (32, 64, 128, 4, 3, 4), (64, 128, 64, 4, 3, 8)):
-        for label, kind, qt, st, group, sym, row, _ in (FORMATS[0], FORMATS[2], FORMATS[4]):
-            bk = bkt if row else max(bkt, group)
-            specs[f"gemm {label} {bm}x{bn}x{bk}"] = dict(
-                kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
-                pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16", XS="*bf16"), div16=["N", "K"],
-                constexprs=dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                GROUP_M=gm, PREC="tf32", INTERLEAVE=False, SCALE_AFTER=False, BIAS_BITS=0, SWAP_AB=False),
-                num_warps=warps, num_stages=stages)
+    # the GEMM's built-in tiles (quant_gemm.builtin_config: <= 16 rows, <= 64 on a long K, larger),
+    # as sm_90 gets them and as older GPUs do
+    from localsgl_kernels.quant_gemm import builtin_config
+
+    for rows in (5, 40, 100):
+        for sm90 in (True, False):
+            for label, kind, qt, st, group, sym, row, _ in (FORMATS[0], FORMATS[2], FORMATS[3], FORMATS[4]):
+                c = builtin_config(rows, {INT4: "int4", INT8: "int8", FP8: "fp8"}[kind], sm90, 14336)
+                bk = c.block_k if row else max(c.block_k, group)
+                specs[f"gemm {label} {c.block_m}x{c.block_n}x{bk} il{c.interleave} swap{c.swap_ab} split{c.split_k}"] = dict(
+                    kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
+                    pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16", XS="*bf16"), div16=["N", "K"],
+                    constexprs=dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row, BLOCK_M=c.block_m,
+                                    BLOCK_N=c.block_n, BLOCK_K=bk, GROUP_M=c.group_m, PREC="tf32",
+                                    INTERLEAVE=bool(c.interleave), SCALE_AFTER=False, BIAS_BITS=0,
+                                    SWAP_AB=bool(c.swap_ab), SPLIT=c.split_k),
+                    num_warps=c.num_warps, num_stages=c.num_stages)
     # the sweep's int4 variants: interleaved nibbles; the nibbles as bf16 128 + u, scaled after the dot
     for bn, warps, scale_after in ((32, 4, False), (128, 8, True)):
         specs[f"gemm int4 g128 16x{bn}x256 {'scale after' if scale_after else 'interleaved'}"] = dict(

@@ -97,6 +97,24 @@ def test_words_dot(fmt):
     assert rel_err(QM.gemm(x32, w, QM.Config(16, 32, 128, 4, 1, 1, 0, 0, 0, 1)), x32.double() @ ref64.t()) < 1e-5
 
 
+@pytest.mark.parametrize("sm90", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_builtin_tiles(fmt, sm90):
+    """The built-in CUDA tiles (no tuned file) for each row-count range, before and after
+    sm_90, on a long K (split in two above 16 rows) and a short one: the fp64 reference."""
+    g = gen(37 + sm90)
+    for k in (256, 8192):
+        w = _qw(72, k, fmt, g)
+        ref64 = w.dequantize(torch.float64)
+        for m in (5, 16, 40, 100):
+            if k > 256 and m != 40:
+                continue  # the interpreter's time: the split tile alone on the long K
+            cfg = QM.builtin_config(m, fmt.kind, sm90, k)
+            assert cfg.split_k == (2 if m == 40 and k >= 8192 and fmt.kind != "fp8" else 1)
+            x = randn(m, k, g=g, dtype=torch.float16)
+            assert rel_err(QM.gemm(x, w, cfg), x.double() @ ref64.t()) < 2e-3, (m, k, cfg)
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_split_k(fmt):
     """K cut into 2 or 4 slices, one program each, the fp32 partials summed after: the unsplit
