@@ -251,15 +251,16 @@ def _qnorm_qkv_kernel(
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr,
     PREP: tl.constexpr, TWO: tl.constexpr = False, KIND2: tl.constexpr = 0, GROUP2: tl.constexpr = 1,
     SYM2: tl.constexpr = True, ROW_SCALE2: tl.constexpr = False, BLOCK_K2: tl.constexpr = 16,
-    WORDS2: tl.constexpr = False, LOG2G2: tl.constexpr = 0,
+    WORDS2: tl.constexpr = False, LOG2G2: tl.constexpr = 0, PREP2: tl.constexpr = False,
 ):
     """Heads head0.. of W_qkv from a weight holding just their rows (the whole W_qkv when
     head0 = 0); the first block's program 0 stores res_n elements of the residual (K, or 0
     where another launch stores it).  TWO: a two-block row stack in one launch: the first nb
-    programs stream the second block (format KIND2.., from the raw activations X2/R2, never
-    prepared; the heads after the first block's na programs' heads).  They go first because
-    each runs longer (the norm and the activations' conversion in every program), so they
-    start in the first wave rather than trailing the first block's."""
+    programs stream the second block (format KIND2.., the heads after the first block's na
+    programs' heads) from X2/R2: with PREP2 the activations the first block's preparation also
+    laid out for the second's words, else the raw ones (each program norms them itself).  They
+    go first: a raw second block's programs run longest, and they start in the first wave
+    rather than trailing the first block's."""
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     PER_HEAD: tl.constexpr = HALF // BLOCK_R
@@ -270,7 +271,7 @@ def _qnorm_qkv_kernel(
             rows_a = local * D + d
             ya, yb = _qstream_rows(QW2, S2, Mn2, stride_q2, stride_s2, rows_a, rows_a + HALF, X2, R2, G, ROut, K, 0,
                                    K, 0, eps, KIND2, GROUP2, SYM2, ROW_SCALE2, HAS_RES, True,
-                                   BLOCK_R, BLOCK_K2, PDL, WORDS2, LOG2G2, False)
+                                   BLOCK_R, BLOCK_K2, PDL, WORDS2, LOG2G2, PREP2)
             local += na // PER_HEAD
         else:
             local = (pid - nb) // PER_HEAD
@@ -492,14 +493,16 @@ def norm_qkv_supported(w, head_dim: int, rotary_dim: int, device_type: str) -> b
 
 def _pair_configs(blocks, D: int, K: int, device_type: str) -> tuple[Config, Config] | None:
     """Tiles for a two-block stack in one launch: the first block's own, and the second's with
-    the first's row block and warps, never over prepared activations (words at most 1).  None
-    where that does not tile (one launch per block)."""
+    the first's row block and warps; over prepared activations (words 2) only where the first
+    block's are prepared too (one preparation lays them out for both).  None where that does
+    not tile (one launch per block)."""
     if len(blocks) != 2:
         return None
     c1, c2 = (default_config(b, D // 2, device_type) for b in blocks)
     if c1 is None or c2 is None or (D // 2) % c1.block_r or K % c1.block_k:
         return None
-    c2 = Config(c1.block_r, c2.block_k, c1.num_warps, 1, 1, min(c2.words, 1))
+    prepared = c1.words == 2 and words_apply(blocks[0], c1)
+    c2 = Config(c1.block_r, c2.block_k, c1.num_warps, 1, 1, c2.words if prepared else min(c2.words, 1))
     return (c1, c2) if K % c2.block_k == 0 else None
 
 
@@ -536,25 +539,29 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         assert cfg is not None and (D // 2) % cfg.block_r == 0 and K % cfg.block_k == 0 and b.out_features % D == 0
         meta = _meta(b, cfg, x.device)
         qw, stride_q = _qweight(b, meta["WORDS"])
-        xk, rk = xr, rr
-        if meta["PREP"]:  # a later block's prep stores the same residual again
-            xk, rk = prepare_activations(b, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None,
-                                          cfg.block_k)
         na = b.out_features // cfg.block_r // 2  # the first block's programs
         rows, b2, qw2, stride_q2 = b.out_features, b, qw, stride_q  # the second block's arguments: unused alone
+        m2 = None
         if pair is not None:  # the second block in the same launch, its programs first
             b2, m2 = blocks[1], _meta(blocks[1], pair[1], x.device)
+            m2["PREP"] = m2["PREP"] and meta["PREP"]
             qw2, stride_q2 = _qweight(b2, m2["WORDS"])
             meta.update(TWO=True, KIND2=m2["KIND"], GROUP2=m2["GROUP"], SYM2=m2["SYM"], ROW_SCALE2=m2["ROW_SCALE"],
-                        BLOCK_K2=m2["BLOCK_K"], WORDS2=m2["WORDS"], LOG2G2=m2["LOG2G"])
+                        BLOCK_K2=m2["BLOCK_K"], WORDS2=m2["WORDS"], LOG2G2=m2["LOG2G"], PREP2=m2["PREP"])
             rows += b2.out_features
+        xk, rk, x2, r2 = xr, rr, xr, rr
+        if meta["PREP"]:  # a later block's prep stores the same residual again
+            prep = prepare_activations(b, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None,
+                                       cfg.block_k, (b2, m2["BLOCK_K"]) if m2 is not None and m2["PREP"] else None)
+            xk, rk = prep[:2]
+            x2, r2 = prep[2:] if len(prep) == 4 else (xr, rr)
         nb = (rows - b.out_features) // cfg.block_r // 2  # the second block's programs (0 alone)
         _qnorm_qkv_kernel[(rows // cfg.block_r // 2,)](
             xk, rk, norm_w, r_out, qw, b.scales, _mins(b), bias if bias is not None else b.scales, cos_sin,
             positions, loc, q, k_cache, v_cache,
             K, eps, stride_q, b.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
             v_cache.stride(0), v_cache.stride(1), head0, K if head0 == 0 else 0,
-            xr, rr, qw2, b2.scales, _mins(b2), stride_q2, b2.scales.stride(0), na, nb,
+            x2, r2, qw2, b2.scales, _mins(b2), stride_q2, b2.scales.stride(0), na, nb,
             HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None, **meta)
         head0 += rows // D
     return q, r_out.view(1, K)

@@ -253,8 +253,19 @@ def _plane_index(kk, E: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _store_planes(XP, XS, n, kk, ok, chunk0, K, E: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr):
+    """n (columns kk, where ok) into _prep_act_kernel's layout for words of E values and BK-column
+    steps: XP in planes, pre-scaled; XS[chunk0 + j] the sum of the block's 4E-column chunk j."""
+    CH: tl.constexpr = 4 * E
+    tl.store(XP + _plane_index(kk, E, BK), n * _x_scale(kk % E, E), mask=ok)
+    j = tl.arange(0, BLOCK // CH)
+    tl.store(XS + chunk0 + j, tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1), mask=chunk0 + j < K // CH)
+
+
+@triton.jit
 def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
-                     BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False, BK: tl.constexpr = 1024):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False, BK: tl.constexpr = 1024,
+                     XP2=None, XS2=None, E2: tl.constexpr = 0, BK2: tl.constexpr = 1024):
     """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block,
     in planes per BK-column step of the GEMV: XP[i·BK + p·BK/E + j] = n[i·BK + E·j + p] pre-scaled
     as _qstream_words scales it (by its column p in word j), in fp32, so that plane p of a step
@@ -264,10 +275,11 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
     dtype).  ONE_PASS: one
     program holds the whole row (BLOCK >= K), so the norm's sum and the output take one round of
     loads; else program i writes columns [i·BLOCK, (i + 1)·BLOCK), each summing the whole row's
-    squares first with NORM (K is a hidden size, a few KiB from L2)."""
+    squares first with NORM (K is a hidden size, a few KiB from L2).  E2 > 0: the same n also in
+    the layout of words of E2 values and BK2-column steps, to XP2 / XS2 (a row stack whose blocks
+    stream words of two widths from one preparation)."""
     wait_for_predecessor(PDL)
     offs = tl.arange(0, BLOCK)
-    CH: tl.constexpr = 4 * E
     if ONE_PASS:
         kk = offs
         ok = kk < K
@@ -278,9 +290,7 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
         n = x.to(tl.float32)
         if NORM:
             n = n * tl.rsqrt(tl.sum(n * n, 0) / K + eps) * tl.load(G + kk, mask=ok, other=0.0).to(tl.float32)
-        tl.store(XP + _plane_index(kk, E, BK), n * _x_scale(kk % E, E), mask=ok)
-        j = tl.arange(0, BLOCK // CH)
-        tl.store(XS + j, tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1), mask=j < K // CH)
+        chunk0 = 0
     else:
         inv = 1.0
         if NORM:
@@ -290,11 +300,13 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
                 ss += sq
             inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
         kk = tl.program_id(0) * BLOCK + offs
+        ok = kk < K
         n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
         n = n * inv
-        tl.store(XP + _plane_index(kk, E, BK), n * _x_scale(kk % E, E))
-        chunks = tl.sum(tl.reshape(n, [BLOCK // CH, CH]), 1)
-        tl.store(XS + tl.program_id(0) * (BLOCK // CH) + tl.arange(0, BLOCK // CH), chunks)
+        chunk0 = tl.program_id(0) * BLOCK
+    _store_planes(XP, XS, n, kk, ok, chunk0 // (4 * E), K, E, BK, BLOCK)
+    if E2 > 0:
+        _store_planes(XP2, XS2, n, kk, ok, chunk0 // (4 * E2), K, E2, BK2, BLOCK)
 
 
 @triton.jit
@@ -374,11 +386,13 @@ def _qstream_prepped(
 ONE_PASS_MAX_K = 8192
 
 
-def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None) -> tuple[torch.Tensor, ...]:
     """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs of BLOCK_K = block_k: x (+ residual,
-    stored to r_out), rmsnorm-ed with norm_w when given."""
+    stored to r_out), rmsnorm-ed with norm_w when given.  ``second`` = (w2, block_k2): the same
+    launch also returns (XP2, XS2) for w2's words and steps."""
     K = x.numel()
     E = 8 if w.fmt.kind == "int4" else 4
+    E2 = (8 if second[0].fmt.kind == "int4" else 4) if second is not None else 0
     one_pass = norm_w is not None and K <= ONE_PASS_MAX_K
     if one_pass:  # the norm needs the whole row: one program, one round of loads
         block = triton.next_power_of_2(K)
@@ -388,9 +402,12 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k) -> tuple[to
             block //= 2
     xp = torch.empty(K, dtype=torch.float32, device=x.device)
     xs = torch.empty(K // (4 * E), dtype=torch.float32, device=x.device)
+    xp2 = torch.empty(K, dtype=torch.float32, device=x.device) if E2 else xp
+    xs2 = torch.empty(K // (4 * E2), dtype=torch.float32, device=x.device) if E2 else xs
     _prep_act_kernel[(1 if one_pass else K // block,)](
         x, residual if residual is not None else x, norm_w if norm_w is not None else x,
         r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,
-        NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, BK=block_k, num_warps=8 if block >= 4096 else 4,
+        NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, BK=block_k, XP2=xp2, XS2=xs2, E2=E2,
+        BK2=second[1] if second is not None else 1024, num_warps=8 if block >= 4096 else 4,
         **launch_options(x.device))
-    return xp, xs
+    return (xp, xs, xp2, xs2) if E2 else (xp, xs)

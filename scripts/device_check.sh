@@ -19,7 +19,8 @@
 #   (gemmsweep: the 16/64-row int4 GEMM tiles swept (scripts/probe_quant_tiles.py, int4 g128 and g32, the words
 #    variant included) and merged over kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then
 #    scripts/bench_quant.py --formats bf16 int4 with the tuned file and with the merged one)
-#   (rowstack: scripts/random_q4km_gguf.py's Q4_K_M-layout file, then scripts/bench_row_stack.py: batch 1 with
+#   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
+#    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
 #    wheels of scripts/device_wheels.sh in .whl/)
@@ -156,6 +157,7 @@ if [[ "$EXTRA" == *" gemmsweep "* ]]; then
 fi
 if [[ "$EXTRA" == *" rowstack "* ]]; then
   echo "== a Q4_K_M file kept quantized (random blocks): q/k/v in their own formats vs joined, batch 1"
+  timeout 120 python3 scripts/probe_qkv_stack.py 2>&1 | tee "$OUTDIR/qkv_stack.log" | grep -v Warning
   [ -f /tmp/q4km_rand.gguf ] || python3 scripts/random_q4km_gguf.py /tmp/q4km_rand.gguf
   timeout ${ROWSTACK_TIMEOUT:-240} python3 scripts/bench_row_stack.py /tmp/q4km_rand.gguf --modes stack joined stack \
     2>&1 | tee "$OUTDIR/row_stack.log" | grep -E '^\{|Error'

@@ -50,13 +50,17 @@ def _specs():
     specs["gemv int8 row words"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 4096, True, True, 512, 16, True), warps=8)
     specs["gemv int8 g16 asym words"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, False, False, 512, 16, True))
     # words over prepared activations (words == 2): the preparing kernel and the GEMVs reading its output
-    for label, e, norm, one_pass in (("int4, norm + residual", 8, True, False), ("int8, plain", 4, False, False),
-                                     ("int4, norm + residual, one pass", 8, True, True)):
+    for label, e, norm, one_pass, e2 in (("int4, norm + residual", 8, True, False, 0), ("int8, plain", 4, False, False, 0),
+                                         ("int4, norm + residual, one pass", 8, True, True, 0),
+                                         ("int4 + int8 words, norm + residual, one pass", 8, True, True, 4),
+                                         ("int4 + int8 words, norm + residual", 8, True, False, 4)):
         specs[f"prepare activations {label}"] = dict(
             kernel="localsgl_kernels.quant_words:_prep_act_kernel",
-            pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", XP="*fp32", XS="*fp32"), div16=["K"],
+            pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", XP="*fp32", XS="*fp32", XP2="*fp32",
+                          XS2="*fp32"), div16=["K"],
             scalars=dict(eps="fp32"), num_warps=8 if one_pass else 4,
-            constexprs=dict(E=e, HAS_RES=norm, NORM=norm, BLOCK=4096 if one_pass else 1024, PDL=True, ONE_PASS=one_pass))
+            constexprs=dict(E=e, HAS_RES=norm, NORM=norm, BLOCK=4096 if one_pass else 1024, PDL=True, ONE_PASS=one_pass,
+                            E2=e2, BK2=512))
     specs["gemv int4 g128 prepared 8x1024 split 2"] = _gemv(
         "*i32", "*fp16", _weight_meta(INT4, 128, False, False, 1024, 8, True, True), split=2)
     specs["gemv int8 g16 asym prepared"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, False, False, 512, 8, True, True))
@@ -86,6 +90,14 @@ def _specs():
         constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
                         **_weight_meta(INT4, 32, False, False, 1024, 8, True, True), TWO=True, KIND2=INT8, GROUP2=16,
                         SYM2=True, ROW_SCALE2=False, BLOCK_K2=512, WORDS2=True, LOG2G2=4))
+    specs["norm_qkv row stack, both blocks prepared (int4 g32, int8 g16)"] = dict(
+        kernel="localsgl_kernels.quant_gemv:_qnorm_qkv_kernel",
+        pointers=dict(X="*fp32", R="*fp32", G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64", Loc="*i64",
+                      Q="*bf16", KC="*bf16", VC="*bf16", QW="*i32", S="*fp16", Mn="*fp16", X2="*fp32", R2="*fp32",
+                      QW2="*i32", S2="*fp16", Mn2="*fp16"), div16=["K"], scalars=dict(eps="fp32"),
+        constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
+                        **_weight_meta(INT4, 32, False, False, 1024, 8, True, True), TWO=True, KIND2=INT8, GROUP2=16,
+                        SYM2=True, ROW_SCALE2=False, BLOCK_K2=512, WORDS2=True, LOG2G2=4, PREP2=True))
     # the GEMM's built-in tiles (quant_gemm.builtin_config: <= 16 rows, <= 64 on a long K, larger),
     # as sm_90 gets them and as older GPUs do
     from localsgl_kernels.quant_gemm import builtin_config

@@ -9,6 +9,7 @@ from localsgl.engine.layers.quant import QuantizedWeight, RowStack, WeightFormat
 from localsgl.engine.layers.rotary import RotaryEmbedding
 from localsgl_kernels import gemv as G
 from localsgl_kernels import quant_gemv as QG
+from localsgl_kernels import quant_words as QW
 
 FORMATS = [WeightFormat("int4", 32, True), WeightFormat("int4", 64, False), WeightFormat("int8", 0, True),
            WeightFormat("int8", 16, False), WeightFormat("fp8", 0, True), WeightFormat("fp8", 32, True)]
@@ -98,7 +99,10 @@ def test_norm_qkv_row_stack(has_res, blocks, words, monkeypatch):
              [_qw(hq * d, h, i4, g), _qw(hkv * d, h, WeightFormat("int4", 64, True), g)]) + [_qw(hkv * d, h, i8, g)]
     w = RowStack(parts)
     assert QG.norm_qkv_supported(w, d, d, DEV) and not QG.gemv_supported(w, DEV)
-    assert (QG._pair_configs(w.parts, d, h, DEV) is not None) == (blocks == 2)
+    pair = QG._pair_configs(w.parts, d, h, DEV)
+    assert (pair is not None) == (blocks == 2)
+    if pair is not None:  # words: one preparation lays the activations out for both blocks
+        assert (pair[1].words == 2) == words
     bias = randn(w.out_features, g=g, dtype=dtype, scale=0.1)
     rope = RotaryEmbedding(d, 64, 10000.0, None, device=DEV)
     pos, loc = torch.tensor([21], device=DEV), torch.tensor([1], device=DEV)
@@ -260,3 +264,20 @@ def test_fp8_rows_through_the_byte_tiles(monkeypatch, dtype):
     test_gemv(fmt, dtype)
     test_norm_gate_up(fmt)
     test_norm_qkv(fmt, True, False)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_prepared_activations_for_two_word_widths(one_pass, monkeypatch):
+    """One preparation with a second layout (int8 words of another step) writes what two
+    separate preparations write, and the residual once."""
+    if not one_pass:
+        monkeypatch.setattr(QW, "ONE_PASS_MAX_K", 0)
+    g = gen(41)
+    k = 512
+    w4, w8 = _qw(8, k, WeightFormat("int4", 32, False), g), _qw(8, k, WeightFormat("int8", 16, False), g)
+    x, res = randn(k, g=g, dtype=DTYPES[0]), randn(k, g=g, dtype=DTYPES[0])
+    nw = (1 + 0.1 * randn(k, g=g)).to(DTYPES[0])
+    r1, r2 = torch.empty_like(x), torch.empty_like(x)
+    both = QW.prepare_activations(w4, x, res, nw, 1e-5, r1, 128, (w8, 64))
+    one = QW.prepare_activations(w4, x, res, nw, 1e-5, r2, 128) + QW.prepare_activations(w8, x, res, nw, 1e-5, r2, 64)
+    assert len(both) == 4 and all(torch.equal(a, b) for a, b in zip(both, one)) and torch.equal(r1, r2)
