@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .quant_gemv import _KIND, group_params, nibbles, row_scaled
-from .quant_tiles import lookup
+from .quant_tiles import lookup_entry
 
 FP8_SCALED_MM_MIN_ROWS = 16
 DEQUANT_MIN_ROWS = 1024
@@ -235,42 +235,66 @@ class Config(NamedTuple):
 
 
 def default_config(rows: int, device_type: str, w=None) -> Config:
-    """The tuned tile for ``w`` (quant_tiles.py; 16- and 64-row entries) where there is one,
-    else the built-in tile for the row count and format (``builtin_config``)."""
-    if device_type == "cuda" and w is not None and rows <= 64:
-        t = lookup("gemm", w, 16 if rows <= 16 else 64, w.qweight.device)
-        if t is not None:
-            return Config(*t)
+    """The tuned tile for ``w`` (quant_tiles.py; 16- and 64-row entries) where there is one for
+    its shape; else the nearest shape's tuned tile or the built-in one (``builtin_config``),
+    with K split where the output has fewer tiles than the GPU has SMs (``fill_split``)."""
     if device_type != "cuda":
         return Config(16, 16, 32, 4, 1, 4)
-    kind = w.fmt.kind if w is not None else None
-    return builtin_config(rows, kind, w is not None and _sm90_or_newer(w.qweight.device),
-                          w.in_features if w is not None else 0)
+    if w is None:
+        return builtin_config(rows, None, False)
+    cfg = None
+    if rows <= 64:
+        entry = lookup_entry("gemm", w, 16 if rows <= 16 else 64, w.qweight.device)
+        if entry is not None and entry[1] == w.out_features:
+            return Config(*entry[0])
+        cfg = Config(*entry[0]) if entry is not None else None
+    cfg = cfg or builtin_config(rows, w.fmt.kind, _sm90_or_newer(w.qweight.device))
+    return fill_split(cfg, rows, w, _sm_count(w.qweight.device))
 
 
-def builtin_config(rows: int, kind: str | None, sm90: bool, k: int) -> Config:
+def builtin_config(rows: int, kind: str | None, sm90: bool) -> Config:
     """The CUDA tile where no tuned one exists (any GPU without a tuned file), from what the
     H200's sweeps picked across shapes (bench/RESULTS.md, "eleventh session"): int4 with its
     nibbles interleaved, and on sm_90+ the swapped tile (the dequantized weight as wgmma's
-    register operand) for int4 and, above 16 rows, int8; above 16 rows K cut in two where it is
-    long (down_proj), which doubles the programs of a short, wide output.  The rest keep the
-    plain tiles that measured faster for them."""
+    register operand) for int4 and, above 16 rows, int8.  The rest keep the plain tiles that
+    measured faster for them."""
     int4 = kind == "int4"
-    split = 2 if 16 < rows <= 64 and k >= 8192 and kind in ("int4", "int8") else 1
     if rows <= 16:
         if int4:
             return Config(16, 64, 128, 4, 3, 1, interleave=1, swap_ab=int(sm90))
         return Config(16, 32, 256, 4, 4, 1)
     if rows <= 64:
         if int4 or (kind == "int8" and sm90):
-            return Config(64, 64, 128, 4, 3, 4, interleave=int(int4), swap_ab=int(sm90), split_k=split)
-        return Config(32, 64, 128, 4, 3, 4, split_k=split)
+            return Config(64, 64, 128, 4, 3, 4, interleave=int(int4), swap_ab=int(sm90))
+        return Config(32, 64, 128, 4, 3, 4)
     return Config(64, 128, 64, 4, 3, 8, interleave=int(int4))
+
+
+def fill_split(cfg: Config, rows: int, w, sms: int) -> Config:
+    """``cfg`` with K cut in two (int4 / int8) where its output tiles number at most half the SMs
+    and K holds 8 steps a slice: twice the programs and bytes in flight for a short output
+    (o_proj, down_proj at decode batch sizes).  On the H200 (bench/RESULTS.md, "eleventh
+    session") down_proj's 64 built-in tiles ran 1.3-1.8x faster split, but int4 g128's at 16
+    rows 12 % slower; gate_up's 448 tiles slower."""
+    from .quant_gemv import block_k
+
+    if cfg.split_k > 1 or w.fmt.kind not in ("int4", "int8"):
+        return cfg
+    tiles = triton.cdiv(rows, cfg.block_m) * triton.cdiv(w.out_features, cfg.block_n)
+    bk = block_k(w, cfg.block_k)
+    if 2 * tiles <= sms and bk is not None and w.in_features % (2 * bk) == 0 and w.in_features // (2 * bk) >= 8:
+        return cfg._replace(split_k=2)
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)
 def _sm90_or_newer(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> torch.Tensor:

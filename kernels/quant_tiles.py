@@ -33,6 +33,13 @@ def _entries(device_index: int) -> tuple:
 def lookup(kind: str, w, m: int, device: torch.device) -> tuple | None:
     """The tuned tile for weight ``w`` at ``m`` rows on ``device`` (CUDA), or None; remembered
     on the weight, since eager steps ask once per launch."""
+    entry = lookup_entry(kind, w, m, device)
+    return entry[0] if entry is not None else None
+
+
+def lookup_entry(kind: str, w, m: int, device: torch.device) -> tuple[tuple, int] | None:
+    """lookup's (tile, the N it was tuned for): that N differs from ``w``'s where the entry is
+    the nearest one, and a caller may adapt what depends on N (quant_gemm's split-K)."""
     if device.type != "cuda":
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -45,6 +52,6 @@ def lookup(kind: str, w, m: int, device: torch.device) -> tuple | None:
             if e["kind"] == kind and e["fmt"] == fmt and e["k"] == k and e["m"] == m:
                 d = abs(math.log(e["n"] / n))
                 if best is None or d < best[0]:
-                    best = (d, tuple(e["tile"]))
-        memo[key] = best[1] if best else None
+                    best = (d, tuple(e["tile"]), e["n"])
+        memo[key] = best[1:] if best else None
     return memo[key]

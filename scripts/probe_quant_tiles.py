@@ -50,7 +50,8 @@ FORMATS = {"int4g128": WeightFormat("int4", 128, False), "int4g32": WeightFormat
            "fp8": WeightFormat("fp8", 0, True)}  # int4g32 / int8g16: a Q4_K_M GGUF kept quantized
 GEMV_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                "lm_head": (128256, 4096)}
-GEMM_SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
+# every projection of a decode batch's layer path (the fused kernels take batch 1 only)
+GEMM_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 TENSOR_FLOPS = 790e12  # H200 dense bf16
 
 

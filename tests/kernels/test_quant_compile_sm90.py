@@ -98,14 +98,15 @@ def _specs():
         constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
                         **_weight_meta(INT4, 32, False, False, 1024, 8, True, True), TWO=True, KIND2=INT8, GROUP2=16,
                         SYM2=True, ROW_SCALE2=False, BLOCK_K2=512, WORDS2=True, LOG2G2=4, PREP2=True))
-    # the GEMM's built-in tiles (quant_gemm.builtin_config: <= 16 rows, <= 64 on a long K, larger),
-    # as sm_90 gets them and as older GPUs do
+    # the GEMM's built-in tiles (quant_gemm.builtin_config: <= 16 rows, <= 64, larger), as sm_90
+    # gets them and as older GPUs do, the 40-row ones split in two
     from localsgl_kernels.quant_gemm import builtin_config
 
     for rows in (5, 40, 100):
         for sm90 in (True, False):
             for label, kind, qt, st, group, sym, row, _ in (FORMATS[0], FORMATS[2], FORMATS[3], FORMATS[4]):
-                c = builtin_config(rows, {INT4: "int4", INT8: "int8", FP8: "fp8"}[kind], sm90, 14336)
+                c = builtin_config(rows, {INT4: "int4", INT8: "int8", FP8: "fp8"}[kind], sm90)
+                c = c._replace(split_k=2 if rows == 40 and kind != FP8 else 1)  # quant_gemm.fill_split's
                 bk = c.block_k if row else max(c.block_k, group)
                 specs[f"gemm {label} {c.block_m}x{c.block_n}x{bk} il{c.interleave} swap{c.swap_ab} split{c.split_k}"] = dict(
                     kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",

@@ -101,18 +101,35 @@ def test_words_dot(fmt):
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_builtin_tiles(fmt, sm90):
     """The built-in CUDA tiles (no tuned file) for each row-count range, before and after
-    sm_90, on a long K (split in two above 16 rows) and a short one: the fp64 reference."""
+    sm_90, whole and with K split as fill_split does it: the fp64 reference."""
     g = gen(37 + sm90)
-    for k in (256, 8192):
-        w = _qw(72, k, fmt, g)
-        ref64 = w.dequantize(torch.float64)
-        for m in (5, 16, 40, 100):
-            if k > 256 and m != 40:
-                continue  # the interpreter's time: the split tile alone on the long K
-            cfg = QM.builtin_config(m, fmt.kind, sm90, k)
-            assert cfg.split_k == (2 if m == 40 and k >= 8192 and fmt.kind != "fp8" else 1)
-            x = randn(m, k, g=g, dtype=torch.float16)
-            assert rel_err(QM.gemm(x, w, cfg), x.double() @ ref64.t()) < 2e-3, (m, k, cfg)
+    k = 2048
+    w = _qw(72, k, fmt, g)
+    ref64 = w.dequantize(torch.float64)
+    for m in (5, 16, 40, 100):
+        cfg = QM.builtin_config(m, fmt.kind, sm90)
+        x = randn(m, k, g=g, dtype=torch.float16)
+        ref = x.double() @ ref64.t()
+        for c in {cfg, QM.fill_split(cfg, m, w, 132)}:
+            assert rel_err(QM.gemm(x, w, c), ref) < 2e-3, (m, c)
+
+
+def test_fill_split():
+    """K is cut in two where the output tiles are at most half the SMs and a slice keeps 8
+    steps; never for fp8 or a tile that is split already."""
+    g = gen(43)
+    i4 = WeightFormat("int4", 128, True)
+    o_proj = QuantizedWeight(i4, torch.zeros(4096, 2048, dtype=torch.uint8), torch.ones(4096, 32), None, 4096)
+    gate_up = QuantizedWeight(i4, torch.zeros(28672, 2048, dtype=torch.uint8), torch.ones(28672, 32), None, 4096)
+    tile = QM.builtin_config(64, "int4", True)  # 64 x 64: o_proj has 64 tiles, gate_up 448
+    assert QM.fill_split(tile, 64, o_proj, 132).split_k == 2
+    assert QM.fill_split(tile, 64, o_proj, 100).split_k == 1
+    assert QM.fill_split(tile, 64, gate_up, 132).split_k == 1
+    assert QM.fill_split(tile._replace(split_k=4), 64, o_proj, 132).split_k == 4
+    fp8 = _qw(64, 4096, WeightFormat("fp8", 0, True), g)
+    assert QM.fill_split(tile, 64, fp8, 132).split_k == 1
+    short = _qw(64, 1024, i4, g)  # 1,024 / 128 = 8 steps: 4 a slice
+    assert QM.fill_split(tile, 64, short, 132).split_k == 1
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
