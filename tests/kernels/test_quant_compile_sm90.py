@@ -80,24 +80,19 @@ def _specs():
                           Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", **w), div16=["K"],
             scalars=dict(eps="fp32"),
             constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False, **meta))
-    # a two-block row stack in one launch: int4 g32 with offsets over prepared activations, then
-    # int8 g16 words over the raw ones (a GGUF Q4_K_M layer whose v is Q6_K)
-    specs["norm_qkv row stack int4 g32 prepared + int8 g16 words"] = dict(
-        kernel="localsgl_kernels.quant_gemv:_qnorm_qkv_kernel",
-        pointers=dict(X="*fp32", R="*fp32", G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64", Loc="*i64",
-                      Q="*bf16", KC="*bf16", VC="*bf16", QW="*i32", S="*fp16", Mn="*fp16", X2="*bf16", R2="*bf16",
-                      QW2="*i32", S2="*fp16", Mn2="*fp16"), div16=["K"], scalars=dict(eps="fp32"),
-        constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
-                        **_weight_meta(INT4, 32, False, False, 1024, 8, True, True), TWO=True, KIND2=INT8, GROUP2=16,
-                        SYM2=True, ROW_SCALE2=False, BLOCK_K2=512, WORDS2=True, LOG2G2=4))
-    specs["norm_qkv row stack, both blocks prepared (int4 g32, int8 g16)"] = dict(
-        kernel="localsgl_kernels.quant_gemv:_qnorm_qkv_kernel",
-        pointers=dict(X="*fp32", R="*fp32", G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64", Loc="*i64",
-                      Q="*bf16", KC="*bf16", VC="*bf16", QW="*i32", S="*fp16", Mn="*fp16", X2="*fp32", R2="*fp32",
-                      QW2="*i32", S2="*fp16", Mn2="*fp16"), div16=["K"], scalars=dict(eps="fp32"),
-        constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
-                        **_weight_meta(INT4, 32, False, False, 1024, 8, True, True), TWO=True, KIND2=INT8, GROUP2=16,
-                        SYM2=True, ROW_SCALE2=False, BLOCK_K2=512, WORDS2=True, LOG2G2=4, PREP2=True))
+    # a two-block row stack in one launch (a GGUF Q4_K_M layer whose v is Q6_K): int4 g32 with
+    # offsets over prepared activations, then int8 g16 words over the raw ones or over a second
+    # layout of the same preparation
+    for label, act2, prep2 in (("int8 g16 words", "*bf16", False), ("int8 g16 words prepared", "*fp32", True)):
+        specs[f"norm_qkv row stack int4 g32 prepared + {label}"] = dict(
+            kernel="localsgl_kernels.quant_gemv:_qnorm_qkv_kernel",
+            pointers=dict(X="*fp32", R="*fp32", G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64",
+                          Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", QW="*i32", S="*fp16", Mn="*fp16", X2=act2,
+                          R2=act2, QW2="*i32", S2="*fp16", Mn2="*fp16"), div16=["K"], scalars=dict(eps="fp32"),
+            constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
+                            **_weight_meta(INT4, 32, False, False, 1024, 8, True, True), TWO=True, KIND2=INT8,
+                            GROUP2=16, SYM2=True, ROW_SCALE2=False, BLOCK_K2=512, WORDS2=True, LOG2G2=4,
+                            PREP2=prep2))
     # the GEMM's built-in tiles (quant_gemm.builtin_config: <= 16 rows, <= 64, larger), as sm_90
     # gets them and as older GPUs do, the 40-row ones split in two
     from localsgl_kernels.quant_gemm import builtin_config
