@@ -16,9 +16,10 @@
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 #   (fp8dense: scripts/bench_quant.py --formats bf16 fp8 fp8-bytes: fp8 batch 1 through the dense GEMVs (the
 #    default, quant_gemv.DENSE_FP8) and through the byte tiles)
-#   (gemmsweep: the 16/64-row int4 GEMM tiles swept (scripts/probe_quant_tiles.py, int4 g128 and g32, the words
-#    variant included) and merged over kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then
-#    scripts/bench_quant.py --formats bf16 int4 with the tuned file and with the merged one)
+#   (gemmsweep: the 16/64-row GEMM tiles of SWEEP_FORMATS (default int4g128 int4g32; int8g16: a Q4_K_M file's
+#    Q6_K parts) swept (scripts/probe_quant_tiles.py, the words variant and split-K included) and merged over
+#    kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then scripts/bench_quant.py --formats bf16 int4
+#    with the tuned file and with the merged one, and SWEEP_GGUF (a GGUF file) with both when set)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -140,19 +141,19 @@ for line in sys.stdin:
         print(line.rstrip())"
 fi
 if [[ "$EXTRA" == *" gemmsweep "* ]]; then
-  echo "== int4 GEMM tiles at 16 / 64 rows, swept and merged, then int4 batch 64 with the tuned and the merged tiles"
+  echo "== GEMM tiles at 16 / 64 rows, swept and merged, then int4 batch 64 with the tuned and the merged tiles"
   echo '[]' > "$OUTDIR/no_tiles.json"
   gpu_file="kernels/tuned/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_').json"
   [ -f "$gpu_file" ] || { echo '[]' > "$OUTDIR/tuned_now.json"; gpu_file="$OUTDIR/tuned_now.json"; }
   LOCALSGL_QUANT_TILES="$OUTDIR/no_tiles.json" timeout ${SWEEP_TIMEOUT:-300} python3 scripts/probe_quant_tiles.py \
     --formats ${SWEEP_FORMATS:-int4g128 int4g32} --kinds gemm --jobs 16 --json "$OUTDIR/gemm_rows.json" \
     --tiles "$OUTDIR/gemm_tiles.json" > "$OUTDIR/gemm_sweep.log" 2>&1
-  grep -E "^int4.* gemm " "$OUTDIR/gemm_sweep.log"
+  grep -E "^int.* gemm " "$OUTDIR/gemm_sweep.log"
   python3 scripts/merge_tiles.py "$gpu_file" "$OUTDIR/gemm_rows.json" "$OUTDIR/gemm_tiles.json" -o "$OUTDIR/merged_tiles.json"
   for tiles in "$gpu_file" "$OUTDIR/merged_tiles.json"; do
     echo "-- tiles: $tiles"
-    LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats bf16 int4 --runs 3 2>&1 \
-      | grep -vE '^\{| INFO ' | tail -3
+    LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats bf16 int4 --runs 3 \
+      ${SWEEP_GGUF:+--gguf "$SWEEP_GGUF"} 2>&1 | grep -vE '^\{| INFO ' | tail -4
   done
 fi
 if [[ "$EXTRA" == *" rowstack "* ]]; then
