@@ -29,6 +29,11 @@ With SPLIT > 1 the grid's second axis cuts K into slices: each program sums its 
 fp32 partial tile, and the partials are summed in slice order after the kernel (more programs
 where K is long and the output has few tiles).
 
+With WIDE (grouped weights, neither SCALE_AFTER nor WORDS) a BLOCK_K step is one load of the
+packed tile and one dot over all its columns, each column's scale (and offset) gathered from its
+group's: for groups narrower than the step (a GGUF Q6_K part as int8 g16, Q4_K as int4 g32) in
+place of a narrow load and a K = GROUP dot per group.
+
 With SWAP_AB the program computes the transposed tile accᵀ[BLOCK_N, BLOCK_M] = w·xᵀ and stores
 it transposed: the dequantized weight is the dot's left operand, x (few rows) the right one.
 On Hopper the left operand of wgmma may come from registers, so the dequantized tile need not
@@ -67,6 +72,24 @@ def _dot(x, w, acc, SWAP_AB: tl.constexpr, PREC: tl.constexpr):
     else:
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
     return acc
+
+
+@triton.jit
+def _scales(S, Mn, rows, stride_s, k0, cols, GROUP: tl.constexpr, SYM: tl.constexpr, WIDE: tl.constexpr):
+    """Scale and offset of the weights of ``rows`` at columns k0 + cols, as tiles that broadcast
+    over them: [R, 1] of the one group they lie in, or with WIDE [R, C] gathered per column."""
+    if WIDE:
+        off = rows.to(tl.int64)[:, None] * stride_s + ((k0 + cols) // GROUP)[None, :]
+        s = tl.load(S + off).to(tl.float32)
+        if SYM:
+            m = tl.zeros_like(s)
+        else:
+            m = tl.load(Mn + off).to(tl.float32)
+    else:
+        s1, m1 = group_params(S, Mn, rows, stride_s, k0 // GROUP, SYM)
+        s = s1[:, None]
+        m = m1[:, None]
+    return s, m
 
 
 @triton.jit
@@ -121,7 +144,7 @@ def _qgemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, INTERLEAVE: tl.constexpr, SCALE_AFTER: tl.constexpr = False, BIAS_BITS: tl.constexpr = 0,
     SWAP_AB: tl.constexpr = False, WORDS: tl.constexpr = False, ASM: tl.constexpr = False,
-    SPLIT: tl.constexpr = 1,
+    SPLIT: tl.constexpr = 1, WIDE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     # split-K: program (pid, pid_k) sums columns [k_lo, k_lo + K / SPLIT) into its own fp32 slab of Y
@@ -146,7 +169,9 @@ def _qgemm_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     ND: tl.constexpr = 0 if SWAP_AB else 1  # the accumulator's dimension along n
-    SUB: tl.constexpr = BLOCK_K if ROW_SCALE else GROUP  # columns sharing one scale, or the whole step
+    # columns per dot: those sharing one scale, or the whole step (row scales; WIDE: each column's
+    # group scale gathered, so one wide load and one dot per step for groups narrower than it)
+    SUB: tl.constexpr = BLOCK_K if (ROW_SCALE or WIDE) else GROUP
     NS: tl.constexpr = BLOCK_K // SUB
     if SCALE_AFTER or WORDS:  # int4, 16-bit x, ROW_SCALE False: the stored nibbles themselves into the dot
         bias: tl.constexpr = (1024.0 if BIAS_BITS == 0x6400 else 128.0) + (8.0 if SYM else 0.0)
@@ -177,9 +202,9 @@ def _qgemm_kernel(
             for j in tl.static_range(NS):
                 kj = k0 + j * SUB
                 lo, hi = nibbles(tl.load(wrow + (kj // 2 + offs)[None, :]), SYM)
-                s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
-                we = lo * s[:, None] + m[:, None]
-                wo = hi * s[:, None] + m[:, None]
+                s, m = _scales(S, Mn, rows, stride_s, kj, 2 * offs, GROUP, SYM, WIDE)
+                we = lo * s + m
+                wo = hi * s + m
                 if INTERLEAVE:
                     x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
                     w = tl.interleave(we.to(x.dtype), wo.to(x.dtype))
@@ -196,8 +221,8 @@ def _qgemm_kernel(
                 kj = k0 + j * SUB
                 w = tl.load(wrow + (kj + offs)[None, :]).to(tl.float32)
                 if not ROW_SCALE:
-                    s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
-                    w = w * s[:, None] + m[:, None]
+                    s, m = _scales(S, Mn, rows, stride_s, kj, offs, GROUP, SYM, WIDE)
+                    w = w * s + m
                 x = tl.load(xrow + (kj + offs)[None, :], mask=mask_m[:, None], other=0.0)
                 acc = _dot(x, w.to(x.dtype), acc, SWAP_AB, PREC)
     if SWAP_AB:
@@ -232,6 +257,10 @@ class Config(NamedTuple):
     # order afterwards: more programs for long K and few output tiles (down_proj: K = 14,336,
     # 128 tiles of 32x64 at 64 rows on a 132-SM H200); 1 where K / split_k does not tile
     split_k: int = 1
+    # grouped weights (int8 / fp8 / int4 without scale_after or words): each BLOCK_K step is one
+    # wide load and one dot, each column's scale gathered, instead of a load and a dot per group
+    # (a Q6_K part as int8 g16: 16-byte rows and K = 16 dots otherwise)
+    wide: int = 0
 
 
 def default_config(rows: int, device_type: str, w=None) -> Config:
@@ -331,7 +360,8 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERLEAVE=bool(cfg.interleave),
         SCALE_AFTER=scale_after, BIAS_BITS=bias_bits, SWAP_AB=bool(cfg.swap_ab), WORDS=words,
-        ASM=words and x.device.type == "cuda", SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ASM=words and x.device.type == "cuda", SPLIT=split, WIDE=bool(cfg.wide) and not (scale_after or words),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         y.copy_(out.sum(dim=0))
     return y

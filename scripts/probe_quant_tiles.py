@@ -15,7 +15,8 @@ split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without i
 int8 as int32 words (the activations prepared inside the loop, or by a kernel of their own first);
 for the int4 GEMM the interleaved dot and, for int4 g128, the nibbles in the dot with the scales
 applied after it, and for every int4 the same over int32 words (``words``: two nibbles to two
-16-bit floats per operation, each group's Σx computed once per call); for the int4 / int8 GEMM the swapped tile (accᵀ = w·xᵀ: the dequantized
+16-bit floats per operation, each group's Σx computed once per call); for the int4 g32 / int8 g16 GEMM wide steps (one load and one dot a step, each column's group
+scale gathered); for the int4 / int8 GEMM the swapped tile (accᵀ = w·xᵀ: the dequantized
 weight the dot's left operand, Hopper's wgmma then takes it from registers) and split-K (2 or 4
 K slices, fp32 partials summed after: more programs for down_proj's long K).
 
@@ -115,6 +116,10 @@ def gemm_space(fmt: str, m: int):
         for bm, (bn, w), bk, sw, split in itertools.product((16,) if m <= 16 else (32, 64), ((64, 4), (128, 8)),
                                                             (128, 256), (0, 1), (2, 4)):
             yield QM.Config(bm, bn, bk, w, 3, 1 if m <= 16 else 4, il[0], sa, sw, 0, split)
+    if fmt in ("int4g32", "int8g16"):  # wide steps: one load and one dot a step, not one per narrow group
+        for bm, (bn, w), bk, sw, split in itertools.product((16,) if m <= 16 else (32, 64), ((64, 4), (128, 8)),
+                                                            (128, 256), (0, 1), (1, 2)):
+            yield QM.Config(bm, bn, bk, w, 3, 1 if m <= 16 else 4, il[0], 0, sw, 0, split, 1)
     if fmt.startswith(("int4", "int8")):  # swapped: BLOCK_N is wgmma's M (64 per warpgroup), BLOCK_M its N
         for bm, (bn, w), bk, st in itertools.product((16,) if m <= 16 else (32, 64), ((64, 4), (128, 8)), (128, 256), (2, 3, 4)):
             yield QM.Config(bm, bn, bk, w, st, 1 if m <= 16 else 4, il[0], 0, 1)

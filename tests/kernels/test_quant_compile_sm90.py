@@ -111,6 +111,16 @@ def _specs():
                                     INTERLEAVE=bool(c.interleave), SCALE_AFTER=False, BIAS_BITS=0,
                                     SWAP_AB=bool(c.swap_ab), SPLIT=c.split_k),
                     num_warps=c.num_warps, num_stages=c.num_stages)
+    # wide steps (one load and one dot a step, the group scales gathered): a Q4_K_M file's int4 g32
+    # and int8 g16 parts, swapped at 64 rows
+    for label, kind, qt, st, group, sym, row, _ in (FORMATS[1], FORMATS[3]):
+        specs[f"gemm {label} 64x64x128 swap_ab wide"] = dict(
+            kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
+            pointers=dict(X="*bf16", QW=qt, S=st, Mn=st, Y="*bf16", XS="*bf16"), div16=["N", "K"],
+            constexprs=dict(KIND=kind, GROUP=group, SYM=sym, ROW_SCALE=row, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128,
+                            GROUP_M=4, PREC="tf32", INTERLEAVE=kind == INT4, SCALE_AFTER=False, BIAS_BITS=0,
+                            SWAP_AB=True, WIDE=True),
+            num_warps=4, num_stages=3)
     # the sweep's int4 variants: interleaved nibbles; the nibbles as bf16 128 + u, scaled after the dot
     for bn, warps, scale_after in ((32, 4, False), (128, 8, True)):
         specs[f"gemm int4 g128 16x{bn}x256 {'scale after' if scale_after else 'interleaved'}"] = dict(

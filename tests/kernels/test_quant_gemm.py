@@ -97,6 +97,25 @@ def test_words_dot(fmt):
     assert rel_err(QM.gemm(x32, w, QM.Config(16, 32, 128, 4, 1, 1, 0, 0, 0, 1)), x32.double() @ ref64.t()) < 1e-5
 
 
+@pytest.mark.parametrize("m", [3, 16, 40])
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_wide_steps(fmt, m):
+    """One load and one dot per BLOCK_K step with each column's group scale gathered (``wide``),
+    plain, swapped, interleaved (int4) and split: the fp64 reference; a row-scaled weight is
+    unchanged by it."""
+    g = gen(47 + m)
+    w = _qw(72, 512, fmt, g)
+    x = randn(m, 512, g=g, dtype=torch.float16)
+    ref = x.double() @ w.dequantize(torch.float64).t()
+    il = int(fmt.kind == "int4")
+    for cfg in (QM.Config(16, 32, 128, 4, 1, 1, il, wide=1), QM.Config(32, 64, 256, 4, 1, 2, il, 0, 1, wide=1),
+                QM.Config(16, 64, 128, 4, 1, 1, 0, 0, 1, split_k=2, wide=1)):
+        got = QM.gemm(x, w, cfg)
+        assert rel_err(got, ref) < 2e-3, cfg
+        if fmt.group_size >= 512 or fmt.group_size == 0:
+            assert torch.equal(got, QM.gemm(x, w, cfg._replace(wide=0)))
+
+
 @pytest.mark.parametrize("sm90", [False, True])
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_builtin_tiles(fmt, sm90):
