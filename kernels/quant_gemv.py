@@ -21,7 +21,8 @@ the activations are read as their even and odd columns.
 Two variants, chosen by the tile (Config): ``words`` streams int4 / int8 as int32 words, each
 nibble / byte read as a subnormal float against pre-scaled activations (quant_words.py; with
 ``words == 2``, the CUDA default for int4 and int8, the activations are prepared once by a kernel
-of their own instead of per row block); ``split_k`` cuts the plain gemv's rows into column slices
+of their own instead of per row block; ``words == 3``, int8 activations against dp4a, as llama.cpp's
+GPU kernels do); ``split_k`` cuts the plain gemv's rows into column slices
 whose fp32 partials a second kernel adds (_sum_splits_kernel).
 
 Floor: the packed weight bytes N·K·bits/8 plus N·K/G scale (and offset) bytes over copy
@@ -41,7 +42,7 @@ from . import gemv as G
 from .gemv import _cos_sin, _qkv_epilogue, _silu_mul
 from .pdl import launch_options, wait_for_predecessor
 from .quant_tiles import lookup
-from .quant_words import _act, _qstream_prepped, _qstream_words, prepare_activations
+from .quant_words import _act, _qstream_int8act, _qstream_prepped, _qstream_words, prepare_activations
 
 INT8, INT4, FP8 = 0, 1, 2
 _KIND = {"int8": INT8, "int4": INT4, "fp8": FP8}
@@ -84,8 +85,13 @@ def _qstream_rows(
     """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) over columns [K0, K1) of the dequantized weight,
     n = rmsnorm(s) or s (the norm needs the whole row: K0 = 0, K1 = K): int4 as int32 words
     with WORDS (_qstream_words), over prepared activations with PREP too (X: _prep_act_kernel's
-    XP, R: its XS; the norm and the residual are done), else group by group (_qstream_groups)."""
-    if PREP:
+    XP, R: its XS; the norm and the residual are done; PREP == 2: int8 activations against dp4a,
+    _qstream_int8act), else group by group (_qstream_groups)."""
+    if PREP == 2:
+        wait_for_predecessor(PDL)
+        ya, yb = _qstream_int8act(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K0, K1,
+                                  KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K)
+    elif PREP:
         wait_for_predecessor(PDL)
         ya, yb = _qstream_prepped(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K0, K1,
                                   KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K)
@@ -300,7 +306,9 @@ class Config(NamedTuple):
     ``words`` (int4 / int8, see ``words_apply``; else ignored): stream int32 words
     (_qstream_words) instead of group-sized byte tiles; 2: the same over activations that a
     small kernel prepared first (_prep_act_kernel, _qstream_prepped), one launch more for less
-    work per weight."""
+    work per weight; 3: those activations quantized to int8 per 4-word chunk and multiplied by
+    dp4a (_qstream_int8act): about a third of the instructions, exact for the quantized
+    activations, not for the activations themselves (off unless a tuned tile sets it)."""
 
     block_r: int
     block_k: int
@@ -383,7 +391,7 @@ def _meta(w, cfg: Config, device) -> dict:
     return dict(KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
                 BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 WORDS=words, LOG2G=w.group.bit_length() - 1 if words and not row_scaled(w) else 0,
-                PREP=words and cfg.words == 2, **launch_options(device))
+                PREP=(2 if cfg.words == 3 else 1) if words and cfg.words >= 2 else 0, **launch_options(device))
 
 
 def _mins(w):
@@ -435,7 +443,8 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
     meta = _meta(w, cfg, x.device)
     qw, stride_q = _qweight(w, meta["WORDS"])
     xr = _check_row(x, K)
-    xp, xs = prepare_activations(w, xr, None, None, 0.0, None, cfg.block_k) if meta["PREP"] else (xr, xr)
+    xp, xs = (prepare_activations(w, xr, None, None, 0.0, None, cfg.block_k, int8=meta["PREP"] == 2)
+              if meta["PREP"] else (xr, xr))
     _qgemv_kernel[(N // (2 * cfg.block_r), split)](
         xp, xs, qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, **meta)
     if split > 1:
@@ -467,7 +476,7 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     qw, stride_q = _qweight(w, meta["WORDS"])
     xr, rr = _check_row(x, K), _check_row(residual, K)
     if meta["PREP"]:
-        xr, rr = prepare_activations(w, xr, rr, norm_w, eps, r_out, cfg.block_k)
+        xr, rr = prepare_activations(w, xr, rr, norm_w, eps, r_out, cfg.block_k, int8=meta["PREP"] == 2)
     _qnorm_gate_up_kernel[(I // cfg.block_r,)](
         xr, rr, norm_w, r_out, qw, w.scales, _mins(w), out, K, I, eps,
         stride_q, w.scales.stride(0), **meta)
@@ -552,7 +561,8 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         xk, rk, x2, r2 = xr, rr, xr, rr
         if meta["PREP"]:  # a later block's prep stores the same residual again
             prep = prepare_activations(b, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None,
-                                       cfg.block_k, (b2, m2["BLOCK_K"]) if m2 is not None and m2["PREP"] else None)
+                                       cfg.block_k, (b2, m2["BLOCK_K"]) if m2 is not None and m2["PREP"] else None,
+                                       int8=meta["PREP"] == 2)
             xk, rk = prep[:2]
             x2, r2 = prep[2:] if len(prep) == 4 else (xr, rr)
         nb = (rows - b.out_features) // cfg.block_r // 2  # the second block's programs (0 alone)

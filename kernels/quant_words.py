@@ -11,12 +11,20 @@ conversion; the chunk's sum is scaled back once, with the group's scale and offs
   * ``_qstream_prepped``: ``_prep_act_kernel`` prepares them once per call (residual add,
     RMSNorm, pre-scaling, chunk sums), laid out in planes, one per value position of a word, so
     that each plane loads in the words' own layout and the loop needs no layout conversion
-    (``words == 2``): one launch more, about 3 instructions per weight instead of 5.
+    (``words == 2``): one launch more, about 3 instructions per weight instead of 5;
+  * ``_qstream_int8act``: the prepared activations quantized to int8, one scale per chunk of 4E
+    columns (amax / 127), packed four to an int32 word in the order of the weights' values, so
+    that ``dp4a`` (4 byte products summed into an int32, one instruction) takes a word of weights
+    against a word of activations (``words == 3``): about 5 instructions per 8 int4 weights.  The
+    result is exact for the quantized activations x̂ = dx·round(x / dx), which differ from x by at
+    most dx / 2 (the llama.cpp GPU kernels' scheme, Q8_1 activations).
 
 Reference: the dequantized weight times the activations (quant_gemv.py's references); tests in
 tests/kernels/test_quant_gemv.py.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -49,6 +57,8 @@ _X_SCALE1 = tl.constexpr(3.8685626227668134e+25)  # 2^85
 _X_SCALE2 = tl.constexpr(2.4178516392292583e+24)  # 2^81
 _X_SCALE3 = tl.constexpr(1.5111572745182865e+23)  # 2^77
 _WORD_SUM_SCALE = tl.constexpr(1.152921504606847e+18)  # 2^60
+# dp4a as PTX on the GPU; under the interpreter (no inline assembly) the same integer math by shifts
+_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "") in ("", "0"))
 
 
 @triton.jit
@@ -144,17 +154,21 @@ def _words_accumulate(acc_a, acc_b, a0, a1, a2, a3, b0, b1, b2, b3, y0, y1, y2, 
 
 @triton.jit
 def _scale_chunks(acc_a, acc_b, pa, pb, xs, S, Mn, ra, rb, stride_s, k0, c, KIND: tl.constexpr, LOG2G: tl.constexpr,
-                  SYM: tl.constexpr, ROW_SCALE: tl.constexpr):
+                  SYM: tl.constexpr, ROW_SCALE: tl.constexpr, INT_SUMS: tl.constexpr = False):
     """Adds to acc_a / acc_b ([rows, chunks]) Σ q·x of each 4-word chunk, from the words' scaled sums
-    pa / pb (Σ (stored value)·x·2^-60) and the chunk's sum of x, xs: times its group's scale
-    (plus offset·xs); a row-scaled weight gets its scale at the end (_row_sums)."""
+    pa / pb (Σ (stored value)·x·2^-60; INT_SUMS: Σ (stored value)·x, int8 bytes as they are) and
+    the chunk's sum of x, xs: times its group's scale (plus offset·xs); a row-scaled weight gets
+    its scale at the end (_row_sums)."""
     E: tl.constexpr = 8 if KIND == 1 else 4
     if KIND == 1:
         BIAS: tl.constexpr = 8.0 if SYM else 0.0  # q = u - 8 (symmetric int4)
+    elif INT_SUMS:
+        BIAS: tl.constexpr = 0.0
     else:
         BIAS: tl.constexpr = 128.0  # q = (q + 128) - 128
-    pa = pa * _WORD_SUM_SCALE  # Σ q·x over the chunk
-    pb = pb * _WORD_SUM_SCALE
+    if not INT_SUMS:
+        pa = pa * _WORD_SUM_SCALE  # Σ q·x over the chunk
+        pb = pb * _WORD_SUM_SCALE
     if BIAS != 0.0:
         pa -= BIAS * xs
         pb -= BIAS * xs
@@ -263,9 +277,43 @@ def _store_planes(XP, XS, n, kk, ok, chunk0, K, E: tl.constexpr, BK: tl.constexp
 
 
 @triton.jit
+def _store_int8(XQ, XS, n, col0, K, E: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr):
+    """n (columns col0 + [0, BLOCK)) for ``words == 3``: each chunk of CH = 4E columns as
+    x̂ = dx·q, dx = amax|n| / 127, q = round(n / dx) in int8, and XS[2j], XS[2j + 1] = dx, Σ x̂
+    of chunk j.  XQ (int32 words): int8 weights (E = 4) take word j = bytes q[4j..4j+3] against
+    their word j; int4 weights (E = 8) two words per weight word, q of its even columns and of
+    its odd ones (the nibbles ``w & 0x0F0F0F0F`` and ``(w >> 4) & 0x0F0F0F0F`` hold), placed per
+    BK-column step as two planes of BK/8 words."""
+    CH: tl.constexpr = 4 * E
+    NC: tl.constexpr = BLOCK // CH
+    nc = tl.reshape(n, [NC, CH])
+    amax = tl.max(tl.abs(nc), 1)
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    q = tl.minimum(tl.maximum(tl.floor(nc * inv[:, None] + 0.5), -127.0), 127.0)
+    dx = amax / 127.0
+    j = col0 // CH + tl.arange(0, NC)
+    jok = j < K // CH
+    tl.store(XS + 2 * j, dx, mask=jok)
+    tl.store(XS + 2 * j + 1, dx * tl.sum(q, 1), mask=jok)
+    qb = q.to(tl.int32) & 0xFF
+    shifts = (8 * tl.arange(0, 4))[None, :]
+    if E == 4:
+        words = tl.sum(tl.reshape(qb, [BLOCK // 4, 4]) << shifts, 1)  # disjoint bytes: the sum is their OR
+        wj = col0 // 4 + tl.arange(0, BLOCK // 4)
+        tl.store(XQ + wj, words, mask=wj < K // 4)
+    else:
+        even, odd = tl.split(tl.reshape(qb, [BLOCK // 8, 4, 2]))
+        W: tl.constexpr = BK // 8
+        wj = col0 // 8 + tl.arange(0, BLOCK // 8)  # the weight word
+        at = wj + (wj // W) * W  # step s's planes start at 2W·s
+        tl.store(XQ + at, tl.sum(even << shifts, 1), mask=wj < K // 8)
+        tl.store(XQ + at + W, tl.sum(odd << shifts, 1), mask=wj < K // 8)
+
+
+@triton.jit
 def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                      BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False, BK: tl.constexpr = 1024,
-                     XP2=None, XS2=None, E2: tl.constexpr = 0, BK2: tl.constexpr = 1024):
+                     XP2=None, XS2=None, E2: tl.constexpr = 0, BK2: tl.constexpr = 1024, INT8: tl.constexpr = False):
     """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block,
     in planes per BK-column step of the GEMV: XP[i·BK + p·BK/E + j] = n[i·BK + E·j + p] pre-scaled
     as _qstream_words scales it (by its column p in word j), in fp32, so that plane p of a step
@@ -277,7 +325,8 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
     loads; else program i writes columns [i·BLOCK, (i + 1)·BLOCK), each summing the whole row's
     squares first with NORM (K is a hidden size, a few KiB from L2).  E2 > 0: the same n also in
     the layout of words of E2 values and BK2-column steps, to XP2 / XS2 (a row stack whose blocks
-    stream words of two widths from one preparation)."""
+    stream words of two widths from one preparation).  INT8: n quantized for ``words == 3``
+    instead (_store_int8)."""
     wait_for_predecessor(PDL)
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
@@ -304,7 +353,10 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
         n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
         n = n * inv
         chunk0 = tl.program_id(0) * BLOCK
-    _store_planes(XP, XS, n, kk, ok, chunk0 // (4 * E), K, E, BK, BLOCK)
+    if INT8:
+        _store_int8(XP, XS, n, chunk0, K, E, BK, BLOCK)
+    else:
+        _store_planes(XP, XS, n, kk, ok, chunk0 // (4 * E), K, E, BK, BLOCK)
     if E2 > 0:
         _store_planes(XP2, XS2, n, kk, ok, chunk0 // (4 * E2), K, E2, BK2, BLOCK)
 
@@ -380,16 +432,92 @@ def _qstream_prepped(
     return _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
 
 
+@triton.jit
+def _dp4a(a, b, c, A_SIGNED: tl.constexpr):
+    """c + Σ_p a_p·b_p over the 4 bytes of int32 words a and b (b's signed; a's signed with
+    A_SIGNED, else unsigned): one instruction on the GPU."""
+    if _ASM:
+        if A_SIGNED:
+            r = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = c
+        for p in tl.static_range(4):
+            if A_SIGNED:
+                ap = (a << (24 - 8 * p)) >> 24
+            else:
+                ap = (a >> (8 * p)) & 0xFF
+            r += ap * ((b << (24 - 8 * p)) >> 24)
+    return r
+
+
+@triton.jit
+def _int_dot(wa, wb, xw, W: tl.constexpr, KIND: tl.constexpr):
+    """Σ (stored value)·q over each int32 word of wa and of wb ([rows, words]) against the int8
+    activations _store_int8 packed (xw: pointers to the step's first plane, W words a plane)."""
+    zero = tl.zeros(wa.shape, tl.int32)
+    if KIND == 1:
+        xe = tl.load(xw)
+        xo = tl.load(xw + W)
+        ia = _dp4a((wa >> 4) & 0x0F0F0F0F, xo, _dp4a(wa & 0x0F0F0F0F, xe, zero, False), False)
+        ib = _dp4a((wb >> 4) & 0x0F0F0F0F, xo, _dp4a(wb & 0x0F0F0F0F, xe, zero, False), False)
+    else:
+        x = tl.load(xw)
+        ia = _dp4a(wa, x, zero, True)
+        ib = _dp4a(wb, x, zero, True)
+    return ia, ib
+
+
+@triton.jit
+def _qstream_int8act(
+    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XQ, XS, K0, K1,
+    KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """_qstream_prepped over int8 activations (_store_int8): a step loads [BLOCK_R, BLOCK_K/E]
+    words per row block and the activation words that pair with them (the same for every row),
+    dp4a sums each word's products in an int32, 4 words make a chunk, and the chunk's sum times
+    its activation scale dx is Σ (stored value)·x̂, scaled by the group (_scale_chunks)."""
+    E: tl.constexpr = 8 if KIND == 1 else 4
+    W: tl.constexpr = BLOCK_K // E
+    C: tl.constexpr = W // 4
+    c = tl.arange(0, C)
+    ra = rows_a.to(tl.int64)[:, None]
+    rb = rows_b.to(tl.int64)[:, None]
+    words = tl.arange(0, W)[None, :]
+    qa = QW + ra * stride_q + words
+    qb = QW + rb * stride_q + words
+    xw = XQ + words + tl.zeros([BLOCK_R, 1], tl.int32)
+    acc_a = tl.zeros([BLOCK_R, C], tl.float32)
+    acc_b = tl.zeros([BLOCK_R, C], tl.float32)
+    for k0 in range(K0, K1, BLOCK_K):
+        # int4: step s's two planes start at word 2W·s = k0 / 4; int8: word k0 / 4
+        ia, ib = _int_dot(tl.load(qa + k0 // E), tl.load(qb + k0 // E), xw + k0 // 4, W, KIND)
+        j = 2 * (k0 // (4 * E) + c)[None, :]
+        dx = tl.load(XS + j)
+        xs = tl.load(XS + j + 1)
+        pa = tl.sum(tl.reshape(ia, [BLOCK_R, C, 4]), 2).to(tl.float32) * dx
+        pb = tl.sum(tl.reshape(ib, [BLOCK_R, C, 4]), 2).to(tl.float32) * dx
+        acc_a, acc_b = _scale_chunks(acc_a, acc_b, pa, pb, xs, S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM,
+                                     ROW_SCALE, True)
+    return _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
+
+
 # the normed activations of hidden sizes up to this are prepared by one program of 8 warps (16 fp32
 # a thread for 4,096, 32 for 8,192); beyond, by programs of 1,024 columns that each sum the row's
 # squares first
 ONE_PASS_MAX_K = 8192
 
 
-def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None) -> tuple[torch.Tensor, ...]:
+def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None,
+                        int8: bool = False) -> tuple[torch.Tensor, ...]:
     """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs of BLOCK_K = block_k: x (+ residual,
     stored to r_out), rmsnorm-ed with norm_w when given.  ``second`` = (w2, block_k2): the same
-    launch also returns (XP2, XS2) for w2's words and steps."""
+    launch also returns (XP2, XS2) for w2's words and steps.  ``int8``: for ``words == 3``, XP
+    the int8 activations as int32 words and XS each chunk's (dx, Σ x̂) (_store_int8)."""
     K = x.numel()
     E = 8 if w.fmt.kind == "int4" else 4
     E2 = (8 if second[0].fmt.kind == "int4" else 4) if second is not None else 0
@@ -400,14 +528,19 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None
         block = 1024
         while K % block:  # words_apply: K is a multiple of a 4E-column chunk, a power of two
             block //= 2
-    xp = torch.empty(K, dtype=torch.float32, device=x.device)
-    xs = torch.empty(K // (4 * E), dtype=torch.float32, device=x.device)
+    if int8:
+        assert second is None, "the int8 activations have one layout"
+        xp = torch.empty(K // 4, dtype=torch.int32, device=x.device)
+        xs = torch.empty(2 * (K // (4 * E)), dtype=torch.float32, device=x.device)
+    else:
+        xp = torch.empty(K, dtype=torch.float32, device=x.device)
+        xs = torch.empty(K // (4 * E), dtype=torch.float32, device=x.device)
     xp2 = torch.empty(K, dtype=torch.float32, device=x.device) if E2 else xp
     xs2 = torch.empty(K // (4 * E2), dtype=torch.float32, device=x.device) if E2 else xs
     _prep_act_kernel[(1 if one_pass else K // block,)](
         x, residual if residual is not None else x, norm_w if norm_w is not None else x,
         r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,
         NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, BK=block_k, XP2=xp2, XS2=xs2, E2=E2,
-        BK2=second[1] if second is not None else 1024, num_warps=8 if block >= 4096 else 4,
+        BK2=second[1] if second is not None else 1024, INT8=int8, num_warps=8 if block >= 4096 else 4,
         **launch_options(x.device))
     return (xp, xs, xp2, xs2) if E2 else (xp, xs)

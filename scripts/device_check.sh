@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [rowstack] [structured]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [rowstack] [int8act] [structured]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
@@ -8,6 +8,8 @@
 #    bench_quant's int4 and that file kept quantized: carry .peer; PEER_WAIT s for the build, default 420)
 #   (startup: scripts/bench_start_gpu.py, the default against the deferred batch-1 graph, a py-spy profile of one
 #    start when .whl holds py-spy, then scripts/probe_load.py)
+#   (int8act: scripts/probe_quant_tiles.py --words 3: the batch-1 GEMVs over int8 activations and dp4a against
+#    each shape's default tile, per format of INT8ACT_FORMATS)
 #   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt)
 #   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
 #    with the engine core in-process and in its own process; each against its offline run;
@@ -64,6 +66,12 @@ fi
 if [[ "$EXTRA" == *" gemvprobe "* ]]; then
   echo "== batch-1 weight-stream probe"
   python3 scripts/probe_gemv.py ${GEMV_PROBES:-layers tiles} 2>&1 | tee "$OUTDIR/probe_gemv.log"
+fi
+if [[ "$EXTRA" == *" int8act "* ]]; then
+  echo "== batch-1 GEMVs over int8 activations (dp4a, words 3) against the default tile (words 2)"
+  timeout ${INT8ACT_TIMEOUT:-300} python3 scripts/probe_quant_tiles.py --formats ${INT8ACT_FORMATS:-int4g128 int4g32 int8g16} \
+    --kinds gemv --words 3 --jobs 16 --json "$OUTDIR/int8act_rows.json" > "$OUTDIR/int8act.log" 2>&1
+  grep -E "^int.* gemv " "$OUTDIR/int8act.log"
 fi
 if [[ "$EXTRA" == *" ncu "* ]]; then
   echo "== Nsight Compute on the batch-1 quantized GEMVs (NCU_FMT, default int4g128)"

@@ -3,7 +3,7 @@ shape and row count, the default tile's µs per call, the best tile found and it
 floor (packed bytes over copy bandwidth; for many rows also the bf16 tensor-core time).
 
     python scripts/probe_quant_tiles.py [--jobs 14] [--json OUT.json] [--tiles TILES.json]
-        [--formats int4g128 int4g32 ...] [--kinds gemv gemm prefill] [--words 0|1|2]
+        [--formats int4g128 int4g32 ...] [--kinds gemv gemm prefill] [--words 0|1|2|3]
 
 ``--tiles`` writes the winners that beat the built-in tile in the format of
 kernels/quant_tiles.py (LOCALSGL_QUANT_TILES=TILES.json makes the engine use them; copied to
@@ -12,7 +12,8 @@ LOCALSGL_QUANT_TILES unset and no tuned file for the GPU, so "default" is the bu
 
 The search space holds the kernels' variants, off in their built-in defaults: for the GEMV
 split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without it) and int4 /
-int8 as int32 words (the activations prepared inside the loop, or by a kernel of their own first);
+int8 as int32 words (the activations prepared inside the loop, or by a kernel of their own first,
+or quantized to int8 there for dp4a: ``--words 3`` only, as it rounds the activations);
 for the int4 GEMM the interleaved dot and, for int4 g128, the nibbles in the dot with the scales
 applied after it, and for every int4 the same over int32 words (``words``: two nibbles to two
 16-bit floats per operation, each group's Σx computed once per call); for the int4 g32 / int8 g16 GEMM wide steps (one load and one dot a step, each column's group
@@ -79,7 +80,8 @@ def gemv_space(fmt: str):
         yield QV.Config(r, 512, w, 1, split)
     if fmt.startswith(("int4", "int8")):  # int32 words; 2: over activations prepared by a kernel first
         splits = (1, 2, 4) if fmt.startswith("int4") else (1, 4)
-        for (r, bk, w), split, words in itertools.product(_words_tiles(8 if fmt.startswith("int4") else 4), splits, (1, 2)):
+        for (r, bk, w), split, words in itertools.product(_words_tiles(8 if fmt.startswith("int4") else 4), splits,
+                                                          (1, 2, 3)):
             yield QV.Config(r, bk, w, 1, split, words)
 
 
@@ -238,11 +240,12 @@ def main() -> None:
     ap.add_argument("--tiles", default=None)
     ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--kinds", nargs="*", default=["gemv", "gemm", "prefill"], choices=["gemv", "gemm", "prefill"])
-    ap.add_argument("--words", type=int, choices=[0, 1, 2], default=None,
-                    help="time only the GEMV tiles of this words variant (the default tile is timed anyway)")
+    ap.add_argument("--words", type=int, choices=[0, 1, 2, 3], default=None,
+                    help="time only the GEMV tiles of this words variant (the default tile is timed anyway); "
+                         "3 (int8 activations) only when asked for: it rounds the activations")
     args = ap.parse_args()
     todo = [v for v in variants(args.formats, args.kinds)
-            if args.words is None or v[0] != "gemv" or v[3].words == args.words]
+            if v[0] != "gemv" or (v[3].words != 3 if args.words is None else v[3].words == args.words)]
     t0 = time.time()
     if args.jobs > 1:
         ctx = mp.get_context("spawn")

@@ -27,11 +27,13 @@ def _weight_meta(kind, group, sym, row_scale, block_k, block_r=8, words=False, p
                 WORDS=words, LOG2G=group.bit_length() - 1 if words and not row_scale else 0, PREP=prep)
 
 
-def _gemv(qt, st, meta, split=1, warps=4):
-    act = "*fp32" if meta["PREP"] else "*bf16"  # prepared activations (words == 2) are fp32
+def _gemv(qt, st, meta, split=1, warps=4, ptx_needles=()):
+    # prepared activations are fp32 (words == 2) or int8 in int32 words with fp32 scales (3)
+    act = {0: "*bf16", 1: "*fp32", 2: "*i32"}[int(meta["PREP"])]
     return dict(kernel="localsgl_kernels.quant_gemv:_qgemv_kernel",
-                pointers=dict(X=act, XS=act, Out="*bf16", Part="*fp32", QW=qt, S=st, Mn=st), div16=["K", "N"],
-                constexprs=dict(SPLIT=split, **meta), num_warps=warps, num_stages=1)
+                pointers=dict(X=act, XS="*fp32" if meta["PREP"] else act, Out="*bf16", Part="*fp32", QW=qt, S=st,
+                              Mn=st), div16=["K", "N"],
+                constexprs=dict(SPLIT=split, **meta), num_warps=warps, num_stages=1, ptx_needles=list(ptx_needles))
 
 
 def _specs():
@@ -61,6 +63,18 @@ def _specs():
             scalars=dict(eps="fp32"), num_warps=8 if one_pass else 4,
             constexprs=dict(E=e, HAS_RES=norm, NORM=norm, BLOCK=4096 if one_pass else 1024, PDL=True, ONE_PASS=one_pass,
                             E2=e2, BK2=512))
+    # int8 activations against dp4a (words == 3): their preparation and the GEMVs (inline PTX)
+    for label, e, one_pass in (("int4, one pass", 8, True), ("int8", 4, False)):
+        specs[f"prepare int8 activations {label}"] = dict(
+            kernel="localsgl_kernels.quant_words:_prep_act_kernel",
+            pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", XP="*i32", XS="*fp32", XP2="*i32",
+                          XS2="*fp32"), div16=["K"], scalars=dict(eps="fp32"), num_warps=8 if one_pass else 4,
+            constexprs=dict(E=e, HAS_RES=True, NORM=True, BLOCK=4096 if one_pass else 1024, PDL=True,
+                            ONE_PASS=one_pass, BK=1024, INT8=True))
+    specs["gemv int4 g128 int8 activations 8x1024"] = _gemv(
+        "*i32", "*fp16", _weight_meta(INT4, 128, False, False, 1024, 8, True, 2), ptx_needles=["dp4a.u32.s32"])
+    specs["gemv int8 g16 int8 activations"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, True, False, 512, 8, True, 2),
+                                                     ptx_needles=["dp4a.s32.s32"])
     specs["gemv int4 g128 prepared 8x1024 split 2"] = _gemv(
         "*i32", "*fp16", _weight_meta(INT4, 128, False, False, 1024, 8, True, True), split=2)
     specs["gemv int8 g16 asym prepared"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, False, False, 512, 8, True, True))
@@ -191,7 +205,9 @@ def test_quant_kernels_compile_for_sm90():
     ftz = ["mul.ftz.f32", "mul.rn.ftz.f32", "fma.rn.ftz.f32"]
     # "}, {%r": a wgmma whose A operand is registers ({acc}, {a regs}, b descriptor), not a descriptor
     reg_a = "}, {%r"
-    specs = {name: dict(s, sass_needles=["HGMMA"], ptx_needles=ftz + [reg_a, "div.rn.f32"]) for name, s in _specs().items()}
+    own = {name: s.get("ptx_needles", []) for name, s in _specs().items()}  # what a spec must hold
+    specs = {name: dict(s, sass_needles=["HGMMA"], ptx_needles=own[name] + ftz + [reg_a, "div.rn.f32"])
+             for name, s in _specs().items()}
     results = dict(zip(specs, compile_all(list(specs.values()), timeout=900)))
     failed = [f"{name}: {r['error']}" for name, r in results.items() if not r["ok"]]
     assert not failed, "\n".join(failed)
@@ -202,6 +218,7 @@ def test_quant_kernels_compile_for_sm90():
             assert r["ptx_has"]["div.rn.f32"], r["ptx_has"]
         if "words" in name:
             assert not any(r["ptx_has"][n] for n in ftz), f"{name}: flush-to-zero arithmetic {r['ptx_has']}"
+        assert all(r["ptx_has"][n] for n in own[name]), f"{name}: {r['ptx_has']}"  # e.g. dp4a
         if name.startswith("gemm") and specs[name]["constexprs"]["BLOCK_M"] >= 64:
             assert r["sass_has"]["HGMMA"], f"{name}: no HGMMA in its SASS"
         # swapped: the warpgroup MMA at 16 rows too, the dequantized weight its register operand

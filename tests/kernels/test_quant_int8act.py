@@ -1,0 +1,139 @@
+"""The int8-activation GEMVs (quant_gemv ``words == 3``, quant_words._qstream_int8act): the
+preparation's int8 activations and scales against the fp64 normed activations (each within
+half its chunk's step), and every kernel against the fp64 product of the dequantized weight
+with the activations as prepared (x̂ read back from the preparation), where dp4a's integer sums
+leave only the fp32 scaling's rounding."""
+import pytest
+import torch
+from kutil import DEV, ON_GPU, gen, randn, rel_err
+
+from localsgl.engine.layers.quant import QuantizedWeight, RowStack, WeightFormat
+from localsgl.engine.layers.rotary import RotaryEmbedding
+from localsgl_kernels import gemv as G
+from localsgl_kernels import quant_gemv as QG
+from localsgl_kernels import quant_words as QW
+
+FORMATS = [WeightFormat("int4", 128, False), WeightFormat("int4", 32, True), WeightFormat("int8", 0, True),
+           WeightFormat("int8", 16, True)]
+IDS = [f.label().replace(" ", "-") for f in FORMATS]
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+TOL = 2e-2 if ON_GPU else 1e-5  # the output's rounding (bf16 on the GPU)
+
+
+def _qw(n, k, fmt, g):
+    return QuantizedWeight.quantize(torch.randn(n, k, generator=g) * k**-0.5, fmt).to(DEV)
+
+
+def _cfg(bk=128, r=4):
+    return QG.Config(r, bk, 4, 1, 1, 3)
+
+
+def _xhat(w, xq, xs, k, bk):
+    """x̂ [k] in fp64 from _store_int8's words (int8 bytes in their layout) and chunk scales."""
+    e = 8 if w.fmt.kind == "int4" else 4
+    b = xq.cpu().view(torch.int8).view(-1).double()  # little-endian: byte p of word j
+    if e == 4:
+        q = b
+    else:  # per BK-column step: W words of even columns, then W of odd ones
+        wds = bk // 8
+        steps = b.view(k // bk, 2, wds, 4)
+        q = torch.stack([steps[:, 0], steps[:, 1]], dim=-1).reshape(-1)  # column 8j + 2p + (0 even | 1 odd)
+    dx = xs.cpu().double().view(-1, 2)[:, 0]
+    return q * dx.repeat_interleave(4 * e)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_preparation(fmt, one_pass, monkeypatch):
+    """x̂ within half a step of the normed activations, the chunk sums Σ x̂, the residual stored."""
+    if not one_pass:
+        monkeypatch.setattr(QW, "ONE_PASS_MAX_K", 0)
+    g = gen(51 + one_pass)
+    k, bk = 512, 128
+    w = _qw(8, k, fmt, g)
+    x, res = randn(k, g=g, dtype=DTYPE), randn(k, g=g, dtype=DTYPE)
+    x[:32] = 0  # an all-zero chunk
+    res[:32] = 0
+    nw = (1 + 0.1 * randn(k, g=g)).to(DTYPE)
+    r_out = torch.empty_like(x)
+    xq, xs = QW.prepare_activations(w, x, res, nw, 1e-5, r_out, bk, int8=True)
+    r = (x.double() + res.double()).to(DTYPE)
+    n = (r.double() * torch.rsqrt(r.double().pow(2).mean() + 1e-5) * nw.double()).cpu()
+    e = 8 if fmt.kind == "int4" else 4
+    dx_ref = n.view(-1, 4 * e).abs().amax(1) / 127
+    pairs = xs.cpu().double().view(-1, 2)
+    assert torch.allclose(pairs[:, 0], dx_ref, rtol=1e-5, atol=0) and pairs[0, 0] == 0
+    xh = _xhat(w, xq, xs, k, bk)
+    step = dx_ref.repeat_interleave(4 * e)
+    assert ((xh - n).abs() <= step * (0.5 + 1e-4) + 1e-12).all()
+    assert torch.allclose(pairs[:, 1], xh.view(-1, 4 * e).sum(1), rtol=1e-5, atol=1e-6)
+    assert torch.equal(r_out, r)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+@pytest.mark.parametrize("split", [1, 2])
+def test_gemv(fmt, split):
+    g = gen(53 + split)
+    n, k, bk = (64, 256, 128) if not ON_GPU else (4096, 14336, 512)
+    w = _qw(n, k, fmt, g)
+    x = randn(1, k, g=g, dtype=DTYPE)
+    cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, 1, split, 3)
+    assert QG.words_apply(w, cfg)
+    xq, xs = QW.prepare_activations(w, x.view(-1), None, None, 0.0, None, bk, int8=True)
+    ref = _xhat(w, xq, xs, k, bk).to(DEV)[None] @ w.dequantize(torch.float64).t()
+    y = QG.gemv(x, w, config=cfg)
+    assert rel_err(y, ref) < TOL
+    # against the unquantized activations: off by the activations' rounding only
+    exact = x.double() @ w.dequantize(torch.float64).t()
+    assert rel_err(y, exact) < 2e-2
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_norm_gate_up(fmt):
+    g = gen(57)
+    h, i, bk = (256, 48, 128) if not ON_GPU else (4096, 14336, 512)
+    x, res = randn(1, h, g=g, dtype=DTYPE), randn(1, h, g=g, dtype=DTYPE)
+    nw = (1 + 0.1 * randn(h, g=g)).to(DTYPE)
+    w = _qw(2 * i, h, fmt, g)
+    cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, 1, 1, 3)
+    xq, xs = QW.prepare_activations(w, x.view(-1), res.view(-1), nw, 1e-6, torch.empty(h, dtype=DTYPE, device=DEV),
+                                    bk, int8=True)
+    xh = _xhat(w, xq, xs, h, bk).to(DEV)[None]
+    # x̂ through the reference: rmsnorm(x̂)·rms(x̂) = x̂ (eps 0, unit norm weight)
+    wd = w.dequantize(torch.float64) * xh.pow(2).mean().sqrt()
+    ra, _ = G.norm_gate_up_ref(xh, torch.zeros_like(xh), torch.ones(h, dtype=torch.float64, device=DEV), 0.0, wd)
+    a, r = QG.norm_gate_up(x, res, nw, 1e-6, w, config=cfg)
+    assert rel_err(a, ra) < 2 * TOL
+    assert torch.equal(r, (x.double() + res.double()).to(DTYPE))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_norm_qkv(fmt, monkeypatch):
+    """The fused q/k/v kernel over int8 activations, alone and as a row stack's first block (its
+    second block then streams the raw activations)."""
+    g = gen(59)
+    hq, hkv, d, h, bk = (4, 2, 32, 256, 128) if not ON_GPU else (32, 8, 128, 4096, 512)
+    x, res = randn(1, h, g=g, dtype=DTYPE), randn(1, h, g=g, dtype=DTYPE)
+    nw = (1 + 0.1 * randn(h, g=g)).to(DTYPE)
+    cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, 1, 1, 3)
+    rope = RotaryEmbedding(d, 64, 10000.0, None, device=DEV)
+    pos, loc = torch.tensor([21], device=DEV), torch.tensor([1], device=DEV)
+    one = _qw((hq + 2 * hkv) * d, h, fmt, g)
+    stack = RowStack([_qw((hq + hkv) * d, h, fmt, g), _qw(hkv * d, h, WeightFormat("int8", 16, True), g)])
+    monkeypatch.setattr(QG, "default_config", lambda w, rows, dev: cfg if w.fmt == fmt else QG.Config(4, 64, 4, 1, 1, 1))
+    for w in (one, stack):
+        first = w if not isinstance(w, RowStack) else w.parts[0]
+        xq, xs = QW.prepare_activations(first, x.view(-1), res.view(-1), nw, 1e-5,
+                                        torch.empty(h, dtype=DTYPE, device=DEV), bk, int8=True)
+        xh = _xhat(first, xq, xs, h, bk).to(DEV)[None]
+        wd = w.dequantize(torch.float64) * xh.pow(2).mean().sqrt()
+        ones = torch.ones(h, dtype=torch.float64, device=DEV)
+        rq, rk, rv, _ = G.norm_qkv_ref(xh, None, ones, 0.0, wd, None, rope.cos_sin.double(), pos, hq, hkv)
+        kc, vc = torch.zeros(3, hkv, d, dtype=DTYPE, device=DEV), torch.zeros(3, hkv, d, dtype=DTYPE, device=DEV)
+        q, r = QG.norm_qkv(x, res, nw, 1e-5, w, None, rope.cos_sin, pos, loc, kc, vc, hq, hkv)
+        if w is one:
+            assert rel_err(q, rq) < 2 * TOL and rel_err(kc[1], rk[0]) < 2 * TOL and rel_err(vc[1], rv[0]) < 2 * TOL
+        else:  # q/k from x̂; v (int8 g16, raw activations) from the exact normed ones
+            assert rel_err(q, rq) < 2 * TOL and rel_err(kc[1], rk[0]) < 2 * TOL
+            assert rel_err(vc[1], rv[0]) < 2e-2
+        assert torch.equal(r.view(-1), (x.double() + res.double()).to(DTYPE).view(-1))
