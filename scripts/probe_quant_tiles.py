@@ -16,8 +16,9 @@ int8 as int32 words (the activations prepared inside the loop, or by a kernel of
 or quantized to int8 there for dp4a: ``--words 3`` only, as it rounds the activations);
 for the int4 GEMM the interleaved dot and, for int4 g128, the nibbles in the dot with the scales
 applied after it, and for every int4 the same over int32 words (``words``: two nibbles to two
-16-bit floats per operation, each group's Σx computed once per call); for the int4 g32 / int8 g16 GEMM wide steps (one load and one dot a step, each column's group
-scale gathered); for the int4 / int8 GEMM the swapped tile (accᵀ = w·xᵀ: the dequantized
+16-bit floats per operation, each group's Σx computed once per call); for the int4 g32 / int8 g16
+GEMM wide steps (one load and one dot a step, each column's group scale gathered); for the
+int4 / int8 GEMM the swapped tile (accᵀ = w·xᵀ: the dequantized
 weight the dot's left operand, Hopper's wgmma then takes it from registers) and split-K (2 or 4
 K slices, fp32 partials summed after: more programs for down_proj's long K).
 
