@@ -42,7 +42,7 @@ from . import gemv as G
 from .gemv import _cos_sin, _qkv_epilogue, _silu_mul
 from .pdl import launch_options, wait_for_predecessor
 from .quant_tiles import lookup
-from .quant_words import _act, _qstream_int8act, _qstream_prepped, _qstream_words, prepare_activations
+from .quant_words import _act, _qstream_prepped, _qstream_words, prepare_activations
 
 INT8, INT4, FP8 = 0, 1, 2
 _KIND = {"int8": INT8, "int4": INT4, "fp8": FP8}
@@ -86,15 +86,11 @@ def _qstream_rows(
     n = rmsnorm(s) or s (the norm needs the whole row: K0 = 0, K1 = K): int4 as int32 words
     with WORDS (_qstream_words), over prepared activations with PREP too (X: _prep_act_kernel's
     XP, R: its XS; the norm and the residual are done; PREP == 2: int8 activations against dp4a,
-    _qstream_int8act), else group by group (_qstream_groups)."""
-    if PREP == 2:
-        wait_for_predecessor(PDL)
-        ya, yb = _qstream_int8act(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K0, K1,
-                                  KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K)
-    elif PREP:
+    _qstream_prepped's INT8), else group by group (_qstream_groups)."""
+    if PREP:
         wait_for_predecessor(PDL)
         ya, yb = _qstream_prepped(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K0, K1,
-                                  KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K)
+                                  KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K, PREP == 2)
     elif WORDS:
         wait_for_predecessor(PDL)
         ya, yb, ssum = _qstream_words(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1,
@@ -307,7 +303,7 @@ class Config(NamedTuple):
     (_qstream_words) instead of group-sized byte tiles; 2: the same over activations that a
     small kernel prepared first (_prep_act_kernel, _qstream_prepped), one launch more for less
     work per weight; 3: those activations quantized to int8 per 4-word chunk and multiplied by
-    dp4a (_qstream_int8act): about a third of the instructions, exact for the quantized
+    dp4a (_qstream_prepped's INT8): about a third of the instructions, exact for the quantized
     activations, not for the activations themselves (off unless a tuned tile sets it)."""
 
     block_r: int
@@ -502,16 +498,16 @@ def norm_qkv_supported(w, head_dim: int, rotary_dim: int, device_type: str) -> b
 
 def _pair_configs(blocks, D: int, K: int, device_type: str) -> tuple[Config, Config] | None:
     """Tiles for a two-block stack in one launch: the first block's own, and the second's with
-    the first's row block and warps; over prepared activations (words 2) only where the first
-    block's are prepared too (one preparation lays them out for both).  None where that does
-    not tile (one launch per block)."""
+    the first's row block and warps; over prepared activations (words 2, or int8 ones: 3) only
+    where the first block's are prepared the same way (one preparation lays them out for both).
+    None where that does not tile (one launch per block)."""
     if len(blocks) != 2:
         return None
     c1, c2 = (default_config(b, D // 2, device_type) for b in blocks)
     if c1 is None or c2 is None or (D // 2) % c1.block_r or K % c1.block_k:
         return None
-    prepared = c1.words == 2 and words_apply(blocks[0], c1)
-    c2 = Config(c1.block_r, c2.block_k, c1.num_warps, 1, 1, c2.words if prepared else min(c2.words, 1))
+    prepared = c1.words >= 2 and words_apply(blocks[0], c1)  # the second block takes the same preparation
+    c2 = Config(c1.block_r, c2.block_k, c1.num_warps, 1, 1, c1.words if prepared and c2.words >= 2 else min(c2.words, 1))
     return (c1, c2) if K % c2.block_k == 0 else None
 
 
@@ -553,7 +549,7 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         m2 = None
         if pair is not None:  # the second block in the same launch, its programs first
             b2, m2 = blocks[1], _meta(blocks[1], pair[1], x.device)
-            m2["PREP"] = m2["PREP"] and meta["PREP"]
+            m2["PREP"] = m2["PREP"] if m2["PREP"] == meta["PREP"] else 0  # one preparation, one kind
             qw2, stride_q2 = _qweight(b2, m2["WORDS"])
             meta.update(TWO=True, KIND2=m2["KIND"], GROUP2=m2["GROUP"], SYM2=m2["SYM"], ROW_SCALE2=m2["ROW_SCALE"],
                         BLOCK_K2=m2["BLOCK_K"], WORDS2=m2["WORDS"], LOG2G2=m2["LOG2G"], PREP2=m2["PREP"])

@@ -12,7 +12,7 @@ conversion; the chunk's sum is scaled back once, with the group's scale and offs
     RMSNorm, pre-scaling, chunk sums), laid out in planes, one per value position of a word, so
     that each plane loads in the words' own layout and the loop needs no layout conversion
     (``words == 2``): one launch more, about 3 instructions per weight instead of 5;
-  * ``_qstream_int8act``: the prepared activations quantized to int8, one scale per chunk of 4E
+  * ``_qstream_prepped`` with INT8: the prepared activations quantized to int8, one scale per chunk of 4E
     columns (amax / 127), packed four to an int32 word in the order of the weights' values, so
     that ``dp4a`` (4 byte products summed into an int32, one instruction) takes a word of weights
     against a word of activations (``words == 3``): about 5 instructions per 8 int4 weights.  The
@@ -355,10 +355,12 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
         chunk0 = tl.program_id(0) * BLOCK
     if INT8:
         _store_int8(XP, XS, n, chunk0, K, E, BK, BLOCK)
+        if E2 > 0:
+            _store_int8(XP2, XS2, n, chunk0, K, E2, BK2, BLOCK)
     else:
         _store_planes(XP, XS, n, kk, ok, chunk0 // (4 * E), K, E, BK, BLOCK)
-    if E2 > 0:
-        _store_planes(XP2, XS2, n, kk, ok, chunk0 // (4 * E2), K, E2, BK2, BLOCK)
+        if E2 > 0:
+            _store_planes(XP2, XS2, n, kk, ok, chunk0 // (4 * E2), K, E2, BK2, BLOCK)
 
 
 @triton.jit
@@ -403,13 +405,16 @@ def _plane_dot(wa, wb, xp, plane: tl.constexpr, KIND: tl.constexpr):
 def _qstream_prepped(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K0, K1,
     KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr = False,
 ):
     """_qstream_words over activations _prep_act_kernel prepared (pre-scaled, normalised, in
     planes, with their chunk sums): a step loads [BLOCK_R, BLOCK_K/E] words per row block and,
     per value position p of a word, plane p's [BLOCK_R, BLOCK_K/E] activations (the same for
     every row), so both land in one layout; the products of 4 consecutive words (in-thread)
-    make a chunk's sum.  A weight costs its AND and FMA and a share of one fp32 load."""
+    make a chunk's sum.  A weight costs its AND and FMA and a share of one fp32 load.  INT8:
+    the activations are _store_int8's, the words that pair with the weight words; dp4a sums a
+    word's products in an int32 (_int_dot), and a chunk's sum times its scale dx is
+    Σ (stored value)·x̂."""
     E: tl.constexpr = 8 if KIND == 1 else 4
     W: tl.constexpr = BLOCK_K // E
     C: tl.constexpr = W // 4
@@ -423,12 +428,22 @@ def _qstream_prepped(
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
     for k0 in range(K0, K1, BLOCK_K):
-        pa, pb = _plane_dot(tl.load(qa + k0 // E), tl.load(qb + k0 // E), xw + k0, W, KIND)
-        pa = tl.sum(tl.reshape(pa, [BLOCK_R, C, 4]), 2)
-        pb = tl.sum(tl.reshape(pb, [BLOCK_R, C, 4]), 2)
-        xs = tl.load(XS + k0 // (4 * E) + c)[None, :]
+        wa = tl.load(qa + k0 // E)
+        wb = tl.load(qb + k0 // E)
+        if INT8:  # int4: step s's two planes start at word 2W·s = k0 / 4; int8: word k0 / 4
+            ia, ib = _int_dot(wa, wb, xw + k0 // 4, W, KIND)
+            j = 2 * (k0 // (4 * E) + c)[None, :]
+            dx = tl.load(XS + j)
+            xs = tl.load(XS + j + 1)
+            pa = tl.sum(tl.reshape(ia, [BLOCK_R, C, 4]), 2).to(tl.float32) * dx
+            pb = tl.sum(tl.reshape(ib, [BLOCK_R, C, 4]), 2).to(tl.float32) * dx
+        else:
+            pa, pb = _plane_dot(wa, wb, xw + k0, W, KIND)
+            pa = tl.sum(tl.reshape(pa, [BLOCK_R, C, 4]), 2)
+            pb = tl.sum(tl.reshape(pb, [BLOCK_R, C, 4]), 2)
+            xs = tl.load(XS + k0 // (4 * E) + c)[None, :]
         acc_a, acc_b = _scale_chunks(acc_a, acc_b, pa, pb, xs, S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM,
-                                     ROW_SCALE)
+                                     ROW_SCALE, INT8)
     return _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
 
 
@@ -471,41 +486,6 @@ def _int_dot(wa, wb, xw, W: tl.constexpr, KIND: tl.constexpr):
     return ia, ib
 
 
-@triton.jit
-def _qstream_int8act(
-    QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XQ, XS, K0, K1,
-    KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """_qstream_prepped over int8 activations (_store_int8): a step loads [BLOCK_R, BLOCK_K/E]
-    words per row block and the activation words that pair with them (the same for every row),
-    dp4a sums each word's products in an int32, 4 words make a chunk, and the chunk's sum times
-    its activation scale dx is Σ (stored value)·x̂, scaled by the group (_scale_chunks)."""
-    E: tl.constexpr = 8 if KIND == 1 else 4
-    W: tl.constexpr = BLOCK_K // E
-    C: tl.constexpr = W // 4
-    c = tl.arange(0, C)
-    ra = rows_a.to(tl.int64)[:, None]
-    rb = rows_b.to(tl.int64)[:, None]
-    words = tl.arange(0, W)[None, :]
-    qa = QW + ra * stride_q + words
-    qb = QW + rb * stride_q + words
-    xw = XQ + words + tl.zeros([BLOCK_R, 1], tl.int32)
-    acc_a = tl.zeros([BLOCK_R, C], tl.float32)
-    acc_b = tl.zeros([BLOCK_R, C], tl.float32)
-    for k0 in range(K0, K1, BLOCK_K):
-        # int4: step s's two planes start at word 2W·s = k0 / 4; int8: word k0 / 4
-        ia, ib = _int_dot(tl.load(qa + k0 // E), tl.load(qb + k0 // E), xw + k0 // 4, W, KIND)
-        j = 2 * (k0 // (4 * E) + c)[None, :]
-        dx = tl.load(XS + j)
-        xs = tl.load(XS + j + 1)
-        pa = tl.sum(tl.reshape(ia, [BLOCK_R, C, 4]), 2).to(tl.float32) * dx
-        pb = tl.sum(tl.reshape(ib, [BLOCK_R, C, 4]), 2).to(tl.float32) * dx
-        acc_a, acc_b = _scale_chunks(acc_a, acc_b, pa, pb, xs, S, Mn, ra, rb, stride_s, k0, c, KIND, LOG2G, SYM,
-                                     ROW_SCALE, True)
-    return _row_sums(acc_a, acc_b, S, rows_a, rows_b, stride_s, ROW_SCALE)
-
-
 # the normed activations of hidden sizes up to this are prepared by one program of 8 warps (16 fp32
 # a thread for 4,096, 32 for 8,192); beyond, by programs of 1,024 columns that each sum the row's
 # squares first
@@ -517,7 +497,8 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None
     """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs of BLOCK_K = block_k: x (+ residual,
     stored to r_out), rmsnorm-ed with norm_w when given.  ``second`` = (w2, block_k2): the same
     launch also returns (XP2, XS2) for w2's words and steps.  ``int8``: for ``words == 3``, XP
-    the int8 activations as int32 words and XS each chunk's (dx, Σ x̂) (_store_int8)."""
+    the int8 activations as int32 words and XS each chunk's (dx, Σ x̂) (_store_int8), and so
+    XP2 / XS2."""
     K = x.numel()
     E = 8 if w.fmt.kind == "int4" else 4
     E2 = (8 if second[0].fmt.kind == "int4" else 4) if second is not None else 0
@@ -528,15 +509,15 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None
         block = 1024
         while K % block:  # words_apply: K is a multiple of a 4E-column chunk, a power of two
             block //= 2
-    if int8:
-        assert second is None, "the int8 activations have one layout"
-        xp = torch.empty(K // 4, dtype=torch.int32, device=x.device)
-        xs = torch.empty(2 * (K // (4 * E)), dtype=torch.float32, device=x.device)
-    else:
-        xp = torch.empty(K, dtype=torch.float32, device=x.device)
-        xs = torch.empty(K // (4 * E), dtype=torch.float32, device=x.device)
-    xp2 = torch.empty(K, dtype=torch.float32, device=x.device) if E2 else xp
-    xs2 = torch.empty(K // (4 * E2), dtype=torch.float32, device=x.device) if E2 else xs
+    def buffers(e):
+        if int8:  # int8 values in int32 words, and each chunk's (dx, Σ x̂)
+            return (torch.empty(K // 4, dtype=torch.int32, device=x.device),
+                    torch.empty(2 * (K // (4 * e)), dtype=torch.float32, device=x.device))
+        return (torch.empty(K, dtype=torch.float32, device=x.device),
+                torch.empty(K // (4 * e), dtype=torch.float32, device=x.device))
+
+    xp, xs = buffers(E)
+    xp2, xs2 = buffers(E2) if E2 else (xp, xs)
     _prep_act_kernel[(1 if one_pass else K // block,)](
         x, residual if residual is not None else x, norm_w if norm_w is not None else x,
         r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,

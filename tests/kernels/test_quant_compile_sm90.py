@@ -64,13 +64,14 @@ def _specs():
             constexprs=dict(E=e, HAS_RES=norm, NORM=norm, BLOCK=4096 if one_pass else 1024, PDL=True, ONE_PASS=one_pass,
                             E2=e2, BK2=512))
     # int8 activations against dp4a (words == 3): their preparation and the GEMVs (inline PTX)
-    for label, e, one_pass in (("int4, one pass", 8, True), ("int8", 4, False)):
+    for label, e, one_pass, e2 in (("int4, one pass", 8, True, 0), ("int8", 4, False, 0),
+                                   ("int4 + int8, one pass", 8, True, 4)):
         specs[f"prepare int8 activations {label}"] = dict(
             kernel="localsgl_kernels.quant_words:_prep_act_kernel",
             pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", XP="*i32", XS="*fp32", XP2="*i32",
                           XS2="*fp32"), div16=["K"], scalars=dict(eps="fp32"), num_warps=8 if one_pass else 4,
             constexprs=dict(E=e, HAS_RES=True, NORM=True, BLOCK=4096 if one_pass else 1024, PDL=True,
-                            ONE_PASS=one_pass, BK=1024, INT8=True))
+                            ONE_PASS=one_pass, BK=1024, INT8=True, E2=e2, BK2=512))
     specs["gemv int4 g128 int8 activations 8x1024"] = _gemv(
         "*i32", "*fp16", _weight_meta(INT4, 128, False, False, 1024, 8, True, 2), ptx_needles=["dp4a.u32.s32"])
     specs["gemv int8 g16 int8 activations"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, True, False, 512, 8, True, 2),
@@ -95,16 +96,19 @@ def _specs():
             scalars=dict(eps="fp32"),
             constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False, **meta))
     # a two-block row stack in one launch (a GGUF Q4_K_M layer whose v is Q6_K): int4 g32 with
-    # offsets over prepared activations, then int8 g16 words over the raw ones or over a second
-    # layout of the same preparation
-    for label, act2, prep2 in (("int8 g16 words", "*bf16", False), ("int8 g16 words prepared", "*fp32", True)):
-        specs[f"norm_qkv row stack int4 g32 prepared + {label}"] = dict(
+    # offsets over prepared activations (fp32 planes or int8), then int8 g16 words over the raw
+    # ones or over a second layout of the same preparation
+    acts = {0: ("*bf16", "*bf16"), 1: ("*fp32", "*fp32"), 2: ("*i32", "*fp32")}  # (X, R) by preparation
+    for label, prep, prep2 in (("prepared + int8 g16 words", 1, 0), ("prepared + int8 g16 words prepared", 1, 1),
+                               ("int8 activations + int8 g16 int8 activations", 2, 2)):
+        specs[f"norm_qkv row stack int4 g32 {label}"] = dict(
             kernel="localsgl_kernels.quant_gemv:_qnorm_qkv_kernel",
-            pointers=dict(X="*fp32", R="*fp32", G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32", Pos="*i64",
-                          Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", QW="*i32", S="*fp16", Mn="*fp16", X2=act2,
-                          R2=act2, QW2="*i32", S2="*fp16", Mn2="*fp16"), div16=["K"], scalars=dict(eps="fp32"),
+            pointers=dict(X=acts[prep][0], R=acts[prep][1], G="*bf16", ROut="*bf16", Bias="*bf16", CS="*fp32",
+                          Pos="*i64", Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", QW="*i32", S="*fp16", Mn="*fp16",
+                          X2=acts[prep2][0], R2=acts[prep2][1], QW2="*i32", S2="*fp16", Mn2="*fp16"), div16=["K"],
+            scalars=dict(eps="fp32"),
             constexprs=dict(HQ=32, HKV=8, D=128, HAS_RES=True, HAS_BIAS=False,
-                            **_weight_meta(INT4, 32, False, False, 1024, 8, True, True), TWO=True, KIND2=INT8,
+                            **_weight_meta(INT4, 32, False, False, 1024, 8, True, prep), TWO=True, KIND2=INT8,
                             GROUP2=16, SYM2=True, ROW_SCALE2=False, BLOCK_K2=512, WORDS2=True, LOG2G2=4,
                             PREP2=prep2))
     # the GEMM's built-in tiles (quant_gemm.builtin_config: <= 16 rows, <= 64, larger), as sm_90

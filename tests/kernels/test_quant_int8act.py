@@ -1,4 +1,4 @@
-"""The int8-activation GEMVs (quant_gemv ``words == 3``, quant_words._qstream_int8act): the
+"""The int8-activation GEMVs (quant_gemv ``words == 3``, quant_words._qstream_prepped with INT8): the
 preparation's int8 activations and scales against the fp64 normed activations (each within
 half its chunk's step), and every kernel against the fp64 product of the dequantized weight
 with the activations as prepared (x̂ read back from the preparation), where dp4a's integer sums
@@ -109,8 +109,9 @@ def test_norm_gate_up(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_norm_qkv(fmt, monkeypatch):
-    """The fused q/k/v kernel over int8 activations, alone and as a row stack's first block (its
-    second block then streams the raw activations)."""
+    """The fused q/k/v kernel over int8 activations, alone and as a row stack's first block; the
+    stack's second block (int8 g16) then streams the raw activations (its tile without
+    preparation) or int8 ones in its own layout from the same preparation (its tile prepares)."""
     g = gen(59)
     hq, hkv, d, h, bk = (4, 2, 32, 256, 128) if not ON_GPU else (32, 8, 128, 4096, 512)
     x, res = randn(1, h, g=g, dtype=DTYPE), randn(1, h, g=g, dtype=DTYPE)
@@ -118,22 +119,29 @@ def test_norm_qkv(fmt, monkeypatch):
     cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, 1, 1, 3)
     rope = RotaryEmbedding(d, 64, 10000.0, None, device=DEV)
     pos, loc = torch.tensor([21], device=DEV), torch.tensor([1], device=DEV)
+    i8 = WeightFormat("int8", 16, True)
     one = _qw((hq + 2 * hkv) * d, h, fmt, g)
-    stack = RowStack([_qw((hq + hkv) * d, h, fmt, g), _qw(hkv * d, h, WeightFormat("int8", 16, True), g)])
-    monkeypatch.setattr(QG, "default_config", lambda w, rows, dev: cfg if w.fmt == fmt else QG.Config(4, 64, 4, 1, 1, 1))
-    for w in (one, stack):
-        first = w if not isinstance(w, RowStack) else w.parts[0]
-        xq, xs = QW.prepare_activations(first, x.view(-1), res.view(-1), nw, 1e-5,
-                                        torch.empty(h, dtype=DTYPE, device=DEV), bk, int8=True)
-        xh = _xhat(first, xq, xs, h, bk).to(DEV)[None]
-        wd = w.dequantize(torch.float64) * xh.pow(2).mean().sqrt()
-        ones = torch.ones(h, dtype=torch.float64, device=DEV)
+    stack = RowStack([_qw((hq + hkv) * d, h, fmt, g), _qw(hkv * d, h, i8, g)])
+    ones = torch.ones(h, dtype=torch.float64, device=DEV)
+
+    def xhat(w, bk_w):
+        xq, xs = QW.prepare_activations(w, x.view(-1), res.view(-1), nw, 1e-5, torch.empty(h, dtype=DTYPE, device=DEV),
+                                        bk_w, int8=True)
+        return _xhat(w, xq, xs, h, bk_w).to(DEV)[None]
+
+    for w, v_words in ((one, None), (stack, 1), (stack, 3)):
+        v_cfg = QG.Config(4, 64, 4, 1, 1, v_words or 1)
+        monkeypatch.setattr(QG, "default_config", lambda b, rows, dev: cfg if b.fmt == fmt else v_cfg)
+        first = w if w is one else w.parts[0]
+        xh = xhat(first, bk)
+        wd = w.dequantize(torch.float64) * xh.pow(2).mean().sqrt()  # rmsnorm(x̂)·rms(x̂) = x̂
         rq, rk, rv, _ = G.norm_qkv_ref(xh, None, ones, 0.0, wd, None, rope.cos_sin.double(), pos, hq, hkv)
         kc, vc = torch.zeros(3, hkv, d, dtype=DTYPE, device=DEV), torch.zeros(3, hkv, d, dtype=DTYPE, device=DEV)
         q, r = QG.norm_qkv(x, res, nw, 1e-5, w, None, rope.cos_sin, pos, loc, kc, vc, hq, hkv)
-        if w is one:
-            assert rel_err(q, rq) < 2 * TOL and rel_err(kc[1], rk[0]) < 2 * TOL and rel_err(vc[1], rv[0]) < 2 * TOL
-        else:  # q/k from x̂; v (int8 g16, raw activations) from the exact normed ones
-            assert rel_err(q, rq) < 2 * TOL and rel_err(kc[1], rk[0]) < 2 * TOL
-            assert rel_err(vc[1], rv[0]) < 2e-2
+        assert rel_err(q, rq) < 2 * TOL and rel_err(kc[1], rk[0]) < 2 * TOL
+        if v_words == 3:  # v over the int8 activations of its own layout (16-column chunks)
+            assert QG._pair_configs(w.parts, d, h, DEV)[1].words == 3
+            rv = (xhat(w.parts[1], 64) @ w.parts[1].dequantize(torch.float64).t()).view(1, hkv, d)
+        # the raw v: the exact normed activations, within their rounding to x̂ of the reference
+        assert rel_err(vc[1], rv[0]) < (2e-2 if v_words == 1 else 2 * TOL)
         assert torch.equal(r.view(-1), (x.double() + res.double()).to(DTYPE).view(-1))
