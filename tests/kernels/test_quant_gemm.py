@@ -151,6 +151,25 @@ def test_fill_split():
     assert QM.fill_split(tile, 64, short, 132).split_k == 1
 
 
+def test_default_config_tuned_nearest_and_builtin(monkeypatch):
+    """A tuned tile of the weight's own N is taken as it is; one borrowed from the nearest N, or
+    the built-in tile, gets fill_split's K split where its output tiles are few."""
+    g = gen(61)
+    o_proj = _qw(4096, 4096, WeightFormat("int4", 128, False), g)
+    tuned = QM.Config(64, 64, 128, 4, 3, 4, 1, 0, 1)
+    monkeypatch.setattr(QM, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(QM, "_sm90_or_newer", lambda device: True)
+    monkeypatch.setattr(QM, "lookup_entry", lambda kind, w, m, device: (tuple(tuned), 4096))
+    assert QM.default_config(64, "cuda", o_proj) == tuned  # its own shape: as tuned
+    monkeypatch.setattr(QM, "lookup_entry", lambda kind, w, m, device: (tuple(tuned), 28672))
+    assert QM.default_config(64, "cuda", o_proj) == tuned._replace(split_k=2)  # borrowed: 64 tiles, split
+    monkeypatch.setattr(QM, "lookup_entry", lambda kind, w, m, device: None)
+    assert QM.default_config(64, "cuda", o_proj) == QM.builtin_config(64, "int4", True)._replace(split_k=2)
+    assert QM.default_config(100, "cuda", o_proj).split_k == 2  # 2 x 32 tiles of 64 x 128
+    assert QM.default_config(200, "cuda", o_proj) == QM.builtin_config(200, "int4", True)  # 4 x 32: whole K
+    assert QM.default_config(5, "cpu", o_proj) == QM.Config(16, 16, 32, 4, 1, 4)
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_split_k(fmt):
     """K cut into 2 or 4 slices, one program each, the fp32 partials summed after: the unsplit
