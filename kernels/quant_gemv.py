@@ -549,7 +549,7 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         m2 = None
         if pair is not None:  # the second block in the same launch, its programs first
             b2, m2 = blocks[1], _meta(blocks[1], pair[1], x.device)
-            m2["PREP"] = m2["PREP"] if m2["PREP"] == meta["PREP"] else 0  # one preparation, one kind
+            assert m2["PREP"] in (0, meta["PREP"])  # _pair_configs: one preparation, of one kind
             qw2, stride_q2 = _qweight(b2, m2["WORDS"])
             meta.update(TWO=True, KIND2=m2["KIND"], GROUP2=m2["GROUP"], SYM2=m2["SYM"], ROW_SCALE2=m2["ROW_SCALE"],
                         BLOCK_K2=m2["BLOCK_K"], WORDS2=m2["WORDS"], LOG2G2=m2["LOG2G"], PREP2=m2["PREP"])

@@ -8,7 +8,7 @@ import torch
 from localsgl.engine.layers.linear import Linear, MergedLinear
 from localsgl.engine.layers.quant import (
     QuantizedWeight, RowStack, WeightFormat, concat_rows, is_quantized, join_formats, matmul, matmul_ref, pack_int4,
-    parse_format, row_runs, unpack_int4,
+    parse_format, row_runs, unpack_int4, weight_format_of,
 )
 from localsgl.engine.layers.weight_policy import WeightPolicy, building
 
@@ -167,6 +167,7 @@ def test_merged_linear_keeps_row_blocks_that_joining_would_widen():
         m.load_shard(name, p)
     w = m.weight
     assert isinstance(w, RowStack) and is_quantized(w) and w.shape == (128, 128)
+    assert weight_format_of(w) == f"{fq.label()} + {fv.label()}"  # what `info` shows
     assert [p.fmt for p in w.parts] == [fq, fv] and [p.out_features for p in w.parts] == [96, 32]
     assert w.nbytes == sum(p.nbytes for p in parts.values())  # nothing widened
     assert torch.equal(w.dequantize(), dense) and torch.equal(w.dequantize(rows=slice(90, 100)), dense[90:100])

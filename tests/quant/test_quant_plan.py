@@ -69,6 +69,9 @@ def test_q4_k_m_kept_quantized_stays_close_to_its_tensor_bytes(llama8b, monkeypa
     ours = _total([(name, shape, REPACKED[t][2]) for name, shape, t in entries], None, 2, "bfloat16")
     assert set(ours.by_format) == {"int4 g32 asym", "int8 g16"}  # a Q6_K v does not widen q/k
     assert 1.1 < ours.total_bytes / file_bytes <= 1.2, ours.total_bytes / file_bytes
+    # a checkpoint's own order (safetensors lists names sorted: k_proj before q_proj) changes nothing
+    shuffled = sorted(((name, shape, REPACKED[t][2]) for name, shape, t in entries), key=lambda e: e[0])
+    assert _total(shuffled, None, 2, "bfloat16") == ours
     # q/k/v joined instead (a joined format may cost any overhead): over the bound
     monkeypatch.setattr(quant, "_JOIN_OVERHEAD", float("inf"))
     joined = _total([(name, shape, REPACKED[t][2]) for name, shape, t in entries], None, 2, "bfloat16")
