@@ -104,6 +104,19 @@ def test_cli_import_does_not_load_torch_or_servers():
     assert not ({"torch", *HEAVY} & mods), sorted({"torch", *HEAVY} & mods)
 
 
+def test_the_checkout_root_does_not_shadow_a_kernels_package():
+    """From the checkout's root (``python -m`` puts it on sys.path) ``import kernels`` must not
+    find our kernel folder as a regular package: it would shadow Hugging Face's ``kernels``,
+    which transformers imports when it is installed.  ``localsgl_kernels`` still imports (a
+    namespace package over kernels/)."""
+    code = ("import importlib.util, json, localsgl_kernels.pdl as p; s = importlib.util.find_spec('kernels'); "
+            "print(json.dumps([s.origin if s else None, p.__file__]))")
+    origin, pdl = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                            check=True, cwd=str(ROOT)).stdout)
+    assert origin is None or Path(origin).resolve().parent != (ROOT / "kernels").resolve(), origin
+    assert Path(pdl).resolve().parent == (ROOT / "kernels").resolve()
+
+
 def test_piped_run_imports_no_server_tui_hub_download_or_transformers(warm_cache, tmp_path):
     _, env = warm_cache
     p, mods = run_cli(["run", "--local", "--max-tokens", "2"], env, tmp_path, stdin="What is 2+2?\n")
