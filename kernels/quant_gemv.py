@@ -20,10 +20,10 @@ the activations are read as their even and odd columns.
 
 Two variants, chosen by the tile (Config): ``words`` streams int4 / int8 as int32 words, each
 nibble / byte read as a subnormal float against pre-scaled activations (quant_words.py; with
-``words == 2``, the CUDA default for int4 and int8, the activations are prepared once by a kernel
-of their own instead of per row block; ``words == 3``, int8 activations against dp4a, as llama.cpp's
-GPU kernels do); ``split_k`` cuts the plain gemv's rows into column slices
-whose fp32 partials a second kernel adds (_sum_splits_kernel).
+``words == 2`` the activations are prepared once by a kernel of their own instead of per row
+block; ``words == 3``, the CUDA default for int4 and int8, they are prepared as int8 per 32 (int8
+weights: 16) columns against dp4a, as llama.cpp's GPU kernels do); ``split_k`` cuts the plain
+gemv's rows into column slices whose fp32 partials a second kernel adds (_sum_splits_kernel).
 
 Floor: the packed weight bytes N·K·bits/8 plus N·K/G scale (and offset) bytes over copy
 bandwidth; the activations are re-read from L2 by every program (K·elem each, against
@@ -304,7 +304,8 @@ class Config(NamedTuple):
     small kernel prepared first (_prep_act_kernel, _qstream_prepped), one launch more for less
     work per weight; 3: those activations quantized to int8 per 4-word chunk and multiplied by
     dp4a (_qstream_prepped's INT8): about a third of the instructions, exact for the quantized
-    activations, not for the activations themselves (off unless a tuned tile sets it)."""
+    activations, not for the activations themselves (the CUDA default; a weight whose
+    ``int8_activations`` is False, the engine's debug switch, takes 2 instead)."""
 
     block_r: int
     block_k: int
@@ -315,10 +316,11 @@ class Config(NamedTuple):
 
 
 # (BLOCK_R, BLOCK_K, warps, words) where no tuned tile applies: int4 / int8 as int32 words over
-# prepared activations, 512 bytes of packed weights per row and step (H200: 3-5x the byte tiles;
-# bench/RESULTS.md "2026-12-02 (fifth session)"); the byte tiles (128 bytes per row and step) for
-# fp8 and where words do not apply
-_CUDA_WORDS = {"int4": (8, 1024, 4, 2), "int8": (8, 512, 4, 2)}
+# prepared activations rounded to int8 (dp4a), 512 bytes of packed weights per row and step (H200:
+# the words 3-5x the byte tiles, bench/RESULTS.md "2026-12-02 (fifth session)"; int8 activations
+# 1.1-1.4x words over fp32 ones, "2026-12-03 (twelfth session)"); the byte tiles (128 bytes per
+# row and step) for fp8 and where words do not apply
+_CUDA_WORDS = {"int4": (8, 1024, 4, 3), "int8": (8, 512, 4, 3)}
 _CUDA = {"int4": (8, 256, 4, 0), "int8": (8, 128, 4, 0), "fp8": (8, 128, 4, 0)}
 
 
@@ -343,18 +345,19 @@ def default_config(w, rows_per_block: int, device_type: str) -> Config | None:
     """The tile for weight ``w`` whose row blocks come in multiples of ``rows_per_block``: the
     tuned one (quant_tiles.py) where it fits, else the built-in default; None when it does not
     tile (callers take the layer path)."""
+    exact = not getattr(w, "int8_activations", True)  # the engine's int8_activations switch off
     if device_type == "cuda":
         t = lookup("gemv", w, 1, w.qweight.device)
         if t is not None:
             cfg = Config(*t)
             if rows_per_block % (2 * cfg.block_r) == 0 and block_k(w, cfg.block_k) == cfg.block_k \
                     and w.in_features % (cfg.block_k * max(1, cfg.split_k)) == 0:
-                return cfg
+                return cfg._replace(words=2) if exact and cfg.words == 3 else cfg
     if device_type == "cuda" and w.fmt.kind in _CUDA_WORDS:
         r, target, warps, words = _CUDA_WORDS[w.fmt.kind]
         bk = block_k(w, target)
         if bk is not None:
-            cfg = Config(min(r, rows_per_block), bk, warps, 1, 1, words)
+            cfg = Config(min(r, rows_per_block), bk, warps, 1, 1, 2 if exact else words)
             if words_apply(w, cfg):
                 return cfg
     r, target, warps, words = _CUDA[w.fmt.kind] if device_type == "cuda" else (4, 64, 4, 0)

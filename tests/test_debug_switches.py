@@ -18,7 +18,7 @@ def test_from_env_reads_the_debug_names_only(caplog):
            "LOCALSGL_DEBUG_NO_PDL": "0", "LOCALSGL_DEBUG_NO_CASCADE": "off", "LOCALSGL_DEBUG_NO_KERNELS": ""}
     s = DebugSwitches.from_env(env)
     assert s.changed() == {"cpu_decode": False, "profile_steps": True}
-    for f in ("kernels", "fused_decode", "cascade", "pdl", "compile_ahead", "gpu_sampling_kernels"):
+    for f in ("kernels", "fused_decode", "cascade", "pdl", "compile_ahead", "gpu_sampling_kernels", "int8_activations"):
         assert getattr(DebugSwitches.from_env({ds.variable(f): "1"}), f) is False
     # piecewise graphs are automatic (None) unless the variable forces them on (1) or off (0)
     pw = ds.variable("piecewise_graphs")
@@ -55,6 +55,23 @@ def test_switches_reach_the_model_layers_and_the_runner():
         assert all(mod.use_kernels for mod in core.model.modules() if hasattr(mod, "use_kernels"))
     finally:
         core.shutdown()
+
+
+def test_int8_activations_switch_reaches_every_quantized_weight():
+    """The switch is handed to each QuantizedWeight, a RowStack's blocks included, which is where
+    the batch-1 GEMVs read it when they choose a tile (quant_gemv.default_config)."""
+    from localsgl.engine.layers.quant import QuantizedWeight, RowStack, WeightFormat
+
+    model = torch.nn.Module()
+    model.a = QuantizedWeight.random(WeightFormat("int4", 32, False), 8, 64)
+    model.b = RowStack([QuantizedWeight.random(WeightFormat("int4", 32, False), 8, 64),
+                        QuantizedWeight.random(WeightFormat("int8", 16, True), 4, 64)])
+    weights = [model.a, *model.b.parts]
+    assert all(w.int8_activations for w in weights)
+    ds.apply_to_model(model, DebugSwitches(int8_activations=False))
+    assert not any(w.int8_activations for w in weights)
+    ds.apply_to_model(model, DebugSwitches())
+    assert all(w.int8_activations for w in weights)
 
 
 def test_pdl_setting_is_per_thread():

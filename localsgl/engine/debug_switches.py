@@ -34,6 +34,9 @@ class DebugSwitches:
     pdl: bool = True  # programmatic dependent launch of the decode chain's kernels (Hopper+)
     compile_ahead: bool = True  # compile the decode graphs' kernels in parallel before capture
     gpu_sampling_kernels: bool = True  # Triton sampling kernels for CUDA logits
+    # the batch-1 quantized GEMVs over activations rounded to int8 per 32-column chunk (dp4a,
+    # quant_gemv words 3), else over the activations as they are (exact, slower)
+    int8_activations: bool = True
     profile_steps: bool = False  # per-step device/host timing (engine.core.profile)
     # extend/mixed steps replay graphs around eager attention; None: where the model's layers are small
     # enough that launches bound a mixed step (plan.piecewise_graphs_by_default), True/False: forced
@@ -80,6 +83,7 @@ _VARIABLES = {
     "pdl": ("LOCALSGL_DEBUG_NO_PDL", "LOCALSGL_DISABLE_PDL"),
     "compile_ahead": ("LOCALSGL_DEBUG_NO_COMPILE_AHEAD", "LOCALSGL_DISABLE_COMPILE_AHEAD"),
     "gpu_sampling_kernels": ("LOCALSGL_DEBUG_NO_GPU_SAMPLING_KERNELS", "LOCALSGL_GPU_SAMPLING_KERNELS"),
+    "int8_activations": ("LOCALSGL_DEBUG_NO_INT8_ACTIVATIONS", None),
     "profile_steps": ("LOCALSGL_DEBUG_PROFILE_STEPS", "LOCALSGL_PROFILE_STEPS"),
     "piecewise_graphs": ("LOCALSGL_DEBUG_PIECEWISE_GRAPHS", "LOCALSGL_PIECEWISE_GRAPHS"),
     "startup_graph": ("LOCALSGL_DEBUG_STARTUP_GRAPH", None),
@@ -100,12 +104,17 @@ def of(model) -> DebugSwitches:
 
 
 def apply_to_model(model, switches: DebugSwitches) -> None:
-    """Hand the switches to a model: its fast paths read ``of(model)``, and every layer with a
-    ``use_kernels`` attribute (norms, activations, rotary) takes the ``kernels`` switch."""
+    """Hand the switches to a model: its fast paths read ``of(model)``, every layer with a
+    ``use_kernels`` attribute (norms, activations, rotary) takes the ``kernels`` switch, and
+    every quantized weight the ``int8_activations`` one (the GEMVs choose their tile per weight)."""
+    from .layers.quant import QuantizedWeight
+
     model.debug_switches = switches
     for module in model.modules():
         if hasattr(module, "use_kernels"):
             module.use_kernels = switches.kernels
+        if isinstance(module, QuantizedWeight):  # a RowStack's parts are modules too
+            module.int8_activations = switches.int8_activations
 
 
 def apply_to_thread(switches: DebugSwitches, device) -> None:

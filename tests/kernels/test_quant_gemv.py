@@ -18,8 +18,13 @@ DTYPES = [torch.bfloat16, torch.float16] if ON_GPU else [torch.float32, torch.bf
 
 
 def _qw(n, k, fmt, g, scale=1.0):
+    """A weight whose default tiles multiply the activations as they are: these tests hold the
+    kernels to the exact product; test_quant_int8act.py holds the int8-activation tiles (the
+    CUDA default) to the product with the activations they round."""
     w = torch.randn(n, k, generator=g) * (scale * k**-0.5)
-    return QuantizedWeight.quantize(w, fmt).to(DEV)
+    w = QuantizedWeight.quantize(w, fmt).to(DEV)
+    w.int8_activations = False
+    return w
 
 
 def _tol(dtype):
@@ -170,20 +175,36 @@ def test_words_apply():
 
 
 def test_cuda_default_tile_without_a_tuned_one():
-    """Where no tuned tile applies, CUDA takes the words GEMV over prepared activations for int4 and
-    int8, and the byte tile where words do not apply (int8 groups below a chunk, fp8); the CPU
-    keeps its small byte tile."""
+    """Where no tuned tile applies, CUDA takes the words GEMV over activations prepared as int8
+    (dp4a) for int4 and int8, over exact prepared activations where the weight's int8_activations
+    is off (the engine's debug switch), and the byte tile where words do not apply (int8 groups
+    below a chunk, fp8); the CPU keeps its small byte tile."""
     g = gen(18)
     int4 = _qw(64, 4096, WeightFormat("int4", 128, False), g).to("cpu")  # a CPU weight: no tuned lookup
-    assert QG.default_config(int4, 64, "cuda") == QG.Config(8, 1024, 4, 1, 1, 2)
-    assert QG.default_config(int4, 4, "cuda") == QG.Config(4, 1024, 4, 1, 1, 2)  # row blocks of the caller
     int8 = _qw(64, 4096, WeightFormat("int8", 0, True), g).to("cpu")
+    del int4.int8_activations, int8.int8_activations  # the class default: on
+    assert QG.default_config(int4, 64, "cuda") == QG.Config(8, 1024, 4, 1, 1, 3)
+    assert QG.default_config(int4, 4, "cuda") == QG.Config(4, 1024, 4, 1, 1, 3)  # row blocks of the caller
+    assert QG.default_config(int8, 64, "cuda") == QG.Config(8, 512, 4, 1, 1, 3)
+    int4.int8_activations = int8.int8_activations = False
+    assert QG.default_config(int4, 64, "cuda") == QG.Config(8, 1024, 4, 1, 1, 2)
     assert QG.default_config(int8, 64, "cuda") == QG.Config(8, 512, 4, 1, 1, 2)
     int8_g8 = _qw(64, 128, WeightFormat("int8", 8, True), g).to("cpu")
     assert QG.default_config(int8_g8, 64, "cuda").words == 0
     fp8 = _qw(64, 4096, WeightFormat("fp8", 0, True), g).to("cpu")
     assert QG.default_config(fp8, 64, "cuda") == QG.Config(8, 128, 4, 1, 1, 0)
     assert QG.default_config(int4, 64, "cpu").words == 0
+
+
+def test_tuned_int8_activation_tile_follows_the_switch(monkeypatch):
+    """A tuned tile that selects int8 activations keeps its shape but streams exact activations
+    (words 2) for a weight whose int8_activations is off."""
+    w = _qw(64, 4096, WeightFormat("int4", 128, False), gen(20)).to("cpu")
+    monkeypatch.setattr(QG, "lookup", lambda kind, w, m, dev: (8, 1024, 8, 1, 2, 3))
+    w.int8_activations = True
+    assert QG.default_config(w, 64, "cuda") == QG.Config(8, 1024, 8, 1, 2, 3)
+    w.int8_activations = False
+    assert QG.default_config(w, 64, "cuda") == QG.Config(8, 1024, 8, 1, 2, 2)
 
 
 @pytest.mark.parametrize("fmt", [WORD_FORMATS[0], WORD_FORMATS[4]], ids=[WORD_IDS[0], WORD_IDS[4]])

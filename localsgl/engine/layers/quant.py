@@ -133,6 +133,10 @@ class QuantizedWeight(nn.Module):
     """A quantized [N, K] weight (see the module docstring); buffers ``qweight``, ``scales`` and,
     for asymmetric formats, ``mins``.  A module, so it moves and counts with its model."""
 
+    # whether the batch-1 CUDA GEMVs may round the activations to int8 (quant_gemv words 3);
+    # the engine's int8_activations debug switch sets it per weight
+    int8_activations = True
+
     def __init__(self, fmt: WeightFormat, qweight: torch.Tensor, scales: torch.Tensor,
                  mins: torch.Tensor | None = None, in_features: int | None = None):
         super().__init__()
