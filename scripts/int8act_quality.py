@@ -29,12 +29,15 @@ from localsgl.store.resolve import resolve_model  # noqa: E402
 
 
 def round_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """x̂ = dx·round(x / dx) per ``chunk`` consecutive columns, dx = amax / 127 (quant_words._store_int8)."""
+    """x̂ = dx·q per ``chunk`` consecutive columns, q = round(x·127 / amax), dx = amax / 127, in
+    fp32 with the operations of quant_words._store_int8 (tests/kernels/test_quant_int8act.py
+    checks that they agree)."""
     shape = x.shape
     c = x.float().reshape(-1, shape[-1] // chunk, chunk)
-    dx = c.abs().amax(-1, keepdim=True) / 127.0
-    q = torch.where(dx > 0, torch.floor(c / torch.where(dx > 0, dx, 1.0) + 0.5).clamp(-127, 127), 0.0)
-    return (q * dx).reshape(shape).to(x.dtype)
+    amax = c.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax.clamp_min(1e-30), 0.0)
+    q = torch.floor(c * inv + 0.5).clamp(-127, 127)
+    return (q * (amax / 127.0)).reshape(shape).to(x.dtype)
 
 
 def chunk_of(w) -> int:

@@ -170,23 +170,33 @@ def test_mm_lowp_scratch_is_per_thread():
     assert theirs and theirs[0] is not mine
 
 
+@pytest.mark.parametrize("onednn", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_row_major_weights_same_bits(family):
-    """Row-major fp32 weights: both paths multiply through the same cpu_mm route."""
-    m = _model(family, input_major=False)
-    assert not m.layers[0].self_attn.qkv_proj.weight.t().is_contiguous()
-    for lean, ref, _ in _both_paths(m, [6, 3], False):
-        assert torch.equal(lean, ref)
+def test_row_major_weights_same_bits(family, onednn):
+    """Row-major fp32 weights: both paths multiply through the same cpu_mm route (torch's BLAS,
+    or oneDNN's matmul where the machine's probe chooses it)."""
+    if onednn and not cpu_routes.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    routes = cpu_routes.choose(torch.float32, "test", True, fp32_input_major=False, onednn=onednn)
+    with cpu_routes.forced(routes):
+        m = _model(family, input_major=False)
+        assert not m.layers[0].self_attn.qkv_proj.weight.t().is_contiguous()
+        for lean, ref, _ in _both_paths(m, [6, 3], False):
+            assert torch.equal(lean, ref)
 
 
 def _bf16_routes(kind: str) -> cpu_routes.CpuRoutes:
-    """bf16 routes to test on any machine: torch's own bf16 kernels ("native") or the emulated
-    route, widening from 2 rows so that the test's batches take it."""
-    routes = cpu_routes.choose(torch.bfloat16, "test", native=kind == "native")
-    return routes if kind == "native" else dataclasses.replace(routes, widen_min_rows=2)
+    """bf16 routes to test on any machine: torch's own bf16 kernels ("native"), those with
+    oneDNN's GEMMs and attention in fp32 ("onednn", where this torch has the op), or the
+    emulated route, widening from 2 rows so that the test's batches take it."""
+    if kind == "onednn" and not cpu_routes.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    routes = cpu_routes.choose(torch.bfloat16, "test", kind != "emulated", onednn=kind == "onednn",
+                               lowp_attention_fp32=kind == "onednn")
+    return routes if kind != "emulated" else dataclasses.replace(routes, widen_min_rows=2)
 
 
-@pytest.mark.parametrize("routes", ["native", "emulated"])
+@pytest.mark.parametrize("routes", ["native", "onednn", "emulated"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("prompt_lens,contiguous", [([7], True), ([5, 9, 2], False), ([3, 8, 4, 6, 2], False)])
 def test_bf16_as_accurate_as_layer_path(family, prompt_lens, contiguous, routes):

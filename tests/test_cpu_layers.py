@@ -153,6 +153,12 @@ def test_routes_by_signal():
         assert emulated.widen(cpu_routes.WIDEN_MIN_ROWS) and not emulated.widen(cpu_routes.WIDEN_MIN_ROWS - 1)
         assert not emulated.widen(1)  # one row: torch's low-precision GEMV
         assert "emulated" in emulated.describe() and "native" in native.describe()
+        probed = cpu_routes.choose(dtype, "AVX512", True, onednn=True, lowp_attention_fp32=True)
+        assert probed.onednn and probed.attention_fp32 and not probed.input_major and "oneDNN" in probed.describe()
+        assert not cpu_routes.choose(dtype, "AVX2", False, onednn=True, lowp_attention_fp32=True).onednn
+    onednn = cpu_routes.choose(torch.float32, "AVX512", True, fp32_input_major=True, onednn=True)
+    assert onednn.onednn and not onednn.input_major and not onednn.attention_fp32  # oneDNN takes row-major weights
+    assert "BLAS" in f32.describe()
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 ISA variables")
@@ -180,6 +186,45 @@ def test_fp32_layout_probe():
     assert not cpu_routes.prefer_input_major([(1.6, 1.0), (1.0, 1.0)])
     # input-major 1.5x slower at one row, 2.8x faster at 32 rows: input-major
     assert cpu_routes.prefer_input_major([(1.5, 1.0), (1.0, 2.8)])
+
+
+def test_onednn_and_attention_probes():
+    """The probes time both candidates at each row count (tiny shapes, no budget); a route moves
+    only for a clear gain over the row counts together."""
+    if cpu_routes.onednn_available():
+        for dtype in (torch.float32, torch.bfloat16):
+            times = cpu_routes.probe_onednn(dtype, rows=(1, 4), k=64, n=96, mib=1, budget_s=0.0)
+            assert len(times) == 2 and all(0 < t < float("inf") for pair in times for t in pair)
+    times = cpu_routes.probe_lowp_attention(torch.bfloat16, batches=(1, 3), context=16, budget_s=0.0)
+    assert len(times) == 2 and all(0 < t < float("inf") for pair in times for t in pair)
+    m = cpu_routes.ONEDNN_MARGIN
+    assert not cpu_routes._faster([(1.0, 1.0)], m) and cpu_routes._faster([(m + 0.01, 1.0)], m)
+    assert not cpu_routes._faster([(2.0, 1.0), (1.0, 2.0)], m)  # faster at one row count, slower at the other
+    assert cpu_routes._faster([(1.6, 1.0), (1.0, 1.0)], m)
+
+
+@pytest.mark.skipif(not cpu_routes.onednn_available(), reason="this torch has no oneDNN linear op")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_gemm_route_within_the_rounding_bound(dtype):
+    """oneDNN's matmul on a row-major weight, as cpu_mm takes it: fp32 accumulation in its own
+    order (within the accumulation bound), rounded once to the dtype; an input-major weight
+    keeps the BLAS route."""
+    g = torch.Generator().manual_seed(5)
+    routes = dataclasses.replace(cpu_routes.choose(dtype, "test", True, onednn=True))
+    w = torch.randn(40, 200, generator=g).to(dtype)
+    calls = []
+    real = cpu_routes.onednn_mm
+    with cpu_routes.forced(routes), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("localsgl.engine.layers.linear.onednn_mm", lambda x, w: calls.append(1) or real(x, w))
+        for rows in (1, 2, 7, 32):
+            x = torch.randn(rows, 200, generator=g).to(dtype)
+            bound = gemm_error_bound(x, w.t(), torch.float32, dtype)
+            y = cpu_mm(x, w.t())
+            assert y.dtype == dtype and y.shape == (rows, 40)
+            assert ((y.double() - x.double() @ w.double().t()).abs() <= bound).all(), rows
+        assert len(calls) == 4
+        cpu_mm(x, w.t().contiguous())  # input-major: torch's GEMM
+        assert len(calls) == 4
 
 
 def test_weight_layout_follows_the_routes():

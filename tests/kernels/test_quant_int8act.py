@@ -71,6 +71,35 @@ def test_preparation(fmt, one_pass, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_quality_script_rounds_as_the_kernel(fmt):
+    """scripts/int8act_quality.py measures what this rounding costs a model by rounding each
+    quantized linear's input in torch: its x̂ equals the preparation kernel's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "int8act_quality.py"
+    spec = importlib.util.spec_from_file_location("int8act_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = gen(56)
+    k, bk = 512, 128
+    w = _qw(8, k, fmt, g)
+    x = randn(k, g=g, dtype=torch.float32) * torch.linspace(0.1, 10, k, device=DEV)  # chunks of many scales
+    x[64:96] = 0
+    xq, xs = QW.prepare_activations(w, x, None, None, 1e-5, None, bk, int8=True)
+    assert mod.chunk_of(w) == (32 if fmt.kind == "int4" else 16)
+    ours = mod.round_chunks(x.cpu()[None], mod.chunk_of(w))[0].double()
+    kernel = _xhat(w, xq, xs, k, bk).float().double()  # q·dx, rounded as an fp32 product is
+    # equal, but where x·127/amax lies at a tie that a fused multiply-add (GPU) may round the other way
+    ch = mod.chunk_of(w)
+    amax = x.cpu().double().view(-1, ch).abs().amax(1).repeat_interleave(ch)
+    scaled = x.cpu().double() * 127 / amax.clamp_min(1e-30)
+    at_tie = (scaled - scaled.floor() - 0.5).abs() < 1e-5
+    assert ((ours == kernel) | (at_tie & ((ours - kernel).abs() <= amax / 127 * 1.0001))).all()
+    assert (ours == kernel).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 @pytest.mark.parametrize("split", [1, 2])
 def test_gemv(fmt, split):
     g = gen(53 + split)

@@ -15,9 +15,9 @@ gathered K/V 52 us vs over a narrow view of the pool 37 us).  Per layer this pat
 about 40 ops instead of ~190.  The GEMMs go through linear.cpu_mm, the route the layer path
 takes too (cpu_routes.py picks it by what the machine runs natively).  In fp32 every op
 computes what the layer-by-layer path computes, in the same order on the same values, so the
-logits are the same bits (tests check this).  In bf16/fp16 without native matmul, attention
-runs in fp32 (torch's emulated bf16 SDPA is slower), so the logits differ from the layer
-path's by the bf16 roundings attention skips.
+logits are the same bits (tests check this).  In bf16/fp16 attention runs in fp32 where the
+routes say (without native matmul, or where the probe found torch's bf16 SDPA slower), so the
+logits differ from the layer path's by the bf16 roundings attention skips.
 
 Used on the CPU for DECODE steps with the torch backend when the model has a full-width
 rotary and the KV pool is not FP8, unless the engine's ``cpu_decode`` debug switch is off (docs/switches.md).
@@ -220,7 +220,7 @@ def forward_decode(model, input_ids: torch.Tensor, positions: torch.Tensor, batc
         else:
             kk = k_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
             vv = v_cache.index_select(0, flat).view(B, L, Hkv, D).transpose(1, 2)
-        if upcast:  # attention in fp32: torch's emulated bf16 SDPA is slower (bench/RESULTS.md, "CPU decode routes")
+        if upcast:  # attention in fp32 where the routes say: torch's bf16 SDPA is slower there (cpu_routes.py)
             q, kk, vv = q.float(), kk.float(), vv.float()
         elif cast_kv:
             kk, vv = kk.to(q.dtype), vv.to(q.dtype)

@@ -19,9 +19,16 @@ streams fastest on this CPU, which no flag says: on one Intel CPU x @ W^T on a c
 transformers-style row-major GEMM was reported faster on an AMD EPYC (bench/RESULTS.md, "CPU
 decode routes").  A probe times both layouts once per process on weights larger than a
 core's cache (:func:`probe_fp32_layout`); input-major stays unless row-major is clearly
-faster.
-Every route computes the same products with fp32 accumulation; they differ in speed and, in
-bf16/fp16, in where the rounding to the dtype happens.
+faster.  Which library multiplies differs by CPU too: torch's BLAS is MKL, whose fp32 kernels
+on an AMD EPYC ran 1.6x (one row) to 2.3x (32 and more rows) slower than oneDNN's on the same
+row-major weights, and whose bf16 one-row GEMV 1.9x slower (bench/RESULTS.md, "2026-12-03
+(twelfth session)"), while on Intel CPUs MKL is as fast.  So a dtype's dense GEMMs go through
+oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise`` on the row-major weight) where a probe
+finds it clearly faster than the BLAS route (:func:`probe_onednn`).  Attention of a native
+low-precision dtype runs in fp32 where the probe finds torch's SDPA faster that way (on that
+EPYC bf16 decode attention of 32 rows took 3.8x the time of fp32's).
+Every route computes the same products with fp32 accumulation; they differ in speed, in the
+order of the sums and, in bf16/fp16, in where the rounding to the dtype happens.
 """
 from __future__ import annotations
 
@@ -39,6 +46,8 @@ log = logging.getLogger("localsgl.engine")
 LOWP = (torch.bfloat16, torch.float16)
 WIDEN_MIN_ROWS = 8  # rows from which widening beats torch's bf16 GEMV without native bf16 (bench/RESULTS.md)
 ROW_MAJOR_MARGIN = 1.15  # fp32 leaves the input-major layout only for row-major GEMMs this much faster
+ONEDNN_MARGIN = 1.15  # the GEMMs leave the BLAS route only for oneDNN's this much faster
+ATTENTION_FP32_MARGIN = 1.15  # native low-precision attention moves to fp32 only when this much faster
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class CpuRoutes:
     input_major: bool  # Linear weights stored as contiguous [in, out] (else row-major [out, in])
     widen_min_rows: int  # GEMMs of at least this many rows widen the weights to fp32 (0: never)
     attention_fp32: bool  # attention of this dtype computed in fp32
+    onednn: bool = False  # dense GEMMs by oneDNN's matmul on row-major weights (else torch's BLAS)
 
     def widen(self, rows: int) -> bool:
         return 0 < self.widen_min_rows <= rows
@@ -59,7 +69,8 @@ class CpuRoutes:
         widen = f"widen to fp32 from {self.widen_min_rows} rows" if self.widen_min_rows else "no widening"
         return (f"{str(self.dtype).removeprefix('torch.')} on {self.capability}: "
                 f"{'native' if self.native else 'emulated'}, "
-                f"{'input-major' if self.input_major else 'row-major'} weights, {widen}, "
+                f"{'input-major' if self.input_major else 'row-major'} weights, "
+                f"{'oneDNN' if self.onednn else 'BLAS'} GEMMs, {widen}, "
                 f"attention in {'fp32' if self.attention_fp32 else 'the dtype'}")
 
 
@@ -75,18 +86,23 @@ def native_matmul(dtype: torch.dtype) -> bool:
         return False
 
 
-def choose(dtype: torch.dtype, capability: str, native: bool, fp32_input_major: bool = True) -> CpuRoutes:
+def choose(dtype: torch.dtype, capability: str, native: bool, fp32_input_major: bool = True,
+           onednn: bool = False, lowp_attention_fp32: bool = False) -> CpuRoutes:
     """The routes for one dtype given the machine's signals (a pure function, for tests).
 
-    fp32: input-major weights unless the probe found row-major GEMMs clearly faster.  bf16/fp16
-    with native matmul: row-major weights (the native GEMV streams them fastest at one row; at
-    32 rows the layouts tie), no widening, attention in the dtype.  Without native matmul:
-    row-major weights (torch's low-precision GEMV wants them), widening from WIDEN_MIN_ROWS
-    rows, attention in fp32 (torch's emulated bf16 SDPA is slower)."""
+    fp32: oneDNN GEMMs on row-major weights where the probe found them clearly faster, else
+    input-major weights unless the probe found row-major GEMMs clearly faster.  bf16/fp16 with
+    native matmul: row-major weights (the native GEMV streams them fastest at one row; at 32
+    rows the layouts tie), oneDNN or BLAS GEMMs as probed, no widening, attention in the dtype
+    unless its probe found fp32 clearly faster.  Without native matmul: row-major weights
+    (torch's low-precision GEMV wants them), BLAS, widening from WIDEN_MIN_ROWS rows,
+    attention in fp32 (torch's emulated bf16 SDPA is slower)."""
     if dtype not in LOWP:
-        return CpuRoutes(dtype, capability, True, fp32_input_major, widen_min_rows=0, attention_fp32=False)
+        return CpuRoutes(dtype, capability, True, fp32_input_major and not onednn, widen_min_rows=0,
+                         attention_fp32=False, onednn=onednn)
     if native:
-        return CpuRoutes(dtype, capability, True, input_major=False, widen_min_rows=0, attention_fp32=False)
+        return CpuRoutes(dtype, capability, True, input_major=False, widen_min_rows=0,
+                         attention_fp32=lowp_attention_fp32, onednn=onednn)
     return CpuRoutes(dtype, capability, False, input_major=False, widen_min_rows=WIDEN_MIN_ROWS, attention_fp32=True)
 
 
@@ -99,47 +115,141 @@ def prefer_input_major(times: list[tuple[float, float]]) -> bool:
     return ratio < ROW_MAJOR_MARGIN
 
 
+def _timed_rounds(candidates: list, budget_s: float) -> list[float]:
+    """Best process-CPU time of each callable, timed alternately: one warm-up round (the BLAS's
+    own dispatch), then at least 2 rounds until ``budget_s`` has passed; at most 64.  The
+    process's CPU time, which other work on a busy machine disturbs far less than the wall
+    clock (a wall-clock probe there took 2-14 s and answered at random)."""
+    best = [float("inf")] * len(candidates)
+    start = time.process_time()
+    for i in range(64):
+        for j, f in enumerate(candidates):
+            t = time.process_time()
+            f()
+            if i:
+                best[j] = min(best[j], time.process_time() - t)
+        if i >= 2 and time.process_time() - start > budget_s:
+            break
+    return best
+
+
 def probe_fp32_layout(rows: tuple[int, ...] = (1, 32), k: int = 576, n: int = 1536, mib: int = 32,
                       budget_s: float = 0.15) -> list[tuple[float, float]]:
     """Best times of x @ W^T over ``mib`` MiB of [n, k] weights (the shape of a small model's
     MLP), input-major (W^T contiguous) and row-major (W contiguous), for x of each row count:
     [(input-major s, row-major s)] per row count.  The weights are more than a core's cache
     holds, so they stream as in a decode step (on a weight that stays in cache the layouts
-    rank differently).  Times are the process's CPU time, which other work on a busy machine
-    disturbs far less than the wall clock; the layouts are timed alternately until
-    ``budget_s`` of it has passed, at least 2 rounds after a warm-up."""
+    rank differently)."""
     g = torch.Generator().manual_seed(0)
     count = max(1, (mib << 20) // (4 * k * n))
     ws = [torch.empty(n, k).uniform_(-1, 1, generator=g) for _ in range(count)]
-    layouts = ([w.t().contiguous() for w in ws], [w.t() for w in ws])
-    xs = [torch.empty(r, k).uniform_(-1, 1, generator=g) for r in rows]
-    best = [[float("inf")] * 2 for _ in rows]
-    start = time.process_time()
-    for i in range(64):
-        for x, b in zip(xs, best):
-            for j, layout in enumerate(layouts):
-                t = time.process_time()
-                for w in layout:
-                    torch.mm(x, w)
-                if i:  # the first round warms the BLAS's own dispatch
-                    b[j] = min(b[j], time.process_time() - t)
-        if i >= 2 and time.process_time() - start > budget_s:
-            break
-    return [(t_in, t_row) for t_in, t_row in best]
+    input_major, row_major = [w.t().contiguous() for w in ws], [w.t() for w in ws]
+    out = []
+    for r in rows:
+        x = torch.empty(r, k).uniform_(-1, 1, generator=g)
+        out.append(tuple(_timed_rounds([lambda: [torch.mm(x, w) for w in input_major],
+                                        lambda: [torch.mm(x, w) for w in row_major]], budget_s / len(rows))))
+    return out
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's linear op (an inductor op of CPU builds with mkldnn)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def onednn_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w.T for a contiguous row-major w [N, K], by oneDNN's matmul."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
+
+
+def _blas_row_major(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """linear.cpu_mm's BLAS route on a row-major w [N, K]: torch's GEMV for one row, else its GEMM."""
+    return torch.mv(w, x[0]).unsqueeze(0) if x.shape[0] == 1 else torch.mm(x, w.t())
+
+
+def probe_onednn(dtype: torch.dtype, fp32_input_major: bool = True, rows: tuple[int, ...] = (1, 32), k: int = 576,
+                 n: int = 1536, mib: int = 32, budget_s: float = 0.15) -> list[tuple[float, float]]:
+    """[(BLAS route s, oneDNN s)] per row count for x @ W^T over ``mib`` MiB of [n, k] weights
+    in ``dtype`` (more than a core's cache, as in probe_fp32_layout): the BLAS route as cpu_mm
+    takes it (fp32: on the layout ``fp32_input_major`` says; bf16/fp16: on row-major weights),
+    oneDNN's matmul on the row-major weights."""
+    g = torch.Generator().manual_seed(0)
+    count = max(1, (mib << 20) // (torch.finfo(dtype).bits // 8 * k * n))
+    ws = [torch.empty(n, k).uniform_(-1, 1, generator=g).to(dtype) for _ in range(count)]
+    wts = [w.t().contiguous() for w in ws] if dtype == torch.float32 and fp32_input_major else None
+    out = []
+    for r in rows:
+        x = torch.empty(r, k).uniform_(-1, 1, generator=g).to(dtype)
+        blas = (lambda: [torch.mm(x, w) for w in wts]) if wts is not None else (lambda: [_blas_row_major(x, w) for w in ws])
+        out.append(tuple(_timed_rounds([blas, lambda: [onednn_mm(x, w) for w in ws]], budget_s / len(rows))))
+    return out
+
+
+def probe_lowp_attention(dtype: torch.dtype, batches: tuple[int, ...] = (1, 32), heads: int = 8, kv_heads: int = 2,
+                         head_dim: int = 64, context: int = 256, budget_s: float = 0.1) -> list[tuple[float, float]]:
+    """[(SDPA in ``dtype`` s, SDPA in fp32 with the casts s)] per batch, for one decode token per
+    row over ``context`` keys (a mask where the batch has several rows, as the decode step
+    passes one then)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for b in batches:
+        q = torch.randn(b, heads, 1, head_dim, generator=g).to(dtype)
+        k = torch.randn(b, kv_heads, context, head_dim, generator=g).to(dtype)
+        v = torch.randn(b, kv_heads, context, head_dim, generator=g).to(dtype)
+        mask = torch.zeros(b, 1, 1, context, dtype=dtype) if b > 1 else None
+        mask32 = mask.float() if mask is not None else None
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def low():
+            sdpa(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+
+        def wide():
+            sdpa(q.float(), k.float(), v.float(), attn_mask=mask32, enable_gqa=heads != kv_heads).to(dtype)
+
+        out.append(tuple(_timed_rounds([low, wide], budget_s / len(batches))))
+    return out
+
+
+def _faster(times: list[tuple[float, float]], margin: float) -> bool:
+    """Whether the second of each pair is faster than the first by ``margin`` over the pairs
+    together (geometric mean of the ratios, so each row count counts alike)."""
+    return math.prod(a / b for a, b in times) ** (1 / len(times)) >= margin
 
 
 @functools.cache
 def detected_routes(dtype: torch.dtype) -> CpuRoutes:
-    """The routes for ``dtype`` on this machine (cached per process; fp32 probes once)."""
-    fp32_input_major = True
-    if dtype == torch.float32:
-        t0 = time.perf_counter()
-        times = probe_fp32_layout()
-        fp32_input_major = prefer_input_major(times)
-        log.debug("fp32 layout probe (input-major / row-major ms at 1, 32 rows): %s (%.0f ms)",
-                  ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times), (time.perf_counter() - t0) * 1e3)
-    routes = choose(dtype, torch.backends.cpu.get_cpu_capability(), native_matmul(dtype), fp32_input_major)
-    log.debug("CPU routes: %s", routes.describe())
+    """The routes for ``dtype`` on this machine (cached per process; probed once: fp32's
+    layout, whether oneDNN's GEMMs beat the BLAS route, a native low-precision dtype's
+    attention)."""
+    t0 = time.perf_counter()
+    native = native_matmul(dtype)
+    fp32_input_major, onednn, attention_fp32, notes = True, False, False, []
+    with torch.inference_mode():
+        if dtype == torch.float32:
+            times = probe_fp32_layout()
+            fp32_input_major = prefer_input_major(times)
+            notes.append("layout (input-major / row-major ms at 1, 32 rows): "
+                         + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times))
+        if native and onednn_available():
+            try:
+                times = probe_onednn(dtype, fp32_input_major)
+            except RuntimeError as e:  # an op this build cannot run: the BLAS route
+                notes.append(f"oneDNN unavailable ({e})")
+            else:
+                onednn = _faster(times, ONEDNN_MARGIN)
+                notes.append("GEMMs (BLAS / oneDNN ms at 1, 32 rows): "
+                             + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times))
+        if native and dtype in LOWP:
+            times = probe_lowp_attention(dtype)
+            attention_fp32 = _faster(times, ATTENTION_FP32_MARGIN)
+            notes.append("attention (dtype / fp32 ms at 1, 32 rows): "
+                         + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times))
+    routes = choose(dtype, torch.backends.cpu.get_cpu_capability(), native, fp32_input_major, onednn, attention_fp32)
+    log.debug("CPU routes: %s (probes %.0f ms: %s)", routes.describe(), (time.perf_counter() - t0) * 1e3,
+              "; ".join(notes))
     return routes
 
 
