@@ -76,15 +76,15 @@ def decode_rates(gen, bs: int, new: int) -> dict:
     return {"wall": bs * (new - 1) / (w_all - w_one), "cpu": bs * (new - 1) / max(c_all - c_one, 1e-9)}
 
 
-def environment() -> dict:
-    """What the kernels will see: torch's CPU capability, oneDNN's native bf16, our routes."""
+def environment(dtype: str) -> dict:
+    """What the kernels will see: torch's CPU capability, oneDNN's native bf16, our routes for ``dtype``."""
     from localsgl.engine.layers.cpu_routes import cpu_routes
 
     return {
         "capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
         "threads": torch.get_num_threads(),
-        "routes": {dt: cpu_routes(getattr(torch, dt)).describe() for dt in ("float32", "bfloat16")},
+        "routes": {dtype: cpu_routes(getattr(torch, dtype)).describe()},
     }
 
 
@@ -116,7 +116,10 @@ def worker(side: str, dtype: str, prompt_len: int, threads: int | None) -> None:
     else:
         m = hf_model(tdt)
         rate = lambda bs, new: hf_rate(m, bs, prompt_len, new)  # noqa: E731
-    print(json.dumps({"ready": environment()}), flush=True)
+    # this dtype's routes only, after the load: ours were probed on the engine's thread then, and a
+    # probe of another dtype here would run torch's thread pool from a second thread, which slowed
+    # the engine's decode by ~30 % on a 2-core EPYC (the pool is fastest in the thread that first used it)
+    print(json.dumps({"ready": environment(dtype)}), flush=True)
     for line in sys.stdin:
         bs, new = map(int, line.split())
         print(json.dumps({"rates": rate(bs, new)}), flush=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_routes import cpu_routes
 from .quant import QuantizedWeight, RowStack, matmul_ref, unpack_int4
 
 _INT4_GROUPS = (32, 64, 128, 256)
@@ -71,7 +72,7 @@ def _runner(w: QuantizedWeight, route: str, prepared):
         return nibbles
     from .linear import cpu_mm
 
-    dense = prepared  # [K, N] input-major: the dense weights' CPU route
+    dense = prepared  # [K, N] in the layout the dense weights' CPU route wants
     return lambda x: cpu_mm(x, dense)
 
 
@@ -114,7 +115,8 @@ def _prepare(w: QuantizedWeight, dtype: torch.dtype, cache: dict) -> str:
             return "int8-nibbles"
         except (RuntimeError, AttributeError):
             pass
-    cache[("dense", dtype)] = w.dequantize(dtype).t().contiguous()
+    dense = w.dequantize(dtype)  # [N, K] row-major: oneDNN's layout; else input-major, the BLAS one
+    cache[("dense", dtype)] = dense.t() if cpu_routes(dtype).onednn else dense.t().contiguous()
     return "dense"
 
 
