@@ -91,5 +91,9 @@ def test_embedded_model_kept_quantized_in_bf16_matches_its_dense_load():
     a, b = prefill_logits(kept, ids)[-4:].double(), prefill_logits(dense, ids)[-4:].double()
     head = kept.embed_tokens.weight
     assert isinstance(head, QuantizedWeight) and head._cpu_cache[("route", torch.bfloat16)] == "int8-nibbles"
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # the dense model's choice is the kept model's too, up to one bf16 step of its logits (a tie in
+    # bf16 goes to the lower token id: on a 2-core EPYC two logits of the last position rounded to 25.125)
+    top = a.max(-1).values
+    step = torch.exp2(torch.floor(torch.log2(top.abs())) - 7)  # bf16's spacing at the top logit
+    assert (a.gather(1, b.argmax(-1, keepdim=True))[:, 0] >= top - step).all()
     assert float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min()) > 0.999  # 0.9996 seen; without the low nibbles 0.970
