@@ -19,8 +19,8 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def _entries(device_index: int) -> tuple:
-    path = os.environ.get("LOCALSGL_QUANT_TILES")
+def _entries(device_index: int, path: str | None) -> tuple:
+    """The entries of ``path`` (LOCALSGL_QUANT_TILES), else of the device's tuned file."""
     if not path:
         name = torch.cuda.get_device_name(device_index).replace(" ", "_")
         path = Path(__file__).with_name("tuned") / f"{name}.json"
@@ -44,11 +44,12 @@ def lookup_entry(kind: str, w, m: int, device: torch.device) -> tuple[tuple, int
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
     memo = w.__dict__.setdefault("_tuned_tiles", {})
-    key = (kind, m, idx, os.environ.get("LOCALSGL_QUANT_TILES"))
+    path = os.environ.get("LOCALSGL_QUANT_TILES")
+    key = (kind, m, idx, path)
     if key not in memo:
         fmt, n, k = w.fmt.label(), w.out_features, w.in_features
         best = None
-        for e in _entries(idx):
+        for e in _entries(idx, path):
             if e["kind"] == kind and e["fmt"] == fmt and e["k"] == k and e["m"] == m:
                 d = abs(math.log(e["n"] / n))
                 if best is None or d < best[0]:

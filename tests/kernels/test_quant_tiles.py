@@ -44,6 +44,19 @@ def test_lookup_rules(table):
     assert quant_tiles.lookup("gemv", w, 1, torch.device("cpu")) is None
 
 
+def test_lookup_follows_the_variable(table, tmp_path, monkeypatch):
+    """Naming another file in LOCALSGL_QUANT_TILES takes effect at the next lookup, for a weight
+    that was looked up before too (benchmarks compare two files in one process)."""
+    cuda = torch.device("cuda", 0)
+    w = _w(6144, 4096)
+    assert quant_tiles.lookup("gemv", w, 1, cuda) == (8, 1024, 4, 1)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([dict(kind="gemv", fmt="int4 g128 asym", n=6144, k=4096, m=1, tile=[8, 1024, 8, 1, 1, 3])]))
+    monkeypatch.setenv("LOCALSGL_QUANT_TILES", str(other))
+    assert quant_tiles.lookup("gemv", w, 1, cuda) == (8, 1024, 8, 1, 1, 3)
+    assert quant_tiles.lookup("gemv", _w(14336, 4096), 1, cuda) == (8, 1024, 8, 1, 1, 3)
+
+
 @pytest.mark.parametrize("path", TUNED, ids=[p.stem for p in TUNED])
 def test_packaged_tables_are_valid(path):
     rows = json.loads(path.read_text())
