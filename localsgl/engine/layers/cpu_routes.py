@@ -249,7 +249,7 @@ def detected_routes(dtype: torch.dtype) -> CpuRoutes:
                          + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times))
     routes = choose(dtype, torch.backends.cpu.get_cpu_capability(), native, fp32_input_major, onednn, attention_fp32)
     log.info("CPU routes: %s (probes %.0f ms: %s)", routes.describe(), (time.perf_counter() - t0) * 1e3,
-              "; ".join(notes))
+             "; ".join(notes))
     return routes
 
 
