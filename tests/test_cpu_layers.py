@@ -203,6 +203,33 @@ def test_onednn_and_attention_probes():
     assert cpu_routes._faster([(1.6, 1.0), (1.0, 1.0)], m)
 
 
+@pytest.mark.parametrize("onednn_gain,attention_gain", [(1.0, 1.0), (2.0, 3.0)])
+def test_detected_routes_follow_the_probes(monkeypatch, onednn_gain, attention_gain):
+    """detected_routes turns the probes' times into the routes: oneDNN GEMMs (row-major weights)
+    and fp32 attention only where their probe found them clearly faster; the layout probe decides
+    fp32's layout otherwise; an emulated bf16 runs none of the GEMM and attention probes."""
+    ran = []
+    monkeypatch.setattr(cpu_routes, "onednn_available", lambda: True)
+    monkeypatch.setattr(cpu_routes, "native_matmul", lambda dtype: dtype != torch.float16)
+    monkeypatch.setattr(cpu_routes, "probe_fp32_layout", lambda: ran.append("layout") or [(1.0, 1.0), (1.0, 1.0)])
+    monkeypatch.setattr(cpu_routes, "probe_onednn",
+                        lambda dtype, im: ran.append(("onednn", dtype, im)) or [(onednn_gain, 1.0)] * 2)
+    monkeypatch.setattr(cpu_routes, "probe_lowp_attention",
+                        lambda dtype: ran.append(("attention", dtype)) or [(attention_gain, 1.0)] * 2)
+    detect = cpu_routes.detected_routes.__wrapped__  # uncached: this machine's routes stay as probed
+    on = onednn_gain > cpu_routes.ONEDNN_MARGIN
+    f32 = detect(torch.float32)
+    assert ran == ["layout", ("onednn", torch.float32, True)]
+    assert f32.onednn == on and f32.input_major == (not on) and not f32.attention_fp32
+    ran.clear()
+    bf16 = detect(torch.bfloat16)
+    assert ran == [("onednn", torch.bfloat16, True), ("attention", torch.bfloat16)]
+    assert bf16.native and bf16.onednn == on and bf16.attention_fp32 == (attention_gain > cpu_routes.ATTENTION_FP32_MARGIN)
+    ran.clear()
+    fp16 = detect(torch.float16)  # emulated here: no probe, the fixed emulated routes
+    assert ran == [] and not fp16.native and not fp16.onednn and fp16.attention_fp32
+
+
 @pytest.mark.skipif(not cpu_routes.onednn_available(), reason="this torch has no oneDNN linear op")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_onednn_gemm_route_within_the_rounding_bound(dtype):

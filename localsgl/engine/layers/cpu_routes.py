@@ -227,12 +227,15 @@ def detected_routes(dtype: torch.dtype) -> CpuRoutes:
     t0 = time.perf_counter()
     native = native_matmul(dtype)
     fp32_input_major, onednn, attention_fp32, notes = True, False, False, []
+
+    def note(what: str, times: list[tuple[float, float]]) -> None:
+        notes.append(f"{what} ms at 1, 32 rows: " + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times))
+
     with torch.inference_mode():
         if dtype == torch.float32:
             times = probe_fp32_layout()
             fp32_input_major = prefer_input_major(times)
-            notes.append("layout (input-major / row-major ms at 1, 32 rows): "
-                         + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times))
+            note("layout (input-major / row-major)", times)
         if native and onednn_available():
             try:
                 times = probe_onednn(dtype, fp32_input_major)
@@ -240,13 +243,11 @@ def detected_routes(dtype: torch.dtype) -> CpuRoutes:
                 notes.append(f"oneDNN unavailable ({e})")
             else:
                 onednn = _faster(times, ONEDNN_MARGIN)
-                notes.append("GEMMs (BLAS / oneDNN ms at 1, 32 rows): "
-                             + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times))
+                note("GEMMs (BLAS / oneDNN)", times)
         if native and dtype in LOWP:
             times = probe_lowp_attention(dtype)
             attention_fp32 = _faster(times, ATTENTION_FP32_MARGIN)
-            notes.append("attention (dtype / fp32 ms at 1, 32 rows): "
-                         + ", ".join(f"{a * 1e3:.2f}/{b * 1e3:.2f}" for a, b in times))
+            note("attention (dtype / fp32)", times)
     routes = choose(dtype, torch.backends.cpu.get_cpu_capability(), native, fp32_input_major, onednn, attention_fp32)
     log.info("CPU routes: %s (probes %.0f ms: %s)", routes.describe(), (time.perf_counter() - t0) * 1e3,
              "; ".join(notes))

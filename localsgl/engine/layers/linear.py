@@ -92,8 +92,9 @@ def cpu_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     by the route :func:`cpu_routes` picks for it: widened to fp32 for a low-precision dtype
     without native matmul from a few rows on (:func:`mm_lowp`), oneDNN's matmul on a row-major
     weight where the machine's probe chose it, torch's GEMV for one row of a row-major weight
-    (its GEMM path streams a single bf16 row up to 1.7x slower on some CPUs), else torch's GEMM.  The layer path and the lean CPU decode step both multiply here, so they take the
-    same route on the same rows."""
+    (its GEMM path streams a single bf16 row up to 1.7x slower on some CPUs), else torch's GEMM.
+    The layer path and the lean CPU decode step both multiply here, so they take the same route
+    on the same rows."""
     rows = x.shape[0]
     routes = cpu_routes(x.dtype)
     if x.dtype in LOWP and routes.widen(rows):
