@@ -348,25 +348,36 @@ _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 102
 # attention's merge): two give 3,798 against 3,811 µs per bs1 step (bench/RESULTS.md, "the step
 # around the weight streams").
 _CUDA_FULLK = {"qkv": (4, 2, 8, 1), "gate_up": (4, 16, 8, 1), "gemv": (4, 2, 16, 2), "lm_head": (4, 16, 8, 1)}
+# One-byte weights (fp8 e4m3 with row scales): a tile of the same rows holds half the bytes, so the
+# sweep over e4m3 (scripts/probe_gemv.py tiles fp8; bench/RESULTS.md, "2026-12-03 (thirteenth
+# session)") picked wider or more resident tiles: µs for 32 layers against the bf16 tiles over e4m3,
+# qkv 315 (354), o 191 (231), LM head 123 per call (132), gate_up as bf16's; down_proj's K-loop
+# tile with 4 rows and 4 warps, 541 (603).
+_CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 16, 8, 1), "gemv": (8, 4, 4, 1), "lm_head": (8, 16, 8, 1)}
+_CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
 
 
-def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv") -> Config | None:
+def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv",
+                   elem: int = 2) -> Config | None:
     """The tile for a ``kind`` stream whose row blocks come in multiples of ``rows_per_block``,
-    over K columns; None when the shape does not tile evenly (callers take the unfused path)."""
+    over K columns of ``elem``-byte weights; None when the shape does not tile evenly (callers
+    take the unfused path)."""
     if triton.next_power_of_2(K) <= FULLK_DEFAULT_MAX:
         if device_type != "cuda":
             return Config(min(4, rows_per_block), 0, 4, 1, 1, 2 if kind == "gemv" else 1)
-        r, per_sm, warps, ahead = _CUDA_FULLK[kind]
+        r, per_sm, warps, ahead = (_CUDA_FULLK_1B if elem == 1 else _CUDA_FULLK)[kind]
+        while elem == 1 and r > 4 and rows_per_block % r:  # a wider one-byte tile that does not divide
+            r //= 2
         return Config(min(r, rows_per_block), 0, warps, 1, per_sm, ahead)
     if device_type != "cuda":  # interpreter: small tiles
         for bk in (64, 32, 16):
             if K % bk == 0:
                 return Config(min(4, rows_per_block), bk, 4, 1)
         return None
-    r, bk, warps, stages = _CUDA_TILES[kind]
+    r, bk, warps, stages = (_CUDA_TILES_1B if elem == 1 else _CUDA_TILES)[kind]
     while bk > 64 and K % bk:
         bk //= 2
     if K % bk:
@@ -396,12 +407,12 @@ def _row_scales(scales) -> dict:
     return {} if scales is None else dict(S=scales, ROW_SCALE=True)
 
 
-def row_scaled_fits(rows_per_block: int, K: int, device_type: str, kind: str) -> bool:
+def row_scaled_fits(rows_per_block: int, K: int, device_type: str, kind: str, elem: int = 1) -> bool:
     """Whether a weight with one scale per row (fp8 e4m3, quant_gemv routes it here) of this
     shape takes these kernels: the full-K tiles (the fused ones too), or for a plain GEMV also
     the K-loop ones.  They stream bf16 at copy bandwidth, and an e4m3 tile widens to fp32 as a
     bf16 one does."""
-    cfg = default_config(rows_per_block, K, device_type, kind)
+    cfg = default_config(rows_per_block, K, device_type, kind, elem)
     if cfg is None or not _fits(cfg, K):
         return False
     if cfg.programs_per_sm:
@@ -436,7 +447,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     assert N == (num_heads + 2 * num_kv_heads) * D and w_qkv.shape[1] == K and w_qkv.stride(1) == 1
     assert cos_sin.shape[-1] == D and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    cfg = config or default_config(D // 2, K, x.device.type, "qkv")
+    cfg = config or default_config(D // 2, K, x.device.type, "qkv", w_qkv.element_size())
     assert _fits(cfg, K) and (D // 2) % cfg.block_r == 0
     xr = _check_row(x, K)
     has_res = residual is not None
@@ -473,7 +484,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     K = x.shape[-1]
     I = w_gate_up.shape[0] // 2
     assert w_gate_up.shape == (2 * I, K) and w_gate_up.stride(1) == 1
-    cfg = config or default_config(I, K, x.device.type, "gate_up")
+    cfg = config or default_config(I, K, x.device.type, "gate_up", w_gate_up.element_size())
     assert _fits(cfg, K) and I % cfg.block_r == 0
     xr = _check_row(x, K)
     rr = _check_row(residual, K)
@@ -505,7 +516,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
     ("gemv" for the layer projections, "lm_head" for the vocabulary-wide one)."""
     N, K = w.shape
     assert w.stride(1) == 1
-    cfg = config or default_config(N, K, x.device.type, kind)
+    cfg = config or default_config(N, K, x.device.type, kind, w.element_size())
     assert _fits(cfg, K) and N % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
     xr = _check_row(x, K)
     out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)

@@ -12,7 +12,7 @@ Usage (device machine, PYTHONPATH as in scripts/device_check.sh):
     python3 scripts/probe_extend.py [--shapes 0:2048,30720:2048,118000:2048]
         [--configs sweep|default|BM,BN,WARPS,STAGES[,FLAGS];...] [--extra-shapes P:E,...]
         [--top 3] [--slots contiguous|random] [--baseline FILE] [--json FILE]
-FLAGS letters: e (V loaded early), x (bf16 exp2).
+FLAGS letters: e (V loaded early), x (bf16 exp2), I (64-bit K/V offsets instead of 32-bit).
 ``--extra-shapes`` are timed for the ``--top`` fastest configs on the heaviest shape only;
 ``--baseline`` names another copy of kernels/extend_attention.py (e.g. the committed
 version) timed with its own default configuration, for an A/B in the same process.
@@ -58,7 +58,8 @@ def parse_configs(text: str, head_dim: int, group: int, device) -> list[ext.Exte
             f = c.split(",")
             flags = f[4] if len(f) > 4 else ""
             flags = "e" if flags in ("1", "early") else flags
-            out.append(ext.ExtendConfig(int(f[0]), int(f[1]), int(f[2]), int(f[3]), "e" in flags, "x" in flags))
+            out.append(ext.ExtendConfig(int(f[0]), int(f[1]), int(f[2]), int(f[3]), "e" in flags, "x" in flags,
+                                        offs32="I" not in flags))
     return list(dict.fromkeys(out))
 
 
@@ -176,7 +177,7 @@ def compiled_resources() -> list[str]:
                     idx = key[0] if isinstance(key, tuple) and key else key
                     c[names[idx] if isinstance(idx, int) and idx < len(names) else idx] = v
                 tile = "x".join(str(c.get(n, "?")) for n in ("BLOCK_M", "BLOCK_N")) if c else "?"
-                tile += "".join(f" {n}={c[n]}" for n in ("V_EARLY", "EXP16") if c.get(n))
+                tile += "".join(f" {n}={c[n]}" for n in ("V_EARLY", "EXP16", "OFFS32") if c.get(n))
                 lines.append(f"{tile} w{k.metadata.num_warps} s{k.metadata.num_stages}: smem {k.metadata.shared} B, "
                              f"regs {getattr(k, 'n_regs', '?')}, spills {getattr(k, 'n_spills', '?')}")
     except Exception as e:  # noqa: BLE001 - diagnostics only
@@ -187,7 +188,7 @@ def compiled_resources() -> list[str]:
 def cfg_name(cfg) -> str:
     if cfg is None:
         return "baseline(default)"
-    flags = "".join(f for f, on in ((" early", cfg.v_early), (" exp16", cfg.exp16)) if on)
+    flags = "".join(f for f, on in ((" early", cfg.v_early), (" exp16", cfg.exp16), (" offs64", not cfg.offs32)) if on)
     return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{flags}"
 
 

@@ -6,8 +6,10 @@ CUDA graph.
      per projection: the µs for 32 layers and the TB/s;
   2. the layer sequence without attention: the unfused chain (9 launches per layer) vs the
      fused one (4), and fused with cuBLAS for o/down.
-Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short|resident|pdl2]  (kloop: sweep K-loop tiles instead of full-K; short: 6 full-K tiles;
-       resident: 1-16 programs per SM, 4 or 8 warps; pdl2: 2-4 row full-K tiles, down's K-loop tiles)
+Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short|resident|pdl2|fp8]  (kloop: sweep K-loop tiles instead of full-K; short: 6 full-K tiles;
+       resident: 1-16 programs per SM, 4 or 8 warps; pdl2: 2-4 row full-K tiles, down's K-loop tiles;
+       fp8: the tiles over e4m3 weights with one scale per row, as quant_gemv routes an fp8 model's batch-1
+       GEMVs here: full-K 4-16 rows, 1-16 programs per SM, and K-loop tiles for down; no cuBLAS column)
 """
 from __future__ import annotations
 
@@ -52,11 +54,26 @@ def time_calls(fn, reps=20):
     return e0.elapsed_time(e1) * 1e3 / reps
 
 
+FP8 = "fp8" in sys.argv
+
+
 def weights():
     torch.manual_seed(0)
-    mk = lambda n, k: torch.randn(L, n, k, device="cuda", dtype=DT) * 0.02  # noqa: E731
-    return {"qkv": mk((HQ + 2 * HKV) * D, H), "o": mk(H, HQ * D), "gate_up": mk(2 * I, H), "down": mk(H, I),
-            "lm": torch.randn(V, H, device="cuda", dtype=DT) * 0.02}
+    if FP8:  # e4m3 values with one fp32 scale per row (the scales' values do not change the timing)
+        mk = lambda n, k: torch.randn(L, n, k, device="cuda").to(torch.float8_e4m3fn)  # noqa: E731
+        lm = torch.randn(V, H, device="cuda").to(torch.float8_e4m3fn)
+    else:
+        mk = lambda n, k: torch.randn(L, n, k, device="cuda", dtype=DT) * 0.02  # noqa: E731
+        lm = torch.randn(V, H, device="cuda", dtype=DT) * 0.02
+    return {"qkv": mk((HQ + 2 * HKV) * D, H), "o": mk(H, HQ * D), "gate_up": mk(2 * I, H), "down": mk(H, I), "lm": lm}
+
+
+def row_scales(W):
+    """Per weight, its per-layer row scales (fp8) or Nones."""
+    if not FP8:
+        return {k: [None] * L for k in W}
+    return {k: (torch.full((w.shape[-2],), 0.02, device="cuda") if k == "lm"
+                else torch.full((L, w.shape[-2]), 0.02, device="cuda")) for k, w in W.items()}
 
 
 def probe_tiles(W):
@@ -77,14 +94,21 @@ def probe_tiles(W):
         print(f"{name:44s} {us:9.1f} us / 32 layers  {nbytes / us / 1e6:6.3f} TB/s", flush=True)
         return us
 
+    S = row_scales(W)
     for key in ("qkv", "o", "gate_up", "down"):
+        if FP8:
+            break
         w = W[key]
         xin = xi if key == "down" else x
         nbytes = w.numel() * 2
         res[(key, "cublas")] = report(f"{key} cublas", timed_graph(lambda: [F.linear(xin, w[i]) for i in range(L)]), nbytes)
-    res[("lm", "cublas")] = report("lm cublas (+ .float())", timed_graph(lambda: F.linear(x, W["lm"]).float(), 20) * L,
-                                   W["lm"].numel() * 2 * L)
-    if "kloop" in sys.argv:  # the K-loop tile sweep (RESULTS.md: "fused weight streams")
+    if not FP8:
+        res[("lm", "cublas")] = report("lm cublas (+ .float())", timed_graph(lambda: F.linear(x, W["lm"]).float(), 20) * L,
+                                       W["lm"].numel() * 2 * L)
+    if FP8:  # full-K tiles for every stream (down's K too) and K-loop tiles for down
+        grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((4, 8, 16), (1, 2, 4, 16), (4, 8))]
+        grid += [G.Config(rr, bk, nw_, 1) for rr, bk, nw_ in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
+    elif "kloop" in sys.argv:  # the K-loop tile sweep (RESULTS.md: "fused weight streams")
         grid = [G.Config(rr, kk, nw_, st) for rr, kk, nw_, st in itertools.product((2, 4, 8), (256, 512, 1024), (4, 8), (1,))]
         grid += [G.Config(4, 512, 4, 3), G.Config(8, 256, 4, 3), G.Config(2, 1024, 4, 3), G.Config(1, 1024, 4, 1),
                  G.Config(1, 2048, 8, 1), G.Config(16, 256, 8, 1)]
@@ -96,20 +120,44 @@ def probe_tiles(W):
             grid += [G.Config(rr, bk, nw_, 1) for rr, bk, nw_ in ((8, 1024, 8), (4, 1024, 8), (8, 512, 8), (4, 512, 4))]
         if "resident" in sys.argv:  # fewer resident programs, so a PDL successor finds room to prefetch
             grid = [G.Config(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in itertools.product((4, 8), (1, 2, 4, 16), (4, 8))]
-    for cfg in grid:
-        runs = {
-            "qkv": (lambda: [G.norm_qkv(x, r, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV, config=cfg)
-                             for i in range(L)], "qkv fused", W["qkv"].numel() * 2, 1),
-            "gate_up": (lambda: [G.norm_gate_up(x, r, nw, 1e-5, W["gate_up"][i], config=cfg) for i in range(L)],
-                        "gate_up fused", W["gate_up"].numel() * 2, 1),
-            "o": (lambda: [G.gemv(x, W["o"][i], config=cfg) for i in range(L)], "o gemv", W["o"].numel() * 2, 1),
-            "down": (lambda: [G.gemv(xi, W["down"][i], config=cfg) for i in range(L)], "down gemv",
-                     W["down"].numel() * 2, 1),
-            "lm": (lambda: G.gemv(x, W["lm"], out_dtype=torch.float32, config=cfg), "lm gemv fp32 out",
-                   W["lm"].numel() * 2 * L, L),
+    def runs_for(cfg, layers=L):
+        e = W["qkv"].element_size()
+        return {
+            "qkv": (lambda: [G.norm_qkv(x, r, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV, config=cfg,
+                                        scales=S["qkv"][i]) for i in range(layers)], "qkv fused", W["qkv"].numel() * e, 1),
+            "gate_up": (lambda: [G.norm_gate_up(x, r, nw, 1e-5, W["gate_up"][i], config=cfg, scales=S["gate_up"][i])
+                                 for i in range(layers)], "gate_up fused", W["gate_up"].numel() * e, 1),
+            "o": (lambda: [G.gemv(x, W["o"][i], config=cfg, scales=S["o"][i]) for i in range(layers)], "o gemv",
+                  W["o"].numel() * e, 1),
+            "down": (lambda: [G.gemv(xi, W["down"][i], config=cfg, scales=S["down"][i]) for i in range(layers)],
+                     "down gemv", W["down"].numel() * e, 1),
+            "lm": (lambda: G.gemv(x, W["lm"], out_dtype=torch.float32, config=cfg, kind="lm_head", scales=S["lm"]),
+                   "lm gemv fp32 out", W["lm"].numel() * e * L, L),
         }
+
+    def skip(cfg, key):
+        if "pdl2" in sys.argv and (cfg.programs_per_sm == 0) != (key == "down"):
+            return True
+        return FP8 and cfg.programs_per_sm == 0 and key != "down"  # fp8: row scales need full-K but for down
+
+    if FP8:  # compile every tile in parallel first (a dry pass of one layer each)
+        from localsgl_kernels.compile_ahead import compile_only
+
+        with compile_only():
+            for cfg in grid:
+                for key, (fn, *_rest) in runs_for(cfg, 1).items():
+                    if not skip(cfg, key):
+                        try:
+                            fn()
+                        except Exception:  # noqa: BLE001 - reported when timed
+                            pass
+    if FP8:  # the tile each stream gets today
+        for key, (fn, label, nbytes, scale) in runs_for(None).items():
+            res[(key, "default")] = report(f"{label} default", timed_graph(fn) * scale, nbytes)
+    for cfg in grid:
+        runs = runs_for(cfg)
         for key, (fn, label, nbytes, scale) in runs.items():
-            if "pdl2" in sys.argv and (cfg.programs_per_sm == 0) != (key == "down"):
+            if skip(cfg, key):
                 continue
             try:
                 res[(key, cfg)] = report(f"{label} {tuple(cfg)}", timed_graph(fn) * scale, nbytes)
@@ -117,10 +165,12 @@ def probe_tiles(W):
                 print(f"{label} {tuple(cfg)} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
     print("\nbest per projection (us / 32 layers):")
     for key in ("qkv", "o", "gate_up", "down", "lm"):
-        cands = [(us, c) for (k, c), us in res.items() if k == key and c != "cublas"]
+        cands = [(us, c) for (k, c), us in res.items() if k == key and c not in ("cublas", "default")]
         if cands:
             us, c = min(cands, key=lambda t: t[0])
-            print(f"  {key:8s} cublas {res[(key, 'cublas')]:8.1f}   triton best {us:8.1f} {c}")
+            base = f"cublas {res[(key, 'cublas')]:8.1f}" if (key, "cublas") in res else ""
+            default = f"default {res[(key, 'default')]:8.1f}" if (key, "default") in res else ""
+            print(f"  {key:8s} {base}{default}   triton best {us:8.1f} {c}")
 
 
 def probe_layers(W):

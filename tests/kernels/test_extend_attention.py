@@ -68,10 +68,11 @@ def test_single_prompt_no_prefix():
     assert err < 1e-2
 
 
-# (BLOCK_M, BLOCK_N, warps, stages, v_early, exp16): the interpreter runs any tile (exp16 is
+# (BLOCK_M, BLOCK_N, warps, stages, v_early, exp16[, offs32]): the interpreter runs any tile (exp16 is
 # inline PTX, off there); on a GPU these include the shapes the CUDA configurations use
-TILES = [(16, 16, 4, 1, True), (64, 32, 4, 1, False)] if not ON_GPU else [
-    (256, 64, 8, 3, False, True), (256, 64, 8, 3, False), (128, 64, 8, 2, True), (64, 64, 4, 3, False)]
+TILES = [(16, 16, 4, 1, True), (64, 32, 4, 1, False), (16, 16, 4, 1, False, False, False)] if not ON_GPU else [
+    (256, 64, 8, 3, False, True), (256, 64, 8, 3, False), (128, 64, 8, 2, True), (64, 64, 4, 3, False),
+    (256, 64, 8, 3, False, True, False)]
 
 
 @pytest.mark.parametrize("tile", TILES)

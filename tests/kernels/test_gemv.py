@@ -125,6 +125,21 @@ def test_support_checks():
     assert G.default_config(8, 4096, dev, "lm_head").programs_per_sm > 0
 
 
+def test_one_byte_weights_take_their_own_cuda_tiles():
+    """fp8 (one byte a weight) streams take the one-byte tile table, at least as many rows a
+    tile as bf16's; a wide tile that does not divide the row blocks falls back to fewer rows,
+    and a long K takes the one-byte K-loop tile."""
+    for kind in ("qkv", "gate_up", "gemv", "lm_head"):
+        bf16, fp8 = G.default_config(64, 4096, "cuda", kind), G.default_config(64, 4096, "cuda", kind, elem=1)
+        assert fp8.programs_per_sm and fp8.block_r >= bf16.block_r
+        assert (fp8.block_r, fp8.programs_per_sm, fp8.num_warps) == G._CUDA_FULLK_1B[kind][:3]
+    assert G.default_config(4, 4096, "cuda", "gemv", elem=1).block_r == 4
+    assert G.default_config(12, 4096, "cuda", "gemv", elem=1).block_r == 4  # 8 rows do not divide 12
+    down = G.default_config(4096, 14336, "cuda", "gemv", elem=1)
+    assert down.programs_per_sm == 0 and (down.block_r, down.block_k, down.num_warps) == G._CUDA_TILES_1B["gemv"][:3]
+    assert G.default_config(12, 4096, "cuda", "gemv").block_r == 4  # two-byte tiles unchanged
+
+
 def test_pdl_is_off_on_cpu_or_when_disabled():
     """PDL launch options are never passed on the CPU or under the interpreter (the kernels'
     ``PDL`` constexpr is False there), and the switch turns them off on any device."""
