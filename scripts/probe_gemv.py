@@ -95,9 +95,7 @@ def probe_tiles(W):
         return us
 
     S = row_scales(W)
-    for key in ("qkv", "o", "gate_up", "down"):
-        if FP8:
-            break
+    for key in () if FP8 else ("qkv", "o", "gate_up", "down"):  # cuBLAS has no e4m3 GEMV to compare with
         w = W[key]
         xin = xi if key == "down" else x
         nbytes = w.numel() * 2
@@ -140,7 +138,7 @@ def probe_tiles(W):
             return True
         return FP8 and cfg.programs_per_sm == 0 and key != "down"  # fp8: row scales need full-K but for down
 
-    if FP8:  # compile every tile in parallel first (a dry pass of one layer each)
+    if FP8:  # compile every tile in parallel first (a dry pass of one layer each), then time today's tiles
         from localsgl_kernels.compile_ahead import compile_only
 
         with compile_only():
@@ -151,7 +149,6 @@ def probe_tiles(W):
                             fn()
                         except Exception:  # noqa: BLE001 - reported when timed
                             pass
-    if FP8:  # the tile each stream gets today
         for key, (fn, label, nbytes, scale) in runs_for(None).items():
             res[(key, "default")] = report(f"{label} default", timed_graph(fn) * scale, nbytes)
     for cfg in grid:
