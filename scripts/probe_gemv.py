@@ -222,7 +222,7 @@ def probe_layers(W):
 
 
 if __name__ == "__main__":
-    what = [a for a in sys.argv[1:] if a not in ("kloop", "short", "resident", "pdl2")] or ["layers", "tiles"]
+    what = [a for a in sys.argv[1:] if a not in ("kloop", "short", "resident", "pdl2", "fp8")] or ["layers", "tiles"]
     W = weights()
     for w in what:
         {"tiles": probe_tiles, "layers": probe_layers}[w](W)
