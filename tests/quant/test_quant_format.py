@@ -171,6 +171,9 @@ def test_merged_linear_keeps_row_blocks_that_joining_would_widen():
     assert [p.fmt for p in w.parts] == [fq, fv] and [p.out_features for p in w.parts] == [96, 32]
     assert w.nbytes == sum(p.nbytes for p in parts.values())  # nothing widened
     assert torch.equal(w.dequantize(), dense) and torch.equal(w.dequantize(rows=slice(90, 100)), dense[90:100])
+    for rows in (slice(3, 40), slice(100, None), slice(None, 96), slice(50, 50), slice(0, 128, 3),
+                 torch.tensor([127, 0, 95, 96])):  # in one part, the second alone, empty, strided, gathered
+        assert torch.equal(w.dequantize(torch.bfloat16, rows), dense.bfloat16()[rows]), rows
     torch.testing.assert_close(m(x), x @ dense.t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(matmul(x.bfloat16(), w).float(), x @ dense.t(), rtol=2e-2, atol=2e-1)
     bias = torch.randn(128, generator=g)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import weight_policy
-from .cpu_routes import LOWP, cpu_routes, onednn_mm
+from .cpu_routes import LOWP, blas_mm, cpu_routes, onednn_mm
 from .quant import QuantizedWeight, RowStack, concat_rows, is_quantized, keeps_row_blocks, row_runs
 from .quant import matmul as quant_matmul
 
@@ -91,20 +91,16 @@ def cpu_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     weight is input-major, the transpose view of a row-major weight otherwise), in x's dtype
     by the route :func:`cpu_routes` picks for it: widened to fp32 for a low-precision dtype
     without native matmul from a few rows on (:func:`mm_lowp`), oneDNN's matmul on a row-major
-    weight where the machine's probe chose it, torch's GEMV for one row of a row-major weight
-    (its GEMM path streams a single bf16 row up to 1.7x slower on some CPUs), else torch's GEMM.
+    weight where the machine's probe chose it, else torch's BLAS (:func:`blas_mm`).
     The layer path and the lean CPU decode step both multiply here, so they take the same route
     on the same rows."""
     rows = x.shape[0]
     routes = cpu_routes(x.dtype)
     if x.dtype in LOWP and routes.widen(rows):
         return mm_lowp(x, w).to(x.dtype)
-    row_major = w.stride(0) == 1 and w.shape[1] > 1
-    if routes.onednn and row_major:
+    if routes.onednn and w.stride(0) == 1 and w.shape[1] > 1:  # a row-major weight
         return onednn_mm(x, w.t())
-    if rows == 1 and row_major:
-        return torch.mv(w.t(), x[0]).unsqueeze(0)
-    return torch.mm(x, w)
+    return blas_mm(x, w)
 
 
 _SCRATCH_FLOATS = 2 << 20  # 8 MiB of fp32 weight at a time (a small CPU's L3 holds it)

@@ -405,6 +405,17 @@ class RowStack(nn.Module):
         return f"{self.out_features}, {self.in_features}, {' + '.join(self.labels())}"
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Dense [N, K] (or the selected rows) in ``dtype``: a contiguous slice of rows
+        dequantizes only the parts it overlaps, other selections the whole stack."""
+        if isinstance(rows, slice) and rows.step in (None, 1):
+            lo, hi, _ = rows.indices(self.out_features)
+            pieces, off = [], 0
+            for p in self.parts:
+                a, b = max(lo, off), min(hi, off + p.out_features)
+                if a < b:
+                    pieces.append(p.dequantize(dtype, slice(a - off, b - off)))
+                off += p.out_features
+            return torch.cat(pieces) if pieces else torch.empty(0, self.in_features, dtype=dtype, device=self.device)
         dense = torch.cat([p.dequantize(dtype) for p in self.parts])
         return dense if rows is None else dense[rows]
 
