@@ -407,12 +407,12 @@ def _row_scales(scales) -> dict:
     return {} if scales is None else dict(S=scales, ROW_SCALE=True)
 
 
-def row_scaled_fits(rows_per_block: int, K: int, device_type: str, kind: str, elem: int = 1) -> bool:
+def row_scaled_fits(rows_per_block: int, K: int, device_type: str, kind: str) -> bool:
     """Whether a weight with one scale per row (fp8 e4m3, quant_gemv routes it here) of this
     shape takes these kernels: the full-K tiles (the fused ones too), or for a plain GEMV also
     the K-loop ones.  They stream bf16 at copy bandwidth, and an e4m3 tile widens to fp32 as a
     bf16 one does."""
-    cfg = default_config(rows_per_block, K, device_type, kind, elem)
+    cfg = default_config(rows_per_block, K, device_type, kind, elem=1)  # e4m3: one byte a weight
     if cfg is None or not _fits(cfg, K):
         return False
     if cfg.programs_per_sm:

@@ -230,6 +230,23 @@ def test_detected_routes_follow_the_probes(monkeypatch, onednn_gain, attention_g
     assert ran == [] and not fp16.native and not fp16.onednn and fp16.attention_fp32
 
 
+def test_blas_route_takes_the_gemv_for_one_row_of_a_row_major_weight(monkeypatch):
+    """blas_mm (cpu_mm's route without oneDNN, and the oneDNN probe's baseline): torch's GEMV for
+    one row of a row-major weight, its GEMM for more rows or an input-major weight; same values."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(40, 200, generator=g)
+    calls = []
+    real_mv, real_mm = torch.mv, torch.mm
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or real_mv(*a))
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append("mm") or real_mm(*a))
+    for rows, view, route in ((1, w.t(), "mv"), (2, w.t(), "mm"), (1, w.t().contiguous(), "mm")):
+        x = torch.randn(rows, 200, generator=g)
+        calls.clear()
+        y = cpu_routes.blas_mm(x, view)
+        assert calls == [route] and y.shape == (rows, 40)
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not cpu_routes.onednn_available(), reason="this torch has no oneDNN linear op")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_onednn_gemm_route_within_the_rounding_bound(dtype):

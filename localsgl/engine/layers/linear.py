@@ -94,9 +94,8 @@ def cpu_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     weight where the machine's probe chose it, else torch's BLAS (:func:`blas_mm`).
     The layer path and the lean CPU decode step both multiply here, so they take the same route
     on the same rows."""
-    rows = x.shape[0]
     routes = cpu_routes(x.dtype)
-    if x.dtype in LOWP and routes.widen(rows):
+    if x.dtype in LOWP and routes.widen(x.shape[0]):
         return mm_lowp(x, w).to(x.dtype)
     if routes.onednn and w.stride(0) == 1 and w.shape[1] > 1:  # a row-major weight
         return onednn_mm(x, w.t())
