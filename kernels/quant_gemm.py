@@ -138,13 +138,56 @@ def _word_columns(w, BIAS_BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexp
 
 
 @triton.jit
+def _pair_bits(v, DT: tl.constexpr):
+    """fp32 [R] -> int32 [R, 1] holding v rounded to the 16-bit float DT in both halves (an
+    operand of the packed x2 instructions)."""
+    h = v.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return (h | (h << 16))[:, None]
+
+
+@triton.jit
+def _half_nibbles(b, s, m, SYM: tl.constexpr, BIAS_BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Bytes b [R, C] of int4 pairs -> (s·q_lo + m, s·q_hi + m) [R, C] in x's 16-bit float DT,
+    q = u (− 8 when symmetric), s and m [R] of the group rounded to DT.  On the GPU four packed
+    instructions per byte, two weights: a multiply-add puts the high nibble 12 bits up, a lop3
+    ORs both nibbles into the mantissas of BIAS (128 in bf16, 1024 in fp16: BIAS + u exactly),
+    a packed subtract of BIAS leaves u exactly, and a packed FMA gives s·u + m rounded once.
+    Elsewhere the same values by fp32 math rounded to DT (the interpreter has no PTX)."""
+    sd = s.to(DT).to(tl.float32)
+    if SYM:
+        md = -8.0 * sd  # exact: a power-of-two multiple of a DT value
+    else:
+        md = m.to(DT).to(tl.float32)
+    if ASM:
+        sp = tl.broadcast_to(_pair_bits(sd, DT), b.shape)
+        mp = tl.broadcast_to(_pair_bits(md, DT), b.shape)
+        if BIAS_BITS == 0x4300:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, c; mov.b32 c, 0x43004300; mad.lo.u32 t, $2, 4097, 0; "
+                "lop3.b32 t, t, 0x000F000F, c, 0xEA; sub.bf16x2 t, t, c; fma.rn.bf16x2 t, t, $3, $4; "
+                "mov.b32 {$0, $1}, t; }",
+                "=h,=h,r,r,r", [b.to(tl.int32), sp, mp], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, c; mov.b32 c, 0x64006400; mad.lo.u32 t, $2, 4097, 0; "
+                "lop3.b32 t, t, 0x000F000F, c, 0xEA; sub.f16x2 t, t, c; fma.rn.f16x2 t, t, $3, $4; "
+                "mov.b32 {$0, $1}, t; }",
+                "=h,=h,r,r,r", [b.to(tl.int32), sp, mp], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        bi = b.to(tl.int32)
+        lo = ((bi & 0xF).to(tl.float32) * sd[:, None] + md[:, None]).to(DT)
+        hi = ((bi >> 4).to(tl.float32) * sd[:, None] + md[:, None]).to(DT)
+    return lo, hi
+
+
+@triton.jit
 def _qgemm_kernel(
     X, QW, S, Mn, Y, XS, M, N, K, stride_xm, stride_q, stride_s, stride_ym, stride_xs,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, INTERLEAVE: tl.constexpr, SCALE_AFTER: tl.constexpr = False, BIAS_BITS: tl.constexpr = 0,
     SWAP_AB: tl.constexpr = False, WORDS: tl.constexpr = False, ASM: tl.constexpr = False,
-    SPLIT: tl.constexpr = 1, WIDE: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1, WIDE: tl.constexpr = False, HALF_MATH: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     # split-K: program (pid, pid_k) sums columns [k_lo, k_lo + K / SPLIT) into its own fp32 slab of Y
@@ -195,6 +238,22 @@ def _qgemm_kernel(
                 else:
                     xs = tl.sum(x.to(tl.float32), 1)
                 acc += d * _along(s, ND) + _along(xs, 1 - ND) * _along(m - bias * s, ND)
+    elif KIND == 1 and HALF_MATH:  # int4 dequantized in x's 16-bit float, two at a time, in column order
+        offs = tl.arange(0, SUB // 2)
+        if HALF_MATH == 2:  # each group's scale and offset loaded one group ahead (loop-carried)
+            s, m = group_params(S, Mn, rows, stride_s, k_lo // GROUP, SYM)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            for j in tl.static_range(NS):
+                kj = k0 + j * SUB
+                if HALF_MATH == 2:
+                    s_next, m_next = group_params(S, Mn, rows, stride_s, tl.minimum(kj // GROUP + 1, K // GROUP - 1), SYM)
+                else:
+                    s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
+                x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
+                lo, hi = _half_nibbles(tl.load(wrow + (kj // 2 + offs)[None, :]), s, m, SYM, BIAS_BITS, x.dtype, ASM)
+                acc = _dot(x, tl.interleave(lo, hi), acc, SWAP_AB, PREC)
+                if HALF_MATH == 2:
+                    s, m = s_next, m_next
     elif KIND == 1:  # int4
         HALF: tl.constexpr = SUB // 2
         offs = tl.arange(0, HALF)
@@ -261,6 +320,11 @@ class Config(NamedTuple):
     # wide load and one dot, each column's scale gathered, instead of a load and a dot per group
     # (a Q6_K part as int8 g16: 16-byte rows and K = 16 dots otherwise)
     wide: int = 0
+    # int4 with bf16 / fp16 x, neither scale_after nor words (else ignored): the weights
+    # dequantized in x's 16-bit float, two per packed instruction (``_half_nibbles``: 2 ops a
+    # weight, where the fp32 dequantization takes ~7), the group's scale and offset rounded to x's
+    # dtype first; 2: each group's scale and offset loaded a group ahead
+    half_math: int = 0
 
 
 def default_config(rows: int, device_type: str, w=None) -> Config:
@@ -349,7 +413,8 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
     words = (bool(cfg.words) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not row_scaled(w)
              and w.qweight.is_contiguous() and K % 8 == 0 and w.group >= 32)
     qw, stride_q = (w.qweight.view(torch.int32), w.qweight.stride(0) // 4) if words else (w.qweight, w.qweight.stride(0))
-    bias_bits = _BIAS_BITS.get(x.dtype, 0) if (scale_after or words) else 0
+    half_math = cfg.half_math if w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not (scale_after or words) else 0
+    bias_bits = _BIAS_BITS.get(x.dtype, 0) if (scale_after or words or half_math) else 0
     # the words loop takes each group's Σx from here: one small reduction per call, where every
     # program summing its own copy cost as much as the unpacking (one add per weight at 64 rows)
     xs = torch.sum(x.unflatten(1, (K // w.group, w.group)), dim=-1, dtype=torch.float32) if words else y
@@ -360,7 +425,8 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERLEAVE=bool(cfg.interleave),
         SCALE_AFTER=scale_after, BIAS_BITS=bias_bits, SWAP_AB=bool(cfg.swap_ab), WORDS=words,
-        ASM=words and x.device.type == "cuda", SPLIT=split, WIDE=bool(cfg.wide) and not (scale_after or words),
+        ASM=(words or half_math) and x.device.type == "cuda", SPLIT=split,
+        WIDE=bool(cfg.wide) and not (scale_after or words or half_math), HALF_MATH=half_math,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         y.copy_(out.sum(dim=0))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [rowstack] [int8act] [structured]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
@@ -22,6 +22,9 @@
 #    Q6_K parts) swept (scripts/probe_quant_tiles.py, the words variant and split-K included) and merged over
 #    kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then scripts/bench_quant.py --formats bf16 int4
 #    with the tuned file and with the merged one, and SWEEP_GGUF (a GGUF file) with both when set)
+#   (gemmab: scripts/probe_quant_tiles.py --ab: each int4 GEMM shape's default tile against the same tile with the
+#    Config fields of GEMM_AB replaced, then scripts/bench_quant.py (AB_BENCH formats) alternately with the tuned
+#    file and with GEMM_AB's first variant applied to its int4 GEMM entries)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -162,6 +165,17 @@ if [[ "$EXTRA" == *" gemmsweep "* ]]; then
     echo "-- tiles: $tiles"
     LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats bf16 int4 --runs 3 \
       ${SWEEP_GGUF:+--gguf "$SWEEP_GGUF"} 2>&1 | grep -vE '^\{| INFO ' | tail -4
+  done
+fi
+if [[ "$EXTRA" == *" gemmab "* ]]; then
+  echo "== GEMM tiles A/B: each int4 shape's default tile against GEMM_AB's variants, then batch 64 with both"
+  timeout ${AB_TIMEOUT:-300} python3 scripts/probe_quant_tiles.py --formats ${AB_FORMATS:-int4g128 int4g32} \
+    --ab ${GEMM_AB:-half_math=1,scale_after=0 half_math=2,scale_after=0} --ab-tiles "$OUTDIR/ab_tiles.json" 2>&1 \
+    | tee "$OUTDIR/gemm_ab.log" | grep -vE "Warning|warn_once"
+  for tiles in "" "$OUTDIR/ab_tiles.json" "" "$OUTDIR/ab_tiles.json"; do
+    echo "-- tiles: ${tiles:-tuned}"
+    LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats ${AB_BENCH:-int4} --runs 2 \
+      2>&1 | grep -vE '^\{| INFO ' | tail -3
   done
 fi
 if [[ "$EXTRA" == *" rowstack "* ]]; then

@@ -244,7 +244,14 @@ def main() -> None:
     ap.add_argument("--words", type=int, choices=[0, 1, 2, 3], default=None,
                     help="time only the GEMV tiles of this words variant (the default tile is timed anyway); "
                          "3 (int8 activations) only when asked for: it rounds the activations")
+    ap.add_argument("--ab", nargs="*", default=None, metavar="FIELD=V[,FIELD=V]",
+                    help="GEMM only: instead of the sweep, each shape's default tile against the same tile with "
+                         "these Config fields replaced (one variant per argument)")
+    ap.add_argument("--ab-tiles", default=None, help="with --ab: write this GPU's tuned file with the first "
+                                                     "variant's fields applied to its int4 GEMM entries, here")
     args = ap.parse_args()
+    if args.ab is not None:
+        return ab(args)
     todo = [v for v in variants(args.formats, args.kinds)
             if v[0] != "gemv" or (v[3].words != 3 if args.words is None else v[3].words == args.words)]
     t0 = time.time()
@@ -332,6 +339,44 @@ def main() -> None:
         with open(args.tiles, "w") as f:
             json.dump(tiles, f, indent=1)
         print(f"{len(tiles)} tuned tiles -> {args.tiles}")
+
+
+def _fields(spec: str) -> dict:
+    return {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+
+
+def ab(args) -> None:
+    """Each GEMM shape's default tile (tuned or built-in, as the engine picks it) against the same
+    tile with fields replaced: µs per call of each, and whether each reproduces the fp32 result."""
+    variants_ = [_fields(v) for v in args.ab]
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s", flush=True)
+    print(f"{'fmt':9s} {'shape':8s} {'M':>3s} {'floor':>6s} {'default':>8s} " + " ".join(f"{v:>24s}" for v in args.ab)
+          + "  default tile")
+    for fmt, (name, (n, k)), m in itertools.product(args.formats, GEMM_SHAPES.items(), (16, 64)):
+        w = _weight(fmt, n, k)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = QM.dequant_matmul(x.float(), w)
+        cfg = QM.default_config(m, "cuda", w)
+        cells = []
+        for c in [cfg] + [cfg._replace(**v) for v in variants_]:
+            fn = _call("gemm", w, x, c)
+            ok = _close(fn(), ref)
+            cells.append(f"{timed(fn, 10):7.1f}{'' if ok else ' WRONG'}")
+        floor = max(w.nbytes / bw, 2 * m * n * k / TENSOR_FLOPS) * 1e6
+        print(f"{fmt:9s} {name:8s} {m:3d} {floor:6.1f} {cells[0]:>8s} " + " ".join(f"{c:>24s}" for c in cells[1:])
+              + f"  {tuple(cfg)}", flush=True)
+        del w
+    if args.ab_tiles:
+        from localsgl_kernels.quant_tiles import _entries
+
+        entries = [dict(e) for e in _entries(torch.cuda.current_device(), None)]
+        for e in entries:
+            if e["kind"] == "gemm" and e["fmt"].startswith("int4"):
+                e["tile"] = list(QM.Config(*e["tile"])._replace(**variants_[0]))
+        with open(args.ab_tiles, "w") as f:
+            json.dump(entries, f, indent=1)
+        print(f"{args.ab[0]} applied to the int4 GEMM entries -> {args.ab_tiles}")
 
 
 if __name__ == "__main__":
