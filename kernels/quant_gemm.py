@@ -151,7 +151,8 @@ def _half_nibbles(b, s, m, SYM: tl.constexpr, BIAS_BITS: tl.constexpr, DT: tl.co
     q = u (− 8 when symmetric), s and m [R] of the group rounded to DT.  On the GPU four packed
     instructions per byte, two weights: a multiply-add puts the high nibble 12 bits up, a lop3
     ORs both nibbles into the mantissas of BIAS (128 in bf16, 1024 in fp16: BIAS + u exactly),
-    a packed subtract of BIAS leaves u exactly, and a packed FMA gives s·u + m rounded once.
+    a packed FMA by 1 and −BIAS leaves u exactly (sm_80's form of a packed bf16 subtract), and a
+    packed FMA gives s·u + m rounded once.
     Elsewhere the same values by fp32 math rounded to DT (the interpreter has no PTX)."""
     sd = s.to(DT).to(tl.float32)
     if SYM:
@@ -163,15 +164,15 @@ def _half_nibbles(b, s, m, SYM: tl.constexpr, BIAS_BITS: tl.constexpr, DT: tl.co
         mp = tl.broadcast_to(_pair_bits(md, DT), b.shape)
         if BIAS_BITS == 0x4300:
             lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, c; mov.b32 c, 0x43004300; mad.lo.u32 t, $2, 4097, 0; "
-                "lop3.b32 t, t, 0x000F000F, c, 0xEA; sub.bf16x2 t, t, c; fma.rn.bf16x2 t, t, $3, $4; "
-                "mov.b32 {$0, $1}, t; }",
+                "{ .reg .b32 t, one, neg; mov.b32 one, 0x3F803F80; mov.b32 neg, 0xC300C300; "
+                "mad.lo.u32 t, $2, 4097, 0; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; "
+                "fma.rn.bf16x2 t, t, one, neg; fma.rn.bf16x2 t, t, $3, $4; mov.b32 {$0, $1}, t; }",
                 "=h,=h,r,r,r", [b.to(tl.int32), sp, mp], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
         else:
             lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, c; mov.b32 c, 0x64006400; mad.lo.u32 t, $2, 4097, 0; "
-                "lop3.b32 t, t, 0x000F000F, c, 0xEA; sub.f16x2 t, t, c; fma.rn.f16x2 t, t, $3, $4; "
-                "mov.b32 {$0, $1}, t; }",
+                "{ .reg .b32 t, one, neg; mov.b32 one, 0x3C003C00; mov.b32 neg, 0xE400E400; "
+                "mad.lo.u32 t, $2, 4097, 0; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; "
+                "fma.rn.f16x2 t, t, one, neg; fma.rn.f16x2 t, t, $3, $4; mov.b32 {$0, $1}, t; }",
                 "=h,=h,r,r,r", [b.to(tl.int32), sp, mp], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
     else:
         bi = b.to(tl.int32)

@@ -10,7 +10,8 @@
 #    start when .whl holds py-spy, then scripts/probe_load.py)
 #   (int8act: scripts/probe_quant_tiles.py --words 3: the batch-1 GEMVs over int8 activations and dp4a against
 #    each shape's default tile, per format of INT8ACT_FORMATS)
-#   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt)
+#   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt;
+#    NCU_ROWS=64 NCU_KERNELS=_qgemm: the decode batch's GEMMs instead)
 #   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
 #    with the engine core in-process and in its own process; each against its offline run;
 #    SERVING_HTTP_CLIENT=httpx: the client the fourth session measured with; SERVING1B_MODES="0": the core process alone)
@@ -24,7 +25,7 @@
 #    with the tuned file and with the merged one, and SWEEP_GGUF (a GGUF file) with both when set)
 #   (gemmab: scripts/probe_quant_tiles.py --ab: each int4 GEMM shape's default tile against the same tile with the
 #    Config fields of GEMM_AB replaced, then scripts/bench_quant.py (AB_BENCH formats) alternately with the tuned
-#    file and with GEMM_AB's first variant applied to its int4 GEMM entries)
+#    file and with GEMM_AB's first variant applied to its int4 GEMM entries, AB_PAIRS times)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -78,8 +79,8 @@ if [[ "$EXTRA" == *" int8act "* ]]; then
 fi
 if [[ "$EXTRA" == *" ncu "* ]]; then
   echo "== Nsight Compute on the batch-1 quantized GEMVs (NCU_FMT, default int4g128)"
-  timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --set full -k regex:'_qgemv|_qnorm|_prep|tinygemm|int4' \
-    python3 scripts/ncu_quant_gemv.py --fmt ${NCU_FMT:-int4g128} --calls 1 > "$OUTDIR/ncu.txt" 2>&1
+  timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --set full -k regex:${NCU_KERNELS:-'_qgemv|_qnorm|_prep|tinygemm|int4'} \
+    python3 scripts/ncu_quant_gemv.py --fmt ${NCU_FMT:-int4g128} --calls 1 --rows ${NCU_ROWS:-1} > "$OUTDIR/ncu.txt" 2>&1
   grep -E "^  [_a-zA-Z].*Context|Duration|DRAM Throughput|L1/TEX Cache Throughput|Registers Per|Achieved Occupancy" \
     "$OUTDIR/ncu.txt" | cut -c1-110 | head -80
 fi
@@ -172,10 +173,12 @@ if [[ "$EXTRA" == *" gemmab "* ]]; then
   timeout ${AB_TIMEOUT:-300} python3 scripts/probe_quant_tiles.py --formats ${AB_FORMATS:-int4g128 int4g32} \
     --ab ${GEMM_AB:-half_math=1,scale_after=0 half_math=2,scale_after=0} --ab-tiles "$OUTDIR/ab_tiles.json" 2>&1 \
     | tee "$OUTDIR/gemm_ab.log" | grep -vE "Warning|warn_once"
-  for tiles in "" "$OUTDIR/ab_tiles.json" "" "$OUTDIR/ab_tiles.json"; do
-    echo "-- tiles: ${tiles:-tuned}"
-    LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats ${AB_BENCH:-int4} --runs 2 \
-      2>&1 | grep -vE '^\{| INFO ' | tail -3
+  for pair in $(seq 1 ${AB_PAIRS:-2}); do
+    for tiles in "" "$OUTDIR/ab_tiles.json"; do
+      echo "-- tiles: ${tiles:-tuned}"
+      LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats ${AB_BENCH:-int4} \
+        --runs ${AB_RUNS:-2} 2>&1 | grep -vE '^\{| INFO ' | tail -3
+    done
   done
 fi
 if [[ "$EXTRA" == *" rowstack "* ]]; then

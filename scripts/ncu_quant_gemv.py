@@ -6,7 +6,9 @@
 (`bash scripts/device_check.sh none notests ncu` runs it so.)
 
 Runs the engine's calls with their default (tuned) tiles: norm + gate_up (fused), down, qkv (fused),
-o and the LM head, then torch's ``_weight_int4pack_mm`` on gate_up and down as a reference."""
+o and the LM head, then torch's ``_weight_int4pack_mm`` on gate_up and down as a reference.  With
+``--rows M`` (M > 1) the decode batch's GEMMs instead (quant_gemm.gemm on qkv, o, gate_up and down,
+their default tiles; profile them with -k regex:_qgemm)."""
 from __future__ import annotations
 
 import argparse
@@ -16,8 +18,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_quant_tiles import FORMATS, FUSED_SHAPES, GEMV_SHAPES, _fused_call, _weight  # noqa: E402
+from probe_quant_tiles import FORMATS, FUSED_SHAPES, GEMM_SHAPES, GEMV_SHAPES, _fused_call, _weight  # noqa: E402
 
+from localsgl_kernels import quant_gemm as QM  # noqa: E402
 from localsgl_kernels import quant_gemv as QV  # noqa: E402
 
 
@@ -25,7 +28,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fmt", default="int4g128", choices=list(FORMATS))
     ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1)
     args = ap.parse_args()
+    if args.rows > 1:
+        for shape, (n, k) in GEMM_SHAPES.items():
+            w = _weight(args.fmt, n, k)
+            x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
+            for _ in range(args.calls):
+                QM.gemm(x, w)
+            torch.cuda.synchronize()
+            print(shape, n, k, "rows", args.rows, "tile", tuple(QM.default_config(args.rows, "cuda", w)), flush=True)
+        return
     for shape, (n, k) in GEMV_SHAPES.items():
         w = _weight(args.fmt, n, k)
         xs = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
