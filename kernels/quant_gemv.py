@@ -185,9 +185,12 @@ def _qstream_groups(
 def _qgemv_kernel(X, XS, QW, S, Mn, Out, Part, K, N, stride_q, stride_s,
                   KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                  WORDS: tl.constexpr, LOG2G: tl.constexpr, SPLIT: tl.constexpr, PREP: tl.constexpr):
+                  WORDS: tl.constexpr, LOG2G: tl.constexpr, SPLIT: tl.constexpr, PREP: tl.constexpr,
+                  ATOMIC: tl.constexpr = False):
     """Rows of program 0's axis, columns [k·K/SPLIT, (k + 1)·K/SPLIT) of program 1's axis k:
-    the sums go to Out, or with SPLIT > 1 to the fp32 partials Part[k] (_sum_splits adds them)."""
+    the sums go to Out, or with SPLIT > 1 to the fp32 partials Part[k] (_sum_splits adds them),
+    or with ATOMIC (SPLIT == 2) added into the zeroed fp32 Out: 0 + a + b is the same sum in
+    either order, so the result does not depend on timing."""
     pid = tl.program_id(0)
     rows_a = pid * (2 * BLOCK_R) + tl.arange(0, BLOCK_R)
     rows_b = rows_a + BLOCK_R
@@ -198,6 +201,9 @@ def _qgemv_kernel(X, XS, QW, S, Mn, Out, Part, K, N, stride_q, stride_s,
     if SPLIT == 1:
         tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
         tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
+    elif ATOMIC:
+        tl.atomic_add(Out + rows_a, ya, sem="relaxed")
+        tl.atomic_add(Out + rows_b, yb, sem="relaxed")
     else:
         part = Part + tl.program_id(1).to(tl.int64) * N
         tl.store(part + rows_a, ya)
@@ -429,7 +435,8 @@ def _row_scales(w) -> torch.Tensor:
 
 def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv"):
     """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's); ``kind`` ("gemv" / "lm_head")
-    picks the dense tile where an fp8 weight takes those (``_dense_tiles``)."""
+    picks the dense tile where an fp8 weight takes those (``_dense_tiles``).  An fp32 out_dtype
+    saves a tile cut in two K halves its summing launch (_qgemv_kernel's ATOMIC)."""
     N, K = w.out_features, w.in_features
     if _dense_tiles(w, config, N, kind):
         return G.gemv(x, w.qweight, out_dtype, kind=kind, scales=_row_scales(w))
@@ -438,15 +445,20 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
     split = max(1, cfg.split_k)
     assert N % (2 * cfg.block_r) == 0 and K % (cfg.block_k * split) == 0
     out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
-    part = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 else out
     meta = _meta(w, cfg, x.device)
+    # two K halves into an fp32 output: added there atomically, zeroed by the preparation before,
+    # instead of partials and a launch to sum them
+    atomic = split == 2 and bool(meta["PREP"]) and out.dtype == torch.float32
+    part = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 and not atomic else out
     qw, stride_q = _qweight(w, meta["WORDS"])
     xr = _check_row(x, K)
-    xp, xs = (prepare_activations(w, xr, None, None, 0.0, None, cfg.block_k, int8=meta["PREP"] == 2)
+    xp, xs = (prepare_activations(w, xr, None, None, 0.0, None, cfg.block_k, int8=meta["PREP"] == 2,
+                                  zero=out if atomic else None)
               if meta["PREP"] else (xr, xr))
     _qgemv_kernel[(N // (2 * cfg.block_r), split)](
-        xp, xs, qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, **meta)
-    if split > 1:
+        xp, xs, qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, ATOMIC=atomic,
+        **meta)
+    if split > 1 and not atomic:
         _sum_splits_kernel[(triton.cdiv(N, 1024),)](part, out, N, SPLIT=split, BLOCK=1024, num_warps=4,
                                                      **launch_options(x.device))
     return out
@@ -470,7 +482,7 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     cfg = config or default_config(w, I, x.device.type)
     assert cfg is not None and I % cfg.block_r == 0 and K % cfg.block_k == 0
     r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
-    out = torch.empty((1, I), dtype=x.dtype, device=x.device)
+    out = torch.empty((1, I), dtype=residual.dtype, device=x.device)  # x may be a GEMV's fp32 sums
     meta = _meta(w, cfg, x.device)
     qw, stride_q = _qweight(w, meta["WORDS"])
     xr, rr = _check_row(x, K), _check_row(residual, K)
@@ -497,6 +509,16 @@ def norm_qkv_supported(w, head_dim: int, rotary_dim: int, device_type: str) -> b
                    for b in blocks)
     cfg = default_config(w, head_dim // 2, device_type)
     return cfg is not None and (head_dim // 2) % cfg.block_r == 0
+
+
+def reads_prepared(w, rows_per_block: int, device_type: str) -> bool:
+    """Whether the fused kernel of ``w`` (norm_qkv: rows_per_block = head_dim / 2; norm_gate_up:
+    its intermediate size) reads its activations only through the preparation kernel, which takes
+    them in any float dtype: then the GEMV before it may hand over fp32 sums (gemv's out_dtype)."""
+    if _blocks(w) is not None or not hasattr(w, "fmt"):  # a row stack, a dense weight
+        return False
+    cfg = default_config(w, rows_per_block, device_type)  # (fp8's dense-tile GEMVs: words 0)
+    return cfg is not None and cfg.words >= 2 and words_apply(w, cfg)
 
 
 def _pair_configs(blocks, D: int, K: int, device_type: str) -> tuple[Config, Config] | None:
@@ -536,7 +558,8 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
     else:
         rr = r_out = xr
-    q = torch.empty((1, num_heads, D), dtype=x.dtype, device=x.device)
+    # the model's dtype: x may be a GEMV's fp32 sums (reads_prepared)
+    q = torch.empty((1, num_heads, D), dtype=residual.dtype if has_res else x.dtype, device=x.device)
     pair = _pair_configs(blocks, D, K, x.device.type) if blocks is not None and config is None else None
     # one launch per weight: the whole W_qkv, a pair's first block (the second joins its launch),
     # or each block of a longer stack

@@ -313,7 +313,8 @@ def _store_int8(XQ, XS, n, col0, K, E: tl.constexpr, BK: tl.constexpr, BLOCK: tl
 @triton.jit
 def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                      BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False, BK: tl.constexpr = 1024,
-                     XP2=None, XS2=None, E2: tl.constexpr = 0, BK2: tl.constexpr = 1024, INT8: tl.constexpr = False):
+                     XP2=None, XS2=None, E2: tl.constexpr = 0, BK2: tl.constexpr = 1024, INT8: tl.constexpr = False,
+                     Z=None, NZ=0, ZERO: tl.constexpr = False):
     """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block,
     in planes per BK-column step of the GEMV: XP[i·BK + p·BK/E + j] = n[i·BK + E·j + p] pre-scaled
     as _qstream_words scales it (by its column p in word j), in fp32, so that plane p of a step
@@ -326,8 +327,15 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
     squares first with NORM (K is a hidden size, a few KiB from L2).  E2 > 0: the same n also in
     the layout of words of E2 values and BK2-column steps, to XP2 / XS2 (a row stack whose blocks
     stream words of two widths from one preparation).  INT8: n quantized for ``words == 3``
-    instead (_store_int8)."""
+    instead (_store_int8).  ZERO: the programs also zero the NZ fp32 of Z between them (the
+    output that the GEMV after this kernel adds its two K halves into)."""
     wait_for_predecessor(PDL)
+    if ZERO:  # after the wait: until its predecessor finished, Z's memory may still be another's
+        per = tl.cdiv(NZ, tl.num_programs(0))
+        z0 = tl.program_id(0) * per
+        for z in range(z0, z0 + per, BLOCK):
+            zo = z + tl.arange(0, BLOCK)
+            tl.store(Z + zo, tl.zeros([BLOCK], tl.float32), mask=(zo < z0 + per) & (zo < NZ))
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
         kk = offs
@@ -493,12 +501,12 @@ ONE_PASS_MAX_K = 8192
 
 
 def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None,
-                        int8: bool = False) -> tuple[torch.Tensor, ...]:
+                        int8: bool = False, zero: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs of BLOCK_K = block_k: x (+ residual,
     stored to r_out), rmsnorm-ed with norm_w when given.  ``second`` = (w2, block_k2): the same
     launch also returns (XP2, XS2) for w2's words and steps.  ``int8``: for ``words == 3``, XP
     the int8 activations as int32 words and XS each chunk's (dx, Σ x̂) (_store_int8), and so
-    XP2 / XS2."""
+    XP2 / XS2.  ``zero``: an fp32 tensor the same launch sets to 0."""
     K = x.numel()
     E = 8 if w.fmt.kind == "int4" else 4
     E2 = (8 if second[0].fmt.kind == "int4" else 4) if second is not None else 0
@@ -522,6 +530,7 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None
         x, residual if residual is not None else x, norm_w if norm_w is not None else x,
         r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,
         NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, BK=block_k, XP2=xp2, XS2=xs2, E2=E2,
-        BK2=second[1] if second is not None else 1024, INT8=int8, num_warps=8 if block >= 4096 else 4,
+        BK2=second[1] if second is not None else 1024, INT8=int8, Z=zero if zero is not None else xs,
+        NZ=zero.numel() if zero is not None else 0, ZERO=zero is not None, num_warps=8 if block >= 4096 else 4,
         **launch_options(x.device))
     return (xp, xs, xp2, xs2) if E2 else (xp, xs)

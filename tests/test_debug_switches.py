@@ -18,7 +18,8 @@ def test_from_env_reads_the_debug_names_only(caplog):
            "LOCALSGL_DEBUG_NO_PDL": "0", "LOCALSGL_DEBUG_NO_CASCADE": "off", "LOCALSGL_DEBUG_NO_KERNELS": ""}
     s = DebugSwitches.from_env(env)
     assert s.changed() == {"cpu_decode": False, "profile_steps": True}
-    for f in ("kernels", "fused_decode", "cascade", "pdl", "compile_ahead", "gpu_sampling_kernels", "int8_activations"):
+    for f in ("kernels", "fused_decode", "cascade", "pdl", "compile_ahead", "gpu_sampling_kernels", "int8_activations",
+              "fp32_sums"):
         assert getattr(DebugSwitches.from_env({ds.variable(f): "1"}), f) is False
     # piecewise graphs are automatic (None) unless the variable forces them on (1) or off (0)
     pw = ds.variable("piecewise_graphs")

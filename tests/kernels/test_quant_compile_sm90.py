@@ -78,6 +78,18 @@ def _specs():
                                                      ptx_needles=["dp4a.s32.s32"])
     specs["gemv int4 g128 prepared 8x1024 split 2"] = _gemv(
         "*i32", "*fp16", _weight_meta(INT4, 128, False, False, 1024, 8, True, True), split=2)
+    # two K halves added atomically into the fp32 output (fused decode's fp32 sums), which the
+    # preparation (programs of 1,024 columns: no norm before o_proj / down_proj) zeroes
+    halves = _gemv("*i32", "*fp16", _weight_meta(INT4, 128, False, False, 1024, 8, True, 2), split=2,
+                   ptx_needles=["red.global.gpu.relaxed.add.f32"])
+    halves["pointers"]["Out"] = "*fp32"
+    halves["constexprs"]["ATOMIC"] = True
+    specs["gemv int4 g128 int8 activations split 2 atomic"] = halves
+    specs["prepare int8 activations, zeroing the GEMV's output"] = dict(
+        kernel="localsgl_kernels.quant_words:_prep_act_kernel",
+        pointers=dict(X="*fp32", R="*bf16", G="*bf16", ROut="*bf16", XP="*i32", XS="*fp32", XP2="*i32",
+                      XS2="*fp32", Z="*fp32"), div16=["K"], scalars=dict(eps="fp32"), num_warps=4,
+        constexprs=dict(E=8, HAS_RES=False, NORM=False, BLOCK=1024, PDL=True, BK=1024, INT8=True, ZERO=True))
     specs["gemv int8 g16 asym prepared"] = _gemv("*i32", "*fp16", _weight_meta(INT8, 16, False, False, 512, 8, True, True))
     label, kind, qt, st, group, sym, row, bk = FORMATS[0]
     for words, prep in ((False, False), (True, False), (True, True)):

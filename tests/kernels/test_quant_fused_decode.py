@@ -64,6 +64,49 @@ def test_fused_row_stacked_qkv_greedy(monkeypatch):
     assert n_fused >= 5 and n_plain == 0
 
 
+def test_fused_fp32_sums_between_layers(monkeypatch):
+    """With prepared-activation tiles cut in two K halves (as the H200's tuned o/down tiles are),
+    o_proj and down_proj hand fp32 sums to the next fused kernel and add their halves into them
+    (no summing launch), but for the last layer's down_proj (the final norm's input, in the model's
+    dtype); greedy tokens equal the layer path's."""
+    from localsgl_kernels import quant_gemv as QG
+
+    real_cfg = QG.default_config
+
+    def two_halves(w, rows_per_block, device_type):
+        cfg = QG.Config(4, 32, 4, 1, 2, 2)  # words over fp32 prepared activations: exact
+        if rows_per_block % 8 == 0 and QG.block_k(w, 32) == 32 and QG.words_apply(w, cfg):
+            return cfg
+        return real_cfg(w, rows_per_block, device_type)
+
+    monkeypatch.setattr(QG, "default_config", two_halves)
+    launches = []
+    real_kernel = QG._qgemv_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append((k["SPLIT"], k["ATOMIC"], a[5].dtype)) or real_kernel[grid](*a, **k)
+
+    monkeypatch.setattr(QG, "_qgemv_kernel", Recording())
+    g = torch.Generator().manual_seed(15)
+    prompts = [torch.randint(0, 95, (7,), generator=g).tolist()]
+    model = _quantized_model([WeightFormat("int4", 32, False)])
+    assert fd.fused_decode_shapes_ok(model)
+    assert fd._fp32_sums(model, "cpu") == [(True, True), (True, False)]
+    plain, _ = _generate(model, "triton", False, prompts, monkeypatch)
+    launches.clear()
+    fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch)
+    assert fused == plain and n_fused >= 5
+    # every GEMV of a step (o and down of each layer, the LM head's fp32 logits) adds its halves
+    # atomically: this tiny model's own dtype is fp32, so the last down_proj's output is fp32 too
+    assert len(launches) >= 5 * n_fused and set(launches) == {(2, True, torch.float32)}
+    # the debug switch off: the model's dtype from every GEMV (fp32 here too), nothing flagged
+    from localsgl.engine.debug_switches import DebugSwitches
+
+    model.debug_switches = DebugSwitches(fp32_sums=False)
+    assert fd._fp32_sums(model, "cpu") == [(False, False), (False, False)]
+
+
 def test_fused_fp8_through_the_dense_gemvs(monkeypatch):
     """Every projection fp8 with row scales and quant_gemv.DENSE_FP8 on: the one-token step runs
     gemv.py's kernels with the row scales and gives the layer path's greedy tokens."""

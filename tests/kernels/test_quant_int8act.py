@@ -121,6 +121,33 @@ def test_gemv(fmt, split):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_gemv_two_halves_added_into_fp32(fmt):
+    """A tile cut in two K halves, asked for fp32 sums: the halves added into an output the
+    preparation zeroed (no summing launch) give the partials-then-sum result, whatever the
+    output's memory held before; and the fused kernel after it takes those fp32 sums (norm +
+    gate/up in the model's dtype, equal to it over the sums rounded first up to that rounding)."""
+    g = gen(59)
+    n, k, bk = (256, 256, 128) if not ON_GPU else (4096, 14336, 512)
+    w = _qw(n, k, fmt, g)
+    x = randn(1, k, g=g, dtype=DTYPE)
+    cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, 1, 2, 3)
+    summed = QG.gemv(x, w, out_dtype=torch.float32, config=cfg._replace(split_k=1))
+    for fill in (float("nan"), 7.0):  # the caching allocator hands the output back dirty
+        torch.empty(n, dtype=torch.float32, device=DEV).fill_(fill)
+        y = QG.gemv(x, w, out_dtype=torch.float32, config=cfg)
+        assert y.dtype == torch.float32 and torch.isfinite(y).all()
+        assert rel_err(y, summed) < (1e-6 if not ON_GPU else 1e-5)
+    wg = _qw(2 * 32, n, fmt, g)
+    res = randn(1, n, g=g, dtype=DTYPE)
+    nw = randn(n, g=g, dtype=DTYPE) + 2
+    gcfg = QG.Config(4, 128, 4, 1, 1, 3)
+    a32, r32 = QG.norm_gate_up(y, res, nw, 1e-5, wg, config=gcfg)
+    a, r = QG.norm_gate_up(y.to(DTYPE), res, nw, 1e-5, wg, config=gcfg)
+    assert a32.dtype == DTYPE and r32.dtype == DTYPE
+    assert rel_err(a32, a) < (2e-2 if ON_GPU else 1e-5) and rel_err(r32, r) < (1e-2 if ON_GPU else 1e-6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_norm_gate_up(fmt):
     g = gen(57)
     h, i, bk = (256, 48, 128) if not ON_GPU else (4096, 14336, 512)

@@ -102,6 +102,28 @@ def _kernels_for(w):
     return gemv
 
 
+def _fp32_sums(model, device_type: str) -> list[tuple[bool, bool]]:
+    """Per layer, whether o_proj's and down_proj's GEMVs hand their sums over in fp32: where the
+    next fused kernel reads them only through its activations' preparation (quant_gemv.reads_prepared),
+    a quantized GEMV cut in two K halves then adds them into its output, with no launch to sum them
+    (the last layer's down_proj feeds the final norm: in the model's dtype).  Checked once per model."""
+    on = debug_switches.of(model).fp32_sums
+    memo = getattr(model, "_fused_fp32_sums", None)
+    if memo is None or memo[0] != (device_type, on):
+        from localsgl_kernels import quant_gemv as QG
+
+        cfg = model.config
+        reads = [(QG.reads_prepared(m.gate_up_proj.weight, cfg.intermediate_size, device_type),
+                  QG.reads_prepared(a.qkv_proj.weight, cfg.head_dim // 2, device_type))
+                 for a, m in ((layer.self_attn, layer.mlp) for layer in model.layers)]
+        flags = [(gate_up, i + 1 < len(reads) and reads[i + 1][1]) for i, (gate_up, _) in enumerate(reads)]
+        flags = [(on and o and is_quantized(w_o), on and d and is_quantized(w_d))
+                 for (o, d), (_, w_o, _, w_d) in zip(flags, (_layer_weights(layer) for layer in model.layers))]
+        memo = ((device_type, on), flags)
+        model._fused_fp32_sums = memo
+    return memo[1]
+
+
 def use_fused_decode(model, input_ids: torch.Tensor, batch) -> bool:
     if not _one_row_on(model, input_ids):
         return False
@@ -150,7 +172,8 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
         cfg = model.config
         stage = torch.empty((2, 1, cfg.num_kv_heads, cfg.head_dim), dtype=model.dtype, device=input_ids.device)
         stage_loc = torch.zeros(1, dtype=batch.out_cache_loc.dtype, device=input_ids.device)
-    for layer in model.layers:
+    fp32_sums = _fp32_sums(model, input_ids.device.type)
+    for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         w_qkv, w_o, w_gu, w_down = _layer_weights(layer)
@@ -166,8 +189,8 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             o = backend.forward(q, stage[0], stage[1], attn.layer_id, batch, attn.scale)
         else:
             o = backend.attend(q, attn.layer_id, batch, attn.scale)
-        h = _kernels_for(w_o).gemv(o.view(1, attn.q_size), w_o)
+        h = _kernels_for(w_o).gemv(o.view(1, attn.q_size), w_o, out_dtype=torch.float32 if fp32_sums[i][0] else None)
         a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
-        x = _kernels_for(w_down).gemv(a, w_down)
+        x = _kernels_for(w_down).gemv(a, w_down, out_dtype=torch.float32 if fp32_sums[i][1] else None)
     x, _ = model.norm(x, residual)
     return x
