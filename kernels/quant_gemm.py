@@ -142,6 +142,20 @@ def _word_columns(w, BIAS_BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexp
     return tl.reshape(v, [w.shape[0], w.shape[1] * 8])
 
 
+def _half_nibbles_asm(kind: str, one: int, bias: int) -> str:
+    """_half_nibbles' PTX for one 16-bit float kind (bf16 / f16): ``one`` its 1.0 and ``bias``
+    its BIAS, as bits."""
+    pair = lambda v: f"0x{v:04X}{v:04X}"  # noqa: E731  (the value in both halves of a register)
+    return ("{ .reg .b32 t, one, neg; "
+            f"mov.b32 one, {pair(one)}; mov.b32 neg, {pair(bias | 0x8000)}; mad.lo.u32 t, $2, 4097, 0; "
+            f"lop3.b32 t, t, 0x000F000F, {pair(bias)}, 0xEA; fma.rn.{kind}x2 t, t, one, neg; "
+            f"fma.rn.{kind}x2 t, t, $3, $4; mov.b32 {{$0, $1}}, t; }}")
+
+
+_HALF_NIBBLES_BF16 = tl.constexpr(_half_nibbles_asm("bf16", 0x3F80, 0x4300))
+_HALF_NIBBLES_FP16 = tl.constexpr(_half_nibbles_asm("f16", 0x3C00, 0x6400))
+
+
 @triton.jit
 def _pair_bits(v, DT: tl.constexpr):
     """fp32 [R] -> int32 [R, 1] holding v rounded to the 16-bit float DT in both halves (an
@@ -167,18 +181,13 @@ def _half_nibbles(b, s, m, SYM: tl.constexpr, BIAS_BITS: tl.constexpr, DT: tl.co
     if ASM:
         sp = tl.broadcast_to(_pair_bits(sd, DT), b.shape)
         mp = tl.broadcast_to(_pair_bits(md, DT), b.shape)
+        args = [b.to(tl.int32), sp, mp]
         if BIAS_BITS == 0x4300:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, one, neg; mov.b32 one, 0x3F803F80; mov.b32 neg, 0xC300C300; "
-                "mad.lo.u32 t, $2, 4097, 0; lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; "
-                "fma.rn.bf16x2 t, t, one, neg; fma.rn.bf16x2 t, t, $3, $4; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,r,r", [b.to(tl.int32), sp, mp], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+            lo, hi = tl.inline_asm_elementwise(_HALF_NIBBLES_BF16, "=h,=h,r,r,r", args,
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
         else:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, one, neg; mov.b32 one, 0x3C003C00; mov.b32 neg, 0xE400E400; "
-                "mad.lo.u32 t, $2, 4097, 0; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA; "
-                "fma.rn.f16x2 t, t, one, neg; fma.rn.f16x2 t, t, $3, $4; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,r,r", [b.to(tl.int32), sp, mp], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+            lo, hi = tl.inline_asm_elementwise(_HALF_NIBBLES_FP16, "=h,=h,r,r,r", args,
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
     else:
         bi = b.to(tl.int32)
         lo = ((bi & 0xF).to(tl.float32) * sd[:, None] + md[:, None]).to(DT)
