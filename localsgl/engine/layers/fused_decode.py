@@ -16,6 +16,9 @@ path runs.  The engine's ``fused_decode`` debug switch turns it off (docs/switch
 A quantized weight (layers/quant.py) streams through the same fused kernels' quantized twins
 (localsgl_kernels.quant_gemv: dequantized in registers, same prologues and epilogues), chosen
 per weight, so a model whose layers mix formats (a GGUF Q4_K_M file) still takes this path.
+Between quantized kernels that read their activations through a preparation kernel, o_proj and
+down_proj hand over fp32 sums (``_fp32_sums``), so a GEMV tile cut in two K halves adds them into
+its output instead of summing partials in a launch of its own.
 
 With an FP8 KV pool the qkv kernel writes the token's K and V to a one-slot staging buffer in
 the model's dtype and the backend's ``forward`` quantizes them into the pool (its KV store
