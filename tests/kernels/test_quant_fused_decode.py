@@ -71,13 +71,13 @@ def test_fused_fp32_sums_between_layers(monkeypatch):
     dtype); greedy tokens equal the layer path's."""
     from localsgl_kernels import quant_gemv as QG
 
-    real_cfg = QG.default_config
+    default_tile = QG.default_config
 
     def two_halves(w, rows_per_block, device_type):
         cfg = QG.Config(4, 32, 4, 1, 2, 2)  # words over fp32 prepared activations: exact
         if rows_per_block % 8 == 0 and QG.block_k(w, 32) == 32 and QG.words_apply(w, cfg):
             return cfg
-        return real_cfg(w, rows_per_block, device_type)
+        return default_tile(w, rows_per_block, device_type)
 
     monkeypatch.setattr(QG, "default_config", two_halves)
     launches = []
