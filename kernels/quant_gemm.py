@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_gemv import _KIND, group_params, nibbles, row_scaled
+from .quant_gemv import _KIND, _sum_splits_kernel, group_params, nibbles, row_scaled
 from .quant_tiles import lookup_entry
 
 FP8_SCALED_MM_MIN_ROWS = 16
@@ -445,8 +445,6 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:  # one launch summing the slices in order into y's dtype (torch's sum, then a cast, took two:
         # 4.5 + 1.4 µs for a 64-row o_proj on an H200)
-        from .quant_gemv import _sum_splits_kernel
-
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, SPLIT=split, BLOCK=1024, PDL=False,
                                                          num_warps=4)
     return y
