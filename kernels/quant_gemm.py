@@ -203,7 +203,7 @@ def _qgemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, INTERLEAVE: tl.constexpr, SCALE_AFTER: tl.constexpr = False, BIAS_BITS: tl.constexpr = 0,
     SWAP_AB: tl.constexpr = False, WORDS: tl.constexpr = False, ASM: tl.constexpr = False,
-    SPLIT: tl.constexpr = 1, WIDE: tl.constexpr = False, HALF_MATH: tl.constexpr = 0,
+    SPLIT: tl.constexpr = 1, WIDE: tl.constexpr = False, HALF_MATH: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     # split-K: program (pid, pid_k) sums columns [k_lo, k_lo + K / SPLIT) into its own fp32 slab of Y
@@ -256,20 +256,13 @@ def _qgemm_kernel(
                 acc += d * _along(s, ND) + _along(xs, 1 - ND) * _along(m - bias * s, ND)
     elif KIND == 1 and HALF_MATH:  # int4 dequantized in x's 16-bit float, two at a time, in column order
         offs = tl.arange(0, SUB // 2)
-        if HALF_MATH == 2:  # each group's scale and offset loaded one group ahead (loop-carried)
-            s, m = group_params(S, Mn, rows, stride_s, k_lo // GROUP, SYM)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             for j in tl.static_range(NS):
                 kj = k0 + j * SUB
-                if HALF_MATH == 2:
-                    s_next, m_next = group_params(S, Mn, rows, stride_s, tl.minimum(kj // GROUP + 1, K // GROUP - 1), SYM)
-                else:
-                    s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
+                s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
                 x = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0.0)
                 lo, hi = _half_nibbles(tl.load(wrow + (kj // 2 + offs)[None, :]), s, m, SYM, BIAS_BITS, x.dtype, ASM)
                 acc = _dot(x, tl.interleave(lo, hi), acc, SWAP_AB, PREC)
-                if HALF_MATH == 2:
-                    s, m = s_next, m_next
     elif KIND == 1:  # int4
         HALF: tl.constexpr = SUB // 2
         offs = tl.arange(0, HALF)
@@ -339,7 +332,7 @@ class Config(NamedTuple):
     # int4 with bf16 / fp16 x, neither scale_after nor words (else ignored): the weights
     # dequantized in x's 16-bit float, two per packed instruction (``_half_nibbles``: 2.5 ops a
     # weight, where the fp32 dequantization takes ~5), the group's scale and offset rounded to x's
-    # dtype first; 2: each group's scale and offset loaded a group ahead
+    # dtype first
     half_math: int = 0
 
 
@@ -429,7 +422,7 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
     words = (bool(cfg.words) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not row_scaled(w)
              and w.qweight.is_contiguous() and K % 8 == 0 and w.group >= 32)
     qw, stride_q = (w.qweight.view(torch.int32), w.qweight.stride(0) // 4) if words else (w.qweight, w.qweight.stride(0))
-    half_math = cfg.half_math if w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not (scale_after or words) else 0
+    half_math = bool(cfg.half_math) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not (scale_after or words)
     bias_bits = _BIAS_BITS.get(x.dtype, 0) if (scale_after or words or half_math) else 0
     # the words loop takes each group's Σx from here: one small reduction per call, where every
     # program summing its own copy cost as much as the unpacking (one add per weight at 64 rows)
@@ -444,8 +437,7 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
         ASM=(words or half_math) and x.device.type == "cuda", SPLIT=split,
         WIDE=bool(cfg.wide) and not (scale_after or words or half_math), HALF_MATH=half_math,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:  # one launch summing the slices in order into y's dtype (torch's sum, then a cast, took two:
-        # 4.5 + 1.4 µs for a 64-row o_proj on an H200)
+    if split > 1:  # one launch sums the slices in order into y's dtype
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, SPLIT=split, BLOCK=1024, PDL=False,
                                                          num_warps=4)
     return y

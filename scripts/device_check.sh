@@ -171,7 +171,7 @@ fi
 if [[ "$EXTRA" == *" gemmab "* ]]; then
   echo "== GEMM tiles A/B: each int4 shape's default tile against GEMM_AB's variants, then batch 64 with both"
   timeout ${AB_TIMEOUT:-300} python3 scripts/probe_quant_tiles.py --formats ${AB_FORMATS:-int4g128 int4g32} \
-    --ab ${GEMM_AB:-half_math=1,scale_after=0 half_math=2,scale_after=0} --ab-tiles "$OUTDIR/ab_tiles.json" 2>&1 \
+    --ab ${GEMM_AB:-half_math=1,scale_after=0} --ab-tiles "$OUTDIR/ab_tiles.json" 2>&1 \
     | tee "$OUTDIR/gemm_ab.log" | grep -vE "Warning|warn_once"
   for pair in $(seq 1 ${AB_PAIRS:-2}); do
     for tiles in "" "$OUTDIR/ab_tiles.json"; do

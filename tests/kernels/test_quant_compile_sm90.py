@@ -181,14 +181,14 @@ def _specs():
                             GROUP_M=4, PREC="tf32", INTERLEAVE=False, SCALE_AFTER=False, BIAS_BITS=0x4300,
                             SWAP_AB=swap, WORDS=True, ASM=True),
             num_warps=warps, num_stages=3, ptx_needles=["lop3.b32"])
-    # int4 dequantized in bf16 / fp16 pairs (packed FMA, inline PTX), scales loaded in step or a group ahead
-    for dt, hm, swap in (("bf16", 1, True), ("bf16", 2, True), ("fp16", 1, False)):
-        specs[f"gemm int4 g128 64x64x128 half math {hm} {dt}{' swap_ab' if swap else ''}"] = dict(
+    # int4 dequantized in bf16 / fp16 pairs (packed FMA, inline PTX)
+    for dt, swap in (("bf16", True), ("fp16", False)):
+        specs[f"gemm int4 g128 64x64x128 half math {dt}{' swap_ab' if swap else ''}"] = dict(
             kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
             pointers=dict(X=f"*{dt}", QW="*u8", S="*fp16", Mn="*fp16", Y=f"*{dt}", XS=f"*{dt}"), div16=["N", "K"],
             constexprs=dict(KIND=INT4, GROUP=128, SYM=False, ROW_SCALE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128,
                             GROUP_M=4, PREC="tf32", INTERLEAVE=True, SCALE_AFTER=False,
-                            BIAS_BITS=0x4300 if dt == "bf16" else 0x6400, SWAP_AB=swap, ASM=True, HALF_MATH=hm),
+                            BIAS_BITS=0x4300 if dt == "bf16" else 0x6400, SWAP_AB=swap, ASM=True, HALF_MATH=True),
             num_warps=4, num_stages=3, ptx_needles=["fma.rn.bf16x2" if dt == "bf16" else "fma.rn.f16x2"])
     # split-K: fp32 partials per K slice (the 64-row down_proj tile, swapped and scaled after)
     specs["gemm int4 g128 32x64x128 swap_ab scale after split 4"] = dict(
