@@ -11,6 +11,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar
 
 from .conversation import ChatMessage, Conversation
+from .growing import ConversationScroll
 from .keys import KEY_ACTIONS
 from .message_view import MessageView
 from .prompt_input import PromptInput
@@ -41,7 +42,7 @@ class ChatScreen(Screen):
     ]
 
     def compose(self):
-        yield VerticalScroll(id="conversation")
+        yield ConversationScroll(id="conversation")
         with Horizontal(id="loading"):
             yield Label("", id="loading-label", markup=False)
             yield ProgressBar(id="loading-bar", total=None, show_eta=False, show_percentage=False)

@@ -38,6 +38,8 @@ from textual.strip import Strip
 from textual.style import Style as TextualStyle
 from textual.widget import Widget
 
+from .growing import LaidOutOnce
+
 CONTAINERS = {"bullet_list_open", "ordered_list_open", "blockquote_open", "table_open"}
 _TEXT_VARIABLE = re.compile(r"\$text(?![-\w])")  # "$text" is an automatic contrast colour; code takes the theme's foreground
 
@@ -109,7 +111,7 @@ def blank_line_between(before: _Block | None, kind: str) -> bool:
     return before is not None and before.kind != "hr" and kind not in CONTAINERS
 
 
-class LiveMarkdown(Widget):
+class LiveMarkdown(LaidOutOnce, Widget):
     DEFAULT_CSS = """
     LiveMarkdown {
         height: auto;

@@ -14,6 +14,7 @@ from textual.widgets.markdown import MarkdownFence
 from .answer_stream import AnswerStream
 from .conversation import ChatMessage
 from .fold_above import AboveFolder
+from .growing import BlankLines, LaidOutOnce
 from .live_markdown import LiveMarkdown
 
 
@@ -49,7 +50,7 @@ class AnswerMarkdown(Markdown):
         return [f.code for f in self.query(CopyableFence)]
 
 
-class MessageView(Vertical):
+class MessageView(BlankLines, LaidOutOnce, Vertical):
     """A user message, an answer, or a note from the app (errors, command replies)."""
 
     def __init__(self, message: ChatMessage | None, *, note: str | None = None, header: str = "",
