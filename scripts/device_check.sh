@@ -5,7 +5,8 @@
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
 #   (peer: llama.cpp built from .peer in the background from the start, then llama-bench on its Q4_K_M file beside
-#    bench_quant's int4 and that file kept quantized: carry .peer; PEER_WAIT s for the build, default 420)
+#    bench_quant's int4 and that file kept quantized, and llama-batched-bench at 64 x (512 / 128): carry .peer;
+#    PEER_WAIT s for the build, default 420; PEER_OURS=0: llama.cpp's figures only)
 #   (startup: scripts/bench_start_gpu.py, the default against the deferred batch-1 graph, a py-spy profile of one
 #    start when .whl holds py-spy, then scripts/probe_load.py)
 #   (int8act: scripts/probe_quant_tiles.py --words 3: the batch-1 GEMVs over int8 activations and dp4a against
@@ -195,13 +196,18 @@ if [[ "$EXTRA" == *" peer "* ]]; then
   if grep -q "all done" /tmp/peer/build.done 2>/dev/null; then
     timeout 120 /tmp/peer/llamacpp/build/bin/llama-bench -m /tmp/peer/q4km.gguf -ngl 99 -fa 1 -p 0 -n 128 -r 3 -o json \
       > "$OUTDIR/llama_bench.json" 2> "$OUTDIR/llama_bench.err"
-    timeout 240 python3 scripts/bench_quant.py --formats int4 --gguf /tmp/peer/q4km.gguf --runs 2 > "$OUTDIR/bench_quant_peer.log" 2>&1
+    # batch 64 as bench_quant runs it: 64 prompts of 512 tokens, 128 generated each
+    timeout 180 /tmp/peer/llamacpp/build/bin/llama-batched-bench -m /tmp/peer/q4km.gguf -ngl 99 -fa on -c 43008 -b 2048 \
+      -ub 512 -npp 512 -ntg 128 -npl 64 > "$OUTDIR/llama_batched.log" 2>&1
+    echo "llama-batched-bench 64 x (512 in / 128 out), S_TG = decode tok/s:"; grep -E "^\|" "$OUTDIR/llama_batched.log" | tail -3
+    [ "${PEER_OURS:-1}" = 1 ] && timeout 240 python3 scripts/bench_quant.py --formats int4 --gguf /tmp/peer/q4km.gguf --runs 2 \
+      > "$OUTDIR/bench_quant_peer.log" 2>&1
     python3 - "$OUTDIR" <<'PY'
-import json, sys
+import json, os, sys
 out = sys.argv[1]
 peer = [r for r in json.load(open(f"{out}/llama_bench.json")) if r.get("n_gen") == 128][0]["avg_ts"]
 print(f"llama.cpp Q4_K_M tg128: {peer:.1f} tok/s")
-for line in open(f"{out}/bench_quant_peer.log"):
+for line in open(f"{out}/bench_quant_peer.log") if os.path.exists(f"{out}/bench_quant_peer.log") else []:
     if line.startswith("{") and "bs64_decode_tok_s" in line:
         r = json.loads(line)
         print(f"{r['label']}: bs1 {r['bs1_tok_s']:.1f} tok/s = {r['bs1_tok_s'] / peer:.2f}x llama.cpp, "
