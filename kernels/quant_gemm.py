@@ -31,13 +31,6 @@ after the nibbles are made into exact floats (_half_nibbles): on sm_90 the 64x64
 loop runs 361 instructions a thread and step against the fp32 dequantization's 455 (2.5 a weight for
 the byte's load and unpacking, against ~5); each w is still rounded once, as the dot's input would be.
 
-With A8 (int4, bf16 / fp16 x, groups of 32 or more) x is first quantized to int8 per weight group
-(int8_groups.py: x̂ = dx·q, the scheme of the one-row GEMVs' int8 activations) and each group's dot
-is an integer one over the stored nibbles, q·uᵀ in int32 on the integer tensor cores; the
-accumulator takes acc += dx·s·dot + (m − 8·sym·s)·Σx̂ per group.  No float math per weight (a
-mask or a shift), x's tile at a byte per value, and the integer dot at twice the 16-bit rate;
-the result is exact for x̂, which differs from x by at most dx / 2 per value.
-
 With SPLIT > 1 the grid's second axis cuts K into slices: each program sums its slice into an
 fp32 partial tile, and a second launch sums the partials in slice order into the output's dtype
 (more programs where K is long and the output has few tiles).
@@ -210,7 +203,7 @@ def _qgemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PREC: tl.constexpr, INTERLEAVE: tl.constexpr, SCALE_AFTER: tl.constexpr = False, BIAS_BITS: tl.constexpr = 0,
     SWAP_AB: tl.constexpr = False, WORDS: tl.constexpr = False, ASM: tl.constexpr = False,
-    SPLIT: tl.constexpr = 1, WIDE: tl.constexpr = False, HALF_MATH: tl.constexpr = False, A8: tl.constexpr = False,
+    SPLIT: tl.constexpr = 1, WIDE: tl.constexpr = False, HALF_MATH: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     # split-K: program (pid, pid_k) sums columns [k_lo, k_lo + K / SPLIT) into its own fp32 slab of Y
@@ -261,24 +254,6 @@ def _qgemm_kernel(
                 else:
                     xs = tl.sum(x.to(tl.float32), 1)
                 acc += d * _along(s, ND) + _along(xs, 1 - ND) * _along(m - bias * s, ND)
-    elif A8:  # int4 nibbles u against int8 x̂ = dx·q (XS: each group's dx and Σ x̂): integer dots
-        offs = tl.arange(0, SUB // 2)
-        xsrow = XS + offs_m.to(tl.int64) * stride_xs
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            for j in tl.static_range(NS):
-                kj = k0 + j * SUB
-                xq = tl.load(xrow + (kj + tl.arange(0, SUB))[None, :], mask=mask_m[:, None], other=0)
-                b = tl.load(wrow + (kj // 2 + offs)[None, :])
-                u = tl.interleave(b & 0xF, b >> 4).to(tl.int8)
-                if SWAP_AB:
-                    d = tl.dot(u, tl.trans(xq), out_dtype=tl.int32).to(tl.float32)
-                else:
-                    d = tl.dot(xq, tl.trans(u), out_dtype=tl.int32).to(tl.float32)
-                s, m = group_params(S, Mn, rows, stride_s, kj // GROUP, SYM)
-                dx = tl.load(xsrow + 2 * (kj // GROUP), mask=mask_m, other=0.0)
-                xs = tl.load(xsrow + 2 * (kj // GROUP) + 1, mask=mask_m, other=0.0)
-                # Σ x̂·w = dx·s·Σ q·u + (m - 8·sym·s)·Σ x̂
-                acc += d * _along(dx, 1 - ND) * _along(s, ND) + _along(xs, 1 - ND) * _along(m - (8.0 if SYM else 0.0) * s, ND)
     elif KIND == 1 and HALF_MATH:  # int4 dequantized in x's 16-bit float, two at a time, in column order
         offs = tl.arange(0, SUB // 2)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -359,11 +334,6 @@ class Config(NamedTuple):
     # weight, where the fp32 dequantization takes ~5), the group's scale and offset rounded to x's
     # dtype first
     half_math: int = 0
-    # int4 with bf16 / fp16 x, groups of 32 or more (else ignored; before scale_after, words and
-    # half_math): x quantized to int8 per weight group (int8_groups.py, one launch), each group's
-    # dot an int8 x int8 -> int32 tensor-core dot over the stored nibbles, scaled into the
-    # accumulator afterwards: no per-weight float math, and x's tile at a byte per value
-    a8: int = 0
 
 
 def default_config(rows: int, device_type: str, w=None) -> Config:
@@ -448,22 +418,15 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
     # split-K: the programs write fp32 partials [split, M, N], summed after in slice order
     out = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
-    a8 = (bool(cfg.a8) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not row_scaled(w) and w.group >= 32
-          and K % w.group == 0)
-    scale_after = bool(cfg.scale_after) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not a8
-    words = (not a8 and bool(cfg.words) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not row_scaled(w)
+    scale_after = bool(cfg.scale_after) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS
+    words = (bool(cfg.words) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not row_scaled(w)
              and w.qweight.is_contiguous() and K % 8 == 0 and w.group >= 32)
     qw, stride_q = (w.qweight.view(torch.int32), w.qweight.stride(0) // 4) if words else (w.qweight, w.qweight.stride(0))
-    half_math = (bool(cfg.half_math) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS
-                 and not (scale_after or words or a8))
+    half_math = bool(cfg.half_math) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not (scale_after or words)
     bias_bits = _BIAS_BITS.get(x.dtype, 0) if (scale_after or words or half_math) else 0
     # the words loop takes each group's Σx from here: one small reduction per call, where every
     # program summing its own copy cost as much as the unpacking (one add per weight at 64 rows)
     xs = torch.sum(x.unflatten(1, (K // w.group, w.group)), dim=-1, dtype=torch.float32) if words else y
-    if a8:  # x as int8 groups, XS each group's (dx, Σ x̂)
-        from .int8_groups import quantize
-
-        x, xs = quantize(x, w.group)
     _qgemm_kernel[grid](
         x, qw, w.scales, w.mins if w.mins is not None else w.scales, out, xs, M, N, K,
         x.stride(0), stride_q, w.scales.stride(0), N if split > 1 else y.stride(0), xs.stride(0),
@@ -472,7 +435,7 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
         PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERLEAVE=bool(cfg.interleave),
         SCALE_AFTER=scale_after, BIAS_BITS=bias_bits, SWAP_AB=bool(cfg.swap_ab), WORDS=words,
         ASM=(words or half_math) and x.device.type == "cuda", SPLIT=split,
-        WIDE=bool(cfg.wide) and not (scale_after or words or half_math or a8), HALF_MATH=half_math, A8=a8,
+        WIDE=bool(cfg.wide) and not (scale_after or words or half_math), HALF_MATH=half_math,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:  # one launch sums the slices in order into y's dtype
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, SPLIT=split, BLOCK=1024, PDL=False,

@@ -190,17 +190,6 @@ def _specs():
                             GROUP_M=4, PREC="tf32", INTERLEAVE=True, SCALE_AFTER=False,
                             BIAS_BITS=0x4300 if dt == "bf16" else 0x6400, SWAP_AB=swap, ASM=True, HALF_MATH=True),
             num_warps=4, num_stages=3, ptx_needles=["fma.rn.bf16x2" if dt == "bf16" else "fma.rn.f16x2"])
-    # int4 against int8 activation groups: integer tensor-core dots (IGMMA), and the quantizing kernel
-    for swap in (True, False):
-        specs[f"gemm int4 g128 64x64x128 int8 x{' swap_ab' if swap else ''}"] = dict(
-            kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
-            pointers=dict(X="*i8", QW="*u8", S="*fp16", Mn="*fp16", Y="*bf16", XS="*fp32"), div16=["N", "K"],
-            constexprs=dict(KIND=INT4, GROUP=128, SYM=False, ROW_SCALE=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128,
-                            GROUP_M=4, PREC="tf32", INTERLEAVE=True, SWAP_AB=swap, A8=True),
-            num_warps=4, num_stages=3)
-    specs["int8 groups"] = dict(kernel="localsgl_kernels.int8_groups:_int8_groups_kernel",
-                                pointers=dict(X="*bf16", Q="*i8", S="*fp32"), div16=["stride_x", "stride_q", "stride_s"],
-                                constexprs=dict(GROUP=128, BLOCK=1024), num_warps=4)
     # split-K: fp32 partials per K slice (the 64-row down_proj tile, swapped and scaled after)
     specs["gemm int4 g128 32x64x128 swap_ab scale after split 4"] = dict(
         kernel="localsgl_kernels.quant_gemm:_qgemm_kernel",
@@ -242,7 +231,7 @@ def test_quant_kernels_compile_for_sm90():
     # "}, {%r": a wgmma whose A operand is registers ({acc}, {a regs}, b descriptor), not a descriptor
     reg_a = "}, {%r"
     own = {name: s.get("ptx_needles", []) for name, s in _specs().items()}  # what a spec must hold
-    specs = {name: dict(s, sass_needles=["HGMMA", "IGMMA"], ptx_needles=own[name] + ftz + [reg_a, "div.rn.f32"])
+    specs = {name: dict(s, sass_needles=["HGMMA"], ptx_needles=own[name] + ftz + [reg_a, "div.rn.f32"])
              for name, s in _specs().items()}
     results = dict(zip(specs, compile_all(list(specs.values()), timeout=900)))
     failed = [f"{name}: {r['error']}" for name, r in results.items() if not r["ok"]]
@@ -255,9 +244,8 @@ def test_quant_kernels_compile_for_sm90():
         if "words" in name:
             assert not any(r["ptx_has"][n] for n in ftz), f"{name}: flush-to-zero arithmetic {r['ptx_has']}"
         assert all(r["ptx_has"][n] for n in own[name]), f"{name}: {r['ptx_has']}"  # e.g. dp4a
-        mma = "IGMMA" if "int8 x" in name else "HGMMA"  # the integer warpgroup MMA for int8 activations
         if name.startswith("gemm") and specs[name]["constexprs"]["BLOCK_M"] >= 64:
-            assert r["sass_has"][mma], f"{name}: no {mma} in its SASS"
+            assert r["sass_has"]["HGMMA"], f"{name}: no HGMMA in its SASS"
         # swapped: the warpgroup MMA at 16 rows too, the dequantized weight its register operand
         if "swap_ab" in name:
-            assert r["sass_has"][mma] and r["ptx_has"][reg_a], f"{name}: no register-A wgmma"
+            assert r["sass_has"]["HGMMA"] and r["ptx_has"][reg_a], f"{name}: no register-A wgmma"

@@ -122,49 +122,6 @@ def test_half_math(fmt):
     assert rel_err(QM.gemm(x32, w, tiles[0]._replace(half_math=1)), x32.double() @ ref64.t()) < 1e-5
 
 
-@pytest.mark.parametrize("fmt", [WeightFormat("int4", 32, True), WeightFormat("int4", 128, False)],
-                         ids=["g32", "g128-asym"])
-def test_int8_activations(fmt):
-    """int4 against x quantized to int8 per weight group (Config.a8), plain, swapped and split
-    tiles, rows that do not fill a tile: the quantized x̂ times the fp64 weight within the
-    fp32 accumulator's rounding (the integer dots are exact), and x itself within the
-    quantization's error; fp32 x and row scales take the other paths."""
-    from localsgl_kernels.int8_groups import quantize_ref
-
-    g = gen(37)
-    w = _qw(72, 512, fmt, g)
-    ref64 = w.dequantize(torch.float64)
-    tiles = (QM.Config(16, 32, 128, 4, 1, 1, 1), QM.Config(16, 64, 128, 4, 2, 1, 1, 0, 1),
-             QM.Config(64, 64, 256, 4, 2, 4, 1, 0, 1, 0, 2))
-    for dtype in (torch.float16, torch.bfloat16) if ON_GPU else (torch.float16,):
-        for m in (5, 40):
-            x = randn(m, 512, g=g, dtype=dtype)
-            q, s = quantize_ref(x, w.group)
-            xhat = q.double().unflatten(1, (-1, w.group)) * s[:, 0::2].double()[..., None]
-            ref_hat = xhat.flatten(1) @ ref64.t()
-            for cfg in tiles:
-                got = QM.gemm(x, w, cfg._replace(a8=1))
-                assert got.dtype == dtype, cfg
-                assert rel_err(got, ref_hat) < (2e-3 if dtype == torch.float16 else 1.6e-2), cfg
-                assert rel_err(got, x.double() @ ref64.t()) < 2e-2, cfg
-    x32 = randn(5, 512, g=g)
-    assert rel_err(QM.gemm(x32, w, tiles[0]._replace(a8=1)), x32.double() @ ref64.t()) < 1e-5
-
-
-def test_int8_groups_match_the_reference():
-    """The quantizing kernel gives the reference's bits: q, each group's dx and Σ x̂, zero groups."""
-    from localsgl_kernels.int8_groups import quantize, quantize_ref
-
-    g = gen(38)
-    for group in (32, 128):
-        x = randn(7, 1024, g=g, dtype=torch.float16) * 3
-        x[2, :group] = 0
-        q, s = quantize(x, group)
-        rq, rs = quantize_ref(x, group)
-        assert torch.equal(q, rq) and torch.equal(s, rs)
-        assert s[2, 0] == 0 and s[2, 1] == 0
-
-
 @pytest.mark.parametrize("m", [3, 16, 40])
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_wide_steps(fmt, m):
