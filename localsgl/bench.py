@@ -127,6 +127,23 @@ def _random_prompts(rng: random.Random, vocab: int, lens: list[int], prefix: lis
 def _timed(engine: Engine, prompts, outs: list[int], penalties: dict | None = None) -> float:
     """Seconds to generate outs[i] tokens (or outs[0] for every prompt), greedy, ignoring EOS;
     ``penalties`` (e.g. ``{"repetition_penalty": 1.1}``) go into every request's params."""
+    return _timed_outputs(engine, prompts, outs, penalties)[0]
+
+
+def _decode_step(outputs) -> float | None:
+    """Seconds a decode step of the whole batch, read from the request whose first token came
+    last: its remaining tokens come one a step after every prompt has been prefilled (the
+    T_TG / ntg of llama-batched-bench), free of the prefill's run-to-run spread that a
+    difference of two timed runs carries."""
+    last = max(outputs, key=lambda o: o.metrics.time_to_first_token or 0.0)
+    m = last.metrics
+    if m.time_to_first_token is None or m.total_time is None or m.completion_tokens < 2:
+        return None
+    return (m.total_time - m.time_to_first_token) / (m.completion_tokens - 1)
+
+
+def _timed_outputs(engine: Engine, prompts, outs: list[int], penalties: dict | None = None) -> tuple[float, list]:
+    """_timed's seconds and the outputs (their metrics time each request)."""
     if engine.core.profile is not None:  # LOCALSGL_DEBUG_PROFILE_STEPS=1: profile only the last timed run
         from .engine.step_profile import StepProfile
 
@@ -135,11 +152,11 @@ def _timed(engine: Engine, prompts, outs: list[int], penalties: dict | None = No
     sync()
     extra = penalties or {}
     t = time.perf_counter()
-    engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, **extra) for o in outs]
+    outputs = engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, **extra) for o in outs]
                     if len(outs) == len(prompts) else
                     SamplingParams(temperature=0, max_tokens=outs[0], ignore_eos=True, **extra))
     sync()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, outputs
 
 
 def _profile(engine: Engine) -> dict:
@@ -170,14 +187,20 @@ def bench_latency(engine: Engine, ceil: dict, a) -> list[dict]:
         engine.core.cache.reset()
         t_pre = []
         t_all = []
+        t_step = []
         for _ in range(a.runs):
             engine.core.cache.reset()
             t_pre.append(_timed(engine, prompts, [1]))
             engine.core.cache.reset()
-            t_all.append(_timed(engine, prompts, [a.output_len]))
+            t, outputs = _timed_outputs(engine, prompts, [a.output_len])
+            t_all.append(t)
+            t_step.append(_decode_step(outputs))
         pre = statistics.median(t_pre)
         tot = statistics.median(t_all)
-        dec = max(tot - pre, 1e-9) / max(a.output_len - 1, 1)
+        if None in t_step:  # an output of one token: the difference of the two runs
+            dec = max(tot - pre, 1e-9) / max(a.output_len - 1, 1)
+        else:
+            dec = statistics.median(t_step)
         step_bytes = weight_bytes(engine) + bs * (a.input_len + a.output_len / 2) * kv_bytes_per_token(engine)
         dec_floor = step_bytes / ceil["copy_bw"]
         pre_floor = 2 * engine.config.num_params * bs * a.input_len / ceil["matmul_flops"]
@@ -259,7 +282,10 @@ def main(kind: str, engine_kwargs: dict, args: list[str], json_output: bool = Fa
     if kind not in ("latency", "throughput", "prefix"):
         print(f"unknown benchmark {kind!r}: choose latency, throughput, prefix or serving", file=sys.stderr)
         return 2
-    engine = Engine(**engine_kwargs)
+    # these time the engine core itself: it runs in this process whatever LOCALSGL_IN_PROCESS
+    # says (they reset its prefix cache between runs and count its model's bytes for the floors);
+    # `bench serving` measures the core in its own process, as `serve` runs it
+    engine = Engine(**{**engine_kwargs, "in_process": True})
     try:
         engine.wait_graphs()  # the large decode graphs are captured after start-up: not inside a timed run
         ceil = measure_ceilings(engine.device)

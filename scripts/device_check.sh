@@ -26,7 +26,8 @@
 #    with the tuned file and with the merged one, and SWEEP_GGUF (a GGUF file) with both when set)
 #   (gemmab: scripts/probe_quant_tiles.py --ab: each int4 GEMM shape's default tile against the same tile with the
 #    Config fields of GEMM_AB replaced, then scripts/bench_quant.py (AB_BENCH formats) alternately with the tuned
-#    file and with GEMM_AB's first variant applied to its int4 GEMM entries, AB_PAIRS times)
+#    file and with GEMM_AB's first variant applied to its int4 GEMM entries (AB_SECOND=ab_best: each shape's
+#    fastest tile of the probe, for the AB_ROWS timed), AB_PAIRS times)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -52,8 +53,11 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 python3 -c "import torch; from localsgl_kernels import pdl; print('PDL', pdl.enabled(torch.device('cuda')), 'driver', pdl._driver_version())"
 
 # peer: llama.cpp built from .peer (../shared/peer) in the background while the rest runs; measured
-# side by side at the end (needs ~400 s on 16 cores before its GGUF exists)
-if [[ "$EXTRA" == *" peer "* ]] && [ -d .peer ] && ! grep -q "all done" /tmp/peer/build.done 2>/dev/null; then
+# side by side at the end (needs ~700 s on 16 cores before its GGUF exists; while it builds, the
+# engine's own timings here are perturbed: int4 batch 1 measured 2.4-3.1 ms against 1.93 quiet).
+# One build at a time: a call that finds one running (started by an earlier call) waits for it.
+if [[ "$EXTRA" == *" peer "* ]] && [ -d .peer ] && ! grep -q "all done" /tmp/peer/build.done 2>/dev/null \
+    && ! pgrep -f build_llamacpp.sh > /dev/null; then
   setsid nohup bash .peer/build_llamacpp.sh "$PWD/.peer" > /tmp/peerbuild.log 2>&1 < /dev/null &
 fi
 
@@ -172,10 +176,11 @@ fi
 if [[ "$EXTRA" == *" gemmab "* ]]; then
   echo "== GEMM tiles A/B: each int4 shape's default tile against GEMM_AB's variants, then batch 64 with both"
   timeout ${AB_TIMEOUT:-300} python3 scripts/probe_quant_tiles.py --formats ${AB_FORMATS:-int4g128 int4g32} \
-    --ab ${GEMM_AB:-half_math=1,scale_after=0} --ab-tiles "$OUTDIR/ab_tiles.json" 2>&1 \
+    --ab ${GEMM_AB:-half_math=1,scale_after=0} --ab-rows ${AB_ROWS:-16 64} --ab-tiles "$OUTDIR/ab_tiles.json" \
+    --ab-best "$OUTDIR/ab_best.json" 2>&1 \
     | tee "$OUTDIR/gemm_ab.log" | grep -vE "Warning|warn_once"
   for pair in $(seq 1 ${AB_PAIRS:-2}); do
-    for tiles in "" "$OUTDIR/ab_tiles.json"; do
+    for tiles in "" "$OUTDIR/${AB_SECOND:-ab_tiles}.json"; do
       echo "-- tiles: ${tiles:-tuned}"
       LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats ${AB_BENCH:-int4} \
         --runs ${AB_RUNS:-2} 2>&1 | grep -vE '^\{| INFO ' | tail -3

@@ -38,6 +38,7 @@ NO_ENGINE_FILES = {
     "store/test_pull.py": "downloads only",
     "structured/test_engine_grammar.py": "drives EngineCore directly, with the shared engine's tokenizer",
     "structured/test_grammar_parts.py": "grammar backend parts on the shared engine's tokenizer",
+    "test_bench_latency.py": "`bench latency` runs its engine core in-process in either mode",
     "test_core_process.py": "names the mode of every engine it builds",
     "test_engine_modes.py": "checks these lists and how the mode is picked",
     "test_generation_parity.py": "its engine fixture runs both modes itself",

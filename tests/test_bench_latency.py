@@ -1,0 +1,51 @@
+"""`localsgl bench latency`: the decode step is timed from the request whose first token came
+last (its remaining tokens come one a step once every prompt is prefilled), as
+llama-batched-bench times its generation phase."""
+from __future__ import annotations
+
+import json
+import statistics
+from types import SimpleNamespace
+
+import pytest
+
+from localsgl import bench
+
+ENGINE = {"model": "smollm2-135m", "device": "cpu", "kv_memory": "256MiB", "max_model_len": 1024}
+
+
+def _out(ttft, total, tokens):
+    return SimpleNamespace(metrics=SimpleNamespace(time_to_first_token=ttft, total_time=total, completion_tokens=tokens))
+
+
+def test_decode_step_reads_the_last_started_request():
+    # the second request's first token came last: 9 tokens after it in 0.9 s
+    outs = [_out(0.2, 1.0, 10), _out(0.5, 1.4, 10), _out(0.3, 1.2, 10)]
+    assert bench._decode_step(outs) == pytest.approx(0.1)
+    assert bench._decode_step([_out(0.2, 0.2, 1)]) is None  # one token: no decode step
+    assert bench._decode_step([_out(None, None, 0)]) is None
+
+
+def test_latency_rows_use_the_measured_steps(monkeypatch, capsys):
+    monkeypatch.setenv("LOCALSGL_IN_PROCESS", "0")  # the benchmark keeps its core in this process anyway
+    seen = []
+    real = bench._decode_step
+
+    def record(outputs):
+        assert len(outputs) == 4 and all(len(o.token_ids) == 8 for o in outputs)
+        seen.append(real(outputs))
+        return seen[-1]
+
+    monkeypatch.setattr(bench, "_decode_step", record)
+    rc = bench.main("latency", dict(ENGINE), ["--batch", "4", "--input-len", "32", "--output-len", "8", "--runs", "3"],
+                    json_output=True)
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {r["workload"]: r for r in info["rows"]}
+    decode = rows["decode bs4 (32 in/8 out)"]
+    total = rows["total bs4 (32 in/8 out)"]
+    assert len(seen) == 3 and all(s is not None and s > 0 for s in seen)
+    assert decode["measured"] == pytest.approx(statistics.median(seen) * 1e3)
+    assert decode["tok_s"] == pytest.approx(4 / statistics.median(seen))
+    # 7 steps of the last-started request lie inside the whole run
+    assert 7 * decode["measured"] / 1e3 < 4 * 8 / total["measured"]
