@@ -3,6 +3,8 @@ into ``tl.dot`` (tensor cores), and the entry point for every quantized matmul o
 
 ``matmul(x, w)`` picks the route by rows:
   * 1 row: quant_gemv.gemv (the weight streamed once, no tensor cores needed);
+  * 2-8 rows of int4 / int8 where this GPU's tuned file names a "rows" tile: quant_rows (the
+    weight streamed once against every row's int8 activations);
   * fp8 on sm90+ with more than FP8_SCALED_MM_MIN_ROWS rows: torch._scaled_mm with the rows
     quantized to e4m3 per row (dynamic scales) — fp8 tensor cores at twice the bf16 rate;
   * DEQUANT_MIN_ROWS rows or more (prefill chunks): the weight dequantized to x's dtype by
@@ -539,7 +541,7 @@ def scaled_mm_fp8(x: torch.Tensor, w) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, w) -> torch.Tensor:
     """x [M, K] @ Wᵀ on the GPU by the route for its row count (module docstring)."""
-    from . import quant_gemv
+    from . import quant_gemv, quant_rows
 
     M, K = x.shape
     if w.fmt.kind == "fp8" and torch.cuda.get_device_capability(x.device) < (8, 9):
@@ -548,6 +550,10 @@ def matmul(x: torch.Tensor, w) -> torch.Tensor:
         return matmul_ref(x, w)
     if M == 1 and quant_gemv.gemv_supported(w, x.device.type):
         return quant_gemv.gemv(x, w)
+    if 2 <= M <= quant_rows.MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cfg = quant_rows.tuned_config(w, M, x.device)
+        if cfg is not None:
+            return quant_rows.matmul(x, w, cfg)
     if (w.fmt.kind == "fp8" and M > FP8_SCALED_MM_MIN_ROWS and row_scaled(w) and fp8_native(x.device)
             and K % 16 == 0 and w.out_features % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16)):
         try:

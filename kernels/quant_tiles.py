@@ -3,8 +3,9 @@ measured fastest for each weight format, shape and row count, kept as JSON.
 
 Looked up, in order: the file named by LOCALSGL_QUANT_TILES, then ``tuned/<device name>.json``
 beside this module (e.g. tuned/NVIDIA_H200.json); the kernels' built-in defaults apply where
-neither has an entry.  An entry is {"kind": "gemv" | "gemm", "fmt": WeightFormat.label(),
-"n": N, "k": K, "m": rows (1 for gemv; 16 or 64 for gemm), "tile": the kernel's Config
+neither has an entry.  An entry is {"kind": "gemv" | "gemm" | "rows", "fmt":
+WeightFormat.label(), "n": N, "k": K, "m": rows (1 for gemv; 16 or 64 for gemm; 2, 4 or 8 for
+rows, quant_rows.py, which runs only where such an entry exists), "tile": the kernel's Config
 fields}.  A weight whose exact shape is missing takes the entry of the same format, K and
 rows with the nearest N (Llama-shaped models differ mostly in N)."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
@@ -28,6 +28,9 @@
 #    Config fields of GEMM_AB replaced, then scripts/bench_quant.py (AB_BENCH formats) alternately with the tuned
 #    file and with GEMM_AB's first variant applied to its int4 GEMM entries (AB_SECOND=ab_best: each shape's
 #    fastest tile of the probe, for the AB_ROWS timed), AB_PAIRS times)
+#   (rows: scripts/probe_quant_rows.py, the few-row int8-activation matmul against the 16-row GEMM at 2 / 4 / 8
+#    rows, its winners written into $OUTDIR/rows_tiles.json; then `bench latency` at batch 1 2 4 8 of int4 with
+#    the tuned file and with that one, and of bf16)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -185,6 +188,20 @@ if [[ "$EXTRA" == *" gemmab "* ]]; then
       LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats ${AB_BENCH:-int4} \
         --runs ${AB_RUNS:-2} 2>&1 | grep -vE '^\{| INFO ' | tail -3
     done
+  done
+fi
+if [[ "$EXTRA" == *" rows "* ]]; then
+  echo "== few-row int8-activation matmul vs the 16-row GEMM, then decode at batch 1-8"
+  timeout ${ROWS_TIMEOUT:-300} python3 scripts/probe_quant_rows.py --formats ${ROWS_FORMATS:-int4g128} \
+    --out "$OUTDIR/rows_tiles.json" 2>&1 | tee "$OUTDIR/rows_probe.log" | grep -vE "Warning|warn_once"
+  for spec in "int4:" "int4:$OUTDIR/rows_tiles.json" "bf16:"; do
+    echo "-- ${spec%%:*} tiles ${spec#*:}"
+    LOCALSGL_QUANT_TILES="${spec#*:}" timeout 200 python3 -c "
+import sys; from localsgl import bench
+q = sys.argv[1]
+bench.main('latency', dict(model='llama-3.1-8b', load_format='dummy', **({'quantization': q} if q != 'bf16' else {})),
+           ['--batch', '1', '2', '4', '8', '--input-len', '512', '--output-len', '128', '--runs', '3'])" "${spec%%:*}" \
+      2>&1 | grep -E "^decode"
   done
 fi
 if [[ "$EXTRA" == *" rowstack "* ]]; then

@@ -1,0 +1,78 @@
+"""The few-row matmul (kernels/quant_rows.py) against the route 2..8 rows take without it (the
+16-row GEMM tile of quant_gemm), per weight format, Llama-3.1-8B shape and row count (2, 4, 8),
+kernels alone in CUDA graphs; then writes this GPU's tuned file with a "rows" entry for each
+(format, shape, rows) whose best tile beat the GEMM by 3 % or more.
+
+    python scripts/probe_quant_rows.py [--formats int4g128 int4g32 int8g16] [--out TUNED.json]
+
+Each tile is checked against the fp32 product with the unrounded activations (within the int8
+activations' rounding, 2 %) before it is timed.  ``--out``: kernels/tuned/<GPU>.json's entries
+with the winners added (LOCALSGL_QUANT_TILES=TUNED.json makes the engine use them)."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_quant import copy_bandwidth, timed  # noqa: E402
+from probe_quant_tiles import FORMATS, GEMM_SHAPES, _weight  # noqa: E402
+
+from localsgl_kernels import quant_gemm as QM  # noqa: E402
+from localsgl_kernels import quant_rows as QR  # noqa: E402
+
+TILES = [QR.Config(r, bk, warps) for r, bk, warps in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--formats", nargs="*", default=["int4g128", "int4g32", "int8g16"], choices=list(FORMATS))
+    ap.add_argument("--rows", nargs="*", type=int, default=[2, 4, 8])
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s", flush=True)
+    print(f"{'fmt':9s} {'shape':8s} {'M':>2s} {'floor':>6s} {'gemm':>7s} {'rows':>7s}  best tile", flush=True)
+    winners = []
+    for fmt, (name, (n, k)), m in itertools.product(a.formats, GEMM_SHAPES.items(), a.rows):
+        w = _weight(fmt, n, k)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        exact = x.float() @ w.dequantize(torch.float32).t()
+        gemm_us = timed(lambda: QM.gemm(x, w), 10)
+        best = None
+        for cfg in TILES:
+            if not QR.applies(w, m, cfg):
+                continue
+            try:
+                y = QR.matmul(x, w, cfg)
+            except Exception as e:  # out of resources: skipped
+                print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                continue
+            if float((y.float() - exact).norm() / exact.norm()) > 2e-2:
+                print(f"  {cfg}: WRONG", flush=True)
+                continue
+            us = timed(lambda: QR.matmul(x, w, cfg), 10)
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        floor = w.nbytes / bw * 1e6
+        rows_us = best[0] if best else float("nan")
+        print(f"{fmt:9s} {name:8s} {m:2d} {floor:6.1f} {gemm_us:7.1f} {rows_us:7.1f}  {tuple(best[1]) if best else '-'}",
+              flush=True)
+        if best and best[0] < 0.97 * gemm_us:
+            winners.append(dict(kind="rows", fmt=w.fmt.label(), n=n, k=k, m=m, tile=list(best[1])))
+        del w
+    if a.out:
+        from localsgl_kernels.quant_tiles import _entries
+
+        entries = [dict(e) for e in _entries(torch.cuda.current_device(), None) if e["kind"] != "rows"]
+        with open(a.out, "w") as f:
+            json.dump(entries + winners, f, indent=1)
+        print(f"{len(winners)} rows entries -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
