@@ -7,35 +7,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 from kutil import DEV, ON_GPU, gen, randn, rel_err
+from test_quant_int8act import DTYPE, FORMATS, IDS, TOL, _qw
+from test_quant_int8act import _xhat as _xhat_row
 
-from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+from localsgl.engine.layers.quant import WeightFormat
 from localsgl_kernels import quant_gemm as QM
 from localsgl_kernels import quant_rows as QR
 from localsgl_kernels import quant_words as QW
 
-FORMATS = [WeightFormat("int4", 128, False), WeightFormat("int4", 32, True), WeightFormat("int8", 0, True),
-           WeightFormat("int8", 16, True)]
-IDS = [f.label().replace(" ", "-") for f in FORMATS]
-DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-TOL = 2e-2 if ON_GPU else 1e-5  # the output's rounding (bf16 on the GPU)
-
-
-def _qw(n, k, fmt, g):
-    return QuantizedWeight.quantize(torch.randn(n, k, generator=g) * k**-0.5, fmt).to(DEV)
-
 
 def _xhat(w, xq, xs, k, bk):
-    """x̂ [M, k] in fp64 from the preparation's int8 words (in their layout) and chunk scales."""
-    e = 8 if w.fmt.kind == "int4" else 4
-    rows = []
-    for m in range(xq.shape[0]):
-        b = xq[m].cpu().view(torch.int8).double()  # little-endian: byte p of word j
-        if e == 8:  # per bk-column step: bk/8 words of the even columns, then bk/8 of the odd ones
-            steps = b.view(k // bk, 2, bk // 8, 4)
-            b = torch.stack([steps[:, 0], steps[:, 1]], dim=-1).reshape(-1)
-        dx = xs[m].cpu().double().view(-1, 2)[:, 0]
-        rows.append(b * dx.repeat_interleave(4 * e))
-    return torch.stack(rows)
+    """x̂ [M, k] in fp64: each row's int8 words and chunk scales read back as the one-row test reads them."""
+    return torch.stack([_xhat_row(w, xq[m], xs[m], k, bk) for m in range(xq.shape[0])])
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
