@@ -85,7 +85,7 @@ def _store_row(Y, acc, m, M, rows, stride_y, srow, ROW_SCALE: tl.constexpr):
     y = tl.sum(acc, 1)
     if ROW_SCALE:
         y = y * srow
-    tl.store(Y + m * stride_y + rows, y.to(Y.dtype.element_ty), mask=rows * 0 + m < M)
+    tl.store(Y + m * stride_y + rows, y.to(Y.dtype.element_ty), mask=rows * 0 + m < M)  # m < M as a tensor
 
 
 @triton.jit
@@ -109,7 +109,6 @@ def _rows_kernel(
     qw = QW + ra * stride_q + words
     xw0 = XQ + words + tl.zeros([BLOCK_R, 1], tl.int32)  # row 0's words, in the weights' layout
     zero = tl.zeros([BLOCK_R, W], tl.int32)
-    m1 = tl.minimum(1, M - 1).to(tl.int64)
     m2 = tl.minimum(2, M - 1).to(tl.int64)
     m3 = tl.minimum(3, M - 1).to(tl.int64)
     m4 = tl.minimum(4, M - 1).to(tl.int64)
@@ -143,7 +142,7 @@ def _rows_kernel(
                 mn = tl.load(Mn + ra * stride_s + gidx).to(tl.float32)
         xw = xw0 + k0 // 4  # int4: the step's even plane starts at word k0 / 4; int8: its words do
         a0 = _row_step(a0, w, lo, hi, xw, XS, j, s, mn, zero, KIND, SYM, ROW_SCALE, W, C, BLOCK_R)
-        a1 = _row_step(a1, w, lo, hi, xw + m1 * XW, XS + m1 * XR, j, s, mn, zero, KIND, SYM, ROW_SCALE, W, C, BLOCK_R)
+        a1 = _row_step(a1, w, lo, hi, xw + XW, XS + XR, j, s, mn, zero, KIND, SYM, ROW_SCALE, W, C, BLOCK_R)  # M >= 2
         if MP > 2:
             a2 = _row_step(a2, w, lo, hi, xw + m2 * XW, XS + m2 * XR, j, s, mn, zero, KIND, SYM, ROW_SCALE, W, C,
                            BLOCK_R)
