@@ -3,7 +3,9 @@
 kernels alone in CUDA graphs; then writes this GPU's tuned file with a "rows" entry for each
 (format, shape, rows) whose best tile beat the GEMM by 3 % or more.
 
-    python scripts/probe_quant_rows.py [--formats int4g128 int4g32 int8g16] [--out TUNED.json]
+    python scripts/probe_quant_rows.py [--formats int4g128 int4g32 int8g16] [--out TUNED.json] [--jobs 16]
+
+The tiles are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared).
 
 Each tile is checked against the fp32 product with the unrounded activations (within the int8
 activations' rounding, 2 %) before it is timed.  ``--out``: kernels/tuned/<GPU>.json's entries
@@ -13,8 +15,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing as mp
 import os
 import sys
+import time
 
 import torch
 
@@ -25,7 +29,25 @@ from probe_quant_tiles import FORMATS, GEMM_SHAPES, _weight  # noqa: E402
 from localsgl_kernels import quant_gemm as QM  # noqa: E402
 from localsgl_kernels import quant_rows as QR  # noqa: E402
 
-TILES = [QR.Config(r, bk, warps) for r, bk, warps in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8))]
+TILES = [QR.Config(r, bk, warps, stages)
+         for r, bk, warps, stages in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 2))]
+
+
+def _compile(batch) -> int:
+    """Compile a share of the variants: one call each on a small weight (the kernel's constexprs
+    do not depend on N or K), so the timing loop finds them in Triton's cache."""
+    ok = 0
+    for fmt, m, cfg in batch:
+        w = _weight(fmt, 512, 4096)
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        try:
+            if QR.applies(w, m, cfg):
+                QR.matmul(x, w, cfg)
+                ok += 1
+        except Exception as e:  # out of resources: skipped when timed
+            print(f"compile {fmt} {m} {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+    torch.cuda.synchronize()
+    return ok
 
 
 def main() -> None:
@@ -33,7 +55,14 @@ def main() -> None:
     ap.add_argument("--formats", nargs="*", default=["int4g128", "int4g32", "int8g16"], choices=list(FORMATS))
     ap.add_argument("--rows", nargs="*", type=int, default=[2, 4, 8])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--jobs", type=int, default=16)
     a = ap.parse_args()
+    todo = [(fmt, m, cfg) for fmt in a.formats for m in sorted({QR._bucket(r) for r in a.rows})
+            for cfg in TILES]
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(a.jobs) as pool:
+        n = sum(pool.map(_compile, [todo[i::a.jobs] for i in range(a.jobs)]))
+    print(f"compiled {n} of {len(todo)} variants in {time.time() - t0:.0f} s", flush=True)
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s", flush=True)
     print(f"{'fmt':9s} {'shape':8s} {'M':>2s} {'floor':>6s} {'gemm':>7s} {'rows':>7s}  best tile", flush=True)
