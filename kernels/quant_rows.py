@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import quant_gemv as QG
 from .quant_tiles import lookup
 from .quant_words import _dp4a, _store_int8
 
@@ -40,7 +41,7 @@ MAX_ROWS = 8
 
 class Config(NamedTuple):
     block_r: int  # weight rows a program owns
-    block_k: int  # columns a step (whole groups; the activations' planes are laid out per step)
+    block_k: int  # columns a step (whole 4-word chunks; the activations' planes are laid out per step)
     num_warps: int = 4
     num_stages: int = 1
 
@@ -172,26 +173,19 @@ def _rows_kernel(
         _store_row(Y, a7, 7, M, rows, stride_y, srow, ROW_SCALE)
 
 
-def _row_scaled(w) -> bool:
-    return w.fmt.kind != "int4" and w.mins is None and w.group >= w.in_features
-
-
 def _bucket(rows: int) -> int:
     """The row count a tuned entry is keyed on: 2, 4 or 8."""
     return max(2, triton.next_power_of_2(rows))
 
 
 def applies(w, rows: int, cfg: Config | None) -> bool:
-    """Whether ``cfg`` can run ``rows`` rows of x against ``w``: int4 / int8 as int32 words
-    (contiguous rows of whole words), groups of at least one chunk (a power of two) or one
-    scale a row, whole steps, whole row blocks."""
-    if cfg is None or not 2 <= rows <= MAX_ROWS or w.fmt.kind not in ("int4", "int8"):
+    """Whether ``cfg`` can run ``rows`` rows of x against ``w``: where the one-row GEMV's int32
+    words apply (quant_gemv.words_apply: int4 / int8, groups of whole chunks or one scale a row,
+    contiguous rows of whole words), with whole steps and whole row blocks."""
+    if cfg is None or not 2 <= rows <= MAX_ROWS:
         return False
-    q, g, K = w.qweight, w.group, w.in_features
-    chunk = 32 if w.fmt.kind == "int4" else 16
-    grouped_ok = _row_scaled(w) or (g >= chunk and g & (g - 1) == 0)
-    return (grouped_ok and cfg.block_k % chunk == 0 and K % cfg.block_k == 0 and w.out_features % cfg.block_r == 0
-            and q.stride(-1) == 1 and q.stride(0) % 4 == 0 and q.storage_offset() % 4 == 0)
+    return (QG.words_apply(w, QG.Config(cfg.block_r, cfg.block_k, words=3)) and w.in_features % cfg.block_k == 0
+            and w.out_features % cfg.block_r == 0)
 
 
 def tuned_config(w, rows: int, device: torch.device) -> Config | None:
@@ -228,7 +222,7 @@ def matmul(x: torch.Tensor, w, config: Config, out_dtype=None) -> torch.Tensor:
     xq, xs = prepare(x, w, config.block_k)
     N = w.out_features
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    row_scale = _row_scaled(w)
+    row_scale = QG.row_scaled(w)
     _rows_kernel[(N // config.block_r,)](
         xq, xs, w.qweight.view(torch.int32), w.scales, w.mins if w.mins is not None else w.scales, y, M, K,
         w.qweight.stride(0) // 4, w.scales.stride(0), y.stride(0),
