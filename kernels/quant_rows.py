@@ -191,7 +191,7 @@ def applies(w, rows: int, cfg: Config | None) -> bool:
 def tuned_config(w, rows: int, device: torch.device) -> Config | None:
     """This GPU's tuned "rows" tile for ``w`` at ``rows`` rows where one exists and applies, and
     the weight lets its activations be rounded to int8 (the engine's int8_activations switch)."""
-    if device.type != "cuda" or not getattr(w, "int8_activations", True) or not 2 <= rows <= MAX_ROWS:
+    if device.type != "cuda" or not getattr(w, "int8_activations", True):
         return None
     t = lookup("rows", w, _bucket(rows), device)
     cfg = Config(*t) if t is not None else None

@@ -130,18 +130,6 @@ def _timed(engine: Engine, prompts, outs: list[int], penalties: dict | None = No
     return _timed_outputs(engine, prompts, outs, penalties)[0]
 
 
-def _decode_step(outputs) -> float | None:
-    """Seconds a decode step of the whole batch, read from the request whose first token came
-    last: its remaining tokens come one a step after every prompt has been prefilled (the
-    T_TG / ntg of llama-batched-bench), free of the prefill's run-to-run spread that a
-    difference of two timed runs carries."""
-    last = max(outputs, key=lambda o: o.metrics.time_to_first_token or 0.0)
-    m = last.metrics
-    if m.time_to_first_token is None or m.total_time is None or m.completion_tokens < 2:
-        return None
-    return (m.total_time - m.time_to_first_token) / (m.completion_tokens - 1)
-
-
 def _timed_outputs(engine: Engine, prompts, outs: list[int], penalties: dict | None = None) -> tuple[float, list]:
     """_timed's seconds and the outputs (their metrics time each request)."""
     if engine.core.profile is not None:  # LOCALSGL_DEBUG_PROFILE_STEPS=1: profile only the last timed run
@@ -157,6 +145,18 @@ def _timed_outputs(engine: Engine, prompts, outs: list[int], penalties: dict | N
                     SamplingParams(temperature=0, max_tokens=outs[0], ignore_eos=True, **extra))
     sync()
     return time.perf_counter() - t, outputs
+
+
+def _decode_step(outputs) -> float | None:
+    """Seconds a decode step of the whole batch, read from the request whose first token came
+    last: its remaining tokens come one a step after every prompt has been prefilled (the
+    T_TG / ntg of llama-batched-bench), free of the prefill's run-to-run spread that a
+    difference of two timed runs carries."""
+    last = max(outputs, key=lambda o: o.metrics.time_to_first_token or 0.0)
+    m = last.metrics
+    if m.time_to_first_token is None or m.total_time is None or m.completion_tokens < 2:
+        return None
+    return (m.total_time - m.time_to_first_token) / (m.completion_tokens - 1)
 
 
 def _profile(engine: Engine) -> dict:
