@@ -192,16 +192,25 @@ if [[ "$EXTRA" == *" gemmab "* ]]; then
 fi
 if [[ "$EXTRA" == *" rows "* ]]; then
   echo "== few-row int8-activation matmul vs the 16-row GEMM, then decode at batch 1-8"
-  timeout ${ROWS_TIMEOUT:-300} python3 scripts/probe_quant_rows.py --formats ${ROWS_FORMATS:-int4g128} \
+  timeout ${ROWS_TIMEOUT:-300} python3 scripts/probe_quant_rows.py --formats ${ROWS_FORMATS:-int4g128 int4g32 int8g16} \
     --out "$OUTDIR/rows_tiles.json" 2>&1 | tee "$OUTDIR/rows_probe.log" | grep -vE "Warning|warn_once"
-  for spec in "int4:" "int4:$OUTDIR/rows_tiles.json" "bf16:"; do
+  # the tuned file without its rows entries: the 16-row GEMM at 2..8 rows, as before quant_rows
+  python3 -c "
+import json, sys, torch; from localsgl_kernels.quant_tiles import _entries
+json.dump([e for e in _entries(torch.cuda.current_device(), None) if e['kind'] != 'rows'], open(sys.argv[1], 'w'))" \
+    "$OUTDIR/norows_tiles.json"
+  # ROWS_GGUF (a GGUF file, e.g. llama.cpp's Q4_K_M of the peer step): that file kept quantized as well
+  for spec in "int4:$OUTDIR/norows_tiles.json" "int4:$OUTDIR/rows_tiles.json" "bf16:" \
+      ${ROWS_GGUF:+"gguf:$OUTDIR/norows_tiles.json" "gguf:$OUTDIR/rows_tiles.json"}; do
     echo "-- ${spec%%:*} tiles ${spec#*:}"
     LOCALSGL_QUANT_TILES="${spec#*:}" timeout 200 python3 -c "
 import sys; from localsgl import bench
-q = sys.argv[1]
-bench.main('latency', dict(model='llama-3.1-8b', load_format='dummy', **({'quantization': q} if q != 'bf16' else {})),
-           ['--batch', '1', '2', '4', '8', '--input-len', '512', '--output-len', '128', '--runs', '3'])" "${spec%%:*}" \
-      2>&1 | grep -E "^decode"
+q, gguf = sys.argv[1], sys.argv[2]
+spec = dict(model=gguf, weights='keep') if q == 'gguf' else dict(model='llama-3.1-8b', load_format='dummy')
+if q == 'int4':
+    spec['quantization'] = q
+bench.main('latency', spec, ['--batch', '1', '2', '4', '8', '--input-len', '512', '--output-len', '128', '--runs', '3'])" \
+      "${spec%%:*}" "${ROWS_GGUF:-}" 2>&1 | grep -E "^decode|Error"
   done
 fi
 if [[ "$EXTRA" == *" rowstack "* ]]; then

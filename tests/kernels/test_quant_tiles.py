@@ -9,6 +9,7 @@ import torch
 from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
 from localsgl_kernels import quant_gemm as QM
 from localsgl_kernels import quant_gemv as QV
+from localsgl_kernels import quant_rows as QR
 from localsgl_kernels import quant_tiles
 
 TUNED = sorted((Path(quant_tiles.__file__).parent / "tuned").glob("*.json"))
@@ -70,9 +71,11 @@ def test_packaged_tables_are_valid(path):
         if r["kind"] == "gemv":
             cfg = QV.Config(*r["tile"])
             assert r["m"] == 1 and QV.block_k(w, cfg.block_k) == cfg.block_k and r["n"] % (2 * cfg.block_r) == 0
+        elif r["kind"] == "rows":
+            assert r["m"] in (2, 4, 8) and QR.applies(w, r["m"], QR.Config(*r["tile"]))
         else:
             cfg = QM.Config(*r["tile"])
-            assert r["m"] in (16, 64) and cfg.block_m <= r["m"] and QV.block_k(w, cfg.block_k) is not None
+            assert r["kind"] == "gemm" and r["m"] in (16, 64) and cfg.block_m <= r["m"] and QV.block_k(w, cfg.block_k) is not None
 
 
 def _shapes(fmt, n, k):
