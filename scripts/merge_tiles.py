@@ -5,7 +5,8 @@
 ROWS.json and TILES.json are scripts/probe_quant_tiles.py's --json and --tiles outputs of a
 sweep run with ``--formats``/``--kinds`` (and LOCALSGL_QUANT_TILES naming an empty list, so
 its "default" was the built-in tile).  Every (kind, format, rows) the sweep timed takes the
-sweep's entries, none where the built-in tile won; the rest of TUNED.json is kept."""
+sweep's entries, none where the built-in tile won; the rest of TUNED.json is kept.
+scripts/probe_quant_rows.py merges its "rows" winners the same way."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,15 @@ import json
 
 
 def merge(tuned: list[dict], rows: list[dict], tiles: list[dict]) -> list[dict]:
-    swept = {(r["kind"], r["label"], r["m"]) for r in rows if r.get("kind") in ("gemv", "gemm")}
+    swept = {(r["kind"], r["label"], r["m"]) for r in rows if r.get("kind") in ("gemv", "gemm", "rows")}
     kept = [e for e in tuned if (e["kind"], e["fmt"], e["m"]) not in swept]
     return kept + [e for e in tiles if (e["kind"], e["fmt"], e["m"]) in swept]
+
+
+def write(path: str, entries: list[dict]) -> None:
+    """One entry a line, as kernels/tuned/*.json keep them."""
+    with open(path, "w") as f:
+        f.write("[\n" + ",\n".join(json.dumps(e) for e in entries) + "\n]\n")
 
 
 def main() -> None:
@@ -27,8 +34,7 @@ def main() -> None:
     a = ap.parse_args()
     load = lambda p: json.load(open(p))  # noqa: E731
     out = merge(load(a.tuned), load(a.rows), load(a.tiles))
-    with open(a.out, "w") as f:
-        f.write("[\n" + ",\n".join(json.dumps(e) for e in out) + "\n]\n")
+    write(a.out, out)
     print(f"{len(out)} tiles -> {a.out}")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -57,8 +56,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=16)
     a = ap.parse_args()
-    todo = [(fmt, m, cfg) for fmt in a.formats for m in sorted({QR._bucket(r) for r in a.rows})
-            for cfg in TILES]
+    buckets = sorted({QR._bucket(r) for r in a.rows})  # the row counts the tuned file's entries name
+    todo = [(fmt, m, cfg) for fmt in a.formats for m in buckets for cfg in TILES]
     t0 = time.time()
     with mp.get_context("spawn").Pool(a.jobs) as pool:
         n = sum(pool.map(_compile, [todo[i::a.jobs] for i in range(a.jobs)]))
@@ -67,7 +66,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s", flush=True)
     print(f"{'fmt':9s} {'shape':8s} {'M':>2s} {'floor':>6s} {'gemm':>7s} {'rows':>7s}  best tile", flush=True)
     winners, measured = [], set()
-    for fmt, (name, (n, k)), m in itertools.product(a.formats, GEMM_SHAPES.items(), a.rows):
+    for fmt, (name, (n, k)), m in itertools.product(a.formats, GEMM_SHAPES.items(), buckets):
         w = _weight(fmt, n, k)
         measured.add(w.fmt.label())
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -96,14 +95,12 @@ def main() -> None:
             winners.append(dict(kind="rows", fmt=w.fmt.label(), n=n, k=k, m=m, tile=list(best[1])))
         del w
     if a.out:
+        from merge_tiles import merge, write
+
         from localsgl_kernels.quant_tiles import _entries
 
-        # a rows entry this run measured is replaced (or dropped where the GEMM won); others are kept
-        timed_keys = {(lbl, n, k, m) for lbl in measured for n, k in GEMM_SHAPES.values() for m in a.rows}
-        entries = [dict(e) for e in _entries(torch.cuda.current_device(), None)
-                   if e["kind"] != "rows" or (e["fmt"], e["n"], e["k"], e["m"]) not in timed_keys]
-        with open(a.out, "w") as f:
-            json.dump(entries + winners, f, indent=1)
+        timed_rows = [dict(kind="rows", label=lbl, m=m) for lbl in measured for m in buckets]
+        write(a.out, merge([dict(e) for e in _entries(torch.cuda.current_device(), None)], timed_rows, winners))
         print(f"{len(winners)} rows entries -> {a.out}")
 
 
