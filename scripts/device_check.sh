@@ -23,7 +23,8 @@
 #   (gemmsweep: the 16/64-row GEMM tiles of SWEEP_FORMATS (default int4g128 int4g32; int8g16: a Q4_K_M file's
 #    Q6_K parts) swept (scripts/probe_quant_tiles.py, the words variant and split-K included) and merged over
 #    kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then scripts/bench_quant.py --formats bf16 int4
-#    with the tuned file and with the merged one, and SWEEP_GGUF (a GGUF file) with both when set)
+#    with the tuned file and with the merged one, and SWEEP_GGUF (a GGUF file; a random Q4_K_M-layout one,
+#    scripts/random_q4km_gguf.py, written there if missing) with both when set)
 #   (gemmab: scripts/probe_quant_tiles.py --ab: each int4 GEMM shape's default tile against the same tile with the
 #    Config fields of GEMM_AB replaced, then scripts/bench_quant.py (AB_BENCH formats) alternately with the tuned
 #    file and with GEMM_AB's first variant applied to its int4 GEMM entries (AB_SECOND=ab_best: each shape's
@@ -169,6 +170,8 @@ if [[ "$EXTRA" == *" gemmsweep "* ]]; then
     --formats ${SWEEP_FORMATS:-int4g128 int4g32} --kinds gemm --jobs 16 --json "$OUTDIR/gemm_rows.json" \
     --tiles "$OUTDIR/gemm_tiles.json" > "$OUTDIR/gemm_sweep.log" 2>&1
   grep -E "^int.* gemm " "$OUTDIR/gemm_sweep.log"
+  # SWEEP_GGUF that does not exist yet: a random Q4_K_M-layout file there (no llama.cpp build needed)
+  [ -n "${SWEEP_GGUF:-}" ] && [ ! -f "$SWEEP_GGUF" ] && python3 scripts/random_q4km_gguf.py "$SWEEP_GGUF"
   python3 scripts/merge_tiles.py "$gpu_file" "$OUTDIR/gemm_rows.json" "$OUTDIR/gemm_tiles.json" -o "$OUTDIR/merged_tiles.json"
   for tiles in "$gpu_file" "$OUTDIR/merged_tiles.json"; do
     echo "-- tiles: $tiles"
