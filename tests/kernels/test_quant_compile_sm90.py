@@ -3,10 +3,13 @@ launches them with at the Llama-3.1-8B shape: int4 group 128 (quantize's default
 with offsets (GGUF Q4_K), int8 per row and group 16 with offsets (GGUF Q6_K), fp8 per row; the
 fused norm + gate/up and norm + qkv + rotary + KV store GEMVs (fp8 also through the dense full-K ones); the tile sweep's GEMV variants
 (split-K and its sum, int4 / int8 as int32 words, over activations prepared by a kernel first); the GEMM in its three tile configurations,
-the sweep's int4 GEMM variants and the swapped tile (the weight the warpgroup MMA's register operand).  The CPU tests run them under the interpreter only, which type-checks less."""
+the sweep's int4 GEMM variants and the swapped tile (the weight the warpgroup MMA's register operand); the
+few-row matmul (quant_rows) and its activations' preparation.  The CPU tests run them under the interpreter only, which type-checks less."""
 import pytest
 import torch
 from sm90_compile import can_compile, compile_all
+
+from localsgl_kernels import quant_rows as QR
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not can_compile(),
                                 reason="a GPU runs the kernels themselves; needs Triton's bundled ptxas")
@@ -221,6 +224,22 @@ def _specs():
     specs["fp8 rows"] = dict(kernel="localsgl_kernels.fp8_rows:_fp8_rows_kernel",
                              pointers=dict(X="*bf16", Q="*fp8e4nv", S="*fp32"), div16=["K", "stride_x", "stride_q"],
                              constexprs=dict(BLOCK=2048), num_warps=8)
+    # the few-row matmul (quant_rows) over its rows' int8 activations, and that preparation
+    # (every offsets_mode: after the loop for int4 g128 and int8 g32 with offsets, in it for int4 g32, none)
+    rows_formats = [(f[0], f[1], f[4], f[5], f[6]) for f in FORMATS[:4]] + [
+        ("int4 g128 sym", INT4, 128, True, False), ("int8 g32 (Q5_K)", INT8, 32, False, False)]
+    for (label, kind, group, sym, row_scale), mp in zip(rows_formats, (8, 2, 4, 8, 4, 2)):
+        specs[f"rows {label} x{mp}"] = dict(
+            kernel="localsgl_kernels.quant_rows:_rows_kernel",
+            pointers=dict(XQ="*i32", XS="*fp32", QW="*i32", S="*fp16", Mn="*fp16", Y="*bf16"),
+            div16=["K"], constexprs=dict(KIND=kind, LOG2G=0 if row_scale else group.bit_length() - 1, SYM=sym,
+                                         ROW_SCALE=row_scale, MP=mp, BLOCK_R=16, BLOCK_K=1024,
+                                         OFFSETS=QR.offsets_mode("int4" if kind == INT4 else "int8", group, sym,
+                                                                 row_scale)),
+            num_warps=4, num_stages=2, ptx_needles=["dp4a"])
+    specs["rows preparation"] = dict(kernel="localsgl_kernels.quant_rows:_prep_rows_kernel",
+                                     pointers=dict(X="*bf16", XQ="*i32", XS="*fp32"), div16=["K", "stride_x"],
+                                     constexprs=dict(E=8, BK=1024, BLOCK=1024), num_warps=4)
     return specs
 
 

@@ -36,7 +36,13 @@ def test_preparation_equals_the_one_row_gemvs(fmt):
         assert torch.equal(xq[m], q1) and torch.equal(xs[m], s1)
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+# and the rest of the group offsets' cases (quant_rows.offsets_mode): int4 g128 symmetric (-8·s after the
+# loop), int4 g32 with mins (GGUF Q4_K: in the loop), int8 g32 with mins (a Q5_K part: after the loop)
+ROWS_FORMATS = FORMATS + [WeightFormat("int4", 128, True), WeightFormat("int4", 32, False),
+                          WeightFormat("int8", 32, False)]
+
+
+@pytest.mark.parametrize("fmt", ROWS_FORMATS, ids=[f.label().replace(" ", "-") for f in ROWS_FORMATS])
 @pytest.mark.parametrize("rows", [2, 3, 5, 8])
 def test_matmul(fmt, rows):
     g = gen(73 + rows)
