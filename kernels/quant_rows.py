@@ -70,10 +70,10 @@ def _row_step(acc, w, lo, hi, xw, XSm, j, s, o, zero, KIND: tl.constexpr, SYM: t
     if KIND == 1:  # the step's two planes: even columns, then odd ones
         l0, l1, l2, l3 = _split4(lo)
         h0, h1, h2, h3 = _split4(hi)
-        e0, e1, e2, e3 = _split4(tl.load(xw))
-        o0, o1, o2, o3 = _split4(tl.load(xw + W))
-        isum = _dp4a(l0, e0, _dp4a(h0, o0, _dp4a(l1, e1, _dp4a(h1, o1, zero, False), False), False), False)
-        isum = _dp4a(l2, e2, _dp4a(h2, o2, _dp4a(l3, e3, _dp4a(h3, o3, isum, False), False), False), False)
+        xe0, xe1, xe2, xe3 = _split4(tl.load(xw))
+        xo0, xo1, xo2, xo3 = _split4(tl.load(xw + W))
+        isum = _dp4a(l0, xe0, _dp4a(h0, xo0, _dp4a(l1, xe1, _dp4a(h1, xo1, zero, False), False), False), False)
+        isum = _dp4a(l2, xe2, _dp4a(h2, xo2, _dp4a(l3, xe3, _dp4a(h3, xo3, isum, False), False), False), False)
     else:
         w0, w1, w2, w3 = _split4(w)
         x0, x1, x2, x3 = _split4(tl.load(xw))
@@ -180,22 +180,24 @@ def _rows_kernel(
                 else:
                     o = tl.load(Mn + ra * stride_s + gidx).to(tl.float32)
         xw = xw0 + k0 // 4  # int4: the step's even plane starts at word k0 / 4; int8: its words do
-        a0 = _row_step(a0, w, lo, hi, xw, XS, j, s, o, zero, KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)
-        a1 = _row_step(a1, w, lo, hi, xw + XW, XS + XR, j, s, o, zero, KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)  # M >= 2
+        a0 = _row_step(a0, w, lo, hi, xw, XS, j, s, o, zero,
+                       KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)
+        a1 = _row_step(a1, w, lo, hi, xw + XW, XS + XR, j, s, o, zero,  # M >= 2
+                       KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)
         if MP > 2:
-            a2 = _row_step(a2, w, lo, hi, xw + m2 * XW, XS + m2 * XR, j, s, o, zero, KIND, SYM, ROW_SCALE, OFFSETS, W, C,
-                           BLOCK_R)
-            a3 = _row_step(a3, w, lo, hi, xw + m3 * XW, XS + m3 * XR, j, s, o, zero, KIND, SYM, ROW_SCALE, OFFSETS, W, C,
-                           BLOCK_R)
+            a2 = _row_step(a2, w, lo, hi, xw + m2 * XW, XS + m2 * XR, j, s, o, zero,
+                           KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)
+            a3 = _row_step(a3, w, lo, hi, xw + m3 * XW, XS + m3 * XR, j, s, o, zero,
+                           KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)
         if MP > 4:
-            a4 = _row_step(a4, w, lo, hi, xw + m4 * XW, XS + m4 * XR, j, s, o, zero, KIND, SYM, ROW_SCALE, OFFSETS, W, C,
-                           BLOCK_R)
-            a5 = _row_step(a5, w, lo, hi, xw + m5 * XW, XS + m5 * XR, j, s, o, zero, KIND, SYM, ROW_SCALE, OFFSETS, W, C,
-                           BLOCK_R)
-            a6 = _row_step(a6, w, lo, hi, xw + m6 * XW, XS + m6 * XR, j, s, o, zero, KIND, SYM, ROW_SCALE, OFFSETS, W, C,
-                           BLOCK_R)
-            a7 = _row_step(a7, w, lo, hi, xw + m7 * XW, XS + m7 * XR, j, s, o, zero, KIND, SYM, ROW_SCALE, OFFSETS, W, C,
-                           BLOCK_R)
+            a4 = _row_step(a4, w, lo, hi, xw + m4 * XW, XS + m4 * XR, j, s, o, zero,
+                           KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)
+            a5 = _row_step(a5, w, lo, hi, xw + m5 * XW, XS + m5 * XR, j, s, o, zero,
+                           KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)
+            a6 = _row_step(a6, w, lo, hi, xw + m6 * XW, XS + m6 * XR, j, s, o, zero,
+                           KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)
+            a7 = _row_step(a7, w, lo, hi, xw + m7 * XW, XS + m7 * XR, j, s, o, zero,
+                           KIND, SYM, ROW_SCALE, OFFSETS, W, C, BLOCK_R)
     srow = 1.0
     if ROW_SCALE:
         srow = tl.load(S + rows.to(tl.int64) * stride_s).to(tl.float32)
