@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_quant import copy_bandwidth, timed  # noqa: E402
+from merge_tiles import write  # noqa: E402
 
 from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat  # noqa: E402
 from localsgl_kernels import quant_gemm as QM  # noqa: E402
@@ -386,8 +387,7 @@ def ab(args) -> None:
         for e in entries:
             if e["kind"] == "gemm" and e["fmt"].startswith("int4"):
                 e["tile"] = list(QM.Config(*e["tile"])._replace(**variants_[0]))
-        with open(args.ab_tiles, "w") as f:
-            json.dump(entries, f, indent=1)
+        write(args.ab_tiles, entries)
         print(f"{args.ab[0]} applied to the int4 GEMM entries -> {args.ab_tiles}")
     if args.ab_best:
         from localsgl_kernels.quant_tiles import _entries
@@ -399,8 +399,7 @@ def ab(args) -> None:
                 keyed[(fmt, n, k, m)]["tile"] = list(c)
             else:
                 entries.append(dict(kind="gemm", fmt=fmt, n=n, k=k, m=m, tile=list(c)))
-        with open(args.ab_best, "w") as f:
-            json.dump(entries, f, indent=1)
+        write(args.ab_best, entries)
         print(f"each shape's fastest tile -> {args.ab_best}")
 
 
