@@ -9,8 +9,6 @@ import pytest
 import torch
 from sm90_compile import can_compile, compile_all
 
-from localsgl_kernels import quant_rows as QR
-
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not can_compile(),
                                 reason="a GPU runs the kernels themselves; needs Triton's bundled ptxas")
 
@@ -225,7 +223,7 @@ def _specs():
                              pointers=dict(X="*bf16", Q="*fp8e4nv", S="*fp32"), div16=["K", "stride_x", "stride_q"],
                              constexprs=dict(BLOCK=2048), num_warps=8)
     # the few-row matmul (quant_rows) over its rows' int8 activations, and that preparation
-    # (every offsets_mode: after the loop for int4 g128 and int8 g32 with offsets, in it for int4 g32, none)
+    # (int4 and int8, symmetric and with offsets, grouped and row-scaled)
     rows_formats = [(f[0], f[1], f[4], f[5], f[6]) for f in FORMATS[:4]] + [
         ("int4 g128 sym", INT4, 128, True, False), ("int8 g32 (Q5_K)", INT8, 32, False, False)]
     for (label, kind, group, sym, row_scale), mp in zip(rows_formats, (8, 2, 4, 8, 4, 2)):
@@ -233,9 +231,7 @@ def _specs():
             kernel="localsgl_kernels.quant_rows:_rows_kernel",
             pointers=dict(XQ="*i32", XS="*fp32", QW="*i32", S="*fp16", Mn="*fp16", Y="*bf16"),
             div16=["K"], constexprs=dict(KIND=kind, LOG2G=0 if row_scale else group.bit_length() - 1, SYM=sym,
-                                         ROW_SCALE=row_scale, MP=mp, BLOCK_R=16, BLOCK_K=1024,
-                                         OFFSETS=QR.offsets_mode("int4" if kind == INT4 else "int8", group, sym,
-                                                                 row_scale)),
+                                         ROW_SCALE=row_scale, MP=mp, BLOCK_R=16, BLOCK_K=1024),
             num_warps=4, num_stages=2, ptx_needles=["dp4a"])
     specs["rows preparation"] = dict(kernel="localsgl_kernels.quant_rows:_prep_rows_kernel",
                                      pointers=dict(X="*bf16", XQ="*i32", XS="*fp32"), div16=["K", "stride_x"],

@@ -36,8 +36,8 @@ def test_preparation_equals_the_one_row_gemvs(fmt):
         assert torch.equal(xq[m], q1) and torch.equal(xs[m], s1)
 
 
-# and the rest of the group offsets' cases (quant_rows.offsets_mode): int4 g128 symmetric (-8·s after the
-# loop), int4 g32 with mins (GGUF Q4_K: in the loop), int8 g32 with mins (a Q5_K part: after the loop)
+# and the rest of the group offsets' cases: int4 g128 symmetric (-8·s), int4 g32 with mins (GGUF Q4_K),
+# int8 g32 with mins (a Q5_K part)
 ROWS_FORMATS = FORMATS + [WeightFormat("int4", 128, True), WeightFormat("int4", 32, False),
                           WeightFormat("int8", 32, False)]
 
