@@ -23,8 +23,9 @@
 #   (gemmsweep: the 16/64-row GEMM tiles of SWEEP_FORMATS (default int4g128 int4g32; int8g16: a Q4_K_M file's
 #    Q6_K parts) swept (scripts/probe_quant_tiles.py, the words variant and split-K included) and merged over
 #    kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then scripts/bench_quant.py --formats bf16 int4
-#    with the tuned file and with the merged one, and SWEEP_GGUF (a GGUF file; a random Q4_K_M-layout one,
-#    scripts/random_q4km_gguf.py, written there if missing) with both when set)
+#    (SWEEP_BENCH; SWEEP_RUNS runs, default 3) with the tuned file and with the merged one, and SWEEP_GGUF (a GGUF
+#    file; a random Q4_K_M-layout one, scripts/random_q4km_gguf.py, written there during the sweep if missing)
+#    with both when set)
 #   (gemmab: scripts/probe_quant_tiles.py --ab: each int4 GEMM shape's default tile against the same tile with the
 #    Config fields of GEMM_AB replaced, then scripts/bench_quant.py (AB_BENCH formats) alternately with the tuned
 #    file and with GEMM_AB's first variant applied to its int4 GEMM entries (AB_SECOND=ab_best: each shape's
@@ -166,16 +167,22 @@ if [[ "$EXTRA" == *" gemmsweep "* ]]; then
   echo '[]' > "$OUTDIR/no_tiles.json"
   gpu_file="kernels/tuned/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_').json"
   [ -f "$gpu_file" ] || { echo '[]' > "$OUTDIR/tuned_now.json"; gpu_file="$OUTDIR/tuned_now.json"; }
+  # SWEEP_GGUF that does not exist yet: a random Q4_K_M-layout file there (no llama.cpp build needed), written
+  # on the CPU while the sweep runs
+  gguf_pid=""
+  if [ -n "${SWEEP_GGUF:-}" ] && [ ! -f "$SWEEP_GGUF" ]; then
+    python3 scripts/random_q4km_gguf.py "$SWEEP_GGUF" > "$OUTDIR/random_gguf.log" 2>&1 & gguf_pid=$!
+  fi
   LOCALSGL_QUANT_TILES="$OUTDIR/no_tiles.json" timeout ${SWEEP_TIMEOUT:-300} python3 scripts/probe_quant_tiles.py \
     --formats ${SWEEP_FORMATS:-int4g128 int4g32} --kinds gemm --jobs 16 --json "$OUTDIR/gemm_rows.json" \
     --tiles "$OUTDIR/gemm_tiles.json" > "$OUTDIR/gemm_sweep.log" 2>&1
   grep -E "^int.* gemm " "$OUTDIR/gemm_sweep.log"
-  # SWEEP_GGUF that does not exist yet: a random Q4_K_M-layout file there (no llama.cpp build needed)
-  [ -n "${SWEEP_GGUF:-}" ] && [ ! -f "$SWEEP_GGUF" ] && python3 scripts/random_q4km_gguf.py "$SWEEP_GGUF"
+  [ -n "$gguf_pid" ] && wait "$gguf_pid"
   python3 scripts/merge_tiles.py "$gpu_file" "$OUTDIR/gemm_rows.json" "$OUTDIR/gemm_tiles.json" -o "$OUTDIR/merged_tiles.json"
   for tiles in "$gpu_file" "$OUTDIR/merged_tiles.json"; do
     echo "-- tiles: $tiles"
-    LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats bf16 int4 --runs 3 \
+    LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats ${SWEEP_BENCH:-bf16 int4} \
+      --runs ${SWEEP_RUNS:-3} \
       ${SWEEP_GGUF:+--gguf "$SWEEP_GGUF"} 2>&1 | grep -vE '^\{| INFO ' | tail -4
   done
 fi
