@@ -32,7 +32,8 @@
 #    fastest tile of the probe, for the AB_ROWS timed), AB_PAIRS times)
 #   (rows: scripts/probe_quant_rows.py, the few-row int8-activation matmul against the 16-row GEMM at 2 / 4 / 8
 #    rows, its winners written into $OUTDIR/rows_tiles.json; then `bench latency` at batch 1 2 4 8 of int4 with
-#    the tuned file and with that one, and of bf16)
+#    the tuned file and with that one, and of bf16; ROWS_PROBE=0: the tuned file's rows entries, no probe;
+#    ROWS_GGUF: a GGUF file timed the same way, a random Q4_K_M-layout one written there if missing)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -202,14 +203,25 @@ if [[ "$EXTRA" == *" gemmab "* ]]; then
 fi
 if [[ "$EXTRA" == *" rows "* ]]; then
   echo "== few-row int8-activation matmul vs the 16-row GEMM, then decode at batch 1-8"
-  timeout ${ROWS_TIMEOUT:-300} python3 scripts/probe_quant_rows.py --formats ${ROWS_FORMATS:-int4g128 int4g32 int8g16} \
-    --out "$OUTDIR/rows_tiles.json" 2>&1 | tee "$OUTDIR/rows_probe.log" | grep -vE "Warning|warn_once"
+  gguf_pid=""  # ROWS_GGUF not there yet: a random Q4_K_M-layout file, written on the CPU meanwhile
+  if [ -n "${ROWS_GGUF:-}" ] && [ ! -f "$ROWS_GGUF" ]; then
+    python3 scripts/random_q4km_gguf.py "$ROWS_GGUF" > "$OUTDIR/random_gguf.log" 2>&1 & gguf_pid=$!
+  fi
+  if [ "${ROWS_PROBE:-1}" = 0 ]; then  # the tuned file's own rows entries, no probe
+    python3 -c "
+import json, sys, torch; from localsgl_kernels.quant_tiles import _entries
+json.dump(_entries(torch.cuda.current_device(), None), open(sys.argv[1], 'w'))" "$OUTDIR/rows_tiles.json"
+  else
+    timeout ${ROWS_TIMEOUT:-300} python3 scripts/probe_quant_rows.py --formats ${ROWS_FORMATS:-int4g128 int4g32 int8g16} \
+      --out "$OUTDIR/rows_tiles.json" 2>&1 | tee "$OUTDIR/rows_probe.log" | grep -vE "Warning|warn_once"
+  fi
   # the tuned file without its rows entries: the 16-row GEMM at 2..8 rows, as before quant_rows
   python3 -c "
 import json, sys, torch; from localsgl_kernels.quant_tiles import _entries
 json.dump([e for e in _entries(torch.cuda.current_device(), None) if e['kind'] != 'rows'], open(sys.argv[1], 'w'))" \
     "$OUTDIR/norows_tiles.json"
   # ROWS_GGUF (a GGUF file, e.g. llama.cpp's Q4_K_M of the peer step): that file kept quantized as well
+  [ -n "$gguf_pid" ] && wait "$gguf_pid"
   for spec in "int4:$OUTDIR/norows_tiles.json" "int4:$OUTDIR/rows_tiles.json" "bf16:" \
       ${ROWS_GGUF:+"gguf:$OUTDIR/norows_tiles.json" "gguf:$OUTDIR/rows_tiles.json"}; do
     echo "-- ${spec%%:*} tiles ${spec#*:}"
