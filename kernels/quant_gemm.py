@@ -5,6 +5,8 @@ into ``tl.dot`` (tensor cores), and the entry point for every quantized matmul o
   * 1 row: quant_gemv.gemv (the weight streamed once, no tensor cores needed);
   * 2-8 rows of int4 / int8 where this GPU's tuned file names a "rows" tile: quant_rows (the
     weight streamed once against every row's int8 activations);
+  * 16 rows or more of int4 (groups of 64+) where the tuned file names an "a8" tile: quant_a8
+    (int8 tensor cores over the rows rounded to int8 per group and the stored nibbles);
   * fp8 on sm90+ with more than FP8_SCALED_MM_MIN_ROWS rows: torch._scaled_mm with the rows
     quantized to e4m3 per row (dynamic scales) — fp8 tensor cores at twice the bf16 rate;
   * DEQUANT_MIN_ROWS rows or more (prefill chunks): the weight dequantized to x's dtype by
@@ -541,7 +543,7 @@ def scaled_mm_fp8(x: torch.Tensor, w) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, w) -> torch.Tensor:
     """x [M, K] @ Wᵀ on the GPU by the route for its row count (module docstring)."""
-    from . import quant_gemv, quant_rows
+    from . import quant_a8, quant_gemv, quant_rows
 
     M, K = x.shape
     if w.fmt.kind == "fp8" and torch.cuda.get_device_capability(x.device) < (8, 9):
@@ -554,6 +556,10 @@ def matmul(x: torch.Tensor, w) -> torch.Tensor:
         cfg = quant_rows.tuned_config(w, M, x.device)
         if cfg is not None:
             return quant_rows.matmul(x, w, cfg)
+    if 16 <= M < DEQUANT_MIN_ROWS and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cfg = quant_a8.tuned_config(w, M, x.device)
+        if cfg is not None:
+            return quant_a8.matmul(x, w, cfg)
     if (w.fmt.kind == "fp8" and M > FP8_SCALED_MM_MIN_ROWS and row_scaled(w) and fp8_native(x.device)
             and K % 16 == 0 and w.out_features % 16 == 0 and x.dtype in (torch.bfloat16, torch.float16)):
         try:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
@@ -34,6 +34,9 @@
 #    rows, its winners written into $OUTDIR/rows_tiles.json; then `bench latency` at batch 1 2 4 8 of int4 with
 #    the tuned file and with that one, and of bf16; ROWS_PROBE=0: the tuned file's rows entries, no probe;
 #    ROWS_GGUF: a GGUF file timed the same way, a random Q4_K_M-layout one written there if missing)
+#   (a8: scripts/probe_quant_a8.py, the int4 x int8-activation GEMM against the GEMM's tuned tile at 16 / 64
+#    rows, its winners written into $OUTDIR/a8_tiles.json; then scripts/bench_quant.py (A8_BENCH formats, default
+#    bf16 int4; A8_RUNS runs) with the tuned file and with that one, A8_PAIRS times)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -233,6 +236,18 @@ if q == 'int4':
     spec['quantization'] = q
 bench.main('latency', spec, ['--batch', '1', '2', '4', '8', '--input-len', '512', '--output-len', '128', '--runs', '3'])" \
       "${spec%%:*}" "${ROWS_GGUF:-}" 2>&1 | grep -E "^decode|Error"
+  done
+fi
+if [[ "$EXTRA" == *" a8 "* ]]; then
+  echo "== int4 x int8-activation GEMM vs the GEMM's tuned tile at 16 / 64 rows, then batch 64 with its winners"
+  timeout ${A8_TIMEOUT:-300} python3 scripts/probe_quant_a8.py --out "$OUTDIR/a8_tiles.json" 2>&1 \
+    | tee "$OUTDIR/a8_probe.log" | grep -vE "Warning|warn_once"
+  for pair in $(seq 1 ${A8_PAIRS:-1}); do
+    for tiles in "" "$OUTDIR/a8_tiles.json"; do
+      echo "-- tiles: ${tiles:-tuned}"
+      LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats ${A8_BENCH:-bf16 int4} \
+        --runs ${A8_RUNS:-2} 2>&1 | grep -vE '^\{| INFO ' | tail -3
+    done
   done
 fi
 if [[ "$EXTRA" == *" rowstack "* ]]; then

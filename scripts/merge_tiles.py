@@ -14,7 +14,7 @@ import json
 
 
 def merge(tuned: list[dict], rows: list[dict], tiles: list[dict]) -> list[dict]:
-    swept = {(r["kind"], r["label"], r["m"]) for r in rows if r.get("kind") in ("gemv", "gemm", "rows")}
+    swept = {(r["kind"], r["label"], r["m"]) for r in rows if r.get("kind") in ("gemv", "gemm", "rows", "a8")}
     kept = [e for e in tuned if (e["kind"], e["fmt"], e["m"]) not in swept]
     return kept + [e for e in tiles if (e["kind"], e["fmt"], e["m"]) in swept]
 

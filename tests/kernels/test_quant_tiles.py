@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+from localsgl_kernels import quant_a8 as QA
 from localsgl_kernels import quant_gemm as QM
 from localsgl_kernels import quant_gemv as QV
 from localsgl_kernels import quant_rows as QR
@@ -73,6 +74,8 @@ def test_packaged_tables_are_valid(path):
             assert r["m"] == 1 and QV.block_k(w, cfg.block_k) == cfg.block_k and r["n"] % (2 * cfg.block_r) == 0
         elif r["kind"] == "rows":
             assert r["m"] in (2, 4, 8) and QR.applies(w, r["m"], QR.Config(*r["tile"]))
+        elif r["kind"] == "a8":
+            assert r["m"] in (16, 64) and QA.applies(w, r["m"], QA.Config(*r["tile"]))
         else:
             cfg = QM.Config(*r["tile"])
             assert r["kind"] == "gemm" and r["m"] in (16, 64) and cfg.block_m <= r["m"]
