@@ -36,7 +36,8 @@
 #    ROWS_GGUF: a GGUF file timed the same way, a random Q4_K_M-layout one written there if missing)
 #   (a8: scripts/probe_quant_a8.py, the int4 x int8-activation GEMM against the GEMM's tuned tile at 16 / 64
 #    rows, its winners written into $OUTDIR/a8_tiles.json; then scripts/bench_quant.py (A8_BENCH formats, default
-#    bf16 int4; A8_RUNS runs) with the tuned file and with that one, A8_PAIRS times)
+#    bf16 int4; A8_RUNS runs) with the tuned file and with that one, A8_PAIRS times; A8_TILES: that file from an
+#    earlier probe instead)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -240,8 +241,12 @@ bench.main('latency', spec, ['--batch', '1', '2', '4', '8', '--input-len', '512'
 fi
 if [[ "$EXTRA" == *" a8 "* ]]; then
   echo "== int4 x int8-activation GEMM vs the GEMM's tuned tile at 16 / 64 rows, then batch 64 with its winners"
-  timeout ${A8_TIMEOUT:-300} python3 scripts/probe_quant_a8.py --out "$OUTDIR/a8_tiles.json" 2>&1 \
-    | tee "$OUTDIR/a8_probe.log" | grep -vE "Warning|warn_once"
+  if [ -n "${A8_TILES:-}" ]; then  # a tuned file with a8 entries from an earlier probe: no probe
+    cp "$A8_TILES" "$OUTDIR/a8_tiles.json"
+  else
+    timeout ${A8_TIMEOUT:-300} python3 scripts/probe_quant_a8.py --out "$OUTDIR/a8_tiles.json" 2>&1 \
+      | tee "$OUTDIR/a8_probe.log" | grep -vE "Warning|warn_once"
+  fi
   for pair in $(seq 1 ${A8_PAIRS:-1}); do
     for tiles in "" "$OUTDIR/a8_tiles.json"; do
       echo "-- tiles: ${tiles:-tuned}"

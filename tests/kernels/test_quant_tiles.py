@@ -39,6 +39,9 @@ def test_lookup_rules(table):
     assert quant_tiles.lookup("gemv", w, 1, cuda) == (8, 1024, 4, 1)
     # the nearest N of the same format, K and rows: 14336 is nearer 28672 than 6144 in ratio
     assert quant_tiles.lookup("gemv", _w(14336, 4096), 1, cuda) == (16, 256, 4, 2)
+    # exact (the routes an entry switches on): only w's own N
+    assert quant_tiles.lookup("gemv", _w(14336, 4096), 1, cuda, exact=True) is None
+    assert quant_tiles.lookup("gemv", _w(6144, 4096), 1, cuda, exact=True) == (8, 1024, 4, 1)
     assert quant_tiles.lookup("gemv", _w(4096, 8192), 1, cuda) is None  # no entry with this K
     assert quant_tiles.lookup("gemm", w, 16, cuda) is None  # no 16-row entry
     assert quant_tiles.lookup("gemm", w, 64, cuda) == (64, 64, 128, 4, 2, 4, 1)
