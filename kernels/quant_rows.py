@@ -194,7 +194,7 @@ def tuned_config(w, rows: int, device: torch.device) -> Config | None:
     the weight lets its activations be rounded to int8 (the engine's int8_activations switch)."""
     if device.type != "cuda" or not getattr(w, "int8_activations", True):
         return None
-    t = lookup("rows", w, _bucket(rows), device, exact=True)
+    t = lookup("rows", w, _bucket(rows), device)
     cfg = Config(*t) if t is not None else None
     return cfg if applies(w, rows, cfg) else None
 

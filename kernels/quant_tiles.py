@@ -31,16 +31,16 @@ def _entries(device_index: int, path: str | None) -> tuple:
         return tuple(json.load(f))
 
 
-def lookup(kind: str, w, m: int, device: torch.device, exact: bool = False) -> tuple | None:
+def lookup(kind: str, w, m: int, device: torch.device) -> tuple | None:
     """The tuned tile for weight ``w`` at ``m`` rows on ``device`` (CUDA), or None; remembered
-    on the weight, since eager steps ask once per launch.  ``exact``: only an entry for w's own
-    N (a route that an entry switches on, as "rows" and "a8", is taken only where it was timed
-    against the GEMM; a tile of the GEMM itself may be borrowed from the nearest N)."""
-    entry = lookup_entry(kind, w, m, device, exact)
+    on the weight, since eager steps ask once per launch.  An entry whose tile is null says the
+    route it would switch on ("rows", "a8") lost to the GEMM there: None, for that N and for
+    the Ns that would borrow it (an LM head takes its nearest shape's verdict)."""
+    entry = lookup_entry(kind, w, m, device)
     return entry[0] if entry is not None else None
 
 
-def lookup_entry(kind: str, w, m: int, device: torch.device, exact: bool = False) -> tuple[tuple, int] | None:
+def lookup_entry(kind: str, w, m: int, device: torch.device) -> tuple[tuple, int] | None:
     """lookup's (tile, the N it was tuned for): that N differs from ``w``'s where the entry is
     the nearest one, and a caller may adapt what depends on N (quant_gemm's split-K)."""
     if device.type != "cuda":
@@ -48,14 +48,14 @@ def lookup_entry(kind: str, w, m: int, device: torch.device, exact: bool = False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     memo = w.__dict__.setdefault("_tuned_tiles", {})
     path = os.environ.get("LOCALSGL_QUANT_TILES")
-    key = (kind, m, idx, path, exact)
+    key = (kind, m, idx, path)
     if key not in memo:
         fmt, n, k = w.fmt.label(), w.out_features, w.in_features
         best = None
         for e in _entries(idx, path):
-            if e["kind"] == kind and e["fmt"] == fmt and e["k"] == k and e["m"] == m and (e["n"] == n or not exact):
+            if e["kind"] == kind and e["fmt"] == fmt and e["k"] == k and e["m"] == m:
                 d = abs(math.log(e["n"] / n))
                 if best is None or d < best[0]:
-                    best = (d, tuple(e["tile"]), e["n"])
-        memo[key] = best[1:] if best else None
+                    best = (d, tuple(e["tile"]) if e["tile"] is not None else None, e["n"])
+        memo[key] = best[1:] if best and best[1] is not None else None
     return memo[key]

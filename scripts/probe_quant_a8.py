@@ -1,7 +1,8 @@
 """The int4 x int8-activation GEMM (kernels/quant_a8.py) against the GEMM's tuned tile
 (quant_gemm), per Llama-3.1-8B shape at 16 and 64 rows, kernels alone in CUDA graphs (the a8
 time includes its activations' preparation); then writes this GPU's tuned file with an "a8"
-entry for each (shape, rows) whose best tile beat the GEMM by 3 % or more.
+entry for each (shape, rows): its best tile where it beat the GEMM by 3 % or more, else a null tile
+(the GEMM there, and for the shapes that borrow that entry: quant_tiles.lookup).
 
     python scripts/probe_quant_a8.py [--formats int4g128] [--out TUNED.json] [--jobs 16]
 
@@ -94,8 +95,10 @@ def main() -> None:
         a8_us = best[0] if best else float("nan")
         print(f"{fmt:9s} {name:8s} {m:3d} {floor:6.1f} {gemm_us:7.1f} {a8_us:7.1f}  {tuple(best[1]) if best else '-'}",
               flush=True)
-        if best and best[0] < 0.97 * gemm_us:
-            winners.append(dict(kind="a8", fmt=w.fmt.label(), n=n, k=k, m=m, tile=list(best[1])))
+        # a null tile where the GEMM won: that shape, and the shapes that would borrow its entry
+        # (quant_tiles.lookup's nearest N: the LM head), stay on the GEMM
+        win = bool(best) and best[0] < 0.97 * gemm_us
+        winners.append(dict(kind="a8", fmt=w.fmt.label(), n=n, k=k, m=m, tile=list(best[1]) if win else None))
         del w
     if a.out:
         from merge_tiles import merge, write
@@ -104,7 +107,8 @@ def main() -> None:
 
         timed_rows = [dict(kind="a8", label=lbl, m=m) for lbl in measured for m in a.rows]
         write(a.out, merge([dict(e) for e in _entries(torch.cuda.current_device(), None)], timed_rows, winners))
-        print(f"{len(winners)} a8 entries -> {a.out}")
+        tiles = sum(e["tile"] is not None for e in winners)
+        print(f"{tiles} a8 tiles, {len(winners) - tiles} shapes left to the GEMM -> {a.out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The few-row matmul (kernels/quant_rows.py) against the route 2..8 rows take without it (the
 16-row GEMM tile of quant_gemm), per weight format, Llama-3.1-8B shape and row count (2, 4, 8),
 kernels alone in CUDA graphs; then writes this GPU's tuned file with a "rows" entry for each
-(format, shape, rows) whose best tile beat the GEMM by 3 % or more.
+(format, shape, rows): its best tile where it beat the GEMM by 3 % or more, else a null tile (the
+GEMM there, and for the shapes that borrow that entry: quant_tiles.lookup).
 
     python scripts/probe_quant_rows.py [--formats int4g128 int4g32 int8g16] [--out TUNED.json] [--jobs 16]
 
@@ -91,8 +92,10 @@ def main() -> None:
         rows_us = best[0] if best else float("nan")
         print(f"{fmt:9s} {name:8s} {m:2d} {floor:6.1f} {gemm_us:7.1f} {rows_us:7.1f}  {tuple(best[1]) if best else '-'}",
               flush=True)
-        if best and best[0] < 0.97 * gemm_us:
-            winners.append(dict(kind="rows", fmt=w.fmt.label(), n=n, k=k, m=m, tile=list(best[1])))
+        # a null tile where the GEMM won: that shape, and the shapes that would borrow its entry
+        # (quant_tiles.lookup's nearest N: the LM head), stay on the GEMM
+        win = bool(best) and best[0] < 0.97 * gemm_us
+        winners.append(dict(kind="rows", fmt=w.fmt.label(), n=n, k=k, m=m, tile=list(best[1]) if win else None))
         del w
     if a.out:
         from merge_tiles import merge, write
@@ -101,7 +104,8 @@ def main() -> None:
 
         timed_rows = [dict(kind="rows", label=lbl, m=m) for lbl in measured for m in buckets]
         write(a.out, merge([dict(e) for e in _entries(torch.cuda.current_device(), None)], timed_rows, winners))
-        print(f"{len(winners)} rows entries -> {a.out}")
+        tiles = sum(e["tile"] is not None for e in winners)
+        print(f"{tiles} rows tiles, {len(winners) - tiles} shapes left to the GEMM -> {a.out}")
 
 
 if __name__ == "__main__":

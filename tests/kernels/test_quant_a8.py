@@ -83,22 +83,22 @@ def test_tuned_config_routes_only_where_an_entry_applies(monkeypatch):
     w = _qw(64, 256, WeightFormat("int4", 128, False), g)
     asked = []
 
-    def lookup(kind, weight, m, device, exact=False):
-        asked.append((kind, m, exact))
+    def lookup(kind, weight, m, device):
+        asked.append((kind, m))
         return (16, 32, 4, 3, 0, 1)
 
     monkeypatch.setattr(QA, "lookup", lookup)
     cuda = SimpleNamespace(type="cuda")
-    assert QA.tuned_config(w, 16, cuda) == QA.Config(16, 32) and asked[-1] == ("a8", 16, True)
-    assert QA.tuned_config(w, 17, cuda) is not None and asked[-1] == ("a8", 64, True)
+    assert QA.tuned_config(w, 16, cuda) == QA.Config(16, 32) and asked[-1] == ("a8", 16)
+    assert QA.tuned_config(w, 17, cuda) is not None and asked[-1] == ("a8", 64)
     assert QA.tuned_config(w, 8, cuda) is None
     assert QA.tuned_config(w, 64, SimpleNamespace(type="cpu")) is None
     w.int8_activations = False  # LOCALSGL_DEBUG_NO_INT8_ACTIVATIONS: the exact GEMM instead
     assert QA.tuned_config(w, 64, cuda) is None
     w.int8_activations = True
-    monkeypatch.setattr(QA, "lookup", lambda *a, **k: (16, 48, 4, 3, 0, 1))  # does not tile 64 weight rows
+    monkeypatch.setattr(QA, "lookup", lambda *a: (16, 48, 4, 3, 0, 1))  # does not tile 64 weight rows
     assert QA.tuned_config(w, 64, cuda) is None
-    monkeypatch.setattr(QA, "lookup", lambda *a, **k: None)
+    monkeypatch.setattr(QA, "lookup", lambda *a: None)
     assert QA.tuned_config(w, 64, cuda) is None
 
 
@@ -109,9 +109,9 @@ def test_matmul_route(monkeypatch):
     w = _qw(4096, 4096, WeightFormat("int4", 128, False), g)
     x = randn(64, 4096, g=g, dtype=DTYPE)
     via_gemm = QM.gemm(x, w)
-    monkeypatch.setattr(QA, "lookup", lambda *a, **k: None)
+    monkeypatch.setattr(QA, "lookup", lambda *a: None)
     assert torch.equal(QM.matmul(x, w), via_gemm)
-    monkeypatch.setattr(QA, "lookup", lambda *a, **k: (64, 64, 4, 3, 0, 1))
+    monkeypatch.setattr(QA, "lookup", lambda *a: (64, 64, 4, 3, 0, 1))
     via_a8 = QM.matmul(x, w)
     assert torch.equal(via_a8, QA.matmul(x, w, QA.Config(64, 64)))
     assert rel_err(via_a8, via_gemm) < 2e-2

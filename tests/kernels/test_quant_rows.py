@@ -83,23 +83,23 @@ def test_tuned_config_routes_only_where_an_entry_applies(monkeypatch):
     w = _qw(64, 256, WeightFormat("int4", 128, False), g)
     asked = []
 
-    def lookup(kind, weight, m, device, exact=False):
-        asked.append((kind, m, exact))
+    def lookup(kind, weight, m, device):
+        asked.append((kind, m))
         return (8, 128, 4, 1)
 
     monkeypatch.setattr(QR, "lookup", lookup)
     cuda = SimpleNamespace(type="cuda")
-    assert QR.tuned_config(w, 3, cuda) == QR.Config(8, 128, 4, 1) and asked[-1] == ("rows", 4, True)
-    assert QR.tuned_config(w, 5, cuda) is not None and asked[-1] == ("rows", 8, True)
-    assert QR.tuned_config(w, 2, cuda) is not None and asked[-1] == ("rows", 2, True)
+    assert QR.tuned_config(w, 3, cuda) == QR.Config(8, 128, 4, 1) and asked[-1] == ("rows", 4)
+    assert QR.tuned_config(w, 5, cuda) is not None and asked[-1] == ("rows", 8)
+    assert QR.tuned_config(w, 2, cuda) is not None and asked[-1] == ("rows", 2)
     assert QR.tuned_config(w, 1, cuda) is None and QR.tuned_config(w, 9, cuda) is None
     assert QR.tuned_config(w, 4, SimpleNamespace(type="cpu")) is None
     w.int8_activations = False  # LOCALSGL_DEBUG_NO_INT8_ACTIVATIONS: the exact GEMM instead
     assert QR.tuned_config(w, 4, cuda) is None
     w.int8_activations = True
-    monkeypatch.setattr(QR, "lookup", lambda *a, **k: (48, 128, 4, 1))  # does not tile 64 rows
+    monkeypatch.setattr(QR, "lookup", lambda *a: (48, 128, 4, 1))  # does not tile 64 rows
     assert QR.tuned_config(w, 4, cuda) is None
-    monkeypatch.setattr(QR, "lookup", lambda *a, **k: None)
+    monkeypatch.setattr(QR, "lookup", lambda *a: None)
     assert QR.tuned_config(w, 4, cuda) is None
 
 
@@ -110,9 +110,9 @@ def test_matmul_route(monkeypatch):
     w = _qw(4096, 4096, WeightFormat("int4", 128, False), g)
     x = randn(4, 4096, g=g, dtype=DTYPE)
     via_gemm = QM.gemm(x, w)  # the 16-row GEMM itself: this GPU's tuned file may name a rows tile here
-    monkeypatch.setattr(QR, "lookup", lambda *a, **k: None)
+    monkeypatch.setattr(QR, "lookup", lambda *a: None)
     assert torch.equal(QM.matmul(x, w), via_gemm)
-    monkeypatch.setattr(QR, "lookup", lambda *a, **k: (16, 512, 4, 1))
+    monkeypatch.setattr(QR, "lookup", lambda *a: (16, 512, 4, 1))
     via_rows = QM.matmul(x, w)
     assert torch.equal(via_rows, QR.matmul(x, w, QR.Config(16, 512)))
     assert rel_err(via_rows, via_gemm) < 2e-2

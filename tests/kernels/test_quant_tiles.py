@@ -24,7 +24,9 @@ def _w(n, k, fmt=WeightFormat("int4", 128, False)):
 def table(tmp_path, monkeypatch):
     rows = [dict(kind="gemv", fmt="int4 g128 asym", n=6144, k=4096, m=1, tile=[8, 1024, 4, 1]),
             dict(kind="gemv", fmt="int4 g128 asym", n=28672, k=4096, m=1, tile=[16, 256, 4, 2]),
-            dict(kind="gemm", fmt="int4 g128 asym", n=28672, k=4096, m=64, tile=[64, 64, 128, 4, 2, 4, 1])]
+            dict(kind="gemm", fmt="int4 g128 asym", n=28672, k=4096, m=64, tile=[64, 64, 128, 4, 2, 4, 1]),
+            dict(kind="rows", fmt="int4 g128 asym", n=6144, k=4096, m=8, tile=[16, 1024, 4, 2]),
+            dict(kind="rows", fmt="int4 g128 asym", n=28672, k=4096, m=8, tile=None)]
     path = tmp_path / "tiles.json"
     path.write_text(json.dumps(rows))
     monkeypatch.setenv("LOCALSGL_QUANT_TILES", str(path))
@@ -39,9 +41,11 @@ def test_lookup_rules(table):
     assert quant_tiles.lookup("gemv", w, 1, cuda) == (8, 1024, 4, 1)
     # the nearest N of the same format, K and rows: 14336 is nearer 28672 than 6144 in ratio
     assert quant_tiles.lookup("gemv", _w(14336, 4096), 1, cuda) == (16, 256, 4, 2)
-    # exact (the routes an entry switches on): only w's own N
-    assert quant_tiles.lookup("gemv", _w(14336, 4096), 1, cuda, exact=True) is None
-    assert quant_tiles.lookup("gemv", _w(6144, 4096), 1, cuda, exact=True) == (8, 1024, 4, 1)
+    # a null tile: the route lost to the GEMM there, for its own N and for the Ns nearest it
+    assert quant_tiles.lookup("rows", _w(6144, 4096), 8, cuda) == (16, 1024, 4, 2)
+    assert quant_tiles.lookup("rows", _w(4096, 4096), 8, cuda) == (16, 1024, 4, 2)
+    assert quant_tiles.lookup("rows", _w(28672, 4096), 8, cuda) is None
+    assert quant_tiles.lookup("rows", _w(128256, 4096), 8, cuda) is None
     assert quant_tiles.lookup("gemv", _w(4096, 8192), 1, cuda) is None  # no entry with this K
     assert quant_tiles.lookup("gemm", w, 16, cuda) is None  # no 16-row entry
     assert quant_tiles.lookup("gemm", w, 64, cuda) == (64, 64, 128, 4, 2, 4, 1)
@@ -75,10 +79,10 @@ def test_packaged_tables_are_valid(path):
         if r["kind"] == "gemv":
             cfg = QV.Config(*r["tile"])
             assert r["m"] == 1 and QV.block_k(w, cfg.block_k) == cfg.block_k and r["n"] % (2 * cfg.block_r) == 0
-        elif r["kind"] == "rows":
-            assert r["m"] in (2, 4, 8) and QR.applies(w, r["m"], QR.Config(*r["tile"]))
+        elif r["kind"] == "rows":  # a null tile: the GEMM there (quant_tiles.lookup)
+            assert r["m"] in (2, 4, 8) and (r["tile"] is None or QR.applies(w, r["m"], QR.Config(*r["tile"])))
         elif r["kind"] == "a8":
-            assert r["m"] in (16, 64) and QA.applies(w, r["m"], QA.Config(*r["tile"]))
+            assert r["m"] in (16, 64) and (r["tile"] is None or QA.applies(w, r["m"], QA.Config(*r["tile"])))
         else:
             cfg = QM.Config(*r["tile"])
             assert r["kind"] == "gemm" and r["m"] in (16, 64) and cfg.block_m <= r["m"]
