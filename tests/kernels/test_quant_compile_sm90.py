@@ -4,7 +4,8 @@ with offsets (GGUF Q4_K), int8 per row and group 16 with offsets (GGUF Q6_K), fp
 fused norm + gate/up and norm + qkv + rotary + KV store GEMVs (fp8 also through the dense full-K ones); the tile sweep's GEMV variants
 (split-K and its sum, int4 / int8 as int32 words, over activations prepared by a kernel first); the GEMM in its three tile configurations,
 the sweep's int4 GEMM variants and the swapped tile (the weight the warpgroup MMA's register operand); the
-few-row matmul (quant_rows) and its activations' preparation.  The CPU tests run them under the interpreter only, which type-checks less."""
+few-row matmul (quant_rows) and its activations' preparation; the int4 x int8-activation GEMM
+(quant_a8) and its preparation.  The CPU tests run them under the interpreter only, which type-checks less."""
 import pytest
 import torch
 from sm90_compile import can_compile, compile_all
@@ -236,6 +237,20 @@ def _specs():
     specs["rows preparation"] = dict(kernel="localsgl_kernels.quant_rows:_prep_rows_kernel",
                                      pointers=dict(X="*bf16", XQ="*i32", XS="*fp32"), div16=["K", "stride_x"],
                                      constexprs=dict(E=8, BK=1024, BLOCK=1024), num_warps=4)
+    # the int4 x int8-activation GEMM (quant_a8): the H200's tuned tiles' shapes (64 x 64, 64 x 128,
+    # swapped 16 x 64 in K slices), int8 warpgroup MMA (IGMMA) with its int32 accumulator
+    for bm, bn, sym, swap, split, stages in ((64, 64, False, 1, 4, 3), (64, 128, True, 0, 1, 3),
+                                              (16, 64, False, 1, 4, 3), (16, 128, False, 0, 4, 3)):
+        specs[f"a8 {bm}x{bn} sym{int(sym)} swap{swap} split{split}"] = dict(
+            kernel="localsgl_kernels.quant_a8:_a8_kernel",
+            pointers=dict(XQ="*i8", DX="*fp32", XSUM="*fp32", QW="*u8", S="*fp16", Mn="*fp16",
+                          Y="*fp32" if split > 1 else "*bf16"),
+            div16=["K", "N", "NG"],
+            constexprs=dict(GROUP=128, SYM=sym, BLOCK_M=bm, BLOCK_N=bn, SWAP_AB=swap, SPLIT=split),
+            num_warps=4, num_stages=stages, ptx_needles=["s32.s8.s8"])
+    specs["a8 preparation"] = dict(kernel="localsgl_kernels.quant_a8:_prep_a8_kernel",
+                                   pointers=dict(X="*bf16", XQ="*i8", DX="*fp32", XSUM="*fp32"),
+                                   div16=["K", "NG", "stride_x"], constexprs=dict(GROUP=128, GB=8), num_warps=4)
     return specs
 
 
@@ -246,7 +261,7 @@ def test_quant_kernels_compile_for_sm90():
     # "}, {%r": a wgmma whose A operand is registers ({acc}, {a regs}, b descriptor), not a descriptor
     reg_a = "}, {%r"
     own = {name: s.get("ptx_needles", []) for name, s in _specs().items()}  # what a spec must hold
-    specs = {name: dict(s, sass_needles=["HGMMA"], ptx_needles=own[name] + ftz + [reg_a, "div.rn.f32"])
+    specs = {name: dict(s, sass_needles=["HGMMA", "IGMMA"], ptx_needles=own[name] + ftz + [reg_a, "div.rn.f32"])
              for name, s in _specs().items()}
     results = dict(zip(specs, compile_all(list(specs.values()), timeout=900)))
     failed = [f"{name}: {r['error']}" for name, r in results.items() if not r["ok"]]
@@ -261,6 +276,9 @@ def test_quant_kernels_compile_for_sm90():
         assert all(r["ptx_has"][n] for n in own[name]), f"{name}: {r['ptx_has']}"  # e.g. dp4a
         if name.startswith("gemm") and specs[name]["constexprs"]["BLOCK_M"] >= 64:
             assert r["sass_has"]["HGMMA"], f"{name}: no HGMMA in its SASS"
+        if name.startswith("a8 ") and "preparation" not in name and 64 in (specs[name]["constexprs"]["BLOCK_M"],
+                                                                           specs[name]["constexprs"]["BLOCK_N"]):
+            assert r["sass_has"]["IGMMA"], f"{name}: no int8 warpgroup MMA in its SASS"
         # swapped: the warpgroup MMA at 16 rows too, the dequantized weight its register operand
         if "swap_ab" in name:
             assert r["sass_has"]["HGMMA"] and r["ptx_has"][reg_a], f"{name}: no register-A wgmma"
