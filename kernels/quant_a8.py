@@ -15,10 +15,16 @@ planes a group), accumulated in int32 and scaled into fp32 once a group.  Exact 
 fp32 scaling; x̂ differs from x by at most dx / 2 per element.  With SPLIT > 1 the groups are cut
 into slices whose fp32 partial tiles a second launch sums in order.
 
+Rounding per group of 128 costs more than the GEMVs' 32 columns: +2.1 % perplexity on the
+embedded model against +0.8 % (``scripts/int8act_quality.py --chunk 128``); the engine's
+int8_activations switch turns it off with the others.
+
 Floor: packed bytes + scales over copy bandwidth.  Reference: the dequantized weight times x̂
 (tests/kernels/test_quant_a8.py).  Off unless this GPU's tuned file (quant_tiles.py) holds an
-"a8" entry for the weight at the bucket of the batch's rows (16 or 64), which
-scripts/probe_quant_a8.py writes where it beats the GEMM's tuned tile.
+"a8" entry with a tile for the weight (its N's or the nearest one's) at the bucket of the batch's
+rows (16 or 64); scripts/probe_quant_a8.py writes a tile where the kernel beats the GEMM's tuned
+tile and a null one where it does not (on the H200 at 64 rows: o and down take it, q/k/v, gate/up
+and the LM head stay on the GEMM; batch-64 decode +6 %).
 """
 from __future__ import annotations
 

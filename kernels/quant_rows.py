@@ -20,10 +20,11 @@ for x̂ up to the fp32 scaling, which differs from x by at most dx / 2 per eleme
 Floor: the packed weight bytes plus scales over copy bandwidth (the activations, M·K bytes,
 come from L2).  Reference: the dequantized weight times x̂ (tests/kernels/test_quant_rows.py).
 
-Off unless this GPU's tuned file (quant_tiles.py) holds a "rows" entry for the weight's
-format and K at the batch's row count (2, 4 or 8: the power of two at or above it), which
-scripts/probe_quant_rows.py writes where the kernel beats the GEMM tile (on the H200 everywhere
-but int4 g128 gate_up at 8 rows, where the loop's ~5 instructions a weight outrun the bytes).
+Off unless this GPU's tuned file (quant_tiles.py) holds a "rows" entry with a tile for the
+weight's format and K at the batch's row count (2, 4 or 8: the power of two at or above it),
+its own N's or the nearest one's; scripts/probe_quant_rows.py writes a tile where the kernel beats
+the GEMM tile and a null one where it does not (on the H200: int4 g128 gate_up at 8 rows, where the
+loop's ~5 instructions a weight outrun the bytes; the LM head, nearest it, follows).
 """
 from __future__ import annotations
 

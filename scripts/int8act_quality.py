@@ -5,7 +5,10 @@ embedded model (SmolLM2-135M, its Q4_1 weights kept as int4 g32) on the CPU twic
 time with every quantized linear's input rounded that way, and compares perplexity on a fixed
 slice of pydoc_data.topics, argmax agreement and the logits' change.
 
-    python scripts/int8act_quality.py [--model smollm2-135m] [--tokens 512] [--weights keep]
+    python scripts/int8act_quality.py [--model smollm2-135m] [--tokens 512] [--weights keep] [--chunk 128]
+
+``--chunk N``: N columns a scale instead (the largest power of two <= N that divides K): 128 is
+the 16+-row int4 x int8 GEMM's rounding (quant_a8, one scale a weight group of 128).
 
 Prints one JSON line.  CPU only, a few seconds."""
 from __future__ import annotations
@@ -40,9 +43,13 @@ def round_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return (q * (amax / 127.0)).reshape(shape).to(x.dtype)
 
 
-def chunk_of(w) -> int:
+def chunk_of(w, k: int, chunk: int = 0) -> int:
     fmt = (w.parts[0] if isinstance(w, RowStack) else w).fmt
-    return 32 if fmt.kind == "int4" else 16
+    if not chunk:
+        return 32 if fmt.kind == "int4" else 16
+    while k % chunk:
+        chunk //= 2
+    return chunk
 
 
 def main() -> int:
@@ -50,6 +57,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--weights", default="keep")
+    p.add_argument("--chunk", type=int, default=0, help="columns a scale (default: the batch-1 GEMVs' 32 / 16)")
     a = p.parse_args()
     import pydoc_data.topics as topics
 
@@ -62,11 +70,13 @@ def main() -> int:
 
     original = linear_mod.quant_matmul
     calls = {"rounded": 0}
+    chunks = set()
 
     def rounded(x, w, bias=None):
         if is_quantized(w):
             calls["rounded"] += 1
-            x = round_chunks(x, chunk_of(w))
+            chunks.add(chunk_of(w, x.shape[-1], a.chunk))
+            x = round_chunks(x, chunk_of(w, x.shape[-1], a.chunk))
         return original(x, w, bias)
 
     linear_mod.quant_matmul = rounded
@@ -83,7 +93,7 @@ def main() -> int:
 
     d = (approx - exact).abs()
     print(json.dumps({
-        "model": a.model, "tokens": len(ids), "quantized_matmuls": calls["rounded"],
+        "model": a.model, "tokens": len(ids), "quantized_matmuls": calls["rounded"], "chunks": sorted(chunks),
         "ppl_exact_activations": round(ppl(exact), 4), "ppl_int8_activations": round(ppl(approx), 4),
         "ppl_ratio": round(ppl(approx) / ppl(exact), 5),
         "argmax_agreement": round(float((approx.argmax(-1) == exact.argmax(-1)).float().mean()), 4),
