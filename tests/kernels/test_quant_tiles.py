@@ -116,12 +116,16 @@ def test_merge_of_a_partial_sweep():
     assert tuned[1] not in merged  # timed, and the built-in tile won: no entry
     assert tuned[2] in merged and tuned[3] in merged  # not part of the sweep
     assert len(merged) == 3
-    # scripts/probe_quant_rows.py's few-row winners: those of the formats and rows it timed replace the
-    # old ones (a shape where the GEMM won loses its entry); other formats' and rows' stay
+    # scripts/probe_route.py's entries (the few-row and a8 probes): those of the formats and rows it
+    # timed replace the old ones (a shape where the GEMM won gets a null tile); other formats' and rows' stay
     old = [e("rows", "int4 g128 asym", 6144, 2, [8, 1024, 4, 1]), e("rows", "int4 g128 asym", 4096, 2, [8, 1024, 4, 1]),
            e("rows", "int4 g128 asym", 6144, 8, [16, 1024, 4, 1]), e("rows", "int8 g16", 6144, 2, [8, 512, 4, 1])]
-    new = [e("rows", "int4 g128 asym", 6144, 2, [8, 2048, 4, 2])]
+    new = [e("rows", "int4 g128 asym", 6144, 2, [8, 2048, 4, 2]), e("rows", "int4 g128 asym", 4096, 2, None)]
     merged = mod.merge(tuned + old, [dict(kind="rows", label="int4 g128 asym", m=2)], new)
-    assert new[0] in merged and old[0] not in merged and old[1] not in merged
+    assert new[0] in merged and new[1] in merged and old[0] not in merged and old[1] not in merged
     assert old[2] in merged and old[3] in merged and all(t in merged for t in tuned)
-    assert len(merged) == len(tuned) + 3
+    assert len(merged) == len(tuned) + 4
+    a8 = [e("a8", "int4 g128 asym", 4096, 64, [64, 64, 4, 2, 1, 4])]
+    merged = mod.merge(merged + [e("a8", "int4 g128 asym", 4096, 64, None)],
+                       [dict(kind="a8", label="int4 g128 asym", m=64)], a8)
+    assert a8[0] in merged and len(merged) == len(tuned) + 5
