@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .quant_gemv import _sum_splits_kernel
 from .quant_tiles import lookup
+from .quant_words import _round_int8
 
 
 class Config(NamedTuple):
@@ -54,11 +55,7 @@ def _prep_a8_kernel(X, XQ, DX, XSUM, K, NG, stride_x, GROUP: tl.constexpr, GB: t
     m = tl.program_id(1).to(tl.int64)
     g = tl.program_id(0) * GB + tl.arange(0, GB)
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    x = tl.load(X + m * stride_x + cols).to(tl.float32)  # [GB, GROUP]
-    amax = tl.max(tl.abs(x), 1)
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    q = tl.minimum(tl.maximum(tl.floor(x * inv[:, None] + 0.5), -127.0), 127.0)
-    dx = amax / 127.0
+    q, dx = _round_int8(tl.load(X + m * stride_x + cols).to(tl.float32))  # [GB, GROUP]: the GEMVs' rounding
     tl.store(DX + m * NG + g, dx)
     tl.store(XSUM + m * NG + g, dx * tl.sum(q, 1))
     even, odd = tl.split(tl.reshape(q.to(tl.int8), [GB, GROUP // 2, 2]))

@@ -277,6 +277,16 @@ def _store_planes(XP, XS, n, kk, ok, chunk0, K, E: tl.constexpr, BK: tl.constexp
 
 
 @triton.jit
+def _round_int8(x):
+    """Each row of x [R, C] (fp32) as dx·q: q = round(x / dx) in [-127, 127] (as fp32), dx = amax|x| / 127
+    ([R]; 0 and q = 0 for an all-zero row)."""
+    amax = tl.max(tl.abs(x), 1)
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    q = tl.minimum(tl.maximum(tl.floor(x * inv[:, None] + 0.5), -127.0), 127.0)
+    return q, amax / 127.0
+
+
+@triton.jit
 def _store_int8(XQ, XS, n, col0, K, E: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr):
     """n (columns col0 + [0, BLOCK)) for ``words == 3``: each chunk of CH = 4E columns as
     x̂ = dx·q, dx = amax|n| / 127, q = round(n / dx) in int8, and XS[2j], XS[2j + 1] = dx, Σ x̂
@@ -286,11 +296,7 @@ def _store_int8(XQ, XS, n, col0, K, E: tl.constexpr, BK: tl.constexpr, BLOCK: tl
     BK-column step as two planes of BK/8 words."""
     CH: tl.constexpr = 4 * E
     NC: tl.constexpr = BLOCK // CH
-    nc = tl.reshape(n, [NC, CH])
-    amax = tl.max(tl.abs(nc), 1)
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    q = tl.minimum(tl.maximum(tl.floor(nc * inv[:, None] + 0.5), -127.0), 127.0)
-    dx = amax / 127.0
+    q, dx = _round_int8(tl.reshape(n, [NC, CH]))
     j = col0 // CH + tl.arange(0, NC)
     jok = j < K // CH
     tl.store(XS + 2 * j, dx, mask=jok)

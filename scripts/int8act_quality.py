@@ -43,7 +43,9 @@ def round_chunks(x: torch.Tensor, chunk: int) -> torch.Tensor:
     return (q * (amax / 127.0)).reshape(shape).to(x.dtype)
 
 
-def chunk_of(w, k: int, chunk: int = 0) -> int:
+def chunk_of(w, k: int = 0, chunk: int = 0) -> int:
+    """Columns a scale: the batch-1 GEMVs' 32 (int4) or 16 (int8), or with ``chunk`` the largest
+    power of two <= chunk that divides k."""
     fmt = (w.parts[0] if isinstance(w, RowStack) else w).fmt
     if not chunk:
         return 32 if fmt.kind == "int4" else 16

@@ -2,6 +2,8 @@
 rounding of each group, and the kernel against the fp64 product of the dequantized weight with
 x̂ read back from that preparation (the int8 dots' integer sums leave only the fp32 scaling's
 rounding); against x itself, off by x̂'s rounding."""
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +17,7 @@ from localsgl_kernels import quant_gemm as QM
 
 FORMATS = [WeightFormat("int4", 128, False), WeightFormat("int4", 128, True), WeightFormat("int4", 64, False)]
 IDS = [f.label().replace(" ", "-") for f in FORMATS]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _xhat(xq, dx, group):
@@ -41,6 +44,13 @@ def test_preparation(group):
     want = xg / dx.double().cpu().clamp_min(1e-30)[:, :, None]
     assert float((q - want).abs().max()) <= 0.5 + 1e-4 and float(q.abs().max()) <= 127
     assert torch.allclose(xsum.double().cpu(), xh.view(5, k // group, group).sum(-1), rtol=1e-5, atol=1e-6)
+    # scripts/int8act_quality.py --chunk rounds as this preparation does (what its figures measure)
+    spec = importlib.util.spec_from_file_location("int8act_quality", ROOT / "scripts" / "int8act_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    script = mod.round_chunks(x.float().cpu(), group).double()
+    if not ON_GPU:  # the GPU's fp32 division is correct to 2 ulp, and a tie may round the other way there
+        assert torch.equal(script, xh.float().double())  # q·dx rounded as an fp32 product is
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
