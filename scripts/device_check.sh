@@ -31,13 +31,13 @@
 #    file and with GEMM_AB's first variant applied to its int4 GEMM entries (AB_SECOND=ab_best: each shape's
 #    fastest tile of the probe, for the AB_ROWS timed), AB_PAIRS times)
 #   (rows: scripts/probe_quant_rows.py, the few-row int8-activation matmul against the 16-row GEMM at 2 / 4 / 8
-#    rows, its winners written into $OUTDIR/rows_tiles.json; then `bench latency` at batch 1 2 4 8 of int4 with
+#    rows, its entries written into $OUTDIR/rows_tiles.json; then `bench latency` at batch 1 2 4 8 16 of int4 with
 #    the tuned file and with that one, and of bf16; ROWS_PROBE=0: the tuned file's rows entries, no probe;
 #    ROWS_GGUF: a GGUF file timed the same way, a random Q4_K_M-layout one written there if missing)
 #   (a8: scripts/probe_quant_a8.py, the int4 x int8-activation GEMM against the GEMM's tuned tile at 16 / 64
-#    rows, its winners written into $OUTDIR/a8_tiles.json; then scripts/bench_quant.py (A8_BENCH formats, default
-#    bf16 int4; A8_RUNS runs) with the tuned file and with that one, A8_PAIRS times; A8_TILES: that file from an
-#    earlier probe instead)
+#    rows, its entries written into $OUTDIR/a8_tiles.json; then scripts/bench_quant.py (A8_BENCH formats, default
+#    bf16 int4; A8_RUNS runs) with the tuned file without its a8 entries and with that one, A8_PAIRS times;
+#    A8_TILES: that file from an earlier probe instead, e.g. kernels/tuned/<GPU>.json as committed)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -206,7 +206,7 @@ if [[ "$EXTRA" == *" gemmab "* ]]; then
   done
 fi
 if [[ "$EXTRA" == *" rows "* ]]; then
-  echo "== few-row int8-activation matmul vs the 16-row GEMM, then decode at batch 1-8"
+  echo "== few-row int8-activation matmul vs the 16-row GEMM, then decode at batch 1-16"
   gguf_pid=""  # ROWS_GGUF not there yet: a random Q4_K_M-layout file, written on the CPU meanwhile
   if [ -n "${ROWS_GGUF:-}" ] && [ ! -f "$ROWS_GGUF" ]; then
     python3 scripts/random_q4km_gguf.py "$ROWS_GGUF" > "$OUTDIR/random_gguf.log" 2>&1 & gguf_pid=$!
@@ -235,7 +235,7 @@ q, gguf = sys.argv[1], sys.argv[2]
 spec = dict(model=gguf, weights='keep') if q == 'gguf' else dict(model='llama-3.1-8b', load_format='dummy')
 if q == 'int4':
     spec['quantization'] = q
-bench.main('latency', spec, ['--batch', '1', '2', '4', '8', '--input-len', '512', '--output-len', '128', '--runs', '3'])" \
+bench.main('latency', spec, ['--batch', '1', '2', '4', '8', '16', '--input-len', '512', '--output-len', '128', '--runs', '3'])" \
       "${spec%%:*}" "${ROWS_GGUF:-}" 2>&1 | grep -E "^decode|Error"
   done
 fi
@@ -247,9 +247,14 @@ if [[ "$EXTRA" == *" a8 "* ]]; then
     timeout ${A8_TIMEOUT:-300} python3 scripts/probe_quant_a8.py --out "$OUTDIR/a8_tiles.json" 2>&1 \
       | tee "$OUTDIR/a8_probe.log" | grep -vE "Warning|warn_once"
   fi
+  # the tuned file without its a8 entries: the GEMM at 16+ rows, as before quant_a8
+  python3 -c "
+import json, sys, torch; from localsgl_kernels.quant_tiles import _entries
+json.dump([e for e in _entries(torch.cuda.current_device(), None) if e['kind'] != 'a8'], open(sys.argv[1], 'w'))" \
+    "$OUTDIR/noa8_tiles.json"
   for pair in $(seq 1 ${A8_PAIRS:-1}); do
-    for tiles in "" "$OUTDIR/a8_tiles.json"; do
-      echo "-- tiles: ${tiles:-tuned}"
+    for tiles in "$OUTDIR/noa8_tiles.json" "$OUTDIR/a8_tiles.json"; do
+      echo "-- tiles: $tiles"
       LOCALSGL_QUANT_TILES="$tiles" timeout 240 python3 scripts/bench_quant.py --formats ${A8_BENCH:-bf16 int4} \
         --runs ${A8_RUNS:-2} 2>&1 | grep -vE '^\{| INFO ' | tail -3
     done
