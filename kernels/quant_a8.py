@@ -1,4 +1,4 @@
-"""y = x Wᵀ for int4 weights in groups of 64 or more at 16+ rows, on int8 tensor cores: the rows
+"""y = x Wᵀ for int4 weights in groups of 64 or more at 16-64 rows, on int8 tensor cores: the rows
 of x rounded to int8 per group (W4A8), the stored nibbles the dot's other int8 operand.
 
 Why: the 64-row int4 GEMM (quant_gemm) waits on latency with few programs resident a SM, and its
@@ -22,7 +22,7 @@ int8_activations switch turns it off with the others.
 Floor: packed bytes + scales over copy bandwidth.  Reference: the dequantized weight times x̂
 (tests/kernels/test_quant_a8.py).  Off unless this GPU's tuned file (quant_tiles.py) holds an
 "a8" entry with a tile for the weight (its N's or the nearest one's) at the bucket of the batch's
-rows (16 or 64); scripts/probe_quant_a8.py writes a tile where the kernel beats the GEMM's tuned
+rows (16 or 64: batches of 16 to 64 rows, as the GEMM's tuned tiles); scripts/probe_quant_a8.py writes a tile where the kernel beats the GEMM's tuned
 tile and a null one where it does not (on the H200 at 64 rows: o and down take it, q/k/v, gate/up
 and the LM head stay on the GEMM; batch-64 decode +6 %).
 """
@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .quant_gemm import tuned_rows
 from .quant_gemv import _sum_splits_kernel
 from .quant_tiles import lookup
 from .quant_words import _round_int8
@@ -113,11 +114,6 @@ def _a8_kernel(XQ, DX, XSUM, QW, S, Mn, Y, M, N, K, NG, stride_q, stride_s, stri
     tl.store(y, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & (rn < N)[None, :])
 
 
-def _bucket(rows: int) -> int:
-    """The row count a tuned entry is keyed on, as quant_gemm's: 16 or 64."""
-    return 16 if rows <= 16 else 64
-
-
 def applies(w, rows: int, cfg: Config | None) -> bool:
     """int4 in groups of 64 or more (the half dots need K >= 32), contiguous packed rows, whole
     weight-row blocks and slices, at 16 rows or more."""
@@ -132,9 +128,9 @@ def applies(w, rows: int, cfg: Config | None) -> bool:
 def tuned_config(w, rows: int, device: torch.device) -> Config | None:
     """This GPU's tuned "a8" tile for ``w`` at ``rows`` rows where one exists and applies, and the
     weight lets its activations be rounded to int8 (the engine's int8_activations switch)."""
-    if device.type != "cuda" or not getattr(w, "int8_activations", True):
+    if device.type != "cuda" or not getattr(w, "int8_activations", True) or tuned_rows(rows) is None:
         return None
-    t = lookup("a8", w, _bucket(rows), device)
+    t = lookup("a8", w, tuned_rows(rows), device)
     cfg = Config(*t) if t is not None else None
     return cfg if applies(w, rows, cfg) else None
 

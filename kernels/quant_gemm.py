@@ -5,7 +5,7 @@ into ``tl.dot`` (tensor cores), and the entry point for every quantized matmul o
   * 1 row: quant_gemv.gemv (the weight streamed once, no tensor cores needed);
   * 2-8 rows of int4 / int8 where this GPU's tuned file names a "rows" tile: quant_rows (the
     weight streamed once against every row's int8 activations);
-  * 16 rows or more of int4 (groups of 64+) where the tuned file names an "a8" tile: quant_a8
+  * 16-64 rows of int4 (groups of 64+) where the tuned file names an "a8" tile: quant_a8
     (int8 tensor cores over the rows rounded to int8 per group and the stored nibbles);
   * fp8 on sm90+ with more than FP8_SCALED_MM_MIN_ROWS rows: torch._scaled_mm with the rows
     quantized to e4m3 per row (dynamic scales) — fp8 tensor cores at twice the bf16 rate;
@@ -340,6 +340,12 @@ class Config(NamedTuple):
     half_math: int = 0
 
 
+def tuned_rows(rows: int) -> int | None:
+    """The row count a tuned entry for ``rows`` rows of 16 or more is keyed on (16 or 64), as the
+    GEMM's and quant_a8's probes time them; None past 64 rows, where no entry was timed."""
+    return None if rows > 64 else 16 if rows <= 16 else 64
+
+
 def default_config(rows: int, device_type: str, w=None) -> Config:
     """The tuned tile for ``w`` (quant_tiles.py; 16- and 64-row entries) where there is one for
     its shape; else the nearest shape's tuned tile or the built-in one (``builtin_config``),
@@ -349,8 +355,8 @@ def default_config(rows: int, device_type: str, w=None) -> Config:
     if w is None:
         return builtin_config(rows, None, False)
     cfg = None
-    if rows <= 64:
-        entry = lookup_entry("gemm", w, 16 if rows <= 16 else 64, w.qweight.device)
+    if tuned_rows(rows) is not None:
+        entry = lookup_entry("gemm", w, tuned_rows(rows), w.qweight.device)
         if entry is not None and entry[1] == w.out_features:
             return Config(*entry[0])
         cfg = Config(*entry[0]) if entry is not None else None
@@ -556,7 +562,7 @@ def matmul(x: torch.Tensor, w) -> torch.Tensor:
         cfg = quant_rows.tuned_config(w, M, x.device)
         if cfg is not None:
             return quant_rows.matmul(x, w, cfg)
-    if 16 <= M < DEQUANT_MIN_ROWS and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+    if 16 <= M <= 64 and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
         cfg = quant_a8.tuned_config(w, M, x.device)
         if cfg is not None:
             return quant_a8.matmul(x, w, cfg)

@@ -8,7 +8,7 @@ slice of pydoc_data.topics, argmax agreement and the logits' change.
     python scripts/int8act_quality.py [--model smollm2-135m] [--tokens 512] [--weights keep] [--chunk 128]
 
 ``--chunk N``: N columns a scale instead (the largest power of two <= N that divides K): 128 is
-the 16+-row int4 x int8 GEMM's rounding (quant_a8, one scale a weight group of 128).
+the 16-64-row int4 x int8 GEMM's rounding (quant_a8, one scale a weight group of 128).
 
 Prints one JSON line.  CPU only, a few seconds."""
 from __future__ import annotations
@@ -77,8 +77,9 @@ def main() -> int:
     def rounded(x, w, bias=None):
         if is_quantized(w):
             calls["rounded"] += 1
-            chunks.add(chunk_of(w, x.shape[-1], a.chunk))
-            x = round_chunks(x, chunk_of(w, x.shape[-1], a.chunk))
+            chunk = chunk_of(w, x.shape[-1], a.chunk)
+            chunks.add(chunk)
+            x = round_chunks(x, chunk)
         return original(x, w, bias)
 
     linear_mod.quant_matmul = rounded

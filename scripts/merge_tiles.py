@@ -6,7 +6,8 @@ ROWS.json and TILES.json are scripts/probe_quant_tiles.py's --json and --tiles o
 sweep run with ``--formats``/``--kinds`` (and LOCALSGL_QUANT_TILES naming an empty list, so
 its "default" was the built-in tile).  Every (kind, format, rows) the sweep timed takes the
 sweep's entries, none where the built-in tile won; the rest of TUNED.json is kept.
-scripts/probe_quant_rows.py merges its "rows" winners the same way."""
+scripts/probe_route.py (the "rows" and "a8" probes) merges its entries the same way, a null
+tile where the GEMM won."""
 from __future__ import annotations
 
 import argparse

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_route import sweep  # noqa: E402
 
 from localsgl_kernels import quant_a8 as QA  # noqa: E402
+from localsgl_kernels import quant_gemm as QM  # noqa: E402
 
 TILES = [QA.Config(bm, bn, warps, stages, swap, split)
          for bm, bn, warps, stages, swap, split in itertools.product(
@@ -29,11 +30,11 @@ TILES = [QA.Config(bm, bn, warps, stages, swap, split)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", nargs="*", default=["int4g128"])
-    ap.add_argument("--rows", nargs="*", type=int, default=[16, 64])
+    ap.add_argument("--rows", nargs="*", type=int, default=[16, 64], choices=range(16, 65), metavar="16..64")
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=16)
     a = ap.parse_args()
-    sweep("a8", "localsgl_kernels.quant_a8", a.formats, sorted({QA._bucket(r) for r in a.rows}),
+    sweep("a8", "localsgl_kernels.quant_a8", a.formats, sorted({QM.tuned_rows(r) for r in a.rows}),
           lambda m: [c for c in TILES if c.block_m <= m], a.out, a.jobs)
 
 

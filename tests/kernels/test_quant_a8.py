@@ -101,6 +101,8 @@ def test_tuned_config_routes_only_where_an_entry_applies(monkeypatch):
     cuda = SimpleNamespace(type="cuda")
     assert QA.tuned_config(w, 16, cuda) == QA.Config(16, 32) and asked[-1] == ("a8", 16)
     assert QA.tuned_config(w, 17, cuda) is not None and asked[-1] == ("a8", 64)
+    assert QA.tuned_config(w, 64, cuda) is not None and asked[-1] == ("a8", 64)
+    assert QA.tuned_config(w, 65, cuda) is None and len(asked) == 3  # past 64 rows: no entry was timed there
     assert QA.tuned_config(w, 8, cuda) is None
     assert QA.tuned_config(w, 64, SimpleNamespace(type="cpu")) is None
     w.int8_activations = False  # LOCALSGL_DEBUG_NO_INT8_ACTIVATIONS: the exact GEMM instead
