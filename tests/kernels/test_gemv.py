@@ -113,6 +113,33 @@ def test_forced_configs(cfg):
     assert rel_err(G.gemv(x, few, config=cfg), x.double() @ few.double().t()) < 1e-5
 
 
+@pytest.mark.parametrize("cfg", [G.Config(2, 16), G.Config(4, 32, 4, 1),  # K-loop
+                                 G.Config(2, 0, 4, 1, 2), G.Config(4, 0, 4, 1, 3, 2)])
+def test_row_scaled_fp8(cfg):
+    """e4m3 weights with one scale per row (an fp8 model's batch-1 route) through the three kernels in
+    both program shapes: each sum scaled by its row's scale."""
+    g = gen(5)
+    hq, hkv, d, h = 4, 2, 32, 64
+    x, res, nw = randn(1, h, g=g), randn(1, h, g=g), randn(h, g=g)
+    cs = torch.randn(10, d, generator=g).to(DEV)
+    pos, loc = torch.tensor([3], device=DEV), torch.tensor([1], device=DEV)
+    kc, vc = torch.zeros(2, hkv, d, device=DEV), torch.zeros(2, hkv, d, device=DEV)
+
+    def e4m3(n):
+        w8 = (torch.randn(n, h, generator=g) * 3).to(DEV).to(torch.float8_e4m3fn)
+        s = (torch.rand(n, generator=g) * 0.05 + 0.01).to(DEV)
+        return w8, s, w8.double() * s.double()[:, None]
+
+    wq, sq, rq64 = e4m3((hq + 2 * hkv) * d)
+    rq, rk, rv, _ = G.norm_qkv_ref(x.double(), res.double(), nw.double(), 1e-6, rq64, None, cs.double(), pos, hq, hkv)
+    q, _ = G.norm_qkv(x, res, nw, 1e-6, wq, None, cs, pos, loc, kc, vc, hq, hkv, config=cfg, scales=sq)
+    assert rel_err(q, rq) < 1e-5 and rel_err(kc[1], rk[0]) < 1e-5 and rel_err(vc[1], rv[0]) < 1e-5
+    wg, sg, rg64 = e4m3(2 * 48)
+    ra, _ = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, rg64)
+    assert rel_err(G.norm_gate_up(x, res, nw, 1e-6, wg, config=cfg, scales=sg)[0], ra) < 1e-5
+    assert rel_err(G.gemv(x, wg, config=cfg, scales=sg), x.double() @ rg64.t()) < 1e-5
+
+
 def test_support_checks():
     dev = "cuda" if ON_GPU else "cpu"
     assert not G.norm_qkv_supported(32, 8, 128, 4096, 64, dev)  # partial rotary
