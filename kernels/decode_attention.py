@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_options, release_successor_then_wait, wait_for_predecessor
+from .quant_words import _store_int8
 
 LOG2E = 1.4426950408889634
 
@@ -190,7 +191,9 @@ def _merge_head(
                       mask=mask_p[:, None] & mask_d[None, :], other=0.0)
         num += tl.sum(o_p * w_p[:, None], 0)
         den += tl.sum(w_p, 0)
-    tl.store(Out + bb * stride_ob + h * stride_oh + offs_d, (num / den).to(Out.dtype.element_ty), mask=mask_d)
+    o = (num / den).to(Out.dtype.element_ty)
+    tl.store(Out + bb * stride_ob + h * stride_oh + offs_d, o, mask=mask_d)
+    return o.to(tl.float32)
 
 
 @triton.jit
@@ -309,9 +312,13 @@ def _decode_stage2(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     HAS_PREFIX: tl.constexpr, PREFIX_SPLITS: tl.constexpr, RELEASE_EARLY: tl.constexpr, PDL: tl.constexpr,
+    XQ=None, XS=None, Z=None, NZ=0, INT8_E: tl.constexpr = 0, INT8_BK: tl.constexpr = 1024, ZERO: tl.constexpr = False,
 ):
     """RELEASE_EARLY: the next kernel (at batch 1 the o_proj GEMV, which loads only weights
-    before its wait) launches as this one starts, so its loads overlap stage 1's tail too."""
+    before its wait) launches as this one starts, so its loads overlap stage 1's tail too.
+    INT8_E > 0 (batch 1): the row is also written as that GEMV's int8 activations (XQ / XS, as
+    quant_words._store_int8 lays them out for words of INT8_E values), and with ZERO the NZ fp32
+    of Z (its output) are set to 0: the GEMV then needs no preparation launch."""
     if RELEASE_EARLY:
         release_successor_then_wait(PDL)
     else:
@@ -322,10 +329,17 @@ def _decode_stage2(
     s0 = 0
     if HAS_PREFIX:
         s0 = tl.load(Start + b).to(tl.int32)
-    _merge_head(b, h, seq_len, s0, PartO, PartLse, PrefPos, PrefO, PrefLse, Out,
-                stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                stride_fb, stride_fh, stride_fs, stride_gb, stride_gh, stride_ob, stride_oh,
-                HEAD_DIM, BLOCK_D, BLOCK_N, NUM_SPLITS, MIN_CHUNK, HAS_PREFIX, PREFIX_SPLITS)
+    o = _merge_head(b, h, seq_len, s0, PartO, PartLse, PrefPos, PrefO, PrefLse, Out,
+                    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                    stride_fb, stride_fh, stride_fs, stride_gb, stride_gh, stride_ob, stride_oh,
+                    HEAD_DIM, BLOCK_D, BLOCK_N, NUM_SPLITS, MIN_CHUNK, HAS_PREFIX, PREFIX_SPLITS)
+    if INT8_E > 0:
+        _store_int8(XQ, XS, o, h * HEAD_DIM, tl.num_programs(1) * HEAD_DIM, INT8_E, INT8_BK, BLOCK_D)
+        if ZERO:  # after the wait: until the predecessor finished, Z's memory may still be another's
+            per = tl.cdiv(NZ, tl.num_programs(1))
+            for z in range(h * per, h * per + per, BLOCK_D):
+                zo = z + tl.arange(0, BLOCK_D)
+                tl.store(Z + zo, tl.zeros([BLOCK_D], tl.float32), mask=(zo < h * per + per) & (zo < NZ))
 
 
 @triton.jit
@@ -466,7 +480,8 @@ def alloc_prefix_workspace(num_groups: int, max_rows: int, num_heads: int, head_
 
 def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
                      out=None, num_splits: int = 8, workspace=None, min_chunk: int | None = None,
-                     groups: PrefixGroups | None = None, prefix_workspace=None, k_scale=None, v_scale=None):
+                     groups: PrefixGroups | None = None, prefix_workspace=None, k_scale=None, v_scale=None,
+                     int8_row=None):
     """q: [B, Hq, D] (unit last stride); k_cache/v_cache: [slots, Hkv, D];
     req_to_token: [rows, ctx] int32; req_pool_indices: [B] int; seq_lens: [B] int (>= 1).
     Returns out [B, Hq, D] (q's dtype).  ``num_splits`` must be a power of two;
@@ -475,6 +490,9 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     attend to them through the prefix stage (every member's suffix must be >= 1 token;
     its max_rows must be prefix_group_rows(Hq // Hkv)).  ``k_scale``/``v_scale`` ([Hkv, slots]
     fp32, unit last stride): the caches are e4m3 with these per-(token, head) scales.
+    ``int8_row`` (quant_words.PreparedRow of the GEMV that reads out, batch 1): the merge also
+    writes its int8 activations and zeroes its output where asked, and marks it filled (when
+    the head dim is one power-of-two tile of whole 4E-column chunks; else it stays unfilled).
     No host syncs."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -541,6 +559,13 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix, EARLY_KV=small, KV_FP8=kv_fp8,
         num_warps=4, num_stages=2, **pdl,
     )
+    int8 = {}
+    if int8_row is not None and B == 1 and BLOCK_D == D and D % (4 * int8_row.E) == 0 \
+            and int8_row.xp.numel() * 4 == Hq * D:
+        z = int8_row.out if int8_row.zero else int8_row.xs
+        int8 = dict(XQ=int8_row.xp, XS=int8_row.xs, Z=z, NZ=z.numel() if int8_row.zero else 0, INT8_E=int8_row.E,
+                    INT8_BK=int8_row.block_k, ZERO=int8_row.zero)
+        int8_row.filled = True
     _decode_stage2[(B, Hq)](
         part_o, part_lse, seq_lens, start, pos, pref_o, pref_lse, out,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
@@ -550,7 +575,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk,
         HAS_PREFIX=has_prefix, PREFIX_SPLITS=PREFIX_SPLITS, RELEASE_EARLY=small and STAGE2_RELEASES_EARLY,
-        num_warps=4 if BLOCK_D * num_splits >= 2048 else 2, **pdl,
+        num_warps=4 if BLOCK_D * num_splits >= 2048 else 2, **int8, **pdl,
     )
     return out
 

@@ -42,7 +42,7 @@ from . import gemv as G
 from .gemv import _cos_sin, _qkv_epilogue, _silu_mul
 from .pdl import launch_options, wait_for_predecessor
 from .quant_tiles import lookup
-from .quant_words import _act, _qstream_prepped, _qstream_words, prepare_activations
+from .quant_words import PreparedRow, _act, _qstream_prepped, _qstream_words, prepare_activations
 
 INT8, INT4, FP8 = 0, 1, 2
 _KIND = {"int8": INT8, "int4": INT4, "fp8": FP8}
@@ -433,10 +433,37 @@ def _row_scales(w) -> torch.Tensor:
     return w.scales.reshape(-1)
 
 
-def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv"):
+def prepared_row(w, x_dtype, out_dtype=None, device=None) -> PreparedRow | None:
+    """The buffers ``gemv(x, w, out_dtype, prepared=...)`` reads when its tile runs over int8
+    activations (else None: the dense fp8 route, or a tile with no int8 preparation)."""
+    if _blocks(w) is not None:
+        return None
+    N, K = w.out_features, w.in_features
+    device = device or w.qweight.device
+    if _dense_tiles(w, None, N, "gemv"):
+        return None
+    cfg = default_config(w, N, device.type)
+    if cfg is None or _meta(w, cfg, device)["PREP"] != 2:
+        return None
+    E = 8 if w.fmt.kind == "int4" else 4
+    out = torch.empty((1, N), dtype=out_dtype or x_dtype, device=device)
+    return PreparedRow(torch.empty(K // 4, dtype=torch.int32, device=device),
+                       torch.empty(2 * (K // (4 * E)), dtype=torch.float32, device=device), out,
+                       _atomic(cfg, 2, out.dtype), E, cfg.block_k)
+
+
+def _atomic(cfg: Config, prep: int, out_dtype) -> bool:
+    """Two K halves into an fp32 output: added there atomically, zeroed by the preparation before,
+    instead of partials and a launch to sum them."""
+    return max(1, cfg.split_k) == 2 and bool(prep) and out_dtype == torch.float32
+
+
+def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv", prepared: PreparedRow | None = None):
     """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's); ``kind`` ("gemv" / "lm_head")
     picks the dense tile where an fp8 weight takes those (``_dense_tiles``).  An fp32 out_dtype
-    saves a tile cut in two K halves its summing launch (_qgemv_kernel's ATOMIC)."""
+    saves a tile cut in two K halves its summing launch (_qgemv_kernel's ATOMIC).  ``prepared``
+    (from ``prepared_row`` with the same out_dtype, default tile): its output, and its activations
+    where the kernel before wrote them."""
     N, K = w.out_features, w.in_features
     if _dense_tiles(w, config, N, kind):
         return G.gemv(x, w.qweight, out_dtype, kind=kind, scales=_row_scales(w))
@@ -444,17 +471,22 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv")
     assert cfg is not None
     split = max(1, cfg.split_k)
     assert N % (2 * cfg.block_r) == 0 and K % (cfg.block_k * split) == 0
-    out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
     meta = _meta(w, cfg, x.device)
-    # two K halves into an fp32 output: added there atomically, zeroed by the preparation before,
-    # instead of partials and a launch to sum them
-    atomic = split == 2 and bool(meta["PREP"]) and out.dtype == torch.float32
+    if prepared is not None:
+        assert config is None and meta["PREP"] == 2 and prepared.block_k == cfg.block_k
+        out = prepared.out
+    else:
+        out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
+    atomic = _atomic(cfg, meta["PREP"], out.dtype)
     part = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 and not atomic else out
     qw, stride_q = _qweight(w, meta["WORDS"])
     xr = _check_row(x, K)
-    xp, xs = (prepare_activations(w, xr, None, None, 0.0, None, cfg.block_k, int8=meta["PREP"] == 2,
-                                  zero=out if atomic else None)
-              if meta["PREP"] else (xr, xr))
+    if prepared is not None and prepared.filled:
+        xp, xs = prepared.xp, prepared.xs
+    else:
+        xp, xs = (prepare_activations(w, xr, None, None, 0.0, None, cfg.block_k, int8=meta["PREP"] == 2,
+                                      zero=out if atomic else None)
+                  if meta["PREP"] else (xr, xr))
     _qgemv_kernel[(N // (2 * cfg.block_r), split)](
         xp, xs, qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, ATOMIC=atomic,
         **meta)

@@ -506,6 +506,18 @@ def _int_dot(wa, wb, xw, W: tl.constexpr, KIND: tl.constexpr):
 ONE_PASS_MAX_K = 8192
 
 
+class PreparedRow:
+    """The int8 activations (``words == 3``) of a one-row GEMV, for the kernel before it to write in
+    its epilogue (decode attention's merge, for o_proj) instead of a preparation launch: XP / XS in
+    _store_int8's layout for words of E values and BLOCK_K-column steps, and ``out``, the GEMV's
+    output, which that kernel zeroes when ``zero`` (two K halves added into it).  ``filled``: set
+    by the launcher that wrote them; the GEMV prepares them itself otherwise."""
+
+    def __init__(self, xp, xs, out, zero: bool, E: int, block_k: int):
+        self.xp, self.xs, self.out, self.zero, self.E, self.block_k = xp, xs, out, zero, E, block_k
+        self.filled = False
+
+
 def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None,
                         int8: bool = False, zero: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs of BLOCK_K = block_k: x (+ residual,

@@ -40,6 +40,9 @@ class DebugSwitches:
     # in the fused one-token step, o_proj / down_proj hand fp32 sums to the next fused kernel, so
     # a quantized GEMV cut in two K halves adds them into its output (no launch to sum them)
     fp32_sums: bool = True
+    # in the fused one-token step, the decode attention's merge writes o_proj's int8 activations
+    # (quant_gemv words 3) in its epilogue, instead of a preparation launch before o_proj
+    attention_int8_epilogue: bool = True
     profile_steps: bool = False  # per-step device/host timing (engine.core.profile)
     # extend/mixed steps replay graphs around eager attention; None: where the model's layers are small
     # enough that launches bound a mixed step (plan.piecewise_graphs_by_default), True/False: forced
@@ -88,6 +91,7 @@ _VARIABLES = {
     "gpu_sampling_kernels": ("LOCALSGL_DEBUG_NO_GPU_SAMPLING_KERNELS", "LOCALSGL_GPU_SAMPLING_KERNELS"),
     "int8_activations": ("LOCALSGL_DEBUG_NO_INT8_ACTIVATIONS", None),
     "fp32_sums": ("LOCALSGL_DEBUG_NO_FP32_SUMS", None),
+    "attention_int8_epilogue": ("LOCALSGL_DEBUG_NO_ATTENTION_INT8_EPILOGUE", None),
     "profile_steps": ("LOCALSGL_DEBUG_PROFILE_STEPS", "LOCALSGL_PROFILE_STEPS"),
     "piecewise_graphs": ("LOCALSGL_DEBUG_PIECEWISE_GRAPHS", "LOCALSGL_PIECEWISE_GRAPHS"),
     "startup_graph": ("LOCALSGL_DEBUG_STARTUP_GRAPH", None),

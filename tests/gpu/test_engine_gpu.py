@@ -183,3 +183,29 @@ def test_pdl_does_not_change_tokens(saved, family):
             res[(on, graphs)] = (one, batch)
     for graphs in (True, False):
         assert res[(True, graphs)] == res[(False, graphs)]
+
+
+def test_attention_int8_epilogue_does_not_change_tokens(saved, monkeypatch):
+    """int4 weights, batch 1: o_proj's int8 activations written by the decode attention's merge
+    (checked to have been used) give the greedy tokens of their own preparation launch, with CUDA
+    graphs and eagerly."""
+    from localsgl_kernels import quant_gemv as QG
+
+    d, _ = saved["llama3"]
+    filled = []
+    real = QG.gemv
+    monkeypatch.setattr(QG, "gemv", lambda *a, prepared=None, **k: filled.append(bool(prepared and prepared.filled))
+                        or real(*a, prepared=prepared, **k))
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (6, 200)]
+    res = {}
+    for on in (True, False):
+        for graphs in (True, False):
+            filled.clear()
+            with Engine(model=d, device="cuda", dtype="bfloat16", kv_memory="64MiB", quantization="int4",
+                        disable_cuda_graph=not graphs,
+                        debug_switches=DebugSwitches(attention_int8_epilogue=on)) as e:
+                res[on, graphs] = [e.generate([pr], p)[0].token_ids for pr in prompts]
+            assert any(filled) == on, (on, graphs)
+    assert res[True, True] == res[False, True] and res[True, False] == res[False, False]

@@ -136,3 +136,33 @@ def test_prefix_groups_host_arrays():
     assert start.tolist() == [0, 10, 3, 0, 10, 0]
     assert pos.tolist() == [-1, 1, 4, -1, 0, -1]
     assert rows.tolist() == [[4, 1, -1, -1], [2, -1, -1, -1], [-1, -1, -1, -1]]
+
+
+@pytest.mark.parametrize("kind,E,bk,zero", [("int4", 8, 64, True), ("int4", 8, 128, False), ("int8", 4, 32, True)])
+def test_int8_epilogue(kind, E, bk, zero):
+    """Batch 1 with a PreparedRow: the merge writes the output unchanged, and also the next GEMV's
+    int8 activations exactly as its preparation kernel would from that output, and zeroes the
+    GEMV's output when asked; a head dim that is not whole chunks leaves the row unfilled."""
+    from types import SimpleNamespace
+
+    from localsgl_kernels.quant_words import PreparedRow, prepare_activations
+
+    dtype = DOT_DTYPES[-1]
+    g = gen(77)
+    hq, hkv, d = 4, 2, 64
+    q, kc, vc, table, rows, seq = make_case(g, 3, hq, hkv, d, dtype, 40, 200)
+    q, rows, seq = q[2:], rows[2:], seq[2:]  # batch 1 (the longest request)
+    K = hq * d
+    plain = decode_attention(q, kc, vc, table, rows, seq, d**-0.5, num_splits=4)
+    row = PreparedRow(torch.full((K // 4,), -1, dtype=torch.int32, device=DEV),
+                      torch.full((2 * (K // (4 * E)),), -1.0, device=DEV),
+                      torch.full((1, 96), 5.0, device=DEV), zero, E, bk)
+    out = decode_attention(q, kc, vc, table, rows, seq, d**-0.5, num_splits=4, int8_row=row)
+    assert row.filled and torch.equal(out, plain)
+    w = SimpleNamespace(fmt=SimpleNamespace(kind=kind))
+    xp, xs = prepare_activations(w, out.reshape(K), None, None, 0.0, None, bk, int8=True)
+    assert torch.equal(row.xp, xp) and torch.equal(row.xs, xs)
+    assert torch.equal(row.out, torch.zeros_like(row.out) if zero else torch.full_like(row.out, 5.0))
+    odd = PreparedRow(row.xp, row.xs, row.out, zero, 32, bk)  # 4·32-column chunks do not tile d = 64
+    decode_attention(q, kc, vc, table, rows, seq, d**-0.5, num_splits=4, int8_row=odd)
+    assert not odd.filled

@@ -5,7 +5,7 @@ fused norm + gate/up and norm + qkv + rotary + KV store GEMVs (fp8 also through 
 (split-K and its sum, int4 / int8 as int32 words, over activations prepared by a kernel first); the GEMM in its three tile configurations,
 the sweep's int4 GEMM variants and the swapped tile (the weight the warpgroup MMA's register operand); the
 few-row matmul (quant_rows) and its activations' preparation; the int4 x int8-activation GEMM
-(quant_a8) and its preparation.  The CPU tests run them under the interpreter only, which type-checks less."""
+(quant_a8) and its preparation; decode attention's merge writing a GEMV's int8 activations.  The CPU tests run them under the interpreter only, which type-checks less."""
 import pytest
 import torch
 from sm90_compile import can_compile, compile_all
@@ -248,6 +248,14 @@ def _specs():
             div16=["K", "N", "NG"],
             constexprs=dict(GROUP=128, SYM=sym, BLOCK_M=bm, BLOCK_N=bn, SWAP_AB=swap, SPLIT=split),
             num_warps=4, num_stages=stages, ptx_needles=["s32.s8.s8"])
+    # decode attention's merge writing o_proj's int8 activations (int4 and int8 words), zeroing its output
+    for e in (8, 4):
+        specs[f"attention merge into int8 words E={e}"] = dict(
+            kernel="localsgl_kernels.decode_attention:_decode_stage2",
+            pointers=dict(PartO="*fp32", PartLse="*fp32", SeqLens="*i32", Start="*i32", PrefPos="*i32", PrefO="*fp32",
+                          PrefLse="*fp32", Out="*bf16", XQ="*i32", XS="*fp32", Z="*fp32"),
+            constexprs=dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=16, MIN_CHUNK=64, HAS_PREFIX=False,
+                            PREFIX_SPLITS=16, RELEASE_EARLY=True, PDL=True, INT8_E=e, INT8_BK=1024, ZERO=True))
     specs["a8 preparation"] = dict(kernel="localsgl_kernels.quant_a8:_prep_a8_kernel",
                                    pointers=dict(X="*bf16", XQ="*i8", DX="*fp32", XSUM="*fp32"),
                                    div16=["K", "NG", "stride_x"], constexprs=dict(GROUP=128, GB=8), num_warps=4)

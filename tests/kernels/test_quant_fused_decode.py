@@ -126,3 +126,55 @@ def test_fused_fp8_through_the_dense_gemvs(monkeypatch):
     fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch)
     assert fused == plain and n_fused >= 5
     assert {"gemv", "norm_gate_up", "norm_qkv"} <= set(calls)
+
+
+def test_attention_writes_o_proj_int8_activations(monkeypatch):
+    """With int8-activation tiles (words 3) cut in two K halves: the decode attention's merge
+    writes o_proj's activations and zeroes its fp32 output, so o_proj launches no preparation; the
+    greedy tokens and the preparation launches of the other GEMVs are those of the switch off."""
+    from localsgl.engine import debug_switches
+    from localsgl_kernels import quant_gemv as QG
+    from localsgl_kernels import quant_words as QW
+
+    default_tile = QG.default_config
+
+    def int8_halves(w, rows_per_block, device_type):
+        cfg = QG.Config(4, 32, 4, 1, 2, 3)  # dp4a over int8 activations, two K halves
+        if rows_per_block % 8 == 0 and QG.block_k(w, 32) == 32 and QG.words_apply(w, cfg):
+            return cfg
+        return default_tile(w, rows_per_block, device_type)
+
+    monkeypatch.setattr(QG, "default_config", int8_halves)
+    preps = []
+    real_prep = QW._prep_act_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            return lambda *a, **k: preps.append(a[6]) or real_prep[grid](*a, **k)  # K of each preparation
+
+    monkeypatch.setattr(QW, "_prep_act_kernel", Counting())
+    filled = []
+    real_gemv = QG.gemv
+    monkeypatch.setattr(QG, "gemv", lambda *a, prepared=None, **k: filled.append(prepared is not None and prepared.filled)
+                        or real_gemv(*a, prepared=prepared, **k))
+    g = torch.Generator().manual_seed(16)
+    prompts = [torch.randint(0, 95, (7,), generator=g).tolist()]
+
+    from tiny import tiny_model
+
+    m = tiny_model(vocab=96, hidden=128, layers=1, heads=4, kv_heads=2, seed=6)  # head dim 32: whole int4 chunks
+    for mod in m.modules():
+        if isinstance(mod, Linear):
+            mod.set_weight(QuantizedWeight.quantize(mod.weight.data, WeightFormat("int4", 32, False)))
+    m._fused_decode_ok = None
+    assert fd.fused_decode_shapes_ok(m)
+    on, n_on = _generate(m, "triton", True, prompts, monkeypatch, max_tokens=4)
+    preps_on, filled_on = list(preps), list(filled)
+    preps.clear()
+    filled.clear()
+    real_of = debug_switches.of
+    monkeypatch.setattr(debug_switches, "of", lambda model: real_of(model).with_(attention_int8_epilogue=False))
+    off, n_off = _generate(m, "triton", True, prompts, monkeypatch, max_tokens=4)
+    assert on == off and n_on == n_off >= 3
+    assert sum(filled_on) == n_on and not any(filled)  # o_proj's GEMV, one a fused step
+    assert len(preps) - len(preps_on) == n_on  # one preparation fewer a step

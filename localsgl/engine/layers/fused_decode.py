@@ -18,7 +18,9 @@ A quantized weight (layers/quant.py) streams through the same fused kernels' qua
 per weight, so a model whose layers mix formats (a GGUF Q4_K_M file) still takes this path.
 Between quantized kernels that read their activations through a preparation kernel, o_proj and
 down_proj hand over fp32 sums (``_fp32_sums``), so a GEMV tile cut in two K halves adds them into
-its output instead of summing partials in a launch of its own.
+its output instead of summing partials in a launch of its own.  Where o_proj's tile runs over int8
+activations, the decode attention's merge writes them (and zeroes o_proj's output) in its epilogue,
+one launch fewer a layer (the ``attention_int8_epilogue`` debug switch).
 
 With an FP8 KV pool the qkv kernel writes the token's K and V to a one-slot staging buffer in
 the model's dtype and the backend's ``forward`` quantizes them into the pool (its KV store
@@ -176,6 +178,7 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
         stage = torch.empty((2, 1, cfg.num_kv_heads, cfg.head_dim), dtype=model.dtype, device=input_ids.device)
         stage_loc = torch.zeros(1, dtype=batch.out_cache_loc.dtype, device=input_ids.device)
     fp32_sums = _fp32_sums(model, input_ids.device.type)
+    epilogue = debug_switches.of(model).attention_int8_epilogue and not staged
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -188,11 +191,14 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             x, residual, ln1.weight, ln1.eps, w_qkv, attn.qkv_proj.bias, cos_sin, positions,
             loc, k_cache, v_cache, attn.num_heads, attn.num_kv_heads,
         )
+        kernels_o, o_dtype = _kernels_for(w_o), torch.float32 if fp32_sums[i][0] else None
         if staged:
             o = backend.forward(q, stage[0], stage[1], attn.layer_id, batch, attn.scale)
-        else:
-            o = backend.attend(q, attn.layer_id, batch, attn.scale)
-        h = _kernels_for(w_o).gemv(o.view(1, attn.q_size), w_o, out_dtype=torch.float32 if fp32_sums[i][0] else None)
+            h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype)
+        else:  # o_proj's int8 activations (and its zeroed output) from the attention's merge, where it takes them
+            row = kernels_o.prepared_row(w_o, q.dtype, o_dtype, q.device) if epilogue and is_quantized(w_o) else None
+            o = backend.attend(q, attn.layer_id, batch, attn.scale, int8_row=row)
+            h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype, **({"prepared": row} if row else {}))
         a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
         x = _kernels_for(w_down).gemv(a, w_down, out_dtype=torch.float32 if fp32_sums[i][1] else None)
     x, _ = model.norm(x, residual)
