@@ -25,6 +25,34 @@ def _quantized_model(formats):
     return m
 
 
+def _two_halves(monkeypatch, words: int):
+    """quant_gemv's tile, wherever it applies: 4-row blocks of 32 columns in two K halves, over
+    prepared activations (``words`` 2: fp32, 3: int8)."""
+    from localsgl_kernels import quant_gemv as QG
+
+    default_tile = QG.default_config
+
+    def tile(w, rows_per_block, device_type):
+        cfg = QG.Config(4, 32, 4, 1, 2, words)
+        if rows_per_block % 8 == 0 and QG.block_k(w, 32) == 32 and QG.words_apply(w, cfg):
+            return cfg
+        return default_tile(w, rows_per_block, device_type)
+
+    monkeypatch.setattr(QG, "default_config", tile)
+
+
+def _record_launches(monkeypatch, module, kernel: str, what) -> list:
+    """module.kernel's launches recorded as ``what(args, kwargs)`` in the returned list, then run."""
+    real, seen = getattr(module, kernel), []
+
+    class Recording:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(what(a, k)) or real[grid](*a, **k)
+
+    monkeypatch.setattr(module, kernel, Recording())
+    return seen
+
+
 def test_fused_quantized_greedy(monkeypatch):
     """The fused step's greedy tokens equal the layer path's, fp8 through the byte tiles (the
     dense GEMVs' route has its own test below)."""
@@ -71,23 +99,8 @@ def test_fused_fp32_sums_between_layers(monkeypatch):
     dtype); greedy tokens equal the layer path's."""
     from localsgl_kernels import quant_gemv as QG
 
-    default_tile = QG.default_config
-
-    def two_halves(w, rows_per_block, device_type):
-        cfg = QG.Config(4, 32, 4, 1, 2, 2)  # words over fp32 prepared activations: exact
-        if rows_per_block % 8 == 0 and QG.block_k(w, 32) == 32 and QG.words_apply(w, cfg):
-            return cfg
-        return default_tile(w, rows_per_block, device_type)
-
-    monkeypatch.setattr(QG, "default_config", two_halves)
-    launches = []
-    real_kernel = QG._qgemv_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            return lambda *a, **k: launches.append((k["SPLIT"], k["ATOMIC"], a[5].dtype)) or real_kernel[grid](*a, **k)
-
-    monkeypatch.setattr(QG, "_qgemv_kernel", Recording())
+    _two_halves(monkeypatch, words=2)  # words over fp32 prepared activations: exact
+    launches = _record_launches(monkeypatch, QG, "_qgemv_kernel", lambda a, k: (k["SPLIT"], k["ATOMIC"], a[5].dtype))
     g = torch.Generator().manual_seed(15)
     prompts = [torch.randint(0, 95, (7,), generator=g).tolist()]
     model = _quantized_model([WeightFormat("int4", 32, False)])
@@ -136,23 +149,8 @@ def test_attention_writes_o_proj_int8_activations(monkeypatch):
     from localsgl_kernels import quant_gemv as QG
     from localsgl_kernels import quant_words as QW
 
-    default_tile = QG.default_config
-
-    def int8_halves(w, rows_per_block, device_type):
-        cfg = QG.Config(4, 32, 4, 1, 2, 3)  # dp4a over int8 activations, two K halves
-        if rows_per_block % 8 == 0 and QG.block_k(w, 32) == 32 and QG.words_apply(w, cfg):
-            return cfg
-        return default_tile(w, rows_per_block, device_type)
-
-    monkeypatch.setattr(QG, "default_config", int8_halves)
-    preps = []
-    real_prep = QW._prep_act_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            return lambda *a, **k: preps.append(a[6]) or real_prep[grid](*a, **k)  # K of each preparation
-
-    monkeypatch.setattr(QW, "_prep_act_kernel", Counting())
+    _two_halves(monkeypatch, words=3)  # dp4a over int8 activations
+    preps = _record_launches(monkeypatch, QW, "_prep_act_kernel", lambda a, k: a[6])  # K of each preparation
     filled = []
     real_gemv = QG.gemv
     monkeypatch.setattr(QG, "gemv", lambda *a, prepared=None, **k: filled.append(prepared is not None and prepared.filled)
