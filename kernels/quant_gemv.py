@@ -443,13 +443,14 @@ def prepared_row(w, x_dtype, out_dtype=None, device=None) -> PreparedRow | None:
     if _dense_tiles(w, None, N, "gemv"):
         return None
     cfg = default_config(w, N, device.type)
-    if cfg is None or _meta(w, cfg, device)["PREP"] != 2:
+    meta = _meta(w, cfg, device) if cfg is not None else None
+    if meta is None or meta["PREP"] != 2:
         return None
     E = 8 if w.fmt.kind == "int4" else 4
     out = torch.empty((1, N), dtype=out_dtype or x_dtype, device=device)
     return PreparedRow(torch.empty(K // 4, dtype=torch.int32, device=device),
                        torch.empty(2 * (K // (4 * E)), dtype=torch.float32, device=device), out,
-                       _atomic(cfg, 2, out.dtype), E, cfg.block_k)
+                       _atomic(cfg, 2, out.dtype), E, cfg.block_k, tile=(cfg, meta))
 
 
 def _atomic(cfg: Config, prep: int, out_dtype) -> bool:
@@ -465,18 +466,18 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
     (from ``prepared_row`` with the same out_dtype, default tile): its output, and its activations
     where the kernel before wrote them."""
     N, K = w.out_features, w.in_features
-    if _dense_tiles(w, config, N, kind):
-        return G.gemv(x, w.qweight, out_dtype, kind=kind, scales=_row_scales(w))
-    cfg = config or default_config(w, N, x.device.type)
-    assert cfg is not None
+    if prepared is not None:  # its tile, its output
+        assert config is None
+        (cfg, meta), out = prepared.tile, prepared.out
+    else:
+        if _dense_tiles(w, config, N, kind):
+            return G.gemv(x, w.qweight, out_dtype, kind=kind, scales=_row_scales(w))
+        cfg = config or default_config(w, N, x.device.type)
+        assert cfg is not None
+        meta = _meta(w, cfg, x.device)
+        out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
     split = max(1, cfg.split_k)
     assert N % (2 * cfg.block_r) == 0 and K % (cfg.block_k * split) == 0
-    meta = _meta(w, cfg, x.device)
-    if prepared is not None:
-        assert config is None and meta["PREP"] == 2 and prepared.block_k == cfg.block_k
-        out = prepared.out
-    else:
-        out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
     atomic = _atomic(cfg, meta["PREP"], out.dtype)
     part = torch.empty((split, N), dtype=torch.float32, device=x.device) if split > 1 and not atomic else out
     qw, stride_q = _qweight(w, meta["WORDS"])

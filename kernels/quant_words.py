@@ -511,10 +511,12 @@ class PreparedRow:
     its epilogue (decode attention's merge, for o_proj) instead of a preparation launch: XP / XS in
     _store_int8's layout for words of E values and BLOCK_K-column steps, and ``out``, the GEMV's
     output, which that kernel zeroes when ``zero`` (two K halves added into it).  ``filled``: set
-    by the launcher that wrote them; the GEMV prepares them itself otherwise."""
+    by the launcher that wrote them; the GEMV prepares them itself otherwise.  ``tile``: what the
+    GEMV's launcher chose when it made the row, so it does not choose again."""
 
-    def __init__(self, xp, xs, out, zero: bool, E: int, block_k: int):
+    def __init__(self, xp, xs, out, zero: bool, E: int, block_k: int, tile=None):
         self.xp, self.xs, self.out, self.zero, self.E, self.block_k = xp, xs, out, zero, E, block_k
+        self.tile = tile
         self.filled = False
 
 
