@@ -38,3 +38,19 @@ def scattered_table(g: torch.Generator, seqs: list[int], slots: int) -> tuple[to
         table[rows[i], : seqs[i]] = perm[used : used + seqs[i]].int()
         used += seqs[i]
     return table, rows
+
+
+def assert_route_declines(monkeypatch, module, w, rows: int, untileable: tuple) -> None:
+    """A tuned route (quant_rows / quant_a8: ``module.tuned_config`` behind ``module.lookup``) is
+    not taken on CUDA for a weight whose activations must stay exact, for a tuned tile that does not
+    tile the weight (``untileable``), nor without an entry."""
+    from types import SimpleNamespace
+
+    cuda = SimpleNamespace(type="cuda")
+    w.int8_activations = False  # LOCALSGL_DEBUG_NO_INT8_ACTIVATIONS: the exact GEMM instead
+    assert module.tuned_config(w, rows, cuda) is None
+    w.int8_activations = True
+    monkeypatch.setattr(module, "lookup", lambda *a: untileable)
+    assert module.tuned_config(w, rows, cuda) is None
+    monkeypatch.setattr(module, "lookup", lambda *a: None)
+    assert module.tuned_config(w, rows, cuda) is None

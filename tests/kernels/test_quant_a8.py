@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kutil import DEV, ON_GPU, gen, randn, rel_err
+from kutil import DEV, ON_GPU, assert_route_declines, gen, randn, rel_err
 from test_quant_int8act import DTYPE, TOL, _qw
 
 from localsgl.engine.layers.quant import WeightFormat
@@ -105,13 +105,7 @@ def test_tuned_config_routes_only_where_an_entry_applies(monkeypatch):
     assert QA.tuned_config(w, 65, cuda) is None and len(asked) == 3  # past 64 rows: no entry was timed there
     assert QA.tuned_config(w, 8, cuda) is None
     assert QA.tuned_config(w, 64, SimpleNamespace(type="cpu")) is None
-    w.int8_activations = False  # LOCALSGL_DEBUG_NO_INT8_ACTIVATIONS: the exact GEMM instead
-    assert QA.tuned_config(w, 64, cuda) is None
-    w.int8_activations = True
-    monkeypatch.setattr(QA, "lookup", lambda *a: (16, 48, 4, 3, 0, 1))  # does not tile 64 weight rows
-    assert QA.tuned_config(w, 64, cuda) is None
-    monkeypatch.setattr(QA, "lookup", lambda *a: None)
-    assert QA.tuned_config(w, 64, cuda) is None
+    assert_route_declines(monkeypatch, QA, w, 64, (16, 48, 4, 3, 0, 1))  # 48 rows do not tile 64 weight rows
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the route is CUDA's")

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kutil import DEV, ON_GPU, gen, randn, rel_err
+from kutil import DEV, ON_GPU, assert_route_declines, gen, randn, rel_err
 from test_quant_int8act import DTYPE, FORMATS, IDS, TOL, _qw
 from test_quant_int8act import _xhat as _xhat_row
 
@@ -94,13 +94,7 @@ def test_tuned_config_routes_only_where_an_entry_applies(monkeypatch):
     assert QR.tuned_config(w, 2, cuda) is not None and asked[-1] == ("rows", 2)
     assert QR.tuned_config(w, 1, cuda) is None and QR.tuned_config(w, 9, cuda) is None
     assert QR.tuned_config(w, 4, SimpleNamespace(type="cpu")) is None
-    w.int8_activations = False  # LOCALSGL_DEBUG_NO_INT8_ACTIVATIONS: the exact GEMM instead
-    assert QR.tuned_config(w, 4, cuda) is None
-    w.int8_activations = True
-    monkeypatch.setattr(QR, "lookup", lambda *a: (48, 128, 4, 1))  # does not tile 64 rows
-    assert QR.tuned_config(w, 4, cuda) is None
-    monkeypatch.setattr(QR, "lookup", lambda *a: None)
-    assert QR.tuned_config(w, 4, cuda) is None
+    assert_route_declines(monkeypatch, QR, w, 4, (48, 128, 4, 1))  # 48 rows do not tile 64
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the route is CUDA's")
