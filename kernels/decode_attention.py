@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_options, release_successor_then_wait, wait_for_predecessor
-from .quant_words import _store_int8
+from .quant_words import _store_int8, zero_share
 
 LOG2E = 1.4426950408889634
 
@@ -336,10 +336,7 @@ def _decode_stage2(
     if INT8_E > 0:
         _store_int8(XQ, XS, o, h * HEAD_DIM, tl.num_programs(1) * HEAD_DIM, INT8_E, INT8_BK, BLOCK_D)
         if ZERO:  # after the wait: until the predecessor finished, Z's memory may still be another's
-            per = tl.cdiv(NZ, tl.num_programs(1))
-            for z in range(h * per, h * per + per, BLOCK_D):
-                zo = z + tl.arange(0, BLOCK_D)
-                tl.store(Z + zo, tl.zeros([BLOCK_D], tl.float32), mask=(zo < h * per + per) & (zo < NZ))
+            zero_share(Z, NZ, h, tl.num_programs(1), BLOCK_D)
 
 
 @triton.jit

@@ -42,7 +42,8 @@ from . import gemv as G
 from .gemv import _cos_sin, _qkv_epilogue, _silu_mul
 from .pdl import launch_options, wait_for_predecessor
 from .quant_tiles import lookup
-from .quant_words import PreparedRow, _act, _qstream_prepped, _qstream_words, prepare_activations
+from .quant_words import (PreparedRow, _act, _qstream_prepped, _qstream_words, int8_buffers, prepare_activations,
+                          values_a_word)
 
 INT8, INT4, FP8 = 0, 1, 2
 _KIND = {"int8": INT8, "int4": INT4, "fp8": FP8}
@@ -446,11 +447,9 @@ def prepared_row(w, x_dtype, out_dtype=None, device=None) -> PreparedRow | None:
     meta = _meta(w, cfg, device) if cfg is not None else None
     if meta is None or meta["PREP"] != 2:
         return None
-    E = 8 if w.fmt.kind == "int4" else 4
+    E = values_a_word(w)
     out = torch.empty((1, N), dtype=out_dtype or x_dtype, device=device)
-    return PreparedRow(torch.empty(K // 4, dtype=torch.int32, device=device),
-                       torch.empty(2 * (K // (4 * E)), dtype=torch.float32, device=device), out,
-                       _atomic(cfg, 2, out.dtype), E, cfg.block_k, tile=(cfg, meta))
+    return PreparedRow(*int8_buffers(K, E, device), out, _atomic(cfg, 2, out.dtype), E, cfg.block_k, tile=(cfg, meta))
 
 
 def _atomic(cfg: Config, prep: int, out_dtype) -> bool:

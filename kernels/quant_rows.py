@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import quant_gemv as QG
 from .quant_tiles import lookup
-from .quant_words import _dp4a, _store_int8
+from .quant_words import _dp4a, _store_int8, values_a_word
 
 MAX_ROWS = 8
 
@@ -204,7 +204,7 @@ def prepare(x: torch.Tensor, w, block_k: int) -> tuple[torch.Tensor, torch.Tenso
     """x [M, K] as int8 activations for ``block_k``-column steps: (XQ [M, K/4] int32 words,
     XS [M, 2·K/4E] fp32 (dx, Σ x̂) a chunk)."""
     M, K = x.shape
-    E = 8 if w.fmt.kind == "int4" else 4
+    E = values_a_word(w)
     block = min(1024, K)
     while K % block:
         block //= 2

@@ -287,6 +287,17 @@ def _round_int8(x):
 
 
 @triton.jit
+def zero_share(Z, NZ, pid, programs, BLOCK: tl.constexpr):
+    """Program ``pid`` of ``programs`` sets its share of the NZ fp32 of Z to 0 (the output a GEMV
+    then adds its two K halves into), BLOCK at a time."""
+    per = tl.cdiv(NZ, programs)
+    z0 = pid * per
+    for z in range(z0, z0 + per, BLOCK):
+        zo = z + tl.arange(0, BLOCK)
+        tl.store(Z + zo, tl.zeros([BLOCK], tl.float32), mask=(zo < z0 + per) & (zo < NZ))
+
+
+@triton.jit
 def _store_int8(XQ, XS, n, col0, K, E: tl.constexpr, BK: tl.constexpr, BLOCK: tl.constexpr):
     """n (columns col0 + [0, BLOCK)) for ``words == 3``: each chunk of CH = 4E columns as
     x̂ = dx·q, dx = amax|n| / 127, q = round(n / dx) in int8, and XS[2j], XS[2j + 1] = dx, Σ x̂
@@ -337,11 +348,7 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
     output that the GEMV after this kernel adds its two K halves into)."""
     wait_for_predecessor(PDL)
     if ZERO:  # after the wait: until its predecessor finished, Z's memory may still be another's
-        per = tl.cdiv(NZ, tl.num_programs(0))
-        z0 = tl.program_id(0) * per
-        for z in range(z0, z0 + per, BLOCK):
-            zo = z + tl.arange(0, BLOCK)
-            tl.store(Z + zo, tl.zeros([BLOCK], tl.float32), mask=(zo < z0 + per) & (zo < NZ))
+        zero_share(Z, NZ, tl.program_id(0), tl.num_programs(0), BLOCK)
     offs = tl.arange(0, BLOCK)
     if ONE_PASS:
         kk = offs
@@ -520,6 +527,18 @@ class PreparedRow:
         self.filled = False
 
 
+def values_a_word(w) -> int:
+    """E: the stored values an int32 word of ``w`` holds (8 int4, 4 int8)."""
+    return 8 if w.fmt.kind == "int4" else 4
+
+
+def int8_buffers(K: int, E: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Room for a row of K activations as ``words == 3`` reads them: the int8 values in int32 words,
+    and each 4E-column chunk's (dx, Σ x̂) (_store_int8)."""
+    return (torch.empty(K // 4, dtype=torch.int32, device=device),
+            torch.empty(2 * (K // (4 * E)), dtype=torch.float32, device=device))
+
+
 def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None,
                         int8: bool = False, zero: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs of BLOCK_K = block_k: x (+ residual,
@@ -528,8 +547,8 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None
     the int8 activations as int32 words and XS each chunk's (dx, Σ x̂) (_store_int8), and so
     XP2 / XS2.  ``zero``: an fp32 tensor the same launch sets to 0."""
     K = x.numel()
-    E = 8 if w.fmt.kind == "int4" else 4
-    E2 = (8 if second[0].fmt.kind == "int4" else 4) if second is not None else 0
+    E = values_a_word(w)
+    E2 = values_a_word(second[0]) if second is not None else 0
     one_pass = norm_w is not None and K <= ONE_PASS_MAX_K
     if one_pass:  # the norm needs the whole row: one program, one round of loads
         block = triton.next_power_of_2(K)
@@ -538,9 +557,8 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None
         while K % block:  # words_apply: K is a multiple of a 4E-column chunk, a power of two
             block //= 2
     def buffers(e):
-        if int8:  # int8 values in int32 words, and each chunk's (dx, Σ x̂)
-            return (torch.empty(K // 4, dtype=torch.int32, device=x.device),
-                    torch.empty(2 * (K // (4 * e)), dtype=torch.float32, device=x.device))
+        if int8:
+            return int8_buffers(K, e, x.device)
         return (torch.empty(K, dtype=torch.float32, device=x.device),
                 torch.empty(K // (4 * e), dtype=torch.float32, device=x.device))
 
