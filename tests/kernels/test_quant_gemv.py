@@ -302,3 +302,28 @@ def test_prepared_activations_for_two_word_widths(one_pass, monkeypatch):
     both = QW.prepare_activations(w4, x, res, nw, 1e-5, r1, 128, (w8, 64))
     one = QW.prepare_activations(w4, x, res, nw, 1e-5, r2, 128) + QW.prepare_activations(w8, x, res, nw, 1e-5, r2, 64)
     assert len(both) == 4 and all(torch.equal(a, b) for a, b in zip(both, one)) and torch.equal(r1, r2)
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_prepared_row(monkeypatch, split):
+    """gemv(prepared=prepared_row(...)) over int8 activations (words 3): unfilled, it prepares them
+    itself (and zeroes its fp32 output for two K halves) into the row's output; filled by the kernel
+    before, it reads them as they are; the result is the plain call's either way."""
+    cfg = QG.Config(4, 64, 4, 1, split, 3)
+    monkeypatch.setattr(QG, "default_config", lambda w, rows, dev: cfg)
+    g = gen(61)
+    w = _qw(32, 256, WeightFormat("int4", 64, False), g)
+    x = randn(1, 256, g=g)
+    plain = QG.gemv(x, w, out_dtype=torch.float32)
+    row = QG.prepared_row(w, x.dtype, torch.float32, x.device)
+    assert row is not None and row.zero == (split == 2) and row.tile[0] == cfg
+    row.out.fill_(7.0)  # what an unzeroed output would add the halves to
+    y = QG.gemv(x, w, out_dtype=torch.float32, prepared=row)
+    assert y is row.out and torch.equal(y, plain)
+    row = QG.prepared_row(w, x.dtype, torch.float32, x.device)
+    row.xp, row.xs = QW.prepare_activations(w, x.reshape(-1), None, None, 0.0, None, cfg.block_k, int8=True,
+                                            zero=row.out if row.zero else None)
+    row.filled = True
+    assert torch.equal(QG.gemv(torch.full_like(x, float("nan")), w, out_dtype=torch.float32, prepared=row), plain)
+    monkeypatch.setattr(QG, "default_config", lambda w, rows, dev: cfg._replace(words=2))  # fp32 activations
+    assert QG.prepared_row(w, x.dtype, torch.float32, x.device) is None
