@@ -16,8 +16,9 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from localsgl.engine.models.config import ModelConfig  # noqa: E402
 from localsgl.engine.models.loader import load_model  # noqa: E402
-from localsgl.store import gguf_file  # noqa: E402
-from localsgl.store.gguf_file import dequantize_tensor, infer_llama3_scaling  # noqa: E402
+from localsgl.store import gguf_dequant, gguf_file  # noqa: E402
+from localsgl.store.gguf_dequant import dequantize_tensor  # noqa: E402
+from localsgl.store.gguf_file import infer_llama3_scaling  # noqa: E402
 from localsgl.store.resolve import EMBEDDED_FILE, ModelNotFoundError, embedded_gguf_path, resolve_model  # noqa: E402
 from model_utils import prefill_logits  # noqa: E402
 from test_loader import hf_logits, make_hf_model, random_ids  # noqa: E402
@@ -176,7 +177,7 @@ def test_dequantize_roundtrip(qname, tmp_path, monkeypatch):
     assert err <= QUANTIZABLE[qname] + 1e-7, err
     # straight to another dtype; and in small row chunks (the path large tensors take)
     assert torch.equal(dequantize_tensor(t, torch.bfloat16, "cpu"), ref.bfloat16())
-    monkeypatch.setattr(gguf_file, "_CHUNK_ELEMS", 320 * 5)
+    monkeypatch.setattr(gguf_dequant, "_CHUNK_ELEMS", 320 * 5)
     assert torch.equal(dequantize_tensor(t, torch.float32, "cpu"), ref)
 
 
@@ -252,7 +253,7 @@ def test_dequantize_k_quants_against_ggml_reference(qname, tmp_path, monkeypatch
     # and bit-exact with gguf-py (which transformers' GGUF loader uses)
     g = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, Q[qname]))).reshape(rows, 768)
     assert torch.equal(ours, g)
-    monkeypatch.setattr(gguf_file, "_CHUNK_ELEMS", 768)
+    monkeypatch.setattr(gguf_dequant, "_CHUNK_ELEMS", 768)
     assert torch.equal(dequantize_tensor(t, torch.float32, "cpu"), g)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.layers.quant import QuantizedWeight, WeightFormat, scale_dtype_for
+from .gguf_dequant import fp16_field
 
 # type name -> (bytes per block, values per block, format)
 REPACKED = {
@@ -64,11 +65,6 @@ def repack(type_name: str, data: torch.Tensor, shape: tuple[int, int]) -> Quanti
     return QuantizedWeight(fmt, vals, s32.to(sd), None if m32 is None else m32.to(sd), k)
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """[n, 2] uint8 -> [n, 1] fp32 (little-endian fp16)."""
-    return b.contiguous().view(torch.float16).float()
-
-
 def _to_pairs(qs: torch.Tensor, chunk: int) -> torch.Tensor:
     """ggml's nibble order -> quant.py's: in each run of ``chunk`` bytes, byte j holds value j
     (low nibble) and value j + chunk (high); out byte i holds values 2i and 2i + 1.  Values
@@ -93,20 +89,19 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _q8_0(b):
-    return b[:, 2:].contiguous().view(torch.int8), _f16(b[:, :2]), None
+    return b[:, 2:].contiguous().view(torch.int8), fp16_field(b[:, :2]), None
 
 
 def _q4_0(b):
-    return _to_pairs(b[:, 2:], 16), _f16(b[:, :2]), None
+    return _to_pairs(b[:, 2:], 16), fp16_field(b[:, :2]), None
 
 
 def _q4_1(b):
-    return _to_pairs(b[:, 4:], 16), _f16(b[:, :2]), _f16(b[:, 2:4])
+    return _to_pairs(b[:, 4:], 16), fp16_field(b[:, :2]), fp16_field(b[:, 2:4])
 
 
 def _q4_k(b):
-    n = b.shape[0]
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    d, dmin = fp16_field(b[:, 0:2]), fp16_field(b[:, 2:4])
     sc, mn = _k_scales(b[:, 4:16])
     # sub-block 2i: low nibbles of bytes 32i..32i+31, sub-block 2i+1: their high nibbles
     return _to_pairs(b[:, 16:144], 32), d * sc, -(dmin * mn)
@@ -114,7 +109,7 @@ def _q4_k(b):
 
 def _q5_k(b):
     n = b.shape[0]
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    d, dmin = fp16_field(b[:, 0:2]), fp16_field(b[:, 2:4])
     sc, mn = _k_scales(b[:, 4:16])
     qh = b[:, 16:48].reshape(n, 1, 32)
     qs = b[:, 48:176].reshape(n, 4, 1, 32)
@@ -130,7 +125,7 @@ def unpack_q6_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
     ql = b[:, 0:128].reshape(n, 2, 1, 64)
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
     sc = b[:, 192:208].contiguous().view(torch.int8).float()
-    d = _f16(b[:, 208:210])
+    d = fp16_field(b[:, 208:210])
     lo = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 2, 4, 32)
     hi = torch.cat([(qh >> s) & 0x03 for s in (0, 2, 4, 6)], dim=2)
     q = ((lo | (hi << 4)).to(torch.int8) - 32).reshape(n, 256)
