@@ -14,7 +14,7 @@ import pytest
 from subprocess_utils import interruptible
 from typer.testing import CliRunner
 
-from localsgl import cli
+from localsgl import cli, cli_run
 from localsgl.config import SETTINGS
 from localsgl.engine.params import GenerateOutput, PromptTooLongError, RequestMetrics, StreamDelta
 
@@ -106,8 +106,8 @@ def fake(monkeypatch):
             holder["kwargs"] = kwargs
             return eng
 
-        monkeypatch.setattr(cli, "_load_engine", load)
-        monkeypatch.setattr(cli, "_running_server", lambda *a, **k: None)  # never a real server on :8000
+        monkeypatch.setattr(cli_run, "_load_engine", load)
+        monkeypatch.setattr(cli_run, "_running_server", lambda *a, **k: None)  # never a real server on :8000
         eng.holder = holder
         return eng
 

@@ -30,20 +30,20 @@ def test_every_engine_test_file_is_listed():
 
 @pytest.mark.parametrize("value", ["1", "0"])
 def test_the_variable_overrides_the_commands_defaults_and_a_flag_overrides_it(monkeypatch, value):
-    from localsgl import cli
+    from localsgl import cli_common
     from localsgl.engine.api import default_in_process
 
     monkeypatch.setenv("LOCALSGL_IN_PROCESS", value)
     assert default_in_process() is (value == "1")
     for default in (None, False, True):  # run's and chat's None, serve's core process
         kwargs: dict = {}
-        cli._engine_mode(kwargs, None, default)
+        cli_common._engine_mode(kwargs, None, default)
         assert "in_process" not in kwargs  # the Engine reads the variable
     kwargs = {}
-    cli._engine_mode(kwargs, value == "0")
+    cli_common._engine_mode(kwargs, value == "0")
     assert kwargs["in_process"] is (value == "0")
     monkeypatch.delenv("LOCALSGL_IN_PROCESS")
     assert default_in_process() is True
     kwargs = {}
-    cli._engine_mode(kwargs, None, False)
+    cli_common._engine_mode(kwargs, None, False)
     assert kwargs["in_process"] is False

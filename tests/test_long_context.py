@@ -151,7 +151,7 @@ def test_rotary_table_follows_the_final_plan(tmp_path, monkeypatch):
 @pytest.mark.in_process_only  # patches this process's make_plan
 def test_engine_plans_as_info_does(tmp_path, monkeypatch):
     from localsgl import Engine
-    from localsgl.cli import _info_report
+    from localsgl.cli_info import _info_report
 
     path = config_dir(tmp_path, **hf_config("LlamaForCausalLM"))
     flags = dict(model=path, device="cpu", load_format="dummy", disable_cuda_graph=True, max_running=3,

@@ -94,10 +94,10 @@ def test_cli_run_structured_flags(engine, monkeypatch, tmp_path):
     ones exit 2 with the problem named."""
     from typer.testing import CliRunner
 
-    from localsgl import cli
+    from localsgl import cli, cli_run
 
-    monkeypatch.setattr(cli, "_load_engine", lambda kwargs: _Borrowed(engine))
-    monkeypatch.setattr(cli, "_running_server", lambda kwargs, flags: None)
+    monkeypatch.setattr(cli_run, "_load_engine", lambda kwargs: _Borrowed(engine))
+    monkeypatch.setattr(cli_run, "_running_server", lambda kwargs, flags: None)
     runner = CliRunner()
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
@@ -122,7 +122,7 @@ def test_cli_json_pretty_reaches_the_params(engine, monkeypatch):
     without --json-schema it is a usage error."""
     from typer.testing import CliRunner
 
-    from localsgl import cli
+    from localsgl import cli, cli_run
     from localsgl.client import request_fields
 
     seen = []
@@ -133,8 +133,8 @@ def test_cli_json_pretty_reaches_the_params(engine, monkeypatch):
         return validate(self)
 
     monkeypatch.setattr(SamplingParams, "validate", spy)
-    monkeypatch.setattr(cli, "_load_engine", lambda kwargs: _Borrowed(engine))
-    monkeypatch.setattr(cli, "_running_server", lambda kwargs, flags: None)
+    monkeypatch.setattr(cli_run, "_load_engine", lambda kwargs: _Borrowed(engine))
+    monkeypatch.setattr(cli_run, "_running_server", lambda kwargs, flags: None)
     runner = CliRunner()
     schema = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
     r = runner.invoke(cli.app, ["run", "Is it ok?", "--json-schema", schema, "--json-pretty", "--temperature", "0",

@@ -116,7 +116,7 @@ def test_reasoning_off_reaches_the_template(engine, monkeypatch):
 def test_cli_reasoning_flag_builds_the_engine_with_it(monkeypatch):
     from typer.testing import CliRunner
 
-    from localsgl import cli
+    from localsgl import cli, cli_run
 
     seen = {}
 
@@ -124,8 +124,8 @@ def test_cli_reasoning_flag_builds_the_engine_with_it(monkeypatch):
         seen.update(kwargs)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(cli, "_load_engine", load)
-    monkeypatch.setattr(cli, "_running_server", lambda kwargs, flags: pytest.fail("a running server was asked"))
+    monkeypatch.setattr(cli_run, "_load_engine", load)
+    monkeypatch.setattr(cli_run, "_running_server", lambda kwargs, flags: pytest.fail("a running server was asked"))
     r = CliRunner().invoke(cli.app, ["run", "hi", "--reasoning", "off"])
     assert r.exit_code == 1 and seen["reasoning"] == "off"
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from localsgl import cli
+from localsgl import cli, cli_run
 
 runner = CliRunner()
 
@@ -37,14 +37,14 @@ def opened(monkeypatch):
     import localsgl.tui
 
     monkeypatch.setattr(localsgl.tui, "run_chat", fake_run_chat)
-    monkeypatch.setattr(cli, "_stdin_is_terminal", lambda: True)
-    real_open = cli._open_chat
+    monkeypatch.setattr(cli_run, "_stdin_is_terminal", lambda: True)
+    real_open = cli_run._open_chat
 
     def open_with_terminal(*a, **kw):
         monkeypatch.setattr(sys, "stdout", _Terminal(sys.stdout))
         return real_open(*a, **kw)
 
-    monkeypatch.setattr(cli, "_open_chat", open_with_terminal)
+    monkeypatch.setattr(cli_run, "_open_chat", open_with_terminal)
     monkeypatch.delenv("LOCALSGL_MODEL", raising=False)
     return calls
 
