@@ -49,6 +49,7 @@ class Config(NamedTuple):
     split_k: int = 1  # the groups cut into this many slices, one program each
     one_dot: int = 0  # a group's even and odd planes joined into one dot of K = group (else two of group / 2)
     scales_ahead: int = 0  # each group's scales, dx and XSUM loaded one group ahead
+    max_regs: int = 0  # a cap on registers a thread (ptxas' maxnreg; 0: none), for more programs a SM
 
 
 @triton.jit
@@ -193,7 +194,7 @@ def matmul(x: torch.Tensor, w, config: Config, out_dtype=None) -> torch.Tensor:
         w.qweight.stride(0), w.scales.stride(0), N if split > 1 else y.stride(0),
         GROUP=w.group, SYM=w.mins is None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         SWAP_AB=bool(config.swap_ab), SPLIT=split, ONE_DOT=bool(config.one_dot), SCALES_AHEAD=bool(config.scales_ahead),
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **({"maxnreg": config.max_regs} if config.max_regs else {}))
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, SPLIT=split, BLOCK=1024, PDL=False,
                                                          num_warps=4)

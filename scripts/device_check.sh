@@ -12,7 +12,7 @@
 #   (int8act: scripts/probe_quant_tiles.py --words 3: the batch-1 GEMVs over int8 activations and dp4a against
 #    each shape's default tile, per format of INT8ACT_FORMATS)
 #   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt;
-#    NCU_ROWS=64 NCU_KERNELS=_qgemm: the decode batch's GEMMs instead; NCU_DENSE=fp8|bf16: gemv.py's dense batch-1
+#    NCU_ROWS=64 NCU_KERNELS=_qgemm: the decode batch's GEMMs instead (NCU_KERNELS=_a8 NCU_A8=<tile>: quant_a8's); NCU_DENSE=fp8|bf16: gemv.py's dense batch-1
 #    GEMVs, fp8 batch 1's route, through scripts/ncu_gemv.py)
 #   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
 #    with the engine core in-process and in its own process; each against its offline run;
@@ -102,7 +102,8 @@ if [[ "$EXTRA" == *" ncu "* ]]; then
       python3 scripts/ncu_gemv.py --calls 1 $([ "$NCU_DENSE" = bf16 ] && echo --bf16) > "$OUTDIR/ncu.txt" 2>&1
   else
     timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --set full -k regex:${NCU_KERNELS:-'_qgemv|_qnorm|_prep|tinygemm|int4'} \
-      python3 scripts/ncu_quant_gemv.py --fmt ${NCU_FMT:-int4g128} --calls 1 --rows ${NCU_ROWS:-1} > "$OUTDIR/ncu.txt" 2>&1
+      python3 scripts/ncu_quant_gemv.py --fmt ${NCU_FMT:-int4g128} --calls 1 --rows ${NCU_ROWS:-1} ${NCU_A8:+--a8 $NCU_A8} \
+      > "$OUTDIR/ncu.txt" 2>&1
   fi
   grep -E "^  [_a-zA-Z].*Context|Duration|DRAM Throughput|L1/TEX Cache Throughput|Issue Slots Busy|Registers Per|Achieved Occupancy" \
     "$OUTDIR/ncu.txt" | cut -c1-110 | head -80
