@@ -47,9 +47,6 @@ class Config(NamedTuple):
     num_stages: int = 3
     swap_ab: int = 0  # the tile computed transposed (the weight the dot's left operand)
     split_k: int = 1  # the groups cut into this many slices, one program each
-    one_dot: int = 0  # a group's even and odd planes joined into one dot of K = group (else two of group / 2)
-    scales_ahead: int = 0  # each group's scales, dx and XSUM loaded one group ahead
-    max_regs: int = 0  # a cap on registers a thread (ptxas' maxnreg; 0: none), for more programs a SM
 
 
 @triton.jit
@@ -69,24 +66,11 @@ def _prep_a8_kernel(X, XQ, DX, XSUM, K, NG, stride_x, GROUP: tl.constexpr, GB: t
 
 
 @triton.jit
-def _group_scales(S, Mn, DX, XSUM, rn, rm, g, stride_s, NG, SYM: tl.constexpr):
-    """Group g's weight scales s and offsets o (per weight row), dx and dx·Σq (per row of x)."""
-    s = tl.load(S + rn * stride_s + g).to(tl.float32)
-    if SYM:
-        o = -8.0 * s
-    else:
-        o = tl.load(Mn + rn * stride_s + g).to(tl.float32)
-    return s, o, tl.load(DX + rm * NG + g), tl.load(XSUM + rm * NG + g)
-
-
-@triton.jit
 def _a8_kernel(XQ, DX, XSUM, QW, S, Mn, Y, M, N, K, NG, stride_q, stride_s, stride_y,
                GROUP: tl.constexpr, SYM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               SWAP_AB: tl.constexpr, SPLIT: tl.constexpr, ONE_DOT: tl.constexpr = False,
-               SCALES_AHEAD: tl.constexpr = False):
+               SWAP_AB: tl.constexpr, SPLIT: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of y (with SPLIT > 1: one slice of the groups' fp32 partial
-    sum, at Y + slice·M·N), a group a step: the int8 dot (or two, one a plane), then
-    s·dx·dot + o·XSUM in fp32."""
+    sum, at Y + slice·M·N), a group a step: two int8 dots, then s·dx·dot + o·XSUM in fp32."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -96,7 +80,6 @@ def _a8_kernel(XQ, DX, XSUM, QW, S, Mn, Y, M, N, K, NG, stride_q, stride_s, stri
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     hs = tl.arange(0, H)
     xq = XQ + rm[:, None] * K + hs[None, :]
-    xg = XQ + rm[:, None] * K + tl.arange(0, GROUP)[None, :]
     qw = QW + rn[:, None] * stride_q + hs[None, :]
     per = NG // SPLIT
     g0 = pid_k * per
@@ -104,36 +87,27 @@ def _a8_kernel(XQ, DX, XSUM, QW, S, Mn, Y, M, N, K, NG, stride_q, stride_s, stri
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    s, o, dx, xs = _group_scales(S, Mn, DX, XSUM, rn, rm, g0, stride_s, NG, SYM)
     for g in range(g0, g0 + per):
-        if SCALES_AHEAD:  # this group's were loaded a step ago; start the next one's (the last reloads itself)
-            s_c, o_c, dx_c, xs_c = s, o, dx, xs
-            s, o, dx, xs = _group_scales(S, Mn, DX, XSUM, rn, rm, tl.minimum(g + 1, g0 + per - 1), stride_s, NG, SYM)
-        else:
-            s_c, o_c, dx_c, xs_c = _group_scales(S, Mn, DX, XSUM, rn, rm, g, stride_s, NG, SYM)
         w = tl.load(qw + g * H)  # [BLOCK_N, H] uint8
         lo = (w & 0xF).to(tl.int8)
         hi = (w >> 4).to(tl.int8)
-        if ONE_DOT:  # [lo | hi] against the group's [even | odd] planes
-            wg = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), [BLOCK_N, GROUP])
-            x = tl.load(xg + g * GROUP)  # [BLOCK_M, GROUP] int8
-            if SWAP_AB:
-                d = tl.dot(wg, tl.trans(x), out_dtype=tl.int32)
-            else:
-                d = tl.dot(x, tl.trans(wg), out_dtype=tl.int32)
+        xe = tl.load(xq + g * GROUP)  # [BLOCK_M, H] int8
+        xo = tl.load(xq + g * GROUP + H)
+        s = tl.load(S + rn * stride_s + g).to(tl.float32)
+        if SYM:
+            o = -8.0 * s
         else:
-            xe = tl.load(xq + g * GROUP)  # [BLOCK_M, H] int8
-            xo = tl.load(xq + g * GROUP + H)
-            if SWAP_AB:
-                d = tl.dot(lo, tl.trans(xe), out_dtype=tl.int32)
-                d = tl.dot(hi, tl.trans(xo), d, out_dtype=tl.int32)
-            else:
-                d = tl.dot(xe, tl.trans(lo), out_dtype=tl.int32)
-                d = tl.dot(xo, tl.trans(hi), d, out_dtype=tl.int32)
+            o = tl.load(Mn + rn * stride_s + g).to(tl.float32)
+        dx = tl.load(DX + rm * NG + g)
+        xs = tl.load(XSUM + rm * NG + g)
         if SWAP_AB:
-            acc += d.to(tl.float32) * (s_c[:, None] * dx_c[None, :]) + o_c[:, None] * xs_c[None, :]
+            d = tl.dot(lo, tl.trans(xe), out_dtype=tl.int32)
+            d = tl.dot(hi, tl.trans(xo), d, out_dtype=tl.int32)
+            acc += d.to(tl.float32) * (s[:, None] * dx[None, :]) + o[:, None] * xs[None, :]
         else:
-            acc += d.to(tl.float32) * (dx_c[:, None] * s_c[None, :]) + xs_c[:, None] * o_c[None, :]
+            d = tl.dot(xe, tl.trans(lo), out_dtype=tl.int32)
+            d = tl.dot(xo, tl.trans(hi), d, out_dtype=tl.int32)
+            acc += d.to(tl.float32) * (dx[:, None] * s[None, :]) + xs[:, None] * o[None, :]
     if SWAP_AB:
         acc = tl.trans(acc)
     y = Y + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * stride_y + rn[None, :]
@@ -193,8 +167,7 @@ def matmul(x: torch.Tensor, w, config: Config, out_dtype=None) -> torch.Tensor:
         xq, dx, xsum, w.qweight, w.scales, w.mins if w.mins is not None else w.scales, out, M, N, K, ng,
         w.qweight.stride(0), w.scales.stride(0), N if split > 1 else y.stride(0),
         GROUP=w.group, SYM=w.mins is None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        SWAP_AB=bool(config.swap_ab), SPLIT=split, ONE_DOT=bool(config.one_dot), SCALES_AHEAD=bool(config.scales_ahead),
-        num_warps=config.num_warps, num_stages=config.num_stages, **({"maxnreg": config.max_regs} if config.max_regs else {}))
+        SWAP_AB=bool(config.swap_ab), SPLIT=split, num_warps=config.num_warps, num_stages=config.num_stages)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, SPLIT=split, BLOCK=1024, PDL=False,
                                                          num_warps=4)

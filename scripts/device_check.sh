@@ -39,8 +39,8 @@
 #    rows, its entries written into $OUTDIR/a8_tiles.json; then scripts/bench_quant.py (A8_BENCH formats, default
 #    bf16 int4; A8_RUNS runs) with the tuned file without its a8 entries and with that one, A8_PAIRS times;
 #    A8_TILES: that file from an earlier probe instead, e.g. kernels/tuned/<GPU>.json as committed; A8_ROWS: the
-#    probe's row buckets (e.g. 64); A8_VARIANTS: its loop variants, e.g. "0,0 1,1" (probe_quant_a8.py --variants);
-#    A8_BASE: the file the winners are benched against instead of the one without a8 entries)
+#    probe's row buckets (e.g. 64); A8_BASE: the file the winners are benched against instead of the one without
+#    a8 entries)
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
@@ -254,7 +254,7 @@ if [[ "$EXTRA" == *" a8 "* ]]; then
     cp "$A8_TILES" "$OUTDIR/a8_tiles.json"
   else
     timeout ${A8_TIMEOUT:-300} python3 scripts/probe_quant_a8.py --out "$OUTDIR/a8_tiles.json" \
-      ${A8_ROWS:+--rows $A8_ROWS} ${A8_VARIANTS:+--variants $A8_VARIANTS} 2>&1 \
+      ${A8_ROWS:+--rows $A8_ROWS} 2>&1 \
       | tee "$OUTDIR/a8_probe.log" | grep -vE "Warning|warn_once"
   fi
   # the tuned file without its a8 entries: the GEMM at 16+ rows, as before quant_a8

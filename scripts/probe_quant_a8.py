@@ -5,7 +5,7 @@ entry for each (shape, rows): its best tile where it beat the GEMM by 3 % or mor
 (the GEMM there, and for the shapes that borrow that entry: quant_tiles.lookup).
 scripts/probe_route.py holds the sweep.
 
-    python scripts/probe_quant_a8.py [--formats int4g128] [--out TUNED.json] [--jobs 16] [--variants 0,0 1,1]
+    python scripts/probe_quant_a8.py [--formats int4g128] [--out TUNED.json] [--jobs 16]
 
 ``--out``: kernels/tuned/<GPU>.json's entries with the winners added (LOCALSGL_QUANT_TILES=TUNED.json
 makes the engine use them)."""
@@ -27,26 +27,15 @@ TILES = [QA.Config(bm, bn, warps, stages, swap, split)
              (16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4), (0, 1), (1, 2, 4))]
 
 
-def variant_tiles(variants: list[str]) -> list:
-    """The tiles of block_m 64 in each variant named "one_dot,scales_ahead[,max_regs]" (e.g. "1,1", "0,0,168")."""
-    return [QA.Config(*c[:6], *map(int, v.split(","))) for v in variants for c in TILES if c.block_m == 64]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", nargs="*", default=["int4g128"])
     ap.add_argument("--rows", nargs="*", type=int, default=[16, 64], choices=range(16, 65), metavar="16..64")
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=16)
-    ap.add_argument("--variants", nargs="*", default=None, metavar="ONE_DOT,SCALES_AHEAD[,MAX_REGS]",
-                    help="sweep the tiles of block_m 64 in these variants (e.g. 0,0 1,0 1,1 0,0,168), "
-                         "printing each variant's best too")
     a = ap.parse_args()
-    tiles = TILES if a.variants is None else variant_tiles(a.variants)
     sweep("a8", "localsgl_kernels.quant_a8", a.formats, sorted({QM.tuned_rows(r) for r in a.rows}),
-          lambda m: [c for c in tiles if c.block_m <= m], a.out, a.jobs,
-          variant=None if a.variants is None else
-          lambda c: f"one_dot={c.one_dot} scales_ahead={c.scales_ahead} max_regs={c.max_regs}")
+          lambda m: [c for c in TILES if c.block_m <= m], a.out, a.jobs)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,9 @@ def _compile(batch) -> int:
 
 
 def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles, out: str | None,
-          jobs: int = 16, variant=None) -> None:
+          jobs: int = 16) -> None:
     """Times ``module``'s tiles (``tiles(m)``: the Config candidates at m rows) for each format,
-    shape and bucket against the GEMM, prints a table, and writes ``out`` (see the docstring).
-    ``variant(cfg)``: a label; each shape's row then also lists the best tile of every label."""
+    shape and bucket against the GEMM, prints a table, and writes ``out`` (see the docstring)."""
     route = importlib.import_module(module)
     todo = [(module, fmt, m, cfg) for fmt in formats for m in buckets for cfg in tiles(m)]
     t0 = time.time()
@@ -64,7 +63,7 @@ def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles,
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         exact = x.float() @ w.dequantize(torch.float32).t()
         gemm_us = timed(lambda: QM.gemm(x, w), 10)
-        best, by_variant = None, {}
+        best = None
         for cfg in tiles(m):
             if not route.applies(w, m, cfg):
                 continue
@@ -79,14 +78,10 @@ def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles,
             us = timed(lambda: route.matmul(x, w, cfg), 10)
             if best is None or us < best[0]:
                 best = (us, cfg)
-            if variant is not None and us < by_variant.get(variant(cfg), (float("inf"),))[0]:
-                by_variant[variant(cfg)] = (us, cfg)
         floor = w.nbytes / bw * 1e6
         route_us = best[0] if best else float("nan")
         print(f"{fmt:9s} {name:8s} {m:3d} {floor:6.1f} {gemm_us:7.1f} {route_us:7.1f}  "
               f"{tuple(best[1]) if best else '-'}", flush=True)
-        for label, (us, cfg) in sorted(by_variant.items()):
-            print(f"    {label}: {us:7.1f}  {tuple(cfg)}", flush=True)
         win = bool(best) and best[0] < 0.97 * gemm_us
         entries.append(dict(kind=kind, fmt=w.fmt.label(), n=n, k=k, m=m, tile=list(best[1]) if win else None))
         del w

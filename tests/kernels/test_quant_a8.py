@@ -60,14 +60,8 @@ def test_matmul(fmt, rows):
     n, k = (64, 512) if not ON_GPU else (4096, 14336)
     w = _qw(n, k, fmt, g)
     x = randn(rows, k, g=g, dtype=DTYPE)
-    # each tile with its group's planes as two dots and joined into one, scales loaded in the step or ahead
-    configs = ((QA.Config(16, 32), QA.Config(32, 64, swap_ab=1, split_k=2), QA.Config(16, 32, one_dot=1),
-                QA.Config(32, 64, swap_ab=1, split_k=2, one_dot=1, scales_ahead=1), QA.Config(16, 32, scales_ahead=1),
-                QA.Config(16, 32, max_regs=128))
-               if not ON_GPU else
-               (QA.Config(64, 64), QA.Config(16, 128, swap_ab=1), QA.Config(64, 64, 8, 3, 1, 4),
-                QA.Config(64, 64, one_dot=1), QA.Config(64, 128, 4, 3, 1, 1, 1, 1), QA.Config(64, 64, 4, 3, 1, 4, 0, 1),
-                QA.Config(64, 128, 4, 2, max_regs=168), QA.Config(64, 64, 4, 3, 1, 4, max_regs=128)))
+    configs = ((QA.Config(16, 32), QA.Config(32, 64, swap_ab=1, split_k=2)) if not ON_GPU else
+               (QA.Config(64, 64), QA.Config(16, 128, swap_ab=1), QA.Config(64, 64, 8, 3, 1, 4)))
     xq, dx, _ = QA.prepare(x, w.group)
     ref = _xhat(xq, dx, w.group).to(DEV) @ w.dequantize(torch.float64).t()
     for cfg in configs:

@@ -239,18 +239,14 @@ def _specs():
                                      constexprs=dict(E=8, BK=1024, BLOCK=1024), num_warps=4)
     # the int4 x int8-activation GEMM (quant_a8): the H200's tuned tiles' shapes (64 x 64, 64 x 128,
     # swapped 16 x 64 in K slices), int8 warpgroup MMA (IGMMA) with its int32 accumulator
-    # (and the loop's variants: a group's planes in one dot, scales loaded a group ahead)
-    for bm, bn, sym, swap, split, stages, one, ahead in (
-            (64, 64, False, 1, 4, 3, 0, 0), (64, 128, True, 0, 1, 3, 0, 0), (16, 64, False, 1, 4, 3, 0, 0),
-            (16, 128, False, 0, 4, 3, 0, 0), (64, 128, False, 1, 1, 3, 1, 1), (64, 64, True, 0, 2, 3, 1, 0),
-            (64, 64, False, 1, 4, 3, 0, 1)):
-        specs[f"a8 {bm}x{bn} sym{int(sym)} swap{swap} split{split} one_dot{one} ahead{ahead}"] = dict(
+    for bm, bn, sym, swap, split, stages in ((64, 64, False, 1, 4, 3), (64, 128, True, 0, 1, 3),
+                                              (16, 64, False, 1, 4, 3), (16, 128, False, 0, 4, 3)):
+        specs[f"a8 {bm}x{bn} sym{int(sym)} swap{swap} split{split}"] = dict(
             kernel="localsgl_kernels.quant_a8:_a8_kernel",
             pointers=dict(XQ="*i8", DX="*fp32", XSUM="*fp32", QW="*u8", S="*fp16", Mn="*fp16",
                           Y="*fp32" if split > 1 else "*bf16"),
             div16=["K", "N", "NG"],
-            constexprs=dict(GROUP=128, SYM=sym, BLOCK_M=bm, BLOCK_N=bn, SWAP_AB=swap, SPLIT=split, ONE_DOT=one,
-                            SCALES_AHEAD=ahead),
+            constexprs=dict(GROUP=128, SYM=sym, BLOCK_M=bm, BLOCK_N=bn, SWAP_AB=swap, SPLIT=split),
             num_warps=4, num_stages=stages, ptx_needles=["s32.s8.s8"])
     # decode attention's merge writing o_proj's int8 activations (int4 and int8 words), zeroing its output
     for e in (8, 4):
