@@ -62,7 +62,7 @@ class CoreClient:
     """Starts the core process, waits for it to be ready and relays requests and steps."""
 
     def __init__(self, opts: dict, source, reasoning: str, tokenizer_ready):
-        """``opts``: api.boot_core's options (picklable); ``tokenizer_ready``: a callable
+        """``opts``: boot.boot_core's options (picklable); ``tokenizer_ready``: a callable
         that returns this process's tokenizer (loaded while the child loads the weights)."""
         parent_sock, child_sock = socket.socketpair()
         code = ("import sys; sys.path[:0] = sys.argv[2:]; "

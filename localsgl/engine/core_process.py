@@ -115,7 +115,7 @@ class StepOutbox:
 
 
 class _CoreHost:
-    """What api.boot_core fills in the child (the Engine's attributes, without the Engine)."""
+    """What boot.boot_core fills in the child (the Engine's attributes, without the Engine)."""
 
     def __init__(self, reasoning: str):
         self.reasoning = reasoning
@@ -179,7 +179,7 @@ def child_main(fd: int) -> None:
     import torch
 
     torch.set_grad_enabled(False)
-    from .api import boot_core
+    from .boot import boot_core
 
     host = _CoreHost(hello["reasoning"])
     try:
