@@ -314,7 +314,3 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     _argmax_merge_kernel[(B,)](part_v, part_i, out, V, C, C_PAD=max(16, triton.next_power_of_2(C)), num_warps=1,
                                **pdl)
     return out
-    block = 128 if logits.device.type != "cuda" else 2048
-    block = min(block, max(16, triton.next_power_of_2(V)))
-    _argmax_kernel[(B,)](logits, out, V, logits.stride(0), BLOCK=block, num_warps=8)
-    return out

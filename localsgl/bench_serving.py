@@ -606,7 +606,7 @@ def main(engine_kwargs: dict, args: list[str], json_output: bool = False) -> int
         if json_output:
             print(json.dumps(_jsonable(info), default=str))
         else:
-            wl = (f"mixed in U[128,1024] out U[128,512]" if a.workload == "mixed"
+            wl = ("mixed in U[128,1024] out U[128,512]" if a.workload == "mixed"
                   else f"{a.input_len} in / {a.output_len} out")
             print(f"# {device}  model {model}  {len(lens)} prompts, {wl}  "
                   f"({sum(lens)} in / {sum(outs)} out tokens)  times in ms")

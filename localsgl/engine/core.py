@@ -38,7 +38,7 @@ from .layers.attention.base import create_backend
 from .params import StreamDelta
 from .penalties import PenaltyState
 from .radix_cache import RadixCache
-from .request import Request, Status
+from .request import Request
 from .runner import ModelRunner
 from .sampling import SampleResult, SamplingBatch, sample
 from .scheduler import Scheduler

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 
 import torch
 

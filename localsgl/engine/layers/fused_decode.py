@@ -180,7 +180,7 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
     fp32_sums = _fp32_sums(model, input_ids.device.type)
     epilogue = debug_switches.of(model).attention_int8_epilogue and not staged
     for i, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         w_qkv, w_o, w_gu, w_down = _layer_weights(layer)
         if staged:
