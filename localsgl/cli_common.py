@@ -124,7 +124,7 @@ _P = "Engine options"
 ENGINE_OPTIONS: dict[str, Any] = {
     "model": Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Alias, local HF directory, .gguf file or hub repo id", show_default=DEFAULT_MODEL, rich_help_panel=_P),
+        typer.Option("--model", "-m", help="Alias, a name from `localsgl quantize`, local HF directory, .gguf file or hub repo id", show_default=DEFAULT_MODEL, rich_help_panel=_P),
     ],
     "dtype": Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16 | auto", rich_help_panel=_P)],
     "max_model_len": Annotated[Optional[int], typer.Option("--max-model-len", help="Context length (tokens)", rich_help_panel=_P)],

@@ -139,30 +139,58 @@ def _gguf_entries(path):
 
 
 def _checkpoint_estimate(source, dsize: int, dtype: str) -> WeightsEstimate:
-    """Quantized checkpoints: stored integer/fp8 bytes as they are, float tensors at the run dtype
-    (a close bound: AWQ's packed zero points become fp16 offsets)."""
+    """Quantized checkpoints: a quantized weight's tensors (values, scales, mins or zero points)
+    as stored, under its format (``_checkpoint_labels``; a close bound: AWQ's packed zero points
+    become offsets), every other tensor at the run dtype."""
     import json
     import struct
 
     from ..store import hf
-    from ..store.quantized_checkpoint import scheme_of
 
-    out = WeightsEstimate(0)
-    label = scheme_of(source.config) or "quantized"
+    headers = {}
     for file in hf.safetensors_files(source.path):
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, t in header.items():
-            if name == "__metadata__":
-                continue
-            numel = _numel(t["shape"])
-            if t["dtype"] in ("F32", "F16", "BF16", "F64"):
-                b, lab = numel * dsize, dtype
-            else:
-                b, lab = int(t["data_offsets"][1]) - int(t["data_offsets"][0]), label
-                if name.endswith(".qzeros"):  # AWQ: 8 packed zero points per int32 become fp32 offsets
-                    b *= 8
-            out.total_bytes += b
-            out.by_format[lab] = out.by_format.get(lab, 0) + b
+            headers.update(json.loads(f.read(n)))
+    headers.pop("__metadata__", None)
+    labels = _checkpoint_labels(source.config, headers)
+    out = WeightsEstimate(0)
+    for name, t in headers.items():
+        lab = labels.get(name.rpartition(".")[0])
+        if lab is None:  # dense: at the run dtype
+            b, lab = _numel(t["shape"]) * dsize, dtype
+        else:  # a quantized weight's parts stay as stored
+            b = int(t["data_offsets"][1]) - int(t["data_offsets"][0])
+            if name.endswith(".qzeros"):  # AWQ: 8 packed zero points per int32 become fp32 offsets
+                b *= 8
+        out.total_bytes += b
+        out.by_format[lab] = out.by_format.get(lab, 0) + b
     return out
+
+
+def _checkpoint_labels(config: dict, headers: dict) -> dict[str, str]:
+    """weight prefix -> the label of the format it loads in (quantized_checkpoint._build):
+    `localsgl quantize`'s from the stored shapes (a layer's group may be smaller than the nominal
+    one: WeightFormat.fitted), AWQ's int4 in its groups, fp8 per row or in the block width of
+    transformers' fp8 checkpoints; dense weights have none."""
+    from ..store.quantized_checkpoint import localsgl_format, scheme_of
+
+    scheme = scheme_of(config)
+    qc = config.get("quantization_config") or {}
+    labels = {}
+    for name, t in headers.items():
+        prefix, _, part = name.rpartition(".")
+        fmt = None
+        if scheme == "localsgl" and part == "qweight" and f"{prefix}.scales" in headers:
+            kind = localsgl_format(config).kind
+            k = t["shape"][1] * (2 if kind == "int4" else 1)
+            groups = headers[f"{prefix}.scales"]["shape"][1]
+            fmt = WeightFormat(kind, 0 if groups == 1 and kind != "int4" else k // groups, f"{prefix}.mins" not in headers)
+        elif scheme == "awq" and part == "qweight":
+            fmt = WeightFormat("int4", int(qc.get("group_size", qc.get("q_group_size", 128))), False)
+        elif scheme not in (None, "localsgl", "awq") and part == "weight" and t["dtype"] in ("F8_E4M3", "F8_E4M3FN"):
+            bk = int((qc.get("weight_block_size") or [128, 128])[1]) if scheme == "fp8" else 0
+            fmt = WeightFormat("fp8", bk if bk < t["shape"][1] else 0, True)
+        if fmt is not None:
+            labels[prefix] = fmt.label()
+    return labels

@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 
 from localsgl import cli
 from localsgl.engine.layers.quant import QuantizedWeight
+from localsgl.engine.models.config import ModelConfig
 from localsgl.engine.models.loader import load_model
+from localsgl.engine.weight_estimate import estimate
 from localsgl.store import quantized_checkpoint
 from localsgl.store.errors import ModelStoreError
 from localsgl.store.resolve import ModelNotFoundError, embedded_gguf_path, resolve_model
@@ -90,6 +92,12 @@ def test_quantized_model_answers_and_keeps_perplexity(method, reference, data_ho
     if method == "int4":  # 1536 inputs: groups of 128; 576 inputs take groups of 64
         assert w.group == 128 and stored["model.layers.0.self_attn.q_proj.weight"].group == 64
     assert not isinstance(stored["model.embed_tokens.weight"], QuantizedWeight)
+    # `info --weights keep` counts each weight (scales and mins with it) under the format it was stored in
+    est = estimate(src, ModelConfig.from_hf(src.config), "float32", "cpu", "keep")  # scales as stored (fp16)
+    labels = {"int4": {"int4 g64 asym", "int4 g128 asym"}, "int8": {"int8 per-row"}, "fp8": {"fp8 per-row"}}[method]
+    assert set(est.by_format) == labels | {"float32"}, est.by_format
+    stored_bytes = sum(q.nbytes if isinstance(q, QuantizedWeight) else 0 for q in stored.values())
+    assert sum(est.by_format[lab] for lab in labels) == stored_bytes
     model = load_model(src, torch.float32, "cpu")  # the CPU default: dequantized, the same values
     assert torch.equal(model.layers[0].mlp.down_proj.weight, w.dequantize())
     ratio = _perplexity(model, ids) / base_ppl

@@ -14,7 +14,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
 from localsgl.engine.layers.quant import QuantizedWeight  # noqa: E402
+from localsgl.engine.models.config import ModelConfig  # noqa: E402
 from localsgl.engine.models.loader import load_model  # noqa: E402
+from localsgl.engine.weight_estimate import estimate  # noqa: E402
 from localsgl.store.quantized_checkpoint import awq_pack, awq_unpack  # noqa: E402
 from localsgl.store.resolve import resolve_model  # noqa: E402
 
@@ -45,12 +47,15 @@ def _write(tmp_path, hf_model, tensors: dict, qc: dict):
     return d
 
 
-def _check(d, hf_model, reference: dict, kind: str):
+def _check(d, hf_model, reference: dict, kind: str, label: str):
     from model_utils import prefill_logits
     from test_loader import hf_logits, random_ids
 
     src = resolve_model(str(d), record_use=False)
     kept = load_model(src, torch.float32, "cpu", weights="keep")
+    # `info --weights keep`: the linears under the format they load in, the rest at the run dtype
+    est = estimate(src, ModelConfig.from_hf(src.config), "float32", "cpu", "keep")
+    assert set(est.by_format) == {label, "float32"} and kept.layers[1].mlp.down_proj.weight.fmt.label() == label
     dense = load_model(src, torch.float32, "cpu", weights="dequantize")
     qkv = kept.layers[0].self_attn.qkv_proj.weight
     assert isinstance(qkv, QuantizedWeight) and qkv.fmt.kind == kind
@@ -86,7 +91,7 @@ def test_awq_checkpoint(tmp_path):
             tensors[name] = w.half()
             reference[name] = w.half().float()
     qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}
-    _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, "int4")
+    _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, "int4", "int4 g32 asym")
 
 
 @pytest.mark.parametrize("scheme", ["compressed-tensors", "fp8-blocks"])
@@ -121,7 +126,8 @@ def test_fp8_checkpoint(scheme, tmp_path):
                   "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}}}
     else:
         qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [bn, bk]}
-    _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, "fp8")
+    _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, "fp8",
+           "fp8 per-row" if scheme == "compressed-tensors" else f"fp8 g{bk}")
 
 
 def test_unsupported_quantization_is_a_clear_error(tmp_path):
