@@ -106,6 +106,10 @@ def test_parse_format_defaults():
         parse_format("int3")
     with pytest.raises(ValueError):
         WeightFormat("int4", 0)
+    assert parse_format("int4", 64).group_size == 64 and parse_format("int8", 16).group_size == 16
+    for method, group in (("int4", 100), ("int4", 16), ("int8", 8), ("fp8", 96)):
+        with pytest.raises(ValueError, match="power of two"):
+            parse_format(method, group)
 
 
 def _policy(keep=True, quantize=None):

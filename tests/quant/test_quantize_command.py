@@ -141,3 +141,15 @@ def test_interrupted_quantize_leaves_nothing_loadable(reference, data_home, monk
         Q.quantize_model("smollm2-135m", "int8", name="../elsewhere", device="cpu")
     Q._remove_stale(root)  # what a run does first
     assert not stale.exists()
+
+
+def test_group_the_kernels_cannot_tile_is_refused(data_home):
+    """A group that is not a power of two (or below the kernels' 32 for int4) is a usage error that
+    writes nothing, not a silently different group."""
+    root = data_home / "localsgl" / "models"
+    before = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    for group in ("100", "16"):
+        r = runner.invoke(cli.app, ["quantize", "smollm2-135m", "--method", "int4", "--group-size", group,
+                                    "-o", "odd", "--device", "cpu"])
+        assert r.exit_code == 2 and "power of two" in r.output, r.output
+    assert (sorted(p.name for p in root.iterdir()) if root.exists() else []) == before

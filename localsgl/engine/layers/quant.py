@@ -91,15 +91,20 @@ class WeightFormat:
 def parse_format(method: str, group_size: int | None = None, symmetric: bool | None = None) -> WeightFormat:
     """'int4' / 'int8' / 'fp8' with the defaults of `localsgl quantize`: int4 group 128
     asymmetric (an offset per group is worth its 2 bytes for round-to-nearest), int8 and fp8
-    one scale per row, symmetric."""
+    one scale per row, symmetric.  A group the kernels cannot tile is refused."""
     method = str(method).strip().lower()
     if method not in KINDS:
         raise ValueError(f"unknown quantization method {method!r} (use {', '.join(KINDS)})")
     if group_size is None:
         group_size = 128 if method == "int4" else 0
+    group_size, least = int(group_size), 32 if method == "int4" else 16
+    if group_size and (group_size < least or group_size & (group_size - 1)):
+        # the kernels tile groups by powers of two (WeightFormat.fitted shrinks one to fit a layer)
+        raise ValueError(f"{method} group size must be a power of two of at least {least} (e.g. 32, 64, 128)"
+                         f"{'' if method == 'int4' else ' or 0 for one scale per row'}, got {group_size}")
     if symmetric is None:
         symmetric = method != "int4"
-    return WeightFormat(method, int(group_size), bool(symmetric))
+    return WeightFormat(method, group_size, bool(symmetric))
 
 
 # ----------------------------------------------------------------------------- packing
