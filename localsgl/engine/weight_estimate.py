@@ -182,10 +182,11 @@ def _checkpoint_labels(config: dict, headers: dict) -> dict[str, str]:
         prefix, _, part = name.rpartition(".")
         fmt = None
         if scheme == "localsgl" and part == "qweight" and f"{prefix}.scales" in headers:
-            kind = localsgl_format(config).kind
-            k = t["shape"][1] * (2 if kind == "int4" else 1)
+            nominal = localsgl_format(config)
+            k = t["shape"][1] * (2 if nominal.kind == "int4" else 1)
             groups = headers[f"{prefix}.scales"]["shape"][1]
-            fmt = WeightFormat(kind, 0 if groups == 1 and kind != "int4" else k // groups, f"{prefix}.mins" not in headers)
+            fmt = WeightFormat(nominal.kind, 0 if groups == 1 and nominal.group_size == 0 else k // groups,
+                               f"{prefix}.mins" not in headers)
         elif scheme == "awq" and part == "qweight":
             fmt = WeightFormat("int4", int(qc.get("group_size", qc.get("q_group_size", 128))), False)
         elif scheme not in (None, "localsgl", "awq") and part == "weight" and t["dtype"] in ("F8_E4M3", "F8_E4M3FN"):
