@@ -169,29 +169,16 @@ def _checkpoint_estimate(source, dsize: int, dtype: str) -> WeightsEstimate:
 
 
 def _checkpoint_labels(config: dict, headers: dict) -> dict[str, str]:
-    """weight prefix -> the label of the format it loads in (quantized_checkpoint._build):
-    `localsgl quantize`'s from the stored shapes (a layer's group may be smaller than the nominal
-    one: WeightFormat.fitted), AWQ's int4 in its groups, fp8 per row or in the block width of
-    transformers' fp8 checkpoints; dense weights have none."""
-    from ..store.quantized_checkpoint import localsgl_format, scheme_of
+    """weight prefix -> the label of the format it loads in (quantized_checkpoint.stored_format);
+    dense weights have none."""
+    from ..store.quantized_checkpoint import scheme_of, stored_format
 
     scheme = scheme_of(config)
-    qc = config.get("quantization_config") or {}
+    shape_of = lambda key: headers[key]["shape"] if key in headers else None  # noqa: E731
     labels = {}
     for name, t in headers.items():
         prefix, _, part = name.rpartition(".")
-        fmt = None
-        if scheme == "localsgl" and part == "qweight" and f"{prefix}.scales" in headers:
-            nominal = localsgl_format(config)
-            k = t["shape"][1] * (2 if nominal.kind == "int4" else 1)
-            groups = headers[f"{prefix}.scales"]["shape"][1]
-            fmt = WeightFormat(nominal.kind, 0 if groups == 1 and nominal.group_size == 0 else k // groups,
-                               f"{prefix}.mins" not in headers)
-        elif scheme == "awq" and part == "qweight":
-            fmt = WeightFormat("int4", int(qc.get("group_size", qc.get("q_group_size", 128))), False)
-        elif scheme not in (None, "localsgl", "awq") and part == "weight" and t["dtype"] in ("F8_E4M3", "F8_E4M3FN"):
-            bk = int((qc.get("weight_block_size") or [128, 128])[1]) if scheme == "fp8" else 0
-            fmt = WeightFormat("fp8", bk if bk < t["shape"][1] else 0, True)
-        if fmt is not None:
-            labels[prefix] = fmt.label()
+        if (scheme in ("localsgl", "awq") and part == "qweight"
+                or scheme is not None and part == "weight" and t["dtype"] in ("F8_E4M3", "F8_E4M3FN")):
+            labels[prefix] = stored_format(scheme, prefix, shape_of, config).label()
     return labels

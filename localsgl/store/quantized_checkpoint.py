@@ -126,28 +126,46 @@ def _is_quantized(scheme: str, prefix: str, where: dict, get) -> bool:
         "F8_E4M3", "F8_E4M3FN")
 
 
-def _build(scheme: str, prefix: str, get, where: dict, config: dict) -> QuantizedWeight:
+def stored_format(scheme: str, prefix: str, shape_of, config: dict) -> WeightFormat:
+    """The format the quantized weight ``prefix`` loads in, from its tensors' shapes (``shape_of(name)``:
+    the shape, or None where the checkpoint has no such tensor); the memory estimate labels by it
+    before loading.  A `localsgl quantize` layer's group may be smaller than the nominal one
+    (WeightFormat.fitted)."""
     if scheme == "localsgl":
-        fmt = localsgl_format(config)
-        mins = get(f"{prefix}.mins") if f"{prefix}.mins" in where else None
-        q, scales = get(f"{prefix}.qweight"), get(f"{prefix}.scales")
-        k = q.shape[1] * (2 if fmt.kind == "int4" else 1)
-        groups = scales.shape[1]  # a layer's group may be smaller than the nominal one (WeightFormat.fitted)
-        fmt = WeightFormat(fmt.kind, 0 if groups == 1 and fmt.group_size == 0 else k // groups, mins is None)
-        return QuantizedWeight(fmt, q, scales, mins, k)
+        nominal = localsgl_format(config)
+        k = shape_of(f"{prefix}.qweight")[1] * (2 if nominal.kind == "int4" else 1)
+        groups = shape_of(f"{prefix}.scales")[1]
+        return WeightFormat(nominal.kind, 0 if groups == 1 and nominal.group_size == 0 else k // groups,
+                            shape_of(f"{prefix}.mins") is None)
+    if scheme == "awq":  # qweight [K, N/8], scales [K/G, N]
+        return WeightFormat("int4", shape_of(f"{prefix}.qweight")[0] // shape_of(f"{prefix}.scales")[0], False)
+    k = shape_of(f"{prefix}.weight")[1]
+    if scheme == "fp8":
+        bk = int((config["quantization_config"].get("weight_block_size") or [128, 128])[1])
+        return WeightFormat("fp8", bk if bk < k else 0, True)
+    return WeightFormat("fp8", 0, True)
+
+
+def _build(scheme: str, prefix: str, get, where: dict, config: dict) -> QuantizedWeight:
     if scheme == "awq":
         return awq_to_quantized(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"))
+    fmt = stored_format(scheme, prefix, lambda key: tuple(where[key].get_slice(key).get_shape()) if key in where
+                        else None, config)
+    if scheme == "localsgl":
+        mins = get(f"{prefix}.mins") if f"{prefix}.mins" in where else None
+        q = get(f"{prefix}.qweight")
+        return QuantizedWeight(fmt, q, get(f"{prefix}.scales"), mins, q.shape[1] * (2 if fmt.kind == "int4" else 1))
     w = get(f"{prefix}.weight")
     n, k = w.shape
     if scheme == "fp8":
         s = get(f"{prefix}.weight_scale_inv").float()
-        bn, bk = (config["quantization_config"].get("weight_block_size") or [128, 128])[:2]
+        bn = (config["quantization_config"].get("weight_block_size") or [128, 128])[0]
         s = s.repeat_interleave(bn, dim=0)[:n]
-        return QuantizedWeight(WeightFormat("fp8", int(bk) if bk < k else 0, True), w, s.contiguous(), None, k)
+        return QuantizedWeight(fmt, w, s.contiguous(), None, k)
     s = get(f"{prefix}.weight_scale").float().reshape(-1, 1)
     if s.shape[0] == 1:
         s = s.expand(n, 1)
-    return QuantizedWeight(WeightFormat("fp8", 0, True), w, s.contiguous(), None, k)
+    return QuantizedWeight(fmt, w, s.contiguous(), None, k)
 
 
 def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
