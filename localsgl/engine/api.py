@@ -31,7 +31,7 @@ from .params import (  # noqa: F401  (re-exported)
     TokenLogprob,
     TopLogprob,
 )
-from .boot import _in_background, boot_core
+from .boot import boot_core, in_background
 from .request import Request
 
 log = logging.getLogger("localsgl")
@@ -200,7 +200,7 @@ class Engine:
         self.source = resolve_model(opts["model"], load_format=opts["load_format"])
         self.model_name = self.source.name
         self.config = ModelConfig.from_hf(self.source.config)
-        tokenizer = _in_background(self.source.load_tokenizer)
+        tokenizer = in_background(self.source.load_tokenizer)
         self.core = CoreClient(opts, self.source, self.reasoning, tokenizer)
         info = self.core.info
         self.plan = info["plan"]

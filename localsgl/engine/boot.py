@@ -67,7 +67,7 @@ def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, 
     if host.weights_estimate is not None:
         plan_kwargs["weights_bytes"] = host.weights_estimate.total_bytes
     pre_plan = make_plan(host.config, host.device_info, host.dtype, **plan_kwargs)
-    tokenizer = _in_background(host.source.load_tokenizer)  # transformers' import overlaps the weights
+    tokenizer = in_background(host.source.load_tokenizer)  # transformers' import overlaps the weights
     t_planned = time.perf_counter()
     host.model = load_model(host.source, host.dtype, host.device, load_format, max_positions=pre_plan.max_model_len,
                             weights=weights, quantization=quantization)
@@ -123,7 +123,7 @@ def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, 
              t_planned - t_device, t_weights - t_planned, host.ready_after_weights_seconds, host.plan.describe())
 
 
-def _in_background(fn):
+def in_background(fn):
     """Start ``fn()`` on a thread now; the returned callable waits for it and returns its
     result (or raises its exception)."""
     box: list = []
