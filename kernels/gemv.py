@@ -1,9 +1,8 @@
 """One-row GEMV kernels with the decode step's small ops fused in (batch-1 decode).
 
 At batch 1 a decoder layer is a chain of weight streams with tiny element-wise ops in
-between; launched one by one, those ops cost more than the bytes they move (measured on
-an H200: ~11 launches per layer, ~0.7 ms of a 4.6 ms Llama-3-8B token).  These kernels
-fold them into the weight stream:
+between; launched one by one, those ops cost more than the bytes they move (~11 launches
+a layer).  These kernels fold them into the weight stream:
 
   * ``norm_qkv``: r = x + residual (optional); q|k|v = W_qkv · rmsnorm(r) (+ bias);
     rotary on q and k; k and v written straight into the KV pool at ``loc``; q returned.
@@ -27,15 +26,13 @@ Two program shapes:
   * full-K (K ≤ 8192 after rounding up to a power of two): a few persistent programs per SM;
     each normalises x once, keeps it in registers, and walks its row blocks (grid-stride)
     with one [BLOCK_R, K] weight tile per block.  x, the residual and g are read once per
-    program, not once per row block.  Measured on an H200 (scripts/probe_gemv.py), 32
-    layers of Llama-3-8B: gate_up 1,800 vs 1,910 µs, o 326 vs 335, qkv rows 484 vs 506.
+    program, not once per row block.
   * K-loop (larger K, e.g. down_proj's 14336): one program per row block, streaming
     BLOCK_K columns per step.
 
 With PDL (kernels/pdl.py, Hopper+) each kernel is launched while its predecessor drains: a
-full-K program loads its first weight tile, then waits for x.  Measured on an H200, the 32-layer
-stack went from 3,550-3,604 to 3,405-3,416 µs, with smaller tiles than without PDL (a successor's
-programs need free registers to start early).
+full-K program loads its first weight tile, then waits for x.  The tiles are smaller than they
+would be without PDL: a successor's programs need free registers to start early.
 
 Floor: the weight bytes N·K·elem over copy bandwidth (K-loop: x, residual and g are
 re-read by every program from L2, ~2·K·elem per program against 2·BLOCK_R·K·elem of weights).
@@ -58,8 +55,8 @@ def _stream_rows(
 ):
     """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) with n = rmsnorm(s) (NORM: s·g·inv, inv applied
     once at the end) or n = s.  Waits for the predecessor kernel (PDL) before reading x.
-    (Loading the next BLOCK_K weight columns while multiplying these is slower on
-    down_proj: 1,084 vs 903 µs per 32 layers, bench/RESULTS.md, "programmatic dependent launch".)"""
+    One BLOCK_K step in registers at a time: loading the next while multiplying these is slower
+    (bench/RESULTS.md, "programmatic dependent launch")."""
     offs_k = tl.arange(0, BLOCK_K)
     acc_a = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
@@ -124,9 +121,40 @@ def _tile(W, stride_w, rows, offs, mask):
 
 
 @triton.jit
-def _dot(w, n):
-    """tile · n: [BLOCK_R] fp32."""
-    return tl.sum(w.to(tl.float32) * n[None, :], 1)
+def _operand(n, W, X, F16: tl.constexpr):
+    """The full-K tiles' x operand and the factor their sums take back: (n, 1), or with F16 for e4m3
+    weights under 16-bit activations n in fp16, scaled by a power of two that puts its largest
+    |value| in [4, 8) (fp32 activations keep the fp32 sums)."""
+    E4M3_X16: tl.constexpr = F16 and W.dtype.element_ty.is_fp8e4nv() and X.dtype.element_ty.primitive_bitwidth == 16
+    if E4M3_X16:
+        amax = tl.max(tl.abs(n), 0)
+        e = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 3), 253)  # biased exponent
+        up = ((256 - e) << 23).to(tl.float32, bitcast=True)  # 2^(129 - e): amax -> [4, 8)
+        op = (n * up).to(tl.float16)
+        xs = ((e - 2) << 23).to(tl.float32, bitcast=True)  # 2^(e - 129) = 1 / up
+    else:
+        op = n
+        xs = 1.0
+    return op, xs
+
+
+@triton.jit
+def _dot(w, n, xs):
+    """tile · n: [BLOCK_R] fp32.  An e4m3 tile times an fp16 n (``_operand`` with F16) is widened to
+    fp16 pairs, as the hardware converts e4m3, and multiplied with n's fp16 pairs in packed fp16
+    FMAs, eight products a lane, before the fp32 sum: widening each weight to fp32 instead costs
+    a conversion, a widening and an FMA a weight.  The products stay in range (|w| <= 448,
+    |n| < 8: sums of eight < 2^15) and keep 11 bits, more than the bf16 rounding of the unfused
+    path's activations."""
+    E4M3_X16: tl.constexpr = w.dtype.is_fp8e4nv() and n.dtype == tl.float16
+    if E4M3_X16:
+        R: tl.constexpr = w.shape[0]
+        KP: tl.constexpr = w.shape[1]
+        p = tl.reshape(w.to(tl.float16) * n[None, :], [R, KP // 16, 8, 2])
+        y = tl.sum(tl.reshape(tl.sum(p, 2).to(tl.float32), [R, KP // 8]), 1) * xs
+    else:
+        y = tl.sum(w.to(tl.float32) * n[None, :], 1)
+    return y
 
 
 @triton.jit
@@ -195,12 +223,11 @@ def _norm_qkv_fullk_kernel(
     K: tl.constexpr, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
-    S=None, ROW_SCALE: tl.constexpr = False,
+    S=None, ROW_SCALE: tl.constexpr = False, F16: tl.constexpr = False,
 ):
     """The position and slot are loaded once per program after the wait, and each block's
-    cos/sin are issued with its weight tile, off the chain that follows the dot (loaded after
-    each dot instead: 509 vs 465 µs per 32 layers with the default tile; bench/RESULTS.md,
-    "programmatic dependent launch")."""
+    cos/sin are issued with its weight tile, off the chain that follows the dot (after the dot
+    they cost ~10 %; bench/RESULTS.md, "programmatic dependent launch")."""
     pid = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     PER_HEAD: tl.constexpr = HALF // BLOCK_R
@@ -213,7 +240,8 @@ def _norm_qkv_fullk_kernel(
     slot = tl.load(Loc).to(tl.int64)
     c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
     n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, HAS_RES, True)
-    _qkv_epilogue(_scaled(_dot(wa, n), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n), S, rows_a + HALF, ROW_SCALE),
+    n, xs = _operand(n, W, X, F16)
+    _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
                   head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D,
                   HAS_BIAS)
     for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
@@ -221,7 +249,7 @@ def _norm_qkv_fullk_kernel(
         wa = _tile(W, stride_w, rows_a, offs, mask)
         wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
         c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
-        _qkv_epilogue(_scaled(_dot(wa, n), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n), S, rows_a + HALF, ROW_SCALE),
+        _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
                       head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV,
                       D, HAS_BIAS)
 
@@ -229,7 +257,7 @@ def _norm_qkv_fullk_kernel(
 @triton.jit
 def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, eps, stride_w,
                                BLOCK_R: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
-                               S=None, ROW_SCALE: tl.constexpr = False):
+                               S=None, ROW_SCALE: tl.constexpr = False, F16: tl.constexpr = False):
     pid = tl.program_id(0)
     offs, mask = _cols(K, K_PAD)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -237,21 +265,23 @@ def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, ep
     wu = _tile(W, stride_w, rows + I, offs, mask)
     wait_for_predecessor(PDL)
     n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, True, True)
-    g = _scaled(_dot(wg, n), S, rows, ROW_SCALE)
-    tl.store(Out + rows, _silu_mul(g, _scaled(_dot(wu, n), S, rows + I, ROW_SCALE)).to(Out.dtype.element_ty))
+    n, xs = _operand(n, W, X, F16)
+    g = _scaled(_dot(wg, n, xs), S, rows, ROW_SCALE)
+    tl.store(Out + rows, _silu_mul(g, _scaled(_dot(wu, n, xs), S, rows + I, ROW_SCALE)).to(Out.dtype.element_ty))
     for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        g = _scaled(_dot(_tile(W, stride_w, rows, offs, mask), n), S, rows, ROW_SCALE)
-        u = _scaled(_dot(_tile(W, stride_w, rows + I, offs, mask), n), S, rows + I, ROW_SCALE)
+        g = _scaled(_dot(_tile(W, stride_w, rows, offs, mask), n, xs), S, rows, ROW_SCALE)
+        u = _scaled(_dot(_tile(W, stride_w, rows + I, offs, mask), n, xs), S, rows + I, ROW_SCALE)
         tl.store(Out + rows, _silu_mul(g, u).to(Out.dtype.element_ty))
 
 
 @triton.jit
 def _gemv_fullk_kernel(X, W, Out, K: tl.constexpr, NB, stride_w, BLOCK_R: tl.constexpr, K_PAD: tl.constexpr,
-                       AHEAD: tl.constexpr, PDL: tl.constexpr, S=None, ROW_SCALE: tl.constexpr = False):
+                       AHEAD: tl.constexpr, PDL: tl.constexpr, S=None, ROW_SCALE: tl.constexpr = False,
+                       F16: tl.constexpr = False):
     """AHEAD (1 or 2) row blocks are loaded before the wait: o_proj waits on the attention,
-    during which the weight stream is otherwise idle.  (Loading each next block before the
-    dot in the loop as well measured 2-4x slower over e4m3: the two tiles in registers.)"""
+    during which the weight stream is otherwise idle.  The loop holds one tile at a time: two
+    in registers (the next loaded before each dot) run 2-4x slower over e4m3."""
     pid = tl.program_id(0)
     step = tl.num_programs(0)
     offs, mask = _cols(K, K_PAD)
@@ -263,15 +293,16 @@ def _gemv_fullk_kernel(X, W, Out, K: tl.constexpr, NB, stride_w, BLOCK_R: tl.con
         w2 = _tile(W, stride_w, rows2, offs, mask)
     wait_for_predecessor(PDL)
     n = _normed_x(X, X, X, Out, K, 0, 0.0, offs, mask, False, False)
-    tl.store(Out + rows, _scaled(_dot(w, n), S, rows, ROW_SCALE).to(Out.dtype.element_ty))
+    n, xs = _operand(n, W, X, F16)
+    tl.store(Out + rows, _scaled(_dot(w, n, xs), S, rows, ROW_SCALE).to(Out.dtype.element_ty))
     if AHEAD == 2:
         if first < NB:
-            tl.store(Out + rows2, _scaled(_dot(w2, n), S, rows2, ROW_SCALE).to(Out.dtype.element_ty))
+            tl.store(Out + rows2, _scaled(_dot(w2, n, xs), S, rows2, ROW_SCALE).to(Out.dtype.element_ty))
         first += step
     for blk in range(first, NB, step):
         rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
         w = _tile(W, stride_w, rows, offs, mask)
-        tl.store(Out + rows, _scaled(_dot(w, n), S, rows, ROW_SCALE).to(Out.dtype.element_ty))
+        tl.store(Out + rows, _scaled(_dot(w, n, xs), S, rows, ROW_SCALE).to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -343,25 +374,25 @@ class Config(NamedTuple):
     ahead: int = 1  # full-K plain GEMV: row blocks loaded before the PDL wait (1 or 2)
 
 
-# K-loop tiles per stream, from a sweep on an H200 (scripts/probe_gemv.py, Llama-3.1-8B shapes, µs for
-# 32 layers; cuBLAS M=1 in brackets): qkv 523 (499, unfused), o 335 (421), gate_up 1908 (1940),
-# down 931 (1039), LM head with fp32 logits 236 per call (256 + a cast).
+# Tiles from scripts/probe_gemv.py's sweeps on an H200 (Llama-3.1-8B shapes).  K-loop: (block_r,
+# block_k, warps, stages), each at or below cuBLAS's M = 1 time but for the unfused qkv (bench/RESULTS.md,
+# "batch-1 decode as fused weight streams").
 _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
-# Full-K tiles (block_r, programs per SM, warps), same probe with PDL on (bench/RESULTS.md,
-# "programmatic dependent launch"): qkv 465 (4 rows, 2/SM; 8-row tiles: 551), o 285 (8 rows:
-# 360), gate_up 1,723, LM head 7,524 / 32 = 235 per call.  With PDL the smaller tiles win: a successor's programs find registers
-# free to start their first loads.
-# A fourth value: row blocks the plain GEMV loads before its wait (o_proj, released early by the
-# attention's merge): two give 3,798 against 3,811 µs per bs1 step (bench/RESULTS.md, "the step
-# around the weight streams").
+# Full-K: (block_r, programs per SM, warps, row blocks the plain GEMV loads before its wait), swept with
+# PDL on, where the smaller tiles win: a successor's programs find registers free to start their
+# first loads ("programmatic dependent launch").  o_proj loads two blocks ahead: the attention's
+# merge releases it early ("the step around the weight streams").
 _CUDA_FULLK = {"qkv": (4, 2, 8, 1), "gate_up": (4, 16, 8, 1), "gemv": (4, 2, 16, 2), "lm_head": (4, 16, 8, 1)}
-# One-byte weights (fp8 e4m3 with row scales): a tile of the same rows holds half the bytes, so the
-# sweep over e4m3 (scripts/probe_gemv.py tiles fp8; bench/RESULTS.md, "2026-12-03 (thirteenth
-# session)") picked wider or more resident tiles: µs for 32 layers against the bf16 tiles over e4m3,
-# qkv 315 (354), o 191 (231), LM head 123 per call (132), gate_up as bf16's; down_proj's K-loop
-# tile with 4 rows and 4 warps, 541 (603).
+# One-byte weights (fp8 e4m3 with row scales): a tile of the same rows holds half the bytes, and the
+# sweep over e4m3 picked wider or more resident tiles, 7-17 % faster than bf16's over the same
+# weights ("2026-12-03 (thirteenth session)"); gate_up keeps bf16's; down_proj's K-loop tile is 4 rows.
 _CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 16, 8, 1), "gemv": (8, 4, 4, 1), "lm_head": (8, 16, 8, 1)}
 _CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
+# The full-K tiles' e4m3 x fp16 products (``_dot``): the route of an fp8 model's batch-1 GEMVs under
+# bf16/fp16 activations when True.  Off until measured on a GPU: from the sm_90 SASS (Triton 3.6) it
+# issues 30-40 % fewer instructions a weight byte than the fp32 products, with as many or fewer
+# registers; scripts/bench_quant.py's ``fp8-f16`` format times it against ``fp8``.
+E4M3_FP16 = False
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
@@ -473,7 +504,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
                 BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
-            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), **_row_scales(scales), **meta)
+            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), F16=E4M3_FP16, **_row_scales(scales), **meta)
     else:
         _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **_row_scales(scales), **meta)
     return q, r_out.view(1, K)
@@ -501,7 +532,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     if cfg.programs_per_sm:
         _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
-            K_PAD=triton.next_power_of_2(K), **_row_scales(scales), **meta)
+            K_PAD=triton.next_power_of_2(K), F16=E4M3_FP16, **_row_scales(scales), **meta)
     else:
         _norm_gate_up_kernel[(blocks,)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
@@ -530,7 +561,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
         blocks = N // cfg.block_r
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead,
-            **_row_scales(scales), **meta)
+            F16=E4M3_FP16, **_row_scales(scales), **meta)
     else:
         _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k,
                                                  **_row_scales(scales), **meta)

@@ -115,29 +115,40 @@ def test_forced_configs(cfg):
 
 @pytest.mark.parametrize("cfg", [G.Config(2, 16), G.Config(4, 32, 4, 1),  # K-loop
                                  G.Config(2, 0, 4, 1, 2), G.Config(4, 0, 4, 1, 3, 2)])
-def test_row_scaled_fp8(cfg):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("f16", [False, True])
+def test_row_scaled_fp8(cfg, dtype, f16, monkeypatch):
     """e4m3 weights with one scale per row (an fp8 model's batch-1 route) through the three kernels in
-    both program shapes: each sum scaled by its row's scale."""
+    both program shapes: each sum scaled by its row's scale.  The K-loop tiles and fp32 activations
+    sum in fp32; with G.E4M3_FP16 the full-K tiles under 16-bit activations multiply e4m3 pairs by x
+    in fp16 (gemv._dot), whose rounding the fp32 products of the plain GEMV bound at 1e-3."""
+    monkeypatch.setattr(G, "E4M3_FP16", f16)
     g = gen(5)
     hq, hkv, d, h = 4, 2, 32, 64
-    x, res, nw = randn(1, h, g=g), randn(1, h, g=g), randn(h, g=g)
+    x, res, nw = randn(1, h, g=g, dtype=dtype), randn(1, h, g=g, dtype=dtype), randn(h, g=g, dtype=dtype)
     cs = torch.randn(10, d, generator=g).to(DEV)
     pos, loc = torch.tensor([3], device=DEV), torch.tensor([1], device=DEV)
-    kc, vc = torch.zeros(2, hkv, d, device=DEV), torch.zeros(2, hkv, d, device=DEV)
+    kc, vc = torch.zeros(2, hkv, d, device=DEV, dtype=dtype), torch.zeros(2, hkv, d, device=DEV, dtype=dtype)
 
     def e4m3(n):
         w8 = (torch.randn(n, h, generator=g) * 3).to(DEV).to(torch.float8_e4m3fn)
         s = (torch.rand(n, generator=g) * 0.05 + 0.01).to(DEV)
         return w8, s, w8.double() * s.double()[:, None]
 
+    fp16_x = f16 and cfg.programs_per_sm > 0 and dtype != torch.float32
+    out_bound = 1e-5 if dtype == torch.float32 else 2**-7  # outputs in the activations' dtype
     wq, sq, rq64 = e4m3((hq + 2 * hkv) * d)
     rq, rk, rv, _ = G.norm_qkv_ref(x.double(), res.double(), nw.double(), 1e-6, rq64, None, cs.double(), pos, hq, hkv)
     q, _ = G.norm_qkv(x, res, nw, 1e-6, wq, None, cs, pos, loc, kc, vc, hq, hkv, config=cfg, scales=sq)
-    assert rel_err(q, rq) < 1e-5 and rel_err(kc[1], rk[0]) < 1e-5 and rel_err(vc[1], rv[0]) < 1e-5
+    assert rel_err(q, rq) < out_bound and rel_err(kc[1], rk[0]) < out_bound and rel_err(vc[1], rv[0]) < out_bound
     wg, sg, rg64 = e4m3(2 * 48)
     ra, _ = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, rg64)
-    assert rel_err(G.norm_gate_up(x, res, nw, 1e-6, wg, config=cfg, scales=sg)[0], ra) < 1e-5
-    assert rel_err(G.gemv(x, wg, config=cfg, scales=sg), x.double() @ rg64.t()) < 1e-5
+    assert rel_err(G.norm_gate_up(x, res, nw, 1e-6, wg, config=cfg, scales=sg)[0], ra) < out_bound
+    for scale in (1.0, 1e-30, 1e30):  # x's power of two follows its range
+        xx = x * scale
+        err = rel_err(G.gemv(xx, wg, config=cfg, scales=sg, out_dtype=torch.float32), xx.double() @ rg64.t())
+        assert err < (1e-3 if fp16_x else 1e-5)
+        assert (err > 1e-6) == fp16_x  # the fp16 route ran where it should: fp32 sums are exact to ~1e-7
 
 
 def test_support_checks():

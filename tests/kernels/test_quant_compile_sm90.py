@@ -1,7 +1,7 @@
 """The quantized GEMV / GEMM kernels compile for sm_90 (Hopper) in every format the engine
 launches them with at the Llama-3.1-8B shape: int4 group 128 (quantize's default) and group 32
 with offsets (GGUF Q4_K), int8 per row and group 16 with offsets (GGUF Q6_K), fp8 per row; the
-fused norm + gate/up and norm + qkv + rotary + KV store GEMVs (fp8 also through the dense full-K ones); the tile sweep's GEMV variants
+fused norm + gate/up and norm + qkv + rotary + KV store GEMVs (fp8 also through the dense full-K ones, with their fp16 products); the tile sweep's GEMV variants
 (split-K and its sum, int4 / int8 as int32 words, over activations prepared by a kernel first); the GEMM in its three tile configurations,
 the sweep's int4 GEMM variants and the swapped tile (the weight the warpgroup MMA's register operand); the
 few-row matmul (quant_rows) and its activations' preparation; the int4 x int8-activation GEMM
@@ -216,6 +216,10 @@ def _specs():
         kernel="localsgl_kernels.gemv:_gemv_fullk_kernel",
         pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"), constexprs=dict(AHEAD=2, **fullk),
         num_warps=16)
+    for key in ("gate_up", "qkv", "gemv"):  # the e4m3 x fp16 products (gemv.E4M3_FP16)
+        spec = specs[f"fp8 row full-K {key}"]
+        specs[f"fp8 row full-K {key} fp16 products"] = dict(spec, constexprs=dict(spec["constexprs"], F16=True),
+                                                            ptx_needles=["fma.rn.f16x2"])
     specs["fp8 row K-loop gemv"] = dict(
         kernel="localsgl_kernels.gemv:_gemv_kernel", pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"),
         div16=["K"], constexprs=dict(BLOCK_R=8, BLOCK_K=1024, PDL=True, ROW_SCALE=True), num_warps=8)
