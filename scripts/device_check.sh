@@ -20,7 +20,8 @@
 #   (env TESTS: pytest targets instead of tests/gpu tests/kernels)
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 #   (fp8dense: scripts/bench_quant.py --formats bf16 fp8 fp8-bytes: fp8 batch 1 through the dense GEMVs (the
-#    default, quant_gemv.DENSE_FP8) and through the byte tiles)
+#    default, quant_gemv.DENSE_FP8) and through the byte tiles; FP8_FORMATS="fp8 fp8-f16 fp8 fp8-f16": the dense
+#    GEMVs' fp32 products against their e4m3 x fp16 ones (gemv.E4M3_FP16), alternated)
 #   (gemmsweep: the 16/64-row GEMM tiles of SWEEP_FORMATS (default int4g128 int4g32; int8g16: a Q4_K_M file's
 #    Q6_K parts) swept (scripts/probe_quant_tiles.py, the words variant and split-K included) and merged over
 #    kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then scripts/bench_quant.py --formats bf16 int4
@@ -166,7 +167,8 @@ if [[ "$EXTRA" == *" structured "* ]]; then
 fi
 if [[ "$EXTRA" == *" fp8dense "* ]]; then
   echo "== fp8 batch 1: the quantized GEMVs vs the dense ones with row scales (quant_gemv.DENSE_FP8), bf16 beside"
-  timeout ${FP8_TIMEOUT:-420} python3 scripts/bench_quant.py --formats bf16 fp8 fp8-bytes --runs ${FP8_RUNS:-3} > "$OUTDIR/fp8dense.log" 2>&1
+  timeout ${FP8_TIMEOUT:-420} python3 scripts/bench_quant.py --formats ${FP8_FORMATS:-bf16 fp8 fp8-bytes} --runs ${FP8_RUNS:-3} \
+    > "$OUTDIR/fp8dense.log" 2>&1
   grep -E '^\{|FAILED' "$OUTDIR/fp8dense.log" | python3 -c "
 import json, sys
 for line in sys.stdin:
