@@ -22,8 +22,9 @@ def can_compile() -> bool:
 
 def compile_all(specs: list[dict], timeout: float = 600) -> list[dict]:
     """Each spec: {"kernel": "module:function", "pointers": {...}, "constexprs": {...},
-    "scalars": {...}, "div16": [int args known 16-divisible], "num_warps": n, "num_stages": n}.  Returns per spec {"ok", "error",
-    "ptx_has": {needle: bool}} in a fresh interpreter-free process."""
+    "scalars": {...}, "div16": [int args known 16-divisible], "num_warps": n, "num_stages": n, "sass_mix": bool}.
+    Returns per spec {"ok", "error", "ptx_has": {needle: bool}, "resources", "sass_has", and with sass_mix
+    "sass_mix": {opcode: count}} in a fresh interpreter-free process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,
                          env=env, timeout=timeout)
@@ -62,7 +63,8 @@ def _compile(spec: dict) -> dict:
     ptx = k.asm["ptx"]
     return {"ok": True, "error": None, "ptx_has": {n: n in ptx for n in spec.get("ptx_needles", [])},
             "resources": _resources(k.asm["cubin"]),
-            "sass_has": _sass_has(k.asm["cubin"], spec.get("sass_needles", []))}
+            "sass_has": _sass_has(k.asm["cubin"], spec.get("sass_needles", [])),
+            **({"sass_mix": _sass_mix(k.asm["cubin"])} if spec.get("sass_mix") else {})}
 
 
 def _sass_has(cubin: bytes, needles: list[str]) -> dict:
@@ -71,6 +73,20 @@ def _sass_has(cubin: bytes, needles: list[str]) -> dict:
         return {}
     out = _cuobjdump(cubin, "--dump-sass") or ""
     return {n: n in out for n in needles}
+
+
+def _sass_mix(cubin: bytes) -> dict:
+    """How many SASS instructions of each opcode (without its modifiers) the kernel holds."""
+    mix: dict = {}
+    for line in (_cuobjdump(cubin, "--dump-sass") or "").splitlines():
+        parts = line.split("*/", 1)
+        if len(parts) == 2 and parts[0].strip().startswith("/*") and parts[1].strip():
+            words = parts[1].split()
+            op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]  # skip a predicate
+            op = op.split(".")[0].rstrip(";")
+            if op.isupper():
+                mix[op] = mix.get(op, 0) + 1
+    return mix
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str | None:
