@@ -1,38 +1,33 @@
 """Paged decode attention: split-KV (flash-decoding), GQA-aware, CUDA-graph safe.
 
-Math: for request b with L = seq_lens[b] cached tokens (the new one included) whose KV
-slots are req_to_token[req_pool_indices[b], :L], and query head h of KV group
-g = h // G (G = Hq / Hkv):
+Math: for request b with L = seq_lens[b] cached tokens (the new one included) whose KV slots
+are req_to_token[req_pool_indices[b], :L], and query head h of KV group g = h // G (G = Hq / Hkv):
     o[b, h] = softmax(scale · q[b, h] · K[b, g]^T) · V[b, g]            (fp32 accumulation)
 Stage 1 (grid B × Hkv × S): the sequence is cut into at most S chunks of
     chunk = roundup(max(cdiv(L, S), MIN_CHUNK), BLOCK_N)
-tokens (so short requests use fewer, larger chunks; the effective split count
-cdiv(L, chunk) is computed on the device).  Program (b, g, s) streams its chunk's K/V rows
-once for all G query heads of group g (a [G, D] × [D, BLOCK_N] tensor-core product) and
-writes the chunk's normalised partial output and its log2-sum-exp.  Programs whose chunk is
-empty write nothing.  Stage 2 (grid B × Hq) merges the valid chunks:
+tokens (so short requests use fewer, larger chunks; the effective split count cdiv(L, chunk) is
+computed on the device).  Program (b, g, s) streams its chunk's K/V rows once for all G query
+heads of group g (a [G, D] × [D, BLOCK_N] tensor-core product) and writes the chunk's normalised
+partial output and its log2-sum-exp.  Programs whose chunk is empty write nothing.  Stage 2
+(grid B × Hq) merges the valid chunks:
     o = Σ_s 2^(lse_s − M) · o_s / Σ_s 2^(lse_s − M).
-(Merging in the last stage-1 program of each (b, KV head) instead, by an arrival counter,
-measured slower: 9.6 µs per layer for the one kernel against 4.5 + 2.4 µs, H200, bs1.)
+The merge is a launch of its own: merging in the last stage-1 program of each (b, KV head),
+found by an arrival counter, is slower (bench/RESULTS.md, "the step around the weight streams").
 Under PDL, for batches of at most 8 rows, stage 1 loads the slot table and the first block of
-cached K/V (all but the newest token, which this step's KV store writes) before waiting for
-its predecessor, and stage 2 lets its successor launch before it waits (at batch 1 that is o_proj, which loads
-only weights before its own wait).  H200, one bs1 Llama-3-8B step: 3,798 µs against 3,872
-with stage 2 releasing after its wait; the early K/V loads take the attention's share of the
-step from ~286 to ~236 µs.  Larger batches wait first: there the early loads cost the mixed
-throughput workload 7% (both in bench/RESULTS.md, "the step around the weight streams").
-S is a host-side constant per batch size (more splits for small batches so one long
-request still fills the GPU), so a captured CUDA graph keeps a fixed grid; nothing here
-syncs with the host.
+cached K/V (all but the newest token, which this step's KV store writes) before waiting for its
+predecessor, and stage 2 lets its successor launch before it waits (at batch 1 that is o_proj,
+which loads only weights before its own wait); both shorten the batch-1 step.  Larger batches
+wait first: there the early loads cost the mixed throughput workload 7% (same section).
+S is a host-side constant per batch size (more splits for small batches so one long request still
+fills the GPU), so a captured CUDA graph keeps a fixed grid; nothing here syncs with the host.
 
-Shared prefixes (cascade decoding): when rows of the batch share their first Lp cached
-tokens (the same KV slots, from one radix-cache path), reading that prefix once per row
-costs R·Lp rows of K/V for R rows.  With ``groups`` given, a prefix stage (grid
-NG × Hkv × SP) streams the group's prefix once for all R·G query rows of a KV head (an
-[R·G, D] × [D, BLOCK_N] product) and writes per-row partials; stage 1 then covers only
-each row's suffix [start_b, L_b) and stage 2 merges the suffix and prefix partials
-with the same log-sum-exp rule.  Prefix floor: Lp · Hkv · D · 2 · elem per group
-instead of per row.
+Shared prefixes (cascade decoding): when rows of the batch share their first Lp cached tokens
+(the same KV slots, from one radix-cache path), reading that prefix once per row costs R·Lp rows
+of K/V for R rows.  With ``groups`` given, a prefix stage (grid NG × Hkv × SP) streams the
+group's prefix once for all R·G query rows of a KV head (an [R·G, D] × [D, BLOCK_N] product) and
+writes per-row partials; stage 1 then covers only each row's suffix [start_b, L_b) and stage 2
+merges the suffix and prefix partials with the same log-sum-exp rule.  Prefix floor:
+Lp · Hkv · D · 2 · elem per group instead of per row.
 
 FP8 KV (k_scale / v_scale given, e4m3 caches; kv_pool.py has the format): K/V rows are read
 as e4m3 and widened to fp16 (exact: every e4m3 value is an fp16 value; one conversion per two
@@ -79,8 +74,7 @@ def _load_scale(Scale, slot, g, stride_sh, rows, KV_FP8: tl.constexpr):
 @triton.jit
 def _fp8_query(q, sm_scale_log2, KV_FP8: tl.constexpr):
     """(q, the scale its scores still need): with an FP8 pool and a 16-bit q, q pre-scaled by
-    sm_scale_log2 in fp16 (the keys and values are then widened to fp16 too: e4m3 -> fp16 is one
-    conversion per two values, -> bf16 several); else q and sm_scale_log2 unchanged."""
+    sm_scale_log2 in fp16 (K and V are widened to fp16 too); else q and sm_scale_log2 unchanged."""
     if KV_FP8 and q.dtype != tl.float32:
         return (q.to(tl.float32) * sm_scale_log2).to(tl.float16), 1.0
     else:
@@ -238,12 +232,10 @@ def _decode_stage1(
 ):
     """Program (b, g, s): chunk s of row b's keys for the G query heads of KV head g.
 
-    EARLY_KV (small batches): before the PDL wait it reads only what this step's earlier
-    kernels do not write: the lengths, the slot table and the first block of *cached* keys
-    and values (every position but the newest, whose K/V the step's own KV store writes).
-    Otherwise everything comes after the wait (the early loads are slower on the mixed
-    throughput workload: 9,219 against 9,944 out tok/s; bench/RESULTS.md, "the step around
-    the weight streams")."""
+    EARLY_KV (small batches): before the PDL wait it reads only what this step's earlier kernels
+    do not write: the lengths, the slot table and the first block of *cached* keys and values
+    (every position but the newest, whose K/V the step's own KV store writes).  Otherwise
+    everything comes after the wait (larger batches: module docstring)."""
     if not EARLY_KV:
         wait_for_predecessor(PDL)
     b = tl.program_id(0)
@@ -401,9 +393,8 @@ def block_n_for(head_dim: int, device_type: str) -> int:
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     """Split count for a decode step: aim at ~4 programs per SM, at least 8, at most 32 (pow2).
-
-    Measured on an H100 (132 SMs), Llama-3-8B heads, L = 4096, bf16: B=1 took 25.0 / 15.4 /
-    11.0 / 10.2 µs at S = 4 / 8 / 16 / 32; B=64 took 384 / 378 / 389 / 407 µs (floor 357)."""
+    More splits let one long request fill the GPU (H100, L = 4096: batch 1 2.5x faster at S = 32
+    than at S = 4); where the batch already fills it, they cost up to 8 %."""
     want = triton.cdiv(4 * num_sms, max(1, batch_size * num_kv_heads))
     return max(8, min(32, triton.next_power_of_2(want)))
 
@@ -481,16 +472,15 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
                      int8_row=None):
     """q: [B, Hq, D] (unit last stride); k_cache/v_cache: [slots, Hkv, D];
     req_to_token: [rows, ctx] int32; req_pool_indices: [B] int; seq_lens: [B] int (>= 1).
-    Returns out [B, Hq, D] (q's dtype).  ``num_splits`` must be a power of two;
-    ``workspace`` (from :func:`alloc_workspace`, batch dim >= B) lets CUDA graphs keep fixed
-    buffers.  ``groups`` (:class:`PrefixGroups`): rows whose first ``start`` slots are shared
-    attend to them through the prefix stage (every member's suffix must be >= 1 token;
-    its max_rows must be prefix_group_rows(Hq // Hkv)).  ``k_scale``/``v_scale`` ([Hkv, slots]
-    fp32, unit last stride): the caches are e4m3 with these per-(token, head) scales.
-    ``int8_row`` (quant_words.PreparedRow of the GEMV that reads out, batch 1): the merge also
-    writes its int8 activations and zeroes its output where asked, and marks it filled (when
-    the head dim is one power-of-two tile of whole 4E-column chunks; else it stays unfilled).
-    No host syncs."""
+    Returns out [B, Hq, D] (q's dtype).  ``num_splits`` must be a power of two; ``workspace``
+    (from :func:`alloc_workspace`, batch dim >= B) lets CUDA graphs keep fixed buffers.
+    ``groups`` (:class:`PrefixGroups`): rows whose first ``start`` slots are shared attend to them
+    through the prefix stage (every member's suffix must be >= 1 token; its max_rows must be
+    prefix_group_rows(Hq // Hkv)).  ``k_scale``/``v_scale`` ([Hkv, slots] fp32, unit last
+    stride): the caches are e4m3 with these per-(token, head) scales.  ``int8_row``
+    (quant_words.PreparedRow of the GEMV that reads out, batch 1): the merge also writes its int8
+    activations and zeroes its output where asked, and marks it filled (when the head dim is one
+    power-of-two tile of whole 4E-column chunks; else it stays unfilled).  No host syncs."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
@@ -511,8 +501,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_N = block_n_for(D, q.device.type)
     small = B <= 8  # batch-1-like steps: K/V loads before the wait, o_proj released early
-    if min_chunk is None:  # small batches: more, shorter chunks (bs1 at L = 256 / 2048, H200, 32 layers
-        # in one graph: 5.3 / 8.5 µs per layer with BLOCK_N vs 6.7 / 9.6 with 2·BLOCK_N)
+    if min_chunk is None:  # small batches: shorter chunks (batch 1, H200: 11-21 % less time a layer)
         min_chunk = BLOCK_N if small else 2 * BLOCK_N
     has_prefix = groups is not None
     pdl = launch_options(q.device)

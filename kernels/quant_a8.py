@@ -22,9 +22,9 @@ int8_activations switch turns it off with the others.
 Floor: packed bytes + scales over copy bandwidth.  Reference: the dequantized weight times x̂
 (tests/kernels/test_quant_a8.py).  Off unless this GPU's tuned file (quant_tiles.py) holds an
 "a8" entry with a tile for the weight (its N's or the nearest one's) at the bucket of the batch's
-rows (16 or 64: batches of 16 to 64 rows, as the GEMM's tuned tiles); scripts/probe_quant_a8.py writes a tile where the kernel beats the GEMM's tuned
-tile and a null one where it does not (on the H200 at 64 rows: o and down take it, q/k/v, gate/up
-and the LM head stay on the GEMM; batch-64 decode +6 %).
+rows (16 or 64: batches of 16 to 64 rows, as the GEMM's tuned tiles); scripts/probe_quant_a8.py
+writes a tile where the kernel beats the GEMM's tuned tile and a null one where it does not
+(which shapes take it on the H200: bench/RESULTS.md, "2026-12-04 (eighteenth session)").
 """
 from __future__ import annotations
 

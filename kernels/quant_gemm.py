@@ -16,8 +16,8 @@ into ``tl.dot`` (tensor cores), and the entry point for every quantized matmul o
     weight stream), 32/64-row tiles for larger ones.
 
 Math: acc[m, n] = Σ_k x[m, k]·w[n, k] with w = s·q + m dequantized group by group (sub-tiles
-of one group's columns, unrolled within a BLOCK_K step; the unpacking is quant_gemv's), cast
-to x's dtype for the dot (fp32 inputs use IEEE fp32 products), accumulated in fp32; per-row
+of one group's columns, unrolled within a BLOCK_K step; the unpacking is quant_bytes.py's),
+cast to x's dtype for the dot (fp32 inputs use IEEE fp32 products), accumulated in fp32; per-row
 scales multiply the accumulator once.  An int4 group contributes two dots, over its even and
 its odd columns (byte j holds columns 2j and 2j + 1), or with INTERLEAVE one dot over the
 nibbles put back in column order (``tl.interleave``) against contiguous activations.  With
@@ -31,9 +31,9 @@ from every program.
 
 With HALF_MATH (int4, bf16 / fp16 x) the weights are dequantized in x's own 16-bit float, two per
 packed instruction: w = s·u + m with s and m rounded to x's dtype, one packed FMA per two weights
-after the nibbles are made into exact floats (_half_nibbles): on sm_90 the 64x64x128 swapped tile's
-loop runs 361 instructions a thread and step against the fp32 dequantization's 455 (2.5 a weight for
-the byte's load and unpacking, against ~5); each w is still rounded once, as the dot's input would be.
+after the nibbles are made into exact floats (_half_nibbles): about 2.5 instructions a weight for
+the byte's load and unpacking, against ~5 for the fp32 dequantization; each w is still rounded
+once, as the dot's input would be.
 
 With SPLIT > 1 the grid's second axis cuts K into slices: each program sums its slice into an
 fp32 partial tile, and a second launch sums the partials in slice order into the output's dtype
@@ -64,7 +64,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_gemv import _KIND, _sum_splits_kernel, group_params, nibbles, row_scaled
+from .quant_bytes import group_params, nibbles
+from .quant_gemv import _KIND, _sum_splits_kernel, row_scaled
 from .quant_tiles import lookup_entry
 
 FP8_SCALED_MM_MIN_ROWS = 16
@@ -366,10 +367,10 @@ def default_config(rows: int, device_type: str, w=None) -> Config:
 
 def builtin_config(rows: int, kind: str | None, sm90: bool) -> Config:
     """The CUDA tile where no tuned one exists (any GPU without a tuned file), from what the
-    H200's sweeps picked across shapes (bench/RESULTS.md, "eleventh session"): int4 with its
-    nibbles interleaved, and on sm_90+ the swapped tile (the dequantized weight as wgmma's
-    register operand) for int4 and, above 16 rows, int8.  The rest keep the plain tiles that
-    measured faster for them."""
+    H200's sweeps picked across shapes (bench/RESULTS.md, "2026-12-03 (eleventh session)"): int4
+    with its nibbles interleaved, and on sm_90+ the swapped tile (the dequantized weight as
+    wgmma's register operand) for int4 and, above 16 rows, int8.  The rest keep the plain tiles,
+    which are faster for them."""
     int4 = kind == "int4"
     if rows <= 16:
         if int4:
@@ -385,9 +386,9 @@ def builtin_config(rows: int, kind: str | None, sm90: bool) -> Config:
 def fill_split(cfg: Config, rows: int, w, sms: int) -> Config:
     """``cfg`` with K cut in two (int4 / int8) where its output tiles number at most half the SMs
     and K holds 8 steps a slice: twice the programs and bytes in flight for a short output
-    (o_proj, down_proj at decode batch sizes).  On the H200 (bench/RESULTS.md, "eleventh
-    session") down_proj's 64 built-in tiles ran 1.3-1.8x faster split, but int4 g128's at 16
-    rows 12 % slower; gate_up's 448 tiles slower."""
+    (o_proj, down_proj at decode batch sizes).  On the H200 splitting makes down_proj's 64
+    built-in tiles 1.3-1.8x faster (int4 g128 at 16 rows excepted) and gate_up's 448 tiles
+    slower (bench/RESULTS.md, "2026-12-03 (eleventh session)")."""
     from .quant_gemv import block_k
 
     if cfg.split_k > 1 or w.fmt.kind not in ("int4", "int8"):
@@ -435,7 +436,7 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
     half_math = bool(cfg.half_math) and w.fmt.kind == "int4" and x.dtype in _BIAS_BITS and not (scale_after or words)
     bias_bits = _BIAS_BITS.get(x.dtype, 0) if (scale_after or words or half_math) else 0
     # the words loop takes each group's Σx from here: one small reduction per call, where every
-    # program summing its own copy cost as much as the unpacking (one add per weight at 64 rows)
+    # program summing its own copy costs as much as the unpacking (one add per weight at 64 rows)
     xs = torch.sum(x.unflatten(1, (K // w.group, w.group)), dim=-1, dtype=torch.float32) if words else y
     _qgemm_kernel[grid](
         x, qw, w.scales, w.mins if w.mins is not None else w.scales, out, xs, M, N, K,

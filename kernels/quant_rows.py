@@ -5,10 +5,10 @@ against every row's int8 activations by ``dp4a``.
 Why: above one row the quantized matmul otherwise runs the 16-row GEMM tile (quant_gemm),
 which dequantizes every weight into a tensor-core dot whose other 8..14 rows are padding; on
 an H200 its int4 g128 tiles run at 2.5-3x their byte floor at 16 rows (bench/RESULTS.md,
-"sixteenth session"), and a 2-row step costs what a 16-row one does.  Here a weight word
-costs the same unpacking as at one row (two ANDs and a shift for 8 int4 weights) plus two
-``dp4a`` per row of x, so up to 8 rows stay near the weights' byte floor if the loads keep
-enough bytes in flight.
+"2026-12-04 (sixteenth session)"), and a 2-row step costs what a 16-row one does.  Here a
+weight word costs the same unpacking as at one row (two ANDs and a shift for 8 int4 weights)
+plus two ``dp4a`` per row of x, so up to 8 rows stay near the weights' byte floor if the loads
+keep enough bytes in flight.
 
 Math (as quant_words' ``words == 3`` GEMV, row by row): each row of x is quantized per chunk of
 4E columns (E = 8 int4 / 4 int8 values per int32 word), x̂ = dx·q, dx = amax / 127, by
@@ -23,8 +23,9 @@ come from L2).  Reference: the dequantized weight times x̂ (tests/kernels/test_
 Off unless this GPU's tuned file (quant_tiles.py) holds a "rows" entry with a tile for the
 weight's format and K at the batch's row count (2, 4 or 8: the power of two at or above it),
 its own N's or the nearest one's; scripts/probe_quant_rows.py writes a tile where the kernel beats
-the GEMM tile and a null one where it does not (on the H200: int4 g128 gate_up at 8 rows, where the
-loop's ~5 instructions a weight outrun the bytes; the LM head, nearest it, follows).
+the GEMM tile and a null one where it does not, which is where the loop's ~5 instructions a weight
+outrun the bytes (on the H200 int4 g128 gate_up at 8 rows, and the LM head, nearest it:
+bench/RESULTS.md, "2026-12-04 (seventeenth session)").
 """
 from __future__ import annotations
 
