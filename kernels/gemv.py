@@ -390,8 +390,8 @@ _CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 16, 8, 1), "gemv": (8, 4,
 _CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
 # The full-K tiles' e4m3 x fp16 products (``_dot``): the route of an fp8 model's batch-1 GEMVs under
 # bf16/fp16 activations when True.  Off until timed on a GPU (scripts/bench_quant.py's ``fp8-f16``
-# against ``fp8``): compiled for sm_90 the kernels hold 16-29 % fewer instructions with as many or
-# fewer registers (scripts/sass_mix.py; bench/RESULTS.md, "2026-12-04 (twenty-first session)").
+# against ``fp8``): compiled for sm_90 the kernels hold 8-22 % fewer instructions, without spills
+# (scripts/sass_mix.py; bench/RESULTS.md, "2026-12-04 (twenty-first session)").
 E4M3_FP16 = False
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
