@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from localsgl import bench, bench_serving
+from localsgl import bench, bench_serving, bench_serving_client
 
 ENGINE = {"model": "smollm2-135m", "device": "cpu", "kv_memory": "256MiB", "max_model_len": 1024}
 
@@ -79,12 +79,12 @@ def test_raw_and_httpx_clients_agree():
                 "request_timeout": 30, "rate": math.inf, "concurrency": None, "seed": 0}
         prompts, outs = [[65 + i] * (3 + i) for i in range(6)], [1, 2, 5, 9, 17, 33]
         for client in ("raw", "httpx"):
-            res = bench_serving.client_run({**base, "prompts": prompts, "outs": outs, "http_client": client})
+            res = bench_serving_client.client_run({**base, "prompts": prompts, "outs": outs, "http_client": client})
             for q, want in zip(res["requests"], outs):
                 assert q["ok"] and q["error"] is None, (client, q)
                 assert q["out_tokens"] == want and 0 < q["ttft"] <= q["e2e"], (client, q)
                 assert len(q["itl"]) <= want - 1
-            bad = bench_serving.client_run({**base, "prompts": [[100000]], "outs": [4], "http_client": client})
+            bad = bench_serving_client.client_run({**base, "prompts": [[100000]], "outs": [4], "http_client": client})
             q = bad["requests"][0]
             assert not q["ok"] and q["error"].startswith("HTTP 400") and "out of range" in q["error"], (client, q)
     finally:

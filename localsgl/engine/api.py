@@ -165,8 +165,8 @@ class Engine:
             self._start_core_process(opts)
             return
         # The engine thread loads the model and then runs the loop: on the CPU the thread that
-        # first ran torch's parallel ops keeps the fast intra-op pool (measured: a decode step
-        # from another thread took ~1.5x as long), so loading and stepping share one thread.
+        # first ran torch's parallel ops keeps the fast intra-op pool (a decode step from another
+        # thread takes ~1.5x as long), so loading and stepping share one thread.
         ready = threading.Event()
         failure: list[BaseException] = []
 

@@ -2,12 +2,11 @@
 
 glibc gives the memory of a large freed block back to the system (an mmap'd block is
 unmapped; a thread arena's heap is trimmed), so the next step's tensors of the same size
-fault in fresh zeroed pages: on a 2-core box a batch-64 decode step of the embedded model
-took ~2,800 page faults in the grammar mask alone, and the mask cost 5-6 ms instead of
-~2 (bench/RESULTS.md, structured decoding).  Keeping freed blocks in the process, up to
-the limits below, lets every step reuse the last step's pages.  The price: up to
-TRIM_THRESHOLD of freed memory stays with each malloc arena (a few per thread that
-allocates), where glibc would have returned it."""
+fault in fresh zeroed pages: in a batch-64 decode step of the embedded model on a 2-core box
+the grammar mask alone then takes 2-3x its time (bench/RESULTS.md, structured decoding).
+Keeping freed blocks in the process, up to the limits below, lets every step reuse the last
+step's pages.  The price: up to TRIM_THRESHOLD of freed memory stays with each malloc arena
+(a few per thread that allocates), where glibc would have returned it."""
 from __future__ import annotations
 
 import ctypes
@@ -22,7 +21,7 @@ M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks under this come from the heap, not mmap
 TRIM_THRESHOLD = 1 << 30  # free memory kept at a heap's top before it is given back
-# a heap grows by this much more than asked: without it a thread's arena still faulted
+# a heap grows by this much more than asked: without it a thread's arena still faults
 # ~1,000 pages a step
 TOP_PAD = 64 << 20
 

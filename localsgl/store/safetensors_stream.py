@@ -23,8 +23,9 @@ from typing import Iterator
 import torch
 
 CHUNK_BYTES = 32 << 20
-RING_DEPTH = 16  # pinned chunks (and reads) in flight: 16 x 32 MB read an 8B checkpoint at 32 GB/s on
-# an H200 host, 8 at 23 GB/s (bench/RESULTS.md, "2026-12-02 (sixth session)")
+# pinned chunks (and reads) in flight: the file reads bound the stream, and 16 in flight read an
+# 8B checkpoint ~1.4x as fast as 8 (bench/RESULTS.md, "The checkpoint's load, link by link")
+RING_DEPTH = 16
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

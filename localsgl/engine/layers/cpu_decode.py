@@ -1,19 +1,18 @@
 """The lean CPU decode step: every row of the batch appends one token, the torch attention
 backend serves it, and the model runs as plain torch calls on prepared per-layer tensors.
 
-Why: on a 2-core CPU a SmolLM2-135M fp32 decode step at batch 1 took ~45 ms, of which the
-weight stream (aten::mm over 425 MB of layers + 113 MB LM head) is ~28 ms; the rest was
-~5,600 aten calls per step (~190 per layer) through nn.Module __call__ chains, linear()'s
-dispatch, the norm's decomposition, two cats per rotary, index_put_ stores and gathers.
-Each CPU op costs 2-4 us however little it moves (measured: rms_norm 19 us = 6 ops,
-rotary with cat 15 us vs roll 10 us, index_put_ 4 us vs index_copy_ 2.5 us, SDPA over
-gathered K/V 52 us vs over a narrow view of the pool 37 us).  Per layer this path runs
+Why: each CPU op costs 2-4 us however little it moves, so at batch 1 a small model's step
+spends a large share of its time outside the weight stream, in the layer-by-layer path's ~190
+aten calls per layer (nn.Module __call__ chains, linear()'s dispatch, the norm's
+decomposition, two cats per rotary, index_put_ stores and gathers).  Per layer this path runs
     norm (6 ops), qkv mm (+ bias add), [q/k norm (6)], rotary of q and k in one pass (4),
     K/V store (2 index_copy_), SDPA over a narrow view of the pool when the request's KV
     slots are one ascending run (checked once per step) or over an index_select gather,
     o mm, residual add_, norm, gate_up mm, silu·mul_, down mm, residual add_
-about 40 ops instead of ~190.  The GEMMs go through linear.cpu_mm, the route the layer path
-takes too (cpu_routes.py picks it by what the machine runs natively).  In fp32 every op
+about 40 ops instead of ~190, each in its cheaper form (roll instead of the rotary's cat,
+index_copy_ instead of index_put_, SDPA over a view of the pool where it can skip the gather;
+bench/RESULTS.md, "CPU runs 11–16").  The GEMMs go through linear.cpu_mm, the route the layer
+path takes too (cpu_routes.py picks it by what the machine runs natively).  In fp32 every op
 computes what the layer-by-layer path computes, in the same order on the same values, so the
 logits are the same bits (tests check this).  In bf16/fp16 attention runs in fp32 where the
 routes say (without native matmul, or where the probe found torch's bf16 SDPA slower), so the

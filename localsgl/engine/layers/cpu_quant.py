@@ -11,8 +11,8 @@
                                sum of the two products is the weight's, with the scales (and
                                8s + m) rounded to the activations' dtype as for int4.  It reads
                                1 byte a weight plus the scales twice, against 2 for the dense
-                               bf16 copy: the Q8_0 LM head of the embedded model, 49,152 x 576,
-                               takes 2.7 ms a token instead of 5.9 (bench/RESULTS.md, "quantized
+                               bf16 copy: the embedded model's Q8_0 LM head takes less than
+                               half the dense copy's time (bench/RESULTS.md, "Quantized
                                weights on the CPU")
     anything else              (int8 in groups of 16, fp8; every format under fp32 activations) the weight
                                dequantized once into a cached dense copy in the activations'
@@ -21,10 +21,9 @@
 Each weight keeps its converted tensors (per activation dtype) on the QuantizedWeight, so a
 conversion happens at the first multiply, not per step.  Why these kernels: a decode step on
 the CPU streams the weights once per token, and the packed kernels read 0.5 (int4) or 1 byte
-(int8) per weight where bf16 reads 2.  With fp32 activations torch's packed kernels took 20x
-their bf16 time here ([1, 576] x [1536, 576] int4: 19.5 vs 0.8 ms; bench/RESULTS.md,
-"quantized weights on the CPU"), so fp32 takes the dense copy.  When a kernel is missing from
-this torch build, the cached dense route serves.
+(int8) per weight where bf16 reads 2.  With fp32 activations torch's packed kernels take ~20x
+their bf16 time (bench/RESULTS.md, "Quantized weights on the CPU"), so fp32 takes the dense
+copy.  When a kernel is missing from this torch build, the cached dense route serves.
 """
 from __future__ import annotations
 

@@ -4,29 +4,27 @@ torch can run natively.
 Why: the fastest CPU route differs by machine, by up to 30x.  With native bf16/fp16 matmul
 (oneDNN on avx512_bf16 / AMX / avx512_fp16) torch's low-precision GEMM beats widening the
 weights to fp32 at every row count.  Without it (e.g. an AVX2-only CPU) torch's bf16 GEMM runs
-a generic loop: on an input-major weight it is 10-30x slower than torch's bf16 GEMV on a
-row-major weight, which accumulates in fp32 with vector code; from a few rows on, widening the
-weight to fp32 in a scratch buffer and running the fp32 GEMM beats both.  In fp32 the faster
-weight layout differs by CPU (below).
+a generic loop, far slower on an input-major weight than torch's bf16 GEMV on a row-major
+weight, which accumulates in fp32 with vector code; from a few rows on, widening the weight to
+fp32 in a scratch buffer and running the fp32 GEMM beats both.  In fp32 the faster weight
+layout differs by CPU (below).
 
 Signals: ``torch.backends.cpu.get_cpu_capability()`` (honours ``ATEN_CPU_CAPABILITY``) and
 ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` / ``_fp16_`` (honour ``ONEDNN_MAX_CPU_ISA``),
 read once per process and dtype.  ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` on a
-newer x86 CPU therefore takes the AVX2-only routes.  The fp32 layout is the one torch's BLAS
-streams fastest on this CPU, which no flag says: on one Intel CPU x @ W^T on a contiguous W^T
-(input-major) was as fast as mv at one row and up to 2.8x faster than the row-major GEMM from
-4 rows on; on another the two were within the machine's noise in the engine, and a
-transformers-style row-major GEMM was reported faster on an AMD EPYC (bench/RESULTS.md, "CPU
-decode routes").  A probe times both layouts once per process on weights larger than a
-core's cache (:func:`probe_fp32_layout`); input-major stays unless row-major is clearly
-faster.  Which library multiplies differs by CPU too: torch's BLAS is MKL, whose fp32 kernels
-on an AMD EPYC ran 1.6x (one row) to 2.3x (32 and more rows) slower than oneDNN's on the same
-row-major weights, and whose bf16 one-row GEMV 1.9x slower (bench/RESULTS.md, "2026-12-03
-(twelfth session)"), while on Intel CPUs MKL is as fast.  So a dtype's dense GEMMs go through
-oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise`` on the row-major weight) where a probe
-finds it clearly faster than the BLAS route (:func:`probe_onednn`).  Attention of a native
-low-precision dtype runs in fp32 where the probe finds torch's SDPA faster that way (on that
-EPYC bf16 decode attention of 32 rows took 3.8x the time of fp32's).
+newer x86 CPU therefore takes the AVX2-only routes.  Three choices no flag says are probed
+once per process and dtype, each leaving the default only for a clearly faster alternative:
+  * fp32's layout: the one torch's BLAS streams fastest, input-major (x @ W^T on a contiguous
+    W^T) unless row-major is faster (:func:`probe_fp32_layout`, on weights larger than a
+    core's cache).  Input-major is as fast or faster on the Intel CPUs measured; row-major is
+    reported faster on an AMD EPYC (bench/RESULTS.md, "CPU decode routes").
+  * the GEMM library: torch's BLAS is MKL, which on an AMD EPYC runs behind oneDNN on the
+    same row-major weights (up to 2.3x at 32 rows), while on Intel CPUs it is as fast; so a
+    dtype's dense GEMMs go through oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise`` on
+    the row-major weight) where :func:`probe_onednn` finds it faster than the BLAS route
+    (bench/RESULTS.md, "CPU routes on a 2-core AMD EPYC").
+  * attention of a native low-precision dtype runs in fp32 where :func:`probe_lowp_attention`
+    finds torch's SDPA faster that way, as on that EPYC.
 Every route computes the same products with fp32 accumulation; they differ in speed, in the
 order of the sums and, in bf16/fp16, in where the rounding to the dtype happens.
 """
@@ -108,7 +106,7 @@ def choose(dtype: torch.dtype, capability: str, native: bool, fp32_input_major: 
 
 def prefer_input_major(times: list[tuple[float, float]]) -> bool:
     """The fp32 layout decision from the probe's (input-major, row-major) best times per row
-    count: input-major (faster in the engine on both Intel CPUs measured) unless row-major is
+    count: input-major (as fast or faster on the Intel CPUs measured) unless row-major is
     clearly faster over the row counts together (geometric mean of the ratios, so one row
     counts as much as 32)."""
     ratio = math.prod(t_in / t_row for t_in, t_row in times) ** (1 / len(times))
@@ -119,7 +117,7 @@ def _timed_rounds(candidates: list, budget_s: float) -> list[float]:
     """Best process-CPU time of each callable, timed alternately: one warm-up round (the BLAS's
     own dispatch), then at least 2 rounds until ``budget_s`` has passed; at most 64.  The
     process's CPU time, which other work on a busy machine disturbs far less than the wall
-    clock (a wall-clock probe there took 2-14 s and answered at random)."""
+    clock (a wall-clock probe there answers at random)."""
     best = [float("inf")] * len(candidates)
     start = time.process_time()
     for i in range(64):

@@ -112,10 +112,10 @@ def mm_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     buffer and multiplied by the fp32 GEMM; the result is fp32 (callers round it).
 
     Why: without native bf16 matmul, torch's bf16 GEMM runs a generic loop: on one AVX2 thread
-    [32, 576] x [576, 3072] takes 7.7 ms on the row-major weight (59 ms input-major) where
-    widening + the fp32 GEMM takes 2.6 ms; below about 8 rows torch's bf16 GEMV wins, as it
-    streams the weight once per row (bench/RESULTS.md, "CPU decode routes").  Every route
-    accumulates in fp32."""
+    a 32-row GEMM takes ~3x the time of widening + the fp32 GEMM on the row-major weight (far
+    more on an input-major one); below about 8 rows torch's bf16 GEMV wins, as it streams the
+    weight once per row (bench/RESULTS.md, "CPU decode routes").  Every route accumulates in
+    fp32."""
     K, N = w.shape
     buf = getattr(_scratch, "buf", None)
     if buf is None:

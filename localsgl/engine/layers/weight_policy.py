@@ -50,10 +50,9 @@ class WeightPolicy:
 
 def default_weights_mode(device_type: str) -> str:
     """keep on a GPU (quantized weights stay quantized), dequantize on the CPU: the file's
-    values exactly (keep rounds the fp16 scales to bf16 there), and the fastest start (the
-    embedded model's `run` to first byte: 2.4 s against 2.7-2.9 s with keep on a 2-core Xeon).
-    keep decodes ~1.8x faster there in bf16 with the same perplexity, so long CPU sessions
-    should ask for it (bench/RESULTS.md, "Quantized weights on the CPU, quiet box")."""
+    values exactly (keep rounds the fp16 scales to bf16 there), and the fastest start.  keep
+    decodes ~1.8x faster there in bf16 with the same perplexity, so long CPU sessions should
+    ask for it (bench/RESULTS.md, "Quantized weights on the CPU, quiet box")."""
     return "keep" if device_type == "cuda" else "dequantize"
 
 
@@ -91,8 +90,8 @@ class QuantEmbedding(nn.Module):
 
 def make_embedding(num: int, dim: int, dtype, device) -> nn.Module:
     """An nn.Embedding whose table the loader (or init_dummy_weights) fills, so it is left
-    uninitialised: nn.Embedding's random init of a 49,152 x 576 table took 0.1-0.3 s of every
-    start, and on the meta device its first call imports torch's meta kernels (1.2 s).  Under a
+    uninitialised: nn.Embedding's random init of a 49,152 x 576 table costs 0.1-0.3 s of every
+    start, and on the meta device its first call imports torch's meta kernels.  Under a
     deferring policy the table is left unallocated (meta) until loaded."""
     policy = current()
     where = "meta" if policy is not None and policy.defer else device

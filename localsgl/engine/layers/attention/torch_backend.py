@@ -68,7 +68,7 @@ class TorchAttentionBackend(AttentionBackend):
         num_kv = pool.num_kv_heads
         gqa = num_heads != num_kv
         if batch.mode == ForwardMode.DECODE:
-            # index_select (in gather), not advanced indexing: ~2x faster gathers on the CPU (measured)
+            # index_select (in gather), not advanced indexing: ~2x faster gathers on the CPU
             B, L = meta.slot_index.shape
             kk, vv = pool.gather(layer, meta.slot_index.view(-1))
             kk = kk.view(B, L, num_kv, -1).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]

@@ -9,7 +9,7 @@ Per step, ``init_forward`` picks the kernel once (shared by every layer):
     ``prefix_lens_cpu`` (extend steps run eagerly, never inside a graph).  In a mixed step
     the leading one-token rows (the scheduler puts running decodes first) go to the decode
     kernel instead: the extend kernel would fill a whole token block for each of them
-    (measured on an H200: ~2x slower for 400 decode rows of ~1k context).
+    (~2x slower for 400 decode rows of ~1k context).
 Decode steps whose rows share a cached prefix (``batch.prefix_groups``, found by the
 runner from the radix paths) run the decode kernel's shared-prefix stage: the prefix is
 read once per group of up to 64 // G rows, not once per row (cascade decoding); graphs
