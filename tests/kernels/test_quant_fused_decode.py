@@ -14,10 +14,10 @@ from localsgl.engine.layers.quant import QuantizedWeight, RowStack, WeightFormat
 pytestmark = pytest.mark.skipif(ON_GPU, reason="tests/gpu covers the GPU engine")
 
 
-def _quantized_model(formats):
+def _quantized_model(formats, dtype=torch.float32):
     from tiny import tiny_model
 
-    m = tiny_model(vocab=96, hidden=64, layers=2, heads=4, kv_heads=2, seed=5)
+    m = tiny_model(vocab=96, hidden=64, layers=2, heads=4, kv_heads=2, seed=5, dtype=dtype)
     mods = [mod for mod in m.modules() if isinstance(mod, Linear)]
     for i, mod in enumerate(mods):
         mod.set_weight(QuantizedWeight.quantize(mod.weight.data, formats[i % len(formats)]))
@@ -120,25 +120,30 @@ def test_fused_fp32_sums_between_layers(monkeypatch):
     assert fd._fp32_sums(model, "cpu") == [(False, False), (False, False)]
 
 
-def test_fused_fp8_through_the_dense_gemvs(monkeypatch):
+@pytest.mark.parametrize("f16", [False, True])
+def test_fused_fp8_through_the_dense_gemvs(monkeypatch, f16):
     """Every projection fp8 with row scales and quant_gemv.DENSE_FP8 on: the one-token step runs
-    gemv.py's kernels with the row scales and gives the layer path's greedy tokens."""
+    gemv.py's kernels with the row scales and gives the layer path's greedy tokens; with
+    gemv.E4M3_FP16 a bf16 model's full-K kernels multiply in fp16 and give them too."""
     from localsgl_kernels import gemv as G
     from localsgl_kernels import quant_gemv as QG
 
     monkeypatch.setattr(QG, "DENSE_FP8", True)
+    monkeypatch.setattr(G, "E4M3_FP16", f16)
     calls = []
     for name in ("gemv", "norm_gate_up", "norm_qkv"):
         real = getattr(G, name)
         monkeypatch.setattr(G, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     g = torch.Generator().manual_seed(13)
     prompts = [torch.randint(0, 95, (7,), generator=g).tolist()]
-    model = _quantized_model([WeightFormat("fp8", 0, True)])
+    model = _quantized_model([WeightFormat("fp8", 0, True)], torch.bfloat16 if f16 else torch.float32)
     plain, _ = _generate(model, "triton", False, prompts, monkeypatch)
     calls.clear()
+    f16_flags = _record_launches(monkeypatch, G, "_norm_gate_up_fullk_kernel", lambda a, k: k["F16"])
     fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch)
     assert fused == plain and n_fused >= 5
     assert {"gemv", "norm_gate_up", "norm_qkv"} <= set(calls)
+    assert f16_flags and set(f16_flags) == {f16}
 
 
 def test_attention_writes_o_proj_int8_activations(monkeypatch):
