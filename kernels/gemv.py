@@ -125,7 +125,8 @@ def _operand(n, W, X, F16: tl.constexpr):
     """The full-K tiles' x operand and the factor their sums take back: (n, 1), or with F16 for e4m3
     weights under 16-bit activations n in fp16, scaled by a power of two that puts its largest
     |value| in [4, 8) (fp32 activations keep the fp32 sums)."""
-    E4M3_X16: tl.constexpr = F16 and W.dtype.element_ty.is_fp8e4nv() and X.dtype.element_ty.primitive_bitwidth == 16
+    E4M3_X16: tl.constexpr = (F16 and W.dtype.element_ty.is_fp8e4nv() and X.dtype.element_ty.primitive_bitwidth == 16
+                              and n.shape[0] >= 16)  # _dot sums runs of 16
     if E4M3_X16:
         amax = tl.max(tl.abs(n), 0)
         e = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 3), 253)  # biased exponent
