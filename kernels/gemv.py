@@ -141,12 +141,10 @@ def _operand(n, W, X, F16: tl.constexpr):
 
 @triton.jit
 def _dot(w, n, xs):
-    """tile · n: [BLOCK_R] fp32.  An e4m3 tile times an fp16 n (``_operand`` with F16) is widened to
-    fp16 pairs, as the hardware converts e4m3, and multiplied with n's fp16 pairs in packed fp16
-    FMAs, eight products a lane, before the fp32 sum: widening each weight to fp32 instead costs
-    a conversion, a widening and an FMA a weight.  The products stay in range (|w| <= 448,
-    |n| < 8: sums of eight < 2^15) and keep 11 bits, more than the bf16 rounding of the unfused
-    path's activations."""
+    """tile · n: [BLOCK_R] fp32.  An e4m3 tile times an fp16 n (``_operand`` with F16): fp16 pairs, as
+    the hardware converts e4m3, in packed FMAs, eight products a lane, then the fp32 sum (widening
+    each weight to fp32 costs a conversion, a widening and an FMA a weight).  The sums of eight stay
+    below 2^15 (|w| <= 448, |n| < 8) and keep 11 bits, more than the unfused path's bf16 activations."""
     E4M3_X16: tl.constexpr = w.dtype.is_fp8e4nv() and n.dtype == tl.float16
     if E4M3_X16:
         R: tl.constexpr = w.shape[0]
@@ -250,7 +248,8 @@ def _norm_qkv_fullk_kernel(
         wa = _tile(W, stride_w, rows_a, offs, mask)
         wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
         c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
-        _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
+        _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE),
+                      _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
                       head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV,
                       D, HAS_BIAS)
 
@@ -505,7 +504,8 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
                 BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
-            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), F16=E4M3_FP16, **_row_scales(scales), **meta)
+            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), F16=E4M3_FP16, **_row_scales(scales),
+            **meta)
     else:
         _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **_row_scales(scales), **meta)
     return q, r_out.view(1, K)
