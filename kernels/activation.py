@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
+
 
 @triton.jit
 def _silu_and_mul_kernel(X, Y, I, stride_x, stride_y, BLOCK: tl.constexpr):
@@ -39,5 +41,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = min(2048, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](
             x2, y, inter, x2.stride(0), y.stride(0), BLOCK=block, num_warps=4 if block <= 1024 else 8,
+            **FMA,
         )
     return y.view(*shape[:-1], inter)

@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
 from .pdl import launch_options, release_successor_then_wait, wait_for_predecessor
 from .quant_words import _store_int8, zero_share
 
@@ -526,6 +527,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
             G=G, HEAD_DIM=D, MAX_ROWS=R, BLOCK_M=max(16, triton.next_power_of_2(R * G)),
             BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, PREFIX_SPLITS=PREFIX_SPLITS, MIN_CHUNK=min_chunk, KV_FP8=kv_fp8,
             num_warps=4, num_stages=2, **pdl,
+            **FMA,
         )
         start, pos = groups.start, groups.pos
     else:
@@ -544,6 +546,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix, EARLY_KV=small, KV_FP8=kv_fp8,
         num_warps=4, num_stages=2, **pdl,
+        **FMA,
     )
     int8 = {}
     if int8_row is not None and B == 1 and BLOCK_D == D and D % (4 * int8_row.E) == 0 \
@@ -562,6 +565,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk,
         HAS_PREFIX=has_prefix, PREFIX_SPLITS=PREFIX_SPLITS, RELEASE_EARLY=small and STAGE2_RELEASES_EARLY,
         num_warps=4 if BLOCK_D * num_splits >= 2048 else 2, **int8, **pdl,
+        **FMA,
     )
     return out
 

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
+
 LOG2E = 1.4426950408889634
 
 
@@ -308,6 +310,7 @@ def extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix
         V_EARLY=cfg.v_early, KV_FP8=kv_fp8, EXP16=exp16_applies(cfg, q),
         OFFS32=cfg.offs32 and _fits_int32(k_cache, v_cache, k_scale, v_scale), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **FMA,
     )
     return out
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .kv_store import _round_to_e4m3
+from .options import FMA
 
 E4M3_MAX = 448.0
 
@@ -49,7 +50,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     if M:
         block = min(2048, triton.next_power_of_2(K))
-        _fp8_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        _fp8_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), BLOCK=block, num_warps=8 if block >= 2048 else 4, **FMA)
     return q, s
 
 

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
 from .pdl import launch_options, wait_for_predecessor
 
 
@@ -505,9 +506,9 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), F16=E4M3_FP16, **_row_scales(scales),
-            **meta)
+            **meta, **FMA)
     else:
-        _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **_row_scales(scales), **meta)
+        _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **_row_scales(scales), **meta, **FMA)
     return q, r_out.view(1, K)
 
 
@@ -533,11 +534,11 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     if cfg.programs_per_sm:
         _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
-            K_PAD=triton.next_power_of_2(K), F16=E4M3_FP16, **_row_scales(scales), **meta)
+            K_PAD=triton.next_power_of_2(K), F16=E4M3_FP16, **_row_scales(scales), **meta, **FMA)
     else:
         _norm_gate_up_kernel[(blocks,)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
-            HAS_RES=True, BLOCK_K=cfg.block_k, **_row_scales(scales), **meta)
+            HAS_RES=True, BLOCK_K=cfg.block_k, **_row_scales(scales), **meta, **FMA)
     return out, r_out.view(1, K)
 
 
@@ -562,10 +563,10 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
         blocks = N // cfg.block_r
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead,
-            F16=E4M3_FP16, **_row_scales(scales), **meta)
+            F16=E4M3_FP16, **_row_scales(scales), **meta, **FMA)
     else:
         _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k,
-                                                 **_row_scales(scales), **meta)
+                                                 **_row_scales(scales), **meta, **FMA)
     return out
 
 

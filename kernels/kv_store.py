@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
+
 FP8_MAX = tl.constexpr(448.0)
 FP8_MIN_SCALE = tl.constexpr(1e-12)
 
@@ -101,4 +103,5 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, loc: torch.Tensor, k:
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         H, D,
         BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8, num_warps=4 if block_h * block_d >= 2048 else 2,
+        **FMA,
     )

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
 from .quant_gemm import tuned_rows
 from .quant_gemv import _sum_splits_kernel
 from .quant_tiles import lookup
@@ -146,7 +147,7 @@ def prepare(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, to
     xq = torch.empty((M, K), dtype=torch.int8, device=x.device)
     dx = torch.empty((M, ng), dtype=torch.float32, device=x.device)
     xsum = torch.empty((M, ng), dtype=torch.float32, device=x.device)
-    _prep_a8_kernel[(ng // gb, M)](x, xq, dx, xsum, K, ng, x.stride(0), GROUP=group, GB=gb, num_warps=4)
+    _prep_a8_kernel[(ng // gb, M)](x, xq, dx, xsum, K, ng, x.stride(0), GROUP=group, GB=gb, num_warps=4, **FMA)
     return xq, dx, xsum
 
 
@@ -167,8 +168,8 @@ def matmul(x: torch.Tensor, w, config: Config, out_dtype=None) -> torch.Tensor:
         xq, dx, xsum, w.qweight, w.scales, w.mins if w.mins is not None else w.scales, out, M, N, K, ng,
         w.qweight.stride(0), w.scales.stride(0), N if split > 1 else y.stride(0),
         GROUP=w.group, SYM=w.mins is None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        SWAP_AB=bool(config.swap_ab), SPLIT=split, num_warps=config.num_warps, num_stages=config.num_stages)
+        SWAP_AB=bool(config.swap_ab), SPLIT=split, num_warps=config.num_warps, num_stages=config.num_stages, **FMA)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, SPLIT=split, BLOCK=1024, PDL=False,
-                                                         num_warps=4)
+                                                         num_warps=4, **FMA)
     return y

@@ -64,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
 from .quant_bytes import group_params, nibbles
 from .quant_gemv import _KIND, _sum_splits_kernel, row_scaled
 from .quant_tiles import lookup_entry
@@ -447,10 +448,10 @@ def gemm(x: torch.Tensor, w, config: Config | None = None, out_dtype=None) -> to
         SCALE_AFTER=scale_after, BIAS_BITS=bias_bits, SWAP_AB=bool(cfg.swap_ab), WORDS=words,
         ASM=(words or half_math) and x.device.type == "cuda", SPLIT=split,
         WIDE=bool(cfg.wide) and not (scale_after or words or half_math), HALF_MATH=half_math,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FMA)
     if split > 1:  # one launch sums the slices in order into y's dtype
         _sum_splits_kernel[(triton.cdiv(M * N, 1024),)](out, y, M * N, SPLIT=split, BLOCK=1024, PDL=False,
-                                                         num_warps=4)
+                                                         num_warps=4, **FMA)
     return y
 
 
@@ -504,7 +505,7 @@ def dequantize(w, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor
     mn = w.mins[start:stop] if w.mins is not None else sc
     _dequant_kernel[(triton.cdiv(n, 32), K // bk)](
         qw, sc, mn, out, n, K, qw.stride(0), sc.stride(0), out.stride(0),
-        KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, BLOCK_N=32, BLOCK_K=bk, num_warps=4)
+        KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, BLOCK_N=32, BLOCK_K=bk, num_warps=4, **FMA)
     return out
 
 

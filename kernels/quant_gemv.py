@@ -41,6 +41,7 @@ import triton.language as tl
 
 from . import gemv as G
 from .gemv import _cos_sin, _qkv_epilogue, _silu_mul
+from .options import FMA
 from .pdl import launch_options, wait_for_predecessor
 from .quant_bytes import _qstream_groups
 from .quant_tiles import lookup
@@ -388,10 +389,10 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
                   if meta["PREP"] else (xr, xr))
     _qgemv_kernel[(N // (2 * cfg.block_r), split)](
         xp, xs, qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, ATOMIC=atomic,
-        **meta)
+        **meta, **FMA)
     if split > 1 and not atomic:
         _sum_splits_kernel[(triton.cdiv(N, 1024),)](part, out, N, SPLIT=split, BLOCK=1024, num_warps=4,
-                                                     **launch_options(x.device))
+                                                     **launch_options(x.device), **FMA)
     return out
 
 
@@ -421,7 +422,7 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
         xr, rr = prepare_activations(w, xr, rr, norm_w, eps, r_out, cfg.block_k, int8=meta["PREP"] == 2)
     _qnorm_gate_up_kernel[(I // cfg.block_r,)](
         xr, rr, norm_w, r_out, qw, w.scales, _mins(w), out, K, I, eps,
-        stride_q, w.scales.stride(0), **meta)
+        stride_q, w.scales.stride(0), **meta, **FMA)
     return out, r_out.view(1, K)
 
 
@@ -525,6 +526,6 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
             K, eps, stride_q, b.scales.stride(0), cos_sin.stride(0), k_cache.stride(0), k_cache.stride(1),
             v_cache.stride(0), v_cache.stride(1), head0, K if head0 == 0 else 0,
             x2, r2, qw2, b2.scales, _mins(b2), stride_q2, b2.scales.stride(0), na, nb,
-            HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None, **meta)
+            HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None, **meta, **FMA)
         head0 += rows // D
     return q, r_out.view(1, K)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from . import quant_gemv as QG
+from .options import FMA
 from .quant_tiles import lookup
 from .quant_words import _dp4a, _store_int8, values_a_word
 
@@ -211,7 +212,7 @@ def prepare(x: torch.Tensor, w, block_k: int) -> tuple[torch.Tensor, torch.Tenso
         block //= 2
     xq = torch.empty((M, K // 4), dtype=torch.int32, device=x.device)
     xs = torch.empty((M, 2 * (K // (4 * E))), dtype=torch.float32, device=x.device)
-    _prep_rows_kernel[(K // block, M)](x, xq, xs, K, x.stride(0), E=E, BK=block_k, BLOCK=block, num_warps=4)
+    _prep_rows_kernel[(K // block, M)](x, xq, xs, K, x.stride(0), E=E, BK=block_k, BLOCK=block, num_warps=4, **FMA)
     return xq, xs
 
 
@@ -231,5 +232,5 @@ def matmul(x: torch.Tensor, w, config: Config, out_dtype=None) -> torch.Tensor:
         w.qweight.stride(0) // 4, w.scales.stride(0), y.stride(0),
         KIND=1 if w.fmt.kind == "int4" else 0, LOG2G=0 if row_scale else w.group.bit_length() - 1,
         SYM=w.mins is None, ROW_SCALE=row_scale, MP=_bucket(M), BLOCK_R=config.block_r, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **FMA)
     return y

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
 from .pdl import launch_options, wait_for_predecessor
 
 
@@ -570,5 +571,5 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None
         NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, BK=block_k, XP2=xp2, XS2=xs2, E2=E2,
         BK2=second[1] if second is not None else 1024, INT8=int8, Z=zero if zero is not None else xs,
         NZ=zero.numel() if zero is not None else 0, ZERO=zero is not None, num_warps=8 if block >= 4096 else 4,
-        **launch_options(x.device))
+        **launch_options(x.device), **FMA)
     return (xp, xs, xp2, xs2) if E2 else (xp, xs)

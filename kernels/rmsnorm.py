@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
+
 MAX_FUSED_H = 16384  # rows up to this width stay in registers
 
 
@@ -102,6 +104,7 @@ def _launch(x2, r2, w, y2, ro2, eps):
         x2.stride(0), (r2 if has_res else x2).stride(0), y2.stride(0), (ro2 if has_res else y2).stride(0),
         eps,
         HAS_RES=has_res, BLOCK_R=block_r, BLOCK_H=block_h, SINGLE=single, num_warps=num_warps,
+        **FMA,
     )
 
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
+
 
 @triton.jit
 def _rotate(X, t, pos_c, pos_s, stride_t, stride_h, H, half, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
@@ -77,5 +79,6 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
         HQ, HK, half, cos_sin.shape[0],
         BLOCK_HQ=bhq, BLOCK_HK=bhk, BLOCK_HALF=bhalf,
         num_warps=4 if bhq * bhalf >= 1024 else 2,
+        **FMA,
     )
     return q, k

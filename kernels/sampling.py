@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
 from .pdl import launch_options, wait_for_predecessor
 
 NT = 4  # thresholds per bisection round (a power of two): ~2.3 bits per pass
@@ -212,6 +213,7 @@ def filtered_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
         logits, temperature, top_k, top_p, min_p, noise, out,
         V, logits.stride(0), noise.stride(0),
         BLOCK=block, NTH=NT, MAX_R=MAX_ROUNDS, num_warps=8,
+        **FMA,
     )
     return out
 
@@ -255,6 +257,7 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, prompt_mask: tor
         logits, counts, prompt_mask, repetition.reshape(-1), frequency.reshape(-1), presence.reshape(-1),
         V, logits.stride(0), counts.stride(0), prompt_mask.stride(0),
         BLOCK=block, num_warps=4,
+        **FMA,
     )
     return logits
 
@@ -310,7 +313,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     part_i = torch.empty((B, C), dtype=torch.int32, device=logits.device)
     pdl = launch_options(logits.device)
     _argmax_chunk_kernel[(B, C)](logits, part_v, part_i, V, logits.stride(0), C, CHUNK=chunk, BLOCK=block,
-                                 num_warps=4, **pdl)
+                                 num_warps=4, **pdl, **FMA)
     _argmax_merge_kernel[(B,)](part_v, part_i, out, V, C, C_PAD=max(16, triton.next_power_of_2(C)), num_warps=1,
-                               **pdl)
+                               **pdl, **FMA)
     return out

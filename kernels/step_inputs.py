@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import FMA
+
 
 @triton.jit(do_not_specialize=["B"])
 def _decode_inputs_kernel(Raw, Prev, Pos, Slots, Rows, Table, Ids, SeqLens, B, stride_t, BLOCK: tl.constexpr):
@@ -43,6 +45,7 @@ def decode_inputs(raw, prev, positions, slots, rows, table, ids_out, seq_lens_ou
     _decode_inputs_kernel[(triton.cdiv(B, 128),)](
         raw, prev, positions, slots, rows, table, ids_out, seq_lens_out, B, table.stride(0), BLOCK=128,
         num_warps=4,
+        **FMA,
     )
 
 

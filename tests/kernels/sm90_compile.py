@@ -38,6 +38,8 @@ def _compile(spec: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from localsgl_kernels.options import FMA  # as every launch compiles them
+
     mod, name = spec["kernel"].split(":")
     fn = getattr(importlib.import_module(mod), name)
     constexprs, pointers, scalars = spec["constexprs"], spec["pointers"], spec.get("scalars", {})
@@ -57,7 +59,8 @@ def _compile(spec: dict) -> dict:
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2)})
+                           options={"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2),
+                                    **FMA})
     except Exception as e:  # noqa: BLE001  (reported to the test)
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[-3000:], "ptx_has": {}}
     ptx = k.asm["ptx"]

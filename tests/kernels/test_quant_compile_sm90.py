@@ -220,9 +220,10 @@ def _specs():
         spec = specs[f"fp8 row full-K {key}"]
         specs[f"fp8 row full-K {key} fp16 products"] = dict(spec, constexprs=dict(spec["constexprs"], F16=True),
                                                             ptx_needles=["fma.rn.f16x2"])
-    specs["fp8 row K-loop gemv"] = dict(
+    specs["fp8 row K-loop gemv"] = dict(  # fma.rn.f32: compiled with options.FMA, its products and sums contract
         kernel="localsgl_kernels.gemv:_gemv_kernel", pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"),
-        div16=["K"], constexprs=dict(BLOCK_R=8, BLOCK_K=1024, PDL=True, ROW_SCALE=True), num_warps=8)
+        div16=["K"], constexprs=dict(BLOCK_R=8, BLOCK_K=1024, PDL=True, ROW_SCALE=True), num_warps=8,
+        ptx_needles=["fma.rn.f32"])
     # fp8 e4m3 rows for torch._scaled_mm (fp8 prefill and batches): the correctly rounded division
     specs["fp8 rows"] = dict(kernel="localsgl_kernels.fp8_rows:_fp8_rows_kernel",
                              pointers=dict(X="*bf16", Q="*fp8e4nv", S="*fp32"), div16=["K", "stride_x", "stride_q"],
@@ -294,3 +295,7 @@ def test_quant_kernels_compile_for_sm90():
         # swapped: the warpgroup MMA at 16 rows too, the dequantized weight its register operand
         if "swap_ab" in name:
             assert r["sass_has"]["HGMMA"] and r["ptx_has"][reg_a], f"{name}: no register-A wgmma"
+        # no register spills (a stack frame): a kernel held under its register need ran 1.4-2x slower
+        # (bench/RESULTS.md, "2026-12-04 (twentieth session)")
+        if r["resources"] is not None:
+            assert "STACK:0 " in r["resources"] + " ", f"{name}: spills registers ({r['resources']})"
