@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import pytest
 import torch
@@ -59,14 +60,17 @@ def prefill_logits(model, token_ids: list[int], backend: str = "torch", chunks: 
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Plain greedy decoding with transformers' KV cache, EOS not special (like ignore_eos)."""
+    """Plain greedy decoding with transformers' KV cache, EOS not special (like ignore_eos).  The
+    cache's argument and output field are ``cache`` in newer transformers, ``past_key_values`` before
+    (the old name is deprecated there, and goes in 5.40)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = []
     with torch.no_grad():
         res = model(torch.tensor([ids], device=model.device), use_cache=True)
         for _ in range(n):
             tok = int(res.logits[0, -1].argmax())
             out.append(tok)
-            res = model(torch.tensor([[tok]], device=model.device), past_key_values=res.past_key_values, use_cache=True)
+            res = model(torch.tensor([[tok]], device=model.device), **{name: getattr(res, name)}, use_cache=True)
     return out
 
 
