@@ -151,6 +151,20 @@ def test_row_scaled_fp8(cfg, dtype, f16, monkeypatch):
         assert (err > 1e-6) == fp16_x  # the fp16 route ran where it should: fp32 sums are exact to ~1e-7
 
 
+def test_fp16_products_need_16_columns(monkeypatch):
+    """With G.E4M3_FP16 on, a row narrower than the fp16 route's runs of 16 keeps the fp32 sums
+    (exact for bf16 x and e4m3 weights), and a row of 16 takes the fp16 route."""
+    monkeypatch.setattr(G, "E4M3_FP16", True)
+    g = gen(9)
+    for k, fp16 in ((8, False), (16, True)):
+        x = randn(1, k, g=g, dtype=torch.bfloat16)
+        w = (torch.randn(8, k, generator=g) * 3).to(DEV).to(torch.float8_e4m3fn)
+        s = torch.ones(8, device=DEV)
+        y = G.gemv(x, w, config=G.Config(4, 0, 4, 1, 1), scales=s, out_dtype=torch.float32)
+        err = rel_err(y, x.double() @ w.double().t())
+        assert (err > 1e-6) == fp16 and err < 1e-3, (k, err)
+
+
 def test_support_checks():
     dev = "cuda" if ON_GPU else "cpu"
     assert not G.norm_qkv_supported(32, 8, 128, 4096, 64, dev)  # partial rotary

@@ -219,7 +219,7 @@ def _specs():
     for key in ("gate_up", "qkv", "gemv"):  # the e4m3 x fp16 products (gemv.E4M3_FP16)
         spec = specs[f"fp8 row full-K {key}"]
         specs[f"fp8 row full-K {key} fp16 products"] = dict(spec, constexprs=dict(spec["constexprs"], F16=True),
-                                                            ptx_needles=["fma.rn.f16x2"])
+                                                            ptx_needles=["fma.rn.f16x2"], sass_mix=True)
     specs["fp8 row K-loop gemv"] = dict(  # fma.rn.f32: compiled with options.FMA, its products and sums contract
         kernel="localsgl_kernels.gemv:_gemv_kernel", pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"),
         div16=["K"], constexprs=dict(BLOCK_R=8, BLOCK_K=1024, PDL=True, ROW_SCALE=True), num_warps=8,
@@ -295,6 +295,9 @@ def test_quant_kernels_compile_for_sm90():
         # swapped: the warpgroup MMA at 16 rows too, the dequantized weight its register operand
         if "swap_ab" in name:
             assert r["sass_has"]["HGMMA"] and r["ptx_has"][reg_a], f"{name}: no register-A wgmma"
+        # the fp16 products as packed FMAs in the SASS too (counted as scripts/sass_mix.py counts them)
+        if name.endswith("fp16 products"):
+            assert r["sass_mix"].get("HFMA2", 0) >= 32, f"{name}: {r['sass_mix']}"
         # no register spills (a stack frame): a kernel held under its register need ran 1.4-2x slower
         # (bench/RESULTS.md, "2026-12-04 (twentieth session)")
         if r["resources"] is not None:
