@@ -165,6 +165,44 @@ def test_fp16_products_need_16_columns(monkeypatch):
         assert (err > 1e-6) == fp16 and err < 1e-3, (k, err)
 
 
+@pytest.mark.parametrize("kind", ["gemv", "gate_up", "qkv"])
+def test_fp16_products_every_full_k_tile(kind, monkeypatch):
+    """The e4m3 x fp16 route (G.E4M3_FP16) against fp64 in every full-K tile shape a config can
+    ask for: 1-8 rows, 1-8 warps, K from one run of 16 to Llama's 4,096 on the GPU, so a layout
+    that holds one or two columns a thread is covered as well as the tuned tiles.  Failures are
+    collected and named together (shape, error)."""
+    monkeypatch.setattr(G, "E4M3_FP16", True)
+    g = gen(11)
+    hq, hkv, d = 4, 2, 32
+    bad = []
+    for k in (16, 64, 256) + ((4096,) if ON_GPU else ()):
+        x, res, nw = randn(1, k, g=g, dtype=torch.bfloat16), randn(1, k, g=g, dtype=torch.bfloat16), randn(k, g=g)
+        rows = (hq + 2 * hkv) * d if kind == "qkv" else 2 * 48
+        w = (torch.randn(rows, k, generator=g) * 3).to(DEV).to(torch.float8_e4m3fn)
+        s = (torch.rand(rows, generator=g) * 0.05 + 0.01).to(DEV)
+        w64 = w.double() * s.double()[:, None]
+        for r in (1, 2, 4, 8):
+            for warps in (1, 2, 4, 8) if ON_GPU else (4,):
+                cfg = G.Config(r, 0, warps, 1, 2)
+                if kind == "gemv":
+                    err, bound = rel_err(G.gemv(x, w, config=cfg, scales=s, out_dtype=torch.float32),
+                                         x.double() @ w64.t()), 1e-3
+                elif kind == "gate_up":
+                    ref, _ = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, w64)
+                    err, bound = rel_err(G.norm_gate_up(x, res, nw, 1e-6, w, config=cfg, scales=s)[0], ref), 2**-7
+                else:
+                    cs = torch.randn(10, d, generator=g).to(DEV)
+                    pos, loc = torch.tensor([3], device=DEV), torch.tensor([1], device=DEV)
+                    kc, vc = (torch.zeros(2, hkv, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+                    rq, rk, rv, _ = G.norm_qkv_ref(x.double(), res.double(), nw.double(), 1e-6, w64, None,
+                                                   cs.double(), pos, hq, hkv)
+                    q, _ = G.norm_qkv(x, res, nw, 1e-6, w, None, cs, pos, loc, kc, vc, hq, hkv, config=cfg, scales=s)
+                    err, bound = max(rel_err(q, rq), rel_err(kc[1], rk[0]), rel_err(vc[1], rv[0])), 2**-7
+                if not err < bound:
+                    bad.append((f"K={k} rows={r} warps={warps}", f"{err:.3g}"))
+    assert not bad, bad
+
+
 def test_support_checks():
     dev = "cuda" if ON_GPU else "cpu"
     assert not G.norm_qkv_supported(32, 8, 128, 4096, 64, dev)  # partial rotary
