@@ -390,10 +390,13 @@ _CUDA_FULLK = {"qkv": (4, 2, 8, 1), "gate_up": (4, 16, 8, 1), "gemv": (4, 2, 16,
 _CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 16, 8, 1), "gemv": (8, 4, 4, 1), "lm_head": (8, 16, 8, 1)}
 _CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
 # The full-K tiles' e4m3 x fp16 products (``_dot``): the route of an fp8 model's batch-1 GEMVs under
-# bf16/fp16 activations when True.  Off until timed on a GPU (scripts/bench_quant.py's ``fp8-f16``
-# against ``fp8``): compiled for sm_90 the kernels hold 8-22 % fewer instructions, without spills
-# (scripts/sass_mix.py; bench/RESULTS.md, "2026-12-04 (twenty-first session)").
-E4M3_FP16 = False
+# bf16/fp16 activations.  On an H200 it took fp8 batch 1 from 2.547 to 2.452 ms a token
+# (bench/RESULTS.md, "2026-12-05 (twenty-second session)").  False: fp32 products everywhere.
+E4M3_FP16 = True
+# Columns each thread must hold for those products: Triton 3.6 miscompiled the fp16 pairs' reshape
+# where a tile gave each thread exactly one column (wrong sums on an H200; tests/kernels/test_gemv.py
+# sweeps the shapes), so a tile takes the route only when each thread holds a whole run of 16.
+F16_COLUMNS_PER_THREAD = 16
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
@@ -440,6 +443,13 @@ def _fits(cfg: Config | None, K: int) -> bool:
     if cfg is None:
         return False
     return triton.next_power_of_2(K) <= FULLK_MAX if cfg.programs_per_sm else K % cfg.block_k == 0
+
+
+def fp16_products(cfg: Config, K: int) -> bool:
+    """Whether a full-K tile of ``cfg`` over K columns asks for the e4m3 x fp16 products (the
+    kernel also needs e4m3 weights and 16-bit activations)."""
+    threads = 32 * cfg.num_warps
+    return E4M3_FP16 and cfg.block_r * triton.next_power_of_2(K) >= F16_COLUMNS_PER_THREAD * threads
 
 
 def _row_scales(scales) -> dict:
@@ -505,7 +515,8 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
                 BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
-            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), F16=E4M3_FP16, **_row_scales(scales),
+            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), F16=fp16_products(cfg, K),
+            **_row_scales(scales),
             **meta, **FMA)
     else:
         _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **_row_scales(scales), **meta, **FMA)
@@ -534,7 +545,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     if cfg.programs_per_sm:
         _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
-            K_PAD=triton.next_power_of_2(K), F16=E4M3_FP16, **_row_scales(scales), **meta, **FMA)
+            K_PAD=triton.next_power_of_2(K), F16=fp16_products(cfg, K), **_row_scales(scales), **meta, **FMA)
     else:
         _norm_gate_up_kernel[(blocks,)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
@@ -563,7 +574,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
         blocks = N // cfg.block_r
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead,
-            F16=E4M3_FP16, **_row_scales(scales), **meta, **FMA)
+            F16=fp16_products(cfg, K), **_row_scales(scales), **meta, **FMA)
     else:
         _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k,
                                                  **_row_scales(scales), **meta, **FMA)

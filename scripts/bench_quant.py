@@ -1,12 +1,12 @@
 """Quantized decode on the GPU in one command: batch-1 decode ms/token (256 in / 256 out) and
 64 x (512 in / 128 out) decode tok/s for each weight format, random Llama-3.1-8B weights.
 
-    python scripts/bench_quant.py [--formats bf16 int4 int8 fp8 fp8-bytes fp8-f16] [--gguf FILE ...] [--model llama-3.1-8b]
+    python scripts/bench_quant.py [--formats bf16 int4 int8 fp8 fp8-bytes fp8-f32] [--gguf FILE ...] [--model llama-3.1-8b]
                                   [--gpu-memory 8GiB] [--runs 3] [--long-context 32768 [--long-formats bf16]]
 
 ``fp8-bytes``: fp8 with its batch-1 GEMVs on quant_gemv's byte tiles instead of the dense
-full-K kernels (quant_gemv.DENSE_FP8 off; ``fp8`` is the default route); ``fp8-f16``: fp8 with the full-K
-kernels' e4m3 x fp16 products (gemv.E4M3_FP16 on).
+full-K kernels (quant_gemv.DENSE_FP8 off; ``fp8`` is the default route); ``fp8-f32``: fp8 with the full-K
+kernels' fp32 products instead of their e4m3 x fp16 ones (gemv.E4M3_FP16 off).
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
 (e.g. /tmp/peer/q4km.gguf from shared/peer/build_llamacpp.sh, for the side-by-side with
@@ -87,18 +87,18 @@ def main() -> int:
     p.add_argument("--long-context", type=int, default=0, help="also batch-1 decode after this many prompt tokens")
     p.add_argument("--long-formats", nargs="*", default=["bf16"])
     a = p.parse_args()
-    # 64: the largest batch here; in this process: fp8-bytes / fp8-f16 set flags of the kernels modules it imported
+    # 64: the largest batch here; in this process: fp8-bytes / fp8-f32 set flags of the kernels modules it imported
     base = dict(device="cuda", dtype="bfloat16", gpu_memory=a.gpu_memory, max_running=64, in_process=True)
     rows = []
     for fmt in a.formats:
         kw = dict(base, model=a.model, load_format="dummy")
         if fmt != "bf16":
-            kw.update(quantization=fmt.removesuffix("-bytes").removesuffix("-f16"), weights="keep")
+            kw.update(quantization=fmt.removesuffix("-bytes").removesuffix("-f32"), weights="keep")
         from localsgl_kernels import gemv, quant_gemv
 
         defaults = quant_gemv.DENSE_FP8, gemv.E4M3_FP16
         quant_gemv.DENSE_FP8 = fmt != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
-        gemv.E4M3_FP16 = fmt == "fp8-f16" or defaults[1]
+        gemv.E4M3_FP16 = fmt != "fp8-f32" and defaults[1]
         try:
             rows.append(run(fmt, kw, a.runs))
         except Exception as e:  # keep going: one failure must not hide the other figures

@@ -121,10 +121,11 @@ def test_row_scaled_fp8(cfg, dtype, f16, monkeypatch):
     """e4m3 weights with one scale per row (an fp8 model's batch-1 route) through the three kernels in
     both program shapes: each sum scaled by its row's scale.  The K-loop tiles and fp32 activations
     sum in fp32; with G.E4M3_FP16 the full-K tiles under 16-bit activations multiply e4m3 pairs by x
-    in fp16 (gemv._dot), whose rounding the fp32 products of the plain GEMV bound at 1e-3."""
+    in fp16 (gemv._dot), whose rounding the fp32 products of the plain GEMV bound at 1e-3.  K = 512:
+    the 4-row full-K tile is wide enough for that route (G.fp16_products), the 2-row one is not."""
     monkeypatch.setattr(G, "E4M3_FP16", f16)
     g = gen(5)
-    hq, hkv, d, h = 4, 2, 32, 64
+    hq, hkv, d, h = 4, 2, 32, 512
     x, res, nw = randn(1, h, g=g, dtype=dtype), randn(1, h, g=g, dtype=dtype), randn(h, g=g, dtype=dtype)
     cs = torch.randn(10, d, generator=g).to(DEV)
     pos, loc = torch.tensor([3], device=DEV), torch.tensor([1], device=DEV)
@@ -135,7 +136,7 @@ def test_row_scaled_fp8(cfg, dtype, f16, monkeypatch):
         s = (torch.rand(n, generator=g) * 0.05 + 0.01).to(DEV)
         return w8, s, w8.double() * s.double()[:, None]
 
-    fp16_x = f16 and cfg.programs_per_sm > 0 and dtype != torch.float32
+    fp16_x = cfg.programs_per_sm > 0 and G.fp16_products(cfg, h) and dtype != torch.float32
     out_bound = 1e-5 if dtype == torch.float32 else 2**-7  # outputs in the activations' dtype
     wq, sq, rq64 = e4m3((hq + 2 * hkv) * d)
     rq, rk, rv, _ = G.norm_qkv_ref(x.double(), res.double(), nw.double(), 1e-6, rq64, None, cs.double(), pos, hq, hkv)
@@ -153,14 +154,17 @@ def test_row_scaled_fp8(cfg, dtype, f16, monkeypatch):
 
 def test_fp16_products_need_16_columns(monkeypatch):
     """With G.E4M3_FP16 on, a row narrower than the fp16 route's runs of 16 keeps the fp32 sums
-    (exact for bf16 x and e4m3 weights), and a row of 16 takes the fp16 route."""
+    (exact for bf16 x and e4m3 weights), as does a tile that gives a thread fewer than 16 columns
+    (G.fp16_products); 32 rows of 16 on one warp take the fp16 route."""
     monkeypatch.setattr(G, "E4M3_FP16", True)
     g = gen(9)
-    for k, fp16 in ((8, False), (16, True)):
+    for k, rows, fp16 in ((8, 64, False), (16, 16, False), (16, 32, True)):
+        cfg = G.Config(rows, 0, 1, 1, 1)
+        assert G.fp16_products(cfg, k) == (rows * k >= 512)  # the kernel alone refuses k = 8
         x = randn(1, k, g=g, dtype=torch.bfloat16)
-        w = (torch.randn(8, k, generator=g) * 3).to(DEV).to(torch.float8_e4m3fn)
-        s = torch.ones(8, device=DEV)
-        y = G.gemv(x, w, config=G.Config(4, 0, 4, 1, 1), scales=s, out_dtype=torch.float32)
+        w = (torch.randn(rows, k, generator=g) * 3).to(DEV).to(torch.float8_e4m3fn)
+        s = torch.ones(rows, device=DEV)
+        y = G.gemv(x, w, config=cfg, scales=s, out_dtype=torch.float32)
         err = rel_err(y, x.double() @ w.double().t())
         assert (err > 1e-6) == fp16 and err < 1e-3, (k, err)
 
@@ -170,7 +174,9 @@ def test_fp16_products_every_full_k_tile(kind, monkeypatch):
     """The e4m3 x fp16 route (G.E4M3_FP16) against fp64 in every full-K tile shape a config can
     ask for: 1-8 rows, 1-8 warps, K from one run of 16 to Llama's 4,096 on the GPU, so a layout
     that holds one or two columns a thread is covered as well as the tuned tiles.  Failures are
-    collected and named together (shape, error)."""
+    collected and named together (shape, error).  Triton 3.6 on an H200 summed wrongly where a tile
+    gave each thread exactly one column; those tiles keep the fp32 products (G.fp16_products),
+    which the plain GEMV's error shows (the fp32 sums are exact to ~1e-7)."""
     monkeypatch.setattr(G, "E4M3_FP16", True)
     g = gen(11)
     hq, hkv, d = 4, 2, 32
@@ -198,6 +204,8 @@ def test_fp16_products_every_full_k_tile(kind, monkeypatch):
                                                    cs.double(), pos, hq, hkv)
                     q, _ = G.norm_qkv(x, res, nw, 1e-6, w, None, cs, pos, loc, kc, vc, hq, hkv, config=cfg, scales=s)
                     err, bound = max(rel_err(q, rq), rel_err(kc[1], rk[0]), rel_err(vc[1], rv[0])), 2**-7
+                if kind == "gemv" and (err > 1e-6) != G.fp16_products(cfg, k):
+                    bad.append((f"K={k} rows={r} warps={warps}", f"route: {err:.3g}"))
                 if not err < bound:
                     bad.append((f"K={k} rows={r} warps={warps}", f"{err:.3g}"))
     assert not bad, bad

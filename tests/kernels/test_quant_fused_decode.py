@@ -14,10 +14,10 @@ from localsgl.engine.layers.quant import QuantizedWeight, RowStack, WeightFormat
 pytestmark = pytest.mark.skipif(ON_GPU, reason="tests/gpu covers the GPU engine")
 
 
-def _quantized_model(formats, dtype=torch.float32):
+def _quantized_model(formats, dtype=torch.float32, hidden=64):
     from tiny import tiny_model
 
-    m = tiny_model(vocab=96, hidden=64, layers=2, heads=4, kv_heads=2, seed=5, dtype=dtype)
+    m = tiny_model(vocab=96, hidden=hidden, layers=2, heads=4, kv_heads=2, seed=5, dtype=dtype)
     mods = [mod for mod in m.modules() if isinstance(mod, Linear)]
     for i, mod in enumerate(mods):
         mod.set_weight(QuantizedWeight.quantize(mod.weight.data, formats[i % len(formats)]))
@@ -124,7 +124,8 @@ def test_fused_fp32_sums_between_layers(monkeypatch):
 def test_fused_fp8_through_the_dense_gemvs(monkeypatch, f16):
     """Every projection fp8 with row scales and quant_gemv.DENSE_FP8 on: the one-token step runs
     gemv.py's kernels with the row scales and gives the layer path's greedy tokens; with
-    gemv.E4M3_FP16 a bf16 model's full-K kernels multiply in fp16 and give them too."""
+    gemv.E4M3_FP16 a bf16 model's full-K kernels multiply in fp16 and give them too (hidden 512, or
+    1,024 for the GPU's 8-warp gate_up tile: each thread needs 16 columns, gemv.fp16_products)."""
     from localsgl_kernels import gemv as G
     from localsgl_kernels import quant_gemv as QG
 
@@ -136,7 +137,8 @@ def test_fused_fp8_through_the_dense_gemvs(monkeypatch, f16):
         monkeypatch.setattr(G, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     g = torch.Generator().manual_seed(13)
     prompts = [torch.randint(0, 95, (7,), generator=g).tolist()]
-    model = _quantized_model([WeightFormat("fp8", 0, True)], torch.bfloat16 if f16 else torch.float32)
+    model = _quantized_model([WeightFormat("fp8", 0, True)], torch.bfloat16 if f16 else torch.float32,
+                             hidden=(1024 if ON_GPU else 512) if f16 else 64)
     plain, _ = _generate(model, "triton", False, prompts, monkeypatch)
     calls.clear()
     f16_flags = _record_launches(monkeypatch, G, "_norm_gate_up_fullk_kernel", lambda a, k: k["F16"])
