@@ -12,7 +12,8 @@ a layer).  These kernels fold them into the weight stream:
 Math: with s = x (+ residual, rounded to the residual dtype like the unfused path) and
 g the norm weight, rmsnorm(s) = s · g · inv, inv = rsqrt(mean(s²) + eps).  inv is one
 scalar per row, so every program accumulates Σ_k W[n,k]·s[k]·g[k] and Σ_k s[k]² in the
-same pass and scales at the end (fp32 throughout, one rounding of each output).
+same pass and scales at the end (fp32 throughout, one rounding of each output; e4m3 weights
+in the full-K tiles multiply in fp16 under 16-bit activations, ``_dot``).
 
 Each program owns two blocks of BLOCK_R weight rows ("a" and "b") and streams them over K:
   * qkv: a = rows d, b = rows d + D/2 of one head, the pairs the neox rotary mixes, so
@@ -459,8 +460,8 @@ def _row_scales(scales) -> dict:
 def row_scaled_fits(rows_per_block: int, K: int, device_type: str, kind: str) -> bool:
     """Whether a weight with one scale per row (fp8 e4m3, quant_gemv routes it here) of this
     shape takes these kernels: the full-K tiles (the fused ones too), or for a plain GEMV also
-    the K-loop ones.  They stream bf16 at copy bandwidth, and an e4m3 tile widens to fp32 as a
-    bf16 one does."""
+    the K-loop ones.  They stream bf16 at copy bandwidth; an e4m3 tile widens to fp32 as a bf16
+    one does, or in a wide full-K tile multiplies in fp16 (``fp16_products``)."""
     cfg = default_config(rows_per_block, K, device_type, kind, elem=1)  # e4m3: one byte a weight
     if cfg is None or not _fits(cfg, K):
         return False
