@@ -446,11 +446,12 @@ def _fits(cfg: Config | None, K: int) -> bool:
     return triton.next_power_of_2(K) <= FULLK_MAX if cfg.programs_per_sm else K % cfg.block_k == 0
 
 
-def fp16_products(cfg: Config, K: int) -> bool:
+def fp16_products(cfg: Config, K: int, allowed: bool = True) -> bool:
     """Whether a full-K tile of ``cfg`` over K columns asks for the e4m3 x fp16 products (the
-    kernel also needs e4m3 weights and 16-bit activations)."""
+    kernel also needs e4m3 weights and 16-bit activations); ``allowed``: the caller's say (the
+    engine's fp16_products debug switch)."""
     threads = 32 * cfg.num_warps
-    return E4M3_FP16 and cfg.block_r * triton.next_power_of_2(K) >= F16_COLUMNS_PER_THREAD * threads
+    return E4M3_FP16 and allowed and cfg.block_r * triton.next_power_of_2(K) >= F16_COLUMNS_PER_THREAD * threads
 
 
 def _row_scales(scales) -> dict:
@@ -485,12 +486,13 @@ def norm_qkv_supported(num_heads: int, num_kv_heads: int, head_dim: int, hidden:
 
 
 def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_cache, v_cache,
-             num_heads: int, num_kv_heads: int, config: Config | None = None, scales=None):
+             num_heads: int, num_kv_heads: int, config: Config | None = None, scales=None, fp16: bool = True):
     """One token: x, residual [1, H] (residual may be None: first layer, r = x).
     w_qkv: [(Hq + 2 Hkv) D, H]; cos_sin: [P, D] fp32; positions, loc: [1] int;
     k_cache/v_cache: [slots, Hkv, D].  Returns (q [1, Hq, D], r [1, H]): k and v are
     already in the pool at loc[0].  ``scales`` [rows]: w_qkv is fp8 e4m3
-    with one scale per row (``row_scaled_fits``)."""
+    with one scale per row (``row_scaled_fits``); ``fp16``: whether it may multiply in fp16
+    (``fp16_products``)."""
     K = x.shape[-1]
     D = k_cache.shape[-1]
     N = w_qkv.shape[0]
@@ -516,9 +518,8 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
                 BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
-            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K), F16=fp16_products(cfg, K),
-            **_row_scales(scales),
-            **meta, **FMA)
+            *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K),
+            F16=fp16_products(cfg, K, fp16), **_row_scales(scales), **meta, **FMA)
     else:
         _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **_row_scales(scales), **meta, **FMA)
     return q, r_out.view(1, K)
@@ -529,7 +530,7 @@ def norm_gate_up_supported(intermediate: int, hidden: int, device_type: str) -> 
     return cfg is not None and intermediate % cfg.block_r == 0
 
 
-def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = None, scales=None):
+def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = None, scales=None, fp16: bool = True):
     """One token: r = x + residual; returns (silu(W_g·n) * (W_u·n) [1, I], r [1, H]),
     n = rmsnorm(r).  w_gate_up: [2I, H], gate rows first."""
     K = x.shape[-1]
@@ -546,7 +547,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     if cfg.programs_per_sm:
         _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
-            K_PAD=triton.next_power_of_2(K), F16=fp16_products(cfg, K), **_row_scales(scales), **meta, **FMA)
+            K_PAD=triton.next_power_of_2(K), F16=fp16_products(cfg, K, fp16), **_row_scales(scales), **meta, **FMA)
     else:
         _norm_gate_up_kernel[(blocks,)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
@@ -561,7 +562,7 @@ def gemv_supported(out_features: int, in_features: int, device_type: str, kind: 
     return out_features % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
 
 
-def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv", scales=None):
+def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv", scales=None, fp16: bool = True):
     """One row: x [1, K] -> W·x [1, N] in out_dtype (default x's).  ``kind`` picks the tile
     ("gemv" for the layer projections, "lm_head" for the vocabulary-wide one)."""
     N, K = w.shape
@@ -575,7 +576,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
         blocks = N // cfg.block_r
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead,
-            F16=fp16_products(cfg, K), **_row_scales(scales), **meta, **FMA)
+            F16=fp16_products(cfg, K, fp16), **_row_scales(scales), **meta, **FMA)
     else:
         _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k,
                                                  **_row_scales(scales), **meta, **FMA)

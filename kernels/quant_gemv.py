@@ -334,6 +334,12 @@ def _row_scales(w) -> torch.Tensor:
     return w.scales.reshape(-1)
 
 
+def _fp16(w) -> bool:
+    """Whether the dense GEMVs may multiply ``w``'s e4m3 values in fp16 (gemv.fp16_products; the
+    engine's fp16_products debug switch sets it per weight)."""
+    return getattr(w, "fp16_products", True)
+
+
 def prepared_row(w, x_dtype, out_dtype=None, device=None) -> PreparedRow | None:
     """The buffers ``gemv(x, w, out_dtype, prepared=...)`` reads when its tile runs over int8
     activations (else None: the dense fp8 route, or a tile with no int8 preparation)."""
@@ -370,7 +376,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
         (cfg, meta), out = prepared.tile, prepared.out
     else:
         if _dense_tiles(w, config, N, kind):
-            return G.gemv(x, w.qweight, out_dtype, kind=kind, scales=_row_scales(w))
+            return G.gemv(x, w.qweight, out_dtype, kind=kind, scales=_row_scales(w), fp16=_fp16(w))
         cfg = config or default_config(w, N, x.device.type)
         assert cfg is not None
         meta = _meta(w, cfg, x.device)
@@ -410,7 +416,7 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     I = w.out_features // 2
     assert w.in_features == K
     if _dense_tiles(w, config, I, "gate_up"):
-        return G.norm_gate_up(x, residual, norm_w, eps, w.qweight, scales=_row_scales(w))
+        return G.norm_gate_up(x, residual, norm_w, eps, w.qweight, scales=_row_scales(w), fp16=_fp16(w))
     cfg = config or default_config(w, I, x.device.type)
     assert cfg is not None and I % cfg.block_r == 0 and K % cfg.block_k == 0
     r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
@@ -481,7 +487,7 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
     blocks = _blocks(w)
     if blocks is None and _dense_tiles(w, config, D // 2, "qkv"):
         return G.norm_qkv(x, residual, norm_w, eps, w.qweight, bias, cos_sin, positions, loc, k_cache, v_cache,
-                          num_heads, num_kv_heads, scales=_row_scales(w))
+                          num_heads, num_kv_heads, scales=_row_scales(w), fp16=_fp16(w))
     assert cos_sin.shape[-1] == D and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1
     xr = _check_row(x, K)
     has_res = residual is not None

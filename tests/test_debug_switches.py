@@ -19,7 +19,7 @@ def test_from_env_reads_the_debug_names_only(caplog):
     s = DebugSwitches.from_env(env)
     assert s.changed() == {"cpu_decode": False, "profile_steps": True}
     for f in ("kernels", "fused_decode", "cascade", "pdl", "compile_ahead", "gpu_sampling_kernels", "int8_activations",
-              "fp32_sums"):
+              "fp32_sums", "attention_int8_epilogue", "fp16_products"):
         assert getattr(DebugSwitches.from_env({ds.variable(f): "1"}), f) is False
     # piecewise graphs are automatic (None) unless the variable forces them on (1) or off (0)
     pw = ds.variable("piecewise_graphs")
@@ -58,9 +58,10 @@ def test_switches_reach_the_model_layers_and_the_runner():
         core.shutdown()
 
 
-def test_int8_activations_switch_reaches_every_quantized_weight():
-    """The switch is handed to each QuantizedWeight, a RowStack's blocks included, which is where
-    the batch-1 GEMVs read it when they choose a tile (quant_gemv.default_config)."""
+def test_weight_switches_reach_every_quantized_weight():
+    """int8_activations and fp16_products are handed to each QuantizedWeight, a RowStack's blocks
+    included, which is where the batch-1 GEMVs read them when they choose a tile
+    (quant_gemv.default_config) and the dense GEMVs' products (quant_gemv._fp16)."""
     from localsgl.engine.layers.quant import QuantizedWeight, RowStack, WeightFormat
 
     model = torch.nn.Module()
@@ -68,11 +69,12 @@ def test_int8_activations_switch_reaches_every_quantized_weight():
     model.b = RowStack([QuantizedWeight.random(WeightFormat("int4", 32, False), 8, 64),
                         QuantizedWeight.random(WeightFormat("int8", 16, True), 4, 64)])
     weights = [model.a, *model.b.parts]
-    assert all(w.int8_activations for w in weights)
-    ds.apply_to_model(model, DebugSwitches(int8_activations=False))
-    assert not any(w.int8_activations for w in weights)
-    ds.apply_to_model(model, DebugSwitches())
-    assert all(w.int8_activations for w in weights)
+    for name in ("int8_activations", "fp16_products"):
+        assert all(getattr(w, name) for w in weights)
+        ds.apply_to_model(model, DebugSwitches(**{name: False}))
+        assert not any(getattr(w, name) for w in weights)
+        ds.apply_to_model(model, DebugSwitches())
+        assert all(getattr(w, name) for w in weights)
 
 
 def test_pdl_setting_is_per_thread():
@@ -157,3 +159,11 @@ def test_fused_decode_switch_is_per_model(monkeypatch):
     ds.apply_to_model(b, DebugSwitches(fused_decode=False))
     one_row = torch.zeros(1, dtype=torch.int64)
     assert fd._one_row_on(a, one_row) and not fd._one_row_on(b, one_row)
+
+
+def test_every_switch_is_documented():
+    """docs/switches.md has a row for each variable the engine reads."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "switches.md").read_text()
+    assert [var for var in sorted(ds._KNOWN) if f"`{var}=" not in doc] == []

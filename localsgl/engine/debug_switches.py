@@ -43,6 +43,9 @@ class DebugSwitches:
     # in the fused one-token step, the decode attention's merge writes o_proj's int8 activations
     # (quant_gemv words 3) in its epilogue, instead of a preparation launch before o_proj
     attention_int8_epilogue: bool = True
+    # fp8 weights' batch-1 GEMVs multiply e4m3 by the activations in fp16 (packed FMAs, fp32 sums
+    # of eight products, kernels/gemv.py), else in fp32 (exact products, slower)
+    fp16_products: bool = True
     profile_steps: bool = False  # per-step device/host timing (engine.core.profile)
     # extend/mixed steps replay graphs around eager attention; None: where the model's layers are small
     # enough that launches bound a mixed step (plan.piecewise_graphs_by_default), True/False: forced
@@ -92,6 +95,7 @@ _VARIABLES = {
     "int8_activations": ("LOCALSGL_DEBUG_NO_INT8_ACTIVATIONS", None),
     "fp32_sums": ("LOCALSGL_DEBUG_NO_FP32_SUMS", None),
     "attention_int8_epilogue": ("LOCALSGL_DEBUG_NO_ATTENTION_INT8_EPILOGUE", None),
+    "fp16_products": ("LOCALSGL_DEBUG_NO_FP16_PRODUCTS", None),
     "profile_steps": ("LOCALSGL_DEBUG_PROFILE_STEPS", "LOCALSGL_PROFILE_STEPS"),
     "piecewise_graphs": ("LOCALSGL_DEBUG_PIECEWISE_GRAPHS", "LOCALSGL_PIECEWISE_GRAPHS"),
     "startup_graph": ("LOCALSGL_DEBUG_STARTUP_GRAPH", None),
@@ -114,7 +118,8 @@ def of(model) -> DebugSwitches:
 def apply_to_model(model, switches: DebugSwitches) -> None:
     """Hand the switches to a model: its fast paths read ``of(model)``, every layer with a
     ``use_kernels`` attribute (norms, activations, rotary) takes the ``kernels`` switch, and
-    every quantized weight the ``int8_activations`` one (the GEMVs choose their tile per weight)."""
+    every quantized weight the ``int8_activations`` and ``fp16_products`` ones (the GEMVs choose their
+    tile and products per weight)."""
     from .layers.quant import QuantizedWeight
 
     model.debug_switches = switches
@@ -123,6 +128,7 @@ def apply_to_model(model, switches: DebugSwitches) -> None:
             module.use_kernels = switches.kernels
         if isinstance(module, QuantizedWeight):  # a RowStack's parts are modules too
             module.int8_activations = switches.int8_activations
+            module.fp16_products = switches.fp16_products
 
 
 def apply_to_thread(switches: DebugSwitches, device) -> None:

@@ -185,6 +185,36 @@ def test_pdl_does_not_change_tokens(saved, family):
         assert res[(True, graphs)] == res[(False, graphs)]
 
 
+def test_fp8_fp16_products_keep_the_first_tokens(tmp_path, monkeypatch):
+    """fp8 weights, batch 1: the dense GEMVs' e4m3 x fp16 products (checked to have run: at hidden
+    1,024 every full-K tile gives a thread 16 columns, gemv.fp16_products) give the first greedy
+    tokens of their fp32 products (the fp16_products debug switch off) and of the layer path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from localsgl_kernels import gemv as G
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+    LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    routes = []
+    real = G.fp16_products
+    monkeypatch.setattr(G, "fp16_products", lambda *a: routes.append(real(*a)) or routes[-1])
+    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (7, 150)]
+    res = {}
+    for name, debug in (("fp16", DebugSwitches()), ("fp32", DebugSwitches(fp16_products=False)),
+                        ("layers", DebugSwitches(fused_decode=False))):
+        routes.clear()
+        with Engine(model=str(tmp_path), device="cuda", dtype="bfloat16", kv_memory="64MiB", quantization="fp8",
+                    debug_switches=debug) as e:
+            res[name] = [e.generate([pr], p)[0].token_ids for pr in prompts]  # one at a time: batch 1
+        if name != "layers":
+            assert routes and any(routes) == (name == "fp16"), name
+    for a, b, c in zip(res["fp16"], res["fp32"], res["layers"]):
+        assert a[:4] == b[:4] == c[:4]
+
+
 def test_attention_int8_epilogue_does_not_change_tokens(saved, monkeypatch):
     """int4 weights, batch 1: o_proj's int8 activations written by the decode attention's merge
     (checked to have been used) give the greedy tokens of their own preparation launch, with CUDA

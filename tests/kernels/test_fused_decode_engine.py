@@ -38,9 +38,10 @@ def _model(bias=False, qk_norm=False):
     return m
 
 
-def _generate(model, backend, fused, prompts, monkeypatch, max_tokens=6, inspect=None, **core_cfg):
+def _generate(model, backend, fused, prompts, monkeypatch, max_tokens=6, inspect=None, debug=None, **core_cfg):
     """Greedy tokens of each prompt, run one at a time through a tiny core (batch-1 decode
-    steps); with the number of fused one-token calls, and ``inspect(core)``'s result when given."""
+    steps); with the number of fused one-token calls, and ``inspect(core)``'s result when given.
+    ``debug``: the core's other debug switches (``fused`` sets fused_decode)."""
     monkeypatch.setattr(fd, "_FORCE_ON_CPU", True)
     calls = []
     real = fd.forward_one_token
@@ -50,7 +51,8 @@ def _generate(model, backend, fused, prompts, monkeypatch, max_tokens=6, inspect
     monkeypatch.setattr(llama, "forward_one_token", fd.forward_one_token)
     core = EngineCore(model, None, [95], torch.device("cpu"),
                       CoreConfig(**{"kv_tokens": 1024, "max_running": 4, "chunk_size": 64, "max_model_len": 256,
-                                    "attention_backend": "torch", **core_cfg}, debug=DebugSwitches(fused_decode=fused)),
+                                    "attention_backend": "torch", **core_cfg},
+                                 debug=(debug or DebugSwitches()).with_(fused_decode=fused)),
                       overlap=False, start_thread=False)
     if backend == "triton":  # create_backend refuses triton without CUDA; the interpreter runs it
         from localsgl.engine.layers.attention.triton_backend import TritonAttentionBackend

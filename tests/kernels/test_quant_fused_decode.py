@@ -120,29 +120,32 @@ def test_fused_fp32_sums_between_layers(monkeypatch):
     assert fd._fp32_sums(model, "cpu") == [(False, False), (False, False)]
 
 
-@pytest.mark.parametrize("f16", [False, True])
-def test_fused_fp8_through_the_dense_gemvs(monkeypatch, f16):
+@pytest.mark.parametrize("route", ["fp32", "fp16", "fp16 switched off"])
+def test_fused_fp8_through_the_dense_gemvs(monkeypatch, route):
     """Every projection fp8 with row scales and quant_gemv.DENSE_FP8 on: the one-token step runs
-    gemv.py's kernels with the row scales and gives the layer path's greedy tokens; with
-    gemv.E4M3_FP16 a bf16 model's full-K kernels multiply in fp16 and give them too (hidden 512, or
-    1,024 for the GPU's 8-warp gate_up tile: each thread needs 16 columns, gemv.fp16_products)."""
+    gemv.py's kernels with the row scales and gives the layer path's greedy tokens; a bf16 model's
+    full-K kernels multiply in fp16 (gemv.E4M3_FP16) and give them too (hidden 512: each thread
+    needs 16 columns, gemv.fp16_products), unless the engine's fp16_products debug switch is off."""
+    from localsgl.engine.debug_switches import DebugSwitches
     from localsgl_kernels import gemv as G
     from localsgl_kernels import quant_gemv as QG
 
     monkeypatch.setattr(QG, "DENSE_FP8", True)
-    monkeypatch.setattr(G, "E4M3_FP16", f16)
+    monkeypatch.setattr(G, "E4M3_FP16", route != "fp32")
+    bf16, f16 = route != "fp32", route == "fp16"
+    debug = DebugSwitches(fp16_products=route != "fp16 switched off")
     calls = []
     for name in ("gemv", "norm_gate_up", "norm_qkv"):
         real = getattr(G, name)
         monkeypatch.setattr(G, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     g = torch.Generator().manual_seed(13)
     prompts = [torch.randint(0, 95, (7,), generator=g).tolist()]
-    model = _quantized_model([WeightFormat("fp8", 0, True)], torch.bfloat16 if f16 else torch.float32,
-                             hidden=(1024 if ON_GPU else 512) if f16 else 64)
-    plain, _ = _generate(model, "triton", False, prompts, monkeypatch)
+    model = _quantized_model([WeightFormat("fp8", 0, True)], torch.bfloat16 if bf16 else torch.float32,
+                             hidden=512 if bf16 else 64)
+    plain, _ = _generate(model, "triton", False, prompts, monkeypatch, debug=debug)
     calls.clear()
     f16_flags = _record_launches(monkeypatch, G, "_norm_gate_up_fullk_kernel", lambda a, k: k["F16"])
-    fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch)
+    fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch, debug=debug)
     assert fused == plain and n_fused >= 5
     assert {"gemv", "norm_gate_up", "norm_qkv"} <= set(calls)
     assert f16_flags and set(f16_flags) == {f16}

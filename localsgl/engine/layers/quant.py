@@ -141,6 +141,9 @@ class QuantizedWeight(nn.Module):
     # whether the batch-1 CUDA GEMVs may round the activations to int8 (quant_gemv words 3);
     # the engine's int8_activations debug switch sets it per weight
     int8_activations = True
+    # whether the batch-1 CUDA GEMVs may multiply fp8 e4m3 values by fp16 activations
+    # (gemv.fp16_products); the engine's fp16_products debug switch sets it per weight
+    fp16_products = True
 
     def __init__(self, fmt: WeightFormat, qweight: torch.Tensor, scales: torch.Tensor,
                  mins: torch.Tensor | None = None, in_features: int | None = None):
