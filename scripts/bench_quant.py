@@ -40,7 +40,8 @@ def run(label: str, kwargs: dict, runs: int) -> dict:
         bs1 = bench.bench_latency(engine, ceil, args)
         args.batch, args.input_len, args.output_len, args.runs = [64], 512, 128, max(1, runs - 1)
         bs64 = bench.bench_latency(engine, ceil, args)
-        args.batch, args.input_len, args.output_len = [1], 2048, 2
+        # a 2k prefill takes ~40 ms: single runs spread 40-59k tok/s, so the median of at least five
+        args.batch, args.input_len, args.output_len, args.runs = [1], 2048, 2, max(5, runs)
         pf2k = bench.bench_latency(engine, ceil, args)
         row = {
             "label": label, "weights_bytes": streamed_weight_bytes(engine.model),
