@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8] [steps]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
@@ -45,6 +45,8 @@
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
+#   (steps: scripts/probe_step_kernels.py, one batch-1 step's device time kernel by kernel with PDL off, for each
+#    format of STEP_FORMATS (default int4 fp8))
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
 #    wheels of scripts/device_wheels.sh in .whl/)
 set -uo pipefail
@@ -108,6 +110,13 @@ if [[ "$EXTRA" == *" ncu "* ]]; then
   fi
   grep -E "^  [_a-zA-Z].*Context|Duration|DRAM Throughput|L1/TEX Cache Throughput|Issue Slots Busy|Registers Per|Achieved Occupancy" \
     "$OUTDIR/ncu.txt" | cut -c1-110 | head -80
+fi
+if [[ "$EXTRA" == *" steps "* ]]; then
+  echo "== one batch-1 step kernel by kernel (PDL off, graphs off)"
+  for f in ${STEP_FORMATS:-int4 fp8}; do
+    LOCALSGL_DEBUG_NO_PDL=1 timeout ${STEP_TIMEOUT:-180} python3 scripts/probe_step_kernels.py --quantization "$f" \
+      --steps 32 --top 16 2>&1 | tee "$OUTDIR/steps_$f.log" | grep -v '^ *$' | tail -24
+  done
 fi
 if [[ "$EXTRA" == *" mixedprobe "* ]]; then
   echo "== mixed-step probe: host vs device time, eager vs piecewise graphs"
