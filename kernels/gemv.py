@@ -394,9 +394,10 @@ _CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
 # bf16/fp16 activations.  On an H200 it took fp8 batch 1 from 2.547 to 2.452 ms a token
 # (bench/RESULTS.md, "2026-12-05 (twenty-second session)").  False: fp32 products everywhere.
 E4M3_FP16 = True
-# Columns each thread must hold for those products: Triton 3.6 miscompiled the fp16 pairs' reshape
-# where a tile gave each thread exactly one column (wrong sums on an H200; tests/kernels/test_gemv.py
-# sweeps the shapes), so a tile takes the route only when each thread holds a whole run of 16.
+# Columns each thread must hold for those products: Triton 3.6 compiled them wrongly where a tile
+# gave each thread exactly one column (wrong sums on an H200, right under the interpreter;
+# tests/kernels/test_gemv.py sweeps the shapes), so a tile takes the route only when each thread
+# holds a whole run of 16.
 F16_COLUMNS_PER_THREAD = 16
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
 FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
