@@ -447,12 +447,13 @@ def _fits(cfg: Config | None, K: int) -> bool:
     return triton.next_power_of_2(K) <= FULLK_MAX if cfg.programs_per_sm else K % cfg.block_k == 0
 
 
-def fp16_products(cfg: Config, K: int, allowed: bool = True) -> bool:
-    """Whether a full-K tile of ``cfg`` over K columns asks for the e4m3 x fp16 products (the
-    kernel also needs e4m3 weights and 16-bit activations); ``allowed``: the caller's say (the
-    engine's fp16_products debug switch)."""
+def fp16_products(cfg: Config, K: int, w_dtype: torch.dtype, x_dtype: torch.dtype, allowed: bool = True) -> bool:
+    """Whether a full-K tile of ``cfg`` over K columns of ``w_dtype`` weights and ``x_dtype``
+    activations takes the e4m3 x fp16 products: e4m3 weights, 16-bit activations, 16 columns a
+    thread; ``allowed``: the caller's say (the engine's fp16_products debug switch)."""
     threads = 32 * cfg.num_warps
-    return E4M3_FP16 and allowed and cfg.block_r * triton.next_power_of_2(K) >= F16_COLUMNS_PER_THREAD * threads
+    return (E4M3_FP16 and allowed and w_dtype == torch.float8_e4m3fn and x_dtype in (torch.bfloat16, torch.float16)
+            and cfg.block_r * triton.next_power_of_2(K) >= F16_COLUMNS_PER_THREAD * threads)
 
 
 def _row_scales(scales) -> dict:
@@ -520,7 +521,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     if cfg.programs_per_sm:
         _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K),
-            F16=fp16_products(cfg, K, fp16), **_row_scales(scales), **meta, **FMA)
+            F16=fp16_products(cfg, K, w_qkv.dtype, x.dtype, fp16), **_row_scales(scales), **meta, **FMA)
     else:
         _norm_qkv_kernel[(blocks,)](*args, K, eps, *strides, BLOCK_K=cfg.block_k, **_row_scales(scales), **meta, **FMA)
     return q, r_out.view(1, K)
@@ -548,7 +549,8 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     if cfg.programs_per_sm:
         _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
-            K_PAD=triton.next_power_of_2(K), F16=fp16_products(cfg, K, fp16), **_row_scales(scales), **meta, **FMA)
+            K_PAD=triton.next_power_of_2(K), F16=fp16_products(cfg, K, w_gate_up.dtype, x.dtype, fp16),
+            **_row_scales(scales), **meta, **FMA)
     else:
         _norm_gate_up_kernel[(blocks,)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, eps, w_gate_up.stride(0),
@@ -577,7 +579,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
         blocks = N // cfg.block_r
         _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
             xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead,
-            F16=fp16_products(cfg, K, fp16), **_row_scales(scales), **meta, **FMA)
+            F16=fp16_products(cfg, K, w.dtype, x.dtype, fp16), **_row_scales(scales), **meta, **FMA)
     else:
         _gemv_kernel[(N // (2 * cfg.block_r),)](xr, w, out, K, w.stride(0), BLOCK_K=cfg.block_k,
                                                  **_row_scales(scales), **meta, **FMA)

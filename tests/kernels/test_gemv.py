@@ -136,7 +136,7 @@ def test_row_scaled_fp8(cfg, dtype, f16, monkeypatch):
         s = (torch.rand(n, generator=g) * 0.05 + 0.01).to(DEV)
         return w8, s, w8.double() * s.double()[:, None]
 
-    fp16_x = cfg.programs_per_sm > 0 and G.fp16_products(cfg, h) and dtype != torch.float32
+    fp16_x = cfg.programs_per_sm > 0 and G.fp16_products(cfg, h, torch.float8_e4m3fn, dtype)
     out_bound = 1e-5 if dtype == torch.float32 else 2**-7  # outputs in the activations' dtype
     wq, sq, rq64 = e4m3((hq + 2 * hkv) * d)
     rq, rk, rv, _ = G.norm_qkv_ref(x.double(), res.double(), nw.double(), 1e-6, rq64, None, cs.double(), pos, hq, hkv)
@@ -160,7 +160,10 @@ def test_fp16_products_need_16_columns(monkeypatch):
     g = gen(9)
     for k, rows, fp16 in ((8, 64, False), (16, 16, False), (16, 32, True)):
         cfg = G.Config(rows, 0, 1, 1, 1)
-        assert G.fp16_products(cfg, k) == (rows * k >= 512)  # the kernel alone refuses k = 8
+        # the launcher's say; the kernel alone refuses k = 8
+        assert G.fp16_products(cfg, k, torch.float8_e4m3fn, torch.bfloat16) == (rows * k >= 512)
+        assert not G.fp16_products(cfg, k, torch.bfloat16, torch.bfloat16)  # bf16 weights: fp32 products
+        assert not G.fp16_products(cfg, k, torch.float8_e4m3fn, torch.float32)  # fp32 activations: fp32 products
         x = randn(1, k, g=g, dtype=torch.bfloat16)
         w = (torch.randn(rows, k, generator=g) * 3).to(DEV).to(torch.float8_e4m3fn)
         s = torch.ones(rows, device=DEV)
@@ -204,7 +207,7 @@ def test_fp16_products_every_full_k_tile(kind, monkeypatch):
                                                    cs.double(), pos, hq, hkv)
                     q, _ = G.norm_qkv(x, res, nw, 1e-6, w, None, cs, pos, loc, kc, vc, hq, hkv, config=cfg, scales=s)
                     err, bound = max(rel_err(q, rq), rel_err(kc[1], rk[0]), rel_err(vc[1], rv[0])), 2**-7
-                if kind == "gemv" and (err > 1e-6) != G.fp16_products(cfg, k):
+                if kind == "gemv" and (err > 1e-6) != G.fp16_products(cfg, k, w.dtype, x.dtype):
                     bad.append((f"K={k} rows={r} warps={warps}", f"route: {err:.3g}"))
                 if not err < bound:
                     bad.append((f"K={k} rows={r} warps={warps}", f"{err:.3g}"))
