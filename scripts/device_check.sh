@@ -6,7 +6,8 @@
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
 #   (peer: llama.cpp built from .peer in the background from the start, then llama-bench on its Q4_K_M file beside
 #    bench_quant's int4 and that file kept quantized, and llama-batched-bench at 64 x (512 / 128): carry .peer;
-#    PEER_WAIT s for the build, default 420; PEER_OURS=0: llama.cpp's figures only)
+#    PEER_WAIT s for the build, default 420; PEER_OURS=0: llama.cpp's figures only; PEER_FORMATS: bench_quant's
+#    formats beside the file, default int4 ("bf16 int4" adds the batch-64 reference), PEER_TIMEOUT s, default 240)
 #   (startup: scripts/bench_start_gpu.py, the default against the deferred batch-1 graph, a py-spy profile of one
 #    start when .whl holds py-spy, then scripts/probe_load.py)
 #   (int8act: scripts/probe_quant_tiles.py --words 3: the batch-1 GEMVs over int8 activations and dp4a against
@@ -299,7 +300,7 @@ if [[ "$EXTRA" == *" peer "* ]]; then
     timeout 180 /tmp/peer/llamacpp/build/bin/llama-batched-bench -m /tmp/peer/q4km.gguf -ngl 99 -fa on -c 43008 -b 2048 \
       -ub 512 -npp 512 -ntg 128 -npl 64 > "$OUTDIR/llama_batched.log" 2>&1
     echo "llama-batched-bench 64 x (512 in / 128 out), S_TG = decode tok/s:"; grep -E "^\|" "$OUTDIR/llama_batched.log" | tail -3
-    [ "${PEER_OURS:-1}" = 1 ] && timeout 240 python3 scripts/bench_quant.py --formats int4 --gguf /tmp/peer/q4km.gguf --runs 2 \
+    [ "${PEER_OURS:-1}" = 1 ] && timeout ${PEER_TIMEOUT:-240} python3 scripts/bench_quant.py --formats ${PEER_FORMATS:-int4} --gguf /tmp/peer/q4km.gguf --runs 2 \
       > "$OUTDIR/bench_quant_peer.log" 2>&1
     python3 - "$OUTDIR" <<'PY'
 import json, os, sys
