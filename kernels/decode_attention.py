@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from .options import FMA
+from .l2_prefetch import kernel_args as prefetch_args, prefetch_spans
 from .pdl import launch_options, release_successor_then_wait, wait_for_predecessor
 from .quant_words import _store_int8, zero_share
 
@@ -230,18 +231,25 @@ def _decode_stage1(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
     EARLY_KV: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
+    P0=None, N0=0, P1=None, N1=0, P2=None, N2=0, PREFETCH: tl.constexpr = False,
 ):
     """Program (b, g, s): chunk s of row b's keys for the G query heads of KV head g.
+
+    PREFETCH: first, each program issues L2 prefetches for its share of the spans P0..P2 (the
+    next GEMV's weights, kernels/l2_prefetch.py), before any wait.
 
     EARLY_KV (small batches): before the PDL wait it reads only what this step's earlier kernels
     do not write: the lengths, the slot table and the first block of *cached* keys and values
     (every position but the newest, whose K/V the step's own KV store writes).  Otherwise
     everything comes after the wait (larger batches: module docstring)."""
-    if not EARLY_KV:
-        wait_for_predecessor(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
+    if PREFETCH:
+        prefetch_spans(P0, N0, P1, N1, P2, N2, (b * tl.num_programs(1) + g) * tl.num_programs(2) + s,
+                       tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), 128)
+    if not EARLY_KV:
+        wait_for_predecessor(PDL)
     seq_len, start, chunk = _chunk_of(SeqLens, Start, b, s, NUM_SPLITS, MIN_CHUNK, BLOCK_N, HAS_START)
     end = tl.minimum(start + chunk, seq_len)
     table = ReqToToken + tl.load(ReqIdx + b).to(tl.int64) * stride_r
@@ -470,7 +478,7 @@ def alloc_prefix_workspace(num_groups: int, max_rows: int, num_heads: int, head_
 def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale,
                      out=None, num_splits: int = 8, workspace=None, min_chunk: int | None = None,
                      groups: PrefixGroups | None = None, prefix_workspace=None, k_scale=None, v_scale=None,
-                     int8_row=None):
+                     int8_row=None, prefetch=()):
     """q: [B, Hq, D] (unit last stride); k_cache/v_cache: [slots, Hkv, D];
     req_to_token: [rows, ctx] int32; req_pool_indices: [B] int; seq_lens: [B] int (>= 1).
     Returns out [B, Hq, D] (q's dtype).  ``num_splits`` must be a power of two; ``workspace``
@@ -481,7 +489,9 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     stride): the caches are e4m3 with these per-(token, head) scales.  ``int8_row``
     (quant_words.PreparedRow of the GEMV that reads out, batch 1): the merge also writes its int8
     activations and zeroes its output where asked, and marks it filled (when the head dim is one
-    power-of-two tile of whole 4E-column chunks; else it stays unfilled).  No host syncs."""
+    power-of-two tile of whole 4E-column chunks; else it stays unfilled).  ``prefetch``: up to
+    three (byte view, byte count) spans from l2_prefetch.spans, the weights of the GEMV after
+    this, which stage 1's programs prefetch into L2.  No host syncs."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
@@ -545,6 +555,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         part_lse.stride(0), part_lse.stride(1),
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix, EARLY_KV=small, KV_FP8=kv_fp8,
+        **prefetch_args(prefetch, part_lse),
         num_warps=4, num_stages=2, **pdl,
         **FMA,
     )

@@ -6,7 +6,9 @@
 
 ``fp8-bytes``: fp8 with its batch-1 GEMVs on quant_gemv's byte tiles instead of the dense
 full-K kernels (quant_gemv.DENSE_FP8 off; ``fp8`` is the default route); ``fp8-f32``: fp8 with the full-K
-kernels' fp32 products instead of their e4m3 x fp16 ones (gemv.E4M3_FP16 off).
+kernels' fp32 products instead of their e4m3 x fp16 ones (gemv.E4M3_FP16 off).  A ``-nopf`` suffix
+on any format (``int4-nopf``): the same engine with the ``l2_prefetch`` debug switch off (the batch-1
+attention does not prefetch o_proj's weights into L2).  ``--bs1-only``: batch-1 decode alone (A/B runs).
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
 (e.g. /tmp/peer/q4km.gguf from shared/peer/build_llamacpp.sh, for the side-by-side with
@@ -26,10 +28,11 @@ from types import SimpleNamespace
 
 from localsgl import bench
 from localsgl.engine.api import Engine
+from localsgl.engine.debug_switches import DebugSwitches
 from localsgl.engine.layers.quant import streamed_weight_bytes
 
 
-def run(label: str, kwargs: dict, runs: int) -> dict:
+def run(label: str, kwargs: dict, runs: int, bs1_only: bool = False) -> dict:
     t0 = time.time()
     engine = Engine(**kwargs)
     try:
@@ -38,11 +41,12 @@ def run(label: str, kwargs: dict, runs: int) -> dict:
         args = SimpleNamespace(seed=0, runs=runs, input_len=256, output_len=256, batch=[1], repetition_penalty=1.0,
                                frequency_penalty=0.0, presence_penalty=0.0)
         bs1 = bench.bench_latency(engine, ceil, args)
+        nan = [{"tok_s": float("nan"), "measured": float("nan")}] * 3
         args.batch, args.input_len, args.output_len, args.runs = [64], 512, 128, max(1, runs - 1)
-        bs64 = bench.bench_latency(engine, ceil, args)
+        bs64 = nan if bs1_only else bench.bench_latency(engine, ceil, args)
         # a 2k prefill takes ~40 ms: single runs spread 40-59k tok/s, so the median of at least five
         args.batch, args.input_len, args.output_len, args.runs = [1], 2048, 2, max(5, runs)
-        pf2k = bench.bench_latency(engine, ceil, args)
+        pf2k = nan if bs1_only else bench.bench_latency(engine, ceil, args)
         row = {
             "label": label, "weights_bytes": streamed_weight_bytes(engine.model),
             "weights_format": engine.weights_estimate.describe() if engine.weights_estimate else str(engine.dtype),
@@ -85,6 +89,7 @@ def main() -> int:
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--gpu-memory", default=None)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--bs1-only", action="store_true", help="batch-1 decode only (no batch 64, no 2k prefill)")
     p.add_argument("--long-context", type=int, default=0, help="also batch-1 decode after this many prompt tokens")
     p.add_argument("--long-formats", nargs="*", default=["bf16"])
     a = p.parse_args()
@@ -93,15 +98,18 @@ def main() -> int:
     rows = []
     for fmt in a.formats:
         kw = dict(base, model=a.model, load_format="dummy")
-        if fmt != "bf16":
-            kw.update(quantization=fmt.removesuffix("-bytes").removesuffix("-f32"), weights="keep")
+        if fmt.endswith("-nopf"):
+            kw.update(debug_switches=DebugSwitches(l2_prefetch=False))
+        route = fmt.removesuffix("-nopf")
+        if route != "bf16":
+            kw.update(quantization=route.removesuffix("-bytes").removesuffix("-f32"), weights="keep")
         from localsgl_kernels import gemv, quant_gemv
 
         defaults = quant_gemv.DENSE_FP8, gemv.E4M3_FP16
-        quant_gemv.DENSE_FP8 = fmt != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
-        gemv.E4M3_FP16 = fmt != "fp8-f32" and defaults[1]
+        quant_gemv.DENSE_FP8 = route != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
+        gemv.E4M3_FP16 = route != "fp8-f32" and defaults[1]
         try:
-            rows.append(run(fmt, kw, a.runs))
+            rows.append(run(fmt, kw, a.runs, a.bs1_only))
         except Exception as e:  # keep going: one failure must not hide the other figures
             print(f"FAILED {fmt}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         finally:

@@ -46,6 +46,9 @@ class DebugSwitches:
     # fp8 weights' batch-1 GEMVs multiply e4m3 by the activations in fp16 (packed FMAs, fp32 sums
     # of eight products, kernels/gemv.py), else in fp32 (exact products, slower)
     fp16_products: bool = True
+    # in the fused one-token step, the decode attention prefetches o_proj's weights into L2
+    # (kernels/l2_prefetch.py) while the memory bus would idle
+    l2_prefetch: bool = True
     profile_steps: bool = False  # per-step device/host timing (engine.core.profile)
     # extend/mixed steps replay graphs around eager attention; None: where the model's layers are small
     # enough that launches bound a mixed step (plan.piecewise_graphs_by_default), True/False: forced
@@ -96,6 +99,7 @@ _VARIABLES = {
     "fp32_sums": ("LOCALSGL_DEBUG_NO_FP32_SUMS", None),
     "attention_int8_epilogue": ("LOCALSGL_DEBUG_NO_ATTENTION_INT8_EPILOGUE", None),
     "fp16_products": ("LOCALSGL_DEBUG_NO_FP16_PRODUCTS", None),
+    "l2_prefetch": ("LOCALSGL_DEBUG_NO_L2_PREFETCH", None),
     "profile_steps": ("LOCALSGL_DEBUG_PROFILE_STEPS", "LOCALSGL_PROFILE_STEPS"),
     "piecewise_graphs": ("LOCALSGL_DEBUG_PIECEWISE_GRAPHS", "LOCALSGL_PIECEWISE_GRAPHS"),
     "startup_graph": ("LOCALSGL_DEBUG_STARTUP_GRAPH", None),

@@ -239,3 +239,32 @@ def test_attention_int8_epilogue_does_not_change_tokens(saved, monkeypatch):
                 res[on, graphs] = [e.generate([pr], p)[0].token_ids for pr in prompts]
             assert any(filled) == on, (on, graphs)
     assert res[True, True] == res[False, True] and res[True, False] == res[False, False]
+
+
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_l2_prefetch_does_not_change_tokens(saved, monkeypatch, quantization):
+    """Batch 1: the decode attention prefetching o_proj's weights into L2 (checked to have been
+    asked for, all of o_proj's bytes) gives the greedy tokens of the step without it, bit for bit
+    (a prefetch moves no value), with CUDA graphs and eagerly."""
+    from localsgl_kernels import decode_attention as dec
+
+    d, _ = saved["llama3"]
+    asked = []
+    real = dec.decode_attention
+    monkeypatch.setattr(dec, "decode_attention", lambda *a, prefetch=(), **k: asked.append(
+        sum(n for _, n in prefetch)) or real(*a, prefetch=prefetch, **k))
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (6, 200)]
+    res = {}
+    for on in (True, False):
+        for graphs in (True, False):
+            asked.clear()
+            with Engine(model=d, device="cuda", dtype="bfloat16", kv_memory="64MiB", quantization=quantization,
+                        disable_cuda_graph=not graphs, debug_switches=DebugSwitches(l2_prefetch=on)) as e:
+                w = e.model.layers[0].self_attn.o_proj.weight
+                size = sum(t.numel() * t.element_size() for t in ((w.qweight, w.scales, w.mins) if quantization
+                                                                   else (w,)) if t is not None)
+                res[on, graphs] = [e.generate([pr], p)[0].token_ids for pr in prompts]
+            assert (size in asked) == on and all(n in (0, size) for n in asked), (on, graphs, size, set(asked))
+    assert res[True, True] == res[False, True] and res[True, False] == res[False, False]

@@ -20,7 +20,10 @@ Between quantized kernels that read their activations through a preparation kern
 down_proj hand over fp32 sums (``_fp32_sums``), so a GEMV tile cut in two K halves adds them into
 its output instead of summing partials in a launch of its own.  Where o_proj's tile runs over int8
 activations, the decode attention's merge writes them (and zeroes o_proj's output) in its epilogue,
-one launch fewer a layer (the ``attention_int8_epilogue`` debug switch).
+one launch fewer a layer (the ``attention_int8_epilogue`` debug switch).  While it attends, the
+decode attention also pulls o_proj's weights into L2 (localsgl_kernels.l2_prefetch: at short
+contexts the attention leaves the memory bus idle), so o_proj reads them from there (the
+``l2_prefetch`` debug switch).
 
 With an FP8 KV pool the qkv kernel writes the token's K and V to a one-slot staging buffer in
 the model's dtype and the backend's ``forward`` quantizes them into the pool (its KV store
@@ -94,6 +97,20 @@ def _shapes_ok(model) -> bool:
 def _layer_weights(layer) -> tuple:
     a, m = layer.self_attn, layer.mlp
     return a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight
+
+
+def _prefetch_spans(w, device: torch.device) -> list:
+    """The byte spans of weight ``w`` that the kernel before its GEMV prefetches into L2: its
+    tensors (packed values, scales, offsets) up to half the L2; none where prefetches do not
+    run (CPU, interpreter, before sm_80) or ``w`` is not one weight (a RowStack)."""
+    from localsgl_kernels import l2_prefetch as L2
+
+    if not L2.supported(device):
+        return []
+    tensors = (w.qweight, w.scales, w.mins) if isinstance(w, QuantizedWeight) else (w,) if isinstance(w, torch.Tensor) else ()
+    if not tensors or not all(t is None or t.is_contiguous() for t in tensors):
+        return []
+    return L2.spans(tensors, L2.span_bytes(device))
 
 
 def _kernels_for(w):
@@ -179,6 +196,7 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
         stage_loc = torch.zeros(1, dtype=batch.out_cache_loc.dtype, device=input_ids.device)
     fp32_sums = _fp32_sums(model, input_ids.device.type)
     epilogue = debug_switches.of(model).attention_int8_epilogue and not staged
+    prefetch = debug_switches.of(model).l2_prefetch
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -197,7 +215,8 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype)
         else:  # o_proj's int8 activations (and its zeroed output) from the attention's merge, where it takes them
             row = kernels_o.prepared_row(w_o, q.dtype, o_dtype, q.device) if epilogue and is_quantized(w_o) else None
-            o = backend.attend(q, attn.layer_id, batch, attn.scale, int8_row=row)
+            spans = _prefetch_spans(w_o, q.device) if prefetch else []
+            o = backend.attend(q, attn.layer_id, batch, attn.scale, int8_row=row, prefetch=spans)
             h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype, **({"prepared": row} if row else {}))
         a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
         x = _kernels_for(w_down).gemv(a, w_down, out_dtype=torch.float32 if fp32_sums[i][1] else None)

@@ -48,12 +48,14 @@ class AttentionBackend(ABC):
         batch.kv_pool.store(layer, batch.out_cache_loc, k, v)
 
     def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch, scale: float,
-               out: torch.Tensor | None = None, int8_row=None) -> torch.Tensor:
+               out: torch.Tensor | None = None, int8_row=None, prefetch=()) -> torch.Tensor:
         """Attend when the new tokens' K/V are already in the pool (the fused one-token
         path or ``store_kv`` wrote them), into ``out`` [T, Hq, D] when given; only backends
         with ``supports_prestored_kv`` implement it.  ``int8_row`` (a decode step of one row,
         localsgl_kernels.quant_words.PreparedRow): the backend may also write the output as the
-        next GEMV's int8 activations, and marks it filled when it did."""
+        next GEMV's int8 activations, and marks it filled when it did.  ``prefetch`` (a decode step,
+        localsgl_kernels.l2_prefetch.spans): weights of the next GEMV the backend may pull into L2
+        while it attends."""
         raise NotImplementedError(f"the {self.name} backend has no attend()")
 
     # --- CUDA graph hooks (decode only); backends that capture override these ---

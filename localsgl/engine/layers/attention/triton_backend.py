@@ -112,7 +112,7 @@ class TritonAttentionBackend(AttentionBackend):
         pool = batch.kv_pool
         self._store(pool.k_buffer[layer], pool.v_buffer[layer], batch.out_cache_loc, k, v, *pool.scales(layer))
 
-    def attend(self, q, layer, batch, scale, out=None, int8_row=None):
+    def attend(self, q, layer, batch, scale, out=None, int8_row=None, prefetch=()):
         pool = batch.kv_pool
         k_cache = pool.k_buffer[layer]
         v_cache = pool.v_buffer[layer]
@@ -133,7 +133,7 @@ class TritonAttentionBackend(AttentionBackend):
             return self._dec.decode_attention(
                 q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, scale,
                 out=out, num_splits=meta.num_splits, workspace=ws, groups=groups, prefix_workspace=pws,
-                k_scale=k_scale, v_scale=v_scale, int8_row=int8_row,
+                k_scale=k_scale, v_scale=v_scale, int8_row=int8_row, prefetch=prefetch,
             )
         tok = self._ext.tokens_per_block(d, hq // k_cache.shape[1], q.device)
         nd = meta.num_decode

@@ -1,0 +1,59 @@
+"""kernels/l2_prefetch.py: the spans handed to a prefetching kernel (CPU), and on a GPU the
+decode attention's output with o_proj-sized spans prefetched equals the output without them,
+bit for bit (a prefetch moves no value)."""
+import pytest
+import torch
+
+from localsgl_kernels import decode_attention as dec
+from localsgl_kernels import l2_prefetch as L2
+
+
+def test_spans_in_bytes_cut_at_the_budget():
+    a = torch.zeros(64, 32, dtype=torch.uint8)  # 2,048 bytes
+    b = torch.zeros(64, 8, dtype=torch.float16)  # 1,024 bytes
+    c = torch.zeros(100, dtype=torch.float32)  # 400 bytes
+    s = L2.spans([a, b, None, c], budget=10_000)
+    assert [n for _, n in s] == [2048, 1024, 400]
+    assert all(p.dtype == torch.uint8 and p.dim() == 1 for p, _ in s)
+    assert s[1][0].data_ptr() == b.data_ptr() and s[1][0].numel() == 1024
+    assert [n for _, n in L2.spans([a, b, c], budget=2500)] == [2048, 452]  # cut inside b, c dropped
+    assert L2.spans([a], budget=0) == []
+    with pytest.raises(AssertionError):
+        L2.spans([b.t()], budget=10_000)  # a strided view is not one block of memory
+
+
+def test_kernel_args_pad_the_empty_spans():
+    a = torch.zeros(256, dtype=torch.uint8)
+    args = L2.kernel_args(L2.spans([a], 1 << 20), dummy=a)
+    assert args["PREFETCH"] and args["N0"] == 256 and args["N1"] == args["N2"] == 0
+    assert not L2.kernel_args([], dummy=a)["PREFETCH"]
+
+
+def test_no_prefetch_without_a_gpu_kernel():
+    assert not L2.supported(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("seq_len", [1, 256, 3000])
+def test_decode_attention_with_prefetch_is_unchanged(seq_len):
+    dev = torch.device("cuda")
+    assert L2.supported(dev)
+    torch.manual_seed(seq_len)
+    hq, hkv, d, slots = 32, 8, 128, 4096
+    q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(slots, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(slots, hkv, d, device=dev, dtype=torch.bfloat16)
+    table = torch.randperm(slots, device=dev)[:seq_len].to(torch.int32).view(1, -1)
+    idx = torch.zeros(1, dtype=torch.int64, device=dev)
+    lens = torch.tensor([seq_len], dtype=torch.int32, device=dev)
+    weight = torch.randint(0, 255, (4096, 2048), dtype=torch.uint8, device=dev)  # int4 o_proj's bytes
+    scales = torch.randn(4096, 32, device=dev, dtype=torch.float16)
+    spans = L2.spans([weight, scales], L2.span_bytes(dev))
+    assert sum(n for _, n in spans) == weight.numel() + scales.numel() * 2
+    plain = dec.decode_attention(q, k, v, table, idx, lens, d**-0.5, num_splits=32)
+    fetched = dec.decode_attention(q, k, v, table, idx, lens, d**-0.5, num_splits=32, prefetch=spans)
+    torch.cuda.synchronize()
+    assert torch.equal(plain, fetched)
+    ref = dec.decode_attention_ref(q, k, v, table, idx, lens, d**-0.5)
+    torch.testing.assert_close(fetched.float(), ref.float(), atol=2e-2, rtol=2e-2)

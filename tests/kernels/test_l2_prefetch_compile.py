@@ -1,0 +1,27 @@
+"""The decode attention's stage 1 compiles for sm_90 with L2 prefetches of the next GEMV's
+weights (kernels/l2_prefetch.py: inline PTX, which the interpreter cannot run, so CPU tests see
+the kernel only with PREFETCH off), and without them when PREFETCH is off."""
+import pytest
+import torch
+from sm90_compile import can_compile, compile_all
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not can_compile(),
+                                reason="a GPU runs the kernels themselves; needs Triton's bundled ptxas")
+
+
+def _stage1(prefetch: bool, early: bool) -> dict:
+    return dict(
+        kernel="localsgl_kernels.decode_attention:_decode_stage1",
+        pointers=dict(Q="*bf16", K="*bf16", V="*bf16", KS="*fp32", VS="*fp32", ReqToToken="*i32", ReqIdx="*i64",
+                      SeqLens="*i32", Start="*i32", PartO="*fp32", PartLse="*fp32", P0="*u8", P1="*u8", P2="*u8"),
+        constexprs=dict(G=4, HEAD_DIM=128, BLOCK_H=16, BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=32, MIN_CHUNK=64,
+                        HAS_START=False, EARLY_KV=early, KV_FP8=False, PDL=True, PREFETCH=prefetch),
+        scalars=dict(sm_scale_log2="fp32"), ptx_needles=["prefetch.global.L2", "griddepcontrol.wait"])
+
+
+def test_stage1_prefetches_only_when_asked():
+    cases = [(p, e) for p in (True, False) for e in (True, False)]
+    for (prefetch, early), r in zip(cases, compile_all([_stage1(p, e) for p, e in cases])):
+        assert r["ok"], f"prefetch={prefetch} early={early}: {r['error']}"
+        assert r["ptx_has"]["prefetch.global.L2"] == prefetch, (prefetch, early, r["ptx_has"])
+        assert r["ptx_has"]["griddepcontrol.wait"], (prefetch, early)
