@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .options import FMA
-from .l2_prefetch import kernel_args as prefetch_args, prefetch_spans
+from .l2_prefetch import kernel_args as prefetch_args, max_streamed, prefetch_spans
 from .pdl import launch_options, release_successor_then_wait, wait_for_predecessor
 from .quant_words import _store_int8, zero_share
 
@@ -231,12 +231,13 @@ def _decode_stage1(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, HAS_START: tl.constexpr,
     EARLY_KV: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
-    P0=None, N0=0, P1=None, N1=0, P2=None, N2=0, PREFETCH: tl.constexpr = False,
+    P0=None, N0=0, P1=None, N1=0, P2=None, N2=0, PF_MAX_LEN=0, PREFETCH: tl.constexpr = False,
 ):
     """Program (b, g, s): chunk s of row b's keys for the G query heads of KV head g.
 
     PREFETCH: first, each program issues L2 prefetches for its share of the spans P0..P2 (the
-    next GEMV's weights, kernels/l2_prefetch.py), before any wait.
+    next GEMV's weights, kernels/l2_prefetch.py), before any wait, where row b's length is at
+    most PF_MAX_LEN (batch 1; longer contexts stream enough K/V to evict the lines).
 
     EARLY_KV (small batches): before the PDL wait it reads only what this step's earlier kernels
     do not write: the lengths, the slot table and the first block of *cached* keys and values
@@ -245,7 +246,7 @@ def _decode_stage1(
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
-    if PREFETCH:
+    if PREFETCH and tl.load(SeqLens + b) <= PF_MAX_LEN:
         prefetch_spans(P0, N0, P1, N1, P2, N2, (b * tl.num_programs(1) + g) * tl.num_programs(2) + s,
                        tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), 128)
     if not EARLY_KV:
@@ -491,7 +492,8 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
     activations and zeroes its output where asked, and marks it filled (when the head dim is one
     power-of-two tile of whole 4E-column chunks; else it stays unfilled).  ``prefetch``: up to
     three (byte view, byte count) spans from l2_prefetch.spans, the weights of the GEMV after
-    this, which stage 1's programs prefetch into L2.  No host syncs."""
+    this, which stage 1's programs prefetch into L2 while the K/V a head reads stay within
+    l2_prefetch.max_streamed.  No host syncs."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     assert Hq % Hkv == 0, "query heads must be a multiple of KV heads"
@@ -556,6 +558,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix, EARLY_KV=small, KV_FP8=kv_fp8,
         **prefetch_args(prefetch, part_lse),
+        PF_MAX_LEN=max_streamed(q.device) // (Hkv * D * 2 * k_cache.element_size()) if prefetch else 0,
         num_warps=4, num_stages=2, **pdl,
         **FMA,
     )

@@ -9,7 +9,9 @@ once, the lines arrive while the kernel works, and the GEMV then reads them from
 
 Rules: only bytes no kernel of the step writes (weights) may be prefetched, so a PDL kernel
 may do it before its ``gdc_wait``; the span is capped at a share of the L2 (``span_bytes``)
-so the lines are still there when the GEMV reaches them.  Off on the CPU, under the
+so the lines are still there when the GEMV reaches them, and a kernel that itself streams
+more than a quarter of the L2 (the attention over a long context) prefetches nothing: its
+own bytes would evict the lines, and the bus is busy anyway (``max_streamed``).  Off on the CPU, under the
 interpreter (inline PTX) and below sm_80 (``supported``).
 """
 from __future__ import annotations
@@ -67,6 +69,11 @@ def supported(device: torch.device) -> bool:
 def span_bytes(device: torch.device) -> int:
     """The most bytes one kernel prefetches: half the L2, so the lines outlive the kernel."""
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) // 2
+
+
+def max_streamed(device: torch.device) -> int:
+    """The most bytes a prefetching kernel may stream itself: a quarter of the L2."""
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) // 4
 
 
 def spans(tensors, budget: int) -> list[tuple[torch.Tensor, int]]:

@@ -1,6 +1,6 @@
 """kernels/l2_prefetch.py: the spans handed to a prefetching kernel (CPU), and on a GPU the
 decode attention's output with o_proj-sized spans prefetched equals the output without them,
-bit for bit (a prefetch moves no value)."""
+bit for bit (a prefetch moves no value), at lengths that prefetch and one that does not."""
 import pytest
 import torch
 
@@ -35,12 +35,12 @@ def test_no_prefetch_without_a_gpu_kernel():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("seq_len", [1, 256, 3000])
+@pytest.mark.parametrize("seq_len", [1, 256, 3000, 20000])  # the last past max_streamed: no prefetch
 def test_decode_attention_with_prefetch_is_unchanged(seq_len):
     dev = torch.device("cuda")
     assert L2.supported(dev)
     torch.manual_seed(seq_len)
-    hq, hkv, d, slots = 32, 8, 128, 4096
+    hq, hkv, d, slots = 32, 8, 128, 32768
     q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16)
     k = torch.randn(slots, hkv, d, device=dev, dtype=torch.bfloat16)
     v = torch.randn(slots, hkv, d, device=dev, dtype=torch.bfloat16)
