@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from . import gemv as G
+from . import l2_prefetch as L2
 from .gemv import _cos_sin, _qkv_epilogue, _silu_mul
 from .options import FMA
 from .pdl import launch_options, wait_for_predecessor
@@ -334,6 +335,19 @@ def _row_scales(w) -> torch.Tensor:
     return w.scales.reshape(-1)
 
 
+# the head of a batch-1 GEMV's weights that its activations' preparation (quant_words, a short
+# launch that leaves the bus idle) prefetches into L2 with programs of its own; 0: none
+PREP_PREFETCH_BYTES = 0
+
+
+def _prep_spans(w, device) -> list:
+    """The spans ``w``'s preparation prefetches (PREP_PREFETCH_BYTES of its packed values, where
+    the engine's l2_prefetch debug switch leaves the weight's ``l2_prefetch`` on)."""
+    if not PREP_PREFETCH_BYTES or not getattr(w, "l2_prefetch", True) or not L2.supported(device):
+        return []
+    return L2.spans([w.qweight], min(PREP_PREFETCH_BYTES, L2.span_bytes(device)))
+
+
 def _fp16(w) -> bool:
     """Whether the dense GEMVs may multiply ``w``'s e4m3 values in fp16 (gemv.fp16_products; the
     engine's fp16_products debug switch sets it per weight)."""
@@ -391,7 +405,7 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
         xp, xs = prepared.xp, prepared.xs
     else:
         xp, xs = (prepare_activations(w, xr, None, None, 0.0, None, cfg.block_k, int8=meta["PREP"] == 2,
-                                      zero=out if atomic else None)
+                                      zero=out if atomic else None, prefetch=_prep_spans(w, x.device))
                   if meta["PREP"] else (xr, xr))
     _qgemv_kernel[(N // (2 * cfg.block_r), split)](
         xp, xs, qw, w.scales, _mins(w), out, part, K, N, stride_q, w.scales.stride(0), SPLIT=split, ATOMIC=atomic,
@@ -425,7 +439,8 @@ def norm_gate_up(x, residual, norm_w, eps, w, config: Config | None = None):
     qw, stride_q = _qweight(w, meta["WORDS"])
     xr, rr = _check_row(x, K), _check_row(residual, K)
     if meta["PREP"]:
-        xr, rr = prepare_activations(w, xr, rr, norm_w, eps, r_out, cfg.block_k, int8=meta["PREP"] == 2)
+        xr, rr = prepare_activations(w, xr, rr, norm_w, eps, r_out, cfg.block_k, int8=meta["PREP"] == 2,
+                                     prefetch=_prep_spans(w, x.device))
     _qnorm_gate_up_kernel[(I // cfg.block_r,)](
         xr, rr, norm_w, r_out, qw, w.scales, _mins(w), out, K, I, eps,
         stride_q, w.scales.stride(0), **meta, **FMA)
@@ -522,7 +537,7 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         if meta["PREP"]:  # a later block's prep stores the same residual again
             prep = prepare_activations(b, xr, rr if has_res else None, norm_w, eps, r_out if has_res else None,
                                        cfg.block_k, (b2, m2["BLOCK_K"]) if m2 is not None and m2["PREP"] else None,
-                                       int8=meta["PREP"] == 2)
+                                       int8=meta["PREP"] == 2, prefetch=_prep_spans(b, x.device))
             xk, rk = prep[:2]
             x2, r2 = prep[2:] if len(prep) == 4 else (xr, rr)
         nb = (rows - b.out_features) // cfg.block_r // 2  # the second block's programs (0 alone)

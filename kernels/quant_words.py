@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .l2_prefetch import kernel_args as prefetch_args, prefetch_spans
 from .options import FMA
 from .pdl import launch_options, wait_for_predecessor
 
@@ -332,7 +333,8 @@ def _store_int8(XQ, XS, n, col0, K, E: tl.constexpr, BK: tl.constexpr, BLOCK: tl
 def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
                      BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False, BK: tl.constexpr = 1024,
                      XP2=None, XS2=None, E2: tl.constexpr = 0, BK2: tl.constexpr = 1024, INT8: tl.constexpr = False,
-                     Z=None, NZ=0, ZERO: tl.constexpr = False):
+                     Z=None, NZ=0, ZERO: tl.constexpr = False,
+                     P0=None, N0=0, P1=None, N1=0, P2=None, N2=0, PF_PROGS: tl.constexpr = 0):
     """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block,
     in planes per BK-column step of the GEMV: XP[i·BK + p·BK/E + j] = n[i·BK + E·j + p] pre-scaled
     as _qstream_words scales it (by its column p in word j), in fp32, so that plane p of a step
@@ -346,43 +348,51 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
     the layout of words of E2 values and BK2-column steps, to XP2 / XS2 (a row stack whose blocks
     stream words of two widths from one preparation).  INT8: n quantized for ``words == 3``
     instead (_store_int8).  ZERO: the programs also zero the NZ fp32 of Z between them (the
-    output that the GEMV after this kernel adds its two K halves into)."""
-    wait_for_predecessor(PDL)
-    if ZERO:  # after the wait: until its predecessor finished, Z's memory may still be another's
-        zero_share(Z, NZ, tl.program_id(0), tl.num_programs(0), BLOCK)
-    offs = tl.arange(0, BLOCK)
-    if ONE_PASS:
-        kk = offs
-        ok = kk < K
-        x = tl.load(X + kk, mask=ok, other=0.0)
-        if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(R + kk, mask=ok, other=0.0).to(tl.float32)).to(ROut.dtype.element_ty)
-            tl.store(ROut + kk, x, mask=ok)
-        n = x.to(tl.float32)
-        if NORM:
-            n = n * tl.rsqrt(tl.sum(n * n, 0) / K + eps) * tl.load(G + kk, mask=ok, other=0.0).to(tl.float32)
-        chunk0 = 0
+    output that the GEMV after this kernel adds its two K halves into).  PF_PROGS > 0: that many
+    programs more, after the others, only prefetch the spans P0..P2 (the next GEMV's weights,
+    l2_prefetch.py) into L2, then wait."""
+    n_real = tl.num_programs(0) - PF_PROGS
+    pf = tl.program_id(0) >= n_real if PF_PROGS > 0 else False
+    if pf:
+        prefetch_spans(P0, N0, P1, N1, P2, N2, tl.program_id(0) - n_real, PF_PROGS, 128)
+        wait_for_predecessor(PDL)
     else:
-        inv = 1.0
-        if NORM:
-            ss = tl.zeros([BLOCK], tl.float32)
-            for k in range(0, K, BLOCK):
-                _, sq = _act(X, R, G, ROut, k + offs, 0, HAS_RES, False, False)
-                ss += sq
-            inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-        kk = tl.program_id(0) * BLOCK + offs
-        ok = kk < K
-        n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
-        n = n * inv
-        chunk0 = tl.program_id(0) * BLOCK
-    if INT8:
-        _store_int8(XP, XS, n, chunk0, K, E, BK, BLOCK)
-        if E2 > 0:
-            _store_int8(XP2, XS2, n, chunk0, K, E2, BK2, BLOCK)
-    else:
-        _store_planes(XP, XS, n, kk, ok, chunk0 // (4 * E), K, E, BK, BLOCK)
-        if E2 > 0:
-            _store_planes(XP2, XS2, n, kk, ok, chunk0 // (4 * E2), K, E2, BK2, BLOCK)
+        wait_for_predecessor(PDL)
+        if ZERO:  # after the wait: until its predecessor finished, Z's memory may still be another's
+            zero_share(Z, NZ, tl.program_id(0), n_real, BLOCK)
+        offs = tl.arange(0, BLOCK)
+        if ONE_PASS:
+            kk = offs
+            ok = kk < K
+            x = tl.load(X + kk, mask=ok, other=0.0)
+            if HAS_RES:
+                x = (x.to(tl.float32) + tl.load(R + kk, mask=ok, other=0.0).to(tl.float32)).to(ROut.dtype.element_ty)
+                tl.store(ROut + kk, x, mask=ok)
+            n = x.to(tl.float32)
+            if NORM:
+                n = n * tl.rsqrt(tl.sum(n * n, 0) / K + eps) * tl.load(G + kk, mask=ok, other=0.0).to(tl.float32)
+            chunk0 = 0
+        else:
+            inv = 1.0
+            if NORM:
+                ss = tl.zeros([BLOCK], tl.float32)
+                for k in range(0, K, BLOCK):
+                    _, sq = _act(X, R, G, ROut, k + offs, 0, HAS_RES, False, False)
+                    ss += sq
+                inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+            kk = tl.program_id(0) * BLOCK + offs
+            ok = kk < K
+            n, _ = _act(X, R, G, ROut, kk, K, HAS_RES, NORM, True)
+            n = n * inv
+            chunk0 = tl.program_id(0) * BLOCK
+        if INT8:
+            _store_int8(XP, XS, n, chunk0, K, E, BK, BLOCK)
+            if E2 > 0:
+                _store_int8(XP2, XS2, n, chunk0, K, E2, BK2, BLOCK)
+        else:
+            _store_planes(XP, XS, n, kk, ok, chunk0 // (4 * E), K, E, BK, BLOCK)
+            if E2 > 0:
+                _store_planes(XP2, XS2, n, kk, ok, chunk0 // (4 * E2), K, E2, BK2, BLOCK)
 
 
 @triton.jit
@@ -512,6 +522,7 @@ def _int_dot(wa, wb, xw, W: tl.constexpr, KIND: tl.constexpr):
 # a thread for 4,096, 32 for 8,192); beyond, by programs of 1,024 columns that each sum the row's
 # squares first
 ONE_PASS_MAX_K = 8192
+PREFETCH_PROGRAMS = 64  # programs of a preparation that only prefetch its GEMV's weights
 
 
 class PreparedRow:
@@ -541,12 +552,13 @@ def int8_buffers(K: int, E: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None,
-                        int8: bool = False, zero: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                        int8: bool = False, zero: torch.Tensor | None = None, prefetch=()) -> tuple[torch.Tensor, ...]:
     """_prep_act_kernel's (XP, XS) for the ``words == 2`` GEMVs of BLOCK_K = block_k: x (+ residual,
     stored to r_out), rmsnorm-ed with norm_w when given.  ``second`` = (w2, block_k2): the same
     launch also returns (XP2, XS2) for w2's words and steps.  ``int8``: for ``words == 3``, XP
     the int8 activations as int32 words and XS each chunk's (dx, Σ x̂) (_store_int8), and so
-    XP2 / XS2.  ``zero``: an fp32 tensor the same launch sets to 0."""
+    XP2 / XS2.  ``zero``: an fp32 tensor the same launch sets to 0.  ``prefetch`` (spans from
+    l2_prefetch.spans, the GEMV's own weights): PREFETCH_PROGRAMS more programs pull them into L2."""
     K = x.numel()
     E = values_a_word(w)
     E2 = values_a_word(second[0]) if second is not None else 0
@@ -565,11 +577,13 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None
 
     xp, xs = buffers(E)
     xp2, xs2 = buffers(E2) if E2 else (xp, xs)
-    _prep_act_kernel[(1 if one_pass else K // block,)](
+    pf = prefetch_args(prefetch, xs)
+    pf_progs = PREFETCH_PROGRAMS if pf.pop("PREFETCH") else 0
+    _prep_act_kernel[((1 if one_pass else K // block) + pf_progs,)](
         x, residual if residual is not None else x, norm_w if norm_w is not None else x,
         r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,
         NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, BK=block_k, XP2=xp2, XS2=xs2, E2=E2,
         BK2=second[1] if second is not None else 1024, INT8=int8, Z=zero if zero is not None else xs,
         NZ=zero.numel() if zero is not None else 0, ZERO=zero is not None, num_warps=8 if block >= 4096 else 4,
-        **launch_options(x.device), **FMA)
+        PF_PROGS=pf_progs, **pf, **launch_options(x.device), **FMA)
     return (xp, xs, xp2, xs2) if E2 else (xp, xs)

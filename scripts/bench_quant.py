@@ -8,7 +8,9 @@
 full-K kernels (quant_gemv.DENSE_FP8 off; ``fp8`` is the default route); ``fp8-f32``: fp8 with the full-K
 kernels' fp32 products instead of their e4m3 x fp16 ones (gemv.E4M3_FP16 off).  A ``-nopf`` suffix
 on any format (``int4-nopf``): the same engine with the ``l2_prefetch`` debug switch off (the batch-1
-attention does not prefetch o_proj's weights into L2).  ``--bs1-only``: batch-1 decode alone (A/B runs).
+attention does not prefetch o_proj's weights into L2); a ``-pp`` suffix: the quantized GEMVs'
+preparations also prefetch the head of their weights (quant_gemv.PREP_PREFETCH_BYTES = PREP_PF_MB
+MiB, default 8).  ``--bs1-only``: batch-1 decode alone (A/B runs).
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
 (e.g. /tmp/peer/q4km.gguf from shared/peer/build_llamacpp.sh, for the side-by-side with
@@ -100,20 +102,22 @@ def main() -> int:
         kw = dict(base, model=a.model, load_format="dummy")
         if fmt.endswith("-nopf"):
             kw.update(debug_switches=DebugSwitches(l2_prefetch=False))
-        route = fmt.removesuffix("-nopf")
+        route = fmt.removesuffix("-nopf").removesuffix("-pp")
         if route != "bf16":
             kw.update(quantization=route.removesuffix("-bytes").removesuffix("-f32"), weights="keep")
         from localsgl_kernels import gemv, quant_gemv
 
-        defaults = quant_gemv.DENSE_FP8, gemv.E4M3_FP16
+        defaults = quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES
         quant_gemv.DENSE_FP8 = route != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
         gemv.E4M3_FP16 = route != "fp8-f32" and defaults[1]
+        if fmt.endswith("-pp"):
+            quant_gemv.PREP_PREFETCH_BYTES = int(float(os.environ.get("PREP_PF_MB", "8")) * 2**20)
         try:
             rows.append(run(fmt, kw, a.runs, a.bs1_only))
         except Exception as e:  # keep going: one failure must not hide the other figures
             print(f"FAILED {fmt}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         finally:
-            quant_gemv.DENSE_FP8, gemv.E4M3_FP16 = defaults
+            quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES = defaults
     for path in a.gguf:
         try:
             rows.append(run(path, dict(base, model=path, weights="keep"), a.runs))

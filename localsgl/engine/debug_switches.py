@@ -47,7 +47,8 @@ class DebugSwitches:
     # of eight products, kernels/gemv.py), else in fp32 (exact products, slower)
     fp16_products: bool = True
     # in the fused one-token step, the decode attention prefetches o_proj's weights into L2
-    # (kernels/l2_prefetch.py) while the memory bus would idle
+    # (kernels/l2_prefetch.py) while the memory bus would idle, and so do the quantized GEMVs'
+    # preparations where quant_gemv.PREP_PREFETCH_BYTES is set
     l2_prefetch: bool = True
     profile_steps: bool = False  # per-step device/host timing (engine.core.profile)
     # extend/mixed steps replay graphs around eager attention; None: where the model's layers are small
@@ -122,8 +123,8 @@ def of(model) -> DebugSwitches:
 def apply_to_model(model, switches: DebugSwitches) -> None:
     """Hand the switches to a model: its fast paths read ``of(model)``, every layer with a
     ``use_kernels`` attribute (norms, activations, rotary) takes the ``kernels`` switch, and
-    every quantized weight the ``int8_activations`` and ``fp16_products`` ones (the GEMVs choose their
-    tile and products per weight)."""
+    every quantized weight the ``int8_activations``, ``fp16_products`` and ``l2_prefetch`` ones (the
+    GEMVs choose their tile, products and prefetches per weight)."""
     from .layers.quant import QuantizedWeight
 
     model.debug_switches = switches
@@ -133,6 +134,7 @@ def apply_to_model(model, switches: DebugSwitches) -> None:
         if isinstance(module, QuantizedWeight):  # a RowStack's parts are modules too
             module.int8_activations = switches.int8_activations
             module.fp16_products = switches.fp16_products
+            module.l2_prefetch = switches.l2_prefetch
 
 
 def apply_to_thread(switches: DebugSwitches, device) -> None:

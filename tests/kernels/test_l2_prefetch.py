@@ -57,3 +57,33 @@ def test_decode_attention_with_prefetch_is_unchanged(seq_len):
     assert torch.equal(plain, fetched)
     ref = dec.decode_attention_ref(q, k, v, table, idx, lens, d**-0.5)
     torch.testing.assert_close(fetched.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_quantized_gemvs_with_prepared_prefetch_are_unchanged(monkeypatch):
+    """int4 batch-1 GEMVs whose activations' preparation also prefetches the weight's head
+    (quant_gemv.PREP_PREFETCH_BYTES; checked to have been asked for): the same bits."""
+    from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat
+    from localsgl_kernels import quant_gemv as QG
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    w = QuantizedWeight.quantize(torch.randn(8192, 4096, device=dev, dtype=torch.bfloat16) * 0.02,
+                                 WeightFormat("int4", 128, False))
+    x = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
+    res, norm_w = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16), torch.rand(4096, device=dev) + 0.5
+    asked = []
+    real = QG._prep_spans
+    monkeypatch.setattr(QG, "_prep_spans", lambda *a: asked.append(sum(n for _, n in real(*a))) or real(*a))
+    out = {}
+    for nbytes in (0, 4 << 20):
+        monkeypatch.setattr(QG, "PREP_PREFETCH_BYTES", nbytes)
+        asked.clear()
+        out[nbytes] = (QG.gemv(x, w), *QG.norm_gate_up(x, res, norm_w.to(torch.bfloat16), 1e-5, w))
+        torch.cuda.synchronize()
+        assert all(n == min(nbytes, w.qweight.numel()) for n in asked), (nbytes, asked)
+        if QG.default_config(w, 8192, "cuda").words >= 2:  # a tile that reads prepared activations
+            assert asked, "no preparation launched"
+    for a, b in zip(out[0], out[4 << 20]):
+        assert torch.equal(a, b)

@@ -1,6 +1,7 @@
-"""The decode attention's stage 1 compiles for sm_90 with L2 prefetches of the next GEMV's
-weights (kernels/l2_prefetch.py: inline PTX, which the interpreter cannot run, so CPU tests see
-the kernel only with PREFETCH off), and without them when PREFETCH is off."""
+"""The decode attention's stage 1 and the quantized GEMVs' activation preparation compile for
+sm_90 with L2 prefetches of the next GEMV's weights (kernels/l2_prefetch.py: inline PTX, which
+the interpreter cannot run, so CPU tests see these kernels only without them), and without
+them when they are off."""
 import pytest
 import torch
 from sm90_compile import can_compile, compile_all
@@ -25,3 +26,19 @@ def test_stage1_prefetches_only_when_asked():
         assert r["ok"], f"prefetch={prefetch} early={early}: {r['error']}"
         assert r["ptx_has"]["prefetch.global.L2"] == prefetch, (prefetch, early, r["ptx_has"])
         assert r["ptx_has"]["griddepcontrol.wait"], (prefetch, early)
+
+
+def _prep(pf_progs: int) -> dict:
+    return dict(
+        kernel="localsgl_kernels.quant_words:_prep_act_kernel",
+        pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", XP="*i32", XS="*fp32", XP2="*i32", XS2="*fp32",
+                      Z="*fp32", P0="*u8", P1="*u8", P2="*u8"), div16=["K"], scalars=dict(eps="fp32"), num_warps=8,
+        constexprs=dict(E=8, HAS_RES=True, NORM=True, BLOCK=4096, PDL=True, ONE_PASS=True, BK=1024, INT8=True,
+                        PF_PROGS=pf_progs),
+        ptx_needles=["prefetch.global.L2", "griddepcontrol.wait"])
+
+
+def test_preparation_prefetches_only_with_programs_for_it():
+    for pf_progs, r in zip((64, 0), compile_all([_prep(64), _prep(0)])):
+        assert r["ok"], f"PF_PROGS={pf_progs}: {r['error']}"
+        assert r["ptx_has"] == {"prefetch.global.L2": pf_progs > 0, "griddepcontrol.wait": True}, (pf_progs, r)

@@ -144,6 +144,8 @@ class QuantizedWeight(nn.Module):
     # whether the batch-1 CUDA GEMVs may multiply fp8 e4m3 values by fp16 activations
     # (gemv.fp16_products); the engine's fp16_products debug switch sets it per weight
     fp16_products = True
+    # whether the kernel before its batch-1 GEMV may prefetch it into L2 (the l2_prefetch debug switch)
+    l2_prefetch = True
 
     def __init__(self, fmt: WeightFormat, qweight: torch.Tensor, scales: torch.Tensor,
                  mins: torch.Tensor | None = None, in_features: int | None = None):
