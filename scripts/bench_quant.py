@@ -6,11 +6,11 @@
 
 ``fp8-bytes``: fp8 with its batch-1 GEMVs on quant_gemv's byte tiles instead of the dense
 full-K kernels (quant_gemv.DENSE_FP8 off; ``fp8`` is the default route); ``fp8-f32``: fp8 with the full-K
-kernels' fp32 products instead of their e4m3 x fp16 ones (gemv.E4M3_FP16 off).  A ``-nopf`` suffix
-on any format (``int4-nopf``): the same engine with the ``l2_prefetch`` debug switch off (the batch-1
-attention does not prefetch o_proj's weights into L2); a ``-pp`` suffix: the quantized GEMVs'
-preparations also prefetch the head of their weights (quant_gemv.PREP_PREFETCH_BYTES = PREP_PF_MB
-MiB, default 8).  ``--bs1-only``: batch-1 decode alone (A/B runs).
+kernels' fp32 products instead of their e4m3 x fp16 ones (gemv.E4M3_FP16 off).  A ``-pf`` suffix
+on any format (``int4-pf``): the batch-1 attention prefetches o_proj's weights into L2
+(l2_prefetch.BEFORE_O_PROJ on); ``-pp``: that, and the quantized GEMVs' preparations prefetch
+the head of their weights (quant_gemv.PREP_PREFETCH_BYTES = PREP_PF_MB MiB, default 8).
+``--bs1-only``: batch-1 decode alone (A/B runs).
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
 (e.g. /tmp/peer/q4km.gguf from shared/peer/build_llamacpp.sh, for the side-by-side with
@@ -30,7 +30,6 @@ from types import SimpleNamespace
 
 from localsgl import bench
 from localsgl.engine.api import Engine
-from localsgl.engine.debug_switches import DebugSwitches
 from localsgl.engine.layers.quant import streamed_weight_bytes
 
 
@@ -100,16 +99,15 @@ def main() -> int:
     rows = []
     for fmt in a.formats:
         kw = dict(base, model=a.model, load_format="dummy")
-        if fmt.endswith("-nopf"):
-            kw.update(debug_switches=DebugSwitches(l2_prefetch=False))
-        route = fmt.removesuffix("-nopf").removesuffix("-pp")
+        route = fmt.removesuffix("-pf").removesuffix("-pp")
         if route != "bf16":
             kw.update(quantization=route.removesuffix("-bytes").removesuffix("-f32"), weights="keep")
-        from localsgl_kernels import gemv, quant_gemv
+        from localsgl_kernels import gemv, l2_prefetch, quant_gemv
 
-        defaults = quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES
+        defaults = quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ
         quant_gemv.DENSE_FP8 = route != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
         gemv.E4M3_FP16 = route != "fp8-f32" and defaults[1]
+        l2_prefetch.BEFORE_O_PROJ = fmt.endswith(("-pf", "-pp")) or defaults[3]
         if fmt.endswith("-pp"):
             quant_gemv.PREP_PREFETCH_BYTES = int(float(os.environ.get("PREP_PF_MB", "8")) * 2**20)
         try:
@@ -117,7 +115,7 @@ def main() -> int:
         except Exception as e:  # keep going: one failure must not hide the other figures
             print(f"FAILED {fmt}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         finally:
-            quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES = defaults
+            quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ = defaults
     for path in a.gguf:
         try:
             rows.append(run(path, dict(base, model=path, weights="keep"), a.runs))

@@ -46,9 +46,8 @@ class DebugSwitches:
     # fp8 weights' batch-1 GEMVs multiply e4m3 by the activations in fp16 (packed FMAs, fp32 sums
     # of eight products, kernels/gemv.py), else in fp32 (exact products, slower)
     fp16_products: bool = True
-    # in the fused one-token step, the decode attention prefetches o_proj's weights into L2
-    # (kernels/l2_prefetch.py) while the memory bus would idle, and so do the quantized GEMVs'
-    # preparations where quant_gemv.PREP_PREFETCH_BYTES is set
+    # the L2 prefetches of batch-1 weights by the kernel before their GEMV, where the kernels
+    # have them on (l2_prefetch.BEFORE_O_PROJ, quant_gemv.PREP_PREFETCH_BYTES; off until timed)
     l2_prefetch: bool = True
     profile_steps: bool = False  # per-step device/host timing (engine.core.profile)
     # extend/mixed steps replay graphs around eager attention; None: where the model's layers are small

@@ -243,10 +243,14 @@ def test_attention_int8_epilogue_does_not_change_tokens(saved, monkeypatch):
 
 @pytest.mark.parametrize("quantization", [None, "int4"])
 def test_l2_prefetch_does_not_change_tokens(saved, monkeypatch, quantization):
-    """Batch 1: the decode attention prefetching o_proj's weights into L2 (checked to have been
-    asked for, all of o_proj's bytes) gives the greedy tokens of the step without it, bit for bit
-    (a prefetch moves no value), with CUDA graphs and eagerly."""
+    """Batch 1: the decode attention prefetching o_proj's weights into L2 (l2_prefetch.BEFORE_O_PROJ
+    on; checked to have been asked for, all of o_proj's bytes) gives the greedy tokens of the step
+    without it (the l2_prefetch debug switch off), bit for bit (a prefetch moves no value), with
+    CUDA graphs and eagerly."""
     from localsgl_kernels import decode_attention as dec
+    from localsgl_kernels import l2_prefetch
+
+    monkeypatch.setattr(l2_prefetch, "BEFORE_O_PROJ", True)
 
     d, _ = saved["llama3"]
     asked = []

@@ -20,10 +20,10 @@ Between quantized kernels that read their activations through a preparation kern
 down_proj hand over fp32 sums (``_fp32_sums``), so a GEMV tile cut in two K halves adds them into
 its output instead of summing partials in a launch of its own.  Where o_proj's tile runs over int8
 activations, the decode attention's merge writes them (and zeroes o_proj's output) in its epilogue,
-one launch fewer a layer (the ``attention_int8_epilogue`` debug switch).  While it attends, the
-decode attention also pulls o_proj's weights into L2 (localsgl_kernels.l2_prefetch: at short
-contexts the attention leaves the memory bus idle), so o_proj reads them from there (the
-``l2_prefetch`` debug switch).
+one launch fewer a layer (the ``attention_int8_epilogue`` debug switch).  Where
+``l2_prefetch.BEFORE_O_PROJ`` is on (off until timed), the decode attention also pulls o_proj's
+weights into L2 while it attends (at short contexts it leaves the memory bus idle), so o_proj
+reads them from there (the ``l2_prefetch`` debug switch turns it off).
 
 With an FP8 KV pool the qkv kernel writes the token's K and V to a one-slot staging buffer in
 the model's dtype and the backend's ``forward`` quantizes them into the pool (its KV store
@@ -101,11 +101,12 @@ def _layer_weights(layer) -> tuple:
 
 def _prefetch_spans(w, device: torch.device) -> list:
     """The byte spans of weight ``w`` that the kernel before its GEMV prefetches into L2: its
-    tensors (packed values, scales, offsets) up to half the L2; none where prefetches do not
-    run (CPU, interpreter, before sm_80) or ``w`` is not one weight (a RowStack)."""
+    tensors (packed values, scales, offsets) up to half the L2; none where the prefetch is off
+    (l2_prefetch.BEFORE_O_PROJ) or cannot run (CPU, interpreter, before sm_80), or ``w`` is
+    not one weight (a RowStack)."""
     from localsgl_kernels import l2_prefetch as L2
 
-    if not L2.supported(device):
+    if not L2.BEFORE_O_PROJ or not L2.supported(device):
         return []
     tensors = (w.qweight, w.scales, w.mins) if isinstance(w, QuantizedWeight) else (w,) if isinstance(w, torch.Tensor) else ()
     if not tensors or not all(t is None or t.is_contiguous() for t in tensors):
