@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8] [steps]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8] [steps] [l2pf]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
@@ -46,6 +46,8 @@
 #   (rowstack: scripts/probe_qkv_stack.py (one qkv layer's kernel: joined, stacked, its variants), then
 #    scripts/random_q4km_gguf.py's Q4_K_M-layout file and scripts/bench_row_stack.py: batch 1 with
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
+#   (l2pf: scripts/bench_quant.py --bs1-only over L2PF_FORMATS, default each of int4 / fp8 without and with the
+#    L2 prefetches (-pf: the attention's of o_proj, -pp: and the preparations'), alternated, then bf16 / bf16-pf)
 #   (steps: scripts/probe_step_kernels.py, one batch-1 step's device time kernel by kernel with PDL off, for each
 #    format of STEP_FORMATS (default int4 fp8))
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
@@ -111,6 +113,13 @@ if [[ "$EXTRA" == *" ncu "* ]]; then
   fi
   grep -E "^  [_a-zA-Z].*Context|Duration|DRAM Throughput|L1/TEX Cache Throughput|Issue Slots Busy|Registers Per|Achieved Occupancy" \
     "$OUTDIR/ncu.txt" | cut -c1-110 | head -80
+fi
+if [[ "$EXTRA" == *" l2pf "* ]]; then
+  echo "== batch 1 without and with the L2 prefetches (kernels/l2_prefetch.py), alternated"
+  timeout ${L2PF_TIMEOUT:-420} python3 scripts/bench_quant.py --bs1-only --runs 3 \
+    --formats ${L2PF_FORMATS:-int4 int4-pf int4-pp fp8 fp8-pf int4 int4-pf int4-pp fp8 fp8-pf bf16 bf16-pf} \
+    > "$OUTDIR/l2pf.log" 2>&1
+  grep -v "^{" "$OUTDIR/l2pf.log" | tail -18
 fi
 if [[ "$EXTRA" == *" steps "* ]]; then
   echo "== one batch-1 step kernel by kernel (PDL off, graphs off)"
