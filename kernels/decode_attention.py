@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .options import FMA
 from .l2_prefetch import kernel_args as prefetch_args, max_streamed, prefetch_spans
+from .options import FMA
 from .pdl import launch_options, release_successor_then_wait, wait_for_predecessor
 from .quant_words import _store_int8, zero_share
 

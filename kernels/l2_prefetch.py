@@ -11,8 +11,8 @@ Rules: only bytes no kernel of the step writes (weights) may be prefetched, so a
 may do it before its ``gdc_wait``; the span is capped at a share of the L2 (``span_bytes``)
 so the lines are still there when the GEMV reaches them, and a kernel that itself streams
 more than a quarter of the L2 (the attention over a long context) prefetches nothing: its
-own bytes would evict the lines, and the bus is busy anyway (``max_streamed``).  Off on the CPU, under the
-interpreter (inline PTX) and below sm_80 (``supported``).
+own bytes would evict the lines, and the bus is busy anyway (``max_streamed``).  Off on the
+CPU, under the interpreter (inline PTX) and below sm_80 (``supported``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-LINE = 128  # bytes per prefetch: an L2 line
 # the batch-1 decode attention prefetching o_proj's weights (the engine's fused one-token step):
 # off until timed on a GPU (bench/RESULTS.md, twenty-third session; scripts/bench_quant.py's
 # "-pf" formats switch it on), like quant_gemv.PREP_PREFETCH_BYTES for the preparations
