@@ -265,7 +265,8 @@ def test_l2_prefetch_does_not_change_tokens(saved, monkeypatch, quantization):
         for graphs in (True, False):
             asked.clear()
             with Engine(model=d, device="cuda", dtype="bfloat16", kv_memory="64MiB", quantization=quantization,
-                        disable_cuda_graph=not graphs, debug_switches=DebugSwitches(l2_prefetch=on)) as e:
+                        disable_cuda_graph=not graphs, debug_switches=DebugSwitches(l2_prefetch=on),
+                        in_process=True) as e:  # in process: the patched kernel module and e.model
                 w = e.model.layers[0].self_attn.o_proj.weight
                 size = sum(t.numel() * t.element_size() for t in ((w.qweight, w.scales, w.mins) if quantization
                                                                    else (w,)) if t is not None)
