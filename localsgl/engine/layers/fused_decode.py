@@ -99,15 +99,22 @@ def _layer_weights(layer) -> tuple:
     return a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight
 
 
-def _prefetch_spans(w, device: torch.device) -> list:
-    """The byte spans of weight ``w`` that the kernel before its GEMV prefetches into L2: its
-    tensors (packed values, scales, offsets) up to half the L2; none where the prefetch is off
-    (l2_prefetch.BEFORE_O_PROJ) or cannot run (CPU, interpreter, before sm_80), or ``w`` is
-    not one weight (a RowStack)."""
+def _l2_prefetch_on(model, device: torch.device) -> bool:
+    """Whether the attention prefetches o_proj's weights this step: l2_prefetch.BEFORE_O_PROJ on,
+    the model's l2_prefetch debug switch on, and a GPU that runs the prefetches (sm_80+)."""
+    if not debug_switches.of(model).l2_prefetch:
+        return False
     from localsgl_kernels import l2_prefetch as L2
 
-    if not L2.BEFORE_O_PROJ or not L2.supported(device):
-        return []
+    return L2.BEFORE_O_PROJ and L2.supported(device)
+
+
+def _prefetch_spans(w, device: torch.device) -> list:
+    """The byte spans of weight ``w`` that the kernel before its GEMV prefetches into L2: its
+    tensors (packed values, scales, offsets) up to half the L2; none where ``w`` is not one
+    weight (a RowStack) or not contiguous."""
+    from localsgl_kernels import l2_prefetch as L2
+
     tensors = (w.qweight, w.scales, w.mins) if isinstance(w, QuantizedWeight) else (w,) if isinstance(w, torch.Tensor) else ()
     if not tensors or not all(t is None or t.is_contiguous() for t in tensors):
         return []
@@ -197,7 +204,7 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
         stage_loc = torch.zeros(1, dtype=batch.out_cache_loc.dtype, device=input_ids.device)
     fp32_sums = _fp32_sums(model, input_ids.device.type)
     epilogue = debug_switches.of(model).attention_int8_epilogue and not staged
-    prefetch = debug_switches.of(model).l2_prefetch
+    prefetch = _l2_prefetch_on(model, input_ids.device)
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
