@@ -334,7 +334,8 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
                      BLOCK: tl.constexpr, PDL: tl.constexpr, ONE_PASS: tl.constexpr = False, BK: tl.constexpr = 1024,
                      XP2=None, XS2=None, E2: tl.constexpr = 0, BK2: tl.constexpr = 1024, INT8: tl.constexpr = False,
                      Z=None, NZ=0, ZERO: tl.constexpr = False,
-                     P0=None, N0=0, P1=None, N1=0, P2=None, N2=0, PF_PROGS: tl.constexpr = 0):
+                     P0=None, N0=0, P1=None, N1=0, P2=None, N2=0, PF_PROGS: tl.constexpr = 0,
+                     PF_LANES: tl.constexpr = 128):
     """The activations of the ``words == 2`` GEMVs, once per call instead of once per row block,
     in planes per BK-column step of the GEMV: XP[i·BK + p·BK/E + j] = n[i·BK + E·j + p] pre-scaled
     as _qstream_words scales it (by its column p in word j), in fp32, so that plane p of a step
@@ -350,11 +351,11 @@ def _prep_act_kernel(X, R, G, ROut, XP, XS, K, eps, E: tl.constexpr, HAS_RES: tl
     instead (_store_int8).  ZERO: the programs also zero the NZ fp32 of Z between them (the
     output that the GEMV after this kernel adds its two K halves into).  PF_PROGS > 0: that many
     programs more, after the others, only prefetch the spans P0..P2 (the next GEMV's weights,
-    l2_prefetch.py) into L2, then wait."""
+    l2_prefetch.py) into L2, PF_LANES lines at a time (one a thread), then wait."""
     n_real = tl.num_programs(0) - PF_PROGS
     pf = tl.program_id(0) >= n_real if PF_PROGS > 0 else False
     if pf:
-        prefetch_spans(P0, N0, P1, N1, P2, N2, tl.program_id(0) - n_real, PF_PROGS, 128)
+        prefetch_spans(P0, N0, P1, N1, P2, N2, tl.program_id(0) - n_real, PF_PROGS, PF_LANES)
         wait_for_predecessor(PDL)
     else:
         wait_for_predecessor(PDL)
@@ -579,11 +580,12 @@ def prepare_activations(w, x, residual, norm_w, eps, r_out, block_k, second=None
     xp2, xs2 = buffers(E2) if E2 else (xp, xs)
     pf = prefetch_args(prefetch, xs)
     pf_progs = PREFETCH_PROGRAMS if pf.pop("PREFETCH") else 0
+    warps = 8 if block >= 4096 else 4
     _prep_act_kernel[((1 if one_pass else K // block) + pf_progs,)](
         x, residual if residual is not None else x, norm_w if norm_w is not None else x,
         r_out if r_out is not None else x, xp, xs, K, eps, E=E, HAS_RES=residual is not None,
         NORM=norm_w is not None, BLOCK=block, ONE_PASS=one_pass, BK=block_k, XP2=xp2, XS2=xs2, E2=E2,
         BK2=second[1] if second is not None else 1024, INT8=int8, Z=zero if zero is not None else xs,
-        NZ=zero.numel() if zero is not None else 0, ZERO=zero is not None, num_warps=8 if block >= 4096 else 4,
-        PF_PROGS=pf_progs, **pf, **launch_options(x.device), **FMA)
+        NZ=zero.numel() if zero is not None else 0, ZERO=zero is not None, num_warps=warps,
+        PF_PROGS=pf_progs, PF_LANES=32 * warps, **pf, **launch_options(x.device), **FMA)
     return (xp, xs, xp2, xs2) if E2 else (xp, xs)

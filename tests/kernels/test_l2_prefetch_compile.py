@@ -34,7 +34,7 @@ def _prep(pf_progs: int) -> dict:
         pointers=dict(X="*bf16", R="*bf16", G="*bf16", ROut="*bf16", XP="*i32", XS="*fp32", XP2="*i32", XS2="*fp32",
                       Z="*fp32", P0="*u8", P1="*u8", P2="*u8"), div16=["K"], scalars=dict(eps="fp32"), num_warps=8,
         constexprs=dict(E=8, HAS_RES=True, NORM=True, BLOCK=4096, PDL=True, ONE_PASS=True, BK=1024, INT8=True,
-                        PF_PROGS=pf_progs),
+                        PF_PROGS=pf_progs, PF_LANES=256),
         ptx_needles=["prefetch.global.L2", "griddepcontrol.wait"])
 
 

@@ -99,14 +99,20 @@ def _layer_weights(layer) -> tuple:
     return a.qkv_proj.weight, a.o_proj.weight, m.gate_up_proj.weight, m.down_proj.weight
 
 
-def _l2_prefetch_on(model, device: torch.device) -> bool:
-    """Whether the attention prefetches o_proj's weights this step: l2_prefetch.BEFORE_O_PROJ on,
-    the model's l2_prefetch debug switch on, and a GPU that runs the prefetches (sm_80+)."""
-    if not debug_switches.of(model).l2_prefetch:
-        return False
+def _o_proj_prefetches(model, device: torch.device) -> list | None:
+    """Per layer, the spans of o_proj's weights that the attention prefetches this step (an empty
+    list for a layer whose weight has none), or None: l2_prefetch.BEFORE_O_PROJ off, the model's
+    l2_prefetch debug switch off, or a GPU that does not run the prefetches (below sm_80).  The
+    spans are built once per model and device: an eager step reuses them."""
     from localsgl_kernels import l2_prefetch as L2
 
-    return L2.BEFORE_O_PROJ and L2.supported(device)
+    if not (debug_switches.of(model).l2_prefetch and L2.BEFORE_O_PROJ and L2.supported(device)):
+        return None
+    memo = getattr(model, "_fused_o_proj_prefetches", None)
+    if memo is None or memo[0] != device:
+        memo = (device, [_prefetch_spans(_layer_weights(layer)[1], device) for layer in model.layers])
+        model._fused_o_proj_prefetches = memo
+    return memo[1]
 
 
 def _prefetch_spans(w, device: torch.device) -> list:
@@ -204,7 +210,7 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
         stage_loc = torch.zeros(1, dtype=batch.out_cache_loc.dtype, device=input_ids.device)
     fp32_sums = _fp32_sums(model, input_ids.device.type)
     epilogue = debug_switches.of(model).attention_int8_epilogue and not staged
-    prefetch = _l2_prefetch_on(model, input_ids.device)
+    prefetches = _o_proj_prefetches(model, input_ids.device)
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -223,7 +229,7 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype)
         else:  # o_proj's int8 activations (and its zeroed output) from the attention's merge, where it takes them
             row = kernels_o.prepared_row(w_o, q.dtype, o_dtype, q.device) if epilogue and is_quantized(w_o) else None
-            spans = _prefetch_spans(w_o, q.device) if prefetch else []
+            spans = prefetches[i] if prefetches is not None else []
             o = backend.attend(q, attn.layer_id, batch, attn.scale, int8_row=row, prefetch=spans)
             h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype, **({"prepared": row} if row else {}))
         a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
