@@ -34,6 +34,7 @@ import torch
 
 from .. import config as settings
 from ..engine.layers.quant import QuantizedWeight, WeightFormat, parse_format
+from .aliases import ALIASES
 from .errors import ModelStoreError
 from .quantized_checkpoint import MANIFEST_NAME
 
@@ -87,6 +88,8 @@ def quantize_model(spec: str, method: str, group_size: int | None = None, name: 
     name = name or default_name(source.name, fmt)
     if not _NAME.match(name):
         raise QuantizeError(f"output name {name!r}: use letters, digits and . _ + - (no path)")
+    if name.lower() in ALIASES:  # an alias resolves first (in any case): the output could never be run or removed
+        raise QuantizeError(f"output name {name!r} is a built-in model alias; pick another -o")
     root = settings.quantized_dir()
     dest = root / name
     if dest.exists():

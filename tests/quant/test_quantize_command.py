@@ -139,6 +139,10 @@ def test_interrupted_quantize_leaves_nothing_loadable(reference, data_home, monk
         Q.quantize_model("smollm2-135m", "int8", name="taken", device="cpu")
     with pytest.raises(Q.QuantizeError, match="output name"):
         Q.quantize_model("smollm2-135m", "int8", name="../elsewhere", device="cpu")
+    for alias in ("smollm2-135m", "Llama-3.1-8B"):  # aliases resolve first, in any case: never runnable
+        with pytest.raises(Q.QuantizeError, match="built-in model alias"):
+            Q.quantize_model("smollm2-135m", "int8", name=alias, device="cpu")
+    assert not (root / "smollm2-135m").exists() and not (root / "Llama-3.1-8B").exists()
     Q._remove_stale(root)  # what a run does first
     assert not stale.exists()
 
