@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .l2_prefetch import kernel_args as prefetch_args, max_streamed, prefetch_spans
+from .l2_prefetch import kernel_args as prefetch_args, max_tokens, prefetch_spans
 from .options import FMA
 from .pdl import launch_options, release_successor_then_wait, wait_for_predecessor
 from .quant_words import _store_int8, zero_share
@@ -558,7 +558,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_le
         G=G, HEAD_DIM=D, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         NUM_SPLITS=num_splits, MIN_CHUNK=min_chunk, HAS_START=has_prefix, EARLY_KV=small, KV_FP8=kv_fp8,
         **prefetch_args(prefetch, part_lse),
-        PF_MAX_LEN=max_streamed(q.device) // (Hkv * D * 2 * k_cache.element_size()) if prefetch else 0,
+        PF_MAX_LEN=max_tokens(q.device, Hkv * D * 2 * k_cache.element_size()) if prefetch else 0,
         num_warps=4, num_stages=2, **pdl,
         **FMA,
     )

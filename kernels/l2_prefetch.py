@@ -79,6 +79,12 @@ def max_streamed(device: torch.device) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) // 4
 
 
+def max_tokens(device: torch.device, token_bytes: int) -> int:
+    """The longest context a prefetching kernel that streams ``token_bytes`` a token may read
+    (``max_streamed``): past it the kernel prefetches nothing."""
+    return max_streamed(device) // token_bytes
+
+
 def spans(tensors, budget: int) -> list[tuple[torch.Tensor, int]]:
     """(byte view, byte count) for each tensor, in order, their sum cut at ``budget``: the
     arguments of ``prefetch_spans`` (padded with empty spans by ``kernel_args``)."""

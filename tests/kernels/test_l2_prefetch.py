@@ -33,6 +33,18 @@ def test_no_prefetch_without_a_gpu_kernel():
     assert not L2.supported(torch.device("cpu"))
 
 
+def test_long_contexts_prefetch_nothing(monkeypatch):
+    """The attention prefetches only while the K/V it streams for a layer stay within a quarter of
+    the L2: 3,200 tokens of Llama-8B's bf16 K/V (8 heads x 128 x 2 x 2 bytes) on a 50 MiB L2,
+    twice that with an fp8 KV cache; the GPU test's lengths lie on both sides of it."""
+    props = type("Props", (), {"L2_cache_size": 50 << 20})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    dev = torch.device("cuda")
+    assert L2.span_bytes(dev) == 25 << 20 and L2.max_streamed(dev) == 50 << 18
+    assert L2.max_tokens(dev, 8 * 128 * 2 * 2) == 3200 and L2.max_tokens(dev, 8 * 128 * 2) == 6400
+    assert 3000 <= L2.max_tokens(dev, 8 * 128 * 2 * 2) < 20000
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("seq_len", [1, 256, 3000, 20000])  # the last past max_streamed: no prefetch
@@ -51,6 +63,8 @@ def test_decode_attention_with_prefetch_is_unchanged(seq_len):
     scales = torch.randn(4096, 32, device=dev, dtype=torch.float16)
     spans = L2.spans([weight, scales], L2.span_bytes(dev))
     assert sum(n for _, n in spans) == weight.numel() + scales.numel() * 2
+    if seq_len == 20000:  # the case that must take the kernel's no-prefetch branch
+        assert seq_len > L2.max_tokens(dev, hkv * d * 2 * k.element_size())
     plain = dec.decode_attention(q, k, v, table, idx, lens, d**-0.5, num_splits=32)
     fetched = dec.decode_attention(q, k, v, table, idx, lens, d**-0.5, num_splits=32, prefetch=spans)
     torch.cuda.synchronize()
