@@ -69,6 +69,20 @@ def default_name(source_name: str, fmt: WeightFormat) -> str:
     return f"{base}-{fmt.kind}" + (f"-g{fmt.group_size}" if fmt.group_size and fmt.kind == "int4" else "")
 
 
+def _check_name(name: str) -> Path:
+    """The directory output ``name`` would take; QuantizeError where it cannot be one: not a plain
+    name, a built-in alias (aliases resolve first, in any case, so the output could be neither run
+    nor removed), or an output that exists."""
+    if not _NAME.match(name):
+        raise QuantizeError(f"output name {name!r}: use letters, digits and . _ + - (no path)")
+    if name.lower() in ALIASES:
+        raise QuantizeError(f"output name {name!r} is a built-in model alias; pick another -o")
+    dest = settings.quantized_dir() / name
+    if dest.exists():
+        raise QuantizeError(f"{name} already exists ({dest}); remove it with `localsgl rm {name}` or pick another -o")
+    return dest
+
+
 def quantize_model(spec: str, method: str, group_size: int | None = None, name: str | None = None,
                    device: str | None = None, progress: Callable[[int, int, str], None] | None = None,
                    calibrate: bool = False) -> QuantizeResult:
@@ -82,18 +96,14 @@ def quantize_model(spec: str, method: str, group_size: int | None = None, name: 
         fmt = parse_format(method, group_size)
     except ValueError as e:
         raise QuantizeError(str(e)) from None
+    if name is not None:  # a name that cannot be written is refused before any download
+        _check_name(name)
     source = resolve_model(spec, record_use=False)
     if source.kind not in ("hf", "gguf"):
         raise QuantizeError(f"{spec}: only checkpoint directories and GGUF files can be quantized")
     name = name or default_name(source.name, fmt)
-    if not _NAME.match(name):
-        raise QuantizeError(f"output name {name!r}: use letters, digits and . _ + - (no path)")
-    if name.lower() in ALIASES:  # an alias resolves first (in any case): the output could never be run or removed
-        raise QuantizeError(f"output name {name!r} is a built-in model alias; pick another -o")
-    root = settings.quantized_dir()
-    dest = root / name
-    if dest.exists():
-        raise QuantizeError(f"{name} already exists ({dest}); remove it with `localsgl rm {name}` or pick another -o")
+    dest = _check_name(name)
+    root = dest.parent
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

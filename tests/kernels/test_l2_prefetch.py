@@ -33,7 +33,7 @@ def test_no_prefetch_without_a_gpu_kernel():
     assert not L2.supported(torch.device("cpu"))
 
 
-def test_long_contexts_prefetch_nothing(monkeypatch):
+def test_the_length_past_which_the_attention_prefetches_nothing(monkeypatch):
     """The attention prefetches only while the K/V it streams for a layer stay within a quarter of
     the L2: 3,200 tokens of Llama-8B's bf16 K/V (8 heads x 128 x 2 x 2 bytes) on a 50 MiB L2,
     twice that with an fp8 KV cache; the GPU test's lengths lie on both sides of it."""

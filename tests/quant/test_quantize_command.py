@@ -143,6 +143,8 @@ def test_interrupted_quantize_leaves_nothing_loadable(reference, data_home, monk
         with pytest.raises(Q.QuantizeError, match="built-in model alias"):
             Q.quantize_model("smollm2-135m", "int8", name=alias, device="cpu")
     assert not (root / "smollm2-135m").exists() and not (root / "Llama-3.1-8B").exists()
+    with pytest.raises(Q.QuantizeError, match="already exists"):  # refused before the source is looked up
+        Q.quantize_model("no-such-org/no-such-model", "int8", name="taken", device="cpu")
     Q._remove_stale(root)  # what a run does first
     assert not stale.exists()
 
