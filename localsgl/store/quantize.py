@@ -96,13 +96,13 @@ def quantize_model(spec: str, method: str, group_size: int | None = None, name: 
         fmt = parse_format(method, group_size)
     except ValueError as e:
         raise QuantizeError(str(e)) from None
-    if name is not None:  # a name that cannot be written is refused before any download
-        _check_name(name)
+    dest = _check_name(name) if name is not None else None  # a bad name is refused before any download
     source = resolve_model(spec, record_use=False)
     if source.kind not in ("hf", "gguf"):
         raise QuantizeError(f"{spec}: only checkpoint directories and GGUF files can be quantized")
-    name = name or default_name(source.name, fmt)
-    dest = _check_name(name)
+    if dest is None:
+        name = default_name(source.name, fmt)
+        dest = _check_name(name)
     root = dest.parent
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
