@@ -261,27 +261,41 @@ def _print(rows: list[dict], ceil: dict, engine: Engine, out=sys.stdout) -> None
         print(f"{r['workload']:58s} {r['measured']:12.2f} {r['unit']:>13s} {fl:>12s} {ra:>8s}", file=out)
 
 
+def _at_least(low: int):
+    """An argparse type: an integer no smaller than `low`, so a zero batch or length is refused up front."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its message: "invalid integer value: 'x'"
+    return parse
+
+
 def main(kind: str, engine_kwargs: dict, args: list[str], json_output: bool = False) -> int:
     if kind == "serving":
         from .bench_serving import main as serving_main
 
         return serving_main(engine_kwargs, args, json_output)
+    if kind not in ("latency", "throughput", "prefix"):
+        print(f"unknown benchmark {kind!r}: choose latency, throughput, prefix or serving", file=sys.stderr)
+        return 2
     p = argparse.ArgumentParser(prog=f"localsgl bench {kind}")
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--input-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--workload", choices=["fixed", "mixed"], default="fixed")
-    p.add_argument("--prefix-len", type=int, default=4096)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--batch", type=_at_least(1), nargs="+", default=[1], help="latency: batch sizes, each timed")
+    p.add_argument("--input-len", type=_at_least(1), default=256, help="prompt tokens (prefix: after the shared prefix)")
+    p.add_argument("--output-len", type=_at_least(1), default=256, help="generated tokens a request")
+    p.add_argument("--num-prompts", type=_at_least(1), default=64, help="throughput / prefix: requests")
+    p.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",
+                   help="throughput: fixed lengths, or mixed (128-1024 in, 128-512 out)")
+    p.add_argument("--prefix-len", type=_at_least(1), default=4096, help="prefix: tokens every prompt shares")
+    p.add_argument("--runs", type=_at_least(1), default=3, help="timed runs (their median is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="throughput: every request's penalty")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="throughput: every request's penalty")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="throughput: every request's penalty")
     a = p.parse_args(args)
-    if kind not in ("latency", "throughput", "prefix"):
-        print(f"unknown benchmark {kind!r}: choose latency, throughput, prefix or serving", file=sys.stderr)
-        return 2
     # these time the engine core itself: it runs in this process whatever LOCALSGL_IN_PROCESS
     # says (they reset its prefix cache between runs and count its model's bytes for the floors);
     # `bench serving` measures the core in its own process, as `serve` runs it

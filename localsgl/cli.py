@@ -82,12 +82,16 @@ def serve(
 @engine_options
 def bench(
     ctx: typer.Context,
-    kind: Annotated[str, typer.Argument(help="latency | throughput | serving (further options go to the benchmark)")],
+    kind: Annotated[str, typer.Argument(help="latency | throughput | prefix | serving (further options go to the "
+                                            "benchmark)")],
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
     *,
     flags: dict,
 ) -> None:
-    """Benchmarks: localsgl.bench.main(kind, engine_kwargs, args, json_output) does the work."""
+    """Time the engine on this machine: latency, throughput, prefix reuse, or serving over HTTP.
+
+    `localsgl bench KIND -- --help` lists a benchmark's own options.
+    """
 
     def body():
         kwargs = resolve_engine_kwargs(flags)

@@ -49,3 +49,26 @@ def test_latency_rows_use_the_measured_steps(monkeypatch, capsys):
     assert decode["tok_s"] == pytest.approx(4 / statistics.median(seen))
     # 7 steps of the last-started request lie inside the whole run
     assert 7 * decode["measured"] / 1e3 < 4 * 8 / total["measured"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    (["--batch", "2", "-1"], "argument --batch: must be at least 1, got -1"),
+    (["--input-len", "0"], "argument --input-len: must be at least 1, got 0"),
+    (["--output-len", "-3"], "argument --output-len: must be at least 1, got -3"),
+    (["--runs", "0"], "argument --runs: must be at least 1, got 0"),
+    (["--num-prompts", "0"], "argument --num-prompts: must be at least 1, got 0"),
+    (["--prefix-len", "0"], "argument --prefix-len: must be at least 1, got 0"),
+    (["--runs", "two"], "argument --runs: invalid integer value: 'two'"),
+])
+def test_bad_arguments_are_refused_before_an_engine_starts(monkeypatch, capsys, args, message):
+    monkeypatch.setattr(bench, "Engine", lambda **kw: pytest.fail("an engine was started"))
+    with pytest.raises(SystemExit) as e:
+        bench.main("latency", dict(ENGINE), args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unknown_benchmark_is_refused_before_its_options_are_read(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "Engine", lambda **kw: pytest.fail("an engine was started"))
+    assert bench.main("speed", dict(ENGINE), ["--bogus"]) == 2
+    assert "unknown benchmark 'speed'" in capsys.readouterr().err
