@@ -213,9 +213,14 @@ def test_cpu_plan_defaults():
 
 
 def test_cpu_weights_must_fit_ram():
-    with pytest.raises(PlanError, match="RAM"):
+    with pytest.raises(PlanError, match="RAM; use --dtype bfloat16 or a smaller model$"):
         make_plan(L8, cpu(ram=24 * GiB), "float32")
     make_plan(L8, cpu(ram=64 * GiB), "bfloat16")
+    # the advice names only what would shrink the plan: no --dtype bfloat16 where it is bf16 already
+    with pytest.raises(PlanError, match="RAM; use a smaller --kv-memory or a smaller model$"):
+        make_plan(L8, cpu(ram=24 * GiB), "bfloat16", kv_memory=10 * 1024 * GiB)
+    with pytest.raises(PlanError, match="RAM; use a smaller model$"):
+        make_plan(L8, cpu(ram=16 * GiB), "bfloat16")
 
 
 def test_default_dtype(monkeypatch):

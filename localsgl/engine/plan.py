@@ -511,9 +511,13 @@ def make_plan(
             default = max(CPU_KV_TOKENS, max_model_len or 0) * bpt
             kv_total = min(CPU_KV_DEFAULT, total // 4, need, default)
         if w_bytes + kv_total + act > 0.9 * total:
+            advice = ["a smaller --kv-memory"] if kv_memory is not None else []
+            if dtype == "float32":
+                advice.append("--dtype bfloat16")
+            advice.append("a smaller model")
             raise PlanError(
                 f"the weights ({format_size(w_bytes)} at {dtype}) plus KV cache ({format_size(kv_total)}) "
-                f"do not fit in {format_size(total)} of RAM; use a smaller model, --dtype bfloat16 or --kv-memory"
+                f"do not fit in {format_size(total)} of RAM; use {' or '.join(advice)}"
             )
 
     kv_tokens = int(kv_total // bpt)
