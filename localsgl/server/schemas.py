@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
@@ -161,6 +161,15 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = None
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _not_empty(cls, value):
+        """An empty list (or an empty token list inside one) is an empty prompt, not a type error
+        of the union's first branch."""
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+            raise ValueError("The prompt is empty.")
+        return value
 
 
 class TokenizeRequest(_Req):

@@ -88,7 +88,8 @@ CASES = [
                                                 tool_choice={"type": "function", "function": {"name": "g"}}), 400,
      "tool_choice", "invalid_value"),
     ("prompt_wrong_type", COMP, comp(prompt=5), 400, "prompt", None),
-    ("prompt_empty_list", COMP, comp(prompt=[]), 400, "prompt", None),
+    ("prompt_empty_list", COMP, comp(prompt=[]), 400, "prompt", "invalid_value"),
+    ("prompt_empty_token_list", COMP, comp(prompt=[[1, 2], []]), 400, "prompt", "invalid_value"),
     ("prompt_token_out_of_range", COMP, comp(prompt=[1, 2, 10**9]), 400, "prompt", "invalid_value"),
     ("prompt_token_negative", COMP, comp(prompt=[1, -2]), 400, "prompt", None),
     ("suffix", COMP, comp(suffix="end"), 400, "suffix", "unsupported_parameter"),
@@ -129,6 +130,8 @@ def test_bad_input(server, case):
             assert err["param"] == param, err
         if code is not None:
             assert err["code"] == code, err
+        if name.startswith("prompt_empty"):
+            assert err["message"] == "Invalid value for 'prompt': The prompt is empty.", err
         assert c.get("/health").status_code == 200
 
 
