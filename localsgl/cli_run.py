@@ -86,6 +86,18 @@ def _as_prompt(engine, text: str, system: Optional[str]):
     return f"{system}\n\n{text}" if system else text
 
 
+def _utf8(data: bytes, source: str) -> str:
+    """UTF-8 text of ``data``; bytes that are not UTF-8 (a Latin-1 file, a binary in a pipe)
+    become U+FFFD with a warning, as an editor shows them, instead of failing the tokenizer."""
+    text = data.decode("utf-8", errors="replace")
+    if "\ufffd" in text:
+        bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+        if bad:
+            _err(f"warning: {source} is not all UTF-8 text: {bad} undecodable byte sequence"
+                 f"{'s' if bad > 1 else ''} replaced with U+FFFD")
+    return text
+
+
 def _read_stdin() -> Optional[str]:
     """Piped stdin's text, or None when stdin is a terminal or absent."""
     stream = sys.stdin
@@ -94,12 +106,28 @@ def _read_stdin() -> Optional[str]:
     try:
         if stream.closed or stream.isatty():
             return None
-        return stream.read()
+        raw = getattr(stream, "buffer", None)
+        if raw is None:  # a text-only stream (an embedding program's): already decoded
+            return stream.read()
+        return _utf8(raw.read(), "stdin")
     except (OSError, ValueError):
         return None
 
 
+def _argument_text(prompt: Optional[str]) -> Optional[str]:
+    """The prompt argument with bytes that were not UTF-8 (kept by Python as lone surrogates)
+    replaced, as _utf8 does for stdin."""
+    if prompt is None:
+        return None
+    try:
+        prompt.encode("utf-8")
+        return prompt
+    except UnicodeEncodeError:
+        return _utf8(prompt.encode("utf-8", errors="surrogateescape"), "the prompt argument")
+
+
 def _gather_prompts(prompt: Optional[str], batch: bool) -> list[str]:
+    prompt = _argument_text(prompt)
     piped = _read_stdin()
     if batch:
         lines = [ln.strip() for ln in (piped or "").splitlines() if ln.strip()]
@@ -125,6 +153,9 @@ def _text_or_file(flag: str, value: str) -> str:
             return f.read()
     except OSError as e:
         raise UsageError(f"{flag}: cannot read {value[1:]}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{flag}: {value[1:]} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start})") from None
 
 
 def _json_schema_arg(value: Optional[str]) -> Optional[dict]:

@@ -216,6 +216,28 @@ def test_stdin_is_prompt_or_appended(fake):
     assert eng.calls[-1][1][-1]["content"] == "Summarise:\n\nline one\nline two"
 
 
+def test_text_that_is_not_utf8_is_replaced_with_a_warning(fake, tmp_path):
+    """A binary or Latin-1 pipe or argument reaches the model with U+FFFD in place of the
+    undecodable bytes (and a warning), not as a tokenizer TypeError; an @file is refused."""
+    eng = fake()
+    r = invoke(["run"], input=b"caf\xe9 \xff\xfe ok\n")
+    assert r.exit_code == 0, r.output
+    assert eng.calls[-1][1][-1]["content"] == "caf\ufffd \ufffd\ufffd ok"
+    assert "warning: stdin is not all UTF-8 text: 3 undecodable byte sequences replaced with U+FFFD" in r.stderr
+    r = invoke(["run"], input="caf\u00e9 \ufffd\n".encode())  # valid UTF-8, a real U+FFFD in it: no warning
+    assert r.exit_code == 0 and eng.calls[-1][1][-1]["content"] == "caf\u00e9 \ufffd" and "warning" not in r.stderr
+    r = invoke(["run", "--batch"], input=b"a\x80\nb\n")
+    assert r.exit_code == 0 and "1 undecodable byte sequence replaced" in r.stderr
+    arg = b"caf\xe9".decode("utf-8", errors="surrogateescape")  # what Python makes of such an argv byte
+    r = invoke(["run", arg])
+    assert r.exit_code == 0, r.output
+    assert eng.calls[-1][1][-1]["content"] == "caf\ufffd" and "the prompt argument is not all UTF-8" in r.stderr
+    bad = tmp_path / "g.lark"
+    bad.write_bytes(b"start: \"\xe9\"\n")
+    r = invoke(["run", "Q", "--grammar", f"@{bad}"])
+    assert r.exit_code == 2 and f"--grammar: {bad} is not UTF-8 text (byte 0xe9 at offset 8)" in r.stderr
+
+
 def test_no_chat_template_prepends_system(fake):
     eng = fake(template=False)
     r = invoke(["run", "Q?", "--system", "S"])

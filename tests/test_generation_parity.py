@@ -141,3 +141,18 @@ def test_per_prompt_params(engine):
     with pytest.raises(InvalidRequestError):
         engine.generate(prompts, plist[:2])
     assert engine.stats()["prompt_tokens_total"] == before
+
+
+def test_text_with_a_lone_surrogate_is_refused(engine):
+    """A lone surrogate (JSON's "\\ud800", or a byte Python kept through surrogateescape) is not
+    text: the API refuses it as a bad request, where the tokenizer would raise a TypeError."""
+    from localsgl.engine.params import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match=r"prompt is not valid Unicode text: a lone surrogate U\+D800 at "
+                                                  r"character 3") as e:
+        engine.generate("caf\ud800", SamplingParams(max_tokens=2))
+    assert e.value.param == "prompt"
+    with pytest.raises(InvalidRequestError, match="messages is not valid Unicode text") as e:
+        engine.generate([{"role": "user", "content": "x\udce9"}], SamplingParams(max_tokens=2))
+    assert e.value.param == "messages"
+    assert engine.generate("café", SamplingParams(max_tokens=2)).token_ids  # and the engine still serves

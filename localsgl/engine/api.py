@@ -37,6 +37,16 @@ from .request import Request
 log = logging.getLogger("localsgl")
 
 
+
+def _require_unicode(text: str, param: str) -> None:
+    """Refuse text with a lone surrogate (JSON's "\\ud800", or undecodable bytes kept by Python's
+    surrogateescape): it is not Unicode text, and the tokenizer would fail on it with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{param} is not valid Unicode text: a lone surrogate "
+                                  f"U+{ord(text[e.start]):04X} at character {e.start}", param) from None
+
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full (max_queue); retry later."""
 
@@ -235,6 +245,7 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer (dummy weights): pass token ids", "prompt")
+            _require_unicode(prompt, "prompt")
             return list(self.tokenizer(prompt)["input_ids"])
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             return self.apply_chat_template(list(prompt))
@@ -265,8 +276,10 @@ class Engine:
                 template_kwargs["tools"] = tools
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                                       **template_kwargs)
+            _require_unicode(text, "messages")
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         text = "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in messages) + "\nassistant:"
+        _require_unicode(text, "messages")
         return list(self.tokenizer(text)["input_ids"])
 
     # ------------------------------------------------------------ submit
