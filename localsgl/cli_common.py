@@ -75,6 +75,7 @@ def _usage_error_types() -> tuple[type, ...]:
         ("localsgl.engine.plan", "PlanError"),
         ("localsgl.engine.models.config", "UnsupportedModelError"),
         ("localsgl.store.resolve", "UnknownModelError"),
+        ("localsgl.store.gguf_file", "GGUFError"),
     ):
         try:
             types.append(getattr(__import__(mod, fromlist=[name]), name))

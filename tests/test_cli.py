@@ -447,3 +447,14 @@ def test_an_answer_that_fails_in_the_engine_exits_1_with_the_message(fake):
     assert r.exit_code == 1
     assert r.stdout.count("answer to") == 3  # every answer is written, in order
     assert "prompt 2: OutOfMemoryError: step" in r.stderr
+
+
+def test_a_file_that_is_not_gguf_is_a_usage_error(tmp_path):
+    """A .gguf path that holds something else is bad input: exit 2 and the reader's message,
+    before any model loads."""
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 8)
+    for cmd in (["run", "-m", str(bad), "hi"], ["show", str(bad)], ["info", "-m", str(bad)]):
+        r = invoke(cmd)
+        assert r.exit_code == 2, (cmd, r.output)
+        assert f"error: {bad}: not a readable GGUF file" in r.stderr and "GGUFError" not in r.stderr
