@@ -457,4 +457,9 @@ def test_a_file_that_is_not_gguf_is_a_usage_error(tmp_path):
     for cmd in (["run", "-m", str(bad), "hi"], ["show", str(bad)], ["info", "-m", str(bad)]):
         r = invoke(cmd)
         assert r.exit_code == 2, (cmd, r.output)
-        assert f"error: {bad}: not a readable GGUF file" in r.stderr and "GGUFError" not in r.stderr
+        assert f"error: {bad}: not a readable GGUF file: " in r.stderr and "GGUFError" not in r.stderr
+    cut = tmp_path / "cut.gguf"  # a GGUF header whose tensors end past the end of the file
+    with open(cut, "wb") as f:
+        f.write(b"GGUF" + (3).to_bytes(4, "little") + (5).to_bytes(8, "little") + (0).to_bytes(8, "little"))
+    r = invoke(["run", "-m", str(cut), "hi"])
+    assert r.exit_code == 2 and f"{cut}: not a readable GGUF file (truncated, or still downloading?): " in r.stderr

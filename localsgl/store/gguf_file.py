@@ -72,6 +72,15 @@ class GGUFError(ValueError):
     """A GGUF file we cannot read or do not support."""
 
 
+def _magic(path) -> bytes:
+    """The file's first four bytes (b"GGUF" for a GGUF file), or b"" where it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
 def hf_tensor_name(gguf_name: str) -> str | None:
     """GGUF tensor name -> HF name; None for tensors that are not weights (rope_freqs)."""
     if gguf_name in _SKIPPED:
@@ -117,7 +126,9 @@ class GGUFModel:
         try:
             reader = GGUFReader(str(self.path), "r")
         except (ValueError, OSError, IndexError) as e:
-            raise GGUFError(f"{self.path}: not a readable GGUF file: {e}") from None
+            magic = _magic(self.path)
+            hint = " (truncated, or still downloading?)" if magic == b"GGUF" else ""
+            raise GGUFError(f"{self.path}: not a readable GGUF file{hint}: {e}") from None
         self._reader = reader
         if self.get("general.architecture") is None:
             raise GGUFError(f"{self.path}: GGUF file has no general.architecture")
