@@ -293,6 +293,9 @@ def _load_toml(path: Path) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 text
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
 

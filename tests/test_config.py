@@ -143,6 +143,9 @@ def test_bad_file_value_names_the_file(clean_env):
     p.write_text("this is = not [toml\n")
     with pytest.raises(C.ConfigError, match="invalid TOML"):
         C.resolve_engine_kwargs({})
+    p.write_bytes(b'dtype = "float16"\n# caf\xe9\n')  # a Latin-1 byte: TOML is UTF-8
+    with pytest.raises(C.ConfigError, match=r"invalid TOML: not UTF-8 text \(byte 0xe9 at offset 23\)"):
+        C.resolve_engine_kwargs({})
 
 
 def test_config_tables_and_unknown_keys(clean_env, capsys):
