@@ -7,6 +7,7 @@ Cancelling that worker (Esc) aborts the request, and the engine frees its KV slo
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from contextlib import aclosing
 from pathlib import Path
@@ -24,7 +25,7 @@ from .commands import CommandError
 from .conversation import Conversation
 from .engine_link import EngineLink, TurnStats, turn_stats
 from .help_screen import HelpScreen
-from .history import ChatHistory
+from .history import ChatHistory, NoHistory
 from .keys import KEY_ACTIONS, effective_keys
 from .model_screen import ModelScreen
 from .sessions_screen import SessionsScreen
@@ -37,6 +38,14 @@ LIVE_SPEED_SECONDS = 0.25
 def _binding(bid: str, action: str, priority: bool = False, show: bool = False) -> Binding:
     a = KEY_ACTIONS[bid]
     return Binding(a.key, action, a.short or a.description, id=bid, priority=priority, show=show)
+
+
+def _open_history() -> ChatHistory | NoHistory:
+    """The saved conversations, or a stand-in that saves nothing when the store cannot be opened."""
+    try:
+        return ChatHistory()
+    except (sqlite3.Error, OSError) as e:
+        return NoHistory(str(e))
 
 
 class ChatApp(App):
@@ -55,7 +64,7 @@ class ChatApp(App):
                  theme: str | None = None, on_rendered: Callable[[int, float], None] | None = None):
         super().__init__()
         self.link = link
-        self.history = history if history is not None else ChatHistory()
+        self.history = history if history is not None else _open_history()
         self.keymap = dict(keymap or {})
         self.on_rendered = on_rendered  # told (chars on screen, time) after each answer update reaches the screen
         self._theme_name = theme
@@ -63,7 +72,11 @@ class ChatApp(App):
         self.editing = False  # the next message replaces the last one sent (/edit)
         self._answer_worker: Worker | None = None
         self._pending_answer = False  # a message came while the model loaded
-        resumed = self.history.latest() if resume else None
+        try:
+            resumed = self.history.latest() if resume else None
+        except sqlite3.Error as e:  # locked by another chat for longer than the store waits
+            self.history = NoHistory(str(e))
+            resumed = None
         if resumed is not None:
             if not model_given and not link.ready:
                 link.engine_kwargs["model"] = resumed.model
@@ -97,6 +110,9 @@ class ChatApp(App):
         if self.resumed:
             intro += f" Resumed: {self.conversation.title or 'conversation'}."
         await self.chat.show_conversation(self.conversation, intro)
+        if getattr(self.history, "notice", None):
+            self.chat.add_note(self.history.notice, error=True)
+            self.history.notice = None
         self.set_interval(KV_REFRESH_SECONDS, self.refresh_kv)
         if self.link.ready:
             self._engine_ready()
@@ -393,7 +409,11 @@ class ChatApp(App):
         self.push_screen(SessionsScreen(self.history, self.conversation.id), chosen)
 
     async def open_conversation(self, conv_id: int) -> None:
-        conv = self.history.load(conv_id)
+        try:
+            conv = self.history.load(conv_id)
+        except sqlite3.Error as e:
+            self.notify(f"cannot open the conversation: {e}", severity="error")
+            return
         if conv is None:
             self.notify("that conversation is gone", severity="warning")
             return

@@ -52,8 +52,26 @@ class ChatHistory:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else default_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.notice: str | None = None  # what the chat tells the user about the store, once
+        try:
+            self._create()
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError):  # locked, read-only, no space: not the file's fault
+                raise
+            # not an SQLite file, or a damaged one: kept aside (never deleted), a new store started
+            kept = self.path.with_name(f"{self.path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            try:
+                self.path.rename(kept)
+            except FileNotFoundError:  # another chat moved it first
+                pass
+            self._create()
+            self.notice = f"the saved conversations in {self.path} could not be read ({e}); that file is kept as " \
+                          f"{kept.name} and a new one was started"
+
+    def _create(self) -> None:
         with closing(self._connect()) as db, db:
             db.executescript(_SCHEMA)
+            db.execute("SELECT COUNT(*) FROM conversations").fetchone()  # a damaged table fails here
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5.0)
@@ -114,3 +132,27 @@ class ChatHistory:
     def delete(self, conv_id: int) -> bool:
         with closing(self._connect()) as db, db:
             return db.execute("DELETE FROM conversations WHERE id=?", (conv_id,)).rowcount > 0
+
+
+class NoHistory:
+    """Stands in for a ChatHistory that could not be opened (locked, read-only, no space): the
+    chat runs, nothing is saved, and each save says why."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        self.notice = f"conversations are not saved this time: {reason}"
+
+    def save(self, conv: Conversation) -> int:
+        raise RuntimeError(self.reason)
+
+    def load(self, conv_id: int) -> Conversation | None:
+        return None
+
+    def latest(self) -> Conversation | None:
+        return None
+
+    def summaries(self, limit: int = 500) -> list[ConversationSummary]:
+        return []
+
+    def delete(self, conv_id: int) -> bool:
+        return False

@@ -1,6 +1,7 @@
 """The saved conversations, newest first: Enter reopens one, d deletes one."""
 from __future__ import annotations
 
+import sqlite3
 import time
 
 from textual.binding import Binding
@@ -41,7 +42,11 @@ class SessionsScreen(Screen[int | None]):
         table.focus()
 
     def refill(self) -> None:
-        self.rows = self.history.summaries()
+        try:
+            self.rows = self.history.summaries()
+        except sqlite3.Error as e:  # locked by another chat for longer than the store waits
+            self.rows = []
+            self.app.notify(f"cannot list the saved conversations: {e}", severity="error")
         table = self.query_one(DataTable)
         table.clear()
         for s in self.rows:
@@ -64,7 +69,10 @@ class SessionsScreen(Screen[int | None]):
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.history.delete(s.id)
+                try:
+                    self.history.delete(s.id)
+                except sqlite3.Error as e:
+                    self.app.notify(f"cannot delete the conversation: {e}", severity="error")
                 self.refill()
 
         self.app.push_screen(ConfirmScreen(f"Delete the conversation {s.title or s.id!r}?", yes="Delete"), answered)

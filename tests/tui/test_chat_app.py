@@ -352,3 +352,46 @@ def test_model_screen_pulls_with_progress_deletes_after_asking_and_switches(hist
             assert type(app.screen).__name__ == "ChatScreen"
 
     run(scenario())
+
+
+def test_an_unreadable_history_is_kept_aside_and_a_new_one_started(tmp_path, monkeypatch):
+    """A chats file that is not SQLite (or is damaged) is renamed, never deleted, and the chat
+    starts a new store and says so; a store that cannot be opened at all (here: a directory
+    in its place) leaves the chat running unsaved, each save saying why."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    store = tmp_path / "localsgl" / "chats.sqlite3"
+    store.parent.mkdir()
+    store.write_bytes(b"not a database " * 100)
+    engine = ScriptedEngine(lambda n, messages: f"reply {n}")
+
+    async def session():
+        app = make_app(engine, None)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            errors = [v.note for v in app.chat.message_views() if v.has_class("error")]
+            assert len(errors) == 1 and "could not be read (file is not a database)" in errors[0], errors
+            await send_and_wait(pilot, "hello")
+        return app
+
+    app = run(session())
+    kept = [p for p in store.parent.iterdir() if p.name.startswith("chats.sqlite3.unreadable-")]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"not a database " * 100
+    assert [s.title for s in app.history.summaries()] == ["hello"]  # the new store works
+
+    store.unlink()
+    store.mkdir()  # sqlite cannot open a directory: OperationalError, not the file's fault
+
+    async def unsaved():
+        app = make_app(engine, None, resume=True)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            errors = [v.note for v in app.chat.message_views() if v.has_class("error")]
+            assert len(errors) == 1 and errors[0].startswith("conversations are not saved this time: "), errors
+            await send_and_wait(pilot, "still answers")
+            assert answers(app)[-1].startswith("reply")
+            await pilot.press("f3")
+            await pilot.pause()
+            assert type(app.screen).__name__ == "SessionsScreen" and app.screen.rows == []
+
+    run(unsaved())
+    assert store.is_dir() and not any(store.iterdir())
