@@ -142,7 +142,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "quantization": Annotated[Optional[str], typer.Option("--quantization", help="int4 | int8 | fp8: quantize dense linear weights as they load (with --load-format dummy: random weights in that format)", rich_help_panel=_P)],
     "kv_cache_dtype": Annotated[Optional[str], typer.Option("--kv-cache-dtype", help="auto | fp8: store the KV cache as fp8 (e4m3 with a scale per token and head): about half the bytes, so twice the tokens", show_default="auto (the model's dtype)", rich_help_panel=_P)],
     "device": Annotated[Optional[str], typer.Option("--device", help="cuda | cuda:N | cpu", show_default="cuda if present", rich_help_panel=_P)],
-    "tp": Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel GPUs", rich_help_panel=_P)],
+    "tp": Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel GPUs (only 1 today)", rich_help_panel=_P)],
 }
 
 

@@ -156,3 +156,19 @@ def test_text_with_a_lone_surrogate_is_refused(engine):
         engine.generate([{"role": "user", "content": "x\udce9"}], SamplingParams(max_tokens=2))
     assert e.value.param == "messages"
     assert engine.generate("café", SamplingParams(max_tokens=2)).token_ids  # and the engine still serves
+
+
+def test_messages_the_chat_template_cannot_render_are_a_bad_request(engine):
+    from localsgl.engine.params import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="the model's chat template cannot render these messages") as e:
+        engine.generate([{"role": "user"}], SamplingParams(max_tokens=2))  # no content: the template fails
+    assert e.value.param == "messages"
+
+
+def test_tp_below_one_is_refused_before_anything_loads():
+    from localsgl import Engine
+    from localsgl.engine.params import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="tp must be at least 1, got 0"):
+        Engine(tp=0)

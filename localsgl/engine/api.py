@@ -155,6 +155,8 @@ class Engine:
 
         # a person's own defaults for omitted sampling fields (checked before anything loads)
         self._user_sampling = check_user_defaults(default_sampling)
+        if tp < 1:
+            raise InvalidRequestError(f"tp must be at least 1, got {tp}", "tp")
         if tp != 1:
             raise InvalidRequestError("tensor parallelism (tp > 1) is not available in this build", "tp")
         if schedule_policy not in ("fcfs", "lpm"):
@@ -274,8 +276,14 @@ class Engine:
         if getattr(self.tokenizer, "chat_template", None):
             if tools:
                 template_kwargs["tools"] = tools
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                      **template_kwargs)
+            try:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                          **template_kwargs)
+            except Exception as e:
+                if any("Template" in c.__name__ for c in type(e).__mro__):  # jinja2's errors, all of them
+                    raise InvalidRequestError(f"the model's chat template cannot render these messages: {e}",
+                                              "messages") from None
+                raise
             _require_unicode(text, "messages")
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         text = "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in messages) + "\nassistant:"
