@@ -37,7 +37,6 @@ from .request import Request
 log = logging.getLogger("localsgl")
 
 
-
 def _require_unicode(text: str, param: str) -> None:
     """Refuse text with a lone surrogate (JSON's "\\ud800", or undecodable bytes kept by Python's
     surrogateescape): it is not Unicode text, and the tokenizer would fail on it with a TypeError."""
@@ -46,6 +45,7 @@ def _require_unicode(text: str, param: str) -> None:
     except UnicodeEncodeError as e:
         raise InvalidRequestError(f"{param} is not valid Unicode text: a lone surrogate "
                                   f"U+{ord(text[e.start]):04X} at character {e.start}", param) from None
+
 
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full (max_queue); retry later."""
