@@ -168,7 +168,7 @@ def _to_bool(v: Any) -> bool:
     return b
 
 
-def _to_int(minimum: int) -> Callable[[Any], int]:
+def _to_int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def conv(v: Any) -> int:
         if isinstance(v, bool):
             raise ValueError(f"expected an integer, got {v!r}")
@@ -178,6 +178,8 @@ def _to_int(minimum: int) -> Callable[[Any], int]:
             raise ValueError(f"expected an integer, got {v!r}") from None
         if n < minimum:
             raise ValueError(f"must be at least {minimum}, got {n}")
+        if maximum is not None and n > maximum:
+            raise ValueError(f"must be at most {maximum}, got {n}")
         return n
 
     return conv
@@ -273,7 +275,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("tp", _to_int(1)),
         # front-end settings (not Engine kwargs)
         Setting("host", _str, engine=False),
-        Setting("port", _to_int(1), engine=False),
+        Setting("port", _to_int(1, 65535), engine=False),
         Setting("api_key", _str, engine=False),
     ]
 }

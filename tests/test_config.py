@@ -153,6 +153,8 @@ def test_config_tables_and_unknown_keys(clean_env, capsys):
     assert C.resolve_engine_kwargs({})["dtype"] == "float16"
     s = C.resolve_settings({"port": None}, ["host", "port", "api_key"])
     assert s == {"host": "0.0.0.0", "port": 9000}
+    with pytest.raises(C.ConfigError, match="must be at most 65535, got 99999"):  # not wrapped to 34463
+        C.resolve_settings({"port": 99999}, ["port"])
     err = capsys.readouterr().err
     assert "flux" in err and "weird" in err
 
