@@ -221,6 +221,9 @@ def test_cpu_weights_must_fit_ram():
         make_plan(L8, cpu(ram=24 * GiB), "bfloat16", kv_memory=10 * 1024 * GiB)
     with pytest.raises(PlanError, match="RAM; use a smaller model$"):
         make_plan(L8, cpu(ram=16 * GiB), "bfloat16")
+    with pytest.raises(PlanError, match=r"activations \(.*TiB\) do not fit .* RAM; use a smaller --chunk-size or "
+                                         r"--max-running or a smaller model$"):
+        make_plan(L1, cpu(ram=24 * GiB), "bfloat16", chunk_size=10**11)
 
 
 def test_default_dtype(monkeypatch):

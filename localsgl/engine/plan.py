@@ -512,12 +512,15 @@ def make_plan(
             kv_total = min(CPU_KV_DEFAULT, total // 4, need, default)
         if w_bytes + kv_total + act > 0.9 * total:
             advice = ["a smaller --kv-memory"] if kv_memory is not None else []
+            if act > max(w_bytes, kv_total):  # sized by --chunk-size and --max-running
+                advice.append("a smaller --chunk-size or --max-running")
             if dtype == "float32":
                 advice.append("--dtype bfloat16")
             advice.append("a smaller model")
             raise PlanError(
-                f"the weights ({format_size(w_bytes)} at {dtype}) plus KV cache ({format_size(kv_total)}) "
-                f"do not fit in {format_size(total)} of RAM; use {' or '.join(advice)}"
+                f"the weights ({format_size(w_bytes)} at {dtype}), KV cache ({format_size(kv_total)}) and "
+                f"activations ({format_size(act)}) do not fit in {format_size(total)} of RAM; "
+                f"use {' or '.join(advice)}"
             )
 
     kv_tokens = int(kv_total // bpt)
