@@ -65,8 +65,10 @@ class QuantizeResult:
 
 
 def default_name(source_name: str, fmt: WeightFormat) -> str:
+    """<model>-<method>, with -g<group> where the scales are grouped (int4 always; int8 and fp8
+    when asked), so that two group sizes of one model get two names."""
     base = re.sub(r"[^A-Za-z0-9._+-]+", "-", source_name.split("/")[-1]).strip("-.") or "model"
-    return f"{base}-{fmt.kind}" + (f"-g{fmt.group_size}" if fmt.group_size and fmt.kind == "int4" else "")
+    return f"{base}-{fmt.kind}" + (f"-g{fmt.group_size}" if fmt.group_size else "")
 
 
 def _check_name(name: str) -> Path:

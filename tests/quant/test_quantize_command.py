@@ -159,3 +159,14 @@ def test_group_the_kernels_cannot_tile_is_refused(data_home):
                                     "-o", "odd", "--device", "cpu"])
         assert r.exit_code == 2 and "power of two" in r.output, r.output
     assert (sorted(p.name for p in root.iterdir()) if root.exists() else []) == before
+
+
+def test_default_names_tell_group_sizes_apart():
+    from localsgl.engine.layers.quant import parse_format
+    from localsgl.store.quantize import default_name
+
+    names = {default_name("HuggingFaceTB/SmolLM2-135M-Instruct", parse_format(m, g))
+             for m, g in (("int4", None), ("int4", 32), ("int8", None), ("int8", 32), ("fp8", None), ("fp8", 64))}
+    assert names == {"SmolLM2-135M-Instruct-int4-g128", "SmolLM2-135M-Instruct-int4-g32", "SmolLM2-135M-Instruct-int8",
+                     "SmolLM2-135M-Instruct-int8-g32", "SmolLM2-135M-Instruct-fp8", "SmolLM2-135M-Instruct-fp8-g64"}
+    assert default_name("a b/c d?", parse_format("int8")) == "c-d-int8"
