@@ -57,8 +57,12 @@ def _runner(w: QuantizedWeight, route: str, prepared):
         group = w.group
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, sz)
     if route == "int8":
-        q, s = w.qweight, prepared
-        return lambda x: torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, s)
+        q, s = prepared
+
+        def int8(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.aten._weight_int8pack_mm(_aligned(x.contiguous()), q, s)
+
+        return int8
     if route == "int8-nibbles":
         (hi, hi_sz), (lo, lo_sz) = prepared
         group = w.group
@@ -73,6 +77,14 @@ def _runner(w: QuantizedWeight, route: str, prepared):
 
     dense = prepared  # [K, N] in the layout the dense weights' CPU route wants
     return lambda x: cpu_mm(x, dense)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it where its data does not start on a 64-byte boundary: torch's int8
+    weight GEMM on x86 reads both operands with aligned vector loads and crashes the process
+    (SIGSEGV) on a weight or activation that starts 8 or 48 bytes off, as a tensor inside a
+    safetensors file or a row slice can (torch 2.13, AVX-512)."""
+    return t if t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def _cache(w: QuantizedWeight) -> dict:
@@ -102,9 +114,10 @@ def _prepare(w: QuantizedWeight, dtype: torch.dtype, cache: dict) -> str:
             pass  # no packed int4 CPU kernel in this torch: the dense route
     if packed_ok and w.fmt.kind == "int8" and w.mins is None and w.group >= w.in_features:
         try:
+            q = _aligned(w.qweight.contiguous())
             s = w.scales.reshape(-1).to(dtype).contiguous()
-            torch.ops.aten._weight_int8pack_mm(torch.zeros(1, w.in_features, dtype=dtype), w.qweight, s)
-            cache[("int8", dtype)] = s
+            torch.ops.aten._weight_int8pack_mm(torch.zeros(1, w.in_features, dtype=dtype), q, s)
+            cache[("int8", dtype)] = (q, s)
             return "int8"
         except (RuntimeError, AttributeError):
             pass
