@@ -9,6 +9,7 @@ quantize, rm); helpers they share are in cli_common.  This module holds the type
 global options, the thin serve and bench hand-offs, and registers every command in --help order.
 """
 import importlib
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -46,6 +47,20 @@ def main(
 ) -> None:
     """Run LLMs locally with an SGLang-class engine inside."""
     _setup_logging(verbose)
+    _crash_traceback()
+
+
+def _crash_traceback() -> None:
+    """A crash inside a native kernel (SIGSEGV, SIGABRT) prints where Python was to stderr, as
+    something to report, instead of ending the process without a word."""
+    import faulthandler
+
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=False)
+    except (AttributeError, ValueError, OSError, RuntimeError):  # a stderr without a file descriptor
+        pass
 
 
 @engine_options

@@ -463,3 +463,11 @@ def test_a_file_that_is_not_gguf_is_a_usage_error(tmp_path):
         f.write(b"GGUF" + (3).to_bytes(4, "little") + (5).to_bytes(8, "little") + (0).to_bytes(8, "little"))
     r = invoke(["run", "-m", str(cut), "hi"])
     assert r.exit_code == 2 and f"{cut}: not a readable GGUF file (truncated, or still downloading?): " in r.stderr
+
+
+def test_a_native_crash_prints_where_it_happened():
+    """A SIGSEGV in a native kernel ends the process; the CLI leaves Python's traceback of it on
+    stderr to report, rather than nothing."""
+    code = "from localsgl import cli; cli._crash_traceback(); import ctypes; ctypes.string_at(0)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Segmentation fault" in r.stderr and 'File "<string>", line 1' in r.stderr
