@@ -14,6 +14,7 @@ SIGINT, so a Ctrl-C in the terminal reaches the front end alone, which shuts it 
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import pickle
@@ -170,6 +171,7 @@ def child_main(fd: int) -> None:
     hello = conn.recv()
     _die_with_parent(hello["parent_pid"], hello["pdeathsig"])
     logging.basicConfig(stream=sys.stderr, level=hello["log_level"], format="%(levelname)s %(name)s: %(message)s")
+    faulthandler.enable(file=sys.stderr, all_threads=False)  # a native crash leaves its stack beside the parent's report
     send_lock = threading.Lock()
 
     def send(msg) -> None:
