@@ -9,7 +9,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label
 
 from .confirm_screen import ConfirmScreen
-from .history import ChatHistory, ConversationSummary
+from .history import ChatHistory, ConversationSummary, NoHistory
 
 
 def _when(t: float) -> str:
@@ -24,7 +24,7 @@ class SessionsScreen(Screen[int | None]):
         Binding("d,delete", "delete", "Delete"),
     ]
 
-    def __init__(self, history: ChatHistory, current: int | None):
+    def __init__(self, history: ChatHistory | NoHistory, current: int | None):
         super().__init__()
         self.history = history
         self.current = current

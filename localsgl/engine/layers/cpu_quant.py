@@ -82,8 +82,9 @@ def _runner(w: QuantizedWeight, route: str, prepared):
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of it where its data does not start on a 64-byte boundary: torch's int8
     weight GEMM on x86 reads both operands with aligned vector loads and crashes the process
-    (SIGSEGV) on a weight or activation that starts 8 or 48 bytes off, as a tensor inside a
-    safetensors file or a row slice can (torch 2.13, AVX-512)."""
+    (SIGSEGV) on a weight off a 16-byte boundary or activations off a 32-byte one, as a tensor
+    inside a safetensors file or a row slice can lie (torch 2.13; bench/RESULTS.md, "twenty-fifth
+    session")."""
     return t if t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
