@@ -22,7 +22,7 @@ from .cli_common import (
     _stdin_is_terminal,
     engine_options,
 )
-from .config import DEFAULT_MODEL, resolve_engine_kwargs, resolve_settings
+from .config import DEFAULT_MODEL, not_utf8, resolve_engine_kwargs, resolve_settings
 
 
 # ----------------------------------------------------------------------------- engine helpers
@@ -154,8 +154,7 @@ def _text_or_file(flag: str, value: str) -> str:
     except OSError as e:
         raise UsageError(f"{flag}: cannot read {value[1:]}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
-        raise UsageError(f"{flag}: {value[1:]} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                         f"{e.start})") from None
+        raise UsageError(f"{flag}: {value[1:]} is {not_utf8(e)}") from None
 
 
 def _json_schema_arg(value: Optional[str]) -> Optional[dict]:

@@ -282,6 +282,11 @@ SETTINGS: dict[str, Setting] = {
 ENGINE_SETTINGS = [n for n, s in SETTINGS.items() if s.engine]
 
 
+def not_utf8(e: UnicodeDecodeError) -> str:
+    """Where a file's bytes stop being UTF-8, for an error message."""
+    return f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+
+
 def _load_toml(path: Path) -> dict:
     try:
         import tomllib  # Python 3.11+
@@ -296,8 +301,7 @@ def _load_toml(path: Path) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except UnicodeDecodeError as e:  # TOML is UTF-8 text
-        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                          f"{e.start})") from None
+        raise ConfigError(f"{path}: invalid TOML: {not_utf8(e)}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
 
