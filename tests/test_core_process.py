@@ -307,6 +307,22 @@ def test_killed_core_fails_open_requests_and_health(tmp_path):
         eng.shutdown()
 
 
+def test_a_native_crash_in_the_core_leaves_its_stack_on_stderr(tmp_path, capfd):
+    """A SIGSEGV in the core (a native kernel's crash) prints where the core was, beside the front
+    end's "exited unexpectedly", so that the crash can be reported."""
+    eng = tiny_engine(tiny_dir(tmp_path), False)
+    try:
+        eng.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=2))
+        capfd.readouterr()
+        os.kill(eng.core.proc.pid, signal.SIGSEGV)
+        eng.core.proc.wait(timeout=30)
+        err = capfd.readouterr().err
+        assert eng.core.proc.returncode == -signal.SIGSEGV
+        assert "Fatal Python error: Segmentation fault" in err and "core_process.py" in err, err[-2000:]
+    finally:
+        eng.shutdown()
+
+
 def _child_pids(pid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):
