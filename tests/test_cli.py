@@ -471,3 +471,13 @@ def test_a_native_crash_prints_where_it_happened():
     code = "from localsgl import cli; cli._crash_traceback(); import ctypes; ctypes.string_at(0)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Segmentation fault" in r.stderr and 'File "<string>", line 1' in r.stderr
+
+
+def test_triton_attention_without_a_gpu_is_a_usage_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = invoke(["run", "hi", "--attention-backend", "triton", "--device", "cpu", "--local", "--max-tokens", "1"])
+    assert r.exit_code == 2, r.output
+    assert "error: the triton attention backend needs a CUDA device; use --attention-backend torch" in r.stderr
+    assert "ValueError" not in r.stderr

@@ -34,6 +34,7 @@ import torch
 
 from .. import config as settings
 from ..engine.layers.quant import QuantizedWeight, WeightFormat, parse_format
+from ..engine.plan import PlanError, detect_device
 from .aliases import ALIASES
 from .errors import ModelStoreError
 from .quantized_checkpoint import MANIFEST_NAME
@@ -99,6 +100,10 @@ def quantize_model(spec: str, method: str, group_size: int | None = None, name: 
     except ValueError as e:
         raise QuantizeError(str(e)) from None
     dest = _check_name(name) if name is not None else None  # a bad name is refused before any download
+    try:  # and a device that is not here, as the engine refuses it
+        dev = torch.device(detect_device(device).torch_device)
+    except PlanError as e:
+        raise QuantizeError(str(e)) from None
     source = resolve_model(spec, record_use=False)
     if source.kind not in ("hf", "gguf"):
         raise QuantizeError(f"{spec}: only checkpoint directories and GGUF files can be quantized")
@@ -108,7 +113,6 @@ def quantize_model(spec: str, method: str, group_size: int | None = None, name: 
     root = dest.parent
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:

@@ -170,3 +170,14 @@ def test_default_names_tell_group_sizes_apart():
     assert names == {"SmolLM2-135M-Instruct-int4-g128", "SmolLM2-135M-Instruct-int4-g32", "SmolLM2-135M-Instruct-int8",
                      "SmolLM2-135M-Instruct-int8-g32", "SmolLM2-135M-Instruct-fp8", "SmolLM2-135M-Instruct-fp8-g64"}
     assert default_name("a b/c d?", parse_format("int8")) == "c-d-int8"
+
+
+def test_a_device_that_is_not_here_is_refused_before_any_work(data_home, monkeypatch):
+    """--device cuda without a CUDA GPU (or an unknown device) is the engine's usage error, not
+    torch's AssertionError, and it comes before the source is looked up."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in (("cuda", "--device cuda: no CUDA GPU is available here (use --device cpu)"),
+                            ("cuda:1", "--device cuda:1: no CUDA GPU is available here"),
+                            ("tpu", "unknown device 'tpu' (use cuda, cuda:N or cpu)")):
+        r = runner.invoke(cli.app, ["quantize", "no-such-org/no-such-model", "--method", "int8", "--device", device])
+        assert r.exit_code == 2 and message in r.output, r.output

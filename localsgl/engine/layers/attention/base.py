@@ -87,7 +87,10 @@ def create_backend(name: str, device: torch.device) -> AttentionBackend:
         return TorchAttentionBackend()
     if name == "triton":
         if device.type != "cuda":
-            raise ValueError("the triton attention backend needs a CUDA device; use --attention-backend torch")
+            from ...params import InvalidRequestError
+
+            raise InvalidRequestError("the triton attention backend needs a CUDA device; use --attention-backend torch",
+                                      "attention_backend")
         from .triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
