@@ -110,7 +110,7 @@ class ChatApp(App):
         if self.resumed:
             intro += f" Resumed: {self.conversation.title or 'conversation'}."
         await self.chat.show_conversation(self.conversation, intro)
-        if getattr(self.history, "notice", None):
+        if self.history.notice:
             self.chat.add_note(self.history.notice, error=True)
             self.history.notice = None
         self.set_interval(KV_REFRESH_SECONDS, self.refresh_kv)

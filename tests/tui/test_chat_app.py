@@ -395,3 +395,54 @@ def test_an_unreadable_history_is_kept_aside_and_a_new_one_started(tmp_path, mon
 
     run(unsaved())
     assert store.is_dir() and not any(store.iterdir())
+
+
+def test_a_store_locked_mid_chat_leaves_the_chat_running(history, monkeypatch):
+    """Another program holding the store past its 5 s wait: --resume starts unsaved instead of
+    crashing, and the sessions screen, reopening and deleting say why and go on."""
+    import sqlite3
+
+    engine = ScriptedEngine(lambda n, messages: f"reply {n}")
+
+    async def first():
+        app = make_app(engine, history)
+        async with app.run_test(size=SIZE) as pilot:
+            await send_and_wait(pilot, "kept topic")
+
+    run(first())
+
+    def locked(*a, **k):
+        raise sqlite3.OperationalError("database is locked")
+
+    for method in ("latest", "summaries", "load", "delete"):
+        monkeypatch.setattr(history, method, locked)
+
+    async def second():
+        app = make_app(engine, history, resume=True)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            errors = [v.note for v in app.chat.message_views() if v.has_class("error")]
+            assert errors == ["conversations are not saved this time: database is locked"], errors
+            assert app.conversation.messages == []  # not resumed, and nothing lost: the store still holds it
+            await send_and_wait(pilot, "still answers")
+            assert answers(app)[-1].startswith("reply")
+
+    run(second())
+
+    async def third():  # the store opened, then locked: the sessions screen and reopening
+        monkeypatch.setattr(history, "latest", lambda: None)
+        app = make_app(engine, history)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            await pilot.press("f3")
+            await pilot.pause()
+            assert type(app.screen).__name__ == "SessionsScreen" and app.screen.rows == []
+            await pilot.press("escape")
+            await pilot.pause()
+            await app.open_conversation(1)
+            await pilot.pause()
+            assert app.conversation.messages == []
+
+    run(third())
+    monkeypatch.undo()
+    assert [s.title for s in history.summaries()] == ["kept topic"]
