@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 # the batch-1 decode attention prefetching o_proj's weights (the engine's fused one-token step):
-# off until timed on a GPU (bench/RESULTS.md, twenty-third session; scripts/bench_quant.py's
-# "-pf" formats switch it on), like quant_gemv.PREP_PREFETCH_BYTES for the preparations
+# off: on an H100 it made batch 1 slower for int4, fp8 and bf16 (bench/RESULTS.md, twenty-sixth
+# session; scripts/bench_quant.py's "-pf" formats switch it on), as did quant_gemv.PREP_PREFETCH_BYTES
 BEFORE_O_PROJ = False
 MAX_SPANS = 3  # a quantized weight's packed values, scales and offsets
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")

@@ -336,7 +336,8 @@ def _row_scales(w) -> torch.Tensor:
 
 
 # the head of a batch-1 GEMV's weights that its activations' preparation (quant_words, a short
-# launch that leaves the bus idle) prefetches into L2 with programs of its own; 0: none
+# launch that leaves the bus idle) prefetches into L2 with programs of its own; 0: none (an H100
+# ran int4 batch 1 5 % slower with it, bench/RESULTS.md, twenty-sixth session)
 PREP_PREFETCH_BYTES = 0
 
 
