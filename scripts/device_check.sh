@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8] [steps] [l2pf]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8] [steps] [l2pf] [tune]
 #   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
@@ -50,6 +50,8 @@
 #    L2 prefetches (-pf: the attention's of o_proj, -pp: and the preparations'), alternated, then bf16 / bf16-pf)
 #   (steps: scripts/probe_step_kernels.py, one batch-1 step's device time kernel by kernel with PDL off, for each
 #    format of STEP_FORMATS (default int4 fp8))
+#   (tune: scripts/tune_tiles.sh, a tuned-tiles file for this GPU (GEMVs, rows and a8 routes) written to $OUTDIR/<GPU>.json,
+#    int4 timed with the packaged file and with it; its TUNE_* settings)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
 #    wheels of scripts/device_wheels.sh in .whl/)
 set -uo pipefail
@@ -120,6 +122,10 @@ if [[ "$EXTRA" == *" l2pf "* ]]; then
     --formats ${L2PF_FORMATS:-int4 int4-pf int4-pp fp8 fp8-pf int4 int4-pf int4-pp fp8 fp8-pf bf16 bf16-pf} \
     > "$OUTDIR/l2pf.log" 2>&1
   grep -v "^{" "$OUTDIR/l2pf.log" | tail -18
+fi
+if [[ "$EXTRA" == *" tune "* ]]; then
+  echo "== a tuned-tiles file for this GPU (scripts/tune_tiles.sh)"
+  OUT="$OUTDIR" bash scripts/tune_tiles.sh 2>&1 | tee "$OUTDIR/tune.log" | tail -60
 fi
 if [[ "$EXTRA" == *" steps "* ]]; then
   echo "== one batch-1 step kernel by kernel (PDL off, graphs off)"

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# A tuned-tiles file for the GPU this runs on (kernels/tuned/<GPU name>.json): the batch-1 GEMVs'
+# tiles, then the 2-8-row (quant_rows) and 16/64-row int8-activation (quant_a8) routes, each probe
+# building on the file the one before wrote; then int4 end to end with the file as it was and with
+# the new one.  The new file is left in kernels/tuned/ and copied to $OUT (or /tmp/localsgl-tune).
+#
+#   bash scripts/tune_tiles.sh            # on the device machine: bash scripts/device_check.sh none notests tune
+#
+# env: TUNE_GEMV_FORMATS (default int4g128 int4g32 int8g16 int8; fp8's batch 1 runs the dense GEMVs),
+#      TUNE_ROUTES (default "rows a8"; "" for the GEMVs alone), TUNE_BENCH=0 (no end-to-end timing),
+#      TUNE_TIMEOUT s per probe (default 200).  Needs PYTHONPATH as device_check.sh sets it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR="${OUT:-/tmp/localsgl-tune}"; mkdir -p "$OUTDIR"
+gpu="$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")" || exit 1
+tuned="kernels/tuned/$gpu.json"
+[ -f "$tuned" ] && cp "$tuned" "$OUTDIR/before.json" || echo "[]" > "$OUTDIR/before.json"
+echo "[]" > "$OUTDIR/empty.json"
+t0=$(date +%s)
+elapsed() { echo "$(( $(date +%s) - t0 )) s"; }
+
+echo "== $gpu: batch-1 GEMV tiles against the built-in ones (${TUNE_GEMV_FORMATS:-int4g128 int4g32 int8g16 int8})"
+LOCALSGL_QUANT_TILES="$OUTDIR/empty.json" timeout ${TUNE_TIMEOUT:-200} python3 scripts/probe_quant_tiles.py \
+  --formats ${TUNE_GEMV_FORMATS:-int4g128 int4g32 int8g16 int8} --kinds gemv --words 3 --jobs 16 \
+  --json "$OUTDIR/gemv_rows.json" --tiles "$OUTDIR/gemv_tiles.json" > "$OUTDIR/gemv_probe.log" 2>&1
+rc=$?; echo "rc $rc at $(elapsed)"
+grep -E "^int.* gemv " "$OUTDIR/gemv_probe.log"
+if [ $rc = 0 ]; then
+  python3 scripts/merge_tiles.py "$OUTDIR/before.json" "$OUTDIR/gemv_rows.json" "$OUTDIR/gemv_tiles.json" -o "$tuned"
+fi
+for route in ${TUNE_ROUTES-rows a8}; do
+  echo "== the $route route against the GEMM"
+  # the probe times against this GPU's tuned file (the one just written) and writes it back with its entries
+  timeout ${TUNE_TIMEOUT:-200} python3 "scripts/probe_quant_$route.py" --out "$OUTDIR/${route}_tiles.json" \
+    > "$OUTDIR/${route}_probe.log" 2>&1
+  rc=$?; echo "rc $rc at $(elapsed)"
+  grep -vE "Warning|warn_once" "$OUTDIR/${route}_probe.log" | tail -16
+  [ $rc = 0 ] && cp "$OUTDIR/${route}_tiles.json" "$tuned"
+done
+[ -f "$tuned" ] && cp "$tuned" "$OUTDIR/$gpu.json" && echo "-> $tuned ($(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$tuned") entries), copied to $OUTDIR/$gpu.json"
+
+if [ "${TUNE_BENCH:-1}" != 0 ] && [ -f "$tuned" ]; then
+  echo "== int4 (Llama-3.1-8B, random weights) with the file before and after, alternated"
+  for f in before "$gpu" before "$gpu"; do
+    LOCALSGL_QUANT_TILES="$OUTDIR/$f.json" timeout 120 python3 scripts/bench_quant.py --runs 3 --formats int4 2>&1 \
+      | grep "^int4" | sed "s|^int4 *|$f |"
+  done
+  for f in before "$gpu"; do
+    echo "-- bench latency, int4, batch 2 / 4 / 8, tiles $f"
+    LOCALSGL_QUANT_TILES="$OUTDIR/$f.json" timeout 150 python3 -c "
+from localsgl import bench
+bench.main('latency', dict(model='llama-3.1-8b', load_format='dummy', quantization='int4'),
+           ['--batch', '2', '4', '8', '--input-len', '512', '--output-len', '128', '--runs', '2'])" 2>&1 | grep -E "^decode|Error"
+  done
+fi
+echo "tune done at $(elapsed)"
