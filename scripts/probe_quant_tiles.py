@@ -5,7 +5,8 @@ floor (packed bytes over copy bandwidth; for many rows also the bf16 tensor-core
     python scripts/probe_quant_tiles.py [--jobs 14] [--json OUT.json] [--tiles TILES.json]
         [--formats int4g128 int4g32 ...] [--kinds gemv gemm prefill] [--words 0|1|2|3]
 
-``--tiles`` writes the winners that beat the built-in tile in the format of
+``--tiles`` writes the winners that beat the built-in tile by 3 % (for a GEMV shape where none
+does, the built-in tile itself, so that no timed shape borrows another's) in the format of
 kernels/quant_tiles.py (LOCALSGL_QUANT_TILES=TILES.json makes the engine use them; copied to
 kernels/tuned/<device name>.json they are the defaults on that GPU model).  Run it with
 LOCALSGL_QUANT_TILES unset and no tuned file for the GPU, so "default" is the built-in tile.
@@ -162,6 +163,15 @@ FUSED_SHAPES = {"qkv": (32, 8, 128), "gate_up": None}  # (query heads, KV heads,
 FUSED_CANDIDATES = 6
 
 
+def _winner(row: dict) -> tuple | None:
+    """The tile a tuned file gets for a timed shape: the best one where it beats the default by
+    3 %, else the default GEMV tile (a GEMV shape without an entry would borrow its nearest
+    shape's tile, quant_tiles.lookup); None for a GEMM shape the default won."""
+    if row["best"] and row["best_us"] < 0.97 * row["default_us"]:
+        return tuple(row["best"])
+    return tuple(row["default_tile"]) if row.get("default_tile") else None
+
+
 def _fused_call(shape, w, x, cfg):
     """The fused kernel the engine runs one token of ``shape`` through (norm + qkv + rotary +
     KV store, norm + gate/up + SiLU·mul), with tile ``cfg`` (None: its default); None when
@@ -303,6 +313,8 @@ def main() -> None:
                     fd, fb, fcfg = _time_fused(name, w, x, timings)
                     row.update(gemv_default_us=default, gemv_best_us=best[0], gemv_best=row["best"], default_us=fd,
                                best_us=fb, best=tuple(fcfg) if fcfg else None)
+                if kind == "gemv":  # the tile "default" timed: written where it wins, so no shape borrows another's
+                    row["default_tile"] = tuple(QV.default_config(w, n, "cuda"))
                 if kind == "gemv" and fmt.startswith("int4"):
                     row["torch_int4pack_us"] = _torch_int4pack_us(n, k, FORMATS[fmt].group_size)
                 if kind == "gemv":  # the tensor-core GEMM's 16-row tile (tuned or built-in) on this one row
@@ -338,8 +350,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if args.tiles:
-        tiles = [dict(kind=r["kind"], fmt=r["label"], n=r["n"], k=r["k"], m=r["m"], tile=list(r["best"]))
-                 for r in rows if r["kind"] in ("gemv", "gemm") and r["best"] and r["best_us"] < 0.97 * r["default_us"]]
+        tiles = [dict(kind=r["kind"], fmt=r["label"], n=r["n"], k=r["k"], m=r["m"], tile=list(_winner(r)))
+                 for r in rows if r["kind"] in ("gemv", "gemm") and _winner(r)]
         with open(args.tiles, "w") as f:
             json.dump(tiles, f, indent=1)
         print(f"{len(tiles)} tuned tiles -> {args.tiles}")
