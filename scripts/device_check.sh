@@ -125,7 +125,8 @@ if [[ "$EXTRA" == *" l2pf "* ]]; then
 fi
 if [[ "$EXTRA" == *" tune "* ]]; then
   echo "== a tuned-tiles file for this GPU (scripts/tune_tiles.sh)"
-  OUT="$OUTDIR" bash scripts/tune_tiles.sh 2>&1 | tee "$OUTDIR/tune.log" | tail -60
+  # streamed, not tailed: a call cut by its time limit still shows how far the probes got
+  OUT="$OUTDIR" bash scripts/tune_tiles.sh 2>&1 | tee "$OUTDIR/tune.log" | grep -vE "Warning|warn_once"
 fi
 if [[ "$EXTRA" == *" steps "* ]]; then
   echo "== one batch-1 step kernel by kernel (PDL off, graphs off)"
