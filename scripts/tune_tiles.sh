@@ -8,7 +8,8 @@
 #
 # env: TUNE_GEMV_FORMATS (default int4g128 int4g32 int8g16 int8; fp8's batch 1 runs the dense GEMVs),
 #      TUNE_ROUTES (default "rows a8"; "" for the GEMVs alone), TUNE_BENCH=0 (no end-to-end timing),
-#      TUNE_TIMEOUT s per probe (default 200).  Needs PYTHONPATH as device_check.sh sets it.
+#      TUNE_TIMEOUT s per probe (default 200), TUNE_GGUF (a GGUF file, e.g. /tmp/peer/q4km.gguf of the peer
+#      step, or a path where a random Q4_K_M-layout one is written: timed kept quantized before and after too).  Needs PYTHONPATH as device_check.sh sets it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${OUT:-/tmp/localsgl-tune}"; mkdir -p "$OUTDIR"
@@ -16,6 +17,10 @@ gpu="$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ',
 tuned="kernels/tuned/$gpu.json"
 [ -f "$tuned" ] && cp "$tuned" "$OUTDIR/before.json" || echo "[]" > "$OUTDIR/before.json"
 echo "[]" > "$OUTDIR/empty.json"
+gguf_pid=""  # TUNE_GGUF not there yet: a random Q4_K_M-layout file, written on the CPU while the probes run
+if [ -n "${TUNE_GGUF:-}" ] && [ ! -f "$TUNE_GGUF" ] && [ "${TUNE_BENCH:-1}" != 0 ]; then
+  python3 scripts/random_q4km_gguf.py "$TUNE_GGUF" > "$OUTDIR/random_gguf.log" 2>&1 & gguf_pid=$!
+fi
 t0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - t0 )) s"; }
 
@@ -45,6 +50,13 @@ if [ "${TUNE_BENCH:-1}" != 0 ] && [ -f "$tuned" ]; then
     LOCALSGL_QUANT_TILES="$OUTDIR/$f.json" timeout 120 python3 scripts/bench_quant.py --runs 3 --formats int4 2>&1 \
       | grep "^int4" | sed "s|^int4 *|$f |"
   done
+  [ -n "$gguf_pid" ] && wait "$gguf_pid"
+  if [ -n "${TUNE_GGUF:-}" ] && [ -f "$TUNE_GGUF" ]; then
+    for f in before "$gpu"; do
+      LOCALSGL_QUANT_TILES="$OUTDIR/$f.json" timeout 150 python3 scripts/bench_quant.py --runs 3 --formats --gguf "$TUNE_GGUF" \
+        2>&1 | grep "^$TUNE_GGUF" | sed "s|^$TUNE_GGUF *|$f gguf |"
+    done
+  fi
   for f in before "$gpu"; do
     echo "-- bench latency, int4, batch 2 / 4 / 8, tiles $f"
     LOCALSGL_QUANT_TILES="$OUTDIR/$f.json" timeout 150 python3 -c "
