@@ -7,19 +7,27 @@ dequantized.
     Q4_K  (256: 8 x 32 x 4 bit, 6-bit sc/mn)    -> int4 group 32, asymmetric: s = d·sc, m = −dmin·mn
     Q5_K  (256: 8 x 32 x 5 bit, 6-bit sc/mn)    -> int8 group 32, asymmetric: s = d·sc, m = −dmin·mn
     Q6_K  (256: 16 x 16 x 6 bit, int8 sc)       -> int8 group 16, symmetric: s = d·sc
+    Q5_0  (32 x 5 bit, fp16 d)                  -> int8 group 32, symmetric: s = d (w = d·(u − 16))
+    Q5_1  (32 x 5 bit, fp16 d, fp16 m)          -> int8 group 32, asymmetric: s = d, m = m
+    Q3_K  (256: 16 x 16 x 3 bit, 6-bit sc)      -> int8 group 16, symmetric: s = d·(sc − 32)
+    Q2_K  (256: 16 x 16 x 2 bit, 4-bit sc/mn)   -> int8 group 16, asymmetric: s = d·sc, m = −dmin·mn
+    IQ4_NL (32 x 4-bit index, fp16 d)           -> int8 group 32, symmetric: s = d, q = the codebook value
+    IQ4_XS (256: 8 x 32 x 4-bit index, 6-bit sc) -> int8 group 32, symmetric: s = d·(sc − 32), q likewise
 
-The integers are copied as they are; the only change to a dequantized value is the
-rounding of the K-quants' products d·sc and dmin·mn to fp16 (to fp32 when a tensor's
-scales do not fit fp16's normal range).  There is no 5- or 6-bit kernel, so Q5_K and Q6_K
-take a byte per value.  The dequantized values equal the gguf package's up to that
-rounding (tests/quant/test_gguf_repack.py).
+The integers are copied as they are (IQ4's 4-bit indices become their codebook's int8
+values); the only change to a dequantized value is the rounding of the K-quants' and
+IQ4_XS's products d·sc and dmin·mn to fp16 (to fp32 when a tensor's scales do not fit fp16's
+normal range).  The kernels have 4- and 8-bit integers only, so every type but the 4-bit
+linear ones takes a byte per value: less than half of a dequantized bf16 copy, more than the
+file (Q3_K 3.4 bits a value in the file, 9 kept; Q2_K 2.6 and 10).  The dequantized values
+equal the gguf package's up to that rounding (tests/quant/test_gguf_repack.py).
 """
 from __future__ import annotations
 
 import torch
 
 from ..engine.layers.quant import QuantizedWeight, WeightFormat, scale_dtype_for
-from .gguf_dequant import fp16_field
+from .gguf_dequant import _nibbles, fp16_field
 
 # type name -> (bytes per block, values per block, format)
 REPACKED = {
@@ -29,7 +37,15 @@ REPACKED = {
     "Q4_K": (144, 256, WeightFormat("int4", 32, False)),
     "Q5_K": (176, 256, WeightFormat("int8", 32, False)),
     "Q6_K": (210, 256, WeightFormat("int8", 16, True)),
+    "Q5_0": (22, 32, WeightFormat("int8", 32, True)),
+    "Q5_1": (24, 32, WeightFormat("int8", 32, False)),
+    "Q3_K": (110, 256, WeightFormat("int8", 16, True)),
+    "Q2_K": (84, 256, WeightFormat("int8", 16, False)),
+    "IQ4_NL": (18, 32, WeightFormat("int8", 32, True)),
+    "IQ4_XS": (136, 256, WeightFormat("int8", 32, True)),
 }
+# the IQ4 types' 16 non-uniform levels (ggml's kvalues_iq4nl)
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _CHUNK_BLOCKS = 1 << 18  # blocks repacked at a time (bounds the unpacked temporaries)
 
 
@@ -132,4 +148,74 @@ def unpack_q6_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
     return q, d * sc, None
 
 
-_UNPACK = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": unpack_q6_k}
+def _bits(b: torch.Tensor, count: int) -> torch.Tensor:
+    """Little-endian bytes [n, count/8] -> their bits [n, count] (0/1, uint8), bit i first."""
+    shifts = torch.arange(8, device=b.device, dtype=torch.uint8)
+    return ((b[:, :, None] >> shifts) & 1).reshape(b.shape[0], count)
+
+
+def _q5_0(b):
+    q = _nibbles(b[:, 6:22]) | (_bits(b[:, 2:6], 32) << 4)
+    return (q.to(torch.int8) - 16), fp16_field(b[:, :2]), None
+
+
+def _q5_1(b):
+    q = _nibbles(b[:, 8:24]) | (_bits(b[:, 4:8], 32) << 4)
+    return q.to(torch.int8), fp16_field(b[:, :2]), fp16_field(b[:, 2:4])
+
+
+def _crumbs(qs: torch.Tensor) -> torch.Tensor:
+    """The 2-bit fields of Q2_K / Q3_K's 64 bytes in value order: half h (bytes 32h..32h+31),
+    then shift 2j, then the 32 bytes in order -> [n, 256]."""
+    n = qs.shape[0]
+    halves = qs.reshape(n, 2, 1, 32)
+    shifts = torch.tensor([0, 2, 4, 6], device=qs.device, dtype=torch.uint8).reshape(1, 1, 4, 1)
+    return ((halves >> shifts) & 3).reshape(n, 256)
+
+
+def _q2_k(b):
+    sc = b[:, 0:16]
+    d, dmin = fp16_field(b[:, 80:82]), fp16_field(b[:, 82:84])
+    return _crumbs(b[:, 16:80]).to(torch.int8), d * (sc & 0x0F).float(), -(dmin * (sc >> 4).float())
+
+
+def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
+    """12 packed bytes -> 16 six-bit scales (ggml stores each scale's low 4 bits in bytes 0..7,
+    its high 2 bits in bytes 8..11)."""
+    lo, hi = s[:, 0:8], s[:, 8:12]
+    low4 = torch.cat([lo & 0x0F, lo >> 4], dim=-1)  # scales 0..7, then 8..15
+    high2 = torch.cat([(hi >> sh) & 3 for sh in (0, 2, 4, 6)], dim=-1)  # 4 bytes a shift
+    return (low4 | (high2 << 4)).float() - 32
+
+
+def _q3_k(b):
+    n = b.shape[0]
+    hmask = _bits(b[:, 0:32], 256).reshape(n, 32, 8)  # [byte l, bit i]; value (h, j, l) takes bit 4h + j
+    high = hmask.permute(0, 2, 1).reshape(n, 256)  # bit i = 4h + j major, byte l minor: value order
+    q = _crumbs(b[:, 32:96]).to(torch.int8) - 4 * (1 - high.to(torch.int8))
+    return q, fp16_field(b[:, 108:110]) * _q3_k_scales(b[:, 96:108]), None
+
+
+def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.int8, device=qs.device)
+    return levels[_nibbles(qs).long()]
+
+
+def _iq4_nl(b):
+    return _iq4_values(b[:, 2:18]), fp16_field(b[:, :2]), None
+
+
+def _iq4_xs(b):
+    n = b.shape[0]
+    d = fp16_field(b[:, 0:2])
+    sl = b[:, 4:8]
+    low4 = torch.stack([sl & 0x0F, sl >> 4], dim=-1).reshape(n, 8)  # sub-block 2i: byte i's low nibble
+    sh = b[:, 2].long() | (b[:, 3].long() << 8)
+    high2 = (sh[:, None] >> (2 * torch.arange(8, device=b.device))) & 3
+    ls = (low4.long() | (high2 << 4)).float() - 32
+    q = _iq4_values(b[:, 8:136].reshape(n * 8, 16)).reshape(n, 256)
+    return q, d * ls, None
+
+
+_UNPACK = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": unpack_q6_k,
+           "Q5_0": _q5_0, "Q5_1": _q5_1, "Q3_K": _q3_k, "Q2_K": _q2_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}

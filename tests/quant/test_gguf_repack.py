@@ -17,23 +17,25 @@ from localsgl.store.gguf_repack import REPACKED, can_repack, repack  # noqa: E40
 ROWS, COLS = 12, 512
 
 
+# where each type keeps its fp16 fields (d, and dmin / m): byte offsets in a block
+_FP16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,), "Q5_1": (0, 2), "Q3_K": (108,),
+                "Q2_K": (80, 82), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+EXACT = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL")  # the file's fp16 scales are the kernel's
+
+
 def _k_blocks(qname: str, n: int, rng) -> np.ndarray:
-    """Valid random super-blocks (gguf-py cannot quantize K-quants): random bits with sane fp16 scales."""
+    """Valid random blocks (gguf-py cannot quantize most types): random bits with sane fp16 scales."""
     size = REPACKED[qname][0]
     b = rng.integers(0, 256, (n, size), dtype=np.uint8)
-    f16 = lambda v: np.asarray(v, np.float16).view(np.uint8).reshape(n, 2)  # noqa: E731
-    if qname in ("Q4_K", "Q5_K"):
-        b[:, 0:2] = f16(rng.uniform(1e-3, 2e-2, n))
-        b[:, 2:4] = f16(rng.uniform(1e-3, 2e-2, n))
-    else:
-        b[:, 208:210] = f16(rng.uniform(1e-3, 2e-2, n))
+    for off in _FP16_FIELDS[qname]:
+        b[:, off:off + 2] = np.asarray(rng.uniform(1e-3, 2e-2, n), np.float16).view(np.uint8).reshape(n, 2)
     return b
 
 
 def _blocks(qname: str, rng) -> np.ndarray:
     if qname in ("Q4_0", "Q4_1", "Q8_0"):
         return gguf.quants.quantize(rng.standard_normal((ROWS, COLS)).astype(np.float32) * 0.05, Q[qname])
-    return _k_blocks(qname, ROWS * COLS // 256, rng).reshape(ROWS, -1)
+    return _k_blocks(qname, ROWS * COLS // REPACKED[qname][1], rng).reshape(ROWS, -1)
 
 
 @pytest.mark.parametrize("qname", list(REPACKED))
@@ -44,10 +46,10 @@ def test_repacked_values_equal_gguf_dequantization(qname):
     w = repack(qname, torch.from_numpy(data.copy()), (ROWS, COLS))
     assert isinstance(w, QuantizedWeight) and w.fmt == REPACKED[qname][2] and w.shape == (ROWS, COLS)
     ours = w.dequantize()
-    if qname in ("Q4_0", "Q4_1", "Q8_0"):
+    if qname in EXACT:
         assert torch.equal(ours, ref)  # the scales are fp16 in the file: nothing is rounded
         return
-    # K-quants: only d·sc and dmin·mn are rounded, to fp16 (relative error <= 2^-11 each)
+    # K-quants and IQ4_XS: only d·sc and dmin·mn are rounded, to fp16 (relative error <= 2^-11 each)
     q = w.int_values().view(ROWS, -1, w.group)
     bound = q.abs() * w.scales.float().abs()[..., None] * 2.0**-11
     if w.mins is not None:
@@ -68,11 +70,12 @@ def test_repack_in_chunks_gives_the_same_tensor(monkeypatch):
 
 
 def test_can_repack():
-    assert can_repack("Q4_K", (8, 512)) and not can_repack("Q4_K", (8, 96)) and not can_repack("Q5_0", (8, 512))
+    assert can_repack("Q4_K", (8, 512)) and not can_repack("Q4_K", (8, 96)) and not can_repack("IQ2_XS", (8, 512))
+    assert can_repack("Q5_0", (8, 96)) and not can_repack("Q3_K", (8, 96))
     assert not can_repack("Q8_0", (512,))
 
 
-@pytest.mark.parametrize("qname", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("qname", ["Q4_0", "Q8_0", "Q5_0", "Q5_1"])
 def test_llama_gguf_kept_quantized_matches_its_dequantized_load(qname, tmp_path):
     transformers = pytest.importorskip("transformers")  # noqa: F841
     from model_utils import prefill_logits
