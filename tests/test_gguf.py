@@ -258,11 +258,12 @@ def test_dequantize_k_quants_against_ggml_reference(qname, tmp_path, monkeypatch
 
 
 def test_unsupported_tensor_type_falls_back_to_gguf_py(tmp_path):
-    """Types without a torch kernel (Q5_0 here) still load, through gguf.quants."""
-    x = np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32)
-    t = _write_tensors(tmp_path / "q5.gguf", {"w": (gguf.quants.quantize(x, Q.Q5_0), Q.Q5_0)})["w"]
+    """Types without a torch kernel (TQ2_0 here) still load, through gguf.quants."""
+    assert "TQ2_0" not in gguf_dequant._TORCH_DEQUANT
+    x = np.random.default_rng(2).standard_normal((4, 256)).astype(np.float32)
+    t = _write_tensors(tmp_path / "tq2.gguf", {"w": (gguf.quants.quantize(x, Q.TQ2_0), Q.TQ2_0)})["w"]
     ours = dequantize_tensor(t, torch.float32, "cpu")
-    assert torch.equal(ours, torch.from_numpy(gguf.quants.dequantize(t.data, Q.Q5_0)))
+    assert torch.equal(ours, torch.from_numpy(gguf.quants.dequantize(t.data, Q.TQ2_0)).reshape(ours.shape))
 
 
 # ----------------------------------------------------------------------------- tiny GGUF files

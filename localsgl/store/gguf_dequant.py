@@ -1,6 +1,7 @@
 """GGUF quantized blocks -> dense tensors, on the target device.
 
-The common types (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) have torch implementations that run on
+The types gguf_repack.py keeps quantized (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1,
+Q3_K, Q2_K, IQ4_NL, IQ4_XS) have torch implementations that run on
 the target device in row chunks, so an 8B Q4_K model dequantizes on the GPU in seconds and
 host memory never holds a dense copy; every other type goes through
 ``gguf.quants.dequantize`` (numpy). Both give bit-identical fp32 values (tests/test_gguf.py).
@@ -128,5 +129,23 @@ def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
     return (scales.reshape(-1, 16, 1) * q.float().reshape(-1, 16, 16)).reshape(-1, 256)
 
 
-_TORCH_DEQUANT = {"Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q4_K": _dq_q4_k, "Q6_K": _dq_q6_k}
-_TYPE_SIZE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+def _dq_unpacked(type_name: str):
+    """Dequantization through gguf_repack's unpacker of ``type_name``: each group's scale times
+    its integers (plus its min), the products in gguf-py's order, so the values are bit-identical."""
+    def dq(b: torch.Tensor) -> torch.Tensor:
+        from .gguf_repack import unpacked  # lazily: it imports the engine's quant layer
+
+        q, s, m = unpacked(type_name, b)
+        groups = s.shape[1]
+        y = s.reshape(-1, groups, 1) * q.float().reshape(-1, groups, q.shape[1] // groups)
+        if m is not None:
+            y = y + m.reshape(-1, groups, 1)
+        return y.reshape(q.shape)
+    return dq
+
+
+# the other types gguf_repack keeps quantized (Q5_K, Q5_0, Q5_1, Q3_K, Q2_K, IQ4_NL, IQ4_XS)
+_UNPACKED = {"Q5_K": 176, "Q5_0": 22, "Q5_1": 24, "Q3_K": 110, "Q2_K": 84, "IQ4_NL": 18, "IQ4_XS": 136}
+_TORCH_DEQUANT = {"Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q4_K": _dq_q4_k, "Q6_K": _dq_q6_k,
+                  **{name: _dq_unpacked(name) for name in _UNPACKED}}
+_TYPE_SIZE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210, **_UNPACKED}

@@ -104,6 +104,11 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.float(), mn.float()
 
 
+def unpacked(type_name: str, blocks: torch.Tensor):
+    """(integers [n, values a block], scales [n, groups], mins or None) of ``blocks`` [n, bytes]."""
+    return _UNPACK[type_name](blocks)
+
+
 def _q8_0(b):
     return b[:, 2:].contiguous().view(torch.int8), fp16_field(b[:, :2]), None
 

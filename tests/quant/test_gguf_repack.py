@@ -59,6 +59,20 @@ def test_repacked_values_equal_gguf_dequantization(qname):
     assert float(diff.max()) > 0 or qname == "Q6_K"  # the rounding is real, and the bound is what holds
 
 
+@pytest.mark.parametrize("qname", ["Q5_K", "Q5_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"])
+def test_torch_dequantization_is_bit_identical_to_gguf(qname):
+    """store/gguf_dequant.py dequantizes these through the repack's unpackers (on the target
+    device, for ``--weights dequantize``): the same fp32 values as gguf-py's numpy code."""
+    from localsgl.store import gguf_dequant
+
+    rng = np.random.default_rng(40 + list(REPACKED).index(qname))
+    data = _k_blocks(qname, ROWS * COLS // REPACKED[qname][1], rng)
+    ref = torch.from_numpy(np.asarray(gguf.quants.dequantize(data, Q[qname]), dtype=np.float32)).reshape(-1)
+    ours = gguf_dequant._TORCH_DEQUANT[qname](torch.from_numpy(data.copy()))
+    assert gguf_dequant._TYPE_SIZE[qname] == data.shape[1]
+    assert torch.equal(ours.reshape(-1), ref)
+
+
 def test_repack_in_chunks_gives_the_same_tensor(monkeypatch):
     from localsgl.store import gguf_repack
 
