@@ -144,7 +144,7 @@ def _dq_unpacked(type_name: str):
     return dq
 
 
-# the other types gguf_repack keeps quantized (Q5_K, Q5_0, Q5_1, Q3_K, Q2_K, IQ4_NL, IQ4_XS)
+# the other types gguf_repack keeps quantized, all as int8 (one integer a value from the unpacker)
 _UNPACKED = {"Q5_K": 176, "Q5_0": 22, "Q5_1": 24, "Q3_K": 110, "Q2_K": 84, "IQ4_NL": 18, "IQ4_XS": 136}
 _TORCH_DEQUANT = {"Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q4_K": _dq_q4_k, "Q6_K": _dq_q6_k,
                   **{name: _dq_unpacked(name) for name in _UNPACKED}}

@@ -105,7 +105,8 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unpacked(type_name: str, blocks: torch.Tensor):
-    """(integers [n, values a block], scales [n, groups], mins or None) of ``blocks`` [n, bytes]."""
+    """(integers, scales [n, groups], mins or None) of ``blocks`` [n, bytes]: the integers one a
+    value ([n, values a block]) for the int8 types, two a byte in quant.py's order for int4's."""
     return _UNPACK[type_name](blocks)
 
 
