@@ -83,12 +83,6 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
-def _dq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    d = fp16_field(b[:, :2])
-    q = b[:, 2:].contiguous().view(torch.int8).float()
-    return d * q
-
-
 def _dq_q4_0(b: torch.Tensor) -> torch.Tensor:
     d = fp16_field(b[:, :2])
     q = _nibbles(b[:, 2:]).to(torch.int8) - 8
@@ -102,31 +96,18 @@ def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
     return d * q + m
 
 
-def _q4k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """12 packed bytes -> 8 six-bit scales and 8 six-bit mins per super-block."""
-    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc.float(), mn.float()
-
-
 def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     d = fp16_field(b[:, 0:2])
     dmin = fp16_field(b[:, 2:4])
-    sc, mn = _q4k_scales(b[:, 4:16])
+    from .gguf_repack import k_scales  # lazily: it imports the engine's quant layer
+
+    sc, mn = k_scales(b[:, 4:16])
     qs = b[:, 16:144].reshape(n, 4, 1, 32)  # 4 groups of 32 bytes -> 64 values each
     q = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32).float()
     dl = (d * sc).reshape(n, 8, 1)
     ml = (dmin * mn).reshape(n, 8, 1)
     return (dl * q - ml).reshape(n, 256)
-
-
-def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
-    from .gguf_repack import unpack_q6_k  # lazily: it imports the engine's quant layer
-
-    q, scales, _ = unpack_q6_k(b)
-    return (scales.reshape(-1, 16, 1) * q.float().reshape(-1, 16, 16)).reshape(-1, 256)
 
 
 def _dq_unpacked(type_name: str):
@@ -144,8 +125,8 @@ def _dq_unpacked(type_name: str):
     return dq
 
 
-# the other types gguf_repack keeps quantized, all as int8 (one integer a value from the unpacker)
-_UNPACKED = {"Q5_K": 176, "Q5_0": 22, "Q5_1": 24, "Q3_K": 110, "Q2_K": 84, "IQ4_NL": 18, "IQ4_XS": 136}
-_TORCH_DEQUANT = {"Q8_0": _dq_q8_0, "Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q4_K": _dq_q4_k, "Q6_K": _dq_q6_k,
-                  **{name: _dq_unpacked(name) for name in _UNPACKED}}
-_TYPE_SIZE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210, **_UNPACKED}
+# the types gguf_repack keeps as int8 (one integer a value from its unpacker): bytes a block
+_UNPACKED = {"Q8_0": 34, "Q6_K": 210, "Q5_K": 176, "Q5_0": 22, "Q5_1": 24, "Q3_K": 110, "Q2_K": 84,
+             "IQ4_NL": 18, "IQ4_XS": 136}
+_TORCH_DEQUANT = {"Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q4_K": _dq_q4_k, **{name: _dq_unpacked(name) for name in _UNPACKED}}
+_TYPE_SIZE = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144, **_UNPACKED}

@@ -96,7 +96,7 @@ def _to_pairs(qs: torch.Tensor, chunk: int) -> torch.Tensor:
     return out.reshape(n, -1)
 
 
-def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """12 packed bytes -> 8 six-bit scales and 8 six-bit mins per super-block (Q4_K, Q5_K)."""
     d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
     sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
@@ -124,7 +124,7 @@ def _q4_1(b):
 
 def _q4_k(b):
     d, dmin = fp16_field(b[:, 0:2]), fp16_field(b[:, 2:4])
-    sc, mn = _k_scales(b[:, 4:16])
+    sc, mn = k_scales(b[:, 4:16])
     # sub-block 2i: low nibbles of bytes 32i..32i+31, sub-block 2i+1: their high nibbles
     return _to_pairs(b[:, 16:144], 32), d * sc, -(dmin * mn)
 
@@ -132,7 +132,7 @@ def _q4_k(b):
 def _q5_k(b):
     n = b.shape[0]
     d, dmin = fp16_field(b[:, 0:2]), fp16_field(b[:, 2:4])
-    sc, mn = _k_scales(b[:, 4:16])
+    sc, mn = k_scales(b[:, 4:16])
     qh = b[:, 16:48].reshape(n, 1, 32)
     qs = b[:, 48:176].reshape(n, 4, 1, 32)
     lo = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, 8, 32)
@@ -141,7 +141,7 @@ def _q5_k(b):
     return q, d * sc, -(dmin * mn)
 
 
-def unpack_q6_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+def _q6_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Q6_K blocks [n, 210] -> int8 values [n, 256] (centred), their 16 scales per block, no mins."""
     n = b.shape[0]
     ql = b[:, 0:128].reshape(n, 2, 1, 64)
@@ -199,7 +199,7 @@ def _q3_k(b):
     hmask = _bits(b[:, 0:32], 256).reshape(n, 32, 8)  # [byte l, bit i]; value (h, j, l) takes bit 4h + j
     high = hmask.permute(0, 2, 1).reshape(n, 256)  # bit i = 4h + j major, byte l minor: value order
     q = _crumbs(b[:, 32:96]).to(torch.int8) - 4 * (1 - high.to(torch.int8))
-    return q, fp16_field(b[:, 108:110]) * _q3_k_scales(b[:, 96:108]), None
+    return q, fp16_field(b[:, 108:110]) * _q3k_scales(b[:, 96:108]), None
 
 
 def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
@@ -223,5 +223,5 @@ def _iq4_xs(b):
     return q, d * ls, None
 
 
-_UNPACK = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": unpack_q6_k,
+_UNPACK = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
            "Q5_0": _q5_0, "Q5_1": _q5_1, "Q3_K": _q3_k, "Q2_K": _q2_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}
