@@ -199,7 +199,7 @@ def _q3_k(b):
     hmask = _bits(b[:, 0:32], 256).reshape(n, 32, 8)  # [byte l, bit i]; value (h, j, l) takes bit 4h + j
     high = hmask.permute(0, 2, 1).reshape(n, 256)  # bit i = 4h + j major, byte l minor: value order
     q = _crumbs(b[:, 32:96]).to(torch.int8) - 4 * (1 - high.to(torch.int8))
-    return q, fp16_field(b[:, 108:110]) * _q3k_scales(b[:, 96:108]), None
+    return q, fp16_field(b[:, 108:110]) * _q3_k_scales(b[:, 96:108]), None
 
 
 def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
