@@ -14,7 +14,7 @@ from localsgl_kernels import quant_gemv as QG
 from localsgl_kernels import quant_words as QW
 
 FORMATS = [WeightFormat("int4", 128, False), WeightFormat("int4", 32, True), WeightFormat("int8", 0, True),
-           WeightFormat("int8", 16, True)]
+           WeightFormat("int8", 16, True), WeightFormat("int8", 32, False)]  # the last: GGUF Q5_K / Q5_1
 IDS = [f.label().replace(" ", "-") for f in FORMATS]
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 TOL = 2e-2 if ON_GPU else 1e-5  # the output's rounding (bf16 on the GPU)
