@@ -62,7 +62,7 @@ def test_fused_quantized_greedy(monkeypatch):
     g = torch.Generator().manual_seed(12)
     prompts = [torch.randint(0, 95, (9,), generator=g).tolist()]
     formats = [WeightFormat("int4", 32, False), WeightFormat("int4", 32, True), WeightFormat("int8", 16, True),
-               WeightFormat("int8", 0, True), WeightFormat("fp8", 0, True)]
+               WeightFormat("int8", 0, True), WeightFormat("fp8", 0, True), WeightFormat("int8", 16, False)]
     model = _quantized_model(formats)
     assert isinstance(model.layers[0].mlp.down_proj.weight, QuantizedWeight)
     assert fd.fused_decode_shapes_ok(model)
