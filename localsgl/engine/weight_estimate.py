@@ -171,7 +171,7 @@ def _checkpoint_estimate(source, dsize: int, dtype: str) -> WeightsEstimate:
 def _checkpoint_labels(config: dict, headers: dict) -> dict[str, str]:
     """weight prefix -> the label of the format it loads in (quantized_checkpoint.stored_format);
     dense weights have none."""
-    from ..store.quantized_checkpoint import scheme_of, stored_format
+    from ..store.quantized_checkpoint import STORED_QUANTIZED, scheme_of, stored_format
 
     scheme = scheme_of(config)
     shape_of = lambda key: headers[key]["shape"] if key in headers else None  # noqa: E731
@@ -179,6 +179,7 @@ def _checkpoint_labels(config: dict, headers: dict) -> dict[str, str]:
     for name, t in headers.items():
         prefix, _, part = name.rpartition(".")
         if (scheme in ("localsgl", "awq") and part == "qweight"
-                or scheme is not None and part == "weight" and t["dtype"] in ("F8_E4M3", "F8_E4M3FN")):
+                or scheme == "compressed-tensors" and part == "weight_packed"
+                or scheme is not None and part == "weight" and t["dtype"] in STORED_QUANTIZED):
             labels[prefix] = stored_format(scheme, prefix, shape_of, config).label()
     return labels

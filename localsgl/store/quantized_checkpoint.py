@@ -10,8 +10,17 @@ Schemes (from config.json's ``quantization_config``):
   * fp8        transformers' fine-grained FP8: ``X.weight`` e4m3 [N, K] and
                ``X.weight_scale_inv`` fp32 per [bn, bk] block -> fp8 group bk (the block's scale
                repeated on its rows); ``fbgemm_fp8``: ``X.weight_scale`` [N, 1] -> fp8 per row
-  * compressed-tensors, float-quantized (FP8) with channel or tensor strategy:
-               ``X.weight`` e4m3, ``X.weight_scale`` [N, 1] or [1] -> fp8 per row
+  * compressed-tensors (llm-compressor's checkpoints), one config group:
+               float-quantized FP8, channel or tensor strategy: ``X.weight`` e4m3,
+               ``X.weight_scale`` [N, 1] or [1] -> fp8 per row;
+               pack-quantized int4 (W4A16), group strategy: ``X.weight_packed`` int32 [N, K/8],
+               eight values a word from bit 0 up, each stored + 8; ``X.weight_scale`` [N, K/G]
+               (``X.weight_zero_point`` int32 [N/8, K/G] packed the same way down the rows when
+               asymmetric): w = (u − 8 − zp)·s -> int4, u as stored (the words' bytes are
+               quant.py's nibble pairs), s as stored, m = −(8 + zp)·s in fp32 (exact);
+               int-/naive-quantized int8 (W8A16, W8A8), channel or group strategy: ``X.weight``
+               int8 [N, K], ``X.weight_scale`` [N, 1] or [N, K/G] (``X.weight_zero_point`` int8)
+               -> int8 per row or in groups, m = −zp·s in fp32
 Every other tensor is read as a dense tensor in the run dtype.  The values a scheme
 describes are kept exactly.
 """
@@ -63,14 +72,32 @@ def localsgl_format(config: dict) -> WeightFormat:
     return WeightFormat(q["format"], int(q.get("group_size", 0)), bool(q.get("symmetric", True)))
 
 
+_CT_SUPPORTED = ("only FP8 per channel or per tensor, int4 pack-quantized in groups of 32-256, "
+                 "int8 per channel or in groups")
+
+
 def _compressed_tensors_weights(qc: dict) -> dict:
+    """The one config group's weight arguments, with "kind": fp8 / int4 / int8; raises for the rest."""
     groups = qc.get("config_groups") or {}
     if len(groups) != 1:
         raise CheckpointError("compressed-tensors checkpoints with several config groups are not supported")
-    w = next(iter(groups.values())).get("weights") or {}
-    if w.get("type") != "float" or int(w.get("num_bits", 0)) != 8 or w.get("strategy") not in ("channel", "tensor"):
-        raise CheckpointError(f"compressed-tensors weights {w} are not supported (only FP8 per channel or per tensor)")
-    return w
+    group = next(iter(groups.values()))
+    w = dict(group.get("weights") or {})
+    fmt = str(group.get("format") or qc.get("format") or "")
+    bits, strategy, kind = int(w.get("num_bits", 0)), w.get("strategy"), None
+    if w.get("type") == "float" and bits == 8 and strategy in ("channel", "tensor"):
+        kind = "fp8"
+    elif w.get("type") == "int" and bits == 4 and fmt == "pack-quantized" and strategy == "group" \
+            and int(w.get("group_size") or 0) in (32, 64, 128, 256):
+        kind = "int4"
+    elif w.get("type") == "int" and bits == 8 and fmt in ("int-quantized", "naive-quantized") \
+            and strategy in ("channel", "group"):
+        kind = "int8"
+    if kind is None:
+        raise CheckpointError(f"compressed-tensors weights {w} in format {fmt!r} are not supported ({_CT_SUPPORTED})")
+    if str(w.get("actorder") or "").lower() == "group":
+        raise CheckpointError("compressed-tensors checkpoints with activation ordering by group (g_idx) are not supported")
+    return {**w, "kind": kind}
 
 
 def iter_weights(path: Path, config: dict, dtype: torch.dtype, device) -> Iterator[tuple[str, object]]:
@@ -91,7 +118,7 @@ def iter_weights(path: Path, config: dict, dtype: torch.dtype, device) -> Iterat
             if key in done:
                 continue
             prefix, _, part = key.rpartition(".")
-            parts = _QUANT_PARTS[scheme]
+            parts = _parts(scheme, config)
             if part in parts and f"{prefix}.{parts[0]}" in where and _is_quantized(scheme, prefix, where, get):
                 names = [f"{prefix}.{p}" for p in parts if f"{prefix}.{p}" in where]
                 done.update(names)
@@ -113,17 +140,25 @@ _QUANT_PARTS = {
     "awq": ("qweight", "qzeros", "scales"),
     "fp8": ("weight", "weight_scale_inv"),
     "fbgemm_fp8": ("weight", "weight_scale"),
-    "compressed-tensors": ("weight", "weight_scale"),
+    "compressed-tensors": ("weight", "weight_scale", "weight_zero_point"),
+    "compressed-tensors int4": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"),
 }
+STORED_QUANTIZED = ("F8_E4M3", "F8_E4M3FN", "I8")  # the dtypes of a quantized "weight" (else dense)
+
+
+def _parts(scheme: str, config: dict) -> tuple[str, ...]:
+    if scheme == "compressed-tensors" and _compressed_tensors_weights(config["quantization_config"])["kind"] == "int4":
+        return _QUANT_PARTS["compressed-tensors int4"]
+    return _QUANT_PARTS[scheme]
 
 
 def _is_quantized(scheme: str, prefix: str, where: dict, get) -> bool:
-    if scheme in ("localsgl", "awq"):
+    if scheme in ("localsgl", "awq") or f"{prefix}.weight_packed" in where:
         return True
-    # fp8 schemes: only weights stored in fp8 with a scale (others, e.g. lm_head, are dense)
+    # the other schemes: only weights stored in 8 bits with a scale (others, e.g. lm_head, are dense)
     scale = _QUANT_PARTS[scheme][1]
-    return f"{prefix}.{scale}" in where and where[f"{prefix}.weight"].get_slice(f"{prefix}.weight").get_dtype() in (
-        "F8_E4M3", "F8_E4M3FN")
+    return f"{prefix}.{scale}" in where and \
+        where[f"{prefix}.weight"].get_slice(f"{prefix}.weight").get_dtype() in STORED_QUANTIZED
 
 
 def stored_format(scheme: str, prefix: str, shape_of, config: dict) -> WeightFormat:
@@ -139,10 +174,17 @@ def stored_format(scheme: str, prefix: str, shape_of, config: dict) -> WeightFor
                             shape_of(f"{prefix}.mins") is None)
     if scheme == "awq":  # qweight [K, N/8], scales [K/G, N]
         return WeightFormat("int4", shape_of(f"{prefix}.qweight")[0] // shape_of(f"{prefix}.scales")[0], False)
+    if scheme == "compressed-tensors" and shape_of(f"{prefix}.weight_packed") is not None:  # int4, [N, K/8] words
+        k = shape_of(f"{prefix}.weight_packed")[1] * 8
+        return WeightFormat("int4", k // shape_of(f"{prefix}.weight_scale")[1],
+                            shape_of(f"{prefix}.weight_zero_point") is None)
     k = shape_of(f"{prefix}.weight")[1]
     if scheme == "fp8":
         bk = int((config["quantization_config"].get("weight_block_size") or [128, 128])[1])
         return WeightFormat("fp8", bk if bk < k else 0, True)
+    if scheme == "compressed-tensors" and _compressed_tensors_weights(config["quantization_config"])["kind"] == "int8":
+        groups = shape_of(f"{prefix}.weight_scale")[-1]
+        return WeightFormat("int8", 0 if groups == 1 else k // groups, shape_of(f"{prefix}.weight_zero_point") is None)
     return WeightFormat("fp8", 0, True)
 
 
@@ -155,6 +197,8 @@ def _build(scheme: str, prefix: str, get, where: dict, config: dict) -> Quantize
         mins = get(f"{prefix}.mins") if f"{prefix}.mins" in where else None
         q = get(f"{prefix}.qweight")
         return QuantizedWeight(fmt, q, get(f"{prefix}.scales"), mins, q.shape[1] * (2 if fmt.kind == "int4" else 1))
+    if scheme == "compressed-tensors" and fmt.kind != "fp8":
+        return _compressed_tensors_int(fmt, prefix, get, where)
     w = get(f"{prefix}.weight")
     n, k = w.shape
     if scheme == "fp8":
@@ -166,6 +210,40 @@ def _build(scheme: str, prefix: str, get, where: dict, config: dict) -> Quantize
     if s.shape[0] == 1:
         s = s.expand(n, 1)
     return QuantizedWeight(fmt, w, s.contiguous(), None, k)
+
+
+def _compressed_tensors_int(fmt: WeightFormat, prefix: str, get, where: dict) -> QuantizedWeight:
+    """compressed-tensors' int4 (pack-quantized) or int8 weight -> the same values in quant.py's
+    layout (module docstring): the integers as stored, the scales as stored (in fp16 where that
+    is exact), the offsets −(8 + zp)·s (int4) or −zp·s (int8) in fp32."""
+    from ..engine.layers.quant import scale_dtype_for
+
+    s = get(f"{prefix}.weight_scale").float()
+    zp = get(f"{prefix}.weight_zero_point") if f"{prefix}.weight_zero_point" in where else None
+    if fmt.kind == "int4":
+        packed = get(f"{prefix}.weight_packed")
+        n, k = packed.shape[0], packed.shape[1] * 8
+        if f"{prefix}.weight_shape" in where and tuple(int(v) for v in get(f"{prefix}.weight_shape")) != (n, k):
+            raise CheckpointError(f"{prefix}: weight_shape {get(f'{prefix}.weight_shape').tolist()} is not the packed "
+                                  f"[{n}, {k}] (padded rows are not supported)")
+        # little-endian int32 words, value j at bits 4j: byte i holds values 2i (low) and 2i + 1 (high)
+        q = packed.contiguous().view(torch.uint8)
+        offset = None if zp is None else 8.0 + _unpack_rows_int4(zp, n).float()
+    else:
+        q = get(f"{prefix}.weight")
+        n, k = q.shape
+        offset = None if zp is None else zp.float().reshape(s.shape)
+    s = s.reshape(n, -1)
+    mins = None if offset is None else (-(offset.reshape(n, -1) * s)).contiguous()  # exact in fp32
+    return QuantizedWeight(fmt, q.contiguous(), s.to(scale_dtype_for(s)).contiguous(), mins, k)
+
+
+def _unpack_rows_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """compressed-tensors' zero points packed down the rows (int32 [ceil(N/8), G], row 8i + j at
+    bits 4j of word i, each stored + 8) -> the signed values [N, G]."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    nib = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # [N/8, 8, G]
+    return nib.reshape(-1, packed.shape[1])[:n] - 8
 
 
 def awq_unpack(packed: torch.Tensor) -> torch.Tensor:

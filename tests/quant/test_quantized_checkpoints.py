@@ -130,6 +130,74 @@ def test_fp8_checkpoint(scheme, tmp_path):
            "fp8 per-row" if scheme == "compressed-tensors" else f"fp8 g{bk}")
 
 
+def _ct_pack(values: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """compressed-tensors' int4 packing: signed values -8..7 stored + 8, eight a little-endian int32
+    word along ``dim``, value j at bits 4j (as its pack_to_int32 writes them)."""
+    v = (values.to(torch.int64) + 8)
+    v = v if dim == 1 else v.t()
+    v = v.reshape(v.shape[0], -1, 8) << torch.arange(0, 32, 4, dtype=torch.int64)
+    packed = v.sum(-1)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return packed if dim == 1 else packed.t().contiguous()
+
+
+@pytest.mark.parametrize("variant", ["int4-sym", "int4-asym", "int8-channel", "int8-group-asym"])
+def test_compressed_tensors_int_checkpoint(variant, tmp_path):
+    """llm-compressor's W4A16 (pack-quantized, groups) and W8A16 (int-quantized) checkpoints."""
+    from test_loader import make_hf_model
+
+    hf_model = make_hf_model("llama", seed=5)
+    g = torch.Generator().manual_seed(2)
+    bits, group = (4, 32) if variant.startswith("int4") else (8, 0 if variant == "int8-channel" else 32)
+    asym = variant.endswith("asym")
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    tensors, reference = {}, {}
+    for name, w in hf_model.state_dict().items():
+        if not _is_linear(name):
+            tensors[name] = w.to(torch.bfloat16)
+            reference[name] = w.to(torch.bfloat16).float()
+            continue
+        prefix = name.removesuffix(".weight")
+        n, k = w.shape
+        groups = 1 if group == 0 else k // group
+        q = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int64)
+        s = (torch.rand(n, groups, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+        zp = torch.randint(lo, hi, (n, groups), generator=g) if asym else torch.zeros(n, groups, dtype=torch.int64)
+        per = k // groups
+        reference[name] = ((q - zp.repeat_interleave(per, 1)).float() * s.float().repeat_interleave(per, 1))
+        if bits == 4:
+            tensors[f"{prefix}.weight_packed"] = _ct_pack(q)
+            tensors[f"{prefix}.weight_shape"] = torch.tensor([n, k])
+            if asym:
+                tensors[f"{prefix}.weight_zero_point"] = _ct_pack(zp, dim=0)
+        else:
+            tensors[f"{prefix}.weight"] = q.to(torch.int8)
+            if asym:
+                tensors[f"{prefix}.weight_zero_point"] = zp.to(torch.int8)
+        tensors[f"{prefix}.weight_scale"] = s
+    strategy = "group" if group else "channel"
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized" if bits == 4 else "int-quantized",
+          "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+              "num_bits": bits, "type": "int", "strategy": strategy, "group_size": group or None,
+              "symmetric": not asym, "dynamic": False}}}}
+    label = f"int{bits} " + (f"g{group}" if group else "per-row") + (" asym" if asym else "")
+    _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, f"int{bits}", label)
+
+
+def test_compressed_tensors_packing_matches_the_reference_layout():
+    """The layout _ct_pack writes (and the loader reads): value j of a row in bits 4j of its word,
+    so the words' bytes are quant.py's nibble pairs (value 2i low, 2i + 1 high)."""
+    from localsgl.engine.layers.quant import unpack_int4
+    from localsgl.store.quantized_checkpoint import _unpack_rows_int4
+
+    v = torch.randint(-8, 8, (16, 24), generator=torch.Generator().manual_seed(3))
+    words = _ct_pack(v)
+    assert words.shape == (16, 3)
+    assert int(words[0, 0]) & 0xFFFFFFFF == sum(int(v[0, j] + 8) << (4 * j) for j in range(8))
+    assert torch.equal(unpack_int4(words.view(torch.uint8)).to(torch.int64), v + 8)
+    assert torch.equal(_unpack_rows_int4(_ct_pack(v, dim=0), 16), v)
+
+
 def test_unsupported_quantization_is_a_clear_error(tmp_path):
     from localsgl.store.hf import CheckpointError
     from localsgl.store.quantized_checkpoint import scheme_of
@@ -139,3 +207,12 @@ def test_unsupported_quantization_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="only 4-bit GEMM"):
         scheme_of({"quantization_config": {"quant_method": "awq", "version": "gemv"}})
     assert scheme_of({}) is None
+    ct = lambda weights, fmt: {"quantization_config": {  # noqa: E731
+        "quant_method": "compressed-tensors", "format": fmt, "config_groups": {"g": {"weights": weights}}}}
+    with pytest.raises(CheckpointError, match="not supported"):  # int4 per channel
+        scheme_of(ct({"num_bits": 4, "type": "int", "strategy": "channel"}, "pack-quantized"))
+    with pytest.raises(CheckpointError, match="g_idx"):
+        scheme_of(ct({"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "actorder": "group"},
+                     "pack-quantized"))
+    assert scheme_of(ct({"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "actorder": "weight"},
+                        "pack-quantized")) == "compressed-tensors"
