@@ -178,7 +178,7 @@ def _checkpoint_labels(config: dict, headers: dict) -> dict[str, str]:
     labels = {}
     for name, t in headers.items():
         prefix, _, part = name.rpartition(".")
-        if (scheme in ("localsgl", "awq") and part == "qweight"
+        if (scheme in ("localsgl", "awq", "gptq") and part == "qweight"
                 or scheme == "compressed-tensors" and part == "weight_packed"
                 or scheme is not None and part == "weight" and t["dtype"] in STORED_QUANTIZED):
             labels[prefix] = stored_format(scheme, prefix, shape_of, config).label()

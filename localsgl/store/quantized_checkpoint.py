@@ -7,6 +7,11 @@ Schemes (from config.json's ``quantization_config``):
                ``X.qweight`` int32 [K, N/8], ``X.qzeros`` int32 [K/G, N/8], ``X.scales`` [K/G, N];
                eight 4-bit values per int32 in AWQ's order 0 2 4 6 1 3 5 7;
                w = (q − z)·s  ->  int4 asymmetric, u = q, s as stored, m = −z·s in fp32 (exact)
+  * gptq       AutoGPTQ / GPTQModel checkpoints, 4-bit, groups of 32-256, no activation order:
+               ``X.qweight`` int32 [K/8, N] (eight rows a word, row j at bits 4j), ``X.qzeros``
+               int32 [K/G, N/8] (eight columns a word), ``X.scales`` [K/G, N], ``X.g_idx``;
+               w = (q − z)·s with z = stored + 1 (format "gptq", v1) or as stored ("gptq_v2")
+               ->  int4, u = q, s as stored, m = −z·s in fp32 (exact); symmetric where every z is 8
   * fp8        transformers' fine-grained FP8: ``X.weight`` e4m3 [N, K] and
                ``X.weight_scale_inv`` fp32 per [bn, bk] block -> fp8 group bk (the block's scale
                repeated on its rows); ``fbgemm_fp8``: ``X.weight_scale`` [N, 1] -> fp8 per row
@@ -39,7 +44,7 @@ from .hf import CheckpointError, _device_str, safetensors_files
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("localsgl", "awq", "fp8", "fbgemm_fp8", "compressed-tensors")
+SCHEMES = ("localsgl", "awq", "gptq", "fp8", "fbgemm_fp8", "compressed-tensors")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the k-th nibble of an AWQ int32 holds column AWQ_ORDER[k] of its 8
 _FP8 = {torch.float8_e4m3fn}
 
@@ -58,6 +63,9 @@ def scheme_of(config: dict) -> str | None:
             raise CheckpointError(f"AWQ checkpoints of version {qc.get('version')!r} / {qc.get('bits')} bits are not "
                                   "supported (only 4-bit GEMM)")
         return "awq"
+    if method == "gptq":
+        _gptq_version(qc)  # raises for what it cannot read
+        return "gptq"
     if method in ("fp8", "fbgemm_fp8"):
         return method
     if method == "compressed-tensors":
@@ -70,6 +78,16 @@ def scheme_of(config: dict) -> str | None:
 def localsgl_format(config: dict) -> WeightFormat:
     q = config["quantization_config"]["localsgl"]
     return WeightFormat(q["format"], int(q.get("group_size", 0)), bool(q.get("symmetric", True)))
+
+
+def _gptq_version(qc: dict) -> int:
+    """1 for GPTQ's original format (zero points stored minus one), 2 for "gptq_v2"."""
+    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+    bits, group = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+    if fmt not in ("gptq", "gptq_v2") or bits != 4 or group not in (32, 64, 128, 256):
+        raise CheckpointError(f"GPTQ checkpoints of format {fmt!r}, {bits} bits, group size {group} are not supported "
+                              "(only 4-bit \"gptq\" / \"gptq_v2\" in groups of 32-256)")
+    return 2 if fmt == "gptq_v2" else 1
 
 
 _CT_SUPPORTED = ("only FP8 per channel or per tensor, int4 pack-quantized in groups of 32-256, "
@@ -138,6 +156,7 @@ def iter_weights(path: Path, config: dict, dtype: torch.dtype, device) -> Iterat
 _QUANT_PARTS = {
     "localsgl": ("qweight", "scales", "mins"),
     "awq": ("qweight", "qzeros", "scales"),
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
     "fp8": ("weight", "weight_scale_inv"),
     "fbgemm_fp8": ("weight", "weight_scale"),
     "compressed-tensors": ("weight", "weight_scale", "weight_zero_point"),
@@ -153,7 +172,7 @@ def _parts(scheme: str, config: dict) -> tuple[str, ...]:
 
 
 def _is_quantized(scheme: str, prefix: str, where: dict, get) -> bool:
-    if scheme in ("localsgl", "awq") or f"{prefix}.weight_packed" in where:
+    if scheme in ("localsgl", "awq", "gptq") or f"{prefix}.weight_packed" in where:
         return True
     # the other schemes: only weights stored in 8 bits with a scale (others, e.g. lm_head, are dense)
     scale = _QUANT_PARTS[scheme][1]
@@ -174,6 +193,9 @@ def stored_format(scheme: str, prefix: str, shape_of, config: dict) -> WeightFor
                             shape_of(f"{prefix}.mins") is None)
     if scheme == "awq":  # qweight [K, N/8], scales [K/G, N]
         return WeightFormat("int4", shape_of(f"{prefix}.qweight")[0] // shape_of(f"{prefix}.scales")[0], False)
+    if scheme == "gptq":  # qweight [K/8, N], scales [K/G, N]; symmetric as its config says (the zeros decide at load)
+        k = shape_of(f"{prefix}.qweight")[0] * 8
+        return WeightFormat("int4", k // shape_of(f"{prefix}.scales")[0], bool(config["quantization_config"].get("sym")))
     if scheme == "compressed-tensors" and shape_of(f"{prefix}.weight_packed") is not None:  # int4, [N, K/8] words
         k = shape_of(f"{prefix}.weight_packed")[1] * 8
         return WeightFormat("int4", k // shape_of(f"{prefix}.weight_scale")[1],
@@ -191,6 +213,10 @@ def stored_format(scheme: str, prefix: str, shape_of, config: dict) -> WeightFor
 def _build(scheme: str, prefix: str, get, where: dict, config: dict) -> QuantizedWeight:
     if scheme == "awq":
         return awq_to_quantized(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"))
+    if scheme == "gptq":
+        g_idx = get(f"{prefix}.g_idx") if f"{prefix}.g_idx" in where else None
+        return gptq_to_quantized(prefix, get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"),
+                                 g_idx, _gptq_version(config["quantization_config"]))
     fmt = stored_format(scheme, prefix, lambda key: tuple(where[key].get_slice(key).get_shape()) if key in where
                         else None, config)
     if scheme == "localsgl":
@@ -238,12 +264,35 @@ def _compressed_tensors_int(fmt: WeightFormat, prefix: str, get, where: dict) ->
     return QuantizedWeight(fmt, q.contiguous(), s.to(scale_dtype_for(s)).contiguous(), mins, k)
 
 
+def _word_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """int32 words [R, C] -> their 4-bit fields [R, 8C] (0..15), field j of a word at bits 4j."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    return ((packed[..., None] >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
 def _unpack_rows_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
     """compressed-tensors' zero points packed down the rows (int32 [ceil(N/8), G], row 8i + j at
     bits 4j of word i, each stored + 8) -> the signed values [N, G]."""
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
-    nib = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # [N/8, 8, G]
-    return nib.reshape(-1, packed.shape[1])[:n] - 8
+    return _word_nibbles(packed.t()).t()[:n] - 8
+
+
+def gptq_to_quantized(prefix: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      g_idx: torch.Tensor | None, version: int) -> QuantizedWeight:
+    """GPTQ's [K, N]-major int4 (module docstring) -> int4 [N, K]: u = q, s = s, m = −z·s; the
+    symmetric format (no offsets) where every zero point is 8."""
+    from ..engine.layers.quant import pack_int4, scale_dtype_for
+
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    groups = scales.shape[0]
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int64).cpu(), torch.arange(k) // (k // groups)):
+        raise CheckpointError(f"{prefix}: GPTQ with activation order (a permuted g_idx, desc_act) is not supported")
+    q = _word_nibbles(qweight.t().contiguous())  # [N, K]
+    z = _word_nibbles(qzeros)[:, :n].t().float() + (1 if version == 1 else 0)  # [N, K/G]
+    s = scales.t().float()
+    s = s.to(scale_dtype_for(s)).contiguous()  # as stored where fp16 holds it exactly (fp16, in-range bf16)
+    if bool((z == 8).all()):
+        return QuantizedWeight(WeightFormat("int4", k // groups, True), pack_int4(q), s, None, k)
+    return QuantizedWeight(WeightFormat("int4", k // groups, False), pack_int4(q), s, (-(z * s.float())).contiguous(), k)
 
 
 def awq_unpack(packed: torch.Tensor) -> torch.Tensor:

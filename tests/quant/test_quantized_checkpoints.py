@@ -1,6 +1,6 @@
 """Pre-quantized hub checkpoints load into the kernel formats (store/quantized_checkpoint.py):
-tiny AutoAWQ (int4 GEMM, zero points), compressed-tensors FP8 (per channel) and transformers'
-fine-grained FP8 (block scales) checkpoints written here from a random HF model.  Kept
+tiny AutoAWQ (int4 GEMM, zero points), GPTQ (v1 / v2), compressed-tensors (FP8, int4, int8) and
+transformers' fine-grained FP8 (block scales) checkpoints written here from a random HF model.  Kept
 quantized, each weight dequantizes to the values the checkpoint describes; loaded dense, the
 logits match transformers' model holding those values."""
 from __future__ import annotations
@@ -130,15 +130,66 @@ def test_fp8_checkpoint(scheme, tmp_path):
            "fp8 per-row" if scheme == "compressed-tensors" else f"fp8 g{bk}")
 
 
-def _ct_pack(values: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """compressed-tensors' int4 packing: signed values -8..7 stored + 8, eight a little-endian int32
-    word along ``dim``, value j at bits 4j (as its pack_to_int32 writes them)."""
-    v = (values.to(torch.int64) + 8)
-    v = v if dim == 1 else v.t()
+def _pack_words(u: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Values 0..15, eight an int32 word along ``dim``, value j at bits 4j (GPTQ's and
+    compressed-tensors' packing)."""
+    v = u.to(torch.int64) if dim == 1 else u.to(torch.int64).t()
     v = v.reshape(v.shape[0], -1, 8) << torch.arange(0, 32, 4, dtype=torch.int64)
     packed = v.sum(-1)
     packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
     return packed if dim == 1 else packed.t().contiguous()
+
+
+def _ct_pack(values: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """compressed-tensors' int4 packing: signed values -8..7 stored + 8 (as its pack_to_int32 writes them)."""
+    return _pack_words(values.to(torch.int64) + 8, dim)
+
+
+@pytest.mark.parametrize("variant", ["v1-sym", "v1-asym", "v2-asym"])
+def test_gptq_checkpoint(variant, tmp_path):
+    """AutoGPTQ / GPTQModel int4 in groups: qweight packed down K, zero points stored minus one in
+    the original format ("gptq") and as they are in "gptq_v2"; a symmetric one loads symmetric."""
+    from test_loader import make_hf_model
+
+    hf_model = make_hf_model("llama", seed=6)
+    g = torch.Generator().manual_seed(3)
+    group, v2, sym = 32, variant.startswith("v2"), variant.endswith("-sym")
+    tensors, reference = {}, {}
+    for name, w in hf_model.state_dict().items():
+        if not _is_linear(name):
+            tensors[name] = w.half()
+            reference[name] = w.half().float()
+            continue
+        prefix = name.removesuffix(".weight")
+        n, k = w.shape
+        q = torch.randint(0, 16, (k, n), generator=g)
+        z = torch.full((k // group, n), 8) if sym else torch.randint(1 if not v2 else 0, 16, (k // group, n), generator=g)
+        s = (torch.rand(k // group, n, generator=g) * 0.02 + 0.001).half()
+        reference[name] = ((q - z.repeat_interleave(group, 0)).float() * s.float().repeat_interleave(group, 0)).t()
+        tensors[f"{prefix}.qweight"] = _pack_words(q, dim=0)
+        tensors[f"{prefix}.qzeros"] = _pack_words(z if v2 else z - 1)
+        tensors[f"{prefix}.scales"] = s
+        tensors[f"{prefix}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": sym,
+          "checkpoint_format": "gptq_v2" if v2 else "gptq"}
+    _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, "int4", f"int4 g{group}" + ("" if sym else " asym"))
+
+
+def test_gptq_refusals(tmp_path):
+    """Activation order (a permuted g_idx), 8 bits and per-channel scales get clear errors."""
+    from localsgl.store.hf import CheckpointError
+    from localsgl.store.quantized_checkpoint import gptq_to_quantized, scheme_of
+
+    for qc in ({"bits": 8, "group_size": 128}, {"bits": 4, "group_size": -1}, {"checkpoint_format": "marlin"}):
+        with pytest.raises(CheckpointError, match="GPTQ checkpoints"):
+            scheme_of({"quantization_config": {"quant_method": "gptq", **qc}})
+    k, n = 64, 16
+    parts = (_pack_words(torch.zeros(k, n, dtype=torch.int64), dim=0), _pack_words(torch.full((2, n), 7)),
+             torch.ones(2, n, dtype=torch.float16))
+    perm = torch.arange(k).flip(0) // 32
+    with pytest.raises(CheckpointError, match="activation order"):
+        gptq_to_quantized("x", *parts, perm.to(torch.int32), 1)
+    assert gptq_to_quantized("x", *parts, (torch.arange(k) // 32).to(torch.int32), 1).fmt.symmetric  # z = 7 + 1
 
 
 @pytest.mark.parametrize("variant", ["int4-sym", "int4-asym", "int8-channel", "int8-group-asym"])
