@@ -27,6 +27,21 @@ def _is_linear(name: str) -> bool:
     return any(f".{p}.weight" in name for p in LINEARS)
 
 
+def _checkpoint_tensors(hf_model, dense_dtype: torch.dtype, quantize):
+    """(checkpoint tensors, the dense values they describe) of ``hf_model``: each linear weight
+    through ``quantize(w) -> ({part: tensor}, dense value)``, the rest stored in ``dense_dtype``."""
+    tensors, reference = {}, {}
+    for name, w in hf_model.state_dict().items():
+        if not _is_linear(name):
+            tensors[name] = w.to(dense_dtype)
+            reference[name] = w.to(dense_dtype).float()
+            continue
+        parts, reference[name] = quantize(w)
+        prefix = name.removesuffix(".weight")
+        tensors.update({f"{prefix}.{part}": v for part, v in parts.items()})
+    return tensors, reference
+
+
 def _awq(w: torch.Tensor, group: int, g: torch.Generator):
     """Random AWQ tensors for a weight's shape and the dense weight they describe."""
     n, k = w.shape
@@ -80,16 +95,7 @@ def test_awq_checkpoint(tmp_path):
 
     hf_model = make_hf_model("llama", seed=3)
     g = torch.Generator().manual_seed(1)
-    tensors, reference = {}, {}
-    for name, w in hf_model.state_dict().items():
-        if _is_linear(name):
-            parts, dense = _awq(w, 32, g)
-            prefix = name.removesuffix(".weight")
-            tensors.update({f"{prefix}.{k}": v for k, v in parts.items()})
-            reference[name] = dense
-        else:
-            tensors[name] = w.half()
-            reference[name] = w.half().float()
+    tensors, reference = _checkpoint_tensors(hf_model, torch.float16, lambda w: _awq(w, 32, g))
     qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}
     _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, "int4", "int4 g32 asym")
 
@@ -99,27 +105,22 @@ def test_fp8_checkpoint(scheme, tmp_path):
     from test_loader import make_hf_model
 
     hf_model = make_hf_model("llama", seed=4)
-    tensors, reference = {}, {}
     bn, bk = 16, 32
-    for name, w in hf_model.state_dict().items():
-        if not _is_linear(name):
-            tensors[name] = w.to(torch.bfloat16)
-            reference[name] = w.to(torch.bfloat16).float()
-            continue
-        prefix = name.removesuffix(".weight")
+
+    def quantize(w):
         if scheme == "compressed-tensors":
             s = w.abs().amax(1, keepdim=True) / 448.0
             q = (w / s).to(torch.float8_e4m3fn)
-            tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"] = q, s
-            tensors[f"{prefix}.input_scale"] = torch.ones(1)  # a static activation scale: unused here
-            reference[name] = q.float() * s
-        else:
-            n, k = w.shape
-            blocks = w.reshape(n // bn, bn, k // bk, bk)
-            s = blocks.abs().amax((1, 3)) / 448.0  # [n / bn, k / bk]
-            q = (blocks / s[:, None, :, None]).reshape(n, k).to(torch.float8_e4m3fn)
-            tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale_inv"] = q, s
-            reference[name] = (q.float().reshape(n // bn, bn, k // bk, bk) * s[:, None, :, None]).reshape(n, k)
+            # with a static activation scale, unused here
+            return {"weight": q, "weight_scale": s, "input_scale": torch.ones(1)}, q.float() * s
+        n, k = w.shape
+        blocks = w.reshape(n // bn, bn, k // bk, bk)
+        s = blocks.abs().amax((1, 3)) / 448.0  # [n / bn, k / bk]
+        q = (blocks / s[:, None, :, None]).reshape(n, k).to(torch.float8_e4m3fn)
+        return {"weight": q, "weight_scale_inv": s}, \
+            (q.float().reshape(n // bn, bn, k // bk, bk) * s[:, None, :, None]).reshape(n, k)
+
+    tensors, reference = _checkpoint_tensors(hf_model, torch.bfloat16, quantize)
     if scheme == "compressed-tensors":
         qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
               "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
@@ -154,22 +155,17 @@ def test_gptq_checkpoint(variant, tmp_path):
     hf_model = make_hf_model("llama", seed=6)
     g = torch.Generator().manual_seed(3)
     group, v2, sym = 32, variant.startswith("v2"), variant.endswith("-sym")
-    tensors, reference = {}, {}
-    for name, w in hf_model.state_dict().items():
-        if not _is_linear(name):
-            tensors[name] = w.half()
-            reference[name] = w.half().float()
-            continue
-        prefix = name.removesuffix(".weight")
+
+    def quantize(w):
         n, k = w.shape
         q = torch.randint(0, 16, (k, n), generator=g)
         z = torch.full((k // group, n), 8) if sym else torch.randint(1 if not v2 else 0, 16, (k // group, n), generator=g)
         s = (torch.rand(k // group, n, generator=g) * 0.02 + 0.001).half()
-        reference[name] = ((q - z.repeat_interleave(group, 0)).float() * s.float().repeat_interleave(group, 0)).t()
-        tensors[f"{prefix}.qweight"] = _pack_words(q, dim=0)
-        tensors[f"{prefix}.qzeros"] = _pack_words(z if v2 else z - 1)
-        tensors[f"{prefix}.scales"] = s
-        tensors[f"{prefix}.g_idx"] = (torch.arange(k) // group).to(torch.int32)
+        dense = ((q - z.repeat_interleave(group, 0)).float() * s.float().repeat_interleave(group, 0)).t()
+        return {"qweight": _pack_words(q, dim=0), "qzeros": _pack_words(z if v2 else z - 1), "scales": s,
+                "g_idx": (torch.arange(k) // group).to(torch.int32)}, dense
+
+    tensors, reference = _checkpoint_tensors(hf_model, torch.float16, quantize)
     qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": sym,
           "checkpoint_format": "gptq_v2" if v2 else "gptq"}
     _check(_write(tmp_path, hf_model, tensors, qc), hf_model, reference, "int4", f"int4 g{group}" + ("" if sym else " asym"))
@@ -202,30 +198,23 @@ def test_compressed_tensors_int_checkpoint(variant, tmp_path):
     bits, group = (4, 32) if variant.startswith("int4") else (8, 0 if variant == "int8-channel" else 32)
     asym = variant.endswith("asym")
     lo, hi = (-8, 8) if bits == 4 else (-128, 128)
-    tensors, reference = {}, {}
-    for name, w in hf_model.state_dict().items():
-        if not _is_linear(name):
-            tensors[name] = w.to(torch.bfloat16)
-            reference[name] = w.to(torch.bfloat16).float()
-            continue
-        prefix = name.removesuffix(".weight")
+
+    def quantize(w):
         n, k = w.shape
         groups = 1 if group == 0 else k // group
         q = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int64)
         s = (torch.rand(n, groups, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
         zp = torch.randint(lo, hi, (n, groups), generator=g) if asym else torch.zeros(n, groups, dtype=torch.int64)
         per = k // groups
-        reference[name] = ((q - zp.repeat_interleave(per, 1)).float() * s.float().repeat_interleave(per, 1))
+        dense = (q - zp.repeat_interleave(per, 1)).float() * s.float().repeat_interleave(per, 1)
         if bits == 4:
-            tensors[f"{prefix}.weight_packed"] = _ct_pack(q)
-            tensors[f"{prefix}.weight_shape"] = torch.tensor([n, k])
-            if asym:
-                tensors[f"{prefix}.weight_zero_point"] = _ct_pack(zp, dim=0)
+            parts = {"weight_packed": _ct_pack(q), "weight_shape": torch.tensor([n, k])}
+            zero = _ct_pack(zp, dim=0)
         else:
-            tensors[f"{prefix}.weight"] = q.to(torch.int8)
-            if asym:
-                tensors[f"{prefix}.weight_zero_point"] = zp.to(torch.int8)
-        tensors[f"{prefix}.weight_scale"] = s
+            parts, zero = {"weight": q.to(torch.int8)}, zp.to(torch.int8)
+        return {**parts, "weight_scale": s, **({"weight_zero_point": zero} if asym else {})}, dense
+
+    tensors, reference = _checkpoint_tensors(hf_model, torch.bfloat16, quantize)
     strategy = "group" if group else "channel"
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized" if bits == 4 else "int-quantized",
           "ignore": ["lm_head"], "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
