@@ -238,6 +238,21 @@ def test_compressed_tensors_packing_matches_the_reference_layout():
     assert torch.equal(_unpack_rows_int4(_ct_pack(v, dim=0), 16), v)
 
 
+def test_compressed_tensors_padded_int4_is_refused():
+    """A weight_shape other than the packed one (in-features padded to a whole word) is an error
+    that names the weight, not a silently wrong matrix."""
+    from localsgl.engine.layers.quant import WeightFormat
+    from localsgl.store.hf import CheckpointError
+    from localsgl.store.quantized_checkpoint import _compressed_tensors_int
+
+    t = {"x.weight_packed": _ct_pack(torch.zeros(4, 64, dtype=torch.int64)), "x.weight_scale": torch.ones(4, 2),
+         "x.weight_shape": torch.tensor([4, 60])}
+    with pytest.raises(CheckpointError, match="x: weight_shape"):
+        _compressed_tensors_int(WeightFormat("int4", 32, True), "x", t.__getitem__, t)
+    t["x.weight_shape"] = torch.tensor([4, 64])
+    assert _compressed_tensors_int(WeightFormat("int4", 32, True), "x", t.__getitem__, t).shape == (4, 64)
+
+
 def test_unsupported_quantization_is_a_clear_error(tmp_path):
     from localsgl.store.hf import CheckpointError
     from localsgl.store.quantized_checkpoint import scheme_of
