@@ -123,6 +123,7 @@ def iter_weights(path: Path, config: dict, dtype: torch.dtype, device) -> Iterat
     from safetensors import safe_open
 
     scheme = scheme_of(config)
+    parts = _parts(scheme, config)
     dev = _device_str(device)
     with contextlib.ExitStack() as stack:
         where: dict[str, object] = {}
@@ -136,7 +137,6 @@ def iter_weights(path: Path, config: dict, dtype: torch.dtype, device) -> Iterat
             if key in done:
                 continue
             prefix, _, part = key.rpartition(".")
-            parts = _parts(scheme, config)
             if part in parts and f"{prefix}.{parts[0]}" in where and _is_quantized(scheme, prefix, where, get):
                 names = [f"{prefix}.{p}" for p in parts if f"{prefix}.{p}" in where]
                 done.update(names)
