@@ -50,7 +50,7 @@
 #    L2 prefetches (-pf: the attention's of o_proj, -pp: and the preparations'), alternated, then bf16 / bf16-pf)
 #   (steps: scripts/probe_step_kernels.py, one batch-1 step's device time kernel by kernel with PDL off, for each
 #    format of STEP_FORMATS (default int4 fp8))
-#   (tune: scripts/tune_tiles.sh, a tuned-tiles file for this GPU (GEMVs, rows and a8 routes) written to $OUTDIR/<GPU>.json,
+#   (tune: scripts/tune_tiles.sh, a tuned-tiles file for this GPU (GEMVs, GEMM tiles, rows and a8 routes) written to $OUTDIR/<GPU>.json,
 #    int4 timed with the packaged file and with it; its TUNE_* settings)
 #   (structured: scripts/bench_structured.py, JSON-schema vs free decoding at batch 1 and 64; needs the
 #    wheels of scripts/device_wheels.sh in .whl/)

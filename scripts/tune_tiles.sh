@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # A tuned-tiles file for the GPU this runs on (kernels/tuned/<GPU name>.json): the batch-1 GEMVs'
-# tiles, then the 2-8-row (quant_rows) and 16/64-row int8-activation (quant_a8) routes, each probe
-# building on the file the one before wrote; then int4 end to end with the file as it was and with
-# the new one.  The new file is left in kernels/tuned/ and copied to $OUT (or /tmp/localsgl-tune).
+# tiles, the 16/64-row GEMM tiles, then the 2-8-row (quant_rows) and 16/64-row int8-activation
+# (quant_a8) routes, each probe building on the file the one before wrote; then int4 end to end with
+# the file as it was and with the new one.  The new file is left in kernels/tuned/ and copied to $OUT
+# (or /tmp/localsgl-tune).
 #
 #   bash scripts/tune_tiles.sh            # on the device machine: bash scripts/device_check.sh none notests tune
 #
-# env: TUNE_GEMV_FORMATS (default int4g128 int4g32 int8g16 int8; fp8's batch 1 runs the dense GEMVs),
-#      TUNE_ROUTES (default "rows a8"; "" for the GEMVs alone), TUNE_BENCH=0 (no end-to-end timing),
-#      TUNE_TIMEOUT s per probe (default 200), TUNE_GGUF (a GGUF file, e.g. /tmp/peer/q4km.gguf of the peer
-#      step, or a path where a random Q4_K_M-layout one is written: timed kept quantized before and after too).  Needs PYTHONPATH as device_check.sh sets it.
+# env: TUNE_GEMV_FORMATS (default int4g128 int4g32 int8g16 int8; fp8's batch 1 runs the dense GEMVs; "": no
+#      GEMV probe, the file's GEMV entries kept), TUNE_ROUTES (default "gemm rows a8"; "" for the GEMVs alone),
+#      TUNE_GEMM_FORMATS (the gemm route's, default int4g128 int4g32 int8g16: int4 and a Q4_K_M file's parts),
+#      TUNE_BENCH=0 (no end-to-end timing), TUNE_BASE (the file the new one is timed against; default this
+#      GPU's file as found), TUNE_TIMEOUT s per probe (default 200), TUNE_GGUF (a GGUF file, e.g.
+#      /tmp/peer/q4km.gguf of the peer step, or a path where a random Q4_K_M-layout one is written: timed kept
+#      quantized before and after too).  Needs PYTHONPATH as device_check.sh sets it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${OUT:-/tmp/localsgl-tune}"; mkdir -p "$OUTDIR"
 gpu="$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")" || exit 1
 tuned="kernels/tuned/$gpu.json"
-[ -f "$tuned" ] && cp "$tuned" "$OUTDIR/before.json" || echo "[]" > "$OUTDIR/before.json"
+if [ -n "${TUNE_BASE:-}" ]; then cp "$TUNE_BASE" "$OUTDIR/before.json" || exit 1
+elif [ -f "$tuned" ]; then cp "$tuned" "$OUTDIR/before.json"; else echo "[]" > "$OUTDIR/before.json"; fi
 echo "[]" > "$OUTDIR/empty.json"
 gguf_pid=""  # TUNE_GGUF not there yet: a random Q4_K_M-layout file, written on the CPU while the probes run
 if [ -n "${TUNE_GGUF:-}" ] && [ ! -f "$TUNE_GGUF" ] && [ "${TUNE_BENCH:-1}" != 0 ]; then
@@ -24,16 +29,32 @@ fi
 t0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - t0 )) s"; }
 
-echo "== $gpu: batch-1 GEMV tiles against the built-in ones (${TUNE_GEMV_FORMATS:-int4g128 int4g32 int8g16 int8})"
-LOCALSGL_QUANT_TILES="$OUTDIR/empty.json" timeout ${TUNE_TIMEOUT:-200} python3 scripts/probe_quant_tiles.py \
-  --formats ${TUNE_GEMV_FORMATS:-int4g128 int4g32 int8g16 int8} --kinds gemv --words 3 --jobs 16 \
-  --json "$OUTDIR/gemv_rows.json" --tiles "$OUTDIR/gemv_tiles.json" > "$OUTDIR/gemv_probe.log" 2>&1
-rc=$?; echo "rc $rc at $(elapsed)"
-grep -E "^int.* gemv " "$OUTDIR/gemv_probe.log"
-if [ $rc = 0 ]; then
-  python3 scripts/merge_tiles.py "$OUTDIR/before.json" "$OUTDIR/gemv_rows.json" "$OUTDIR/gemv_tiles.json" -o "$tuned"
+gemv_formats="${TUNE_GEMV_FORMATS-int4g128 int4g32 int8g16 int8}"
+if [ -n "$gemv_formats" ]; then
+  echo "== $gpu: batch-1 GEMV tiles against the built-in ones ($gemv_formats)"
+  LOCALSGL_QUANT_TILES="$OUTDIR/empty.json" timeout ${TUNE_TIMEOUT:-200} python3 scripts/probe_quant_tiles.py \
+    --formats $gemv_formats --kinds gemv --words 3 --jobs 16 \
+    --json "$OUTDIR/gemv_rows.json" --tiles "$OUTDIR/gemv_tiles.json" > "$OUTDIR/gemv_probe.log" 2>&1
+  rc=$?; echo "rc $rc at $(elapsed)"
+  grep -E "^int.* gemv " "$OUTDIR/gemv_probe.log"
+  [ $rc = 0 ] && python3 scripts/merge_tiles.py "$OUTDIR/before.json" "$OUTDIR/gemv_rows.json" \
+    "$OUTDIR/gemv_tiles.json" -o "$tuned"
 fi
-for route in ${TUNE_ROUTES-rows a8}; do
+for route in ${TUNE_ROUTES-gemm rows a8}; do
+  if [ "$route" = gemm ]; then
+    # swept from the built-in tiles, as the GEMVs; a shape whose built-in tile wins gets no entry
+    echo "== 16/64-row GEMM tiles against the built-in ones (${TUNE_GEMM_FORMATS:-int4g128 int4g32 int8g16})"
+    LOCALSGL_QUANT_TILES="$OUTDIR/empty.json" timeout ${TUNE_TIMEOUT:-200} python3 scripts/probe_quant_tiles.py \
+      --formats ${TUNE_GEMM_FORMATS:-int4g128 int4g32 int8g16} --kinds gemm --jobs 16 \
+      --json "$OUTDIR/gemm_rows.json" --tiles "$OUTDIR/gemm_tiles.json" > "$OUTDIR/gemm_probe.log" 2>&1
+    rc=$?; echo "rc $rc at $(elapsed)"
+    grep -E "^int.* gemm " "$OUTDIR/gemm_probe.log"
+    if [ $rc = 0 ]; then
+      [ -f "$tuned" ] || echo "[]" > "$tuned"
+      python3 scripts/merge_tiles.py "$tuned" "$OUTDIR/gemm_rows.json" "$OUTDIR/gemm_tiles.json" -o "$tuned"
+    fi
+    continue
+  fi
   echo "== the $route route against the GEMM"
   # the probe times against this GPU's tuned file (the one just written) and writes it back with its entries
   timeout ${TUNE_TIMEOUT:-200} python3 "scripts/probe_quant_$route.py" --out "$OUTDIR/${route}_tiles.json" \
