@@ -5,8 +5,7 @@
 ROWS.json and TILES.json are scripts/probe_quant_tiles.py's --json and --tiles outputs of a
 sweep run with ``--formats``/``--kinds`` (and LOCALSGL_QUANT_TILES naming an empty list, so
 its "default" was the built-in tile).  Every (kind, format, rows) the sweep timed takes the
-sweep's entries (a GEMM shape has none where the built-in tile won, a GEMV shape that tile); the
-rest of TUNED.json is kept.
+sweep's entries (a shape whose built-in tile won gets that tile); the rest of TUNED.json is kept.
 scripts/probe_route.py (the "rows" and "a8" probes) merges its entries the same way, a null
 tile where the GEMM won."""
 from __future__ import annotations

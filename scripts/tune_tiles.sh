@@ -42,7 +42,7 @@ if [ -n "$gemv_formats" ]; then
 fi
 for route in ${TUNE_ROUTES-gemm rows a8}; do
   if [ "$route" = gemm ]; then
-    # swept from the built-in tiles, as the GEMVs; a shape whose built-in tile wins gets no entry
+    # swept from the built-in tiles, as the GEMVs; a shape whose built-in tile wins gets that tile
     echo "== 16/64-row GEMM tiles against the built-in ones (${TUNE_GEMM_FORMATS:-int4g128 int4g32 int8g16})"
     LOCALSGL_QUANT_TILES="$OUTDIR/empty.json" timeout ${TUNE_TIMEOUT:-200} python3 scripts/probe_quant_tiles.py \
       --formats ${TUNE_GEMM_FORMATS:-int4g128 int4g32 int8g16} --kinds gemm --jobs 16 \

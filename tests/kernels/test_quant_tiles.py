@@ -131,10 +131,10 @@ def test_merge_of_a_partial_sweep():
     assert a8[0] in merged and len(merged) == len(tuned) + 5
 
 
-def test_a_sweep_pins_every_timed_gemv_shape():
-    """scripts/probe_quant_tiles.py --tiles: a GEMV shape whose built-in tile won gets that tile
-    (else quant_tiles.lookup would give it its nearest shape's winner, which was never timed
-    there); a GEMM shape gets an entry only where a tile beat the built-in one by 3 %."""
+def test_a_sweep_pins_every_timed_shape():
+    """scripts/probe_quant_tiles.py --tiles: a GEMV or GEMM shape whose built-in tile won gets
+    that tile (else quant_tiles.lookup would give it its nearest shape's winner, which was never
+    timed there); another tile only where it beat the built-in one by 3 %."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "scripts" / "probe_quant_tiles.py"
@@ -145,5 +145,7 @@ def test_a_sweep_pins_every_timed_gemv_shape():
     lost = dict(won, best_us=7.9)
     assert mod._winner(won) == (8, 1024, 8, 1, 1, 3)
     assert mod._winner(lost) == (8, 1024, 4, 1, 1, 3)
-    assert mod._winner(dict(kind="gemm", best=(16, 64, 128, 4, 4, 1, 0), best_us=9.9, default_us=10.0)) is None
-    assert mod._winner(dict(kind="gemm", best=(16, 64, 128, 4, 4, 1, 0), best_us=9.0, default_us=10.0)) == (16, 64, 128, 4, 4, 1, 0)
+    gemm = dict(kind="gemm", best=(16, 64, 128, 4, 4, 1, 0), best_us=9.9, default_us=10.0,
+                default_tile=(16, 64, 128, 4, 3, 1, 1, 0, 1))
+    assert mod._winner(gemm) == (16, 64, 128, 4, 3, 1, 1, 0, 1)
+    assert mod._winner(dict(gemm, best_us=9.0)) == (16, 64, 128, 4, 4, 1, 0)
