@@ -7,6 +7,10 @@
 #
 #   bash scripts/tune_tiles.sh            # on the device machine: bash scripts/device_check.sh none notests tune
 #
+# On an H100 the whole run takes ~12 minutes (GEMVs ~2.5, GEMM ~4.5, rows ~2.5, a8 ~0.5, timing ~2.5):
+# past one device call, so there it runs in parts (TUNE_ROUTES, TUNE_GEMV_FORMATS="", TUNE_BENCH=0, then
+# TUNE_BASE naming the file as it was for the timing; bench/RESULTS.md, "twenty-seventh session").
+#
 # env: TUNE_GEMV_FORMATS (default int4g128 int4g32 int8g16 int8; fp8's batch 1 runs the dense GEMVs; "": no
 #      GEMV probe, the file's GEMV entries kept), TUNE_ROUTES (default "gemm rows a8"; "" for the GEMVs alone),
 #      TUNE_GEMM_FORMATS (the gemm route's, default int4g128 int4g32 int8g16: int4 and a Q4_K_M file's parts),
