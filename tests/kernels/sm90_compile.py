@@ -22,8 +22,10 @@ def can_compile() -> bool:
 
 def compile_all(specs: list[dict], timeout: float = 600) -> list[dict]:
     """Each spec: {"kernel": "module:function", "pointers": {...}, "constexprs": {...},
-    "scalars": {...}, "div16": [int args known 16-divisible], "num_warps": n, "num_stages": n, "sass_mix": bool}.
-    Returns per spec {"ok", "error", "ptx_has": {needle: bool}, "resources", "sass_has", and with sass_mix
+    "scalars": {...}, "div16": [int args known 16-divisible], "num_warps": n, "num_stages": n, "sass_mix": bool,
+    "arch": the target's compute capability as an int, default 90}.
+    Returns per spec {"ok", "error", "ptx_has": {needle: bool}, "shared": bytes of shared memory a program
+    needs, "resources", "sass_has", and with sass_mix
     "sass_mix": {opcode: count}} in a fresh interpreter-free process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(specs), capture_output=True, text=True,
@@ -58,13 +60,14 @@ def _compile(spec: dict) -> dict:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     try:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32),
+                           target=GPUTarget("cuda", spec.get("arch", 90), 32),
                            options={"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 2),
                                     **FMA})
     except Exception as e:  # noqa: BLE001  (reported to the test)
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[-3000:], "ptx_has": {}}
     ptx = k.asm["ptx"]
     return {"ok": True, "error": None, "ptx_has": {n: n in ptx for n in spec.get("ptx_needles", [])},
+            "shared": k.metadata.shared,
             "resources": _resources(k.asm["cubin"]),
             "sass_has": _sass_has(k.asm["cubin"], spec.get("sass_needles", [])),
             **({"sass_mix": _sass_mix(k.asm["cubin"])} if spec.get("sass_mix") else {})}
