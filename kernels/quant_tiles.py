@@ -2,12 +2,13 @@
 measured fastest for each weight format, shape and row count, kept as JSON.
 
 Looked up, in order: the file named by LOCALSGL_QUANT_TILES, then ``tuned/<device name>.json``
-beside this module (e.g. tuned/NVIDIA_H200.json); the kernels' built-in defaults apply where
-neither has an entry.  An entry is {"kind": "gemv" | "gemm" | "rows", "fmt":
-WeightFormat.label(), "n": N, "k": K, "m": rows (1 for gemv; 16 or 64 for gemm; 2, 4 or 8 for
-rows, quant_rows.py, which runs only where such an entry exists), "tile": the kernel's Config
-fields}.  A weight whose exact shape is missing takes the entry of the same format, K and
-rows with the nearest N (Llama-shaped models differ mostly in N)."""
+beside this module (e.g. tuned/NVIDIA_H200.json; scripts/tune_tiles.sh writes one for the GPU it
+runs on); the kernels' built-in defaults apply where neither has an entry.  An entry is {"kind":
+"gemv" | "gemm" | "rows" | "a8", "fmt": WeightFormat.label(), "n": N, "k": K, "m": rows (1 for
+gemv; 16 or 64 for gemm and a8; 2, 4 or 8 for rows, quant_rows.py, which runs only where such an
+entry exists, as a8 does), "tile": the kernel's Config fields}.  A weight whose exact shape is
+missing takes the entry of the same format, K and rows with the nearest N (Llama-shaped models
+differ mostly in N)."""
 from __future__ import annotations
 
 import functools
@@ -19,16 +20,42 @@ from pathlib import Path
 import torch
 
 
+def tiles_file(device_index: int) -> Path | None:
+    """The file the lookups on CUDA device ``device_index`` read: LOCALSGL_QUANT_TILES's, else
+    the packaged ``tuned/<device name>.json``; None where neither applies (built-in tiles)."""
+    path = os.environ.get("LOCALSGL_QUANT_TILES")
+    if path:
+        return Path(path)
+    name = torch.cuda.get_device_name(device_index).replace(" ", "_")
+    path = Path(__file__).with_name("tuned") / f"{name}.json"
+    return path if path.exists() else None
+
+
+def tiles_summary(device_index: int) -> dict:
+    """What ``localsgl info`` shows: the file and its entry count (None: the built-in tiles)."""
+    path = tiles_file(device_index)
+    entries = _entries(device_index, os.environ.get("LOCALSGL_QUANT_TILES")) if path is not None else ()
+    return {"file": str(path) if path is not None else None, "entries": len(entries)}
+
+
 @functools.lru_cache(maxsize=None)
 def _entries(device_index: int, path: str | None) -> tuple:
     """The entries of ``path`` (LOCALSGL_QUANT_TILES), else of the device's tuned file."""
-    if not path:
-        name = torch.cuda.get_device_name(device_index).replace(" ", "_")
-        path = Path(__file__).with_name("tuned") / f"{name}.json"
-        if not path.exists():
-            return ()
-    with open(path) as f:
-        return tuple(json.load(f))
+    file = Path(path) if path else tiles_file(device_index)
+    if file is None:
+        return ()
+    try:
+        with open(file) as f:
+            entries = json.load(f)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and _KEYS <= e.keys() for e in entries):
+            raise ValueError(f"not a list of entries with the keys {sorted(_KEYS)}")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tuned tiles file {file} (LOCALSGL_QUANT_TILES or the packaged one) cannot be used: "
+                         f"{e}") from None
+    return tuple(entries)
+
+
+_KEYS = frozenset(("kind", "fmt", "n", "k", "m", "tile"))
 
 
 def lookup(kind: str, w, m: int, device: torch.device) -> tuple | None:

@@ -53,8 +53,13 @@ def _info_report(kwargs: dict) -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             versions[mod] = None
+    device = {**dev.to_dict(), "torch_device": dev.torch_device}
+    if dev.kind == "cuda":  # the quantized kernels' tiles: tuned for this GPU, or the built-in ones
+        from localsgl_kernels.quant_tiles import tiles_summary
+
+        device["quant_tiles"] = tiles_summary(dev.index)
     return {
-        "device": {**dev.to_dict(), "torch_device": dev.torch_device},
+        "device": device,
         "dtype": dtype,
         "model": {
             "name": getattr(source, "name", kwargs["model"]),
@@ -83,6 +88,10 @@ def _print_info(r: dict) -> None:
             f"  memory              {format_size(d['total_memory'])} total, {format_size(d['free_memory'])} free",
             f"  SMs                 {d['sm_count']}",
             f"  compute capability  {d['capability']}",
+            f"  quantized tiles     " + (f"{d['quant_tiles']['file']} ({d['quant_tiles']['entries']} entries)"
+                                         if d["quant_tiles"]["file"] else
+                                         "built-in (no tuned file for this GPU: scripts/tune_tiles.sh writes one, "
+                                         "LOCALSGL_QUANT_TILES names it)"),
         ]
     else:
         lines += [

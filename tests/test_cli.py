@@ -369,6 +369,22 @@ def test_info_text_and_dummy_config():
     assert r.exit_code == 2 and "RAM" in r.stderr  # 32 GB of weights + 1 TiB of KV do not fit
 
 
+def test_info_text_names_the_quantized_tiles_on_cuda(capsys):
+    """On a GPU, info says which tuned-tiles file the quantized kernels read, or that they run
+    their built-in tiles and how to tune them (the report's fields, printed as text)."""
+    from localsgl.cli_info import _print_info
+
+    r = invoke(["info", "--json", "--kv-memory", "512MiB", "--device", "cpu"])
+    report = json.loads(r.stdout)
+    cuda = dict(kind="cuda", name="NVIDIA GeForce RTX 4090", torch_device="cuda:0", count=1, total_memory=24 << 30,
+                free_memory=23 << 30, sm_count=128, capability="8.9", bf16=True)
+    for tiles, expected in (({"file": None, "entries": 0}, "built-in (no tuned file for this GPU: scripts/tune_tiles.sh"),
+                            ({"file": "/x/RTX.json", "entries": 88}, "/x/RTX.json (88 entries)")):
+        _print_info(dict(report, device=dict(cuda, quant_tiles=tiles)))
+        line = next(ln for ln in capsys.readouterr().out.splitlines() if "quantized tiles" in ln)
+        assert expected in line, line
+
+
 # ----------------------------------------------------------------------------- end to end (real model)
 
 

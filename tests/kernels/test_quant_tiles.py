@@ -149,3 +149,41 @@ def test_a_sweep_pins_every_timed_shape():
                 default_tile=(16, 64, 128, 4, 3, 1, 1, 0, 1))
     assert mod._winner(gemm) == (16, 64, 128, 4, 3, 1, 1, 0, 1)
     assert mod._winner(dict(gemm, best_us=9.0)) == (16, 64, 128, 4, 4, 1, 0)
+
+
+def test_tiles_file_and_summary(table, monkeypatch):
+    """The file the lookups read (what `localsgl info` shows): LOCALSGL_QUANT_TILES's first, else
+    the packaged file of the GPU's name, else none (the built-in tiles)."""
+    path = Path(quant_tiles.os.environ["LOCALSGL_QUANT_TILES"])
+    assert quant_tiles.tiles_file(0) == path
+    assert quant_tiles.tiles_summary(0) == {"file": str(path), "entries": 5}
+    monkeypatch.delenv("LOCALSGL_QUANT_TILES")
+    for name in ("NVIDIA H200", "NVIDIA GeForce RTX 4090"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None, name=name: name)
+        packaged = Path(quant_tiles.__file__).parent / "tuned" / f"{name.replace(' ', '_')}.json"
+        want = packaged if packaged.exists() else None
+        assert quant_tiles.tiles_file(0) == want, name
+        quant_tiles._entries.cache_clear()
+        summary = quant_tiles.tiles_summary(0)
+        assert summary["file"] == (str(want) if want else None)
+        assert (summary["entries"] > 0) == (want is not None)
+    quant_tiles._entries.cache_clear()
+
+
+@pytest.mark.parametrize("text, why", [(None, "No such file"), ("{not json", "Expecting"),
+                                       ('{"kind": "gemv"}', "not a list of entries"),
+                                       ('[{"kind": "gemv", "fmt": "int4 g128 asym"}]', "not a list of entries")])
+def test_an_unusable_tiles_file_is_a_clear_error(tmp_path, monkeypatch, text, why):
+    """LOCALSGL_QUANT_TILES naming a missing or malformed file: an error that names the file and
+    the variable at the first lookup, not a KeyError deep in a kernel launcher."""
+    path = tmp_path / "tiles.json"
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setenv("LOCALSGL_QUANT_TILES", str(path))
+    quant_tiles._entries.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="LOCALSGL_QUANT_TILES") as e:
+            quant_tiles.lookup("gemv", _w(6144, 4096), 1, torch.device("cuda", 0))
+        assert str(path) in str(e.value) and why in str(e.value)
+    finally:
+        quant_tiles._entries.cache_clear()
