@@ -50,8 +50,8 @@ def _entries(device_index: int, path: str | None) -> tuple:
         if not isinstance(entries, list) or not all(isinstance(e, dict) and _KEYS <= e.keys() for e in entries):
             raise ValueError(f"not a list of entries with the keys {sorted(_KEYS)}")
     except (OSError, ValueError) as e:
-        raise ValueError(f"tuned tiles file {file} (LOCALSGL_QUANT_TILES or the packaged one) cannot be used: "
-                         f"{e}") from None
+        origin = "LOCALSGL_QUANT_TILES" if path else "this GPU's packaged file"
+        raise ValueError(f"tuned tiles file {file} ({origin}) cannot be used: {e}") from None
     return tuple(entries)
 
 

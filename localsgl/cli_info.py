@@ -88,7 +88,7 @@ def _print_info(r: dict) -> None:
             f"  memory              {format_size(d['total_memory'])} total, {format_size(d['free_memory'])} free",
             f"  SMs                 {d['sm_count']}",
             f"  compute capability  {d['capability']}",
-            f"  quantized tiles     " + (f"{d['quant_tiles']['file']} ({d['quant_tiles']['entries']} entries)"
+            "  quantized tiles     " + (f"{d['quant_tiles']['file']} ({d['quant_tiles']['entries']} entries)"
                                          if d["quant_tiles"]["file"] else
                                          "built-in (no tuned file for this GPU: scripts/tune_tiles.sh writes one, "
                                          "LOCALSGL_QUANT_TILES names it)"),
