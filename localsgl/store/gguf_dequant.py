@@ -37,6 +37,7 @@ def can_dequantize(qtype) -> bool:
 
 def dequantize_tensor(t, dtype: torch.dtype, device) -> torch.Tensor:
     """A GGUF ReaderTensor -> dense tensor in HF layout [out, in], dtype, on device."""
+    from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as Q
 
     shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
@@ -63,7 +64,7 @@ def dequantize_tensor(t, dtype: torch.dtype, device) -> torch.Tensor:
         chunk = np.array(rows[r0 : r0 + step], copy=True)  # small (quantized bytes); the memmap is read-only
         if fn is not None:
             blocks = torch.from_numpy(chunk).to(device)
-            vals = fn(blocks.view(-1, _TYPE_SIZE[qtype.name]))
+            vals = fn(blocks.view(-1, GGML_QUANT_SIZES[qtype][1]))  # (values, bytes) a block
         else:
             from gguf.quants import dequantize
 
@@ -125,8 +126,6 @@ def _dq_unpacked(type_name: str):
     return dq
 
 
-# the types gguf_repack keeps as int8 (one integer a value from its unpacker): bytes a block
-_UNPACKED = {"Q8_0": 34, "Q6_K": 210, "Q5_K": 176, "Q5_0": 22, "Q5_1": 24, "Q3_K": 110, "Q2_K": 84,
-             "IQ4_NL": 18, "IQ4_XS": 136}
+# the types gguf_repack keeps as int8 (one integer a value from its unpacker)
+_UNPACKED = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
 _TORCH_DEQUANT = {"Q4_0": _dq_q4_0, "Q4_1": _dq_q4_1, "Q4_K": _dq_q4_k, **{name: _dq_unpacked(name) for name in _UNPACKED}}
-_TYPE_SIZE = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144, **_UNPACKED}

@@ -69,7 +69,7 @@ def test_torch_dequantization_is_bit_identical_to_gguf(qname):
     data = _k_blocks(qname, ROWS * COLS // REPACKED[qname][1], rng)
     ref = torch.from_numpy(np.asarray(gguf.quants.dequantize(data, Q[qname]), dtype=np.float32)).reshape(-1)
     ours = gguf_dequant._TORCH_DEQUANT[qname](torch.from_numpy(data.copy()))
-    assert gguf_dequant._TYPE_SIZE[qname] == data.shape[1]
+    assert gguf.GGML_QUANT_SIZES[Q[qname]][1] == data.shape[1]  # the block bytes dequantize_tensor views by
     assert torch.equal(ours.reshape(-1), ref)
 
 
