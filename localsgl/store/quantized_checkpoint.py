@@ -297,8 +297,7 @@ def gptq_to_quantized(prefix: str, qweight: torch.Tensor, qzeros: torch.Tensor, 
 
 def awq_unpack(packed: torch.Tensor) -> torch.Tensor:
     """AWQ int32 [R, C/8] -> int values 0..15 [R, C] in column order."""
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
-    nib = (packed[..., None] >> shifts) & 0xF  # [R, C/8, 8] in packed order
+    nib = _word_nibbles(packed).reshape(packed.shape[0], -1, 8)  # in packed order
     order = torch.tensor([AWQ_ORDER.index(c) for c in range(8)], device=packed.device)
     return nib[..., order].reshape(packed.shape[0], -1)
 
