@@ -5,8 +5,8 @@ floor (packed bytes over copy bandwidth; for many rows also the bf16 tensor-core
     python scripts/probe_quant_tiles.py [--jobs 14] [--json OUT.json] [--tiles TILES.json]
         [--formats int4g128 int4g32 ...] [--kinds gemv gemm prefill] [--words 0|1|2|3]
 
-``--tiles`` writes the winners that beat the built-in tile by 3 % (for a GEMV shape where none
-does, the built-in tile itself, so that no timed shape borrows another's) in the format of
+``--tiles`` writes the winners that beat the built-in tile by 3 % (for a shape where none does,
+the built-in tile itself, so that no timed shape borrows another's) in the format of
 kernels/quant_tiles.py (LOCALSGL_QUANT_TILES=TILES.json makes the engine use them; copied to
 kernels/tuned/<device name>.json they are the defaults on that GPU model).  Run it with
 LOCALSGL_QUANT_TILES unset and no tuned file for the GPU, so "default" is the built-in tile.
