@@ -20,6 +20,10 @@ from pathlib import Path
 import torch
 
 
+class TunedTilesError(ValueError):
+    """The tuned-tiles file cannot be read: a setting to fix, not a failure inside a kernel."""
+
+
 def tiles_file(device_index: int) -> Path | None:
     """The file the lookups on CUDA device ``device_index`` read: LOCALSGL_QUANT_TILES's, else
     the packaged ``tuned/<device name>.json``; None where neither applies (built-in tiles)."""
@@ -51,7 +55,7 @@ def _entries(device_index: int, path: str | None) -> tuple:
             raise ValueError(f"not a list of entries with the keys {sorted(_KEYS)}")
     except (OSError, ValueError) as e:
         origin = "LOCALSGL_QUANT_TILES" if path else "this GPU's packaged file"
-        raise ValueError(f"tuned tiles file {file} ({origin}) cannot be used: {e}") from None
+        raise TunedTilesError(f"tuned tiles file {file} ({origin}) cannot be used: {e}") from None
     return tuple(entries)
 
 

@@ -227,13 +227,14 @@ def bench_throughput(engine: Engine, ceil: dict, a) -> list[dict]:
     pen = _penalties(a)
     _timed(engine, prompts[: min(8, len(prompts))], [4], pen)
     engine.core.cache.reset()
-    t = _timed(engine, prompts, [o for _, o in reqs], pen)
+    t, outputs = _timed_outputs(engine, prompts, [o for _, o in reqs], pen)
     out_tokens = sum(o for _, o in reqs)
     floor = workload_floor(engine, ceil, reqs)
     label = "".join(f" {k.split('_')[0]}={v}" for k, v in pen.items())
     return [{"workload": f"throughput {a.workload} x{len(reqs)}{label}", "measured": out_tokens / t, "unit": "out tok/s",
              "floor": out_tokens / floor, "ratio": t / floor, "tok_s": sum(i + o for i, o in reqs) / t,
-             "seconds": t, "retractions": engine.stats()["retractions_total"], **_profile(engine)}]
+             "seconds": t, "retractions": engine.stats()["retractions_total"],
+             "completed": sum(len(o.token_ids) == n for o, (_, n) in zip(outputs, reqs)), **_profile(engine)}]
 
 
 def bench_prefix(engine: Engine, ceil: dict, a) -> list[dict]:

@@ -76,6 +76,7 @@ def _usage_error_types() -> tuple[type, ...]:
         ("localsgl.engine.models.config", "UnsupportedModelError"),
         ("localsgl.store.resolve", "UnknownModelError"),
         ("localsgl.store.gguf_file", "GGUFError"),
+        ("localsgl_kernels.quant_tiles", "TunedTilesError"),
     ):
         try:
             types.append(getattr(__import__(mod, fromlist=[name]), name))

@@ -33,6 +33,10 @@ CAPS = [  # under every --gpu-memory cap the throughput workload runs to the end
 ] + [
     ("throughput", {"gpu_memory": cap}, ["--workload", "mixed", "--num-prompts", "300"]) for cap in ("24GiB", "40GiB")
 ]
+# the small card: Llama-3.1-8B in int4 under an 8 GiB cap (bf16 and fp8 KV) runs the mixed
+# throughput workload to the end (retraction, no OOM)
+QCAPS = [("throughput", {"quantization": "int4", "gpu_memory": "8GiB", **kv}, ["--workload", "mixed", "--num-prompts", "1000"])
+         for kv in ({}, {"kv_cache_dtype": "fp8"})]
 BS1 = [QUICK[0], ("latency", {"_pdl": False}, QUICK[0][2]),  # programmatic dependent launch on vs off
        ("latency", {"_fused_decode": False}, QUICK[0][2])]  # fused one-token path on vs off
 LONG = [("throughput", {}, ["--workload", "fixed", "--num-prompts", "500", "--input-len", "4096", "--output-len", "2048"])]
@@ -67,7 +71,7 @@ def main():
     prof_set = [QUICK[0], FULL[0], FULL[2], FULL[3]]  # bs1 decode, mixed throughput, prefix pair
     prefix_set = [QUICK[0], FULL[2], FULL[3]]
     plan = {"quick": QUICK, "full": FULL, "all": QUICK + FULL, "main": main_set, "prof": prof_set, "prefix": prefix_set,
-            "tput": [FULL[0]], "caps": CAPS, "tputcaps": [FULL[0]] + CAPS, "long": LONG, "bs1": BS1,
+            "tput": [FULL[0]], "caps": CAPS, "qcaps": QCAPS, "tputcaps": [FULL[0]] + CAPS, "long": LONG, "bs1": BS1,
             "quick+": QUICK + BS1[1:], "penalty": PENALTY, "quick+penalty": QUICK + PENALTY, "mixed": MIXED,
             "mixed1b": MIXED[:4], "mixed8b": MIXED[6:], "none": []}[mode]
     table = []
@@ -91,6 +95,8 @@ def main():
         print(json.dumps(info), flush=True)
         for r in info["rows"]:
             tag = (" " + ",".join(f"{k}={v}" for k, v in extra.items())) if extra else ""
+            if "completed" in r:  # the throughput workloads: every request's tokens, retractions
+                tag += f" done={r['completed']} retr={r['retractions']}"
             table.append((r["workload"] + tag, r["measured"], r["unit"], r["floor"], r["ratio"], info["load_seconds"],
                           info.get("ready_after_weights_seconds", float("nan")),
                           info.get("graphs_ready_after_weights_seconds") or float("nan")))

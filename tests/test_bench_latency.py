@@ -72,3 +72,28 @@ def test_an_unknown_benchmark_is_refused_before_its_options_are_read(monkeypatch
     monkeypatch.setattr(bench, "Engine", lambda **kw: pytest.fail("an engine was started"))
     assert bench.main("speed", dict(ENGINE), ["--bogus"]) == 2
     assert "unknown benchmark 'speed'" in capsys.readouterr().err
+
+
+def test_throughput_counts_the_requests_that_got_all_their_tokens(monkeypatch, capsys):
+    """The throughput row says how many requests produced every token asked for (the issue's
+    "runs the workload to the end") beside the retractions; a run cut short would count less."""
+    monkeypatch.setenv("LOCALSGL_IN_PROCESS", "0")
+    rc = bench.main("throughput", {**ENGINE, "load_format": "dummy"},
+                    ["--workload", "fixed", "--num-prompts", "3", "--input-len", "16", "--output-len", "6"], json_output=True)
+    assert rc == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert row["completed"] == 3 and row["retractions"] == 0
+
+    real = bench._timed_outputs
+
+    def one_short(engine, prompts, outs, penalties=None):
+        t, outputs = real(engine, prompts, outs, penalties)
+        outputs[1].token_ids = outputs[1].token_ids[:-1]
+        return t, outputs
+
+    monkeypatch.setattr(bench, "_timed_outputs", one_short)
+    assert bench.main("throughput", {**ENGINE, "load_format": "dummy"},
+                      ["--workload", "fixed", "--num-prompts", "3", "--input-len", "16", "--output-len", "6"],
+                      json_output=True) == 0
+    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert row["completed"] == 2

@@ -385,6 +385,23 @@ def test_info_text_names_the_quantized_tiles_on_cuda(capsys):
         assert expected in line, line
 
 
+def test_an_unusable_tiles_file_is_a_usage_error(capsys):
+    """LOCALSGL_QUANT_TILES naming a bad file is a setting to fix: exit 2 and the message alone."""
+    import typer
+
+    from localsgl.cli_common import ExitCode, _guard
+    from localsgl_kernels.quant_tiles import TunedTilesError
+
+    def body():
+        raise TunedTilesError("tuned tiles file /x.json (LOCALSGL_QUANT_TILES) cannot be used: gone")
+
+    with pytest.raises(typer.Exit) as e:
+        _guard(body)
+    assert e.value.exit_code == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "error: tuned tiles file /x.json (LOCALSGL_QUANT_TILES) cannot be used: gone" in err and "Error:" not in err
+
+
 # ----------------------------------------------------------------------------- end to end (real model)
 
 

@@ -182,7 +182,7 @@ def test_an_unusable_tiles_file_is_a_clear_error(tmp_path, monkeypatch, text, wh
     monkeypatch.setenv("LOCALSGL_QUANT_TILES", str(path))
     quant_tiles._entries.cache_clear()
     try:
-        with pytest.raises(ValueError, match="LOCALSGL_QUANT_TILES") as e:
+        with pytest.raises(quant_tiles.TunedTilesError, match="LOCALSGL_QUANT_TILES") as e:
             quant_tiles.lookup("gemv", _w(6144, 4096), 1, torch.device("cuda", 0))
         assert str(path) in str(e.value) and why in str(e.value)
     finally:
