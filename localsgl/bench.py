@@ -275,6 +275,20 @@ def _at_least(low: int):
     return parse
 
 
+def _peak_reserved(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+
+
+def _gpu_memory(device: torch.device, start_peak: int | None) -> dict | None:
+    """What the engine held on the GPU: the most torch's allocator reserved at once (start-up,
+    graphs, KV pool, the timed runs), and the whole device's memory in use after them (also the
+    CUDA context and what other libraries allocate): the figures to hold against --gpu-memory."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return {"peak_reserved_bytes": max(start_peak or 0, _peak_reserved(device)), "used_after_bytes": total - free}
+
+
 def main(kind: str, engine_kwargs: dict, args: list[str], json_output: bool = False) -> int:
     if kind == "serving":
         from .bench_serving import main as serving_main
@@ -303,9 +317,14 @@ def main(kind: str, engine_kwargs: dict, args: list[str], json_output: bool = Fa
     engine = Engine(**{**engine_kwargs, "in_process": True})
     try:
         engine.wait_graphs()  # the large decode graphs are captured after start-up: not inside a timed run
+        start_peak = _peak_reserved(engine.device)
         ceil = measure_ceilings(engine.device)
+        if engine.device.type == "cuda":  # the ceilings' GiB of buffers is not the engine's
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(engine.device)
         rows = {"latency": bench_latency, "throughput": bench_throughput, "prefix": bench_prefix}[kind](engine, ceil, a)
         info = {"device": ceil, "model": engine.model_name, "dtype": str(engine.dtype), "plan": engine.plan.to_dict(),
+                "gpu_memory": _gpu_memory(engine.device, start_peak),
                 "load_seconds": engine.load_seconds,
                 "ready_after_weights_seconds": engine.ready_after_weights_seconds,
                 "graphs_ready_after_weights_seconds": engine.graphs_ready_after_weights_seconds, "rows": rows}

@@ -97,6 +97,9 @@ def main():
             tag = (" " + ",".join(f"{k}={v}" for k, v in extra.items())) if extra else ""
             if "completed" in r:  # the throughput workloads: every request's tokens, retractions
                 tag += f" done={r['completed']} retr={r['retractions']}"
+            if "gpu_memory" in extra and info.get("gpu_memory"):  # a cap: what the engine held against it
+                gm = info["gpu_memory"]
+                tag += f" peak={gm['peak_reserved_bytes'] / 2**30:.2f}GiB used={gm['used_after_bytes'] / 2**30:.2f}GiB"
             table.append((r["workload"] + tag, r["measured"], r["unit"], r["floor"], r["ratio"], info["load_seconds"],
                           info.get("ready_after_weights_seconds", float("nan")),
                           info.get("graphs_ready_after_weights_seconds") or float("nan")))

@@ -81,8 +81,10 @@ def test_throughput_counts_the_requests_that_got_all_their_tokens(monkeypatch, c
     rc = bench.main("throughput", {**ENGINE, "load_format": "dummy"},
                     ["--workload", "fixed", "--num-prompts", "3", "--input-len", "16", "--output-len", "6"], json_output=True)
     assert rc == 0
-    (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (row,) = info["rows"]
     assert row["completed"] == 3 and row["retractions"] == 0
+    assert info["gpu_memory"] is None  # on a GPU: the allocator's peak and the device's memory in use
 
     real = bench._timed_outputs
 
