@@ -38,6 +38,21 @@ def _where(frames) -> str:
     return "(outside localsgl)"
 
 
+def live_by_site(trace) -> collections.Counter:
+    """Replay one device's trace from the recording's start: the bytes still live at its end, by
+    where they were allocated."""
+    live: dict[int, tuple[int, str]] = {}
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _where(e.get("frames")))
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    by_site = collections.Counter()
+    for size, site in live.values():
+        by_site[site] += size
+    return by_site
+
+
 def transient_peak(trace) -> tuple[int, collections.Counter]:
     """Replay one device's trace from the recording's start: the most bytes allocated in it and
     live at once, and those bytes by where they were allocated."""
@@ -72,9 +87,16 @@ def main() -> None:
     free0, total = torch.cuda.mem_get_info()
     print(f"device {torch.cuda.get_device_name()}: {total / MiB:,.0f} MiB, {(total - free0) / MiB:,.0f} MiB in use "
           f"before the engine (CUDA context)")
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     engine = Engine(**kw)
     try:
         engine.wait_graphs()
+        ready = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        held = live_by_site((ready.get("device_traces") or [[]])[torch.cuda.current_device()])
+        print(f"held once ready, by allocating line ({sum(held.values()) / MiB:,.0f} MiB):")
+        for site, size in held.most_common(14):
+            print(f"  {size / MiB:9,.1f} MiB  {site}")
         p = engine.plan.to_dict()
         items = {k: p[k] for k in ("weights_bytes", "kv_bytes", "activation_reserve_bytes", "graph_reserve_bytes",
                                    "req_to_token_bytes", "safety_margin_bytes")}
