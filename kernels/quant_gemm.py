@@ -71,6 +71,7 @@ from .quant_tiles import lookup_entry
 
 FP8_SCALED_MM_MIN_ROWS = 16
 DEQUANT_MIN_ROWS = 1024
+DEQUANT_MAX_BYTES = 512 << 20  # dequant_matmul's dense copy at most (the memory plan counts it)
 # the bits of the smallest 16-bit float whose step is 1 (128 in bf16, 1024 in fp16): OR-ing a
 # nibble u into them gives 128 + u / 1024 + u exactly
 _BIAS_BITS = {torch.bfloat16: 0x4300, torch.float16: 0x6400}
@@ -509,7 +510,7 @@ def dequantize(w, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor
     return out
 
 
-def dequant_matmul(x: torch.Tensor, w, max_bytes: int = 512 << 20) -> torch.Tensor:
+def dequant_matmul(x: torch.Tensor, w, max_bytes: int = DEQUANT_MAX_BYTES) -> torch.Tensor:
     """x @ dequantize(W)ᵀ through cuBLAS, the dense copy made ``max_bytes`` at a time."""
     row_bytes = w.in_features * x.element_size()
     step = max(128, max_bytes // row_bytes)

@@ -302,3 +302,14 @@ def test_lowp_gemm_routes_within_the_rounding_bound(dtype, native):
             for w in (row_major.t(), row_major.t().contiguous()):
                 y = cpu_mm(x, w)
                 assert y.dtype == dtype and ((y.double() - exact).abs() <= bound).all(), (rows, w.stride())
+
+
+def test_logits_into_a_shared_buffer():
+    """compute_logits(out=) writes the logits into the given rows (the buffer the captured decode
+    graphs share) with the values of a fresh output; logits_width names its columns."""
+    m = _tied_model().to(torch.bfloat16)
+    h = torch.randn(3, 32).to(torch.bfloat16)
+    buf = torch.full((5, m.logits_width()), float("nan"))
+    got = m.compute_logits(h, out=buf[:3])
+    assert got.data_ptr() == buf.data_ptr() and got.dtype == torch.float32
+    assert torch.equal(buf[:3], m.compute_logits(h)) and buf[3:].isnan().all()

@@ -73,6 +73,10 @@ class CudaGraphRunner:
                                        torch.full((n,), -1, dtype=torch.int32, device=dev),
                                        torch.full((ng, rows), -1, dtype=torch.int32, device=dev))
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
+        # every graph writes its logits into the first rows of this one buffer (graphs replay one
+        # at a time and a step's logits are sampled before the next step): an output kept per
+        # graph would hold fp32 logits for the sum of all buckets (~290 MiB at a 128k vocabulary)
+        self.logits = torch.empty((n, self.model.logits_width()), dtype=torch.float32, device=dev)
         self.outputs: dict[GraphKey, torch.Tensor] = {}
         self.batches: dict[GraphKey, ForwardBatch] = {}
         self.pool = None
@@ -190,7 +194,7 @@ class CudaGraphRunner:
         decode_inputs(raw, self.prev_tokens, batch.positions, batch.out_cache_loc, batch.req_pool_indices,
                       batch.req_to_token, batch.input_ids, batch.seq_lens)
         h = self.model(batch.input_ids, batch.positions, batch)
-        return self.model.compute_logits(h)
+        return self.model.compute_logits(h, out=self.logits[:batch.batch_size])
 
     def _signature(self, keys: list[GraphKey]) -> str:
         cfg = self.model.config

@@ -303,6 +303,17 @@ def _activation_bytes(cfg, tokens: int, logit_rows: int, dsize: int, tp: int) ->
     return tokens * per_token + logits
 
 
+def dequant_copy_bytes(cfg, chunk: int, dsize: int, tp: int) -> int:
+    """The dense copy a prefill chunk of quantized weights makes on a GPU: from
+    DEQUANT_MIN_ROWS rows the GEMM dequantizes a weight (at most DEQUANT_MAX_BYTES of it at a
+    time) for cuBLAS; the largest is gate/up."""
+    from localsgl_kernels.quant_gemm import DEQUANT_MAX_BYTES, DEQUANT_MIN_ROWS
+
+    if chunk < DEQUANT_MIN_ROWS:
+        return 0
+    return min(DEQUANT_MAX_BYTES, 2 * (cfg.intermediate_size // tp) * cfg.hidden_size * dsize)
+
+
 def kv_cache_dtype_name(name: str | None) -> str | None:
     """--kv-cache-dtype as the plan records it: None (the model's dtype) or "fp8"."""
     if name in (None, "auto"):
@@ -456,6 +467,8 @@ def make_plan(
         notes.append("--gpu-memory ignored on the CPU")
     run_cap = gpu_running_cap(budget) if gpu else CPU_MAX_RUNNING
     act = _activation_bytes(config, chunk, max_running or run_cap, dsize, tp)
+    if gpu and weights_bytes is not None and weights_bytes < weights_bytes_for(config, dtype, tp):
+        act += dequant_copy_bytes(config, chunk, dsize, tp)
 
     if gpu:
         margin = max(int(0.05 * budget), 512 * MiB)
@@ -469,9 +482,11 @@ def make_plan(
             )
         if cuda_graph:
             max_bs_guess = max_running or run_cap
+            # the graphs' pool (their steps' activations), and the logits every graph writes:
+            # one fp32 buffer they share (cuda_graph.py) plus the largest step's own in dtype
             graph_reserve = 128 * MiB + 4 * MiB * len(graph_buckets(max_bs_guess)) + _activation_bytes(
                 config, max_bs_guess, 0, dsize, tp
-            )
+            ) + max_bs_guess * config.vocab_size * (4 + dsize)
             if piecewise_graphs_by_default(config):
                 graph_reserve += piecewise_reserve_bytes(config, min(chunk + max_bs_guess, PIECEWISE_MAX_TOKENS), dsize)
         else:

@@ -158,3 +158,14 @@ def test_graph_hooks_padded_decode():
     ref_be.init_forward(real)
     ref = ref_be.forward(q[:3].float(), k[:3], v[:3], 0, real, d**-0.5)
     assert rel_err(out[:3], ref) < tol(dtype)
+    # every captured step's workspace is a view of one scratch buffer (not one buffer a graph)
+    other = make_batch(g, pool, rp, [5, 9], [1, 1], ForwardMode.DECODE, be)
+    be.init_forward_for_capture(other)
+    be.forward(q[:2], k[:2], v[:2], 0, other, d**-0.5)
+    mine, theirs = meta.workspace, other.attn_meta.workspace
+    assert mine[0].data_ptr() == theirs[0].data_ptr() == be._graph_scratch["decode"].data_ptr()
+    assert mine[0].is_contiguous() and mine[1].is_contiguous() and mine[0].shape[:3] == mine[1].shape
+    # an eager step keeps its own
+    be.init_forward(real)
+    be.forward(q[:3], k[:3], v[:3], 0, real, d**-0.5)
+    assert real.attn_meta.workspace[0].data_ptr() != mine[0].data_ptr()

@@ -39,6 +39,23 @@ def test_8b_int4_fits_8gib_with_8k_tokens_of_kv(llama8b):
         make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB")  # bf16: 15 GiB of weights
 
 
+def test_the_plan_counts_the_prefill_dense_copy_of_quantized_weights(llama8b):
+    """From DEQUANT_MIN_ROWS rows a quantized GEMM dequantizes the weight for cuBLAS: the
+    activation reserve holds the largest such copy (gate/up, 224 MiB for 8B) when a prefill chunk
+    is that long, and nothing for dense weights or shorter chunks."""
+    from localsgl.engine.plan import _activation_bytes
+
+    src, cfg = llama8b
+    est = estimate(src, cfg, "bfloat16", "cuda", "keep", "int4")
+    plan = make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB", weights_bytes=est.total_bytes)
+    base = _activation_bytes(cfg, plan.chunk_size, plan.max_running, 2, 1)
+    assert plan.chunk_size >= 1024 and plan.activation_reserve_bytes - base == 2 * 14336 * 4096 * 2
+    short = make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB", weights_bytes=est.total_bytes, chunk_size=512)
+    assert short.activation_reserve_bytes == _activation_bytes(cfg, 512, short.max_running, 2, 1)
+    dense = make_plan(cfg, H200, "bfloat16", gpu_memory="24GiB")
+    assert dense.activation_reserve_bytes == _activation_bytes(cfg, dense.chunk_size, dense.max_running, 2, 1)
+
+
 def _q4_k_m_entries(cfg):
     """llama.cpp's Q4_K_M choice of types for a Llama model: Q4_K, with attn_v and ffn_down in
     Q6_K for the first and last eighth of the layers and every third one between, output Q6_K."""

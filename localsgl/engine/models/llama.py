@@ -157,17 +157,27 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits_width(self) -> int:
+        """Columns of compute_logits' output: the LM head's rows."""
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return w.out_features if isinstance(w, QuantizedWeight) else w.shape[0]
+
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of ``hidden``'s rows; into ``out`` [rows, logits_width()] when given (the
+        buffer every captured decode graph shares), or a new tensor.  The one-row GEMV path
+        returns its own."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.lm_head_weight_cpu is not None and not hidden.is_cuda:
             w = self.lm_head_weight_cpu  # input-major copy of a tied head (use_cpu_weight_layout)
-        out = logits_one_row(self, hidden, w)
-        if out is not None:
-            return out
+        one_row = logits_one_row(self, hidden, w)
+        if one_row is not None:
+            return one_row
         if debug_switches.of(self).cpu_decode and lowp_logits_on_cpu(hidden) and not isinstance(w, QuantizedWeight):
             # bf16 rows on the CPU: widen the head's columns, fp32 GEMM
-            return mm_lowp(hidden, w.t()).to(hidden.dtype).float()
-        return linear(hidden, w).float()
+            y = mm_lowp(hidden, w.t()).to(hidden.dtype)
+        else:
+            y = linear(hidden, w)
+        return y.float() if out is None else out.copy_(y)
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

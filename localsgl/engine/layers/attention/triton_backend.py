@@ -42,12 +42,13 @@ PREFIX_GROUPS = 4
 
 
 class _DecodeMeta:
-    __slots__ = ("num_splits", "workspace", "prefix_workspace")
+    __slots__ = ("num_splits", "workspace", "prefix_workspace", "captured")
 
-    def __init__(self, num_splits: int):
+    def __init__(self, num_splits: int, captured: bool = False):
         self.num_splits = num_splits
         self.workspace = None  # (partial_out, partial_lse), made by the first layer
         self.prefix_workspace = None  # the same for shared-prefix partials (cascade steps)
+        self.captured = captured  # a CUDA graph's step: its workspaces are views of the shared scratch
 
 
 class _ExtendMeta:
@@ -75,6 +76,7 @@ class TritonAttentionBackend(AttentionBackend):
         self._store = store_kv
         self._num_sms = num_sms
         self.graph_max_bs = 0
+        self._graph_scratch: dict[str, torch.Tensor] = {}
 
     def prefix_group_shape(self, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
         return PREFIX_GROUPS, self._dec.prefix_group_rows(num_heads // num_kv_heads)
@@ -122,14 +124,17 @@ class TritonAttentionBackend(AttentionBackend):
         if isinstance(meta, _DecodeMeta):
             ws = meta.workspace
             if ws is None or ws[0].shape[0] < T or ws[0].shape[1] != hq or ws[0].shape[3] != d:
-                ws = meta.workspace = self._dec.alloc_workspace(T, hq, d, meta.num_splits, q.device)
+                ws = meta.workspace = (self._graph_workspace(T, hq, d, meta.num_splits, pool) if meta.captured
+                                       else self._dec.alloc_workspace(T, hq, d, meta.num_splits, q.device))
             groups = batch.prefix_groups
             pws = None
             if groups is not None:
                 pws = meta.prefix_workspace
                 if pws is None:
-                    pws = meta.prefix_workspace = self._dec.alloc_prefix_workspace(
-                        groups.num_groups, groups.max_rows, hq, d, q.device)
+                    pws = meta.prefix_workspace = (
+                        self._graph_prefix_workspace(groups.num_groups * groups.max_rows, hq, d, pool.device)
+                        if meta.captured else
+                        self._dec.alloc_prefix_workspace(groups.num_groups, groups.max_rows, hq, d, q.device))
             return self._dec.decode_attention(
                 q, k_cache, v_cache, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, scale,
                 out=out, num_splits=meta.num_splits, workspace=ws, groups=groups, prefix_workspace=pws,
@@ -157,15 +162,42 @@ class TritonAttentionBackend(AttentionBackend):
 
     # ------------------------------------------------------------------ CUDA graphs
     def init_cuda_graph_state(self, max_bs: int, max_context: int) -> None:
-        # Nothing to preallocate: the decode kernels read only the runner's static
-        # tensors (req_to_token, seq_lens, req_pool_indices, out_cache_loc) and their
-        # workspace is a graph-pool intermediate made during capture.
+        # The decode kernels read only the runner's static tensors (req_to_token, seq_lens,
+        # req_pool_indices, out_cache_loc); their scratch is made by the first captured step.
         self.graph_max_bs = max_bs
 
     def init_forward_for_capture(self, batch: ForwardBatch) -> None:
         if batch.mode != ForwardMode.DECODE:
             raise ValueError("the triton backend captures decode steps only")
         batch.attn_meta = self._decode_meta(batch)
+        batch.attn_meta.captured = True
+
+    def _scratch(self, name: str, numel: int, device) -> torch.Tensor:
+        """The captured steps' shared fp32 scratch ``name``: graphs replay one at a time, so one
+        buffer serves them all, where a workspace kept per graph would hold the sum over the
+        buckets for the engine's life.  Grown if a step needs more (the views earlier graphs
+        hold keep the old buffer alive)."""
+        buf = self._graph_scratch.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self._graph_scratch[name] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf
+
+    def _graph_workspace(self, rows: int, hq: int, d: int, splits: int, pool):
+        """alloc_workspace's (partial_out, partial_lse) as views of the shared scratch, sized at
+        first for the largest bucket's need (rows x splits peaks there or at batch 1)."""
+        most = max(b * self._dec.choose_num_splits(b, pool.num_kv_heads, self._sms(pool.device))
+                   for b in range(1, max(rows, self.graph_max_bs) + 1))
+        flat = self._scratch("decode", most * hq * (d + 1), pool.device)
+        n = rows * hq * splits * d
+        return flat[:n].view(rows, hq, splits, d), flat[n:n + rows * hq * splits].view(rows, hq, splits)
+
+    def _graph_prefix_workspace(self, rows: int, hq: int, d: int, device):
+        """alloc_prefix_workspace's pair as views of the shared scratch (its size is fixed by the
+        prefix groups' shape)."""
+        s = self._dec.PREFIX_SPLITS
+        flat = self._scratch("prefix", rows * hq * s * (d + 1), device)
+        n = rows * hq * s * d
+        return flat[:n].view(rows, hq, s, d), flat[n:n + rows * hq * s].view(rows, hq, s)
 
     def init_forward_for_replay(self, batch: ForwardBatch) -> None:
         # The captured kernels already hold this bucket's split count and workspace;
