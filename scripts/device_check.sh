@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8] [steps] [l2pf] [tune]
-#   (mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|qcaps|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8] [steps] [l2pf] [tune]
+#   (qcaps: Llama-3.1-8B in int4 under --gpu-memory 8GiB, the 1,000-prompt mixed workload with bf16 and fp8 KV:
+#    requests completed, retractions, the engine's peak GPU memory against the cap; scripts/probe_memory.py says
+#    where it goes;
+#    mixed / mixed1b / mixed8b: the 1,000-prompt mixed workload, eager vs piecewise mixed steps: 1B and 8B twice /
 #    1B twice / 8B once;
 #    mixedprobe: scripts/probe_mixed.py, one mixed step's host and device time per path, for MIXED_PROBE_MODELS)
 #   (peer: llama.cpp built from .peer in the background from the start, then llama-bench on its Q4_K_M file beside
