@@ -75,7 +75,8 @@ class CudaGraphRunner:
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         # every graph writes its logits into the first rows of this one buffer (graphs replay one
         # at a time and a step's logits are sampled before the next step): an output kept per
-        # graph would hold fp32 logits for the sum of all buckets (~290 MiB at a 128k vocabulary)
+        # graph would hold fp32 logits for the sum of all buckets' rows (~290 MiB for buckets up
+        # to 64 at a 128k vocabulary, GiBs up to 512)
         self.logits = torch.empty((n, self.model.logits_width()), dtype=torch.float32, device=dev)
         self.outputs: dict[GraphKey, torch.Tensor] = {}
         self.batches: dict[GraphKey, ForwardBatch] = {}

@@ -44,11 +44,11 @@ PREFIX_GROUPS = 4
 class _DecodeMeta:
     __slots__ = ("num_splits", "workspace", "prefix_workspace", "captured")
 
-    def __init__(self, num_splits: int, captured: bool = False):
+    def __init__(self, num_splits: int):
         self.num_splits = num_splits
         self.workspace = None  # (partial_out, partial_lse), made by the first layer
         self.prefix_workspace = None  # the same for shared-prefix partials (cascade steps)
-        self.captured = captured  # a CUDA graph's step: its workspaces are views of the shared scratch
+        self.captured = False  # a CUDA graph's step: its workspaces are views of the shared scratch
 
 
 class _ExtendMeta:
