@@ -54,6 +54,10 @@ def test_the_plan_counts_the_prefill_dense_copy_of_quantized_weights(llama8b):
     assert short.activation_reserve_bytes == _activation_bytes(cfg, 512, short.max_running, 2, 1)
     dense = make_plan(cfg, H200, "bfloat16", gpu_memory="24GiB")
     assert dense.activation_reserve_bytes == _activation_bytes(cfg, dense.chunk_size, dense.max_running, 2, 1)
+    # the graphs' logits: the shared fp32 buffer and the largest step's own bf16 ones
+    for p in (plan, dense):
+        assert p.graph_reserve_bytes >= p.max_running * cfg.vocab_size * (4 + 2)
+    assert make_plan(cfg, H200, "bfloat16", gpu_memory="24GiB", cuda_graph=False).graph_reserve_bytes == 0
 
 
 def _q4_k_m_entries(cfg):
