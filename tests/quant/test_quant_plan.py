@@ -54,9 +54,15 @@ def test_the_plan_counts_the_prefill_dense_copy_of_quantized_weights(llama8b):
     assert short.activation_reserve_bytes == _activation_bytes(cfg, 512, short.max_running, 2, 1)
     dense = make_plan(cfg, H200, "bfloat16", gpu_memory="24GiB")
     assert dense.activation_reserve_bytes == _activation_bytes(cfg, dense.chunk_size, dense.max_running, 2, 1)
-    # the graphs' logits: the shared fp32 buffer and the largest step's own bf16 ones
-    for p in (plan, dense):
-        assert p.graph_reserve_bytes >= p.max_running * cfg.vocab_size * (4 + 2)
+    # the graphs' logits: the shared fp32 buffer and the largest step's own bf16 ones, per vocabulary entry
+    import copy
+
+    wide = copy.copy(cfg)
+    wide.vocab_size = cfg.vocab_size + 1000
+    for kw in (dict(gpu_memory="8GiB", weights_bytes=est.total_bytes), dict(gpu_memory="24GiB")):
+        a, b = make_plan(cfg, H200, "bfloat16", **kw), make_plan(wide, H200, "bfloat16", **kw)
+        assert a.max_running == b.max_running
+        assert b.graph_reserve_bytes - a.graph_reserve_bytes == a.max_running * 1000 * (4 + 2)
     assert make_plan(cfg, H200, "bfloat16", gpu_memory="24GiB", cuda_graph=False).graph_reserve_bytes == 0
 
 
