@@ -216,11 +216,16 @@ def bench_latency(engine: Engine, ceil: dict, a) -> list[dict]:
     return rows
 
 
+def mixed_lengths(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    """The mixed workload's (prompt, output) lengths: 128-1,024 tokens in, 128-512 out."""
+    return [(rng.randint(128, 1024), rng.randint(128, 512)) for _ in range(n)]
+
+
 def bench_throughput(engine: Engine, ceil: dict, a) -> list[dict]:
     rng = random.Random(a.seed)
     vocab = engine.config.vocab_size
     if a.workload == "mixed":
-        reqs = [(rng.randint(128, 1024), rng.randint(128, 512)) for _ in range(a.num_prompts)]
+        reqs = mixed_lengths(rng, a.num_prompts)
     else:
         reqs = [(a.input_len, a.output_len)] * a.num_prompts
     prompts = _random_prompts(rng, vocab, [i for i, _ in reqs])

@@ -143,7 +143,9 @@ class EmbeddedServer:
 def make_workload(a) -> tuple[list[int], list[int]]:
     rng = random.Random(a.seed)
     if a.workload == "mixed":
-        reqs = [(rng.randint(128, 1024), rng.randint(128, 512)) for _ in range(a.num_prompts)]
+        from .bench import mixed_lengths  # here: bench imports torch and the engine
+
+        reqs = mixed_lengths(rng, a.num_prompts)
     else:
         reqs = [(a.input_len, a.output_len)] * a.num_prompts
     return [i for i, _ in reqs], [o for _, o in reqs]

@@ -110,7 +110,7 @@ def main() -> None:
               f"start-up peak reserved {torch.cuda.max_memory_reserved() / MiB:,.0f}")
         torch.cuda.reset_peak_memory_stats()
         rng = random.Random(0)
-        reqs = [(rng.randint(128, 1024), rng.randint(128, 512)) for _ in range(a.num_prompts)]
+        reqs = bench.mixed_lengths(rng, a.num_prompts)
         prompts = bench._random_prompts(rng, engine.config.vocab_size, [i for i, _ in reqs])
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         t, outputs = bench._timed_outputs(engine, prompts, [o for _, o in reqs])

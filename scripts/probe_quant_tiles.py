@@ -166,8 +166,7 @@ FUSED_CANDIDATES = 6
 def _winner(row: dict) -> tuple | None:
     """The tile a tuned file gets for a timed shape: the best one where it beats the default by
     3 %, else the default tile itself (a shape without an entry would borrow its nearest shape's
-    tile, quant_tiles.lookup, never timed there: on an H100, int4 g128's gate_up at 64 rows took
-    104 µs with q/k/v's tile against 67 with its own built-in one)."""
+    tile, quant_tiles.lookup, never timed there; bench/RESULTS.md, "twenty-seventh session")."""
     if row["best"] and row["best_us"] < 0.97 * row["default_us"]:
         return tuple(row["best"])
     return tuple(row["default_tile"]) if row.get("default_tile") else None

@@ -99,3 +99,15 @@ def test_throughput_counts_the_requests_that_got_all_their_tokens(monkeypatch, c
                       json_output=True) == 0
     (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert row["completed"] == 2
+
+
+def test_mixed_lengths_are_the_workload_of_every_benchmark():
+    """bench throughput, bench serving and scripts/probe_memory.py draw the same mixed lengths."""
+    import random
+
+    from localsgl import bench_serving
+
+    a = SimpleNamespace(seed=3, workload="mixed", num_prompts=50)
+    ins, outs = bench_serving.make_workload(a)
+    assert list(zip(ins, outs)) == bench.mixed_lengths(random.Random(3), 50)
+    assert all(128 <= i <= 1024 and 128 <= o <= 512 for i, o in zip(ins, outs)) and len(set(ins)) > 10
