@@ -23,14 +23,19 @@ FORMATS = {"int4 g128": WeightFormat("int4", 128, False), "int4 g32": WeightForm
 
 
 def timed(fn, reps: int = 20) -> float:
-    """µs per call: ``reps`` calls captured in a CUDA graph (no launch overhead), median of 5 replays."""
+    """µs per call: ``reps`` calls captured in a CUDA graph (no launch overhead), median of 5 replays.
+    ``fn`` may be a list of calls (one per copy of a weight, cold_copies): they are called in turn,
+    so each call reads its weight from memory as a decode step's layers do, not from L2."""
+    calls = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+    reps = -(-max(reps, len(calls)) // len(calls)) * len(calls)
     for _ in range(2):
-        fn()  # compile and warm up outside the capture
+        for c in calls:
+            c()  # compile and warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+        for i in range(reps):
+            calls[i % len(calls)]()
     times = []
     for _ in range(5):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -41,6 +46,25 @@ def timed(fn, reps: int = 20) -> float:
         times.append(a.elapsed_time(b) * 1e3 / reps)
     times.sort()
     return times[2]
+
+
+COLD_L2_FACTOR = 3
+
+
+def cold_copies(w, cold: bool = True, l2_bytes: int | None = None) -> list:
+    """``w`` and copies of it that together hold COLD_L2_FACTOR times the GPU's L2 (one copy:
+    [w] when ``cold`` is False or w alone is that large).  A weight smaller than L2 timed alone
+    is read from L2 after its first call (the H100's and H200's 50 MB hold o_proj, q/k/v and
+    down_proj of an 8B model), which a decode step never does: its 32 layers are distinct weights.
+    ``l2_bytes``: the L2's size instead of the GPU's."""
+    if not cold:
+        return [w]
+    from localsgl.engine.layers.quant import QuantizedWeight
+
+    l2 = l2_bytes if l2_bytes is not None else torch.cuda.get_device_properties(w.qweight.device).L2_cache_size
+    n = max(1, -(-COLD_L2_FACTOR * l2 // max(1, w.nbytes)))
+    return [w] + [QuantizedWeight(w.fmt, w.qweight.clone(), w.scales.clone(),
+                                  None if w.mins is None else w.mins.clone(), w.in_features) for _ in range(n - 1)]
 
 
 def copy_bandwidth() -> float:

@@ -33,9 +33,11 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", type=int, default=[16, 64], choices=range(16, 65), metavar="16..64")
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=16)
+    ap.add_argument("--warm", action="store_true", help="time each weight alone, from L2 where it fits "
+                    "(probe_route.sweep)")
     a = ap.parse_args()
     sweep("a8", "localsgl_kernels.quant_a8", a.formats, sorted({QM.tuned_rows(r) for r in a.rows}),
-          lambda m: [c for c in TILES if c.block_m <= m], a.out, a.jobs)
+          lambda m: [c for c in TILES if c.block_m <= m], a.out, a.jobs, a.warm)
 
 
 if __name__ == "__main__":

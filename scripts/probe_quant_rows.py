@@ -32,9 +32,11 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", type=int, default=[2, 4, 8])
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=16)
+    ap.add_argument("--warm", action="store_true", help="time each weight alone, from L2 where it fits "
+                    "(probe_route.sweep)")
     a = ap.parse_args()
     buckets = sorted({QR._bucket(r) for r in a.rows})  # the row counts the tuned file's entries name
-    sweep("rows", "localsgl_kernels.quant_rows", a.formats, buckets, lambda m: TILES, a.out, a.jobs)
+    sweep("rows", "localsgl_kernels.quant_rows", a.formats, buckets, lambda m: TILES, a.out, a.jobs, a.warm)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ weight the dot's left operand, Hopper's wgmma then takes it from registers) and 
 K slices, fp32 partials summed after: more programs for down_proj's long K).
 
 The kernels are compiled first by ``--jobs`` processes at once (Triton's disk cache is shared),
-then timed one at a time in CUDA graphs (scripts/probe_quant.py's ``timed``).  Rows of 1 time
+then timed one at a time in CUDA graphs (scripts/probe_quant.py's ``timed``), each over copies
+of its weight called in turn that together exceed L2 three times (``cold_copies``: read from
+memory as a decode step's distinct layers are; ``--warm``: the weight alone, from L2 where it fits).  Rows of 1 time
 quant_gemv.gemv; for qkv and gate_up, which the engine runs through the fused norm kernels,
 the fused kernel then times the GEMV's 6 best tiles and its time picks the tile (the row's
 gemv_* fields keep the plain GEMV's numbers).  16 and 64 rows time quant_gemm.gemm (and fp8's
@@ -43,7 +45,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_quant import copy_bandwidth, timed  # noqa: E402
+from probe_quant import cold_copies, copy_bandwidth, timed  # noqa: E402
 from merge_tiles import write  # noqa: E402
 
 from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat  # noqa: E402
@@ -193,17 +195,18 @@ def _fused_call(shape, w, x, cfg):
     return lambda: QV.norm_qkv(x, res, nw, 1e-5, w, None, cos_sin, pos, loc, kc, vc, hq, hkv, config=cfg)
 
 
-def _time_fused(shape, w, x, timings):
-    """(default µs, best µs, best tile) of the fused kernel over the plain GEMV's best tiles."""
-    default_call = _fused_call(shape, w, x, None)
+def _time_fused(shape, ws, x, timings):
+    """(default µs, best µs, best tile) of the fused kernel over the plain GEMV's best tiles
+    (``ws``: the weight's copies, timed in turn)."""
+    default_call = [_fused_call(shape, w, x, None) for w in ws]
     default = timed(default_call, 10)
     best, seen = (float("inf"), None), 0
     for _, cfg in sorted(timings, key=lambda t: t[0]):
-        fn = _fused_call(shape, w, x, cfg)
-        if fn is None:
+        fns = [_fused_call(shape, w, x, cfg) for w in ws]
+        if fns[0] is None:
             continue
         try:
-            best = min(best, (timed(fn, 10), cfg), key=lambda t: t[0])
+            best = min(best, (timed(fns, 10), cfg), key=lambda t: t[0])
         except Exception:
             pass
         seen += 1
@@ -212,14 +215,19 @@ def _time_fused(shape, w, x, timings):
     return min(default, timed(default_call, 10)), best[0], best[1]  # the default before and after, as the GEMVs
 
 
-def _torch_int4pack_us(n: int, k: int, group: int):
+def _torch_int4pack_us(n: int, k: int, group: int, copies: int = 1):
     """torch's own int4 GEMV (tinygemm, ``_weight_int4pack_mm``) on random packed weights of the
-    same shape and group: a reference for the kernels' times (a message where torch lacks it)."""
+    same shape and group (``copies`` of them, timed in turn as the kernels' are): a reference for
+    the kernels' times (a message where torch lacks it)."""
     try:
-        packed = torch._convert_weight_to_int4pack(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"), 8)
-        sz = torch.randn(k // group, n, 2, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        return timed(lambda: torch._weight_int4pack_mm(x, packed, group, sz), 10)
+        calls = []
+        for _ in range(copies):
+            packed = torch._convert_weight_to_int4pack(
+                torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"), 8)
+            sz = torch.randn(k // group, n, 2, device="cuda", dtype=torch.bfloat16)
+            calls.append(lambda packed=packed, sz=sz: torch._weight_int4pack_mm(x, packed, group, sz))
+        return timed(calls, 10)
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {str(e)[:100]}"
 
@@ -253,6 +261,9 @@ def main() -> None:
     ap.add_argument("--tiles", default=None)
     ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--kinds", nargs="*", default=["gemv", "gemm", "prefill"], choices=["gemv", "gemm", "prefill"])
+    ap.add_argument("--warm", action="store_true",
+                    help="time each weight alone, from L2 where it fits (as the probes did before the "
+                         "twenty-ninth session); by default copies of it are called in turn (probe_quant.cold_copies)")
     ap.add_argument("--words", type=int, choices=[0, 1, 2, 3], default=None,
                     help="time only the GEMV tiles of this words variant (the default tile is timed anyway); "
                          "3 (int8 activations) only when asked for: it rounds the activations")
@@ -286,22 +297,24 @@ def main() -> None:
                 if kind == "gemm" and fmt == "fp8" and m > QM.FP8_SCALED_MM_MIN_ROWS:
                     continue
                 w = _weight(fmt, n, k)
+                ws = cold_copies(w, not args.warm)
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 floor = max(w.nbytes / bw, 2 * m * n * k / TENSOR_FLOPS) * 1e6
-                default = timed(lambda: QM.matmul(x, w), 10)
+                default_calls = [lambda wi=wi: QM.matmul(x, wi) for wi in ws]
+                default = timed(default_calls, 10)
                 ref = QM.dequant_matmul(x.float(), w)  # fp32: what every tile must reproduce
                 timings, wrong = [], []
                 for kd, f, mm, cfg in todo:
                     if (kd, f, mm) != (kind, fmt, m):
                         continue
-                    fn = _call(kind, w, x, cfg, name)
-                    if fn is None:
+                    fns = [_call(kind, wi, x, cfg, name) for wi in ws]
+                    if fns[0] is None:
                         continue
                     try:
-                        if not _close(fn(), ref):  # a fast wrong tile must never be chosen
+                        if not _close(fns[0](), ref):  # a fast wrong tile must never be chosen
                             wrong.append(tuple(cfg))
                             continue
-                        timings.append((timed(fn, 10), cfg))
+                        timings.append((timed(fns, 10), cfg))
                     except Exception:
                         continue
                 if wrong:
@@ -310,26 +323,27 @@ def main() -> None:
                 # the default again, after the candidates: timed first only, right after the weight's
                 # creation, it read 14-16 % slower than the same tile given explicitly on an H100's
                 # LM head (bench/RESULTS.md, twenty-sixth session)
-                default = min(default, timed(lambda: QM.matmul(x, w), 10))
-                deq = timed(lambda: QM.dequant_matmul(x, w), 10)
+                default = min(default, timed(default_calls, 10))
+                deq = timed([lambda wi=wi: QM.dequant_matmul(x, wi) for wi in ws], 10)
                 row = dict(fmt=fmt, label=FORMATS[fmt].label(), n=n, k=k, kind=kind, shape=name, m=m, floor_us=floor, default_us=default,
                            best_us=best[0], best=tuple(best[1]) if best[1] else None, dequant_cublas_us=deq, wrong=wrong)
                 if kind == "gemv" and name in FUSED_SHAPES:  # the tile is chosen by the fused kernel's time
-                    fd, fb, fcfg = _time_fused(name, w, x, timings)
+                    fd, fb, fcfg = _time_fused(name, ws, x, timings)
                     row.update(gemv_default_us=default, gemv_best_us=best[0], gemv_best=row["best"], default_us=fd,
                                best_us=fb, best=tuple(fcfg) if fcfg else None)
                 # the tile "default" timed: written where it wins, so no shape borrows another's
                 row["default_tile"] = tuple(QV.default_config(w, n, "cuda") if kind == "gemv"
                                             else QM.default_config(m, "cuda", w))
                 if kind == "gemv" and fmt.startswith("int4"):
-                    row["torch_int4pack_us"] = _torch_int4pack_us(n, k, FORMATS[fmt].group_size)
+                    row["torch_int4pack_us"] = _torch_int4pack_us(n, k, FORMATS[fmt].group_size, len(ws))
                 if kind == "gemv":  # the tensor-core GEMM's 16-row tile (tuned or built-in) on this one row
-                    row["gemm_one_row_us"] = timed(lambda: QM.gemm(x, w), 10)
+                    row["gemm_one_row_us"] = timed([lambda wi=wi: QM.gemm(x, wi) for wi in ws], 10)
                 if fmt == "fp8" and QM.fp8_native(x.device) and m > 1:
-                    row["scaled_mm_us"] = timed(lambda: QM.scaled_mm_fp8(x, w), 10)
+                    row["scaled_mm_us"] = timed([lambda wi=wi: QM.scaled_mm_fp8(x, wi) for wi in ws], 10)
+                row["copies"] = len(ws)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del w
+                del w, ws, default_calls
     # prefill-sized: the kernel's default tile vs dequantize-then-cuBLAS vs bf16 cuBLAS
     for fmt, (name, (n, k)) in itertools.product(args.formats if "prefill" in args.kinds else (), GEMM_SHAPES.items()):
         w = _weight(fmt, n, k)
@@ -378,15 +392,16 @@ def ab(args) -> None:
           + "  default tile")
     for fmt, (name, (n, k)), m in itertools.product(args.formats, GEMM_SHAPES.items(), args.ab_rows):
         w = _weight(fmt, n, k)
+        ws = cold_copies(w, not args.warm)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = QM.dequant_matmul(x.float(), w)
         cfg = QM.default_config(m, "cuda", w)
         cells = []
         timings = []
         for c in [cfg] + [cfg._replace(**v) for v in variants_]:
-            fn = _call("gemm", w, x, c)
-            ok = _close(fn(), ref)
-            us = min(timed(fn, 10), timed(fn, 10))
+            fns = [_call("gemm", wi, x, c) for wi in ws]
+            ok = _close(fns[0](), ref)
+            us = min(timed(fns, 10), timed(fns, 10))
             cells.append(f"{us:7.1f}{'' if ok else ' WRONG'}")
             if ok:
                 timings.append((us, c))
@@ -397,7 +412,7 @@ def ab(args) -> None:
         floor = max(w.nbytes / bw, 2 * m * n * k / TENSOR_FLOPS) * 1e6
         print(f"{fmt:9s} {name:8s} {m:3d} {floor:6.1f} {cells[0]:>8s} " + " ".join(f"{c:>24s}" for c in cells[1:])
               + f"  {tuple(cfg)}", flush=True)
-        del w
+        del w, ws
     if args.ab_tiles:
         from localsgl_kernels.quant_tiles import _entries
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_quant import copy_bandwidth, timed  # noqa: E402
+from probe_quant import cold_copies, copy_bandwidth, timed  # noqa: E402
 from probe_quant_tiles import GEMM_SHAPES, _weight  # noqa: E402
 
 from localsgl_kernels import quant_gemm as QM  # noqa: E402
@@ -44,9 +44,11 @@ def _compile(batch) -> int:
 
 
 def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles, out: str | None,
-          jobs: int = 16) -> None:
+          jobs: int = 16, warm: bool = False) -> None:
     """Times ``module``'s tiles (``tiles(m)``: the Config candidates at m rows) for each format,
-    shape and bucket against the GEMM, prints a table, and writes ``out`` (see the docstring)."""
+    shape and bucket against the GEMM, prints a table, and writes ``out`` (see the docstring).
+    Each is timed over copies of the weight called in turn (probe_quant.cold_copies; ``warm``:
+    the weight alone, from L2 where it fits)."""
     route = importlib.import_module(module)
     todo = [(module, fmt, m, cfg) for fmt in formats for m in buckets for cfg in tiles(m)]
     t0 = time.time()
@@ -59,10 +61,11 @@ def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles,
     entries, measured = [], set()
     for fmt, (name, (n, k)), m in itertools.product(formats, GEMM_SHAPES.items(), buckets):
         w = _weight(fmt, n, k)
+        ws = cold_copies(w, not warm)
         measured.add(w.fmt.label())
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         exact = x.float() @ w.dequantize(torch.float32).t()
-        gemm_us = timed(lambda: QM.gemm(x, w), 10)
+        gemm_us = timed([lambda wi=wi: QM.gemm(x, wi) for wi in ws], 10)
         best = None
         for cfg in tiles(m):
             if not route.applies(w, m, cfg):
@@ -75,7 +78,7 @@ def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles,
             if float((y.float() - exact).norm() / exact.norm()) > 2e-2:
                 print(f"  {cfg}: WRONG", flush=True)
                 continue
-            us = timed(lambda: route.matmul(x, w, cfg), 10)
+            us = timed([lambda wi=wi: route.matmul(x, wi, cfg) for wi in ws], 10)
             if best is None or us < best[0]:
                 best = (us, cfg)
         floor = w.nbytes / bw * 1e6
@@ -84,7 +87,7 @@ def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles,
               f"{tuple(best[1]) if best else '-'}", flush=True)
         win = bool(best) and best[0] < 0.97 * gemm_us
         entries.append(dict(kind=kind, fmt=w.fmt.label(), n=n, k=k, m=m, tile=list(best[1]) if win else None))
-        del w
+        del w, ws
     if out:
         from merge_tiles import merge, write
 

@@ -151,6 +151,52 @@ def test_a_sweep_pins_every_timed_shape():
     assert mod._winner(dict(gemm, best_us=9.0)) == (16, 64, 128, 4, 4, 1, 0)
 
 
+def _probe_quant():
+    import importlib.util
+    import sys
+
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        spec = importlib.util.spec_from_file_location("probe_quant", scripts / "probe_quant.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(scripts))
+    return mod
+
+
+def test_probes_time_weights_from_memory():
+    """The tile probes time a weight over copies that together exceed L2 three times
+    (probe_quant.cold_copies): a weight smaller than L2 timed alone is read from L2 after its
+    first call, which a decode step's distinct layers never are.  The copies hold the same
+    values in storage of their own; a weight as large as that already is timed alone."""
+    mod = _probe_quant()
+    w = QuantizedWeight.quantize(torch.randn(64, 256), WeightFormat("int4", 128, False))
+    l2 = 10 * w.nbytes + 1  # three times that: 31 weights' bytes, rounded up to whole copies
+    ws = mod.cold_copies(w, l2_bytes=l2)
+    assert len(ws) == 31 and ws[0] is w
+    assert sum(c.nbytes for c in ws) >= mod.COLD_L2_FACTOR * l2 > sum(c.nbytes for c in ws[1:])
+    for c in ws[1:]:
+        assert c.fmt == w.fmt and c.qweight.data_ptr() != w.qweight.data_ptr()
+        assert c.scales.data_ptr() != w.scales.data_ptr() and c.mins.data_ptr() != w.mins.data_ptr()
+        assert torch.equal(c.dequantize(torch.float32), w.dequantize(torch.float32))
+    assert mod.cold_copies(w, l2_bytes=w.nbytes // 4) == [w]
+    assert mod.cold_copies(w, cold=False, l2_bytes=l2) == [w]
+
+
+@pytest.mark.gpu
+def test_timed_calls_each_copy_in_turn():
+    """probe_quant.timed over a list of calls captures every one of them, in turn."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    mod = _probe_quant()
+    counts = [torch.zeros(1, device="cuda") for _ in range(3)]
+    calls = [lambda c=c: c.add_(1) for c in counts]
+    mod.timed(calls, 4)  # 4 rounded up to 6: two calls of each in the graph, replayed 5 times
+    assert [int(c.item()) for c in counts] == [2 + 2 * 5] * 3
+
+
 def test_tiles_file_and_summary(table, monkeypatch):
     """The file the lookups read (what `localsgl info` shows): LOCALSGL_QUANT_TILES's first, else
     the packaged file of the GPU's name, else none (the built-in tiles)."""
