@@ -58,17 +58,17 @@ def _qstream_rows(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K, K0, K1, write_res, eps,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr = False,
+    WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr = False, AHEAD: tl.constexpr = False,
 ):
     """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) over columns [K0, K1) of the dequantized weight,
     n = rmsnorm(s) or s (the norm needs the whole row: K0 = 0, K1 = K): int4 as int32 words
     with WORDS (_qstream_words), over prepared activations with PREP too (X: _prep_act_kernel's
     XP, R: its XS; the norm and the residual are done; PREP == 2: int8 activations against dp4a,
-    _qstream_prepped's INT8), else group by group (_qstream_groups)."""
+    _qstream_prepped's INT8; AHEAD: its weights loaded a step ahead), else group by group
+    (_qstream_groups)."""
     if PREP:
-        wait_for_predecessor(PDL)
         ya, yb = _qstream_prepped(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, K0, K1,
-                                  KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K, PREP == 2)
+                                  KIND, LOG2G, SYM, ROW_SCALE, BLOCK_R, BLOCK_K, PREP == 2, AHEAD, PDL)
     elif WORDS:
         wait_for_predecessor(PDL)
         ya, yb, ssum = _qstream_words(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K0, K1,
@@ -88,7 +88,7 @@ def _qgemv_kernel(X, XS, QW, S, Mn, Out, Part, K, N, stride_q, stride_s,
                   KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                   WORDS: tl.constexpr, LOG2G: tl.constexpr, SPLIT: tl.constexpr, PREP: tl.constexpr,
-                  ATOMIC: tl.constexpr = False):
+                  ATOMIC: tl.constexpr = False, AHEAD: tl.constexpr = False):
     """Rows of program 0's axis, columns [k·K/SPLIT, (k + 1)·K/SPLIT) of program 1's axis k:
     the sums go to Out, or with SPLIT > 1 to the fp32 partials Part[k] (_sum_splits adds them),
     or with ATOMIC (SPLIT == 2) added into the zeroed fp32 Out: 0 + a + b is the same sum in
@@ -99,7 +99,8 @@ def _qgemv_kernel(X, XS, QW, S, Mn, Out, Part, K, N, stride_q, stride_s,
     k_len = tl.multiple_of(K // SPLIT, BLOCK_K)  # the launcher checks it: aligned, vectorized loads
     k_lo = tl.multiple_of(tl.program_id(1) * k_len, BLOCK_K)
     ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, XS, X, Out, K, k_lo, k_lo + k_len,
-                           0, 0.0, KIND, GROUP, SYM, ROW_SCALE, False, False, BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
+                           0, 0.0, KIND, GROUP, SYM, ROW_SCALE, False, False, BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP,
+                           AHEAD)
     if SPLIT == 1:
         tl.store(Out + rows_a, ya.to(Out.dtype.element_ty))
         tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
@@ -128,12 +129,12 @@ def _sum_splits_kernel(Part, Out, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, P
 def _qnorm_gate_up_kernel(X, R, G, ROut, QW, S, Mn, Out, K, I, eps, stride_q, stride_s,
                           KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                          WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr):
+                          WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr, AHEAD: tl.constexpr = False):
     pid = tl.program_id(0)
     rows_a = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     g, u = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + I, X, R, G, ROut, K, 0, K,
                          tl.where(pid == 0, K, 0), eps, KIND, GROUP, SYM, ROW_SCALE, True, True, BLOCK_R, BLOCK_K, PDL,
-                         WORDS, LOG2G, PREP)
+                         WORDS, LOG2G, PREP, AHEAD)
     tl.store(Out + rows_a, _silu_mul(g, u).to(Out.dtype.element_ty))
 
 
@@ -141,13 +142,14 @@ def _qnorm_gate_up_kernel(X, R, G, ROut, QW, S, Mn, Out, K, I, eps, stride_q, st
 def _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n, pid, local, d,
                      D: tl.constexpr, KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
                      ROW_SCALE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr):
+                     PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr,
+                     AHEAD: tl.constexpr):
     """_qnorm_qkv_kernel's rows (d, d + D/2) of head ``local`` of its first (or only) weight;
     program 0 stores res_n elements of the residual."""
     rows_a = local * D + d
     ya, yb = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + D // 2, X, R, G, ROut, K, 0, K,
                            tl.where(pid == 0, res_n, 0), eps, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, True,
-                           BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP)
+                           BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G, PREP, AHEAD)
     return rows_a, ya, yb
 
 
@@ -161,7 +163,7 @@ def _qnorm_qkv_kernel(
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr,
     PREP: tl.constexpr, TWO: tl.constexpr = False, KIND2: tl.constexpr = 0, GROUP2: tl.constexpr = 1,
     SYM2: tl.constexpr = True, ROW_SCALE2: tl.constexpr = False, BLOCK_K2: tl.constexpr = 16,
-    WORDS2: tl.constexpr = False, LOG2G2: tl.constexpr = 0, PREP2: tl.constexpr = False,
+    WORDS2: tl.constexpr = False, LOG2G2: tl.constexpr = 0, PREP2: tl.constexpr = False, AHEAD: tl.constexpr = False,
 ):
     """Heads head0.. of W_qkv from a weight holding just their rows (the whole W_qkv when
     head0 = 0); the first block's program 0 stores res_n elements of the residual (K, or 0
@@ -181,17 +183,17 @@ def _qnorm_qkv_kernel(
             rows_a = local * D + d
             ya, yb = _qstream_rows(QW2, S2, Mn2, stride_q2, stride_s2, rows_a, rows_a + HALF, X2, R2, G, ROut, K, 0,
                                    K, 0, eps, KIND2, GROUP2, SYM2, ROW_SCALE2, HAS_RES, True,
-                                   BLOCK_R, BLOCK_K2, PDL, WORDS2, LOG2G2, PREP2)
+                                   BLOCK_R, BLOCK_K2, PDL, WORDS2, LOG2G2, PREP2, AHEAD)
             local += na // PER_HEAD
         else:
             local = (pid - nb) // PER_HEAD
             rows_a, ya, yb = _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n, pid - nb,
                                               local, d, D, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, BLOCK_R, BLOCK_K, PDL,
-                                              WORDS, LOG2G, PREP)
+                                              WORDS, LOG2G, PREP, AHEAD)
     else:
         rows_a, ya, yb = _qkv_first_block(QW, S, Mn, stride_q, stride_s, X, R, G, ROut, K, eps, res_n, pid, local, d,
                                           D, KIND, GROUP, SYM, ROW_SCALE, HAS_RES, BLOCK_R, BLOCK_K, PDL, WORDS, LOG2G,
-                                          PREP)
+                                          PREP, AHEAD)
     head = head0 + local
     c, s = _cos_sin(CS, tl.load(Pos).to(tl.int64), stride_cs, head, d, HQ, HKV, HALF)
     _qkv_epilogue(ya, yb, head, d, c, s, tl.load(Loc).to(tl.int64), Bias, Q, KC, VC,
@@ -213,7 +215,10 @@ class Config(NamedTuple):
     work per weight; 3: those activations quantized to int8 per 4-word chunk and multiplied by
     dp4a (_qstream_prepped's INT8): about a third of the instructions, exact for the quantized
     activations, not for the activations themselves (the CUDA default; a weight whose
-    ``int8_activations`` is False, the engine's debug switch, takes 2 instead)."""
+    ``int8_activations`` is False, the engine's debug switch, takes 2 instead).
+    ``num_stages`` >= 2 with ``words`` >= 2: each step's weight words are loaded a step ahead
+    (_qstream_prepped's AHEAD; Triton pipelines no load that feeds no dot, so the launch option
+    alone changes nothing there)."""
 
     block_r: int
     block_k: int
@@ -298,7 +303,8 @@ def _meta(w, cfg: Config, device) -> dict:
     return dict(KIND=_KIND[w.fmt.kind], GROUP=w.group, SYM=w.mins is None, ROW_SCALE=row_scaled(w),
                 BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 WORDS=words, LOG2G=w.group.bit_length() - 1 if words and not row_scaled(w) else 0,
-                PREP=(2 if cfg.words == 3 else 1) if words and cfg.words >= 2 else 0, **launch_options(device))
+                PREP=(2 if cfg.words == 3 else 1) if words and cfg.words >= 2 else 0,
+                AHEAD=bool(words and cfg.words >= 2 and cfg.num_stages >= 2), **launch_options(device))
 
 
 def _mins(w):

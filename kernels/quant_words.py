@@ -438,7 +438,8 @@ def _plane_dot(wa, wb, xp, plane: tl.constexpr, KIND: tl.constexpr):
 def _qstream_prepped(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K0, K1,
     KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr = False,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr = False, AHEAD: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """_qstream_words over activations _prep_act_kernel prepared (pre-scaled, normalised, in
     planes, with their chunk sums): a step loads [BLOCK_R, BLOCK_K/E] words per row block and,
@@ -447,7 +448,10 @@ def _qstream_prepped(
     make a chunk's sum.  A weight costs its AND and FMA and a share of one fp32 load.  INT8:
     the activations are _store_int8's, the words that pair with the weight words; dp4a sums a
     word's products in an int32 (_int_dot), and a chunk's sum times its scale dx is
-    Σ (stored value)·x̂."""
+    Σ (stored value)·x̂.  It waits for its PDL predecessor (the activations' writer) itself.
+    AHEAD: each step's weight words are loaded one step before they are used (registers double
+    buffered), the first step's before the wait: Triton pipelines no load that feeds no dot, so
+    otherwise a program has one step's words in flight and idles on each load."""
     E: tl.constexpr = 8 if KIND == 1 else 4
     W: tl.constexpr = BLOCK_K // E
     C: tl.constexpr = W // 4
@@ -460,9 +464,19 @@ def _qstream_prepped(
     xw = XP + words + tl.zeros([BLOCK_R, 1], tl.int32)  # x lands in the words' layout
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
+    if AHEAD:  # weights only: they do not depend on the predecessor
+        na = tl.load(qa + K0 // E)
+        nb = tl.load(qb + K0 // E)
+    wait_for_predecessor(PDL)
     for k0 in range(K0, K1, BLOCK_K):
-        wa = tl.load(qa + k0 // E)
-        wb = tl.load(qb + k0 // E)
+        if AHEAD:
+            wa, wb = na, nb
+            more = (k0 + BLOCK_K + tl.zeros([BLOCK_R, W], tl.int32)) < K1  # a full-shape mask (the interpreter's)
+            na = tl.load(qa + (k0 + BLOCK_K) // E, mask=more, other=0)
+            nb = tl.load(qb + (k0 + BLOCK_K) // E, mask=more, other=0)
+        else:
+            wa = tl.load(qa + k0 // E)
+            wb = tl.load(qb + k0 // E)
         if INT8:  # int4: step s's two planes start at word 2W·s = k0 / 4; int8: word k0 / 4
             ia, ib = _int_dot(wa, wb, xw + k0 // 4, W, KIND)
             j = 2 * (k0 // (4 * E) + c)[None, :]

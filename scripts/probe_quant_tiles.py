@@ -88,6 +88,8 @@ def gemv_space(fmt: str):
         for (r, bk, w), split, words in itertools.product(_words_tiles(8 if fmt.startswith("int4") else 4), splits,
                                                           (1, 2, 3)):
             yield QV.Config(r, bk, w, 1, split, words)
+            if words >= 2:  # stages 2: the weight words loaded a step ahead (_qstream_prepped's AHEAD)
+                yield QV.Config(r, bk, w, 2, split, words)
 
 
 def _words_tiles(per_word: int):
@@ -95,7 +97,7 @@ def _words_tiles(per_word: int):
     fewer and the 4-word chunks do not fill the threads (a layout shuffle per step), more and
     the words of the two row blocks crowd the registers."""
     for w in (4, 8):
-        for r, bk in itertools.product((8, 16, 32, 64), (256, 512, 1024)):
+        for r, bk in itertools.product((8, 16, 32, 64), (256, 512, 1024, 2048)):
             if 4 * 32 * w <= r * bk // per_word <= 16 * 32 * w:
                 yield r, bk, w
 

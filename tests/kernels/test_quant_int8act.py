@@ -102,17 +102,20 @@ def test_quality_script_rounds_as_the_kernel(fmt):
     assert (diff <= amax * ulps).float().mean() > 0.99
 
 
+# stages 2: each step's weight words loaded a step ahead (_qstream_prepped's AHEAD)
+@pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 @pytest.mark.parametrize("split", [1, 2])
-def test_gemv(fmt, split):
+def test_gemv(fmt, split, stages):
     g = gen(53 + split)
-    n, k, bk = (64, 256, 128) if not ON_GPU else (4096, 14336, 512)
+    n, k, bk = (64, 384, 128) if not ON_GPU else (4096, 14336, 512)
     w = _qw(n, k, fmt, g)
     x = randn(1, k, g=g, dtype=DTYPE)
-    cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, 1, split, 3)
+    cfg = QG.Config(4 if not ON_GPU else 8, bk if split == 1 else bk // 2, 4, stages, split, 3)
+    assert QG._meta(w, cfg, x.device)["AHEAD"] == (stages == 2)
     assert QG.words_apply(w, cfg)
-    xq, xs = QW.prepare_activations(w, x.view(-1), None, None, 0.0, None, bk, int8=True)
-    ref = _xhat(w, xq, xs, k, bk).to(DEV)[None] @ w.dequantize(torch.float64).t()
+    xq, xs = QW.prepare_activations(w, x.view(-1), None, None, 0.0, None, cfg.block_k, int8=True)
+    ref = _xhat(w, xq, xs, k, cfg.block_k).to(DEV)[None] @ w.dequantize(torch.float64).t()
     y = QG.gemv(x, w, config=cfg)
     assert rel_err(y, ref) < TOL
     # against the unquantized activations: off by the activations' rounding only
@@ -147,14 +150,15 @@ def test_gemv_two_halves_added_into_fp32(fmt):
     assert rel_err(a32, a) < (2e-2 if ON_GPU else 1e-5) and rel_err(r32, r) < (1e-2 if ON_GPU else 1e-6)
 
 
+@pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
-def test_norm_gate_up(fmt):
+def test_norm_gate_up(fmt, stages):
     g = gen(57)
-    h, i, bk = (256, 48, 128) if not ON_GPU else (4096, 14336, 512)
+    h, i, bk = (256, 48, 64) if not ON_GPU else (4096, 14336, 512)
     x, res = randn(1, h, g=g, dtype=DTYPE), randn(1, h, g=g, dtype=DTYPE)
     nw = (1 + 0.1 * randn(h, g=g)).to(DTYPE)
     w = _qw(2 * i, h, fmt, g)
-    cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, 1, 1, 3)
+    cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, stages, 1, 3)
     xq, xs = QW.prepare_activations(w, x.view(-1), res.view(-1), nw, 1e-6, torch.empty(h, dtype=DTYPE, device=DEV),
                                     bk, int8=True)
     xh = _xhat(w, xq, xs, h, bk).to(DEV)[None]
@@ -166,8 +170,9 @@ def test_norm_gate_up(fmt):
     assert torch.equal(r, (x.double() + res.double()).to(DTYPE))
 
 
+@pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
-def test_norm_qkv(fmt, monkeypatch):
+def test_norm_qkv(fmt, stages, monkeypatch):
     """The fused q/k/v kernel over int8 activations, alone and as a row stack's first block; the
     stack's second block (int8 g16) then streams the raw activations (its tile without
     preparation) or int8 ones in its own layout from the same preparation (its tile prepares)."""
@@ -175,7 +180,7 @@ def test_norm_qkv(fmt, monkeypatch):
     hq, hkv, d, h, bk = (4, 2, 32, 256, 128) if not ON_GPU else (32, 8, 128, 4096, 512)
     x, res = randn(1, h, g=g, dtype=DTYPE), randn(1, h, g=g, dtype=DTYPE)
     nw = (1 + 0.1 * randn(h, g=g)).to(DTYPE)
-    cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, 1, 1, 3)
+    cfg = QG.Config(4 if not ON_GPU else 8, bk, 4, stages, 1, 3)
     rope = RotaryEmbedding(d, 64, 10000.0, None, device=DEV)
     pos, loc = torch.tensor([21], device=DEV), torch.tensor([1], device=DEV)
     i8 = WeightFormat("int8", 16, True)
