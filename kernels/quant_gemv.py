@@ -228,12 +228,13 @@ class Config(NamedTuple):
     words: int = 0
 
 
-# (BLOCK_R, BLOCK_K, warps, words) where no tuned tile applies: int4 / int8 as int32 words over
-# prepared activations rounded to int8 (dp4a), 512 bytes of packed weights per row and step (on
-# the H200 the words run 3-5x the byte tiles, faster still over int8 activations: bench/RESULTS.md,
-# "2026-12-02 (fifth session)", "2026-12-03 (twelfth session)"); the byte tiles (128 bytes per row
-# and step) for fp8 and where words do not apply
-_CUDA_WORDS = {"int4": (8, 1024, 4, 3), "int8": (8, 512, 4, 3)}
+# (BLOCK_R, BLOCK_K, warps, stages, words) where no tuned tile applies: int4 / int8 as int32 words
+# over prepared activations rounded to int8 (dp4a), 512 bytes of packed weights per row and step, each
+# step's words loaded a step ahead (on the H200 the words run 3-5x the byte tiles, faster still over
+# int8 activations; on an H100 two stages took int4's batch 1 from 2.42 to 2.24 ms with no tuned file:
+# bench/RESULTS.md, "2026-12-02 (fifth session)", "2026-12-03 (twelfth session)", "twenty-ninth
+# session"); the byte tiles (128 bytes per row and step) for fp8 and where words do not apply
+_CUDA_WORDS = {"int4": (8, 1024, 4, 2, 3), "int8": (8, 512, 4, 2, 3)}
 _CUDA = {"int4": (8, 256, 4, 0), "int8": (8, 128, 4, 0), "fp8": (8, 128, 4, 0)}
 
 
@@ -267,10 +268,10 @@ def default_config(w, rows_per_block: int, device_type: str) -> Config | None:
                     and w.in_features % (cfg.block_k * max(1, cfg.split_k)) == 0:
                 return cfg._replace(words=2) if exact and cfg.words == 3 else cfg
     if device_type == "cuda" and w.fmt.kind in _CUDA_WORDS:
-        r, target, warps, words = _CUDA_WORDS[w.fmt.kind]
+        r, target, warps, stages, words = _CUDA_WORDS[w.fmt.kind]
         bk = block_k(w, target)
         if bk is not None:
-            cfg = Config(min(r, rows_per_block), bk, warps, 1, 1, 2 if exact else words)
+            cfg = Config(min(r, rows_per_block), bk, warps, stages, 1, 2 if exact else words)
             if words_apply(w, cfg):
                 return cfg
     r, target, warps, words = _CUDA[w.fmt.kind] if device_type == "cuda" else (4, 64, 4, 0)

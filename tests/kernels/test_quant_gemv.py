@@ -183,12 +183,14 @@ def test_cuda_default_tile_without_a_tuned_one():
     int4 = _qw(64, 4096, WeightFormat("int4", 128, False), g).to("cpu")  # a CPU weight: no tuned lookup
     int8 = _qw(64, 4096, WeightFormat("int8", 0, True), g).to("cpu")
     del int4.int8_activations, int8.int8_activations  # the class default: on
-    assert QG.default_config(int4, 64, "cuda") == QG.Config(8, 1024, 4, 1, 1, 3)
-    assert QG.default_config(int4, 4, "cuda") == QG.Config(4, 1024, 4, 1, 1, 3)  # row blocks of the caller
-    assert QG.default_config(int8, 64, "cuda") == QG.Config(8, 512, 4, 1, 1, 3)
+    # two stages: each step's weight words loaded a step ahead
+    assert QG.default_config(int4, 64, "cuda") == QG.Config(8, 1024, 4, 2, 1, 3)
+    assert QG.default_config(int4, 4, "cuda") == QG.Config(4, 1024, 4, 2, 1, 3)  # row blocks of the caller
+    assert QG.default_config(int8, 64, "cuda") == QG.Config(8, 512, 4, 2, 1, 3)
+    assert QG._meta(int4, QG.default_config(int4, 64, "cuda"), torch.device("cpu"))["AHEAD"]
     int4.int8_activations = int8.int8_activations = False
-    assert QG.default_config(int4, 64, "cuda") == QG.Config(8, 1024, 4, 1, 1, 2)
-    assert QG.default_config(int8, 64, "cuda") == QG.Config(8, 512, 4, 1, 1, 2)
+    assert QG.default_config(int4, 64, "cuda") == QG.Config(8, 1024, 4, 2, 1, 2)
+    assert QG.default_config(int8, 64, "cuda") == QG.Config(8, 512, 4, 2, 1, 2)
     int8_g8 = _qw(64, 128, WeightFormat("int8", 8, True), g).to("cpu")
     assert QG.default_config(int8_g8, 64, "cuda").words == 0
     fp8 = _qw(64, 4096, WeightFormat("fp8", 0, True), g).to("cpu")
