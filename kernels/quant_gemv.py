@@ -534,7 +534,8 @@ def norm_qkv(x, residual, norm_w, eps, w, bias, cos_sin, positions, loc, k_cache
         na = b.out_features // cfg.block_r // 2  # the first block's programs
         rows, b2, qw2, stride_q2 = b.out_features, b, qw, stride_q  # the second block's arguments: unused alone
         m2 = None
-        if pair is not None:  # the second block in the same launch, its programs first
+        if pair is not None:  # the second block in the same launch, its programs first (with the
+            # first block's AHEAD: one launch)
             b2, m2 = blocks[1], _meta(blocks[1], pair[1], x.device)
             assert m2["PREP"] in (0, meta["PREP"])  # _pair_configs: one preparation, of one kind
             qw2, stride_q2 = _qweight(b2, m2["WORDS"])

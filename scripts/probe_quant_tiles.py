@@ -14,7 +14,8 @@ LOCALSGL_QUANT_TILES unset and no tuned file for the GPU, so "default" is the bu
 The search space holds the kernels' variants, off in their built-in defaults: for the GEMV
 split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without it) and int4 /
 int8 as int32 words (the activations prepared inside the loop, or by a kernel of their own first,
-or quantized to int8 there for dp4a: ``--words 3`` only, as it rounds the activations);
+or quantized to int8 there for dp4a: ``--words 3`` only, as it rounds the activations), the
+latter two with one stage or two (the weight words loaded a step ahead, on in the built-in tile);
 for the int4 GEMM the interleaved dot and, for int4 g128, the nibbles in the dot with the scales
 applied after it, and for every int4 the same over int32 words (``words``: two nibbles to two
 16-bit floats per operation, each group's Σx computed once per call); for the int4 g32 / int8 g16
