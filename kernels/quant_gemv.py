@@ -58,7 +58,7 @@ def _qstream_rows(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, X, R, G, ROut, K, K0, K1, write_res, eps,
     KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
     HAS_RES: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr = False, AHEAD: tl.constexpr = False,
+    WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr = False, AHEAD: tl.constexpr = 0,
 ):
     """(Σ_k W[a,k]·n[k], Σ_k W[b,k]·n[k]) over columns [K0, K1) of the dequantized weight,
     n = rmsnorm(s) or s (the norm needs the whole row: K0 = 0, K1 = K): int4 as int32 words
@@ -88,7 +88,7 @@ def _qgemv_kernel(X, XS, QW, S, Mn, Out, Part, K, N, stride_q, stride_s,
                   KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                   WORDS: tl.constexpr, LOG2G: tl.constexpr, SPLIT: tl.constexpr, PREP: tl.constexpr,
-                  ATOMIC: tl.constexpr = False, AHEAD: tl.constexpr = False):
+                  ATOMIC: tl.constexpr = False, AHEAD: tl.constexpr = 0):
     """Rows of program 0's axis, columns [k·K/SPLIT, (k + 1)·K/SPLIT) of program 1's axis k:
     the sums go to Out, or with SPLIT > 1 to the fp32 partials Part[k] (_sum_splits adds them),
     or with ATOMIC (SPLIT == 2) added into the zeroed fp32 Out: 0 + a + b is the same sum in
@@ -129,7 +129,7 @@ def _sum_splits_kernel(Part, Out, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, P
 def _qnorm_gate_up_kernel(X, R, G, ROut, QW, S, Mn, Out, K, I, eps, stride_q, stride_s,
                           KIND: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                          WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr, AHEAD: tl.constexpr = False):
+                          WORDS: tl.constexpr, LOG2G: tl.constexpr, PREP: tl.constexpr, AHEAD: tl.constexpr = 0):
     pid = tl.program_id(0)
     rows_a = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     g, u = _qstream_rows(QW, S, Mn, stride_q, stride_s, rows_a, rows_a + I, X, R, G, ROut, K, 0, K,
@@ -163,7 +163,7 @@ def _qnorm_qkv_kernel(
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, WORDS: tl.constexpr, LOG2G: tl.constexpr,
     PREP: tl.constexpr, TWO: tl.constexpr = False, KIND2: tl.constexpr = 0, GROUP2: tl.constexpr = 1,
     SYM2: tl.constexpr = True, ROW_SCALE2: tl.constexpr = False, BLOCK_K2: tl.constexpr = 16,
-    WORDS2: tl.constexpr = False, LOG2G2: tl.constexpr = 0, PREP2: tl.constexpr = False, AHEAD: tl.constexpr = False,
+    WORDS2: tl.constexpr = False, LOG2G2: tl.constexpr = 0, PREP2: tl.constexpr = False, AHEAD: tl.constexpr = 0,
 ):
     """Heads head0.. of W_qkv from a weight holding just their rows (the whole W_qkv when
     head0 = 0); the first block's program 0 stores res_n elements of the residual (K, or 0
@@ -216,9 +216,9 @@ class Config(NamedTuple):
     dp4a (_qstream_prepped's INT8): about a third of the instructions, exact for the quantized
     activations, not for the activations themselves (the CUDA default; a weight whose
     ``int8_activations`` is False, the engine's debug switch, takes 2 instead).
-    ``num_stages`` >= 2 with ``words`` >= 2: each step's weight words are loaded a step ahead
-    (_qstream_prepped's AHEAD; Triton pipelines no load that feeds no dot, so the launch option
-    alone changes nothing there)."""
+    ``num_stages`` 2 or 3 with ``words`` >= 2: each step's weight words are loaded 1 or 2 steps
+    ahead (_qstream_prepped's AHEAD; Triton pipelines no load that feeds no dot, so the launch
+    option alone changes nothing there)."""
 
     block_r: int
     block_k: int
@@ -305,7 +305,7 @@ def _meta(w, cfg: Config, device) -> dict:
                 BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 WORDS=words, LOG2G=w.group.bit_length() - 1 if words and not row_scaled(w) else 0,
                 PREP=(2 if cfg.words == 3 else 1) if words and cfg.words >= 2 else 0,
-                AHEAD=bool(words and cfg.words >= 2 and cfg.num_stages >= 2), **launch_options(device))
+                AHEAD=min(2, cfg.num_stages - 1) if words and cfg.words >= 2 else 0, **launch_options(device))
 
 
 def _mins(w):

@@ -438,7 +438,7 @@ def _plane_dot(wa, wb, xp, plane: tl.constexpr, KIND: tl.constexpr):
 def _qstream_prepped(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K0, K1,
     KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr = False, AHEAD: tl.constexpr = False,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr = False, AHEAD: tl.constexpr = 0,
     PDL: tl.constexpr = False,
 ):
     """_qstream_words over activations _prep_act_kernel prepared (pre-scaled, normalised, in
@@ -449,9 +449,12 @@ def _qstream_prepped(
     the activations are _store_int8's, the words that pair with the weight words; dp4a sums a
     word's products in an int32 (_int_dot), and a chunk's sum times its scale dx is
     Σ (stored value)·x̂.  It waits for its PDL predecessor (the activations' writer) itself.
-    AHEAD: each step's weight words are loaded one step before they are used (registers double
-    buffered), the first step's before the wait: Triton pipelines no load that feeds no dot, so
-    otherwise a program has one step's words in flight and idles on each load."""
+    AHEAD (1 or 2): each step's weight words are loaded that many steps before they are used
+    (registers double or triple buffered), the first steps' before the wait: Triton pipelines no
+    load that feeds no dot, so otherwise a program has one step's words in flight and idles on
+    each load.  (ptxas issues a step's next loads after its dp4a, reusing their registers, so
+    with 1 a load overlaps only the next step's activation and scale loads; with 2 it has a whole
+    step's work to hide behind.)"""
     E: tl.constexpr = 8 if KIND == 1 else 4
     W: tl.constexpr = BLOCK_K // E
     C: tl.constexpr = W // 4
@@ -464,16 +467,24 @@ def _qstream_prepped(
     xw = XP + words + tl.zeros([BLOCK_R, 1], tl.int32)  # x lands in the words' layout
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
-    if AHEAD:  # weights only: they do not depend on the predecessor
+    zw = tl.zeros([BLOCK_R, W], tl.int32)  # zw + a step < K1: a full-shape mask (the interpreter's)
+    if AHEAD >= 1:  # weights only: they do not depend on the predecessor
         na = tl.load(qa + K0 // E)
         nb = tl.load(qb + K0 // E)
+    if AHEAD == 2:
+        ma = tl.load(qa + (K0 + BLOCK_K) // E, mask=zw + K0 + BLOCK_K < K1, other=0)
+        mb = tl.load(qb + (K0 + BLOCK_K) // E, mask=zw + K0 + BLOCK_K < K1, other=0)
     wait_for_predecessor(PDL)
     for k0 in range(K0, K1, BLOCK_K):
-        if AHEAD:
+        if AHEAD == 2:
             wa, wb = na, nb
-            more = (k0 + BLOCK_K + tl.zeros([BLOCK_R, W], tl.int32)) < K1  # a full-shape mask (the interpreter's)
-            na = tl.load(qa + (k0 + BLOCK_K) // E, mask=more, other=0)
-            nb = tl.load(qb + (k0 + BLOCK_K) // E, mask=more, other=0)
+            na, nb = ma, mb
+            ma = tl.load(qa + (k0 + 2 * BLOCK_K) // E, mask=zw + k0 + 2 * BLOCK_K < K1, other=0)
+            mb = tl.load(qb + (k0 + 2 * BLOCK_K) // E, mask=zw + k0 + 2 * BLOCK_K < K1, other=0)
+        elif AHEAD == 1:
+            wa, wb = na, nb
+            na = tl.load(qa + (k0 + BLOCK_K) // E, mask=zw + k0 + BLOCK_K < K1, other=0)
+            nb = tl.load(qb + (k0 + BLOCK_K) // E, mask=zw + k0 + BLOCK_K < K1, other=0)
         else:
             wa = tl.load(qa + k0 // E)
             wb = tl.load(qb + k0 // E)

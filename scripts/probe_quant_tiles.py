@@ -15,7 +15,8 @@ The search space holds the kernels' variants, off in their built-in defaults: fo
 split-K (timed on o, down and lm_head only: qkv and gate_up run fused, without it) and int4 /
 int8 as int32 words (the activations prepared inside the loop, or by a kernel of their own first,
 or quantized to int8 there for dp4a: ``--words 3`` only, as it rounds the activations), the
-latter two with one stage or two (the weight words loaded a step ahead, on in the built-in tile);
+latter two with one to three stages (the weight words loaded 0-2 steps ahead; 2 stages in the
+built-in tile);
 for the int4 GEMM the interleaved dot and, for int4 g128, the nibbles in the dot with the scales
 applied after it, and for every int4 the same over int32 words (``words``: two nibbles to two
 16-bit floats per operation, each group's Σx computed once per call); for the int4 g32 / int8 g16
@@ -89,8 +90,9 @@ def gemv_space(fmt: str):
         for (r, bk, w), split, words in itertools.product(_words_tiles(8 if fmt.startswith("int4") else 4), splits,
                                                           (1, 2, 3)):
             yield QV.Config(r, bk, w, 1, split, words)
-            if words >= 2:  # stages 2: the weight words loaded a step ahead (_qstream_prepped's AHEAD)
+            if words >= 2:  # stages 2 / 3: the weight words loaded 1 / 2 steps ahead (_qstream_prepped's AHEAD)
                 yield QV.Config(r, bk, w, 2, split, words)
+                yield QV.Config(r, bk, w, 3, split, words)
 
 
 def _words_tiles(per_word: int):

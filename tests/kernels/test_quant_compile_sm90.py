@@ -125,16 +125,18 @@ def _specs():
                             **_weight_meta(INT4, 32, False, False, 1024, 8, True, prep), TWO=True, KIND2=INT8,
                             GROUP2=16, SYM2=True, ROW_SCALE2=False, BLOCK_K2=512, WORDS2=True, LOG2G2=4,
                             PREP2=prep2))
-    # the weights a step ahead (AHEAD, a words tile of 2 stages): the plain GEMV in two K halves,
+    # the weights a step ahead (AHEAD, a words tile of 2 stages; 3: two steps): the plain GEMV in two K halves,
     # norm + gate/up, and the Q4_K_M row stack of q/k/v
-    ahead = _gemv("*i32", "*fp16", dict(_weight_meta(INT4, 128, False, False, 1024, 8, True, 2), AHEAD=True), split=2)
+    ahead = _gemv("*i32", "*fp16", dict(_weight_meta(INT4, 128, False, False, 1024, 8, True, 2), AHEAD=1), split=2)
     specs["gemv int4 g128 int8 activations, weights a step ahead"] = ahead
     specs["norm_gate_up int4 g128 int8 activations, weights a step ahead"] = dict(
         specs["norm_gate_up int4 g128 prepared"], pointers=dict(specs["norm_gate_up int4 g128 prepared"]["pointers"],
                                                                X="*i32", R="*fp32"),
-        constexprs=dict(_weight_meta(INT4, 128, False, False, 1024, 8, True, 2), AHEAD=True))
+        constexprs=dict(_weight_meta(INT4, 128, False, False, 1024, 8, True, 2), AHEAD=1))
+    specs["gemv int4 g128 int8 activations, weights two steps ahead"] = _gemv(
+        "*i32", "*fp16", dict(_weight_meta(INT4, 128, False, False, 1024, 8, True, 2), AHEAD=2), split=2)
     stack = specs["norm_qkv row stack int4 g32 int8 activations + int8 g16 int8 activations"]
-    specs["norm_qkv row stack, weights a step ahead"] = dict(stack, constexprs=dict(stack["constexprs"], AHEAD=True))
+    specs["norm_qkv row stack, weights a step ahead"] = dict(stack, constexprs=dict(stack["constexprs"], AHEAD=1))
     # the GEMM's built-in tiles (quant_gemm.builtin_config: <= 16 rows, <= 64, larger), as sm_90
     # gets them and as older GPUs do, the 40-row ones split in two
     from localsgl_kernels.quant_gemm import builtin_config

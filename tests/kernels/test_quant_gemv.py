@@ -223,17 +223,17 @@ def test_fused_words_prepared_row_not_a_power_of_two(fmt):
     assert rel_err(a, ra) < 1e-5 and torch.equal(r, x + res)
 
 
-@pytest.mark.parametrize("words,stages", [(1, 1), (2, 1), (2, 2)])
+@pytest.mark.parametrize("words,stages", [(1, 1), (2, 1), (2, 2), (2, 3)])
 @pytest.mark.parametrize("fmt", WORD_FORMATS[:2] + WORD_FORMATS[4:], ids=WORD_IDS[:2] + WORD_IDS[4:])
 def test_fused_words(fmt, words, stages):
     """norm + gate/up and norm + qkv + rotary + KV store with the words variants, the activations
-    prepared inside the loop (1) or by a kernel of their own (2; stages 2: the weight words a step
-    ahead) (their tile's split_k is ignored: the norm needs whole rows)."""
+    prepared inside the loop (1) or by a kernel of their own (2; stages 2 / 3: the weight words 1 / 2
+    steps ahead) (their tile's split_k is ignored: the norm needs whole rows)."""
     g = gen(17)
     h, i = 256, 48
     x, res = randn(1, h, g=g), randn(1, h, g=g)
     nw = 1 + 0.1 * randn(h, g=g)
-    cfg = QG.Config(8, 64 if stages == 2 else 128, 4, stages, 2, words)
+    cfg = QG.Config(8, 64 if stages > 1 else 128, 4, stages, 2, words)
     w = _qw(2 * i, h, fmt, g)
     ra, rr = G.norm_gate_up_ref(x.double(), res.double(), nw.double(), 1e-6, w.dequantize(torch.float64))
     a, r = QG.norm_gate_up(x, res, nw, 1e-6, w, config=cfg)

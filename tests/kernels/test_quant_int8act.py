@@ -102,8 +102,8 @@ def test_quality_script_rounds_as_the_kernel(fmt):
     assert (diff <= amax * ulps).float().mean() > 0.99
 
 
-# stages 2: each step's weight words loaded a step ahead (_qstream_prepped's AHEAD)
-@pytest.mark.parametrize("stages", [1, 2])
+# stages 2 / 3: each step's weight words loaded 1 / 2 steps ahead (_qstream_prepped's AHEAD)
+@pytest.mark.parametrize("stages", [1, 2, 3])
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 @pytest.mark.parametrize("split", [1, 2])
 def test_gemv(fmt, split, stages):
@@ -112,7 +112,7 @@ def test_gemv(fmt, split, stages):
     w = _qw(n, k, fmt, g)
     x = randn(1, k, g=g, dtype=DTYPE)
     cfg = QG.Config(4 if not ON_GPU else 8, bk if split == 1 else bk // 2, 4, stages, split, 3)
-    assert QG._meta(w, cfg, x.device)["AHEAD"] == (stages == 2)
+    assert QG._meta(w, cfg, x.device)["AHEAD"] == stages - 1
     assert QG.words_apply(w, cfg)
     xq, xs = QW.prepare_activations(w, x.view(-1), None, None, 0.0, None, cfg.block_k, int8=True)
     ref = _xhat(w, xq, xs, k, cfg.block_k).to(DEV)[None] @ w.dequantize(torch.float64).t()
@@ -150,7 +150,7 @@ def test_gemv_two_halves_added_into_fp32(fmt):
     assert rel_err(a32, a) < (2e-2 if ON_GPU else 1e-5) and rel_err(r32, r) < (1e-2 if ON_GPU else 1e-6)
 
 
-@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("stages", [1, 2, 3])
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_norm_gate_up(fmt, stages):
     g = gen(57)
@@ -170,7 +170,7 @@ def test_norm_gate_up(fmt, stages):
     assert torch.equal(r, (x.double() + res.double()).to(DTYPE))
 
 
-@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("stages", [1, 2, 3])
 @pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
 def test_norm_qkv(fmt, stages, monkeypatch):
     """The fused q/k/v kernel over int8 activations, alone and as a row stack's first block; the
