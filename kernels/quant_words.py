@@ -435,6 +435,14 @@ def _plane_dot(wa, wb, xp, plane: tl.constexpr, KIND: tl.constexpr):
 
 
 @triton.jit
+def _step_words(qa, qb, k, K1, zw, E: tl.constexpr):
+    """Both row blocks' weight words of the step at column k, zeros from K1 on (zw: zeros of
+    their shape, so the mask is a full-shape tensor, as the interpreter needs)."""
+    ok = zw + k < K1
+    return tl.load(qa + k // E, mask=ok, other=0), tl.load(qb + k // E, mask=ok, other=0)
+
+
+@triton.jit
 def _qstream_prepped(
     QW, S, Mn, stride_q, stride_s, rows_a, rows_b, XP, XS, K0, K1,
     KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
@@ -467,24 +475,20 @@ def _qstream_prepped(
     xw = XP + words + tl.zeros([BLOCK_R, 1], tl.int32)  # x lands in the words' layout
     acc_a = tl.zeros([BLOCK_R, C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, C], tl.float32)
-    zw = tl.zeros([BLOCK_R, W], tl.int32)  # zw + a step < K1: a full-shape mask (the interpreter's)
+    zw = tl.zeros([BLOCK_R, W], tl.int32)
     if AHEAD >= 1:  # weights only: they do not depend on the predecessor
-        na = tl.load(qa + K0 // E)
-        nb = tl.load(qb + K0 // E)
+        na, nb = _step_words(qa, qb, K0, K1, zw, E)
     if AHEAD == 2:
-        ma = tl.load(qa + (K0 + BLOCK_K) // E, mask=zw + K0 + BLOCK_K < K1, other=0)
-        mb = tl.load(qb + (K0 + BLOCK_K) // E, mask=zw + K0 + BLOCK_K < K1, other=0)
+        ma, mb = _step_words(qa, qb, K0 + BLOCK_K, K1, zw, E)
     wait_for_predecessor(PDL)
     for k0 in range(K0, K1, BLOCK_K):
         if AHEAD == 2:
             wa, wb = na, nb
             na, nb = ma, mb
-            ma = tl.load(qa + (k0 + 2 * BLOCK_K) // E, mask=zw + k0 + 2 * BLOCK_K < K1, other=0)
-            mb = tl.load(qb + (k0 + 2 * BLOCK_K) // E, mask=zw + k0 + 2 * BLOCK_K < K1, other=0)
+            ma, mb = _step_words(qa, qb, k0 + 2 * BLOCK_K, K1, zw, E)
         elif AHEAD == 1:
             wa, wb = na, nb
-            na = tl.load(qa + (k0 + BLOCK_K) // E, mask=zw + k0 + BLOCK_K < K1, other=0)
-            nb = tl.load(qb + (k0 + BLOCK_K) // E, mask=zw + k0 + BLOCK_K < K1, other=0)
+            na, nb = _step_words(qa, qb, k0 + BLOCK_K, K1, zw, E)
         else:
             wa = tl.load(qa + k0 // E)
             wb = tl.load(qb + k0 // E)

@@ -8,6 +8,7 @@ For one row the floor is the packed weight bytes (+ scales) over the measured co
 prints one line per (shape, format, rows)."""
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -59,12 +60,9 @@ def cold_copies(w, cold: bool = True, l2_bytes: int | None = None) -> list:
     ``l2_bytes``: the L2's size instead of the GPU's."""
     if not cold:
         return [w]
-    from localsgl.engine.layers.quant import QuantizedWeight
-
     l2 = l2_bytes if l2_bytes is not None else torch.cuda.get_device_properties(w.qweight.device).L2_cache_size
     n = max(1, -(-COLD_L2_FACTOR * l2 // max(1, w.nbytes)))
-    return [w] + [QuantizedWeight(w.fmt, w.qweight.clone(), w.scales.clone(),
-                                  None if w.mins is None else w.mins.clone(), w.in_features) for _ in range(n - 1)]
+    return [w] + [copy.deepcopy(w) for _ in range(n - 1)]
 
 
 def copy_bandwidth() -> float:
