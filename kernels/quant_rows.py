@@ -47,7 +47,7 @@ class Config(NamedTuple):
     block_r: int  # weight rows a program owns
     block_k: int  # columns a step (whole 4-word chunks; the activations' planes are laid out per step)
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 1  # 2 / 3: each step's weight words loaded 1 / 2 steps ahead (_rows_kernel's AHEAD)
 
 
 @triton.jit
@@ -85,6 +85,13 @@ def _row_step(acc, w, lo, hi, xw, XSm, j, s, mn, zero, KIND: tl.constexpr, SYM: 
 
 
 @triton.jit
+def _next_words(qw, k, K, zero, E: tl.constexpr):
+    """The weight words of the step at column k, zeros from K on (zero: a full-shape mask base, as
+    the interpreter needs)."""
+    return tl.load(qw + k // E, mask=zero + k < K, other=0)
+
+
+@triton.jit
 def _store_row(Y, acc, m, M, rows, stride_y, srow, ROW_SCALE: tl.constexpr):
     """Row m of y (where m < M): the chunk sums of acc, times the row scales srow when row-scaled."""
     y = tl.sum(acc, 1)
@@ -97,12 +104,14 @@ def _store_row(Y, acc, m, M, rows, stride_y, srow, ROW_SCALE: tl.constexpr):
 def _rows_kernel(
     XQ, XS, QW, S, Mn, Y, M, K, stride_q, stride_s, stride_y,
     KIND: tl.constexpr, LOG2G: tl.constexpr, SYM: tl.constexpr, ROW_SCALE: tl.constexpr,
-    MP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    MP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr = 0,
 ):
     """BLOCK_R weight rows against the M (<= MP <= 8) rows of x: a step loads [BLOCK_R,
     BLOCK_K/E] weight words once, 4 consecutive words a thread, and each row of x's words in the
     same layout; one accumulator a row of x (unrolled: MP is 2, 4 or 8; rows at or past M
-    compute on row M - 1 and are not stored)."""
+    compute on row M - 1 and are not stored).  AHEAD (1 or 2): each step's weight words are loaded
+    that many steps before they are used, as quant_words._qstream_prepped loads them (Triton
+    pipelines no load that feeds no dot, so otherwise a program waits on every step's words)."""
     E: tl.constexpr = 8 if KIND == 1 else 4
     W: tl.constexpr = BLOCK_K // E
     C: tl.constexpr = W // 4
@@ -130,8 +139,20 @@ def _rows_kernel(
     a5 = tl.zeros([BLOCK_R, C], tl.float32)
     a6 = tl.zeros([BLOCK_R, C], tl.float32)
     a7 = tl.zeros([BLOCK_R, C], tl.float32)
+    if AHEAD >= 1:
+        nw = _next_words(qw, 0, K, zero, E)
+    if AHEAD == 2:
+        mw = _next_words(qw, BLOCK_K, K, zero, E)
     for k0 in range(0, K, BLOCK_K):
-        w = tl.load(qw + k0 // E)
+        if AHEAD == 2:
+            w = nw
+            nw = mw
+            mw = _next_words(qw, k0 + 2 * BLOCK_K, K, zero, E)
+        elif AHEAD == 1:
+            w = nw
+            nw = _next_words(qw, k0 + BLOCK_K, K, zero, E)
+        else:
+            w = tl.load(qw + k0 // E)
         lo = w & 0x0F0F0F0F
         hi = (w >> 4) & 0x0F0F0F0F
         j = 2 * (k0 // (4 * E) + c)[None, :]
@@ -175,6 +196,11 @@ def _rows_kernel(
         _store_row(Y, a5, 5, M, rows, stride_y, srow, ROW_SCALE)
         _store_row(Y, a6, 6, M, rows, stride_y, srow, ROW_SCALE)
         _store_row(Y, a7, 7, M, rows, stride_y, srow, ROW_SCALE)
+
+
+def _ahead(config: Config, K: int) -> int:
+    """Steps ahead the weight words are loaded: num_stages - 1, at most 2 and fewer than the steps."""
+    return max(0, min(2, config.num_stages - 1, K // config.block_k - 1))
 
 
 def _bucket(rows: int) -> int:
@@ -232,5 +258,5 @@ def matmul(x: torch.Tensor, w, config: Config, out_dtype=None) -> torch.Tensor:
         w.qweight.stride(0) // 4, w.scales.stride(0), y.stride(0),
         KIND=1 if w.fmt.kind == "int4" else 0, LOG2G=0 if row_scale else w.group.bit_length() - 1,
         SYM=w.mins is None, ROW_SCALE=row_scale, MP=_bucket(M), BLOCK_R=config.block_r, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **FMA)
+        AHEAD=_ahead(config, K), num_warps=config.num_warps, num_stages=config.num_stages, **FMA)
     return y

@@ -23,7 +23,7 @@ from probe_route import sweep  # noqa: E402
 from localsgl_kernels import quant_rows as QR  # noqa: E402
 
 TILES = [QR.Config(r, bk, warps, stages)
-         for r, bk, warps, stages in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8), (1, 2))]
+         for r, bk, warps, stages in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8), (1, 2, 3))]
 
 
 def main() -> None:

@@ -251,6 +251,15 @@ def _specs():
             div16=["K"], constexprs=dict(KIND=kind, LOG2G=0 if row_scale else group.bit_length() - 1, SYM=sym,
                                          ROW_SCALE=row_scale, MP=mp, BLOCK_R=16, BLOCK_K=1024),
             num_warps=4, num_stages=2, ptx_needles=["dp4a"])
+    # the weight words one / two steps ahead (a rows tile of 2 / 3 stages)
+    for label, mp, ahead in (("int4 g128 asym", 8, 1), ("int4 g128 asym", 4, 2), ("int8 g16", 4, 2)):
+        kind, group = (INT4, 128) if label.startswith("int4") else (INT8, 16)
+        specs[f"rows {label} x{mp} ahead {ahead}"] = dict(
+            kernel="localsgl_kernels.quant_rows:_rows_kernel",
+            pointers=dict(XQ="*i32", XS="*fp32", QW="*i32", S="*fp16", Mn="*fp16", Y="*bf16"),
+            div16=["K"], constexprs=dict(KIND=kind, LOG2G=group.bit_length() - 1, SYM=False, ROW_SCALE=False, MP=mp,
+                                         BLOCK_R=16, BLOCK_K=1024, AHEAD=ahead),
+            num_warps=4, num_stages=ahead + 1, ptx_needles=["dp4a"])
     specs["rows preparation"] = dict(kernel="localsgl_kernels.quant_rows:_prep_rows_kernel",
                                      pointers=dict(X="*bf16", XQ="*i32", XS="*fp32"), div16=["K", "stride_x"],
                                      constexprs=dict(E=8, BK=1024, BLOCK=1024), num_warps=4)

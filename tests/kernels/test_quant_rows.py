@@ -49,7 +49,10 @@ def test_matmul(fmt, rows):
     n, k = (64, 256) if not ON_GPU else (4096, 14336)
     w = _qw(n, k, fmt, g)
     x = randn(rows, k, g=g, dtype=DTYPE)
-    for cfg in (QR.Config(8, 128), QR.Config(16, 256, 8)) if not ON_GPU else (QR.Config(16, 512), QR.Config(4, 1024)):
+    # the last two load the weight words one and two steps ahead (num_stages 2 / 3)
+    cfgs = ((QR.Config(8, 128), QR.Config(16, 256, 8), QR.Config(8, 128, 4, 2), QR.Config(8, 64, 4, 3)) if not ON_GPU
+            else (QR.Config(16, 512), QR.Config(4, 1024), QR.Config(16, 512, 4, 2), QR.Config(8, 1024, 8, 3)))
+    for cfg in cfgs:
         assert QR.applies(w, rows, cfg)
         y = QR.matmul(x, w, cfg)
         assert y.shape == (rows, n) and y.dtype == DTYPE
