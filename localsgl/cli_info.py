@@ -46,6 +46,7 @@ def _info_report(kwargs: dict) -> dict:
     options = plan_options(kwargs)
     if weights is not None:
         options["weights_bytes"] = weights.total_bytes
+        options["weights_quantized"] = weights.quantized
     plan = make_plan(cfg, dev, dtype, **options)  # as the engine plans
     versions = {"localsgl": __version__, "python": sys.version.split()[0]}
     for mod in ("torch", "transformers", "triton"):

@@ -66,6 +66,7 @@ def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, 
                                              weights, quantization)
     if host.weights_estimate is not None:
         plan_kwargs["weights_bytes"] = host.weights_estimate.total_bytes
+        plan_kwargs["weights_quantized"] = host.weights_estimate.quantized
     pre_plan = make_plan(host.config, host.device_info, host.dtype, **plan_kwargs)
     tokenizer = in_background(host.source.load_tokenizer)  # transformers' import overlaps the weights
     t_planned = time.perf_counter()

@@ -418,6 +418,7 @@ def make_plan(
     cuda_graph: bool = True,
     tp: int = 1,
     weights_bytes: int | None = None,
+    weights_quantized: bool = False,
     kv_cache_dtype: str | None = None,
 ) -> MemoryPlan:
     """Size everything for ``config`` (a ModelConfig) on ``device_info`` at ``dtype``
@@ -425,7 +426,8 @@ def make_plan(
 
     Sizes are bytes (or strings such as "8GiB"). ``free_memory_after_weights``: memory free on the GPU once the weights
     are loaded (the engine's second call); ``weights_bytes`` overrides the estimate
-    (quantized weights); ``kv_cache_dtype`` "fp8" sizes an e4m3 KV cache. Raises PlanError when the model or the requested sizes do not fit."""
+    (quantized weights); ``weights_quantized``: some weights stay quantized, so a long prefill chunk's
+    GEMMs dequantize into a dense copy; ``kv_cache_dtype`` "fp8" sizes an e4m3 KV cache. Raises PlanError when the model or the requested sizes do not fit."""
     from ..config import ConfigError, format_size, parse_size
 
     dtype = dtype_name(dtype)
@@ -467,7 +469,7 @@ def make_plan(
         notes.append("--gpu-memory ignored on the CPU")
     run_cap = gpu_running_cap(budget) if gpu else CPU_MAX_RUNNING
     act = _activation_bytes(config, chunk, max_running or run_cap, dsize, tp)
-    if gpu and weights_bytes is not None and weights_bytes < weights_bytes_for(config, dtype, tp):
+    if gpu and weights_quantized:
         act += dequant_copy_bytes(config, chunk, dsize, tp)
 
     if gpu:

@@ -25,6 +25,11 @@ class WeightsEstimate:
     total_bytes: int
     by_format: dict[str, int] = field(default_factory=dict)  # format label (or dtype) -> bytes
 
+    @property
+    def quantized(self) -> bool:
+        """Whether any weight stays in a quantized format (dense ones are labelled with their dtype)."""
+        return any(label not in _DTYPE_BYTES for label in self.by_format)
+
     def describe(self) -> str:
         from ..config import format_size
 

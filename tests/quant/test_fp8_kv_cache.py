@@ -27,7 +27,7 @@ def test_plan_fp8_kv_8b_int4_under_8gib():
     src = resolve_model("llama-3.1-8b", load_format="dummy", record_use=False)
     cfg = ModelConfig.from_hf(src.config)
     est = estimate(src, cfg, "bfloat16", "cuda", "keep", "int4")
-    opts = dict(gpu_memory="8GiB", weights_bytes=est.total_bytes)
+    opts = dict(gpu_memory="8GiB", weights_bytes=est.total_bytes, weights_quantized=est.quantized)
     bf16 = make_plan(cfg, H200, "bfloat16", **opts)
     fp8 = make_plan(cfg, H200, "bfloat16", kv_cache_dtype="fp8", **opts)
     assert fp8.kv_bytes_per_token == 2 * 32 * 8 * (128 + 4) == kv_bytes_per_token(cfg, "bfloat16", 1, "fp8")

@@ -32,7 +32,7 @@ def test_8b_int4_fits_8gib_with_8k_tokens_of_kv(llama8b):
     src, cfg = llama8b
     est = estimate(src, cfg, "bfloat16", "cuda", "keep", "int4")
     assert 4.3 * GiB < est.total_bytes < 5 * GiB  # int4 g128 layers + the bf16 embedding
-    plan = make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB", weights_bytes=est.total_bytes)
+    plan = make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB", weights_bytes=est.total_bytes, weights_quantized=est.quantized)
     assert plan.kv_tokens >= 8192 and plan.max_running == gpu_running_cap(8 * GiB) == 64
     assert plan.weights_bytes + plan.kv_bytes + plan.activation_reserve_bytes < 8 * GiB
     with pytest.raises(PlanError, match="quantization int4"):
@@ -47,19 +47,23 @@ def test_the_plan_counts_the_prefill_dense_copy_of_quantized_weights(llama8b):
 
     src, cfg = llama8b
     est = estimate(src, cfg, "bfloat16", "cuda", "keep", "int4")
-    plan = make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB", weights_bytes=est.total_bytes)
+    plan = make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB", weights_bytes=est.total_bytes, weights_quantized=est.quantized)
     base = _activation_bytes(cfg, plan.chunk_size, plan.max_running, 2, 1)
     assert plan.chunk_size >= 1024 and plan.activation_reserve_bytes - base == 2 * 14336 * 4096 * 2
-    short = make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB", weights_bytes=est.total_bytes, chunk_size=512)
+    short = make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB", weights_bytes=est.total_bytes, weights_quantized=est.quantized, chunk_size=512)
     assert short.activation_reserve_bytes == _activation_bytes(cfg, 512, short.max_running, 2, 1)
     dense = make_plan(cfg, H200, "bfloat16", gpu_memory="24GiB")
     assert dense.activation_reserve_bytes == _activation_bytes(cfg, dense.chunk_size, dense.max_running, 2, 1)
+    # the flag, not the byte count, says the weights stay quantized
+    assert est.quantized and not _total([("model.norm.weight", (4096,), None)], None, 2, "bfloat16").quantized
+    unflagged = make_plan(cfg, H200, "bfloat16", gpu_memory="8GiB", weights_bytes=est.total_bytes)
+    assert unflagged.activation_reserve_bytes == base
     # the graphs' logits: the shared fp32 buffer and the largest step's own bf16 ones, per vocabulary entry
     import copy
 
     wide = copy.copy(cfg)
     wide.vocab_size = cfg.vocab_size + 1000
-    for kw in (dict(gpu_memory="8GiB", weights_bytes=est.total_bytes), dict(gpu_memory="24GiB")):
+    for kw in (dict(gpu_memory="8GiB", weights_bytes=est.total_bytes, weights_quantized=est.quantized), dict(gpu_memory="24GiB")):
         a, b = make_plan(cfg, H200, "bfloat16", **kw), make_plan(wide, H200, "bfloat16", **kw)
         assert a.max_running == b.max_running
         assert b.graph_reserve_bytes - a.graph_reserve_bytes == a.max_running * 1000 * (4 + 2)
