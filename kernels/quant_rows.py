@@ -38,7 +38,7 @@ import triton.language as tl
 from . import quant_gemv as QG
 from .options import FMA
 from .quant_tiles import lookup
-from .quant_words import _dp4a, _store_int8, values_a_word
+from .quant_words import _dp4a, _store_int8, _words_at, values_a_word
 
 MAX_ROWS = 8
 
@@ -82,13 +82,6 @@ def _row_step(acc, w, lo, hi, xw, XSm, j, s, mn, zero, KIND: tl.constexpr, SYM: 
         if not SYM:
             acc += mn * xs
     return acc
-
-
-@triton.jit
-def _next_words(qw, k, K, zero, E: tl.constexpr):
-    """The weight words of the step at column k, zeros from K on (zero: a full-shape mask base, as
-    the interpreter needs)."""
-    return tl.load(qw + k // E, mask=zero + k < K, other=0)
 
 
 @triton.jit
@@ -140,17 +133,17 @@ def _rows_kernel(
     a6 = tl.zeros([BLOCK_R, C], tl.float32)
     a7 = tl.zeros([BLOCK_R, C], tl.float32)
     if AHEAD >= 1:
-        nw = _next_words(qw, 0, K, zero, E)
+        nw = _words_at(qw, 0, K, zero, E)
     if AHEAD == 2:
-        mw = _next_words(qw, BLOCK_K, K, zero, E)
+        mw = _words_at(qw, BLOCK_K, K, zero, E)
     for k0 in range(0, K, BLOCK_K):
         if AHEAD == 2:
             w = nw
             nw = mw
-            mw = _next_words(qw, k0 + 2 * BLOCK_K, K, zero, E)
+            mw = _words_at(qw, k0 + 2 * BLOCK_K, K, zero, E)
         elif AHEAD == 1:
             w = nw
-            nw = _next_words(qw, k0 + BLOCK_K, K, zero, E)
+            nw = _words_at(qw, k0 + BLOCK_K, K, zero, E)
         else:
             w = tl.load(qw + k0 // E)
         lo = w & 0x0F0F0F0F

@@ -435,11 +435,16 @@ def _plane_dot(wa, wb, xp, plane: tl.constexpr, KIND: tl.constexpr):
 
 
 @triton.jit
+def _words_at(q, k, K1, zw, E: tl.constexpr):
+    """The weight words of the step at column k, zeros from K1 on (zw: zeros of their shape, so
+    the mask is a full-shape tensor, as the interpreter needs): a load issued steps ahead."""
+    return tl.load(q + k // E, mask=zw + k < K1, other=0)
+
+
+@triton.jit
 def _step_words(qa, qb, k, K1, zw, E: tl.constexpr):
-    """Both row blocks' weight words of the step at column k, zeros from K1 on (zw: zeros of
-    their shape, so the mask is a full-shape tensor, as the interpreter needs)."""
-    ok = zw + k < K1
-    return tl.load(qa + k // E, mask=ok, other=0), tl.load(qb + k // E, mask=ok, other=0)
+    """Both row blocks' _words_at."""
+    return _words_at(qa, k, K1, zw, E), _words_at(qb, k, K1, zw, E)
 
 
 @triton.jit
