@@ -9,6 +9,7 @@ prints one line per (shape, format, rows)."""
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 
 import torch
@@ -63,6 +64,11 @@ def cold_copies(w, cold: bool = True, l2_bytes: int | None = None) -> list:
     l2 = l2_bytes if l2_bytes is not None else torch.cuda.get_device_properties(w.qweight.device).L2_cache_size
     n = max(1, -(-COLD_L2_FACTOR * l2 // max(1, w.nbytes)))
     return [w] + [copy.deepcopy(w) for _ in range(n - 1)]
+
+
+def per_copy(ws: list, fn) -> list:
+    """``fn(w)`` for each copy ``w`` of ``ws`` (cold_copies) as zero-argument calls, for ``timed``."""
+    return [functools.partial(fn, w) for w in ws]
 
 
 def copy_bandwidth() -> float:

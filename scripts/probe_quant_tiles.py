@@ -47,7 +47,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_quant import cold_copies, copy_bandwidth, timed  # noqa: E402
+from probe_quant import cold_copies, copy_bandwidth, per_copy, timed  # noqa: E402
 from merge_tiles import write  # noqa: E402
 
 from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat  # noqa: E402
@@ -267,8 +267,8 @@ def main() -> None:
     ap.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--kinds", nargs="*", default=["gemv", "gemm", "prefill"], choices=["gemv", "gemm", "prefill"])
     ap.add_argument("--warm", action="store_true",
-                    help="time each weight alone, from L2 where it fits (as the probes did before the "
-                         "twenty-ninth session); by default copies of it are called in turn (probe_quant.cold_copies)")
+                    help="time each weight alone, from L2 where it fits; by default copies of it are called in "
+                         "turn (probe_quant.cold_copies)")
     ap.add_argument("--words", type=int, choices=[0, 1, 2, 3], default=None,
                     help="time only the GEMV tiles of this words variant (the default tile is timed anyway); "
                          "3 (int8 activations) only when asked for: it rounds the activations")
@@ -305,7 +305,7 @@ def main() -> None:
                 ws = cold_copies(w, not args.warm)
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 floor = max(w.nbytes / bw, 2 * m * n * k / TENSOR_FLOPS) * 1e6
-                default_calls = [lambda wi=wi: QM.matmul(x, wi) for wi in ws]
+                default_calls = per_copy(ws, lambda wi: QM.matmul(x, wi))
                 default = timed(default_calls, 10)
                 ref = QM.dequant_matmul(x.float(), w)  # fp32: what every tile must reproduce
                 timings, wrong = [], []
@@ -329,7 +329,7 @@ def main() -> None:
                 # creation, it read 14-16 % slower than the same tile given explicitly on an H100's
                 # LM head (bench/RESULTS.md, twenty-sixth session)
                 default = min(default, timed(default_calls, 10))
-                deq = timed([lambda wi=wi: QM.dequant_matmul(x, wi) for wi in ws], 10)
+                deq = timed(per_copy(ws, lambda wi: QM.dequant_matmul(x, wi)), 10)
                 row = dict(fmt=fmt, label=FORMATS[fmt].label(), n=n, k=k, kind=kind, shape=name, m=m, floor_us=floor, default_us=default,
                            best_us=best[0], best=tuple(best[1]) if best[1] else None, dequant_cublas_us=deq, wrong=wrong)
                 if kind == "gemv" and name in FUSED_SHAPES:  # the tile is chosen by the fused kernel's time
@@ -342,9 +342,9 @@ def main() -> None:
                 if kind == "gemv" and fmt.startswith("int4"):
                     row["torch_int4pack_us"] = _torch_int4pack_us(n, k, FORMATS[fmt].group_size, len(ws))
                 if kind == "gemv":  # the tensor-core GEMM's 16-row tile (tuned or built-in) on this one row
-                    row["gemm_one_row_us"] = timed([lambda wi=wi: QM.gemm(x, wi) for wi in ws], 10)
+                    row["gemm_one_row_us"] = timed(per_copy(ws, lambda wi: QM.gemm(x, wi)), 10)
                 if fmt == "fp8" and QM.fp8_native(x.device) and m > 1:
-                    row["scaled_mm_us"] = timed([lambda wi=wi: QM.scaled_mm_fp8(x, wi) for wi in ws], 10)
+                    row["scaled_mm_us"] = timed(per_copy(ws, lambda wi: QM.scaled_mm_fp8(x, wi)), 10)
                 row["copies"] = len(ws)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_quant import cold_copies, copy_bandwidth, timed  # noqa: E402
+from probe_quant import cold_copies, copy_bandwidth, per_copy, timed  # noqa: E402
 from probe_quant_tiles import GEMM_SHAPES, _weight  # noqa: E402
 
 from localsgl_kernels import quant_gemm as QM  # noqa: E402
@@ -65,7 +65,7 @@ def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles,
         measured.add(w.fmt.label())
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         exact = x.float() @ w.dequantize(torch.float32).t()
-        gemm_us = timed([lambda wi=wi: QM.gemm(x, wi) for wi in ws], 10)
+        gemm_us = timed(per_copy(ws, lambda wi: QM.gemm(x, wi)), 10)
         best = None
         for cfg in tiles(m):
             if not route.applies(w, m, cfg):
@@ -78,7 +78,7 @@ def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles,
             if float((y.float() - exact).norm() / exact.norm()) > 2e-2:
                 print(f"  {cfg}: WRONG", flush=True)
                 continue
-            us = timed([lambda wi=wi: route.matmul(x, wi, cfg) for wi in ws], 10)
+            us = timed(per_copy(ws, lambda wi: route.matmul(x, wi, cfg)), 10)
             if best is None or us < best[0]:
                 best = (us, cfg)
         floor = w.nbytes / bw * 1e6

@@ -183,6 +183,9 @@ def test_probes_time_weights_from_memory():
         assert torch.equal(c.dequantize(torch.float32), w.dequantize(torch.float32))
     assert mod.cold_copies(w, l2_bytes=w.nbytes // 4) == [w]
     assert mod.cold_copies(w, cold=False, l2_bytes=l2) == [w]
+    # per_copy: one call a copy, each on its own copy
+    seen = [c() for c in mod.per_copy(ws, lambda wi: wi)]
+    assert len(seen) == len(ws) and all(a is b for a, b in zip(seen, ws))
 
 
 @pytest.mark.gpu
