@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_quant import cold_copies, copy_bandwidth, per_copy, timed  # noqa: E402
-from merge_tiles import write  # noqa: E402
+from merge_tiles import write, write_json  # noqa: E402
 
 from localsgl.engine.layers.quant import QuantizedWeight, WeightFormat  # noqa: E402
 from localsgl_kernels import quant_gemm as QM  # noqa: E402
@@ -348,6 +348,7 @@ def main() -> None:
                 row["copies"] = len(ws)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                _write_outputs(args, rows)
                 del w, ws, default_calls
     # prefill-sized: the kernel's default tile vs dequantize-then-cuBLAS vs bf16 cuBLAS
     for fmt, (name, (n, k)) in itertools.product(args.formats if "prefill" in args.kinds else (), GEMM_SHAPES.items()):
@@ -371,15 +372,21 @@ def main() -> None:
                   + (f" scaled_mm {r['scaled_mm_us']:.1f}" if "scaled_mm_us" in r else "")
                   + (f" torch int4pack {r['torch_int4pack_us']}" if "torch_int4pack_us" in r else "")
                   + (f" gemm 1 row {r['gemm_one_row_us']:.1f}" if "gemm_one_row_us" in r else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    n_tiles = _write_outputs(args, rows)
     if args.tiles:
-        tiles = [dict(kind=r["kind"], fmt=r["label"], n=r["n"], k=r["k"], m=r["m"], tile=list(_winner(r)))
-                 for r in rows if r["kind"] in ("gemv", "gemm") and _winner(r)]
-        with open(args.tiles, "w") as f:
-            json.dump(tiles, f, indent=1)
-        print(f"{len(tiles)} tuned tiles -> {args.tiles}")
+        print(f"{n_tiles} tuned tiles -> {args.tiles}")
+
+
+def _write_outputs(args, rows: list[dict]) -> int:
+    """--json (every row) and --tiles (the winners), each whole or not at all; called after every
+    shape, so a sweep stopped by its time limit leaves the shapes it finished to merge_tiles.py."""
+    tiles = [dict(kind=r["kind"], fmt=r["label"], n=r["n"], k=r["k"], m=r["m"], tile=list(_winner(r)))
+             for r in rows if r["kind"] in ("gemv", "gemm") and _winner(r)]
+    if args.tiles:  # first: the rows name the shapes merged, so a stop between the two loses no entry
+        write_json(args.tiles, json.dumps(tiles, indent=1))
+    if args.json:
+        write_json(args.json, json.dumps(rows, indent=1))
+    return len(tiles)
 
 
 def _fields(spec: str) -> dict:

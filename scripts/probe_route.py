@@ -4,7 +4,8 @@ Llama-3.1-8B shape and row bucket, every tile of the route against the GEMM's tu
 alone in CUDA graphs, each tile checked against the fp32 product with the unrounded activations
 (within the int8 activations' rounding, 2 %) before it is timed.  Then this GPU's tuned file with
 an entry a (format, shape, rows): the best tile where it beat the GEMM by 3 % or more, else a null
-tile (the GEMM there, and for the shapes that borrow that entry: quant_tiles.lookup).
+tile (the GEMM there, and for the shapes that borrow that entry: quant_tiles.lookup), written
+after every shape.
 
 The tiles are compiled first by ``jobs`` processes at once (Triton's disk cache is shared)."""
 from __future__ import annotations
@@ -20,9 +21,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_quant import cold_copies, copy_bandwidth, per_copy, timed  # noqa: E402
+from merge_tiles import merge, write  # noqa: E402
 from probe_quant_tiles import GEMM_SHAPES, _weight  # noqa: E402
 
 from localsgl_kernels import quant_gemm as QM  # noqa: E402
+from localsgl_kernels.quant_tiles import _entries  # noqa: E402
 
 
 def _compile(batch) -> int:
@@ -58,11 +61,11 @@ def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles,
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s", flush=True)
     print(f"{'fmt':9s} {'shape':8s} {'M':>3s} {'floor':>6s} {'gemm':>7s} {kind:>7s}  best tile", flush=True)
-    entries, measured = [], set()
+    base = [dict(e) for e in _entries(torch.cuda.current_device(), None)]  # the tuned file as it was
+    entries = []
     for fmt, (name, (n, k)), m in itertools.product(formats, GEMM_SHAPES.items(), buckets):
         w = _weight(fmt, n, k)
         ws = cold_copies(w, not warm)
-        measured.add(w.fmt.label())
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         exact = x.float() @ w.dequantize(torch.float32).t()
         gemm_us = timed(per_copy(ws, lambda wi: QM.gemm(x, wi)), 10)
@@ -88,12 +91,8 @@ def sweep(kind: str, module: str, formats: list[str], buckets: list[int], tiles,
         win = bool(best) and best[0] < 0.97 * gemm_us
         entries.append(dict(kind=kind, fmt=w.fmt.label(), n=n, k=k, m=m, tile=list(best[1]) if win else None))
         del w, ws
+        if out:  # after every shape: a run stopped by its time limit keeps the shapes it finished
+            write(out, merge(base, [dict(e, label=e["fmt"]) for e in entries], entries))
     if out:
-        from merge_tiles import merge, write
-
-        from localsgl_kernels.quant_tiles import _entries
-
-        timed_rows = [dict(kind=kind, label=lbl, m=m) for lbl in measured for m in buckets]
-        write(out, merge([dict(e) for e in _entries(torch.cuda.current_device(), None)], timed_rows, entries))
         won = sum(e["tile"] is not None for e in entries)
         print(f"{won} {kind} tiles, {len(entries) - won} shapes left to the GEMM -> {out}")

@@ -15,7 +15,8 @@
 #      GEMV probe, the file's GEMV entries kept), TUNE_ROUTES (default "gemm rows a8"; "" for the GEMVs alone),
 #      TUNE_GEMM_FORMATS (the gemm route's, default int4g128 int4g32 int8g16: int4 and a Q4_K_M file's parts),
 #      TUNE_BENCH=0 (no end-to-end timing), TUNE_BASE (the file the new one is timed against; default this
-#      GPU's file as found), TUNE_TIMEOUT s per probe (default 200), TUNE_GGUF (a GGUF file, e.g.
+#      GPU's file as found), TUNE_TIMEOUT s per probe (default 200; a probe it stops leaves the shapes it
+#      finished, and those are taken), TUNE_GGUF (a GGUF file, e.g.
 #      /tmp/peer/q4km.gguf of the peer step, or a path where a random Q4_K_M-layout one is written: timed kept
 #      quantized before and after too).  Needs PYTHONPATH as device_check.sh sets it.
 set -uo pipefail
@@ -32,28 +33,38 @@ if [ -n "${TUNE_GGUF:-}" ] && [ ! -f "$TUNE_GGUF" ] && [ "${TUNE_BENCH:-1}" != 0
 fi
 t0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - t0 )) s"; }
+# whether the probe just run ($rc) left entries to take: all of them, or, stopped by its time limit
+# (rc 124), those of the shapes it finished (the probes write their files after every shape)
+finished() {
+  [ "$rc" = 0 ] && return 0
+  local f="${2:-$OUTDIR/$1_rows.json}"
+  if [ "$rc" = 124 ] && [ -s "$f" ]; then echo "$1: stopped by TUNE_TIMEOUT; the shapes it finished are taken"; return 0; fi
+  return 1
+}
 
 gemv_formats="${TUNE_GEMV_FORMATS-int4g128 int4g32 int8g16 int8}"
 if [ -n "$gemv_formats" ]; then
   echo "== $gpu: batch-1 GEMV tiles against the built-in ones ($gemv_formats)"
+  rm -f "$OUTDIR/gemv_rows.json" "$OUTDIR/gemv_tiles.json"
   LOCALSGL_QUANT_TILES="$OUTDIR/empty.json" timeout ${TUNE_TIMEOUT:-200} python3 scripts/probe_quant_tiles.py \
     --formats $gemv_formats --kinds gemv --words 3 --jobs 16 \
     --json "$OUTDIR/gemv_rows.json" --tiles "$OUTDIR/gemv_tiles.json" > "$OUTDIR/gemv_probe.log" 2>&1
   rc=$?; echo "rc $rc at $(elapsed)"
   grep -E "^int.* gemv " "$OUTDIR/gemv_probe.log"
-  [ $rc = 0 ] && python3 scripts/merge_tiles.py "$OUTDIR/before.json" "$OUTDIR/gemv_rows.json" \
+  finished "gemv" && python3 scripts/merge_tiles.py "$OUTDIR/before.json" "$OUTDIR/gemv_rows.json" \
     "$OUTDIR/gemv_tiles.json" -o "$tuned"
 fi
 for route in ${TUNE_ROUTES-gemm rows a8}; do
   if [ "$route" = gemm ]; then
     # swept from the built-in tiles, as the GEMVs; a shape whose built-in tile wins gets that tile
     echo "== 16/64-row GEMM tiles against the built-in ones (${TUNE_GEMM_FORMATS:-int4g128 int4g32 int8g16})"
+    rm -f "$OUTDIR/gemm_rows.json" "$OUTDIR/gemm_tiles.json"
     LOCALSGL_QUANT_TILES="$OUTDIR/empty.json" timeout ${TUNE_TIMEOUT:-200} python3 scripts/probe_quant_tiles.py \
       --formats ${TUNE_GEMM_FORMATS:-int4g128 int4g32 int8g16} --kinds gemm --jobs 16 \
       --json "$OUTDIR/gemm_rows.json" --tiles "$OUTDIR/gemm_tiles.json" > "$OUTDIR/gemm_probe.log" 2>&1
     rc=$?; echo "rc $rc at $(elapsed)"
     grep -E "^int.* gemm " "$OUTDIR/gemm_probe.log"
-    if [ $rc = 0 ]; then
+    if finished "gemm"; then
       [ -f "$tuned" ] || echo "[]" > "$tuned"
       python3 scripts/merge_tiles.py "$tuned" "$OUTDIR/gemm_rows.json" "$OUTDIR/gemm_tiles.json" -o "$tuned"
     fi
@@ -61,11 +72,12 @@ for route in ${TUNE_ROUTES-gemm rows a8}; do
   fi
   echo "== the $route route against the GEMM"
   # the probe times against this GPU's tuned file (the one just written) and writes it back with its entries
+  rm -f "$OUTDIR/${route}_tiles.json"
   timeout ${TUNE_TIMEOUT:-200} python3 "scripts/probe_quant_$route.py" --out "$OUTDIR/${route}_tiles.json" \
     > "$OUTDIR/${route}_probe.log" 2>&1
   rc=$?; echo "rc $rc at $(elapsed)"
   grep -vE "Warning|warn_once" "$OUTDIR/${route}_probe.log" | tail -16
-  [ $rc = 0 ] && cp "$OUTDIR/${route}_tiles.json" "$tuned"
+  finished "$route" "$OUTDIR/${route}_tiles.json" && cp "$OUTDIR/${route}_tiles.json" "$tuned"
 done
 [ -f "$tuned" ] && cp "$tuned" "$OUTDIR/$gpu.json" && echo "-> $tuned ($(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$tuned") entries), copied to $OUTDIR/$gpu.json"
 

@@ -1,7 +1,8 @@
 """scripts/tune_tiles.sh's orchestration, without a GPU: the probes it calls are replaced by stand-ins
 that write recognisable entries (and say which file each one read), so the test checks what the
 script itself decides: the order of the routes (each probe builds on the file the one before
-wrote), the merge of a partial sweep into the tuned file, and its TUNE_* settings.  The probes'
+wrote), the merge of a partial sweep into the tuned file, a probe stopped by its time limit, and
+its TUNE_* settings.  The probes'
 own logic is tested in tests/kernels/test_quant_tiles.py."""
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ rows, tiles = [], []
 for f in a.formats:
     for kind in a.kinds:
         for m in ([1] if kind == "gemv" else [16, 64]):
-            rows.append({{"kind": kind, "label": labels[f], "m": m}})
+            rows.append({{"kind": kind, "label": labels[f], "n": 4096, "k": 4096, "m": m}})
             tiles.append({{"kind": kind, "fmt": labels[f], "n": 4096, "k": 4096, "m": m, "tile": ["swept", kind]}})
             print(labels[f], kind, m)
 json.dump(rows, open(a.json, "w")); json.dump(tiles, open(a.tiles, "w"))
@@ -134,3 +135,37 @@ def test_a_failed_probe_leaves_the_file_as_it_was(tmp_path):
         "import sys; open(sys.argv[sys.argv.index('--out') + 1], 'w').write('[]'); sys.exit(4)\n")
     r, _, entries = _run(tmp_path, root, TUNE_GEMV_FORMATS="int4g128", TUNE_ROUTES="gemm rows")
     assert "rc 3" in r.stdout and "rc 4" in r.stdout and entries == [gemv]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_probe_stopped_by_its_time_limit_leaves_the_shapes_it_finished(tmp_path):
+    """The probes write their files after every shape; `timeout` stops them with rc 124, and the
+    shapes they finished are taken (a crash, any other rc, takes nothing: test above)."""
+    kept = {"kind": "gemv", "fmt": "int4 g128 asym", "n": 6144, "k": 4096, "m": 1, "tile": ["kept"]}
+    redone = {"kind": "gemv", "fmt": "int4 g128 asym", "n": 4096, "k": 4096, "m": 1, "tile": ["old"]}
+    root = _tree(tmp_path, [kept, redone])
+    # one shape of two finished, then the time limit: timeout's rc
+    (root / "scripts" / "probe_quant_tiles.py").write_text(
+        "import json, sys\n"
+        "a = sys.argv\n"
+        "row = {'kind': 'gemv', 'label': 'int4 g128 asym', 'n': 4096, 'k': 4096, 'm': 1}\n"
+        "tile = {'kind': 'gemv', 'fmt': 'int4 g128 asym', 'n': 4096, 'k': 4096, 'm': 1, 'tile': ['swept']}\n"
+        "json.dump([tile], open(a[a.index('--tiles') + 1], 'w'))\n"
+        "json.dump([row], open(a[a.index('--json') + 1], 'w'))\n"
+        "sys.exit(124)\n")
+    rows_entry = {"kind": "rows", "fmt": "int4 g128 asym", "n": 4096, "k": 4096, "m": 2, "tile": ["route"]}
+    (root / "scripts" / "probe_quant_rows.py").write_text(
+        "import json, sys\n"
+        "path = 'kernels/tuned/Fake_GPU.json'\n"
+        f"json.dump(json.load(open(path)) + [{rows_entry!r}], open(sys.argv[sys.argv.index('--out') + 1], 'w'))\n"
+        "sys.exit(124)\n")
+    r, _, entries = _run(tmp_path, root, TUNE_GEMV_FORMATS="int4g128", TUNE_ROUTES="rows")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "gemv: stopped by TUNE_TIMEOUT" in r.stdout and "rows: stopped by TUNE_TIMEOUT" in r.stdout
+    swept = dict(redone, tile=["swept"])
+    assert entries == [kept, swept, rows_entry]  # the unfinished shape keeps its entry; the finished one is replaced
+    # a stop before the first shape: nothing written, the file as it was
+    root = _tree(tmp_path / "again", [kept])
+    (root / "scripts" / "probe_quant_tiles.py").write_text("import sys; sys.exit(124)\n")
+    r, _, entries = _run(tmp_path / "again", root, TUNE_GEMV_FORMATS="int4g128", TUNE_ROUTES="")
+    assert "rc 124" in r.stdout and "stopped by" not in r.stdout and entries == [kept]

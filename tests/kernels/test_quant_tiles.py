@@ -98,8 +98,9 @@ def _shapes(fmt, n, k):
 
 
 def test_merge_of_a_partial_sweep():
-    """scripts/merge_tiles.py: the (kind, format, rows) a sweep timed take its winners alone (a
-    shape whose built-in tile won loses its old entry); everything else is kept."""
+    """scripts/merge_tiles.py: the (kind, format, shape, rows) a sweep timed take its entries alone
+    (a timed shape without one, where no tile ran, loses its old entry); everything else is kept,
+    the shapes a sweep stopped before included."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "scripts" / "merge_tiles.py"
@@ -109,25 +110,29 @@ def test_merge_of_a_partial_sweep():
     e = lambda kind, fmt, n, m, tile: dict(kind=kind, fmt=fmt, n=n, k=4096, m=m, tile=tile)  # noqa: E731
     tuned = [e("gemv", "int4 g128 asym", 6144, 1, [8, 1024, 4, 1]), e("gemv", "int4 g128 asym", 4096, 1, [4, 256, 4, 1]),
              e("gemm", "int4 g128 asym", 6144, 16, [16, 32, 256, 4, 4, 1, 1]), e("gemv", "int8 g16", 6144, 1, [32, 512, 4, 2])]
-    rows = [dict(kind="gemv", label="int4 g128 asym", m=1), dict(kind="prefill", m=2048)]
+    rows = [dict(kind="gemv", label="int4 g128 asym", n=6144, k=4096, m=1),
+            dict(kind="gemv", label="int4 g128 asym", n=4096, k=4096, m=1), dict(kind="prefill", m=2048)]
     tiles = [e("gemv", "int4 g128 asym", 6144, 1, [8, 512, 4, 1, 1, 2])]
     merged = mod.merge(tuned, rows, tiles)
     assert tiles[0] in merged and tuned[0] not in merged
-    assert tuned[1] not in merged  # timed, and the built-in tile won: no entry
+    assert tuned[1] not in merged  # timed, and no entry from the sweep
     assert tuned[2] in merged and tuned[3] in merged  # not part of the sweep
     assert len(merged) == 3
+    # a sweep stopped after its first shape: the second keeps its old entry
+    assert mod.merge(tuned, rows[:1], tiles) == tuned[1:] + tiles
     # scripts/probe_route.py's entries (the few-row and a8 probes): those of the formats and rows it
     # timed replace the old ones (a shape where the GEMM won gets a null tile); other formats' and rows' stay
     old = [e("rows", "int4 g128 asym", 6144, 2, [8, 1024, 4, 1]), e("rows", "int4 g128 asym", 4096, 2, [8, 1024, 4, 1]),
            e("rows", "int4 g128 asym", 6144, 8, [16, 1024, 4, 1]), e("rows", "int8 g16", 6144, 2, [8, 512, 4, 1])]
     new = [e("rows", "int4 g128 asym", 6144, 2, [8, 2048, 4, 2]), e("rows", "int4 g128 asym", 4096, 2, None)]
-    merged = mod.merge(tuned + old, [dict(kind="rows", label="int4 g128 asym", m=2)], new)
+    timed_rows = lambda entries: [dict(e, label=e["fmt"]) for e in entries]  # noqa: E731
+    merged = mod.merge(tuned + old, timed_rows(new), new)
     assert new[0] in merged and new[1] in merged and old[0] not in merged and old[1] not in merged
     assert old[2] in merged and old[3] in merged and all(t in merged for t in tuned)
     assert len(merged) == len(tuned) + 4
     a8 = [e("a8", "int4 g128 asym", 4096, 64, [64, 64, 4, 2, 1, 4])]
     merged = mod.merge(merged + [e("a8", "int4 g128 asym", 4096, 64, None)],
-                       [dict(kind="a8", label="int4 g128 asym", m=64)], a8)
+                       timed_rows(a8), a8)
     assert a8[0] in merged and len(merged) == len(tuned) + 5
 
 
