@@ -156,6 +156,33 @@ def test_a_sweep_pins_every_timed_shape():
     assert mod._winner(dict(gemm, best_us=9.0)) == (16, 64, 128, 4, 4, 1, 0)
 
 
+def test_the_sweep_files_after_each_shape(tmp_path, monkeypatch):
+    """probe_quant_tiles.py writes --tiles then --json after every shape, each through a rename:
+    --json names the shapes merge_tiles.py replaces, so a stop between the two writes leaves a
+    finished shape's old entry, never a timed shape without its new one."""
+    import importlib.util
+    import json
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "probe_quant_tiles.py"
+    spec = importlib.util.spec_from_file_location("probe_quant_tiles", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = dict(kind="gemv", label="int4 g128 asym", n=6144, k=4096, m=1, best=(8, 1024, 8, 1, 1, 3), best_us=7.1,
+               default_us=8.1, default_tile=(8, 1024, 4, 1, 1, 3))
+    prefill = dict(kind="prefill", shape="qkv", m=2048)
+    args = SimpleNamespace(json=str(tmp_path / "rows.json"), tiles=str(tmp_path / "tiles.json"))
+    order = []
+    real = mod.write_json
+    monkeypatch.setattr(mod, "write_json", lambda p, text: (order.append(Path(p).name), real(p, text)))
+    assert mod._write_outputs(args, [row, prefill]) == 1
+    assert order == ["tiles.json", "rows.json"]
+    assert json.loads((tmp_path / "tiles.json").read_text()) == [
+        dict(kind="gemv", fmt="int4 g128 asym", n=6144, k=4096, m=1, tile=[8, 1024, 8, 1, 1, 3])]
+    assert [r["kind"] for r in json.loads((tmp_path / "rows.json").read_text())] == ["gemv", "prefill"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json", "tiles.json"]  # no temporary left
+
+
 def _probe_quant():
     import importlib.util
     import sys
