@@ -197,6 +197,8 @@ def _to_size(v: Any) -> int:
 
 def _choice(*choices: str, aliases: dict[str, str | None] | None = None) -> Callable[[Any], str | None]:
     aliases = aliases or {}
+    # the error names the spellings of "unset" too ("auto", "none"), which a user may type
+    named = [a for a, to in aliases.items() if to is None] + list(choices)
 
     def conv(v: Any) -> str | None:
         s = str(v).strip().lower()
@@ -204,7 +206,7 @@ def _choice(*choices: str, aliases: dict[str, str | None] | None = None) -> Call
             return aliases[s]
         if s in choices:
             return s
-        raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
+        raise ValueError(f"expected one of {', '.join(named)}, got {v!r}")
 
     return conv
 

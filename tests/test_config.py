@@ -130,6 +130,16 @@ def test_bad_cli_values_name_their_flag(name, raw, where):
         C.resolve_engine_kwargs({name: raw})
 
 
+def test_a_bad_choice_lists_every_accepted_spelling():
+    """`auto` is accepted for --kv-cache-dtype, --weights and --quantization (the default), so the
+    error lists it beside the values."""
+    with pytest.raises(C.ConfigError, match=r"--kv-cache-dtype: expected one of auto, none, fp8, got 'bfloat16'"):
+        C.resolve_engine_kwargs({"kv_cache_dtype": "bfloat16"})
+    with pytest.raises(C.ConfigError, match=r"expected one of auto, keep, dequantize, got 'foo'"):
+        C.resolve_engine_kwargs({"weights": "foo"})
+    assert C.resolve_engine_kwargs({"kv_cache_dtype": "auto"}).get("kv_cache_dtype") is None
+
+
 def test_bad_env_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("LOCALSGL_GPU_MEMORY", "a lot")
     with pytest.raises(C.ConfigError, match="LOCALSGL_GPU_MEMORY"):
