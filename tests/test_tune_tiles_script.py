@@ -2,8 +2,7 @@
 that write recognisable entries (and say which file each one read), so the test checks what the
 script itself decides: the order of the routes (each probe builds on the file the one before
 wrote), the merge of a partial sweep into the tuned file, a probe stopped by its time limit, and
-its TUNE_* settings.  The probes'
-own logic is tested in tests/kernels/test_quant_tiles.py."""
+its TUNE_* settings.  The probes' own logic is tested in tests/kernels/test_quant_tiles.py."""
 from __future__ import annotations
 
 import json
