@@ -37,17 +37,13 @@ def _info_report(kwargs: dict) -> dict:
     from .store.resolve import resolve_model
 
     dev = detect_device(kwargs.get("device"))
-    dtype = dtype_name(kwargs["dtype"]) if kwargs.get("dtype") not in (None, "auto") else dtype_name(default_dtype(dev))
     source = resolve_model(kwargs["model"], load_format=kwargs.get("load_format", "auto"), record_use=False)
     cfg = ModelConfig.from_hf(source.config)
+    dtype = dtype_name(kwargs["dtype"]) if kwargs.get("dtype") not in (None, "auto") else dtype_name(default_dtype(dev, cfg))
     from .engine.weight_estimate import estimate as estimate_weights
 
     weights = estimate_weights(source, cfg, dtype, dev.kind, kwargs.get("weights"), kwargs.get("quantization"))
-    options = plan_options(kwargs)
-    if weights is not None:
-        options["weights_bytes"] = weights.total_bytes
-        options["weights_quantized"] = weights.quantized
-    plan = make_plan(cfg, dev, dtype, **options)  # as the engine plans
+    plan = make_plan(cfg, dev, dtype, **plan_options(kwargs, weights))  # as the engine plans
     versions = {"localsgl": __version__, "python": sys.version.split()[0]}
     for mod in ("torch", "transformers", "triton"):
         try:

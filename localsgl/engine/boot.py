@@ -57,16 +57,13 @@ def boot_core(host, model, device, dtype, max_model_len, kv_memory, gpu_memory, 
     host.device = torch.device(host.device_info.torch_device)
     t_device = time.perf_counter()
     host.dtype = parse_dtype(dtype) or default_dtype(host.device_info, host.config)
+    host.weights_estimate = estimate_weights(host.source, host.config, dtype_name(host.dtype), host.device.type,
+                                             weights, quantization)
     plan_kwargs = plan_options(dict(
         max_model_len=max_model_len, kv_memory=kv_memory, gpu_memory=gpu_memory,
         max_running=max_running, chunk_size=chunk_size, disable_cuda_graph=disable_cuda_graph,
         kv_cache_dtype=kv_cache_dtype,
-    ))
-    host.weights_estimate = estimate_weights(host.source, host.config, dtype_name(host.dtype), host.device.type,
-                                             weights, quantization)
-    if host.weights_estimate is not None:
-        plan_kwargs["weights_bytes"] = host.weights_estimate.total_bytes
-        plan_kwargs["weights_quantized"] = host.weights_estimate.quantized
+    ), host.weights_estimate)
     pre_plan = make_plan(host.config, host.device_info, host.dtype, **plan_kwargs)
     tokenizer = in_background(host.source.load_tokenizer)  # transformers' import overlaps the weights
     t_planned = time.perf_counter()

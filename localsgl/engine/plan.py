@@ -355,11 +355,12 @@ def _default_max_running(kv_tokens: int, cap: int) -> int:
     return max(1, min(cap, kv_tokens // 32 if kv_tokens >= 32 else 1))
 
 
-def plan_options(flags: dict[str, Any]) -> dict[str, Any]:
-    """make_plan's keywords for engine flags (snake_case, as Engine and the CLI take them).
-    The engine and ``localsgl info`` both plan through this, so the same flags give the
-    same plan in both."""
-    return dict(
+def plan_options(flags: dict[str, Any], weights=None) -> dict[str, Any]:
+    """make_plan's keywords for engine flags (snake_case, as Engine and the CLI take them) and
+    the load's weight estimate (weight_estimate.estimate; None: dense, the plan's own estimate).
+    The engine, ``localsgl info`` and ``localsgl show`` all plan through this, so the same flags
+    and model give the same plan in each."""
+    options = dict(
         max_model_len=flags.get("max_model_len"),
         kv_memory=flags.get("kv_memory"),
         gpu_memory=flags.get("gpu_memory"),
@@ -369,6 +370,9 @@ def plan_options(flags: dict[str, Any]) -> dict[str, Any]:
         tp=flags.get("tp") or 1,
         kv_cache_dtype=flags.get("kv_cache_dtype"),
     )
+    if weights is not None:
+        options.update(weights_bytes=weights.total_bytes, weights_quantized=weights.quantized)
+    return options
 
 
 def sliding_window_limit(window: int) -> str:

@@ -431,7 +431,7 @@ def show_model(spec: str, *, plan: bool = True) -> dict:
     except Exception as e:  # noqa: BLE001 - a detail of the report, not a reason to fail it
         out["sampling"] = {"error": str(e)}
     if plan:
-        out["plan"] = _plan(cfg)
+        out["plan"] = _plan(src, cfg)
     return out
 
 
@@ -467,13 +467,15 @@ def _files(path: Path) -> list[dict]:
     return out
 
 
-def _plan(cfg) -> dict:
+def _plan(src, cfg) -> dict:
+    """The default flags' plan on this machine, as `run` would make it (quantized weights at their bytes)."""
     try:
         from ..engine.plan import default_dtype, detect_device, dtype_name, make_plan, plan_options
+        from ..engine.weight_estimate import estimate
 
         dev = detect_device(None)
-        dtype = dtype_name(default_dtype(dev))
-        p = make_plan(cfg, dev, dtype, **plan_options({}))
+        dtype = dtype_name(default_dtype(dev, cfg))
+        p = make_plan(cfg, dev, dtype, **plan_options({}, estimate(src, cfg, dtype, dev.kind)))
         return {"device": dev.name, "dtype": dtype, **p.to_dict()}
     except Exception as e:  # noqa: BLE001 - a plan that cannot be made is reported, not raised
         return {"error": f"{type(e).__name__}: {e}"}

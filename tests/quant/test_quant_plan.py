@@ -118,3 +118,25 @@ def test_info_shows_the_format_and_bytes():
     r = CliRunner().invoke(cli.app, ["info", "-m", "llama-3.1-8b", "--load-format", "dummy", "--device", "cpu",
                                      "--quantization", "int4", "--dtype", "bfloat16"])
     assert "int4 g128 asym" in r.stdout
+
+
+def test_show_plans_quantized_weights_as_info_and_the_engine_do(monkeypatch):
+    """`localsgl show`, `localsgl info` and the engine plan through plan_options with the load's
+    weight estimate: on a GPU the embedded Q4_1 file stays quantized (the default there), so
+    `show` counts its quantized bytes, not a dense copy's, and its plan is info's."""
+    import localsgl.engine.plan as plan_mod
+    from localsgl.cli_info import _info_report
+    from localsgl.store.manage import show_model
+
+    from localsgl_kernels import quant_tiles
+
+    monkeypatch.setattr(plan_mod, "detect_device", lambda device=None: H200)
+    monkeypatch.setattr(quant_tiles, "tiles_summary", lambda index: {})  # no GPU to ask here
+    shown = show_model("smollm2-135m")["plan"]
+    src = resolve_model("smollm2-135m", record_use=False)
+    cfg = ModelConfig.from_hf(src.config)
+    est = estimate(src, cfg, "bfloat16", "cuda")
+    assert est is not None and est.quantized and shown["dtype"] == "bfloat16"
+    assert shown["weights_bytes"] == est.total_bytes < plan_mod.weights_bytes_for(cfg, "bfloat16")
+    info = _info_report(dict(model="smollm2-135m"))["plan"]
+    assert shown == info
