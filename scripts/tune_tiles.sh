@@ -34,8 +34,10 @@ fi
 t0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - t0 )) s"; }
 # whether the probe just run ($rc) left entries to take: all of them, or, stopped by its time limit
-# (rc 124), those of the shapes it finished (the probes write their files after every shape)
+# (rc 124), those of the shapes it finished (the probes write their files after every shape, each
+# through <file>.tmp<pid> and a rename; a probe stopped between the two leaves that temporary behind)
 finished() {
+  rm -f "$OUTDIR"/*.json.tmp[0-9]*
   [ "$rc" = 0 ] && return 0
   local f="${2:-$OUTDIR/$1_rows.json}"
   if [ "$rc" = 124 ] && [ -s "$f" ]; then echo "$1: stopped by TUNE_TIMEOUT; the shapes it finished are taken"; return 0; fi

@@ -151,6 +151,7 @@ def test_a_probe_stopped_by_its_time_limit_leaves_the_shapes_it_finished(tmp_pat
         "tile = {'kind': 'gemv', 'fmt': 'int4 g128 asym', 'n': 4096, 'k': 4096, 'm': 1, 'tile': ['swept']}\n"
         "json.dump([tile], open(a[a.index('--tiles') + 1], 'w'))\n"
         "json.dump([row], open(a[a.index('--json') + 1], 'w'))\n"
+        "open(a[a.index('--json') + 1] + '.tmp4242', 'w').write('[')\n"  # stopped before its next rename
         "sys.exit(124)\n")
     rows_entry = {"kind": "rows", "fmt": "int4 g128 asym", "n": 4096, "k": 4096, "m": 2, "tile": ["route"]}
     (root / "scripts" / "probe_quant_rows.py").write_text(
@@ -163,6 +164,7 @@ def test_a_probe_stopped_by_its_time_limit_leaves_the_shapes_it_finished(tmp_pat
     assert "gemv: stopped by TUNE_TIMEOUT" in r.stdout and "rows: stopped by TUNE_TIMEOUT" in r.stdout
     swept = dict(redone, tile=["swept"])
     assert entries == [kept, swept, rows_entry]  # the unfinished shape keeps its entry; the finished one is replaced
+    assert not list((tmp_path / "out").glob("*.tmp*"))  # the stopped write's temporary is not left in $OUT
     # a stop before the first shape: nothing written, the file as it was
     root = _tree(tmp_path / "again", [kept])
     (root / "scripts" / "probe_quant_tiles.py").write_text("import sys; sys.exit(124)\n")
