@@ -136,9 +136,9 @@ def _prepare(w: QuantizedWeight, dtype: torch.dtype, cache: dict) -> str:
 def _int8_as_nibble_gemms(w: QuantizedWeight, dtype: torch.dtype):
     """((packed, scales-and-zeros) of the high nibbles, the same of the low ones) of a grouped
     int8 weight, for two _weight_int4pack_mm_for_cpu calls whose sum is x·Wᵀ (module docstring)."""
-    q = w.int_values().to(torch.int32)
-    hi = torch.div(q, 16, rounding_mode="floor")  # -8..7
-    lo = q - 16 * hi  # 0..15
+    q = w.qweight.to(torch.int32)  # int8 values as stored
+    hi = q >> 4  # floor(q / 16): -8..7 (an arithmetic shift)
+    lo = q & 15  # q - 16·hi: 0..15
     s = w.scales.float()
     m = w.mins.float() if w.mins is not None else torch.zeros_like(s)
 
