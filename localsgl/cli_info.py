@@ -32,18 +32,14 @@ def info(
 def _info_report(kwargs: dict) -> dict:
     from . import __version__
     from .engine.models.config import ModelConfig
-    from .engine.plan import default_dtype, detect_device, dtype_name, make_plan, plan_options
+    from .engine.plan import detect_device, plan_unloaded
     from .engine.sampling_defaults import defaults_as_dict, model_sampling_defaults
     from .store.resolve import resolve_model
 
     dev = detect_device(kwargs.get("device"))
     source = resolve_model(kwargs["model"], load_format=kwargs.get("load_format", "auto"), record_use=False)
     cfg = ModelConfig.from_hf(source.config)
-    dtype = dtype_name(kwargs["dtype"]) if kwargs.get("dtype") not in (None, "auto") else dtype_name(default_dtype(dev, cfg))
-    from .engine.weight_estimate import estimate as estimate_weights
-
-    weights = estimate_weights(source, cfg, dtype, dev.kind, kwargs.get("weights"), kwargs.get("quantization"))
-    plan = make_plan(cfg, dev, dtype, **plan_options(kwargs, weights))  # as the engine plans
+    dtype, weights, plan = plan_unloaded(source, cfg, dev, kwargs)  # as the engine plans
     versions = {"localsgl": __version__, "python": sys.version.split()[0]}
     for mod in ("torch", "transformers", "triton"):
         try:

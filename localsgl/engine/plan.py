@@ -375,6 +375,18 @@ def plan_options(flags: dict[str, Any], weights=None) -> dict[str, Any]:
     return options
 
 
+def plan_unloaded(source, config, device_info: DeviceInfo, flags: dict[str, Any]):
+    """(dtype name, weight estimate or None, MemoryPlan) of ``source`` for these flags, as the
+    engine would make them, without loading the weights: ``localsgl info`` and ``localsgl show``
+    report through this, so the two never plan a model differently."""
+    from .weight_estimate import estimate
+
+    raw = flags.get("dtype")
+    dtype = dtype_name(raw) if raw not in (None, "auto") else dtype_name(default_dtype(device_info, config))
+    weights = estimate(source, config, dtype, device_info.kind, flags.get("weights"), flags.get("quantization"))
+    return dtype, weights, make_plan(config, device_info, dtype, **plan_options(flags, weights))
+
+
 def sliding_window_limit(window: int) -> str:
     """Why a sliding-window model's context stops at its window (for errors and notes)."""
     return (f"the model's sliding window of {window:,} tokens (sliding-window attention is not "

@@ -470,12 +470,10 @@ def _files(path: Path) -> list[dict]:
 def _plan(src, cfg) -> dict:
     """The default flags' plan on this machine, as `run` would make it (quantized weights at their bytes)."""
     try:
-        from ..engine.plan import default_dtype, detect_device, dtype_name, make_plan, plan_options
-        from ..engine.weight_estimate import estimate
+        from ..engine.plan import detect_device, plan_unloaded
 
         dev = detect_device(None)
-        dtype = dtype_name(default_dtype(dev, cfg))
-        p = make_plan(cfg, dev, dtype, **plan_options({}, estimate(src, cfg, dtype, dev.kind)))
+        dtype, _, p = plan_unloaded(src, cfg, dev, {})
         return {"device": dev.name, "dtype": dtype, **p.to_dict()}
     except Exception as e:  # noqa: BLE001 - a plan that cannot be made is reported, not raised
         return {"error": f"{type(e).__name__}: {e}"}
