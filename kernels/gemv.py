@@ -40,6 +40,7 @@ re-read by every program from L2, ~2·K·elem per program against 2·BLOCK_R·K�
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -389,6 +390,9 @@ _CUDA_FULLK = {"qkv": (4, 2, 8, 1), "gate_up": (4, 16, 8, 1), "gemv": (4, 2, 16,
 # sweep over e4m3 picked wider or more resident tiles, 7-17 % faster than bf16's over the same
 # weights ("2026-12-03 (thirteenth session)"); gate_up keeps bf16's; down_proj's K-loop tile is 4 rows.
 _CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 16, 8, 1), "gemv": (8, 4, 4, 1), "lm_head": (8, 16, 8, 1)}
+# The H200, swept again over the e4m3 x fp16 products (``_dot``): gate_up at 4 programs of 4 warps a SM and
+# o_proj at 16 rows, 2 a SM; fp8 batch 1 2.444 -> 2.348 ms ("2026-12-06 (thirty-third session)").
+_CUDA_FULLK_1B_BY_GPU = {"NVIDIA H200": {**_CUDA_FULLK_1B, "gate_up": (4, 4, 4, 1), "gemv": (16, 2, 4, 1)}}
 _CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
 # The full-K tiles' e4m3 x fp16 products (``_dot``): the route of an fp8 model's batch-1 GEMVs under
 # bf16/fp16 activations.  On an H200 it took fp8 batch 1 from 2.547 to 2.452 ms a token
@@ -404,6 +408,14 @@ FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) 
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
 
 
+@functools.lru_cache(maxsize=None)
+def _fullk_1b() -> dict:
+    """This GPU's one-byte full-K tiles: its own where swept, else _CUDA_FULLK_1B."""
+    if not torch.cuda.is_available():  # tile choices checked without a GPU
+        return _CUDA_FULLK_1B
+    return _CUDA_FULLK_1B_BY_GPU.get(torch.cuda.get_device_name(), _CUDA_FULLK_1B)
+
+
 def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv",
                    elem: int = 2) -> Config | None:
     """The tile for a ``kind`` stream whose row blocks come in multiples of ``rows_per_block``,
@@ -412,7 +424,7 @@ def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "g
     if triton.next_power_of_2(K) <= FULLK_DEFAULT_MAX:
         if device_type != "cuda":
             return Config(min(4, rows_per_block), 0, 4, 1, 1, 2 if kind == "gemv" else 1)
-        r, per_sm, warps, ahead = (_CUDA_FULLK_1B if elem == 1 else _CUDA_FULLK)[kind]
+        r, per_sm, warps, ahead = (_fullk_1b() if elem == 1 else _CUDA_FULLK)[kind]
         while elem == 1 and r > 4 and rows_per_block % r:  # a wider one-byte tile that does not divide
             r //= 2
         return Config(min(r, rows_per_block), 0, warps, 1, per_sm, ahead)

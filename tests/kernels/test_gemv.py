@@ -233,11 +233,27 @@ def test_one_byte_weights_take_their_own_cuda_tiles():
     for kind in ("qkv", "gate_up", "gemv", "lm_head"):
         bf16, fp8 = G.default_config(64, 4096, "cuda", kind), G.default_config(64, 4096, "cuda", kind, elem=1)
         assert fp8.programs_per_sm and fp8.block_r >= bf16.block_r
-        assert (fp8.block_r, fp8.programs_per_sm, fp8.num_warps) == G._CUDA_FULLK_1B[kind][:3]
+        assert (fp8.block_r, fp8.programs_per_sm, fp8.num_warps) == G._fullk_1b()[kind][:3]
     assert G.default_config(4, 4096, "cuda", "gemv", elem=1).block_r == 4
     assert G.default_config(12, 4096, "cuda", "gemv", elem=1).block_r == 4  # 8 rows do not divide 12
     down = G.default_config(4096, 14336, "cuda", "gemv", elem=1)
     assert down.programs_per_sm == 0 and (down.block_r, down.block_k, down.num_warps) == G._CUDA_TILES_1B["gemv"][:3]
+
+
+def test_one_byte_tiles_follow_the_gpu(monkeypatch):
+    """A GPU with its own one-byte table (the H200) gets its tiles; any other gets the common ones."""
+    monkeypatch.setattr(G.torch.cuda, "is_available", lambda: True)
+    for name, table in (("NVIDIA H200", G._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"]),
+                        ("NVIDIA H100 80GB HBM3", G._CUDA_FULLK_1B), ("NVIDIA GeForce RTX 4090", G._CUDA_FULLK_1B)):
+        monkeypatch.setattr(G.torch.cuda, "get_device_name", lambda *a, name=name: name)
+        G._fullk_1b.cache_clear()
+        try:
+            for kind in ("qkv", "gate_up", "gemv", "lm_head"):
+                tile = G.default_config(64, 4096, "cuda", kind, elem=1)
+                assert (tile.block_r, tile.programs_per_sm, tile.num_warps) == table[kind][:3], (name, kind)
+        finally:
+            G._fullk_1b.cache_clear()
+    assert G._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"] != G._CUDA_FULLK_1B
     assert G.default_config(12, 4096, "cuda", "gemv").block_r == 4  # two-byte tiles unchanged
 
 
