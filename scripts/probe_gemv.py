@@ -72,8 +72,8 @@ def weights():
 
 def row_scales(W):
     """Per weight, its per-layer row scales (fp8) or Nones."""
-    if not FP8:
-        return {k: [None] * L for k in W}
+    if not FP8:  # the LM head is one weight, not one a layer
+        return {k: None if k == "lm" else [None] * L for k in W}
     return {k: (torch.full((w.shape[-2],), 0.02, device="cuda") if k == "lm"
                 else torch.full((L, w.shape[-2]), 0.02, device="cuda")) for k, w in W.items()}
 
