@@ -408,12 +408,20 @@ FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) 
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
 
 
+# Whose one-byte table the full-K tiles take: None, this GPU's; a name, that GPU's; "", the common one
+# (scripts/bench_quant.py's fp8-common / fp8-h200 formats time one against the other).
+FULLK_1B_GPU: str | None = None
+
+
 @functools.lru_cache(maxsize=None)
+def _gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else ""  # "": tiles checked without a GPU
+
+
 def _fullk_1b() -> dict:
-    """This GPU's one-byte full-K tiles: its own where swept, else _CUDA_FULLK_1B."""
-    if not torch.cuda.is_available():  # tile choices checked without a GPU
-        return _CUDA_FULLK_1B
-    return _CUDA_FULLK_1B_BY_GPU.get(torch.cuda.get_device_name(), _CUDA_FULLK_1B)
+    """The one-byte full-K tiles: the GPU's own where swept, else _CUDA_FULLK_1B."""
+    name = _gpu_name() if FULLK_1B_GPU is None else FULLK_1B_GPU
+    return _CUDA_FULLK_1B_BY_GPU.get(name, _CUDA_FULLK_1B)
 
 
 def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv",

@@ -1,7 +1,7 @@
 """Quantized decode on the GPU in one command: batch-1 decode ms/token (256 in / 256 out) and
 64 x (512 in / 128 out) decode tok/s for each weight format, random Llama-3.1-8B weights.
 
-    python scripts/bench_quant.py [--formats bf16 int4 int8 fp8 fp8-bytes fp8-f32] [--gguf FILE ...] [--model llama-3.1-8b]
+    python scripts/bench_quant.py [--formats bf16 int4 int8 fp8 fp8-bytes fp8-f32 fp8-common fp8-h200] [--gguf FILE ...] [--model llama-3.1-8b]
                                   [--gpu-memory 8GiB] [--runs 3] [--long-context 32768 [--long-formats bf16]]
 
 ``fp8-bytes``: fp8 with its batch-1 GEMVs on quant_gemv's byte tiles instead of the dense
@@ -10,6 +10,8 @@ kernels' fp32 products instead of their e4m3 x fp16 ones (gemv.E4M3_FP16 off).  
 on any format (``int4-pf``): the batch-1 attention prefetches o_proj's weights into L2
 (l2_prefetch.BEFORE_O_PROJ on); ``-pp``: that, and the quantized GEMVs' preparations prefetch
 the head of their weights (quant_gemv.PREP_PREFETCH_BYTES = PREP_PF_MB MiB, default 8).
+``fp8-common`` / ``fp8-h200``: fp8 with the common one-byte full-K tiles / the H200's
+(gemv.FULLK_1B_GPU) instead of this GPU's own, where it has its own.
 ``--bs1-only``: batch-1 decode alone (A/B runs).
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
@@ -94,19 +96,21 @@ def main() -> int:
     p.add_argument("--long-context", type=int, default=0, help="also batch-1 decode after this many prompt tokens")
     p.add_argument("--long-formats", nargs="*", default=["bf16"])
     a = p.parse_args()
-    # 64: the largest batch here; in this process: fp8-bytes / fp8-f32 set flags of the kernels modules it imported
+    # 64: the largest batch here; in this process: fp8-bytes / -f32 / -common / -h200 set flags of the kernels modules it imported
     base = dict(device="cuda", dtype="bfloat16", gpu_memory=a.gpu_memory, max_running=64, in_process=True)
     rows = []
     for fmt in a.formats:
         kw = dict(base, model=a.model, load_format="dummy")
         route = fmt.removesuffix("-pf").removesuffix("-pp")
         if route != "bf16":
-            kw.update(quantization=route.removesuffix("-bytes").removesuffix("-f32"), weights="keep")
+            kw.update(quantization=route.split("-")[0], weights="keep")
         from localsgl_kernels import gemv, l2_prefetch, quant_gemv
 
-        defaults = quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ
+        defaults = (quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ,
+                    gemv.FULLK_1B_GPU)
         quant_gemv.DENSE_FP8 = route != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
         gemv.E4M3_FP16 = route != "fp8-f32" and defaults[1]
+        gemv.FULLK_1B_GPU = {"fp8-common": "", "fp8-h200": "NVIDIA H200"}.get(route, defaults[4])
         l2_prefetch.BEFORE_O_PROJ = fmt.endswith(("-pf", "-pp")) or defaults[3]
         if fmt.endswith("-pp"):
             quant_gemv.PREP_PREFETCH_BYTES = int(float(os.environ.get("PREP_PF_MB", "8")) * 2**20)
@@ -115,7 +119,8 @@ def main() -> int:
         except Exception as e:  # keep going: one failure must not hide the other figures
             print(f"FAILED {fmt}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         finally:
-            quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ = defaults
+            (quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ,
+             gemv.FULLK_1B_GPU) = defaults
     for path in a.gguf:
         try:
             rows.append(run(path, dict(base, model=path, weights="keep"), a.runs))

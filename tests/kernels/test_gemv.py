@@ -246,14 +246,23 @@ def test_one_byte_tiles_follow_the_gpu(monkeypatch):
     for name, table in (("NVIDIA H200", G._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"]),
                         ("NVIDIA H100 80GB HBM3", G._CUDA_FULLK_1B), ("NVIDIA GeForce RTX 4090", G._CUDA_FULLK_1B)):
         monkeypatch.setattr(G.torch.cuda, "get_device_name", lambda *a, name=name: name)
-        G._fullk_1b.cache_clear()
+        G._gpu_name.cache_clear()
         try:
             for kind in ("qkv", "gate_up", "gemv", "lm_head"):
                 tile = G.default_config(64, 4096, "cuda", kind, elem=1)
                 assert (tile.block_r, tile.programs_per_sm, tile.num_warps) == table[kind][:3], (name, kind)
         finally:
-            G._fullk_1b.cache_clear()
+            G._gpu_name.cache_clear()
     assert G._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"] != G._CUDA_FULLK_1B
+
+
+def test_one_byte_tiles_of_another_gpu(monkeypatch):
+    """FULLK_1B_GPU picks a table whatever the GPU: "" the common one, a name that GPU's."""
+    h200 = G._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"]
+    for override, table in (("", G._CUDA_FULLK_1B), ("NVIDIA H200", h200)):
+        monkeypatch.setattr(G, "FULLK_1B_GPU", override)
+        tile = G.default_config(64, 4096, "cuda", "gate_up", elem=1)
+        assert (tile.block_r, tile.programs_per_sm, tile.num_warps) == table["gate_up"][:3], override
     assert G.default_config(12, 4096, "cuda", "gemv").block_r == 4  # two-byte tiles unchanged
 
 
