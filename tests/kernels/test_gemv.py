@@ -238,6 +238,7 @@ def test_one_byte_weights_take_their_own_cuda_tiles():
     assert G.default_config(12, 4096, "cuda", "gemv", elem=1).block_r == 4  # 8 rows do not divide 12
     down = G.default_config(4096, 14336, "cuda", "gemv", elem=1)
     assert down.programs_per_sm == 0 and (down.block_r, down.block_k, down.num_warps) == G._CUDA_TILES_1B["gemv"][:3]
+    assert G.default_config(12, 4096, "cuda", "gemv").block_r == 4  # two-byte tiles unchanged
 
 
 def test_one_byte_tiles_follow_the_gpu(monkeypatch):
@@ -263,7 +264,6 @@ def test_one_byte_tiles_of_another_gpu(monkeypatch):
         monkeypatch.setattr(G, "FULLK_1B_GPU", override)
         tile = G.default_config(64, 4096, "cuda", "gate_up", elem=1)
         assert (tile.block_r, tile.programs_per_sm, tile.num_warps) == table["gate_up"][:3], override
-    assert G.default_config(12, 4096, "cuda", "gemv").block_r == 4  # two-byte tiles unchanged
 
 
 def test_pdl_is_off_on_cpu_or_when_disabled():
