@@ -393,6 +393,9 @@ _CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 16, 8, 1), "gemv": (8, 4,
 # The H200, swept again over the e4m3 x fp16 products (``_dot``): gate_up at 4 programs of 4 warps a SM and
 # o_proj at 16 rows, 2 a SM; fp8 batch 1 2.444 -> 2.348 ms ("2026-12-06 (thirty-third session)").
 _CUDA_FULLK_1B_BY_GPU = {"NVIDIA H200": {**_CUDA_FULLK_1B, "gate_up": (4, 4, 4, 1), "gemv": (16, 2, 4, 1)}}
+# One-byte full-K tiles for K above FULLK_DEFAULT_MAX (down_proj's 14336), per GPU, where its sweep found
+# one faster than the K-loop tile.
+_CUDA_FULLK_1B_WIDE_BY_GPU: dict[str, dict] = {}
 _CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
 # The full-K tiles' e4m3 x fp16 products (``_dot``): the route of an fp8 model's batch-1 GEMVs under
 # bf16/fp16 activations.  On an H200 it took fp8 batch 1 from 2.547 to 2.452 ms a token
@@ -418,10 +421,11 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else ""  # "": tiles checked without a GPU
 
 
-def _fullk_1b() -> dict:
-    """The one-byte full-K tiles: the GPU's own where swept, else _CUDA_FULLK_1B."""
+def _fullk_1b(wide: bool = False) -> dict:
+    """The one-byte full-K tiles: the GPU's own where swept, else _CUDA_FULLK_1B; ``wide``: those
+    for K above FULLK_DEFAULT_MAX (none unless the GPU's sweep found one)."""
     name = _gpu_name() if FULLK_1B_GPU is None else FULLK_1B_GPU
-    return _CUDA_FULLK_1B_BY_GPU.get(name, _CUDA_FULLK_1B)
+    return _CUDA_FULLK_1B_WIDE_BY_GPU.get(name, {}) if wide else _CUDA_FULLK_1B_BY_GPU.get(name, _CUDA_FULLK_1B)
 
 
 def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv",
@@ -429,10 +433,13 @@ def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "g
     """The tile for a ``kind`` stream whose row blocks come in multiples of ``rows_per_block``,
     over K columns of ``elem``-byte weights; None when the shape does not tile evenly (callers
     take the unfused path)."""
-    if triton.next_power_of_2(K) <= FULLK_DEFAULT_MAX:
+    k_pad = triton.next_power_of_2(K)
+    wide = (_fullk_1b(wide=True).get(kind) if elem == 1 and device_type == "cuda"
+            and FULLK_DEFAULT_MAX < k_pad <= FULLK_MAX else None)
+    if k_pad <= FULLK_DEFAULT_MAX or wide:
         if device_type != "cuda":
             return Config(min(4, rows_per_block), 0, 4, 1, 1, 2 if kind == "gemv" else 1)
-        r, per_sm, warps, ahead = (_fullk_1b() if elem == 1 else _CUDA_FULLK)[kind]
+        r, per_sm, warps, ahead = wide or (_fullk_1b() if elem == 1 else _CUDA_FULLK)[kind]
         while elem == 1 and r > 4 and rows_per_block % r:  # a wider one-byte tile that does not divide
             r //= 2
         return Config(min(r, rows_per_block), 0, warps, 1, per_sm, ahead)

@@ -266,6 +266,34 @@ def test_one_byte_tiles_of_another_gpu(monkeypatch):
         assert (tile.block_r, tile.programs_per_sm, tile.num_warps) == table["gate_up"][:3], override
 
 
+def test_wide_one_byte_tiles_only_where_a_gpu_has_them(monkeypatch):
+    """K above FULLK_DEFAULT_MAX (down_proj's 14336): a one-byte weight takes its GPU's wide full-K tile
+    where the table has one, else the K-loop; two-byte weights and the CPU never take it."""
+    monkeypatch.setattr(G, "FULLK_1B_GPU", "a GPU")
+    assert G.default_config(4096, 14336, "cuda", "gemv", elem=1).programs_per_sm == 0
+    monkeypatch.setitem(G._CUDA_FULLK_1B_WIDE_BY_GPU, "a GPU", {"gemv": (4, 2, 8, 1)})
+    tile = G.default_config(4096, 14336, "cuda", "gemv", elem=1)
+    assert (tile.block_r, tile.programs_per_sm, tile.num_warps, tile.block_k) == (4, 2, 8, 0)
+    assert G._fits(tile, 14336) and G.row_scaled_fits(4096, 14336, "cuda", "gemv")
+    assert not G._fits(tile, 32768)  # past FULLK_MAX
+    assert G.default_config(4096, 32768, "cuda", "gemv", elem=1).programs_per_sm == 0
+    assert G.default_config(4096, 14336, "cuda", "gemv", elem=2).programs_per_sm == 0
+    assert G.default_config(4096, 14336, "cpu", "gemv", elem=1).programs_per_sm == 0
+    assert G.default_config(4096, 14336, "cuda", "lm_head", elem=1).programs_per_sm == 0  # no wide lm_head tile
+
+
+def test_full_k_one_byte_gemv_over_a_wide_k():
+    """A full-K tile over K = 14336 of e4m3 weights (padded to 16384, masked) against the torch product."""
+    torch.manual_seed(3)
+    K = 14336
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    w = torch.randn(8, K).to(torch.float8_e4m3fn)
+    s = torch.rand(8) * 0.02 + 0.01
+    y = G.gemv(x, w, config=G.Config(4, 0, 4, 1, 1), scales=s)
+    ref = (x.double() @ w.double().t()) * s.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=2e-2)
+
+
 def test_pdl_is_off_on_cpu_or_when_disabled():
     """PDL launch options are never passed on the CPU or under the interpreter (the kernels'
     ``PDL`` constexpr is False there), and the switch turns them off on any device."""

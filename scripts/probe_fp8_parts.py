@@ -1,0 +1,114 @@
+"""Device probe (not a benchmark): where fp8 batch 1's q/k/v and down_proj streams lose to their floors.
+
+32 layers of distinct e4m3 weights (Llama-3.1-8B shapes, one scale a row), each variant replayed in one
+CUDA graph (scripts/probe_gemv.py's harness), µs for the 32 layers and TB/s of weight bytes:
+  * qkv: the fused kernel (norm + rotary + KV store) over tiles, with and without the residual add, and a
+    plain full-K GEMV over the same weights (no norm, no rotary pairs): what the prologue and the
+    epilogue cost;
+  * down: the K-loop tile the engine takes against full-K tiles over K = 14336 (gemv's wide one-byte tiles);
+  * the same with PDL off.
+Writes the fastest down full-K tile to $OUT/fp8_parts.json ({"down": [block_r, per_sm, warps, ahead], ...}).
+Usage: python scripts/probe_fp8_parts.py
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+
+sys.argv.append("fp8")
+sys.path.insert(0, os.path.dirname(__file__))
+import torch  # noqa: E402
+
+import probe_gemv as P  # noqa: E402
+
+
+def main():
+    from localsgl_kernels import gemv as G
+    from localsgl_kernels import pdl
+    from localsgl_kernels.compile_ahead import compile_only
+
+    W = P.weights()
+    S = P.row_scales(W)
+    L, H, HQ, HKV, D, I = P.L, P.H, P.HQ, P.HKV, P.D, P.I
+    dt = P.DT
+    x = torch.randn(1, H, device="cuda", dtype=dt)
+    r = torch.randn(1, H, device="cuda", dtype=dt)
+    nw = torch.ones(H, device="cuda", dtype=dt)
+    xi = torch.randn(1, I, device="cuda", dtype=dt)
+    cs = torch.randn(4096, D, device="cuda")
+    pos, loc = torch.tensor([300], device="cuda"), torch.tensor([7], device="cuda")
+    kc = torch.zeros(16, HKV, D, device="cuda", dtype=dt)
+    vc = torch.zeros(16, HKV, D, device="cuda", dtype=dt)
+    C = G.Config
+
+    def qkv(cfg, res=True, n=L):
+        return lambda: [G.norm_qkv(x, r if res else None, nw, 1e-5, W["qkv"][i], None, cs, pos, loc, kc, vc, HQ, HKV,
+                                   config=cfg, scales=S["qkv"][i]) for i in range(n)]
+
+    def plain(key, xin, cfg, n=L):
+        return lambda: [G.gemv(xin, W[key][i], config=cfg, scales=S[key][i]) for i in range(n)]
+
+    qkv_tiles = [None, C(4, 0, 4, 1, 16), C(2, 0, 4, 1, 16), C(2, 0, 2, 1, 16), C(4, 0, 2, 1, 16), C(4, 0, 4, 1, 8),
+                 C(4, 0, 4, 1, 6), C(8, 0, 4, 1, 8), C(8, 0, 8, 1, 4), C(2, 0, 4, 1, 8)]
+    plain_tiles = [C(8, 0, 4, 1, 16), C(8, 0, 4, 1, 8), C(16, 0, 4, 1, 2), C(16, 0, 4, 1, 4), C(8, 0, 4, 1, 4)]
+    down_tiles = [None] + [C(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in
+                           itertools.product((2, 4, 8), (1, 2, 3, 4, 8), (4, 8)) if rr * 16384 // (32 * nw_) <= 512]
+    runs = []
+    for cfg in qkv_tiles:
+        runs.append((f"qkv fused {tuple(cfg) if cfg else 'default'}", qkv(cfg), qkv(cfg, n=1), W["qkv"]))
+        runs.append((f"qkv fused, no residual {tuple(cfg) if cfg else 'default'}", qkv(cfg, False), qkv(cfg, False, 1),
+                     W["qkv"]))
+    for cfg in plain_tiles:
+        runs.append((f"qkv plain gemv {tuple(cfg)}", plain("qkv", x, cfg), plain("qkv", x, cfg, 1), W["qkv"]))
+    runs.append(("o plain gemv default", plain("o", x, None), plain("o", x, None, 1), W["o"]))
+    for cfg in down_tiles:
+        runs.append((f"down {tuple(cfg) if cfg else 'default (K-loop)'}", plain("down", xi, cfg),
+                     plain("down", xi, cfg, 1), W["down"]))
+    with compile_only():  # every tile compiled in parallel first
+        for _, _, one, _ in runs:
+            try:
+                one()
+            except Exception:  # noqa: BLE001 - reported when timed
+                pass
+    res = {}
+    for label, fn, _, w in runs:
+        try:
+            us = P.timed_graph(fn)
+        except Exception as e:  # noqa: BLE001
+            print(f"{label}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
+            continue
+        res[label] = us
+        print(f"{label:48s} {us:8.1f} us  {w.numel() / us / 1e6:6.3f} TB/s", flush=True)
+    pdl.set_enabled(False)
+    for label, fn, w in (("qkv fused default, PDL off", qkv(None), W["qkv"]),
+                         ("o plain gemv default, PDL off", plain("o", x, None), W["o"])):
+        us = P.timed_graph(fn)
+        print(f"{label:48s} {us:8.1f} us  {w.numel() / us / 1e6:6.3f} TB/s", flush=True)
+    pdl.set_enabled(True)
+    downs = {k: v for k, v in res.items() if k.startswith("down (")}
+    best = min(downs, key=downs.get) if downs else None
+    print(f"\ndown: K-loop {res.get('down default (K-loop)', float('nan')):.1f} us, best full-K {best} "
+          f"{downs.get(best, float('nan')):.1f} us")
+    qk = {k: v for k, v in res.items() if k.startswith("qkv fused (")}
+    bq = min(qk, key=qk.get) if qk else None
+    if bq:
+        print(f"qkv: default {res.get('qkv fused default', float('nan')):.1f} us, best {bq} {qk[bq]:.1f} us")
+
+    def table_entry(label):  # Config order (r, bk, warps, stages, per_sm, ahead) -> gemv's (r, per_sm, warps, ahead)
+        t = [int(v) for v in label[label.index("(") + 1:label.index(")")].split(",")]
+        return [t[0], t[4], t[2], t[5]]
+
+    found = {}
+    if best:
+        found.update(down=table_entry(best), down_us=downs[best], kloop_us=res.get("down default (K-loop)"))
+    if bq:
+        found.update(qkv=table_entry(bq), qkv_us=qk[bq], qkv_default_us=res.get("qkv fused default"))
+    with open(os.path.join(os.environ.get("OUT") or "/tmp", "fp8_parts.json"), "w") as f:
+        json.dump(found, f)
+    print("fp8_parts.json:", json.dumps(found))
+
+
+if __name__ == "__main__":
+    main()
