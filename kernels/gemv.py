@@ -40,15 +40,14 @@ re-read by every program from L2, ~2·K·elem per program against 2·BLOCK_R·K�
 """
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from .options import FMA
 from .pdl import launch_options, wait_for_predecessor
+# the tiles (Config, default_config) and the fp16-products test, also part of this module's interface
+from .gemv_tiles import Config, _fits, _programs, _row_scales, default_config, fp16_products, row_scaled_fits  # noqa: F401
 
 
 @triton.jit
@@ -362,150 +361,12 @@ def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.cons
     tl.store(Out + rows_b, yb.to(Out.dtype.element_ty))
 
 
-# ---------------------------------------------------------------------------- configs
-class Config(NamedTuple):
-    """Tile of one launch.  K-loop (programs_per_sm == 0): BLOCK_R rows per half-block,
-    BLOCK_K columns per step, one program per row block.  Full-K (programs_per_sm > 0):
-    BLOCK_R rows per block, the whole K per tile (block_k unused), programs_per_sm × SMs
-    programs walking the blocks."""
-
-    block_r: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 1
-    programs_per_sm: int = 0
-    ahead: int = 1  # full-K plain GEMV: row blocks loaded before the PDL wait (1 or 2)
-
-
-# Tiles from scripts/probe_gemv.py's sweeps on an H200 (Llama-3.1-8B shapes).  K-loop: (block_r,
-# block_k, warps, stages), each at or below cuBLAS's M = 1 time but for the unfused qkv (bench/RESULTS.md,
-# "batch-1 decode as fused weight streams").
-_CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 1024, 8, 1), "lm_head": (8, 256, 4, 1)}
-# Full-K: (block_r, programs per SM, warps, row blocks the plain GEMV loads before its wait), swept with
-# PDL on, where the smaller tiles win: a successor's programs find registers free to start their
-# first loads ("programmatic dependent launch").  o_proj loads two blocks ahead: the attention's
-# merge releases it early ("the step around the weight streams").
-_CUDA_FULLK = {"qkv": (4, 2, 8, 1), "gate_up": (4, 16, 8, 1), "gemv": (4, 2, 16, 2), "lm_head": (4, 16, 8, 1)}
-# One-byte weights (fp8 e4m3 with row scales): a tile of the same rows holds half the bytes, and the
-# sweep over e4m3 picked wider or more resident tiles, 7-17 % faster than bf16's over the same
-# weights ("2026-12-03 (thirteenth session)"); gate_up keeps bf16's; down_proj's K-loop tile is 4 rows.
-_CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 16, 8, 1), "gemv": (8, 4, 4, 1), "lm_head": (8, 16, 8, 1)}
-# The H200, swept again over the e4m3 x fp16 products (``_dot``): gate_up at 4 programs of 4 warps a SM and
-# o_proj at 16 rows, 2 a SM; fp8 batch 1 2.444 -> 2.348 ms ("2026-12-06 (thirty-third session)").
-_CUDA_FULLK_1B_BY_GPU = {"NVIDIA H200": {**_CUDA_FULLK_1B, "gate_up": (4, 4, 4, 1), "gemv": (16, 2, 4, 1)}}
-# One-byte full-K tiles for K above FULLK_DEFAULT_MAX (down_proj's 14336), per GPU, where its sweep found
-# one faster than the K-loop tile.
-_CUDA_FULLK_1B_WIDE_BY_GPU: dict[str, dict] = {}
-_CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
-# The full-K tiles' e4m3 x fp16 products (``_dot``): the route of an fp8 model's batch-1 GEMVs under
-# bf16/fp16 activations.  On an H200 it took fp8 batch 1 from 2.547 to 2.452 ms a token
-# (bench/RESULTS.md, "2026-12-05 (twenty-second session)").  False: fp32 products everywhere.
-E4M3_FP16 = True
-# Columns each thread must hold for those products: Triton 3.6 compiled them wrongly where a tile
-# gave each thread exactly one column (wrong sums on an H200, right under the interpreter;
-# tests/kernels/test_gemv.py sweeps the shapes), so a tile takes the route only when each thread
-# holds a whole run of 16.
-F16_COLUMNS_PER_THREAD = 16
-FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
-FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
-_INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
-
-
-# Whose one-byte table the full-K tiles take: None, this GPU's; a name, that GPU's; "", the common one
-# (scripts/bench_quant.py's fp8-common / fp8-h200 formats time one against the other).
-FULLK_1B_GPU: str | None = None
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else ""  # "": tiles checked without a GPU
-
-
-def _fullk_1b(wide: bool = False) -> dict:
-    """The one-byte full-K tiles: the GPU's own where swept, else _CUDA_FULLK_1B; ``wide``: those
-    for K above FULLK_DEFAULT_MAX (none unless the GPU's sweep found one)."""
-    name = _gpu_name() if FULLK_1B_GPU is None else FULLK_1B_GPU
-    return _CUDA_FULLK_1B_WIDE_BY_GPU.get(name, {}) if wide else _CUDA_FULLK_1B_BY_GPU.get(name, _CUDA_FULLK_1B)
-
-
-def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv",
-                   elem: int = 2) -> Config | None:
-    """The tile for a ``kind`` stream whose row blocks come in multiples of ``rows_per_block``,
-    over K columns of ``elem``-byte weights; None when the shape does not tile evenly (callers
-    take the unfused path)."""
-    k_pad = triton.next_power_of_2(K)
-    wide = (_fullk_1b(wide=True).get(kind) if elem == 1 and device_type == "cuda"
-            and FULLK_DEFAULT_MAX < k_pad <= FULLK_MAX else None)
-    if k_pad <= FULLK_DEFAULT_MAX or wide:
-        if device_type != "cuda":
-            return Config(min(4, rows_per_block), 0, 4, 1, 1, 2 if kind == "gemv" else 1)
-        r, per_sm, warps, ahead = wide or (_fullk_1b() if elem == 1 else _CUDA_FULLK)[kind]
-        while elem == 1 and r > 4 and rows_per_block % r:  # a wider one-byte tile that does not divide
-            r //= 2
-        return Config(min(r, rows_per_block), 0, warps, 1, per_sm, ahead)
-    if device_type != "cuda":  # interpreter: small tiles
-        for bk in (64, 32, 16):
-            if K % bk == 0:
-                return Config(min(4, rows_per_block), bk, 4, 1)
-        return None
-    r, bk, warps, stages = (_CUDA_TILES_1B if elem == 1 else _CUDA_TILES)[kind]
-    while bk > 64 and K % bk:
-        bk //= 2
-    if K % bk:
-        return None
-    return Config(min(r, rows_per_block), bk, warps, stages)
-
-
-_SMS: dict = {}
-
-
-def _programs(cfg: Config, blocks: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return min(blocks, cfg.programs_per_sm * _INTERP_SMS)
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
-    return min(blocks, cfg.programs_per_sm * _SMS[key])
-
-
-def _fits(cfg: Config | None, K: int) -> bool:
-    if cfg is None:
-        return False
-    return triton.next_power_of_2(K) <= FULLK_MAX if cfg.programs_per_sm else K % cfg.block_k == 0
-
-
-def fp16_products(cfg: Config, K: int, w_dtype: torch.dtype, x_dtype: torch.dtype, allowed: bool = True) -> bool:
-    """Whether a full-K tile of ``cfg`` over K columns of ``w_dtype`` weights and ``x_dtype``
-    activations takes the e4m3 x fp16 products: e4m3 weights, 16-bit activations, 16 columns a
-    thread; ``allowed``: the caller's say (the engine's fp16_products debug switch)."""
-    threads = 32 * cfg.num_warps
-    return (E4M3_FP16 and allowed and w_dtype == torch.float8_e4m3fn and x_dtype in (torch.bfloat16, torch.float16)
-            and cfg.block_r * triton.next_power_of_2(K) >= F16_COLUMNS_PER_THREAD * threads)
-
-
-def _row_scales(scales) -> dict:
-    return {} if scales is None else dict(S=scales, ROW_SCALE=True)
-
-
-def row_scaled_fits(rows_per_block: int, K: int, device_type: str, kind: str) -> bool:
-    """Whether a weight with one scale per row (fp8 e4m3, quant_gemv routes it here) of this
-    shape takes these kernels: the full-K tiles (the fused ones too), or for a plain GEMV also
-    the K-loop ones.  They stream bf16 at copy bandwidth; an e4m3 tile widens to fp32 as a bf16
-    one does, or in a wide full-K tile multiplies in fp16 (``fp16_products``)."""
-    cfg = default_config(rows_per_block, K, device_type, kind, elem=1)  # e4m3: one byte a weight
-    if cfg is None or not _fits(cfg, K):
-        return False
-    if cfg.programs_per_sm:
-        return rows_per_block % cfg.block_r == 0
-    return kind in ("gemv", "lm_head") and rows_per_block % (2 * cfg.block_r) == 0
-
-
+# ---------------------------------------------------------------------------- launchers
 def _check_row(x: torch.Tensor, K: int) -> torch.Tensor:
     assert x.numel() == K, f"expected one row of {K} elements, got {tuple(x.shape)}"
     return x.reshape(K) if x.is_contiguous() else x.reshape(K).contiguous()
 
 
-# ---------------------------------------------------------------------------- launchers
 def norm_qkv_supported(num_heads: int, num_kv_heads: int, head_dim: int, hidden: int, rotary_dim: int,
                        device_type: str) -> bool:
     if rotary_dim != head_dim or head_dim % 2:

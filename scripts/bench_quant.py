@@ -6,12 +6,12 @@
 
 ``fp8-bytes``: fp8 with its batch-1 GEMVs on quant_gemv's byte tiles instead of the dense
 full-K kernels (quant_gemv.DENSE_FP8 off; ``fp8`` is the default route); ``fp8-f32``: fp8 with the full-K
-kernels' fp32 products instead of their e4m3 x fp16 ones (gemv.E4M3_FP16 off).  A ``-pf`` suffix
+kernels' fp32 products instead of their e4m3 x fp16 ones (gemv_tiles.E4M3_FP16 off).  A ``-pf`` suffix
 on any format (``int4-pf``): the batch-1 attention prefetches o_proj's weights into L2
 (l2_prefetch.BEFORE_O_PROJ on); ``-pp``: that, and the quantized GEMVs' preparations prefetch
 the head of their weights (quant_gemv.PREP_PREFETCH_BYTES = PREP_PF_MB MiB, default 8).
 ``fp8-common`` / ``fp8-h200``: fp8 with the common one-byte full-K tiles / the H200's
-(gemv.FULLK_1B_GPU) instead of this GPU's own, where it has its own.
+(gemv_tiles.FULLK_1B_GPU) instead of this GPU's own, where it has its own.
 ``--bs1-only``: batch-1 decode alone (A/B runs).
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
@@ -104,13 +104,13 @@ def main() -> int:
         route = fmt.removesuffix("-pf").removesuffix("-pp")
         if route != "bf16":
             kw.update(quantization=route.split("-")[0], weights="keep")
-        from localsgl_kernels import gemv, l2_prefetch, quant_gemv
+        from localsgl_kernels import gemv_tiles, l2_prefetch, quant_gemv
 
-        defaults = (quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ,
-                    gemv.FULLK_1B_GPU)
+        defaults = (quant_gemv.DENSE_FP8, gemv_tiles.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ,
+                    gemv_tiles.FULLK_1B_GPU)
         quant_gemv.DENSE_FP8 = route != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
-        gemv.E4M3_FP16 = route != "fp8-f32" and defaults[1]
-        gemv.FULLK_1B_GPU = {"fp8-common": "", "fp8-h200": "NVIDIA H200"}.get(route, defaults[4])
+        gemv_tiles.E4M3_FP16 = route != "fp8-f32" and defaults[1]
+        gemv_tiles.FULLK_1B_GPU = {"fp8-common": "", "fp8-h200": "NVIDIA H200"}.get(route, defaults[4])
         l2_prefetch.BEFORE_O_PROJ = fmt.endswith(("-pf", "-pp")) or defaults[3]
         if fmt.endswith("-pp"):
             quant_gemv.PREP_PREFETCH_BYTES = int(float(os.environ.get("PREP_PF_MB", "8")) * 2**20)
@@ -119,8 +119,8 @@ def main() -> int:
         except Exception as e:  # keep going: one failure must not hide the other figures
             print(f"FAILED {fmt}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         finally:
-            (quant_gemv.DENSE_FP8, gemv.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ,
-             gemv.FULLK_1B_GPU) = defaults
+            (quant_gemv.DENSE_FP8, gemv_tiles.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ,
+             gemv_tiles.FULLK_1B_GPU) = defaults
     for path in a.gguf:
         try:
             rows.append(run(path, dict(base, model=path, weights="keep"), a.runs))

@@ -11,7 +11,7 @@ Usage: python scripts/probe_gemv.py [tiles|layers] ... [kloop] [short|resident|p
        fp8: the tiles over e4m3 weights with one scale per row, as quant_gemv routes an fp8 model's batch-1
        GEMVs here: full-K 4-16 rows, 1-16 programs per SM, and K-loop tiles 4-16 rows x 512-2048 columns;
        no cuBLAS column; fp8 f32: the same with the full-K tiles' fp32 products instead of their e4m3 x fp16 ones,
-       gemv.E4M3_FP16 off)
+       gemv_tiles.E4M3_FP16 off)
 """
 from __future__ import annotations
 
@@ -229,9 +229,9 @@ def probe_layers(W):
 if __name__ == "__main__":
     what = [a for a in sys.argv[1:] if a not in ("kloop", "short", "resident", "pdl2", "fp8", "f32")] or ["layers", "tiles"]
     if "f32" in sys.argv:
-        from localsgl_kernels import gemv
+        from localsgl_kernels import gemv_tiles
 
-        gemv.E4M3_FP16 = False
+        gemv_tiles.E4M3_FP16 = False
     W = weights()
     for w in what:
         {"tiles": probe_tiles, "layers": probe_layers}[w](W)

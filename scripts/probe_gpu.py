@@ -196,7 +196,7 @@ def probe_replay(reps=200):
 def probe_parts(reps=200):
     from localsgl import Engine, SamplingParams
     from localsgl.engine.layers import fused_decode
-    from localsgl_kernels import gemv as G, pdl
+    from localsgl_kernels import gemv as G, gemv_tiles as T, pdl
     from probe_gemv import capture_graph, time_calls, timed_graph  # scripts/ is on sys.path when this file runs
     from torch.profiler import ProfilerActivity, profile
 
@@ -243,17 +243,17 @@ def probe_parts(reps=200):
         for name, fn, replay in rows:
             us = time_calls(replay, reps) if replay else timed_graph(fn, reps)
             print(f"{name:40s} {us:8.1f} us", flush=True)
-        tile = G._CUDA_FULLK["gemv"]
-        G._CUDA_FULLK["gemv"] = tile[:3] + (1,)  # o_proj loading one row block before its wait
+        tile = T._CUDA_FULLK["gemv"]
+        T._CUDA_FULLK["gemv"] = tile[:3] + (1,)  # o_proj loading one row block before its wait
         print(f"{'one-token forward, o_proj 1 block ahead':40s} {timed_graph(lambda: step(), reps):8.1f} us")
-        G._CUDA_FULLK["gemv"] = tile
+        T._CUDA_FULLK["gemv"] = tile
         from localsgl_kernels import decode_attention as DA
 
         DA.STAGE2_RELEASES_EARLY = False  # o_proj launched only once the merge has waited
         print(f"{'one-token forward, merge releases late':40s} {timed_graph(lambda: step(), reps):8.1f} us")
-        G._CUDA_FULLK["gemv"] = tile[:3] + (1,)
+        T._CUDA_FULLK["gemv"] = tile[:3] + (1,)
         print(f"{'  and o_proj 1 block ahead':40s} {timed_graph(lambda: step(), reps):8.1f} us")
-        G._CUDA_FULLK["gemv"] = tile
+        T._CUDA_FULLK["gemv"] = tile
         DA.STAGE2_RELEASES_EARLY = True
         pdl.set_enabled(False)
         g = capture_graph(step)

@@ -8,6 +8,7 @@ from kutil import DEV, ELEM_DTYPES, ON_GPU, gen, randn, rel_err, tol
 
 from localsgl.engine.layers.rotary import RotaryEmbedding
 from localsgl_kernels import gemv as G
+from localsgl_kernels import gemv_tiles as T
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 256}
@@ -120,10 +121,10 @@ def test_forced_configs(cfg):
 def test_row_scaled_fp8(cfg, dtype, f16, monkeypatch):
     """e4m3 weights with one scale per row (an fp8 model's batch-1 route) through the three kernels in
     both program shapes: each sum scaled by its row's scale.  The K-loop tiles and fp32 activations
-    sum in fp32; with G.E4M3_FP16 the full-K tiles under 16-bit activations multiply e4m3 pairs by x
+    sum in fp32; with T.E4M3_FP16 the full-K tiles under 16-bit activations multiply e4m3 pairs by x
     in fp16 (gemv._dot), whose rounding the fp32 products of the plain GEMV bound at 1e-3.  K = 512:
     the 4-row full-K tile is wide enough for that route (G.fp16_products), the 2-row one is not."""
-    monkeypatch.setattr(G, "E4M3_FP16", f16)
+    monkeypatch.setattr(T, "E4M3_FP16", f16)
     g = gen(5)
     hq, hkv, d, h = 4, 2, 32, 512
     x, res, nw = randn(1, h, g=g, dtype=dtype), randn(1, h, g=g, dtype=dtype), randn(h, g=g, dtype=dtype)
@@ -153,10 +154,10 @@ def test_row_scaled_fp8(cfg, dtype, f16, monkeypatch):
 
 
 def test_fp16_products_need_16_columns(monkeypatch):
-    """With G.E4M3_FP16 on, a row narrower than the fp16 route's runs of 16 keeps the fp32 sums
+    """With T.E4M3_FP16 on, a row narrower than the fp16 route's runs of 16 keeps the fp32 sums
     (exact for bf16 x and e4m3 weights), as does a tile that gives a thread fewer than 16 columns
     (G.fp16_products); 32 rows of 16 on one warp take the fp16 route."""
-    monkeypatch.setattr(G, "E4M3_FP16", True)
+    monkeypatch.setattr(T, "E4M3_FP16", True)
     g = gen(9)
     for k, rows, fp16 in ((8, 64, False), (16, 16, False), (16, 32, True)):
         cfg = G.Config(rows, 0, 1, 1, 1)
@@ -174,13 +175,13 @@ def test_fp16_products_need_16_columns(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["gemv", "gate_up", "qkv"])
 def test_fp16_products_every_full_k_tile(kind, monkeypatch):
-    """The e4m3 x fp16 route (G.E4M3_FP16) against fp64 in every full-K tile shape a config can
+    """The e4m3 x fp16 route (T.E4M3_FP16) against fp64 in every full-K tile shape a config can
     ask for: 1-8 rows, 1-8 warps, K from one run of 16 to Llama's 4,096 on the GPU, so a layout
     that holds one or two columns a thread is covered as well as the tuned tiles.  Failures are
     collected and named together (shape, error).  Triton 3.6 on an H200 summed wrongly where a tile
     gave each thread exactly one column; those tiles keep the fp32 products (G.fp16_products),
     which the plain GEMV's error shows (the fp32 sums are exact to ~1e-7)."""
-    monkeypatch.setattr(G, "E4M3_FP16", True)
+    monkeypatch.setattr(T, "E4M3_FP16", True)
     g = gen(11)
     hq, hkv, d = 4, 2, 32
     bad = []
@@ -233,35 +234,35 @@ def test_one_byte_weights_take_their_own_cuda_tiles():
     for kind in ("qkv", "gate_up", "gemv", "lm_head"):
         bf16, fp8 = G.default_config(64, 4096, "cuda", kind), G.default_config(64, 4096, "cuda", kind, elem=1)
         assert fp8.programs_per_sm and fp8.block_r >= bf16.block_r
-        assert (fp8.block_r, fp8.programs_per_sm, fp8.num_warps) == G._fullk_1b()[kind][:3]
+        assert (fp8.block_r, fp8.programs_per_sm, fp8.num_warps) == T._fullk_1b()[kind][:3]
     assert G.default_config(4, 4096, "cuda", "gemv", elem=1).block_r == 4
     assert G.default_config(12, 4096, "cuda", "gemv", elem=1).block_r == 4  # 8 rows do not divide 12
     down = G.default_config(4096, 14336, "cuda", "gemv", elem=1)
-    assert down.programs_per_sm == 0 and (down.block_r, down.block_k, down.num_warps) == G._CUDA_TILES_1B["gemv"][:3]
+    assert down.programs_per_sm == 0 and (down.block_r, down.block_k, down.num_warps) == T._CUDA_TILES_1B["gemv"][:3]
     assert G.default_config(12, 4096, "cuda", "gemv").block_r == 4  # two-byte tiles unchanged
 
 
 def test_one_byte_tiles_follow_the_gpu(monkeypatch):
     """A GPU with its own one-byte table (the H200) gets its tiles; any other gets the common ones."""
-    monkeypatch.setattr(G.torch.cuda, "is_available", lambda: True)
-    for name, table in (("NVIDIA H200", G._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"]),
-                        ("NVIDIA H100 80GB HBM3", G._CUDA_FULLK_1B), ("NVIDIA GeForce RTX 4090", G._CUDA_FULLK_1B)):
-        monkeypatch.setattr(G.torch.cuda, "get_device_name", lambda *a, name=name: name)
-        G._gpu_name.cache_clear()
+    monkeypatch.setattr(T.torch.cuda, "is_available", lambda: True)
+    for name, table in (("NVIDIA H200", T._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"]),
+                        ("NVIDIA H100 80GB HBM3", T._CUDA_FULLK_1B), ("NVIDIA GeForce RTX 4090", T._CUDA_FULLK_1B)):
+        monkeypatch.setattr(T.torch.cuda, "get_device_name", lambda *a, name=name: name)
+        T._gpu_name.cache_clear()
         try:
             for kind in ("qkv", "gate_up", "gemv", "lm_head"):
                 tile = G.default_config(64, 4096, "cuda", kind, elem=1)
                 assert (tile.block_r, tile.programs_per_sm, tile.num_warps) == table[kind][:3], (name, kind)
         finally:
-            G._gpu_name.cache_clear()
-    assert G._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"] != G._CUDA_FULLK_1B
+            T._gpu_name.cache_clear()
+    assert T._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"] != T._CUDA_FULLK_1B
 
 
 def test_one_byte_tiles_of_another_gpu(monkeypatch):
     """FULLK_1B_GPU picks a table whatever the GPU: "" the common one, a name that GPU's."""
-    h200 = G._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"]
-    for override, table in (("", G._CUDA_FULLK_1B), ("NVIDIA H200", h200)):
-        monkeypatch.setattr(G, "FULLK_1B_GPU", override)
+    h200 = T._CUDA_FULLK_1B_BY_GPU["NVIDIA H200"]
+    for override, table in (("", T._CUDA_FULLK_1B), ("NVIDIA H200", h200)):
+        monkeypatch.setattr(T, "FULLK_1B_GPU", override)
         tile = G.default_config(64, 4096, "cuda", "gate_up", elem=1)
         assert (tile.block_r, tile.programs_per_sm, tile.num_warps) == table["gate_up"][:3], override
 
@@ -269,9 +270,9 @@ def test_one_byte_tiles_of_another_gpu(monkeypatch):
 def test_wide_one_byte_tiles_only_where_a_gpu_has_them(monkeypatch):
     """K above FULLK_DEFAULT_MAX (down_proj's 14336): a one-byte weight takes its GPU's wide full-K tile
     where the table has one, else the K-loop; two-byte weights and the CPU never take it."""
-    monkeypatch.setattr(G, "FULLK_1B_GPU", "a GPU")
+    monkeypatch.setattr(T, "FULLK_1B_GPU", "a GPU")
     assert G.default_config(4096, 14336, "cuda", "gemv", elem=1).programs_per_sm == 0
-    monkeypatch.setitem(G._CUDA_FULLK_1B_WIDE_BY_GPU, "a GPU", {"gemv": (4, 2, 8, 1)})
+    monkeypatch.setitem(T._CUDA_FULLK_1B_WIDE_BY_GPU, "a GPU", {"gemv": (4, 2, 8, 1)})
     tile = G.default_config(4096, 14336, "cuda", "gemv", elem=1)
     assert (tile.block_r, tile.programs_per_sm, tile.num_warps, tile.block_k) == (4, 2, 8, 0)
     assert G._fits(tile, 14336) and G.row_scaled_fits(4096, 14336, "cuda", "gemv")

@@ -128,10 +128,11 @@ def test_fused_fp8_through_the_dense_gemvs(monkeypatch, route):
     needs 16 columns, gemv.fp16_products), unless the engine's fp16_products debug switch is off."""
     from localsgl.engine.debug_switches import DebugSwitches
     from localsgl_kernels import gemv as G
+    from localsgl_kernels import gemv_tiles as T
     from localsgl_kernels import quant_gemv as QG
 
     monkeypatch.setattr(QG, "DENSE_FP8", True)
-    monkeypatch.setattr(G, "E4M3_FP16", route != "fp32")
+    monkeypatch.setattr(T, "E4M3_FP16", route != "fp32")
     bf16, f16 = route != "fp32", route == "fp16"
     debug = DebugSwitches(fp16_products=route != "fp16 switched off")
     calls = []
