@@ -25,7 +25,7 @@
 #   (logs under $OUT when set; LOCALSGL_DEBUG_PROFILE_STEPS=1 adds per-step GPU/host timing to the JSON rows)
 #   (fp8dense: scripts/bench_quant.py --formats bf16 fp8 fp8-bytes: fp8 batch 1 through the dense GEMVs (the
 #    default, quant_gemv.DENSE_FP8) and through the byte tiles; FP8_FORMATS="fp8-f32 fp8 fp8-f32 fp8": the dense
-#    GEMVs' fp32 products against their e4m3 x fp16 ones (gemv.E4M3_FP16, the default), alternated)
+#    GEMVs' fp32 products against their e4m3 x fp16 ones (gemv_tiles.E4M3_FP16, the default), alternated)
 #   (gemmsweep: the 16/64-row GEMM tiles of SWEEP_FORMATS (default int4g128 int4g32; int8g16: a Q4_K_M file's
 #    Q6_K parts) swept (scripts/probe_quant_tiles.py, the words variant and split-K included) and merged over
 #    kernels/tuned/<GPU>.json into $OUTDIR/merged_tiles.json, then scripts/bench_quant.py --formats bf16 int4

@@ -228,7 +228,7 @@ def _specs():
         kernel="localsgl_kernels.gemv:_gemv_fullk_kernel",
         pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"), constexprs=dict(AHEAD=2, **fullk),
         num_warps=16)
-    for key in ("gate_up", "qkv", "gemv"):  # the e4m3 x fp16 products (gemv.E4M3_FP16)
+    for key in ("gate_up", "qkv", "gemv"):  # the e4m3 x fp16 products (gemv_tiles.E4M3_FP16)
         spec = specs[f"fp8 row full-K {key}"]
         specs[f"fp8 row full-K {key} fp16 products"] = dict(spec, constexprs=dict(spec["constexprs"], F16=True),
                                                             ptx_needles=["fma.rn.f16x2"], sass_mix=True)

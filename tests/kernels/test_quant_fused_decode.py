@@ -124,7 +124,7 @@ def test_fused_fp32_sums_between_layers(monkeypatch):
 def test_fused_fp8_through_the_dense_gemvs(monkeypatch, route):
     """Every projection fp8 with row scales and quant_gemv.DENSE_FP8 on: the one-token step runs
     gemv.py's kernels with the row scales and gives the layer path's greedy tokens; a bf16 model's
-    full-K kernels multiply in fp16 (gemv.E4M3_FP16) and give them too (hidden 512: each thread
+    full-K kernels multiply in fp16 (gemv_tiles.E4M3_FP16) and give them too (hidden 512: each thread
     needs 16 columns, gemv.fp16_products), unless the engine's fp16_products debug switch is off."""
     from localsgl.engine.debug_switches import DebugSwitches
     from localsgl_kernels import gemv as G
