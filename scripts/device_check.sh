@@ -17,7 +17,7 @@
 #    each shape's default tile, per format of INT8ACT_FORMATS)
 #   (ncu: Nsight Compute's full sections on the batch-1 quantized GEMVs, scripts/ncu_quant_gemv.py, to $OUT/ncu.txt;
 #    NCU_ROWS=64 NCU_KERNELS=_qgemm: the decode batch's GEMMs instead (NCU_KERNELS=_a8 NCU_A8=<tile>: quant_a8's); NCU_DENSE=fp8|bf16: gemv.py's dense batch-1
-#    GEMVs, fp8 batch 1's route, through scripts/ncu_gemv.py)
+#    GEMVs, fp8 batch 1's route, through scripts/ncu_gemv.py; NCU_GEMV_KINDS: of qkv,gate_up,o,down, default all but qkv)
 #   (serving1b: `bench serving` of llama-3.2-1b, mixed 1,000 prompts at rate inf, client in its own process,
 #    with the engine core in-process and in its own process; each against its offline run;
 #    SERVING_HTTP_CLIENT=httpx: the client the fourth session measured with; SERVING1B_MODES="0": the core process alone)
@@ -110,13 +110,14 @@ if [[ "$EXTRA" == *" ncu "* ]]; then
   echo "== Nsight Compute on the batch-1 quantized GEMVs (NCU_FMT, default int4g128)"
   if [ -n "${NCU_DENSE:-}" ]; then  # gemv.py's dense GEMVs over e4m3 (NCU_DENSE=fp8) or bf16 (NCU_DENSE=bf16)
     timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --set full -k regex:'fullk|_gemv_kernel' \
-      python3 scripts/ncu_gemv.py --calls 1 $([ "$NCU_DENSE" = bf16 ] && echo --bf16) > "$OUTDIR/ncu.txt" 2>&1
+      python3 scripts/ncu_gemv.py --calls 1 $([ "$NCU_DENSE" = bf16 ] && echo --bf16) ${NCU_GEMV_KINDS:+--kinds $NCU_GEMV_KINDS} \
+      > "$OUTDIR/ncu.txt" 2>&1
   else
     timeout ${NCU_TIMEOUT:-240} ncu --clock-control none --set full -k regex:${NCU_KERNELS:-'_qgemv|_qnorm|_prep|tinygemm|int4'} \
       python3 scripts/ncu_quant_gemv.py --fmt ${NCU_FMT:-int4g128} --calls 1 --rows ${NCU_ROWS:-1} ${NCU_A8:+--a8 $NCU_A8} \
       > "$OUTDIR/ncu.txt" 2>&1
   fi
-  grep -E "^  [_a-zA-Z].*Context|Duration|DRAM Throughput|L1/TEX Cache Throughput|Issue Slots Busy|Registers Per|Achieved Occupancy" \
+  grep -E "^  [_a-zA-Z].*Context|Duration|DRAM Throughput|L1/TEX Cache Throughput|L2 Cache Throughput|Issue Slots Busy|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Grid Size|Block Size" \
     "$OUTDIR/ncu.txt" | cut -c1-110 | head -80
 fi
 if [[ "$EXTRA" == *" l2pf "* ]]; then

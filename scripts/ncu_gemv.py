@@ -2,6 +2,7 @@
 bf16 weights, each called a few times with its default tile, for Nsight Compute:
 
     ncu --clock-control none --set full -k regex:'fullk|_gemv_kernel' python3 scripts/ncu_gemv.py [--bf16]
+        [--kinds qkv,gate_up,o,down]
 
 (fp8 batch-1 decode runs these kernels: quant_gemv routes e4m3 weights with one scale per row to them.)"""
 from __future__ import annotations
@@ -19,7 +20,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--calls", type=int, default=2)
+    ap.add_argument("--kinds", default="gate_up,o,down", help="of qkv, gate_up, o, down, comma-separated")
     a = ap.parse_args()
+    kinds = a.kinds.split(",")
     dt = torch.bfloat16
     mk = (lambda n, k: torch.randn(n, k, device="cuda", dtype=dt) * 0.02) if a.bf16 else \
         (lambda n, k: torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn))
@@ -27,11 +30,19 @@ def main() -> None:
     x = torch.randn(1, H, device="cuda", dtype=dt)
     xi = torch.randn(1, I, device="cuda", dtype=dt)
     nw = torch.ones(H, device="cuda", dtype=dt)
-    wgu, wo, wd = mk(2 * I, H), mk(H, HQ * D), mk(H, I)
+    wqkv, wgu, wo, wd = mk((HQ + 2 * HKV) * D, H), mk(2 * I, H), mk(H, HQ * D), mk(H, I)
+    cs = torch.randn(4096, D, device="cuda")
+    pos, loc = torch.tensor([300], device="cuda"), torch.tensor([7], device="cuda")
+    kc, vc = (torch.zeros(16, HKV, D, device="cuda", dtype=dt) for _ in range(2))
     for _ in range(a.calls):
-        G.norm_gate_up(x, x, nw, 1e-5, wgu, scales=sc(2 * I))
-        G.gemv(x, wo, scales=sc(H))
-        G.gemv(xi, wd, scales=sc(H))
+        if "qkv" in kinds:
+            G.norm_qkv(x, x, nw, 1e-5, wqkv, None, cs, pos, loc, kc, vc, HQ, HKV, scales=sc(wqkv.shape[0]))
+        if "gate_up" in kinds:
+            G.norm_gate_up(x, x, nw, 1e-5, wgu, scales=sc(2 * I))
+        if "o" in kinds:
+            G.gemv(x, wo, scales=sc(H))
+        if "down" in kinds:
+            G.gemv(xi, wd, scales=sc(H))
     torch.cuda.synchronize()
 
 
