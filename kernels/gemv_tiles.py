@@ -37,16 +37,13 @@ _CUDA_TILES = {"qkv": (4, 512, 4, 3), "gate_up": (4, 512, 4, 1), "gemv": (8, 102
 # first loads ("programmatic dependent launch").  o_proj loads two blocks ahead: the attention's
 # merge releases it early ("the step around the weight streams").
 _CUDA_FULLK = {"qkv": (4, 2, 8, 1), "gate_up": (4, 16, 8, 1), "gemv": (4, 2, 16, 2), "lm_head": (4, 16, 8, 1)}
-# One-byte weights (fp8 e4m3 with row scales): a tile of the same rows holds half the bytes, and the
-# sweep over e4m3 picked wider or more resident tiles, 7-17 % faster than bf16's over the same
-# weights ("2026-12-03 (thirteenth session)"); gate_up keeps bf16's; down_proj's K-loop tile is 4 rows.
-_CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 16, 8, 1), "gemv": (8, 4, 4, 1), "lm_head": (8, 16, 8, 1)}
-# The H200, swept again over the e4m3 x fp16 products (``_dot``): gate_up at 4 programs of 4 warps a SM and
-# o_proj at 16 rows, 2 a SM; fp8 batch 1 2.444 -> 2.348 ms ("2026-12-06 (thirty-third session)").
-_CUDA_FULLK_1B_BY_GPU = {"NVIDIA H200": {**_CUDA_FULLK_1B, "gate_up": (4, 4, 4, 1), "gemv": (16, 2, 4, 1)}}
-# One-byte full-K tiles for K above FULLK_DEFAULT_MAX (down_proj's 14336), per GPU, where its sweep found
-# one faster than the K-loop tile.
-_CUDA_FULLK_1B_WIDE_BY_GPU: dict[str, dict] = {}
+# One-byte weights (fp8 e4m3 with row scales): a tile of the same rows holds half the bytes.  Swept on an
+# H200 over the e4m3 x fp16 products (``_dot``): gate_up at 4 programs of 4 warps a SM, o_proj at 16 rows,
+# 2 a SM; fp8 batch 1 2.444 -> 2.348 ms there ("2026-12-06 (thirty-third session)") and 3.012 -> 2.964 ms
+# on an H100 ("2026-12-07 (thirty-fourth session)").  down_proj's K (14336) takes the K-loop, 4 rows.
+_CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 4, 4, 1), "gemv": (16, 2, 4, 1), "lm_head": (8, 16, 8, 1)}
+# A GPU's own one-byte table where its sweep beat the common one (none now: the H200's became it).
+_CUDA_FULLK_1B_BY_GPU: dict[str, dict] = {}
 _CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
 # The full-K tiles' e4m3 x fp16 products (``_dot``): the route of an fp8 model's batch-1 GEMVs under
 # bf16/fp16 activations.  On an H200 it took fp8 batch 1 from 2.547 to 2.452 ms a token
@@ -58,12 +55,14 @@ E4M3_FP16 = True
 # holds a whole run of 16.
 F16_COLUMNS_PER_THREAD = 16
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
-FULLK_DEFAULT_MAX = 8192  # widest K the launcher gives them: down_proj (14336) gained only 1% full-K (921 vs 931 us)
+# widest K the launcher gives them: down_proj (14336) gained 1% full-K in bf16 (921 vs 931 us), 0.3% of an fp8
+# step on an H100 ("thirty-fourth session")
+FULLK_DEFAULT_MAX = 8192
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
 
 
 # Whose one-byte table the full-K tiles take: None, this GPU's; a name, that GPU's; "", the common one
-# (scripts/bench_quant.py's fp8-common / fp8-h200 formats time one against the other).
+# (scripts/bench_quant.py's fp8-common format times the common one on a GPU that has its own).
 FULLK_1B_GPU: str | None = None
 
 
@@ -72,11 +71,10 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else ""  # "": tiles checked without a GPU
 
 
-def _fullk_1b(wide: bool = False) -> dict:
-    """The one-byte full-K tiles: the GPU's own where swept, else _CUDA_FULLK_1B; ``wide``: those
-    for K above FULLK_DEFAULT_MAX (none unless the GPU's sweep found one)."""
+def _fullk_1b() -> dict:
+    """The one-byte full-K tiles: the GPU's own where swept, else _CUDA_FULLK_1B."""
     name = _gpu_name() if FULLK_1B_GPU is None else FULLK_1B_GPU
-    return _CUDA_FULLK_1B_WIDE_BY_GPU.get(name, {}) if wide else _CUDA_FULLK_1B_BY_GPU.get(name, _CUDA_FULLK_1B)
+    return _CUDA_FULLK_1B_BY_GPU.get(name, _CUDA_FULLK_1B)
 
 
 def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv",
@@ -84,13 +82,10 @@ def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "g
     """The tile for a ``kind`` stream whose row blocks come in multiples of ``rows_per_block``,
     over K columns of ``elem``-byte weights; None when the shape does not tile evenly (callers
     take the unfused path)."""
-    k_pad = triton.next_power_of_2(K)
-    wide = (_fullk_1b(wide=True).get(kind) if elem == 1 and device_type == "cuda"
-            and FULLK_DEFAULT_MAX < k_pad <= FULLK_MAX else None)
-    if k_pad <= FULLK_DEFAULT_MAX or wide:
+    if triton.next_power_of_2(K) <= FULLK_DEFAULT_MAX:
         if device_type != "cuda":
             return Config(min(4, rows_per_block), 0, 4, 1, 1, 2 if kind == "gemv" else 1)
-        r, per_sm, warps, ahead = wide or (_fullk_1b() if elem == 1 else _CUDA_FULLK)[kind]
+        r, per_sm, warps, ahead = (_fullk_1b() if elem == 1 else _CUDA_FULLK)[kind]
         while elem == 1 and r > 4 and rows_per_block % r:  # a wider one-byte tile that does not divide
             r //= 2
         return Config(min(r, rows_per_block), 0, warps, 1, per_sm, ahead)

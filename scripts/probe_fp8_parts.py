@@ -5,9 +5,9 @@ CUDA graph (scripts/probe_gemv.py's harness), µs for the 32 layers and TB/s of 
   * qkv: the fused kernel (norm + rotary + KV store) over tiles, with and without the residual add, and a
     plain full-K GEMV over the same weights (no norm, no rotary pairs): what the prologue and the
     epilogue cost;
-  * down: the K-loop tile the engine takes against full-K tiles over K = 14336 (gemv's wide one-byte tiles);
+  * down: the K-loop tile the engine takes against full-K tiles over K = 14336 (padded to 16384);
   * the same with PDL off.
-Writes the fastest down full-K tile to $OUT/fp8_parts.json ({"down": [block_r, per_sm, warps, ahead], ...}).
+Writes the fastest down full-K and qkv tiles to $OUT/fp8_parts.json (gemv_tiles' table order: block_r, per_sm, warps, ahead).
 Usage: python scripts/probe_fp8_parts.py
 """
 from __future__ import annotations
