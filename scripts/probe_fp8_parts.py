@@ -7,7 +7,8 @@ CUDA graph (scripts/probe_gemv.py's harness), µs for the 32 layers and TB/s of 
     epilogue cost;
   * down: the K-loop tile the engine takes against full-K tiles over K = 14336 (padded to 16384);
   * the same with PDL off.
-Writes the fastest down full-K and qkv tiles to $OUT/fp8_parts.json (gemv_tiles' table order: block_r, per_sm, warps, ahead).
+Writes the fastest down full-K and qkv tiles to $OUT/fp8_parts.json (in gemv_tiles' table order: block_r,
+per_sm, warps, ahead).
 Usage: python scripts/probe_fp8_parts.py
 """
 from __future__ import annotations
