@@ -47,7 +47,8 @@ import triton.language as tl
 from .options import FMA
 from .pdl import launch_options, wait_for_predecessor
 # the tiles (Config, default_config) and the fp16-products test, also part of this module's interface
-from .gemv_tiles import Config, _fits, _programs, _row_scales, default_config, fp16_products, row_scaled_fits  # noqa: F401
+from .gemv_tiles import (Config, _fits, _programs, _row_scales, default_config, fp16_products,  # noqa: F401
+                         row_scaled_fits)
 
 
 @triton.jit

@@ -1,13 +1,11 @@
 """The tiles of kernels/gemv.py's batch-1 GEMVs and how a launch picks one.
 
 Tables per kind of stream (qkv, gate_up, the plain GEMV, the LM head), from scripts/probe_gemv.py's
-sweeps (bench/RESULTS.md names each): two-byte weights, one-byte (fp8 e4m3) weights, and per GPU
-where its own sweep found better ones.  Module switches the benchmarks flip: ``E4M3_FP16`` (the
-full-K tiles' e4m3 x fp16 products) and ``FULLK_1B_GPU`` (whose one-byte table a launch takes).
+sweeps (bench/RESULTS.md names each), for two-byte and one-byte (fp8 e4m3) weights.
+``E4M3_FP16``, the full-K tiles' e4m3 x fp16 products, is a switch the benchmarks flip.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -42,8 +40,6 @@ _CUDA_FULLK = {"qkv": (4, 2, 8, 1), "gate_up": (4, 16, 8, 1), "gemv": (4, 2, 16,
 # 2 a SM; fp8 batch 1 2.444 -> 2.348 ms there ("2026-12-06 (thirty-third session)") and 3.012 -> 2.964 ms
 # on an H100 ("2026-12-07 (thirty-fourth session)").  down_proj's K (14336) takes the K-loop, 4 rows.
 _CUDA_FULLK_1B = {"qkv": (4, 16, 4, 1), "gate_up": (4, 4, 4, 1), "gemv": (16, 2, 4, 1), "lm_head": (8, 16, 8, 1)}
-# A GPU's own one-byte table where its sweep beat the common one (none now: the H200's became it).
-_CUDA_FULLK_1B_BY_GPU: dict[str, dict] = {}
 _CUDA_TILES_1B = {**_CUDA_TILES, "gemv": (4, 1024, 4, 1)}
 # The full-K tiles' e4m3 x fp16 products (``_dot``): the route of an fp8 model's batch-1 GEMVs under
 # bf16/fp16 activations.  On an H200 it took fp8 batch 1 from 2.547 to 2.452 ms a token
@@ -61,22 +57,6 @@ FULLK_DEFAULT_MAX = 8192
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
 
 
-# Whose one-byte table the full-K tiles take: None, this GPU's; a name, that GPU's; "", the common one
-# (scripts/bench_quant.py's fp8-common format times the common one on a GPU that has its own).
-FULLK_1B_GPU: str | None = None
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else ""  # "": tiles checked without a GPU
-
-
-def _fullk_1b() -> dict:
-    """The one-byte full-K tiles: the GPU's own where swept, else _CUDA_FULLK_1B."""
-    name = _gpu_name() if FULLK_1B_GPU is None else FULLK_1B_GPU
-    return _CUDA_FULLK_1B_BY_GPU.get(name, _CUDA_FULLK_1B)
-
-
 def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "gemv",
                    elem: int = 2) -> Config | None:
     """The tile for a ``kind`` stream whose row blocks come in multiples of ``rows_per_block``,
@@ -85,7 +65,7 @@ def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "g
     if triton.next_power_of_2(K) <= FULLK_DEFAULT_MAX:
         if device_type != "cuda":
             return Config(min(4, rows_per_block), 0, 4, 1, 1, 2 if kind == "gemv" else 1)
-        r, per_sm, warps, ahead = (_fullk_1b() if elem == 1 else _CUDA_FULLK)[kind]
+        r, per_sm, warps, ahead = (_CUDA_FULLK_1B if elem == 1 else _CUDA_FULLK)[kind]
         while elem == 1 and r > 4 and rows_per_block % r:  # a wider one-byte tile that does not divide
             r //= 2
         return Config(min(r, rows_per_block), 0, warps, 1, per_sm, ahead)

@@ -1,7 +1,7 @@
 """Quantized decode on the GPU in one command: batch-1 decode ms/token (256 in / 256 out) and
 64 x (512 in / 128 out) decode tok/s for each weight format, random Llama-3.1-8B weights.
 
-    python scripts/bench_quant.py [--formats bf16 int4 int8 fp8 fp8-bytes fp8-f32 fp8-common] [--gguf FILE ...] [--model llama-3.1-8b]
+    python scripts/bench_quant.py [--formats bf16 int4 int8 fp8 fp8-bytes fp8-f32] [--gguf FILE ...] [--model llama-3.1-8b]
                                   [--gpu-memory 8GiB] [--runs 3] [--long-context 32768 [--long-formats bf16]]
 
 ``fp8-bytes``: fp8 with its batch-1 GEMVs on quant_gemv's byte tiles instead of the dense
@@ -10,8 +10,6 @@ kernels' fp32 products instead of their e4m3 x fp16 ones (gemv_tiles.E4M3_FP16 o
 on any format (``int4-pf``): the batch-1 attention prefetches o_proj's weights into L2
 (l2_prefetch.BEFORE_O_PROJ on); ``-pp``: that, and the quantized GEMVs' preparations prefetch
 the head of their weights (quant_gemv.PREP_PREFETCH_BYTES = PREP_PF_MB MiB, default 8).
-``fp8-common``: fp8 with the common one-byte full-K tiles instead of this GPU's own, where it has its
-own (gemv_tiles.FULLK_1B_GPU).
 ``--bs1-only``: batch-1 decode alone (A/B runs).
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
@@ -106,11 +104,10 @@ def main() -> int:
             kw.update(quantization=route.split("-")[0], weights="keep")
         from localsgl_kernels import gemv_tiles, l2_prefetch, quant_gemv
 
-        defaults = (quant_gemv.DENSE_FP8, gemv_tiles.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ,
-                    gemv_tiles.FULLK_1B_GPU)
+        defaults = (quant_gemv.DENSE_FP8, gemv_tiles.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES,
+                    l2_prefetch.BEFORE_O_PROJ)
         quant_gemv.DENSE_FP8 = route != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
         gemv_tiles.E4M3_FP16 = route != "fp8-f32" and defaults[1]
-        gemv_tiles.FULLK_1B_GPU = "" if route == "fp8-common" else defaults[4]
         l2_prefetch.BEFORE_O_PROJ = fmt.endswith(("-pf", "-pp")) or defaults[3]
         if fmt.endswith("-pp"):
             quant_gemv.PREP_PREFETCH_BYTES = int(float(os.environ.get("PREP_PF_MB", "8")) * 2**20)
@@ -119,8 +116,8 @@ def main() -> int:
         except Exception as e:  # keep going: one failure must not hide the other figures
             print(f"FAILED {fmt}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         finally:
-            (quant_gemv.DENSE_FP8, gemv_tiles.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES, l2_prefetch.BEFORE_O_PROJ,
-             gemv_tiles.FULLK_1B_GPU) = defaults
+            (quant_gemv.DENSE_FP8, gemv_tiles.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES,
+             l2_prefetch.BEFORE_O_PROJ) = defaults
     for path in a.gguf:
         try:
             rows.append(run(path, dict(base, model=path, weights="keep"), a.runs))

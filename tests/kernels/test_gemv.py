@@ -227,46 +227,19 @@ def test_support_checks():
     assert G.default_config(8, 4096, dev, "lm_head").programs_per_sm > 0
 
 
-def test_one_byte_weights_take_their_own_cuda_tiles(monkeypatch):
+def test_one_byte_weights_take_their_own_cuda_tiles():
     """fp8 (one byte a weight) streams take the one-byte tile table, at least as many rows a
     tile as bf16's; a wide tile that does not divide the row blocks falls back to fewer rows,
     and a long K takes the one-byte K-loop tile."""
-    monkeypatch.setattr(T, "FULLK_1B_GPU", "")
     for kind in ("qkv", "gate_up", "gemv", "lm_head"):
         bf16, fp8 = G.default_config(64, 4096, "cuda", kind), G.default_config(64, 4096, "cuda", kind, elem=1)
         assert fp8.programs_per_sm and fp8.block_r >= bf16.block_r
-        assert (fp8.block_r, fp8.programs_per_sm, fp8.num_warps) == T._fullk_1b()[kind][:3]
+        assert (fp8.block_r, fp8.programs_per_sm, fp8.num_warps) == T._CUDA_FULLK_1B[kind][:3]
     assert G.default_config(4, 4096, "cuda", "gemv", elem=1).block_r == 4
     assert G.default_config(12, 4096, "cuda", "gemv", elem=1).block_r == 4  # 8 rows do not divide 12
     down = G.default_config(4096, 14336, "cuda", "gemv", elem=1)
     assert down.programs_per_sm == 0 and (down.block_r, down.block_k, down.num_warps) == T._CUDA_TILES_1B["gemv"][:3]
     assert G.default_config(12, 4096, "cuda", "gemv").block_r == 4  # two-byte tiles unchanged
-
-
-def test_one_byte_tiles_follow_the_gpu(monkeypatch):
-    """A GPU with its own one-byte table gets its tiles; any other gets the common ones."""
-    own = {**T._CUDA_FULLK_1B, "gate_up": (8, 2, 8, 1)}
-    monkeypatch.setitem(T._CUDA_FULLK_1B_BY_GPU, "GPU A", own)
-    monkeypatch.setattr(T.torch.cuda, "is_available", lambda: True)
-    for name, table in (("GPU A", own), ("GPU B", T._CUDA_FULLK_1B)):
-        monkeypatch.setattr(T.torch.cuda, "get_device_name", lambda *a, name=name: name)
-        T._gpu_name.cache_clear()
-        try:
-            for kind in ("qkv", "gate_up", "gemv", "lm_head"):
-                tile = T.default_config(64, 4096, "cuda", kind, elem=1)
-                assert (tile.block_r, tile.programs_per_sm, tile.num_warps) == table[kind][:3], (name, kind)
-        finally:
-            T._gpu_name.cache_clear()
-
-
-def test_one_byte_tiles_of_another_gpu(monkeypatch):
-    """FULLK_1B_GPU picks a table whatever the GPU: "" the common one, a name that GPU's."""
-    own = {**T._CUDA_FULLK_1B, "gate_up": (8, 2, 8, 1)}
-    monkeypatch.setitem(T._CUDA_FULLK_1B_BY_GPU, "GPU A", own)
-    for override, table in (("", T._CUDA_FULLK_1B), ("GPU A", own)):
-        monkeypatch.setattr(T, "FULLK_1B_GPU", override)
-        tile = G.default_config(64, 4096, "cuda", "gate_up", elem=1)
-        assert (tile.block_r, tile.programs_per_sm, tile.num_warps) == table["gate_up"][:3], override
 
 
 @pytest.mark.parametrize("cfg", [(4, 0, 4, 1, 1), (4, 0, 8, 1, 2)])
