@@ -51,7 +51,7 @@ E4M3_FP16 = True
 # holds a whole run of 16.
 F16_COLUMNS_PER_THREAD = 16
 FULLK_MAX = 16384  # widest K (rounded up to a power of two) the full-K kernels take
-# widest K the launcher gives them: down_proj (14336) gained 1% full-K in bf16 (921 vs 931 us), 0.3% of an fp8
+# widest K the launcher gives them: down_proj (14336) gained 1% full-K in bf16 (921 vs 931 us), 0.24% of an fp8
 # step on an H100 ("thirty-fourth session")
 FULLK_DEFAULT_MAX = 8192
 _INTERP_SMS = 2  # interpreter runs: two "SMs", so programs walk several blocks
