@@ -94,7 +94,7 @@ def main() -> int:
     p.add_argument("--long-context", type=int, default=0, help="also batch-1 decode after this many prompt tokens")
     p.add_argument("--long-formats", nargs="*", default=["bf16"])
     a = p.parse_args()
-    # 64: the largest batch here; in this process: fp8-bytes / -f32 / -common / -h200 set flags of the kernels modules it imported
+    # 64: the largest batch here; in this process: fp8-bytes / fp8-f32 set flags of the kernels modules it imported
     base = dict(device="cuda", dtype="bfloat16", gpu_memory=a.gpu_memory, max_running=64, in_process=True)
     rows = []
     for fmt in a.formats:

@@ -6,15 +6,13 @@ CUDA graph (scripts/probe_gemv.py's harness), µs for the 32 layers and TB/s of 
     plain full-K GEMV over the same weights (no norm, no rotary pairs): what the prologue and the
     epilogue cost;
   * down: the K-loop tile the engine takes against full-K tiles over K = 14336 (padded to 16384);
-  * the same with PDL off.
-Writes the fastest down full-K and qkv tiles to $OUT/fp8_parts.json (in gemv_tiles' table order: block_r,
-per_sm, warps, ahead).
+  * q/k/v and o_proj with the launcher's tiles and PDL off.
+Ends with the fastest down full-K and qkv tiles against the launcher's.
 Usage: python scripts/probe_fp8_parts.py
 """
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 
@@ -57,31 +55,31 @@ def main():
     plain_tiles = [C(8, 0, 4, 1, 16), C(8, 0, 4, 1, 8), C(16, 0, 4, 1, 2), C(16, 0, 4, 1, 4), C(8, 0, 4, 1, 4)]
     down_tiles = [None] + [C(rr, 0, nw_, 1, per_sm) for rr, per_sm, nw_ in
                            itertools.product((2, 4, 8), (1, 2, 3, 4, 8), (4, 8)) if rr * 16384 // (32 * nw_) <= 512]
-    runs = []
+    runs = []  # (group, tile or None for the launcher's, label, 32 layers, one layer, weights)
     for cfg in qkv_tiles:
-        runs.append((f"qkv fused {tuple(cfg) if cfg else 'default'}", qkv(cfg), qkv(cfg, n=1), W["qkv"]))
-        runs.append((f"qkv fused, no residual {tuple(cfg) if cfg else 'default'}", qkv(cfg, False), qkv(cfg, False, 1),
-                     W["qkv"]))
+        runs.append(("qkv", cfg, "qkv fused", qkv(cfg), qkv(cfg, n=1), W["qkv"]))
+        runs.append(("qkv no residual", cfg, "qkv fused, no residual", qkv(cfg, False), qkv(cfg, False, 1), W["qkv"]))
     for cfg in plain_tiles:
-        runs.append((f"qkv plain gemv {tuple(cfg)}", plain("qkv", x, cfg), plain("qkv", x, cfg, 1), W["qkv"]))
-    runs.append(("o plain gemv default", plain("o", x, None), plain("o", x, None, 1), W["o"]))
+        runs.append(("qkv plain", cfg, "qkv plain gemv", plain("qkv", x, cfg), plain("qkv", x, cfg, 1), W["qkv"]))
+    runs.append(("o", None, "o plain gemv", plain("o", x, None), plain("o", x, None, 1), W["o"]))
     for cfg in down_tiles:
-        runs.append((f"down {tuple(cfg) if cfg else 'default (K-loop)'}", plain("down", xi, cfg),
-                     plain("down", xi, cfg, 1), W["down"]))
+        runs.append(("down", cfg, "down", plain("down", xi, cfg), plain("down", xi, cfg, 1), W["down"]))
     with compile_only():  # every tile compiled in parallel first
-        for _, _, one, _ in runs:
+        for *_, one, _ in runs:
             try:
                 one()
             except Exception:  # noqa: BLE001 - reported when timed
                 pass
+    P.timed_graph(runs[0][3])  # the first timings of a process run cold
     res = {}
-    for label, fn, _, w in runs:
+    for group, cfg, label, fn, _, w in runs:
+        label = f"{label} {tuple(cfg) if cfg else 'default'}"
         try:
             us = P.timed_graph(fn)
         except Exception as e:  # noqa: BLE001
             print(f"{label}: failed {type(e).__name__}: {str(e)[:100]}", flush=True)
             continue
-        res[label] = us
+        res[(group, cfg)] = us
         print(f"{label:48s} {us:8.1f} us  {w.numel() / us / 1e6:6.3f} TB/s", flush=True)
     pdl.set_enabled(False)
     for label, fn, w in (("qkv fused default, PDL off", qkv(None), W["qkv"]),
@@ -89,27 +87,12 @@ def main():
         us = P.timed_graph(fn)
         print(f"{label:48s} {us:8.1f} us  {w.numel() / us / 1e6:6.3f} TB/s", flush=True)
     pdl.set_enabled(True)
-    downs = {k: v for k, v in res.items() if k.startswith("down (")}
-    best = min(downs, key=downs.get) if downs else None
-    print(f"\ndown: K-loop {res.get('down default (K-loop)', float('nan')):.1f} us, best full-K {best} "
-          f"{downs.get(best, float('nan')):.1f} us")
-    qk = {k: v for k, v in res.items() if k.startswith("qkv fused (")}
-    bq = min(qk, key=qk.get) if qk else None
-    if bq:
-        print(f"qkv: default {res.get('qkv fused default', float('nan')):.1f} us, best {bq} {qk[bq]:.1f} us")
-
-    def table_entry(label):  # Config order (r, bk, warps, stages, per_sm, ahead) -> gemv's (r, per_sm, warps, ahead)
-        t = [int(v) for v in label[label.index("(") + 1:label.index(")")].split(",")]
-        return [t[0], t[4], t[2], t[5]]
-
-    found = {}
-    if best:
-        found.update(down=table_entry(best), down_us=downs[best], kloop_us=res.get("down default (K-loop)"))
-    if bq:
-        found.update(qkv=table_entry(bq), qkv_us=qk[bq], qkv_default_us=res.get("qkv fused default"))
-    with open(os.path.join(os.environ.get("OUT") or "/tmp", "fp8_parts.json"), "w") as f:
-        json.dump(found, f)
-    print("fp8_parts.json:", json.dumps(found))
+    for group, what in (("down", "K-loop (the launcher's)"), ("qkv", "the launcher's tile")):
+        tiles = {cfg: us for (g, cfg), us in res.items() if g == group and cfg is not None}
+        if tiles:
+            best = min(tiles, key=tiles.get)
+            print(f"{group}: {what} {res.get((group, None), float('nan')):.1f} us, best {tuple(best)} "
+                  f"{tiles[best]:.1f} us")
 
 
 if __name__ == "__main__":
