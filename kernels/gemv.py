@@ -47,8 +47,7 @@ import triton.language as tl
 from .options import FMA
 from .pdl import launch_options, wait_for_predecessor
 # the tiles (Config, default_config) and the fp16-products test, also part of this module's interface
-from .gemv_tiles import (Config, _fits, _programs, _row_scales, default_config, fp16_products,  # noqa: F401
-                         row_scaled_fits)
+from .gemv_tiles import Config, default_config, fits, fp16_products, programs, row_scaled_fits  # noqa: F401
 
 
 @triton.jit
@@ -363,6 +362,11 @@ def _gemv_kernel(X, W, Out, K, stride_w, BLOCK_R: tl.constexpr, BLOCK_K: tl.cons
 
 
 # ---------------------------------------------------------------------------- launchers
+def _row_scales(scales) -> dict:
+    """The kernels' arguments for an fp8 weight's per-row scales (none without)."""
+    return {} if scales is None else dict(S=scales, ROW_SCALE=True)
+
+
 def _check_row(x: torch.Tensor, K: int) -> torch.Tensor:
     assert x.numel() == K, f"expected one row of {K} elements, got {tuple(x.shape)}"
     return x.reshape(K) if x.is_contiguous() else x.reshape(K).contiguous()
@@ -391,7 +395,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     assert cos_sin.shape[-1] == D and cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     cfg = config or default_config(D // 2, K, x.device.type, "qkv", w_qkv.element_size())
-    assert _fits(cfg, K) and (D // 2) % cfg.block_r == 0
+    assert fits(cfg, K) and (D // 2) % cfg.block_r == 0
     xr = _check_row(x, K)
     has_res = residual is not None
     if has_res:
@@ -408,7 +412,7 @@ def norm_qkv(x, residual, norm_w, eps, w_qkv, bias, cos_sin, positions, loc, k_c
     meta = dict(HQ=num_heads, HKV=num_kv_heads, D=D, HAS_RES=has_res, HAS_BIAS=bias is not None,
                 BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
-        _norm_qkv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
+        _norm_qkv_fullk_kernel[(programs(cfg, blocks, x.device),)](
             *args, K, blocks, eps, *strides, K_PAD=triton.next_power_of_2(K),
             F16=fp16_products(cfg, K, w_qkv.dtype, x.dtype, fp16), **_row_scales(scales), **meta, **FMA)
     else:
@@ -428,7 +432,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     I = w_gate_up.shape[0] // 2
     assert w_gate_up.shape == (2 * I, K) and w_gate_up.stride(1) == 1
     cfg = config or default_config(I, K, x.device.type, "gate_up", w_gate_up.element_size())
-    assert _fits(cfg, K) and I % cfg.block_r == 0
+    assert fits(cfg, K) and I % cfg.block_r == 0
     xr = _check_row(x, K)
     rr = _check_row(residual, K)
     r_out = torch.empty(K, dtype=residual.dtype, device=x.device)
@@ -436,7 +440,7 @@ def norm_gate_up(x, residual, norm_w, eps, w_gate_up, config: Config | None = No
     blocks = I // cfg.block_r
     meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
-        _norm_gate_up_fullk_kernel[(_programs(cfg, blocks, x.device),)](
+        _norm_gate_up_fullk_kernel[(programs(cfg, blocks, x.device),)](
             xr, rr, norm_w, r_out, w_gate_up, out, K, I, blocks, eps, w_gate_up.stride(0),
             K_PAD=triton.next_power_of_2(K), F16=fp16_products(cfg, K, w_gate_up.dtype, x.dtype, fp16),
             **_row_scales(scales), **meta, **FMA)
@@ -460,13 +464,13 @@ def gemv(x, w, out_dtype=None, config: Config | None = None, kind: str = "gemv",
     N, K = w.shape
     assert w.stride(1) == 1
     cfg = config or default_config(N, K, x.device.type, kind, w.element_size())
-    assert _fits(cfg, K) and N % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
+    assert fits(cfg, K) and N % (cfg.block_r if cfg.programs_per_sm else 2 * cfg.block_r) == 0
     xr = _check_row(x, K)
     out = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
     meta = dict(BLOCK_R=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(x.device))
     if cfg.programs_per_sm:
         blocks = N // cfg.block_r
-        _gemv_fullk_kernel[(_programs(cfg, blocks, x.device),)](
+        _gemv_fullk_kernel[(programs(cfg, blocks, x.device),)](
             xr, w, out, K, blocks, w.stride(0), K_PAD=triton.next_power_of_2(K), AHEAD=cfg.ahead,
             F16=fp16_products(cfg, K, w.dtype, x.dtype, fp16), **_row_scales(scales), **meta, **FMA)
     else:

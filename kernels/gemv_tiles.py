@@ -85,7 +85,8 @@ def default_config(rows_per_block: int, K: int, device_type: str, kind: str = "g
 _SMS: dict = {}
 
 
-def _programs(cfg: Config, blocks: int, device: torch.device) -> int:
+def programs(cfg: Config, blocks: int, device: torch.device) -> int:
+    """The full-K grid: programs_per_sm a SM (two "SMs" under the interpreter), at most one a block."""
     if device.type != "cuda":
         return min(blocks, cfg.programs_per_sm * _INTERP_SMS)
     key = device.index if device.index is not None else torch.cuda.current_device()
@@ -94,7 +95,8 @@ def _programs(cfg: Config, blocks: int, device: torch.device) -> int:
     return min(blocks, cfg.programs_per_sm * _SMS[key])
 
 
-def _fits(cfg: Config | None, K: int) -> bool:
+def fits(cfg: Config | None, K: int) -> bool:
+    """Whether ``cfg`` takes K columns: full-K up to FULLK_MAX, K-loop in whole steps."""
     if cfg is None:
         return False
     return triton.next_power_of_2(K) <= FULLK_MAX if cfg.programs_per_sm else K % cfg.block_k == 0
@@ -109,17 +111,13 @@ def fp16_products(cfg: Config, K: int, w_dtype: torch.dtype, x_dtype: torch.dtyp
             and cfg.block_r * triton.next_power_of_2(K) >= F16_COLUMNS_PER_THREAD * threads)
 
 
-def _row_scales(scales) -> dict:
-    return {} if scales is None else dict(S=scales, ROW_SCALE=True)
-
-
 def row_scaled_fits(rows_per_block: int, K: int, device_type: str, kind: str) -> bool:
     """Whether a weight with one scale per row (fp8 e4m3, quant_gemv routes it here) of this
     shape takes these kernels: the full-K tiles (the fused ones too), or for a plain GEMV also
     the K-loop ones.  They stream bf16 at copy bandwidth; an e4m3 tile widens to fp32 as a bf16
     one does, or in a wide full-K tile multiplies in fp16 (``fp16_products``)."""
     cfg = default_config(rows_per_block, K, device_type, kind, elem=1)  # e4m3: one byte a weight
-    if cfg is None or not _fits(cfg, K):
+    if cfg is None or not fits(cfg, K):
         return False
     if cfg.programs_per_sm:
         return rows_per_block % cfg.block_r == 0
