@@ -138,6 +138,49 @@ def _kernels_for(w):
     return gemv
 
 
+def _dense(w, rows_per_block: int, kind: str):
+    """(weight, row scales, fp16 products allowed) where ``w`` streams through the dense full-K
+    GEMVs (a 16-bit tensor, or fp8 rows quant_gemv routes there), else None."""
+    if is_quantized(w):
+        from localsgl_kernels import quant_gemv as QG
+
+        return QG.dense_route(w, rows_per_block, kind)
+    return (w, None, True) if isinstance(w, torch.Tensor) else None
+
+
+def _o_gate_up_chain(model, device: torch.device):
+    """(per layer whether o_proj and norm_gate_up run as one launch, the launches' barrier) where
+    any layer does (kernels/gemv_chain.py: both weights of one width through the dense full-K
+    tiles, the engine's o_gate_up_chain debug switch and gemv_chain.O_GATE_UP on), else None.
+    Checked once per model and device."""
+    from localsgl_kernels import gemv_chain as C
+
+    on = debug_switches.of(model).o_gate_up_chain and C.O_GATE_UP
+    memo = getattr(model, "_fused_o_gate_up_chain", None)
+    if memo is None or memo[0] != (device, on):
+        cfg = model.config
+        layers = []
+        for layer in model.layers:
+            _, w_o, w_gu, _ = _layer_weights(layer)
+            o, gu = _dense(w_o, cfg.hidden_size, "gemv"), _dense(w_gu, cfg.intermediate_size, "gate_up")
+            layers.append(on and o is not None and gu is not None and o[0].element_size() == gu[0].element_size()
+                          and C.config(*o[0].shape, gu[0].shape[0] // 2, gu[0].shape[1], device.type,
+                                       gu[0].element_size()) is not None)
+        memo = ((device, on), (layers, C.new_barrier(device)) if any(layers) else None)
+        model._fused_o_gate_up_chain = memo
+    return memo[1]
+
+
+def _o_gate_up(o, w_o, w_gu, residual, ln2, barrier, h_dtype, cfg):
+    """gemv(o_proj) then norm_gate_up in one launch (kernels/gemv_chain.py): (a, the new residual)."""
+    from localsgl_kernels import gemv_chain as C
+
+    wo, so, fo = _dense(w_o, cfg.hidden_size, "gemv")
+    wg, sg, fg = _dense(w_gu, cfg.intermediate_size, "gate_up")
+    return C.o_norm_gate_up(o, wo, residual, ln2.weight, ln2.eps, wg, barrier, h_dtype=h_dtype, scales_o=so,
+                            scales=sg, fp16_o=fo, fp16=fg)
+
+
 def _fp32_sums(model, device_type: str) -> list[tuple[bool, bool]]:
     """Per layer, whether o_proj's and down_proj's GEMVs hand their sums over in fp32: where the
     next fused kernel reads them only through its activations' preparation (quant_gemv.reads_prepared),
@@ -211,6 +254,7 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
     fp32_sums = _fp32_sums(model, input_ids.device.type)
     epilogue = debug_switches.of(model).attention_int8_epilogue and not staged
     prefetches = _o_proj_prefetches(model, input_ids.device)
+    chain = _o_gate_up_chain(model, input_ids.device)
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -224,15 +268,18 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             loc, k_cache, v_cache, attn.num_heads, attn.num_kv_heads,
         )
         kernels_o, o_dtype = _kernels_for(w_o), torch.float32 if fp32_sums[i][0] else None
+        row = None
         if staged:
             o = backend.forward(q, stage[0], stage[1], attn.layer_id, batch, attn.scale)
-            h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype)
         else:  # o_proj's int8 activations (and its zeroed output) from the attention's merge, where it takes them
             row = kernels_o.prepared_row(w_o, q.dtype, o_dtype, q.device) if epilogue and is_quantized(w_o) else None
             spans = prefetches[i] if prefetches is not None else []
             o = backend.attend(q, attn.layer_id, batch, attn.scale, int8_row=row, prefetch=spans)
+        if chain is not None and chain[0][i] and row is None:
+            a, residual = _o_gate_up(o.view(1, attn.q_size), w_o, w_gu, residual, ln2, chain[1], o_dtype, model.config)
+        else:
             h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype, **({"prepared": row} if row else {}))
-        a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
+            a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
         x = _kernels_for(w_down).gemv(a, w_down, out_dtype=torch.float32 if fp32_sums[i][1] else None)
     x, _ = model.norm(x, residual)
     return x
