@@ -62,7 +62,7 @@ def test_row_scaled_fp8(dtype, f16, monkeypatch):
     out, _ = C.o_norm_gate_up(a, wo, res, nw, 1e-6, w, C.new_barrier(DEV), scales_o=so, scales=s)
     bound = 1e-5 if dtype == torch.float32 else 2**-7
     assert rel_err(out, ra) < bound
-    f16_route = C._f16(C.config(h, ko, i, h, DEV, 1), 4, h, w, dtype, True)
+    f16_route = C._f16(C.config("o_gate_up", (h, ko), i, h, DEV, 1), 4, h, w, dtype, True)
     assert f16_route == (f16 and dtype == torch.bfloat16)
 
 
@@ -97,12 +97,93 @@ def test_one_launch_with_one_program():
         assert rel_err(out, ra) < 1e-5 and rel_err(r_out, rr) < 1e-5
 
 
+QKV_SHAPES = [(4, 2, 32, 64, 96), (6, 2, 16, 96, 48)] if not ON_GPU else [(32, 8, 128, 4096, 14336), (12, 2, 64, 1536, 8960)]
+
+
+def _qkv_inputs(g, hq, hkv, d, h, dtype):
+    cs = torch.randn(10, d, generator=g).to(DEV)
+    pos, loc = torch.tensor([3], device=DEV), torch.tensor([1], device=DEV)
+    kc = torch.zeros(3, hkv, d, device=DEV, dtype=dtype)
+    vc = torch.zeros(3, hkv, d, device=DEV, dtype=dtype)
+    return cs, pos, loc, kc, vc
+
+
+def _down_qkv_ref(x, wd, res, nw, wq, bias, cs, pos, hq, hkv, h_dtype):
+    h = (x.double() @ wd.double().t()).to(h_dtype)
+    return G.norm_qkv_ref(h.double(), res.double(), nw.double(), 1e-6, wq.double(),
+                          None if bias is None else bias.double(), cs.double(), pos, hq, hkv)
+
+
+@pytest.mark.parametrize("dtype", ELEM_DTYPES)
+@pytest.mark.parametrize("hq,hkv,d,h,i", QKV_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_down_norm_qkv(dtype, hq, hkv, d, h, i, bias):
+    """down_proj then the next layer's norm_qkv: q, k and v at their slot (the others untouched), and r."""
+    g = gen(h + i + d)
+    x = randn(1, i, g=g, dtype=dtype)
+    res = randn(1, h, g=g, dtype=dtype)
+    nw = (1 + 0.1 * randn(h, g=g)).to(dtype)
+    wd = randn(h, i, g=g, dtype=dtype, scale=i**-0.5)
+    wq = randn((hq + 2 * hkv) * d, h, g=g, dtype=dtype, scale=h**-0.5)
+    b = randn((hq + 2 * hkv) * d, g=g, dtype=dtype) if bias else None
+    cs, pos, loc, kc, vc = _qkv_inputs(g, hq, hkv, d, h, dtype)
+    rq, rk, rv, rr = _down_qkv_ref(x, wd, res, nw, wq, b, cs, pos, hq, hkv, dtype)
+    q, r = C.down_norm_qkv(x, wd, res, nw, 1e-6, wq, b, cs, pos, loc, kc, vc, hq, hkv, C.new_barrier(DEV))
+    assert q.shape == (1, hq, d) and q.dtype == dtype and r.shape == (1, h)
+    t = 2 * tol(dtype)
+    assert rel_err(q, rq) < t and rel_err(kc[1], rk[0]) < t and rel_err(vc[1], rv[0]) < t and rel_err(r, rr) < t
+    assert not kc[0].any() and not kc[2].any() and not vc[0].any() and not vc[2].any()
+    # the same as the two kernels it replaces
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    q2, r2 = G.norm_qkv(G.gemv(x, wd), res, nw, 1e-6, wq, b, cs, pos, loc, kc2, vc2, hq, hkv)
+    assert rel_err(q, q2) < t and rel_err(kc, kc2) < t and rel_err(r, r2) < t
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_down_norm_qkv_row_scaled_fp8(f16, monkeypatch):
+    monkeypatch.setattr(T, "E4M3_FP16", f16)
+    g = gen(19)
+    hq, hkv, d, h, i = (4, 2, 32, 512, 128) if not ON_GPU else (32, 8, 128, 4096, 14336)
+    x = randn(1, i, g=g, dtype=torch.bfloat16)
+    res = randn(1, h, g=g, dtype=torch.bfloat16)
+    nw = (1 + 0.1 * randn(h, g=g)).to(torch.bfloat16)
+    wd, sd, wd64 = _e4m3(g, h, i)
+    wq, sq, wq64 = _e4m3(g, (hq + 2 * hkv) * d, h)
+    cs, pos, loc, kc, vc = _qkv_inputs(g, hq, hkv, d, h, torch.bfloat16)
+    rq, rk, rv, _ = _down_qkv_ref(x, wd64, res, nw, wq64, None, cs, pos, hq, hkv, torch.bfloat16)
+    q, _ = C.down_norm_qkv(x, wd, res, nw, 1e-6, wq, None, cs, pos, loc, kc, vc, hq, hkv, C.new_barrier(DEV),
+                           scales_d=sd, scales=sq)
+    assert rel_err(q, rq) < 2**-7 and rel_err(kc[1], rk[0]) < 2**-7 and rel_err(vc[1], rv[0]) < 2**-7
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU launches every program at once (test_barrier_on_the_gpu)")
+def test_down_qkv_one_launch_with_one_program():
+    g = gen(23)
+    hq, hkv, d, h, i = 2, 1, 16, 32, 48
+    x, res = randn(1, i, g=g), randn(1, h, g=g)
+    nw = 1 + 0.1 * randn(h, g=g)
+    wd, wq = randn(h, i, g=g, scale=0.2), randn((hq + 2 * hkv) * d, h, g=g, scale=0.2)
+    cs, pos, loc, kc, vc = _qkv_inputs(g, hq, hkv, d, h, torch.float32)
+    rq, rk, rv, rr = _down_qkv_ref(x, wd, res, nw, wq, None, cs, pos, hq, hkv, torch.float32)
+    bar = C.new_barrier(DEV)
+    hb, r_out, q = torch.empty(h), torch.empty(h), torch.empty(1, hq, d)
+    C._down_norm_qkv_kernel[(1,)](x.view(i), wd, hb, res.view(h), nw, r_out, wq, wq, cs, pos, loc, q, kc, vc, bar,
+                                  i, h, h // 4, (hq + 2 * hkv) * d // 4, 1e-6, i, h, cs.stride(0), kc.stride(0), kc.stride(1), vc.stride(0),
+                                  vc.stride(1), HQ=hq, HKV=hkv, D=d, HAS_BIAS=False, BLOCK_RD=4, BLOCK_KD=16,
+                                  BLOCK_R=2, K_PAD=h, PHASES=3, PDL=False)
+    assert int(bar) == 1
+    assert rel_err(q, rq) < 1e-5 and rel_err(kc[1], rk[0]) < 1e-5 and rel_err(vc[1], rv[0]) < 1e-5
+    assert rel_err(r_out, rr) < 1e-5
+
+
 def test_config_declines_what_it_does_not_take():
-    assert C.config(4096, 4096, 14336, 4096, "cuda", 1) == C._CUDA[1]
-    assert C.config(4096, 4096, 14336, 4096, "cuda", 4) is None  # no fp32-weight tile
-    assert C.config(4096, 16384, 14336, 4096, "cuda", 1) is None  # o_proj's K past the full-K tiles
-    assert C.config(2048, 4096, 14336, 4096, "cuda", 1) is None  # o_proj's rows are not the hidden size
-    assert C.config(4096, 4096, 14338, 4096, "cuda", 1) is None  # gate_up rows that do not tile
+    assert C.config("o_gate_up", (4096, 4096), 14336, 4096, "cuda", 1) == C._O_GATE_UP[1]
+    assert C.config("down_qkv", (4096, 14336), 64, 4096, "cuda", 1) == C._DOWN_QKV[1]
+    assert C.config("o_gate_up", (4096, 4096), 14336, 4096, "cuda", 4) is None  # no fp32-weight tile
+    assert C.config("o_gate_up", (4096, 16384), 14336, 4096, "cuda", 1) is None  # o_proj's K past the full-K tiles
+    assert C.config("o_gate_up", (2048, 4096), 14336, 4096, "cuda", 1) is None  # o_proj's rows: not the hidden size
+    assert C.config("o_gate_up", (4096, 4096), 14338, 4096, "cuda", 1) is None  # gate_up rows that do not tile
+    assert C.config("down_qkv", (4096, 14000), 64, 4096, "cuda", 1) is None  # down_proj's K: no whole K steps
 
 
 @pytest.mark.gpu
@@ -117,7 +198,7 @@ def test_barrier_on_the_gpu():
     a, res, nw = _inputs(g, ko, h, i, torch.bfloat16)
     wo, so, _ = _e4m3(g, h, ko)
     w, s, _ = _e4m3(g, 2 * i, h)
-    cfg = C.config(h, ko, i, h, "cuda", 1)
+    cfg = C.config("o_gate_up", (h, ko), i, h, "cuda", 1)
     bar = C.new_barrier(DEV)
     C._GRIDS.clear()
     ref = None
@@ -126,7 +207,7 @@ def test_barrier_on_the_gpu():
         ref = out if ref is None else ref
         assert torch.equal(out, ref)
     grid = next(iter(C._GRIDS.values()))
-    assert grid == min(cfg.programs_per_sm * C._sms(torch.device(DEV)), i // cfg.block_r)
+    assert 0 < grid <= min(cfg.programs_per_sm * C._sms(torch.device(DEV)), i // cfg.block_b)  # fewer a SM: occupancy
     assert int(bar) == 50 * grid
     two = C._GRIDS.copy()
     for key in C._GRIDS:
@@ -134,4 +215,37 @@ def test_barrier_on_the_gpu():
     out2, r2 = C.o_norm_gate_up(a, wo, res, nw, 1e-6, w, bar, scales_o=so, scales=s)
     C._GRIDS.update(two)
     assert torch.equal(out2, ref) and torch.equal(r2, r)
+    assert int(bar) == 50 * grid
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_down_qkv_barrier_on_the_gpu():
+    """down_proj -> qkv with every program resident: 50 launches on one counter write the same q, k and
+    v as the two-launch route, and the counter advances by the grid each launch."""
+    g = gen(29)
+    hq, hkv, d, h, i = 32, 8, 128, 4096, 14336
+    x = randn(1, i, g=g, dtype=torch.bfloat16)
+    res = randn(1, h, g=g, dtype=torch.bfloat16)
+    nw = (1 + 0.1 * randn(h, g=g)).to(torch.bfloat16)
+    wd, sd, _ = _e4m3(g, h, i)
+    wq, sq, _ = _e4m3(g, (hq + 2 * hkv) * d, h)
+    cs, pos, loc, kc, vc = _qkv_inputs(g, hq, hkv, d, h, torch.bfloat16)
+    bar = C.new_barrier(DEV)
+    C._GRIDS.clear()
+    ref = None
+    for _ in range(50):
+        q, r = C.down_norm_qkv(x, wd, res, nw, 1e-6, wq, None, cs, pos, loc, kc, vc, hq, hkv, bar, scales_d=sd,
+                               scales=sq)
+        ref = (q, kc.clone(), vc.clone()) if ref is None else ref
+        assert torch.equal(q, ref[0]) and torch.equal(kc, ref[1]) and torch.equal(vc, ref[2])
+    grid = next(iter(C._GRIDS.values()))
+    assert grid > 0 and int(bar) == 50 * grid
+    for key in C._GRIDS:
+        C._GRIDS[key] = 0  # the two-launch route
+    kc.zero_()
+    q2, r2 = C.down_norm_qkv(x, wd, res, nw, 1e-6, wq, None, cs, pos, loc, kc, vc, hq, hkv, bar, scales_d=sd,
+                             scales=sq)
+    C._GRIDS.clear()
+    assert torch.equal(q2, ref[0]) and torch.equal(kc, ref[1]) and torch.equal(r2, r)
     assert int(bar) == 50 * grid

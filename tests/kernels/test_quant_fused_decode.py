@@ -127,7 +127,8 @@ def test_fused_fp8_through_the_dense_gemvs(monkeypatch, route, chain):
     gemv.py's kernels with the row scales and gives the layer path's greedy tokens; a bf16 model's
     full-K kernels multiply in fp16 (gemv_tiles.E4M3_FP16) and give them too (hidden 512: each thread
     needs 16 columns, gemv.fp16_products), unless the engine's fp16_products debug switch is off.
-    ``chain``: o_proj and norm_gate_up as one launch (gemv_chain.py), else apart (its debug switch off)."""
+    ``chain``: o_proj with norm_gate_up and down_proj with the next layer's norm_qkv as one launch each
+    (gemv_chain.py), else apart (the gemv_chains debug switch off)."""
     from localsgl.engine.debug_switches import DebugSwitches
     from localsgl_kernels import gemv as G
     from localsgl_kernels import gemv_chain as C
@@ -137,9 +138,10 @@ def test_fused_fp8_through_the_dense_gemvs(monkeypatch, route, chain):
     monkeypatch.setattr(QG, "DENSE_FP8", True)
     monkeypatch.setattr(T, "E4M3_FP16", route != "fp32")
     bf16, f16 = route != "fp32", route == "fp16"
-    debug = DebugSwitches(fp16_products=route != "fp16 switched off", o_gate_up_chain=chain)
+    debug = DebugSwitches(fp16_products=route != "fp16 switched off", gemv_chains=chain)
     calls = []
-    for module, name in ((G, "gemv"), (G, "norm_gate_up"), (G, "norm_qkv"), (C, "o_norm_gate_up")):
+    for module, name in ((G, "gemv"), (G, "norm_gate_up"), (G, "norm_qkv"), (C, "o_norm_gate_up"),
+                         (C, "down_norm_qkv")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     g = torch.Generator().manual_seed(13)
@@ -156,6 +158,7 @@ def test_fused_fp8_through_the_dense_gemvs(monkeypatch, route, chain):
     assert fused == plain and n_fused >= 5
     assert {"gemv", "norm_qkv", "o_norm_gate_up" if chain else "norm_gate_up"} <= set(calls)
     assert ("norm_gate_up" in calls) != chain and ("o_norm_gate_up" in calls) == chain
+    assert ("down_norm_qkv" in calls) == chain  # layer 0's down_proj into layer 1's qkv
     assert f16_flags and set(f16_flags) == {(f16, f16)}
 
 

@@ -32,6 +32,8 @@ across programs, cannot) and attends: one extra small launch per layer.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .. import debug_switches
@@ -141,33 +143,51 @@ def _kernels_for(w):
 def _dense(w, rows_per_block: int, kind: str):
     """(weight, row scales, fp16 products allowed) where ``w`` streams through the dense full-K
     GEMVs (a 16-bit tensor, or fp8 rows quant_gemv routes there), else None."""
-    if is_quantized(w):
+    if isinstance(w, QuantizedWeight):
         from localsgl_kernels import quant_gemv as QG
 
         return QG.dense_route(w, rows_per_block, kind)
-    return (w, None, True) if isinstance(w, torch.Tensor) else None
+    return (w, None, True) if isinstance(w, torch.Tensor) and not is_quantized(w) else None  # not a RowStack
 
 
-def _o_gate_up_chain(model, device: torch.device):
-    """(per layer whether o_proj and norm_gate_up run as one launch, the launches' barrier) where
-    any layer does (kernels/gemv_chain.py: both weights of one width through the dense full-K
-    tiles, the engine's o_gate_up_chain debug switch and gemv_chain.O_GATE_UP on), else None.
-    Checked once per model and device."""
+class _Chains(NamedTuple):
+    """Per layer, whether its o_proj and norm_gate_up run as one launch, and whether its down_proj
+    and the next layer's norm_qkv do (kernels/gemv_chain.py); each chain's barrier counter."""
+
+    o_gate_up: list
+    down_qkv: list
+    barriers: tuple
+
+
+def _chains(model, device: torch.device) -> _Chains | None:
+    """The layers' chains (``_Chains``), or None where no layer has one.  A chain joins two weights of
+    one width that stream through the dense full-K GEMVs, in shapes its kernels tile; the engine's
+    gemv_chains debug switch turns them off, gemv_chain.CHAINS names those taken.  Checked once per model
+    and device."""
     from localsgl_kernels import gemv_chain as C
 
-    on = debug_switches.of(model).o_gate_up_chain and C.O_GATE_UP
-    memo = getattr(model, "_fused_o_gate_up_chain", None)
+    on = C.CHAINS if debug_switches.of(model).gemv_chains else frozenset()
+    memo = getattr(model, "_fused_chains", None)
     if memo is None or memo[0] != (device, on):
         cfg = model.config
-        layers = []
-        for layer in model.layers:
-            _, w_o, w_gu, _ = _layer_weights(layer)
-            o, gu = _dense(w_o, cfg.hidden_size, "gemv"), _dense(w_gu, cfg.intermediate_size, "gate_up")
-            layers.append(on and o is not None and gu is not None and o[0].element_size() == gu[0].element_size()
-                          and C.config(*o[0].shape, gu[0].shape[0] // 2, gu[0].shape[1], device.type,
-                                       gu[0].element_size()) is not None)
-        memo = ((device, on), (layers, C.new_barrier(device)) if any(layers) else None)
-        model._fused_o_gate_up_chain = memo
+        weights = [_layer_weights(layer) for layer in model.layers]
+        dense = [(_dense(qkv, cfg.head_dim // 2, "qkv"), _dense(o, cfg.hidden_size, "gemv"),
+                  _dense(gu, cfg.intermediate_size, "gate_up"), _dense(down, cfg.hidden_size, "gemv"))
+                 for qkv, o, gu, down in weights]
+
+        def joins(chain, first, second, second_rows):
+            return (chain in on and first is not None and second is not None
+                    and first[0].element_size() == second[0].element_size()
+                    and C.config(chain, first[0].shape, second_rows, cfg.hidden_size, device.type,
+                                 second[0].element_size()) is not None)
+
+        o_gate_up = [joins("o_gate_up", o, gu, cfg.intermediate_size) for _, o, gu, _ in dense]
+        down_qkv = [i + 1 < len(dense) and joins("down_qkv", dense[i][3], dense[i + 1][0], cfg.head_dim // 2)
+                    for i in range(len(dense))]
+        found = any(o_gate_up) or any(down_qkv)
+        memo = ((device, on), _Chains(o_gate_up, down_qkv, (C.new_barrier(device), C.new_barrier(device)))
+                if found else None)
+        model._fused_chains = memo
     return memo[1]
 
 
@@ -179,6 +199,19 @@ def _o_gate_up(o, w_o, w_gu, residual, ln2, barrier, h_dtype, cfg):
     wg, sg, fg = _dense(w_gu, cfg.intermediate_size, "gate_up")
     return C.o_norm_gate_up(o, wo, residual, ln2.weight, ln2.eps, wg, barrier, h_dtype=h_dtype, scales_o=so,
                             scales=sg, fp16_o=fo, fp16=fg)
+
+
+def _down_qkv(pending, w_qkv, residual, ln1, attn, cos_sin, positions, loc, k_cache, v_cache, barrier, cfg):
+    """The previous layer's gemv(down_proj) then this layer's norm_qkv in one launch: (q, the new residual).
+    ``pending``: (down_proj's input, its weight, its output dtype)."""
+    from localsgl_kernels import gemv_chain as C
+
+    a, w_down, h_dtype = pending
+    wd, sd, _ = _dense(w_down, cfg.hidden_size, "gemv")
+    wq, sq, fq = _dense(w_qkv, cfg.head_dim // 2, "qkv")
+    return C.down_norm_qkv(a, wd, residual, ln1.weight, ln1.eps, wq, attn.qkv_proj.bias, cos_sin, positions, loc,
+                           k_cache, v_cache, attn.num_heads, attn.num_kv_heads, barrier, h_dtype=h_dtype,
+                           scales_d=sd, scales=sq, fp16=fq)
 
 
 def _fp32_sums(model, device_type: str) -> list[tuple[bool, bool]]:
@@ -254,7 +287,8 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
     fp32_sums = _fp32_sums(model, input_ids.device.type)
     epilogue = debug_switches.of(model).attention_int8_epilogue and not staged
     prefetches = _o_proj_prefetches(model, input_ids.device)
-    chain = _o_gate_up_chain(model, input_ids.device)
+    chains = _chains(model, input_ids.device)
+    pending = None  # (input, weight, output dtype) of the previous layer's down_proj, chained into this qkv
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -263,10 +297,14 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             loc, k_cache, v_cache = stage_loc, stage[0], stage[1]
         else:
             loc, k_cache, v_cache = batch.out_cache_loc, pool.k_buffer[attn.layer_id], pool.v_buffer[attn.layer_id]
-        q, residual = _kernels_for(w_qkv).norm_qkv(
-            x, residual, ln1.weight, ln1.eps, w_qkv, attn.qkv_proj.bias, cos_sin, positions,
-            loc, k_cache, v_cache, attn.num_heads, attn.num_kv_heads,
-        )
+        if pending is not None:
+            q, residual = _down_qkv(pending, w_qkv, residual, ln1, attn, cos_sin, positions, loc, k_cache, v_cache,
+                                    chains.barriers[1], model.config)
+        else:
+            q, residual = _kernels_for(w_qkv).norm_qkv(
+                x, residual, ln1.weight, ln1.eps, w_qkv, attn.qkv_proj.bias, cos_sin, positions,
+                loc, k_cache, v_cache, attn.num_heads, attn.num_kv_heads,
+            )
         kernels_o, o_dtype = _kernels_for(w_o), torch.float32 if fp32_sums[i][0] else None
         row = None
         if staged:
@@ -275,11 +313,17 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             row = kernels_o.prepared_row(w_o, q.dtype, o_dtype, q.device) if epilogue and is_quantized(w_o) else None
             spans = prefetches[i] if prefetches is not None else []
             o = backend.attend(q, attn.layer_id, batch, attn.scale, int8_row=row, prefetch=spans)
-        if chain is not None and chain[0][i] and row is None:
-            a, residual = _o_gate_up(o.view(1, attn.q_size), w_o, w_gu, residual, ln2, chain[1], o_dtype, model.config)
+        if chains is not None and chains.o_gate_up[i] and row is None:
+            a, residual = _o_gate_up(o.view(1, attn.q_size), w_o, w_gu, residual, ln2, chains.barriers[0], o_dtype,
+                                     model.config)
         else:
             h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype, **({"prepared": row} if row else {}))
             a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
-        x = _kernels_for(w_down).gemv(a, w_down, out_dtype=torch.float32 if fp32_sums[i][1] else None)
+        down_dtype = torch.float32 if fp32_sums[i][1] else None
+        if chains is not None and chains.down_qkv[i]:
+            pending = (a, w_down, down_dtype)
+        else:
+            pending = None
+            x = _kernels_for(w_down).gemv(a, w_down, out_dtype=down_dtype)
     x, _ = model.norm(x, residual)
     return x
