@@ -1,26 +1,32 @@
-"""o_proj and the MLP's first stream in one launch: y = W_o·a, then norm_gate_up over y, with a
-grid barrier between them (batch-1 decode, full-K tiles of kernels/gemv.py).
+"""Two weight streams of the batch-1 step in one launch, a grid barrier between them:
+  * ``o_norm_gate_up``: h = W_o·a, then norm_gate_up over h (o_proj into the MLP);
+  * ``down_norm_qkv``: h = W_d·x, then the next layer's norm_qkv over h (down_proj into q/k/v).
+The second stream is gemv.py's full-K kernel (same tiles, prologue and epilogue); the first is
+o_proj full-K or down_proj in K steps (its K, 14336, is past the full-K tiles).
 
 A batch-1 step is a chain of short weight streams, and each one alone reaches only about half
 of DRAM bandwidth: its programs ramp up, and its tail drains while the next kernel waits
 (bench/RESULTS.md, "thirty-fourth session": o_proj 10 µs at 50 % of DRAM).  Here the programs
-that finish their o_proj rows issue their first gate_up tiles at once and wait at a barrier for
-the rest of o_proj, instead of exiting; the gate_up stream starts as o_proj's last rows land.
+that finish their share of the first stream issue their first tiles of the second at once and wait
+at the barrier for the rest of the first, instead of exiting; the second stream starts as the
+first one's last rows land, with no launch between.
 
 The barrier: every program adds one to a counter (int64, never reset: a launch of P programs
-waits until it reaches the next multiple of P) and spins on it.  Every program must therefore be
-resident at once: the launcher sizes the grid from the driver's occupancy for the compiled
-kernel, and runs the two halves as two launches where it cannot (or under the interpreter,
-which runs programs one after another).  A counter serves the launches of one grid size in
-sequence (``new_barrier``: one per model).
+waits until it reaches the next multiple of P) and spins on it, so every program must be resident
+at once.  The launcher sizes the grid from the driver's occupancy for the compiled kernel and
+launches it cooperatively (the driver keeps such a grid's programs resident together, whatever
+else runs), and runs the streams as two launches where it cannot, under MPS with a share of the
+SMs, and under the interpreter (which runs programs one after another).  A counter serves the
+launches of one chain and grid size in sequence (``new_barrier``: one per model and chain).
 
-With PDL the kernel waits for its predecessor (the attention) before reading a, and releases
-its successor (down_proj) only after the barrier, when all its programs are resident: a
-successor's programs never hold the slots it is waiting for.
+With PDL the kernel waits for its predecessor before reading its input, and releases its
+successor only after the barrier, when all its programs are resident: a successor's programs
+never hold the slots it is waiting for.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import NamedTuple
 
 import torch
@@ -53,6 +59,13 @@ class ChainConfig(NamedTuple):
 # over 1,024 columns, qkv gemv_tiles' one-byte full-K rows.
 _O_GATE_UP = {1: ChainConfig(8, 4, 4, 4), 2: ChainConfig(4, 4, 2, 8)}
 _DOWN_QKV = {1: ChainConfig(8, 4, 4, 4, 1024), 2: ChainConfig(8, 4, 2, 8, 512)}
+# One-launch chains go out as cooperative launches: the driver then keeps a grid's programs resident
+# together (none waits at the barrier for one that a concurrent kernel keeps off the GPU) and refuses
+# a grid too large for that.
+COOPERATIVE = True
+# Under MPS with a share of the SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) the SM count overstates what a
+# grid may hold: two launches there.
+_MPS_LIMITED = bool(os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"))
 _INTERP = {"o_gate_up": ChainConfig(4, 4, 1, 4), "down_qkv": ChainConfig(4, 4, 1, 4, 16)}
 _INTERP_PROGRAMS = 3  # interpreter: programs walk several blocks of each stream
 
@@ -272,13 +285,26 @@ def _launch(kernel, args, meta, cfg: ChainConfig, nb: int, barrier, dev) -> None
         for phases in (1, 2):
             kernel[(min(_INTERP_PROGRAMS, nb),)](*args, PHASES=phases, PDL=False, **meta)
         return
-    opts = launch_options(dev)
-    grid = _resident_grid(kernel, args, meta, opts, cfg, nb, dev)
+    opts = {**launch_options(dev), **_cooperative()}
+    grid = _resident_grid(kernel, args, meta, opts, cfg, nb, dev) if not _MPS_LIMITED else 0
     if grid:
         kernel[(grid,)](*args, PHASES=3, **meta, **opts)
     else:  # not all resident at once: the two streams apart
+        opts.pop("launch_cooperative_grid", None)
         for phases in (1, 2):
             kernel[(min(cfg.programs_per_sm * _sms(dev), nb),)](*args, PHASES=phases, **meta, **opts)
+
+
+def _cooperative() -> dict:
+    """Triton's option for a cooperative launch (COOPERATIVE, where this Triton has it)."""
+    if not COOPERATIVE:
+        return {}
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return {}
+    has = "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return {"launch_cooperative_grid": True} if has else {}
 
 
 def _f16(cfg: ChainConfig, rows: int, K: int, w: torch.Tensor, x_dtype, allowed: bool) -> bool:

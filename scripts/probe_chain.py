@@ -113,6 +113,11 @@ def probe(fmt: str):
         grid = next((g for k, g in C._GRIDS.items() if tile and k[2] == tile), "")
         per_sm = f" ({grid / sms:.2f} a SM)" if grid else ""
         print(f"{fmt} {label:40s} {us:8.1f} us  grid {grid}{per_sm}", flush=True)
+    C.COOPERATIVE = False  # the same grids launched without the cooperative attribute
+    C._GRIDS.clear()
+    for label, og, dq in runs[:2] + runs[-len(dq_tiles):-len(dq_tiles) + 1]:
+        print(f"{fmt} {label + ', not cooperative':40s} {P.timed_graph(layers(og, dq)):8.1f} us", flush=True)
+    C.COOPERATIVE = True
     del W, S
     torch.cuda.empty_cache()
 

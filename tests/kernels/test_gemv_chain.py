@@ -249,3 +249,43 @@ def test_down_qkv_barrier_on_the_gpu():
     C._GRIDS.clear()
     assert torch.equal(q2, ref[0]) and torch.equal(kc, ref[1]) and torch.equal(r2, r)
     assert int(bar) == 50 * grid
+
+
+_CONCURRENT = """
+import torch
+from localsgl_kernels import gemv_chain as C
+torch.manual_seed(0)
+h, i = 4096, 14336
+streams = [torch.cuda.Stream() for _ in range(3)]
+jobs = []
+for s in streams:
+    a = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(1, h, device="cuda", dtype=torch.bfloat16)
+    nw = torch.ones(h, device="cuda", dtype=torch.bfloat16)
+    wo = torch.randn(h, h, device="cuda").to(torch.float8_e4m3fn)
+    w = torch.randn(2 * i, h, device="cuda").to(torch.float8_e4m3fn)
+    so, sg = torch.full((h,), 0.01, device="cuda"), torch.full((2 * i,), 0.01, device="cuda")
+    jobs.append((s, (a, wo, res, nw, 1e-6, w, C.new_barrier("cuda")), dict(scales_o=so, scales=sg)))
+outs = [C.o_norm_gate_up(*args, **kw)[0] for _, args, kw in jobs]
+torch.cuda.synchronize()
+for _ in range(200):
+    for s, args, kw in jobs:
+        with torch.cuda.stream(s):
+            C.o_norm_gate_up(*args, **kw)
+torch.cuda.synchronize()
+print("done", C.COOPERATIVE, sorted(set(C._GRIDS.values())))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_concurrent_chains_do_not_deadlock():
+    """Three streams launching full-grid chains at once (two engines' steps on one GPU): every launch
+    finishes (a subprocess, so a deadlock fails the test instead of hanging it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _CONCURRENT], capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
