@@ -8,7 +8,10 @@ floor.  For a step with exactly one new token this path runs each layer as
     gemv          (o_proj)
     norm_gate_up  (residual add + RMSNorm + gate/up GEMV + SiLU·mul)
     gemv          (down_proj)
-instead of eleven launches (kernels/gemv.py).  Used when the kernels are enabled, the
+instead of eleven launches (kernels/gemv.py).  Where two neighbouring streams' weights both take
+the dense GEMVs, o_proj and norm_gate_up, and down_proj and the next layer's norm_qkv, run as one
+launch each with a grid barrier between the two (kernels/gemv_chain.py, ``_chains``; the
+``gemv_chains`` debug switch).  Used when the kernels are enabled, the
 backend can attend without storing (``supports_prestored_kv``), the model has no q/k
 norm and a full-width rotary, and the shapes tile evenly; otherwise the layer-by-layer
 path runs.  The engine's ``fused_decode`` debug switch turns it off (docs/switches.md).
