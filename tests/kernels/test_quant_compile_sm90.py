@@ -251,7 +251,7 @@ def _specs():
         div16=["KD", "NBD", "NB"], scalars=dict(eps="fp32"),
         constexprs=dict(K=4096, HQ=32, HKV=8, D=128, HAS_BIAS=False, BLOCK_RD=8, BLOCK_KD=1024, BLOCK_R=4, K_PAD=4096,
                         PHASES=3, PDL=True, ROW_SCALE_D=True, ROW_SCALE=True, F16=True),
-        num_warps=4, ptx_needles=["atom.global.gpu.release.add", "ld.volatile.global", "fma.rn.f16x2"], sass_mix=True)
+        num_warps=4, ptx_needles=["atom.global.gpu.release.add", "ld.volatile.global", "f16x2"], sass_mix=True)
     specs["fp8 row K-loop gemv"] = dict(  # fma.rn.f32: compiled with options.FMA, its products and sums contract
         kernel="localsgl_kernels.gemv:_gemv_kernel", pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"),
         div16=["K"], constexprs=dict(BLOCK_R=8, BLOCK_K=1024, PDL=True, ROW_SCALE=True), num_warps=8,
