@@ -137,6 +137,7 @@ def test_fused_fp8_through_the_dense_gemvs(monkeypatch, route, chain):
 
     monkeypatch.setattr(QG, "DENSE_FP8", True)
     monkeypatch.setattr(T, "E4M3_FP16", route != "fp32")
+    monkeypatch.setattr(C, "CHAINS", frozenset({"o_gate_up", "down_qkv"}))
     bf16, f16 = route != "fp32", route == "fp16"
     debug = DebugSwitches(fp16_products=route != "fp16 switched off", gemv_chains=chain)
     calls = []
