@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import (_check_row, _cols, _cos_sin, _dot, _operand, _qkv_epilogue, _qkv_rows, _row_scales, _scaled, _silu_mul,
-                   _tile, fp16_products)
+from .gemv import (_check_row, _cols, _cos_sin, _dot, _gate_up_blocks, _operand, _qkv_blocks, _qkv_rows, _row_scales,
+                   _scaled, _tile, fp16_products)
 from .options import FMA
 from .pdl import gdc_launch_dependents, gdc_wait, launch_options
 
@@ -140,13 +140,7 @@ def _o_norm_gate_up_kernel(
         wu = _tile(W, stride_w, rows + I, offs, mask)
         _after_first_stream(Bar, PHASES, PDL)
         n, xs = _operand(_normed_h(Hb, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask), W, Hb, F16)
-        g = _scaled(_dot(wg, n, xs), S, rows, ROW_SCALE)
-        tl.store(Out + rows, _silu_mul(g, _scaled(_dot(wu, n, xs), S, rows + I, ROW_SCALE)).to(Out.dtype.element_ty))
-        for blk in range(pid + step, NB, step):
-            rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-            g = _scaled(_dot(_tile(W, stride_w, rows, offs, mask), n, xs), S, rows, ROW_SCALE)
-            u = _scaled(_dot(_tile(W, stride_w, rows + I, offs, mask), n, xs), S, rows + I, ROW_SCALE)
-            tl.store(Out + rows, _silu_mul(g, u).to(Out.dtype.element_ty))
+        _gate_up_blocks(wg, wu, n, xs, pid, NB, W, S, stride_w, offs, mask, I, Out, BLOCK_R, ROW_SCALE)
 
 
 @triton.jit
@@ -185,18 +179,8 @@ def _down_norm_qkv_kernel(
         slot = tl.load(Loc).to(tl.int64)
         c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
         n, xs = _operand(_normed_h(Hb, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask), W, Hb, F16)
-        _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
-                      head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D,
-                      HAS_BIAS)
-        for blk in range(pid + step, NB, step):
-            head, d, rows_a = _qkv_rows(blk, PER_HEAD, D, BLOCK_R)
-            wa = _tile(W, stride_w, rows_a, offs, mask)
-            wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
-            c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
-            _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE),
-                          _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
-                          head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ,
-                          HKV, D, HAS_BIAS)
+        _qkv_blocks(wa, wb, c, s, n, xs, pid, NB, W, S, stride_w, offs, mask, CS, p, slot, stride_cs, Bias, Q,
+                    KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, BLOCK_R, HAS_BIAS, ROW_SCALE)
 
 
 def new_barrier(device) -> torch.Tensor:
