@@ -31,15 +31,8 @@ def probe(fmt: str):
     W = P.weights()
     S = P.row_scales(W)
     L, H, HQ, HKV, D, I = P.L, P.H, P.HQ, P.HKV, P.D, P.I
-    dt = P.DT
-    x = torch.randn(1, H, device="cuda", dtype=dt)
-    r = torch.randn(1, H, device="cuda", dtype=dt)
-    nw = torch.ones(H, device="cuda", dtype=dt)
-    xi = torch.randn(1, I, device="cuda", dtype=dt)
-    cs = torch.randn(4096, D, device="cuda")
-    pos, loc = torch.tensor([300], device="cuda"), torch.tensor([7], device="cuda")
-    kc = torch.zeros(16, HKV, D, device="cuda", dtype=dt)
-    vc = torch.zeros(16, HKV, D, device="cuda", dtype=dt)
+    t = P.one_token_inputs()
+    x, r, nw, xi, cs, pos, loc, kc, vc = t.x, t.r, t.nw, t.xi, t.cs, t.pos, t.loc, t.kc, t.vc
     bars = (C.new_barrier("cuda"), C.new_barrier("cuda"))
     CC = C.ChainConfig
 

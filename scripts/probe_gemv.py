@@ -78,6 +78,20 @@ def row_scales(W):
                 else torch.full((L, w.shape[-2]), 0.02, device="cuda")) for k, w in W.items()}
 
 
+def one_token_inputs():
+    """A batch-1 step's activations and q/k/v arguments for the probes (values do not change timings):
+    x, the residual r, norm weight nw [1, H]; xi [1, I] (down_proj's input); cos/sin, position, slot,
+    and a 16-slot K/V pool."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        x=torch.randn(1, H, device="cuda", dtype=DT), r=torch.randn(1, H, device="cuda", dtype=DT),
+        nw=torch.ones(H, device="cuda", dtype=DT), xi=torch.randn(1, I, device="cuda", dtype=DT),
+        cs=torch.randn(4096, D, device="cuda"), pos=torch.tensor([300], device="cuda"),
+        loc=torch.tensor([7], device="cuda"), kc=torch.zeros(16, HKV, D, device="cuda", dtype=DT),
+        vc=torch.zeros(16, HKV, D, device="cuda", dtype=DT))
+
+
 def probe_tiles(W):
     from localsgl_kernels import gemv as G
 
