@@ -264,19 +264,19 @@ def _launch(kernel, args, meta, cfg: ChainConfig, nb: int, barrier, dev) -> None
     """One launch with the grid barrier where every program fits on the GPU at once, else the two
     streams as two launches (always under the interpreter)."""
     assert barrier.dtype == torch.int64 and barrier.device == dev
-    meta = dict(meta, num_warps=cfg.num_warps, num_stages=1, **FMA)
+    meta = dict(meta, num_warps=cfg.num_warps, num_stages=1)
     if dev.type != "cuda":
         for phases in (1, 2):
-            kernel[(min(_INTERP_PROGRAMS, nb),)](*args, PHASES=phases, PDL=False, **meta)
+            kernel[(min(_INTERP_PROGRAMS, nb),)](*args, PHASES=phases, PDL=False, **meta, **FMA)
         return
     opts = {**launch_options(dev), **_cooperative()}
     grid = _resident_grid(kernel, args, meta, opts, cfg, nb, dev) if not _MPS_LIMITED else 0
     if grid:
-        kernel[(grid,)](*args, PHASES=3, **meta, **opts)
+        kernel[(grid,)](*args, PHASES=3, **meta, **opts, **FMA)
     else:  # not all resident at once: the two streams apart
         opts.pop("launch_cooperative_grid", None)
         for phases in (1, 2):
-            kernel[(min(cfg.programs_per_sm * _sms(dev), nb),)](*args, PHASES=phases, **meta, **opts)
+            kernel[(min(cfg.programs_per_sm * _sms(dev), nb),)](*args, PHASES=phases, **meta, **opts, **FMA)
 
 
 def _cooperative() -> dict:
@@ -332,7 +332,7 @@ def _resident_grid(kernel, args, meta, opts, cfg: ChainConfig, nb: int, dev) -> 
            *sorted((k, v.dtype if isinstance(v, torch.Tensor) else v) for k, v in {**meta, **opts}.items()))
     grid = _GRIDS.get(key)
     if grid is None:
-        compiled = kernel.warmup(*args, PHASES=3, **meta, **opts, grid=(1,))
+        compiled = kernel.warmup(*args, PHASES=3, **meta, **opts, **FMA, grid=(1,))
         per_sm = min(cfg.programs_per_sm, _occupancy(compiled, cfg.num_warps))
         grid = min(per_sm * _sms(dev), nb)
         if per_sm:  # a compile-only window (compile_ahead) hands back no kernel to ask: ask at the next launch
