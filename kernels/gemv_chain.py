@@ -16,8 +16,8 @@ waits until it reaches the next multiple of P) and spins on it, so every program
 at once.  The launcher sizes the grid from the driver's occupancy for the compiled kernel and
 launches it cooperatively (the driver keeps such a grid's programs resident together, whatever
 else runs), and runs the streams as two launches where it cannot, under MPS with a share of the
-SMs, and under the interpreter (which runs programs one after another).  A counter serves the
-launches of one chain and grid size in sequence (``new_barrier``: one per model and chain).
+SMs, and under the interpreter (which runs programs one after another).  A counter serves
+launches of one grid size in sequence (``new_barrier``).
 
 With PDL the kernel waits for its predecessor before reading its input, and releases its
 successor only after the barrier, when all its programs are resident: a successor's programs
@@ -184,7 +184,8 @@ def _down_norm_qkv_kernel(
 
 
 def new_barrier(device) -> torch.Tensor:
-    """A counter for one chain's launches (one per model and chain: launches of one grid size in turn)."""
+    """A counter for one chain's launches: launches of one grid size in turn (the engine keeps one per
+    layer and chain)."""
     return torch.zeros(1, dtype=torch.int64, device=device)
 
 

@@ -155,11 +155,12 @@ def _dense(w, rows_per_block: int, kind: str):
 
 class _Chains(NamedTuple):
     """Per layer, whether its o_proj and norm_gate_up run as one launch, and whether its down_proj
-    and the next layer's norm_qkv do (kernels/gemv_chain.py); each chain's barrier counter."""
+    and the next layer's norm_qkv do (kernels/gemv_chain.py); per layer, each chain's barrier counter
+    (a counter serves launches of one grid size, and layers of different weight widths may differ)."""
 
     o_gate_up: list
     down_qkv: list
-    barriers: tuple
+    barriers: list
 
 
 def _chains(model, device: torch.device) -> _Chains | None:
@@ -188,8 +189,8 @@ def _chains(model, device: torch.device) -> _Chains | None:
         down_qkv = [i + 1 < len(dense) and joins("down_qkv", dense[i][3], dense[i + 1][0], cfg.head_dim // 2)
                     for i in range(len(dense))]
         found = any(o_gate_up) or any(down_qkv)
-        memo = ((device, on), _Chains(o_gate_up, down_qkv, (C.new_barrier(device), C.new_barrier(device)))
-                if found else None)
+        barriers = [(C.new_barrier(device), C.new_barrier(device)) for _ in dense] if found else []
+        memo = ((device, on), _Chains(o_gate_up, down_qkv, barriers) if found else None)
         model._fused_chains = memo
     return memo[1]
 
@@ -302,7 +303,7 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             loc, k_cache, v_cache = batch.out_cache_loc, pool.k_buffer[attn.layer_id], pool.v_buffer[attn.layer_id]
         if pending is not None:
             q, residual = _down_qkv(pending, w_qkv, residual, ln1, attn, cos_sin, positions, loc, k_cache, v_cache,
-                                    chains.barriers[1], model.config)
+                                    chains.barriers[i][1], model.config)
         else:
             q, residual = _kernels_for(w_qkv).norm_qkv(
                 x, residual, ln1.weight, ln1.eps, w_qkv, attn.qkv_proj.bias, cos_sin, positions,
@@ -317,7 +318,7 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             spans = prefetches[i] if prefetches is not None else []
             o = backend.attend(q, attn.layer_id, batch, attn.scale, int8_row=row, prefetch=spans)
         if chains is not None and chains.o_gate_up[i] and row is None:
-            a, residual = _o_gate_up(o.view(1, attn.q_size), w_o, w_gu, residual, ln2, chains.barriers[0], o_dtype,
+            a, residual = _o_gate_up(o.view(1, attn.q_size), w_o, w_gu, residual, ln2, chains.barriers[i][0], o_dtype,
                                      model.config)
         else:
             h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype, **({"prepared": row} if row else {}))
