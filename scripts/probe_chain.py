@@ -9,7 +9,7 @@ of weight streams (no attention):
   * "both, down_qkv <tile>": and down_norm_qkv in place of a down_proj and the next layer's norm_qkv;
 each chain tile with the grid it got (0: the driver said its programs are not all resident at once,
 so it ran as two launches).  Also each chain's output against the launches it replaces, one layer.
-Usage: python scripts/probe_chain.py [fp8|bf16 ...]
+Usage: python scripts/probe_chain.py [fp8|bf16 ...]   (CHAIN_TILES=N: the first N tiles of each chain)
 """
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ def probe(fmt: str):
         dq_tiles = [CC(8, 4, 2, 8, 512), CC(4, 4, 4, 4, 512), CC(16, 4, 2, 8, 256), CC(8, 2, 4, 4, 512)]
     assert C.config("o_gate_up", (H, H), I, H, "cuda", elem) == og_tiles[0]
     assert C.config("down_qkv", (H, I), D // 2, H, "cuda", elem) == dq_tiles[0]
+    n_tiles = int(os.environ.get("CHAIN_TILES", "0")) or None  # the first few of each list (a short lease)
+    og_tiles, dq_tiles = og_tiles[:n_tiles], dq_tiles[:n_tiles]
     runs = [("apart", False, False)]
     runs += [(f"o_gate_up {tuple(t)}", t, False) for t in og_tiles]
     runs += [(f"both, down_qkv {tuple(t)}", None, t) for t in dq_tiles]
