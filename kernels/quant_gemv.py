@@ -342,14 +342,6 @@ def _row_scales(w) -> torch.Tensor:
     return w.scales.reshape(-1)
 
 
-def dense_route(w, rows_per_block: int, kind: str):
-    """(e4m3 values, row scales, fp16 products allowed) where ``w`` streams through the dense GEMVs
-    (``_dense_tiles``: the arguments gemv.py's and gemv_chain's kernels take for it), else None."""
-    if not _dense_tiles(w, None, rows_per_block, kind):
-        return None
-    return w.qweight, _row_scales(w), _fp16(w)
-
-
 # the head of a batch-1 GEMV's weights that its activations' preparation (quant_words, a short
 # launch that leaves the bus idle) prefetches into L2 with programs of its own; 0: none (an H100
 # ran int4 batch 1 5 % slower with it, bench/RESULTS.md, twenty-sixth session)

@@ -9,9 +9,7 @@ full-K kernels (quant_gemv.DENSE_FP8 off; ``fp8`` is the default route); ``fp8-f
 kernels' fp32 products instead of their e4m3 x fp16 ones (gemv_tiles.E4M3_FP16 off).  A ``-pf`` suffix
 on any format (``int4-pf``): the batch-1 attention prefetches o_proj's weights into L2
 (l2_prefetch.BEFORE_O_PROJ on); ``-pp``: that, and the quantized GEMVs' preparations prefetch
-the head of their weights (quant_gemv.PREP_PREFETCH_BYTES = PREP_PF_MB MiB, default 8).  ``-ch``: the
-batch-1 step chains o_proj into norm_gate_up and down_proj into the next norm_qkv (gemv_chain.CHAINS,
-kernels/gemv_chain.py); ``-og`` / ``-dq``: the first / the second chain alone; ``-nc``: neither.
+the head of their weights (quant_gemv.PREP_PREFETCH_BYTES = PREP_PF_MB MiB, default 8).
 ``--bs1-only``: batch-1 decode alone (A/B runs).
 Each format is an Engine with ``--load-format dummy --quantization FORMAT --weights keep``
 (random weights drawn in the format); each ``--gguf FILE`` is that file kept quantized
@@ -33,9 +31,6 @@ from types import SimpleNamespace
 from localsgl import bench
 from localsgl.engine.api import Engine
 from localsgl.engine.layers.quant import streamed_weight_bytes
-
-
-_SUFFIXES = ("-pf", "-pp", "-ch", "-og", "-dq", "-nc")
 
 
 def run(label: str, kwargs: dict, runs: int, bs1_only: bool = False) -> dict:
@@ -104,32 +99,25 @@ def main() -> int:
     rows = []
     for fmt in a.formats:
         kw = dict(base, model=a.model, load_format="dummy")
-        route, suffixes = fmt, set()
-        while route.endswith(_SUFFIXES):
-            suffixes.add(route[-3:])
-            route = route[:-3]
+        route = fmt.removesuffix("-pf").removesuffix("-pp")
         if route != "bf16":
             kw.update(quantization=route.split("-")[0], weights="keep")
-        from localsgl_kernels import gemv_chain, gemv_tiles, l2_prefetch, quant_gemv
+        from localsgl_kernels import gemv_tiles, l2_prefetch, quant_gemv
 
         defaults = (quant_gemv.DENSE_FP8, gemv_tiles.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES,
-                    l2_prefetch.BEFORE_O_PROJ, gemv_chain.CHAINS)
+                    l2_prefetch.BEFORE_O_PROJ)
         quant_gemv.DENSE_FP8 = route != "fp8-bytes"  # the batch-1 GEMVs of quant_gemv._dense_tiles
         gemv_tiles.E4M3_FP16 = route != "fp8-f32" and defaults[1]
-        l2_prefetch.BEFORE_O_PROJ = bool(suffixes & {"-pf", "-pp"}) or defaults[3]
-        if "-pp" in suffixes:
+        l2_prefetch.BEFORE_O_PROJ = fmt.endswith(("-pf", "-pp")) or defaults[3]
+        if fmt.endswith("-pp"):
             quant_gemv.PREP_PREFETCH_BYTES = int(float(os.environ.get("PREP_PF_MB", "8")) * 2**20)
-        if suffixes & {"-og", "-dq", "-ch", "-nc"}:  # the batch-1 chains of gemv_chain.CHAINS
-            both = "-ch" in suffixes
-            gemv_chain.CHAINS = frozenset(c for sfx, c in (("-og", "o_gate_up"), ("-dq", "down_qkv"))
-                                          if both or sfx in suffixes)
         try:
             rows.append(run(fmt, kw, a.runs, a.bs1_only))
         except Exception as e:  # keep going: one failure must not hide the other figures
             print(f"FAILED {fmt}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         finally:
             (quant_gemv.DENSE_FP8, gemv_tiles.E4M3_FP16, quant_gemv.PREP_PREFETCH_BYTES,
-             l2_prefetch.BEFORE_O_PROJ, gemv_chain.CHAINS) = defaults
+             l2_prefetch.BEFORE_O_PROJ) = defaults
     for path in a.gguf:
         try:
             rows.append(run(path, dict(base, model=path, weights="keep"), a.runs))

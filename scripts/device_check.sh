@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests + headline benchmarks on the lent device machine; a short table last.
-# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|qcaps|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8] [steps] [chains] [l2pf] [tune]
+# Usage (device tool): bash scripts/device_check.sh [quick|main|full|all|bs1|qcaps|mixed|mixed1b|...] [tests|notests] [probe] [gemvprobe] [mixedprobe] [serving] [serving1b] [startup] [ncu] [peer] [fp8dense] [gemmsweep] [gemmab] [rowstack] [int8act] [structured] [rows] [a8] [steps] [l2pf] [tune]
 #   (qcaps: Llama-3.1-8B in int4 under --gpu-memory 8GiB, the 1,000-prompt mixed workload with bf16 and fp8 KV:
 #    requests completed, retractions, the engine's peak GPU memory against the cap; scripts/probe_memory.py says
 #    where it goes;
@@ -51,8 +51,6 @@
 #    the fused q/k/v in their own formats (quant.row_runs) and joined in one, stack / joined / stack)
 #   (l2pf: scripts/bench_quant.py --bs1-only over L2PF_FORMATS, default each of int4 / fp8 without and with the
 #    L2 prefetches (-pf: the attention's of o_proj, -pp: and the preparations'), alternated, then bf16 / bf16-pf)
-#   (chains: scripts/probe_chain.py over CHAIN_FORMATS (default fp8), then scripts/bench_quant.py --bs1-only with the
-#    batch-1 chains on and off in turn (CHAIN_BENCH formats, default fp8-ch fp8-nc fp8-ch fp8-nc fp8-og fp8-dq))
 #   (steps: scripts/probe_step_kernels.py, one batch-1 step's device time kernel by kernel with PDL off, for each
 #    format of STEP_FORMATS (default int4 fp8))
 #   (tune: scripts/tune_tiles.sh, a tuned-tiles file for this GPU (GEMVs, GEMM tiles, rows and a8 routes) written to $OUTDIR/<GPU>.json,
@@ -140,14 +138,6 @@ if [[ "$EXTRA" == *" steps "* ]]; then
     LOCALSGL_DEBUG_NO_PDL=1 timeout ${STEP_TIMEOUT:-180} python3 scripts/probe_step_kernels.py --quantization "$f" \
       --steps 32 --top 16 2>&1 | tee "$OUTDIR/steps_$f.log" | grep -v '^ *$' | tail -24
   done
-fi
-if [[ "$EXTRA" == *" chains "* ]]; then
-  echo "== two weight streams as one launch with a grid barrier (kernels/gemv_chain.py)"
-  timeout ${CHAIN_PROBE_TIMEOUT:-240} python3 scripts/probe_chain.py ${CHAIN_FORMATS:-fp8} 2>&1 \
-    | tee "$OUTDIR/probe_chain.log" | grep -v Warning | tail -30
-  timeout ${CHAIN_BENCH_TIMEOUT:-300} python3 scripts/bench_quant.py --bs1-only --runs 2 \
-    --formats ${CHAIN_BENCH:-fp8-ch fp8-nc fp8-ch fp8-nc fp8-og fp8-dq} 2>&1 | tee "$OUTDIR/bench_chain.log" \
-    | grep -E "^(fp8|bf16|int4)|FAILED" | tail -12
 fi
 if [[ "$EXTRA" == *" mixedprobe "* ]]; then
   echo "== mixed-step probe: host vs device time, eager vs piecewise graphs"

@@ -49,10 +49,6 @@ class DebugSwitches:
     # the L2 prefetches of batch-1 weights by the kernel before their GEMV, where the kernels
     # have them on (l2_prefetch.BEFORE_O_PROJ, quant_gemv.PREP_PREFETCH_BYTES; off until timed)
     l2_prefetch: bool = True
-    # in the fused one-token step, o_proj with norm_gate_up, and down_proj with the next layer's norm_qkv,
-    # each pair one launch with a grid barrier between its streams (kernels/gemv_chain.py), where both
-    # weights take the dense GEMVs
-    gemv_chains: bool = True
     profile_steps: bool = False  # per-step device/host timing (engine.core.profile)
     # extend/mixed steps replay graphs around eager attention; None: where the model's layers are small
     # enough that launches bound a mixed step (plan.piecewise_graphs_by_default), True/False: forced
@@ -104,7 +100,6 @@ _VARIABLES = {
     "attention_int8_epilogue": ("LOCALSGL_DEBUG_NO_ATTENTION_INT8_EPILOGUE", None),
     "fp16_products": ("LOCALSGL_DEBUG_NO_FP16_PRODUCTS", None),
     "l2_prefetch": ("LOCALSGL_DEBUG_NO_L2_PREFETCH", None),
-    "gemv_chains": ("LOCALSGL_DEBUG_NO_GEMV_CHAINS", None),
     "profile_steps": ("LOCALSGL_DEBUG_PROFILE_STEPS", "LOCALSGL_PROFILE_STEPS"),
     "piecewise_graphs": ("LOCALSGL_DEBUG_PIECEWISE_GRAPHS", "LOCALSGL_PIECEWISE_GRAPHS"),
     "startup_graph": ("LOCALSGL_DEBUG_STARTUP_GRAPH", None),

@@ -232,26 +232,6 @@ def _specs():
         spec = specs[f"fp8 row full-K {key}"]
         specs[f"fp8 row full-K {key} fp16 products"] = dict(spec, constexprs=dict(spec["constexprs"], F16=True),
                                                             ptx_needles=["fma.rn.f16x2"], sass_mix=True)
-    # o_proj + norm_gate_up in one launch (gemv_chain.py): the grid barrier's release arrival, its
-    # volatile spin and its acquire
-    specs["fp8 row chain o + gate_up fp16 products"] = dict(
-        kernel="localsgl_kernels.gemv_chain:_o_norm_gate_up_kernel",
-        pointers=dict(A="*bf16", Wo="*fp8e4nv", Hb="*bf16", R="*bf16", G="*bf16", ROut="*bf16", W="*fp8e4nv",
-                      Out="*bf16", Bar="*i64", So="*fp32", S="*fp32"),
-        div16=["I", "NBO", "NB"], scalars=dict(eps="fp32"),
-        constexprs=dict(KO=4096, K=4096, BLOCK_RO=8, BLOCK_R=4, KO_PAD=4096, K_PAD=4096, PHASES=3, PDL=True,
-                        ROW_SCALE_O=True, ROW_SCALE=True, F16_O=True, F16=True),
-        num_warps=4, ptx_needles=["atom.global.gpu.release.add", "ld.volatile.global", "ld.global.gpu.acquire",
-                                  "griddepcontrol.launch_dependents", "fma.rn.f16x2"], sass_mix=True)
-    specs["fp8 row chain down + qkv fp16 products"] = dict(
-        kernel="localsgl_kernels.gemv_chain:_down_norm_qkv_kernel",
-        pointers=dict(Xd="*bf16", Wd="*fp8e4nv", Hb="*bf16", R="*bf16", G="*bf16", ROut="*bf16", W="*fp8e4nv",
-                      Bias="*bf16", CS="*fp32", Pos="*i64", Loc="*i64", Q="*bf16", KC="*bf16", VC="*bf16", Bar="*i64",
-                      Sd="*fp32", S="*fp32"),
-        div16=["KD", "NBD", "NB"], scalars=dict(eps="fp32"),
-        constexprs=dict(K=4096, HQ=32, HKV=8, D=128, HAS_BIAS=False, BLOCK_RD=8, BLOCK_KD=1024, BLOCK_R=4, K_PAD=4096,
-                        PHASES=3, PDL=True, ROW_SCALE_D=True, ROW_SCALE=True, F16=True),
-        num_warps=4, ptx_needles=["atom.global.gpu.release.add", "ld.volatile.global", "f16x2"], sass_mix=True)
     specs["fp8 row K-loop gemv"] = dict(  # fma.rn.f32: compiled with options.FMA, its products and sums contract
         kernel="localsgl_kernels.gemv:_gemv_kernel", pointers=dict(X="*bf16", W="*fp8e4nv", Out="*bf16", S="*fp32"),
         div16=["K"], constexprs=dict(BLOCK_R=8, BLOCK_K=1024, PDL=True, ROW_SCALE=True), num_warps=8,

@@ -121,46 +121,35 @@ def test_fused_fp32_sums_between_layers(monkeypatch):
 
 
 @pytest.mark.parametrize("route", ["fp32", "fp16", "fp16 switched off"])
-@pytest.mark.parametrize("chain", [True, False])
-def test_fused_fp8_through_the_dense_gemvs(monkeypatch, route, chain):
+def test_fused_fp8_through_the_dense_gemvs(monkeypatch, route):
     """Every projection fp8 with row scales and quant_gemv.DENSE_FP8 on: the one-token step runs
     gemv.py's kernels with the row scales and gives the layer path's greedy tokens; a bf16 model's
     full-K kernels multiply in fp16 (gemv_tiles.E4M3_FP16) and give them too (hidden 512: each thread
-    needs 16 columns, gemv.fp16_products), unless the engine's fp16_products debug switch is off.
-    ``chain``: o_proj with norm_gate_up and down_proj with the next layer's norm_qkv as one launch each
-    (gemv_chain.py), else apart (the gemv_chains debug switch off)."""
+    needs 16 columns, gemv.fp16_products), unless the engine's fp16_products debug switch is off."""
     from localsgl.engine.debug_switches import DebugSwitches
     from localsgl_kernels import gemv as G
-    from localsgl_kernels import gemv_chain as C
     from localsgl_kernels import gemv_tiles as T
     from localsgl_kernels import quant_gemv as QG
 
     monkeypatch.setattr(QG, "DENSE_FP8", True)
     monkeypatch.setattr(T, "E4M3_FP16", route != "fp32")
-    monkeypatch.setattr(C, "CHAINS", frozenset({"o_gate_up", "down_qkv"}))
     bf16, f16 = route != "fp32", route == "fp16"
-    debug = DebugSwitches(fp16_products=route != "fp16 switched off", gemv_chains=chain)
+    debug = DebugSwitches(fp16_products=route != "fp16 switched off")
     calls = []
-    for module, name in ((G, "gemv"), (G, "norm_gate_up"), (G, "norm_qkv"), (C, "o_norm_gate_up"),
-                         (C, "down_norm_qkv")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    for name in ("gemv", "norm_gate_up", "norm_qkv"):
+        real = getattr(G, name)
+        monkeypatch.setattr(G, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     g = torch.Generator().manual_seed(13)
     prompts = [torch.randint(0, 95, (7,), generator=g).tolist()]
     model = _quantized_model([WeightFormat("fp8", 0, True)], torch.bfloat16 if bf16 else torch.float32,
                              hidden=512 if bf16 else 64)
     plain, _ = _generate(model, "triton", False, prompts, monkeypatch, debug=debug)
     calls.clear()
-    if chain:
-        f16_flags = _record_launches(monkeypatch, C, "_o_norm_gate_up_kernel", lambda a, k: (k["F16_O"], k["F16"]))
-    else:
-        f16_flags = _record_launches(monkeypatch, G, "_norm_gate_up_fullk_kernel", lambda a, k: (f16, k["F16"]))
+    f16_flags = _record_launches(monkeypatch, G, "_norm_gate_up_fullk_kernel", lambda a, k: k["F16"])
     fused, n_fused = _generate(model, "triton", True, prompts, monkeypatch, debug=debug)
     assert fused == plain and n_fused >= 5
-    assert {"gemv", "norm_qkv", "o_norm_gate_up" if chain else "norm_gate_up"} <= set(calls)
-    assert ("norm_gate_up" in calls) != chain and ("o_norm_gate_up" in calls) == chain
-    assert ("down_norm_qkv" in calls) == chain  # layer 0's down_proj into layer 1's qkv
-    assert f16_flags and set(f16_flags) == {(f16, f16)}
+    assert {"gemv", "norm_gate_up", "norm_qkv"} <= set(calls)
+    assert f16_flags and set(f16_flags) == {f16}
 
 
 def test_attention_writes_o_proj_int8_activations(monkeypatch):

@@ -8,10 +8,7 @@ floor.  For a step with exactly one new token this path runs each layer as
     gemv          (o_proj)
     norm_gate_up  (residual add + RMSNorm + gate/up GEMV + SiLU·mul)
     gemv          (down_proj)
-instead of eleven launches (kernels/gemv.py).  Where two neighbouring streams' weights both take
-the dense GEMVs, o_proj and norm_gate_up, and down_proj and the next layer's norm_qkv, run as one
-launch each with a grid barrier between the two (kernels/gemv_chain.py, ``_chains``; the
-``gemv_chains`` debug switch).  Used when the kernels are enabled, the
+instead of eleven launches (kernels/gemv.py).  Used when the kernels are enabled, the
 backend can attend without storing (``supports_prestored_kv``), the model has no q/k
 norm and a full-width rotary, and the shapes tile evenly; otherwise the layer-by-layer
 path runs.  The engine's ``fused_decode`` debug switch turns it off (docs/switches.md).
@@ -34,8 +31,6 @@ computes each head's scale over the whole head, which the qkv kernel, splitting 
 across programs, cannot) and attends: one extra small launch per layer.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
@@ -143,81 +138,6 @@ def _kernels_for(w):
     return gemv
 
 
-def _dense(w, rows_per_block: int, kind: str):
-    """(weight, row scales, fp16 products allowed) where ``w`` streams through the dense full-K
-    GEMVs (a 16-bit tensor, or fp8 rows quant_gemv routes there), else None."""
-    if isinstance(w, QuantizedWeight):
-        from localsgl_kernels import quant_gemv as QG
-
-        return QG.dense_route(w, rows_per_block, kind)
-    return (w, None, True) if isinstance(w, torch.Tensor) and not is_quantized(w) else None  # not a RowStack
-
-
-class _Chains(NamedTuple):
-    """Per layer, whether its o_proj and norm_gate_up run as one launch, and whether its down_proj
-    and the next layer's norm_qkv do (kernels/gemv_chain.py); per layer, each chain's barrier counter
-    (a counter serves launches of one grid size, and layers of different weight widths may differ)."""
-
-    o_gate_up: list
-    down_qkv: list
-    barriers: list
-
-
-def _chains(model, device: torch.device) -> _Chains | None:
-    """The layers' chains (``_Chains``), or None where no layer has one.  A chain joins two weights of
-    one width that stream through the dense full-K GEMVs, in shapes its kernels tile; the engine's
-    gemv_chains debug switch turns them off, gemv_chain.CHAINS names those taken.  Checked once per model
-    and device."""
-    from localsgl_kernels import gemv_chain as C
-
-    on = C.CHAINS if debug_switches.of(model).gemv_chains else frozenset()
-    memo = getattr(model, "_fused_chains", None)
-    if memo is None or memo[0] != (device, on):
-        cfg = model.config
-        weights = [_layer_weights(layer) for layer in model.layers]
-        dense = [(_dense(qkv, cfg.head_dim // 2, "qkv"), _dense(o, cfg.hidden_size, "gemv"),
-                  _dense(gu, cfg.intermediate_size, "gate_up"), _dense(down, cfg.hidden_size, "gemv"))
-                 for qkv, o, gu, down in weights]
-
-        def joins(chain, first, second, second_rows):
-            return (chain in on and first is not None and second is not None
-                    and first[0].element_size() == second[0].element_size()
-                    and C.config(chain, first[0].shape, second_rows, cfg.hidden_size, device.type,
-                                 second[0].element_size()) is not None)
-
-        o_gate_up = [joins("o_gate_up", o, gu, cfg.intermediate_size) for _, o, gu, _ in dense]
-        down_qkv = [i + 1 < len(dense) and joins("down_qkv", dense[i][3], dense[i + 1][0], cfg.head_dim // 2)
-                    for i in range(len(dense))]
-        found = any(o_gate_up) or any(down_qkv)
-        barriers = [(C.new_barrier(device), C.new_barrier(device)) for _ in dense] if found else []
-        memo = ((device, on), _Chains(o_gate_up, down_qkv, barriers) if found else None)
-        model._fused_chains = memo
-    return memo[1]
-
-
-def _o_gate_up(o, w_o, w_gu, residual, ln2, barrier, h_dtype, cfg):
-    """gemv(o_proj) then norm_gate_up in one launch (kernels/gemv_chain.py): (a, the new residual)."""
-    from localsgl_kernels import gemv_chain as C
-
-    wo, so, fo = _dense(w_o, cfg.hidden_size, "gemv")
-    wg, sg, fg = _dense(w_gu, cfg.intermediate_size, "gate_up")
-    return C.o_norm_gate_up(o, wo, residual, ln2.weight, ln2.eps, wg, barrier, h_dtype=h_dtype, scales_o=so,
-                            scales=sg, fp16_o=fo, fp16=fg)
-
-
-def _down_qkv(pending, w_qkv, residual, ln1, attn, cos_sin, positions, loc, k_cache, v_cache, barrier, cfg):
-    """The previous layer's gemv(down_proj) then this layer's norm_qkv in one launch: (q, the new residual).
-    ``pending``: (down_proj's input, its weight, its output dtype)."""
-    from localsgl_kernels import gemv_chain as C
-
-    a, w_down, h_dtype = pending
-    wd, sd, _ = _dense(w_down, cfg.hidden_size, "gemv")
-    wq, sq, fq = _dense(w_qkv, cfg.head_dim // 2, "qkv")
-    return C.down_norm_qkv(a, wd, residual, ln1.weight, ln1.eps, wq, attn.qkv_proj.bias, cos_sin, positions, loc,
-                           k_cache, v_cache, attn.num_heads, attn.num_kv_heads, barrier, h_dtype=h_dtype,
-                           scales_d=sd, scales=sq, fp16=fq)
-
-
 def _fp32_sums(model, device_type: str) -> list[tuple[bool, bool]]:
     """Per layer, whether o_proj's and down_proj's GEMVs hand their sums over in fp32: where the
     next fused kernel reads them only through its activations' preparation (quant_gemv.reads_prepared),
@@ -291,8 +211,6 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
     fp32_sums = _fp32_sums(model, input_ids.device.type)
     epilogue = debug_switches.of(model).attention_int8_epilogue and not staged
     prefetches = _o_proj_prefetches(model, input_ids.device)
-    chains = _chains(model, input_ids.device)
-    pending = None  # (input, weight, output dtype) of the previous layer's down_proj, chained into this qkv
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -301,33 +219,20 @@ def forward_one_token(model, input_ids: torch.Tensor, positions: torch.Tensor, b
             loc, k_cache, v_cache = stage_loc, stage[0], stage[1]
         else:
             loc, k_cache, v_cache = batch.out_cache_loc, pool.k_buffer[attn.layer_id], pool.v_buffer[attn.layer_id]
-        if pending is not None:
-            q, residual = _down_qkv(pending, w_qkv, residual, ln1, attn, cos_sin, positions, loc, k_cache, v_cache,
-                                    chains.barriers[i][1], model.config)
-        else:
-            q, residual = _kernels_for(w_qkv).norm_qkv(
-                x, residual, ln1.weight, ln1.eps, w_qkv, attn.qkv_proj.bias, cos_sin, positions,
-                loc, k_cache, v_cache, attn.num_heads, attn.num_kv_heads,
-            )
+        q, residual = _kernels_for(w_qkv).norm_qkv(
+            x, residual, ln1.weight, ln1.eps, w_qkv, attn.qkv_proj.bias, cos_sin, positions,
+            loc, k_cache, v_cache, attn.num_heads, attn.num_kv_heads,
+        )
         kernels_o, o_dtype = _kernels_for(w_o), torch.float32 if fp32_sums[i][0] else None
-        row = None
         if staged:
             o = backend.forward(q, stage[0], stage[1], attn.layer_id, batch, attn.scale)
+            h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype)
         else:  # o_proj's int8 activations (and its zeroed output) from the attention's merge, where it takes them
             row = kernels_o.prepared_row(w_o, q.dtype, o_dtype, q.device) if epilogue and is_quantized(w_o) else None
             spans = prefetches[i] if prefetches is not None else []
             o = backend.attend(q, attn.layer_id, batch, attn.scale, int8_row=row, prefetch=spans)
-        if chains is not None and chains.o_gate_up[i] and row is None:
-            a, residual = _o_gate_up(o.view(1, attn.q_size), w_o, w_gu, residual, ln2, chains.barriers[i][0], o_dtype,
-                                     model.config)
-        else:
             h = kernels_o.gemv(o.view(1, attn.q_size), w_o, out_dtype=o_dtype, **({"prepared": row} if row else {}))
-            a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
-        down_dtype = torch.float32 if fp32_sums[i][1] else None
-        if chains is not None and chains.down_qkv[i]:
-            pending = (a, w_down, down_dtype)
-        else:
-            pending = None
-            x = _kernels_for(w_down).gemv(a, w_down, out_dtype=down_dtype)
+        a, residual = _kernels_for(w_gu).norm_gate_up(h, residual, ln2.weight, ln2.eps, w_gu)
+        x = _kernels_for(w_down).gemv(a, w_down, out_dtype=torch.float32 if fp32_sums[i][1] else None)
     x, _ = model.norm(x, residual)
     return x
