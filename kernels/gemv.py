@@ -219,44 +219,6 @@ def _qkv_rows(blk, PER_HEAD: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexp
 
 
 @triton.jit
-def _qkv_blocks(wa, wb, c, s, n, xs, pid, NB, W, S, stride_w, offs, mask, CS, p, slot, stride_cs, Bias, Q, KC,
-                VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ: tl.constexpr, HKV: tl.constexpr,
-                D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr):
-    """A full-K program's qkv row blocks (every num_programs-th from pid) over n: the first from its tiles and
-    cos/sin loaded ahead, each later one's cos/sin issued with its weight tile."""
-    HALF: tl.constexpr = D // 2
-    PER_HEAD: tl.constexpr = HALF // BLOCK_R
-    head, d, rows_a = _qkv_rows(pid, PER_HEAD, D, BLOCK_R)
-    _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
-                  head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D,
-                  HAS_BIAS)
-    for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
-        head, d, rows_a = _qkv_rows(blk, PER_HEAD, D, BLOCK_R)
-        wa = _tile(W, stride_w, rows_a, offs, mask)
-        wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
-        c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
-        _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE),
-                      _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
-                      head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV,
-                      D, HAS_BIAS)
-
-
-@triton.jit
-def _gate_up_blocks(wg, wu, n, xs, pid, NB, W, S, stride_w, offs, mask, I, Out, BLOCK_R: tl.constexpr,
-                    ROW_SCALE: tl.constexpr):
-    """A full-K program's gate/up row blocks (every num_programs-th from pid) over n, silu(g)·u stored: the first
-    from its tiles loaded ahead."""
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    g = _scaled(_dot(wg, n, xs), S, rows, ROW_SCALE)
-    tl.store(Out + rows, _silu_mul(g, _scaled(_dot(wu, n, xs), S, rows + I, ROW_SCALE)).to(Out.dtype.element_ty))
-    for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
-        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        g = _scaled(_dot(_tile(W, stride_w, rows, offs, mask), n, xs), S, rows, ROW_SCALE)
-        u = _scaled(_dot(_tile(W, stride_w, rows + I, offs, mask), n, xs), S, rows + I, ROW_SCALE)
-        tl.store(Out + rows, _silu_mul(g, u).to(Out.dtype.element_ty))
-
-
-@triton.jit
 def _norm_qkv_fullk_kernel(
     X, R, G, ROut, W, Bias, CS, Pos, Loc, Q, KC, VC,
     K: tl.constexpr, NB, eps, stride_w, stride_cs, stride_kct, stride_kch, stride_vct, stride_vch,
@@ -280,9 +242,18 @@ def _norm_qkv_fullk_kernel(
     c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
     n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, HAS_RES, True)
     n, xs = _operand(n, W, X, F16)
-    _qkv_blocks(wa, wb, c, s, n, xs, pid, NB, W, S, stride_w, offs, mask, CS, p, slot, stride_cs,
-                Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D, BLOCK_R, HAS_BIAS,
-                ROW_SCALE)
+    _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE), _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
+                  head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV, D,
+                  HAS_BIAS)
+    for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
+        head, d, rows_a = _qkv_rows(blk, PER_HEAD, D, BLOCK_R)
+        wa = _tile(W, stride_w, rows_a, offs, mask)
+        wb = _tile(W, stride_w, rows_a + HALF, offs, mask)
+        c, s = _cos_sin(CS, p, stride_cs, head, d, HQ, HKV, HALF)
+        _qkv_epilogue(_scaled(_dot(wa, n, xs), S, rows_a, ROW_SCALE),
+                      _scaled(_dot(wb, n, xs), S, rows_a + HALF, ROW_SCALE),
+                      head, d, c, s, slot, Bias, Q, KC, VC, stride_kct, stride_kch, stride_vct, stride_vch, HQ, HKV,
+                      D, HAS_BIAS)
 
 
 @triton.jit
@@ -297,7 +268,13 @@ def _norm_gate_up_fullk_kernel(X, R, G, ROut, W, Out, K: tl.constexpr, I, NB, ep
     wait_for_predecessor(PDL)
     n = _normed_x(X, R, G, ROut, K, tl.where(pid == 0, K, 0), eps, offs, mask, True, True)
     n, xs = _operand(n, W, X, F16)
-    _gate_up_blocks(wg, wu, n, xs, pid, NB, W, S, stride_w, offs, mask, I, Out, BLOCK_R, ROW_SCALE)
+    g = _scaled(_dot(wg, n, xs), S, rows, ROW_SCALE)
+    tl.store(Out + rows, _silu_mul(g, _scaled(_dot(wu, n, xs), S, rows + I, ROW_SCALE)).to(Out.dtype.element_ty))
+    for blk in range(pid + tl.num_programs(0), NB, tl.num_programs(0)):
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        g = _scaled(_dot(_tile(W, stride_w, rows, offs, mask), n, xs), S, rows, ROW_SCALE)
+        u = _scaled(_dot(_tile(W, stride_w, rows + I, offs, mask), n, xs), S, rows + I, ROW_SCALE)
+        tl.store(Out + rows, _silu_mul(g, u).to(Out.dtype.element_ty))
 
 
 @triton.jit
