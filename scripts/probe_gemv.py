@@ -95,15 +95,8 @@ def one_token_inputs():
 def probe_tiles(W):
     from localsgl_kernels import gemv as G
 
-    x = torch.randn(1, H, device="cuda", dtype=DT)
-    r = torch.randn(1, H, device="cuda", dtype=DT)
-    nw = torch.ones(H, device="cuda", dtype=DT)
-    xi = torch.randn(1, I, device="cuda", dtype=DT)
-    cs = torch.randn(4096, D, device="cuda")
-    pos = torch.tensor([300], device="cuda")
-    loc = torch.tensor([7], device="cuda")
-    kc = torch.zeros(16, HKV, D, device="cuda", dtype=DT)
-    vc = torch.zeros(16, HKV, D, device="cuda", dtype=DT)
+    t = one_token_inputs()
+    x, r, nw, xi, cs, pos, loc, kc, vc = t.x, t.r, t.nw, t.xi, t.cs, t.pos, t.loc, t.kc, t.vc
     res = {}
 
     def report(name, us, nbytes):
@@ -196,13 +189,8 @@ def probe_layers(W):
     from localsgl_kernels.rmsnorm import fused_add_rmsnorm
     from localsgl_kernels.rotary import apply_rotary
 
-    x0 = torch.randn(1, H, device="cuda", dtype=DT)
-    nw = torch.ones(H, device="cuda", dtype=DT)
-    cs = torch.randn(4096, D, device="cuda")
-    pos = torch.tensor([300], device="cuda")
-    loc = torch.tensor([7], device="cuda")
-    kc = torch.zeros(16, HKV, D, device="cuda", dtype=DT)
-    vc = torch.zeros(16, HKV, D, device="cuda", dtype=DT)
+    t = one_token_inputs()
+    x0, nw, cs, pos, loc, kc, vc = t.x, t.nw, t.cs, t.pos, t.loc, t.kc, t.vc
     total = sum(W[k].numel() for k in ("qkv", "o", "gate_up", "down")) * 2
 
     def unfused():
